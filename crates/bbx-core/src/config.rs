@@ -1,0 +1,174 @@
+//! The kernel's configuration.
+//!
+//! Three layers, later ones winning: a TOML file, `BBX_*` environment variables, and
+//! command-line flags. The CLI folds environment and flags into one
+//! [`ConfigOverrides`] (clap reads both, flags first), so this module only merges
+//! file, overrides and defaults. Unknown keys in the file are errors: a misspelled
+//! setting must not silently fall back to a default.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_COMMIT_MAX_BATCH: usize = 4096;
+
+/// The effective configuration of a kernel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelConfig {
+    /// Address of the HTTP API, MCP endpoint and metrics. Loopback by default.
+    pub listen: SocketAddr,
+    /// Where all state lives.
+    pub data_dir: PathBuf,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Most writes that share one fdatasync.
+    pub commit_max_batch: usize,
+    /// tracing filter, e.g. "info" or "bbx_kernel=debug".
+    pub log: String,
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    pub commit_max_batch: Option<usize>,
+    pub log: Option<String>,
+}
+
+/// Values from flags and environment; `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct ConfigOverrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    pub commit_max_batch: Option<usize>,
+    pub log: Option<String>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid_field(
+                "config",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        Self::parse(&text).map_err(|e| {
+            Error::invalid_field("config", format!("{}: {}", path.display(), e.message))
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::invalid_field("config", e.message().to_owned()))
+    }
+}
+
+impl KernelConfig {
+    pub fn resolve(file: ConfigFile, over: ConfigOverrides) -> Result<Self> {
+        let config = Self {
+            listen: over.listen.or(file.listen).unwrap_or_else(|| {
+                DEFAULT_LISTEN
+                    .parse()
+                    .expect("default listen address parses")
+            }),
+            data_dir: over
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(default_data_dir),
+            max_body_bytes: over
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            commit_max_batch: over
+                .commit_max_batch
+                .or(file.commit_max_batch)
+                .unwrap_or(DEFAULT_COMMIT_MAX_BATCH),
+            log: over.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
+        };
+        if config.max_body_bytes < 1024 {
+            return Err(Error::invalid_field(
+                "max_body_bytes",
+                "max_body_bytes must be at least 1024",
+            ));
+        }
+        if config.commit_max_batch == 0 {
+            return Err(Error::invalid_field(
+                "commit_max_batch",
+                "commit_max_batch must be at least 1",
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, for `bbx config show`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("KernelConfig always serializes")
+    }
+}
+
+/// `$XDG_DATA_HOME/bbx`, else `~/.local/share/bbx`, else `./bbx-data`: the same place
+/// for the daemon and for a CLI that looks for the admin key, whatever the cwd.
+pub fn default_data_dir() -> PathBuf {
+    let non_empty = |var| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(xdg) = non_empty("XDG_DATA_HOME") {
+        xdg.join("bbx")
+    } else if let Some(home) = non_empty("HOME") {
+        home.join(".local/share/bbx")
+    } else {
+        PathBuf::from("bbx-data")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_beat_file_beats_default() {
+        let file =
+            ConfigFile::parse("listen = \"127.0.0.1:9000\"\nmax_body_bytes = 4096\n").unwrap();
+        let over = ConfigOverrides {
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = KernelConfig::resolve(file, over).unwrap();
+        assert_eq!(config.listen.port(), 9100);
+        assert_eq!(config.max_body_bytes, 4096);
+        assert_eq!(config.commit_max_batch, DEFAULT_COMMIT_MAX_BATCH);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(ConfigFile::parse("lisen = \"127.0.0.1:1\"").is_err());
+        assert!(ConfigFile::parse("listen = \"not an address\"").is_err());
+        let tiny = ConfigFile {
+            max_body_bytes: Some(10),
+            ..Default::default()
+        };
+        assert!(KernelConfig::resolve(tiny, ConfigOverrides::default()).is_err());
+    }
+
+    #[test]
+    fn default_listens_on_loopback() {
+        let config =
+            KernelConfig::resolve(ConfigFile::default(), ConfigOverrides::default()).unwrap();
+        assert!(config.listen.ip().is_loopback());
+        assert!(
+            KernelConfig::resolve(
+                ConfigFile::parse(&config.to_toml()).unwrap(),
+                ConfigOverrides::default()
+            )
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! Identifiers of kernel objects.
+//!
+//! Agent ids are UUIDv7, so their byte order is their creation order: listing agents
+//! in key order lists them oldest first, and a page cursor is simply the last id.
+//! Parsing is strict (the canonical hyphenated form only), so an id taken from a URL
+//! can never carry `/`, `..` or control characters into a storage key.
+
+use crate::error::{Error, ErrorCode};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A fresh, time-ordered id.
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            pub fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+
+            pub fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(Uuid::from_bytes(bytes))
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self, Error> {
+                // Only the 36-character hyphenated form: Uuid::parse_str would also take
+                // braces, URNs and the simple form, which would give one id many spellings.
+                if s.len() == 36 {
+                    if let Ok(uuid) = Uuid::try_parse(s) {
+                        return Ok(Self(uuid));
+                    }
+                }
+                let shown: String = s.chars().take(64).flat_map(char::escape_default).collect();
+                Err(Error::new(
+                    ErrorCode::InvalidId,
+                    format!(concat!("{:?} is not a valid ", $kind, " id"), shown),
+                ))
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self, Error> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.to_string()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0.hyphenated())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self, f)
+            }
+        }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some(concat!("A ", $kind, " id (UUIDv7)")))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "description": concat!("A ", $kind, " id, as returned when it was created")
+                })
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// The id of an agent, e.g. `0193c7f0-...`.
+    AgentId, "agent"
+);
+uuid_id!(
+    /// The public id of an API key; the secret part is never stored.
+    KeyId, "API key"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn generated_ids_round_trip_and_sort_by_creation() {
+        let a = AgentId::generate();
+        let b = AgentId::generate();
+        assert_eq!(a.to_string().parse::<AgentId>().unwrap(), a);
+        assert!(a.as_bytes() < b.as_bytes());
+    }
+
+    #[test]
+    fn hostile_ids_are_rejected() {
+        for bad in [
+            "",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            "0193c7f0\n",
+            "{0193c7f0-0000-7000-8000-000000000000}",
+        ] {
+            let err = bad.parse::<AgentId>().unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidId, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_and_accepts_only_canonical_form(s in ".{0,80}") {
+            if let Ok(id) = s.parse::<AgentId>() {
+                prop_assert_eq!(id.to_string(), s.to_ascii_lowercase());
+            }
+        }
+    }
+}

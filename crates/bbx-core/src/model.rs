@@ -1,0 +1,198 @@
+//! Request and response types of the kernel's API.
+//!
+//! These are the wire types of the HTTP API, the arguments and results of the MCP
+//! tools and the Rust client, all at once: one definition, so the three cannot drift.
+//! Requests reject unknown fields, so a misspelled field is an error, not a no-op.
+
+use crate::ids::{AgentId, KeyId};
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
+
+pub const DEFAULT_TENANT: &str = "default";
+pub const DEFAULT_PAGE_LIMIT: usize = 100;
+pub const MAX_PAGE_LIMIT: usize = 1000;
+
+/// What an agent is doing. An agent with no work in flight is `idle`: only data on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Idle,
+}
+
+/// An agent: a kernel object with its own durable state store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    pub tenant: String,
+    pub labels: BTreeMap<String, String>,
+    pub status: AgentStatus,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Create an agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgent {
+    /// A human-readable name, 1-256 bytes, e.g. "research-assistant". Need not be unique.
+    pub name: String,
+    /// The tenant that owns the agent (lowercase letters, digits, - and _). Defaults to
+    /// "default", or to the caller's own tenant for a tenant-scoped key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Free-form key/value labels used to filter agent listings, e.g. {"team": "ml"}.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// Filter and page through agents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams, ToSchema, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListAgents {
+    /// Only agents of this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Only agents carrying this label, written key=value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Page size, 1-1000 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// The next_cursor of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// One page of agents, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct AgentPage {
+    pub agents: Vec<Agent>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A value in an agent's state store. `version` starts at 1 and grows by one with
+/// every write, so it can be used for compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct StateEntry {
+    pub key: String,
+    #[schema(value_type = Object)]
+    pub value: Value,
+    pub version: u64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Write a state value, optionally only if its current version is `if_version`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetState {
+    /// Any JSON value.
+    #[schema(value_type = Object)]
+    pub value: Value,
+    /// Compare-and-swap: write only if the key's current version equals this; 0 means
+    /// "only if the key does not exist". Omit to write unconditionally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<u64>,
+}
+
+/// Delete precondition, as a query string.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteState {
+    /// Delete only if the key's current version equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<u64>,
+}
+
+/// List an agent's state keys by prefix.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListState {
+    /// Only keys starting with this prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Page size, 1-1000 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// The next_cursor of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// One page of state entries in key order.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct StatePage {
+    pub entries: Vec<StateEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The kernel at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct Status {
+    pub version: String,
+    pub uptime_secs: u64,
+    pub agents: u64,
+    pub data_dir: String,
+    pub listen: String,
+    pub storage: StorageStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct StorageStatus {
+    pub engine: String,
+    pub disk_bytes: u64,
+    /// Writes acknowledged since start; each was on disk before its acknowledgement.
+    pub writes_committed: u64,
+    /// fdatasync calls since start; writes / syncs is the group-commit factor.
+    pub syncs: u64,
+}
+
+/// Create an API key. A key with a tenant may act only on that tenant's agents and
+/// cannot manage keys; a key without one is an administrator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// What the kernel keeps about an API key: never the secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct ApiKeyInfo {
+    pub id: KeyId,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A newly created key: the only time its secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct CreatedApiKey {
+    pub key: String,
+    pub info: ApiKeyInfo,
+}
+
+/// Clamp a requested page size into [1, MAX_PAGE_LIMIT].
+pub fn page_limit(requested: Option<usize>) -> crate::Result<usize> {
+    match requested {
+        None => Ok(DEFAULT_PAGE_LIMIT),
+        Some(n) if (1..=MAX_PAGE_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(crate::Error::invalid_field(
+            "limit",
+            format!("limit must be 1-{MAX_PAGE_LIMIT}, got {n}"),
+        )),
+    }
+}

@@ -1,0 +1,557 @@
+//! The BBX kernel: agents as kernel objects and their durable state.
+//!
+//! `bbx-kernel` owns the objects the rest of BBX acts on and the one place they are
+//! written. An agent is a record (id, name, tenant, labels, status, creation time)
+//! plus a state store of versioned JSON values; both live in an embedded fjall
+//! database in the data directory, and every write reaches disk through the group
+//! committer in [`store`] before it is acknowledged. The kernel also owns the API
+//! keys that admit callers ([`auth`]): on first start it mints an administrator key,
+//! keeps only its digest, and writes the key to `DATA_DIR/admin.key` (mode 0600).
+//!
+//! Every operation takes the [`Caller`] that the front end authenticated, so
+//! tenant confinement is enforced here, once, not in each front end. [`Session`]
+//! binds a caller to the kernel and implements [`bbx_core::AgentApi`].
+
+pub mod auth;
+mod store;
+
+pub use auth::Caller;
+pub use store::StoreMetrics;
+
+use auth::{KeyRing, StoredKey};
+use bbx_core::config::KernelConfig;
+use bbx_core::model::{
+    Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey,
+    DEFAULT_TENANT, ListAgents, ListState, SetState, StateEntry, StatePage, Status, StorageStatus,
+    page_limit,
+};
+use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, Result, validate};
+use chrono::Utc;
+use std::io::Write as _;
+use std::ops::Bound;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use store::{Applied, Store, Write, decode_agent, decode_state_header, storage_error};
+
+/// Name of the file, inside the data directory, that holds the first admin key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+pub struct Kernel {
+    config: KernelConfig,
+    store: Store,
+    keys: KeyRing,
+    started: Instant,
+    closing: AtomicBool,
+}
+
+/// What opening a kernel produced.
+pub struct Opened {
+    pub kernel: Arc<Kernel>,
+    /// Set when this start minted the administrator key: where it was written.
+    pub admin_key_written: Option<PathBuf>,
+}
+
+impl Kernel {
+    /// Opens (or creates) the data directory and everything in it.
+    pub async fn open(config: KernelConfig) -> Result<Opened> {
+        create_private_dir(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join("db"), config.commit_max_batch)?;
+        let keys = KeyRing::default();
+        for item in store.ks.api_keys.iter() {
+            let (_, value) = item
+                .into_inner()
+                .map_err(|e| storage_error("load API keys", e))?;
+            let stored: StoredKey = serde_json::from_slice(&value)
+                .map_err(|e| Error::internal(format!("stored API key is unreadable: {e}")))?;
+            keys.insert(stored);
+        }
+        let kernel = Arc::new(Self {
+            config,
+            store,
+            keys,
+            started: Instant::now(),
+            closing: AtomicBool::new(false),
+        });
+        let admin_key_written = if kernel.keys.is_empty() {
+            Some(kernel.mint_admin_key().await?)
+        } else {
+            None
+        };
+        Ok(Opened {
+            kernel,
+            admin_key_written,
+        })
+    }
+
+    /// Mints the administrator key. The file is written (and synced) before the
+    /// record is committed: a crash in between leaves no key, and the next start
+    /// simply mints another, instead of a key nobody can read.
+    async fn mint_admin_key(&self) -> Result<PathBuf> {
+        let info = ApiKeyInfo {
+            id: KeyId::generate(),
+            name: "admin".into(),
+            tenant: None,
+            created_at: Utc::now(),
+            revoked_at: None,
+        };
+        let (token, stored) = auth::mint(info);
+        let path = self.config.data_dir.join(ADMIN_KEY_FILE);
+        write_secret_file(&path, &token)
+            .map_err(|e| Error::internal(format!("cannot write {}: {e}", path.display())))?;
+        self.store.write(Write::PutKey(stored.clone())).await?;
+        self.keys.insert(stored);
+        Ok(path)
+    }
+
+    pub fn config(&self) -> &KernelConfig {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.store.metrics
+    }
+
+    /// Ready to serve: open, not closing, storage healthy.
+    pub fn is_ready(&self) -> bool {
+        !self.closing.load(Ordering::Acquire) && !self.store.failed.load(Ordering::Acquire)
+    }
+
+    /// Commits everything queued, then refuses further writes.
+    pub async fn shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.store.close().await;
+    }
+
+    pub fn authenticate(&self, token: &str) -> Result<Caller> {
+        self.keys.verify(token)
+    }
+
+    pub fn session(self: &Arc<Self>, caller: Caller) -> Session {
+        Session {
+            kernel: self.clone(),
+            caller,
+        }
+    }
+
+    fn load_agent(&self, caller: &Caller, id: &AgentId) -> Result<Agent> {
+        let bytes = self
+            .store
+            .ks
+            .agents
+            .get(id.as_bytes())
+            .map_err(|e| storage_error("read", e))?;
+        let agent = decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", id))?)?;
+        caller.check_tenant(&agent.tenant)?;
+        Ok(agent)
+    }
+
+    pub async fn create_agent(&self, caller: &Caller, req: CreateAgent) -> Result<Agent> {
+        validate::name("name", &req.name)?;
+        let tenant = match (req.tenant, &caller.tenant) {
+            (Some(tenant), _) => tenant,
+            (None, Some(own)) => own.clone(),
+            (None, None) => DEFAULT_TENANT.to_owned(),
+        };
+        validate::tenant(&tenant)?;
+        caller.check_tenant(&tenant)?;
+        let labels = req.labels.unwrap_or_default();
+        validate::labels(&labels)?;
+        let agent = Agent {
+            id: AgentId::generate(),
+            name: req.name,
+            tenant,
+            labels,
+            status: AgentStatus::Idle,
+            created_at: Utc::now(),
+        };
+        self.store.write(Write::CreateAgent(agent.clone())).await?;
+        Ok(agent)
+    }
+
+    pub fn get_agent(&self, caller: &Caller, id: &AgentId) -> Result<Agent> {
+        self.load_agent(caller, id)
+    }
+
+    pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
+        self.load_agent(caller, id)?;
+        self.store.write(Write::DeleteAgent(*id)).await.map(drop)
+    }
+
+    pub fn list_agents(&self, caller: &Caller, req: ListAgents) -> Result<AgentPage> {
+        let limit = page_limit(req.limit)?;
+        let tenant = match (req.tenant, &caller.tenant) {
+            (Some(tenant), _) => {
+                caller.check_tenant(&tenant)?;
+                Some(tenant)
+            }
+            (None, own) => own.clone(),
+        };
+        let label = req
+            .label
+            .as_deref()
+            .map(validate::label_selector)
+            .transpose()?;
+        let after: Option<AgentId> =
+            req.cursor
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|_: Error| {
+                    Error::invalid_field("cursor", "cursor is not one this API returned")
+                })?;
+
+        let ids: Box<dyn Iterator<Item = Result<AgentId>>> = match &tenant {
+            Some(tenant) => {
+                validate::tenant(tenant)?;
+                let start = match &after {
+                    Some(id) => Bound::Excluded(store::tenant_index_key(tenant, id)),
+                    None => Bound::Included(format!("{tenant}\0").into_bytes()),
+                };
+                let end = Bound::Excluded(format!("{tenant}\u{1}").into_bytes());
+                Box::new(self.store.ks.tenants.range((start, end)).map(|item| {
+                    let key = item.key().map_err(|e| storage_error("scan agents", e))?;
+                    let id: [u8; 16] = key[key.len() - 16..]
+                        .try_into()
+                        .expect("index keys end in an id");
+                    Ok(AgentId::from_bytes(id))
+                }))
+            }
+            None => {
+                let start = match &after {
+                    Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
+                    None => Bound::Unbounded,
+                };
+                Box::new(
+                    self.store
+                        .ks
+                        .agents
+                        .range((start, Bound::<Vec<u8>>::Unbounded))
+                        .map(|item| {
+                            let key = item.key().map_err(|e| storage_error("scan agents", e))?;
+                            Ok(AgentId::from_bytes(
+                                key.as_ref()
+                                    .try_into()
+                                    .map_err(|_| Error::internal("corrupt agent key"))?,
+                            ))
+                        }),
+                )
+            }
+        };
+
+        let mut agents = Vec::with_capacity(limit.min(128) + 1);
+        for id in ids {
+            let id = id?;
+            let Some(bytes) = self
+                .store
+                .ks
+                .agents
+                .get(id.as_bytes())
+                .map_err(|e| storage_error("read", e))?
+            else {
+                continue;
+            };
+            let agent = decode_agent(&bytes)?;
+            if let Some((key, value)) = &label {
+                if agent.labels.get(key) != Some(value) {
+                    continue;
+                }
+            }
+            agents.push(agent);
+            if agents.len() > limit {
+                break;
+            }
+        }
+        let next_cursor = (agents.len() > limit).then(|| {
+            agents.truncate(limit);
+            agents[limit - 1].id.to_string()
+        });
+        Ok(AgentPage {
+            agents,
+            next_cursor,
+        })
+    }
+
+    pub fn state_get(&self, caller: &Caller, agent: &AgentId, key: &str) -> Result<StateEntry> {
+        validate::state_key(key)?;
+        self.load_agent(caller, agent)?;
+        let bytes = self
+            .store
+            .ks
+            .state
+            .get(store::state_key(agent, key))
+            .map_err(|e| storage_error("read", e))?;
+        let bytes = bytes.ok_or_else(|| Error::not_found("state key", key))?;
+        decode_entry(key.to_owned(), &bytes)
+    }
+
+    pub async fn state_set(
+        &self,
+        caller: &Caller,
+        agent: &AgentId,
+        key: String,
+        req: SetState,
+    ) -> Result<StateEntry> {
+        validate::state_key(&key)?;
+        let json = serde_json::to_vec(&req.value)
+            .map_err(|e| Error::invalid_field("value", e.to_string()))?;
+        if json.len() > self.config.max_body_bytes {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the value is {} bytes; the limit is {}",
+                    json.len(),
+                    self.config.max_body_bytes
+                ),
+            ));
+        }
+        self.load_agent(caller, agent)?;
+        let at = Utc::now();
+        let write = Write::SetState {
+            agent: *agent,
+            key: key.clone(),
+            value: json,
+            if_version: req.if_version,
+            at,
+        };
+        match self.store.write(write).await? {
+            Applied::Version(version) => Ok(StateEntry {
+                key,
+                value: req.value,
+                version,
+                updated_at: at,
+            }),
+            Applied::Done => Err(Error::internal("state write reported no version")),
+        }
+    }
+
+    pub async fn state_delete(
+        &self,
+        caller: &Caller,
+        agent: &AgentId,
+        key: String,
+        if_version: Option<u64>,
+    ) -> Result<()> {
+        validate::state_key(&key)?;
+        self.load_agent(caller, agent)?;
+        self.store
+            .write(Write::DeleteState {
+                agent: *agent,
+                key,
+                if_version,
+            })
+            .await
+            .map(drop)
+    }
+
+    pub fn state_list(
+        &self,
+        caller: &Caller,
+        agent: &AgentId,
+        req: ListState,
+    ) -> Result<StatePage> {
+        let limit = page_limit(req.limit)?;
+        self.load_agent(caller, agent)?;
+        let prefix = store::state_key(agent, req.prefix.as_deref().unwrap_or(""));
+        let start = match req.cursor.as_deref() {
+            Some(cursor) => {
+                let after = hex::decode(cursor)
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .ok_or_else(|| {
+                        Error::invalid_field("cursor", "cursor is not one this API returned")
+                    })?;
+                Bound::Excluded(store::state_key(agent, &after))
+            }
+            None => Bound::Included(prefix.clone()),
+        };
+        let mut entries = Vec::with_capacity(limit.min(128) + 1);
+        for item in self
+            .store
+            .ks
+            .state
+            .range((start, Bound::<Vec<u8>>::Unbounded))
+        {
+            let (raw_key, value) = item
+                .into_inner()
+                .map_err(|e| storage_error("scan state", e))?;
+            if !raw_key.starts_with(&prefix) {
+                break;
+            }
+            let key = String::from_utf8(raw_key[16..].to_vec())
+                .map_err(|_| Error::internal("corrupt state key"))?;
+            entries.push(decode_entry(key, &value)?);
+            if entries.len() > limit {
+                break;
+            }
+        }
+        let next_cursor = (entries.len() > limit).then(|| {
+            entries.truncate(limit);
+            hex::encode(entries[limit - 1].key.as_bytes())
+        });
+        Ok(StatePage {
+            entries,
+            next_cursor,
+        })
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            agents: self.store.agent_count()?,
+            data_dir: self.config.data_dir.display().to_string(),
+            listen: self.config.listen.to_string(),
+            storage: StorageStatus {
+                engine: "fjall".into(),
+                disk_bytes: self.store.db.disk_space().unwrap_or(0),
+                writes_committed: self.store.metrics.writes.get(),
+                syncs: self.store.metrics.syncs.get(),
+            },
+        })
+    }
+
+    pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
+        caller.require_admin("create API keys")?;
+        validate::name("name", &req.name)?;
+        if let Some(tenant) = &req.tenant {
+            validate::tenant(tenant)?;
+        }
+        let info = ApiKeyInfo {
+            id: KeyId::generate(),
+            name: req.name,
+            tenant: req.tenant,
+            created_at: Utc::now(),
+            revoked_at: None,
+        };
+        let (key, stored) = auth::mint(info.clone());
+        self.store.write(Write::PutKey(stored.clone())).await?;
+        self.keys.insert(stored);
+        Ok(CreatedApiKey { key, info })
+    }
+
+    pub fn list_keys(&self, caller: &Caller) -> Result<Vec<ApiKeyInfo>> {
+        caller.require_admin("list API keys")?;
+        Ok(self.keys.list())
+    }
+
+    /// Revokes a key; revoking a revoked key is a no-op that returns it unchanged.
+    pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
+        caller.require_admin("revoke API keys")?;
+        let mut stored = self
+            .keys
+            .get(id)
+            .ok_or_else(|| Error::not_found("API key", id))?;
+        if stored.info.revoked_at.is_none() {
+            stored.info.revoked_at = Some(Utc::now());
+            self.store.write(Write::PutKey(stored.clone())).await?;
+            self.keys.insert(stored.clone());
+        }
+        Ok(stored.info)
+    }
+}
+
+fn decode_entry(key: String, bytes: &[u8]) -> Result<StateEntry> {
+    if bytes.len() < 16 {
+        return Err(Error::internal("corrupt state value"));
+    }
+    let (version, updated_at, json) = decode_state_header(bytes);
+    let value = serde_json::from_slice(json)
+        .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
+    Ok(StateEntry {
+        key,
+        value,
+        version,
+        updated_at,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    let existed = dir.exists();
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::internal(format!(
+            "cannot create data directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    if !existed {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            Error::internal(format!(
+                "cannot restrict data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes `secret` to `path` with mode 0600: temp file, fsync, rename, fsync dir.
+fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("key.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The kernel as seen by one authenticated caller.
+#[derive(Clone)]
+pub struct Session {
+    kernel: Arc<Kernel>,
+    caller: Caller,
+}
+
+impl Session {
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+impl AgentApi for Session {
+    async fn create_agent(&self, req: CreateAgent) -> Result<Agent> {
+        self.kernel.create_agent(&self.caller, req).await
+    }
+    async fn list_agents(&self, req: ListAgents) -> Result<AgentPage> {
+        self.kernel.list_agents(&self.caller, req)
+    }
+    async fn get_agent(&self, id: AgentId) -> Result<Agent> {
+        self.kernel.get_agent(&self.caller, &id)
+    }
+    async fn delete_agent(&self, id: AgentId) -> Result<()> {
+        self.kernel.delete_agent(&self.caller, &id).await
+    }
+    async fn state_get(&self, agent: AgentId, key: String) -> Result<StateEntry> {
+        self.kernel.state_get(&self.caller, &agent, &key)
+    }
+    async fn state_set(&self, agent: AgentId, key: String, req: SetState) -> Result<StateEntry> {
+        self.kernel.state_set(&self.caller, &agent, key, req).await
+    }
+    async fn state_delete(
+        &self,
+        agent: AgentId,
+        key: String,
+        if_version: Option<u64>,
+    ) -> Result<()> {
+        self.kernel
+            .state_delete(&self.caller, &agent, key, if_version)
+            .await
+    }
+    async fn state_list(&self, agent: AgentId, req: ListState) -> Result<StatePage> {
+        self.kernel.state_list(&self.caller, &agent, req)
+    }
+    async fn status(&self) -> Result<Status> {
+        self.kernel.status()
+    }
+}

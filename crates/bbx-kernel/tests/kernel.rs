@@ -1,0 +1,412 @@
+//! The kernel against a real data directory: durability, CAS, paging, tenancy.
+
+use bbx_core::config::{ConfigFile, ConfigOverrides, KernelConfig};
+use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
+use bbx_core::{AgentApi, ErrorCode};
+use bbx_kernel::{Caller, Kernel, Session};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+async fn open(dir: &Path) -> (std::sync::Arc<Kernel>, Session) {
+    let over = ConfigOverrides {
+        data_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    let config = KernelConfig::resolve(ConfigFile::default(), over).unwrap();
+    let kernel = Kernel::open(config).await.unwrap().kernel;
+    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
+    let caller = kernel.authenticate(token.trim()).unwrap();
+    let session = kernel.session(caller);
+    (kernel, session)
+}
+
+fn agent(name: &str) -> CreateAgent {
+    CreateAgent {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn set(value: serde_json::Value, if_version: Option<u64>) -> SetState {
+    SetState { value, if_version }
+}
+
+#[tokio::test]
+async fn agents_and_state_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let first_key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
+    let mode = std::fs::metadata(dir.path().join("admin.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    let a = api.create_agent(agent("planner")).await.unwrap();
+    api.state_set(
+        a.id,
+        "plan/step".into(),
+        set(json!({"n": 1, "items": [1, 2]}), None),
+    )
+    .await
+    .unwrap();
+    kernel.shutdown().await;
+    drop((kernel, api));
+
+    let (kernel, api) = open(dir.path()).await;
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("admin.key")).unwrap(),
+        first_key,
+        "no second admin key"
+    );
+    assert_eq!(api.get_agent(a.id).await.unwrap(), a);
+    let entry = api.state_get(a.id, "plan/step".into()).await.unwrap();
+    assert_eq!(entry.value, json!({"n": 1, "items": [1, 2]}));
+    assert_eq!(entry.version, 1);
+    assert_eq!(kernel.status().unwrap().agents, 1);
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_cas_has_exactly_one_winner_per_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let a = api.create_agent(agent("counter")).await.unwrap();
+    api.state_set(a.id, "n".into(), set(json!(0), Some(0)))
+        .await
+        .unwrap();
+
+    // 100 clients race to move version 1 to version 2; then again from 2 to 3.
+    for round in 1..=2u64 {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let api = api.clone();
+                tokio::spawn(async move {
+                    api.state_set(a.id, "n".into(), set(json!(i), Some(round)))
+                        .await
+                })
+            })
+            .collect();
+        let mut wins = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(entry) => {
+                    assert_eq!(entry.version, round + 1);
+                    wins += 1;
+                }
+                Err(e) => assert_eq!(e.code, ErrorCode::VersionConflict),
+            }
+        }
+        assert_eq!(wins, 1, "round {round}");
+    }
+    assert_eq!(api.state_get(a.id, "n".into()).await.unwrap().version, 3);
+    let stale = api
+        .state_set(a.id, "n".into(), set(json!("late"), Some(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, ErrorCode::VersionConflict);
+    assert_eq!(stale.details.unwrap()["actual"], 3);
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleting_an_agent_deletes_its_state_and_only_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let doomed = api.create_agent(agent("doomed")).await.unwrap();
+    let kept = api.create_agent(agent("kept")).await.unwrap();
+    for i in 0..50 {
+        api.state_set(doomed.id, format!("k{i}"), set(json!(i), None))
+            .await
+            .unwrap();
+    }
+    api.state_set(kept.id, "k0".into(), set(json!("mine"), None))
+        .await
+        .unwrap();
+    api.delete_agent(doomed.id).await.unwrap();
+
+    assert_eq!(
+        api.get_agent(doomed.id).await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        api.state_get(doomed.id, "k0".into())
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        api.state_get(kept.id, "k0".into()).await.unwrap().value,
+        json!("mine")
+    );
+    assert_eq!(kernel.status().unwrap().agents, 1);
+    // A new agent never sees the old one's keys, and a second delete is a 404.
+    assert_eq!(
+        api.delete_agent(doomed.id).await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn listing_pages_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let mut made = Vec::new();
+    for i in 0..7 {
+        let labels = BTreeMap::from([(
+            "team".to_string(),
+            if i % 2 == 0 { "ml" } else { "ops" }.to_string(),
+        )]);
+        let tenant = if i < 5 { "acme" } else { "globex" };
+        let req = CreateAgent {
+            name: format!("a{i}"),
+            tenant: Some(tenant.into()),
+            labels: Some(labels),
+        };
+        made.push(api.create_agent(req).await.unwrap().id);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = api
+            .list_agents(ListAgents {
+                limit: Some(3),
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        seen.extend(page.agents.iter().map(|a| a.id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, made, "pages cover every agent once, oldest first");
+
+    let acme = api
+        .list_agents(ListAgents {
+            tenant: Some("acme".into()),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        acme.agents.iter().map(|a| a.id).collect::<Vec<_>>(),
+        made[..2]
+    );
+    let rest = api
+        .list_agents(ListAgents {
+            tenant: Some("acme".into()),
+            cursor: acme.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.agents.iter().map(|a| a.id).collect::<Vec<_>>(),
+        made[2..5]
+    );
+    assert!(rest.next_cursor.is_none());
+
+    let ml = api
+        .list_agents(ListAgents {
+            label: Some("team=ml".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ml.agents.len(), 4);
+    let bad = api
+        .list_agents(ListAgents {
+            limit: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, ErrorCode::InvalidArgument);
+    let bad = api
+        .list_agents(ListAgents {
+            cursor: Some("../x".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, ErrorCode::InvalidArgument);
+
+    let a = made[0];
+    for key in ["notes/b", "notes/a", "notes/c", "other", "notes"] {
+        api.state_set(a, key.into(), set(json!(key), None))
+            .await
+            .unwrap();
+    }
+    let page = api
+        .state_list(
+            a,
+            ListState {
+                prefix: Some("notes/".into()),
+                limit: Some(2),
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.entries
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect::<Vec<_>>(),
+        ["notes/a", "notes/b"]
+    );
+    let page = api
+        .state_list(
+            a,
+            ListState {
+                prefix: Some("notes/".into()),
+                limit: Some(2),
+                cursor: page.next_cursor,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.entries
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect::<Vec<_>>(),
+        ["notes/c"]
+    );
+    assert!(page.next_cursor.is_none());
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn tenant_keys_are_confined_and_revoked_keys_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, admin) = open(dir.path()).await;
+    let theirs = admin
+        .create_agent(CreateAgent {
+            name: "x".into(),
+            tenant: Some("globex".into()),
+            labels: None,
+        })
+        .await
+        .unwrap();
+    let created = kernel
+        .create_key(
+            admin.caller(),
+            CreateApiKey {
+                name: "acme-ci".into(),
+                tenant: Some("acme".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let acme: Caller = kernel.authenticate(&created.key).unwrap();
+    let acme_api = kernel.session(acme.clone());
+
+    let mine = acme_api.create_agent(agent("mine")).await.unwrap();
+    assert_eq!(mine.tenant, "acme");
+    assert_eq!(
+        acme_api.get_agent(theirs.id).await.unwrap_err().code,
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        acme_api
+            .state_get(theirs.id, "k".into())
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::PermissionDenied
+    );
+    let listed = acme_api.list_agents(ListAgents::default()).await.unwrap();
+    assert_eq!(
+        listed.agents.iter().map(|a| a.id).collect::<Vec<_>>(),
+        [mine.id]
+    );
+    assert_eq!(
+        kernel.list_keys(&acme).unwrap_err().code,
+        ErrorCode::PermissionDenied
+    );
+
+    kernel
+        .revoke_key(admin.caller(), &created.info.id)
+        .await
+        .unwrap();
+    let err = kernel.authenticate(&created.key).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unauthenticated);
+    assert_eq!(err.details.unwrap()["reason"], "revoked");
+    kernel.shutdown().await;
+    drop((kernel, admin, acme_api));
+
+    // Revocation is durable.
+    let (kernel, _) = open(dir.path()).await;
+    assert!(kernel.authenticate(&created.key).is_err());
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_input_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    for bad in [
+        agent(""),
+        agent(&"n".repeat(10_000)),
+        agent("bell\u{7}"),
+        CreateAgent {
+            name: "x".into(),
+            tenant: Some("../etc".into()),
+            labels: None,
+        },
+    ] {
+        assert_eq!(
+            api.create_agent(bad).await.unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+    }
+    let a = api.create_agent(agent("a")).await.unwrap();
+    assert_eq!(
+        api.state_set(a.id, String::new(), set(json!(1), None))
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        api.state_set(a.id, "k\n".into(), set(json!(1), None))
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::InvalidArgument
+    );
+    let big = json!("x".repeat(2 * 1024 * 1024));
+    assert_eq!(
+        api.state_set(a.id, "big".into(), set(big, None))
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::PayloadTooLarge
+    );
+    assert_eq!(
+        api.state_delete(a.id, "missing".into(), None)
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(kernel.status().unwrap().agents, 1);
+    assert!(
+        api.state_list(a.id, ListState::default())
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    kernel.shutdown().await;
+}

@@ -1,0 +1,1 @@
+//! bbx-server
