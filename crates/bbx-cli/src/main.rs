@@ -1,1 +1,335 @@
-fn main() {}
+//! The `bbx` command: the kernel daemon (`bbx serve`), MCP over stdio (`bbx mcp`),
+//! and a client of a running kernel for everything else.
+
+mod bench;
+mod cli;
+mod output;
+
+use anyhow::{Context, Result, bail};
+use bbx_client::Client;
+use bbx_core::config::{ConfigFile, ConfigOverrides, KernelConfig, default_data_dir};
+use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
+use bbx_core::{AgentApi, validate};
+use clap::{CommandFactory, Parser};
+use cli::{AgentCommand, BenchCommand, Cli, Command, ConfigCommand, KeyCommand, ServeArgs, StateCommand, V2Command};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7878";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// One line on stderr, whatever went wrong.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    let line = match error.downcast_ref::<bbx_core::Error>() {
+        Some(e) => format!("{} [{}]", e.message, e.code.as_str()),
+        None => format!("{error:#}"),
+    };
+    eprintln!("error: {}", line.replace(['\n', '\r'], " "));
+    ExitCode::FAILURE
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Serve(args) => serve(&cli, args).await,
+        Command::Config(ConfigCommand::Show(args)) => {
+            let config = resolve_config(&cli, args)?;
+            if cli.json {
+                output::json(&config);
+            } else {
+                print!("{}", config.to_toml());
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "bbx", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Mcp => mcp(&cli).await,
+        Command::Bench(BenchCommand::Api(args)) => bench::api(&cli, args).await,
+        Command::Status | Command::V2(V2Command::Status) => {
+            let status = client(&cli)?.status().await?;
+            if cli.json {
+                output::json(&status);
+            } else {
+                println!("BBX kernel {} at {}", status.version, status.listen);
+                println!("  uptime    {}s", status.uptime_secs);
+                println!("  agents    {}", status.agents);
+                println!("  data dir  {}", status.data_dir);
+                println!(
+                    "  storage   {} on disk {} bytes, {} writes in {} syncs",
+                    status.storage.engine,
+                    status.storage.disk_bytes,
+                    status.storage.writes_committed,
+                    status.storage.syncs
+                );
+            }
+            Ok(())
+        }
+        Command::Agent(command) => agent(&cli, command).await,
+        Command::State(command) => state(&cli, command).await,
+        Command::Key(command) => key(&cli, command).await,
+    }
+}
+
+fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let overrides = ConfigOverrides {
+        listen: args.listen,
+        data_dir: cli.data_dir.clone(),
+        max_body_bytes: args.max_body_bytes,
+        commit_max_batch: args.commit_max_batch,
+        log: args.log.clone(),
+    };
+    Ok(KernelConfig::resolve(file, overrides)?)
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    let config = resolve_config(cli, args)?;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("invalid log filter")?)
+        .init();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let data_dir = config.data_dir.clone();
+    let opened = bbx_kernel::Kernel::open(config).await?;
+    if let Some(path) = &opened.admin_key_written {
+        eprintln!("bbx: created the admin API key; it is in {}", path.display());
+    }
+    eprintln!(
+        "bbx: kernel listening on http://{address} (data in {})",
+        data_dir.display()
+    );
+    bbx_server::serve(opened.kernel, listener, shutdown_signal()).await?;
+    eprintln!("bbx: stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested; finishing requests in flight");
+}
+
+/// The API key: --api-key / BBX_API_KEY, else the admin key in the data directory.
+fn api_key(cli: &Cli) -> Result<String> {
+    if let Some(key) = &cli.api_key {
+        return Ok(key.clone());
+    }
+    let path: PathBuf = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(default_data_dir)
+        .join(bbx_kernel::ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(key) => Ok(key.trim().to_owned()),
+        Err(e) => bail!(
+            "no API key: pass --api-key or BBX_API_KEY, or run where {} is readable ({e})",
+            path.display()
+        ),
+    }
+}
+
+fn client(cli: &Cli) -> Result<Client> {
+    Ok(Client::new(cli.url.as_deref().unwrap_or(DEFAULT_URL), &api_key(cli)?)?)
+}
+
+async fn mcp(cli: &Cli) -> Result<()> {
+    use rmcp::ServiceExt;
+    let client = client(cli)?;
+    // Fail now, in one line, rather than hand the MCP client a server that cannot work.
+    client.status().await?;
+    let server = bbx_server::mcp::McpServer::new(bbx_server::mcp::FixedApi(client));
+    let running = server
+        .serve(rmcp::transport::stdio())
+        .await
+        .context("MCP handshake over stdio failed")?;
+    running.waiting().await.context("MCP server task failed")?;
+    Ok(())
+}
+
+async fn agent(cli: &Cli, command: &AgentCommand) -> Result<()> {
+    let api = client(cli)?;
+    match command {
+        AgentCommand::Create { name, tenant, labels } => {
+            let labels = labels
+                .iter()
+                .map(|l| validate::label_selector(l))
+                .collect::<Result<BTreeMap<_, _>, _>>()?;
+            let req = CreateAgent {
+                name: name.clone(),
+                tenant: tenant.clone(),
+                labels: Some(labels),
+            };
+            let agent = api.create_agent(req).await?;
+            if cli.json {
+                output::json(&agent)
+            } else {
+                output::agent(&agent)
+            }
+        }
+        AgentCommand::List {
+            tenant,
+            label,
+            limit,
+            cursor,
+        } => {
+            let req = ListAgents {
+                tenant: tenant.clone(),
+                label: label.clone(),
+                limit: *limit,
+                cursor: cursor.clone(),
+            };
+            let page = api.list_agents(req).await?;
+            if cli.json {
+                output::json(&page)
+            } else {
+                output::agents(&page.agents, page.next_cursor.as_deref())
+            }
+        }
+        AgentCommand::Get { id } => {
+            let agent = api.get_agent(id.parse()?).await?;
+            if cli.json {
+                output::json(&agent)
+            } else {
+                output::agent(&agent)
+            }
+        }
+        AgentCommand::Delete { id } => {
+            api.delete_agent(id.parse()?).await?;
+            if cli.json {
+                output::json(&serde_json::json!({ "deleted": id }))
+            } else {
+                println!("deleted agent {id}")
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn state(cli: &Cli, command: &StateCommand) -> Result<()> {
+    let api = client(cli)?;
+    match command {
+        StateCommand::Get { agent, key } => {
+            let entry = api.state_get(agent.parse()?, key.clone()).await?;
+            if cli.json {
+                output::json(&entry)
+            } else {
+                println!("{}", serde_json::to_string_pretty(&entry.value)?)
+            }
+        }
+        StateCommand::Set {
+            agent,
+            key,
+            value,
+            if_version,
+        } => {
+            let value = serde_json::from_str(value).map_err(|e| {
+                bbx_core::Error::invalid_field(
+                    "value",
+                    format!("the value must be JSON (quote strings: '\"text\"'): {e}"),
+                )
+            })?;
+            let entry = api
+                .state_set(
+                    agent.parse()?,
+                    key.clone(),
+                    SetState {
+                        value,
+                        if_version: *if_version,
+                    },
+                )
+                .await?;
+            if cli.json {
+                output::json(&entry)
+            } else {
+                println!("{} = version {}", entry.key, entry.version)
+            }
+        }
+        StateCommand::Delete { agent, key, if_version } => {
+            api.state_delete(agent.parse()?, key.clone(), *if_version).await?;
+            if cli.json {
+                output::json(&serde_json::json!({ "deleted": key }))
+            } else {
+                println!("deleted {key}")
+            }
+        }
+        StateCommand::List {
+            agent,
+            prefix,
+            limit,
+            cursor,
+        } => {
+            let req = ListState {
+                prefix: prefix.clone(),
+                limit: *limit,
+                cursor: cursor.clone(),
+            };
+            let page = api.state_list(agent.parse()?, req).await?;
+            if cli.json {
+                output::json(&page)
+            } else {
+                output::entries(&page.entries, page.next_cursor.as_deref())
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn key(cli: &Cli, command: &KeyCommand) -> Result<()> {
+    let api = client(cli)?;
+    match command {
+        KeyCommand::Create { name, tenant } => {
+            let created = api
+                .create_key(&CreateApiKey {
+                    name: name.clone(),
+                    tenant: tenant.clone(),
+                })
+                .await?;
+            if cli.json {
+                output::json(&created)
+            } else {
+                println!("{}", created.key);
+                eprintln!("(key {} shown once; store it now)", created.info.id);
+            }
+        }
+        KeyCommand::List => {
+            let keys = api.list_keys().await?;
+            if cli.json {
+                output::json(&keys)
+            } else {
+                output::keys(&keys)
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            let info = api.revoke_key(id.parse()?).await?;
+            if cli.json {
+                output::json(&info)
+            } else {
+                println!("revoked key {}", info.id)
+            }
+        }
+    }
+    Ok(())
+}

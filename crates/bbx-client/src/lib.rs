@@ -1,1 +1,234 @@
-//! bbx-client
+//! Rust client of a running BBX kernel's HTTP API.
+//!
+//! [`Client`] speaks `/v1` with an API key and implements [`bbx_core::AgentApi`], so
+//! anything written against that trait (the MCP server in `bbx mcp`, tests) runs
+//! unchanged against a remote kernel. Errors come back as the kernel's own
+//! [`bbx_core::Error`]; a kernel that does not answer at all becomes an
+//! `unavailable` error that names the URL.
+
+use bbx_core::model::{
+    Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
+    SetState, StateEntry, StatePage, Status,
+};
+use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, Result};
+use reqwest::{Method, StatusCode, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// A client of one kernel. Cheap to clone: clones share one connection pool.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    bearer: String,
+}
+
+impl Client {
+    /// A client of the kernel at `base_url` (e.g. `http://127.0.0.1:7878`).
+    pub fn new(base_url: &str, api_key: &str) -> Result<Self> {
+        let base = Url::parse(base_url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .ok_or_else(|| Error::invalid_field("url", format!("{base_url:?} is not an http(s) URL")))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|e| Error::internal(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base,
+            bearer: format!("Bearer {}", api_key.trim()),
+        })
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// `/segment/segment/...`, each segment percent-encoded (so a state key `a/b`
+    /// stays one segment).
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http URLs have paths")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
+        let response = self.send(request).await?;
+        response
+            .json()
+            .await
+            .map_err(|e| Error::internal(format!("the kernel's answer was not understood: {e}")))
+    }
+
+    async fn call_empty(&self, request: reqwest::RequestBuilder) -> Result<()> {
+        self.send(request).await.map(drop)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request
+            .header(reqwest::header::AUTHORIZATION, &self.bearer)
+            .send()
+            .await
+            .map_err(|e| {
+                let reason = if e.is_connect() {
+                    "nothing accepts connections there"
+                } else if e.is_timeout() {
+                    "it timed out"
+                } else {
+                    "the connection failed"
+                };
+                Error::unavailable(format!(
+                    "no BBX kernel answers at {}: {reason} ({})",
+                    self.base,
+                    root_cause(&e)
+                ))
+            })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(parsed) => parsed.error,
+            Err(_) => Error::new(
+                if status == StatusCode::NOT_FOUND {
+                    ErrorCode::NotFound
+                } else {
+                    ErrorCode::Internal
+                },
+                format!(
+                    "{} answered {status} without a BBX error body; is it a BBX kernel?",
+                    self.base
+                ),
+            ),
+        })
+    }
+
+    fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(segments))
+    }
+
+    fn with_query<Q: Serialize>(&self, method: Method, segments: &[&str], query: &Q) -> reqwest::RequestBuilder {
+        self.request(method, segments).query(query)
+    }
+
+    pub async fn create_key(&self, req: &CreateApiKey) -> Result<CreatedApiKey> {
+        self.call(self.request(Method::POST, &["v1", "keys"]).json(req)).await
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<ApiKeyInfo>> {
+        self.call(self.request(Method::GET, &["v1", "keys"])).await
+    }
+
+    pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKeyInfo> {
+        self.call(self.request(Method::DELETE, &["v1", "keys", &id.to_string()]))
+            .await
+    }
+
+    /// Whether the kernel answers `/readyz` with 200.
+    pub async fn ready(&self) -> bool {
+        match self.http.get(self.url(&["readyz"])).send().await {
+            Ok(response) => response.status().is_success(),
+            Err(_) => false,
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+impl AgentApi for Client {
+    async fn create_agent(&self, req: CreateAgent) -> Result<Agent> {
+        self.call(self.request(Method::POST, &["v1", "agents"]).json(&req))
+            .await
+    }
+
+    async fn list_agents(&self, req: ListAgents) -> Result<AgentPage> {
+        self.call(self.with_query(Method::GET, &["v1", "agents"], &req)).await
+    }
+
+    async fn get_agent(&self, id: AgentId) -> Result<Agent> {
+        self.call(self.request(Method::GET, &["v1", "agents", &id.to_string()]))
+            .await
+    }
+
+    async fn delete_agent(&self, id: AgentId) -> Result<()> {
+        self.call_empty(self.request(Method::DELETE, &["v1", "agents", &id.to_string()]))
+            .await
+    }
+
+    async fn state_get(&self, agent: AgentId, key: String) -> Result<StateEntry> {
+        self.call(self.request(Method::GET, &["v1", "agents", &agent.to_string(), "state", &key]))
+            .await
+    }
+
+    async fn state_set(&self, agent: AgentId, key: String, req: SetState) -> Result<StateEntry> {
+        self.call(
+            self.request(Method::PUT, &["v1", "agents", &agent.to_string(), "state", &key])
+                .json(&req),
+        )
+        .await
+    }
+
+    async fn state_delete(&self, agent: AgentId, key: String, if_version: Option<u64>) -> Result<()> {
+        let segments = ["v1", "agents", &agent.to_string(), "state", &key];
+        self.call_empty(self.with_query(Method::DELETE, &segments, &DeleteState { if_version }))
+            .await
+    }
+
+    async fn state_list(&self, agent: AgentId, req: ListState) -> Result<StatePage> {
+        self.call(self.with_query(Method::GET, &["v1", "agents", &agent.to_string(), "state"], &req))
+            .await
+    }
+
+    async fn status(&self) -> Result<Status> {
+        self.call(self.request(Method::GET, &["v1", "status"])).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_with_slashes_stay_one_segment() {
+        let client = Client::new("http://127.0.0.1:7878/", "k").unwrap();
+        let url = client.url(&["v1", "agents", "x", "state", "notes/a b?"]);
+        assert_eq!(url.path(), "/v1/agents/x/state/notes%2Fa%20b%3F");
+    }
+
+    #[test]
+    fn bad_urls_are_refused_up_front() {
+        for bad in ["", "localhost:7878", "ftp://x", "http://"] {
+            assert_eq!(
+                Client::new(bad, "k").unwrap_err().code,
+                ErrorCode::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_kernel_is_one_clear_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::new(&format!("http://127.0.0.1:{port}"), "k").unwrap();
+        let err = client.status().await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable);
+        assert!(err.message.contains(&format!("127.0.0.1:{port}")), "{}", err.message);
+    }
+}

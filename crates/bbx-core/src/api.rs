@@ -6,9 +6,7 @@
 
 use crate::error::Result;
 use crate::ids::AgentId;
-use crate::model::{
-    Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status,
-};
+use crate::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
 use std::future::Future;
 
 pub trait AgentApi: Send + Sync + 'static {
@@ -16,27 +14,14 @@ pub trait AgentApi: Send + Sync + 'static {
     fn list_agents(&self, req: ListAgents) -> impl Future<Output = Result<AgentPage>> + Send;
     fn get_agent(&self, id: AgentId) -> impl Future<Output = Result<Agent>> + Send;
     fn delete_agent(&self, id: AgentId) -> impl Future<Output = Result<()>> + Send;
-    fn state_get(
-        &self,
-        agent: AgentId,
-        key: String,
-    ) -> impl Future<Output = Result<StateEntry>> + Send;
-    fn state_set(
-        &self,
-        agent: AgentId,
-        key: String,
-        req: SetState,
-    ) -> impl Future<Output = Result<StateEntry>> + Send;
+    fn state_get(&self, agent: AgentId, key: String) -> impl Future<Output = Result<StateEntry>> + Send;
+    fn state_set(&self, agent: AgentId, key: String, req: SetState) -> impl Future<Output = Result<StateEntry>> + Send;
     fn state_delete(
         &self,
         agent: AgentId,
         key: String,
         if_version: Option<u64>,
     ) -> impl Future<Output = Result<()>> + Send;
-    fn state_list(
-        &self,
-        agent: AgentId,
-        req: ListState,
-    ) -> impl Future<Output = Result<StatePage>> + Send;
+    fn state_list(&self, agent: AgentId, req: ListState) -> impl Future<Output = Result<StatePage>> + Send;
     fn status(&self) -> impl Future<Output = Result<Status>> + Send;
 }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_COMMIT_MAX_BATCH: usize = 4096;
+/// The storage engine reports every flush at info; that is noise to an operator.
+pub const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
 
 /// The effective configuration of a kernel.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -53,15 +55,9 @@ pub struct ConfigOverrides {
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::invalid_field(
-                "config",
-                format!("cannot read config file {}: {e}", path.display()),
-            )
-        })?;
-        Self::parse(&text).map_err(|e| {
-            Error::invalid_field("config", format!("{}: {}", path.display(), e.message))
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::invalid_field("config", format!("cannot read config file {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| Error::invalid_field("config", format!("{}: {}", path.display(), e.message)))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
@@ -72,15 +68,11 @@ impl ConfigFile {
 impl KernelConfig {
     pub fn resolve(file: ConfigFile, over: ConfigOverrides) -> Result<Self> {
         let config = Self {
-            listen: over.listen.or(file.listen).unwrap_or_else(|| {
-                DEFAULT_LISTEN
-                    .parse()
-                    .expect("default listen address parses")
-            }),
-            data_dir: over
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(default_data_dir),
+            listen: over
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen address parses")),
+            data_dir: over.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir),
             max_body_bytes: over
                 .max_body_bytes
                 .or(file.max_body_bytes)
@@ -89,7 +81,13 @@ impl KernelConfig {
                 .commit_max_batch
                 .or(file.commit_max_batch)
                 .unwrap_or(DEFAULT_COMMIT_MAX_BATCH),
-            log: over.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
+            log: over.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+        };
+        let config = Self {
+            data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
+                Error::invalid_field("data_dir", format!("cannot resolve {}: {e}", config.data_dir.display()))
+            })?,
+            ..config
         };
         if config.max_body_bytes < 1024 {
             return Err(Error::invalid_field(
@@ -115,11 +113,7 @@ impl KernelConfig {
 /// `$XDG_DATA_HOME/bbx`, else `~/.local/share/bbx`, else `./bbx-data`: the same place
 /// for the daemon and for a CLI that looks for the admin key, whatever the cwd.
 pub fn default_data_dir() -> PathBuf {
-    let non_empty = |var| {
-        std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let non_empty = |var| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(xdg) = non_empty("XDG_DATA_HOME") {
         xdg.join("bbx")
     } else if let Some(home) = non_empty("HOME") {
@@ -135,8 +129,7 @@ mod tests {
 
     #[test]
     fn overrides_beat_file_beats_default() {
-        let file =
-            ConfigFile::parse("listen = \"127.0.0.1:9000\"\nmax_body_bytes = 4096\n").unwrap();
+        let file = ConfigFile::parse("listen = \"127.0.0.1:9000\"\nmax_body_bytes = 4096\n").unwrap();
         let over = ConfigOverrides {
             listen: Some("127.0.0.1:9100".parse().unwrap()),
             ..Default::default()
@@ -160,8 +153,7 @@ mod tests {
 
     #[test]
     fn default_listens_on_loopback() {
-        let config =
-            KernelConfig::resolve(ConfigFile::default(), ConfigOverrides::default()).unwrap();
+        let config = KernelConfig::resolve(ConfigFile::default(), ConfigOverrides::default()).unwrap();
         assert!(config.listen.ip().is_loopback());
         assert!(
             KernelConfig::resolve(

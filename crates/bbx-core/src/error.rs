@@ -111,8 +111,7 @@ impl Error {
 
     /// A field whose value is unacceptable; `details.field` names it.
     pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::InvalidArgument, message)
-            .with_details(serde_json::json!({ "field": field }))
+        Self::new(ErrorCode::InvalidArgument, message).with_details(serde_json::json!({ "field": field }))
     }
 
     pub fn not_found(kind: &str, id: impl std::fmt::Display) -> Self {
@@ -122,8 +121,7 @@ impl Error {
     }
 
     pub fn unauthenticated(reason: &str, message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Unauthenticated, message)
-            .with_details(serde_json::json!({ "reason": reason }))
+        Self::new(ErrorCode::Unauthenticated, message).with_details(serde_json::json!({ "reason": reason }))
     }
 
     pub fn permission_denied(message: impl Into<String>) -> Self {

@@ -36,18 +36,13 @@ pub fn labels(labels: &BTreeMap<String, String>) -> Result<()> {
     if labels.len() > MAX_LABELS {
         return Err(Error::invalid_field(
             "labels",
-            format!(
-                "at most {MAX_LABELS} labels are allowed, got {}",
-                labels.len()
-            ),
+            format!("at most {MAX_LABELS} labels are allowed, got {}", labels.len()),
         ));
     }
     for (key, value) in labels {
         if key.is_empty()
             || key.len() > MAX_LABEL_KEY_BYTES
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
         {
             return Err(Error::invalid_field(
                 "labels",
@@ -75,20 +70,14 @@ pub fn label_selector(selector: &str) -> Result<(String, String)> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(Error::invalid_field(
             "label",
-            format!(
-                "label selector {:?} must look like key=value",
-                truncate(selector)
-            ),
+            format!("label selector {:?} must look like key=value", truncate(selector)),
         )),
     }
 }
 
 fn printable(field: &str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() {
-        return Err(Error::invalid_field(
-            field,
-            format!("{field} must not be empty"),
-        ));
+        return Err(Error::invalid_field(field, format!("{field} must not be empty")));
     }
     if value.len() > max {
         return Err(Error::invalid_field(
@@ -116,10 +105,7 @@ fn slug(field: &str, value: &str, max: usize) -> Result<()> {
     } else {
         Err(Error::invalid_field(
             field,
-            format!(
-                "{field} {:?} must be 1-{max} characters of [a-z0-9-_]",
-                truncate(value)
-            ),
+            format!("{field} {:?} must be 1-{max} characters of [a-z0-9-_]", truncate(value)),
         ))
     }
 }
@@ -153,14 +139,8 @@ mod tests {
 
     #[test]
     fn selectors_need_a_key() {
-        assert_eq!(
-            label_selector("team=ml").unwrap(),
-            ("team".into(), "ml".into())
-        );
-        assert_eq!(
-            label_selector("team=").unwrap(),
-            ("team".into(), String::new())
-        );
+        assert_eq!(label_selector("team=ml").unwrap(), ("team".into(), "ml".into()));
+        assert_eq!(label_selector("team=").unwrap(), ("team".into(), String::new()));
         assert!(label_selector("=x").is_err());
         assert!(label_selector("team").is_err());
     }

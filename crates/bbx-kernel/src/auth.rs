@@ -118,10 +118,7 @@ impl KeyRing {
             return Err(invalid());
         }
         if stored.info.revoked_at.is_some() {
-            return Err(Error::unauthenticated(
-                "revoked",
-                "the API key has been revoked",
-            ));
+            return Err(Error::unauthenticated("revoked", "the API key has been revoked"));
         }
         Ok(Caller {
             key_id: id,
@@ -160,13 +157,7 @@ mod tests {
             ring.verify(&tampered).unwrap_err().details.unwrap()["reason"],
             "invalid"
         );
-        for junk in [
-            "",
-            "bbx_",
-            "Bearer x",
-            "bbx_zz_zz",
-            &token[..token.len() - 1],
-        ] {
+        for junk in ["", "bbx_", "Bearer x", "bbx_zz_zz", &token[..token.len() - 1]] {
             assert!(ring.verify(junk).is_err(), "{junk:?}");
         }
     }
@@ -177,10 +168,7 @@ mod tests {
         let (token, mut stored) = mint(info(None));
         stored.info.revoked_at = Some(chrono::Utc::now());
         ring.insert(stored);
-        assert_eq!(
-            ring.verify(&token).unwrap_err().details.unwrap()["reason"],
-            "revoked"
-        );
+        assert_eq!(ring.verify(&token).unwrap_err().details.unwrap()["reason"], "revoked");
     }
 
     #[test]

@@ -21,9 +21,8 @@ pub use store::StoreMetrics;
 use auth::{KeyRing, StoredKey};
 use bbx_core::config::KernelConfig;
 use bbx_core::model::{
-    Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey,
-    DEFAULT_TENANT, ListAgents, ListState, SetState, StateEntry, StatePage, Status, StorageStatus,
-    page_limit,
+    Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DEFAULT_TENANT, ListAgents,
+    ListState, SetState, StateEntry, StatePage, Status, StorageStatus, page_limit,
 };
 use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, Result, validate};
 use chrono::Utc;
@@ -61,9 +60,7 @@ impl Kernel {
         let store = Store::open(&config.data_dir.join("db"), config.commit_max_batch)?;
         let keys = KeyRing::default();
         for item in store.ks.api_keys.iter() {
-            let (_, value) = item
-                .into_inner()
-                .map_err(|e| storage_error("load API keys", e))?;
+            let (_, value) = item.into_inner().map_err(|e| storage_error("load API keys", e))?;
             let stored: StoredKey = serde_json::from_slice(&value)
                 .map_err(|e| Error::internal(format!("stored API key is unreadable: {e}")))?;
             keys.insert(stored);
@@ -189,19 +186,13 @@ impl Kernel {
             }
             (None, own) => own.clone(),
         };
-        let label = req
-            .label
+        let label = req.label.as_deref().map(validate::label_selector).transpose()?;
+        let after: Option<AgentId> = req
+            .cursor
             .as_deref()
-            .map(validate::label_selector)
-            .transpose()?;
-        let after: Option<AgentId> =
-            req.cursor
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|_: Error| {
-                    Error::invalid_field("cursor", "cursor is not one this API returned")
-                })?;
+            .map(str::parse)
+            .transpose()
+            .map_err(|_: Error| Error::invalid_field("cursor", "cursor is not one this API returned"))?;
 
         let ids: Box<dyn Iterator<Item = Result<AgentId>>> = match &tenant {
             Some(tenant) => {
@@ -213,9 +204,7 @@ impl Kernel {
                 let end = Bound::Excluded(format!("{tenant}\u{1}").into_bytes());
                 Box::new(self.store.ks.tenants.range((start, end)).map(|item| {
                     let key = item.key().map_err(|e| storage_error("scan agents", e))?;
-                    let id: [u8; 16] = key[key.len() - 16..]
-                        .try_into()
-                        .expect("index keys end in an id");
+                    let id: [u8; 16] = key[key.len() - 16..].try_into().expect("index keys end in an id");
                     Ok(AgentId::from_bytes(id))
                 }))
             }
@@ -268,10 +257,7 @@ impl Kernel {
             agents.truncate(limit);
             agents[limit - 1].id.to_string()
         });
-        Ok(AgentPage {
-            agents,
-            next_cursor,
-        })
+        Ok(AgentPage { agents, next_cursor })
     }
 
     pub fn state_get(&self, caller: &Caller, agent: &AgentId, key: &str) -> Result<StateEntry> {
@@ -287,16 +273,9 @@ impl Kernel {
         decode_entry(key.to_owned(), &bytes)
     }
 
-    pub async fn state_set(
-        &self,
-        caller: &Caller,
-        agent: &AgentId,
-        key: String,
-        req: SetState,
-    ) -> Result<StateEntry> {
+    pub async fn state_set(&self, caller: &Caller, agent: &AgentId, key: String, req: SetState) -> Result<StateEntry> {
         validate::state_key(&key)?;
-        let json = serde_json::to_vec(&req.value)
-            .map_err(|e| Error::invalid_field("value", e.to_string()))?;
+        let json = serde_json::to_vec(&req.value).map_err(|e| Error::invalid_field("value", e.to_string()))?;
         if json.len() > self.config.max_body_bytes {
             return Err(Error::new(
                 ErrorCode::PayloadTooLarge,
@@ -346,12 +325,7 @@ impl Kernel {
             .map(drop)
     }
 
-    pub fn state_list(
-        &self,
-        caller: &Caller,
-        agent: &AgentId,
-        req: ListState,
-    ) -> Result<StatePage> {
+    pub fn state_list(&self, caller: &Caller, agent: &AgentId, req: ListState) -> Result<StatePage> {
         let limit = page_limit(req.limit)?;
         self.load_agent(caller, agent)?;
         let prefix = store::state_key(agent, req.prefix.as_deref().unwrap_or(""));
@@ -360,28 +334,18 @@ impl Kernel {
                 let after = hex::decode(cursor)
                     .ok()
                     .and_then(|bytes| String::from_utf8(bytes).ok())
-                    .ok_or_else(|| {
-                        Error::invalid_field("cursor", "cursor is not one this API returned")
-                    })?;
+                    .ok_or_else(|| Error::invalid_field("cursor", "cursor is not one this API returned"))?;
                 Bound::Excluded(store::state_key(agent, &after))
             }
             None => Bound::Included(prefix.clone()),
         };
         let mut entries = Vec::with_capacity(limit.min(128) + 1);
-        for item in self
-            .store
-            .ks
-            .state
-            .range((start, Bound::<Vec<u8>>::Unbounded))
-        {
-            let (raw_key, value) = item
-                .into_inner()
-                .map_err(|e| storage_error("scan state", e))?;
+        for item in self.store.ks.state.range((start, Bound::<Vec<u8>>::Unbounded)) {
+            let (raw_key, value) = item.into_inner().map_err(|e| storage_error("scan state", e))?;
             if !raw_key.starts_with(&prefix) {
                 break;
             }
-            let key = String::from_utf8(raw_key[16..].to_vec())
-                .map_err(|_| Error::internal("corrupt state key"))?;
+            let key = String::from_utf8(raw_key[16..].to_vec()).map_err(|_| Error::internal("corrupt state key"))?;
             entries.push(decode_entry(key, &value)?);
             if entries.len() > limit {
                 break;
@@ -391,10 +355,7 @@ impl Kernel {
             entries.truncate(limit);
             hex::encode(entries[limit - 1].key.as_bytes())
         });
-        Ok(StatePage {
-            entries,
-            next_cursor,
-        })
+        Ok(StatePage { entries, next_cursor })
     }
 
     pub fn status(&self) -> Result<Status> {
@@ -440,10 +401,7 @@ impl Kernel {
     /// Revokes a key; revoking a revoked key is a no-op that returns it unchanged.
     pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
         caller.require_admin("revoke API keys")?;
-        let mut stored = self
-            .keys
-            .get(id)
-            .ok_or_else(|| Error::not_found("API key", id))?;
+        let mut stored = self.keys.get(id).ok_or_else(|| Error::not_found("API key", id))?;
         if stored.info.revoked_at.is_none() {
             stored.info.revoked_at = Some(Utc::now());
             self.store.write(Write::PutKey(stored.clone())).await?;
@@ -458,8 +416,8 @@ fn decode_entry(key: String, bytes: &[u8]) -> Result<StateEntry> {
         return Err(Error::internal("corrupt state value"));
     }
     let (version, updated_at, json) = decode_state_header(bytes);
-    let value = serde_json::from_slice(json)
-        .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
+    let value =
+        serde_json::from_slice(json).map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
     Ok(StateEntry {
         key,
         value,
@@ -470,19 +428,11 @@ fn decode_entry(key: String, bytes: &[u8]) -> Result<StateEntry> {
 
 fn create_private_dir(dir: &Path) -> Result<()> {
     let existed = dir.exists();
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::internal(format!(
-            "cannot create data directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::internal(format!("cannot create data directory {}: {e}", dir.display())))?;
     if !existed {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            Error::internal(format!(
-                "cannot restrict data directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::internal(format!("cannot restrict data directory {}: {e}", dir.display())))?;
     }
     Ok(())
 }
@@ -538,15 +488,8 @@ impl AgentApi for Session {
     async fn state_set(&self, agent: AgentId, key: String, req: SetState) -> Result<StateEntry> {
         self.kernel.state_set(&self.caller, &agent, key, req).await
     }
-    async fn state_delete(
-        &self,
-        agent: AgentId,
-        key: String,
-        if_version: Option<u64>,
-    ) -> Result<()> {
-        self.kernel
-            .state_delete(&self.caller, &agent, key, if_version)
-            .await
+    async fn state_delete(&self, agent: AgentId, key: String, if_version: Option<u64>) -> Result<()> {
+        self.kernel.state_delete(&self.caller, &agent, key, if_version).await
     }
     async fn state_list(&self, agent: AgentId, req: ListState) -> Result<StatePage> {
         self.kernel.state_list(&self.caller, &agent, req)

@@ -234,9 +234,9 @@ impl Committer {
     fn commit_group(&self, group: &mut Vec<Request>) {
         if self.failed.load(Ordering::Acquire) {
             for request in group.drain(..) {
-                let _ = request.reply.send(Err(Error::unavailable(
-                    "storage failed earlier; restart the kernel",
-                )));
+                let _ = request
+                    .reply
+                    .send(Err(Error::unavailable("storage failed earlier; restart the kernel")));
             }
             return;
         }
@@ -250,9 +250,7 @@ impl Committer {
             self.failed.store(true, Ordering::Release);
         } else if wrote {
             self.metrics.syncs.inc();
-            self.metrics
-                .sync_seconds
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.group_size.observe(group.len() as f64);
         }
         for (request, outcome) in group.drain(..).zip(outcomes) {
@@ -304,10 +302,7 @@ impl<'a> GroupTx<'a> {
         if let Some(staged) = self.staged.get(&(index, key.to_vec())) {
             return Ok(staged.clone());
         }
-        let value = self
-            .keyspace(index)
-            .get(key)
-            .map_err(|e| storage_error("read", e))?;
+        let value = self.keyspace(index).get(key).map_err(|e| storage_error("read", e))?;
         Ok(value.map(|v| v.to_vec()))
     }
 
@@ -327,10 +322,7 @@ impl<'a> GroupTx<'a> {
     }
 
     fn adjust_agent_count(&mut self, delta: i64) -> Result<()> {
-        let current = self
-            .read(META, AGENT_COUNT)?
-            .map(|v| decode_u64(&v))
-            .unwrap_or(0);
+        let current = self.read(META, AGENT_COUNT)?.map(|v| decode_u64(&v)).unwrap_or(0);
         let next = current.saturating_add_signed(delta);
         self.put(META, AGENT_COUNT.to_vec(), next.to_be_bytes().to_vec());
         Ok(())
@@ -341,11 +333,7 @@ impl<'a> GroupTx<'a> {
             Write::CreateAgent(agent) => {
                 let json = serde_json::to_vec(agent).map_err(|e| Error::internal(e.to_string()))?;
                 self.put(AGENTS, agent.id.as_bytes().to_vec(), json);
-                self.put(
-                    TENANTS,
-                    tenant_index_key(&agent.tenant, &agent.id),
-                    Vec::new(),
-                );
+                self.put(TENANTS, tenant_index_key(&agent.tenant, &agent.id), Vec::new());
                 self.adjust_agent_count(1)?;
                 Ok(Applied::Done)
             }
@@ -354,11 +342,7 @@ impl<'a> GroupTx<'a> {
                 let prefix = id.as_bytes().to_vec();
                 let mut keys: Vec<Vec<u8>> = Vec::new();
                 for item in self.ks.state.prefix(&prefix) {
-                    keys.push(
-                        item.key()
-                            .map_err(|e| storage_error("scan state", e))?
-                            .to_vec(),
-                    );
+                    keys.push(item.key().map_err(|e| storage_error("scan state", e))?.to_vec());
                 }
                 keys.extend(
                     self.staged
@@ -392,17 +376,10 @@ impl<'a> GroupTx<'a> {
                 self.put(STATE, storage_key, encode_state(version, *at, value));
                 Ok(Applied::Version(version))
             }
-            Write::DeleteState {
-                agent,
-                key,
-                if_version,
-            } => {
+            Write::DeleteState { agent, key, if_version } => {
                 self.load_agent(agent)?;
                 let storage_key = state_key(agent, key);
-                let Some(current) = self
-                    .read(STATE, &storage_key)?
-                    .map(|v| decode_state_header(&v).0)
-                else {
+                let Some(current) = self.read(STATE, &storage_key)?.map(|v| decode_state_header(&v).0) else {
                     return Err(Error::not_found("state key", key));
                 };
                 check_version(key, *if_version, current)?;
@@ -410,8 +387,7 @@ impl<'a> GroupTx<'a> {
                 Ok(Applied::Done)
             }
             Write::PutKey(stored) => {
-                let json =
-                    serde_json::to_vec(stored).map_err(|e| Error::internal(e.to_string()))?;
+                let json = serde_json::to_vec(stored).map_err(|e| Error::internal(e.to_string()))?;
                 self.put(API_KEYS, stored.info.id.as_bytes().to_vec(), json);
                 Ok(Applied::Done)
             }
@@ -489,8 +465,7 @@ pub(crate) fn decode_state_header(bytes: &[u8]) -> (u64, DateTime<Utc>, &[u8]) {
 }
 
 pub(crate) fn decode_agent(bytes: &[u8]) -> Result<Agent> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::internal(format!("stored agent is unreadable: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored agent is unreadable: {e}")))
 }
 
 fn decode_u64(bytes: &[u8]) -> u64 {

@@ -37,22 +37,13 @@ async fn agents_and_state_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (kernel, api) = open(dir.path()).await;
     let first_key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
-    let mode = std::fs::metadata(dir.path().join("admin.key"))
-        .unwrap()
-        .permissions();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-        0o600
-    );
+    let mode = std::fs::metadata(dir.path().join("admin.key")).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
 
     let a = api.create_agent(agent("planner")).await.unwrap();
-    api.state_set(
-        a.id,
-        "plan/step".into(),
-        set(json!({"n": 1, "items": [1, 2]}), None),
-    )
-    .await
-    .unwrap();
+    api.state_set(a.id, "plan/step".into(), set(json!({"n": 1, "items": [1, 2]}), None))
+        .await
+        .unwrap();
     kernel.shutdown().await;
     drop((kernel, api));
 
@@ -75,19 +66,14 @@ async fn concurrent_cas_has_exactly_one_winner_per_version() {
     let dir = tempfile::tempdir().unwrap();
     let (kernel, api) = open(dir.path()).await;
     let a = api.create_agent(agent("counter")).await.unwrap();
-    api.state_set(a.id, "n".into(), set(json!(0), Some(0)))
-        .await
-        .unwrap();
+    api.state_set(a.id, "n".into(), set(json!(0), Some(0))).await.unwrap();
 
     // 100 clients race to move version 1 to version 2; then again from 2 to 3.
     for round in 1..=2u64 {
         let tasks: Vec<_> = (0..100)
             .map(|i| {
                 let api = api.clone();
-                tokio::spawn(async move {
-                    api.state_set(a.id, "n".into(), set(json!(i), Some(round)))
-                        .await
-                })
+                tokio::spawn(async move { api.state_set(a.id, "n".into(), set(json!(i), Some(round))).await })
             })
             .collect();
         let mut wins = 0;
@@ -128,27 +114,15 @@ async fn deleting_an_agent_deletes_its_state_and_only_its_state() {
         .unwrap();
     api.delete_agent(doomed.id).await.unwrap();
 
+    assert_eq!(api.get_agent(doomed.id).await.unwrap_err().code, ErrorCode::NotFound);
     assert_eq!(
-        api.get_agent(doomed.id).await.unwrap_err().code,
+        api.state_get(doomed.id, "k0".into()).await.unwrap_err().code,
         ErrorCode::NotFound
     );
-    assert_eq!(
-        api.state_get(doomed.id, "k0".into())
-            .await
-            .unwrap_err()
-            .code,
-        ErrorCode::NotFound
-    );
-    assert_eq!(
-        api.state_get(kept.id, "k0".into()).await.unwrap().value,
-        json!("mine")
-    );
+    assert_eq!(api.state_get(kept.id, "k0".into()).await.unwrap().value, json!("mine"));
     assert_eq!(kernel.status().unwrap().agents, 1);
     // A new agent never sees the old one's keys, and a second delete is a 404.
-    assert_eq!(
-        api.delete_agent(doomed.id).await.unwrap_err().code,
-        ErrorCode::NotFound
-    );
+    assert_eq!(api.delete_agent(doomed.id).await.unwrap_err().code, ErrorCode::NotFound);
     kernel.shutdown().await;
 }
 
@@ -158,10 +132,7 @@ async fn listing_pages_and_filters() {
     let (kernel, api) = open(dir.path()).await;
     let mut made = Vec::new();
     for i in 0..7 {
-        let labels = BTreeMap::from([(
-            "team".to_string(),
-            if i % 2 == 0 { "ml" } else { "ops" }.to_string(),
-        )]);
+        let labels = BTreeMap::from([("team".to_string(), if i % 2 == 0 { "ml" } else { "ops" }.to_string())]);
         let tenant = if i < 5 { "acme" } else { "globex" };
         let req = CreateAgent {
             name: format!("a{i}"),
@@ -197,10 +168,7 @@ async fn listing_pages_and_filters() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        acme.agents.iter().map(|a| a.id).collect::<Vec<_>>(),
-        made[..2]
-    );
+    assert_eq!(acme.agents.iter().map(|a| a.id).collect::<Vec<_>>(), made[..2]);
     let rest = api
         .list_agents(ListAgents {
             tenant: Some("acme".into()),
@@ -209,10 +177,7 @@ async fn listing_pages_and_filters() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        rest.agents.iter().map(|a| a.id).collect::<Vec<_>>(),
-        made[2..5]
-    );
+    assert_eq!(rest.agents.iter().map(|a| a.id).collect::<Vec<_>>(), made[2..5]);
     assert!(rest.next_cursor.is_none());
 
     let ml = api
@@ -242,9 +207,7 @@ async fn listing_pages_and_filters() {
 
     let a = made[0];
     for key in ["notes/b", "notes/a", "notes/c", "other", "notes"] {
-        api.state_set(a, key.into(), set(json!(key), None))
-            .await
-            .unwrap();
+        api.state_set(a, key.into(), set(json!(key), None)).await.unwrap();
     }
     let page = api
         .state_list(
@@ -258,10 +221,7 @@ async fn listing_pages_and_filters() {
         .await
         .unwrap();
     assert_eq!(
-        page.entries
-            .iter()
-            .map(|e| e.key.as_str())
-            .collect::<Vec<_>>(),
+        page.entries.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
         ["notes/a", "notes/b"]
     );
     let page = api
@@ -276,10 +236,7 @@ async fn listing_pages_and_filters() {
         .await
         .unwrap();
     assert_eq!(
-        page.entries
-            .iter()
-            .map(|e| e.key.as_str())
-            .collect::<Vec<_>>(),
+        page.entries.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
         ["notes/c"]
     );
     assert!(page.next_cursor.is_none());
@@ -318,27 +275,14 @@ async fn tenant_keys_are_confined_and_revoked_keys_refused() {
         ErrorCode::PermissionDenied
     );
     assert_eq!(
-        acme_api
-            .state_get(theirs.id, "k".into())
-            .await
-            .unwrap_err()
-            .code,
+        acme_api.state_get(theirs.id, "k".into()).await.unwrap_err().code,
         ErrorCode::PermissionDenied
     );
     let listed = acme_api.list_agents(ListAgents::default()).await.unwrap();
-    assert_eq!(
-        listed.agents.iter().map(|a| a.id).collect::<Vec<_>>(),
-        [mine.id]
-    );
-    assert_eq!(
-        kernel.list_keys(&acme).unwrap_err().code,
-        ErrorCode::PermissionDenied
-    );
+    assert_eq!(listed.agents.iter().map(|a| a.id).collect::<Vec<_>>(), [mine.id]);
+    assert_eq!(kernel.list_keys(&acme).unwrap_err().code, ErrorCode::PermissionDenied);
 
-    kernel
-        .revoke_key(admin.caller(), &created.info.id)
-        .await
-        .unwrap();
+    kernel.revoke_key(admin.caller(), &created.info.id).await.unwrap();
     let err = kernel.authenticate(&created.key).unwrap_err();
     assert_eq!(err.code, ErrorCode::Unauthenticated);
     assert_eq!(err.details.unwrap()["reason"], "revoked");
@@ -394,10 +338,7 @@ async fn invalid_input_changes_nothing() {
         ErrorCode::PayloadTooLarge
     );
     assert_eq!(
-        api.state_delete(a.id, "missing".into(), None)
-            .await
-            .unwrap_err()
-            .code,
+        api.state_delete(a.id, "missing".into(), None).await.unwrap_err().code,
         ErrorCode::NotFound
     );
     assert_eq!(kernel.status().unwrap().agents, 1);

@@ -1,1 +1,145 @@
-//! bbx-server
+//! The kernel's network face: the `/v1` HTTP API, `/mcp`, and the probes.
+//!
+//! `bbx-server` turns a [`bbx_kernel::Kernel`] into an axum application:
+//! - `/v1/...` — the HTTP API ([`http`]), described by `/v1/openapi.json`, which is
+//!   generated from the handlers themselves;
+//! - `/mcp` — the MCP server ([`mcp`]) over streamable HTTP;
+//! - `/healthz`, `/readyz`, `/metrics` — probes and Prometheus metrics, open to all.
+//!
+//! Everything under `/v1` and `/mcp` passes one bearer-key check, which puts the
+//! authenticated [`bbx_kernel::Caller`] on the request. Every failure, including
+//! axum's own (bad JSON, unknown route, body too large), leaves as the one error
+//! shape, `{"error": {"code", "message", "details"}}`.
+
+pub mod error;
+pub mod http;
+pub mod mcp;
+pub mod metrics;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bbx_core::{Error, ErrorCode};
+use bbx_kernel::Kernel;
+use error::ApiError;
+use metrics::HttpMetrics;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use std::future::Future;
+use std::sync::Arc;
+
+/// The whole application for `kernel`.
+pub fn app(kernel: Arc<Kernel>) -> axum::Router {
+    let metrics = Arc::new(HttpMetrics::new(&kernel));
+    let (v1, openapi) = http::router();
+    let openapi = Arc::new(openapi.to_pretty_json().expect("the OpenAPI document serializes"));
+
+    let mcp_kernel = kernel.clone();
+    let mut mcp_config = StreamableHttpServerConfig::default()
+        .with_legacy_session_mode(false)
+        .with_json_response(true)
+        .with_max_request_body_bytes(kernel.config().max_body_bytes);
+    if !kernel.config().listen.ip().is_loopback() {
+        // The Host check guards loopback servers against DNS rebinding; on a public
+        // address clients use real host names, and the bearer key is the guard.
+        mcp_config = mcp_config.disable_allowed_hosts();
+    }
+    let mcp = StreamableHttpService::new(
+        move || Ok(mcp::McpServer::new(mcp::KernelSource(mcp_kernel.clone()))),
+        Arc::new(LocalSessionManager::default()),
+        mcp_config,
+    );
+
+    let authenticated = v1
+        .route(
+            "/v1/openapi.json",
+            get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    openapi.as_str().to_owned(),
+                )
+            }),
+        )
+        .nest_service("/mcp", mcp)
+        .layer(middleware::from_fn_with_state(kernel.clone(), require_key));
+
+    let max_body = kernel.config().max_body_bytes;
+    axum::Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics).with_state(metrics.clone()))
+        .merge(authenticated)
+        .fallback(|| async { ApiError(Error::new(ErrorCode::NotFound, "no such route")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(Error::new(
+                ErrorCode::MethodNotAllowed,
+                "this route does not accept that method",
+            ))
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(metrics, metrics::track))
+        .with_state(kernel)
+}
+
+/// Serves `app(kernel)` on `listener` until `shutdown` resolves, then lets requests
+/// in flight finish and commits every queued write before returning.
+pub async fn serve(
+    kernel: Arc<Kernel>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let result = axum::serve(listener, app(kernel.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    kernel.shutdown().await;
+    result
+}
+
+async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, next: Next) -> Response {
+    let header = request.headers().get(header::AUTHORIZATION);
+    let token = match header {
+        None => Err(Error::unauthenticated(
+            "missing",
+            "send the API key as Authorization: Bearer <key>",
+        )),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or_else(|| Error::unauthenticated("invalid", "the Authorization header must be Bearer <key>")),
+    };
+    match token.and_then(|token| kernel.authenticate(token)) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+async fn readyz(State(kernel): State<Arc<Kernel>>) -> Response {
+    if kernel.is_ready() {
+        axum::Json(serde_json::json!({ "status": "ready" })).into_response()
+    } else {
+        ApiError(Error::unavailable("the kernel is shutting down or its storage failed")).into_response()
+    }
+}
+
+async fn render_metrics(State(metrics): State<Arc<HttpMetrics>>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response()
+}

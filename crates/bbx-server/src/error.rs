@@ -1,0 +1,82 @@
+//! Turning every failure, including axum's own rejections, into the one error shape.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bbx_core::{Error, ErrorCode};
+
+/// An [`Error`] on its way out as `{"error": {...}}` with the status its code fits.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let unauthenticated = self.0.code == ErrorCode::Unauthenticated;
+        let mut response = (status, axum::Json(self.0.into_body())).into_response();
+        if unauthenticated {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let text = rejection.body_text();
+        Self(match rejection {
+            JsonRejection::JsonSyntaxError(_) => Error::malformed(format!("the body is not valid JSON: {text}")),
+            JsonRejection::JsonDataError(_) => Error::new(ErrorCode::InvalidArgument, text),
+            JsonRejection::MissingJsonContentType(_) => Error::new(
+                ErrorCode::UnsupportedMediaType,
+                "the body must be JSON, sent with Content-Type: application/json",
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Error::new(
+                ErrorCode::PayloadTooLarge,
+                "the request body is larger than the kernel accepts",
+            ),
+            _ => Error::malformed(text),
+        })
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self(Error::new(ErrorCode::InvalidArgument, rejection.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self(Error::malformed(rejection.body_text()))
+    }
+}
+
+/// `Json<T>` whose rejections use the API's error shape.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `Query<T>` whose rejections use the API's error shape.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// `Path<T>` whose rejections use the API's error shape.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);

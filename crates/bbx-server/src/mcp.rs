@@ -1,0 +1,310 @@
+//! The MCP server: BBX's agent API as tools a model can call.
+//!
+//! One tool set, two transports. Inside the kernel it is mounted at `/mcp` as
+//! streamable HTTP, behind the same bearer-key check as `/v1`, and each call acts as
+//! the key that authenticated its HTTP request. `bbx mcp` serves the same tools over
+//! stdio, backed by a remote kernel through `bbx-client`. What differs is only the
+//! [`ApiSource`]: where a call gets the [`AgentApi`] it runs against.
+//!
+//! A kernel error comes back as a tool result with `isError: true` whose structured
+//! content is the usual `{"error": {"code", "message", "details"}}`, so a model can
+//! read what went wrong; malformed arguments do the same (rmcp reports them as tool
+//! errors); an unknown tool is a JSON-RPC error.
+
+use bbx_core::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
+use bbx_core::{AgentApi, AgentId, Error};
+use bbx_kernel::{Caller, Kernel};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, Extensions, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::service::RequestContext;
+use rmcp::{Json, RoleServer, ServerHandler, tool, tool_handler, tool_router};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Where a tool call finds the API to act on.
+pub trait ApiSource: Clone + Send + Sync + 'static {
+    type Api: AgentApi;
+    fn api(&self, extensions: &Extensions) -> Result<Self::Api, Error>;
+}
+
+/// Inside the kernel: act as the caller the HTTP auth layer put on the request.
+#[derive(Clone)]
+pub struct KernelSource(pub Arc<Kernel>);
+
+impl ApiSource for KernelSource {
+    type Api = bbx_kernel::Session;
+
+    fn api(&self, extensions: &Extensions) -> Result<Self::Api, Error> {
+        let caller = extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Caller>())
+            .ok_or_else(|| Error::unauthenticated("missing", "the MCP request carried no authenticated key"))?;
+        Ok(self.0.session(caller.clone()))
+    }
+}
+
+/// One fixed API for every call, e.g. a client of a remote kernel in `bbx mcp`.
+#[derive(Clone)]
+pub struct FixedApi<A>(pub A);
+
+impl<A: AgentApi + Clone> ApiSource for FixedApi<A> {
+    type Api = A;
+
+    fn api(&self, _: &Extensions) -> Result<A, Error> {
+        Ok(self.0.clone())
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCreateArgs {
+    /// Human-readable name for the agent, 1-256 characters, e.g. "research-assistant".
+    pub name: String,
+    /// Tenant that owns the agent: lowercase letters, digits, '-' and '_'. Omit for the default tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Optional labels to find the agent by later, e.g. {"team": "ml"}.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentListArgs {
+    /// Only agents of this tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Only agents with this label, written "key=value".
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Page size, 1-1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The next_cursor from the previous page, to continue listing.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateKeyArgs {
+    /// The agent's id, as returned by agent_create.
+    pub agent_id: String,
+    /// The state key, e.g. "plan/current". Any printable text up to 512 bytes.
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateSetArgs {
+    /// The agent's id, as returned by agent_create.
+    pub agent_id: String,
+    /// The state key, e.g. "plan/current". Any printable text up to 512 bytes.
+    pub key: String,
+    /// The JSON value to store: object, array, string, number, boolean or null.
+    pub value: Value,
+    /// Compare-and-swap: only write if the key's current version is this (0 = only if absent).
+    #[serde(default)]
+    pub if_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateDeleteArgs {
+    /// The agent's id, as returned by agent_create.
+    pub agent_id: String,
+    /// The state key to delete.
+    pub key: String,
+    /// Only delete if the key's current version is this.
+    #[serde(default)]
+    pub if_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateListArgs {
+    /// The agent's id, as returned by agent_create.
+    pub agent_id: String,
+    /// Only keys that start with this prefix, e.g. "plan/".
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Page size, 1-1000 (default 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The next_cursor from the previous page, to continue listing.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Deleted {
+    /// Always true: the key existed and is gone.
+    pub deleted: bool,
+}
+
+type ToolResult<T> = Result<Json<T>, CallToolResult>;
+
+fn tool_error(error: Error) -> CallToolResult {
+    CallToolResult::structured_error(serde_json::to_value(error.into_body()).unwrap_or(Value::Null))
+}
+
+fn answer<T>(result: Result<T, Error>) -> ToolResult<T> {
+    result.map(Json).map_err(tool_error)
+}
+
+#[derive(Clone)]
+pub struct McpServer<S: ApiSource> {
+    source: S,
+    tool_router: ToolRouter<Self>,
+}
+
+impl<S: ApiSource> McpServer<S> {
+    pub fn new(source: S) -> Self {
+        Self {
+            source,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    fn api(&self, ctx: &RequestContext<RoleServer>) -> Result<S::Api, CallToolResult> {
+        self.source.api(&ctx.extensions).map_err(tool_error)
+    }
+}
+
+fn agent_id(raw: &str) -> Result<AgentId, CallToolResult> {
+    raw.parse().map_err(tool_error)
+}
+
+#[tool_router]
+impl<S: ApiSource> McpServer<S> {
+    #[tool(
+        description = "Create a new agent in BBX and return it. The returned `id` is how every other tool \
+        refers to this agent; keep it. Each agent gets its own durable key/value state store."
+    )]
+    async fn agent_create(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<AgentCreateArgs>,
+    ) -> ToolResult<Agent> {
+        let api = self.api(&ctx)?;
+        answer(
+            api.create_agent(CreateAgent {
+                name: args.name,
+                tenant: args.tenant,
+                labels: args.labels,
+            })
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "List agents, oldest first, optionally filtered by tenant or by a label (\"key=value\"). \
+        Returns one page; if `next_cursor` is present, call again with it as `cursor` for the next page."
+    )]
+    async fn agent_list(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<AgentListArgs>,
+    ) -> ToolResult<AgentPage> {
+        let api = self.api(&ctx)?;
+        let req = ListAgents {
+            tenant: args.tenant,
+            label: args.label,
+            limit: args.limit,
+            cursor: args.cursor,
+        };
+        answer(api.list_agents(req).await)
+    }
+
+    #[tool(
+        description = "Read one value from an agent's durable state. Returns the value with its `version` \
+        (use it with state_set's `if_version` for a safe read-modify-write). Fails with not_found if the key \
+        was never set."
+    )]
+    async fn state_get(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<StateKeyArgs>,
+    ) -> ToolResult<StateEntry> {
+        let api = self.api(&ctx)?;
+        answer(api.state_get(agent_id(&args.agent_id)?, args.key).await)
+    }
+
+    #[tool(
+        description = "Store a JSON value under a key in an agent's durable state; it is on disk when this \
+        returns and survives restarts. Give `if_version` to write only if nobody changed the key since you \
+        read it (0 = only if the key does not exist yet); a mismatch fails with version_conflict."
+    )]
+    async fn state_set(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<StateSetArgs>,
+    ) -> ToolResult<StateEntry> {
+        let api = self.api(&ctx)?;
+        let req = SetState {
+            value: args.value,
+            if_version: args.if_version,
+        };
+        answer(api.state_set(agent_id(&args.agent_id)?, args.key, req).await)
+    }
+
+    #[tool(
+        description = "Delete a key from an agent's durable state. Fails with not_found if the key does not \
+        exist; with `if_version`, deletes only if the key is still at that version."
+    )]
+    async fn state_delete(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<StateDeleteArgs>,
+    ) -> ToolResult<Deleted> {
+        let api = self.api(&ctx)?;
+        let result = api
+            .state_delete(agent_id(&args.agent_id)?, args.key, args.if_version)
+            .await;
+        answer(result.map(|()| Deleted { deleted: true }))
+    }
+
+    #[tool(
+        description = "List an agent's state entries (keys with their values and versions) in key order, \
+        optionally only keys starting with `prefix`. Returns one page; pass `next_cursor` back as `cursor` \
+        for more."
+    )]
+    async fn state_list(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<StateListArgs>,
+    ) -> ToolResult<StatePage> {
+        let api = self.api(&ctx)?;
+        let req = ListState {
+            prefix: args.prefix,
+            limit: args.limit,
+            cursor: args.cursor,
+        };
+        answer(api.state_list(agent_id(&args.agent_id)?, req).await)
+    }
+
+    #[tool(
+        description = "Report the BBX kernel's status: version, uptime, number of agents, and storage \
+        figures. Takes no arguments."
+    )]
+    async fn bbx_status(&self, ctx: RequestContext<RoleServer>) -> ToolResult<Status> {
+        let api = self.api(&ctx)?;
+        answer(api.status().await)
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl<S: ApiSource> ServerHandler for McpServer<S> {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("bbx", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "BBX is an operating system for AI agents. Create an agent with agent_create, then keep \
+                 durable state for it with state_set/state_get/state_list/state_delete, passing the agent's id.",
+            )
+    }
+}
