@@ -82,6 +82,7 @@ pub fn app(kernel: Arc<Kernel>) -> axum::Router {
             ))
         })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
         .layer(middleware::from_fn_with_state(metrics, metrics::track))
         .with_state(kernel)
 }
@@ -121,6 +122,25 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
             next.run(request).await
         }
         Err(e) => ApiError(e).into_response(),
+    }
+}
+
+/// Answers 413 from the headers alone when the declared body is over the limit, so
+/// a client is not made to upload 10 MB to learn that 1 MB was the most; bodies of
+/// unknown length are cut off at the limit while being read (`DefaultBodyLimit`).
+async fn refuse_oversized(State(max_body): State<usize>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > max_body as u64 => ApiError(Error::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is {length} bytes; the limit is {max_body}"),
+        ))
+        .into_response(),
+        _ => next.run(request).await,
     }
 }
 

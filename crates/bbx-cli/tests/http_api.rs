@@ -1,0 +1,508 @@
+//! The HTTP API of a real `bbx serve` process, over real sockets.
+
+mod support;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::Kernel;
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl Api {
+    fn new(kernel: &Kernel) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: kernel.url(),
+            key: kernel.key(),
+        }
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(key) = key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        if let Some((content_type, bytes)) = body {
+            req = req.header("content-type", content_type).body(bytes);
+        }
+        let response = req.send().await.unwrap();
+        let status = response.status();
+        let bytes = response.bytes().await.unwrap();
+        (
+            status,
+            if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+            },
+        )
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map(|b| ("application/json", serde_json::to_vec(&b).unwrap()));
+        self.raw(method, path, Some(&self.key), body).await
+    }
+
+    async fn agent(&self, name: &str) -> String {
+        let (status, agent) = self
+            .call(Method::POST, "/v1/agents", Some(json!({ "name": name })))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{agent}");
+        agent["id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Asserts the one error shape and returns its code.
+fn error_code(status: StatusCode, body: &Value, expected: StatusCode) -> String {
+    assert_eq!(status, expected, "{body}");
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message: {body}"
+    );
+    error["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code: {body}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn bad_input_gets_one_clear_error_and_changes_nothing() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let id = api.agent("target").await;
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            &format!("/v1/agents/{id}/state/k"),
+            Some(json!({ "value": "original" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let json_body = |s: &str| Some(("application/json", s.as_bytes().to_vec()));
+    let key = api.key.clone();
+    let k = Some(key.as_str());
+    let state = format!("/v1/agents/{id}/state/k");
+    let cases: Vec<(&str, Method, String, Option<(&str, Vec<u8>)>, StatusCode, &str)> = vec![
+        (
+            "malformed JSON",
+            Method::POST,
+            "/v1/agents".into(),
+            json_body("{\"name\": "),
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+        (
+            "wrong type",
+            Method::POST,
+            "/v1/agents".into(),
+            json_body("{\"name\": 42}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "unknown field",
+            Method::POST,
+            "/v1/agents".into(),
+            json_body("{\"name\": \"a\", \"nmae\": 1}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "empty name",
+            Method::POST,
+            "/v1/agents".into(),
+            json_body("{\"name\": \"\"}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "control chars in name",
+            Method::POST,
+            "/v1/agents".into(),
+            json_body("{\"name\": \"a\\u0000b\"}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "bad tenant",
+            Method::POST,
+            "/v1/agents".into(),
+            json_body("{\"name\": \"a\", \"tenant\": \"../x\"}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "not JSON content type",
+            Method::POST,
+            "/v1/agents".into(),
+            Some(("text/plain", b"{\"name\":\"a\"}".to_vec())),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "unknown agent",
+            Method::GET,
+            "/v1/agents/01900000-0000-7000-8000-000000000000".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "id with slash",
+            Method::GET,
+            "/v1/agents/a%2Fb".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            "id with control char",
+            Method::GET,
+            "/v1/agents/ab%0Acd/state".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            "state of unknown agent",
+            Method::PUT,
+            "/v1/agents/01900000-0000-7000-8000-000000000000/state/k".into(),
+            json_body("{\"value\": 1}"),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "state value missing",
+            Method::PUT,
+            state.clone(),
+            json_body("{\"if_version\": 1}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "negative if_version",
+            Method::PUT,
+            state.clone(),
+            json_body("{\"value\": 1, \"if_version\": -1}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "stale CAS",
+            Method::PUT,
+            state.clone(),
+            json_body("{\"value\": \"lost\", \"if_version\": 7}"),
+            StatusCode::CONFLICT,
+            "version_conflict",
+        ),
+        (
+            "create-only CAS on existing key",
+            Method::PUT,
+            state.clone(),
+            json_body("{\"value\": \"lost\", \"if_version\": 0}"),
+            StatusCode::CONFLICT,
+            "version_conflict",
+        ),
+        (
+            "stale delete",
+            Method::DELETE,
+            format!("{state}?if_version=9"),
+            None,
+            StatusCode::CONFLICT,
+            "version_conflict",
+        ),
+        (
+            "bad query",
+            Method::GET,
+            "/v1/agents?limit=many".into(),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "limit out of range",
+            Method::GET,
+            "/v1/agents?limit=0".into(),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "unknown query field",
+            Method::GET,
+            "/v1/agents?tenat=x".into(),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "bad cursor",
+            Method::GET,
+            format!("/v1/agents/{id}/state?cursor=zz"),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (
+            "unknown route",
+            Method::GET,
+            "/v1/nothing-here".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "wrong method",
+            Method::PATCH,
+            "/v1/agents".into(),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (what, method, path, body, expected, code) in cases {
+        let (status, body) = api.raw(method, &path, k, body).await;
+        assert_eq!(error_code(status, &body, expected), code, "{what}");
+    }
+
+    // Oversized bodies: the kernel answers 413 as soon as the limit is passed, without
+    // reading the rest, so the client sends headers and a first chunk, then reads.
+    let ten_mb_name = serde_json::to_vec(&json!({ "name": "n".repeat(10 << 20) })).unwrap();
+    let (status, body) = over_socket(kernel.port, &key, "POST", "/v1/agents", &ten_mb_name).await;
+    assert_eq!(
+        error_code(status, &body, StatusCode::PAYLOAD_TOO_LARGE),
+        "payload_too_large"
+    );
+    let two_mb_value = serde_json::to_vec(&json!({ "value": "v".repeat(2 << 20) })).unwrap();
+    let (status, body) = over_socket(kernel.port, &key, "PUT", &state, &two_mb_value).await;
+    // URL libraries resolve `..` before sending; a hostile client does not.
+    for path in [
+        "/v1/agents/%2E%2E",
+        "/v1/agents/../state",
+        "/v1/agents/..%2F..%2Fadmin.key",
+    ] {
+        let (status, body) = over_socket(kernel.port, &key, "GET", path, b"").await;
+        assert_eq!(
+            error_code(status, &body, StatusCode::BAD_REQUEST),
+            "invalid_id",
+            "{path}"
+        );
+    }
+    assert_eq!(
+        error_code(status, &body, StatusCode::PAYLOAD_TOO_LARGE),
+        "payload_too_large"
+    );
+
+    // Nothing above changed anything.
+    let (_, page) = api.call(Method::GET, "/v1/agents", None).await;
+    assert_eq!(page["agents"].as_array().unwrap().len(), 1);
+    let (_, entry) = api.call(Method::GET, &state, None).await;
+    assert_eq!(
+        (entry["value"].clone(), entry["version"].clone()),
+        (json!("original"), json!(1))
+    );
+}
+
+/// A request written byte for byte on a socket: the path exactly as given, the
+/// headers, and at most the first 256 KiB of `body` (an oversized body is answered
+/// with 413 before the kernel reads the rest), then the response.
+async fn over_socket(port: u16, key: &str, method: &str, path: &str, body: &[u8]) -> (StatusCode, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let _ = stream.write_all(&body[..body.len().min(256 * 1024)]).await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no status line: {text}"))
+        .parse()
+        .unwrap();
+    let payload = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    // The body may be chunked; the JSON object is the part between the outer braces.
+    let json = &payload[payload.find('{').unwrap_or(0)..=payload.rfind('}').unwrap_or(0)];
+    (
+        StatusCode::from_u16(status).unwrap(),
+        serde_json::from_str(json).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn keys_are_required_checked_and_revocable() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    for (key, reason) in [
+        (None, "missing"),
+        (Some("nonsense"), "invalid"),
+        (Some("bbx_00000000000000000000000000000000_00"), "invalid"),
+    ] {
+        let (status, body) = api.raw(Method::GET, "/v1/agents", key, None).await;
+        assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
+        assert_eq!(body["error"]["details"]["reason"], reason);
+    }
+    let (status, body) = api.raw(Method::POST, "/mcp", None, None).await;
+    assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
+
+    // Probes and metrics are open; OpenAPI is behind the key like the rest of /v1.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(api.raw(Method::GET, path, None, None).await.0, StatusCode::OK, "{path}");
+    }
+    assert_eq!(
+        api.raw(Method::GET, "/v1/openapi.json", None, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // A tenant key: confined to its tenant, cannot manage keys, and revocable.
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/keys",
+            Some(json!({ "name": "ci", "tenant": "acme" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let tenant_key = created["key"].as_str().unwrap().to_owned();
+    let other = api.agent("other-tenant").await;
+    let (status, body) = api
+        .raw(Method::GET, &format!("/v1/agents/{other}"), Some(&tenant_key), None)
+        .await;
+    assert_eq!(error_code(status, &body, StatusCode::FORBIDDEN), "permission_denied");
+    let (status, body) = api.raw(Method::GET, "/v1/keys", Some(&tenant_key), None).await;
+    assert_eq!(error_code(status, &body, StatusCode::FORBIDDEN), "permission_denied");
+    let (status, _) = api.raw(Method::GET, "/v1/agents", Some(&tenant_key), None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let key_id = created["info"]["id"].as_str().unwrap();
+    let (status, revoked) = api.call(Method::DELETE, &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(revoked["revoked_at"].is_string());
+    let (status, body) = api.raw(Method::GET, "/v1/agents", Some(&tenant_key), None).await;
+    assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
+    assert_eq!(body["error"]["details"]["reason"], "revoked");
+}
+
+#[tokio::test]
+async fn one_hundred_clients_racing_a_cas_have_one_winner_per_version() {
+    let kernel = Kernel::start();
+    let api = std::sync::Arc::new(Api::new(&kernel));
+    let id = api.agent("racer").await;
+    let path = format!("/v1/agents/{id}/state/counter");
+    for version in 0..3u64 {
+        let racers: Vec<_> = (0..100)
+            .map(|i| {
+                let (api, path) = (api.clone(), path.clone());
+                tokio::spawn(async move {
+                    api.call(Method::PUT, &path, Some(json!({ "value": i, "if_version": version })))
+                        .await
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for racer in racers {
+            let (status, body) = racer.await.unwrap();
+            match status {
+                StatusCode::OK => {
+                    assert_eq!(body["version"], version + 1);
+                    winners += 1;
+                }
+                StatusCode::CONFLICT => assert_eq!(body["error"]["code"], "version_conflict"),
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+        assert_eq!(winners, 1, "exactly one winner from version {version}");
+    }
+}
+
+#[tokio::test]
+async fn openapi_and_metrics_describe_the_running_kernel() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let id = api.agent("m").await;
+    let (status, doc) = api.call(Method::GET, "/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/agents",
+        "/v1/agents/{id}",
+        "/v1/agents/{id}/state",
+        "/v1/agents/{id}/state/{key}",
+        "/v1/status",
+        "/v1/keys",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert!(doc["paths"]["/v1/agents/{id}/state/{key}"]["put"]["responses"]["409"].is_object());
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+
+    api.call(Method::GET, &format!("/v1/agents/{id}"), None).await;
+    api.call(Method::GET, "/v1/agents/01900000-0000-7000-8000-000000000000", None)
+        .await;
+    let text = reqwest::get(format!("{}/metrics", kernel.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"bbx_http_requests_total{method="GET",route="/v1/agents/{id}",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"bbx_http_requests_total{method="GET",route="/v1/agents/{id}",status="404"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("bbx_http_request_duration_seconds_bucket"));
+    assert!(text.contains("bbx_store_syncs_total"));
+    assert!(text.trim_end().ends_with("# EOF"));
+}
+
+#[tokio::test]
+async fn shutdown_is_graceful_and_state_survives_sigkill() {
+    let mut kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let id = api.agent("durable").await;
+    for i in 0..20 {
+        let (status, _) = api
+            .call(
+                Method::PUT,
+                &format!("/v1/agents/{id}/state/k{i}"),
+                Some(json!({ "value": { "i": i } })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Acknowledged means on disk: SIGKILL right after the last ack loses nothing.
+    kernel.crash();
+    kernel.restart();
+    let api = Api::new(&kernel);
+    let (_, page) = api
+        .call(Method::GET, &format!("/v1/agents/{id}/state?limit=1000"), None)
+        .await;
+    assert_eq!(page["entries"].as_array().unwrap().len(), 20);
+
+    let (clean, stderr) = kernel.stop();
+    assert!(clean, "SIGTERM exits 0: {stderr}");
+    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+}

@@ -1,0 +1,162 @@
+//! A real `bbx serve` process on a free loopback port and a scratch data directory.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BBX: &str = env!("CARGO_BIN_EXE_bbx");
+
+pub struct Kernel {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Kernel {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut kernel = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            child: None,
+        };
+        kernel.spawn(extra);
+        kernel
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn key(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let child = Command::new(BBX)
+            .args(["serve", "--listen", &listen, "--data-dir"])
+            .arg(self.dir.path())
+            .args(extra)
+            .env_remove("BBX_URL")
+            .env_remove("BBX_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&listen).is_ok() && self.ready() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("bbx serve exited early with {status}: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("bbx serve did not become ready");
+    }
+
+    fn ready(&self) -> bool {
+        let mut stream = match std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            Ok(s) => s,
+            Err(_) => return false,
+        };
+        use std::io::{Read, Write};
+        let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.starts_with("HTTP/1.1 200")
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut err) = self.child.as_mut().and_then(|c| c.stderr.take()) {
+            use std::io::Read;
+            let _ = err.read_to_string(&mut out);
+        }
+        out
+    }
+
+    /// SIGTERM, wait, and return (exit success, stderr).
+    pub fn stop(&mut self) -> (bool, String) {
+        let mut child = self.child.take().expect("kernel is running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("child pids are positive");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            use std::io::Read;
+            let _ = stderr.read_to_string(&mut err);
+        }
+        (status.success(), err)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("kernel is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or crash the kernel first");
+        self.spawn(&[]);
+    }
+
+    /// Runs `bbx ARGS` as a client of this kernel.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BBX)
+            .arg("--url")
+            .arg(self.url())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .env_remove("BBX_API_KEY")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn json(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "command failed: {}", stderr(output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(output)))
+}
