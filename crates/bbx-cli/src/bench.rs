@@ -1,3 +1,309 @@
-pub async fn api(_: &crate::cli::Cli, _: &crate::cli::BenchApiArgs) -> anyhow::Result<()> {
-    todo!()
+//! `bbx bench api`: the kernel's HTTP state path under load, against references
+//! measured in the same run.
+//!
+//! Phases: cold start to `/readyz` (fresh data directories), a bare append+fdatasync
+//! loop on the same disk (the floor for any acknowledged write), `set` with many
+//! concurrent writers (group commit), `get` flat out, then `get` paced at half the
+//! measured maximum with latency counted from each request's scheduled start, so a
+//! stalled server cannot hide queueing delay (no coordinated omission).
+
+use crate::cli::{BenchApiArgs, Cli};
+use anyhow::{Context, Result, bail};
+use bbx_client::Client;
+use bbx_core::AgentApi;
+use bbx_core::model::{CreateAgent, SetState};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Figures {
+    pub ops: u64,
+    pub ops_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Figures {
+    fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Self {
+        Self {
+            ops: histogram.len(),
+            ops_per_sec: histogram.len() as f64 / elapsed.as_secs_f64(),
+            p50_us: histogram.value_at_quantile(0.50),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    target: String,
+    cold_start_ms: Option<ColdStart>,
+    fdatasync: Figures,
+    set: Figures,
+    set_clients: usize,
+    writes_per_sync: f64,
+    get_max: Figures,
+    get_clients: usize,
+    get_half_load: Figures,
+    get_half_load_rate: f64,
+    targets: Targets,
+}
+
+#[derive(Serialize, Debug)]
+struct ColdStart {
+    runs: Vec<f64>,
+    median: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct Targets {
+    get_at_least_30k_ops: bool,
+    get_p99_under_2ms_at_half_load: bool,
+    set_at_least_10k_ops: bool,
+    set_p99_within_2ms_of_fdatasync_p99: bool,
+    cold_start_under_100ms: Option<bool>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("static bounds are valid")
+}
+
+/// A kernel this benchmark started, stopped when dropped.
+struct Scratch {
+    child: Child,
+    url: String,
+    key: String,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn readyz(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 200"
+}
+
+/// Starts `bbx serve` on a fresh data directory; returns it and the time to ready.
+fn start_kernel(dir: &Path) -> Result<(Scratch, Duration)> {
+    let port = free_port()?;
+    let started = Instant::now();
+    let child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--log", "warn", "--data-dir"])
+        .arg(dir)
+        .env_remove("BBX_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start a scratch kernel")?;
+    let mut scratch = Scratch { child, url: format!("http://127.0.0.1:{port}"), key: String::new() };
+    while !readyz(port) {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the scratch kernel did not become ready in 30 s");
+        }
+        if let Some(status) = scratch.child.try_wait()? {
+            bail!("the scratch kernel exited with {status}");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let ready = started.elapsed();
+    scratch.key = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?.trim().to_owned();
+    Ok((scratch, ready))
+}
+
+/// Append `record_bytes` and fdatasync, `count` times: the physical floor for one
+/// acknowledged write on this disk.
+fn fdatasync_reference(dir: &Path, record_bytes: usize, duration: Duration) -> Result<Figures> {
+    let path = dir.join("fdatasync-reference.bin");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let record = vec![0x5au8; record_bytes];
+    let mut latencies = histogram();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        file.write_all(&record)?;
+        file.sync_data()?;
+        latencies.record(t.elapsed().as_micros().max(1) as u64)?;
+    }
+    let elapsed = started.elapsed();
+    std::fs::remove_file(&path)?;
+    Ok(Figures::from(&latencies, elapsed))
+}
+
+/// Runs `clients` tasks calling `op(client_index, iteration)` until `duration` has
+/// passed (after `warmup`), optionally paced to `rate` calls per second in total.
+async fn load<F, Fut>(clients: usize, warmup: Duration, duration: Duration, rate: Option<f64>, op: F) -> Result<Figures>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bbx_core::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let begin = Instant::now() + Duration::from_millis(50);
+    let measure_from = begin + warmup;
+    let end = measure_from + duration;
+    let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r));
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut latencies = histogram();
+                // Spread paced clients evenly over one interval.
+                let offset = interval.map_or(Duration::ZERO, |i| i.mul_f64(client as f64 / clients as f64));
+                let mut scheduled = begin + offset;
+                let mut iteration = 0u64;
+                tokio::time::sleep_until(begin.into()).await;
+                loop {
+                    if interval.is_some() {
+                        tokio::time::sleep_until(scheduled.into()).await;
+                    }
+                    let sent = if interval.is_some() { scheduled } else { Instant::now() };
+                    if sent >= end {
+                        break;
+                    }
+                    op(client, iteration).await?;
+                    let done = Instant::now();
+                    if sent >= measure_from {
+                        latencies.record(done.duration_since(sent).as_micros().max(1) as u64).ok();
+                    }
+                    iteration += 1;
+                    if let Some(interval) = interval {
+                        scheduled += interval;
+                    }
+                }
+                Ok::<_, bbx_core::Error>(latencies)
+            })
+        })
+        .collect();
+    let mut all = histogram();
+    for task in tasks {
+        all.add(task.await??)?;
+    }
+    Ok(Figures::from(&all, duration))
+}
+
+pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
+    let scratch_root = match &args.scratch_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempdir_in(dir)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    let measure = Duration::from_secs_f64(args.seconds);
+    let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
+
+    // Cold starts (only for a kernel we start ourselves); the last one stays up.
+    let mut kernel: Option<Scratch> = None;
+    let mut cold_runs = Vec::new();
+    let (url, key) = match &cli.url {
+        Some(url) => (url.clone(), crate::api_key(cli)?),
+        None => {
+            for run in 0..args.cold_starts.max(1) {
+                let dir: PathBuf = scratch_root.path().join(format!("kernel-{run}"));
+                let (started, ready) = start_kernel(&dir)?;
+                cold_runs.push(ready.as_secs_f64() * 1000.0);
+                kernel = Some(started);
+            }
+            let k = kernel.as_ref().expect("at least one kernel started");
+            (k.url.clone(), k.key.clone())
+        }
+    };
+    let client = Client::new(&url, &key)?;
+    client.status().await?;
+
+    let record_bytes = 16 + 32 + 48; // state header, key and value of a `set` below, about
+    let reference_dir = scratch_root.path().to_path_buf();
+    let fdatasync = tokio::task::spawn_blocking(move || fdatasync_reference(&reference_dir, record_bytes, measure)).await??;
+
+    let agent = client.create_agent(CreateAgent { name: "bench".into(), ..Default::default() }).await?.id;
+    let before = client.status().await?.storage;
+    let writer = client.clone();
+    let set = load(args.set_clients, warmup, measure, None, move |c, i| {
+        let client = writer.clone();
+        async move {
+            client.state_set(agent, format!("key-{c}"), SetState { value: json!({ "n": i }), if_version: None }).await.map(drop)
+        }
+    })
+    .await?;
+    let after = client.status().await?.storage;
+    let writes_per_sync = (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
+
+    let keys = args.set_clients.max(1);
+    let reader = client.clone();
+    let get = move |c: usize, _| {
+        let client = reader.clone();
+        async move { client.state_get(agent, format!("key-{}", c % keys)).await.map(drop) }
+    };
+    let get_max = load(args.get_clients, warmup, measure, None, get.clone()).await?;
+    let half_rate = get_max.ops_per_sec / 2.0;
+    let get_half_load = load(args.get_clients, warmup, measure, Some(half_rate), get).await?;
+
+    let cold_start_ms = (!cold_runs.is_empty()).then(|| {
+        let mut sorted = cold_runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        ColdStart { median: sorted[sorted.len() / 2], runs: cold_runs }
+    });
+    let report = Report {
+        target: url,
+        targets: Targets {
+            get_at_least_30k_ops: get_max.ops_per_sec >= 30_000.0,
+            get_p99_under_2ms_at_half_load: get_half_load.p99_us < 2_000,
+            set_at_least_10k_ops: set.ops_per_sec >= 10_000.0,
+            set_p99_within_2ms_of_fdatasync_p99: set.p99_us <= fdatasync.p99_us + 2_000,
+            cold_start_under_100ms: cold_start_ms.as_ref().map(|c| c.median < 100.0),
+        },
+        cold_start_ms,
+        fdatasync,
+        set,
+        set_clients: args.set_clients,
+        writes_per_sync,
+        get_max,
+        get_clients: args.get_clients,
+        get_half_load,
+        get_half_load_rate: half_rate,
+    };
+    drop(kernel);
+    if cli.json {
+        crate::output::json(&report);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report) {
+    println!("bbx bench api against {}", r.target);
+    if let Some(cold) = &r.cold_start_ms {
+        let runs: Vec<String> = cold.runs.iter().map(|ms| format!("{ms:.1}")).collect();
+        println!("cold start to /readyz: median {:.1} ms (runs: {})", cold.median, runs.join(", "));
+    }
+    println!("{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}", "scenario", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs");
+    let row = |name: &str, f: &Figures| {
+        println!("{name:<34} {:>10.0} {:>9} {:>9} {:>9} {:>9}", f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us, f.max_us);
+    };
+    row("fdatasync (reference, 1 writer)", &r.fdatasync);
+    row(&format!("set ({} clients)", r.set_clients), &r.set);
+    row(&format!("get max ({} clients)", r.get_clients), &r.get_max);
+    row(&format!("get at {:.0}/s (half of max)", r.get_half_load_rate), &r.get_half_load);
+    println!("group commit: {:.1} writes per fdatasync", r.writes_per_sync);
+    println!("targets: {}", serde_json::to_string(&r.targets).expect("serializes"));
 }

@@ -133,7 +133,7 @@ async fn shutdown_signal() {
 }
 
 /// The API key: --api-key / BBX_API_KEY, else the admin key in the data directory.
-fn api_key(cli: &Cli) -> Result<String> {
+pub(crate) fn api_key(cli: &Cli) -> Result<String> {
     if let Some(key) = &cli.api_key {
         return Ok(key.clone());
     }

@@ -139,7 +139,13 @@ impl Store {
             .manual_journal_persist(true)
             .worker_threads(1)
             .open()
-            .map_err(|e| storage_error("open the database", e))?;
+            .map_err(|e| match e {
+                fjall::Error::Locked => Error::unavailable(format!(
+                    "{} is in use by another BBX kernel; stop it or choose another --data-dir",
+                    dir.display()
+                )),
+                e => storage_error("open the database", e),
+            })?;
         let open = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|e| storage_error("open a keyspace", e))

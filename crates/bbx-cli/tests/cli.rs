@@ -1,0 +1,131 @@
+//! The `bbx` command against a real kernel: the issue's contract, and failures.
+
+mod support;
+
+use serde_json::json;
+use support::{BBX, Kernel, json, stderr, stdout};
+use std::process::Command;
+
+#[test]
+fn agent_and_state_contract_holds_across_a_restart() {
+    let mut kernel = Kernel::start();
+    let agent = json(&kernel.cli(&["agent", "create", "planner", "--label", "team=ml", "--json"]));
+    let id = agent["id"].as_str().expect("agent create --json prints an id").to_owned();
+    assert_eq!(agent["labels"], json!({ "team": "ml" }));
+
+    let value = r#"{"plan":["read","write"],"n":3}"#;
+    let set = kernel.cli(&["state", "set", &id, "plan/current", value]);
+    assert!(set.status.success(), "{}", stderr(&set));
+    let got = json(&kernel.cli(&["state", "get", &id, "plan/current", "--json"]));
+    assert_eq!(got["value"], serde_json::from_str::<serde_json::Value>(value).unwrap());
+
+    let (clean, _) = kernel.stop();
+    assert!(clean);
+    kernel.restart();
+    let got = json(&kernel.cli(&["state", "get", &id, "plan/current", "--json"]));
+    assert_eq!(got["value"]["plan"], json!(["read", "write"]));
+    assert_eq!(got["version"], 1);
+
+    let listed = json(&kernel.cli(&["agent", "list", "--label", "team=ml", "--json"]));
+    assert_eq!(listed["agents"][0]["id"], id.as_str());
+    let page = json(&kernel.cli(&["state", "list", &id, "--prefix", "plan/", "--json"]));
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+
+    let cas = kernel.cli(&["state", "set", &id, "plan/current", "1", "--if-version", "7"]);
+    assert!(!cas.status.success());
+    assert!(stderr(&cas).contains("version_conflict"), "{}", stderr(&cas));
+
+    assert!(kernel.cli(&["state", "delete", &id, "plan/current"]).status.success());
+    assert!(kernel.cli(&["agent", "delete", &id]).status.success());
+    let gone = kernel.cli(&["agent", "get", &id]);
+    assert!(!gone.status.success());
+
+    let status = json(&kernel.cli(&["status", "--json"]));
+    let alias = json(&kernel.cli(&["v2", "status", "--json"]));
+    assert_eq!(status["agents"], 0);
+    assert_eq!(alias["listen"], status["listen"]);
+}
+
+/// A failing command prints exactly one line on stderr and exits non-zero.
+fn assert_one_line_failure(output: &std::process::Output, needle: &str) {
+    assert!(!output.status.success());
+    let err = stderr(output);
+    assert_eq!(err.trim_end().lines().count(), 1, "more than one line: {err:?}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(stdout(output).is_empty());
+}
+
+#[test]
+fn failures_are_one_line_and_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.key"), "bbx_x_y\n").unwrap();
+    let run = |args: &[&str]| Command::new(BBX).args(args).arg("--data-dir").arg(dir.path()).env_remove("BBX_API_KEY").output().unwrap();
+    let port = support::free_port();
+    let nobody = format!("http://127.0.0.1:{port}");
+    assert_one_line_failure(&run(&["--url", &nobody, "status"]), "no BBX kernel answers");
+    assert_one_line_failure(&run(&["--url", "not a url", "agent", "list"]), "not an http(s) URL");
+    assert_one_line_failure(&run(&["--url", &nobody, "mcp"]), "no BBX kernel answers");
+
+    let kernel = Kernel::start();
+    assert_one_line_failure(&kernel.cli(&["agent", "get", "../../etc"]), "invalid_id");
+    assert_one_line_failure(&kernel.cli(&["agent", "create", ""]), "invalid_argument");
+    assert_one_line_failure(&kernel.cli(&["agent", "create", "x", "--label", "nokey"]), "key=value");
+    let a = json(&kernel.cli(&["agent", "create", "a", "--json"]))["id"].as_str().unwrap().to_owned();
+    assert_one_line_failure(&kernel.cli(&["state", "set", &a, "k", "{not json"]), "must be JSON");
+    assert_one_line_failure(&kernel.cli(&["state", "get", &a, "missing"]), "not_found");
+    assert_one_line_failure(&kernel.cli(&["--api-key", "bbx_nope", "status"]), "unauthenticated");
+}
+
+#[test]
+fn config_show_layers_file_then_env_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bbx.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:9001\"\nmax_body_bytes = 4096\ncommit_max_batch = 8\n").unwrap();
+    let show = |env: &[(&str, &str)], flags: &[&str]| {
+        let mut cmd = Command::new(BBX);
+        cmd.args(["config", "show", "--json", "--config"]).arg(&file).args(flags);
+        for var in ["BBX_LISTEN", "BBX_MAX_BODY_BYTES", "BBX_COMMIT_MAX_BATCH", "BBX_DATA_DIR", "BBX_LOG", "BBX_CONFIG"] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        json(&cmd.output().unwrap())
+    };
+    let from_file = show(&[], &[]);
+    assert_eq!(from_file["listen"], "127.0.0.1:9001");
+    assert_eq!(from_file["max_body_bytes"], 4096);
+    let from_env = show(&[("BBX_LISTEN", "127.0.0.1:9002"), ("BBX_COMMIT_MAX_BATCH", "16")], &[]);
+    assert_eq!(from_env["listen"], "127.0.0.1:9002");
+    assert_eq!(from_env["commit_max_batch"], 16);
+    assert_eq!(from_env["max_body_bytes"], 4096);
+    let from_flag = show(&[("BBX_LISTEN", "127.0.0.1:9002")], &["--listen", "127.0.0.1:9003"]);
+    assert_eq!(from_flag["listen"], "127.0.0.1:9003");
+
+    std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
+    let typo = Command::new(BBX).args(["config", "show", "--config"]).arg(&file).output().unwrap();
+    assert_one_line_failure(&typo, "unknown field");
+}
+
+#[test]
+fn completions_and_serve_refusing_a_taken_port() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BBX).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        assert!(stdout(&out).contains("state"), "{shell}");
+    }
+    let kernel = Kernel::start();
+    let other = tempfile::tempdir().unwrap();
+    let taken = Command::new(BBX)
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", kernel.port), "--data-dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert_one_line_failure(&taken, "cannot listen");
+    // A second kernel on the same data directory is refused, not allowed to corrupt it.
+    let same_dir = Command::new(BBX)
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", support::free_port()), "--data-dir"])
+        .arg(kernel.data_dir())
+        .output()
+        .unwrap();
+    assert_one_line_failure(&same_dir, "in use by another BBX kernel");
+}
