@@ -97,7 +97,9 @@ fn free_port() -> Result<u16> {
 }
 
 fn readyz(port: u16) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 200"
@@ -108,14 +110,25 @@ fn start_kernel(dir: &Path) -> Result<(Scratch, Duration)> {
     let port = free_port()?;
     let started = Instant::now();
     let child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--log", "warn", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log",
+            "warn",
+            "--data-dir",
+        ])
         .arg(dir)
         .env_remove("BBX_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("cannot start a scratch kernel")?;
-    let mut scratch = Scratch { child, url: format!("http://127.0.0.1:{port}"), key: String::new() };
+    let mut scratch = Scratch {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        key: String::new(),
+    };
     while !readyz(port) {
         if started.elapsed() > Duration::from_secs(30) {
             bail!("the scratch kernel did not become ready in 30 s");
@@ -126,7 +139,9 @@ fn start_kernel(dir: &Path) -> Result<(Scratch, Duration)> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let ready = started.elapsed();
-    scratch.key = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?.trim().to_owned();
+    scratch.key = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?
+        .trim()
+        .to_owned();
     Ok((scratch, ready))
 }
 
@@ -182,7 +197,9 @@ where
                     op(client, iteration).await?;
                     let done = Instant::now();
                     if sent >= measure_from {
-                        latencies.record(done.duration_since(sent).as_micros().max(1) as u64).ok();
+                        latencies
+                            .record(done.duration_since(sent).as_micros().max(1) as u64)
+                            .ok();
                     }
                     iteration += 1;
                     if let Some(interval) = interval {
@@ -232,20 +249,38 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
 
     let record_bytes = 16 + 32 + 48; // state header, key and value of a `set` below, about
     let reference_dir = scratch_root.path().to_path_buf();
-    let fdatasync = tokio::task::spawn_blocking(move || fdatasync_reference(&reference_dir, record_bytes, measure)).await??;
+    let fdatasync =
+        tokio::task::spawn_blocking(move || fdatasync_reference(&reference_dir, record_bytes, measure)).await??;
 
-    let agent = client.create_agent(CreateAgent { name: "bench".into(), ..Default::default() }).await?.id;
+    let agent = client
+        .create_agent(CreateAgent {
+            name: "bench".into(),
+            ..Default::default()
+        })
+        .await?
+        .id;
     let before = client.status().await?.storage;
     let writer = client.clone();
     let set = load(args.set_clients, warmup, measure, None, move |c, i| {
         let client = writer.clone();
         async move {
-            client.state_set(agent, format!("key-{c}"), SetState { value: json!({ "n": i }), if_version: None }).await.map(drop)
+            client
+                .state_set(
+                    agent,
+                    format!("key-{c}"),
+                    SetState {
+                        value: json!({ "n": i }),
+                        if_version: None,
+                    },
+                )
+                .await
+                .map(drop)
         }
     })
     .await?;
     let after = client.status().await?.storage;
-    let writes_per_sync = (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
+    let writes_per_sync =
+        (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
 
     let keys = args.set_clients.max(1);
     let reader = client.clone();
@@ -260,7 +295,10 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
     let cold_start_ms = (!cold_runs.is_empty()).then(|| {
         let mut sorted = cold_runs.clone();
         sorted.sort_by(f64::total_cmp);
-        ColdStart { median: sorted[sorted.len() / 2], runs: cold_runs }
+        ColdStart {
+            median: sorted[sorted.len() / 2],
+            runs: cold_runs,
+        }
     });
     let report = Report {
         target: url,
@@ -294,16 +332,29 @@ fn print_report(r: &Report) {
     println!("bbx bench api against {}", r.target);
     if let Some(cold) = &r.cold_start_ms {
         let runs: Vec<String> = cold.runs.iter().map(|ms| format!("{ms:.1}")).collect();
-        println!("cold start to /readyz: median {:.1} ms (runs: {})", cold.median, runs.join(", "));
+        println!(
+            "cold start to /readyz: median {:.1} ms (runs: {})",
+            cold.median,
+            runs.join(", ")
+        );
     }
-    println!("{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}", "scenario", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs");
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "scenario", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
+    );
     let row = |name: &str, f: &Figures| {
-        println!("{name:<34} {:>10.0} {:>9} {:>9} {:>9} {:>9}", f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us, f.max_us);
+        println!(
+            "{name:<34} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
+            f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us, f.max_us
+        );
     };
     row("fdatasync (reference, 1 writer)", &r.fdatasync);
     row(&format!("set ({} clients)", r.set_clients), &r.set);
     row(&format!("get max ({} clients)", r.get_clients), &r.get_max);
-    row(&format!("get at {:.0}/s (half of max)", r.get_half_load_rate), &r.get_half_load);
+    row(
+        &format!("get at {:.0}/s (half of max)", r.get_half_load_rate),
+        &r.get_half_load,
+    );
     println!("group commit: {:.1} writes per fdatasync", r.writes_per_sync);
     println!("targets: {}", serde_json::to_string(&r.targets).expect("serializes"));
 }

@@ -3,14 +3,17 @@
 mod support;
 
 use serde_json::json;
-use support::{BBX, Kernel, json, stderr, stdout};
 use std::process::Command;
+use support::{BBX, Kernel, json, stderr, stdout};
 
 #[test]
 fn agent_and_state_contract_holds_across_a_restart() {
     let mut kernel = Kernel::start();
     let agent = json(&kernel.cli(&["agent", "create", "planner", "--label", "team=ml", "--json"]));
-    let id = agent["id"].as_str().expect("agent create --json prints an id").to_owned();
+    let id = agent["id"]
+        .as_str()
+        .expect("agent create --json prints an id")
+        .to_owned();
     assert_eq!(agent["labels"], json!({ "team": "ml" }));
 
     let value = r#"{"plan":["read","write"],"n":3}"#;
@@ -60,7 +63,15 @@ fn assert_one_line_failure(output: &std::process::Output, needle: &str) {
 fn failures_are_one_line_and_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("admin.key"), "bbx_x_y\n").unwrap();
-    let run = |args: &[&str]| Command::new(BBX).args(args).arg("--data-dir").arg(dir.path()).env_remove("BBX_API_KEY").output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BBX)
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("BBX_API_KEY")
+            .output()
+            .unwrap()
+    };
     let port = support::free_port();
     let nobody = format!("http://127.0.0.1:{port}");
     assert_one_line_failure(&run(&["--url", &nobody, "status"]), "no BBX kernel answers");
@@ -71,7 +82,10 @@ fn failures_are_one_line_and_non_zero() {
     assert_one_line_failure(&kernel.cli(&["agent", "get", "../../etc"]), "invalid_id");
     assert_one_line_failure(&kernel.cli(&["agent", "create", ""]), "invalid_argument");
     assert_one_line_failure(&kernel.cli(&["agent", "create", "x", "--label", "nokey"]), "key=value");
-    let a = json(&kernel.cli(&["agent", "create", "a", "--json"]))["id"].as_str().unwrap().to_owned();
+    let a = json(&kernel.cli(&["agent", "create", "a", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_one_line_failure(&kernel.cli(&["state", "set", &a, "k", "{not json"]), "must be JSON");
     assert_one_line_failure(&kernel.cli(&["state", "get", &a, "missing"]), "not_found");
     assert_one_line_failure(&kernel.cli(&["--api-key", "bbx_nope", "status"]), "unauthenticated");
@@ -81,11 +95,24 @@ fn failures_are_one_line_and_non_zero() {
 fn config_show_layers_file_then_env_then_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bbx.toml");
-    std::fs::write(&file, "listen = \"127.0.0.1:9001\"\nmax_body_bytes = 4096\ncommit_max_batch = 8\n").unwrap();
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:9001\"\nmax_body_bytes = 4096\ncommit_max_batch = 8\n",
+    )
+    .unwrap();
     let show = |env: &[(&str, &str)], flags: &[&str]| {
         let mut cmd = Command::new(BBX);
-        cmd.args(["config", "show", "--json", "--config"]).arg(&file).args(flags);
-        for var in ["BBX_LISTEN", "BBX_MAX_BODY_BYTES", "BBX_COMMIT_MAX_BATCH", "BBX_DATA_DIR", "BBX_LOG", "BBX_CONFIG"] {
+        cmd.args(["config", "show", "--json", "--config"])
+            .arg(&file)
+            .args(flags);
+        for var in [
+            "BBX_LISTEN",
+            "BBX_MAX_BODY_BYTES",
+            "BBX_COMMIT_MAX_BATCH",
+            "BBX_DATA_DIR",
+            "BBX_LOG",
+            "BBX_CONFIG",
+        ] {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().copied());
@@ -102,7 +129,11 @@ fn config_show_layers_file_then_env_then_flags() {
     assert_eq!(from_flag["listen"], "127.0.0.1:9003");
 
     std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
-    let typo = Command::new(BBX).args(["config", "show", "--config"]).arg(&file).output().unwrap();
+    let typo = Command::new(BBX)
+        .args(["config", "show", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_one_line_failure(&typo, "unknown field");
 }
 
@@ -123,7 +154,12 @@ fn completions_and_serve_refusing_a_taken_port() {
     assert_one_line_failure(&taken, "cannot listen");
     // A second kernel on the same data directory is refused, not allowed to corrupt it.
     let same_dir = Command::new(BBX)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", support::free_port()), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", support::free_port()),
+            "--data-dir",
+        ])
         .arg(kernel.data_dir())
         .output()
         .unwrap();

@@ -6,6 +6,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::Kernel;
 
+/// A request body and its content type.
+type Body = Option<(&'static str, Vec<u8>)>;
+
 struct Api {
     http: reqwest::Client,
     base: String,
@@ -21,13 +24,7 @@ impl Api {
         }
     }
 
-    async fn raw(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<(&str, Vec<u8>)>,
-    ) -> (StatusCode, Value) {
+    async fn raw(&self, method: Method, path: &str, key: Option<&str>, body: Body) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(key) = key {
             req = req.header("authorization", format!("Bearer {key}"));
@@ -90,11 +87,11 @@ async fn bad_input_gets_one_clear_error_and_changes_nothing() {
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let json_body = |s: &str| Some(("application/json", s.as_bytes().to_vec()));
+    let json_body = |s: &str| -> Body { Some(("application/json", s.as_bytes().to_vec())) };
     let key = api.key.clone();
     let k = Some(key.as_str());
     let state = format!("/v1/agents/{id}/state/k");
-    let cases: Vec<(&str, Method, String, Option<(&str, Vec<u8>)>, StatusCode, &str)> = vec![
+    let cases: Vec<(&str, Method, String, Body, StatusCode, &str)> = vec![
         (
             "malformed JSON",
             Method::POST,

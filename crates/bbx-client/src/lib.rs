@@ -10,7 +10,7 @@ use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
     SetState, StateEntry, StatePage, Status,
 };
-use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, Result};
+use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, Result, validate};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -110,6 +110,19 @@ impl Client {
         })
     }
 
+    /// A state key's URL: the key must be valid first, since an empty key would
+    /// address the listing route instead of a key.
+    fn state_url_segments(agent: AgentId, key: &str) -> Result<[String; 5]> {
+        validate::state_key(key)?;
+        Ok([
+            "v1".into(),
+            "agents".into(),
+            agent.to_string(),
+            "state".into(),
+            key.to_owned(),
+        ])
+    }
+
     fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
         self.http.request(method, self.url(segments))
     }
@@ -169,21 +182,24 @@ impl AgentApi for Client {
     }
 
     async fn state_get(&self, agent: AgentId, key: String) -> Result<StateEntry> {
-        self.call(self.request(Method::GET, &["v1", "agents", &agent.to_string(), "state", &key]))
+        let segments = Self::state_url_segments(agent, &key)?;
+        self.call(self.request(Method::GET, &segments.each_ref().map(String::as_str)))
             .await
     }
 
     async fn state_set(&self, agent: AgentId, key: String, req: SetState) -> Result<StateEntry> {
+        let segments = Self::state_url_segments(agent, &key)?;
         self.call(
-            self.request(Method::PUT, &["v1", "agents", &agent.to_string(), "state", &key])
+            self.request(Method::PUT, &segments.each_ref().map(String::as_str))
                 .json(&req),
         )
         .await
     }
 
     async fn state_delete(&self, agent: AgentId, key: String, if_version: Option<u64>) -> Result<()> {
-        let segments = ["v1", "agents", &agent.to_string(), "state", &key];
-        self.call_empty(self.with_query(Method::DELETE, &segments, &DeleteState { if_version }))
+        let segments = Self::state_url_segments(agent, &key)?;
+        let query = DeleteState { if_version };
+        self.call_empty(self.with_query(Method::DELETE, &segments.each_ref().map(String::as_str), &query))
             .await
     }
 

@@ -243,10 +243,10 @@ impl Kernel {
                 continue;
             };
             let agent = decode_agent(&bytes)?;
-            if let Some((key, value)) = &label {
-                if agent.labels.get(key) != Some(value) {
-                    continue;
-                }
+            if let Some((key, value)) = &label
+                && agent.labels.get(key) != Some(value)
+            {
+                continue;
             }
             agents.push(agent);
             if agents.len() > limit {

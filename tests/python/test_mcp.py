@@ -1,0 +1,122 @@
+"""BBX's MCP server driven by the official MCP Python SDK, over streamable HTTP and stdio."""
+
+import json
+import urllib.request
+from contextlib import asynccontextmanager
+
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import bbx_binary
+
+TOOLS = {"agent_create", "agent_list", "state_get", "state_set", "state_delete", "state_list", "bbx_status"}
+
+
+@asynccontextmanager
+async def http_session(kernel):
+    headers = {"Authorization": f"Bearer {kernel.key}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        async with streamable_http_client(f"{kernel.url}/mcp", http_client=http) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+
+@asynccontextmanager
+async def stdio_session(kernel):
+    params = StdioServerParameters(command=bbx_binary(), args=["mcp", "--url", kernel.url, "--api-key", kernel.key])
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            yield session
+
+
+def ok(result):
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+def error_code(result):
+    assert result.is_error, result
+    if result.structured_content is not None:
+        return result.structured_content["error"]["code"]
+    # Argument errors are reported by the MCP layer as text.
+    return result.content[0].text
+
+
+async def exercise_every_tool(session):
+    listed = await session.list_tools()
+    tools = {tool.name: tool for tool in listed.tools}
+    assert set(tools) == TOOLS
+    for tool in tools.values():
+        assert tool.description and len(tool.description) > 40, tool.name
+        assert tool.input_schema["type"] == "object", tool.name
+    assert set(tools["state_set"].input_schema["required"]) == {"agent_id", "key", "value"}
+
+    agent = ok(await session.call_tool("agent_create", {"name": "mcp-agent", "labels": {"via": "mcp"}}))
+    agent_id = agent["id"]
+    written = ok(await session.call_tool("state_set", {"agent_id": agent_id, "key": "plan/step", "value": {"n": [1, 2]}}))
+    assert written["version"] == 1
+    read = ok(await session.call_tool("state_get", {"agent_id": agent_id, "key": "plan/step"}))
+    assert read["value"] == {"n": [1, 2]}
+    listed_state = ok(await session.call_tool("state_list", {"agent_id": agent_id, "prefix": "plan/"}))
+    assert [e["key"] for e in listed_state["entries"]] == ["plan/step"]
+    agents = ok(await session.call_tool("agent_list", {"label": "via=mcp"}))
+    assert [a["id"] for a in agents["agents"]] == [agent_id]
+    status = ok(await session.call_tool("bbx_status", {}))
+    assert status["agents"] >= 1
+
+    # Errors come back as MCP tool errors carrying BBX's error shape.
+    stale = await session.call_tool("state_set", {"agent_id": agent_id, "key": "plan/step", "value": 0, "if_version": 9})
+    assert error_code(stale) == "version_conflict"
+    assert error_code(await session.call_tool("state_get", {"agent_id": "../etc", "key": "k"})) == "invalid_id"
+    assert error_code(await session.call_tool("state_get", {"agent_id": agent_id, "key": ""})) == "invalid_argument"
+    assert error_code(await session.call_tool("agent_create", {"name": ""})) == "invalid_argument"
+    missing_value = await session.call_tool("state_set", {"agent_id": agent_id, "key": "k"})
+    assert missing_value.is_error and "value" in error_code(missing_value)
+    unknown_field = await session.call_tool("agent_create", {"name": "x", "colour": "red"})
+    assert unknown_field.is_error
+
+    ok(await session.call_tool("state_delete", {"agent_id": agent_id, "key": "plan/step"}))
+    assert error_code(await session.call_tool("state_get", {"agent_id": agent_id, "key": "plan/step"})) == "not_found"
+    with pytest.raises(Exception):
+        await session.call_tool("no_such_tool", {})
+    return agent_id
+
+
+def v1(kernel, path):
+    request = urllib.request.Request(f"{kernel.url}{path}", headers={"Authorization": f"Bearer {kernel.key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.mark.anyio
+async def test_streamable_http_tools(kernel):
+    async with http_session(kernel) as session:
+        agent_id = await exercise_every_tool(session)
+    assert v1(kernel, f"/v1/agents/{agent_id}")["name"] == "mcp-agent"
+
+
+@pytest.mark.anyio
+async def test_stdio_tools_act_on_the_kernel(kernel):
+    async with stdio_session(kernel) as session:
+        agent_id = await exercise_every_tool(session)
+        ok(await session.call_tool("state_set", {"agent_id": agent_id, "key": "from-stdio", "value": "hello"}))
+    # State written through `bbx mcp` lives in the kernel, not in the stdio process.
+    assert v1(kernel, f"/v1/agents/{agent_id}/state/from-stdio")["value"] == "hello"
+
+
+@pytest.mark.anyio
+async def test_mcp_requires_a_valid_key(kernel):
+    async with httpx2.AsyncClient(headers={"Authorization": "Bearer bbx_wrong"}, timeout=10) as http:
+        response = await http.post(
+            f"{kernel.url}/mcp",
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            headers={"Accept": "application/json, text/event-stream"},
+        )
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
