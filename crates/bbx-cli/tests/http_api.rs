@@ -456,12 +456,13 @@ async fn openapi_and_metrics_describe_the_running_kernel() {
     api.call(Method::GET, &format!("/v1/agents/{id}"), None).await;
     api.call(Method::GET, "/v1/agents/01900000-0000-7000-8000-000000000000", None)
         .await;
-    let text = reqwest::get(format!("{}/metrics", kernel.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = |accept: &'static str| {
+        let request = reqwest::Client::new()
+            .get(format!("{}/metrics", kernel.url()))
+            .header("accept", accept);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let text = scrape("application/openmetrics-text; version=1.0.0").await;
     assert!(
         text.contains(r#"bbx_http_requests_total{method="GET",route="/v1/agents/{id}",status="200"} 1"#),
         "{text}"
@@ -471,8 +472,13 @@ async fn openapi_and_metrics_describe_the_running_kernel() {
         "{text}"
     );
     assert!(text.contains("bbx_http_request_duration_seconds_bucket"));
-    assert!(text.contains("bbx_store_syncs_total"));
+    assert!(text.contains("# TYPE bbx_store_syncs counter"));
     assert!(text.trim_end().ends_with("# EOF"));
+    // Anything else gets the classic text format, where a counter family carries its
+    // `_total` name (what `promtool check metrics` expects).
+    let classic = scrape("text/plain").await;
+    assert!(classic.contains("# TYPE bbx_store_syncs_total counter"), "{classic}");
+    assert!(!classic.contains("# EOF"));
 }
 
 #[tokio::test]

@@ -152,14 +152,21 @@ async fn readyz(State(kernel): State<Arc<Kernel>>) -> Response {
     }
 }
 
-async fn render_metrics(State(metrics): State<Arc<HttpMetrics>>) -> Response {
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
-        .into_response()
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text
+/// format for everything else.
+async fn render_metrics(State(metrics): State<Arc<HttpMetrics>>, headers: axum::http::HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let openmetrics = metrics.render_openmetrics();
+    let (content_type, body) = if wants_openmetrics {
+        (metrics::OPENMETRICS_CONTENT_TYPE, openmetrics)
+    } else {
+        (
+            metrics::PROMETHEUS_TEXT_CONTENT_TYPE,
+            metrics::openmetrics_to_prometheus_text(&openmetrics),
+        )
+    };
+    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
 }

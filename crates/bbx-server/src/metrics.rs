@@ -62,11 +62,41 @@ impl HttpMetrics {
     }
 
     /// The registry in the OpenMetrics text format.
-    pub fn render(&self) -> String {
+    pub fn render_openmetrics(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format (0.0.4), for
+/// scrapers and tools (`promtool check metrics`) that do not ask for OpenMetrics:
+/// a counter family is named by its `_total` sample, and `# EOF` / `# UNIT` go.
+pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(&name).then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Middleware that counts and times every request.
@@ -91,4 +121,19 @@ pub async fn track(State(metrics): State<Arc<HttpMetrics>>, request: Request, ne
         .get_or_create(&RequestLabels { method, route, status })
         .inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_take_their_total_name_in_the_classic_format() {
+        let om = "# HELP req Requests.\n# TYPE req counter\nreq_total{a=\"1\"} 2\n# HELP lat Latency.\n# TYPE lat histogram\n# UNIT lat seconds\nlat_count 1\n# EOF\n";
+        let text = openmetrics_to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP req_total Requests.\n# TYPE req_total counter\nreq_total{a=\"1\"} 2\n# HELP lat Latency.\n# TYPE lat histogram\nlat_count 1\n"
+        );
+    }
 }
