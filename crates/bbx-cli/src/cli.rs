@@ -169,15 +169,25 @@ pub struct BenchApiArgs {
     /// Concurrent clients writing.
     #[arg(long, default_value_t = 256)]
     pub set_clients: usize,
+    /// Total rate of the fixed-rate set phase, spread over the writers.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub set_rate: f64,
     /// Concurrent clients reading at full speed.
     #[arg(long, default_value_t = 64)]
     pub get_clients: usize,
+    /// Rate of the fixed-rate get phase [default: half the measured maximum].
+    #[arg(long)]
+    pub get_rate: Option<f64>,
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Cold starts to time (each on a fresh data directory).
     #[arg(long, default_value_t = 5)]
     pub cold_starts: usize,
+    /// Let the scratch kernel and the load generator share all CPUs instead of giving
+    /// each its own core (the default when this bench starts the kernel itself).
+    #[arg(long)]
+    pub no_isolate: bool,
     /// Directory for the scratch kernel and the fdatasync reference [default: a temp dir].
     #[arg(long)]
     pub scratch_dir: Option<PathBuf>,

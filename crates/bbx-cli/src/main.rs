@@ -20,7 +20,13 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:7878";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A load generator shares the machine with the kernel it measures: one thread
+    // is enough to drive it, and more would preempt the kernel's own threads.
+    let runtime = match &cli.command {
+        Command::Bench(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the async runtime")),
     };
