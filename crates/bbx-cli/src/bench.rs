@@ -217,6 +217,7 @@ where
             let op = op.clone();
             tokio::spawn(async move {
                 let mut latencies = histogram();
+                let mut last = None;
                 let mut iteration = 0u64;
                 loop {
                     let sent = Instant::now();
@@ -225,15 +226,16 @@ where
                     }
                     op(client, iteration).await?;
                     if sent >= measure_from {
-                        latencies.record(sent.elapsed().as_micros().max(1) as u64).ok();
+                        latencies.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+                        last = Some(Instant::now());
                     }
                     iteration += 1;
                 }
-                Ok::<_, bbx_core::Error>(latencies)
+                Ok::<_, bbx_core::Error>((latencies, last))
             })
         })
         .collect();
-    merge(tasks, duration).await
+    merge(tasks, measure_from, duration).await
 }
 
 /// Open loop: requests are scheduled at a fixed total `rate` and spread over
@@ -275,32 +277,46 @@ where
             let (op, due) = (op.clone(), due.clone());
             tokio::spawn(async move {
                 let mut latencies = histogram();
+                let mut last = None;
                 loop {
                     let next = due.lock().await.recv().await;
                     let Some((scheduled, iteration)) = next else { break };
                     op(client, iteration).await?;
                     if scheduled >= measure_from {
-                        latencies.record(scheduled.elapsed().as_micros().max(1) as u64).ok();
+                        latencies.saturating_record(scheduled.elapsed().as_micros().max(1) as u64);
+                        last = Some(Instant::now());
                     }
                 }
-                Ok::<_, bbx_core::Error>(latencies)
+                Ok::<_, bbx_core::Error>((latencies, last))
             })
         })
         .collect();
-    let figures = merge(tasks, duration).await;
+    let figures = merge(tasks, measure_from, duration).await;
     pacer.join().map_err(|_| anyhow::anyhow!("the pacer thread panicked"))?;
     figures
 }
 
+/// What one load task measured: its latencies, and when its last measured request
+/// completed.
+type Measured = (Histogram<u64>, Option<Instant>);
+
+/// Merges the tasks' histograms. Throughput is over the time from the start of the
+/// measurement to the last completion, not the nominal window, so a target that
+/// falls behind a fixed rate shows it.
 async fn merge(
-    tasks: Vec<tokio::task::JoinHandle<bbx_core::Result<Histogram<u64>>>>,
+    tasks: Vec<tokio::task::JoinHandle<bbx_core::Result<Measured>>>,
+    measure_from: Instant,
     duration: Duration,
 ) -> Result<Figures> {
     let mut all = histogram();
+    let mut last_completion = None;
     for task in tasks {
-        all.add(task.await??)?;
+        let (latencies, last) = task.await??;
+        all.add(latencies)?;
+        last_completion = last_completion.max(last);
     }
-    Ok(Figures::from(&all, duration))
+    let elapsed = last_completion.map_or(duration, |last| last.duration_since(measure_from));
+    Ok(Figures::from(&all, elapsed.max(duration)))
 }
 
 pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {

@@ -7,7 +7,7 @@ mod output;
 
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
-use bbx_core::config::{ConfigFile, ConfigOverrides, KernelConfig, default_data_dir};
+use bbx_core::config::{ConfigLayer, KernelConfig, default_data_dir};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
 use bbx_core::{AgentApi, validate};
 use clap::{CommandFactory, Parser};
@@ -91,10 +91,10 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig> {
     let file = match &args.config {
-        Some(path) => ConfigFile::load(path)?,
-        None => ConfigFile::default(),
+        Some(path) => ConfigLayer::load(path)?,
+        None => ConfigLayer::default(),
     };
-    let overrides = ConfigOverrides {
+    let overrides = ConfigLayer {
         listen: args.listen,
         data_dir: cli.data_dir.clone(),
         max_body_bytes: args.max_body_bytes,

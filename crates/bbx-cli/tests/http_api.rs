@@ -357,6 +357,18 @@ async fn keys_are_required_checked_and_revocable() {
     }
     let (status, body) = api.raw(Method::POST, "/mcp", None, None).await;
     assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
+    // MCP transport errors keep the one error shape too.
+    let key = api.key.clone();
+    let (status, body) = api.raw(Method::GET, "/mcp", Some(&key), None).await;
+    assert_eq!(
+        error_code(status, &body, StatusCode::METHOD_NOT_ALLOWED),
+        "method_not_allowed"
+    );
+    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.to_vec();
+    let (status, body) = api
+        .raw(Method::POST, "/mcp", Some(&key), Some(("application/json", list)))
+        .await;
+    assert_eq!(error_code(status, &body, StatusCode::NOT_ACCEPTABLE), "not_acceptable");
 
     // Probes and metrics are open; OpenAPI is behind the key like the rest of /v1.
     for path in ["/healthz", "/readyz", "/metrics"] {
@@ -384,8 +396,24 @@ async fn keys_are_required_checked_and_revocable() {
     assert_eq!(error_code(status, &body, StatusCode::FORBIDDEN), "permission_denied");
     let (status, body) = api.raw(Method::GET, "/v1/keys", Some(&tenant_key), None).await;
     assert_eq!(error_code(status, &body, StatusCode::FORBIDDEN), "permission_denied");
-    let (status, _) = api.raw(Method::GET, "/v1/agents", Some(&tenant_key), None).await;
+    let (status, _) = api
+        .raw(
+            Method::POST,
+            "/v1/agents",
+            Some(&tenant_key),
+            Some(("application/json", br#"{"name":"mine"}"#.to_vec())),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, listed) = api.raw(Method::GET, "/v1/agents", Some(&tenant_key), None).await;
     assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = listed["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mine"], "a tenant key lists only its tenant's agents");
 
     let key_id = created["info"]["id"].as_str().unwrap();
     let (status, revoked) = api.call(Method::DELETE, &format!("/v1/keys/{key_id}"), None).await;

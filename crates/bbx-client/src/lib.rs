@@ -43,10 +43,6 @@ impl Client {
         })
     }
 
-    pub fn base_url(&self) -> &Url {
-        &self.base
-    }
-
     /// `/segment/segment/...`, each segment percent-encoded (so a state key `a/b`
     /// stays one segment).
     fn url(&self, segments: &[&str]) -> Url {
@@ -142,14 +138,6 @@ impl Client {
     pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKeyInfo> {
         self.call(self.request(Method::DELETE, &["v1", "keys", &id.to_string()]))
             .await
-    }
-
-    /// Whether the kernel answers `/readyz` with 200.
-    pub async fn ready(&self) -> bool {
-        match self.http.get(self.url(&["readyz"])).send().await {
-            Ok(response) => response.status().is_success(),
-            Err(_) => false,
-        }
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Three layers, later ones winning: a TOML file, `BBX_*` environment variables, and
 //! command-line flags. The CLI folds environment and flags into one
-//! [`ConfigOverrides`] (clap reads both, flags first), so this module only merges
-//! file, overrides and defaults. Unknown keys in the file are errors: a misspelled
+//! [`ConfigLayer`] (clap reads both, flags first), so this module only merges
+//! two layers and the defaults. Unknown keys in the file are errors: a misspelled
 //! setting must not silently fall back to a default.
 
 use crate::error::{Error, Result};
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_COMMIT_MAX_BATCH: usize = 4096;
+pub const MAX_COMMIT_MAX_BATCH: usize = 65_536;
 /// The storage engine reports every flush at info; that is noise to an operator.
 pub const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
 
@@ -32,10 +33,11 @@ pub struct KernelConfig {
     pub log: String,
 }
 
-/// The TOML file: every key optional.
+/// One layer of settings, every key optional: the TOML file is one layer, flags and
+/// environment together are another.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+pub struct ConfigLayer {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
@@ -43,17 +45,7 @@ pub struct ConfigFile {
     pub log: Option<String>,
 }
 
-/// Values from flags and environment; `None` means "not given".
-#[derive(Debug, Clone, Default)]
-pub struct ConfigOverrides {
-    pub listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub max_body_bytes: Option<usize>,
-    pub commit_max_batch: Option<usize>,
-    pub log: Option<String>,
-}
-
-impl ConfigFile {
+impl ConfigLayer {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid_field("config", format!("cannot read config file {}: {e}", path.display())))?;
@@ -66,7 +58,8 @@ impl ConfigFile {
 }
 
 impl KernelConfig {
-    pub fn resolve(file: ConfigFile, over: ConfigOverrides) -> Result<Self> {
+    /// Settings from `over` where given, else from `file`, else the defaults.
+    pub fn resolve(file: ConfigLayer, over: ConfigLayer) -> Result<Self> {
         let config = Self {
             listen: over
                 .listen
@@ -95,10 +88,10 @@ impl KernelConfig {
                 "max_body_bytes must be at least 1024",
             ));
         }
-        if config.commit_max_batch == 0 {
+        if !(1..=MAX_COMMIT_MAX_BATCH).contains(&config.commit_max_batch) {
             return Err(Error::invalid_field(
                 "commit_max_batch",
-                "commit_max_batch must be at least 1",
+                format!("commit_max_batch must be 1-{MAX_COMMIT_MAX_BATCH}"),
             ));
         }
         Ok(config)
@@ -129,8 +122,8 @@ mod tests {
 
     #[test]
     fn overrides_beat_file_beats_default() {
-        let file = ConfigFile::parse("listen = \"127.0.0.1:9000\"\nmax_body_bytes = 4096\n").unwrap();
-        let over = ConfigOverrides {
+        let file = ConfigLayer::parse("listen = \"127.0.0.1:9000\"\nmax_body_bytes = 4096\n").unwrap();
+        let over = ConfigLayer {
             listen: Some("127.0.0.1:9100".parse().unwrap()),
             ..Default::default()
         };
@@ -142,25 +135,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        assert!(ConfigFile::parse("lisen = \"127.0.0.1:1\"").is_err());
-        assert!(ConfigFile::parse("listen = \"not an address\"").is_err());
-        let tiny = ConfigFile {
+        assert!(ConfigLayer::parse("lisen = \"127.0.0.1:1\"").is_err());
+        assert!(ConfigLayer::parse("listen = \"not an address\"").is_err());
+        let tiny = ConfigLayer {
             max_body_bytes: Some(10),
             ..Default::default()
         };
-        assert!(KernelConfig::resolve(tiny, ConfigOverrides::default()).is_err());
+        assert!(KernelConfig::resolve(tiny, ConfigLayer::default()).is_err());
     }
 
     #[test]
     fn default_listens_on_loopback() {
-        let config = KernelConfig::resolve(ConfigFile::default(), ConfigOverrides::default()).unwrap();
+        let config = KernelConfig::resolve(ConfigLayer::default(), ConfigLayer::default()).unwrap();
         assert!(config.listen.ip().is_loopback());
-        assert!(
-            KernelConfig::resolve(
-                ConfigFile::parse(&config.to_toml()).unwrap(),
-                ConfigOverrides::default()
-            )
-            .is_ok()
-        );
+        assert!(KernelConfig::resolve(ConfigLayer::parse(&config.to_toml()).unwrap(), ConfigLayer::default()).is_ok());
     }
 }

@@ -28,6 +28,10 @@ pub enum ErrorCode {
     /// A compare-and-swap precondition did not hold.
     VersionConflict,
     AlreadyExists,
+    /// The request is valid but the system is not in a state that allows it.
+    FailedPrecondition,
+    /// The client does not accept any response type the endpoint can produce.
+    NotAcceptable,
     PayloadTooLarge,
     UnsupportedMediaType,
     MethodNotAllowed,
@@ -45,7 +49,8 @@ impl ErrorCode {
             Self::PermissionDenied => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
-            Self::VersionConflict | Self::AlreadyExists => 409,
+            Self::NotAcceptable => 406,
+            Self::VersionConflict | Self::AlreadyExists | Self::FailedPrecondition => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::InvalidArgument => 422,
@@ -64,6 +69,8 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::VersionConflict => "version_conflict",
             Self::AlreadyExists => "already_exists",
+            Self::FailedPrecondition => "failed_precondition",
+            Self::NotAcceptable => "not_acceptable",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -170,6 +177,8 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::VersionConflict,
             ErrorCode::AlreadyExists,
+            ErrorCode::FailedPrecondition,
+            ErrorCode::NotAcceptable,
             ErrorCode::PayloadTooLarge,
             ErrorCode::UnsupportedMediaType,
             ErrorCode::MethodNotAllowed,

@@ -20,8 +20,14 @@ pub fn name(field: &str, value: &str) -> Result<()> {
 
 /// A state key: non-empty, bounded, printable. `/` is allowed so that keys can form
 /// hierarchies listed by prefix; keys are opaque to storage, never paths on disk.
+/// `.` and `..` alone are refused: as a URL path segment they are dot segments that
+/// URL libraries resolve away, so `/state/..` would address the agent itself.
 pub fn state_key(value: &str) -> Result<()> {
-    printable("key", value, MAX_STATE_KEY_BYTES)
+    printable("key", value, MAX_STATE_KEY_BYTES)?;
+    if value == "." || value == ".." {
+        return Err(Error::invalid_field("key", format!("{value:?} cannot be a state key")));
+    }
+    Ok(())
 }
 
 /// A tenant: a slug of lowercase letters, digits, `-` and `_`, so it can appear in
@@ -127,6 +133,14 @@ mod tests {
         assert!(name("name", &"x".repeat(MAX_NAME_BYTES + 1)).is_err());
         assert!(name("name", "a\u{0}b").is_err());
         assert!(name("name", "ünïcødé names are fine").is_ok());
+    }
+
+    #[test]
+    fn dot_segments_are_not_keys() {
+        assert!(state_key(".").is_err());
+        assert!(state_key("..").is_err());
+        assert!(state_key("...").is_ok());
+        assert!(state_key("a/../b").is_ok());
     }
 
     #[test]

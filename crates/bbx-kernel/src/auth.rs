@@ -103,6 +103,15 @@ impl KeyRing {
         all
     }
 
+    /// Administrator keys that are not revoked.
+    pub fn active_admins(&self) -> usize {
+        self.keys
+            .read()
+            .values()
+            .filter(|k| k.info.tenant.is_none() && k.info.revoked_at.is_none())
+            .count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.read().is_empty()
     }

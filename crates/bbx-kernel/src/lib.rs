@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use store::{Applied, Store, Write, decode_agent, decode_state_header, storage_error};
+use store::{Applied, Store, Write, decode_agent, decode_state, storage_error};
 
 /// Name of the file, inside the data directory, that holds the first admin key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
@@ -269,8 +269,11 @@ impl Kernel {
             .state
             .get(store::state_key(agent, key))
             .map_err(|e| storage_error("read", e))?;
-        let bytes = bytes.ok_or_else(|| Error::not_found("state key", key))?;
-        decode_entry(key.to_owned(), &bytes)
+        let entry = match bytes {
+            Some(bytes) => decode_entry(key.to_owned(), &bytes)?,
+            None => None,
+        };
+        entry.ok_or_else(|| Error::not_found("state key", key))
     }
 
     pub async fn state_set(&self, caller: &Caller, agent: &AgentId, key: String, req: SetState) -> Result<StateEntry> {
@@ -320,6 +323,7 @@ impl Kernel {
                 agent: *agent,
                 key,
                 if_version,
+                at: Utc::now(),
             })
             .await
             .map(drop)
@@ -331,10 +335,13 @@ impl Kernel {
         let prefix = store::state_key(agent, req.prefix.as_deref().unwrap_or(""));
         let start = match req.cursor.as_deref() {
             Some(cursor) => {
+                // A cursor is the last key of a page of this listing, so it lies
+                // inside the prefix; anything else would silently end the listing.
                 let after = hex::decode(cursor)
                     .ok()
                     .and_then(|bytes| String::from_utf8(bytes).ok())
-                    .ok_or_else(|| Error::invalid_field("cursor", "cursor is not one this API returned"))?;
+                    .filter(|after| after.starts_with(req.prefix.as_deref().unwrap_or("")))
+                    .ok_or_else(|| Error::invalid_field("cursor", "cursor is not one this listing returned"))?;
                 Bound::Excluded(store::state_key(agent, &after))
             }
             None => Bound::Included(prefix.clone()),
@@ -346,7 +353,9 @@ impl Kernel {
                 break;
             }
             let key = String::from_utf8(raw_key[16..].to_vec()).map_err(|_| Error::internal("corrupt state key"))?;
-            entries.push(decode_entry(key, &value)?);
+            if let Some(entry) = decode_entry(key, &value)? {
+                entries.push(entry);
+            }
             if entries.len() > limit {
                 break;
             }
@@ -402,6 +411,12 @@ impl Kernel {
     pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
         caller.require_admin("revoke API keys")?;
         let mut stored = self.keys.get(id).ok_or_else(|| Error::not_found("API key", id))?;
+        if stored.info.revoked_at.is_none() && stored.info.tenant.is_none() && self.keys.active_admins() == 1 {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                "this is the last administrator key; create another before revoking it",
+            ));
+        }
         if stored.info.revoked_at.is_none() {
             stored.info.revoked_at = Some(Utc::now());
             self.store.write(Write::PutKey(stored.clone())).await?;
@@ -411,19 +426,20 @@ impl Kernel {
     }
 }
 
-fn decode_entry(key: String, bytes: &[u8]) -> Result<StateEntry> {
-    if bytes.len() < 16 {
-        return Err(Error::internal("corrupt state value"));
+/// The entry a stored value holds, or `None` for a deleted key's tombstone.
+fn decode_entry(key: String, bytes: &[u8]) -> Result<Option<StateEntry>> {
+    let stored = decode_state(bytes)?;
+    if stored.is_tombstone() {
+        return Ok(None);
     }
-    let (version, updated_at, json) = decode_state_header(bytes);
     let value =
-        serde_json::from_slice(json).map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
-    Ok(StateEntry {
+        serde_json::from_slice(stored.json).map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
+    Ok(Some(StateEntry {
         key,
         value,
-        version,
-        updated_at,
-    })
+        version: stored.version,
+        updated_at: stored.updated_at,
+    }))
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {

@@ -49,6 +49,7 @@ pub(crate) enum Write {
         agent: AgentId,
         key: String,
         if_version: Option<u64>,
+        at: DateTime<Utc>,
     },
     PutKey(StoredKey),
 }
@@ -79,6 +80,22 @@ pub(crate) struct Keyspaces {
     pub state: Keyspace,
     pub api_keys: Keyspace,
     pub meta: Keyspace,
+}
+
+impl Keyspaces {
+    fn open(db: &Database) -> Result<Self> {
+        let open = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| storage_error("open a keyspace", e))
+        };
+        Ok(Self {
+            agents: open("agents")?,
+            tenants: open("tenants")?,
+            state: open("state")?,
+            api_keys: open("api_keys")?,
+            meta: open("meta")?,
+        })
+    }
 }
 
 /// Counters and histograms of the write path, shown in `/metrics` and `bbx status`.
@@ -146,17 +163,7 @@ impl Store {
                 )),
                 e => storage_error("open the database", e),
             })?;
-        let open = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| storage_error("open a keyspace", e))
-        };
-        let ks = Keyspaces {
-            agents: open("agents")?,
-            tenants: open("tenants")?,
-            state: open("state")?,
-            api_keys: open("api_keys")?,
-            meta: open("meta")?,
-        };
+        let ks = Keyspaces::open(&db)?;
         let (writer, requests) = mpsc::channel(commit_max_batch.max(1024));
         let failed = Arc::new(AtomicBool::new(false));
         let metrics = StoreMetrics::new();
@@ -232,7 +239,17 @@ impl Committer {
                 }
             }
             if !group.is_empty() {
-                self.commit_group(&mut group);
+                let committed =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_group(&mut group)));
+                if committed.is_err() {
+                    // Nothing of this group is acknowledged (its reply channels drop,
+                    // so each writer hears "the storage writer stopped"), and storage
+                    // is marked failed so that /readyz says so and later writes are
+                    // refused rather than risked.
+                    tracing::error!("the committer panicked; refusing further writes");
+                    self.failed.store(true, Ordering::Release);
+                    group.clear();
+                }
             }
         }
     }
@@ -327,24 +344,43 @@ impl<'a> GroupTx<'a> {
         decode_agent(&bytes)
     }
 
-    fn adjust_agent_count(&mut self, delta: i64) -> Result<()> {
-        let current = self.read(META, AGENT_COUNT)?.map(|v| decode_u64(&v)).unwrap_or(0);
-        let next = current.saturating_add_signed(delta);
-        self.put(META, AGENT_COUNT.to_vec(), next.to_be_bytes().to_vec());
-        Ok(())
+    fn agent_count(&self) -> Result<u64> {
+        Ok(self.read(META, AGENT_COUNT)?.map(|v| decode_u64(&v)).unwrap_or(0))
     }
 
+    /// The stored version of a state key, and whether the key currently exists
+    /// (a deleted key keeps its last version in a tombstone).
+    fn state_version(&self, storage_key: &[u8]) -> Result<StateVersion> {
+        match self.read(STATE, storage_key)? {
+            None => Ok(StateVersion {
+                version: 0,
+                exists: false,
+            }),
+            Some(bytes) => {
+                let stored = decode_state(&bytes)?;
+                Ok(StateVersion {
+                    version: stored.version,
+                    exists: !stored.is_tombstone(),
+                })
+            }
+        }
+    }
+
+    /// Checks the write's preconditions, then stages it. Every fallible read comes
+    /// before the first `put`, so a write that fails stages nothing.
     fn apply(&mut self, write: &Write) -> Result<Applied> {
         match write {
             Write::CreateAgent(agent) => {
                 let json = serde_json::to_vec(agent).map_err(|e| Error::internal(e.to_string()))?;
+                let count = self.agent_count()?;
                 self.put(AGENTS, agent.id.as_bytes().to_vec(), json);
                 self.put(TENANTS, tenant_index_key(&agent.tenant, &agent.id), Vec::new());
-                self.adjust_agent_count(1)?;
+                self.put(META, AGENT_COUNT.to_vec(), (count + 1).to_be_bytes().to_vec());
                 Ok(Applied::Done)
             }
             Write::DeleteAgent(id) => {
                 let agent = self.load_agent(id)?;
+                let count = self.agent_count()?;
                 let prefix = id.as_bytes().to_vec();
                 let mut keys: Vec<Vec<u8>> = Vec::new();
                 for item in self.ks.state.prefix(&prefix) {
@@ -361,7 +397,11 @@ impl<'a> GroupTx<'a> {
                 }
                 self.remove(AGENTS, prefix);
                 self.remove(TENANTS, tenant_index_key(&agent.tenant, id));
-                self.adjust_agent_count(-1)?;
+                self.put(
+                    META,
+                    AGENT_COUNT.to_vec(),
+                    count.saturating_sub(1).to_be_bytes().to_vec(),
+                );
                 Ok(Applied::Done)
             }
             Write::SetState {
@@ -373,23 +413,28 @@ impl<'a> GroupTx<'a> {
             } => {
                 self.load_agent(agent)?;
                 let storage_key = state_key(agent, key);
-                let current = self
-                    .read(STATE, &storage_key)?
-                    .map(|v| decode_state_header(&v).0)
-                    .unwrap_or(0);
+                let current = self.state_version(&storage_key)?;
                 check_version(key, *if_version, current)?;
-                let version = current + 1;
+                // Versions only grow, across deletes too, so a stale version can never
+                // match a key that was deleted and written again (no ABA).
+                let version = current.version + 1;
                 self.put(STATE, storage_key, encode_state(version, *at, value));
                 Ok(Applied::Version(version))
             }
-            Write::DeleteState { agent, key, if_version } => {
+            Write::DeleteState {
+                agent,
+                key,
+                if_version,
+                at,
+            } => {
                 self.load_agent(agent)?;
                 let storage_key = state_key(agent, key);
-                let Some(current) = self.read(STATE, &storage_key)?.map(|v| decode_state_header(&v).0) else {
+                let current = self.state_version(&storage_key)?;
+                if !current.exists {
                     return Err(Error::not_found("state key", key));
-                };
+                }
                 check_version(key, *if_version, current)?;
-                self.remove(STATE, storage_key);
+                self.put(STATE, storage_key, encode_state(current.version, *at, &[]));
                 Ok(Applied::Done)
             }
             Write::PutKey(stored) => {
@@ -415,19 +460,31 @@ impl<'a> GroupTx<'a> {
     }
 }
 
-fn check_version(key: &str, expected: Option<u64>, current: u64) -> Result<()> {
-    match expected {
-        Some(expected) if expected != current => Err(Error::new(
-            ErrorCode::VersionConflict,
-            if current == 0 {
-                format!("state key {key:?} does not exist, expected version {expected}")
-            } else {
-                format!("state key {key:?} is at version {current}, expected {expected}")
-            },
-        )
-        .with_details(serde_json::json!({ "key": key, "expected": expected, "actual": current }))),
-        _ => Ok(()),
+#[derive(Clone, Copy)]
+struct StateVersion {
+    version: u64,
+    exists: bool,
+}
+
+/// `expected` 0 means "must not exist"; any other number, "must exist at this version".
+fn check_version(key: &str, expected: Option<u64>, current: StateVersion) -> Result<()> {
+    let Some(expected) = expected else { return Ok(()) };
+    let holds = if expected == 0 {
+        !current.exists
+    } else {
+        current.exists && current.version == expected
+    };
+    if holds {
+        return Ok(());
     }
+    let actual = if current.exists { current.version } else { 0 };
+    let message = if current.exists {
+        format!("state key {key:?} is at version {actual}, expected {expected}")
+    } else {
+        format!("state key {key:?} does not exist, expected version {expected}")
+    };
+    Err(Error::new(ErrorCode::VersionConflict, message)
+        .with_details(serde_json::json!({ "key": key, "expected": expected, "actual": actual })))
 }
 
 pub(crate) fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -451,6 +508,20 @@ pub(crate) fn state_key(agent: &AgentId, key: &str) -> Vec<u8> {
 
 const STATE_HEADER: usize = 16;
 
+/// A stored state value: version, time of the write, and the JSON. An empty JSON
+/// part marks a tombstone (a deleted key keeping its version); no JSON text is empty.
+pub(crate) struct StoredState<'a> {
+    pub version: u64,
+    pub updated_at: DateTime<Utc>,
+    pub json: &'a [u8],
+}
+
+impl StoredState<'_> {
+    pub fn is_tombstone(&self) -> bool {
+        self.json.is_empty()
+    }
+}
+
 pub(crate) fn encode_state(version: u64, at: DateTime<Utc>, json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(STATE_HEADER + json.len());
     out.extend_from_slice(&version.to_be_bytes());
@@ -459,15 +530,17 @@ pub(crate) fn encode_state(version: u64, at: DateTime<Utc>, json: &[u8]) -> Vec<
     out
 }
 
-/// (version, updated_at, JSON bytes) of a stored state value.
-pub(crate) fn decode_state_header(bytes: &[u8]) -> (u64, DateTime<Utc>, &[u8]) {
-    let version = u64::from_be_bytes(bytes[0..8].try_into().expect("8 bytes"));
-    let millis = i64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    (
+pub(crate) fn decode_state(bytes: &[u8]) -> Result<StoredState<'_>> {
+    let (Some(version), Some(millis)) = (bytes.get(0..8), bytes.get(8..STATE_HEADER)) else {
+        return Err(Error::internal("a stored state value is shorter than its header"));
+    };
+    let version = u64::from_be_bytes(version.try_into().expect("8 bytes"));
+    let millis = i64::from_be_bytes(millis.try_into().expect("8 bytes"));
+    Ok(StoredState {
         version,
-        DateTime::from_timestamp_millis(millis).unwrap_or_default(),
-        &bytes[STATE_HEADER..],
-    )
+        updated_at: DateTime::from_timestamp_millis(millis).unwrap_or_default(),
+        json: &bytes[STATE_HEADER..],
+    })
 }
 
 pub(crate) fn decode_agent(bytes: &[u8]) -> Result<Agent> {
@@ -484,4 +557,130 @@ fn read_count(meta: &Keyspace) -> Result<u64> {
         .map_err(|e| storage_error("read", e))?
         .map(|v| decode_u64(&v))
         .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bbx_core::model::AgentStatus;
+
+    fn agent() -> Agent {
+        Agent {
+            id: AgentId::generate(),
+            name: "a".into(),
+            tenant: "t".into(),
+            labels: Default::default(),
+            status: AgentStatus::Idle,
+            created_at: Utc::now(),
+        }
+    }
+
+    fn set(agent: &Agent, key: &str, if_version: Option<u64>) -> Write {
+        Write::SetState {
+            agent: agent.id,
+            key: key.into(),
+            value: b"1".to_vec(),
+            if_version,
+            at: Utc::now(),
+        }
+    }
+
+    fn delete(agent: &Agent, key: &str, if_version: Option<u64>) -> Write {
+        Write::DeleteState {
+            agent: agent.id,
+            key: key.into(),
+            if_version,
+            at: Utc::now(),
+        }
+    }
+
+    fn code(result: Result<Applied>) -> ErrorCode {
+        result.unwrap_err().code
+    }
+
+    /// A database and its keyspaces, without a committer: groups are driven by hand.
+    fn fresh() -> (tempfile::TempDir, Database, Keyspaces) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::builder(dir.path()).open().unwrap();
+        let ks = Keyspaces::open(&db).unwrap();
+        (dir, db, ks)
+    }
+
+    #[test]
+    fn writes_in_one_group_see_each_other() {
+        let (_dir, db, ks) = fresh();
+        let a = agent();
+        let mut tx = GroupTx::new(&ks);
+        assert_eq!(tx.apply(&Write::CreateAgent(a.clone())).unwrap(), Applied::Done);
+        assert_eq!(tx.apply(&set(&a, "k", Some(0))).unwrap(), Applied::Version(1));
+        // A second create-only CAS in the same group sees the first.
+        assert_eq!(code(tx.apply(&set(&a, "k", Some(0)))), ErrorCode::VersionConflict);
+        assert_eq!(tx.apply(&set(&a, "k", Some(1))).unwrap(), Applied::Version(2));
+        tx.commit(&db).unwrap();
+        let stored = ks.state.get(state_key(&a.id, "k")).unwrap().unwrap();
+        assert_eq!(decode_state(&stored).unwrap().version, 2);
+        assert_eq!(read_count(&ks.meta).unwrap(), 1);
+    }
+
+    #[test]
+    fn deleting_an_agent_removes_state_staged_earlier_in_its_group() {
+        let (_dir, db, ks) = fresh();
+        let a = agent();
+        let mut tx = GroupTx::new(&ks);
+        tx.apply(&Write::CreateAgent(a.clone())).unwrap();
+        tx.commit(&db).unwrap();
+
+        let mut tx = GroupTx::new(&ks);
+        tx.apply(&set(&a, "committed-later", None)).unwrap();
+        tx.apply(&Write::DeleteAgent(a.id)).unwrap();
+        // Once deleted, the agent takes no more writes in the same group.
+        assert_eq!(code(tx.apply(&set(&a, "after", None))), ErrorCode::NotFound);
+        tx.commit(&db).unwrap();
+        assert_eq!(ks.state.prefix(a.id.as_bytes()).count(), 0);
+        assert!(ks.agents.get(a.id.as_bytes()).unwrap().is_none());
+        assert_eq!(read_count(&ks.meta).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_refused_write_stages_nothing() {
+        let (_dir, _db, ks) = fresh();
+        let a = agent();
+        let mut tx = GroupTx::new(&ks);
+        assert_eq!(code(tx.apply(&set(&a, "k", None))), ErrorCode::NotFound);
+        assert_eq!(code(tx.apply(&Write::DeleteAgent(a.id))), ErrorCode::NotFound);
+        assert!(tx.staged.is_empty());
+        tx.apply(&Write::CreateAgent(a.clone())).unwrap();
+        let staged = tx.staged.clone();
+        assert_eq!(code(tx.apply(&set(&a, "k", Some(3)))), ErrorCode::VersionConflict);
+        assert_eq!(code(tx.apply(&delete(&a, "k", None))), ErrorCode::NotFound);
+        assert_eq!(tx.staged, staged);
+    }
+
+    #[test]
+    fn versions_survive_deletion_so_stale_cas_cannot_win() {
+        let (_dir, db, ks) = fresh();
+        let a = agent();
+        let mut tx = GroupTx::new(&ks);
+        tx.apply(&Write::CreateAgent(a.clone())).unwrap();
+        tx.apply(&set(&a, "k", None)).unwrap();
+        tx.apply(&delete(&a, "k", Some(1))).unwrap();
+        tx.commit(&db).unwrap();
+
+        let mut tx = GroupTx::new(&ks);
+        // A client still holding version 1 must not overwrite a re-created key.
+        assert_eq!(code(tx.apply(&set(&a, "k", Some(1)))), ErrorCode::VersionConflict);
+        assert_eq!(code(tx.apply(&delete(&a, "k", None))), ErrorCode::NotFound);
+        assert_eq!(tx.apply(&set(&a, "k", Some(0))).unwrap(), Applied::Version(2));
+        assert_eq!(code(tx.apply(&set(&a, "k", Some(1)))), ErrorCode::VersionConflict);
+    }
+
+    #[test]
+    fn short_stored_values_are_errors_not_panics() {
+        assert!(decode_state(&[0u8; 15]).is_err());
+        assert!(decode_state(&[]).is_err());
+        let tombstone = encode_state(7, Utc::now(), &[]);
+        let decoded = decode_state(&tombstone).unwrap();
+        assert!(decoded.is_tombstone());
+        assert_eq!(decoded.version, 7);
+    }
 }

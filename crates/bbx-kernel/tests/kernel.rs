@@ -1,6 +1,6 @@
 //! The kernel against a real data directory: durability, CAS, paging, tenancy.
 
-use bbx_core::config::{ConfigFile, ConfigOverrides, KernelConfig};
+use bbx_core::config::{ConfigLayer, KernelConfig};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
 use bbx_core::{AgentApi, ErrorCode};
 use bbx_kernel::{Caller, Kernel, Session};
@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 async fn open(dir: &Path) -> (std::sync::Arc<Kernel>, Session) {
-    let over = ConfigOverrides {
+    let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         ..Default::default()
     };
-    let config = KernelConfig::resolve(ConfigFile::default(), over).unwrap();
+    let config = KernelConfig::resolve(ConfigLayer::default(), over).unwrap();
     let kernel = Kernel::open(config).await.unwrap().kernel;
     let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
     let caller = kernel.authenticate(token.trim()).unwrap();
@@ -121,7 +121,7 @@ async fn deleting_an_agent_deletes_its_state_and_only_its_state() {
     );
     assert_eq!(api.state_get(kept.id, "k0".into()).await.unwrap().value, json!("mine"));
     assert_eq!(kernel.status().unwrap().agents, 1);
-    // A new agent never sees the old one's keys, and a second delete is a 404.
+    // A second delete is a 404.
     assert_eq!(api.delete_agent(doomed.id).await.unwrap_err().code, ErrorCode::NotFound);
     kernel.shutdown().await;
 }
@@ -350,4 +350,106 @@ async fn invalid_input_changes_nothing() {
             .is_empty()
     );
     kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_acknowledged_write_was_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let a = api.create_agent(agent("synced")).await.unwrap();
+    let before = kernel.status().unwrap().storage;
+    // One at a time, each write is alone in its group, so each costs one fdatasync.
+    for i in 0..10 {
+        api.state_set(a.id, format!("k{i}"), set(json!(i), None)).await.unwrap();
+    }
+    let after = kernel.status().unwrap().storage;
+    assert_eq!(after.writes_committed - before.writes_committed, 10);
+    assert_eq!(after.syncs - before.syncs, 10);
+
+    // Concurrent writers share syncs: 200 writes take fewer than 200 syncs.
+    let writers: Vec<_> = (0..200)
+        .map(|i| {
+            let api = api.clone();
+            tokio::spawn(async move { api.state_set(a.id, format!("c{i}"), set(json!(i), None)).await })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap().unwrap();
+    }
+    let concurrent = kernel.status().unwrap().storage;
+    assert_eq!(concurrent.writes_committed - after.writes_committed, 200);
+    assert!(
+        concurrent.syncs - after.syncs < 200,
+        "no group commit: {} syncs",
+        concurrent.syncs - after.syncs
+    );
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_last_admin_key_cannot_be_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, admin) = open(dir.path()).await;
+    let err = kernel
+        .revoke_key(admin.caller(), &admin.caller().key_id)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition);
+    let second = kernel
+        .create_key(
+            admin.caller(),
+            CreateApiKey {
+                name: "second".into(),
+                tenant: None,
+            },
+        )
+        .await
+        .unwrap();
+    kernel.revoke_key(admin.caller(), &admin.caller().key_id).await.unwrap();
+    assert!(kernel.authenticate(&second.key).unwrap().is_admin());
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleted_keys_disappear_and_cursors_stay_inside_their_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let a = api.create_agent(agent("a")).await.unwrap();
+    for key in ["a/1", "a/2", "b/1"] {
+        api.state_set(a.id, key.into(), set(json!(key), None)).await.unwrap();
+    }
+    api.state_delete(a.id, "a/1".into(), None).await.unwrap();
+    assert_eq!(
+        api.state_get(a.id, "a/1".into()).await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    let page = api.state_list(a.id, ListState::default()).await.unwrap();
+    assert_eq!(
+        page.entries.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+        ["a/2", "b/1"]
+    );
+    // Re-created after a delete, a key continues its versions.
+    assert_eq!(
+        api.state_set(a.id, "a/1".into(), set(json!(0), Some(0)))
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+
+    let outside = hex_cursor("a/");
+    let req = ListState {
+        prefix: Some("b/".into()),
+        limit: None,
+        cursor: Some(outside),
+    };
+    assert_eq!(
+        api.state_list(a.id, req).await.unwrap_err().code,
+        ErrorCode::InvalidArgument
+    );
+    kernel.shutdown().await;
+}
+
+fn hex_cursor(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
 }

@@ -62,7 +62,11 @@ pub fn app(kernel: Arc<Kernel>) -> axum::Router {
                 )
             }),
         )
-        .nest_service("/mcp", mcp)
+        .merge(
+            axum::Router::new()
+                .nest_service("/mcp", mcp)
+                .layer(middleware::from_fn(transport_errors_as_json)),
+        )
         .layer(middleware::from_fn_with_state(kernel.clone(), require_key));
 
     let max_body = kernel.config().max_body_bytes;
@@ -123,6 +127,43 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
         }
         Err(e) => ApiError(e).into_response(),
     }
+}
+
+/// rmcp answers transport problems (a wrong `Accept`, an unknown protocol version,
+/// GET on a stateless endpoint) in plain text; give them the one error shape.
+async fn transport_errors_as_json(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let code = match status.as_u16() {
+        401 => ErrorCode::Unauthenticated,
+        403 => ErrorCode::PermissionDenied,
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        406 => ErrorCode::NotAcceptable,
+        413 => ErrorCode::PayloadTooLarge,
+        415 => ErrorCode::UnsupportedMediaType,
+        422 => ErrorCode::InvalidArgument,
+        503 => ErrorCode::Unavailable,
+        400..=499 => ErrorCode::MalformedRequest,
+        _ => ErrorCode::Internal,
+    };
+    let body = axum::body::to_bytes(response.into_body(), 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("MCP transport error").to_owned(),
+        text => text.to_owned(),
+    };
+    ApiError(Error::new(code, message)).into_response()
 }
 
 /// Answers 413 from the headers alone when the declared body is over the limit, so

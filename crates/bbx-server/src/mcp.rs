@@ -22,7 +22,6 @@ use rmcp::{Json, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Where a tool call finds the API to act on.
@@ -57,36 +56,6 @@ impl<A: AgentApi + Clone> ApiSource for FixedApi<A> {
     fn api(&self, _: &Extensions) -> Result<A, Error> {
         Ok(self.0.clone())
     }
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AgentCreateArgs {
-    /// Human-readable name for the agent, 1-256 characters, e.g. "research-assistant".
-    pub name: String,
-    /// Tenant that owns the agent: lowercase letters, digits, '-' and '_'. Omit for the default tenant.
-    #[serde(default)]
-    pub tenant: Option<String>,
-    /// Optional labels to find the agent by later, e.g. {"team": "ml"}.
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AgentListArgs {
-    /// Only agents of this tenant.
-    #[serde(default)]
-    pub tenant: Option<String>,
-    /// Only agents with this label, written "key=value".
-    #[serde(default)]
-    pub label: Option<String>,
-    /// Page size, 1-1000 (default 100).
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// The next_cursor from the previous page, to continue listing.
-    #[serde(default)]
-    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -188,17 +157,10 @@ impl<S: ApiSource> McpServer<S> {
     async fn agent_create(
         &self,
         ctx: RequestContext<RoleServer>,
-        Parameters(args): Parameters<AgentCreateArgs>,
+        Parameters(req): Parameters<CreateAgent>,
     ) -> ToolResult<Agent> {
         let api = self.api(&ctx)?;
-        answer(
-            api.create_agent(CreateAgent {
-                name: args.name,
-                tenant: args.tenant,
-                labels: args.labels,
-            })
-            .await,
-        )
+        answer(api.create_agent(req).await)
     }
 
     #[tool(
@@ -208,15 +170,9 @@ impl<S: ApiSource> McpServer<S> {
     async fn agent_list(
         &self,
         ctx: RequestContext<RoleServer>,
-        Parameters(args): Parameters<AgentListArgs>,
+        Parameters(req): Parameters<ListAgents>,
     ) -> ToolResult<AgentPage> {
         let api = self.api(&ctx)?;
-        let req = ListAgents {
-            tenant: args.tenant,
-            label: args.label,
-            limit: args.limit,
-            cursor: args.cursor,
-        };
         answer(api.list_agents(req).await)
     }
 
