@@ -26,6 +26,7 @@ use bbx_core::model::{
 };
 use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, Result, validate};
 use chrono::Utc;
+use fjall::Readable;
 use std::io::Write as _;
 use std::ops::Bound;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -136,9 +137,8 @@ impl Kernel {
     fn load_agent(&self, caller: &Caller, id: &AgentId) -> Result<Agent> {
         let bytes = self
             .store
-            .ks
-            .agents
-            .get(id.as_bytes())
+            .view()
+            .get(&self.store.ks.agents, id.as_bytes())
             .map_err(|e| storage_error("read", e))?;
         let agent = decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", id))?)?;
         caller.check_tenant(&agent.tenant)?;
@@ -179,6 +179,7 @@ impl Kernel {
 
     pub fn list_agents(&self, caller: &Caller, req: ListAgents) -> Result<AgentPage> {
         let limit = page_limit(req.limit)?;
+        let view = self.store.view();
         let tenant = match (req.tenant, &caller.tenant) {
             (Some(tenant), _) => {
                 caller.check_tenant(&tenant)?;
@@ -202,7 +203,7 @@ impl Kernel {
                     None => Bound::Included(format!("{tenant}\0").into_bytes()),
                 };
                 let end = Bound::Excluded(format!("{tenant}\u{1}").into_bytes());
-                Box::new(self.store.ks.tenants.range((start, end)).map(|item| {
+                Box::new(view.range(&self.store.ks.tenants, (start, end)).map(|item| {
                     let key = item.key().map_err(|e| storage_error("scan agents", e))?;
                     let id: [u8; 16] = key[key.len() - 16..].try_into().expect("index keys end in an id");
                     Ok(AgentId::from_bytes(id))
@@ -214,10 +215,7 @@ impl Kernel {
                     None => Bound::Unbounded,
                 };
                 Box::new(
-                    self.store
-                        .ks
-                        .agents
-                        .range((start, Bound::<Vec<u8>>::Unbounded))
+                    view.range(&self.store.ks.agents, (start, Bound::<Vec<u8>>::Unbounded))
                         .map(|item| {
                             let key = item.key().map_err(|e| storage_error("scan agents", e))?;
                             Ok(AgentId::from_bytes(
@@ -233,11 +231,8 @@ impl Kernel {
         let mut agents = Vec::with_capacity(limit.min(128) + 1);
         for id in ids {
             let id = id?;
-            let Some(bytes) = self
-                .store
-                .ks
-                .agents
-                .get(id.as_bytes())
+            let Some(bytes) = view
+                .get(&self.store.ks.agents, id.as_bytes())
                 .map_err(|e| storage_error("read", e))?
             else {
                 continue;
@@ -265,9 +260,8 @@ impl Kernel {
         self.load_agent(caller, agent)?;
         let bytes = self
             .store
-            .ks
-            .state
-            .get(store::state_key(agent, key))
+            .view()
+            .get(&self.store.ks.state, store::state_key(agent, key))
             .map_err(|e| storage_error("read", e))?;
         let entry = match bytes {
             Some(bytes) => decode_entry(key.to_owned(), &bytes)?,
@@ -347,7 +341,11 @@ impl Kernel {
             None => Bound::Included(prefix.clone()),
         };
         let mut entries = Vec::with_capacity(limit.min(128) + 1);
-        for item in self.store.ks.state.range((start, Bound::<Vec<u8>>::Unbounded)) {
+        for item in self
+            .store
+            .view()
+            .range(&self.store.ks.state, (start, Bound::<Vec<u8>>::Unbounded))
+        {
             let (raw_key, value) = item.into_inner().map_err(|e| storage_error("scan state", e))?;
             if !raw_key.starts_with(&prefix) {
                 break;

@@ -20,7 +20,7 @@ use crate::auth::StoredKey;
 use bbx_core::model::Agent;
 use bbx_core::{AgentId, Error, ErrorCode, Result};
 use chrono::{DateTime, Utc};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -148,6 +148,8 @@ pub(crate) struct Store {
     committer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     pub failed: Arc<AtomicBool>,
     pub metrics: StoreMetrics,
+    /// The snapshot readers use, replaced by the committer after each fdatasync.
+    durable: Arc<parking_lot::RwLock<Arc<Snapshot>>>,
 }
 
 impl Store {
@@ -167,11 +169,13 @@ impl Store {
         let (writer, requests) = mpsc::channel(commit_max_batch.max(1024));
         let failed = Arc::new(AtomicBool::new(false));
         let metrics = StoreMetrics::new();
+        let durable = Arc::new(parking_lot::RwLock::new(Arc::new(db.snapshot())));
         let committer = Committer {
             db: db.clone(),
             ks: ks.clone(),
             failed: failed.clone(),
             metrics: metrics.clone(),
+            durable: durable.clone(),
             max_batch: commit_max_batch,
         };
         let handle = std::thread::Builder::new()
@@ -185,6 +189,7 @@ impl Store {
             committer: parking_lot::Mutex::new(Some(handle)),
             failed,
             metrics,
+            durable,
         })
     }
 
@@ -210,7 +215,14 @@ impl Store {
     }
 
     pub fn agent_count(&self) -> Result<u64> {
-        read_count(&self.ks.meta)
+        read_count(&*self.view(), &self.ks.meta)
+    }
+
+    /// The database as of the last fdatasync: what readers may see. A write becomes
+    /// visible here only once it is durable, so nobody can read a value that a crash
+    /// would then take back.
+    pub fn view(&self) -> Arc<Snapshot> {
+        self.durable.read().clone()
     }
 }
 
@@ -219,6 +231,7 @@ struct Committer {
     ks: Keyspaces,
     failed: Arc<AtomicBool>,
     metrics: StoreMetrics,
+    durable: Arc<parking_lot::RwLock<Arc<Snapshot>>>,
     max_batch: usize,
 }
 
@@ -272,6 +285,9 @@ impl Committer {
             tracing::error!(error = %e, "storage write failed; refusing further writes");
             self.failed.store(true, Ordering::Release);
         } else if wrote {
+            // Publish before answering: a writer that got its acknowledgement reads
+            // its own write.
+            *self.durable.write() = Arc::new(self.db.snapshot());
             self.metrics.syncs.inc();
             self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.group_size.observe(group.len() as f64);
@@ -551,9 +567,9 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
-fn read_count(meta: &Keyspace) -> Result<u64> {
-    Ok(meta
-        .get(AGENT_COUNT)
+fn read_count(view: &impl Readable, meta: &Keyspace) -> Result<u64> {
+    Ok(view
+        .get(meta, AGENT_COUNT)
         .map_err(|e| storage_error("read", e))?
         .map(|v| decode_u64(&v))
         .unwrap_or(0))
@@ -619,7 +635,7 @@ mod tests {
         tx.commit(&db).unwrap();
         let stored = ks.state.get(state_key(&a.id, "k")).unwrap().unwrap();
         assert_eq!(decode_state(&stored).unwrap().version, 2);
-        assert_eq!(read_count(&ks.meta).unwrap(), 1);
+        assert_eq!(read_count(&db.snapshot(), &ks.meta).unwrap(), 1);
     }
 
     #[test]
@@ -638,7 +654,7 @@ mod tests {
         tx.commit(&db).unwrap();
         assert_eq!(ks.state.prefix(a.id.as_bytes()).count(), 0);
         assert!(ks.agents.get(a.id.as_bytes()).unwrap().is_none());
-        assert_eq!(read_count(&ks.meta).unwrap(), 0);
+        assert_eq!(read_count(&db.snapshot(), &ks.meta).unwrap(), 0);
     }
 
     #[test]
