@@ -24,6 +24,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// One phase, end to end as the client saw it (`p50_us`...), and two views that
+/// tell apart where time went: the kernel's own handling time for the route, read
+/// from its `/metrics` histogram over the phase (bucket upper bounds, so "at most"),
+/// and, for fixed-rate phases, how late the load generator itself started requests.
 #[derive(Serialize, Debug, Clone)]
 pub struct Figures {
     pub ops: u64,
@@ -32,6 +36,12 @@ pub struct Figures {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_p99_us_at_most: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_p999_us_at_most: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generator_lag_p99_us: Option<u64>,
 }
 
 impl Figures {
@@ -43,8 +53,86 @@ impl Figures {
             p99_us: histogram.value_at_quantile(0.99),
             p999_us: histogram.value_at_quantile(0.999),
             max_us: histogram.max(),
+            kernel_p99_us_at_most: None,
+            kernel_p999_us_at_most: None,
+            generator_lag_p99_us: None,
         }
     }
+}
+
+/// The route every state read and write of this benchmark takes.
+const STATE_ROUTE: &str = "route=\"/v1/agents/{id}/state/{key}\"";
+
+/// The kernel's own latency histogram for the state route, read from `/metrics`.
+struct KernelView {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl KernelView {
+    async fn buckets(&self, method: &str) -> Result<Vec<(f64, u64)>> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(parse_buckets(&text, method))
+    }
+
+    /// Adds the kernel's p99/p99.9 over the requests since `before` to `figures`.
+    async fn annotate(&self, mut figures: Figures, method: &str, before: &[(f64, u64)]) -> Result<Figures> {
+        let after = self.buckets(method).await?;
+        figures.kernel_p99_us_at_most = bucket_quantile(before, &after, 0.99);
+        figures.kernel_p999_us_at_most = bucket_quantile(before, &after, 0.999);
+        Ok(figures)
+    }
+}
+
+/// Cumulative bucket counts (upper bound in seconds, count) of the kernel's latency
+/// histogram for `method` on the state route, from the classic text format.
+fn parse_buckets(text: &str, method: &str) -> Vec<(f64, u64)> {
+    let method = format!("method=\"{method}\"");
+    let mut buckets = Vec::new();
+    for line in text.lines() {
+        let Some(labels) = line.strip_prefix("bbx_http_request_duration_seconds_bucket{") else {
+            continue;
+        };
+        if !labels.contains(&method) || !labels.contains(STATE_ROUTE) {
+            continue;
+        }
+        let le = labels.split("le=\"").nth(1).and_then(|rest| rest.split('"').next());
+        let count = line.rsplit(' ').next().and_then(|c| c.parse::<u64>().ok());
+        if let (Some(le), Some(count)) = (le, count) {
+            let le = if le == "+Inf" {
+                Some(f64::INFINITY)
+            } else {
+                le.parse().ok()
+            };
+            if let Some(le) = le {
+                buckets.push((le, count));
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The smallest bucket bound (µs) under which a fraction `q` of the requests
+/// between two scrapes finished; `None` if they fall in the open-ended bucket.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<u64> {
+    let delta = |le: f64| {
+        let count = |buckets: &[(f64, u64)]| buckets.iter().find(|(b, _)| *b == le).map_or(0, |(_, c)| *c);
+        count(after).saturating_sub(count(before))
+    };
+    let total = delta(f64::INFINITY);
+    after
+        .iter()
+        .find(|(le, _)| total > 0 && delta(*le) as f64 >= q * total as f64)
+        .filter(|(le, _)| le.is_finite())
+        .map(|(le, _)| (le * 1e6).round() as u64)
 }
 
 #[derive(Serialize, Debug)]
@@ -231,7 +319,11 @@ where
                     }
                     iteration += 1;
                 }
-                Ok::<_, bbx_core::Error>((latencies, last))
+                Ok::<_, bbx_core::Error>(Measured {
+                    latencies,
+                    lag: histogram(),
+                    last,
+                })
             })
         })
         .collect();
@@ -276,18 +368,20 @@ where
         .map(|client| {
             let (op, due) = (op.clone(), due.clone());
             tokio::spawn(async move {
-                let mut latencies = histogram();
+                let (mut latencies, mut lag) = (histogram(), histogram());
                 let mut last = None;
                 loop {
                     let next = due.lock().await.recv().await;
                     let Some((scheduled, iteration)) = next else { break };
+                    let started_late_by = scheduled.elapsed();
                     op(client, iteration).await?;
                     if scheduled >= measure_from {
                         latencies.saturating_record(scheduled.elapsed().as_micros().max(1) as u64);
+                        lag.saturating_record(started_late_by.as_micros().max(1) as u64);
                         last = Some(Instant::now());
                     }
                 }
-                Ok::<_, bbx_core::Error>((latencies, last))
+                Ok::<_, bbx_core::Error>(Measured { latencies, lag, last })
             })
         })
         .collect();
@@ -296,9 +390,13 @@ where
     figures
 }
 
-/// What one load task measured: its latencies, and when its last measured request
-/// completed.
-type Measured = (Histogram<u64>, Option<Instant>);
+/// What one load task measured: its latencies, how late it started each request
+/// (fixed-rate phases only), and when its last measured request completed.
+struct Measured {
+    latencies: Histogram<u64>,
+    lag: Histogram<u64>,
+    last: Option<Instant>,
+}
 
 /// Merges the tasks' histograms. Throughput is over the time from the start of the
 /// measurement to the last completion, not the nominal window, so a target that
@@ -308,15 +406,18 @@ async fn merge(
     measure_from: Instant,
     duration: Duration,
 ) -> Result<Figures> {
-    let mut all = histogram();
+    let (mut all, mut lag) = (histogram(), histogram());
     let mut last_completion = None;
     for task in tasks {
-        let (latencies, last) = task.await??;
-        all.add(latencies)?;
-        last_completion = last_completion.max(last);
+        let measured = task.await??;
+        all.add(measured.latencies)?;
+        lag.add(measured.lag)?;
+        last_completion = last_completion.max(measured.last);
     }
     let elapsed = last_completion.map_or(duration, |last| last.duration_since(measure_from));
-    Ok(Figures::from(&all, elapsed.max(duration)))
+    let mut figures = Figures::from(&all, elapsed.max(duration));
+    figures.generator_lag_p99_us = (!lag.is_empty()).then(|| lag.value_at_quantile(0.99));
+    Ok(figures)
 }
 
 pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
@@ -378,11 +479,24 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
             client.state_set(agent, format!("key-{c}"), req).await.map(drop)
         }
     };
-    let set = closed_loop(args.set_clients, warmup, measure, set_op.clone()).await?;
+    let kernel = KernelView {
+        http: reqwest::Client::new(),
+        url: url.clone(),
+    };
+    let buckets = kernel.buckets("PUT").await?;
+    let set = kernel
+        .annotate(
+            closed_loop(args.set_clients, warmup, measure, set_op.clone()).await?,
+            "PUT",
+            &buckets,
+        )
+        .await?;
     let after = client.status().await?.storage;
     let writes_per_sync =
         (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
+    let buckets = kernel.buckets("PUT").await?;
     let set_paced = open_loop(args.set_clients, warmup, measure, args.set_rate, set_op).await?;
+    let set_paced = kernel.annotate(set_paced, "PUT", &buckets).await?;
 
     let keys = args.set_clients.max(1);
     let reader = client.clone();
@@ -390,9 +504,18 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
         let client = reader.clone();
         async move { client.state_get(agent, format!("key-{}", c % keys)).await.map(drop) }
     };
-    let get_max = closed_loop(args.get_clients, warmup, measure, get.clone()).await?;
+    let buckets = kernel.buckets("GET").await?;
+    let get_max = kernel
+        .annotate(
+            closed_loop(args.get_clients, warmup, measure, get.clone()).await?,
+            "GET",
+            &buckets,
+        )
+        .await?;
     let half_rate = args.get_rate.unwrap_or(get_max.ops_per_sec / 2.0);
+    let buckets = kernel.buckets("GET").await?;
     let get_half_load = open_loop(args.get_clients, warmup, measure, half_rate, get).await?;
+    let get_half_load = kernel.annotate(get_half_load, "GET", &buckets).await?;
 
     let cold_start_ms = (!cold_runs.is_empty()).then(|| {
         let mut sorted = cold_runs.clone();
@@ -451,13 +574,21 @@ fn print_report(r: &Report) {
         );
     }
     println!(
-        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}",
-        "scenario", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
+        "{:<32} {:>8} {:>8} {:>8} {:>9} {:>8} | {:>12} {:>13} | {:>10}",
+        "scenario", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "kernel p99 ≤", "kernel p99.9 ≤", "gen lag p99"
     );
+    let shown = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     let row = |name: &str, f: &Figures| {
         println!(
-            "{name:<34} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
-            f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us, f.max_us
+            "{name:<32} {:>8.0} {:>8} {:>8} {:>9} {:>8} | {:>12} {:>13} | {:>10}",
+            f.ops_per_sec,
+            f.p50_us,
+            f.p99_us,
+            f.p999_us,
+            f.max_us,
+            shown(f.kernel_p99_us_at_most),
+            shown(f.kernel_p999_us_at_most),
+            shown(f.generator_lag_p99_us)
         );
     };
     row("fdatasync (reference, 1 writer)", &r.fdatasync);
@@ -473,4 +604,38 @@ fn print_report(r: &Report) {
     );
     println!("group commit: {:.1} writes per fdatasync", r.writes_per_sync);
     println!("targets: {}", serde_json::to_string(&r.targets).expect("serializes"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_quantiles_come_from_bucket_deltas() {
+        let scrape = |counts: [u64; 4]| {
+            let les = ["0.0001", "0.001", "0.01", "+Inf"];
+            les.iter()
+                .zip(counts)
+                .map(|(le, n)| {
+                    format!(
+                        "bbx_http_request_duration_seconds_bucket{{le=\"{le}\",method=\"GET\",{STATE_ROUTE}}} {n}\n"
+                    )
+                })
+                .collect::<String>()
+                + "bbx_http_request_duration_seconds_bucket{le=\"0.0001\",method=\"PUT\",route=\"/x\"} 99\n"
+        };
+        let before = parse_buckets(&scrape([10, 10, 10, 10]), "GET");
+        let after = parse_buckets(&scrape([900, 990, 1000, 1010]), "GET");
+        assert_eq!(before.len(), 4);
+        // 1000 requests in between: 890 under 100 µs, 980 under 1 ms, 990 under 10 ms.
+        assert_eq!(bucket_quantile(&before, &after, 0.5), Some(100));
+        assert_eq!(bucket_quantile(&before, &after, 0.98), Some(1000));
+        assert_eq!(bucket_quantile(&before, &after, 0.99), Some(10_000));
+        assert_eq!(
+            bucket_quantile(&before, &after, 0.999),
+            None,
+            "past the last finite bucket"
+        );
+        assert_eq!(bucket_quantile(&after, &after, 0.99), None, "no requests");
+    }
 }
