@@ -156,7 +156,6 @@ impl Store {
     pub fn open(dir: &Path, commit_max_batch: usize) -> Result<Self> {
         let db = Database::builder(dir)
             .manual_journal_persist(true)
-            .worker_threads(1)
             .open()
             .map_err(|e| match e {
                 fjall::Error::Locked => Error::unavailable(format!(
