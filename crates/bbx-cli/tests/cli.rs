@@ -165,3 +165,38 @@ fn completions_and_serve_refusing_a_taken_port() {
         .unwrap();
     assert_one_line_failure(&same_dir, "in use by another BBX kernel");
 }
+
+#[test]
+fn bench_api_runs_end_to_end_and_reports_every_figure() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = Command::new(BBX)
+        .args([
+            "bench",
+            "api",
+            "--json",
+            "--seconds",
+            "0.3",
+            "--cold-starts",
+            "1",
+            "--set-clients",
+            "4",
+        ])
+        .args(["--get-clients", "4", "--set-rate", "200", "--scratch-dir"])
+        .arg(scratch.path())
+        .env_remove("BBX_URL")
+        .output()
+        .unwrap();
+    let report = json(&out);
+    for phase in ["fdatasync", "set", "set_paced", "get_max", "get_half_load"] {
+        let figures = &report[phase];
+        assert!(figures["ops"].as_u64().unwrap() > 0, "{phase}: {figures}");
+        assert!(
+            figures["p50_us"].as_u64().unwrap() <= figures["p99_us"].as_u64().unwrap(),
+            "{phase}"
+        );
+    }
+    assert!(report["get_max"]["kernel_p99_us_at_most"].is_u64(), "{report}");
+    assert!(report["set_paced"]["generator_lag_p99_us"].is_u64(), "{report}");
+    assert!(report["cold_start_ms"]["median"].as_f64().unwrap() > 0.0);
+    assert!(report["writes_per_sync"].as_f64().unwrap() >= 1.0);
+}
