@@ -575,13 +575,21 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
         url: url.clone(),
     };
 
-    let before = client.status().await?.storage;
+    let before = client
+        .status()
+        .await?
+        .storage
+        .context("bench api needs an administrator key")?;
     let writes = requests.clone();
     let set = move |c: usize, i: u64| writes.set(&format!("key-{c}"), i);
     let buckets = kernel.buckets("PUT").await?;
     let set_max = closed_loop(addr, args.set_clients, warmup, measure, set.clone()).await?;
     let set_max = kernel.annotate(set_max, "PUT", &buckets).await?;
-    let after = client.status().await?.storage;
+    let after = client
+        .status()
+        .await?
+        .storage
+        .context("bench api needs an administrator key")?;
     let writes_per_sync =
         (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
     let buckets = kernel.buckets("PUT").await?;

@@ -72,14 +72,15 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("BBX kernel {} at {}", status.version, status.listen);
                 println!("  uptime    {}s", status.uptime_secs);
                 println!("  agents    {}", status.agents);
-                println!("  data dir  {}", status.data_dir);
-                println!(
-                    "  storage   {} on disk {} bytes, {} writes in {} syncs",
-                    status.storage.engine,
-                    status.storage.disk_bytes,
-                    status.storage.writes_committed,
-                    status.storage.syncs
-                );
+                if let Some(data_dir) = &status.data_dir {
+                    println!("  data dir  {data_dir}");
+                }
+                if let Some(storage) = &status.storage {
+                    println!(
+                        "  storage   {} on disk {} bytes, {} writes in {} syncs",
+                        storage.engine, storage.disk_bytes, storage.writes_committed, storage.syncs
+                    );
+                }
             }
             Ok(())
         }

@@ -140,10 +140,15 @@ pub struct StatePage {
 pub struct Status {
     pub version: String,
     pub uptime_secs: u64,
+    /// Agents the caller can see: all of them for an administrator, its own
+    /// tenant's for a tenant key.
     pub agents: u64,
-    pub data_dir: String,
     pub listen: String,
-    pub storage: StorageStatus,
+    /// Host details, shown to administrators only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, JsonSchema)]

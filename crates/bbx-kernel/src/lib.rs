@@ -365,19 +365,30 @@ impl Kernel {
         Ok(StatePage { entries, next_cursor })
     }
 
-    pub fn status(&self) -> Result<Status> {
+    pub fn status(&self, caller: &Caller) -> Result<Status> {
+        let (agents, host) = match &caller.tenant {
+            None => (self.store.agent_count()?, true),
+            Some(tenant) => {
+                let mut count = 0;
+                for item in self.store.view().prefix(&self.store.ks.tenants, format!("{tenant}\0")) {
+                    item.key().map_err(|e| storage_error("count agents", e))?;
+                    count += 1;
+                }
+                (count, false)
+            }
+        };
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
-            agents: self.store.agent_count()?,
-            data_dir: self.config.data_dir.display().to_string(),
+            agents,
             listen: self.config.listen.to_string(),
-            storage: StorageStatus {
+            data_dir: host.then(|| self.config.data_dir.display().to_string()),
+            storage: host.then(|| StorageStatus {
                 engine: "fjall".into(),
                 disk_bytes: self.store.db.disk_space().unwrap_or(0),
                 writes_committed: self.store.metrics.writes.get(),
                 syncs: self.store.metrics.syncs.get(),
-            },
+            }),
         })
     }
 
@@ -509,6 +520,6 @@ impl AgentApi for Session {
         self.kernel.state_list(&self.caller, &agent, req)
     }
     async fn status(&self) -> Result<Status> {
-        self.kernel.status()
+        self.kernel.status(&self.caller)
     }
 }

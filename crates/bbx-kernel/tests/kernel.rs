@@ -57,7 +57,7 @@ async fn agents_and_state_survive_a_restart() {
     let entry = api.state_get(a.id, "plan/step".into()).await.unwrap();
     assert_eq!(entry.value, json!({"n": 1, "items": [1, 2]}));
     assert_eq!(entry.version, 1);
-    assert_eq!(kernel.status().unwrap().agents, 1);
+    assert_eq!(api.status().await.unwrap().agents, 1);
     kernel.shutdown().await;
 }
 
@@ -120,7 +120,7 @@ async fn deleting_an_agent_deletes_its_state_and_only_its_state() {
         ErrorCode::NotFound
     );
     assert_eq!(api.state_get(kept.id, "k0".into()).await.unwrap().value, json!("mine"));
-    assert_eq!(kernel.status().unwrap().agents, 1);
+    assert_eq!(api.status().await.unwrap().agents, 1);
     // A second delete is a 404.
     assert_eq!(api.delete_agent(doomed.id).await.unwrap_err().code, ErrorCode::NotFound);
     kernel.shutdown().await;
@@ -278,6 +278,13 @@ async fn tenant_keys_are_confined_and_revoked_keys_refused() {
         acme_api.state_get(theirs.id, "k".into()).await.unwrap_err().code,
         ErrorCode::PermissionDenied
     );
+    let status = acme_api.status().await.unwrap();
+    assert_eq!(status.agents, 1, "a tenant key counts its own tenant's agents");
+    assert!(
+        status.data_dir.is_none() && status.storage.is_none(),
+        "no host details for tenant keys"
+    );
+    assert_eq!(admin.status().await.unwrap().agents, 2);
     let listed = acme_api.list_agents(ListAgents::default()).await.unwrap();
     assert_eq!(listed.agents.iter().map(|a| a.id).collect::<Vec<_>>(), [mine.id]);
     assert_eq!(kernel.list_keys(&acme).unwrap_err().code, ErrorCode::PermissionDenied);
@@ -341,7 +348,7 @@ async fn invalid_input_changes_nothing() {
         api.state_delete(a.id, "missing".into(), None).await.unwrap_err().code,
         ErrorCode::NotFound
     );
-    assert_eq!(kernel.status().unwrap().agents, 1);
+    assert_eq!(api.status().await.unwrap().agents, 1);
     assert!(
         api.state_list(a.id, ListState::default())
             .await
@@ -357,12 +364,12 @@ async fn every_acknowledged_write_was_synced() {
     let dir = tempfile::tempdir().unwrap();
     let (kernel, api) = open(dir.path()).await;
     let a = api.create_agent(agent("synced")).await.unwrap();
-    let before = kernel.status().unwrap().storage;
+    let before = api.status().await.unwrap().storage.unwrap();
     // One at a time, each write is alone in its group, so each costs one fdatasync.
     for i in 0..10 {
         api.state_set(a.id, format!("k{i}"), set(json!(i), None)).await.unwrap();
     }
-    let after = kernel.status().unwrap().storage;
+    let after = api.status().await.unwrap().storage.unwrap();
     assert_eq!(after.writes_committed - before.writes_committed, 10);
     assert_eq!(after.syncs - before.syncs, 10);
 
@@ -376,7 +383,7 @@ async fn every_acknowledged_write_was_synced() {
     for writer in writers {
         writer.await.unwrap().unwrap();
     }
-    let concurrent = kernel.status().unwrap().storage;
+    let concurrent = api.status().await.unwrap().storage.unwrap();
     assert_eq!(concurrent.writes_committed - after.writes_committed, 200);
     assert!(
         concurrent.syncs - after.syncs < 200,

@@ -167,8 +167,8 @@ async fn delete_state(
 
 /// The kernel's status.
 #[utoipa::path(get, path = "/v1/status", tag = "system", responses((status = 200, body = Status)))]
-async fn status(State(kernel): Kern) -> Reply<Status> {
-    Ok(ApiJson(kernel.status()?))
+async fn status(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<Status> {
+    Ok(ApiJson(kernel.status(&caller)?))
 }
 
 /// Create an API key (administrators only). The secret is in the response, once.
