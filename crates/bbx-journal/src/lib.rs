@@ -1,0 +1,512 @@
+//! BBX's write-ahead log.
+//!
+//! `bbx-journal` owns the files in a journal directory and one promise: a record
+//! whose [`Journal::sync`] returned is on disk, and recovery gives back exactly the
+//! synced records (plus any later ones that happened to reach disk whole), in order,
+//! never a damaged one and never one twice.
+//!
+//! - **Segments.** Records go to append-only segment files named by their first lsn
+//!   (`00000000000000000001.wal`); a segment rolls over at `segment_bytes`.
+//! - **Records.** Each carries its lsn and a CRC-32 of lsn and payload ([`record`]).
+//! - **Group commit.** [`Journal::append`] only buffers; [`Journal::sync`] writes the
+//!   buffer and calls `fdatasync` once, however many records it holds.
+//! - **Recovery.** [`Journal::open`] checks every record. A bad record at the very end
+//!   of the last segment is a write torn by a crash and is cut off; anything else bad
+//!   stops the open with [`JournalError::Corrupt`], naming the file and offset, since
+//!   silently skipping it would lose or reorder acknowledged work. [`verify`] reports
+//!   without changing anything; [`repair`] truncates at the first bad record.
+//! - **Checkpoints.** [`Journal::checkpoint`] records that records below an lsn are no
+//!   longer needed (durably, in `checkpoint`), and deletes segments wholly below it, so
+//!   the journal does not grow without bound.
+
+pub mod record;
+
+use record::Decoded;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// A log sequence number: records are numbered 1, 2, 3, ... without gaps.
+pub type Lsn = u64;
+
+const SEGMENT_SUFFIX: &str = ".wal";
+const CHECKPOINT_FILE: &str = "checkpoint";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal I/O failed on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "journal segment {segment} is corrupt at byte {offset}: {reason}; \
+         `bbx journal verify` shows what is affected and `bbx journal repair` truncates the journal there"
+    )]
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("a record of {size} bytes does not fit in a {segment_bytes}-byte segment")]
+    RecordTooLarge { size: usize, segment_bytes: u64 },
+}
+
+pub type Result<T, E = JournalError> = std::result::Result<T, E>;
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JournalOptions {
+    /// Size at which a segment rolls over (default 64 MiB).
+    pub segment_bytes: u64,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A record as recovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: Lsn,
+    pub payload: Vec<u8>,
+}
+
+/// What opening the journal found.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Every record at or after the checkpoint, in lsn order.
+    pub records: Vec<Record>,
+    /// Bytes cut from the end of the last segment as a torn write, if any.
+    pub truncated_tail: Option<TruncatedTail>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TruncatedTail {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+    pub reason: String,
+}
+
+/// The journal's shape, for `wal-status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalStatus {
+    pub segments: usize,
+    pub bytes: u64,
+    /// The lsn the next record will get.
+    pub next_lsn: Lsn,
+    /// The highest lsn known to be on disk (0 if none).
+    pub synced_lsn: Lsn,
+    /// Records below this lsn are no longer needed.
+    pub checkpoint_lsn: Lsn,
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    first_lsn: Lsn,
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// The open journal: one writer at a time.
+pub struct Journal {
+    dir: PathBuf,
+    options: JournalOptions,
+    /// Oldest first; the last one is being appended to.
+    segments: Vec<Segment>,
+    file: File,
+    buffer: Vec<u8>,
+    next_lsn: Lsn,
+    synced_lsn: Lsn,
+    checkpoint_lsn: Lsn,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`, recovering what is there.
+    pub fn open(dir: &Path, options: JournalOptions) -> Result<(Self, Recovery)> {
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let checkpoint_lsn = read_checkpoint(dir)?;
+        let mut segments = list_segments(dir)?;
+        let mut recovery = Recovery::default();
+        let mut expected = segments.first().map_or(1, |s| s.first_lsn);
+        let count = segments.len();
+        for (index, segment) in segments.iter_mut().enumerate() {
+            let last = index + 1 == count;
+            let scan = scan_segment(segment, expected)?;
+            for (lsn, payload) in &scan.records {
+                if *lsn >= checkpoint_lsn {
+                    recovery.records.push(Record {
+                        lsn: *lsn,
+                        payload: payload.clone(),
+                    });
+                }
+            }
+            expected = segment.first_lsn + scan.records.len() as u64;
+            if let Some(problem) = scan.problem {
+                if !(last && problem.torn) {
+                    return Err(JournalError::Corrupt {
+                        segment: segment.path.clone(),
+                        offset: problem.offset,
+                        reason: problem.reason,
+                    });
+                }
+                truncate(&segment.path, problem.offset)?;
+                recovery.truncated_tail = Some(TruncatedTail {
+                    segment: segment.path.clone(),
+                    offset: problem.offset,
+                    bytes: segment.bytes - problem.offset,
+                    reason: problem.reason,
+                });
+                segment.bytes = problem.offset;
+            }
+        }
+        // A segment torn while it was being created has not even its magic: it held
+        // nothing, so it goes, and a fresh one starts at the same lsn.
+        if segments.last().is_some_and(|s| s.bytes == 0) {
+            let torn = segments.pop().expect("checked above");
+            fs::remove_file(&torn.path).map_err(io_error(&torn.path))?;
+        }
+        if segments.is_empty() {
+            expected = expected.max(checkpoint_lsn).max(1);
+            segments.push(create_segment(dir, expected)?);
+        }
+        let current = segments.last().expect("at least one segment");
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&current.path)
+            .map_err(io_error(&current.path))?;
+        let journal = Self {
+            dir: dir.to_path_buf(),
+            options,
+            segments,
+            file,
+            buffer: Vec::new(),
+            next_lsn: expected,
+            synced_lsn: expected - 1,
+            checkpoint_lsn,
+        };
+        Ok((journal, recovery))
+    }
+
+    /// Buffers a record and returns its lsn. Nothing is durable until [`Self::sync`].
+    pub fn append(&mut self, payload: &[u8]) -> Result<Lsn> {
+        let size = record::framed_len(payload.len());
+        let capacity = self.options.segment_bytes.saturating_sub(record::MAGIC.len() as u64);
+        if size as u64 > capacity || payload.len() > u32::MAX as usize {
+            return Err(JournalError::RecordTooLarge {
+                size,
+                segment_bytes: self.options.segment_bytes,
+            });
+        }
+        let current = self.segments.last().expect("at least one segment");
+        let holds_records = current.bytes > record::MAGIC.len() as u64 || !self.buffer.is_empty();
+        if holds_records && current.bytes + (self.buffer.len() + size) as u64 > self.options.segment_bytes {
+            self.roll()?;
+        }
+        let lsn = self.next_lsn;
+        record::encode(lsn, payload, &mut self.buffer);
+        self.next_lsn += 1;
+        Ok(lsn)
+    }
+
+    /// Writes everything buffered and makes it durable with one `fdatasync`.
+    /// Returns the highest lsn now on disk.
+    pub fn sync(&mut self) -> Result<Lsn> {
+        if !self.buffer.is_empty() {
+            let path = &self.segments.last().expect("at least one segment").path;
+            self.file.write_all(&self.buffer).map_err(io_error(path))?;
+            self.file.sync_data().map_err(io_error(path))?;
+            self.segments.last_mut().expect("at least one segment").bytes += self.buffer.len() as u64;
+            self.buffer.clear();
+        }
+        self.synced_lsn = self.next_lsn - 1;
+        Ok(self.synced_lsn)
+    }
+
+    /// Syncs the current segment and starts the next one.
+    fn roll(&mut self) -> Result<()> {
+        self.sync()?;
+        let segment = create_segment(&self.dir, self.next_lsn)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&segment.path)
+            .map_err(io_error(&segment.path))?;
+        self.segments.push(segment);
+        Ok(())
+    }
+
+    /// Declares records below `upto` no longer needed and deletes the segments that
+    /// hold only such records. Returns how many segments were deleted.
+    pub fn checkpoint(&mut self, upto: Lsn) -> Result<usize> {
+        let upto = upto.min(self.synced_lsn + 1);
+        if upto <= self.checkpoint_lsn {
+            return Ok(0);
+        }
+        write_checkpoint(&self.dir, upto)?;
+        self.checkpoint_lsn = upto;
+        // A segment is done when the next one starts at or below the checkpoint.
+        let done = self
+            .segments
+            .windows(2)
+            .take_while(|pair| pair[1].first_lsn <= upto)
+            .count();
+        for segment in self.segments.drain(..done) {
+            fs::remove_file(&segment.path).map_err(io_error(&segment.path))?;
+        }
+        if done > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(done)
+    }
+
+    pub fn status(&self) -> JournalStatus {
+        JournalStatus {
+            segments: self.segments.len(),
+            bytes: self.segments.iter().map(|s| s.bytes).sum::<u64>() + self.buffer.len() as u64,
+            next_lsn: self.next_lsn,
+            synced_lsn: self.synced_lsn,
+            checkpoint_lsn: self.checkpoint_lsn,
+        }
+    }
+}
+
+struct Problem {
+    offset: u64,
+    reason: String,
+    /// Could be a write torn by a crash (only valid at the end of the last segment).
+    torn: bool,
+}
+
+struct Scan {
+    records: Vec<(Lsn, Vec<u8>)>,
+    problem: Option<Problem>,
+}
+
+fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
+    let bytes = fs::read(&segment.path).map_err(io_error(&segment.path))?;
+    let mut scan = Scan {
+        records: Vec::new(),
+        problem: None,
+    };
+    let problem = |offset: usize, reason: String, torn: bool| {
+        Some(Problem {
+            offset: offset as u64,
+            reason,
+            torn,
+        })
+    };
+    if !bytes.starts_with(record::MAGIC) {
+        let torn = bytes.len() < record::MAGIC.len() && record::MAGIC.starts_with(&bytes);
+        scan.problem = problem(0, "the segment does not start with the journal's magic".into(), torn);
+        return Ok(scan);
+    }
+    if segment.first_lsn != expected_first {
+        scan.problem = problem(
+            0,
+            format!(
+                "segment starts at lsn {} but {expected_first} was expected",
+                segment.first_lsn
+            ),
+            false,
+        );
+        return Ok(scan);
+    }
+    let mut offset = record::MAGIC.len();
+    let mut expected = expected_first;
+    loop {
+        match record::decode(&bytes, offset) {
+            Decoded::End => break,
+            Decoded::Record { lsn, payload, next } => {
+                if lsn != expected {
+                    scan.problem = problem(
+                        offset,
+                        format!("record has lsn {lsn} where {expected} was expected"),
+                        false,
+                    );
+                    break;
+                }
+                scan.records.push((lsn, payload.to_vec()));
+                expected += 1;
+                offset = next;
+            }
+            Decoded::Bad { reason, to_eof } => {
+                // A torn write is the last thing in the file. A damaged length field
+                // also "runs to the end", so look for an intact later record first:
+                // finding one means acknowledged records follow, and cutting them off
+                // would lose them.
+                let torn = to_eof && !intact_record_after(&bytes, offset, expected);
+                scan.problem = problem(offset, reason.to_owned(), torn);
+                break;
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// Whether an intact record numbered `expected` or later starts anywhere after
+/// `offset`. Only run on recovery, when something is already wrong.
+fn intact_record_after(bytes: &[u8], offset: usize, expected: Lsn) -> bool {
+    (offset + 1..bytes.len().saturating_sub(record::HEADER - 1))
+        .any(|at| matches!(record::decode(bytes, at), Decoded::Record { lsn, .. } if lsn >= expected))
+}
+
+fn segment_path(dir: &Path, first_lsn: Lsn) -> PathBuf {
+    dir.join(format!("{first_lsn:020}{SEGMENT_SUFFIX}"))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
+        let name = entry.file_name();
+        let Some(first_lsn) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let bytes = entry.metadata().map_err(io_error(&path))?.len();
+        segments.push(Segment { first_lsn, path, bytes });
+    }
+    segments.sort_by_key(|s| s.first_lsn);
+    Ok(segments)
+}
+
+fn create_segment(dir: &Path, first_lsn: Lsn) -> Result<Segment> {
+    let path = segment_path(dir, first_lsn);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_error(&path))?;
+    file.write_all(record::MAGIC).map_err(io_error(&path))?;
+    file.sync_data().map_err(io_error(&path))?;
+    sync_dir(dir)?;
+    Ok(Segment {
+        first_lsn,
+        path,
+        bytes: record::MAGIC.len() as u64,
+    })
+}
+
+fn truncate(path: &Path, len: u64) -> Result<()> {
+    let file = OpenOptions::new().write(true).open(path).map_err(io_error(path))?;
+    file.set_len(len).map_err(io_error(path))?;
+    file.sync_all().map_err(io_error(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
+}
+
+fn read_checkpoint(dir: &Path) -> Result<Lsn> {
+    let path = dir.join(CHECKPOINT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| JournalError::Corrupt {
+            segment: path.clone(),
+            offset: 0,
+            reason: format!("checkpoint file holds {:?}, not an lsn", text.trim()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}
+
+/// Temp file, fsync, rename, fsync the directory: the checkpoint is old or new,
+/// never half-written.
+fn write_checkpoint(dir: &Path, lsn: Lsn) -> Result<()> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let tmp = dir.join("checkpoint.tmp");
+    let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
+    file.write_all(format!("{lsn}\n").as_bytes()).map_err(io_error(&tmp))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_error(&path))?;
+    sync_dir(dir)
+}
+
+/// What [`verify`] found, without changing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub segments: usize,
+    pub records: u64,
+    pub first_lsn: Option<Lsn>,
+    pub last_lsn: Option<Lsn>,
+    pub checkpoint_lsn: Lsn,
+    /// The first bad record, if any, and what lies beyond it.
+    pub problem: Option<VerifyProblem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyProblem {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+    /// A torn write at the very end, which opening the journal cuts off by itself.
+    pub torn_tail: bool,
+    /// Bytes from the bad record to the end of the journal: what `repair` drops.
+    pub bytes_after: u64,
+}
+
+/// Checks every segment and record; changes nothing.
+pub fn verify(dir: &Path) -> Result<VerifyReport> {
+    let segments = list_segments(dir)?;
+    let mut report = VerifyReport {
+        segments: segments.len(),
+        records: 0,
+        first_lsn: None,
+        last_lsn: None,
+        checkpoint_lsn: read_checkpoint(dir)?,
+        problem: None,
+    };
+    let mut expected = segments.first().map_or(1, |s| s.first_lsn);
+    for (index, segment) in segments.iter().enumerate() {
+        let scan = scan_segment(segment, expected)?;
+        if let (Some(first), Some(last)) = (scan.records.first(), scan.records.last()) {
+            report.first_lsn.get_or_insert(first.0);
+            report.last_lsn = Some(last.0);
+        }
+        report.records += scan.records.len() as u64;
+        expected = segment.first_lsn + scan.records.len() as u64;
+        if let Some(problem) = scan.problem {
+            let later: u64 = segments[index + 1..].iter().map(|s| s.bytes).sum();
+            report.problem = Some(VerifyProblem {
+                segment: segment.path.clone(),
+                offset: problem.offset,
+                reason: problem.reason,
+                torn_tail: problem.torn && index + 1 == segments.len(),
+                bytes_after: segment.bytes - problem.offset + later,
+            });
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// Truncates the journal at its first bad record, deleting every later segment, so
+/// that it opens again. Returns what [`verify`] saw before the repair.
+pub fn repair(dir: &Path) -> Result<VerifyReport> {
+    let report = verify(dir)?;
+    if let Some(problem) = &report.problem {
+        truncate(&problem.segment, problem.offset)?;
+        for segment in list_segments(dir)?.into_iter().filter(|s| s.path > problem.segment) {
+            fs::remove_file(&segment.path).map_err(io_error(&segment.path))?;
+        }
+        if problem.offset == 0 {
+            // Nothing of that segment was readable: drop it and let the journal start
+            // a fresh one where the valid records end.
+            fs::remove_file(&problem.segment).map_err(io_error(&problem.segment))?;
+        }
+        sync_dir(dir)?;
+    }
+    Ok(report)
+}

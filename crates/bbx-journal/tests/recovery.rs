@@ -1,0 +1,281 @@
+//! The journal on real files: round trips, crashes, torn tails, corruption, repair.
+
+use bbx_journal::{Journal, JournalError, JournalOptions, Record, repair, verify};
+use proptest::prelude::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn small() -> JournalOptions {
+    JournalOptions { segment_bytes: 4096 }
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("op-{i}-{}", "x".repeat((i % 97) as usize)).into_bytes()
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+fn write(dir: &Path, count: u64) -> Vec<Record> {
+    let (mut journal, _) = Journal::open(dir, small()).unwrap();
+    let mut written = Vec::new();
+    for i in 1..=count {
+        let lsn = journal.append(&payload(i)).unwrap();
+        written.push(Record {
+            lsn,
+            payload: payload(i),
+        });
+        if i % 7 == 0 {
+            journal.sync().unwrap();
+        }
+    }
+    journal.sync().unwrap();
+    written
+}
+
+#[test]
+fn synced_records_come_back_in_order_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 500);
+    assert!(segments(dir.path()).len() > 5, "small segments roll over");
+    let (journal, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records, written);
+    assert!(recovery.truncated_tail.is_none());
+    assert_eq!(journal.status().next_lsn, 501);
+    assert_eq!(journal.status().synced_lsn, 500);
+}
+
+#[test]
+fn unsynced_records_are_not_invented_and_numbering_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut journal, _) = Journal::open(dir.path(), small()).unwrap();
+    journal.append(b"durable").unwrap();
+    journal.sync().unwrap();
+    journal.append(b"lost in the crash").unwrap();
+    drop(journal); // a crash: the buffer never reached the file
+    let (mut journal, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(
+        recovery.records,
+        vec![Record {
+            lsn: 1,
+            payload: b"durable".to_vec()
+        }]
+    );
+    assert_eq!(journal.append(b"next").unwrap(), 2);
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_and_the_journal_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 40);
+    let last = segments(dir.path()).pop().unwrap();
+    let full = fs::metadata(&last).unwrap().len();
+    let last_record = 16 + written.last().unwrap().payload.len() as u64;
+    for cut in [1, 5, 16, last_record - 1] {
+        let copy = tempfile::tempdir().unwrap();
+        for path in segments(dir.path()) {
+            fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
+        }
+        let torn = copy.path().join(last.file_name().unwrap());
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .set_len(full - cut)
+            .unwrap();
+
+        let (mut journal, recovery) = Journal::open(copy.path(), small()).unwrap();
+        assert_eq!(recovery.records, written[..written.len() - 1], "cut {cut}");
+        let tail = recovery.truncated_tail.expect("the torn record is reported");
+        assert_eq!(tail.bytes, last_record - cut);
+        assert_eq!(journal.append(b"after").unwrap(), 40, "the torn lsn is reused");
+        journal.sync().unwrap();
+        drop(journal);
+        let (_, again) = Journal::open(copy.path(), small()).unwrap();
+        assert_eq!(again.records.last().unwrap().payload, b"after");
+        assert!(again.truncated_tail.is_none());
+    }
+}
+
+#[test]
+fn zeros_after_the_last_record_are_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 3);
+    let last = segments(dir.path()).pop().unwrap();
+    let mut file = fs::OpenOptions::new().append(true).open(&last).unwrap();
+    std::io::Write::write_all(&mut file, &[0u8; 100]).unwrap();
+    let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records, written);
+    assert_eq!(recovery.truncated_tail.unwrap().bytes, 100);
+}
+
+#[test]
+fn corruption_in_the_middle_stops_the_open_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 300);
+    let first = segments(dir.path()).remove(0);
+    let mut bytes = fs::read(&first).unwrap();
+    let offset = 8 + 16 + payload(1).len() + 20; // inside the second record's payload
+    bytes[offset] ^= 0xff;
+    fs::write(&first, &bytes).unwrap();
+
+    let err = Journal::open(dir.path(), small())
+        .err()
+        .expect("a corrupt middle is refused");
+    let JournalError::Corrupt {
+        segment, offset: at, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(segment, &first);
+    assert_eq!(*at, (8 + 16 + payload(1).len()) as u64);
+    assert!(err.to_string().contains("bbx journal repair"));
+
+    let report = verify(dir.path()).unwrap();
+    let problem = report.problem.expect("verify names the problem");
+    assert!(!problem.torn_tail);
+    assert_eq!(report.records, 1, "one record precedes the damage");
+    assert!(problem.bytes_after > 0);
+    assert_eq!(
+        verify(dir.path()).unwrap().segments,
+        segments(dir.path()).len(),
+        "verify changes nothing"
+    );
+
+    repair(dir.path()).unwrap();
+    let (mut journal, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records, written[..1]);
+    assert_eq!(journal.append(b"resumed").unwrap(), 2);
+    assert!(verify(dir.path()).unwrap().problem.is_none());
+}
+
+#[test]
+fn a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut journal, _) = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+    for i in 1..=10 {
+        journal.append(&payload(i)).unwrap();
+    }
+    journal.sync().unwrap();
+    drop(journal);
+    let only = segments(dir.path()).remove(0);
+    let mut bytes = fs::read(&only).unwrap();
+    // The third record's length field now claims far more than the file holds.
+    let third = 8 + 16 + payload(1).len() + 16 + payload(2).len();
+    bytes[third + 3] = 0x7f;
+    fs::write(&only, &bytes).unwrap();
+    let err = Journal::open(dir.path(), JournalOptions::default())
+        .err()
+        .expect("records 4-10 must not be dropped silently");
+    assert!(
+        matches!(err, JournalError::Corrupt { offset, .. } if offset == third as u64),
+        "{err}"
+    );
+    assert!(!verify(dir.path()).unwrap().problem.unwrap().torn_tail);
+}
+
+#[test]
+fn checkpoints_recycle_segments_and_hide_old_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 400);
+    let before = segments(dir.path()).len();
+    let (mut journal, _) = Journal::open(dir.path(), small()).unwrap();
+    let removed = journal.checkpoint(250).unwrap();
+    assert!(removed > 0 && segments(dir.path()).len() == before - removed);
+    assert_eq!(journal.status().checkpoint_lsn, 250);
+    // Checkpoints never pass what is synced, and never go back.
+    assert_eq!(journal.checkpoint(100).unwrap(), 0);
+    drop(journal);
+    let (journal, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records, written[249..]);
+    assert_eq!(journal.status().checkpoint_lsn, 250);
+}
+
+#[test]
+fn oversized_records_are_refused_without_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut journal, _) = Journal::open(dir.path(), small()).unwrap();
+    assert!(matches!(
+        journal.append(&vec![0; 5000]),
+        Err(JournalError::RecordTooLarge { .. })
+    ));
+    assert_eq!(journal.append(b"fits").unwrap(), 1);
+}
+
+#[test]
+fn a_segment_torn_at_creation_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 5);
+    // A crash right after creating the next segment, before its magic was written.
+    fs::write(dir.path().join(format!("{:020}.wal", 6)), b"BBX").unwrap();
+    let (mut journal, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records, written);
+    assert_eq!(journal.append(b"six").unwrap(), 6);
+    journal.sync().unwrap();
+    drop(journal);
+    assert_eq!(Journal::open(dir.path(), small()).unwrap().1.records.len(), 6);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Cutting the journal anywhere never yields a damaged, reordered or invented
+    /// record: what comes back is always a prefix of what was written.
+    #[test]
+    fn any_truncation_recovers_a_prefix(sizes in proptest::collection::vec(0usize..300, 1..60), cut in any::<prop::sample::Index>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), small()).unwrap();
+        let written: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, n)| vec![i as u8; *n]).collect();
+        for p in &written {
+            journal.append(p).unwrap();
+        }
+        journal.sync().unwrap();
+        drop(journal);
+        let last = segments(dir.path()).pop().unwrap();
+        let len = fs::metadata(&last).unwrap().len();
+        fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(cut.index(len as usize + 1) as u64).unwrap();
+
+        let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+        prop_assert!(recovery.records.len() <= written.len());
+        for (i, record) in recovery.records.iter().enumerate() {
+            prop_assert_eq!(record.lsn, i as u64 + 1);
+            prop_assert_eq!(&record.payload, &written[i]);
+        }
+    }
+
+    /// A flipped byte anywhere is either refused or, at the very end, cut off as a
+    /// torn write; a changed payload never comes back as if it were valid.
+    #[test]
+    fn a_flipped_byte_is_never_served(count in 2u64..80, position in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write(dir.path(), count);
+        let all = segments(dir.path());
+        let sizes: Vec<u64> = all.iter().map(|p| fs::metadata(p).unwrap().len()).collect();
+        let mut at = position.index(sizes.iter().sum::<u64>() as usize) as u64;
+        let mut target = 0;
+        while at >= sizes[target] {
+            at -= sizes[target];
+            target += 1;
+        }
+        let mut bytes = fs::read(&all[target]).unwrap();
+        bytes[at as usize] ^= 1 << bit;
+        fs::write(&all[target], &bytes).unwrap();
+
+        match Journal::open(dir.path(), small()) {
+            Err(JournalError::Corrupt { .. }) => {}
+            Err(other) => prop_assert!(false, "unexpected error: {}", other),
+            Ok((_, recovery)) => {
+                prop_assert!(recovery.records.len() < written.len() || recovery.records == written);
+                prop_assert_eq!(&recovery.records[..], &written[..recovery.records.len()]);
+            }
+        }
+    }
+}
