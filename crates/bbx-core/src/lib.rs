@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod model;
+pub mod op;
 pub mod validate;
 
 pub use api::AgentApi;

@@ -1,0 +1,305 @@
+//! Circuit breakers, one per target (an executor, plus the host for remote targets).
+//!
+//! Closed: calls pass, consecutive failures are counted; at `failure_threshold` the
+//! breaker opens. Open: calls are refused with the time left until `open_for` has
+//! passed. Half-open: up to `half_open_trials` calls go through as trials; a trial's
+//! success closes the breaker, its failure opens it again.
+//!
+//! The closed path is one atomic load to admit and, on success, one load (plus a
+//! store only if failures had been counted): no lock, no allocation.
+
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+    pub half_open_trials: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(30),
+            half_open_trials: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// How a call was let through; hand it back to [`CircuitBreaker::record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "record the outcome of an admitted call"]
+pub enum Admission {
+    Closed,
+    Trial,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the circuit breaker is open; retry in {retry_after:?}")]
+pub struct Rejected {
+    pub retry_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerStats {
+    pub state: BreakerState,
+    pub consecutive_failures: u32,
+    pub opened_total: u64,
+    pub rejected_total: u64,
+}
+
+#[derive(Default)]
+struct Transitions {
+    opened_at: Option<Instant>,
+    trials_in_flight: u32,
+}
+
+pub struct CircuitBreaker {
+    config: BreakerConfig,
+    state: AtomicU8,
+    consecutive_failures: AtomicU32,
+    opened_total: AtomicU64,
+    rejected_total: AtomicU64,
+    transitions: Mutex<Transitions>,
+}
+
+impl CircuitBreaker {
+    pub fn new(config: BreakerConfig) -> Self {
+        Self {
+            config,
+            state: AtomicU8::new(CLOSED),
+            consecutive_failures: AtomicU32::new(0),
+            opened_total: AtomicU64::new(0),
+            rejected_total: AtomicU64::new(0),
+            transitions: Mutex::new(Transitions::default()),
+        }
+    }
+
+    pub fn admit(&self, now: Instant) -> Result<Admission, Rejected> {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Ok(Admission::Closed);
+        }
+        let mut t = self.transitions.lock();
+        if self.state.load(Ordering::Acquire) == OPEN {
+            let reopens = t.opened_at.map_or(now, |at| at + self.config.open_for);
+            if now < reopens {
+                self.rejected_total.fetch_add(1, Ordering::Relaxed);
+                return Err(Rejected {
+                    retry_after: reopens - now,
+                });
+            }
+            self.state.store(HALF_OPEN, Ordering::Release);
+            t.trials_in_flight = 0;
+        }
+        match self.state.load(Ordering::Acquire) {
+            HALF_OPEN if t.trials_in_flight < self.config.half_open_trials => {
+                t.trials_in_flight += 1;
+                Ok(Admission::Trial)
+            }
+            HALF_OPEN => {
+                self.rejected_total.fetch_add(1, Ordering::Relaxed);
+                Err(Rejected {
+                    retry_after: self.config.open_for / 10,
+                })
+            }
+            _ => Ok(Admission::Closed),
+        }
+    }
+
+    pub fn record(&self, admission: Admission, success: bool, now: Instant) {
+        match (admission, success) {
+            (Admission::Closed, true) => {
+                if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+            }
+            (Admission::Closed, false) => {
+                let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+                if failures >= self.config.failure_threshold {
+                    let mut t = self.transitions.lock();
+                    if self.state.load(Ordering::Acquire) == CLOSED {
+                        self.open(&mut t, now);
+                    }
+                }
+            }
+            (Admission::Trial, success) => {
+                let mut t = self.transitions.lock();
+                t.trials_in_flight = t.trials_in_flight.saturating_sub(1);
+                if self.state.load(Ordering::Acquire) != HALF_OPEN {
+                    return;
+                }
+                if success {
+                    self.consecutive_failures.store(0, Ordering::Relaxed);
+                    self.state.store(CLOSED, Ordering::Release);
+                } else {
+                    self.open(&mut t, now);
+                }
+            }
+        }
+    }
+
+    fn open(&self, t: &mut Transitions, now: Instant) {
+        t.opened_at = Some(now);
+        self.opened_total.fetch_add(1, Ordering::Relaxed);
+        self.state.store(OPEN, Ordering::Release);
+    }
+
+    /// Closes the breaker and forgets its failures (`bbx ring circuit-breaker --reset`).
+    pub fn reset(&self) {
+        let mut t = self.transitions.lock();
+        *t = Transitions::default();
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.state.store(CLOSED, Ordering::Release);
+    }
+
+    pub fn state(&self) -> BreakerState {
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => BreakerState::Closed,
+            OPEN => BreakerState::Open,
+            _ => BreakerState::HalfOpen,
+        }
+    }
+
+    pub fn stats(&self) -> BreakerStats {
+        BreakerStats {
+            state: self.state(),
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            opened_total: self.opened_total.load(Ordering::Relaxed),
+            rejected_total: self.rejected_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The breakers of every target, created on first use with one configuration.
+pub struct Breakers {
+    config: BreakerConfig,
+    by_target: RwLock<HashMap<String, Arc<CircuitBreaker>>>,
+}
+
+impl Breakers {
+    pub fn new(config: BreakerConfig) -> Self {
+        Self {
+            config,
+            by_target: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, target: &str) -> Arc<CircuitBreaker> {
+        if let Some(breaker) = self.by_target.read().get(target) {
+            return breaker.clone();
+        }
+        self.by_target
+            .write()
+            .entry(target.to_owned())
+            .or_insert_with(|| Arc::new(CircuitBreaker::new(self.config.clone())))
+            .clone()
+    }
+
+    /// Every target's stats, sorted by target.
+    pub fn stats(&self) -> Vec<(String, BreakerStats)> {
+        let mut all: Vec<_> = self
+            .by_target
+            .read()
+            .iter()
+            .map(|(t, b)| (t.clone(), b.stats()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    pub fn reset_all(&self) {
+        for breaker in self.by_target.read().values() {
+            breaker.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> CircuitBreaker {
+        CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(10),
+            half_open_trials: 1,
+        })
+    }
+
+    fn fail(b: &CircuitBreaker, now: Instant) {
+        let admission = b.admit(now).unwrap();
+        b.record(admission, false, now);
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_only() {
+        let b = breaker();
+        let now = Instant::now();
+        fail(&b, now);
+        fail(&b, now);
+        let ok = b.admit(now).unwrap();
+        b.record(ok, true, now);
+        fail(&b, now);
+        fail(&b, now);
+        assert_eq!(b.state(), BreakerState::Closed, "a success in between resets the count");
+        fail(&b, now);
+        assert_eq!(b.state(), BreakerState::Open);
+        let rejected = b.admit(now + Duration::from_secs(4)).unwrap_err();
+        assert_eq!(rejected.retry_after, Duration::from_secs(6));
+        assert_eq!(b.stats().rejected_total, 1);
+    }
+
+    #[test]
+    fn half_open_lets_trials_through_and_their_outcome_decides() {
+        let b = breaker();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            fail(&b, t0);
+        }
+        let later = t0 + Duration::from_secs(10);
+        let trial = b.admit(later).unwrap();
+        assert_eq!(trial, Admission::Trial);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.admit(later).is_err(), "only one trial at a time");
+        b.record(trial, false, later);
+        assert_eq!(b.state(), BreakerState::Open, "a failed trial reopens");
+        assert!(b.admit(later + Duration::from_secs(9)).is_err());
+
+        let trial = b.admit(later + Duration::from_secs(10)).unwrap();
+        b.record(trial, true, later + Duration::from_secs(10));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.admit(later + Duration::from_secs(10)).unwrap(), Admission::Closed);
+        assert_eq!(b.stats().opened_total, 2);
+    }
+
+    #[test]
+    fn reset_closes_and_targets_are_independent() {
+        let breakers = Breakers::new(BreakerConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        fail(&breakers.get("tool.http:example.com"), now);
+        assert_eq!(breakers.get("tool.http:example.com").state(), BreakerState::Open);
+        assert_eq!(breakers.get("tool.shell").state(), BreakerState::Closed);
+        breakers.reset_all();
+        assert_eq!(breakers.get("tool.http:example.com").state(), BreakerState::Closed);
+        assert_eq!(breakers.stats().len(), 2);
+    }
+}
