@@ -96,6 +96,9 @@ pub enum AgentCommand {
         limit: Option<usize>,
         #[arg(long)]
         cursor: Option<String>,
+        /// Follow the cursors and list every page.
+        #[arg(long, conflicts_with = "cursor")]
+        all: bool,
     },
     /// Show one agent.
     Get { id: String },
@@ -111,7 +114,7 @@ pub enum StateCommand {
     Set {
         agent: String,
         key: String,
-        /// The value, as JSON: '{"a":1}', '"text"', '42'.
+        /// The value, as JSON: '{"a":1}', '"text"', '42'; `-` reads it from stdin.
         value: String,
         /// Compare-and-swap: write only if the key is at this version (0 = absent).
         #[arg(long)]

@@ -201,14 +201,21 @@ async fn agent(cli: &Cli, command: &AgentCommand) -> Result<()> {
             label,
             limit,
             cursor,
+            all,
         } => {
-            let req = ListAgents {
+            let mut req = ListAgents {
                 tenant: tenant.clone(),
                 label: label.clone(),
                 limit: *limit,
                 cursor: cursor.clone(),
             };
-            let page = api.list_agents(req).await?;
+            let mut page = api.list_agents(req.clone()).await?;
+            while *all && page.next_cursor.is_some() {
+                req.cursor = page.next_cursor.take();
+                let next = api.list_agents(req.clone()).await?;
+                page.agents.extend(next.agents);
+                page.next_cursor = next.next_cursor;
+            }
             if cli.json {
                 output::json(&page)
             } else {
@@ -252,7 +259,12 @@ async fn state(cli: &Cli, command: &StateCommand) -> Result<()> {
             value,
             if_version,
         } => {
-            let value = serde_json::from_str(value).map_err(|e| {
+            let value = if value == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read the value from stdin")?
+            } else {
+                value.clone()
+            };
+            let value = serde_json::from_str(&value).map_err(|e| {
                 bbx_core::Error::invalid_field(
                     "value",
                     format!("the value must be JSON (quote strings: '\"text\"'): {e}"),

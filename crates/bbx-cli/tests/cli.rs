@@ -29,6 +29,30 @@ fn agent_and_state_contract_holds_across_a_restart() {
     assert_eq!(got["value"]["plan"], json!(["read", "write"]));
     assert_eq!(got["version"], 1);
 
+    for i in 0..4 {
+        json(&kernel.cli(&["agent", "create", &format!("extra-{i}"), "--json"]));
+    }
+    let paged = json(&kernel.cli(&["agent", "list", "--limit", "2", "--all", "--json"]));
+    assert_eq!(
+        paged["agents"].as_array().unwrap().len(),
+        5,
+        "--all follows every cursor"
+    );
+    assert!(paged["next_cursor"].is_null());
+
+    let mut piped = std::process::Command::new(BBX)
+        .args(["--url", &kernel.url(), "--data-dir"])
+        .arg(kernel.data_dir())
+        .args(["state", "set", &id, "from/stdin", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(piped.stdin.as_mut().unwrap(), br#"{"big": [1, 2, 3]}"#).unwrap();
+    assert!(piped.wait_with_output().unwrap().status.success());
+    let got = json(&kernel.cli(&["state", "get", &id, "from/stdin", "--json"]));
+    assert_eq!(got["value"]["big"], json!([1, 2, 3]));
+
     let listed = json(&kernel.cli(&["agent", "list", "--label", "team=ml", "--json"]));
     assert_eq!(listed["agents"][0]["id"], id.as_str());
     let page = json(&kernel.cli(&["state", "list", &id, "--prefix", "plan/", "--json"]));
@@ -45,7 +69,7 @@ fn agent_and_state_contract_holds_across_a_restart() {
 
     let status = json(&kernel.cli(&["status", "--json"]));
     let alias = json(&kernel.cli(&["v2", "status", "--json"]));
-    assert_eq!(status["agents"], 0);
+    assert_eq!(status["agents"], 4, "only the planner was deleted");
     assert_eq!(alias["listen"], status["listen"]);
 }
 

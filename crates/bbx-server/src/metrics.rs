@@ -109,6 +109,9 @@ pub async fn track(State(metrics): State<Arc<HttpMetrics>>, request: Request, ne
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(request).await;
     let status = response.status().as_u16();
+    if response.status().is_server_error() {
+        tracing::warn!(%method, %route, status, "request failed inside the kernel");
+    }
     metrics
         .latency
         .get_or_create(&RouteLabels {
