@@ -340,7 +340,13 @@ impl Kernel {
             }
             None => Bound::Included(prefix.clone()),
         };
+        // Deleted keys leave tombstones, which a page skips; bounding the keys one page
+        // may examine keeps a request cheap however many keys were deleted. A page cut
+        // short this way still carries a cursor.
+        let max_scan = limit.saturating_mul(4).max(1024);
         let mut entries = Vec::with_capacity(limit.min(128) + 1);
+        let mut last_scanned = None;
+        let mut scanned = 0;
         for item in self
             .store
             .view()
@@ -348,20 +354,30 @@ impl Kernel {
         {
             let (raw_key, value) = item.into_inner().map_err(|e| storage_error("scan state", e))?;
             if !raw_key.starts_with(&prefix) {
+                last_scanned = None;
                 break;
             }
             let key = String::from_utf8(raw_key[16..].to_vec()).map_err(|_| Error::internal("corrupt state key"))?;
-            if let Some(entry) = decode_entry(key, &value)? {
+            if let Some(entry) = decode_entry(key.clone(), &value)? {
                 entries.push(entry);
             }
             if entries.len() > limit {
                 break;
             }
+            scanned += 1;
+            last_scanned = Some(key);
+            if scanned >= max_scan {
+                break;
+            }
         }
-        let next_cursor = (entries.len() > limit).then(|| {
+        let next_cursor = if entries.len() > limit {
             entries.truncate(limit);
-            hex::encode(entries[limit - 1].key.as_bytes())
-        });
+            Some(hex::encode(entries[limit - 1].key.as_bytes()))
+        } else if scanned >= max_scan {
+            last_scanned.map(|key| hex::encode(key.as_bytes()))
+        } else {
+            None
+        };
         Ok(StatePage { entries, next_cursor })
     }
 

@@ -292,9 +292,11 @@ impl Committer {
             self.metrics.group_size.observe(group.len() as f64);
         }
         for (request, outcome) in group.drain(..).zip(outcomes) {
-            let outcome = match (&durable, outcome) {
-                (Err(e), Ok(_)) => Err(e.clone()),
-                (_, outcome) => outcome,
+            // When the group did not reach disk, every answer is that failure: a
+            // conflict computed against writes that never landed would mislead.
+            let outcome = match &durable {
+                Err(e) => Err(e.clone()),
+                Ok(()) => outcome,
             };
             if outcome.is_ok() {
                 self.metrics.writes.inc();
@@ -687,6 +689,23 @@ mod tests {
         assert_eq!(code(tx.apply(&delete(&a, "k", None))), ErrorCode::NotFound);
         assert_eq!(tx.apply(&set(&a, "k", Some(0))).unwrap(), Applied::Version(2));
         assert_eq!(code(tx.apply(&set(&a, "k", Some(1)))), ErrorCode::VersionConflict);
+    }
+
+    #[tokio::test]
+    async fn readers_see_a_write_once_it_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16).unwrap();
+        let a = agent();
+        let visible = |store: &Store| store.view().get(&store.ks.agents, a.id.as_bytes()).unwrap().is_some();
+        assert!(!visible(&store));
+        store.write(Write::CreateAgent(a.clone())).await.unwrap();
+        assert!(visible(&store), "an acknowledged write is in the published snapshot");
+        assert_eq!(store.agent_count().unwrap(), 1);
+        store.close().await;
+        assert_eq!(
+            store.write(Write::DeleteAgent(a.id)).await.unwrap_err().code,
+            ErrorCode::Unavailable
+        );
     }
 
     #[test]
