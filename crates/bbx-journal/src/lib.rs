@@ -31,6 +31,8 @@ pub type Lsn = u64;
 
 const SEGMENT_SUFFIX: &str = ".wal";
 const CHECKPOINT_FILE: &str = "checkpoint";
+/// Far beyond any real journal, and far from overflow.
+const MAX_LSN: Lsn = u64::MAX / 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -47,6 +49,8 @@ pub enum JournalError {
     },
     #[error("a record of {size} bytes does not fit in a {segment_bytes}-byte segment")]
     RecordTooLarge { size: usize, segment_bytes: u64 },
+    #[error("the journal failed earlier and accepts nothing until it is reopened: {reason}")]
+    Failed { reason: String },
 }
 
 pub type Result<T, E = JournalError> = std::result::Result<T, E>;
@@ -127,6 +131,10 @@ pub struct Journal {
     next_lsn: Lsn,
     synced_lsn: Lsn,
     checkpoint_lsn: Lsn,
+    /// Set by the first failed write or sync. What reached the file is then unknown
+    /// (a retried fdatasync may report success for pages the kernel already dropped),
+    /// so the journal refuses everything until `open` has checked the files again.
+    failed: Option<String>,
 }
 
 impl Journal {
@@ -173,6 +181,7 @@ impl Journal {
         if segments.last().is_some_and(|s| s.bytes == 0) {
             let torn = segments.pop().expect("checked above");
             fs::remove_file(&torn.path).map_err(io_error(&torn.path))?;
+            sync_dir(dir)?;
         }
         if segments.is_empty() {
             expected = expected.max(checkpoint_lsn).max(1);
@@ -192,12 +201,14 @@ impl Journal {
             next_lsn: expected,
             synced_lsn: expected - 1,
             checkpoint_lsn,
+            failed: None,
         };
         Ok((journal, recovery))
     }
 
     /// Buffers a record and returns its lsn. Nothing is durable until [`Self::sync`].
     pub fn append(&mut self, payload: &[u8]) -> Result<Lsn> {
+        self.check_healthy()?;
         let size = record::framed_len(payload.len());
         let capacity = self.options.segment_bytes.saturating_sub(record::MAGIC.len() as u64);
         if size as u64 > capacity || payload.len() > u32::MAX as usize {
@@ -220,10 +231,11 @@ impl Journal {
     /// Writes everything buffered and makes it durable with one `fdatasync`.
     /// Returns the highest lsn now on disk.
     pub fn sync(&mut self) -> Result<Lsn> {
+        self.check_healthy()?;
         if !self.buffer.is_empty() {
-            let path = &self.segments.last().expect("at least one segment").path;
-            self.file.write_all(&self.buffer).map_err(io_error(path))?;
-            self.file.sync_data().map_err(io_error(path))?;
+            let path = self.segments.last().expect("at least one segment").path.clone();
+            let written = self.file.write_all(&self.buffer).and_then(|()| self.file.sync_data());
+            self.poison_on_error(written.map_err(io_error(&path)))?;
             self.segments.last_mut().expect("at least one segment").bytes += self.buffer.len() as u64;
             self.buffer.clear();
         }
@@ -234,18 +246,35 @@ impl Journal {
     /// Syncs the current segment and starts the next one.
     fn roll(&mut self) -> Result<()> {
         self.sync()?;
-        let segment = create_segment(&self.dir, self.next_lsn)?;
-        self.file = OpenOptions::new()
+        let segment = create_segment(&self.dir, self.next_lsn);
+        let segment = self.poison_on_error(segment)?;
+        let file = OpenOptions::new()
             .append(true)
             .open(&segment.path)
-            .map_err(io_error(&segment.path))?;
+            .map_err(io_error(&segment.path));
+        self.file = self.poison_on_error(file)?;
         self.segments.push(segment);
         Ok(())
+    }
+
+    fn check_healthy(&self) -> Result<()> {
+        match &self.failed {
+            Some(reason) => Err(JournalError::Failed { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison_on_error<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
     }
 
     /// Declares records below `upto` no longer needed and deletes the segments that
     /// hold only such records. Returns how many segments were deleted.
     pub fn checkpoint(&mut self, upto: Lsn) -> Result<usize> {
+        self.check_healthy()?;
         let upto = upto.min(self.synced_lsn + 1);
         if upto <= self.checkpoint_lsn {
             return Ok(0);
@@ -352,9 +381,14 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
 }
 
 /// Whether an intact record numbered `expected` or later starts anywhere after
-/// `offset`. Only run on recovery, when something is already wrong.
+/// `offset`. Only run on recovery, when something is already wrong. A record ends in
+/// its payload or its lsn, so none starts in the zeros that often follow a torn
+/// write; they are skipped rather than decoded byte by byte.
 fn intact_record_after(bytes: &[u8], offset: usize, expected: Lsn) -> bool {
-    (offset + 1..bytes.len().saturating_sub(record::HEADER - 1))
+    let Some(last_nonzero) = bytes.iter().rposition(|&b| b != 0) else {
+        return false;
+    };
+    (offset + 1..=last_nonzero.min(bytes.len().saturating_sub(record::HEADER)))
         .any(|at| matches!(record::decode(bytes, at), Decoded::Record { lsn, .. } if lsn >= expected))
 }
 
@@ -375,6 +409,14 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
             continue;
         };
         let path = entry.path();
+        if first_lsn == 0 || first_lsn > MAX_LSN {
+            let reason = "the segment's name is not a valid first lsn".to_owned();
+            return Err(JournalError::Corrupt {
+                segment: path,
+                offset: 0,
+                reason,
+            });
+        }
         let bytes = entry.metadata().map_err(io_error(&path))?.len();
         segments.push(Segment { first_lsn, path, bytes });
     }
@@ -389,9 +431,15 @@ fn create_segment(dir: &Path, first_lsn: Lsn) -> Result<Segment> {
         .create_new(true)
         .open(&path)
         .map_err(io_error(&path))?;
-    file.write_all(record::MAGIC).map_err(io_error(&path))?;
-    file.sync_data().map_err(io_error(&path))?;
-    sync_dir(dir)?;
+    let written = file
+        .write_all(record::MAGIC)
+        .and_then(|()| file.sync_data())
+        .map_err(io_error(&path));
+    if let Err(e) = written.and_then(|()| sync_dir(dir)) {
+        // A half-made segment would make every later attempt fail on its name.
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok(Segment {
         first_lsn,
         path,
@@ -505,6 +553,15 @@ pub fn repair(dir: &Path) -> Result<VerifyReport> {
             // Nothing of that segment was readable: drop it and let the journal start
             // a fresh one where the valid records end.
             fs::remove_file(&problem.segment).map_err(io_error(&problem.segment))?;
+        }
+        // New records continue after the last valid one; a checkpoint beyond it would
+        // hide them on the next open.
+        let resume_at = match report.last_lsn {
+            Some(lsn) => lsn + 1,
+            None => list_segments(dir)?.first().map_or(1, |s| s.first_lsn),
+        };
+        if report.checkpoint_lsn > resume_at {
+            write_checkpoint(dir, resume_at)?;
         }
         sync_dir(dir)?;
     }

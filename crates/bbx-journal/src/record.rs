@@ -52,7 +52,6 @@ pub fn decode(segment: &[u8], offset: usize) -> Decoded<'_> {
     if rest.is_empty() {
         return Decoded::End;
     }
-    let zeros_to_eof = rest.iter().all(|&b| b == 0);
     if rest.len() < HEADER {
         return Decoded::Bad {
             reason: "record header cut short",
@@ -69,10 +68,10 @@ pub fn decode(segment: &[u8], offset: usize) -> Decoded<'_> {
         };
     };
     if checksum(lsn, payload) != crc {
-        let reaches_eof = HEADER + len == rest.len();
+        let to_eof = HEADER + len == rest.len() || rest.iter().all(|&b| b == 0);
         return Decoded::Bad {
             reason: "checksum mismatch",
-            to_eof: reaches_eof || zeros_to_eof,
+            to_eof,
         };
     }
     Decoded::Record {
