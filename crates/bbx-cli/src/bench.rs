@@ -360,19 +360,13 @@ impl StateRequests {
 }
 
 /// Closed loop: `clients` workers each send `request(worker, iteration)` back to back
-/// until `duration` has passed after `warmup`. Measures the most the target sustains.
-async fn closed_loop<F>(
-    addr: SocketAddr,
-    clients: usize,
-    warmup: Duration,
-    duration: Duration,
-    request: F,
-) -> Result<Figures>
+/// for `duration`. Measures the most the target sustains.
+async fn closed_loop<F>(addr: SocketAddr, clients: usize, duration: Duration, request: F) -> Result<Figures>
 where
     F: Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync + 'static,
 {
     let request = Arc::new(request);
-    let measure_from = Instant::now() + warmup;
+    let measure_from = Instant::now();
     let end = measure_from + duration;
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
@@ -410,14 +404,7 @@ where
 /// response delays the requests queued behind it and that delay is measured (no
 /// coordinated omission). The schedule is kept by a dedicated thread, because tokio
 /// timers round up to whole milliseconds.
-async fn open_loop<F>(
-    addr: SocketAddr,
-    clients: usize,
-    warmup: Duration,
-    duration: Duration,
-    rate: f64,
-    request: F,
-) -> Result<Figures>
+async fn open_loop<F>(addr: SocketAddr, clients: usize, duration: Duration, rate: f64, request: F) -> Result<Figures>
 where
     F: Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync + 'static,
 {
@@ -427,7 +414,7 @@ where
         connections.push(Connection::open(addr).await?);
     }
     let begin = Instant::now() + Duration::from_millis(20);
-    let measure_from = begin + warmup;
+    let measure_from = begin;
     let end = measure_from + duration;
     // One queue that every idle worker takes the next due request from.
     let (queue, due) = tokio::sync::mpsc::unbounded_channel::<(Instant, u64)>();
@@ -515,6 +502,15 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
         }
         None => tempfile::tempdir()?,
     };
+    for (what, value) in [
+        ("--seconds", Some(args.seconds)),
+        ("--set-rate", Some(args.set_rate)),
+        ("--get-rate", args.get_rate),
+    ] {
+        if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            bail!("{what} must be a positive number");
+        }
+    }
     let measure = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_secs_f64((args.seconds / 5.0).min(1.0));
 
@@ -575,40 +571,42 @@ pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
         url: url.clone(),
     };
 
-    let before = client
-        .status()
-        .await?
-        .storage
-        .context("bench api needs an administrator key")?;
+    let storage = || async {
+        let status = client.status().await?;
+        status.storage.context("bench api needs an administrator key")
+    };
     let writes = requests.clone();
     let set = move |c: usize, i: u64| writes.set(&format!("key-{c}"), i);
-    let buckets = kernel.buckets("PUT").await?;
-    let set_max = closed_loop(addr, args.set_clients, warmup, measure, set.clone()).await?;
-    let set_max = kernel.annotate(set_max, "PUT", &buckets).await?;
-    let after = client
-        .status()
-        .await?
-        .storage
-        .context("bench api needs an administrator key")?;
-    let writes_per_sync =
-        (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
-    let buckets = kernel.buckets("PUT").await?;
-    let set_paced = open_loop(addr, args.set_clients, warmup, measure, args.set_rate, set).await?;
-    let set_paced = kernel.annotate(set_paced, "PUT", &buckets).await?;
-
     let keys = args.set_clients.max(1);
     let get = move |c: usize, _| requests.get(&format!("key-{}", c % keys));
+
+    // Every phase first runs for `warmup` unmeasured; the kernel's histogram is read
+    // just before and just after the measured run, so both views cover one window.
+    closed_loop(addr, args.set_clients, warmup, set.clone()).await?;
+    let (before, buckets) = (storage().await?, kernel.buckets("PUT").await?);
+    let set_max = closed_loop(addr, args.set_clients, measure, set.clone()).await?;
+    let set_max = kernel.annotate(set_max, "PUT", &buckets).await?;
+    let after = storage().await?;
+    let writes_per_sync =
+        (after.writes_committed - before.writes_committed) as f64 / (after.syncs - before.syncs).max(1) as f64;
+
+    open_loop(addr, args.set_clients, warmup, args.set_rate, set.clone()).await?;
+    let buckets = kernel.buckets("PUT").await?;
+    let set_paced = open_loop(addr, args.set_clients, measure, args.set_rate, set).await?;
+    let set_paced = kernel.annotate(set_paced, "PUT", &buckets).await?;
+
+    closed_loop(addr, args.get_clients, warmup, get.clone()).await?;
     let buckets = kernel.buckets("GET").await?;
-    let get_max = kernel
-        .annotate(
-            closed_loop(addr, args.get_clients, warmup, measure, get.clone()).await?,
-            "GET",
-            &buckets,
-        )
-        .await?;
+    let get_max = closed_loop(addr, args.get_clients, measure, get.clone()).await?;
+    let get_max = kernel.annotate(get_max, "GET", &buckets).await?;
+
     let half_rate = args.get_rate.unwrap_or(get_max.ops_per_sec / 2.0);
+    if !(half_rate.is_finite() && half_rate > 0.0) {
+        bail!("no get completed at full speed, so there is no rate to halve");
+    }
+    open_loop(addr, args.get_clients, warmup, half_rate, get.clone()).await?;
     let buckets = kernel.buckets("GET").await?;
-    let get_half_load = open_loop(addr, args.get_clients, warmup, measure, half_rate, get).await?;
+    let get_half_load = open_loop(addr, args.get_clients, measure, half_rate, get).await?;
     let get_half_load = kernel.annotate(get_half_load, "GET", &buckets).await?;
 
     let cold_start_ms = (!cold_runs.is_empty()).then(|| {

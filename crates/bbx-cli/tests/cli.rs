@@ -101,6 +101,14 @@ fn failures_are_one_line_and_non_zero() {
     assert_one_line_failure(&run(&["--url", &nobody, "status"]), "no BBX kernel answers");
     assert_one_line_failure(&run(&["--url", "not a url", "agent", "list"]), "not an http(s) URL");
     assert_one_line_failure(&run(&["--url", &nobody, "mcp"]), "no BBX kernel answers");
+    assert_one_line_failure(
+        &run(&["bench", "api", "--set-rate", "0"]),
+        "--set-rate must be a positive number",
+    );
+    assert_one_line_failure(
+        &run(&["bench", "api", "--seconds", "NaN"]),
+        "--seconds must be a positive number",
+    );
 
     let kernel = Kernel::start();
     assert_one_line_failure(&kernel.cli(&["agent", "get", "../../etc"]), "invalid_id");

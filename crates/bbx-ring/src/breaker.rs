@@ -47,7 +47,10 @@ const HALF_OPEN: u8 = 2;
 #[must_use = "record the outcome of an admitted call"]
 pub enum Admission {
     Closed,
-    Trial,
+    /// A half-open trial of one round; outcomes of an earlier round are ignored.
+    Trial {
+        round: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -67,7 +70,11 @@ pub struct BreakerStats {
 #[derive(Default)]
 struct Transitions {
     opened_at: Option<Instant>,
+    half_open_at: Option<Instant>,
     trials_in_flight: u32,
+    /// Bumped on every state change, so that a trial admitted before a reset or in an
+    /// earlier half-open round cannot decide the current one.
+    round: u64,
 }
 
 pub struct CircuitBreaker {
@@ -104,21 +111,25 @@ impl CircuitBreaker {
                     retry_after: reopens - now,
                 });
             }
-            self.state.store(HALF_OPEN, Ordering::Release);
-            t.trials_in_flight = 0;
+            self.start_half_open(&mut t, now);
         }
-        match self.state.load(Ordering::Acquire) {
-            HALF_OPEN if t.trials_in_flight < self.config.half_open_trials => {
-                t.trials_in_flight += 1;
-                Ok(Admission::Trial)
-            }
-            HALF_OPEN => {
-                self.rejected_total.fetch_add(1, Ordering::Relaxed);
-                Err(Rejected {
-                    retry_after: self.config.open_for / 10,
-                })
-            }
-            _ => Ok(Admission::Closed),
+        if self.state.load(Ordering::Acquire) != HALF_OPEN {
+            return Ok(Admission::Closed);
+        }
+        // Trials whose outcome never came back (their caller vanished) expire, or the
+        // breaker would refuse forever.
+        let expired = t.half_open_at.is_some_and(|at| now >= at + self.config.open_for);
+        if t.trials_in_flight >= self.config.half_open_trials && expired {
+            self.start_half_open(&mut t, now);
+        }
+        if t.trials_in_flight < self.config.half_open_trials {
+            t.trials_in_flight += 1;
+            Ok(Admission::Trial { round: t.round })
+        } else {
+            self.rejected_total.fetch_add(1, Ordering::Relaxed);
+            Err(Rejected {
+                retry_after: self.config.open_for / 10,
+            })
         }
     }
 
@@ -138,13 +149,14 @@ impl CircuitBreaker {
                     }
                 }
             }
-            (Admission::Trial, success) => {
+            (Admission::Trial { round }, success) => {
                 let mut t = self.transitions.lock();
-                t.trials_in_flight = t.trials_in_flight.saturating_sub(1);
-                if self.state.load(Ordering::Acquire) != HALF_OPEN {
+                if round != t.round || self.state.load(Ordering::Acquire) != HALF_OPEN {
                     return;
                 }
+                t.trials_in_flight = t.trials_in_flight.saturating_sub(1);
                 if success {
+                    t.round += 1;
                     self.consecutive_failures.store(0, Ordering::Relaxed);
                     self.state.store(CLOSED, Ordering::Release);
                 } else {
@@ -154,7 +166,15 @@ impl CircuitBreaker {
         }
     }
 
+    fn start_half_open(&self, t: &mut Transitions, now: Instant) {
+        t.round += 1;
+        t.trials_in_flight = 0;
+        t.half_open_at = Some(now);
+        self.state.store(HALF_OPEN, Ordering::Release);
+    }
+
     fn open(&self, t: &mut Transitions, now: Instant) {
+        t.round += 1;
         t.opened_at = Some(now);
         self.opened_total.fetch_add(1, Ordering::Relaxed);
         self.state.store(OPEN, Ordering::Release);
@@ -163,7 +183,10 @@ impl CircuitBreaker {
     /// Closes the breaker and forgets its failures (`bbx ring circuit-breaker --reset`).
     pub fn reset(&self) {
         let mut t = self.transitions.lock();
-        *t = Transitions::default();
+        *t = Transitions {
+            round: t.round + 1,
+            ..Transitions::default()
+        };
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.state.store(CLOSED, Ordering::Release);
     }
@@ -274,7 +297,7 @@ mod tests {
         }
         let later = t0 + Duration::from_secs(10);
         let trial = b.admit(later).unwrap();
-        assert_eq!(trial, Admission::Trial);
+        assert!(matches!(trial, Admission::Trial { .. }));
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert!(b.admit(later).is_err(), "only one trial at a time");
         b.record(trial, false, later);
@@ -286,6 +309,37 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.admit(later + Duration::from_secs(10)).unwrap(), Admission::Closed);
         assert_eq!(b.stats().opened_total, 2);
+    }
+
+    #[test]
+    fn stale_and_lost_trials_do_not_decide_or_block() {
+        let b = breaker();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            fail(&b, t0);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        let stale = b.admit(t1).unwrap();
+        b.reset();
+        for _ in 0..3 {
+            fail(&b, t1);
+        }
+        let t2 = t1 + Duration::from_secs(10);
+        let _lost = b.admit(t2).unwrap();
+        b.record(stale, true, t2);
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "a trial from before the reset decides nothing"
+        );
+        assert!(b.admit(t2).is_err(), "the stale record freed no trial slot");
+
+        // The current trial's caller vanishes without recording: after open_for, a
+        // new trial may go.
+        assert!(b.admit(t2 + Duration::from_secs(9)).is_err());
+        let retry = b.admit(t2 + Duration::from_secs(10)).unwrap();
+        b.record(retry, true, t2 + Duration::from_secs(10));
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 pub struct SchedulerConfig {
     /// Most ops waiting at once (the submission queue's size).
     pub capacity: usize,
+    /// Most ops one agent may have waiting, so that a flooding agent is refused
+    /// before it fills the queue for everyone else.
+    pub agent_capacity: usize,
     /// How long an op waits before its level counts as one priority higher.
     pub aging: Duration,
     /// Shed `Low` ops once the queue is this full (a fraction, e.g. 0.8); `None` keeps
@@ -31,6 +34,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             capacity: 8192,
+            agent_capacity: 2048,
             aging: Duration::from_millis(100),
             shed_low_above: None,
         }
@@ -41,6 +45,8 @@ impl Default for SchedulerConfig {
 pub enum Refused {
     #[error("the submission queue is full ({capacity} ops waiting)")]
     Full { capacity: usize },
+    #[error("this agent already has {capacity} ops waiting, its limit")]
+    AgentFull { capacity: usize },
     #[error("the submission queue is busy and sheds LOW-priority ops")]
     Shed,
 }
@@ -81,6 +87,8 @@ impl<K, T> Default for Level<K, T> {
 pub struct Scheduler<K, T> {
     config: SchedulerConfig,
     levels: [Level<K, T>; 4],
+    /// Ops waiting per agent, across levels.
+    per_agent: HashMap<K, usize>,
     len: usize,
     seq: u64,
 }
@@ -90,6 +98,7 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
         Self {
             config,
             levels: Default::default(),
+            per_agent: HashMap::new(),
             len: 0,
             seq: 0,
         }
@@ -114,6 +123,15 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
                 capacity: self.config.capacity,
             });
         }
+        if self
+            .per_agent
+            .get(&agent)
+            .is_some_and(|&n| n >= self.config.agent_capacity)
+        {
+            return Err(Refused::AgentFull {
+                capacity: self.config.agent_capacity,
+            });
+        }
         if priority == Priority::Low
             && self
                 .config
@@ -122,6 +140,7 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
         {
             return Err(Refused::Shed);
         }
+        *self.per_agent.entry(agent.clone()).or_default() += 1;
         self.seq += 1;
         let level = &mut self.levels[priority.rank()];
         level.ages.insert((now, self.seq));
@@ -162,6 +181,12 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
             level.turns.push_back(agent.clone());
         }
         level.ages.remove(&(waiting.since, waiting.seq));
+        if let Some(n) = self.per_agent.get_mut(&agent) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_agent.remove(&agent);
+            }
+        }
         self.len -= 1;
         Some(Next {
             agent,
@@ -180,8 +205,8 @@ mod tests {
     fn scheduler(capacity: usize) -> Scheduler<u32, u32> {
         Scheduler::new(SchedulerConfig {
             capacity,
-            aging: Duration::from_millis(100),
-            shed_low_above: None,
+            agent_capacity: capacity,
+            ..Default::default()
         })
     }
 
@@ -217,6 +242,35 @@ mod tests {
             first_20.iter().filter(|&&a| a == 2).count(),
             10,
             "agent 2 alternates with the flooder"
+        );
+    }
+
+    #[test]
+    fn a_flooding_agent_is_refused_before_it_fills_the_queue() {
+        let mut s: Scheduler<u32, u32> = Scheduler::new(SchedulerConfig {
+            capacity: 100,
+            agent_capacity: 25,
+            ..Default::default()
+        });
+        let now = Instant::now();
+        let accepted = (0..1000)
+            .filter(|i| s.push(1, Priority::Realtime, *i, now).is_ok())
+            .count();
+        assert_eq!(accepted, 25);
+        assert_eq!(
+            s.push(1, Priority::Low, 0, now),
+            Err(Refused::AgentFull { capacity: 25 })
+        );
+        for other in 2..5 {
+            assert!(
+                s.push(other, Priority::Low, 0, now).is_ok(),
+                "agent {other} still gets in"
+            );
+        }
+        s.pop(now).unwrap();
+        assert!(
+            s.push(1, Priority::Normal, 0, now).is_ok(),
+            "a slot of its own frees up"
         );
     }
 
@@ -258,6 +312,7 @@ mod tests {
 
         let mut s: Scheduler<u32, u32> = Scheduler::new(SchedulerConfig {
             capacity: 10,
+            agent_capacity: 10,
             shed_low_above: Some(0.5),
             ..Default::default()
         });
@@ -289,7 +344,8 @@ mod tests {
         /// one agent at one priority keep their order, and the counters agree.
         #[test]
         fn ops_are_neither_lost_nor_duplicated_nor_reordered(steps in proptest::collection::vec(step(), 0..300)) {
-            let mut s: Scheduler<u8, u32> = Scheduler::new(SchedulerConfig { capacity: 64, ..Default::default() });
+            let mut s: Scheduler<u8, u32> =
+                Scheduler::new(SchedulerConfig { capacity: 64, agent_capacity: 24, ..Default::default() });
             let mut now = Instant::now();
             let mut next_id = 0u32;
             let mut accepted = std::collections::HashMap::<(u8, Priority), VecDeque<u32>>::new();
@@ -301,10 +357,13 @@ mod tests {
                 match step {
                     Step::Push { agent, priority } => {
                         let priority = Priority::ALL[priority as usize];
-                        if s.push(agent, priority, next_id, now).is_ok() {
-                            accepted.entry((agent, priority)).or_default().push_back(next_id);
-                        } else {
-                            prop_assert_eq!(s.len(), 64);
+                        let agent_waiting: usize =
+                            Priority::ALL.iter().map(|p| accepted.get(&(agent, *p)).map_or(0, VecDeque::len)).sum();
+                        match s.push(agent, priority, next_id, now) {
+                            Ok(()) => accepted.entry((agent, priority)).or_default().push_back(next_id),
+                            Err(Refused::Full { .. }) => prop_assert_eq!(s.len(), 64),
+                            Err(Refused::AgentFull { .. }) => prop_assert_eq!(agent_waiting, 24),
+                            Err(Refused::Shed) => prop_assert!(false, "shedding is off"),
                         }
                         next_id += 1;
                     }
