@@ -41,7 +41,7 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 pub struct Kernel {
     config: KernelConfig,
-    store: Store,
+    store: Arc<Store>,
     keys: KeyRing,
     started: Instant,
     closing: AtomicBool,
@@ -58,7 +58,7 @@ impl Kernel {
     /// Opens (or creates) the data directory and everything in it.
     pub async fn open(config: KernelConfig) -> Result<Opened> {
         create_private_dir(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("db"), config.commit_max_batch)?;
+        let store = Arc::new(Store::open(&config.data_dir.join("db"), config.commit_max_batch)?);
         let keys = KeyRing::default();
         for item in store.ks.api_keys.iter() {
             let (_, value) = item.into_inner().map_err(|e| storage_error("load API keys", e))?;
@@ -73,6 +73,10 @@ impl Kernel {
             started: Instant::now(),
             closing: AtomicBool::new(false),
         });
+        // Deletions a crash interrupted finish removing their agents' state.
+        for agent in kernel.store.pending_purges()? {
+            spawn_purge(kernel.store.clone(), agent);
+        }
         let admin_key_written = if kernel.keys.is_empty() {
             Some(kernel.mint_admin_key().await?)
         } else {
@@ -174,7 +178,14 @@ impl Kernel {
 
     pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
         self.load_agent(caller, id)?;
-        self.store.write(Write::DeleteAgent(*id)).await.map(drop)
+        self.store.write(Write::DeleteAgent(*id)).await?;
+        spawn_purge(self.store.clone(), *id);
+        Ok(())
+    }
+
+    /// Deleted agents whose state is still being removed in the background.
+    pub fn pending_purges(&self) -> Result<usize> {
+        Ok(self.store.pending_purges()?.len())
     }
 
     pub fn list_agents(&self, caller: &Caller, req: ListAgents) -> Result<AgentPage> {
@@ -299,7 +310,7 @@ impl Kernel {
                 version,
                 updated_at: at,
             }),
-            Applied::Done => Err(Error::internal("state write reported no version")),
+            Applied::Done | Applied::More => Err(Error::internal("state write reported no version")),
         }
     }
 
@@ -452,6 +463,33 @@ impl Kernel {
 }
 
 /// The entry a stored value holds, or `None` for a deleted key's tombstone.
+/// State keys removed per committer group when purging a deleted agent.
+const PURGE_STEP: usize = 1024;
+
+/// Removes a deleted agent's state in bounded steps, each its own group, so that
+/// other writers interleave. Stops early if the kernel shuts down; the durable purge
+/// marker makes the next start resume it.
+fn spawn_purge(store: Arc<Store>, agent: AgentId) {
+    tokio::spawn(async move {
+        loop {
+            match store
+                .write(Write::PurgeState {
+                    agent,
+                    max_keys: PURGE_STEP,
+                })
+                .await
+            {
+                Ok(Applied::More) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::info!(%agent, error = %e, "purge of a deleted agent's state paused until the next start");
+                    break;
+                }
+            }
+        }
+    });
+}
+
 fn decode_entry(key: String, bytes: &[u8]) -> Result<Option<StateEntry>> {
     let stored = decode_state(bytes)?;
     if stored.is_tombstone() {

@@ -32,6 +32,12 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 const AGENT_COUNT: &[u8] = b"agent_count";
+const PURGE_PREFIX: &[u8] = b"purge/";
+
+/// The `meta` key that says a deleted agent's state is still to be removed.
+fn purge_marker(agent: &AgentId) -> Vec<u8> {
+    [PURGE_PREFIX, agent.as_bytes()].concat()
+}
 
 /// A write the committer applies atomically, or not at all.
 #[derive(Debug)]
@@ -52,12 +58,19 @@ pub(crate) enum Write {
         at: DateTime<Utc>,
     },
     PutKey(StoredKey),
+    /// Removes up to `max_keys` state keys of a deleted agent; done when fewer remain.
+    PurgeState {
+        agent: AgentId,
+        max_keys: usize,
+    },
 }
 
 /// What an applied write reports back.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Applied {
     Done,
+    /// A bounded step that has more to do.
+    More,
     /// The new version of a state key.
     Version(u64),
 }
@@ -211,6 +224,19 @@ impl Store {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+    }
+
+    /// Deleted agents whose state is still being removed.
+    pub fn pending_purges(&self) -> Result<Vec<AgentId>> {
+        let mut agents = Vec::new();
+        for item in self.view().prefix(&self.ks.meta, PURGE_PREFIX) {
+            let key = item.key().map_err(|e| storage_error("read purges", e))?;
+            let id: [u8; 16] = key[PURGE_PREFIX.len()..]
+                .try_into()
+                .map_err(|_| Error::internal("corrupt purge marker"))?;
+            agents.push(AgentId::from_bytes(id));
+        }
+        Ok(agents)
     }
 
     pub fn agent_count(&self) -> Result<u64> {
@@ -396,30 +422,41 @@ impl<'a> GroupTx<'a> {
                 Ok(Applied::Done)
             }
             Write::DeleteAgent(id) => {
+                // The agent goes at once, with a durable note that its state is still
+                // to be removed; the state goes in bounded `PurgeState` groups, so that
+                // deleting a large agent never holds up everyone else's writes.
                 let agent = self.load_agent(id)?;
                 let count = self.agent_count()?;
-                let prefix = id.as_bytes().to_vec();
-                let mut keys: Vec<Vec<u8>> = Vec::new();
-                for item in self.ks.state.prefix(&prefix) {
-                    keys.push(item.key().map_err(|e| storage_error("scan state", e))?.to_vec());
-                }
-                keys.extend(
-                    self.staged
-                        .range((STATE, prefix.clone())..)
-                        .take_while(|((i, k), _)| *i == STATE && k.starts_with(&prefix))
-                        .map(|((_, k), _)| k.clone()),
-                );
-                for key in keys {
-                    self.remove(STATE, key);
-                }
-                self.remove(AGENTS, prefix);
+                self.remove(AGENTS, id.as_bytes().to_vec());
                 self.remove(TENANTS, tenant_index_key(&agent.tenant, id));
                 self.put(
                     META,
                     AGENT_COUNT.to_vec(),
                     count.saturating_sub(1).to_be_bytes().to_vec(),
                 );
+                self.put(META, purge_marker(id), Vec::new());
                 Ok(Applied::Done)
+            }
+            Write::PurgeState { agent, max_keys } => {
+                let prefix = agent.as_bytes().to_vec();
+                let mut keys: Vec<Vec<u8>> = Vec::new();
+                for item in self.ks.state.prefix(&prefix).take(*max_keys) {
+                    keys.push(item.key().map_err(|e| storage_error("scan state", e))?.to_vec());
+                }
+                let staged: Vec<Vec<u8>> = self
+                    .staged
+                    .range((STATE, prefix.clone())..)
+                    .take_while(|((i, k), _)| *i == STATE && k.starts_with(&prefix))
+                    .map(|((_, k), _)| k.clone())
+                    .collect();
+                let finished = keys.len() < *max_keys;
+                for key in keys.into_iter().chain(staged) {
+                    self.remove(STATE, key);
+                }
+                if finished {
+                    self.remove(META, purge_marker(agent));
+                }
+                Ok(if finished { Applied::Done } else { Applied::More })
             }
             Write::SetState {
                 agent,
@@ -640,22 +677,47 @@ mod tests {
     }
 
     #[test]
-    fn deleting_an_agent_removes_state_staged_earlier_in_its_group() {
+    fn a_deleted_agents_state_is_purged_in_bounded_steps() {
         let (_dir, db, ks) = fresh();
         let a = agent();
         let mut tx = GroupTx::new(&ks);
         tx.apply(&Write::CreateAgent(a.clone())).unwrap();
+        for i in 0..5 {
+            tx.apply(&set(&a, &format!("k{i}"), None)).unwrap();
+        }
         tx.commit(&db).unwrap();
 
         let mut tx = GroupTx::new(&ks);
-        tx.apply(&set(&a, "committed-later", None)).unwrap();
+        tx.apply(&set(&a, "staged-in-the-same-group", None)).unwrap();
         tx.apply(&Write::DeleteAgent(a.id)).unwrap();
         // Once deleted, the agent takes no more writes in the same group.
         assert_eq!(code(tx.apply(&set(&a, "after", None))), ErrorCode::NotFound);
+        let purge = Write::PurgeState {
+            agent: a.id,
+            max_keys: 2,
+        };
+        assert_eq!(tx.apply(&purge).unwrap(), Applied::More, "a bounded step");
         tx.commit(&db).unwrap();
-        assert_eq!(ks.state.prefix(a.id.as_bytes()).count(), 0);
         assert!(ks.agents.get(a.id.as_bytes()).unwrap().is_none());
         assert_eq!(read_count(&db.snapshot(), &ks.meta).unwrap(), 0);
+        assert!(
+            ks.meta.get(purge_marker(&a.id)).unwrap().is_some(),
+            "the purge is remembered"
+        );
+
+        let mut steps = 1;
+        loop {
+            let mut tx = GroupTx::new(&ks);
+            let applied = tx.apply(&purge).unwrap();
+            tx.commit(&db).unwrap();
+            steps += 1;
+            if applied == Applied::Done {
+                break;
+            }
+        }
+        assert_eq!(steps, 3, "6 keys, 2 per step, and a last step that finds fewer than 2");
+        assert_eq!(ks.state.prefix(a.id.as_bytes()).count(), 0);
+        assert!(ks.meta.get(purge_marker(&a.id)).unwrap().is_none());
     }
 
     #[test]

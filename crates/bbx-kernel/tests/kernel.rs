@@ -490,3 +490,53 @@ async fn deleted_keys_disappear_and_cursors_stay_inside_their_prefix() {
 fn hex_cursor(key: &str) -> String {
     key.bytes().map(|b| format!("{b:02x}")).collect()
 }
+
+async fn wait_for_purges(kernel: &Kernel) {
+    for _ in 0..1000 {
+        if kernel.pending_purges().unwrap() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the purge of deleted agents' state did not finish");
+}
+
+#[tokio::test]
+async fn a_large_agent_is_deleted_at_once_and_its_state_purged_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let big = api.create_agent(agent("big")).await.unwrap();
+    let writers: Vec<_> = (0..50)
+        .map(|w| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    api.state_set(big.id, format!("k{w}/{i}"), set(json!(i), None))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    api.delete_agent(big.id).await.unwrap();
+    assert_eq!(
+        api.get_agent(big.id).await.unwrap_err().code,
+        ErrorCode::NotFound,
+        "gone at once"
+    );
+    assert_eq!(
+        api.state_get(big.id, "k0/0".into()).await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    kernel.shutdown().await;
+    drop((kernel, api));
+
+    // Whatever the purge had done before the shutdown, the next start finishes it.
+    let (kernel, api) = open(dir.path()).await;
+    wait_for_purges(&kernel).await;
+    assert_eq!(api.status().await.unwrap().agents, 0);
+    kernel.shutdown().await;
+}
