@@ -152,6 +152,8 @@ pub enum KeyCommand {
     List,
     /// Revoke an API key.
     Revoke { id: String },
+    /// Offline, with the kernel stopped: mint a new admin key into DATA_DIR/admin.key.
+    ResetAdmin,
 }
 
 #[derive(Subcommand, Debug)]

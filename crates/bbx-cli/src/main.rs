@@ -317,15 +317,13 @@ async fn state(cli: &Cli, command: &StateCommand) -> Result<()> {
 }
 
 async fn key(cli: &Cli, command: &KeyCommand) -> Result<()> {
-    let api = client(cli)?;
     match command {
         KeyCommand::Create { name, tenant } => {
-            let created = api
-                .create_key(&CreateApiKey {
-                    name: name.clone(),
-                    tenant: tenant.clone(),
-                })
-                .await?;
+            let req = CreateApiKey {
+                name: name.clone(),
+                tenant: tenant.clone(),
+            };
+            let created = client(cli)?.create_key(&req).await?;
             if cli.json {
                 output::json(&created)
             } else {
@@ -334,7 +332,7 @@ async fn key(cli: &Cli, command: &KeyCommand) -> Result<()> {
             }
         }
         KeyCommand::List => {
-            let keys = api.list_keys().await?;
+            let keys = client(cli)?.list_keys().await?;
             if cli.json {
                 output::json(&keys)
             } else {
@@ -342,11 +340,25 @@ async fn key(cli: &Cli, command: &KeyCommand) -> Result<()> {
             }
         }
         KeyCommand::Revoke { id } => {
-            let info = api.revoke_key(id.parse()?).await?;
+            let info = client(cli)?.revoke_key(id.parse()?).await?;
             if cli.json {
                 output::json(&info)
             } else {
                 println!("revoked key {}", info.id)
+            }
+        }
+        KeyCommand::ResetAdmin => {
+            // Offline: opening the data directory fails while a kernel holds it.
+            let opened = bbx_kernel::Kernel::open(resolve_config(cli, &ServeArgs::default())?).await?;
+            let path = match opened.admin_key_written {
+                Some(path) => path,
+                None => opened.kernel.reset_admin_key().await?,
+            };
+            opened.kernel.shutdown().await;
+            if cli.json {
+                output::json(&serde_json::json!({ "admin_key_file": path }))
+            } else {
+                println!("a new admin API key is in {}", path.display())
             }
         }
     }

@@ -232,3 +232,27 @@ fn bench_api_runs_end_to_end_and_reports_every_figure() {
     assert!(report["cold_start_ms"]["median"].as_f64().unwrap() > 0.0);
     assert!(report["writes_per_sync"].as_f64().unwrap() >= 1.0);
 }
+
+#[test]
+fn a_lost_admin_key_can_be_reset_offline() {
+    let mut kernel = Kernel::start();
+    let old_key = kernel.key();
+    let refused = kernel.cli(&["key", "reset-admin"]);
+    assert_one_line_failure(&refused, "in use by another BBX kernel");
+
+    let (clean, _) = kernel.stop();
+    assert!(clean);
+    std::fs::remove_file(kernel.data_dir().join("admin.key")).unwrap();
+    let reset = json(&kernel.cli(&["key", "reset-admin", "--json"]));
+    assert!(reset["admin_key_file"].as_str().unwrap().ends_with("admin.key"));
+    kernel.restart();
+    let new_key = kernel.key();
+    assert_ne!(new_key, old_key);
+    assert!(kernel.cli(&["status"]).status.success(), "the new key works");
+    let keys = json(&kernel.cli(&["key", "list", "--json"]));
+    assert_eq!(
+        keys.as_array().unwrap().len(),
+        2,
+        "the old key is kept, to be revoked by its owner"
+    );
+}

@@ -108,6 +108,13 @@ impl Kernel {
         Ok(path)
     }
 
+    /// Mints a new administrator key into `DATA_DIR/admin.key`, for an operator who
+    /// lost the old one. Run offline (`bbx key reset-admin`): the data directory's lock
+    /// refuses it while a kernel is serving. Existing keys stay as they are.
+    pub async fn reset_admin_key(&self) -> Result<PathBuf> {
+        self.mint_admin_key().await
+    }
+
     pub fn config(&self) -> &KernelConfig {
         &self.config
     }
