@@ -101,6 +101,7 @@ fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig> {
         max_body_bytes: args.max_body_bytes,
         commit_max_batch: args.commit_max_batch,
         log: args.log.clone(),
+        ring: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

@@ -31,6 +31,105 @@ pub struct KernelConfig {
     pub commit_max_batch: usize,
     /// tracing filter, e.g. "info" or "bbx_kernel=debug".
     pub log: String,
+    /// The AgentRing's queues, limits and breakers (`[ring]` in the file).
+    pub ring: RingConfig,
+}
+
+/// Settings of the AgentRing. Every field has a default, so a file may give any subset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RingConfig {
+    /// Ops accepted and not yet started; a full queue answers 429.
+    pub submission_capacity: usize,
+    /// Of those, the most one agent may hold.
+    pub agent_capacity: usize,
+    /// Completions waiting to be made durable; when full, no new op starts.
+    pub completion_capacity: usize,
+    /// Ops running at once.
+    pub max_running: usize,
+    /// How long a waiting op takes to gain one priority level.
+    pub aging_ms: u64,
+    /// Refuse `LOW` ops once the submission queue is this full (0.0-1.0); unset keeps them.
+    pub shed_low_above: Option<f64>,
+    /// Timeout of an attempt when the op gives none.
+    pub default_timeout_ms: u64,
+    /// Largest `args` of one op, as JSON.
+    pub max_args_bytes: usize,
+    /// Most ops in one submission.
+    pub max_batch: usize,
+    /// How long completions and idempotency keys are kept.
+    pub retention_secs: u64,
+    /// Consecutive failures that open a target's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before a trial.
+    pub breaker_open_ms: u64,
+    /// Trial calls let through by a half-open breaker.
+    pub breaker_trials: u32,
+    /// Size at which a journal segment rolls over.
+    pub journal_segment_bytes: u64,
+    /// Completions of ops without effects kept in memory for reaping.
+    pub recent_completions: usize,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        Self {
+            submission_capacity: 8192,
+            agent_capacity: 2048,
+            completion_capacity: 8192,
+            max_running: 256,
+            aging_ms: 100,
+            shed_low_above: None,
+            default_timeout_ms: 30_000,
+            max_args_bytes: 64 * 1024,
+            max_batch: 4096,
+            retention_secs: 24 * 3600,
+            breaker_failures: 5,
+            breaker_open_ms: 30_000,
+            breaker_trials: 1,
+            journal_segment_bytes: 64 << 20,
+            recent_completions: 65_536,
+        }
+    }
+}
+
+impl RingConfig {
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("ring.submission_capacity", self.submission_capacity),
+            ("ring.agent_capacity", self.agent_capacity),
+            ("ring.completion_capacity", self.completion_capacity),
+            ("ring.max_running", self.max_running),
+            ("ring.max_batch", self.max_batch),
+            ("ring.max_args_bytes", self.max_args_bytes),
+            ("ring.breaker_failures", self.breaker_failures as usize),
+            ("ring.breaker_trials", self.breaker_trials as usize),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(Error::invalid_field(field, format!("{field} must be at least 1")));
+            }
+        }
+        if self.shed_low_above.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
+            return Err(Error::invalid_field(
+                "ring.shed_low_above",
+                "ring.shed_low_above must be between 0.0 and 1.0",
+            ));
+        }
+        if self.default_timeout_ms == 0 {
+            return Err(Error::invalid_field(
+                "ring.default_timeout_ms",
+                "ring.default_timeout_ms must be at least 1",
+            ));
+        }
+        if self.journal_segment_bytes < 4096 {
+            return Err(Error::invalid_field(
+                "ring.journal_segment_bytes",
+                "ring.journal_segment_bytes must be at least 4096",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One layer of settings, every key optional: the TOML file is one layer, flags and
@@ -43,6 +142,7 @@ pub struct ConfigLayer {
     pub max_body_bytes: Option<usize>,
     pub commit_max_batch: Option<usize>,
     pub log: Option<String>,
+    pub ring: Option<RingConfig>,
 }
 
 impl ConfigLayer {
@@ -75,6 +175,7 @@ impl KernelConfig {
                 .or(file.commit_max_batch)
                 .unwrap_or(DEFAULT_COMMIT_MAX_BATCH),
             log: over.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+            ring: over.ring.or(file.ring).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -94,6 +195,7 @@ impl KernelConfig {
                 format!("commit_max_batch must be 1-{MAX_COMMIT_MAX_BATCH}"),
             ));
         }
+        config.ring.validate()?;
         Ok(config)
     }
 
@@ -142,6 +244,20 @@ mod tests {
             ..Default::default()
         };
         assert!(KernelConfig::resolve(tiny, ConfigLayer::default()).is_err());
+        let no_workers = ConfigLayer::parse("[ring]\nmax_running = 0\n").unwrap();
+        assert!(KernelConfig::resolve(no_workers, ConfigLayer::default()).is_err());
+        assert!(ConfigLayer::parse("[ring]\nmax_runing = 3\n").is_err());
+    }
+
+    #[test]
+    fn a_ring_table_may_give_any_subset() {
+        let file = ConfigLayer::parse("[ring]\nmax_running = 3\n").unwrap();
+        let config = KernelConfig::resolve(file, ConfigLayer::default()).unwrap();
+        assert_eq!(config.ring.max_running, 3);
+        assert_eq!(
+            config.ring.submission_capacity,
+            RingConfig::default().submission_capacity
+        );
     }
 
     #[test]

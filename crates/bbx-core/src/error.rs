@@ -11,7 +11,7 @@ use serde_json::Value;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Stable error codes. Their names are part of the API: clients match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request could not be parsed (malformed JSON, bad query string).
@@ -35,6 +35,10 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     MethodNotAllowed,
+    /// An op ran out of time.
+    Timeout,
+    /// A queue or limit is full; `details.retry_after_ms` says when to try again.
+    ResourceExhausted,
     /// The kernel cannot serve the request now (shutting down, storage failed).
     Unavailable,
     Internal,
@@ -54,6 +58,8 @@ impl ErrorCode {
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::InvalidArgument => 422,
+            Self::ResourceExhausted => 429,
+            Self::Timeout => 504,
             Self::Internal => 500,
             Self::Unavailable => 503,
         }
@@ -74,6 +80,8 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::ResourceExhausted => "resource_exhausted",
+            Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
@@ -81,7 +89,7 @@ impl ErrorCode {
 }
 
 /// An error with a stable code, one sentence for people, and optional details.
-#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[error("{message}")]
 pub struct Error {
     pub code: ErrorCode,
@@ -143,6 +151,18 @@ impl Error {
         Self::new(ErrorCode::Unavailable, message)
     }
 
+    /// A full queue or exhausted limit, to be retried after `retry_after`.
+    pub fn resource_exhausted(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Self::new(ErrorCode::ResourceExhausted, message)
+            .with_details(serde_json::json!({ "retry_after_ms": retry_after.as_millis() as u64 }))
+    }
+
+    /// When a `resource_exhausted` error says to retry.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        let ms = self.details.as_ref()?.get("retry_after_ms")?.as_u64()?;
+        Some(std::time::Duration::from_millis(ms))
+    }
+
     pub fn http_status(&self) -> u16 {
         self.code.http_status()
     }
@@ -182,6 +202,8 @@ mod tests {
             ErrorCode::PayloadTooLarge,
             ErrorCode::UnsupportedMediaType,
             ErrorCode::MethodNotAllowed,
+            ErrorCode::ResourceExhausted,
+            ErrorCode::Timeout,
             ErrorCode::Unavailable,
             ErrorCode::Internal,
         ] {

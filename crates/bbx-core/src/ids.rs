@@ -31,6 +31,19 @@ macro_rules! uuid_id {
             pub fn from_bytes(bytes: [u8; 16]) -> Self {
                 Self(Uuid::from_bytes(bytes))
             }
+
+            /// Milliseconds since the Unix epoch at which the id was generated.
+            pub fn timestamp_ms(&self) -> u64 {
+                self.0.get_timestamp().map_or(0, |t| {
+                    let (secs, nanos) = t.to_unix();
+                    secs * 1000 + u64::from(nanos) / 1_000_000
+                })
+            }
+
+            /// The smallest id generated at `ms`: ids below it are older.
+            pub fn lowest_at(ms: u64) -> Self {
+                Self(uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10]).into_uuid())
+            }
         }
 
         impl FromStr for $name {
@@ -106,6 +119,10 @@ macro_rules! uuid_id {
 uuid_id!(
     /// The id of an agent, e.g. `0193c7f0-...`.
     AgentId, "agent"
+);
+uuid_id!(
+    /// The id of an op submitted to the AgentRing; time-ordered like every id.
+    OpId, "op"
 );
 uuid_id!(
     /// The public id of an API key; the secret part is never stored.

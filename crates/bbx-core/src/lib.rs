@@ -19,4 +19,4 @@ pub mod validate;
 
 pub use api::AgentApi;
 pub use error::{Error, ErrorBody, ErrorCode, Result};
-pub use ids::{AgentId, KeyId};
+pub use ids::{AgentId, KeyId, OpId};

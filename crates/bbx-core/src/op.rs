@@ -1,6 +1,14 @@
 //! Types of the AgentRing's ops, shared by the ring, the kernel and every front end.
+//!
+//! An op is submitted as a [`SubmitOp`] (in a [`SubmitBatch`]), acknowledged with its
+//! [`OpId`] once it is durable, and ends in exactly one [`Completion`].
 
+use crate::error::Error;
+use crate::{AgentId, OpId};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// How urgently an op should run. Higher runs first; the ring ages waiting ops so
 /// that `Low` is delayed, never starved.
@@ -37,9 +45,315 @@ impl Priority {
     }
 }
 
+/// How often, and how patiently, a failed attempt is tried again. The wait after
+/// the `n`th failed attempt is `backoff_ms` times `2^(n-1)`, capped at
+/// `max_backoff_ms`, and is spent on a timer: a waiting retry holds no worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Further attempts after the first (0 = none).
+    pub count: u32,
+    #[serde(default = "RetryPolicy::default_backoff_ms")]
+    pub backoff_ms: u64,
+    #[serde(default = "RetryPolicy::default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl RetryPolicy {
+    fn default_backoff_ms() -> u64 {
+        100
+    }
+    fn default_max_backoff_ms() -> u64 {
+        30_000
+    }
+
+    /// The wait before attempt `attempt + 1`, after `attempt` attempts failed.
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let factor = 1u64.checked_shl(attempt.saturating_sub(1)).unwrap_or(u64::MAX);
+        std::time::Duration::from_millis(self.backoff_ms.saturating_mul(factor).min(self.max_backoff_ms))
+    }
+}
+
+/// W3C trace context, carried from the submitter to the executor and the completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TraceContext {
+    pub traceparent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+/// One op to submit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitOp {
+    /// The agent the op acts for (and whose state `state.*` ops touch).
+    pub agent: AgentId,
+    /// The executor: `noop`, `sleep`, `state.get`, `state.set`, `state.incr`, `state.delete`.
+    pub kind: String,
+    /// The executor's arguments, e.g. `{"key": "k", "value": 1}` for `state.set`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub args: Value,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Time allowed for one attempt; the executor is cancelled when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetryPolicy>,
+    /// Ops that must complete with `ok` first: op ids, or `#N` for the Nth op (from 0)
+    /// of the same batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// Submitting the same key again returns the first op instead of running twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// With `step`, derives the idempotency key when none is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// Returned untouched on the completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub user_data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+}
+
+impl SubmitOp {
+    pub fn new(agent: AgentId, kind: impl Into<String>, args: Value) -> Self {
+        Self {
+            agent,
+            kind: kind.into(),
+            args,
+            priority: Priority::Normal,
+            timeout_ms: None,
+            retries: None,
+            depends_on: Vec::new(),
+            idempotency_key: None,
+            run_id: None,
+            step: None,
+            user_data: None,
+            trace: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBatch {
+    pub ops: Vec<SubmitOp>,
+    /// When the submission queue is full: wait up to this long for room instead of
+    /// being refused with 429 at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// The answer to a submission, in batch order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct Submitted {
+    pub ops: Vec<SubmittedOp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct SubmittedOp {
+    pub op_id: OpId,
+    /// The idempotency key was known: this is the op first submitted with it.
+    pub deduplicated: bool,
+}
+
+/// How an op ended.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CompletionStatus {
+    Ok,
+    Error,
+    Timeout,
+    Cancelled,
+    /// The op may or may not have acted on the world before a crash; it is never
+    /// re-run silently.
+    InDoubt,
+}
+
+impl CompletionStatus {
+    pub const ALL: [CompletionStatus; 5] = [Self::Ok, Self::Error, Self::Timeout, Self::Cancelled, Self::InDoubt];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::InDoubt => "in_doubt",
+        }
+    }
+}
+
+/// The one result of an op.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct Completion {
+    pub op_id: OpId,
+    pub agent: AgentId,
+    pub tenant: String,
+    pub kind: String,
+    pub status: CompletionStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
+    pub attempts: u32,
+    /// From acceptance to the first attempt's start.
+    pub queue_us: u64,
+    /// Time spent in attempts (all of them).
+    pub exec_us: u64,
+    /// From acceptance to completion.
+    pub total_us: u64,
+    pub submitted_at: DateTime<Utc>,
+    pub completed_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub user_data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+}
+
+/// Where an op is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    /// Waiting for its dependencies.
+    Blocked,
+    Queued,
+    Running,
+    /// Waiting to retry after a failed attempt.
+    Backoff,
+    Done,
+}
+
+/// An op as `GET /v1/ops/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct OpInfo {
+    pub op_id: OpId,
+    pub agent: AgentId,
+    pub kind: String,
+    pub state: OpState,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<Completion>,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct BreakerInfo {
+    pub target: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+    pub consecutive_failures: u32,
+    pub opened_total: u64,
+    pub rejected_total: u64,
+}
+
+/// `bbx ring stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct RingStats {
+    /// Ops waiting to run, by priority.
+    pub queued: BTreeMap<Priority, u64>,
+    /// Ops accepted and not yet started (queued, blocked, in backoff).
+    pub pending: u64,
+    pub submission_capacity: u64,
+    pub running: u64,
+    pub max_running: u64,
+    /// Completions waiting to be made durable.
+    pub completing: u64,
+    pub completion_capacity: u64,
+    pub submitted_total: u64,
+    pub deduplicated_total: u64,
+    pub refused_total: u64,
+    pub retries_total: u64,
+    pub completed: BTreeMap<CompletionStatus, u64>,
+    /// Completions per second over the last 10 seconds.
+    pub completed_per_sec: f64,
+    /// Submission to completion, by priority, since the kernel started.
+    pub latency: BTreeMap<Priority, Percentiles>,
+    pub breakers: Vec<BreakerInfo>,
+}
+
+/// `bbx ring wal-status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct WalStatus {
+    pub segments: u64,
+    pub bytes: u64,
+    pub next_lsn: u64,
+    pub synced_lsn: u64,
+    pub checkpoint_lsn: u64,
+    pub records_total: u64,
+    pub syncs_total: u64,
+    /// Time of one append + fdatasync group.
+    pub sync_latency: Percentiles,
+}
+
+/// `bbx ring circuit-breaker --reset`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetBreakers {
+    /// One target; every target when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let policy = RetryPolicy {
+            count: 10,
+            backoff_ms: 100,
+            max_backoff_ms: 1000,
+        };
+        let waits: Vec<u128> = (1..=6).map(|a| policy.backoff(a).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(policy.backoff(200).as_millis(), 1000, "no overflow");
+    }
+
+    #[test]
+    fn submit_ops_refuse_unknown_fields_and_negative_timeouts() {
+        let agent = AgentId::generate();
+        let ok = serde_json::json!({"agent": agent, "kind": "noop"});
+        assert!(serde_json::from_value::<SubmitOp>(ok).is_ok());
+        let negative = serde_json::json!({"agent": agent, "kind": "noop", "timeout_ms": -1});
+        assert!(serde_json::from_value::<SubmitOp>(negative).is_err());
+        let typo = serde_json::json!({"agent": agent, "kind": "noop", "priorty": "HIGH"});
+        assert!(serde_json::from_value::<SubmitOp>(typo).is_err());
+    }
 
     #[test]
     fn priorities_use_the_reference_names_and_order() {

@@ -13,9 +13,11 @@
 //! binds a caller to the kernel and implements [`bbx_core::AgentApi`].
 
 pub mod auth;
+mod ring;
 mod store;
 
 pub use auth::Caller;
+pub use ring::KINDS;
 pub use store::StoreMetrics;
 
 use auth::{KeyRing, StoredKey};
@@ -24,24 +26,31 @@ use bbx_core::model::{
     Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DEFAULT_TENANT, ListAgents,
     ListState, SetState, StateEntry, StatePage, Status, StorageStatus, page_limit,
 };
-use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, Result, validate};
+use bbx_core::op::{BreakerInfo, Completion, OpInfo, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, OpId, Result, validate};
 use chrono::Utc;
 use fjall::Readable;
+use ring::Ring;
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::ops::Bound;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use std::time::Instant;
 use store::{Applied, Store, Write, decode_agent, decode_state, storage_error};
 
 /// Name of the file, inside the data directory, that holds the first admin key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// The AgentRing's journal, inside the data directory.
+pub const JOURNAL_DIR: &str = "journal";
 
 pub struct Kernel {
     config: KernelConfig,
     store: Arc<Store>,
+    ring: Arc<Ring>,
     keys: KeyRing,
     started: Instant,
     closing: AtomicBool,
@@ -66,9 +75,16 @@ impl Kernel {
                 .map_err(|e| Error::internal(format!("stored API key is unreadable: {e}")))?;
             keys.insert(stored);
         }
+        let ring = Ring::open(config.ring.clone(), store.clone(), &config.data_dir.join(JOURNAL_DIR)).await?;
+        spawn_expiry(
+            store.clone(),
+            Duration::from_secs(config.ring.retention_secs),
+            ring.stopping(),
+        );
         let kernel = Arc::new(Self {
             config,
             store,
+            ring,
             keys,
             started: Instant::now(),
             closing: AtomicBool::new(false),
@@ -131,6 +147,7 @@ impl Kernel {
     /// Commits everything queued, then refuses further writes.
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
+        self.ring.close().await;
         self.store.close().await;
     }
 
@@ -317,7 +334,7 @@ impl Kernel {
                 version,
                 updated_at: at,
             }),
-            Applied::Done | Applied::More => Err(Error::internal("state write reported no version")),
+            _ => Err(Error::internal("state write reported no version")),
         }
     }
 
@@ -426,6 +443,64 @@ impl Kernel {
         })
     }
 
+    /// Submits a batch of ops; answers once every op with effects is journaled.
+    pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
+        let mut tenants: HashMap<AgentId, String> = HashMap::new();
+        let mut ops = Vec::with_capacity(batch.ops.len());
+        for (index, op) in batch.ops.into_iter().enumerate() {
+            let tenant = match tenants.get(&op.agent) {
+                Some(tenant) => tenant.clone(),
+                None => {
+                    let agent = self
+                        .load_agent(caller, &op.agent)
+                        .map_err(|e| bbx_ring::batch::at_op(index, e))?;
+                    tenants.insert(op.agent, agent.tenant.clone());
+                    agent.tenant
+                }
+            };
+            ops.push((op, tenant));
+        }
+        self.ring
+            .submit(caller, ops, batch.wait_ms.map(Duration::from_millis))
+            .await
+    }
+
+    pub fn op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        self.ring.info(caller, id)
+    }
+
+    /// Waits up to `timeout` for an op to complete.
+    pub async fn wait_op(&self, caller: &Caller, id: &OpId, timeout: Duration) -> Result<OpInfo> {
+        self.ring.wait(caller, id, timeout).await
+    }
+
+    pub async fn cancel_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        self.ring.cancel(caller, id).await
+    }
+
+    /// Completions as they happen, for event streams; filter by [`Caller::check_tenant`].
+    pub fn completions(&self) -> tokio::sync::broadcast::Receiver<Arc<Completion>> {
+        self.ring.subscribe()
+    }
+
+    pub fn ring_stats(&self, _caller: &Caller) -> RingStats {
+        self.ring.stats()
+    }
+
+    pub async fn wal_status(&self, caller: &Caller) -> Result<WalStatus> {
+        caller.require_admin("read the journal's status")?;
+        self.ring.wal_status().await
+    }
+
+    pub fn breakers(&self, _caller: &Caller) -> Vec<BreakerInfo> {
+        self.ring.breakers()
+    }
+
+    pub fn reset_breakers(&self, caller: &Caller, target: Option<&str>) -> Result<Vec<BreakerInfo>> {
+        caller.require_admin("reset circuit breakers")?;
+        self.ring.reset_breakers(target)
+    }
+
     pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
         caller.require_admin("create API keys")?;
         validate::name("name", &req.name)?;
@@ -492,6 +567,40 @@ fn spawn_purge(store: Arc<Store>, agent: AgentId) {
                     tracing::info!(%agent, error = %e, "purge of a deleted agent's state paused until the next start");
                     break;
                 }
+            }
+        }
+    });
+}
+
+/// How often completions past their retention are swept.
+const EXPIRY_EVERY: Duration = Duration::from_secs(600);
+/// Completions removed per committer group when sweeping.
+const EXPIRY_STEP: usize = 1024;
+
+/// Forgets completions and idempotency keys older than `retention`, now and every
+/// ten minutes, in bounded groups. Op ids are time-ordered, so the expired ops are
+/// one range of the `ops` keyspace.
+fn spawn_expiry(store: Arc<Store>, retention: Duration, stopping: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        while !stopping.is_cancelled() {
+            let cutoff = (Utc::now().timestamp_millis().max(0) as u64).saturating_sub(retention.as_millis() as u64);
+            let before = OpId::lowest_at(cutoff);
+            loop {
+                match store
+                    .write(Write::ExpireOps {
+                        before,
+                        max: EXPIRY_STEP,
+                    })
+                    .await
+                {
+                    Ok(Applied::More) => continue,
+                    Ok(_) => break,
+                    Err(_) => return,
+                }
+            }
+            tokio::select! {
+                () = stopping.cancelled() => {}
+                () = tokio::time::sleep(EXPIRY_EVERY) => {}
             }
         }
     });

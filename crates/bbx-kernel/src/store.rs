@@ -15,15 +15,19 @@
 //! - `state`:    agent id (16 bytes), state key bytes -> version u64, updated_at ms i64, JSON
 //! - `api_keys`: key id (16 bytes)                    -> StoredKey as JSON
 //! - `meta`:     name                                 -> value (agent count as u64)
+//! - `ops`:      op id (16 bytes, time-ordered)       -> Completion as JSON
+//! - `idem`:     agent id (16 bytes), idempotency key -> op id (16 bytes), args digest
 
 use crate::auth::StoredKey;
 use bbx_core::model::Agent;
-use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_core::op::{Completion, CompletionStatus};
+use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use chrono::{DateTime, Utc};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +67,37 @@ pub(crate) enum Write {
         agent: AgentId,
         max_keys: usize,
     },
+    /// Records an op's completion and, for a kernel-service op, applies its effect in
+    /// the same atomic batch: after a crash either both are there or neither is. An
+    /// effect that fails turns the completion into that error and changes nothing.
+    Complete {
+        completion: Box<Completion>,
+        effect: Option<Effect>,
+        /// The args digest, recorded with the key so a later duplicate is recognized.
+        digest: Option<String>,
+    },
+    /// Forgets up to `max` completions (and their idempotency keys) of ops older than `before`.
+    ExpireOps {
+        before: OpId,
+        max: usize,
+    },
+}
+
+/// What a kernel-service op does to its agent's state.
+#[derive(Debug, Clone)]
+pub(crate) enum Effect {
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Adds to a number, creating the key at 0.
+    Incr {
+        key: String,
+        by: serde_json::Number,
+    },
+    Delete {
+        key: String,
+    },
 }
 
 /// What an applied write reports back.
@@ -73,6 +108,8 @@ pub(crate) enum Applied {
     More,
     /// The new version of a state key.
     Version(u64),
+    /// The completion as recorded.
+    Completed(Box<Completion>),
 }
 
 struct Request {
@@ -93,6 +130,8 @@ pub(crate) struct Keyspaces {
     pub state: Keyspace,
     pub api_keys: Keyspace,
     pub meta: Keyspace,
+    pub ops: Keyspace,
+    pub idem: Keyspace,
 }
 
 impl Keyspaces {
@@ -107,6 +146,8 @@ impl Keyspaces {
             state: open("state")?,
             api_keys: open("api_keys")?,
             meta: open("meta")?,
+            ops: open("ops")?,
+            idem: open("idem")?,
         })
     }
 }
@@ -345,6 +386,8 @@ const TENANTS: u8 = 1;
 const STATE: u8 = 2;
 const API_KEYS: u8 = 3;
 const META: u8 = 4;
+const OPS: u8 = 5;
+const IDEM: u8 = 6;
 
 impl<'a> GroupTx<'a> {
     fn new(ks: &'a Keyspaces) -> Self {
@@ -360,6 +403,8 @@ impl<'a> GroupTx<'a> {
             TENANTS => &self.ks.tenants,
             STATE => &self.ks.state,
             API_KEYS => &self.ks.api_keys,
+            OPS => &self.ks.ops,
+            IDEM => &self.ks.idem,
             _ => &self.ks.meta,
         }
     }
@@ -496,6 +541,99 @@ impl<'a> GroupTx<'a> {
                 self.put(API_KEYS, stored.info.id.as_bytes().to_vec(), json);
                 Ok(Applied::Done)
             }
+            Write::Complete {
+                completion,
+                effect,
+                digest,
+            } => {
+                let mut completion = completion.clone();
+                if let Some(effect) = effect {
+                    match self.apply_effect(&completion.agent, effect, completion.completed_at) {
+                        Ok(result) => completion.result = Some(result),
+                        Err(error) => {
+                            completion.status = CompletionStatus::Error;
+                            completion.error = Some(error);
+                        }
+                    }
+                }
+                let json = serde_json::to_vec(&completion).map_err(|e| Error::internal(e.to_string()))?;
+                self.put(OPS, completion.op_id.as_bytes().to_vec(), json);
+                if let (Some(key), Some(digest)) = (&completion.idempotency_key, digest) {
+                    let mut value = completion.op_id.as_bytes().to_vec();
+                    value.extend_from_slice(digest.as_bytes());
+                    self.put(IDEM, idempotency_key(&completion.agent, key), value);
+                }
+                Ok(Applied::Completed(completion))
+            }
+            Write::ExpireOps { before, max } => {
+                let mut expired = Vec::new();
+                for item in self.ks.ops.range(..before.as_bytes().to_vec()).take(*max) {
+                    let (key, value) = item.into_inner().map_err(|e| storage_error("scan ops", e))?;
+                    expired.push((key.to_vec(), decode_completion(&value)?));
+                }
+                let finished = expired.len() < *max;
+                for (key, completion) in expired {
+                    if let Some(idempotency) = &completion.idempotency_key {
+                        self.remove(IDEM, idempotency_key(&completion.agent, idempotency));
+                    }
+                    self.remove(OPS, key);
+                }
+                Ok(if finished { Applied::Done } else { Applied::More })
+            }
+        }
+    }
+
+    /// Applies a kernel-service op's effect and returns its result. Like `apply`,
+    /// every fallible step comes before the one `put`.
+    fn apply_effect(&mut self, agent: &AgentId, effect: &Effect, at: DateTime<Utc>) -> Result<Value> {
+        self.load_agent(agent)?;
+        match effect {
+            Effect::Set { key, value } => {
+                let storage_key = state_key(agent, key);
+                let version = self.state_version(&storage_key)?.version + 1;
+                self.put(STATE, storage_key, encode_state(version, at, value));
+                Ok(json!({ "key": key, "version": version }))
+            }
+            Effect::Incr { key, by } => {
+                let storage_key = state_key(agent, key);
+                let (current, version) = match self.read(STATE, &storage_key)? {
+                    None => (serde_json::Number::from(0), 0),
+                    Some(bytes) => {
+                        let stored = decode_state(&bytes)?;
+                        if stored.is_tombstone() {
+                            (serde_json::Number::from(0), stored.version)
+                        } else {
+                            match serde_json::from_slice::<Value>(stored.json) {
+                                Ok(Value::Number(n)) => (n, stored.version),
+                                _ => {
+                                    return Err(Error::new(
+                                        ErrorCode::FailedPrecondition,
+                                        format!("state key {key:?} does not hold a number"),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                };
+                let sum = add_numbers(&current, by).ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("adding {by} to {current} overflows state key {key:?}"),
+                    )
+                })?;
+                let value = serde_json::to_vec(&sum).map_err(|e| Error::internal(e.to_string()))?;
+                self.put(STATE, storage_key, encode_state(version + 1, at, &value));
+                Ok(json!({ "key": key, "value": sum, "version": version + 1 }))
+            }
+            Effect::Delete { key } => {
+                let storage_key = state_key(agent, key);
+                let current = self.state_version(&storage_key)?;
+                if !current.exists {
+                    return Err(Error::not_found("state key", key));
+                }
+                self.put(STATE, storage_key, encode_state(current.version, at, &[]));
+                Ok(json!({ "key": key, "version": current.version }))
+            }
         }
     }
 
@@ -539,6 +677,35 @@ fn check_version(key: &str, expected: Option<u64>, current: StateVersion) -> Res
     };
     Err(Error::new(ErrorCode::VersionConflict, message)
         .with_details(serde_json::json!({ "key": key, "expected": expected, "actual": actual })))
+}
+
+/// Exact integer addition when both are integers, floating point otherwise; `None`
+/// on integer overflow or a result JSON cannot hold.
+fn add_numbers(a: &serde_json::Number, b: &serde_json::Number) -> Option<Value> {
+    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
+        return x.checked_add(y).map(Value::from);
+    }
+    let sum = a.as_f64()? + b.as_f64()?;
+    serde_json::Number::from_f64(sum).map(Value::Number)
+}
+
+pub(crate) fn idempotency_key(agent: &AgentId, key: &str) -> Vec<u8> {
+    state_key(agent, key)
+}
+
+/// A recorded idempotency key: the op it belongs to and that op's args digest.
+pub(crate) fn decode_idempotency(bytes: &[u8]) -> Result<(OpId, String)> {
+    let (id, digest) = bytes
+        .split_at_checked(16)
+        .ok_or_else(|| Error::internal("a stored idempotency record is too short"))?;
+    Ok((
+        OpId::from_bytes(id.try_into().expect("16 bytes")),
+        String::from_utf8_lossy(digest).into_owned(),
+    ))
+}
+
+pub(crate) fn decode_completion(bytes: &[u8]) -> Result<Completion> {
+    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("a stored completion is unreadable: {e}")))
 }
 
 pub(crate) fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {

@@ -104,6 +104,8 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
         }
     }
 
+    /// Ops admitted and not yet popped or released: queued ones plus those admitted
+    /// for later (waiting for dependencies or a retry timer).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -112,35 +114,79 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
         self.len == 0
     }
 
-    /// Ops waiting at one priority.
+    pub fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    /// Ops queued at one priority.
     pub fn depth(&self, priority: Priority) -> usize {
         self.levels[priority.rank()].ages.len()
     }
 
-    pub fn push(&mut self, agent: K, priority: Priority, item: T, now: Instant) -> Result<(), Refused> {
-        if self.len >= self.config.capacity {
+    /// Admits a whole batch or none of it: each op takes a slot of the queue (and of
+    /// its agent's share) now, and is [`enqueue`](Self::enqueue)d or
+    /// [`release`](Self::release)d later. Holding the slot from submission on is what
+    /// keeps a batch that was acknowledged from finding the queue full.
+    pub fn admit(&mut self, ops: &[(K, Priority)]) -> Result<(), Refused> {
+        if self.len + ops.len() > self.config.capacity {
             return Err(Refused::Full {
                 capacity: self.config.capacity,
             });
         }
-        if self
-            .per_agent
-            .get(&agent)
-            .is_some_and(|&n| n >= self.config.agent_capacity)
-        {
-            return Err(Refused::AgentFull {
-                capacity: self.config.agent_capacity,
-            });
+        let mut per_agent: HashMap<&K, usize> = HashMap::new();
+        for (agent, priority) in ops {
+            let mine = per_agent
+                .entry(agent)
+                .or_insert_with(|| self.per_agent.get(agent).copied().unwrap_or(0));
+            *mine += 1;
+            if *mine > self.config.agent_capacity {
+                return Err(Refused::AgentFull {
+                    capacity: self.config.agent_capacity,
+                });
+            }
+            if *priority == Priority::Low
+                && self
+                    .config
+                    .shed_low_above
+                    .is_some_and(|f| self.len as f64 >= f * self.config.capacity as f64)
+            {
+                return Err(Refused::Shed);
+            }
         }
-        if priority == Priority::Low
-            && self
-                .config
-                .shed_low_above
-                .is_some_and(|f| self.len as f64 >= f * self.config.capacity as f64)
-        {
-            return Err(Refused::Shed);
+        for (agent, _) in ops {
+            self.count_in(agent.clone());
         }
-        *self.per_agent.entry(agent.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Admits an op that was admitted before and must not be refused now (a retry).
+    pub fn readmit(&mut self, agent: K) {
+        self.count_in(agent);
+    }
+
+    fn count_in(&mut self, agent: K) {
+        *self.per_agent.entry(agent).or_default() += 1;
+        self.len += 1;
+    }
+
+    fn count_out(&mut self, agent: &K) {
+        if let Some(n) = self.per_agent.get_mut(agent) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_agent.remove(agent);
+            }
+        }
+        self.len -= 1;
+    }
+
+    /// Gives back the slot of an admitted op that will not run (cancelled while it
+    /// waited for its dependencies).
+    pub fn release(&mut self, agent: &K) {
+        self.count_out(agent);
+    }
+
+    /// Queues an admitted op.
+    pub fn enqueue(&mut self, agent: K, priority: Priority, item: T, now: Instant) {
         self.seq += 1;
         let level = &mut self.levels[priority.rank()];
         level.ages.insert((now, self.seq));
@@ -153,7 +199,12 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
             seq: self.seq,
             item,
         });
-        self.len += 1;
+    }
+
+    /// Admits and queues one op.
+    pub fn push(&mut self, agent: K, priority: Priority, item: T, now: Instant) -> Result<(), Refused> {
+        self.admit(&[(agent.clone(), priority)])?;
+        self.enqueue(agent, priority, item, now);
         Ok(())
     }
 
@@ -181,13 +232,7 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
             level.turns.push_back(agent.clone());
         }
         level.ages.remove(&(waiting.since, waiting.seq));
-        if let Some(n) = self.per_agent.get_mut(&agent) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_agent.remove(&agent);
-            }
-        }
-        self.len -= 1;
+        self.count_out(&agent);
         Some(Next {
             agent,
             priority: Priority::ALL[rank],
@@ -322,6 +367,30 @@ mod tests {
         assert_eq!(s.push(1, Priority::Low, 9, now), Err(Refused::Shed));
         assert!(s.push(1, Priority::Normal, 9, now).is_ok());
         assert_eq!(s.depth(Priority::Normal), 6);
+    }
+
+    #[test]
+    fn a_batch_is_admitted_whole_or_not_at_all() {
+        let mut s: Scheduler<u32, u32> = Scheduler::new(SchedulerConfig {
+            capacity: 10,
+            agent_capacity: 4,
+            ..Default::default()
+        });
+        let batch = |agent, n| vec![(agent, Priority::Normal); n];
+        assert_eq!(s.admit(&batch(1, 5)), Err(Refused::AgentFull { capacity: 4 }));
+        assert!(s.is_empty(), "a refused batch takes nothing");
+        s.admit(&batch(1, 4)).unwrap();
+        s.admit(&batch(2, 4)).unwrap();
+        assert_eq!(s.admit(&batch(3, 3)), Err(Refused::Full { capacity: 10 }));
+        assert_eq!(s.len(), 8);
+        // Admitted slots are held until queued and popped, or released.
+        s.release(&1);
+        s.enqueue(2, Priority::High, 7, Instant::now());
+        assert_eq!(s.pop(Instant::now()).unwrap().item, 7);
+        assert_eq!(s.len(), 6);
+        s.admit(&batch(1, 1)).unwrap();
+        s.readmit(1);
+        assert_eq!(s.len(), 8, "a retry is admitted past the agent's share");
     }
 
     #[derive(Debug, Clone)]

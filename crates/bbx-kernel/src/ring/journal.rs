@@ -1,0 +1,237 @@
+//! The journal's writer thread: group commit of op records, and the checkpoint.
+//!
+//! Submitters encode their records on their own threads and send them here; the
+//! thread takes whatever has queued up, appends it, makes it durable with one
+//! `fdatasync`, and only then answers, so an acknowledged op is on disk and 1024
+//! concurrent submitters cost a handful of syncs. The thread also owns the set of
+//! records still needed (accepted ops without a durable completion): keeping it here,
+//! where lsns are assigned, means a checkpoint can never pass a record that was
+//! synced but not yet registered.
+
+use bbx_core::op::{Percentiles, WalStatus};
+use bbx_core::{Error, Result};
+use bbx_journal::{Journal, Lsn};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hdrhistogram::Histogram;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// How often the checkpoint moves up (and old segments are deleted).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Most records appended before one sync.
+const MAX_GROUP: usize = 16_384;
+
+/// Records to append, and where to send their lsns once they are durable.
+type Append = (Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Lsn>>>);
+
+enum Message {
+    Append {
+        records: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<Vec<Lsn>>>,
+    },
+    /// These records' ops have durable completions: the records may go.
+    Release(Vec<Lsn>),
+    Status(oneshot::Sender<WalStatus>),
+    Shutdown,
+}
+
+#[derive(Clone)]
+pub(crate) struct JournalWriter {
+    sender: Sender<Message>,
+    thread: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl JournalWriter {
+    /// Starts the writer on an opened journal; `held` are the recovered records that
+    /// are still needed.
+    pub fn start(journal: Journal, held: BTreeSet<Lsn>) -> Result<Self> {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        let writer = Writer {
+            journal,
+            held,
+            last_checkpoint: Instant::now(),
+            syncs: 0,
+            records: 0,
+            sync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
+        };
+        let thread = std::thread::Builder::new()
+            .name("bbx-journal".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| Error::internal(format!("cannot start the journal thread: {e}")))?;
+        Ok(Self {
+            sender,
+            thread: Arc::new(parking_lot::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Appends the records and waits until they are durable; returns their lsns.
+    pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<Vec<Lsn>> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Message::Append { records, reply })
+            .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Error::unavailable("the journal writer stopped"))?
+    }
+
+    pub fn release(&self, lsns: Vec<Lsn>) {
+        // After shutdown nothing is released; recovery sorts it out from the records.
+        let _ = self.sender.send(Message::Release(lsns));
+    }
+
+    pub async fn status(&self) -> Result<WalStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Message::Status(reply))
+            .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Error::unavailable("the journal writer stopped"))
+    }
+
+    /// Syncs what is queued and stops the thread.
+    pub async fn close(&self) {
+        let _ = self.sender.send(Message::Shutdown);
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Writer {
+    journal: Journal,
+    held: BTreeSet<Lsn>,
+    last_checkpoint: Instant,
+    syncs: u64,
+    records: u64,
+    sync_latency: Histogram<u64>,
+}
+
+impl Writer {
+    fn run(mut self, receiver: Receiver<Message>) {
+        let mut group = Vec::new();
+        loop {
+            let first = match receiver.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.maybe_checkpoint();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut shutdown = false;
+            let mut queued = 0;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Append { records, reply } => {
+                        queued += records.len();
+                        group.push((records, reply));
+                    }
+                    Message::Release(lsns) => {
+                        for lsn in lsns {
+                            self.held.remove(&lsn);
+                        }
+                    }
+                    Message::Status(reply) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Message::Shutdown => shutdown = true,
+                }
+                if queued < MAX_GROUP && !shutdown {
+                    next = receiver.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(&mut group);
+            }
+            self.maybe_checkpoint();
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, group: &mut Vec<Append>) {
+        let started = Instant::now();
+        let mut assigned = Vec::with_capacity(group.len());
+        let mut failure = None;
+        for (records, _) in group.iter() {
+            let mut lsns = Vec::with_capacity(records.len());
+            for record in records {
+                match self.journal.append(record) {
+                    Ok(lsn) => lsns.push(lsn),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            assigned.push(lsns);
+        }
+        let synced = match failure {
+            Some(e) => Err(e),
+            None => self.journal.sync(),
+        };
+        let outcome = synced.map_err(|e| {
+            tracing::error!(error = %e, "the journal failed; refusing further submissions");
+            Error::unavailable(format!("the journal failed: {e}"))
+        });
+        if outcome.is_ok() {
+            self.syncs += 1;
+            let _ = self.sync_latency.record(started.elapsed().as_micros() as u64);
+        }
+        for ((records, reply), lsns) in group.drain(..).zip(assigned) {
+            match &outcome {
+                Ok(_) => {
+                    self.records += records.len() as u64;
+                    self.held.extend(lsns.iter().copied());
+                    let _ = reply.send(Ok(lsns));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        if self.last_checkpoint.elapsed() < CHECKPOINT_EVERY {
+            return;
+        }
+        self.last_checkpoint = Instant::now();
+        let upto = self.held.first().copied().unwrap_or(self.journal.status().next_lsn);
+        if let Err(e) = self.journal.checkpoint(upto) {
+            tracing::error!(error = %e, "journal checkpoint failed");
+        }
+    }
+
+    fn status(&self) -> WalStatus {
+        let journal = self.journal.status();
+        let latency = &self.sync_latency;
+        WalStatus {
+            segments: journal.segments as u64,
+            bytes: journal.bytes,
+            next_lsn: journal.next_lsn,
+            synced_lsn: journal.synced_lsn,
+            checkpoint_lsn: journal.checkpoint_lsn,
+            records_total: self.records,
+            syncs_total: self.syncs,
+            sync_latency: percentiles(latency),
+        }
+    }
+}
+
+pub(crate) fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
+    Percentiles {
+        count: histogram.len(),
+        p50_us: histogram.value_at_quantile(0.5),
+        p99_us: histogram.value_at_quantile(0.99),
+        p999_us: histogram.value_at_quantile(0.999),
+        max_us: histogram.max(),
+    }
+}

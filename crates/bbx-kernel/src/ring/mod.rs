@@ -1,0 +1,1285 @@
+//! The AgentRing wired into the kernel: submission, journal, scheduling, execution
+//! and completion of ops.
+//!
+//! The life of an op:
+//! 1. **Submit.** A batch is checked whole (kinds, arguments, sizes, timeouts,
+//!    dependencies, idempotency keys) and admitted whole into the scheduler's bounded
+//!    queue, or refused whole (429 when full): nothing of a refused batch remains.
+//! 2. **Journal.** Ops with effects are appended to the journal and acknowledged after
+//!    its group `fdatasync`; ops without effects are acknowledged at once.
+//! 3. **Run.** The dispatcher takes ops in scheduler order while it holds a running
+//!    slot and a completion slot, passes them through their target's circuit
+//!    breaker, and runs them; a timeout or a cancel drops the executor's future, and a
+//!    retry waits on a timer, holding no slot.
+//! 4. **Complete.** A kernel-service op's effect, its completion and its idempotency
+//!    key commit in one atomic store write; other journaled or keyed ops write their
+//!    completion alone. Only then is the completion visible, and the journal record
+//!    released for the checkpoint.
+//!
+//! Recovery re-queues every journaled op without a durable completion. Because the
+//! effect of a kernel-service op commits with its completion, such an op was either
+//! completed (and is not re-run) or had no effect (and is run once now).
+
+mod exec;
+mod journal;
+
+pub use exec::KINDS;
+
+use crate::auth::Caller;
+use crate::store::{Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error};
+use bbx_core::config::RingConfig;
+use bbx_core::op::{
+    BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, RingStats, SubmitOp, Submitted, SubmittedOp,
+    WalStatus,
+};
+use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
+use bbx_journal::{Journal, JournalOptions, Lsn};
+use bbx_ring::batch::{self, Dependency};
+use bbx_ring::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, Idempotency, OpRecord, Refused};
+use bbx_ring::{Scheduler, SchedulerConfig};
+use chrono::Utc;
+use exec::Exec;
+use fjall::Readable;
+use hdrhistogram::Histogram;
+use journal::JournalWriter;
+use parking_lot::Mutex;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// The longest timeout an op may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// What a refused submission is told to wait before trying again.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Completions sent to event streams that a slow reader may fall behind by.
+const EVENT_BUFFER: usize = 4096;
+
+pub(crate) struct Ring {
+    config: RingConfig,
+    store: Arc<Store>,
+    journal: JournalWriter,
+    state: Mutex<RingState>,
+    /// Wakes the dispatcher: an op was queued.
+    work: tokio::sync::Notify,
+    /// Wakes submitters waiting for room in the queue.
+    room: tokio::sync::Notify,
+    room_waiters: AtomicUsize,
+    running: Arc<Semaphore>,
+    completing: Arc<Semaphore>,
+    breakers: Breakers,
+    events: broadcast::Sender<Arc<Completion>>,
+    closing: AtomicBool,
+    /// Cancelled at shutdown: timers and executors stop without completing, and
+    /// release the kernel's store.
+    stopping: CancellationToken,
+    started: Instant,
+}
+
+struct RingState {
+    live: HashMap<OpId, Live>,
+    /// Idempotency keys of live ops.
+    keys: HashMap<(AgentId, String), OpId>,
+    scheduler: Scheduler<AgentId, OpId>,
+    /// Live op -> the live ops waiting for it.
+    dependents: HashMap<OpId, Vec<OpId>>,
+    /// Completions of ops that were not recorded in the store, newest last.
+    recent: HashMap<OpId, Arc<Completion>>,
+    recent_order: VecDeque<OpId>,
+    counters: Counters,
+}
+
+struct Live {
+    record: Arc<OpRecord>,
+    exec: Exec,
+    lsn: Option<Lsn>,
+    state: OpState,
+    /// Acknowledged to the submitter (journaled if it has effects); until then it
+    /// must not run.
+    active: bool,
+    /// Holds an admitted scheduler slot without being queued (blocked, or not yet
+    /// active); released if it ends that way.
+    holds_slot: bool,
+    /// A completion is being recorded; nothing else may happen to the op.
+    finishing: bool,
+    cancel_requested: bool,
+    blocked_on: usize,
+    failed_dependency: Option<String>,
+    attempts: u32,
+    accepted: Instant,
+    first_start: Option<Instant>,
+    exec_time: Duration,
+    cancel: Option<CancellationToken>,
+    waiters: Vec<oneshot::Sender<Arc<Completion>>>,
+}
+
+struct Counters {
+    submitted: u64,
+    deduplicated: u64,
+    refused: u64,
+    retries: u64,
+    completed: BTreeMap<CompletionStatus, u64>,
+    latency: [Histogram<u64>; 4],
+    /// (second since start, completions in it), the last 10 seconds.
+    window: VecDeque<(u64, u64)>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Ok(Value),
+    Failed(Error),
+    TimedOut,
+    Cancelled,
+}
+
+/// The slots a running op holds: freed when its attempt ends (running) and when its
+/// completion is durable (completing).
+struct Slots {
+    running: Option<OwnedSemaphorePermit>,
+    completing: Option<OwnedSemaphorePermit>,
+}
+
+/// An op of a batch after the checks.
+struct Checked {
+    op: SubmitOp,
+    tenant: String,
+    exec: Exec,
+    timeout_ms: u64,
+    key: Option<String>,
+    digest: Option<String>,
+}
+
+/// A batch after admission: what each entry turned into, and the journal entries
+/// of the new ops with effects.
+type Admitted = (Vec<Slot>, Vec<(OpId, Entry)>);
+
+/// What a batch entry turned into.
+#[derive(Clone, Copy)]
+enum Slot {
+    New(OpId),
+    Existing(OpId),
+}
+
+impl Slot {
+    fn id(self) -> OpId {
+        match self {
+            Self::New(id) | Self::Existing(id) => id,
+        }
+    }
+}
+
+impl Ring {
+    /// Opens the journal, re-queues the ops it holds that have no completion, and
+    /// starts the dispatcher.
+    pub async fn open(config: RingConfig, store: Arc<Store>, dir: &Path) -> Result<Arc<Self>> {
+        let options = JournalOptions {
+            segment_bytes: config.journal_segment_bytes,
+        };
+        let (journal, recovery) = Journal::open(dir, options).map_err(|e| Error::unavailable(e.to_string()))?;
+        if let Some(tail) = &recovery.truncated_tail {
+            tracing::warn!(segment = %tail.segment.display(), offset = tail.offset, bytes = tail.bytes,
+                reason = %tail.reason, "truncated a torn write at the end of the journal");
+        }
+        let view = store.view();
+        let mut pending = Vec::new();
+        let mut held = BTreeSet::new();
+        for record in recovery.records {
+            let Entry::Accepted(op) = Entry::decode(&record.payload)?;
+            let done = view
+                .get(&store.ks.ops, op.op_id.as_bytes())
+                .map_err(|e| storage_error("read ops", e))?
+                .is_some();
+            if !done {
+                held.insert(record.lsn);
+                pending.push((record.lsn, op));
+            }
+        }
+        let ring = Arc::new(Self::new(config, store, JournalWriter::start(journal, held)?));
+        if !pending.is_empty() {
+            tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
+        }
+        ring.recover(pending)?;
+        tokio::spawn(ring.clone().dispatch());
+        Ok(ring)
+    }
+
+    fn new(config: RingConfig, store: Arc<Store>, journal: JournalWriter) -> Self {
+        let scheduler = Scheduler::new(SchedulerConfig {
+            capacity: config.submission_capacity,
+            agent_capacity: config.agent_capacity,
+            aging: Duration::from_millis(config.aging_ms),
+            shed_low_above: config.shed_low_above,
+        });
+        let breakers = Breakers::new(BreakerConfig {
+            failure_threshold: config.breaker_failures,
+            open_for: Duration::from_millis(config.breaker_open_ms),
+            half_open_trials: config.breaker_trials,
+        });
+        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds");
+        Self {
+            running: Arc::new(Semaphore::new(config.max_running)),
+            completing: Arc::new(Semaphore::new(config.completion_capacity)),
+            state: Mutex::new(RingState {
+                live: HashMap::new(),
+                keys: HashMap::new(),
+                scheduler,
+                dependents: HashMap::new(),
+                recent: HashMap::new(),
+                recent_order: VecDeque::new(),
+                counters: Counters {
+                    submitted: 0,
+                    deduplicated: 0,
+                    refused: 0,
+                    retries: 0,
+                    completed: BTreeMap::new(),
+                    latency: [histogram(), histogram(), histogram(), histogram()],
+                    window: VecDeque::new(),
+                },
+            }),
+            config,
+            store,
+            journal,
+            work: tokio::sync::Notify::new(),
+            room: tokio::sync::Notify::new(),
+            room_waiters: AtomicUsize::new(0),
+            breakers,
+            events: broadcast::channel(EVENT_BUFFER).0,
+            closing: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Puts recovered ops back, with their dependencies and idempotency keys. They
+    /// were admitted before the crash, so they are not refused now.
+    fn recover(self: &Arc<Self>, pending: Vec<(Lsn, OpRecord)>) -> Result<()> {
+        let ids: BTreeSet<OpId> = pending.iter().map(|(_, op)| op.op_id).collect();
+        let mut finish = Vec::new();
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        for (lsn, op) in pending {
+            let exec = Exec::parse(&op.kind, &op.args)?;
+            let mut blocked_on = 0;
+            let mut failed_dependency = None;
+            for dep in &op.depends_on {
+                if ids.contains(dep) {
+                    blocked_on += 1;
+                    st.dependents.entry(*dep).or_default().push(op.op_id);
+                } else {
+                    match self.stored_completion(dep)? {
+                        Some(done) if done.status == CompletionStatus::Ok => {}
+                        Some(done) => failed_dependency = Some(dependency_failure(dep, done.status.as_str())),
+                        None => failed_dependency = Some(format!("dependency {dep} was lost in a restart")),
+                    }
+                }
+            }
+            if let Some(idempotency) = &op.idempotency {
+                st.keys.insert((op.agent, idempotency.key.clone()), op.op_id);
+            }
+            st.scheduler.readmit(op.agent);
+            let id = op.op_id;
+            st.live.insert(
+                id,
+                Live {
+                    record: Arc::new(op),
+                    exec,
+                    lsn: Some(lsn),
+                    state: OpState::Blocked,
+                    active: false,
+                    holds_slot: true,
+                    finishing: false,
+                    cancel_requested: false,
+                    blocked_on,
+                    failed_dependency,
+                    attempts: 0,
+                    accepted: now,
+                    first_start: None,
+                    exec_time: Duration::ZERO,
+                    cancel: None,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        for id in ids {
+            Self::activate(&mut st, id, None, &mut finish);
+        }
+        drop(st);
+        self.work.notify_one();
+        self.finish_all(finish);
+        Ok(())
+    }
+
+    pub async fn submit(
+        self: &Arc<Self>,
+        caller: &Caller,
+        ops: Vec<(SubmitOp, String)>,
+        wait: Option<Duration>,
+    ) -> Result<Submitted> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::unavailable("the kernel is shutting down"));
+        }
+        if ops.is_empty() {
+            return Err(Error::invalid_field("ops", "a submission needs at least one op"));
+        }
+        if ops.len() > self.config.max_batch {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "a submission holds at most {} ops; this one has {}",
+                    self.config.max_batch,
+                    ops.len()
+                ),
+            ));
+        }
+        let plain: Vec<SubmitOp> = ops.iter().map(|(op, _)| op.clone()).collect();
+        let deps = batch::dependencies(&plain)?;
+        let checked = ops
+            .into_iter()
+            .enumerate()
+            .map(|(index, (op, tenant))| self.check(op, tenant).map_err(|e| batch::at_op(index, e)))
+            .collect::<Result<Vec<_>>>()?;
+
+        let deadline = wait.map(|w| Instant::now() + w);
+        let (slots, records) = loop {
+            let room = self.room.notified();
+            match self.admit(caller, &checked, &deps) {
+                Ok(admitted) => break admitted,
+                Err(e) if e.code == ErrorCode::ResourceExhausted => {
+                    let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now())) else {
+                        self.state.lock().counters.refused += 1;
+                        return Err(e);
+                    };
+                    self.room_waiters.fetch_add(1, Ordering::AcqRel);
+                    let _ = tokio::time::timeout(left, room).await;
+                    self.room_waiters.fetch_sub(1, Ordering::AcqRel);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+
+        let journaled: Vec<OpId> = records.iter().map(|(id, _)| *id).collect();
+        let lsns = if records.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let encoded = records.iter().map(|(_, entry)| entry.encode()).collect();
+            self.journal.append(encoded).await
+        };
+        let mut finish = Vec::new();
+        {
+            let mut st = self.state.lock();
+            match &lsns {
+                Ok(lsns) => {
+                    let lsn_of: HashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
+                    for slot in &slots {
+                        if let Slot::New(id) = slot {
+                            Self::activate(&mut st, *id, lsn_of.get(id).copied(), &mut finish);
+                        }
+                    }
+                }
+                Err(_) => {
+                    // Nothing was acknowledged: the new ops go as if never submitted.
+                    for slot in &slots {
+                        if let Slot::New(id) = slot {
+                            Self::discard(&mut st, *id);
+                        }
+                    }
+                }
+            }
+        }
+        self.work.notify_one();
+        self.finish_all(finish);
+        lsns?;
+        Ok(Submitted {
+            ops: slots
+                .iter()
+                .map(|slot| SubmittedOp {
+                    op_id: slot.id(),
+                    deduplicated: matches!(slot, Slot::Existing(_)),
+                })
+                .collect(),
+        })
+    }
+
+    /// The checks of one op that need no shared state.
+    fn check(&self, op: SubmitOp, tenant: String) -> Result<Checked> {
+        let exec = Exec::parse(&op.kind, &op.args)?;
+        let size = serde_json::to_vec(&op.args).map_or(0, |v| v.len());
+        if size > self.config.max_args_bytes {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!("args are {size} bytes; the limit is {}", self.config.max_args_bytes),
+            ));
+        }
+        let timeout_ms = op.timeout_ms.unwrap_or(self.config.default_timeout_ms);
+        if timeout_ms == 0 || Duration::from_millis(timeout_ms) > MAX_TIMEOUT {
+            return Err(Error::invalid_field(
+                "timeout_ms",
+                "timeout_ms must be 1 ms to 24 hours",
+            ));
+        }
+        let key = batch::idempotency_key(&op)?;
+        let digest = key.as_ref().map(|_| batch::args_digest(&op.kind, &op.args));
+        Ok(Checked {
+            op,
+            tenant,
+            exec,
+            timeout_ms,
+            key,
+            digest,
+        })
+    }
+
+    /// Resolves keys and dependencies and admits the new ops, all under one lock, so
+    /// that two submissions of one key cannot both create an op. Returns each entry's
+    /// op and the journal entries of the new ops with effects.
+    fn admit(&self, caller: &Caller, ops: &[Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
+        let mut st = self.state.lock();
+        let mut slots: Vec<Slot> = Vec::with_capacity(ops.len());
+        let mut in_batch: HashMap<(AgentId, &str), usize> = HashMap::new();
+        for (index, op) in ops.iter().enumerate() {
+            let existing = match (&op.key, &op.digest) {
+                (Some(key), Some(digest)) => {
+                    let earlier = in_batch
+                        .get(&(op.op.agent, key.as_str()))
+                        .map(|&i| (slots[i].id(), ops[i].digest.clone()));
+                    let known = match earlier {
+                        Some(found) => Some(found),
+                        None => self.known_key(&st, &op.op.agent, key)?,
+                    };
+                    match known {
+                        Some((id, Some(recorded))) if recorded == *digest => Some(id),
+                        Some((id, _)) => {
+                            return Err(batch::at_op(
+                                index,
+                                Error::new(
+                                    ErrorCode::AlreadyExists,
+                                    format!(
+                                        "idempotency key {key:?} was already used for op {id} with a different kind or \
+                                         different args; use a new key for a different op"
+                                    ),
+                                )
+                                .with_details(serde_json::json!({ "op_id": id, "idempotency_key": key })),
+                            ));
+                        }
+                        None => {
+                            in_batch.insert((op.op.agent, key.as_str()), index);
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            slots.push(match existing {
+                Some(id) => Slot::Existing(id),
+                None => Slot::New(OpId::generate()),
+            });
+        }
+
+        // Dependencies: in-batch references become op ids; others must exist and be
+        // visible to the caller.
+        let mut resolved: Vec<Vec<OpId>> = Vec::with_capacity(ops.len());
+        for (index, op_deps) in deps.iter().enumerate() {
+            let mut ids = Vec::with_capacity(op_deps.len());
+            for dep in op_deps {
+                let id = match dep {
+                    Dependency::InBatch(i) => slots[*i].id(),
+                    Dependency::Op(id) => {
+                        let tenant = match st.live.get(id) {
+                            Some(live) => Some(live.record.tenant.clone()),
+                            None => self.completion(&st, id)?.map(|c| c.tenant.clone()),
+                        };
+                        match tenant {
+                            Some(tenant) => caller.check_tenant(&tenant).map_err(|e| batch::at_op(index, e))?,
+                            None => return Err(batch::at_op(index, Error::not_found("op", id))),
+                        }
+                        *id
+                    }
+                };
+                ids.push(id);
+            }
+            resolved.push(ids);
+        }
+
+        let admitted: Vec<(AgentId, Priority)> = slots
+            .iter()
+            .zip(ops)
+            .filter(|(slot, _)| matches!(slot, Slot::New(_)))
+            .map(|(_, op)| (op.op.agent, op.op.priority))
+            .collect();
+        if let Err(refused) = st.scheduler.admit(&admitted) {
+            let message = match refused {
+                Refused::Full { .. } | Refused::AgentFull { .. } | Refused::Shed => refused.to_string(),
+            };
+            return Err(Error::resource_exhausted(message, RETRY_AFTER));
+        }
+
+        let now = Instant::now();
+        let submitted_at = Utc::now();
+        let mut records = Vec::new();
+        for ((slot, op), dep_ids) in slots.iter().zip(ops).zip(resolved) {
+            let Slot::New(id) = *slot else {
+                st.counters.deduplicated += 1;
+                continue;
+            };
+            let record = Arc::new(OpRecord {
+                op_id: id,
+                agent: op.op.agent,
+                tenant: op.tenant.clone(),
+                kind: op.op.kind.clone(),
+                args: op.op.args.clone(),
+                priority: op.op.priority,
+                timeout_ms: op.timeout_ms,
+                retries: op.op.retries,
+                depends_on: dep_ids.clone(),
+                idempotency: op
+                    .key
+                    .clone()
+                    .zip(op.digest.clone())
+                    .map(|(key, digest)| Idempotency { key, digest }),
+                user_data: op.op.user_data.clone(),
+                trace: op.op.trace.clone(),
+                submitted_at,
+            });
+            let mut blocked_on = 0;
+            let mut failed_dependency = None;
+            for dep in &dep_ids {
+                if st.live.contains_key(dep) {
+                    blocked_on += 1;
+                    st.dependents.entry(*dep).or_default().push(id);
+                } else if let Some(done) = self.completion(&st, dep)?
+                    && done.status != CompletionStatus::Ok
+                {
+                    failed_dependency = Some(dependency_failure(dep, done.status.as_str()));
+                }
+            }
+            if let Some(key) = &op.key {
+                st.keys.insert((op.op.agent, key.clone()), id);
+            }
+            if op.exec.effects() != Effects::None {
+                records.push((id, Entry::Accepted((*record).clone())));
+            }
+            st.counters.submitted += 1;
+            st.live.insert(
+                id,
+                Live {
+                    record,
+                    exec: op.exec.clone(),
+                    lsn: None,
+                    state: OpState::Blocked,
+                    active: false,
+                    holds_slot: true,
+                    finishing: false,
+                    cancel_requested: false,
+                    blocked_on,
+                    failed_dependency,
+                    attempts: 0,
+                    accepted: now,
+                    first_start: None,
+                    exec_time: Duration::ZERO,
+                    cancel: None,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        Ok((slots, records))
+    }
+
+    /// The op that a key names and the digest it was submitted with, if the key is in use.
+    fn known_key(&self, st: &RingState, agent: &AgentId, key: &str) -> Result<Option<(OpId, Option<String>)>> {
+        if let Some(id) = st.keys.get(&(*agent, key.to_owned())) {
+            let digest = st
+                .live
+                .get(id)
+                .and_then(|l| l.record.idempotency.as_ref())
+                .map(|i| i.digest.clone());
+            return Ok(Some((*id, digest)));
+        }
+        let stored = self
+            .store
+            .view()
+            .get(&self.store.ks.idem, idempotency_key(agent, key))
+            .map_err(|e| storage_error("read idempotency keys", e))?;
+        stored
+            .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
+            .transpose()
+    }
+
+    /// Makes an admitted op runnable once it is acknowledged, with its journal
+    /// position if it was journaled.
+    fn activate(st: &mut RingState, id: OpId, lsn: Option<Lsn>, finish: &mut Vec<Finish>) {
+        let Some(live) = st.live.get_mut(&id) else { return };
+        live.active = true;
+        live.lsn = lsn.or(live.lsn);
+        Self::release_if_ready(st, id, finish);
+    }
+
+    /// Forgets an admitted op that was never acknowledged.
+    fn discard(st: &mut RingState, id: OpId) {
+        let Some(live) = st.live.remove(&id) else { return };
+        st.scheduler.release(&live.record.agent);
+        st.dependents.remove(&id);
+        if let Some(idempotency) = &live.record.idempotency {
+            st.keys.remove(&(live.record.agent, idempotency.key.clone()));
+        }
+    }
+
+    /// Queues an active op whose dependencies are done, or ends it if one failed or
+    /// it was cancelled while it waited.
+    fn release_if_ready(st: &mut RingState, id: OpId, finish: &mut Vec<Finish>) {
+        let Some(live) = st.live.get_mut(&id) else { return };
+        if !live.active || live.finishing || !live.holds_slot {
+            return;
+        }
+        if live.cancel_requested {
+            finish.push(Finish::cancelled(id, "cancelled before it started"));
+        } else if let Some(reason) = live.failed_dependency.clone() {
+            finish.push(Finish::cancelled(id, &reason));
+        } else if live.blocked_on == 0 {
+            live.holds_slot = false;
+            live.state = OpState::Queued;
+            let (agent, priority) = (live.record.agent, live.record.priority);
+            st.scheduler.enqueue(agent, priority, id, Instant::now());
+        }
+    }
+
+    /// Takes ops in scheduler order while running and completion slots are free.
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            let Ok(completing) = self.completing.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok(running) = self.running.clone().acquire_owned().await else {
+                return;
+            };
+            let next = loop {
+                let queued = self.work.notified();
+                if self.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Some(next) = self.next() {
+                    break next;
+                }
+                queued.await;
+            };
+            self.start(
+                next,
+                Slots {
+                    running: Some(running),
+                    completing: Some(completing),
+                },
+            );
+        }
+    }
+
+    /// The next op to start, marked running.
+    fn next(&self) -> Option<(OpId, Arc<OpRecord>, Exec, CancellationToken)> {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let next = loop {
+            let next = st.scheduler.pop(now)?;
+            if self.room_waiters.load(Ordering::Acquire) > 0 {
+                self.room.notify_waiters();
+            }
+            let Some(live) = st.live.get_mut(&next.item) else {
+                continue;
+            };
+            if live.finishing {
+                continue;
+            }
+            live.state = OpState::Running;
+            live.attempts += 1;
+            live.first_start.get_or_insert(now);
+            let token = CancellationToken::new();
+            live.cancel = Some(token.clone());
+            break (next.item, live.record.clone(), live.exec.clone(), token);
+        };
+        Some(next)
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        (id, record, exec, token): (OpId, Arc<OpRecord>, Exec, CancellationToken),
+        slots: Slots,
+    ) {
+        let breaker = self.breakers.get(&record.kind);
+        let started = Instant::now();
+        let admission = match breaker.admit(started) {
+            Ok(admission) => admission,
+            Err(rejected) => {
+                let error = Error::unavailable(format!("the circuit breaker of {} is open", record.kind))
+                    .with_details(serde_json::json!({ "retry_after_ms": rejected.retry_after.as_millis() as u64 }));
+                self.attempt_done(
+                    id,
+                    Attempt::Failed(error),
+                    Duration::ZERO,
+                    None,
+                    slots,
+                    Some(rejected.retry_after),
+                );
+                return;
+            }
+        };
+        match exec {
+            Exec::Noop => self.attempt_done(
+                id,
+                Attempt::Ok(Value::Null),
+                started.elapsed(),
+                Some(admission),
+                slots,
+                None,
+            ),
+            Exec::StateGet { key } => {
+                let attempt = match self.read_state(&record.agent, &key) {
+                    Ok(value) => Attempt::Ok(value),
+                    Err(e) => Attempt::Failed(e),
+                };
+                self.attempt_done(id, attempt, started.elapsed(), Some(admission), slots, None);
+            }
+            Exec::Sleep(duration) => {
+                let ring = self.clone();
+                let timeout = Duration::from_millis(record.timeout_ms);
+                let stopping = self.stopping.clone();
+                tokio::spawn(async move {
+                    let attempt = tokio::select! {
+                        () = stopping.cancelled() => return,
+                        () = token.cancelled() => Attempt::Cancelled,
+                        slept = tokio::time::timeout(timeout, tokio::time::sleep(duration)) => match slept {
+                            Ok(()) => Attempt::Ok(serde_json::json!({ "slept_ms": duration.as_millis() as u64 })),
+                            Err(_) => Attempt::TimedOut,
+                        },
+                    };
+                    ring.attempt_done(id, attempt, started.elapsed(), Some(admission), slots, None);
+                });
+            }
+            Exec::State(effect) => {
+                let ring = self.clone();
+                tokio::spawn(async move {
+                    let Some((completion, digest)) = ring.completion_of(id, CompletionStatus::Ok, None, None) else {
+                        return;
+                    };
+                    let written = ring
+                        .store
+                        .write(Write::Complete {
+                            completion: Box::new(completion),
+                            effect: Some(effect),
+                            digest,
+                        })
+                        .await;
+                    breaker.record(admission, written.is_ok(), Instant::now());
+                    let Slots { running, completing } = slots;
+                    drop(running);
+                    match written {
+                        Ok(Applied::Completed(completion)) => ring.settle(*completion, true),
+                        Ok(_) => tracing::error!(op = %id, "the store did not return the completion"),
+                        // The op stays journaled without a completion, so the next start runs it.
+                        Err(e) => tracing::error!(op = %id, error = %e, "an op's completion could not be recorded"),
+                    }
+                    drop(completing);
+                });
+            }
+        }
+    }
+
+    fn read_state(&self, agent: &AgentId, key: &str) -> Result<Value> {
+        let bytes = self
+            .store
+            .view()
+            .get(&self.store.ks.state, crate::store::state_key(agent, key))
+            .map_err(|e| storage_error("read", e))?;
+        let stored = bytes.as_deref().map(crate::store::decode_state).transpose()?;
+        match stored {
+            Some(stored) if !stored.is_tombstone() => {
+                let value: Value = serde_json::from_slice(stored.json)
+                    .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
+                Ok(serde_json::json!({ "key": key, "value": value, "version": stored.version }))
+            }
+            _ => Err(Error::not_found("state key", key)),
+        }
+    }
+
+    /// Ends an attempt: records it with the breaker, then retries the op after its
+    /// backoff (on a timer, holding no slot) or completes it.
+    fn attempt_done(
+        self: &Arc<Self>,
+        id: OpId,
+        attempt: Attempt,
+        took: Duration,
+        admission: Option<Admission>,
+        slots: Slots,
+        retry_after: Option<Duration>,
+    ) {
+        let transient = match &attempt {
+            Attempt::TimedOut => true,
+            Attempt::Failed(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout),
+            Attempt::Ok(_) | Attempt::Cancelled => false,
+        };
+        let mut st = self.state.lock();
+        let Some(live) = st.live.get_mut(&id) else { return };
+        if let Some(admission) = admission {
+            self.breakers
+                .get(&live.record.kind)
+                .record(admission, !transient, Instant::now());
+        }
+        live.exec_time += took;
+        live.cancel = None;
+        let retries = live.record.retries.map_or(0, |r| r.count);
+        if transient && !live.cancel_requested && live.attempts <= retries {
+            let policy = live.record.retries.expect("retries were allowed");
+            let delay = policy.backoff(live.attempts).max(retry_after.unwrap_or_default());
+            live.state = OpState::Backoff;
+            st.counters.retries += 1;
+            drop(st);
+            drop(slots);
+            let ring = self.clone();
+            let stopping = self.stopping.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stopping.cancelled() => {}
+                    () = tokio::time::sleep(delay) => ring.requeue(id),
+                }
+            });
+            return;
+        }
+        drop(st);
+        let Slots { running, completing } = slots;
+        drop(running);
+        let finish = match attempt {
+            Attempt::Ok(result) => Finish::new(id, CompletionStatus::Ok, Some(result), None),
+            Attempt::Failed(error) => Finish::new(id, CompletionStatus::Error, None, Some(error)),
+            Attempt::TimedOut => Finish::new(
+                id,
+                CompletionStatus::Timeout,
+                None,
+                Some(Error::new(ErrorCode::Timeout, "the op timed out")),
+            ),
+            Attempt::Cancelled => Finish::cancelled(id, "cancelled while running"),
+        };
+        self.finish_all(vec![finish.with_slot(completing)]);
+    }
+
+    /// Puts an op back in the queue after its backoff.
+    fn requeue(self: &Arc<Self>, id: OpId) {
+        let mut finish = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let Some(live) = st.live.get_mut(&id) else { return };
+            if live.finishing {
+                return;
+            }
+            if live.cancel_requested {
+                finish.push(Finish::cancelled(id, "cancelled while waiting to retry"));
+            } else {
+                live.state = OpState::Queued;
+                let (agent, priority) = (live.record.agent, live.record.priority);
+                st.scheduler.readmit(agent);
+                st.scheduler.enqueue(agent, priority, id, Instant::now());
+            }
+        }
+        self.work.notify_one();
+        self.finish_all(finish);
+    }
+
+    /// The completion of a live op as it ends now, with the digest of its key; marks
+    /// the op finishing. `None` if it is gone or already finishing.
+    fn completion_of(
+        &self,
+        id: OpId,
+        status: CompletionStatus,
+        result: Option<Value>,
+        error: Option<Error>,
+    ) -> Option<(Completion, Option<String>)> {
+        let mut st = self.state.lock();
+        let live = st.live.get_mut(&id)?;
+        if live.finishing {
+            return None;
+        }
+        live.finishing = true;
+        let now = Instant::now();
+        let record = &live.record;
+        let total = now.duration_since(live.accepted);
+        let completion = Completion {
+            op_id: id,
+            agent: record.agent,
+            tenant: record.tenant.clone(),
+            kind: record.kind.clone(),
+            status,
+            result,
+            error,
+            attempts: live.attempts,
+            queue_us: live
+                .first_start
+                .map_or(total, |s| s.duration_since(live.accepted))
+                .as_micros() as u64,
+            exec_us: live.exec_time.as_micros() as u64,
+            total_us: total.as_micros() as u64,
+            submitted_at: record.submitted_at,
+            completed_at: Utc::now(),
+            idempotency_key: record.idempotency.as_ref().map(|i| i.key.clone()),
+            user_data: record.user_data.clone(),
+            trace: record.trace.clone(),
+        };
+        let digest = record.idempotency.as_ref().map(|i| i.digest.clone());
+        Some((completion, digest))
+    }
+
+    /// Completes ops: those that must outlive a restart (journaled, or with a key)
+    /// are recorded in the store first; the rest settle at once. Works through a
+    /// list, not recursion, since ending an op may end its dependents.
+    fn finish_all(self: &Arc<Self>, mut queue: Vec<Finish>) {
+        while let Some(finish) = queue.pop() {
+            let Some((completion, digest)) = self.completion_of(finish.id, finish.status, finish.result, finish.error)
+            else {
+                continue;
+            };
+            let durable = {
+                let st = self.state.lock();
+                st.live
+                    .get(&finish.id)
+                    .is_some_and(|l| l.lsn.is_some() || l.record.idempotency.is_some())
+            };
+            if durable {
+                let ring = self.clone();
+                let slot = finish.slot;
+                tokio::spawn(async move {
+                    let written = ring
+                        .store
+                        .write(Write::Complete {
+                            completion: Box::new(completion),
+                            effect: None,
+                            digest,
+                        })
+                        .await;
+                    match written {
+                        Ok(Applied::Completed(completion)) => ring.settle(*completion, true),
+                        Ok(_) => tracing::error!("the store did not return the completion"),
+                        Err(e) => tracing::error!(error = %e, "an op's completion could not be recorded"),
+                    }
+                    drop(slot);
+                });
+            } else {
+                queue.extend(self.settle_inner(completion, false));
+            }
+        }
+    }
+
+    fn settle(self: &Arc<Self>, completion: Completion, recorded: bool) {
+        let follow_ups = self.settle_inner(completion, recorded);
+        self.finish_all(follow_ups);
+    }
+
+    /// Publishes a completion: removes the op, answers its waiters, releases its
+    /// journal record and moves its dependents on. Returns dependents that end now.
+    fn settle_inner(&self, completion: Completion, recorded: bool) -> Vec<Finish> {
+        let completion = Arc::new(completion);
+        let mut finish = Vec::new();
+        let (waiters, lsn) = {
+            let mut st = self.state.lock();
+            let Some(mut live) = st.live.remove(&completion.op_id) else {
+                return finish;
+            };
+            if live.holds_slot {
+                st.scheduler.release(&live.record.agent);
+                if self.room_waiters.load(Ordering::Acquire) > 0 {
+                    self.room.notify_waiters();
+                }
+            }
+            if let Some(idempotency) = &live.record.idempotency {
+                let key = (live.record.agent, idempotency.key.clone());
+                if st.keys.get(&key) == Some(&completion.op_id) {
+                    st.keys.remove(&key);
+                }
+            }
+            let second = self.started.elapsed().as_secs();
+            let counters = &mut st.counters;
+            *counters.completed.entry(completion.status).or_default() += 1;
+            let _ = counters.latency[live.record.priority.rank()].record(completion.total_us.max(1));
+            match counters.window.back_mut() {
+                Some((s, n)) if *s == second => *n += 1,
+                _ => counters.window.push_back((second, 1)),
+            }
+            while counters.window.front().is_some_and(|(s, _)| *s + 10 < second) {
+                counters.window.pop_front();
+            }
+            if !recorded {
+                st.recent.insert(completion.op_id, completion.clone());
+                st.recent_order.push_back(completion.op_id);
+                while st.recent_order.len() > self.config.recent_completions {
+                    if let Some(old) = st.recent_order.pop_front() {
+                        st.recent.remove(&old);
+                    }
+                }
+            }
+            for dependent in st.dependents.remove(&completion.op_id).unwrap_or_default() {
+                if let Some(waiting) = st.live.get_mut(&dependent) {
+                    waiting.blocked_on = waiting.blocked_on.saturating_sub(1);
+                    if completion.status != CompletionStatus::Ok {
+                        waiting.failed_dependency =
+                            Some(dependency_failure(&completion.op_id, completion.status.as_str()));
+                    }
+                    Self::release_if_ready(&mut st, dependent, &mut finish);
+                }
+            }
+            (std::mem::take(&mut live.waiters), live.lsn)
+        };
+        for waiter in waiters {
+            let _ = waiter.send(completion.clone());
+        }
+        let _ = self.events.send(completion);
+        if let Some(lsn) = lsn {
+            self.journal.release(vec![lsn]);
+        }
+        self.work.notify_one();
+        finish
+    }
+
+    /// A completion, from memory or the store.
+    fn completion(&self, st: &RingState, id: &OpId) -> Result<Option<Arc<Completion>>> {
+        if let Some(done) = st.recent.get(id) {
+            return Ok(Some(done.clone()));
+        }
+        Ok(self.stored_completion(id)?.map(Arc::new))
+    }
+
+    fn stored_completion(&self, id: &OpId) -> Result<Option<Completion>> {
+        self.store
+            .view()
+            .get(&self.store.ks.ops, id.as_bytes())
+            .map_err(|e| storage_error("read ops", e))?
+            .map(|bytes| decode_completion(&bytes))
+            .transpose()
+    }
+
+    pub fn info(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        let st = self.state.lock();
+        if let Some(live) = st.live.get(id) {
+            caller.check_tenant(&live.record.tenant)?;
+            return Ok(OpInfo {
+                op_id: *id,
+                agent: live.record.agent,
+                kind: live.record.kind.clone(),
+                state: live.state,
+                attempts: live.attempts,
+                completion: None,
+            });
+        }
+        let done = self.completion(&st, id)?.ok_or_else(|| Error::not_found("op", id))?;
+        caller.check_tenant(&done.tenant)?;
+        Ok(OpInfo {
+            op_id: *id,
+            agent: done.agent,
+            kind: done.kind.clone(),
+            state: OpState::Done,
+            attempts: done.attempts,
+            completion: Some((*done).clone()),
+        })
+    }
+
+    /// The op's completion, waiting up to `timeout` for it; the op as it stands if
+    /// it is still not done by then.
+    pub async fn wait(&self, caller: &Caller, id: &OpId, timeout: Duration) -> Result<OpInfo> {
+        let receiver = {
+            let mut st = self.state.lock();
+            match st.live.get_mut(id) {
+                Some(live) => {
+                    caller.check_tenant(&live.record.tenant)?;
+                    let (sender, receiver) = oneshot::channel();
+                    live.waiters.push(sender);
+                    Some(receiver)
+                }
+                None => None,
+            }
+        };
+        if let Some(receiver) = receiver
+            && let Ok(Ok(done)) = tokio::time::timeout(timeout, receiver).await
+        {
+            return Ok(OpInfo {
+                op_id: *id,
+                agent: done.agent,
+                kind: done.kind.clone(),
+                state: OpState::Done,
+                attempts: done.attempts,
+                completion: Some((*done).clone()),
+            });
+        }
+        self.info(caller, id)
+    }
+
+    /// Cancels an op: at once if it has not started, by dropping its executor if it
+    /// is running. A kernel-service op that is already being applied, and an op that
+    /// is done, cannot be cancelled (409).
+    pub async fn cancel(self: &Arc<Self>, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        let finish = {
+            let mut st = self.state.lock();
+            let Some(live) = st.live.get_mut(id) else {
+                drop(st);
+                let info = self.info(caller, id)?;
+                let status = info.completion.as_ref().map_or("done", |c| c.status.as_str());
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("op {id} has already completed ({status})"),
+                ));
+            };
+            caller.check_tenant(&live.record.tenant)?;
+            if live.finishing || (live.state == OpState::Running && matches!(live.exec, Exec::State(_))) {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("op {id} is already being completed"),
+                ));
+            }
+            live.cancel_requested = true;
+            match live.state {
+                OpState::Running => {
+                    if let Some(token) = &live.cancel {
+                        token.cancel();
+                    }
+                    None
+                }
+                // Queued ops leave the scheduler lazily: the dispatcher skips them.
+                OpState::Queued | OpState::Backoff => Some(Finish::cancelled(*id, "cancelled before it ran")),
+                OpState::Blocked if live.active => Some(Finish::cancelled(*id, "cancelled before it started")),
+                // Not yet acknowledged: it ends as soon as it is.
+                OpState::Blocked | OpState::Done => None,
+            }
+        };
+        if let Some(finish) = finish {
+            self.finish_all(vec![finish]);
+        }
+        // A running executor notices the cancel at its next await point.
+        self.wait(caller, id, Duration::from_secs(5)).await
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Completion>> {
+        self.events.subscribe()
+    }
+
+    pub fn stats(&self) -> RingStats {
+        let st = self.state.lock();
+        let queued = Priority::ALL
+            .iter()
+            .map(|p| (*p, st.scheduler.depth(*p) as u64))
+            .collect();
+        let second = self.started.elapsed().as_secs();
+        let recent: u64 = st
+            .counters
+            .window
+            .iter()
+            .filter(|(s, _)| *s + 10 > second)
+            .map(|(_, n)| n)
+            .sum();
+        let span = (self.started.elapsed().as_secs_f64()).clamp(1.0, 10.0);
+        RingStats {
+            queued,
+            pending: st.scheduler.len() as u64,
+            submission_capacity: st.scheduler.capacity() as u64,
+            running: (self.config.max_running - self.running.available_permits()) as u64,
+            max_running: self.config.max_running as u64,
+            completing: (self.config.completion_capacity - self.completing.available_permits()) as u64,
+            completion_capacity: self.config.completion_capacity as u64,
+            submitted_total: st.counters.submitted,
+            deduplicated_total: st.counters.deduplicated,
+            refused_total: st.counters.refused,
+            retries_total: st.counters.retries,
+            completed: st.counters.completed.clone(),
+            completed_per_sec: recent as f64 / span,
+            latency: Priority::ALL
+                .iter()
+                .map(|p| (*p, journal::percentiles(&st.counters.latency[p.rank()])))
+                .collect(),
+            breakers: self.breakers(),
+        }
+    }
+
+    pub fn breakers(&self) -> Vec<BreakerInfo> {
+        self.breakers
+            .stats()
+            .into_iter()
+            .map(|(target, stats)| BreakerInfo {
+                target,
+                state: match stats.state {
+                    BreakerState::Closed => "closed",
+                    BreakerState::Open => "open",
+                    BreakerState::HalfOpen => "half_open",
+                }
+                .into(),
+                consecutive_failures: stats.consecutive_failures,
+                opened_total: stats.opened_total,
+                rejected_total: stats.rejected_total,
+            })
+            .collect()
+    }
+
+    pub fn reset_breakers(&self, target: Option<&str>) -> Result<Vec<BreakerInfo>> {
+        match target {
+            Some(target) => {
+                if !self.breakers.stats().iter().any(|(t, _)| t == target) {
+                    return Err(Error::not_found("circuit breaker", target));
+                }
+                self.breakers.get(target).reset();
+            }
+            None => self.breakers.reset_all(),
+        }
+        Ok(self.breakers())
+    }
+
+    pub async fn wal_status(&self) -> Result<WalStatus> {
+        self.journal.status().await
+    }
+
+    /// Refuses new submissions, stops the dispatcher and syncs the journal.
+    pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.stopping.cancel();
+        self.running.close();
+        self.completing.close();
+        self.work.notify_one();
+        self.journal.close().await;
+    }
+
+    /// Cancelled when the ring closes.
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+}
+
+/// An op about to end.
+struct Finish {
+    id: OpId,
+    status: CompletionStatus,
+    result: Option<Value>,
+    error: Option<Error>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Finish {
+    fn new(id: OpId, status: CompletionStatus, result: Option<Value>, error: Option<Error>) -> Self {
+        Self {
+            id,
+            status,
+            result,
+            error,
+            slot: None,
+        }
+    }
+
+    fn cancelled(id: OpId, reason: &str) -> Self {
+        Self::new(
+            id,
+            CompletionStatus::Cancelled,
+            None,
+            Some(Error::new(ErrorCode::FailedPrecondition, reason.to_owned())),
+        )
+    }
+
+    fn with_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
+        self.slot = slot;
+        self
+    }
+}
+
+fn dependency_failure(dep: &OpId, status: &str) -> String {
+    format!("dependency {dep} ended with status {status}")
+}

@@ -1,0 +1,493 @@
+//! The AgentRing through the kernel, on a real data directory: exactly-once effects,
+//! idempotency across restarts, dependencies, cancel, timeouts and retries,
+//! scheduling fairness and backpressure.
+
+use bbx_core::config::{ConfigLayer, KernelConfig, RingConfig};
+use bbx_core::model::CreateAgent;
+use bbx_core::op::{CompletionStatus, OpInfo, OpState, Priority, RetryPolicy, SubmitBatch, SubmitOp, Submitted};
+use bbx_core::{AgentId, ErrorCode, OpId};
+use bbx_kernel::{Caller, Kernel};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Open {
+    kernel: Arc<Kernel>,
+    admin: Caller,
+}
+
+async fn open(dir: &Path, ring: RingConfig) -> Open {
+    let over = ConfigLayer {
+        data_dir: Some(dir.to_path_buf()),
+        ring: Some(ring),
+        ..Default::default()
+    };
+    let config = KernelConfig::resolve(ConfigLayer::default(), over).unwrap();
+    let kernel = Kernel::open(config).await.unwrap().kernel;
+    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
+    let admin = kernel.authenticate(token.trim()).unwrap();
+    Open { kernel, admin }
+}
+
+impl Open {
+    async fn agent(&self) -> AgentId {
+        let req = CreateAgent {
+            name: "a".into(),
+            ..Default::default()
+        };
+        self.kernel.create_agent(&self.admin, req).await.unwrap().id
+    }
+
+    async fn submit(&self, ops: Vec<SubmitOp>) -> bbx_core::Result<Submitted> {
+        self.kernel
+            .submit(&self.admin, SubmitBatch { ops, wait_ms: None })
+            .await
+    }
+
+    async fn one(&self, op: SubmitOp) -> OpId {
+        self.submit(vec![op]).await.unwrap().ops[0].op_id
+    }
+
+    async fn wait(&self, id: OpId) -> OpInfo {
+        let info = self
+            .kernel
+            .wait_op(&self.admin, &id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(info.state, OpState::Done, "{info:?}");
+        info
+    }
+
+    async fn result(&self, id: OpId) -> Value {
+        let completion = self.wait(id).await.completion.unwrap();
+        assert_eq!(completion.status, CompletionStatus::Ok, "{completion:?}");
+        completion.result.unwrap()
+    }
+}
+
+fn op(agent: AgentId, kind: &str, args: Value) -> SubmitOp {
+    SubmitOp::new(agent, kind, args)
+}
+
+fn keyed(agent: AgentId, kind: &str, args: Value, key: &str) -> SubmitOp {
+    let mut op = op(agent, kind, args);
+    op.idempotency_key = Some(key.into());
+    op
+}
+
+#[tokio::test]
+async fn state_ops_apply_exactly_once_and_concurrent_increments_all_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let ops: Vec<SubmitOp> = (0..200)
+        .map(|_| op(agent, "state.incr", json!({"key": "n", "by": 1})))
+        .collect();
+    let submitted = ring.submit(ops).await.unwrap();
+    for op in &submitted.ops {
+        ring.wait(op.op_id).await;
+    }
+    let got = ring
+        .result(ring.one(op(agent, "state.get", json!({"key": "n"}))).await)
+        .await;
+    assert_eq!(got["value"], 200);
+    assert_eq!(got["version"], 200);
+    let set = ring
+        .result(
+            ring.one(op(agent, "state.set", json!({"key": "s", "value": {"a": 1}})))
+                .await,
+        )
+        .await;
+    assert_eq!(set, json!({"key": "s", "version": 1}));
+    let entry = ring.kernel.state_get(&ring.admin, &agent, "s").unwrap();
+    assert_eq!(entry.value, json!({"a": 1}), "ops and the state API see one store");
+
+    let not_a_number = ring.one(op(agent, "state.incr", json!({"key": "s"}))).await;
+    let completion = ring.wait(not_a_number).await.completion.unwrap();
+    assert_eq!(completion.status, CompletionStatus::Error);
+    assert_eq!(completion.error.unwrap().code, ErrorCode::FailedPrecondition);
+    assert_eq!(
+        ring.kernel.state_get(&ring.admin, &agent, "s").unwrap().version,
+        1,
+        "a failed effect changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_key_returns_the_first_op_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, agent) = {
+        let ring = open(dir.path(), RingConfig::default()).await;
+        let agent = ring.agent().await;
+        let first = ring.one(keyed(agent, "state.incr", json!({"key": "n"}), "k1")).await;
+        // In flight or done, the same key joins the same op.
+        let again = ring
+            .submit(vec![keyed(agent, "state.incr", json!({"key": "n"}), "k1")])
+            .await
+            .unwrap();
+        assert_eq!(again.ops[0].op_id, first);
+        assert!(again.ops[0].deduplicated);
+        assert_eq!(ring.result(first).await["value"], 1);
+        let conflict = ring
+            .submit(vec![keyed(agent, "state.incr", json!({"key": "n", "by": 5}), "k1")])
+            .await
+            .unwrap_err();
+        assert_eq!(conflict.code, ErrorCode::AlreadyExists);
+        assert!(conflict.message.contains("different"), "{}", conflict.message);
+        // Derived from run and step: the same step of the same run is one op.
+        let mut step = op(agent, "noop", json!({}));
+        step.run_id = Some("run-7".into());
+        step.step = Some(3);
+        let a = ring.one(step.clone()).await;
+        let b = ring.one(step).await;
+        assert_eq!(a, b);
+        ring.wait(a).await;
+        ring.kernel.shutdown().await;
+        (first, agent)
+    };
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let again = ring
+        .submit(vec![keyed(agent, "state.incr", json!({"key": "n"}), "k1")])
+        .await
+        .unwrap();
+    assert_eq!(again.ops[0].op_id, first, "the key table survives a restart");
+    assert_eq!(ring.result(first).await["value"], 1, "and the op did not run again");
+    let get = ring.one(op(agent, "state.get", json!({"key": "n"}))).await;
+    assert_eq!(ring.result(get).await["value"], 1);
+}
+
+#[tokio::test]
+async fn idempotency_records_expire_after_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = RingConfig {
+        retention_secs: 0,
+        ..Default::default()
+    };
+    let agent;
+    {
+        let ring = open(dir.path(), ring.clone()).await;
+        agent = ring.agent().await;
+        let first = ring.one(keyed(agent, "noop", json!({}), "k")).await;
+        ring.wait(first).await;
+        ring.kernel.shutdown().await;
+    }
+    // The sweep runs at start; with no retention the old key is forgotten.
+    let ring = open(dir.path(), ring).await;
+    let mut fresh = false;
+    for _ in 0..100 {
+        let again = ring.submit(vec![keyed(agent, "noop", json!({}), "k")]).await.unwrap();
+        ring.wait(again.ops[0].op_id).await;
+        if !again.ops[0].deduplicated {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fresh, "an expired key starts a new op");
+}
+
+#[tokio::test]
+async fn dependencies_order_ops_and_a_failed_dependency_cancels_its_dependents() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let mut second = op(agent, "state.set", json!({"key": "order", "value": "second"}));
+    second.depends_on = vec!["#0".into()];
+    let batch = vec![op(agent, "sleep", json!({"ms": 30})), second];
+    let submitted = ring.submit(batch).await.unwrap();
+    let (a, b) = (submitted.ops[0].op_id, submitted.ops[1].op_id);
+    assert_eq!(ring.kernel.op(&ring.admin, &b).unwrap().state, OpState::Blocked);
+    let first = ring.wait(a).await.completion.unwrap();
+    let then = ring.wait(b).await.completion.unwrap();
+    assert!(then.completed_at >= first.completed_at);
+
+    // On an op that already completed, by id.
+    let mut after = op(agent, "noop", json!({}));
+    after.depends_on = vec![b.to_string()];
+    ring.result(ring.one(after).await).await;
+
+    // A failing dependency cancels what depends on it.
+    let mut doomed = op(agent, "noop", json!({}));
+    doomed.depends_on = vec!["#0".into()];
+    let submitted = ring
+        .submit(vec![op(agent, "state.get", json!({"key": "missing"})), doomed])
+        .await
+        .unwrap();
+    let cancelled = ring.wait(submitted.ops[1].op_id).await.completion.unwrap();
+    assert_eq!(cancelled.status, CompletionStatus::Cancelled);
+    assert!(cancelled.error.unwrap().message.contains("dependency"));
+
+    // Unknown and cyclic dependencies are refused and nothing is submitted.
+    let before = ring.kernel.ring_stats(&ring.admin).submitted_total;
+    let mut unknown = op(agent, "noop", json!({}));
+    unknown.depends_on = vec![OpId::generate().to_string()];
+    assert_eq!(
+        ring.submit(vec![op(agent, "noop", json!({})), unknown])
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+    let mut x = op(agent, "noop", json!({}));
+    x.depends_on = vec!["#1".into()];
+    let mut y = op(agent, "noop", json!({}));
+    y.depends_on = vec!["#0".into()];
+    let cycle = ring.submit(vec![x, y]).await.unwrap_err();
+    assert_eq!(cycle.code, ErrorCode::InvalidArgument);
+    assert_eq!(ring.kernel.ring_stats(&ring.admin).submitted_total, before);
+}
+
+#[tokio::test]
+async fn bad_batches_are_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let cases: Vec<(Vec<SubmitOp>, ErrorCode)> = vec![
+        (vec![], ErrorCode::InvalidArgument),
+        (
+            vec![
+                op(agent, "state.incr", json!({"key": "n"})),
+                op(agent, "launch", json!({})),
+            ],
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            vec![op(agent, "sleep", json!({"ms": "soon"}))],
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            vec![op(agent, "state.set", json!({"key": "k", "value": "x".repeat(70_000)}))],
+            ErrorCode::PayloadTooLarge,
+        ),
+        (
+            (0..100_000).map(|_| op(agent, "noop", json!({}))).collect(),
+            ErrorCode::PayloadTooLarge,
+        ),
+        (vec![op(AgentId::generate(), "noop", json!({}))], ErrorCode::NotFound),
+        (
+            vec![SubmitOp {
+                timeout_ms: Some(0),
+                ..op(agent, "noop", json!({}))
+            }],
+            ErrorCode::InvalidArgument,
+        ),
+    ];
+    for (ops, code) in cases {
+        let n = ops.len();
+        let err = ring.submit(ops).await.unwrap_err();
+        assert_eq!(err.code, code, "{n} ops: {}", err.message);
+    }
+    let stats = ring.kernel.ring_stats(&ring.admin);
+    assert_eq!(stats.submitted_total, 0);
+    let get = ring.one(op(agent, "state.get", json!({"key": "n"}))).await;
+    assert_eq!(
+        ring.wait(get).await.completion.unwrap().status,
+        CompletionStatus::Error,
+        "no half-applied incr"
+    );
+}
+
+#[tokio::test]
+async fn timeouts_cancel_the_executor_and_retries_back_off_without_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(
+        dir.path(),
+        RingConfig {
+            max_running: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = ring.agent().await;
+    let mut slow = op(agent, "sleep", json!({"ms": 10_000}));
+    slow.timeout_ms = Some(20);
+    slow.retries = Some(RetryPolicy {
+        count: 2,
+        backoff_ms: 150,
+        max_backoff_ms: 1000,
+    });
+    let slow = ring.one(slow).await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // The only worker is free while the slow op backs off.
+    let quick = ring.one(op(agent, "noop", json!({}))).await;
+    let quick_done = ring.wait(quick).await.completion.unwrap();
+    let slow_done = ring.wait(slow).await.completion.unwrap();
+    assert!(quick_done.completed_at < slow_done.completed_at);
+    assert_eq!(slow_done.status, CompletionStatus::Timeout);
+    assert_eq!(slow_done.error.unwrap().code, ErrorCode::Timeout);
+    assert_eq!(slow_done.attempts, 3);
+    assert!(slow_done.exec_us < 1_000_000, "each attempt was cut at its timeout");
+    assert!(slow_done.total_us >= 450_000, "backoffs of 150 and 300 ms");
+    assert_eq!(ring.kernel.ring_stats(&ring.admin).retries_total, 2);
+}
+
+#[tokio::test]
+async fn cancel_stops_queued_and_running_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(
+        dir.path(),
+        RingConfig {
+            max_running: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = ring.agent().await;
+    let running = ring.one(op(agent, "sleep", json!({"ms": 60_000}))).await;
+    let queued = ring.one(op(agent, "sleep", json!({"ms": 1}))).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(ring.kernel.op(&ring.admin, &running).unwrap().state, OpState::Running);
+    let info = ring.kernel.cancel_op(&ring.admin, &queued).await.unwrap();
+    assert_eq!(info.completion.unwrap().status, CompletionStatus::Cancelled);
+    let info = ring.kernel.cancel_op(&ring.admin, &running).await.unwrap();
+    let completion = info.completion.unwrap();
+    assert_eq!(completion.status, CompletionStatus::Cancelled);
+    assert!(completion.exec_us < 10_000_000);
+    let again = ring.kernel.cancel_op(&ring.admin, &running).await.unwrap_err();
+    assert_eq!(again.code, ErrorCode::FailedPrecondition);
+    assert_eq!(
+        ring.kernel
+            .cancel_op(&ring.admin, &OpId::generate())
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+}
+
+#[tokio::test]
+async fn low_priority_is_not_starved_and_a_flooding_agent_waits_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(
+        dir.path(),
+        RingConfig {
+            max_running: 1,
+            aging_ms: 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    let flooder = ring.agent().await;
+    let other = ring.agent().await;
+    let low = ring
+        .one(SubmitOp {
+            priority: Priority::Low,
+            ..op(other, "sleep", json!({"ms": 1}))
+        })
+        .await;
+    // REALTIME ops arrive every millisecond and take 5 ms each: without aging the
+    // LOW op would wait for as long as the stream lasts.
+    let mut stream = Vec::new();
+    for _ in 0..1500 {
+        let realtime = SubmitOp {
+            priority: Priority::Realtime,
+            ..op(flooder, "sleep", json!({"ms": 5}))
+        };
+        stream.push(ring.one(realtime).await);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if ring.kernel.op(&ring.admin, &low).unwrap().state == OpState::Done {
+            break;
+        }
+    }
+    let low_done = ring.wait(low).await.completion.unwrap();
+    assert!(stream.len() < 1500, "LOW ran while the REALTIME stream went on");
+    let mut realtime_after = 0;
+    for id in &stream {
+        let info = ring.kernel.op(&ring.admin, id).unwrap();
+        if info.completion.is_none_or(|c| c.completed_at > low_done.completed_at) {
+            realtime_after += 1;
+        }
+    }
+    assert!(
+        realtime_after > 10,
+        "a REALTIME backlog was waiting when LOW ran: {realtime_after}"
+    );
+    for id in stream {
+        ring.kernel.cancel_op(&ring.admin, &id).await.ok();
+    }
+
+    let flood: Vec<SubmitOp> = (0..100).map(|_| op(flooder, "sleep", json!({"ms": 5}))).collect();
+    let flood = ring.submit(flood).await.unwrap();
+    let mine = ring.one(op(other, "sleep", json!({"ms": 1}))).await;
+    let mine_done = ring.wait(mine).await.completion.unwrap();
+    let mut ahead = 0;
+    for op in &flood.ops {
+        if ring.wait(op.op_id).await.completion.unwrap().completed_at < mine_done.completed_at {
+            ahead += 1;
+        }
+    }
+    assert!(
+        ahead <= 3,
+        "the other agent's op took its turn, behind {ahead} of the flood"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_retry_after_or_waits_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(
+        dir.path(),
+        RingConfig {
+            max_running: 1,
+            submission_capacity: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = ring.agent().await;
+    ring.one(op(agent, "sleep", json!({"ms": 200}))).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let queued: Vec<SubmitOp> = (0..4).map(|_| op(agent, "sleep", json!({"ms": 10}))).collect();
+    ring.submit(queued).await.unwrap();
+    let full = ring.submit(vec![op(agent, "noop", json!({}))]).await.unwrap_err();
+    assert_eq!(full.code, ErrorCode::ResourceExhausted);
+    assert_eq!(full.http_status(), 429);
+    assert!(full.retry_after().is_some());
+    assert_eq!(ring.kernel.ring_stats(&ring.admin).refused_total, 1);
+    let waited = ring
+        .kernel
+        .submit(
+            &ring.admin,
+            SubmitBatch {
+                ops: vec![op(agent, "noop", json!({}))],
+                wait_ms: Some(10_000),
+            },
+        )
+        .await
+        .unwrap();
+    ring.wait(waited.ops[0].op_id).await;
+}
+
+#[tokio::test]
+async fn tenant_keys_see_only_their_tenants_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let id = ring.one(op(agent, "noop", json!({}))).await;
+    ring.wait(id).await;
+    let key = ring
+        .kernel
+        .create_key(
+            &ring.admin,
+            bbx_core::model::CreateApiKey {
+                name: "t".into(),
+                tenant: Some("other".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let tenant = ring.kernel.authenticate(&key.key).unwrap();
+    assert_eq!(
+        ring.kernel.op(&tenant, &id).unwrap_err().code,
+        ErrorCode::PermissionDenied
+    );
+    let batch = SubmitBatch {
+        ops: vec![op(agent, "noop", json!({}))],
+        wait_ms: None,
+    };
+    assert_eq!(
+        ring.kernel.submit(&tenant, batch).await.unwrap_err().code,
+        ErrorCode::PermissionDenied
+    );
+}

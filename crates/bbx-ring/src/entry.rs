@@ -1,0 +1,120 @@
+//! What the ring writes to the journal: one [`Entry`] per record.
+//!
+//! An accepted op is journaled whole ([`OpRecord`]), so recovery can run it again
+//! from the record alone. Entries are tagged, so that later kinds of entry (the
+//! `started` mark of tools with external effects) extend the format instead of
+//! replacing it.
+
+use bbx_core::op::{Priority, RetryPolicy, TraceContext};
+use bbx_core::{AgentId, Error, OpId, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The idempotency key of an op and the digest of what it was submitted with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub key: String,
+    pub digest: String,
+}
+
+/// An accepted op, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpRecord {
+    pub op_id: OpId,
+    pub agent: AgentId,
+    pub tenant: String,
+    pub kind: String,
+    pub args: Value,
+    pub priority: Priority,
+    pub timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<OpId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+    pub submitted_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "entry", rename_all = "snake_case")]
+pub enum Entry {
+    Accepted(OpRecord),
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("journal entries always serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("a journal record is unreadable: {e}")))
+    }
+}
+
+/// What executing a kind can do to the world; it decides how an op is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effects {
+    /// Nothing (`noop`, `sleep`, `state.get`): not journaled; lost ops are harmless.
+    None,
+    /// Changes kernel state: journaled, and its effect commits atomically with its
+    /// completion, so it is re-run after a crash exactly when it had not happened.
+    Kernel,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("\\PC{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn entries_round_trip(args in json_value(), kind in "[a-z.]{1,12}", priority in 0usize..4,
+                              timeout_ms in any::<u64>(), key in proptest::option::of("\\PC{1,20}"),
+                              deps in 0usize..3) {
+            let record = OpRecord {
+                op_id: OpId::generate(),
+                agent: AgentId::generate(),
+                tenant: "t".into(),
+                kind,
+                args,
+                priority: Priority::ALL[priority],
+                timeout_ms,
+                retries: Some(RetryPolicy { count: 2, backoff_ms: 5, max_backoff_ms: 9 }),
+                depends_on: (0..deps).map(|_| OpId::generate()).collect(),
+                idempotency: key.map(|key| Idempotency { key, digest: "d".into() }),
+                user_data: None,
+                trace: None,
+                submitted_at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
+            };
+            let entry = Entry::Accepted(record);
+            prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Entry::decode(&bytes);
+        }
+    }
+}
