@@ -38,6 +38,12 @@ pub enum Command {
     /// Read and write an agent's durable state.
     #[command(subcommand)]
     State(StateCommand),
+    /// Submit ops to the AgentRing and reap their completions.
+    #[command(subcommand)]
+    Ring(RingCommand),
+    /// Check or repair the AgentRing's journal (offline).
+    #[command(subcommand)]
+    Journal(JournalCommand),
     /// Manage API keys (administrators only).
     #[command(subcommand)]
     Key(KeyCommand),
@@ -199,7 +205,100 @@ pub struct BenchApiArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RingCommand {
+    /// Submit one op; prints its op id once it is durable.
+    Submit(SubmitArgs),
+    /// Wait for an op's completion and print it; fails if it is not done in time.
+    Wait {
+        op_id: String,
+        /// How long to wait, in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// Show an op: where it is, and its completion once done.
+    Get { op_id: String },
+    /// Cancel an op that has not completed.
+    Cancel { op_id: String },
+    /// Queue depths, throughput, latency by priority, retries, breakers.
+    Stats,
+    /// The journal: segments, size, synced and checkpoint positions, sync latency.
+    WalStatus,
+    /// Show circuit breakers, or close them with --reset.
+    CircuitBreaker(BreakerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    pub agent: String,
+    /// The executor: noop, sleep, state.get, state.set, state.incr, state.delete.
+    pub kind: String,
+    /// Its arguments as JSON, e.g. '{"key":"n","by":1}' [default: {}].
+    pub args: Option<String>,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// LOW, NORMAL, HIGH or REALTIME.
+    #[arg(long, default_value = "NORMAL", value_parser = parse_priority)]
+    pub priority: bbx_core::op::Priority,
+    /// Time allowed for one attempt.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Further attempts after a timeout or transient failure.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// First wait before a retry; it doubles each time.
+    #[arg(long, requires = "retries")]
+    pub backoff_ms: Option<u64>,
+    /// An op that must complete with ok first; repeat for more.
+    #[arg(long = "depends-on", value_name = "OP_ID")]
+    pub depends_on: Vec<String>,
+    /// With --step, derives the idempotency key.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    #[arg(long)]
+    pub step: Option<u64>,
+    /// If the queue is full, wait this long for room instead of failing.
+    #[arg(long)]
+    pub wait_for_room_ms: Option<u64>,
+    /// Also wait for the completion and print it.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+fn parse_priority(text: &str) -> Result<bbx_core::op::Priority, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_ascii_uppercase()))
+        .map_err(|_| format!("{text:?} is not a priority; use LOW, NORMAL, HIGH or REALTIME"))
+}
+
+#[derive(Args, Debug)]
+pub struct BreakerArgs {
+    /// Close the breakers (all, or the --target one).
+    #[arg(long)]
+    pub reset: bool,
+    /// One target, e.g. an executor name.
+    #[arg(long, requires = "reset")]
+    pub target: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JournalCommand {
+    /// Check every record of the journal in --data-dir; changes nothing.
+    Verify,
+    /// With the kernel stopped: cut the journal at its first bad record.
+    Repair,
+}
+
+#[derive(Subcommand, Debug)]
 pub enum V2Command {
     /// Alias of `bbx status`.
     Status,
+    /// Aliases of `bbx ring stats|wal-status|circuit-breaker`.
+    #[command(subcommand)]
+    EnhancedRing(EnhancedRingCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnhancedRingCommand {
+    Stats,
+    WalStatus,
+    CircuitBreaker(BreakerArgs),
 }

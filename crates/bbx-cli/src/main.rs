@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod output;
+mod ring;
 
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
@@ -11,7 +12,10 @@ use bbx_core::config::{ConfigLayer, KernelConfig, default_data_dir};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
 use bbx_core::{AgentApi, validate};
 use clap::{CommandFactory, Parser};
-use cli::{AgentCommand, BenchCommand, Cli, Command, ConfigCommand, KeyCommand, ServeArgs, StateCommand, V2Command};
+use cli::{
+    AgentCommand, BenchCommand, Cli, Command, ConfigCommand, EnhancedRingCommand, KeyCommand, RingCommand, ServeArgs,
+    StateCommand, V2Command,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,10 +91,23 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(command) => agent(&cli, command).await,
         Command::State(command) => state(&cli, command).await,
         Command::Key(command) => key(&cli, command).await,
+        Command::Ring(command) => ring::run(&cli, command).await,
+        Command::V2(V2Command::EnhancedRing(command)) => {
+            let command = match command {
+                EnhancedRingCommand::Stats => RingCommand::Stats,
+                EnhancedRingCommand::WalStatus => RingCommand::WalStatus,
+                EnhancedRingCommand::CircuitBreaker(args) => RingCommand::CircuitBreaker(cli::BreakerArgs {
+                    reset: args.reset,
+                    target: args.target.clone(),
+                }),
+            };
+            ring::run(&cli, &command).await
+        }
+        Command::Journal(command) => ring::journal(&cli, command),
     }
 }
 
-fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig> {
+pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig> {
     let file = match &args.config {
         Some(path) => ConfigLayer::load(path)?,
         None => ConfigLayer::default(),
@@ -159,7 +176,7 @@ pub(crate) fn api_key(cli: &Cli) -> Result<String> {
     }
 }
 
-fn client(cli: &Cli) -> Result<Client> {
+pub(crate) fn client(cli: &Cli) -> Result<Client> {
     Ok(Client::new(cli.url.as_deref().unwrap_or(DEFAULT_URL), &api_key(cli)?)?)
 }
 

@@ -1,6 +1,7 @@
 //! Printing results: JSON for `--json`, short human text otherwise.
 
 use bbx_core::model::{Agent, ApiKeyInfo, StateEntry};
+use bbx_core::op::{BreakerInfo, Completion, RingStats, WalStatus};
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
 
@@ -66,4 +67,72 @@ fn more(next_cursor: Option<&str>) {
     if let Some(cursor) = next_cursor {
         println!("more: --cursor {cursor}");
     }
+}
+
+pub fn completion(c: &Completion) {
+    println!("{} {} {}", c.op_id, c.kind, c.status.as_str());
+    if let Some(result) = &c.result {
+        println!("  result   {result}");
+    }
+    if let Some(error) = &c.error {
+        println!("  error    {} [{}]", error.message, error.code.as_str());
+    }
+    println!(
+        "  attempts {}, queued {} us, ran {} us, total {} us",
+        c.attempts, c.queue_us, c.exec_us, c.total_us
+    );
+}
+
+pub fn ring_stats(s: &RingStats) {
+    println!(
+        "pending {}/{}  running {}/{}  completing {}/{}",
+        s.pending, s.submission_capacity, s.running, s.max_running, s.completing, s.completion_capacity
+    );
+    println!(
+        "submitted {}  deduplicated {}  refused {}  retries {}  {:.1} completions/s (10 s)",
+        s.submitted_total, s.deduplicated_total, s.refused_total, s.retries_total, s.completed_per_sec
+    );
+    let done: Vec<String> = s.completed.iter().map(|(k, v)| format!("{}={v}", k.as_str())).collect();
+    println!("completed {}", done.join(" "));
+    let mut t = table(&["PRIORITY", "QUEUED", "DONE", "P50 us", "P99 us", "P99.9 us"]);
+    for (priority, latency) in &s.latency {
+        t.add_row(vec![
+            format!("{priority:?}").to_uppercase(),
+            s.queued.get(priority).copied().unwrap_or(0).to_string(),
+            latency.count.to_string(),
+            latency.p50_us.to_string(),
+            latency.p99_us.to_string(),
+            latency.p999_us.to_string(),
+        ]);
+    }
+    println!("{t}");
+    if !s.breakers.is_empty() {
+        breakers(&s.breakers);
+    }
+}
+
+pub fn wal_status(w: &WalStatus) {
+    println!("segments {}  bytes {}", w.segments, w.bytes);
+    println!(
+        "next lsn {}  synced lsn {}  checkpoint lsn {}",
+        w.next_lsn, w.synced_lsn, w.checkpoint_lsn
+    );
+    println!(
+        "records {} in {} syncs; sync p50 {} us, p99 {} us, p99.9 {} us",
+        w.records_total, w.syncs_total, w.sync_latency.p50_us, w.sync_latency.p99_us, w.sync_latency.p999_us
+    );
+}
+
+pub fn breakers(breakers: &[BreakerInfo]) {
+    let mut t = table(&["TARGET", "STATE", "FAILURES", "OPENED", "REJECTED"]);
+    for b in breakers {
+        t.add_row(vec![
+            b.target.clone(),
+            b.state.clone(),
+            b.consecutive_failures.to_string(),
+            b.opened_total.to_string(),
+            b.rejected_total.to_string(),
+        ]);
+    }
+    println!("{t}");
 }

@@ -10,7 +10,8 @@ use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
     SetState, StateEntry, StatePage, Status,
 };
-use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, Result, validate};
+use bbx_core::op::{BreakerInfo, OpInfo, ResetBreakers, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, OpId, Result, validate};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -139,6 +140,23 @@ impl Client {
         self.call(self.request(Method::DELETE, &["v1", "keys", &id.to_string()]))
             .await
     }
+
+    pub async fn wal_status(&self) -> Result<WalStatus> {
+        self.call(self.request(Method::GET, &["v1", "ring", "wal"])).await
+    }
+
+    pub async fn breakers(&self) -> Result<Vec<BreakerInfo>> {
+        self.call(self.request(Method::GET, &["v1", "ring", "breakers"])).await
+    }
+
+    pub async fn reset_breakers(&self, target: Option<String>) -> Result<Vec<BreakerInfo>> {
+        let req = ResetBreakers { target };
+        self.call(
+            self.request(Method::POST, &["v1", "ring", "breakers", "reset"])
+                .json(&req),
+        )
+        .await
+    }
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -198,6 +216,30 @@ impl AgentApi for Client {
 
     async fn status(&self) -> Result<Status> {
         self.call(self.request(Method::GET, &["v1", "status"])).await
+    }
+
+    async fn submit_ops(&self, batch: SubmitBatch) -> Result<Submitted> {
+        self.call(self.request(Method::POST, &["v1", "ops"]).json(&batch)).await
+    }
+
+    async fn get_op(&self, id: OpId) -> Result<OpInfo> {
+        self.call(self.request(Method::GET, &["v1", "ops", &id.to_string()]))
+            .await
+    }
+
+    async fn wait_op(&self, id: OpId, timeout: Duration) -> Result<OpInfo> {
+        let query = [("timeout_ms", timeout.as_millis() as u64)];
+        self.call(self.with_query(Method::GET, &["v1", "ops", &id.to_string(), "wait"], &query))
+            .await
+    }
+
+    async fn cancel_op(&self, id: OpId) -> Result<OpInfo> {
+        self.call(self.request(Method::POST, &["v1", "ops", &id.to_string(), "cancel"]))
+            .await
+    }
+
+    async fn ring_stats(&self) -> Result<RingStats> {
+        self.call(self.request(Method::GET, &["v1", "ring", "stats"])).await
     }
 }
 

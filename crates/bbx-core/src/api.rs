@@ -5,9 +5,11 @@
 //! kernel and over stdio in `bbx mcp`) are written once against this trait.
 
 use crate::error::Result;
-use crate::ids::AgentId;
+use crate::ids::{AgentId, OpId};
 use crate::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
+use crate::op::{OpInfo, RingStats, SubmitBatch, Submitted};
 use std::future::Future;
+use std::time::Duration;
 
 pub trait AgentApi: Send + Sync + 'static {
     fn create_agent(&self, req: CreateAgent) -> impl Future<Output = Result<Agent>> + Send;
@@ -24,4 +26,11 @@ pub trait AgentApi: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     fn state_list(&self, agent: AgentId, req: ListState) -> impl Future<Output = Result<StatePage>> + Send;
     fn status(&self) -> impl Future<Output = Result<Status>> + Send;
+    /// Submits ops to the AgentRing; answers once they are durable.
+    fn submit_ops(&self, batch: SubmitBatch) -> impl Future<Output = Result<Submitted>> + Send;
+    fn get_op(&self, id: OpId) -> impl Future<Output = Result<OpInfo>> + Send;
+    /// Waits up to `timeout` for the op's completion.
+    fn wait_op(&self, id: OpId, timeout: Duration) -> impl Future<Output = Result<OpInfo>> + Send;
+    fn cancel_op(&self, id: OpId) -> impl Future<Output = Result<OpInfo>> + Send;
+    fn ring_stats(&self) -> impl Future<Output = Result<RingStats>> + Send;
 }

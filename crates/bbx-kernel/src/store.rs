@@ -195,6 +195,21 @@ impl StoreMetrics {
     }
 }
 
+/// Opens the database, holding its lock: a second kernel on the same data directory
+/// is refused with one clear error.
+pub(crate) fn open_database(dir: &Path) -> Result<Database> {
+    Database::builder(dir)
+        .manual_journal_persist(true)
+        .open()
+        .map_err(|e| match e {
+            fjall::Error::Locked => Error::unavailable(format!(
+                "{} is in use by another BBX kernel; stop it or choose another --data-dir",
+                dir.display()
+            )),
+            e => storage_error("open the database", e),
+        })
+}
+
 pub(crate) struct Store {
     pub db: Database,
     pub ks: Keyspaces,
@@ -208,16 +223,7 @@ pub(crate) struct Store {
 
 impl Store {
     pub fn open(dir: &Path, commit_max_batch: usize) -> Result<Self> {
-        let db = Database::builder(dir)
-            .manual_journal_persist(true)
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => Error::unavailable(format!(
-                    "{} is in use by another BBX kernel; stop it or choose another --data-dir",
-                    dir.display()
-                )),
-                e => storage_error("open the database", e),
-            })?;
+        let db = open_database(dir)?;
         let ks = Keyspaces::open(&db)?;
         let (writer, requests) = mpsc::channel(commit_max_batch.max(1024));
         let failed = Arc::new(AtomicBool::new(false));

@@ -19,11 +19,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let unauthenticated = self.0.code == ErrorCode::Unauthenticated;
+        // Retry-After is in whole seconds; round up so that a client honoring it
+        // never comes back early.
+        let retry_after = self.0.retry_after().map(|d| d.as_millis().div_ceil(1000).max(1));
         let mut response = (status, axum::Json(self.0.into_body())).into_response();
         if unauthenticated {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
         }
         response
     }

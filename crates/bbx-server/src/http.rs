@@ -9,7 +9,8 @@ use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
     SetState, StateEntry, StatePage, Status,
 };
-use bbx_core::{AgentId, ErrorBody, KeyId};
+use bbx_core::op::{BreakerInfo, OpInfo, ResetBreakers, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::{AgentId, Error, ErrorBody, KeyId, OpId};
 use bbx_kernel::{Caller, Kernel};
 use std::sync::Arc;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -25,7 +26,7 @@ type Reply<T> = Result<ApiJson<T>, ApiError>;
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     components(schemas(ErrorBody)),
-    tags((name = "agents"), (name = "state"), (name = "keys"), (name = "system"))
+    tags((name = "agents"), (name = "state"), (name = "ops"), (name = "ring"), (name = "keys"), (name = "system"))
 )]
 struct ApiDoc;
 
@@ -54,6 +55,15 @@ pub fn router() -> (axum::Router<Arc<Kernel>>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_agent, delete_agent))
         .routes(routes!(list_state))
         .routes(routes!(get_state, put_state, delete_state))
+        .routes(routes!(submit_ops))
+        .routes(routes!(op_events))
+        .routes(routes!(get_op))
+        .routes(routes!(wait_op))
+        .routes(routes!(cancel_op))
+        .routes(routes!(ring_stats))
+        .routes(routes!(wal_status))
+        .routes(routes!(list_breakers))
+        .routes(routes!(reset_breakers))
         .routes(routes!(status))
         .routes(routes!(create_key, list_keys))
         .routes(routes!(revoke_key))
@@ -198,4 +208,147 @@ async fn revoke_key(
 ) -> Reply<ApiKeyInfo> {
     let id: KeyId = id.parse()?;
     Ok(ApiJson(kernel.revoke_key(&caller, &id).await?))
+}
+
+fn op_id(raw: &str) -> Result<OpId, ApiError> {
+    Ok(raw.parse()?)
+}
+
+/// Submit a batch of ops. Answers once every op with effects is durable in the
+/// journal; 429 with `Retry-After` when the submission queue is full (unless
+/// `wait_ms` asks to wait for room).
+#[utoipa::path(post, path = "/v1/ops", tag = "ops", request_body = SubmitBatch,
+    responses((status = 200, body = Submitted), (status = 409, body = ErrorBody, description = "Idempotency key reused with different args"),
+        (status = 429, body = ErrorBody, description = "Submission queue full"), (status = "4XX", body = ErrorBody, description = "Invalid batch")))]
+async fn submit_ops(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiJson(batch): ApiJson<SubmitBatch>,
+) -> Reply<Submitted> {
+    Ok(ApiJson(kernel.submit(&caller, batch).await?))
+}
+
+/// An op: where it is, and its completion once done.
+#[utoipa::path(get, path = "/v1/ops/{id}", tag = "ops", params(("id" = String, Path, description = "Op id")),
+    responses((status = 200, body = OpInfo), (status = "4XX", body = ErrorBody, description = "Invalid id or unknown op")))]
+async fn get_op(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Reply<OpInfo> {
+    Ok(ApiJson(kernel.op(&caller, &op_id(&id)?)?))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct WaitQuery {
+    /// How long to wait for the completion (default 30000, at most 60000).
+    timeout_ms: Option<u64>,
+}
+
+/// Longest long poll; a client that wants longer polls again.
+const MAX_WAIT_MS: u64 = 60_000;
+
+/// Wait for an op's completion (long poll). Returns the op as it stands if it is
+/// not done within `timeout_ms`: check `state`.
+#[utoipa::path(get, path = "/v1/ops/{id}/wait", tag = "ops", params(("id" = String, Path, description = "Op id"), WaitQuery),
+    responses((status = 200, body = OpInfo), (status = "4XX", body = ErrorBody, description = "Invalid id or unknown op")))]
+async fn wait_op(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
+) -> Reply<OpInfo> {
+    let timeout_ms = query.timeout_ms.unwrap_or(30_000);
+    if timeout_ms > MAX_WAIT_MS {
+        return Err(Error::invalid_field("timeout_ms", format!("timeout_ms is at most {MAX_WAIT_MS}")).into());
+    }
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    Ok(ApiJson(kernel.wait_op(&caller, &op_id(&id)?, timeout).await?))
+}
+
+/// Cancel an op that has not completed.
+#[utoipa::path(post, path = "/v1/ops/{id}/cancel", tag = "ops", params(("id" = String, Path, description = "Op id")),
+    responses((status = 200, body = OpInfo), (status = 409, body = ErrorBody, description = "Already completed"),
+        (status = "4XX", body = ErrorBody, description = "Invalid id or unknown op")))]
+async fn cancel_op(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Reply<OpInfo> {
+    Ok(ApiJson(kernel.cancel_op(&caller, &op_id(&id)?).await?))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct EventsQuery {
+    /// Only this agent's completions.
+    agent: Option<String>,
+}
+
+/// Completions as they happen, as server-sent events (`event: completion`, the
+/// completion as JSON). A reader that falls behind gets `event: lagged` with how
+/// many it missed.
+#[utoipa::path(get, path = "/v1/ops/events", tag = "ops", params(EventsQuery),
+    responses((status = 200, content_type = "text/event-stream", description = "A stream of completions")))]
+async fn op_events(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let agent = query.agent.as_deref().map(agent_id).transpose()?;
+    if let Some(agent) = &agent {
+        kernel.get_agent(&caller, agent)?;
+    }
+    let receiver = kernel.completions();
+    let stream = futures::stream::unfold((receiver, caller, agent), |(mut receiver, caller, agent)| async move {
+        loop {
+            let event = match receiver.recv().await {
+                Ok(done) => {
+                    if caller.check_tenant(&done.tenant).is_err() || agent.is_some_and(|a| a != done.agent) {
+                        continue;
+                    }
+                    Event::default().event("completion").json_data(&*done)
+                }
+                Err(RecvError::Lagged(missed)) => Ok(Event::default().event("lagged").data(missed.to_string())),
+                Err(RecvError::Closed) => return None,
+            };
+            return Some((event, (receiver, caller, agent)));
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The ring's queues, throughput, latency by priority, retries and breakers.
+#[utoipa::path(get, path = "/v1/ring/stats", tag = "ring", responses((status = 200, body = RingStats)))]
+async fn ring_stats(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<RingStats> {
+    Ok(ApiJson(kernel.ring_stats(&caller)))
+}
+
+/// The journal: segments, size, synced and checkpoint positions, sync latency
+/// (administrators only).
+#[utoipa::path(get, path = "/v1/ring/wal", tag = "ring", responses((status = 200, body = WalStatus), (status = 403, body = ErrorBody)))]
+async fn wal_status(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<WalStatus> {
+    Ok(ApiJson(kernel.wal_status(&caller).await?))
+}
+
+/// The circuit breaker of every target used so far.
+#[utoipa::path(get, path = "/v1/ring/breakers", tag = "ring", responses((status = 200, body = Vec<BreakerInfo>)))]
+async fn list_breakers(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<Vec<BreakerInfo>> {
+    Ok(ApiJson(kernel.breakers(&caller)))
+}
+
+/// Close circuit breakers: one target's, or all (administrators only).
+#[utoipa::path(post, path = "/v1/ring/breakers/reset", tag = "ring", request_body = ResetBreakers,
+    responses((status = 200, body = Vec<BreakerInfo>), (status = "4XX", body = ErrorBody, description = "Unknown target or not an administrator")))]
+async fn reset_breakers(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<ResetBreakers>,
+) -> Reply<Vec<BreakerInfo>> {
+    Ok(ApiJson(kernel.reset_breakers(&caller, req.target.as_deref())?))
 }

@@ -12,7 +12,8 @@
 //! errors); an unknown tool is a JSON-RPC error.
 
 use bbx_core::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
-use bbx_core::{AgentApi, AgentId, Error};
+use bbx_core::op::{OpInfo, RingStats, SubmitBatch, Submitted};
+use bbx_core::{AgentApi, AgentId, Error, OpId};
 use bbx_kernel::{Caller, Kernel};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -107,6 +108,16 @@ pub struct StateListArgs {
     /// The next_cursor from the previous page, to continue listing.
     #[serde(default)]
     pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RingWaitArgs {
+    /// The op's id, as returned by ring_submit.
+    pub op_id: String,
+    /// How long to wait for the completion, in milliseconds (default 30000, at most 60000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -244,6 +255,55 @@ impl<S: ApiSource> McpServer<S> {
     }
 
     #[tool(
+        description = "Submit ops to the AgentRing, BBX's durable op queue, and get their op ids back once \
+        they are on disk. Each op names an `agent`, a `kind` (noop, sleep {ms}, state.get {key}, state.set \
+        {key, value}, state.incr {key, by}, state.delete {key}) and `args`; optional: priority (LOW, NORMAL, \
+        HIGH, REALTIME), timeout_ms, retries {count, backoff_ms}, depends_on (op ids, or #N for the Nth op \
+        of this batch), idempotency_key (submitting the same key again returns the same op, so a retry never \
+        runs it twice). Then call ring_wait with an op id for its result."
+    )]
+    async fn ring_submit(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(batch): Parameters<SubmitBatch>,
+    ) -> ToolResult<Submitted> {
+        let api = self.api(&ctx)?;
+        answer(api.submit_ops(batch).await)
+    }
+
+    #[tool(
+        description = "Wait for an op submitted with ring_submit to complete and return it. When `state` is \
+        `done`, `completion` holds `status` (ok, error, timeout, cancelled, in_doubt) and `result` or \
+        `error`; otherwise the op is still queued or running: call again."
+    )]
+    async fn ring_wait(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<RingWaitArgs>,
+    ) -> ToolResult<OpInfo> {
+        let api = self.api(&ctx)?;
+        let id: OpId = args.op_id.parse().map_err(tool_error)?;
+        let timeout_ms = args.timeout_ms.unwrap_or(30_000);
+        if timeout_ms > 60_000 {
+            return Err(tool_error(Error::invalid_field(
+                "timeout_ms",
+                "timeout_ms is at most 60000",
+            )));
+        }
+        answer(api.wait_op(id, std::time::Duration::from_millis(timeout_ms)).await)
+    }
+
+    #[tool(
+        description = "Report the AgentRing's statistics: queued ops by priority, running ops, completions \
+        by status, throughput, latency percentiles by priority, retries and circuit breaker states. Takes no \
+        arguments."
+    )]
+    async fn ring_stats(&self, ctx: RequestContext<RoleServer>) -> ToolResult<RingStats> {
+        let api = self.api(&ctx)?;
+        answer(api.ring_stats().await)
+    }
+
+    #[tool(
         description = "Report the BBX kernel's status: version, uptime, number of agents, and storage \
         figures. Takes no arguments."
     )]
@@ -260,7 +320,8 @@ impl<S: ApiSource> ServerHandler for McpServer<S> {
             .with_server_info(Implementation::new("bbx", env!("CARGO_PKG_VERSION")))
             .with_instructions(
                 "BBX is an operating system for AI agents. Create an agent with agent_create, then keep \
-                 durable state for it with state_set/state_get/state_list/state_delete, passing the agent's id.",
+                 durable state for it with state_set/state_get/state_list/state_delete, passing the agent's id. \
+                 Run actions as durable, exactly-once ops with ring_submit and collect results with ring_wait.",
             )
     }
 }

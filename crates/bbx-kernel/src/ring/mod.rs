@@ -1175,9 +1175,15 @@ impl Ring {
             queued,
             pending: st.scheduler.len() as u64,
             submission_capacity: st.scheduler.capacity() as u64,
-            running: (self.config.max_running - self.running.available_permits()) as u64,
+            // Counted from the ops, not the semaphores: the dispatcher holds one permit
+            // of each while it waits for work.
+            running: st
+                .live
+                .values()
+                .filter(|l| l.state == OpState::Running && !l.finishing)
+                .count() as u64,
             max_running: self.config.max_running as u64,
-            completing: (self.config.completion_capacity - self.completing.available_permits()) as u64,
+            completing: st.live.values().filter(|l| l.finishing).count() as u64,
             completion_capacity: self.config.completion_capacity as u64,
             submitted_total: st.counters.submitted,
             deduplicated_total: st.counters.deduplicated,
