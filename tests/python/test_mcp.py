@@ -12,7 +12,18 @@ from mcp.client.streamable_http import streamable_http_client
 
 from conftest import bbx_binary
 
-TOOLS = {"agent_create", "agent_list", "state_get", "state_set", "state_delete", "state_list", "bbx_status"}
+TOOLS = {
+    "agent_create",
+    "agent_list",
+    "state_get",
+    "state_set",
+    "state_delete",
+    "state_list",
+    "bbx_status",
+    "ring_submit",
+    "ring_wait",
+    "ring_stats",
+}
 
 
 @asynccontextmanager
@@ -85,6 +96,20 @@ async def exercise_every_tool(session):
     assert error_code(await session.call_tool("state_get", {"agent_id": agent_id, "key": "plan/step"})) == "not_found"
     with pytest.raises(Exception):
         await session.call_tool("no_such_tool", {})
+
+    op = {"agent": agent_id, "kind": "state.incr", "args": {"key": "count", "by": 2}, "idempotency_key": "mcp-1"}
+    submitted = ok(await session.call_tool("ring_submit", {"ops": [op]}))
+    op_id = submitted["ops"][0]["op_id"]
+    again = ok(await session.call_tool("ring_submit", {"ops": [op]}))
+    assert again["ops"][0] == {"op_id": op_id, "deduplicated": True}
+    waited = ok(await session.call_tool("ring_wait", {"op_id": op_id}))
+    assert waited["state"] == "done"
+    assert waited["completion"]["status"] == "ok"
+    assert waited["completion"]["result"]["value"] == 2
+    stats = ok(await session.call_tool("ring_stats", {}))
+    assert stats["deduplicated_total"] >= 1
+    assert error_code(await session.call_tool("ring_submit", {"ops": [{**op, "kind": "launch"}]})) == "invalid_argument"
+    assert error_code(await session.call_tool("ring_wait", {"op_id": "nope"})) == "invalid_id"
     return agent_id
 
 

@@ -51,7 +51,7 @@ pub struct Figures {
 }
 
 impl Figures {
-    fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Self {
+    pub(crate) fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Self {
         Self {
             ops: histogram.len(),
             ops_per_sec: histogram.len() as f64 / elapsed.as_secs_f64(),
@@ -175,15 +175,15 @@ struct Targets {
     cold_start_under_100ms: Option<bool>,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("static bounds are valid")
 }
 
 /// A kernel this benchmark started, stopped when dropped.
-struct Scratch {
+pub(crate) struct Scratch {
     child: Child,
-    url: String,
-    key: String,
+    pub url: String,
+    pub key: String,
 }
 
 impl Drop for Scratch {
@@ -208,13 +208,13 @@ fn readyz(port: u16) -> bool {
 
 /// Which cores the kernel and the load generator run on, when isolated.
 #[derive(Clone, Copy, Debug, Serialize)]
-struct Cores {
-    kernel: usize,
-    load: usize,
+pub(crate) struct Cores {
+    pub kernel: usize,
+    pub load: usize,
 }
 
 /// The first two CPUs this process may run on, if there are two.
-fn two_cores() -> Result<Option<Cores>> {
+pub(crate) fn two_cores() -> Result<Option<Cores>> {
     let allowed = rustix::thread::sched_getaffinity(None)?;
     let mut cpus = (0..rustix::thread::CpuSet::MAX_CPU).filter(|&cpu| allowed.is_set(cpu));
     Ok(cpus
@@ -232,7 +232,7 @@ fn pin_to(cpu: usize) -> Result<()> {
 }
 
 /// Starts `bbx serve` on a fresh data directory; returns it and the time to ready.
-fn start_kernel(dir: &Path, cores: Option<Cores>) -> Result<(Scratch, Duration)> {
+pub(crate) fn start_kernel(dir: &Path, cores: Option<Cores>) -> Result<(Scratch, Duration)> {
     let port = free_port()?;
     if let Some(cores) = cores {
         pin_to(cores.kernel)?;
@@ -361,7 +361,7 @@ impl StateRequests {
 
 /// Closed loop: `clients` workers each send `request(worker, iteration)` back to back
 /// for `duration`. Measures the most the target sustains.
-async fn closed_loop<F>(addr: SocketAddr, clients: usize, duration: Duration, request: F) -> Result<Figures>
+pub(crate) async fn closed_loop<F>(addr: SocketAddr, clients: usize, duration: Duration, request: F) -> Result<Figures>
 where
     F: Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync + 'static,
 {

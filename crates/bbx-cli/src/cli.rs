@@ -173,6 +173,28 @@ pub enum BenchCommand {
     /// State set/get over HTTP with concurrent clients, cold start, and an fdatasync
     /// reference on the same disk. Without --url it starts its own kernel.
     Api(BenchApiArgs),
+    /// The AgentRing: in-process, durable, HTTP batch and single, against an
+    /// fdatasync ceiling measured in the same run. Starts its own kernels.
+    Ring(BenchRingArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchRingArgs {
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Concurrent in-process submitters in the durable scenario.
+    #[arg(long, default_value_t = 1024)]
+    pub durable_submitters: usize,
+    /// Concurrent HTTP connections in the HTTP scenarios.
+    #[arg(long, default_value_t = 64)]
+    pub http_clients: usize,
+    /// Let the HTTP kernel and the load generator share all CPUs.
+    #[arg(long)]
+    pub no_isolate: bool,
+    /// Directory for the scratch kernels [default: a temp dir].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

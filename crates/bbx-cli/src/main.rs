@@ -2,6 +2,7 @@
 //! and a client of a running kernel for everything else.
 
 mod bench;
+mod bench_ring;
 mod cli;
 mod output;
 mod ring;
@@ -68,6 +69,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Mcp => mcp(&cli).await,
         Command::Bench(BenchCommand::Api(args)) => bench::api(&cli, args).await,
+        Command::Bench(BenchCommand::Ring(args)) => bench_ring::ring(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {

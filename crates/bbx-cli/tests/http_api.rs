@@ -537,3 +537,138 @@ async fn shutdown_is_graceful_and_state_survives_sigkill() {
     assert!(clean, "SIGTERM exits 0: {stderr}");
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
 }
+
+#[tokio::test]
+async fn ops_over_http_submit_wait_stream_cancel_and_refuse_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bbx.toml");
+    std::fs::write(&config, "[ring]\nmax_running = 1\nsubmission_capacity = 2\n").unwrap();
+    let kernel = Kernel::start_with(&["--config", config.to_str().unwrap()]);
+    let api = Api::new(&kernel);
+    let agent = api.agent("ops").await;
+
+    // A stream of completions, opened before the ops run.
+    let events = api
+        .http
+        .get(format!("{}/v1/ops/events?agent={agent}", api.base))
+        .header("authorization", format!("Bearer {}", api.key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+
+    let op = json!({"agent": agent, "kind": "state.incr", "args": {"key": "n", "by": 5}, "idempotency_key": "h1"});
+    let (status, submitted) = api.call(Method::POST, "/v1/ops", Some(json!({"ops": [op]}))).await;
+    assert_eq!(status, StatusCode::OK, "{submitted}");
+    let id = submitted["ops"][0]["op_id"].as_str().unwrap().to_owned();
+    let (status, waited) = api
+        .call(Method::GET, &format!("/v1/ops/{id}/wait?timeout_ms=10000"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(waited["state"], "done");
+    assert_eq!(waited["completion"]["result"]["value"], 5);
+    let mut body = events;
+    let mut seen = String::new();
+    while !seen.contains(&id) {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), body.chunk())
+            .await
+            .expect("a completion event arrives")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("event: completion"), "{seen}");
+
+    let changed = json!({"agent": agent, "kind": "state.incr", "args": {"key": "n", "by": 6}, "idempotency_key": "h1"});
+    let (status, body) = api.call(Method::POST, "/v1/ops", Some(json!({"ops": [changed]}))).await;
+    assert_eq!(error_code(status, &body, StatusCode::CONFLICT), "already_exists");
+
+    // One running, two queued: the queue is full.
+    let sleep = |ms: u64| json!({"agent": agent, "kind": "sleep", "args": {"ms": ms}});
+    let (_, running) = api
+        .call(Method::POST, "/v1/ops", Some(json!({"ops": [sleep(60_000)]})))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, _) = api
+        .call(Method::POST, "/v1/ops", Some(json!({"ops": [sleep(1), sleep(1)]})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let response = api
+        .http
+        .post(format!("{}/v1/ops", api.base))
+        .header("authorization", format!("Bearer {}", api.key))
+        .json(&json!({"ops": [sleep(1)]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "resource_exhausted");
+
+    let running = running["ops"][0]["op_id"].as_str().unwrap().to_owned();
+    let (status, cancelled) = api.call(Method::POST, &format!("/v1/ops/{running}/cancel"), None).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["completion"]["status"], "cancelled");
+    let (status, body) = api.call(Method::POST, &format!("/v1/ops/{running}/cancel"), None).await;
+    assert_eq!(error_code(status, &body, StatusCode::CONFLICT), "failed_precondition");
+
+    let (status, stats) = api.call(Method::GET, "/v1/ring/stats", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stats["refused_total"], 1);
+    let (status, wal) = api.call(Method::GET, "/v1/ring/wal", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(wal["records_total"].as_u64().unwrap() >= 1);
+    let (status, body) = api.call(Method::GET, "/v1/ops/not-an-id", None).await;
+    assert_eq!(error_code(status, &body, StatusCode::BAD_REQUEST), "invalid_id");
+}
+
+#[tokio::test]
+async fn cli_ring_contract() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let agent = api.agent("cli").await;
+    let submit = |key: &str| {
+        let out = kernel.cli(&[
+            "ring",
+            "submit",
+            &agent,
+            "state.incr",
+            r#"{"key":"n","by":1}"#,
+            "--idempotency-key",
+            key,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["op_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = submit("k");
+    assert_eq!(submit("k"), first, "the same key prints the same op id");
+    let out = kernel.cli(&["ring", "wait", &first, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let completion: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(completion["status"], "ok");
+    assert_eq!(completion["result"]["value"], 1);
+    for args in [
+        &["ring", "stats", "--json"][..],
+        &["v2", "enhanced-ring", "stats"],
+        &["v2", "enhanced-ring", "wal-status"],
+        &["v2", "enhanced-ring", "circuit-breaker", "--reset"],
+    ] {
+        let out = kernel.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = kernel.cli(&["ring", "submit", &agent, "launch"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("unknown op kind"), "{stderr}");
+}

@@ -314,6 +314,8 @@ pub struct WalStatus {
     pub synced_lsn: u64,
     pub checkpoint_lsn: u64,
     pub records_total: u64,
+    /// Bytes appended since start, framing included.
+    pub bytes_total: u64,
     pub syncs_total: u64,
     /// Time of one append + fdatasync group.
     pub sync_latency: Percentiles,

@@ -54,6 +54,7 @@ impl JournalWriter {
             last_checkpoint: Instant::now(),
             syncs: 0,
             records: 0,
+            bytes: 0,
             sync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
         };
         let thread = std::thread::Builder::new()
@@ -108,6 +109,7 @@ struct Writer {
     last_checkpoint: Instant,
     syncs: u64,
     records: u64,
+    bytes: u64,
     sync_latency: Histogram<u64>,
 }
 
@@ -189,6 +191,10 @@ impl Writer {
             match &outcome {
                 Ok(_) => {
                     self.records += records.len() as u64;
+                    self.bytes += records
+                        .iter()
+                        .map(|r| bbx_journal::record::framed_len(r.len()) as u64)
+                        .sum::<u64>();
                     self.held.extend(lsns.iter().copied());
                     let _ = reply.send(Ok(lsns));
                 }
@@ -220,6 +226,7 @@ impl Writer {
             synced_lsn: journal.synced_lsn,
             checkpoint_lsn: journal.checkpoint_lsn,
             records_total: self.records,
+            bytes_total: self.bytes,
             syncs_total: self.syncs,
             sync_latency: percentiles(latency),
         }

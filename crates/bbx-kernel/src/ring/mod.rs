@@ -49,11 +49,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The longest timeout an op may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Most ops the dispatcher takes from the scheduler under one lock.
+const DISPATCH_BATCH: usize = 64;
 /// What a refused submission is told to wait before trying again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Completions sent to event streams that a slow reader may fall behind by.
@@ -64,13 +66,13 @@ pub(crate) struct Ring {
     store: Arc<Store>,
     journal: JournalWriter,
     state: Mutex<RingState>,
-    /// Wakes the dispatcher: an op was queued.
-    work: tokio::sync::Notify,
+    /// Wakes the dispatcher: an op was queued, or a slot freed.
+    work: Arc<Notify>,
     /// Wakes submitters waiting for room in the queue.
     room: tokio::sync::Notify,
     room_waiters: AtomicUsize,
-    running: Arc<Semaphore>,
-    completing: Arc<Semaphore>,
+    running: Arc<Capacity>,
+    completing: Arc<Capacity>,
     breakers: Breakers,
     events: broadcast::Sender<Arc<Completion>>,
     closing: AtomicBool,
@@ -139,8 +141,46 @@ enum Attempt {
 /// The slots a running op holds: freed when its attempt ends (running) and when its
 /// completion is durable (completing).
 struct Slots {
-    running: Option<OwnedSemaphorePermit>,
-    completing: Option<OwnedSemaphorePermit>,
+    running: Option<Permit>,
+    completing: Option<Permit>,
+}
+
+/// A bounded number of slots. Only the dispatcher takes them, so checking and
+/// taking need no lock; whoever frees a slot of a full pool wakes the dispatcher.
+struct Capacity {
+    used: AtomicUsize,
+    limit: usize,
+    wake: Arc<Notify>,
+}
+
+impl Capacity {
+    fn new(limit: usize, wake: Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+            wake,
+        })
+    }
+
+    fn free(&self) -> usize {
+        self.limit.saturating_sub(self.used.load(Ordering::Acquire))
+    }
+
+    fn take(self: &Arc<Self>) -> Permit {
+        self.used.fetch_add(1, Ordering::AcqRel);
+        Permit(self.clone())
+    }
+}
+
+/// One slot of a [`Capacity`], given back when dropped.
+struct Permit(Arc<Capacity>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.0.used.fetch_sub(1, Ordering::AcqRel) == self.0.limit {
+            self.0.wake.notify_one();
+        }
+    }
 }
 
 /// An op of a batch after the checks.
@@ -220,9 +260,11 @@ impl Ring {
             half_open_trials: config.breaker_trials,
         });
         let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds");
+        let work = Arc::new(Notify::new());
         Self {
-            running: Arc::new(Semaphore::new(config.max_running)),
-            completing: Arc::new(Semaphore::new(config.completion_capacity)),
+            running: Capacity::new(config.max_running, work.clone()),
+            completing: Capacity::new(config.completion_capacity, work.clone()),
+            work,
             state: Mutex::new(RingState {
                 live: HashMap::new(),
                 keys: HashMap::new(),
@@ -243,7 +285,6 @@ impl Ring {
             config,
             store,
             journal,
-            work: tokio::sync::Notify::new(),
             room: tokio::sync::Notify::new(),
             room_waiters: AtomicUsize::new(0),
             breakers,
@@ -649,41 +690,33 @@ impl Ring {
     /// Takes ops in scheduler order while running and completion slots are free.
     async fn dispatch(self: Arc<Self>) {
         loop {
-            let Ok(completing) = self.completing.clone().acquire_owned().await else {
+            let woken = self.work.notified();
+            if self.closing.load(Ordering::Acquire) {
                 return;
-            };
-            let Ok(running) = self.running.clone().acquire_owned().await else {
-                return;
-            };
-            let next = loop {
-                let queued = self.work.notified();
-                if self.closing.load(Ordering::Acquire) {
-                    return;
-                }
-                if let Some(next) = self.next() {
-                    break next;
-                }
-                queued.await;
-            };
-            self.start(
-                next,
-                Slots {
-                    running: Some(running),
-                    completing: Some(completing),
-                },
-            );
+            }
+            let free = self.running.free().min(self.completing.free()).min(DISPATCH_BATCH);
+            let batch = if free > 0 { self.next_batch(free) } else { Vec::new() };
+            if batch.is_empty() {
+                woken.await;
+                continue;
+            }
+            for next in batch {
+                let slots = Slots {
+                    running: Some(self.running.take()),
+                    completing: Some(self.completing.take()),
+                };
+                self.start(next, slots);
+            }
         }
     }
 
-    /// The next op to start, marked running.
-    fn next(&self) -> Option<(OpId, Arc<OpRecord>, Exec, CancellationToken)> {
+    /// Up to `max` ops to start, in scheduler order, marked running.
+    fn next_batch(&self, max: usize) -> Vec<(OpId, Arc<OpRecord>, Exec, CancellationToken)> {
         let mut st = self.state.lock();
         let now = Instant::now();
-        let next = loop {
-            let next = st.scheduler.pop(now)?;
-            if self.room_waiters.load(Ordering::Acquire) > 0 {
-                self.room.notify_waiters();
-            }
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let Some(next) = st.scheduler.pop(now) else { break };
             let Some(live) = st.live.get_mut(&next.item) else {
                 continue;
             };
@@ -695,9 +728,15 @@ impl Ring {
             live.first_start.get_or_insert(now);
             let token = CancellationToken::new();
             live.cancel = Some(token.clone());
-            break (next.item, live.record.clone(), live.exec.clone(), token);
-        };
-        Some(next)
+            batch.push((next.item, live.record.clone(), live.exec.clone(), token));
+        }
+        // One waiting submitter per freed slot: waking them all would have every one
+        // of them retry for the same few slots.
+        let waiting = self.room_waiters.load(Ordering::Acquire);
+        for _ in 0..batch.len().min(waiting) {
+            self.room.notify_one();
+        }
+        batch
     }
 
     fn start(
@@ -984,7 +1023,7 @@ impl Ring {
             if live.holds_slot {
                 st.scheduler.release(&live.record.agent);
                 if self.room_waiters.load(Ordering::Acquire) > 0 {
-                    self.room.notify_waiters();
+                    self.room.notify_one();
                 }
             }
             if let Some(idempotency) = &live.record.idempotency {
@@ -1239,8 +1278,6 @@ impl Ring {
     pub async fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.stopping.cancel();
-        self.running.close();
-        self.completing.close();
         self.work.notify_one();
         self.journal.close().await;
     }
@@ -1257,7 +1294,7 @@ struct Finish {
     status: CompletionStatus,
     result: Option<Value>,
     error: Option<Error>,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<Permit>,
 }
 
 impl Finish {
@@ -1280,7 +1317,7 @@ impl Finish {
         )
     }
 
-    fn with_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
+    fn with_slot(mut self, slot: Option<Permit>) -> Self {
         self.slot = slot;
         self
     }

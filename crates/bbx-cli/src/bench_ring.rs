@@ -1,0 +1,322 @@
+//! `bbx bench ring`: the AgentRing's submission paths, each next to the physical
+//! limit measured in the same run.
+//!
+//! - `inproc`: `noop` ops in batches of 64 through an in-process kernel (nothing is
+//!   journaled); latency is from a batch's submission to each op's reaped completion.
+//! - `durable`: 1024 concurrent in-process submitters of one `state.set` op each,
+//!   acknowledged after the journal's group fdatasync; latency is submit to ack.
+//! - `fsync_ceiling`: a bare append + fdatasync loop on the same disk, writing the
+//!   same number of records of the same size per sync as `durable` averaged: how
+//!   fast any journal could acknowledge at that group size.
+//! - `http_batch` / `http_single`: durable `state.set` ops over loopback HTTP to a
+//!   kernel process, 100 per request or one per request.
+//! - `shm`: the shared-memory ring is not built yet; reported as `null`.
+
+use crate::bench::{Figures, closed_loop, histogram, start_kernel, two_cores};
+use crate::cli::{BenchRingArgs, Cli};
+use anyhow::{Context, Result, bail};
+use bbx_client::Client;
+use bbx_core::AgentApi;
+use bbx_core::config::{ConfigLayer, KernelConfig};
+use bbx_core::model::CreateAgent;
+use bbx_core::op::{SubmitBatch, SubmitOp};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use hyper::http::{HeaderValue, Method, header};
+use serde::Serialize;
+use serde_json::json;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Serialize)]
+struct Report {
+    inproc: Figures,
+    durable: Figures,
+    fsync_ceiling: Figures,
+    http_batch: Figures,
+    http_single: Figures,
+    /// Not built yet.
+    shm: Option<Figures>,
+    /// Journal records per fdatasync during `durable`, and their average size.
+    durable_records_per_sync: f64,
+    record_bytes: u64,
+    targets: Targets,
+}
+
+#[derive(Serialize)]
+struct Targets {
+    inproc_at_least_1m_ops: bool,
+    durable_at_least_50k_ops: bool,
+    durable_at_least_90pct_of_fsync_ceiling: bool,
+    http_batch_at_least_50k_ops: bool,
+    http_single_p99_within_2ms_of_fsync_ceiling_p99: bool,
+}
+
+/// The in-process phases and what `durable` did to the journal.
+struct InProcess {
+    inproc: Figures,
+    durable: Figures,
+    records_per_sync: f64,
+    record_bytes: u64,
+}
+
+pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        bail!("--seconds must be a positive number");
+    }
+    let scratch = match &args.scratch_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempdir_in(dir)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    let measure = Duration::from_secs_f64(args.seconds);
+
+    // The in-process kernel gets a multi-threaded runtime of its own, on its own
+    // thread: this command's runtime is a single-threaded load generator.
+    let dir = scratch.path().join("inproc");
+    let submitters = args.durable_submitters;
+    let in_process = std::thread::spawn(move || -> Result<InProcess> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(in_process(&dir, measure, submitters))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the in-process phases panicked"))??;
+
+    let fsync_ceiling = fsync_ceiling(
+        scratch.path(),
+        in_process.records_per_sync.round().max(1.0) as usize,
+        in_process.record_bytes as usize,
+        measure,
+    )?;
+
+    let cores = if args.no_isolate { None } else { two_cores()? };
+    let (kernel, _) = start_kernel(&scratch.path().join("http"), cores)?;
+    let client = Client::new(&kernel.url, &kernel.key)?;
+    let agent = client
+        .create_agent(CreateAgent {
+            name: "bench".into(),
+            ..Default::default()
+        })
+        .await?
+        .id;
+    let addr: SocketAddr = kernel.url.trim_start_matches("http://").parse()?;
+    let requests = OpRequests {
+        host: HeaderValue::from_str(&addr.to_string())?,
+        bearer: HeaderValue::from_str(&format!("Bearer {}", kernel.key))?,
+        agent,
+    };
+    let warmup = Duration::from_millis(500);
+    let batch = |requests: &OpRequests, size: usize| {
+        let requests = requests.clone();
+        move |client: usize, i: u64| requests.set_ops(client, i, size)
+    };
+    closed_loop(addr, args.http_clients, warmup, batch(&requests, 100)).await?;
+    let mut http_batch = closed_loop(addr, args.http_clients, measure, batch(&requests, 100)).await?;
+    http_batch.ops *= 100;
+    http_batch.ops_per_sec *= 100.0;
+    closed_loop(addr, args.http_clients, warmup, batch(&requests, 1)).await?;
+    let http_single = closed_loop(addr, args.http_clients, measure, batch(&requests, 1)).await?;
+    drop(kernel);
+
+    let report = Report {
+        targets: Targets {
+            inproc_at_least_1m_ops: in_process.inproc.ops_per_sec >= 1_000_000.0,
+            durable_at_least_50k_ops: in_process.durable.ops_per_sec >= 50_000.0,
+            durable_at_least_90pct_of_fsync_ceiling: in_process.durable.ops_per_sec >= 0.9 * fsync_ceiling.ops_per_sec,
+            http_batch_at_least_50k_ops: http_batch.ops_per_sec >= 50_000.0,
+            http_single_p99_within_2ms_of_fsync_ceiling_p99: http_single.p99_us <= fsync_ceiling.p99_us + 2_000,
+        },
+        inproc: in_process.inproc,
+        durable: in_process.durable,
+        fsync_ceiling,
+        http_batch,
+        http_single,
+        shm: None,
+        durable_records_per_sync: in_process.records_per_sync,
+        record_bytes: in_process.record_bytes,
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<InProcess> {
+    let over = ConfigLayer {
+        data_dir: Some(dir.to_path_buf()),
+        log: Some("warn".into()),
+        ..Default::default()
+    };
+    let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
+        .await?
+        .kernel;
+    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?;
+    let caller = kernel.authenticate(token.trim())?;
+    let agent = kernel
+        .create_agent(
+            &caller,
+            CreateAgent {
+                name: "bench".into(),
+                ..Default::default()
+            },
+        )
+        .await?
+        .id;
+    let session = Arc::new(kernel.session(caller.clone()));
+
+    // inproc: two submitters, each a batch of 64 noops at a time, reaping all 64.
+    let noops = move |session: Arc<bbx_kernel::Session>, end: Instant| async move {
+        let mut latencies = histogram();
+        while Instant::now() < end {
+            let started = Instant::now();
+            let batch = SubmitBatch {
+                ops: (0..64).map(|_| SubmitOp::new(agent, "noop", json!(null))).collect(),
+                wait_ms: Some(10_000),
+            };
+            for op in session.submit_ops(batch).await?.ops {
+                session.wait_op(op.op_id, Duration::from_secs(10)).await?;
+                latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+            }
+        }
+        anyhow::Ok(latencies)
+    };
+    let inproc = run_tasks(2, measure, |_| noops(session.clone(), Instant::now() + measure)).await?;
+
+    // durable: many submitters, one state.set each, acknowledged once journaled.
+    let before = kernel.wal_status(&caller).await?;
+    let sets = move |session: Arc<bbx_kernel::Session>, n: usize, end: Instant| async move {
+        let mut latencies = histogram();
+        let mut i = 0u64;
+        while Instant::now() < end {
+            let started = Instant::now();
+            let op = SubmitOp::new(agent, "state.set", json!({"key": format!("d{n}"), "value": i}));
+            let batch = SubmitBatch {
+                ops: vec![op],
+                wait_ms: Some(60_000),
+            };
+            session.submit_ops(batch).await?;
+            latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+            i += 1;
+        }
+        anyhow::Ok(latencies)
+    };
+    let durable = run_tasks(submitters, measure, |n| {
+        sets(session.clone(), n, Instant::now() + measure)
+    })
+    .await?;
+    let after = kernel.wal_status(&caller).await?;
+    kernel.shutdown().await;
+    let records = after.records_total - before.records_total;
+    let syncs = (after.syncs_total - before.syncs_total).max(1);
+    if records == 0 {
+        bail!("the durable phase journaled nothing");
+    }
+    Ok(InProcess {
+        inproc,
+        durable,
+        records_per_sync: records as f64 / syncs as f64,
+        record_bytes: (after.bytes_total - before.bytes_total) / records,
+    })
+}
+
+/// Runs `tasks` copies of a measuring task and merges their latencies; throughput is
+/// over the measured window.
+async fn run_tasks<F, Fut>(tasks: usize, measure: Duration, task: F) -> Result<Figures>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<hdrhistogram::Histogram<u64>>> + Send + 'static,
+{
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks).map(|n| tokio::spawn(task(n))).collect();
+    let mut all = histogram();
+    for handle in handles {
+        all.add(handle.await??)?;
+    }
+    Ok(Figures::from(&all, started.elapsed().max(measure)))
+}
+
+/// `records` records of `record_bytes` each, appended in one write and made durable
+/// with one fdatasync, in a loop: the journal's physical limit at that group size.
+fn fsync_ceiling(dir: &Path, records: usize, record_bytes: usize, measure: Duration) -> Result<Figures> {
+    let path = dir.join("fsync-ceiling.bin");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let group = vec![0x5au8; records * record_bytes];
+    let mut latencies = histogram();
+    let started = Instant::now();
+    while started.elapsed() < measure {
+        let t = Instant::now();
+        file.write_all(&group)?;
+        file.sync_data()?;
+        let took = t.elapsed().as_micros().max(1) as u64;
+        // Each record of the group waited for the whole sync.
+        latencies.record_n(took, records as u64)?;
+    }
+    let elapsed = started.elapsed();
+    std::fs::remove_file(&path)?;
+    Ok(Figures::from(&latencies, elapsed))
+}
+
+#[derive(Clone)]
+struct OpRequests {
+    host: HeaderValue,
+    bearer: HeaderValue,
+    agent: bbx_core::AgentId,
+}
+
+impl OpRequests {
+    /// `size` durable `state.set` ops in one request.
+    fn set_ops(&self, client: usize, i: u64, size: usize) -> Request<Full<Bytes>> {
+        let ops: Vec<serde_json::Value> = (0..size)
+            .map(|n| json!({"agent": self.agent, "kind": "state.set", "args": {"key": format!("h{client}-{n}"), "value": i}}))
+            .collect();
+        let body = serde_json::to_vec(&json!({"ops": ops, "wait_ms": 60_000})).expect("JSON serializes");
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/ops")
+            .header(header::HOST, self.host.clone())
+            .header(header::AUTHORIZATION, self.bearer.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static request parts are valid")
+    }
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "{:<14} {:>12} {:>10} {:>10} {:>10}",
+        "scenario", "ops/s", "p50 us", "p99 us", "p99.9 us"
+    );
+    for (name, f) in [
+        ("inproc", &r.inproc),
+        ("durable", &r.durable),
+        ("fsync_ceiling", &r.fsync_ceiling),
+        ("http_batch", &r.http_batch),
+        ("http_single", &r.http_single),
+    ] {
+        println!(
+            "{name:<14} {:>12.0} {:>10} {:>10} {:>10}",
+            f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us
+        );
+    }
+    println!("shm            (not built yet)");
+    println!(
+        "durable: {:.1} journal records of {} bytes per fdatasync; fsync_ceiling uses the same",
+        r.durable_records_per_sync, r.record_bytes
+    );
+    println!("targets: {}", serde_json::to_string(&r.targets).expect("serializes"));
+}
