@@ -306,7 +306,15 @@ fn a_corrupt_journal_stops_the_kernel_until_an_operator_repairs_it() {
 fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
     let scratch = tempfile::tempdir().unwrap();
     let out = Command::new(BBX)
-        .args(["bench", "ring", "--json", "--seconds", "0.3", "--durable-submitters", "16"])
+        .args([
+            "bench",
+            "ring",
+            "--json",
+            "--seconds",
+            "0.3",
+            "--durable-submitters",
+            "16",
+        ])
         .args(["--http-clients", "4", "--no-isolate", "--scratch-dir"])
         .arg(scratch.path())
         .env_remove("BBX_URL")

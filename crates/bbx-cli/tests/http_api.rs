@@ -622,6 +622,24 @@ async fn ops_over_http_submit_wait_stream_cancel_and_refuse_with_retry_after() {
     assert!(wal["records_total"].as_u64().unwrap() >= 1);
     let (status, body) = api.call(Method::GET, "/v1/ops/not-an-id", None).await;
     assert_eq!(error_code(status, &body, StatusCode::BAD_REQUEST), "invalid_id");
+
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "bbx_ring_submitted_total 4",
+        "bbx_ring_refused_total 1",
+        "bbx_ring_completed_total{status=\"cancelled\"} 1",
+        "bbx_journal_records_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing from /metrics");
+    }
 }
 
 #[tokio::test]

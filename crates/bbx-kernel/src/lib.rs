@@ -17,7 +17,7 @@ mod ring;
 mod store;
 
 pub use auth::Caller;
-pub use ring::KINDS;
+pub use ring::{KINDS, RingMetrics};
 pub use store::StoreMetrics;
 
 use auth::{KeyRing, StoredKey};
@@ -137,6 +137,10 @@ impl Kernel {
 
     pub fn metrics(&self) -> &StoreMetrics {
         &self.store.metrics
+    }
+
+    pub fn ring_metrics(&self) -> &RingMetrics {
+        self.ring.metrics()
     }
 
     /// Ready to serve: open, not closing, storage healthy.

@@ -592,7 +592,11 @@ impl<'a> GroupTx<'a> {
     /// Applies a kernel-service op's effect and returns its result. Like `apply`,
     /// every fallible step comes before the one `put`.
     fn apply_effect(&mut self, agent: &AgentId, effect: &Effect, at: DateTime<Utc>) -> Result<Value> {
-        self.load_agent(agent)?;
+        // Existence is all an effect needs of its agent; decoding the record per op
+        // would cost the committer more than the effect itself.
+        if self.read(AGENTS, agent.as_bytes())?.is_none() {
+            return Err(Error::not_found("agent", agent));
+        }
         match effect {
             Effect::Set { key, value } => {
                 let storage_key = state_key(agent, key);

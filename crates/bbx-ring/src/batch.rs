@@ -32,13 +32,14 @@ impl Dependency {
     }
 }
 
-/// Parses every op's `depends_on` and checks the references inside the batch: in
-/// range, not to itself, and free of cycles. Errors name the op by its index.
-pub fn dependencies(ops: &[SubmitOp]) -> Result<Vec<Vec<Dependency>>> {
+/// Parses every op's `depends_on` (one list per op of the batch) and checks the
+/// references inside the batch: in range, not to itself, and free of cycles.
+/// Errors name the op by its index.
+pub fn dependencies(ops: &[&[String]]) -> Result<Vec<Vec<Dependency>>> {
     let mut all = Vec::with_capacity(ops.len());
-    for (index, op) in ops.iter().enumerate() {
-        let mut deps = Vec::with_capacity(op.depends_on.len());
-        for text in &op.depends_on {
+    for (index, depends_on) in ops.iter().enumerate() {
+        let mut deps = Vec::with_capacity(depends_on.len());
+        for text in depends_on.iter() {
             let dep = Dependency::parse(text).map_err(|e| at_op(index, e))?;
             if let Dependency::InBatch(target) = dep {
                 if target >= ops.len() {
@@ -186,6 +187,11 @@ mod tests {
     use bbx_core::AgentId;
     use proptest::prelude::*;
     use serde_json::json;
+
+    fn dependencies(ops: &[SubmitOp]) -> Result<Vec<Vec<Dependency>>> {
+        let lists: Vec<&[String]> = ops.iter().map(|op| op.depends_on.as_slice()).collect();
+        super::dependencies(&lists)
+    }
 
     fn op(deps: &[&str]) -> SubmitOp {
         let mut op = SubmitOp::new(AgentId::generate(), "noop", json!({}));

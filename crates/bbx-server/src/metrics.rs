@@ -54,6 +54,7 @@ impl HttpMetrics {
             latency.clone(),
         );
         kernel.metrics().register(&mut registry);
+        kernel.ring_metrics().register(&mut registry);
         Self {
             requests,
             latency,

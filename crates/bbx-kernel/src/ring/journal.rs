@@ -8,6 +8,7 @@
 //! where lsns are assigned, means a checkpoint can never pass a record that was
 //! synced but not yet registered.
 
+use super::RingMetrics;
 use bbx_core::op::{Percentiles, WalStatus};
 use bbx_core::{Error, Result};
 use bbx_journal::{Journal, Lsn};
@@ -46,7 +47,7 @@ pub(crate) struct JournalWriter {
 impl JournalWriter {
     /// Starts the writer on an opened journal; `held` are the recovered records that
     /// are still needed.
-    pub fn start(journal: Journal, held: BTreeSet<Lsn>) -> Result<Self> {
+    pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: RingMetrics) -> Result<Self> {
         let (sender, receiver) = crossbeam_channel::unbounded();
         let writer = Writer {
             journal,
@@ -55,6 +56,7 @@ impl JournalWriter {
             syncs: 0,
             records: 0,
             bytes: 0,
+            metrics,
             sync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
         };
         let thread = std::thread::Builder::new()
@@ -110,6 +112,7 @@ struct Writer {
     syncs: u64,
     records: u64,
     bytes: u64,
+    metrics: RingMetrics,
     sync_latency: Histogram<u64>,
 }
 
@@ -185,12 +188,17 @@ impl Writer {
         });
         if outcome.is_ok() {
             self.syncs += 1;
+            self.metrics.journal_syncs.inc();
+            self.metrics
+                .journal_sync_seconds
+                .observe(started.elapsed().as_secs_f64());
             let _ = self.sync_latency.record(started.elapsed().as_micros() as u64);
         }
         for ((records, reply), lsns) in group.drain(..).zip(assigned) {
             match &outcome {
                 Ok(_) => {
                     self.records += records.len() as u64;
+                    self.metrics.journal_records.inc_by(records.len() as u64);
                     self.bytes += records
                         .iter()
                         .map(|r| bbx_journal::record::framed_len(r.len()) as u64)

@@ -22,8 +22,10 @@
 
 mod exec;
 mod journal;
+mod metrics;
 
 pub use exec::KINDS;
+pub use metrics::RingMetrics;
 
 use crate::auth::Caller;
 use crate::store::{Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error};
@@ -44,7 +46,7 @@ use hdrhistogram::Histogram;
 use journal::JournalWriter;
 use parking_lot::Mutex;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -80,6 +82,7 @@ pub(crate) struct Ring {
     /// release the kernel's store.
     stopping: CancellationToken,
     started: Instant,
+    metrics: RingMetrics,
 }
 
 struct RingState {
@@ -120,11 +123,6 @@ struct Live {
 }
 
 struct Counters {
-    submitted: u64,
-    deduplicated: u64,
-    refused: u64,
-    retries: u64,
-    completed: BTreeMap<CompletionStatus, u64>,
     latency: [Histogram<u64>; 4],
     /// (second since start, completions in it), the last 10 seconds.
     window: VecDeque<(u64, u64)>,
@@ -197,6 +195,10 @@ struct Checked {
 /// of the new ops with effects.
 type Admitted = (Vec<Slot>, Vec<(OpId, Entry)>);
 
+/// An op the dispatcher starts: its record, executor and, if its executor can be
+/// cancelled while running, the token that does it.
+type Start = (OpId, Arc<OpRecord>, Exec, Option<CancellationToken>);
+
 /// What a batch entry turned into.
 #[derive(Clone, Copy)]
 enum Slot {
@@ -238,7 +240,9 @@ impl Ring {
                 pending.push((record.lsn, op));
             }
         }
-        let ring = Arc::new(Self::new(config, store, JournalWriter::start(journal, held)?));
+        let metrics = RingMetrics::new();
+        let writer = JournalWriter::start(journal, held, metrics.clone())?;
+        let ring = Arc::new(Self::new(config, store, writer, metrics));
         if !pending.is_empty() {
             tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
         }
@@ -247,7 +251,7 @@ impl Ring {
         Ok(ring)
     }
 
-    fn new(config: RingConfig, store: Arc<Store>, journal: JournalWriter) -> Self {
+    fn new(config: RingConfig, store: Arc<Store>, journal: JournalWriter, metrics: RingMetrics) -> Self {
         let scheduler = Scheduler::new(SchedulerConfig {
             capacity: config.submission_capacity,
             agent_capacity: config.agent_capacity,
@@ -273,11 +277,6 @@ impl Ring {
                 recent: HashMap::new(),
                 recent_order: VecDeque::new(),
                 counters: Counters {
-                    submitted: 0,
-                    deduplicated: 0,
-                    refused: 0,
-                    retries: 0,
-                    completed: BTreeMap::new(),
                     latency: [histogram(), histogram(), histogram(), histogram()],
                     window: VecDeque::new(),
                 },
@@ -292,6 +291,7 @@ impl Ring {
             closing: AtomicBool::new(false),
             stopping: CancellationToken::new(),
             started: Instant::now(),
+            metrics,
         }
     }
 
@@ -376,8 +376,8 @@ impl Ring {
                 ),
             ));
         }
-        let plain: Vec<SubmitOp> = ops.iter().map(|(op, _)| op.clone()).collect();
-        let deps = batch::dependencies(&plain)?;
+        let lists: Vec<&[String]> = ops.iter().map(|(op, _)| op.depends_on.as_slice()).collect();
+        let deps = batch::dependencies(&lists)?;
         let checked = ops
             .into_iter()
             .enumerate()
@@ -391,7 +391,7 @@ impl Ring {
                 Ok(admitted) => break admitted,
                 Err(e) if e.code == ErrorCode::ResourceExhausted => {
                     let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now())) else {
-                        self.state.lock().counters.refused += 1;
+                        self.metrics.refused.inc();
                         return Err(e);
                     };
                     self.room_waiters.fetch_add(1, Ordering::AcqRel);
@@ -430,6 +430,7 @@ impl Ring {
                     }
                 }
             }
+            self.gauge_queues(&st);
         }
         self.work.notify_one();
         self.finish_all(finish);
@@ -448,7 +449,7 @@ impl Ring {
     /// The checks of one op that need no shared state.
     fn check(&self, op: SubmitOp, tenant: String) -> Result<Checked> {
         let exec = Exec::parse(&op.kind, &op.args)?;
-        let size = serde_json::to_vec(&op.args).map_or(0, |v| v.len());
+        let size = json_size(&op.args);
         if size > self.config.max_args_bytes {
             return Err(Error::new(
                 ErrorCode::PayloadTooLarge,
@@ -563,7 +564,7 @@ impl Ring {
         let mut records = Vec::new();
         for ((slot, op), dep_ids) in slots.iter().zip(ops).zip(resolved) {
             let Slot::New(id) = *slot else {
-                st.counters.deduplicated += 1;
+                self.metrics.deduplicated.inc();
                 continue;
             };
             let record = Arc::new(OpRecord {
@@ -603,7 +604,7 @@ impl Ring {
             if op.exec.effects() != Effects::None {
                 records.push((id, Entry::Accepted((*record).clone())));
             }
-            st.counters.submitted += 1;
+            self.metrics.submitted.inc();
             st.live.insert(
                 id,
                 Live {
@@ -711,7 +712,7 @@ impl Ring {
     }
 
     /// Up to `max` ops to start, in scheduler order, marked running.
-    fn next_batch(&self, max: usize) -> Vec<(OpId, Arc<OpRecord>, Exec, CancellationToken)> {
+    fn next_batch(&self, max: usize) -> Vec<Start> {
         let mut st = self.state.lock();
         let now = Instant::now();
         let mut batch = Vec::new();
@@ -726,10 +727,12 @@ impl Ring {
             live.state = OpState::Running;
             live.attempts += 1;
             live.first_start.get_or_insert(now);
-            let token = CancellationToken::new();
-            live.cancel = Some(token.clone());
+            // Only executors that await can be cancelled while running.
+            let token = matches!(live.exec, Exec::Sleep(_)).then(CancellationToken::new);
+            live.cancel = token.clone();
             batch.push((next.item, live.record.clone(), live.exec.clone(), token));
         }
+        self.gauge_queues(&st);
         // One waiting submitter per freed slot: waking them all would have every one
         // of them retry for the same few slots.
         let waiting = self.room_waiters.load(Ordering::Acquire);
@@ -739,11 +742,7 @@ impl Ring {
         batch
     }
 
-    fn start(
-        self: &Arc<Self>,
-        (id, record, exec, token): (OpId, Arc<OpRecord>, Exec, CancellationToken),
-        slots: Slots,
-    ) {
+    fn start(self: &Arc<Self>, (id, record, exec, token): Start, slots: Slots) {
         let breaker = self.breakers.get(&record.kind);
         let started = Instant::now();
         let admission = match breaker.admit(started) {
@@ -782,6 +781,7 @@ impl Ring {
                 let ring = self.clone();
                 let timeout = Duration::from_millis(record.timeout_ms);
                 let stopping = self.stopping.clone();
+                let token = token.unwrap_or_default();
                 tokio::spawn(async move {
                     let attempt = tokio::select! {
                         () = stopping.cancelled() => return,
@@ -797,7 +797,7 @@ impl Ring {
             Exec::State(effect) => {
                 let ring = self.clone();
                 tokio::spawn(async move {
-                    let Some((completion, digest)) = ring.completion_of(id, CompletionStatus::Ok, None, None) else {
+                    let Some((completion, digest, _)) = ring.completion_of(id, CompletionStatus::Ok, None, None) else {
                         return;
                     };
                     let written = ring
@@ -870,7 +870,7 @@ impl Ring {
             let policy = live.record.retries.expect("retries were allowed");
             let delay = policy.backoff(live.attempts).max(retry_after.unwrap_or_default());
             live.state = OpState::Backoff;
-            st.counters.retries += 1;
+            self.metrics.retries.inc();
             drop(st);
             drop(slots);
             let ring = self.clone();
@@ -922,15 +922,15 @@ impl Ring {
         self.finish_all(finish);
     }
 
-    /// The completion of a live op as it ends now, with the digest of its key; marks
-    /// the op finishing. `None` if it is gone or already finishing.
+    /// The completion of a live op as it ends now, with the digest of its key and
+    /// whether it must be recorded in the store; marks the op finishing. `None` if it is gone or already finishing.
     fn completion_of(
         &self,
         id: OpId,
         status: CompletionStatus,
         result: Option<Value>,
         error: Option<Error>,
-    ) -> Option<(Completion, Option<String>)> {
+    ) -> Option<(Completion, Option<String>, bool)> {
         let mut st = self.state.lock();
         let live = st.live.get_mut(&id)?;
         if live.finishing {
@@ -962,7 +962,8 @@ impl Ring {
             trace: record.trace.clone(),
         };
         let digest = record.idempotency.as_ref().map(|i| i.digest.clone());
-        Some((completion, digest))
+        let durable = live.lsn.is_some() || record.idempotency.is_some();
+        Some((completion, digest, durable))
     }
 
     /// Completes ops: those that must outlive a restart (journaled, or with a key)
@@ -970,15 +971,10 @@ impl Ring {
     /// list, not recursion, since ending an op may end its dependents.
     fn finish_all(self: &Arc<Self>, mut queue: Vec<Finish>) {
         while let Some(finish) = queue.pop() {
-            let Some((completion, digest)) = self.completion_of(finish.id, finish.status, finish.result, finish.error)
+            let Some((completion, digest, durable)) =
+                self.completion_of(finish.id, finish.status, finish.result, finish.error)
             else {
                 continue;
-            };
-            let durable = {
-                let st = self.state.lock();
-                st.live
-                    .get(&finish.id)
-                    .is_some_and(|l| l.lsn.is_some() || l.record.idempotency.is_some())
             };
             if durable {
                 let ring = self.clone();
@@ -1034,7 +1030,8 @@ impl Ring {
             }
             let second = self.started.elapsed().as_secs();
             let counters = &mut st.counters;
-            *counters.completed.entry(completion.status).or_default() += 1;
+            self.metrics
+                .completed(completion.status, live.record.priority, completion.total_us);
             let _ = counters.latency[live.record.priority.rank()].record(completion.total_us.max(1));
             match counters.window.back_mut() {
                 Some((s, n)) if *s == second => *n += 1,
@@ -1191,6 +1188,16 @@ impl Ring {
         self.wait(caller, id, Duration::from_secs(5)).await
     }
 
+    pub fn metrics(&self) -> &RingMetrics {
+        &self.metrics
+    }
+
+    /// Publishes the queue depths to the metrics.
+    fn gauge_queues(&self, st: &RingState) {
+        let depths = Priority::ALL.iter().map(|p| (*p, st.scheduler.depth(*p)));
+        self.metrics.queued(depths, st.scheduler.len());
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Completion>> {
         self.events.subscribe()
     }
@@ -1224,11 +1231,11 @@ impl Ring {
             max_running: self.config.max_running as u64,
             completing: st.live.values().filter(|l| l.finishing).count() as u64,
             completion_capacity: self.config.completion_capacity as u64,
-            submitted_total: st.counters.submitted,
-            deduplicated_total: st.counters.deduplicated,
-            refused_total: st.counters.refused,
-            retries_total: st.counters.retries,
-            completed: st.counters.completed.clone(),
+            submitted_total: self.metrics.submitted.get(),
+            deduplicated_total: self.metrics.deduplicated.get(),
+            refused_total: self.metrics.refused.get(),
+            retries_total: self.metrics.retries.get(),
+            completed: self.metrics.completed_counts(),
             completed_per_sec: recent as f64 / span,
             latency: Priority::ALL
                 .iter()
@@ -1321,6 +1328,23 @@ impl Finish {
         self.slot = slot;
         self
     }
+}
+
+/// The length of a value's JSON text, without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 fn dependency_failure(dep: &OpId, status: &str) -> String {
