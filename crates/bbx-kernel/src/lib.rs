@@ -8,6 +8,12 @@
 //! keys that admit callers ([`auth`]): on first start it mints an administrator key,
 //! keeps only its digest, and writes the key to `DATA_DIR/admin.key` (mode 0600).
 //!
+//! The kernel also runs the AgentRing (`ring`): ops submitted in batches, journaled
+//! with group commit before they are acknowledged, scheduled by priority with aging
+//! and per-agent fairness, executed through per-target circuit breakers, and
+//! completed with their effect in one atomic store write, so that recovery runs an op
+//! exactly when it had not happened.
+//!
 //! Every operation takes the [`Caller`] that the front end authenticated, so
 //! tenant confinement is enforced here, once, not in each front end. [`Session`]
 //! binds a caller to the kernel and implements [`bbx_core::AgentApi`].
