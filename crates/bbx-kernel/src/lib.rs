@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use std::time::Instant;
 use store::{Applied, Store, Write, decode_agent, decode_state, storage_error};
+use tokio_util::task::TaskTracker;
 
 /// Name of the file, inside the data directory, that holds the first admin key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
@@ -57,6 +58,8 @@ pub struct Kernel {
     config: KernelConfig,
     store: Arc<Store>,
     ring: Arc<Ring>,
+    /// Background tasks (purges, expiry, the ring's), awaited at shutdown.
+    tasks: TaskTracker,
     keys: KeyRing,
     started: Instant,
     closing: AtomicBool,
@@ -81,8 +84,11 @@ impl Kernel {
                 .map_err(|e| Error::internal(format!("stored API key is unreadable: {e}")))?;
             keys.insert(stored);
         }
-        let ring = Ring::open(config.ring.clone(), store.clone(), &config.data_dir.join(JOURNAL_DIR)).await?;
+        let tasks = TaskTracker::new();
+        let journal = config.data_dir.join(JOURNAL_DIR);
+        let ring = Ring::open(config.ring.clone(), store.clone(), &journal, tasks.clone()).await?;
         spawn_expiry(
+            &tasks,
             store.clone(),
             Duration::from_secs(config.ring.retention_secs),
             ring.stopping(),
@@ -91,13 +97,14 @@ impl Kernel {
             config,
             store,
             ring,
+            tasks,
             keys,
             started: Instant::now(),
             closing: AtomicBool::new(false),
         });
         // Deletions a crash interrupted finish removing their agents' state.
         for agent in kernel.store.pending_purges()? {
-            spawn_purge(kernel.store.clone(), agent);
+            spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
         }
         let admin_key_written = if kernel.keys.is_empty() {
             Some(kernel.mint_admin_key().await?)
@@ -155,10 +162,14 @@ impl Kernel {
     }
 
     /// Commits everything queued, then refuses further writes.
+    /// Returns once every background task has let go of the store, so the data
+    /// directory can be opened again at once.
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::Release);
         self.ring.close().await;
         self.store.close().await;
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     pub fn authenticate(&self, token: &str) -> Result<Caller> {
@@ -213,7 +224,7 @@ impl Kernel {
     pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
         self.load_agent(caller, id)?;
         self.store.write(Write::DeleteAgent(*id)).await?;
-        spawn_purge(self.store.clone(), *id);
+        spawn_purge(&self.tasks, self.store.clone(), *id);
         Ok(())
     }
 
@@ -561,8 +572,8 @@ const PURGE_STEP: usize = 1024;
 /// Removes a deleted agent's state in bounded steps, each its own group, so that
 /// other writers interleave. Stops early if the kernel shuts down; the durable purge
 /// marker makes the next start resume it.
-fn spawn_purge(store: Arc<Store>, agent: AgentId) {
-    tokio::spawn(async move {
+fn spawn_purge(tasks: &TaskTracker, store: Arc<Store>, agent: AgentId) {
+    tasks.spawn(async move {
         loop {
             match store
                 .write(Write::PurgeState {
@@ -590,8 +601,13 @@ const EXPIRY_STEP: usize = 1024;
 /// Forgets completions and idempotency keys older than `retention`, now and every
 /// ten minutes, in bounded groups. Op ids are time-ordered, so the expired ops are
 /// one range of the `ops` keyspace.
-fn spawn_expiry(store: Arc<Store>, retention: Duration, stopping: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
+fn spawn_expiry(
+    tasks: &TaskTracker,
+    store: Arc<Store>,
+    retention: Duration,
+    stopping: tokio_util::sync::CancellationToken,
+) {
+    tasks.spawn(async move {
         while !stopping.is_cancelled() {
             let cutoff = (Utc::now().timestamp_millis().max(0) as u64).saturating_sub(retention.as_millis() as u64);
             let before = OpId::lowest_at(cutoff);

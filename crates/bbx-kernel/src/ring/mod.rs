@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The longest timeout an op may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -83,6 +84,9 @@ pub(crate) struct Ring {
     stopping: CancellationToken,
     started: Instant,
     metrics: RingMetrics,
+    /// Every task the ring spawns, so that shutdown can wait for them to let go of
+    /// the store.
+    tasks: TaskTracker,
 }
 
 struct RingState {
@@ -217,7 +221,7 @@ impl Slot {
 impl Ring {
     /// Opens the journal, re-queues the ops it holds that have no completion, and
     /// starts the dispatcher.
-    pub async fn open(config: RingConfig, store: Arc<Store>, dir: &Path) -> Result<Arc<Self>> {
+    pub async fn open(config: RingConfig, store: Arc<Store>, dir: &Path, tasks: TaskTracker) -> Result<Arc<Self>> {
         let options = JournalOptions {
             segment_bytes: config.journal_segment_bytes,
         };
@@ -242,16 +246,22 @@ impl Ring {
         }
         let metrics = RingMetrics::new();
         let writer = JournalWriter::start(journal, held, metrics.clone())?;
-        let ring = Arc::new(Self::new(config, store, writer, metrics));
+        let ring = Arc::new(Self::new(config, store, writer, metrics, tasks.clone()));
         if !pending.is_empty() {
             tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
         }
         ring.recover(pending)?;
-        tokio::spawn(ring.clone().dispatch());
+        tasks.spawn(ring.clone().dispatch());
         Ok(ring)
     }
 
-    fn new(config: RingConfig, store: Arc<Store>, journal: JournalWriter, metrics: RingMetrics) -> Self {
+    fn new(
+        config: RingConfig,
+        store: Arc<Store>,
+        journal: JournalWriter,
+        metrics: RingMetrics,
+        tasks: TaskTracker,
+    ) -> Self {
         let scheduler = Scheduler::new(SchedulerConfig {
             capacity: config.submission_capacity,
             agent_capacity: config.agent_capacity,
@@ -292,6 +302,7 @@ impl Ring {
             stopping: CancellationToken::new(),
             started: Instant::now(),
             metrics,
+            tasks,
         }
     }
 
@@ -782,7 +793,7 @@ impl Ring {
                 let timeout = Duration::from_millis(record.timeout_ms);
                 let stopping = self.stopping.clone();
                 let token = token.unwrap_or_default();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let attempt = tokio::select! {
                         () = stopping.cancelled() => return,
                         () = token.cancelled() => Attempt::Cancelled,
@@ -796,7 +807,7 @@ impl Ring {
             }
             Exec::State(effect) => {
                 let ring = self.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let Some((completion, digest, _)) = ring.completion_of(id, CompletionStatus::Ok, None, None) else {
                         return;
                     };
@@ -875,7 +886,7 @@ impl Ring {
             drop(slots);
             let ring = self.clone();
             let stopping = self.stopping.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 tokio::select! {
                     () = stopping.cancelled() => {}
                     () = tokio::time::sleep(delay) => ring.requeue(id),
@@ -979,7 +990,7 @@ impl Ring {
             if durable {
                 let ring = self.clone();
                 let slot = finish.slot;
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let written = ring
                         .store
                         .write(Write::Complete {
