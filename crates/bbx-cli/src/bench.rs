@@ -179,6 +179,18 @@ pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("static bounds are valid")
 }
 
+/// A fresh temporary directory, inside `under` if given: where a benchmark keeps
+/// its scratch kernels and reference files.
+pub(crate) fn scratch_dir(under: Option<&Path>) -> Result<tempfile::TempDir> {
+    Ok(match under {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::tempdir_in(dir)?
+        }
+        None => tempfile::tempdir()?,
+    })
+}
+
 /// A kernel this benchmark started, stopped when dropped.
 pub(crate) struct Scratch {
     child: Child,
@@ -495,13 +507,7 @@ async fn merge(
 }
 
 pub async fn api(cli: &Cli, args: &BenchApiArgs) -> Result<()> {
-    let scratch_root = match &args.scratch_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            tempfile::tempdir_in(dir)?
-        }
-        None => tempfile::tempdir()?,
-    };
+    let scratch_root = scratch_dir(args.scratch_dir.as_deref())?;
     for (what, value) in [
         ("--seconds", Some(args.seconds)),
         ("--set-rate", Some(args.set_rate)),

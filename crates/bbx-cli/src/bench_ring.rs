@@ -12,7 +12,7 @@
 //!   kernel process, 100 per request or one per request.
 //! - `shm`: the shared-memory ring is not built yet; reported as `null`.
 
-use crate::bench::{Figures, closed_loop, histogram, start_kernel, two_cores};
+use crate::bench::{Figures, closed_loop, histogram, scratch_dir, start_kernel, two_cores};
 use crate::cli::{BenchRingArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
@@ -68,13 +68,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         bail!("--seconds must be a positive number");
     }
-    let scratch = match &args.scratch_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            tempfile::tempdir_in(dir)?
-        }
-        None => tempfile::tempdir()?,
-    };
+    let scratch = scratch_dir(args.scratch_dir.as_deref())?;
     let measure = Duration::from_secs_f64(args.seconds);
 
     // The in-process kernel gets a multi-threaded runtime of its own, on its own

@@ -260,6 +260,20 @@ pub struct OpInfo {
     pub completion: Option<Completion>,
 }
 
+impl OpInfo {
+    /// A completed op.
+    pub fn done(completion: Completion) -> Self {
+        Self {
+            op_id: completion.op_id,
+            agent: completion.agent,
+            kind: completion.kind.clone(),
+            state: OpState::Done,
+            attempts: completion.attempts,
+            completion: Some(completion),
+        }
+    }
+}
+
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct Percentiles {

@@ -202,6 +202,19 @@ async fn dependencies_order_ops_and_a_failed_dependency_cancels_its_dependents()
     let then = ring.wait(b).await.completion.unwrap();
     assert!(then.completed_at >= first.completed_at);
 
+    // On a later op of the same batch: it waits for it all the same.
+    let mut early = op(agent, "state.get", json!({"key": "late"}));
+    early.depends_on = vec!["#1".into()];
+    let submitted = ring
+        .submit(vec![early, op(agent, "state.set", json!({"key": "late", "value": 7}))])
+        .await
+        .unwrap();
+    assert_eq!(
+        ring.result(submitted.ops[0].op_id).await["value"],
+        7,
+        "ran after its dependency"
+    );
+
     // On an op that already completed, by id.
     let mut after = op(agent, "noop", json!({}));
     after.depends_on = vec![b.to_string()];

@@ -46,7 +46,7 @@ use hdrhistogram::Histogram;
 use journal::JournalWriter;
 use parking_lot::Mutex;
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -309,54 +309,18 @@ impl Ring {
     /// Puts recovered ops back, with their dependencies and idempotency keys. They
     /// were admitted before the crash, so they are not refused now.
     fn recover(self: &Arc<Self>, pending: Vec<(Lsn, OpRecord)>) -> Result<()> {
-        let ids: BTreeSet<OpId> = pending.iter().map(|(_, op)| op.op_id).collect();
+        // Journal order, so that each agent's ops are queued again in the order they came.
+        let order: Vec<OpId> = pending.iter().map(|(_, op)| op.op_id).collect();
+        let ids: HashSet<OpId> = order.iter().copied().collect();
         let mut finish = Vec::new();
         let mut st = self.state.lock();
         let now = Instant::now();
         for (lsn, op) in pending {
             let exec = Exec::parse(&op.kind, &op.args)?;
-            let mut blocked_on = 0;
-            let mut failed_dependency = None;
-            for dep in &op.depends_on {
-                if ids.contains(dep) {
-                    blocked_on += 1;
-                    st.dependents.entry(*dep).or_default().push(op.op_id);
-                } else {
-                    match self.stored_completion(dep)? {
-                        Some(done) if done.status == CompletionStatus::Ok => {}
-                        Some(done) => failed_dependency = Some(dependency_failure(dep, done.status.as_str())),
-                        None => failed_dependency = Some(format!("dependency {dep} was lost in a restart")),
-                    }
-                }
-            }
-            if let Some(idempotency) = &op.idempotency {
-                st.keys.insert((op.agent, idempotency.key.clone()), op.op_id);
-            }
             st.scheduler.readmit(op.agent);
-            let id = op.op_id;
-            st.live.insert(
-                id,
-                Live {
-                    record: Arc::new(op),
-                    exec,
-                    lsn: Some(lsn),
-                    state: OpState::Blocked,
-                    active: false,
-                    holds_slot: true,
-                    finishing: false,
-                    cancel_requested: false,
-                    blocked_on,
-                    failed_dependency,
-                    attempts: 0,
-                    accepted: now,
-                    first_start: None,
-                    exec_time: Duration::ZERO,
-                    cancel: None,
-                    waiters: Vec::new(),
-                },
-            );
+            self.register(&mut st, Arc::new(op), exec, Some(lsn), &ids, now)?;
         }
-        for id in ids {
+        for id in order {
             Self::activate(&mut st, id, None, &mut finish);
         }
         drop(st);
@@ -570,6 +534,15 @@ impl Ring {
             return Err(Error::resource_exhausted(message, RETRY_AFTER));
         }
 
+        // Every new op takes its live entry now, so that a dependency on a later op
+        // of the same batch waits for it like any other.
+        let arriving: HashSet<OpId> = slots
+            .iter()
+            .filter_map(|slot| match slot {
+                Slot::New(id) => Some(*id),
+                Slot::Existing(_) => None,
+            })
+            .collect();
         let now = Instant::now();
         let submitted_at = Utc::now();
         let mut records = Vec::new();
@@ -597,48 +570,75 @@ impl Ring {
                 trace: op.op.trace.clone(),
                 submitted_at,
             });
-            let mut blocked_on = 0;
-            let mut failed_dependency = None;
-            for dep in &dep_ids {
-                if st.live.contains_key(dep) {
-                    blocked_on += 1;
-                    st.dependents.entry(*dep).or_default().push(id);
-                } else if let Some(done) = self.completion(&st, dep)?
-                    && done.status != CompletionStatus::Ok
-                {
-                    failed_dependency = Some(dependency_failure(dep, done.status.as_str()));
-                }
-            }
-            if let Some(key) = &op.key {
-                st.keys.insert((op.op.agent, key.clone()), id);
-            }
             if op.exec.effects() != Effects::None {
                 records.push((id, Entry::Accepted((*record).clone())));
             }
+            if let Err(e) = self.register(&mut st, record, op.exec.clone(), None, &arriving, now) {
+                // Only a storage failure gets here; the batch still goes whole.
+                for slot in &slots {
+                    if let Slot::New(id) = slot {
+                        Self::discard(&mut st, *id);
+                    }
+                }
+                return Err(e);
+            }
             self.metrics.submitted.inc();
-            st.live.insert(
-                id,
-                Live {
-                    record,
-                    exec: op.exec.clone(),
-                    lsn: None,
-                    state: OpState::Blocked,
-                    active: false,
-                    holds_slot: true,
-                    finishing: false,
-                    cancel_requested: false,
-                    blocked_on,
-                    failed_dependency,
-                    attempts: 0,
-                    accepted: now,
-                    first_start: None,
-                    exec_time: Duration::ZERO,
-                    cancel: None,
-                    waiters: Vec::new(),
-                },
-            );
         }
         Ok((slots, records))
+    }
+
+    /// Makes an admitted op live: links it to its dependencies still in flight (live,
+    /// or `arriving` with it), notes one that already ended without `ok`, and claims
+    /// its idempotency key. The op holds its scheduler slot until it is queued.
+    fn register(
+        &self,
+        st: &mut RingState,
+        record: Arc<OpRecord>,
+        exec: Exec,
+        lsn: Option<Lsn>,
+        arriving: &HashSet<OpId>,
+        accepted: Instant,
+    ) -> Result<()> {
+        let id = record.op_id;
+        let mut blocked_on = 0;
+        let mut failed_dependency = None;
+        for dep in &record.depends_on {
+            if arriving.contains(dep) || st.live.contains_key(dep) {
+                blocked_on += 1;
+                st.dependents.entry(*dep).or_default().push(id);
+                continue;
+            }
+            match self.completion(st, dep)? {
+                Some(done) if done.status == CompletionStatus::Ok => {}
+                Some(done) => failed_dependency = Some(dependency_failure(dep, done.status.as_str())),
+                None => failed_dependency = Some(format!("dependency {dep} is no longer known (lost in a restart)")),
+            }
+        }
+        if let Some(idempotency) = &record.idempotency {
+            st.keys.insert((record.agent, idempotency.key.clone()), id);
+        }
+        st.live.insert(
+            id,
+            Live {
+                record,
+                exec,
+                lsn,
+                state: OpState::Blocked,
+                active: false,
+                holds_slot: true,
+                finishing: false,
+                cancel_requested: false,
+                blocked_on,
+                failed_dependency,
+                attempts: 0,
+                accepted,
+                first_start: None,
+                exec_time: Duration::ZERO,
+                cancel: None,
+                waiters: Vec::new(),
+            },
+        );
+        Ok(())
     }
 
     /// The op that a key names and the digest it was submitted with, if the key is in use.
@@ -673,7 +673,9 @@ impl Ring {
     /// Forgets an admitted op that was never acknowledged.
     fn discard(st: &mut RingState, id: OpId) {
         let Some(live) = st.live.remove(&id) else { return };
-        st.scheduler.release(&live.record.agent);
+        if live.holds_slot {
+            st.scheduler.release(&live.record.agent);
+        }
         st.dependents.remove(&id);
         if let Some(idempotency) = &live.record.idempotency {
             st.keys.remove(&(live.record.agent, idempotency.key.clone()));
@@ -1115,14 +1117,7 @@ impl Ring {
         }
         let done = self.completion(&st, id)?.ok_or_else(|| Error::not_found("op", id))?;
         caller.check_tenant(&done.tenant)?;
-        Ok(OpInfo {
-            op_id: *id,
-            agent: done.agent,
-            kind: done.kind.clone(),
-            state: OpState::Done,
-            attempts: done.attempts,
-            completion: Some((*done).clone()),
-        })
+        Ok(OpInfo::done((*done).clone()))
     }
 
     /// The op's completion, waiting up to `timeout` for it; the op as it stands if
@@ -1143,14 +1138,7 @@ impl Ring {
         if let Some(receiver) = receiver
             && let Ok(Ok(done)) = tokio::time::timeout(timeout, receiver).await
         {
-            return Ok(OpInfo {
-                op_id: *id,
-                agent: done.agent,
-                kind: done.kind.clone(),
-                state: OpState::Done,
-                attempts: done.attempts,
-                completion: Some((*done).clone()),
-            });
+            return Ok(OpInfo::done((*done).clone()));
         }
         self.info(caller, id)
     }
