@@ -112,9 +112,11 @@ pub(crate) enum Applied {
     Completed(Box<Completion>),
 }
 
+/// Writes sent together, answered together: each is applied on its own (one may
+/// fail while the others land) but all of them commit in the same group.
 struct Request {
-    write: Write,
-    reply: oneshot::Sender<Result<Applied>>,
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Vec<Result<Applied>>>,
 }
 
 enum Message {
@@ -254,14 +256,30 @@ impl Store {
 
     /// Queues a write and waits until it is durable (or refused).
     pub async fn write(&self, write: Write) -> Result<Applied> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(Message::Write(Request { write, reply }))
+        self.write_all(vec![write])
             .await
-            .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
+            .pop()
+            .unwrap_or_else(|| Err(Error::internal("the committer answered no write")))
+    }
+
+    /// Writes that commit in one group, each with its own outcome, in order. The
+    /// ring completes a whole dispatch batch this way: one message and one wakeup
+    /// instead of one per op.
+    pub async fn write_all(&self, writes: Vec<Write>) -> Vec<Result<Applied>> {
+        let count = writes.len();
+        let failed = |error: Error| (0..count).map(|_| Err(error.clone())).collect();
+        let (reply, answer) = oneshot::channel();
+        if self
+            .writer
+            .send(Message::Write(Request { writes, reply }))
+            .await
+            .is_err()
+        {
+            return failed(Error::unavailable("the kernel is shutting down"));
+        }
         answer
             .await
-            .map_err(|_| Error::unavailable("the storage writer stopped"))?
+            .unwrap_or_else(|_| failed(Error::unavailable("the storage writer stopped")))
     }
 
     /// Stops accepting writes, lets the committer finish what is queued, and waits.
@@ -309,17 +327,21 @@ struct Committer {
 
 impl Committer {
     fn run(self, mut messages: mpsc::Receiver<Message>) {
-        let mut group = Vec::with_capacity(self.max_batch);
+        let mut group = Vec::new();
         while let Some(first) = messages.blocking_recv() {
             let mut next = Some(first);
+            let mut writes = 0;
             while let Some(message) = next.take() {
                 match message {
-                    Message::Write(request) => group.push(request),
+                    Message::Write(request) => {
+                        writes += request.writes.len();
+                        group.push(request);
+                    }
                     // Closing the queue makes later sends fail with "shutting down"
                     // while everything already queued is still drained and committed.
                     Message::Shutdown => messages.close(),
                 }
-                if group.len() < self.max_batch {
+                if writes < self.max_batch {
                     next = messages.try_recv().ok();
                 }
             }
@@ -342,15 +364,22 @@ impl Committer {
     fn commit_group(&self, group: &mut Vec<Request>) {
         if self.failed.load(Ordering::Acquire) {
             for request in group.drain(..) {
-                let _ = request
-                    .reply
-                    .send(Err(Error::unavailable("storage failed earlier; restart the kernel")));
+                let refused = request
+                    .writes
+                    .iter()
+                    .map(|_| Err(Error::unavailable("storage failed earlier; restart the kernel")))
+                    .collect();
+                let _ = request.reply.send(refused);
             }
             return;
         }
         let started = Instant::now();
         let mut tx = GroupTx::new(&self.ks);
-        let outcomes: Vec<Result<Applied>> = group.iter().map(|r| tx.apply(&r.write)).collect();
+        let outcomes: Vec<Vec<Result<Applied>>> = group
+            .iter()
+            .map(|r| r.writes.iter().map(|w| tx.apply(w)).collect())
+            .collect();
+        let writes: usize = outcomes.iter().map(Vec::len).sum();
         let wrote = !tx.staged.is_empty();
         let durable = if wrote { tx.commit(&self.db) } else { Ok(()) };
         if let Err(e) = &durable {
@@ -362,18 +391,18 @@ impl Committer {
             *self.durable.write() = Arc::new(self.db.snapshot());
             self.metrics.syncs.inc();
             self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
-            self.metrics.group_size.observe(group.len() as f64);
+            self.metrics.group_size.observe(writes as f64);
         }
         for (request, outcome) in group.drain(..).zip(outcomes) {
             // When the group did not reach disk, every answer is that failure: a
             // conflict computed against writes that never landed would mislead.
-            let outcome = match &durable {
-                Err(e) => Err(e.clone()),
+            let outcome: Vec<Result<Applied>> = match &durable {
+                Err(e) => outcome.into_iter().map(|_| Err(e.clone())).collect(),
                 Ok(()) => outcome,
             };
-            if outcome.is_ok() {
-                self.metrics.writes.inc();
-            }
+            self.metrics
+                .writes
+                .inc_by(outcome.iter().filter(|o| o.is_ok()).count() as u64);
             let _ = request.reply.send(outcome);
         }
     }

@@ -28,7 +28,9 @@ pub use exec::KINDS;
 pub use metrics::RingMetrics;
 
 use crate::auth::Caller;
-use crate::store::{Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error};
+use crate::store::{
+    Applied, Effect, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
+};
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
     BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, RingStats, SubmitOp, Submitted, SubmittedOp,
@@ -37,7 +39,9 @@ use bbx_core::op::{
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_journal::{Journal, JournalOptions, Lsn};
 use bbx_ring::batch::{self, Dependency};
-use bbx_ring::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, Idempotency, OpRecord, Refused};
+use bbx_ring::{
+    Admission, BreakerConfig, BreakerState, Breakers, CircuitBreaker, Effects, Entry, Idempotency, OpRecord, Refused,
+};
 use bbx_ring::{Scheduler, SchedulerConfig};
 use chrono::Utc;
 use exec::Exec;
@@ -45,8 +49,9 @@ use fjall::Readable;
 use hdrhistogram::Histogram;
 use journal::JournalWriter;
 use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -89,15 +94,18 @@ pub(crate) struct Ring {
     tasks: TaskTracker,
 }
 
+/// Maps keyed by op id hash with Fx: ids are random UUIDv7s the ring generates, so
+/// SipHash's defence against chosen keys buys nothing there, and it took 4 % of the
+/// ring's CPU in a profile. Keys that clients choose (idempotency keys) keep SipHash.
 struct RingState {
-    live: HashMap<OpId, Live>,
+    live: FxHashMap<OpId, Live>,
     /// Idempotency keys of live ops.
     keys: HashMap<(AgentId, String), OpId>,
     scheduler: Scheduler<AgentId, OpId>,
     /// Live op -> the live ops waiting for it.
-    dependents: HashMap<OpId, Vec<OpId>>,
+    dependents: FxHashMap<OpId, Vec<OpId>>,
     /// Completions of ops that were not recorded in the store, newest last.
-    recent: HashMap<OpId, Arc<Completion>>,
+    recent: FxHashMap<OpId, Arc<Completion>>,
     recent_order: VecDeque<OpId>,
     counters: Counters,
 }
@@ -138,6 +146,53 @@ enum Attempt {
     Failed(Error),
     TimedOut,
     Cancelled,
+}
+
+/// An attempt that ended, with what it holds until its op is handled.
+struct Ended {
+    id: OpId,
+    attempt: Attempt,
+    took: Duration,
+    admission: Option<Breaker>,
+    slots: Slots,
+    /// At least this long before a retry (an open breaker says how long).
+    retry_after: Option<Duration>,
+}
+
+impl Ended {
+    /// An attempt that the breaker let through and that ran from `started` until now.
+    fn ran(id: OpId, attempt: Attempt, started: Instant, admission: Breaker, slots: Slots) -> Self {
+        Self {
+            id,
+            attempt,
+            took: started.elapsed(),
+            admission: Some(admission),
+            slots,
+            retry_after: None,
+        }
+    }
+}
+
+/// A breaker and how it let an attempt through.
+type Breaker = (Arc<CircuitBreaker>, Admission);
+
+/// A completion to record in the store before it settles, with the effect it
+/// commits with and the slots it holds until then.
+struct Pending {
+    completion: Completion,
+    digest: Option<String>,
+    effect: Option<Effect>,
+    admission: Option<Breaker>,
+    slots: Slots,
+}
+
+/// What settling ops under the lock leaves to do once it is dropped.
+#[derive(Default)]
+struct Outbox {
+    answers: Vec<(oneshot::Sender<Arc<Completion>>, Arc<Completion>)>,
+    events: Vec<Arc<Completion>>,
+    released: Vec<Lsn>,
+    to_record: Vec<Pending>,
 }
 
 /// The slots a running op holds: freed when its attempt ends (running) and when its
@@ -280,11 +335,11 @@ impl Ring {
             completing: Capacity::new(config.completion_capacity, work.clone()),
             work,
             state: Mutex::new(RingState {
-                live: HashMap::new(),
+                live: FxHashMap::default(),
                 keys: HashMap::new(),
                 scheduler,
-                dependents: HashMap::new(),
-                recent: HashMap::new(),
+                dependents: FxHashMap::default(),
+                recent: FxHashMap::default(),
                 recent_order: VecDeque::new(),
                 counters: Counters {
                     latency: [histogram(), histogram(), histogram(), histogram()],
@@ -311,7 +366,7 @@ impl Ring {
     fn recover(self: &Arc<Self>, pending: Vec<(Lsn, OpRecord)>) -> Result<()> {
         // Journal order, so that each agent's ops are queued again in the order they came.
         let order: Vec<OpId> = pending.iter().map(|(_, op)| op.op_id).collect();
-        let ids: HashSet<OpId> = order.iter().copied().collect();
+        let ids: FxHashSet<OpId> = order.iter().copied().collect();
         let mut finish = Vec::new();
         let mut st = self.state.lock();
         let now = Instant::now();
@@ -389,7 +444,7 @@ impl Ring {
             let mut st = self.state.lock();
             match &lsns {
                 Ok(lsns) => {
-                    let lsn_of: HashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
+                    let lsn_of: FxHashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
                     for slot in &slots {
                         if let Slot::New(id) = slot {
                             Self::activate(&mut st, *id, lsn_of.get(id).copied(), &mut finish);
@@ -536,7 +591,7 @@ impl Ring {
 
         // Every new op takes its live entry now, so that a dependency on a later op
         // of the same batch waits for it like any other.
-        let arriving: HashSet<OpId> = slots
+        let arriving: FxHashSet<OpId> = slots
             .iter()
             .filter_map(|slot| match slot {
                 Slot::New(id) => Some(*id),
@@ -596,7 +651,7 @@ impl Ring {
         record: Arc<OpRecord>,
         exec: Exec,
         lsn: Option<Lsn>,
-        arriving: &HashSet<OpId>,
+        arriving: &FxHashSet<OpId>,
         accepted: Instant,
     ) -> Result<()> {
         let id = record.op_id;
@@ -714,13 +769,7 @@ impl Ring {
                 woken.await;
                 continue;
             }
-            for next in batch {
-                let slots = Slots {
-                    running: Some(self.running.take()),
-                    completing: Some(self.completing.take()),
-                };
-                self.start(next, slots);
-            }
+            self.run_batch(batch);
         }
     }
 
@@ -755,85 +804,96 @@ impl Ring {
         batch
     }
 
-    fn start(self: &Arc<Self>, (id, record, exec, token): Start, slots: Slots) {
-        let breaker = self.breakers.get(&record.kind);
-        let started = Instant::now();
-        let admission = match breaker.admit(started) {
-            Ok(admission) => admission,
-            Err(rejected) => {
-                let error = Error::unavailable(format!("the circuit breaker of {} is open", record.kind))
-                    .with_details(serde_json::json!({ "retry_after_ms": rejected.retry_after.as_millis() as u64 }));
-                self.attempt_done(
-                    id,
-                    Attempt::Failed(error),
-                    Duration::ZERO,
-                    None,
-                    slots,
-                    Some(rejected.retry_after),
-                );
-                return;
-            }
-        };
-        match exec {
-            Exec::Noop => self.attempt_done(
-                id,
-                Attempt::Ok(Value::Null),
-                started.elapsed(),
-                Some(admission),
-                slots,
-                None,
-            ),
-            Exec::StateGet { key } => {
-                let attempt = match self.read_state(&record.agent, &key) {
+    /// Runs a dispatched batch through its breakers: inline executors at once, with
+    /// their ends handled under one lock; kernel-service ops as one store write;
+    /// each `sleep` on a task of its own.
+    fn run_batch(self: &Arc<Self>, batch: Vec<Start>) {
+        let mut ended = Vec::with_capacity(batch.len());
+        let mut applying = Vec::new();
+        for (id, record, exec, token) in batch {
+            let slots = Slots {
+                running: Some(self.running.take()),
+                completing: Some(self.completing.take()),
+            };
+            let breaker = self.breakers.get(&record.kind);
+            let started = Instant::now();
+            let admission = match breaker.admit(started) {
+                Ok(admission) => (breaker, admission),
+                Err(rejected) => {
+                    let error = Error::unavailable(format!("the circuit breaker of {} is open", record.kind))
+                        .with_details(serde_json::json!({ "retry_after_ms": rejected.retry_after.as_millis() as u64 }));
+                    ended.push(Ended {
+                        id,
+                        attempt: Attempt::Failed(error),
+                        took: Duration::ZERO,
+                        admission: None,
+                        slots,
+                        retry_after: Some(rejected.retry_after),
+                    });
+                    continue;
+                }
+            };
+            let attempt = match exec {
+                Exec::Noop => Attempt::Ok(Value::Null),
+                Exec::StateGet { key } => match self.read_state(&record.agent, &key) {
                     Ok(value) => Attempt::Ok(value),
                     Err(e) => Attempt::Failed(e),
+                },
+                Exec::Sleep(duration) => {
+                    let ring = self.clone();
+                    let timeout = Duration::from_millis(record.timeout_ms);
+                    let stopping = self.stopping.clone();
+                    let token = token.unwrap_or_default();
+                    self.tasks.spawn(async move {
+                        let attempt = tokio::select! {
+                            () = stopping.cancelled() => return,
+                            () = token.cancelled() => Attempt::Cancelled,
+                            slept = tokio::time::timeout(timeout, tokio::time::sleep(duration)) => match slept {
+                                Ok(()) => Attempt::Ok(serde_json::json!({ "slept_ms": duration.as_millis() as u64 })),
+                                Err(_) => Attempt::TimedOut,
+                            },
+                        };
+                        ring.attempts_done(vec![Ended::ran(id, attempt, started, admission, slots)]);
+                    });
+                    continue;
+                }
+                Exec::State(effect) => {
+                    applying.push((id, effect, admission, slots));
+                    continue;
+                }
+            };
+            ended.push(Ended::ran(id, attempt, started, admission, slots));
+        }
+        if !ended.is_empty() {
+            self.attempts_done(ended);
+        }
+        if !applying.is_empty() {
+            self.apply_effects(applying);
+        }
+    }
+
+    /// Kernel-service ops: each one's effect and completion go to the store as one
+    /// write, and the batch's writes as one request. The breaker judges the op by
+    /// whether its write lands.
+    fn apply_effects(self: &Arc<Self>, applying: Vec<(OpId, Effect, Breaker, Slots)>) {
+        let mut pending = Vec::with_capacity(applying.len());
+        {
+            let mut st = self.state.lock();
+            for (id, effect, admission, slots) in applying {
+                let Some((completion, digest, _)) = Self::completion_of(&mut st, id, CompletionStatus::Ok, None, None)
+                else {
+                    continue;
                 };
-                self.attempt_done(id, attempt, started.elapsed(), Some(admission), slots, None);
-            }
-            Exec::Sleep(duration) => {
-                let ring = self.clone();
-                let timeout = Duration::from_millis(record.timeout_ms);
-                let stopping = self.stopping.clone();
-                let token = token.unwrap_or_default();
-                self.tasks.spawn(async move {
-                    let attempt = tokio::select! {
-                        () = stopping.cancelled() => return,
-                        () = token.cancelled() => Attempt::Cancelled,
-                        slept = tokio::time::timeout(timeout, tokio::time::sleep(duration)) => match slept {
-                            Ok(()) => Attempt::Ok(serde_json::json!({ "slept_ms": duration.as_millis() as u64 })),
-                            Err(_) => Attempt::TimedOut,
-                        },
-                    };
-                    ring.attempt_done(id, attempt, started.elapsed(), Some(admission), slots, None);
-                });
-            }
-            Exec::State(effect) => {
-                let ring = self.clone();
-                self.tasks.spawn(async move {
-                    let Some((completion, digest, _)) = ring.completion_of(id, CompletionStatus::Ok, None, None) else {
-                        return;
-                    };
-                    let written = ring
-                        .store
-                        .write(Write::Complete {
-                            completion: Box::new(completion),
-                            effect: Some(effect),
-                            digest,
-                        })
-                        .await;
-                    breaker.record(admission, written.is_ok(), Instant::now());
-                    let Slots { running, completing } = slots;
-                    drop(running);
-                    match written {
-                        Ok(Applied::Completed(completion)) => ring.settle(*completion, true),
-                        Ok(_) => tracing::error!(op = %id, "the store did not return the completion"),
-                        // The op stays journaled without a completion, so the next start runs it.
-                        Err(e) => tracing::error!(op = %id, error = %e, "an op's completion could not be recorded"),
-                    }
-                    drop(completing);
+                pending.push(Pending {
+                    completion,
+                    digest,
+                    effect: Some(effect),
+                    admission: Some(admission),
+                    slots,
                 });
             }
         }
+        self.record(pending);
     }
 
     fn read_state(&self, agent: &AgentId, key: &str) -> Result<Value> {
@@ -853,39 +913,65 @@ impl Ring {
         }
     }
 
-    /// Ends an attempt: records it with the breaker, then retries the op after its
-    /// backoff (on a timer, holding no slot) or completes it.
-    fn attempt_done(
-        self: &Arc<Self>,
-        id: OpId,
-        attempt: Attempt,
-        took: Duration,
-        admission: Option<Admission>,
-        slots: Slots,
-        retry_after: Option<Duration>,
-    ) {
-        let transient = match &attempt {
-            Attempt::TimedOut => true,
-            Attempt::Failed(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout),
-            Attempt::Ok(_) | Attempt::Cancelled => false,
-        };
-        let mut st = self.state.lock();
-        let Some(live) = st.live.get_mut(&id) else { return };
-        if let Some(admission) = admission {
-            self.breakers
-                .get(&live.record.kind)
-                .record(admission, !transient, Instant::now());
+    /// Ends attempts: records each with its breaker, then retries the op after its
+    /// backoff (on a timer, holding no slot) or completes it. One lock for all.
+    fn attempts_done(self: &Arc<Self>, ended: Vec<Ended>) {
+        let mut retrying = Vec::new();
+        let mut finish = Vec::with_capacity(ended.len());
+        let mut out = Outbox::default();
+        {
+            let mut st = self.state.lock();
+            let now = Instant::now();
+            for Ended {
+                id,
+                attempt,
+                took,
+                admission,
+                slots,
+                retry_after,
+            } in ended
+            {
+                let transient = match &attempt {
+                    Attempt::TimedOut => true,
+                    Attempt::Failed(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout),
+                    Attempt::Ok(_) | Attempt::Cancelled => false,
+                };
+                if let Some((breaker, admission)) = admission {
+                    breaker.record(admission, !transient, now);
+                }
+                let Some(live) = st.live.get_mut(&id) else { continue };
+                live.exec_time += took;
+                live.cancel = None;
+                if transient
+                    && !live.cancel_requested
+                    && let Some(policy) = live.record.retries
+                    && live.attempts <= policy.count
+                {
+                    live.state = OpState::Backoff;
+                    self.metrics.retries.inc();
+                    retrying.push((id, policy.backoff(live.attempts).max(retry_after.unwrap_or_default())));
+                    continue;
+                }
+                let Slots { running, completing } = slots;
+                drop(running);
+                finish.push(
+                    match attempt {
+                        Attempt::Ok(result) => Finish::new(id, CompletionStatus::Ok, Some(result), None),
+                        Attempt::Failed(error) => Finish::new(id, CompletionStatus::Error, None, Some(error)),
+                        Attempt::TimedOut => Finish::new(
+                            id,
+                            CompletionStatus::Timeout,
+                            None,
+                            Some(Error::new(ErrorCode::Timeout, "the op timed out")),
+                        ),
+                        Attempt::Cancelled => Finish::cancelled(id, "cancelled while running"),
+                    }
+                    .with_slot(completing),
+                );
+            }
+            self.finish_locked(&mut st, finish, &mut out);
         }
-        live.exec_time += took;
-        live.cancel = None;
-        let retries = live.record.retries.map_or(0, |r| r.count);
-        if transient && !live.cancel_requested && live.attempts <= retries {
-            let policy = live.record.retries.expect("retries were allowed");
-            let delay = policy.backoff(live.attempts).max(retry_after.unwrap_or_default());
-            live.state = OpState::Backoff;
-            self.metrics.retries.inc();
-            drop(st);
-            drop(slots);
+        for (id, delay) in retrying {
             let ring = self.clone();
             let stopping = self.stopping.clone();
             self.tasks.spawn(async move {
@@ -894,23 +980,8 @@ impl Ring {
                     () = tokio::time::sleep(delay) => ring.requeue(id),
                 }
             });
-            return;
         }
-        drop(st);
-        let Slots { running, completing } = slots;
-        drop(running);
-        let finish = match attempt {
-            Attempt::Ok(result) => Finish::new(id, CompletionStatus::Ok, Some(result), None),
-            Attempt::Failed(error) => Finish::new(id, CompletionStatus::Error, None, Some(error)),
-            Attempt::TimedOut => Finish::new(
-                id,
-                CompletionStatus::Timeout,
-                None,
-                Some(Error::new(ErrorCode::Timeout, "the op timed out")),
-            ),
-            Attempt::Cancelled => Finish::cancelled(id, "cancelled while running"),
-        };
-        self.finish_all(vec![finish.with_slot(completing)]);
+        self.deliver(out);
     }
 
     /// Puts an op back in the queue after its backoff.
@@ -936,15 +1007,15 @@ impl Ring {
     }
 
     /// The completion of a live op as it ends now, with the digest of its key and
-    /// whether it must be recorded in the store; marks the op finishing. `None` if it is gone or already finishing.
+    /// whether it must be recorded in the store; marks the op finishing. `None` if
+    /// it is gone or already finishing.
     fn completion_of(
-        &self,
+        st: &mut RingState,
         id: OpId,
         status: CompletionStatus,
         result: Option<Value>,
         error: Option<Error>,
     ) -> Option<(Completion, Option<String>, bool)> {
-        let mut st = self.state.lock();
         let live = st.live.get_mut(&id)?;
         if live.finishing {
             return None;
@@ -979,110 +1050,173 @@ impl Ring {
         Some((completion, digest, durable))
     }
 
+    /// Completes ops under one lock, then delivers what that produced.
+    fn finish_all(self: &Arc<Self>, finish: Vec<Finish>) {
+        if finish.is_empty() {
+            return;
+        }
+        let mut out = Outbox::default();
+        self.finish_locked(&mut self.state.lock(), finish, &mut out);
+        self.deliver(out);
+    }
+
     /// Completes ops: those that must outlive a restart (journaled, or with a key)
-    /// are recorded in the store first; the rest settle at once. Works through a
-    /// list, not recursion, since ending an op may end its dependents.
-    fn finish_all(self: &Arc<Self>, mut queue: Vec<Finish>) {
+    /// are handed to the store first; the rest settle at once. Works through a list,
+    /// not recursion, since ending an op may end its dependents.
+    fn finish_locked(&self, st: &mut RingState, mut queue: Vec<Finish>, out: &mut Outbox) {
         while let Some(finish) = queue.pop() {
             let Some((completion, digest, durable)) =
-                self.completion_of(finish.id, finish.status, finish.result, finish.error)
+                Self::completion_of(st, finish.id, finish.status, finish.result, finish.error)
             else {
                 continue;
             };
             if durable {
-                let ring = self.clone();
-                let slot = finish.slot;
-                self.tasks.spawn(async move {
-                    let written = ring
-                        .store
-                        .write(Write::Complete {
-                            completion: Box::new(completion),
-                            effect: None,
-                            digest,
-                        })
-                        .await;
-                    match written {
-                        Ok(Applied::Completed(completion)) => ring.settle(*completion, true),
-                        Ok(_) => tracing::error!("the store did not return the completion"),
-                        Err(e) => tracing::error!(error = %e, "an op's completion could not be recorded"),
-                    }
-                    drop(slot);
+                out.to_record.push(Pending {
+                    completion,
+                    digest,
+                    effect: None,
+                    admission: None,
+                    slots: Slots {
+                        running: None,
+                        completing: finish.slot,
+                    },
                 });
             } else {
-                queue.extend(self.settle_inner(completion, false));
+                self.settle_locked(st, Arc::new(completion), false, &mut queue, out);
             }
         }
     }
 
-    fn settle(self: &Arc<Self>, completion: Completion, recorded: bool) {
-        let follow_ups = self.settle_inner(completion, recorded);
-        self.finish_all(follow_ups);
-    }
-
-    /// Publishes a completion: removes the op, answers its waiters, releases its
-    /// journal record and moves its dependents on. Returns dependents that end now.
-    fn settle_inner(&self, completion: Completion, recorded: bool) -> Vec<Finish> {
-        let completion = Arc::new(completion);
-        let mut finish = Vec::new();
-        let (waiters, lsn) = {
-            let mut st = self.state.lock();
-            let Some(mut live) = st.live.remove(&completion.op_id) else {
-                return finish;
-            };
-            if live.holds_slot {
-                st.scheduler.release(&live.record.agent);
-                if self.room_waiters.load(Ordering::Acquire) > 0 {
-                    self.room.notify_one();
-                }
-            }
-            if let Some(idempotency) = &live.record.idempotency {
-                let key = (live.record.agent, idempotency.key.clone());
-                if st.keys.get(&key) == Some(&completion.op_id) {
-                    st.keys.remove(&key);
-                }
-            }
-            let second = self.started.elapsed().as_secs();
-            let counters = &mut st.counters;
-            self.metrics
-                .completed(completion.status, live.record.priority, completion.total_us);
-            let _ = counters.latency[live.record.priority.rank()].record(completion.total_us.max(1));
-            match counters.window.back_mut() {
-                Some((s, n)) if *s == second => *n += 1,
-                _ => counters.window.push_back((second, 1)),
-            }
-            while counters.window.front().is_some_and(|(s, _)| *s + 10 < second) {
-                counters.window.pop_front();
-            }
-            if !recorded {
-                st.recent.insert(completion.op_id, completion.clone());
-                st.recent_order.push_back(completion.op_id);
-                while st.recent_order.len() > self.config.recent_completions {
-                    if let Some(old) = st.recent_order.pop_front() {
-                        st.recent.remove(&old);
-                    }
-                }
-            }
-            for dependent in st.dependents.remove(&completion.op_id).unwrap_or_default() {
-                if let Some(waiting) = st.live.get_mut(&dependent) {
-                    waiting.blocked_on = waiting.blocked_on.saturating_sub(1);
-                    if completion.status != CompletionStatus::Ok {
-                        waiting.failed_dependency =
-                            Some(dependency_failure(&completion.op_id, completion.status.as_str()));
-                    }
-                    Self::release_if_ready(&mut st, dependent, &mut finish);
-                }
-            }
-            (std::mem::take(&mut live.waiters), live.lsn)
-        };
-        for waiter in waiters {
-            let _ = waiter.send(completion.clone());
+    /// Does what settling left to do outside the lock: answers waiters, publishes
+    /// events, releases journal records, records completions in the store and wakes
+    /// the dispatcher.
+    fn deliver(self: &Arc<Self>, out: Outbox) {
+        let Outbox {
+            answers,
+            events,
+            released,
+            to_record,
+        } = out;
+        for (waiter, completion) in answers {
+            let _ = waiter.send(completion);
         }
-        let _ = self.events.send(completion);
-        if let Some(lsn) = lsn {
-            self.journal.release(vec![lsn]);
+        if self.events.receiver_count() > 0 {
+            for completion in events {
+                let _ = self.events.send(completion);
+            }
         }
+        if !released.is_empty() {
+            self.journal.release(released);
+        }
+        self.record(to_record);
         self.work.notify_one();
-        finish
+    }
+
+    /// Records completions (with their effects) in one store request, then settles
+    /// them; their slots are held until then.
+    fn record(self: &Arc<Self>, pending: Vec<Pending>) {
+        if pending.is_empty() {
+            return;
+        }
+        let ring = self.clone();
+        self.tasks.spawn(async move {
+            let mut writes = Vec::with_capacity(pending.len());
+            let mut held = Vec::with_capacity(pending.len());
+            for p in pending {
+                writes.push(Write::Complete {
+                    completion: Box::new(p.completion),
+                    effect: p.effect,
+                    digest: p.digest,
+                });
+                held.push((p.admission, p.slots));
+            }
+            let written = ring.store.write_all(writes).await;
+            let mut out = Outbox::default();
+            {
+                let mut st = ring.state.lock();
+                let now = Instant::now();
+                let mut follow_ups = Vec::new();
+                for (outcome, (admission, _)) in written.into_iter().zip(&held) {
+                    if let Some((breaker, admission)) = admission {
+                        breaker.record(*admission, outcome.is_ok(), now);
+                    }
+                    match outcome {
+                        Ok(Applied::Completed(completion)) => {
+                            ring.settle_locked(&mut st, Arc::new(*completion), true, &mut follow_ups, &mut out);
+                        }
+                        Ok(_) => tracing::error!("the store did not return the completion"),
+                        // The op stays journaled without a completion, so the next
+                        // start runs it.
+                        Err(e) => tracing::error!(error = %e, "an op's completion could not be recorded"),
+                    }
+                }
+                ring.finish_locked(&mut st, follow_ups, &mut out);
+            }
+            drop(held);
+            ring.deliver(out);
+        });
+    }
+
+    /// Publishes a completion: removes the op, queues the answers to its waiters,
+    /// releases its journal record and moves its dependents on; dependents that end
+    /// now go to `follow_ups`.
+    fn settle_locked(
+        &self,
+        st: &mut RingState,
+        completion: Arc<Completion>,
+        recorded: bool,
+        follow_ups: &mut Vec<Finish>,
+        out: &mut Outbox,
+    ) {
+        let Some(live) = st.live.remove(&completion.op_id) else {
+            return;
+        };
+        if live.holds_slot {
+            st.scheduler.release(&live.record.agent);
+            if self.room_waiters.load(Ordering::Acquire) > 0 {
+                self.room.notify_one();
+            }
+        }
+        if let Some(idempotency) = &live.record.idempotency {
+            let key = (live.record.agent, idempotency.key.clone());
+            if st.keys.get(&key) == Some(&completion.op_id) {
+                st.keys.remove(&key);
+            }
+        }
+        let second = self.started.elapsed().as_secs();
+        let counters = &mut st.counters;
+        self.metrics
+            .completed(completion.status, live.record.priority, completion.total_us);
+        let _ = counters.latency[live.record.priority.rank()].record(completion.total_us.max(1));
+        match counters.window.back_mut() {
+            Some((s, n)) if *s == second => *n += 1,
+            _ => counters.window.push_back((second, 1)),
+        }
+        while counters.window.front().is_some_and(|(s, _)| *s + 10 < second) {
+            counters.window.pop_front();
+        }
+        if !recorded {
+            st.recent.insert(completion.op_id, completion.clone());
+            st.recent_order.push_back(completion.op_id);
+            while st.recent_order.len() > self.config.recent_completions {
+                if let Some(old) = st.recent_order.pop_front() {
+                    st.recent.remove(&old);
+                }
+            }
+        }
+        for dependent in st.dependents.remove(&completion.op_id).unwrap_or_default() {
+            if let Some(waiting) = st.live.get_mut(&dependent) {
+                waiting.blocked_on = waiting.blocked_on.saturating_sub(1);
+                if completion.status != CompletionStatus::Ok {
+                    waiting.failed_dependency = Some(dependency_failure(&completion.op_id, completion.status.as_str()));
+                }
+                Self::release_if_ready(st, dependent, follow_ups);
+            }
+        }
+        out.answers
+            .extend(live.waiters.into_iter().map(|waiter| (waiter, completion.clone())));
+        out.released.extend(live.lsn);
+        out.events.push(completion);
     }
 
     /// A completion, from memory or the store.
