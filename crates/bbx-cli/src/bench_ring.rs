@@ -10,7 +10,8 @@
 //!   fast any journal could acknowledge at that group size.
 //! - `http_batch` / `http_single`: durable `state.set` ops over loopback HTTP to a
 //!   kernel process, 100 per request or one per request.
-//! - `shm`: the shared-memory ring is not built yet; reported as `null`.
+//! - `shm`: `noop` ops through a shared-memory session with the same kernel
+//!   process, one at a time; latency is from submission to reaped completion.
 
 use crate::bench::{Figures, closed_loop, histogram, scratch_dir, start_kernel, two_cores};
 use crate::cli::{BenchRingArgs, Cli};
@@ -39,8 +40,7 @@ struct Report {
     fsync_ceiling: Figures,
     http_batch: Figures,
     http_single: Figures,
-    /// Not built yet.
-    shm: Option<Figures>,
+    shm: Figures,
     /// Journal records per fdatasync during `durable`, and their average size.
     durable_records_per_sync: f64,
     record_bytes: u64,
@@ -54,6 +54,7 @@ struct Targets {
     durable_at_least_90pct_of_fsync_ceiling: bool,
     http_batch_at_least_50k_ops: bool,
     http_single_p99_within_2ms_of_fsync_ceiling_p99: bool,
+    shm_p99_under_10us: bool,
 }
 
 /// The in-process phases and what `durable` did to the journal.
@@ -119,6 +120,8 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     http_batch.ops_per_sec *= 100.0;
     closed_loop(addr, args.http_clients, warmup, batch(&requests, 1)).await?;
     let http_single = closed_loop(addr, args.http_clients, measure, batch(&requests, 1)).await?;
+    let shm = client.open_shm(None).await?;
+    let shm = tokio::task::spawn_blocking(move || shm_noops(shm, agent, warmup, measure)).await??;
     drop(kernel);
 
     let report = Report {
@@ -128,13 +131,14 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
             durable_at_least_90pct_of_fsync_ceiling: in_process.durable.ops_per_sec >= 0.9 * fsync_ceiling.ops_per_sec,
             http_batch_at_least_50k_ops: http_batch.ops_per_sec >= 50_000.0,
             http_single_p99_within_2ms_of_fsync_ceiling_p99: http_single.p99_us <= fsync_ceiling.p99_us + 2_000,
+            shm_p99_under_10us: shm.p99_us < 10,
         },
         inproc: in_process.inproc,
         durable: in_process.durable,
         fsync_ceiling,
         http_batch,
         http_single,
-        shm: None,
+        shm,
         durable_records_per_sync: in_process.records_per_sync,
         record_bytes: in_process.record_bytes,
     };
@@ -240,6 +244,32 @@ where
     Ok(Figures::from(&all, started.elapsed().max(measure)))
 }
 
+/// One `noop` at a time through the shared-memory ring, after a warmup.
+fn shm_noops(
+    mut shm: bbx_client::ShmClient,
+    agent: bbx_core::AgentId,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Figures> {
+    let op = SubmitOp::new(agent, "noop", json!(null));
+    let mut run = |length: Duration, latencies: &mut hdrhistogram::Histogram<u64>| -> Result<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < length {
+            let sent = Instant::now();
+            let completion = shm.call(&op, Duration::from_secs(10))?;
+            if completion.status != bbx_core::op::CompletionStatus::Ok {
+                bail!("a noop through shared memory ended {}", completion.status.as_str());
+            }
+            latencies.saturating_record(sent.elapsed().as_nanos().div_ceil(1000).max(1) as u64);
+        }
+        Ok(started.elapsed())
+    };
+    run(warmup, &mut histogram())?;
+    let mut latencies = histogram();
+    let elapsed = run(measure, &mut latencies)?;
+    Ok(Figures::from(&latencies, elapsed))
+}
+
 /// `records` records of `record_bytes` each, appended in one write and made durable
 /// with one fdatasync, in a loop: the journal's physical limit at that group size.
 fn fsync_ceiling(dir: &Path, records: usize, record_bytes: usize, measure: Duration) -> Result<Figures> {
@@ -301,13 +331,13 @@ fn print_report(r: &Report) {
         ("fsync_ceiling", &r.fsync_ceiling),
         ("http_batch", &r.http_batch),
         ("http_single", &r.http_single),
+        ("shm", &r.shm),
     ] {
         println!(
             "{name:<14} {:>12.0} {:>10} {:>10} {:>10}",
             f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us
         );
     }
-    println!("shm            (not built yet)");
     println!(
         "durable: {:.1} journal records of {} bytes per fdatasync; fsync_ceiling uses the same",
         r.durable_records_per_sync, r.record_bytes

@@ -690,3 +690,85 @@ async fn cli_ring_contract() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("unknown op kind"), "{stderr}");
 }
+
+#[tokio::test]
+async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
+    use bbx_core::op::{CompletionStatus, SubmitOp};
+    use std::time::Duration;
+
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let agent: bbx_core::AgentId = api.agent("shm").await.parse().unwrap();
+    let (status, body) = api
+        .call(Method::POST, "/v1/ring/shm", Some(json!({"queue_bytes": 1000})))
+        .await;
+    assert_eq!(
+        error_code(status, &body, StatusCode::UNPROCESSABLE_ENTITY),
+        "invalid_argument"
+    );
+    let (status, session) = api.call(Method::POST, "/v1/ring/shm", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    let path = std::path::PathBuf::from(session["path"].as_str().unwrap());
+    assert_eq!(session["queue_bytes"], 1024 * 1024);
+
+    let summary = tokio::task::spawn_blocking(move || {
+        let mut shm = bbx_client::ShmClient::attach(&path).unwrap();
+        let noop = shm
+            .call(&SubmitOp::new(agent, "noop", json!(null)), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(noop.status, CompletionStatus::Ok);
+        // The file is gone once a client has attached: nobody else can map it.
+        assert!(!path.exists(), "{} is still there", path.display());
+
+        // Journaled ops, many in flight at once, each reaped under its own tag.
+        let tags: Vec<u64> = (0..200)
+            .map(|_| {
+                shm.submit(&SubmitOp::new(agent, "state.incr", json!({"key": "n", "by": 1})))
+                    .unwrap()
+            })
+            .collect();
+        let mut reaped = Vec::new();
+        while reaped.len() < tags.len() {
+            let done = shm
+                .reap(Duration::from_secs(10))
+                .unwrap()
+                .expect("a completion arrives");
+            assert_eq!(done.outcome.unwrap().status, CompletionStatus::Ok);
+            reaped.push(done.tag);
+        }
+        reaped.sort_unstable();
+        assert_eq!(reaped, tags);
+        let read = shm
+            .call(
+                &SubmitOp::new(agent, "state.get", json!({"key": "n"})),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        // A refused op comes back under its tag as the error the HTTP API gives.
+        let unknown = shm
+            .call(
+                &SubmitOp::new(agent, "no.such.kind", json!(null)),
+                Duration::from_secs(10),
+            )
+            .unwrap_err();
+        let stranger = shm
+            .call(
+                &SubmitOp::new(bbx_core::AgentId::generate(), "noop", json!(null)),
+                Duration::from_secs(10),
+            )
+            .unwrap_err();
+        (read.result.unwrap()["value"].clone(), unknown.code, stranger.code)
+    })
+    .await
+    .unwrap();
+    assert_eq!(summary.0, json!(200));
+    assert_eq!(summary.1, bbx_core::ErrorCode::InvalidArgument);
+    assert_eq!(summary.2, bbx_core::ErrorCode::NotFound);
+
+    // The increments are the kernel's own state, seen over HTTP too.
+    let (status, value) = api
+        .call(Method::GET, &format!("/v1/agents/{agent}/state/n"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    assert_eq!(value["value"], 200);
+}

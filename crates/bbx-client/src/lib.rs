@@ -5,12 +5,21 @@
 //! unchanged against a remote kernel. Errors come back as the kernel's own
 //! [`bbx_core::Error`]; a kernel that does not answer at all becomes an
 //! `unavailable` error that names the URL.
+//!
+//! A client on the kernel's machine can also open a [`ShmClient`]: a shared-memory
+//! ring for ops, much faster than HTTP for many small ops.
+
+mod shm;
+
+pub use shm::{ShmClient, ShmCompletion};
 
 use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
     SetState, StateEntry, StatePage, Status,
 };
-use bbx_core::op::{BreakerInfo, OpInfo, ResetBreakers, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::op::{
+    BreakerInfo, OpInfo, OpenShm, ResetBreakers, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
+};
 use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, OpId, Result, validate};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
@@ -156,6 +165,18 @@ impl Client {
                 .json(&req),
         )
         .await
+    }
+
+    /// Opens a shared-memory session with the kernel, which must run on this
+    /// machine as this user; its ops run as this client's key.
+    pub async fn open_shm(&self, queue_bytes: Option<u64>) -> Result<ShmClient> {
+        let session: ShmSession = self
+            .call(
+                self.request(Method::POST, &["v1", "ring", "shm"])
+                    .json(&OpenShm { queue_bytes }),
+            )
+            .await?;
+        ShmClient::attach(std::path::Path::new(&session.path))
     }
 }
 

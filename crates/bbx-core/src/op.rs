@@ -319,6 +319,25 @@ pub struct RingStats {
     pub breakers: Vec<BreakerInfo>,
 }
 
+/// `POST /v1/ring/shm`: open a shared-memory session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenShm {
+    /// The size of each of the session's two queues: a multiple of 8 from 64 KiB to
+    /// 64 MiB (1 MiB if left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_bytes: Option<u64>,
+}
+
+/// A shared-memory session: the file a client on the same machine maps to submit
+/// ops and reap completions. It is removed as soon as the client attaches, and the
+/// session ends if nobody attaches within 10 seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct ShmSession {
+    pub path: String,
+    pub queue_bytes: u64,
+}
+
 /// `bbx ring wal-status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct WalStatus {

@@ -20,6 +20,7 @@
 
 pub mod auth;
 mod ring;
+mod shm;
 mod store;
 
 pub use auth::Caller;
@@ -63,6 +64,7 @@ pub struct Kernel {
     keys: KeyRing,
     started: Instant,
     closing: AtomicBool,
+    shm_sessions: shm::SessionCount,
 }
 
 /// What opening a kernel produced.
@@ -101,6 +103,7 @@ impl Kernel {
             keys,
             started: Instant::now(),
             closing: AtomicBool::new(false),
+            shm_sessions: shm::SessionCount::default(),
         });
         // Deletions a crash interrupted finish removing their agents' state.
         for agent in kernel.store.pending_purges()? {

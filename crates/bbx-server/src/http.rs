@@ -9,7 +9,9 @@ use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
     SetState, StateEntry, StatePage, Status,
 };
-use bbx_core::op::{BreakerInfo, OpInfo, ResetBreakers, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::op::{
+    BreakerInfo, OpInfo, OpenShm, ResetBreakers, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
+};
 use bbx_core::{AgentId, Error, ErrorBody, KeyId, OpId};
 use bbx_kernel::{Caller, Kernel};
 use std::sync::Arc;
@@ -64,6 +66,7 @@ pub fn router() -> (axum::Router<Arc<Kernel>>, utoipa::openapi::OpenApi) {
         .routes(routes!(wal_status))
         .routes(routes!(list_breakers))
         .routes(routes!(reset_breakers))
+        .routes(routes!(open_shm))
         .routes(routes!(status))
         .routes(routes!(create_key, list_keys))
         .routes(routes!(revoke_key))
@@ -351,4 +354,17 @@ async fn reset_breakers(
     ApiJson(req): ApiJson<ResetBreakers>,
 ) -> Reply<Vec<BreakerInfo>> {
     Ok(ApiJson(kernel.reset_breakers(&caller, req.target.as_deref())?))
+}
+
+/// Open a shared-memory session: a ring file that a client on the same machine maps
+/// to submit ops and reap completions with no system call on the fast path. Ops
+/// run as the caller of this request.
+#[utoipa::path(post, path = "/v1/ring/shm", tag = "ring", request_body = OpenShm,
+    responses((status = 201, body = ShmSession), (status = "4XX", body = ErrorBody, description = "Bad queue size or too many sessions")))]
+async fn open_shm(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<OpenShm>,
+) -> Result<(StatusCode, ApiJson<ShmSession>), ApiError> {
+    Ok((StatusCode::CREATED, ApiJson(kernel.open_shm(&caller, req)?)))
 }

@@ -131,7 +131,29 @@ struct Live {
     first_start: Option<Instant>,
     exec_time: Duration,
     cancel: Option<CancellationToken>,
-    waiters: Vec<oneshot::Sender<Arc<Completion>>>,
+    waiters: Vec<Waiter>,
+}
+
+/// Someone to hand an op's completion to.
+enum Waiter {
+    /// A caller of [`Ring::wait`].
+    Once(oneshot::Sender<Arc<Completion>>),
+    /// A shared-memory session, which reaps all of its ops' completions in one place.
+    Sink(Sink),
+}
+
+/// Takes completions for a shared-memory session; called outside the ring's lock.
+pub(crate) type Sink = Arc<dyn Fn(Arc<Completion>) + Send + Sync>;
+
+impl Waiter {
+    fn answer(self, completion: Arc<Completion>) {
+        match self {
+            Self::Once(sender) => {
+                let _ = sender.send(completion);
+            }
+            Self::Sink(sink) => sink(completion),
+        }
+    }
 }
 
 struct Counters {
@@ -189,7 +211,7 @@ struct Pending {
 /// What settling ops under the lock leaves to do once it is dropped.
 #[derive(Default)]
 struct Outbox {
-    answers: Vec<(oneshot::Sender<Arc<Completion>>, Arc<Completion>)>,
+    answers: Vec<(Waiter, Arc<Completion>)>,
     events: Vec<Arc<Completion>>,
     released: Vec<Lsn>,
     to_record: Vec<Pending>,
@@ -202,8 +224,9 @@ struct Slots {
     completing: Option<Permit>,
 }
 
-/// A bounded number of slots. Only the dispatcher takes them, so checking and
-/// taking need no lock; whoever frees a slot of a full pool wakes the dispatcher.
+/// A bounded number of slots, claimed with a compare-and-swap (the dispatcher and
+/// shared-memory sessions both start ops); whoever frees a slot of a full pool wakes
+/// the dispatcher.
 struct Capacity {
     used: AtomicUsize,
     limit: usize,
@@ -219,12 +242,26 @@ impl Capacity {
         })
     }
 
-    fn free(&self) -> usize {
-        self.limit.saturating_sub(self.used.load(Ordering::Acquire))
+    /// Claims up to `max` free slots; how many it got.
+    fn claim(&self, max: usize) -> usize {
+        let mut got = 0;
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            got = max.min(self.limit.saturating_sub(used));
+            (got > 0).then_some(used + got)
+        });
+        got
     }
 
-    fn take(self: &Arc<Self>) -> Permit {
-        self.used.fetch_add(1, Ordering::AcqRel);
+    /// Gives back claimed slots that found no op to run. Nobody is woken: the
+    /// claimer saw the queue empty under the ring's lock, and whoever queues an op
+    /// after that wakes the dispatcher itself. (Waking here would have the
+    /// dispatcher wake itself forever.)
+    fn unclaim(&self, count: usize) {
+        self.used.fetch_sub(count, Ordering::AcqRel);
+    }
+
+    /// A permit for one slot already claimed.
+    fn permit(self: &Arc<Self>) -> Permit {
         Permit(self.clone())
     }
 }
@@ -763,14 +800,29 @@ impl Ring {
             if self.closing.load(Ordering::Acquire) {
                 return;
             }
-            let free = self.running.free().min(self.completing.free()).min(DISPATCH_BATCH);
-            let batch = if free > 0 { self.next_batch(free) } else { Vec::new() };
-            if batch.is_empty() {
+            if !self.dispatch_once() {
                 woken.await;
-                continue;
             }
-            self.run_batch(batch);
         }
+    }
+
+    /// Starts the next batch of ops, as far as running and completion slots allow;
+    /// false if there was nothing to start. A shared-memory session calls it right
+    /// after it submits, so that an inline op completes on the submitting thread
+    /// with no wakeup of another.
+    pub fn dispatch_once(self: &Arc<Self>) -> bool {
+        let running = self.running.claim(DISPATCH_BATCH);
+        let both = self.completing.claim(running);
+        // Short of completion slots: freeing one of those wakes the dispatcher.
+        self.running.unclaim(running - both);
+        let batch = if both > 0 { self.next_batch(both) } else { Vec::new() };
+        self.running.unclaim(both - batch.len());
+        self.completing.unclaim(both - batch.len());
+        if batch.is_empty() {
+            return false;
+        }
+        self.run_batch(batch);
+        true
     }
 
     /// Up to `max` ops to start, in scheduler order, marked running.
@@ -812,8 +864,8 @@ impl Ring {
         let mut applying = Vec::new();
         for (id, record, exec, token) in batch {
             let slots = Slots {
-                running: Some(self.running.take()),
-                completing: Some(self.completing.take()),
+                running: Some(self.running.permit()),
+                completing: Some(self.completing.permit()),
             };
             let breaker = self.breakers.get(&record.kind);
             let started = Instant::now();
@@ -1098,7 +1150,7 @@ impl Ring {
             to_record,
         } = out;
         for (waiter, completion) in answers {
-            let _ = waiter.send(completion);
+            waiter.answer(completion);
         }
         if self.events.receiver_count() > 0 {
             for completion in events {
@@ -1263,7 +1315,7 @@ impl Ring {
                 Some(live) => {
                     caller.check_tenant(&live.record.tenant)?;
                     let (sender, receiver) = oneshot::channel();
-                    live.waiters.push(sender);
+                    live.waiters.push(Waiter::Once(sender));
                     Some(receiver)
                 }
                 None => None,
@@ -1275,6 +1327,24 @@ impl Ring {
             return Ok(OpInfo::done((*done).clone()));
         }
         self.info(caller, id)
+    }
+
+    /// Hands the op's completion to `sink` when it completes, or now if it has. The
+    /// caller submitted the op, so it may see it.
+    pub fn watch(&self, id: OpId, sink: Sink) -> Result<()> {
+        let done = {
+            let mut st = self.state.lock();
+            match st.live.get_mut(&id) {
+                Some(live) => {
+                    live.waiters.push(Waiter::Sink(sink));
+                    return Ok(());
+                }
+                None => self.completion(&st, &id)?,
+            }
+        };
+        let done = done.ok_or_else(|| Error::not_found("op", id))?;
+        sink(done);
+        Ok(())
     }
 
     /// Cancels an op: at once if it has not started, by dropping its executor if it

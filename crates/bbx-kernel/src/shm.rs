@@ -1,0 +1,267 @@
+//! Serving shared-memory sessions: a thread per session reads the client's
+//! submissions from the mapped ring, submits them as the caller that opened the
+//! session, dispatches at once on the same thread, and writes each op's completion
+//! back, tagged as the client tagged the submission.
+//!
+//! While submissions keep coming the thread never sleeps and the client makes no
+//! system call. An op that has to wait (for the journal's fdatasync, or a `sleep`)
+//! completes on the kernel's runtime, whose completion wakes the thread through the
+//! futex in the mapping.
+
+use crate::Kernel;
+use crate::auth::Caller;
+use crate::ring::Sink;
+use bbx_core::op::{Completion, OpenShm, ShmSession, SubmitBatch, Submitted};
+use bbx_core::{Error, ErrorCode, Result};
+use bbx_ring::shm::{self, KernelEnd};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Sessions one kernel serves at once: each holds a thread and two queues.
+pub(crate) const MAX_SESSIONS: usize = 64;
+const DEFAULT_QUEUE_BYTES: u64 = 1024 * 1024;
+/// How long a new session waits for its client to attach.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an idle session checks that its client and the kernel are still there.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+/// Submissions taken before the session dispatches and writes completions.
+const SUBMIT_BURST: usize = 256;
+
+/// What reaches a session's thread from elsewhere in the kernel.
+enum Event {
+    /// A submission that had to wait (for the journal) was answered.
+    Submitted(u64, Result<Submitted>),
+    Completed(u64, Arc<Completion>),
+}
+
+/// Creates the session's ring file and starts its thread.
+pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> Result<ShmSession> {
+    let queue_bytes = request.queue_bytes.unwrap_or(DEFAULT_QUEUE_BYTES);
+    let sessions = kernel.shm_sessions.clone();
+    if sessions.fetch_add(1, Ordering::AcqRel) >= MAX_SESSIONS {
+        sessions.fetch_sub(1, Ordering::AcqRel);
+        return Err(Error::resource_exhausted(
+            format!("the kernel serves at most {MAX_SESSIONS} shared-memory sessions at once"),
+            Duration::from_secs(1),
+        ));
+    }
+    let path = ring_dir().join(format!("bbx-ring-{}", uuid::Uuid::new_v4().simple()));
+    let end = match KernelEnd::create(&path, queue_bytes) {
+        Ok(end) => end,
+        Err(e) => {
+            sessions.fetch_sub(1, Ordering::AcqRel);
+            return Err(e.into());
+        }
+    };
+    let session = Session {
+        kernel: kernel.clone(),
+        caller: caller.clone(),
+        events: crossbeam_channel::unbounded(),
+        wake: Arc::new(end.waker()),
+        end,
+        path: path.clone(),
+        unlinked: false,
+        backlog: VecDeque::new(),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    kernel.tasks.spawn_blocking(move || {
+        let _entered = runtime.enter();
+        session.serve();
+        sessions.fetch_sub(1, Ordering::AcqRel);
+    });
+    Ok(ShmSession {
+        path: path.display().to_string(),
+        queue_bytes,
+    })
+}
+
+/// Where ring files go: shared memory where the system has it.
+fn ring_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+struct Session {
+    kernel: Arc<Kernel>,
+    caller: Caller,
+    end: KernelEnd,
+    events: (Sender<Event>, Receiver<Event>),
+    wake: Arc<dyn Fn() + Send + Sync>,
+    path: PathBuf,
+    unlinked: bool,
+    /// Encoded completions waiting for the client to make room.
+    backlog: VecDeque<Vec<u8>>,
+}
+
+impl Session {
+    fn serve(mut self) {
+        let opened = Instant::now();
+        let mut message = Vec::new();
+        let mut last_check = Instant::now();
+        loop {
+            if self.end.is_closed() || self.kernel.ring.stopping().is_cancelled() {
+                break;
+            }
+            if !self.unlinked {
+                if self.end.client_pid().is_some() {
+                    // Attached: nobody else needs to find the file any more.
+                    self.unlink();
+                } else if opened.elapsed() > ATTACH_TIMEOUT {
+                    tracing::info!(path = %self.path.display(), "no client attached to a shared-memory session");
+                    break;
+                }
+            }
+            let mut worked = false;
+            for _ in 0..SUBMIT_BURST {
+                match self.end.pop_submission(&mut message) {
+                    Ok(true) => {
+                        worked = true;
+                        self.submit(&message);
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "closing a shared-memory session");
+                        self.end.close();
+                        break;
+                    }
+                }
+            }
+            if worked {
+                self.kernel.ring.dispatch_once();
+            }
+            while let Ok(event) = self.events.1.try_recv() {
+                worked = true;
+                match event {
+                    Event::Submitted(tag, submitted) => self.accepted(tag, submitted),
+                    Event::Completed(tag, completion) => self.reply(tag, Ok(&completion)),
+                }
+            }
+            self.flush();
+            if !worked {
+                // A full completion queue is drained by the client without telling
+                // us: look again soon rather than sleep for the idle interval.
+                let timeout = if self.backlog.is_empty() {
+                    IDLE_CHECK
+                } else {
+                    Duration::from_millis(1)
+                };
+                let events = &self.events.1;
+                self.end.wait(timeout, || !events.is_empty());
+                if last_check.elapsed() >= IDLE_CHECK {
+                    last_check = Instant::now();
+                    if !self.end.client_alive() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.end.close();
+        self.unlink();
+    }
+
+    /// Submits one op as the session's caller. Ops that need no journal are
+    /// admitted on this thread; one that must wait for the journal's fdatasync goes
+    /// on waiting on the kernel's runtime and reports back as an event.
+    fn submit(&mut self, message: &[u8]) {
+        let (tag, op) = match shm::decode_submission(message) {
+            Ok(decoded) => decoded,
+            Err((tag, error)) => return self.reply(tag.unwrap_or(0), Err(&error)),
+        };
+        let kernel = self.kernel.clone();
+        let caller = self.caller.clone();
+        let batch = SubmitBatch {
+            ops: vec![op],
+            wait_ms: None,
+        };
+        let mut submitting = Box::pin(async move { kernel.submit(&caller, batch).await });
+        match submitting.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(submitted) => self.accepted(tag, submitted),
+            Poll::Pending => {
+                let events = self.events.0.clone();
+                let wake = self.wake.clone();
+                tokio::spawn(async move {
+                    let submitted = submitting.await;
+                    let _ = events.send(Event::Submitted(tag, submitted));
+                    wake();
+                });
+            }
+        }
+    }
+
+    /// Watches an accepted op for its completion, or answers a refusal.
+    fn accepted(&mut self, tag: u64, submitted: Result<Submitted>) {
+        let watched = submitted.and_then(|submitted| {
+            let op = submitted
+                .ops
+                .first()
+                .ok_or_else(|| Error::internal("a submission of one op was answered with none"))?;
+            self.kernel.ring.watch(op.op_id, self.sink(tag))
+        });
+        if let Err(error) = watched {
+            self.reply(tag, Err(&error));
+        }
+    }
+
+    fn sink(&self, tag: u64) -> Sink {
+        let events = self.events.0.clone();
+        let wake = self.wake.clone();
+        Arc::new(move |completion| {
+            let _ = events.send(Event::Completed(tag, completion));
+            wake();
+        })
+    }
+
+    fn reply(&mut self, tag: u64, outcome: std::result::Result<&Completion, &Error>) {
+        let mut message = Vec::new();
+        shm::encode_completion(tag, outcome, &mut message);
+        self.backlog.push_back(message);
+    }
+
+    /// Writes waiting completions while the client has room for them.
+    fn flush(&mut self) {
+        while let Some(message) = self.backlog.front() {
+            match self.end.push_completion(message) {
+                Ok(true) => {
+                    self.backlog.pop_front();
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    // Larger than half the queue: the client gets the error instead.
+                    let tag = u64::from_le_bytes(message[..8].try_into().expect("messages start with a tag"));
+                    let error = Error::new(ErrorCode::PayloadTooLarge, e.to_string());
+                    let mut refused = Vec::new();
+                    shm::encode_completion(tag, Err(&error), &mut refused);
+                    self.backlog[0] = refused;
+                }
+            }
+        }
+    }
+
+    fn unlink(&mut self) {
+        if !self.unlinked {
+            self.unlinked = true;
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Kernel {
+    /// Opens a shared-memory session for a client on this machine; see
+    /// [`bbx_ring::shm`].
+    pub fn open_shm(self: &Arc<Self>, caller: &Caller, request: OpenShm) -> Result<ShmSession> {
+        open(self, caller, request)
+    }
+}
+
+/// Sessions in progress, shared by the kernel and its session threads.
+pub(crate) type SessionCount = Arc<AtomicUsize>;
