@@ -250,7 +250,8 @@ pub(crate) fn start_kernel(dir: &Path, cores: Option<Cores>) -> Result<(Scratch,
         pin_to(cores.kernel)?;
     }
     let started = Instant::now();
-    let child = Command::new(std::env::current_exe()?)
+    let mut command = Command::new(std::env::current_exe()?);
+    command
         .args([
             "serve",
             "--listen",
@@ -262,9 +263,17 @@ pub(crate) fn start_kernel(dir: &Path, cores: Option<Cores>) -> Result<(Scratch,
         .arg(dir)
         .env_remove("BBX_CONFIG")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start a scratch kernel")?;
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs between fork and exec and makes one async-signal-safe
+    // system call. It kills the scratch kernel when the bench dies without running
+    // its destructors (a signal), instead of leaving it behind.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command.spawn().context("cannot start a scratch kernel")?;
     if let Some(cores) = cores {
         pin_to(cores.load)?;
     }

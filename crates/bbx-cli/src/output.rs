@@ -85,8 +85,8 @@ pub fn completion(c: &Completion) {
 
 pub fn ring_stats(s: &RingStats) {
     println!(
-        "pending {}/{}  running {}/{}  completing {}/{}",
-        s.pending, s.submission_capacity, s.running, s.max_running, s.completing, s.completion_capacity
+        "pending {}/{}  running {}/{}  completing {}/{}  shared-memory sessions {}",
+        s.pending, s.submission_capacity, s.running, s.max_running, s.completing, s.completion_capacity, s.shm_sessions
     );
     println!(
         "submitted {}  deduplicated {}  refused {}  retries {}  {:.1} completions/s (10 s)",

@@ -765,10 +765,51 @@ async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     assert_eq!(summary.1, bbx_core::ErrorCode::InvalidArgument);
     assert_eq!(summary.2, bbx_core::ErrorCode::NotFound);
 
+    // The client dropped its end, which closed the session.
+    wait_for_shm_sessions(&api, 0).await;
+
+    // A client that dies without closing: its session ends too. A real process
+    // maps the ring file and announces itself as the client, then is killed.
+    let (_, session) = api.call(Method::POST, "/v1/ring/shm", Some(json!({}))).await;
+    let path = session["path"].as_str().unwrap().to_owned();
+    let attach = "import mmap, os, struct, sys, time\n\
+        f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 0)\n\
+        m[12:16] = struct.pack('<I', os.getpid()); print('attached', flush=True); time.sleep(60)";
+    let mut client = std::process::Command::new("python3")
+        .args(["-c", attach, &path])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "attached");
+    wait_for_shm_sessions(&api, 1).await;
+    client.kill().unwrap();
+    client.wait().unwrap();
+    wait_for_shm_sessions(&api, 0).await;
+    assert!(!std::path::Path::new(&path).exists());
+
     // The increments are the kernel's own state, seen over HTTP too.
     let (status, value) = api
         .call(Method::GET, &format!("/v1/agents/{agent}/state/n"), None)
         .await;
     assert_eq!(status, StatusCode::OK, "{value}");
     assert_eq!(value["value"], 200);
+}
+
+/// Polls `bbx ring stats` until the kernel serves `count` shared-memory sessions.
+async fn wait_for_shm_sessions(api: &Api, count: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, stats) = api.call(Method::GET, "/v1/ring/stats", None).await;
+        if stats["shm_sessions"] == count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions: {}",
+            stats["shm_sessions"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

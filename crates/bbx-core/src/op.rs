@@ -317,6 +317,9 @@ pub struct RingStats {
     /// Submission to completion, by priority, since the kernel started.
     pub latency: BTreeMap<Priority, Percentiles>,
     pub breakers: Vec<BreakerInfo>,
+    /// Shared-memory sessions being served.
+    #[serde(default)]
+    pub shm_sessions: u64,
 }
 
 /// `POST /v1/ring/shm`: open a shared-memory session.

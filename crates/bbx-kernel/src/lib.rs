@@ -65,7 +65,21 @@ pub struct Kernel {
     started: Instant,
     closing: AtomicBool,
     shm_sessions: shm::SessionCount,
+    tenants: TenantCache,
 }
+
+/// The tenant of each agent an op or a state call named lately, so that the hot
+/// paths check an agent without decoding its record. An agent never changes
+/// tenant; a deletion removes its entry.
+#[derive(Default)]
+struct TenantCache {
+    tenants: parking_lot::RwLock<HashMap<AgentId, String>>,
+    /// Bumped by every deletion: a lookup that raced one does not insert what it read.
+    deletions: std::sync::atomic::AtomicU64,
+}
+
+/// Agents the cache remembers before it starts over.
+const TENANT_CACHE_AGENTS: usize = 65_536;
 
 /// What opening a kernel produced.
 pub struct Opened {
@@ -104,6 +118,7 @@ impl Kernel {
             started: Instant::now(),
             closing: AtomicBool::new(false),
             shm_sessions: shm::SessionCount::default(),
+            tenants: TenantCache::default(),
         });
         // Deletions a crash interrupted finish removing their agents' state.
         for agent in kernel.store.pending_purges()? {
@@ -186,6 +201,24 @@ impl Kernel {
         }
     }
 
+    /// The agent's tenant, once the agent is known to exist and the caller may see it.
+    fn agent_tenant(&self, caller: &Caller, id: &AgentId) -> Result<String> {
+        if let Some(tenant) = self.tenants.tenants.read().get(id) {
+            caller.check_tenant(tenant)?;
+            return Ok(tenant.clone());
+        }
+        let deletions = self.tenants.deletions.load(Ordering::Acquire);
+        let tenant = self.load_agent(caller, id)?.tenant;
+        let mut tenants = self.tenants.tenants.write();
+        if self.tenants.deletions.load(Ordering::Acquire) == deletions {
+            if tenants.len() >= TENANT_CACHE_AGENTS {
+                tenants.clear();
+            }
+            tenants.insert(*id, tenant.clone());
+        }
+        Ok(tenant)
+    }
+
     fn load_agent(&self, caller: &Caller, id: &AgentId) -> Result<Agent> {
         let bytes = self
             .store
@@ -227,6 +260,8 @@ impl Kernel {
     pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
         self.load_agent(caller, id)?;
         self.store.write(Write::DeleteAgent(*id)).await?;
+        self.tenants.deletions.fetch_add(1, Ordering::AcqRel);
+        self.tenants.tenants.write().remove(id);
         spawn_purge(&self.tasks, self.store.clone(), *id);
         Ok(())
     }
@@ -316,7 +351,7 @@ impl Kernel {
 
     pub fn state_get(&self, caller: &Caller, agent: &AgentId, key: &str) -> Result<StateEntry> {
         validate::state_key(key)?;
-        self.load_agent(caller, agent)?;
+        self.agent_tenant(caller, agent)?;
         let bytes = self
             .store
             .view()
@@ -342,7 +377,7 @@ impl Kernel {
                 ),
             ));
         }
-        self.load_agent(caller, agent)?;
+        self.agent_tenant(caller, agent)?;
         let at = Utc::now();
         let write = Write::SetState {
             agent: *agent,
@@ -370,7 +405,7 @@ impl Kernel {
         if_version: Option<u64>,
     ) -> Result<()> {
         validate::state_key(&key)?;
-        self.load_agent(caller, agent)?;
+        self.agent_tenant(caller, agent)?;
         self.store
             .write(Write::DeleteState {
                 agent: *agent,
@@ -384,7 +419,7 @@ impl Kernel {
 
     pub fn state_list(&self, caller: &Caller, agent: &AgentId, req: ListState) -> Result<StatePage> {
         let limit = page_limit(req.limit)?;
-        self.load_agent(caller, agent)?;
+        self.agent_tenant(caller, agent)?;
         let prefix = store::state_key(agent, req.prefix.as_deref().unwrap_or(""));
         let start = match req.cursor.as_deref() {
             Some(cursor) => {
@@ -469,23 +504,32 @@ impl Kernel {
 
     /// Submits a batch of ops; answers once every op with effects is journaled.
     pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
+        self.submit_with(caller, batch, ring::Dispatcher::Task).await
+    }
+
+    async fn submit_with(
+        &self,
+        caller: &Caller,
+        batch: SubmitBatch,
+        dispatcher: ring::Dispatcher,
+    ) -> Result<Submitted> {
         let mut tenants: HashMap<AgentId, String> = HashMap::new();
         let mut ops = Vec::with_capacity(batch.ops.len());
         for (index, op) in batch.ops.into_iter().enumerate() {
             let tenant = match tenants.get(&op.agent) {
                 Some(tenant) => tenant.clone(),
                 None => {
-                    let agent = self
-                        .load_agent(caller, &op.agent)
+                    let tenant = self
+                        .agent_tenant(caller, &op.agent)
                         .map_err(|e| bbx_ring::batch::at_op(index, e))?;
-                    tenants.insert(op.agent, agent.tenant.clone());
-                    agent.tenant
+                    tenants.insert(op.agent, tenant.clone());
+                    tenant
                 }
             };
             ops.push((op, tenant));
         }
         self.ring
-            .submit(caller, ops, batch.wait_ms.map(Duration::from_millis))
+            .submit(caller, ops, batch.wait_ms.map(Duration::from_millis), dispatcher)
             .await
     }
 
@@ -508,7 +552,10 @@ impl Kernel {
     }
 
     pub fn ring_stats(&self, _caller: &Caller) -> RingStats {
-        self.ring.stats()
+        RingStats {
+            shm_sessions: self.shm_sessions.load(Ordering::Acquire) as u64,
+            ..self.ring.stats()
+        }
     }
 
     pub async fn wal_status(&self, caller: &Caller) -> Result<WalStatus> {

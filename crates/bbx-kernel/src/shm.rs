@@ -10,7 +10,7 @@
 
 use crate::Kernel;
 use crate::auth::Caller;
-use crate::ring::Sink;
+use crate::ring::{Dispatcher, Sink};
 use bbx_core::op::{Completion, OpenShm, ShmSession, SubmitBatch, Submitted};
 use bbx_core::{Error, ErrorCode, Result};
 use bbx_ring::shm::{self, KernelEnd};
@@ -108,8 +108,9 @@ impl Session {
         let opened = Instant::now();
         let mut message = Vec::new();
         let mut last_check = Instant::now();
+        let stopping = self.kernel.ring.stopping();
         loop {
-            if self.end.is_closed() || self.kernel.ring.stopping().is_cancelled() {
+            if self.end.is_closed() || stopping.is_cancelled() {
                 break;
             }
             if !self.unlinked {
@@ -183,7 +184,7 @@ impl Session {
             ops: vec![op],
             wait_ms: None,
         };
-        let mut submitting = Box::pin(async move { kernel.submit(&caller, batch).await });
+        let mut submitting = Box::pin(async move { kernel.submit_with(&caller, batch, Dispatcher::Submitter).await });
         match submitting.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(submitted) => self.accepted(tag, submitted),
             Poll::Pending => {

@@ -119,6 +119,12 @@ async fn deleting_an_agent_deletes_its_state_and_only_its_state() {
         api.state_get(doomed.id, "k0".into()).await.unwrap_err().code,
         ErrorCode::NotFound
     );
+    // Ops were checked against the agent before (its tenant is cached): no longer.
+    let noop = bbx_core::op::SubmitBatch {
+        ops: vec![bbx_core::op::SubmitOp::new(doomed.id, "noop", json!(null))],
+        wait_ms: None,
+    };
+    assert_eq!(api.submit_ops(noop).await.unwrap_err().code, ErrorCode::NotFound);
     assert_eq!(api.state_get(kept.id, "k0".into()).await.unwrap().value, json!("mine"));
     assert_eq!(api.status().await.unwrap().agents, 1);
     // A second delete is a 404.

@@ -215,6 +215,8 @@ struct Outbox {
     events: Vec<Arc<Completion>>,
     released: Vec<Lsn>,
     to_record: Vec<Pending>,
+    /// A dependent was queued: the dispatcher has work.
+    queued: bool,
 }
 
 /// The slots a running op holds: freed when its attempt ends (running) and when its
@@ -421,11 +423,15 @@ impl Ring {
         Ok(())
     }
 
+    /// Submits a batch. `dispatcher` says who starts its ops: the dispatcher
+    /// task, or the submitting thread itself right after (a shared-memory session),
+    /// which saves waking another thread.
     pub async fn submit(
         self: &Arc<Self>,
         caller: &Caller,
         ops: Vec<(SubmitOp, String)>,
         wait: Option<Duration>,
+        dispatcher: Dispatcher,
     ) -> Result<Submitted> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::unavailable("the kernel is shutting down"));
@@ -499,7 +505,9 @@ impl Ring {
             }
             self.gauge_queues(&st);
         }
-        self.work.notify_one();
+        if dispatcher == Dispatcher::Task || !journaled.is_empty() {
+            self.work.notify_one();
+        }
         self.finish_all(finish);
         lsns?;
         Ok(Submitted {
@@ -776,10 +784,10 @@ impl Ring {
 
     /// Queues an active op whose dependencies are done, or ends it if one failed or
     /// it was cancelled while it waited.
-    fn release_if_ready(st: &mut RingState, id: OpId, finish: &mut Vec<Finish>) {
-        let Some(live) = st.live.get_mut(&id) else { return };
+    fn release_if_ready(st: &mut RingState, id: OpId, finish: &mut Vec<Finish>) -> bool {
+        let Some(live) = st.live.get_mut(&id) else { return false };
         if !live.active || live.finishing || !live.holds_slot {
-            return;
+            return false;
         }
         if live.cancel_requested {
             finish.push(Finish::cancelled(id, "cancelled before it started"));
@@ -790,7 +798,9 @@ impl Ring {
             live.state = OpState::Queued;
             let (agent, priority) = (live.record.agent, live.record.priority);
             st.scheduler.enqueue(agent, priority, id, Instant::now());
+            return true;
         }
+        false
     }
 
     /// Takes ops in scheduler order while running and completion slots are free.
@@ -815,18 +825,28 @@ impl Ring {
         let both = self.completing.claim(running);
         // Short of completion slots: freeing one of those wakes the dispatcher.
         self.running.unclaim(running - both);
-        let batch = if both > 0 { self.next_batch(both) } else { Vec::new() };
+        let (batch, more) = if both > 0 {
+            self.next_batch(both)
+        } else {
+            (Vec::new(), false)
+        };
         self.running.unclaim(both - batch.len());
         self.completing.unclaim(both - batch.len());
         if batch.is_empty() {
             return false;
         }
         self.run_batch(batch);
+        if more {
+            // Called by a session, this leaves the rest to the dispatcher task;
+            // called by that task, it only makes it look once more.
+            self.work.notify_one();
+        }
         true
     }
 
-    /// Up to `max` ops to start, in scheduler order, marked running.
-    fn next_batch(&self, max: usize) -> Vec<Start> {
+    /// Up to `max` ops to start, in scheduler order, marked running; and whether
+    /// more remain queued.
+    fn next_batch(&self, max: usize) -> (Vec<Start>, bool) {
         let mut st = self.state.lock();
         let now = Instant::now();
         let mut batch = Vec::new();
@@ -853,7 +873,7 @@ impl Ring {
         for _ in 0..batch.len().min(waiting) {
             self.room.notify_one();
         }
-        batch
+        (batch, !st.scheduler.is_empty())
     }
 
     /// Runs a dispatched batch through its breakers: inline executors at once, with
@@ -1148,6 +1168,7 @@ impl Ring {
             events,
             released,
             to_record,
+            queued,
         } = out;
         for (waiter, completion) in answers {
             waiter.answer(completion);
@@ -1161,7 +1182,9 @@ impl Ring {
             self.journal.release(released);
         }
         self.record(to_record);
-        self.work.notify_one();
+        if queued {
+            self.work.notify_one();
+        }
     }
 
     /// Records completions (with their effects) in one store request, then settles
@@ -1262,7 +1285,7 @@ impl Ring {
                 if completion.status != CompletionStatus::Ok {
                     waiting.failed_dependency = Some(dependency_failure(&completion.op_id, completion.status.as_str()));
                 }
-                Self::release_if_ready(st, dependent, follow_ups);
+                out.queued |= Self::release_if_ready(st, dependent, follow_ups);
             }
         }
         out.answers
@@ -1445,6 +1468,8 @@ impl Ring {
                 .map(|p| (*p, journal::percentiles(&st.counters.latency[p.rank()])))
                 .collect(),
             breakers: self.breakers(),
+            // The kernel serves the sessions; it fills this in.
+            shm_sessions: 0,
         }
     }
 
@@ -1496,6 +1521,15 @@ impl Ring {
     pub fn stopping(&self) -> CancellationToken {
         self.stopping.clone()
     }
+}
+
+/// Who starts the ops of a submission.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dispatcher {
+    /// The dispatcher task, woken by the submission.
+    Task,
+    /// The submitting thread, by calling [`Ring::dispatch_once`] next.
+    Submitter,
 }
 
 /// An op about to end.
