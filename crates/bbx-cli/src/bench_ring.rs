@@ -173,8 +173,10 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
         .id;
     let session = Arc::new(kernel.session(caller.clone()));
 
-    // inproc: two submitters, each a batch of 64 noops at a time, reaping all 64.
-    let noops = move |session: Arc<bbx_kernel::Session>, end: Instant| async move {
+    // inproc: two submitters, each a batch of 64 noops at a time, reaping all 64
+    // from the kernel's completion stream (as `GET /v1/ops/events` does).
+    let noops = move |kernel: Arc<bbx_kernel::Kernel>, session: Arc<bbx_kernel::Session>, end: Instant| async move {
+        let mut completions = kernel.completions();
         let mut latencies = histogram();
         while Instant::now() < end {
             let started = Instant::now();
@@ -182,14 +184,32 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
                 ops: (0..64).map(|_| SubmitOp::new(agent, "noop", json!(null))).collect(),
                 wait_ms: Some(10_000),
             };
-            for op in session.submit_ops(batch).await?.ops {
-                session.wait_op(op.op_id, Duration::from_secs(10)).await?;
-                latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+            let mut pending: std::collections::HashSet<_> =
+                session.submit_ops(batch).await?.ops.iter().map(|op| op.op_id).collect();
+            while !pending.is_empty() {
+                match completions.recv().await {
+                    Ok(done) => {
+                        if pending.remove(&done.op_id) {
+                            latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+                        }
+                    }
+                    // Fell behind the stream: reap the rest one by one.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for id in pending.drain() {
+                            session.wait_op(id, Duration::from_secs(10)).await?;
+                            latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => bail!("the completion stream closed"),
+                }
             }
         }
         anyhow::Ok(latencies)
     };
-    let inproc = run_tasks(2, measure, |_| noops(session.clone(), Instant::now() + measure)).await?;
+    let inproc = run_tasks(2, measure, |_| {
+        noops(kernel.clone(), session.clone(), Instant::now() + measure)
+    })
+    .await?;
 
     // durable: many submitters, one state.set each, acknowledged once journaled.
     let before = kernel.wal_status(&caller).await?;

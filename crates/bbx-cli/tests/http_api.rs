@@ -744,6 +744,24 @@ async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
                 Duration::from_secs(10),
             )
             .unwrap();
+        // A client that submits without reaping is stopped by a full queue (the
+        // kernel stops reading once it owes 8192 completions), and loses nothing.
+        let mut accepted = 0u64;
+        let refused = loop {
+            match shm.submit(&SubmitOp::new(agent, "noop", json!(null))) {
+                Ok(_) => accepted += 1,
+                Err(e) => break e,
+            }
+            assert!(accepted < 1_000_000, "the kernel never pushed back");
+        };
+        assert_eq!(refused.code, bbx_core::ErrorCode::ResourceExhausted);
+        for _ in 0..accepted {
+            let done = shm
+                .reap(Duration::from_secs(10))
+                .unwrap()
+                .expect("every accepted op completes");
+            assert_eq!(done.outcome.unwrap().status, CompletionStatus::Ok);
+        }
         // A refused op comes back under its tag as the error the HTTP API gives.
         let unknown = shm
             .call(

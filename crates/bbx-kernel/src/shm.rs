@@ -32,6 +32,10 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_CHECK: Duration = Duration::from_millis(100);
 /// Submissions taken before the session dispatches and writes completions.
 const SUBMIT_BURST: usize = 256;
+/// Submissions taken whose completions the client has not yet been handed: past
+/// this, the session reads no more until the client reaps, so a client that never
+/// reaps cannot make the kernel buffer completions without bound.
+const MAX_OWED: usize = 8192;
 
 /// What reaches a session's thread from elsewhere in the kernel.
 enum Event {
@@ -68,6 +72,7 @@ pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> R
         path: path.clone(),
         unlinked: false,
         backlog: VecDeque::new(),
+        owed: 0,
     };
     let runtime = tokio::runtime::Handle::current();
     kernel.tasks.spawn_blocking(move || {
@@ -101,6 +106,8 @@ struct Session {
     unlinked: bool,
     /// Encoded completions waiting for the client to make room.
     backlog: VecDeque<Vec<u8>>,
+    /// Submissions taken whose completion is not in the completion queue yet.
+    owed: usize,
 }
 
 impl Session {
@@ -123,10 +130,11 @@ impl Session {
                 }
             }
             let mut worked = false;
-            for _ in 0..SUBMIT_BURST {
+            for _ in 0..SUBMIT_BURST.min(MAX_OWED - self.owed) {
                 match self.end.pop_submission(&mut message) {
                     Ok(true) => {
                         worked = true;
+                        self.owed += 1;
                         self.submit(&message);
                     }
                     Ok(false) => break,
@@ -151,13 +159,19 @@ impl Session {
             if !worked {
                 // A full completion queue is drained by the client without telling
                 // us: look again soon rather than sleep for the idle interval.
-                let timeout = if self.backlog.is_empty() {
+                let timeout = if self.backlog.is_empty() && self.owed < MAX_OWED {
                     IDLE_CHECK
                 } else {
                     Duration::from_millis(1)
                 };
-                let events = &self.events.1;
-                self.end.wait(timeout, || !events.is_empty());
+                if self.owed >= MAX_OWED {
+                    // Waiting submissions are not ours to take yet, so they must
+                    // not wake us: only the client's reaping can free us.
+                    std::thread::sleep(timeout);
+                } else {
+                    let events = &self.events.1;
+                    self.end.wait(timeout, || !events.is_empty());
+                }
                 if last_check.elapsed() >= IDLE_CHECK {
                     last_check = Instant::now();
                     if !self.end.client_alive() {
@@ -234,6 +248,7 @@ impl Session {
             match self.end.push_completion(message) {
                 Ok(true) => {
                     self.backlog.pop_front();
+                    self.owed -= 1;
                 }
                 Ok(false) => return,
                 Err(e) => {

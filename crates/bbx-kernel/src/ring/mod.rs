@@ -43,7 +43,7 @@ use bbx_ring::{
     Admission, BreakerConfig, BreakerState, Breakers, CircuitBreaker, Effects, Entry, Idempotency, OpRecord, Refused,
 };
 use bbx_ring::{Scheduler, SchedulerConfig};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use exec::Exec;
 use fjall::Readable;
 use hdrhistogram::Histogram;
@@ -182,12 +182,12 @@ struct Ended {
 }
 
 impl Ended {
-    /// An attempt that the breaker let through and that ran from `started` until now.
-    fn ran(id: OpId, attempt: Attempt, started: Instant, admission: Breaker, slots: Slots) -> Self {
+    /// An attempt that the breaker let through and that ran for `took`.
+    fn ran(id: OpId, attempt: Attempt, took: Duration, admission: Breaker, slots: Slots) -> Self {
         Self {
             id,
             attempt,
-            took: started.elapsed(),
+            took,
             admission: Some(admission),
             slots,
             retry_after: None,
@@ -208,15 +208,46 @@ struct Pending {
     slots: Slots,
 }
 
+/// One reading of both clocks, for every op handled in one batch: a clock read per
+/// op was a measurable share of the dispatch path.
+#[derive(Clone, Copy)]
+struct Moment {
+    now: Instant,
+    wall: DateTime<Utc>,
+}
+
+impl Moment {
+    fn read() -> Self {
+        Self {
+            now: Instant::now(),
+            wall: Utc::now(),
+        }
+    }
+}
+
 /// What settling ops under the lock leaves to do once it is dropped.
-#[derive(Default)]
 struct Outbox {
+    /// When the ops handled with this outbox ended.
+    at: Moment,
     answers: Vec<(Waiter, Arc<Completion>)>,
     events: Vec<Arc<Completion>>,
     released: Vec<Lsn>,
     to_record: Vec<Pending>,
     /// A dependent was queued: the dispatcher has work.
     queued: bool,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Self {
+            at: Moment::read(),
+            answers: Vec::new(),
+            events: Vec::new(),
+            released: Vec::new(),
+            to_record: Vec::new(),
+            queued: false,
+        }
+    }
 }
 
 /// The slots a running op holds: freed when its attempt ends (running) and when its
@@ -415,7 +446,7 @@ impl Ring {
             self.register(&mut st, Arc::new(op), exec, Some(lsn), &ids, now)?;
         }
         for id in order {
-            Self::activate(&mut st, id, None, &mut finish);
+            Self::activate(&mut st, id, None, now, &mut finish);
         }
         drop(st);
         self.work.notify_one();
@@ -485,12 +516,13 @@ impl Ring {
         let mut finish = Vec::new();
         {
             let mut st = self.state.lock();
+            let now = Instant::now();
             match &lsns {
                 Ok(lsns) => {
                     let lsn_of: FxHashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
                     for slot in &slots {
                         if let Slot::New(id) = slot {
-                            Self::activate(&mut st, *id, lsn_of.get(id).copied(), &mut finish);
+                            Self::activate(&mut st, *id, lsn_of.get(id).copied(), now, &mut finish);
                         }
                     }
                 }
@@ -763,11 +795,11 @@ impl Ring {
 
     /// Makes an admitted op runnable once it is acknowledged, with its journal
     /// position if it was journaled.
-    fn activate(st: &mut RingState, id: OpId, lsn: Option<Lsn>, finish: &mut Vec<Finish>) {
+    fn activate(st: &mut RingState, id: OpId, lsn: Option<Lsn>, now: Instant, finish: &mut Vec<Finish>) {
         let Some(live) = st.live.get_mut(&id) else { return };
         live.active = true;
         live.lsn = lsn.or(live.lsn);
-        Self::release_if_ready(st, id, finish);
+        Self::release_if_ready(st, id, now, finish);
     }
 
     /// Forgets an admitted op that was never acknowledged.
@@ -784,7 +816,7 @@ impl Ring {
 
     /// Queues an active op whose dependencies are done, or ends it if one failed or
     /// it was cancelled while it waited.
-    fn release_if_ready(st: &mut RingState, id: OpId, finish: &mut Vec<Finish>) -> bool {
+    fn release_if_ready(st: &mut RingState, id: OpId, now: Instant, finish: &mut Vec<Finish>) -> bool {
         let Some(live) = st.live.get_mut(&id) else { return false };
         if !live.active || live.finishing || !live.holds_slot {
             return false;
@@ -797,7 +829,7 @@ impl Ring {
             live.holds_slot = false;
             live.state = OpState::Queued;
             let (agent, priority) = (live.record.agent, live.record.priority);
-            st.scheduler.enqueue(agent, priority, id, Instant::now());
+            st.scheduler.enqueue(agent, priority, id, now);
             return true;
         }
         false
@@ -882,13 +914,19 @@ impl Ring {
     fn run_batch(self: &Arc<Self>, batch: Vec<Start>) {
         let mut ended = Vec::with_capacity(batch.len());
         let mut applying = Vec::new();
+        let started = Instant::now();
+        // A batch is mostly of one kind: look its breaker up once.
+        let mut last_breaker: Option<(Arc<OpRecord>, Arc<CircuitBreaker>)> = None;
         for (id, record, exec, token) in batch {
             let slots = Slots {
                 running: Some(self.running.permit()),
                 completing: Some(self.completing.permit()),
             };
-            let breaker = self.breakers.get(&record.kind);
-            let started = Instant::now();
+            let breaker = match last_breaker.take() {
+                Some((last, breaker)) if last.kind == record.kind => breaker,
+                _ => self.breakers.get(&record.kind),
+            };
+            last_breaker = Some((record.clone(), breaker.clone()));
             let admission = match breaker.admit(started) {
                 Ok(admission) => (breaker, admission),
                 Err(rejected) => {
@@ -905,12 +943,17 @@ impl Ring {
                     continue;
                 }
             };
-            let attempt = match exec {
-                Exec::Noop => Attempt::Ok(Value::Null),
-                Exec::StateGet { key } => match self.read_state(&record.agent, &key) {
-                    Ok(value) => Attempt::Ok(value),
-                    Err(e) => Attempt::Failed(e),
-                },
+            let (attempt, took) = match exec {
+                // Nothing to time: a clock read would cost more than the op.
+                Exec::Noop => (Attempt::Ok(Value::Null), Duration::ZERO),
+                Exec::StateGet { key } => {
+                    let reading = Instant::now();
+                    let attempt = match self.read_state(&record.agent, &key) {
+                        Ok(value) => Attempt::Ok(value),
+                        Err(e) => Attempt::Failed(e),
+                    };
+                    (attempt, reading.elapsed())
+                }
                 Exec::Sleep(duration) => {
                     let ring = self.clone();
                     let timeout = Duration::from_millis(record.timeout_ms);
@@ -925,7 +968,7 @@ impl Ring {
                                 Err(_) => Attempt::TimedOut,
                             },
                         };
-                        ring.attempts_done(vec![Ended::ran(id, attempt, started, admission, slots)]);
+                        ring.attempts_done(vec![Ended::ran(id, attempt, started.elapsed(), admission, slots)]);
                     });
                     continue;
                 }
@@ -934,7 +977,7 @@ impl Ring {
                     continue;
                 }
             };
-            ended.push(Ended::ran(id, attempt, started, admission, slots));
+            ended.push(Ended::ran(id, attempt, took, admission, slots));
         }
         if !ended.is_empty() {
             self.attempts_done(ended);
@@ -951,8 +994,10 @@ impl Ring {
         let mut pending = Vec::with_capacity(applying.len());
         {
             let mut st = self.state.lock();
+            let at = Moment::read();
             for (id, effect, admission, slots) in applying {
-                let Some((completion, digest, _)) = Self::completion_of(&mut st, id, CompletionStatus::Ok, None, None)
+                let Some((completion, digest, _)) =
+                    Self::completion_of(&mut st, id, CompletionStatus::Ok, None, None, at)
                 else {
                     continue;
                 };
@@ -990,7 +1035,7 @@ impl Ring {
     fn attempts_done(self: &Arc<Self>, ended: Vec<Ended>) {
         let mut retrying = Vec::new();
         let mut finish = Vec::with_capacity(ended.len());
-        let mut out = Outbox::default();
+        let mut out = Outbox::new();
         {
             let mut st = self.state.lock();
             let now = Instant::now();
@@ -1087,15 +1132,15 @@ impl Ring {
         status: CompletionStatus,
         result: Option<Value>,
         error: Option<Error>,
+        at: Moment,
     ) -> Option<(Completion, Option<String>, bool)> {
         let live = st.live.get_mut(&id)?;
         if live.finishing {
             return None;
         }
         live.finishing = true;
-        let now = Instant::now();
         let record = &live.record;
-        let total = now.duration_since(live.accepted);
+        let total = at.now.saturating_duration_since(live.accepted);
         let completion = Completion {
             op_id: id,
             agent: record.agent,
@@ -1112,7 +1157,7 @@ impl Ring {
             exec_us: live.exec_time.as_micros() as u64,
             total_us: total.as_micros() as u64,
             submitted_at: record.submitted_at,
-            completed_at: Utc::now(),
+            completed_at: at.wall,
             idempotency_key: record.idempotency.as_ref().map(|i| i.key.clone()),
             user_data: record.user_data.clone(),
             trace: record.trace.clone(),
@@ -1127,7 +1172,7 @@ impl Ring {
         if finish.is_empty() {
             return;
         }
-        let mut out = Outbox::default();
+        let mut out = Outbox::new();
         self.finish_locked(&mut self.state.lock(), finish, &mut out);
         self.deliver(out);
     }
@@ -1138,7 +1183,7 @@ impl Ring {
     fn finish_locked(&self, st: &mut RingState, mut queue: Vec<Finish>, out: &mut Outbox) {
         while let Some(finish) = queue.pop() {
             let Some((completion, digest, durable)) =
-                Self::completion_of(st, finish.id, finish.status, finish.result, finish.error)
+                Self::completion_of(st, finish.id, finish.status, finish.result, finish.error, out.at)
             else {
                 continue;
             };
@@ -1164,6 +1209,7 @@ impl Ring {
     /// the dispatcher.
     fn deliver(self: &Arc<Self>, out: Outbox) {
         let Outbox {
+            at: _,
             answers,
             events,
             released,
@@ -1206,14 +1252,13 @@ impl Ring {
                 held.push((p.admission, p.slots));
             }
             let written = ring.store.write_all(writes).await;
-            let mut out = Outbox::default();
+            let mut out = Outbox::new();
             {
                 let mut st = ring.state.lock();
-                let now = Instant::now();
                 let mut follow_ups = Vec::new();
                 for (outcome, (admission, _)) in written.into_iter().zip(&held) {
                     if let Some((breaker, admission)) = admission {
-                        breaker.record(*admission, outcome.is_ok(), now);
+                        breaker.record(*admission, outcome.is_ok(), out.at.now);
                     }
                     match outcome {
                         Ok(Applied::Completed(completion)) => {
@@ -1258,7 +1303,7 @@ impl Ring {
                 st.keys.remove(&key);
             }
         }
-        let second = self.started.elapsed().as_secs();
+        let second = out.at.now.saturating_duration_since(self.started).as_secs();
         let counters = &mut st.counters;
         self.metrics
             .completed(completion.status, live.record.priority, completion.total_us);
@@ -1285,7 +1330,7 @@ impl Ring {
                 if completion.status != CompletionStatus::Ok {
                     waiting.failed_dependency = Some(dependency_failure(&completion.op_id, completion.status.as_str()));
                 }
-                out.queued |= Self::release_if_ready(st, dependent, follow_ups);
+                out.queued |= Self::release_if_ready(st, dependent, out.at.now, follow_ups);
             }
         }
         out.answers
