@@ -168,26 +168,36 @@ impl Queue<'_> {
                 queue_bytes: self.size,
             });
         }
+        // Both cursors live in memory the peer can write: wrapping arithmetic and
+        // the checks below keep a forged cursor from causing a panic or a write
+        // outside the queue.
         let tail = self.cursors.tail.0.load(Ordering::Relaxed);
         let head = self.cursors.head.0.load(Ordering::Acquire);
+        let used = tail.wrapping_sub(head);
+        if used > self.size || !tail.is_multiple_of(8) {
+            return Err(ShmError::Corrupt {
+                position: tail,
+                reason: "a cursor is outside the queue or not frame-aligned",
+            });
+        }
         let frame = FRAME_HEADER + (message.len() as u64).next_multiple_of(8);
         let offset = tail % self.size;
-        let skip = if frame > self.size - offset {
-            self.size - offset
+        let (skip, at) = if frame > self.size - offset {
+            (self.size - offset, 0)
         } else {
-            0
+            (0, offset as usize)
         };
-        if tail + skip + frame - head > self.size {
+        if used + skip + frame > self.size {
             return Ok(false);
         }
-        // SAFETY: every write below stays inside [data, data + size): offsets are
-        // taken modulo size, and a frame that would cross the end was moved to 0.
-        // The consumer reads these bytes only after the tail's Release store.
+        // SAFETY: offset < size and is 8-aligned, so the wrap marker fits; the frame
+        // starts at `at` and ends at most at size (it either fits before the end, or
+        // starts at 0 and is at most half the queue). The consumer reads these
+        // bytes only after the tail's Release store.
         unsafe {
             if skip > 0 {
                 self.data.add(offset as usize).cast::<u32>().write_volatile(WRAP);
             }
-            let at = ((tail + skip) % self.size) as usize;
             self.data.add(at).cast::<u32>().write_volatile(message.len() as u32);
             std::ptr::copy_nonoverlapping(
                 message.as_ptr(),
@@ -195,7 +205,10 @@ impl Queue<'_> {
                 message.len(),
             );
         }
-        self.cursors.tail.0.store(tail + skip + frame, Ordering::Release);
+        self.cursors
+            .tail
+            .0
+            .store(tail.wrapping_add(skip + frame), Ordering::Release);
         wake(&self.cursors.sleeping.0);
         Ok(true)
     }
@@ -203,6 +216,7 @@ impl Queue<'_> {
     /// Copies the next message into `into` (cleared first); `Ok(false)` if the
     /// queue is empty.
     fn pop(&self, into: &mut Vec<u8>) -> Result<bool, ShmError> {
+        // As in push: the peer can write both cursors, so nothing below trusts them.
         let mut head = self.cursors.head.0.load(Ordering::Relaxed);
         let tail = self.cursors.tail.0.load(Ordering::Acquire);
         loop {
@@ -210,19 +224,20 @@ impl Queue<'_> {
                 return Ok(false);
             }
             let corrupt = |reason| ShmError::Corrupt { position: head, reason };
-            if tail < head || tail - head > self.size {
-                return Err(corrupt("the tail is outside the queue"));
+            let published = tail.wrapping_sub(head);
+            if published > self.size || !head.is_multiple_of(8) {
+                return Err(corrupt("a cursor is outside the queue or not frame-aligned"));
             }
             let offset = head % self.size;
-            // SAFETY: offset < size and is 8-aligned (every frame is), so the
-            // 4-byte read lies inside the queue.
+            // SAFETY: offset < size and both are multiples of 8, so the 4-byte
+            // read lies inside the queue.
             let len = unsafe { self.data.add(offset as usize).cast::<u32>().read_volatile() };
             if len == WRAP {
-                head += self.size - offset;
+                head = head.wrapping_add(self.size - offset);
                 continue;
             }
             let frame = FRAME_HEADER + u64::from(len).next_multiple_of(8);
-            if frame > self.size - offset || head + frame > tail {
+            if frame > self.size - offset || frame > published {
                 return Err(corrupt("a frame runs past the published tail or the buffer's end"));
             }
             into.clear();
@@ -237,7 +252,7 @@ impl Queue<'_> {
                 );
                 into.set_len(len as usize);
             }
-            self.cursors.head.0.store(head + frame, Ordering::Release);
+            self.cursors.head.0.store(head.wrapping_add(frame), Ordering::Release);
             return Ok(true);
         }
     }
@@ -537,6 +552,17 @@ mod tests {
         // A tail beyond the queue's size is refused too.
         queue.cursors.tail.0.store(10 * MIN_QUEUE_BYTES, Ordering::Release);
         assert!(matches!(kernel.pop_submission(&mut buf), Err(ShmError::Corrupt { .. })));
+        // Forged cursors near the end of the u64 range or off the frame grid
+        // neither panic nor reach outside the queue, on either side.
+        for (head, tail) in [(u64::MAX - 7, 16), (u64::MAX - 3, u64::MAX), (3, 11), (0, u64::MAX)] {
+            queue.cursors.head.0.store(head, Ordering::Release);
+            queue.cursors.tail.0.store(tail, Ordering::Release);
+            let _ = kernel.pop_submission(&mut buf);
+            let completions = client.mapping.queue(Which::Completions);
+            completions.cursors.head.0.store(head, Ordering::Release);
+            completions.cursors.tail.0.store(tail, Ordering::Release);
+            let _ = kernel.push_completion(&[7; 100]);
+        }
     }
 
     #[test]
