@@ -332,9 +332,10 @@ pub struct OpenShm {
     pub queue_bytes: Option<u64>,
 }
 
-/// A shared-memory session: the file a client on the same machine maps to submit
-/// ops and reap completions. It is removed as soon as the client attaches, and the
-/// session ends if nobody attaches within 10 seconds.
+/// A shared-memory session: the path (`/proc/KERNEL_PID/fd/N`, a sealed memfd) that
+/// a client on the same machine, as the kernel's user, maps to submit ops and reap
+/// completions. The path goes away as soon as the client attaches, and the session
+/// ends if nobody attaches within 10 seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct ShmSession {
     pub path: String,

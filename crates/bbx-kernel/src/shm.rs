@@ -17,7 +17,6 @@ use bbx_ring::shm::{self, KernelEnd};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::VecDeque;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
@@ -55,9 +54,14 @@ pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> R
             Duration::from_secs(1),
         ));
     }
-    let path = ring_dir().join(format!("bbx-ring-{}", uuid::Uuid::new_v4().simple()));
-    let end = match KernelEnd::create(&path, queue_bytes) {
-        Ok(end) => end,
+    let (end, path) = match KernelEnd::create(queue_bytes) {
+        Ok(end) => match end.path() {
+            Some(path) => (end, path),
+            None => {
+                sessions.fetch_sub(1, Ordering::AcqRel);
+                return Err(Error::internal("a new shared-memory ring has no path"));
+            }
+        },
         Err(e) => {
             sessions.fetch_sub(1, Ordering::AcqRel);
             return Err(e.into());
@@ -69,8 +73,6 @@ pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> R
         events: crossbeam_channel::unbounded(),
         wake: Arc::new(end.waker()),
         end,
-        path: path.clone(),
-        unlinked: false,
         backlog: VecDeque::new(),
         owed: 0,
     };
@@ -86,24 +88,12 @@ pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> R
     })
 }
 
-/// Where ring files go: shared memory where the system has it.
-fn ring_dir() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    }
-}
-
 struct Session {
     kernel: Arc<Kernel>,
     caller: Caller,
     end: KernelEnd,
     events: (Sender<Event>, Receiver<Event>),
     wake: Arc<dyn Fn() + Send + Sync>,
-    path: PathBuf,
-    unlinked: bool,
     /// Encoded completions waiting for the client to make room.
     backlog: VecDeque<Vec<u8>>,
     /// Submissions taken whose completion is not in the completion queue yet.
@@ -120,12 +110,12 @@ impl Session {
             if self.end.is_closed() || stopping.is_cancelled() {
                 break;
             }
-            if !self.unlinked {
+            if self.end.path().is_some() {
                 if self.end.client_pid().is_some() {
-                    // Attached: nobody else needs to find the file any more.
-                    self.unlink();
+                    // Attached: nobody else needs to find the ring any more.
+                    self.end.forget_path();
                 } else if opened.elapsed() > ATTACH_TIMEOUT {
-                    tracing::info!(path = %self.path.display(), "no client attached to a shared-memory session");
+                    tracing::info!("no client attached to a shared-memory session");
                     break;
                 }
             }
@@ -181,7 +171,6 @@ impl Session {
             }
         }
         self.end.close();
-        self.unlink();
     }
 
     /// Submits one op as the session's caller. Ops that need no journal are
@@ -204,7 +193,7 @@ impl Session {
             Poll::Pending => {
                 let events = self.events.0.clone();
                 let wake = self.wake.clone();
-                tokio::spawn(async move {
+                self.kernel.tasks.spawn(async move {
                     let submitted = submitting.await;
                     let _ = events.send(Event::Submitted(tag, submitted));
                     wake();
@@ -239,6 +228,24 @@ impl Session {
     fn reply(&mut self, tag: u64, outcome: std::result::Result<&Completion, &Error>) {
         let mut message = Vec::new();
         shm::encode_completion(tag, outcome, &mut message);
+        if message.len() > self.end.max_message()
+            && let Ok(completion) = outcome
+        {
+            // The op did run: say so, and where to read its completion, so that a
+            // client does not take this for a refusal and submit it again.
+            let error = Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "op {} completed ({}) but its completion is larger than half the completion queue; \
+                     read it with GET /v1/ops/{}",
+                    completion.op_id,
+                    completion.status.as_str(),
+                    completion.op_id
+                ),
+            )
+            .with_details(serde_json::json!({ "op_id": completion.op_id, "status": completion.status }));
+            shm::encode_completion(tag, Err(&error), &mut message);
+        }
         self.backlog.push_back(message);
     }
 
@@ -251,22 +258,14 @@ impl Session {
                     self.owed -= 1;
                 }
                 Ok(false) => return,
+                // `reply` keeps messages small enough, so this is a forged cursor.
                 Err(e) => {
-                    // Larger than half the queue: the client gets the error instead.
-                    let tag = u64::from_le_bytes(message[..8].try_into().expect("messages start with a tag"));
-                    let error = Error::new(ErrorCode::PayloadTooLarge, e.to_string());
-                    let mut refused = Vec::new();
-                    shm::encode_completion(tag, Err(&error), &mut refused);
-                    self.backlog[0] = refused;
+                    tracing::warn!(error = %e, "closing a shared-memory session");
+                    self.end.close();
+                    self.backlog.clear();
+                    return;
                 }
             }
-        }
-    }
-
-    fn unlink(&mut self) {
-        if !self.unlinked {
-            self.unlinked = true;
-            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -21,9 +21,9 @@ use bbx_core::op::{Completion, SubmitOp};
 use bbx_core::{Error, ErrorCode};
 use memmap2::MmapMut;
 use rustix::thread::futex;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
@@ -302,30 +302,34 @@ fn wake(sleeping: &AtomicU32) {
 pub struct KernelEnd {
     /// Shared with the wakers the ring holds for this session's ops.
     mapping: Arc<Mapping>,
+    /// The memfd, open until the client has attached.
+    file: Option<File>,
 }
 
 impl KernelEnd {
-    /// Creates a new ring file at `path` (which must not exist), readable and
-    /// writable by this user only.
-    pub fn create(path: &Path, queue_bytes: u64) -> Result<Self, ShmError> {
+    /// Creates a ring in a new memfd, sealed so that its size can never change: a
+    /// client that truncated a plain file would crash the kernel with SIGBUS on its
+    /// next access. The client opens it through [`KernelEnd::path`], which only a
+    /// process allowed to inspect the kernel's (same user, by default) can open,
+    /// and which goes away with [`KernelEnd::forget_path`].
+    pub fn create(queue_bytes: u64) -> Result<Self, ShmError> {
+        use rustix::fs::{MemfdFlags, SealFlags};
         if !(MIN_QUEUE_BYTES..=MAX_QUEUE_BYTES).contains(&queue_bytes) || !queue_bytes.is_multiple_of(8) {
             return Err(ShmError::QueueSize(queue_bytes));
         }
-        let io = |source| ShmError::Io {
-            path: path.display().to_string(),
+        let io = |source: std::io::Error| ShmError::Io {
+            path: "a memfd".into(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        file.set_len(HEADER_BYTES as u64 + 2 * queue_bytes).map_err(io)?;
-        // SAFETY: the file is new and ours; the client maps it too, which is the
-        // point, and every access to the shared bytes goes through atomics or the
-        // checked copies above.
+        let fd = rustix::fs::memfd_create("bbx-ring", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(|e| io(e.into()))?;
+        rustix::fs::ftruncate(&fd, HEADER_BYTES as u64 + 2 * queue_bytes).map_err(|e| io(e.into()))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(|e| io(e.into()))?;
+        let file = File::from(fd);
+        // SAFETY: the memfd is new and ours, and its size is sealed; the client maps
+        // it too, which is the point, and every access to the shared bytes goes
+        // through atomics or the checked copies above.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
         let mapping = Mapping { map, queue_bytes };
         let header = mapping.header();
@@ -334,12 +338,34 @@ impl KernelEnd {
         header.magic.store(MAGIC, Ordering::Release);
         Ok(Self {
             mapping: Arc::new(mapping),
+            file: Some(file),
         })
+    }
+
+    /// Where a client opens the ring, until [`KernelEnd::forget_path`].
+    pub fn path(&self) -> Option<PathBuf> {
+        let file = self.file.as_ref()?;
+        Some(PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            file.as_raw_fd()
+        )))
+    }
+
+    /// Closes the descriptor behind [`KernelEnd::path`]: once the client has
+    /// mapped the ring, nobody else needs to find it. The mapping stays.
+    pub fn forget_path(&mut self) {
+        self.file = None;
     }
 
     /// Copies the next submission into `into`; `Ok(false)` if there is none.
     pub fn pop_submission(&self, into: &mut Vec<u8>) -> Result<bool, ShmError> {
         self.mapping.queue(Which::Submissions).pop(into)
+    }
+
+    /// The largest message a queue of this ring takes.
+    pub fn max_message(&self) -> usize {
+        (self.mapping.queue_bytes / 2 - FRAME_HEADER) as usize
     }
 
     /// Appends a completion; `Ok(false)` if the client has not made room for it.
@@ -511,30 +537,29 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
-    fn pair(queue_bytes: u64) -> (tempfile::TempDir, KernelEnd, ClientEnd) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ring");
-        let kernel = KernelEnd::create(&path, queue_bytes).unwrap();
-        let client = ClientEnd::attach(&path).unwrap();
-        (dir, kernel, client)
+    fn pair(queue_bytes: u64) -> (KernelEnd, ClientEnd) {
+        let kernel = KernelEnd::create(queue_bytes).unwrap();
+        let client = ClientEnd::attach(&kernel.path().unwrap()).unwrap();
+        (kernel, client)
     }
 
     #[test]
     fn attach_checks_the_layout_and_announces_the_client() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ring");
-        assert!(matches!(KernelEnd::create(&path, 1000), Err(ShmError::QueueSize(1000))));
-        let kernel = KernelEnd::create(&path, MIN_QUEUE_BYTES).unwrap();
-        assert!(
-            KernelEnd::create(&path, MIN_QUEUE_BYTES).is_err(),
-            "an existing file is never reused"
-        );
+        assert!(matches!(KernelEnd::create(1000), Err(ShmError::QueueSize(1000))));
+        let mut kernel = KernelEnd::create(MIN_QUEUE_BYTES).unwrap();
+        let path = kernel.path().unwrap();
         assert_eq!(kernel.client_pid(), None);
+        // Its size is sealed: a client cannot shrink it under the kernel's feet.
+        let file = File::options().write(true).open(&path).unwrap();
+        assert!(file.set_len(4096).is_err(), "the ring's size is sealed");
         let client = ClientEnd::attach(&path).unwrap();
         assert_eq!(kernel.client_pid(), Some(std::process::id()));
+        kernel.forget_path();
+        assert!(kernel.path().is_none());
         drop(client);
         assert!(kernel.is_closed());
 
+        let dir = tempfile::tempdir().unwrap();
         let other = dir.path().join("other");
         std::fs::write(&other, vec![0u8; 8192]).unwrap();
         assert!(matches!(ClientEnd::attach(&other), Err(ShmError::NotARing(_))));
@@ -542,7 +567,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_frame_is_reported_not_followed() {
-        let (_dir, kernel, client) = pair(MIN_QUEUE_BYTES);
+        let (kernel, client) = pair(MIN_QUEUE_BYTES);
         assert!(client.push_submission(b"hello").unwrap());
         // The client overwrites the length prefix with one that runs past the tail.
         let queue = client.mapping.queue(Which::Submissions);
@@ -567,7 +592,7 @@ mod tests {
 
     #[test]
     fn oversized_messages_are_refused_and_a_full_queue_says_so() {
-        let (_dir, kernel, client) = pair(MIN_QUEUE_BYTES);
+        let (kernel, client) = pair(MIN_QUEUE_BYTES);
         let big = vec![1u8; MIN_QUEUE_BYTES as usize];
         assert!(matches!(client.push_submission(&big), Err(ShmError::TooLarge { .. })));
         let message = vec![2u8; 1000];
@@ -584,7 +609,7 @@ mod tests {
 
     #[test]
     fn a_sleeping_consumer_is_woken_by_the_producer() {
-        let (_dir, kernel, client) = pair(MIN_QUEUE_BYTES);
+        let (kernel, client) = pair(MIN_QUEUE_BYTES);
         let consumer = std::thread::spawn(move || {
             let mut got = Vec::new();
             let mut buf = Vec::new();
@@ -629,7 +654,7 @@ mod tests {
         /// in order, across wrap-arounds; a full queue refuses without losing any.
         #[test]
         fn the_queue_behaves_like_a_fifo(steps in proptest::collection::vec((any::<bool>(), 0usize..9000), 1..400)) {
-            let (_dir, kernel, client) = pair(MIN_QUEUE_BYTES);
+            let (kernel, client) = pair(MIN_QUEUE_BYTES);
             let mut model = VecDeque::new();
             let mut buf = Vec::new();
             for (n, (push, len)) in steps.into_iter().enumerate() {

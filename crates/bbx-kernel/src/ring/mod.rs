@@ -258,11 +258,12 @@ struct Slots {
 }
 
 /// A bounded number of slots, claimed with a compare-and-swap (the dispatcher and
-/// shared-memory sessions both start ops); whoever frees a slot of a full pool wakes
-/// the dispatcher.
+/// shared-memory sessions both start ops). A claimer that got none announces it in
+/// `starved`; whoever gives slots back after that wakes the dispatcher.
 struct Capacity {
     used: AtomicUsize,
     limit: usize,
+    starved: AtomicBool,
     wake: Arc<Notify>,
 }
 
@@ -271,26 +272,44 @@ impl Capacity {
         Arc::new(Self {
             used: AtomicUsize::new(0),
             limit,
+            starved: AtomicBool::new(false),
             wake,
         })
     }
 
     /// Claims up to `max` free slots; how many it got.
     fn claim(&self, max: usize) -> usize {
+        let got = self.try_claim(max);
+        if got > 0 || max == 0 {
+            return got;
+        }
+        // None free: announce it, then look once more. A slot given back in
+        // between is either seen here or its giver sees the announcement (both
+        // sides are SeqCst), so the dispatcher cannot sleep past a free slot that
+        // another claimer held for a moment.
+        self.starved.store(true, Ordering::SeqCst);
+        self.try_claim(max)
+    }
+
+    fn try_claim(&self, max: usize) -> usize {
         let mut got = 0;
-        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+        let _ = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
             got = max.min(self.limit.saturating_sub(used));
             (got > 0).then_some(used + got)
         });
         got
     }
 
-    /// Gives back claimed slots that found no op to run. Nobody is woken: the
-    /// claimer saw the queue empty under the ring's lock, and whoever queues an op
-    /// after that wakes the dispatcher itself. (Waking here would have the
-    /// dispatcher wake itself forever.)
+    /// Gives slots back (unused claims, or a finished op's permit), waking the
+    /// dispatcher if a claimer went without.
     fn unclaim(&self, count: usize) {
-        self.used.fetch_sub(count, Ordering::AcqRel);
+        if count == 0 {
+            return;
+        }
+        self.used.fetch_sub(count, Ordering::SeqCst);
+        if self.starved.load(Ordering::SeqCst) && self.starved.swap(false, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
     }
 
     /// A permit for one slot already claimed.
@@ -304,9 +323,7 @@ struct Permit(Arc<Capacity>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if self.0.used.fetch_sub(1, Ordering::AcqRel) == self.0.limit {
-            self.0.wake.notify_one();
-        }
+        self.0.unclaim(1);
     }
 }
 
@@ -1631,4 +1648,39 @@ fn json_size(value: &Value) -> usize {
 
 fn dependency_failure(dep: &OpId, status: &str) -> String {
     format!("dependency {dep} ended with status {status}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race a shared-memory session can cause: one claimer holds the last
+    /// slots for a moment and gives them back unused while another, finding none,
+    /// gave up. The one that gave up must be woken.
+    #[tokio::test]
+    async fn a_claimer_that_went_without_is_woken_when_slots_come_back() {
+        let wake = Arc::new(Notify::new());
+        let pool = Capacity::new(4, wake.clone());
+        assert_eq!(pool.claim(64), 4);
+        assert_eq!(pool.claim(64), 0);
+        pool.unclaim(4);
+        tokio::time::timeout(Duration::from_secs(5), wake.notified())
+            .await
+            .expect("the starved claimer is woken");
+        // With nobody starved, giving slots back wakes nobody.
+        assert_eq!(pool.claim(2), 2);
+        pool.unclaim(2);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), wake.notified())
+                .await
+                .is_err()
+        );
+        // A finished op's permit counts as giving back.
+        assert_eq!(pool.claim(64), 4);
+        assert_eq!(pool.claim(1), 0);
+        drop(pool.permit());
+        tokio::time::timeout(Duration::from_secs(5), wake.notified())
+            .await
+            .expect("a returned permit wakes the starved claimer");
+    }
 }
