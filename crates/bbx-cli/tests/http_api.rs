@@ -807,6 +807,40 @@ async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     wait_for_shm_sessions(&api, 0).await;
     assert!(!names_a_ring(std::path::Path::new(&path)));
 
+    // Revoking the key that opened a session ends the session.
+    let (status, created) = api.call(Method::POST, "/v1/keys", Some(json!({ "name": "shm" }))).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let client = bbx_client::Client::new(&api.base, created["key"].as_str().unwrap()).unwrap();
+    let mut shm = client.open_shm(None).await.unwrap();
+    let key_id = created["info"]["id"].as_str().unwrap().to_owned();
+    let (status, _) = api.call(Method::DELETE, &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ended = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match shm.call(&SubmitOp::new(agent, "noop", json!(null)), Duration::from_secs(1)) {
+                Err(e) if e.code == bbx_core::ErrorCode::Unavailable => return e,
+                _ if std::time::Instant::now() > deadline => panic!("the session outlived its key"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ended.message.contains("closed"), "{}", ended.message);
+    wait_for_shm_sessions(&api, 0).await;
+
+    // One key holds at most 8 sessions at once.
+    for _ in 0..8 {
+        let (status, body) = api.call(Method::POST, "/v1/ring/shm", Some(json!({}))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = api.call(Method::POST, "/v1/ring/shm", Some(json!({}))).await;
+    assert_eq!(
+        error_code(status, &body, StatusCode::TOO_MANY_REQUESTS),
+        "resource_exhausted"
+    );
+
     // The increments are the kernel's own state, seen over HTTP too.
     let (status, value) = api
         .call(Method::GET, &format!("/v1/agents/{agent}/state/n"), None)

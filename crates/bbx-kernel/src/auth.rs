@@ -116,6 +116,12 @@ impl KeyRing {
         self.keys.read().is_empty()
     }
 
+    /// Whether the key exists and is not revoked: a long-lived session (shared
+    /// memory) checks this, since it authenticated only once.
+    pub fn is_active(&self, id: &KeyId) -> bool {
+        self.keys.read().get(id).is_some_and(|k| k.info.revoked_at.is_none())
+    }
+
     /// Authenticates a bearer token.
     pub fn verify(&self, token: &str) -> Result<Caller> {
         let invalid = || Error::unauthenticated("invalid", "the API key is not valid");

@@ -64,7 +64,7 @@ pub struct Kernel {
     keys: KeyRing,
     started: Instant,
     closing: AtomicBool,
-    shm_sessions: shm::SessionCount,
+    shm_sessions: Arc<shm::Sessions>,
     tenants: TenantCache,
 }
 
@@ -117,7 +117,7 @@ impl Kernel {
             keys,
             started: Instant::now(),
             closing: AtomicBool::new(false),
-            shm_sessions: shm::SessionCount::default(),
+            shm_sessions: Arc::default(),
             tenants: TenantCache::default(),
         });
         // Deletions a crash interrupted finish removing their agents' state.
@@ -553,7 +553,7 @@ impl Kernel {
 
     pub fn ring_stats(&self, _caller: &Caller) -> RingStats {
         RingStats {
-            shm_sessions: self.shm_sessions.load(Ordering::Acquire) as u64,
+            shm_sessions: self.shm_sessions.count() as u64,
             ..self.ring.stats()
         }
     }

@@ -12,9 +12,10 @@ use crate::Kernel;
 use crate::auth::Caller;
 use crate::ring::{Dispatcher, Sink};
 use bbx_core::op::{Completion, OpenShm, ShmSession, SubmitBatch, Submitted};
-use bbx_core::{Error, ErrorCode, Result};
+use bbx_core::{Error, ErrorCode, KeyId, Result};
 use bbx_ring::shm::{self, KernelEnd};
 use crossbeam_channel::{Receiver, Sender};
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ use std::time::{Duration, Instant};
 
 /// Sessions one kernel serves at once: each holds a thread and two queues.
 pub(crate) const MAX_SESSIONS: usize = 64;
+/// Sessions one key may hold, so that one client cannot take them all.
+pub(crate) const MAX_SESSIONS_PER_KEY: usize = 8;
 const DEFAULT_QUEUE_BYTES: u64 = 1024 * 1024;
 /// How long a new session waits for its client to attach.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,27 +49,11 @@ enum Event {
 /// Creates the session's ring file and starts its thread.
 pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> Result<ShmSession> {
     let queue_bytes = request.queue_bytes.unwrap_or(DEFAULT_QUEUE_BYTES);
-    let sessions = kernel.shm_sessions.clone();
-    if sessions.fetch_add(1, Ordering::AcqRel) >= MAX_SESSIONS {
-        sessions.fetch_sub(1, Ordering::AcqRel);
-        return Err(Error::resource_exhausted(
-            format!("the kernel serves at most {MAX_SESSIONS} shared-memory sessions at once"),
-            Duration::from_secs(1),
-        ));
-    }
-    let (end, path) = match KernelEnd::create(queue_bytes) {
-        Ok(end) => match end.path() {
-            Some(path) => (end, path),
-            None => {
-                sessions.fetch_sub(1, Ordering::AcqRel);
-                return Err(Error::internal("a new shared-memory ring has no path"));
-            }
-        },
-        Err(e) => {
-            sessions.fetch_sub(1, Ordering::AcqRel);
-            return Err(e.into());
-        }
-    };
+    let seat = Seat::take(&kernel.shm_sessions, caller.key_id)?;
+    let end = KernelEnd::create(queue_bytes)?;
+    let path = end
+        .path()
+        .ok_or_else(|| Error::internal("a new shared-memory ring has no path"))?;
     let session = Session {
         kernel: kernel.clone(),
         caller: caller.clone(),
@@ -80,7 +67,7 @@ pub(crate) fn open(kernel: &Arc<Kernel>, caller: &Caller, request: OpenShm) -> R
     kernel.tasks.spawn_blocking(move || {
         let _entered = runtime.enter();
         session.serve();
-        sessions.fetch_sub(1, Ordering::AcqRel);
+        drop(seat);
     });
     Ok(ShmSession {
         path: path.display().to_string(),
@@ -162,11 +149,17 @@ impl Session {
                     let events = &self.events.1;
                     self.end.wait(timeout, || !events.is_empty());
                 }
-                if last_check.elapsed() >= IDLE_CHECK {
-                    last_check = Instant::now();
-                    if !self.end.client_alive() {
-                        break;
-                    }
+            }
+            // Busy or not, now and then: the client may have died without closing,
+            // and the key that opened the session may have been revoked.
+            if last_check.elapsed() >= IDLE_CHECK {
+                last_check = Instant::now();
+                if !self.end.client_alive() {
+                    break;
+                }
+                if !self.kernel.keys.is_active(&self.caller.key_id) {
+                    tracing::info!(key = %self.caller.key_id, "ending a shared-memory session: its key was revoked");
+                    break;
                 }
             }
         }
@@ -278,5 +271,65 @@ impl Kernel {
     }
 }
 
-/// Sessions in progress, shared by the kernel and its session threads.
-pub(crate) type SessionCount = Arc<AtomicUsize>;
+/// Sessions in progress, in all and per key, shared by the kernel and its
+/// session threads.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    total: AtomicUsize,
+    per_key: parking_lot::Mutex<HashMap<KeyId, usize>>,
+}
+
+impl Sessions {
+    pub(crate) fn count(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// One session's place in [`Sessions`], given back when dropped.
+struct Seat {
+    sessions: Arc<Sessions>,
+    key: KeyId,
+}
+
+impl Seat {
+    fn take(sessions: &Arc<Sessions>, key: KeyId) -> Result<Self> {
+        let mut per_key = sessions.per_key.lock();
+        let mine = per_key.entry(key).or_default();
+        let refused = if sessions.total.load(Ordering::Acquire) >= MAX_SESSIONS {
+            Some(format!(
+                "the kernel serves at most {MAX_SESSIONS} shared-memory sessions at once"
+            ))
+        } else if *mine >= MAX_SESSIONS_PER_KEY {
+            Some(format!(
+                "a key may hold at most {MAX_SESSIONS_PER_KEY} shared-memory sessions at once"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refused {
+            if *mine == 0 {
+                per_key.remove(&key);
+            }
+            return Err(Error::resource_exhausted(message, Duration::from_secs(1)));
+        }
+        *mine += 1;
+        sessions.total.fetch_add(1, Ordering::AcqRel);
+        Ok(Self {
+            sessions: sessions.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut per_key = self.sessions.per_key.lock();
+        if let Some(mine) = per_key.get_mut(&self.key) {
+            *mine -= 1;
+            if *mine == 0 {
+                per_key.remove(&self.key);
+            }
+        }
+        self.sessions.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
