@@ -42,6 +42,21 @@ pub enum ErrorCode {
     /// The kernel cannot serve the request now (shutting down, storage failed).
     Unavailable,
     Internal,
+    /// A quota or budget would be exceeded; `details.limit` names it.
+    QuotaExceeded,
+    /// A tool's process was killed at its memory limit.
+    MemoryLimit,
+    /// A tool's process tree hit its limit on processes.
+    PidsLimit,
+    /// A tool was asked for a path outside the agent's workspace.
+    PathOutsideWorkspace,
+    /// A tool was asked to reach an address the agent may not reach.
+    AddressNotAllowed,
+    /// A tool ran and failed (a program's non-zero exit, an MCP tool's error).
+    ToolFailed,
+    /// The op was running when the kernel stopped, and its effect outside the
+    /// kernel may or may not have happened; `bbx ring resolve` settles it.
+    InDoubt,
 }
 
 impl ErrorCode {
@@ -50,15 +65,15 @@ impl ErrorCode {
         match self {
             Self::MalformedRequest | Self::InvalidId => 400,
             Self::Unauthenticated => 401,
-            Self::PermissionDenied => 403,
+            Self::PermissionDenied | Self::PathOutsideWorkspace | Self::AddressNotAllowed => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::NotAcceptable => 406,
-            Self::VersionConflict | Self::AlreadyExists | Self::FailedPrecondition => 409,
+            Self::VersionConflict | Self::AlreadyExists | Self::FailedPrecondition | Self::InDoubt => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
-            Self::InvalidArgument => 422,
-            Self::ResourceExhausted => 429,
+            Self::InvalidArgument | Self::MemoryLimit | Self::PidsLimit | Self::ToolFailed => 422,
+            Self::ResourceExhausted | Self::QuotaExceeded => 429,
             Self::Timeout => 504,
             Self::Internal => 500,
             Self::Unavailable => 503,
@@ -84,6 +99,13 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::MemoryLimit => "memory_limit",
+            Self::PidsLimit => "pids_limit",
+            Self::PathOutsideWorkspace => "path_outside_workspace",
+            Self::AddressNotAllowed => "address_not_allowed",
+            Self::ToolFailed => "tool_failed",
+            Self::InDoubt => "in_doubt",
         }
     }
 }
@@ -206,6 +228,13 @@ mod tests {
             ErrorCode::Timeout,
             ErrorCode::Unavailable,
             ErrorCode::Internal,
+            ErrorCode::QuotaExceeded,
+            ErrorCode::MemoryLimit,
+            ErrorCode::PidsLimit,
+            ErrorCode::PathOutsideWorkspace,
+            ErrorCode::AddressNotAllowed,
+            ErrorCode::ToolFailed,
+            ErrorCode::InDoubt,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

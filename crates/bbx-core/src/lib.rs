@@ -2,7 +2,7 @@
 //!
 //! `bbx-core` sits at the bottom of the workspace: it owns the identifiers of kernel
 //! objects ([`AgentId`], [`KeyId`]), the request and response types of the kernel's
-//! API ([`model`]), the one error type that crosses every boundary ([`Error`], which
+//! API ([`model`], [`op`], [`quota`]), the one error type that crosses every boundary ([`Error`], which
 //! renders to the `{"error": {"code", "message", "details"}}` shape), the validation
 //! rules for names and keys ([`validate`]), the kernel's configuration ([`config`]),
 //! and the [`AgentApi`] trait that the kernel and the HTTP client both implement so
@@ -15,6 +15,7 @@ pub mod error;
 pub mod ids;
 pub mod model;
 pub mod op;
+pub mod quota;
 pub mod validate;
 
 pub use api::AgentApi;

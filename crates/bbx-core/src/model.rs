@@ -5,6 +5,7 @@
 //! Requests reject unknown fields, so a misspelled field is an error, not a no-op.
 
 use crate::ids::{AgentId, KeyId};
+use crate::quota::ToolSettings;
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,9 @@ pub struct Agent {
     pub labels: BTreeMap<String, String>,
     pub status: AgentStatus,
     pub created_at: DateTime<Utc>,
+    /// What the agent's tools may do beyond the safe defaults.
+    #[serde(default, skip_serializing_if = "ToolSettings::is_default")]
+    pub tools: ToolSettings,
 }
 
 /// Create an agent.
@@ -47,6 +51,10 @@ pub struct CreateAgent {
     /// Free-form key/value labels used to filter agent listings, e.g. {"team": "ml"}.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// What the agent's tools may do beyond the safe defaults, e.g.
+    /// {"allow_networks": ["127.0.0.0/8"]} to let `tool.http` reach loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<ToolSettings>,
 }
 
 /// Filter and page through agents.

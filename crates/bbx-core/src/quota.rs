@@ -1,0 +1,234 @@
+//! Quotas and tool settings: the wire types of AgentQuotas and of what an agent's
+//! tools may do.
+//!
+//! Quotas form a hierarchy, tenant -> agent: each node has its own limits, and an op
+//! must fit every node on its path, so a child can never exceed its parent. A limit
+//! that is unset on a node is simply not checked there.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// What happens when a rate limit is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaAction {
+    /// Refuse the op at once: 429 `quota_exceeded`, naming the limit.
+    #[default]
+    Reject,
+    /// Hold the submission until the limit allows it (up to `max_delay_ms`).
+    Throttle,
+    /// Let the op through, and publish a `quota.exceeded` event and metric.
+    Notify,
+}
+
+/// The limits of one node (a tenant or an agent). Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    /// Ops submitted per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    /// Tool ops (`tool.*`, `llm.*`) submitted per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls_per_minute: Option<u32>,
+    /// Ops in flight (accepted and not yet completed) at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_ops: Option<u32>,
+    /// Memory of one tool process tree, in bytes; it is killed at the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU of one tool process tree, in percent of one core (200 = two cores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
+    /// Processes and threads of one tool process tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    /// What a rate limit does when reached (default `reject`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<QuotaAction>,
+    /// How long `throttle` may hold a submission before it is refused after all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay_ms: Option<u64>,
+}
+
+impl QuotaLimits {
+    /// These limits with every field that `update` sets replaced by it.
+    #[must_use]
+    pub fn merged(&self, update: &QuotaLimits) -> QuotaLimits {
+        QuotaLimits {
+            requests_per_second: update.requests_per_second.or(self.requests_per_second),
+            tool_calls_per_minute: update.tool_calls_per_minute.or(self.tool_calls_per_minute),
+            concurrent_ops: update.concurrent_ops.or(self.concurrent_ops),
+            memory_bytes: update.memory_bytes.or(self.memory_bytes),
+            cpu_percent: update.cpu_percent.or(self.cpu_percent),
+            pids: update.pids.or(self.pids),
+            action: update.action.or(self.action),
+            max_delay_ms: update.max_delay_ms.or(self.max_delay_ms),
+        }
+    }
+
+    /// The process limits of a tool run under both `self` (the child) and `parent`:
+    /// the tighter of each.
+    #[must_use]
+    pub fn process_limits(&self, parent: &QuotaLimits) -> ProcessLimits {
+        fn min<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        ProcessLimits {
+            memory_bytes: min(self.memory_bytes, parent.memory_bytes),
+            cpu_percent: min(self.cpu_percent, parent.cpu_percent),
+            pids: min(self.pids, parent.pids),
+        }
+    }
+
+    /// Checks that every limit is in range; one error naming the first that is not.
+    pub fn validate(&self) -> crate::Result<()> {
+        let positive = [
+            ("requests_per_second", self.requests_per_second.map(u64::from)),
+            ("tool_calls_per_minute", self.tool_calls_per_minute.map(u64::from)),
+            ("concurrent_ops", self.concurrent_ops.map(u64::from)),
+            ("cpu_percent", self.cpu_percent.map(u64::from)),
+            ("pids", self.pids.map(u64::from)),
+        ];
+        for (field, value) in positive {
+            if value == Some(0) {
+                return Err(crate::Error::invalid_field(
+                    field,
+                    format!("{field} must be at least 1"),
+                ));
+            }
+        }
+        if self.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES) {
+            return Err(crate::Error::invalid_field(
+                "memory_bytes",
+                format!("memory_bytes must be at least {MIN_MEMORY_BYTES} (1 MiB)"),
+            ));
+        }
+        if self.max_delay_ms.is_some_and(|d| d > MAX_THROTTLE_MS) {
+            return Err(crate::Error::invalid_field(
+                "max_delay_ms",
+                format!("max_delay_ms is at most {MAX_THROTTLE_MS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Below this a process cannot even start.
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+/// The longest a throttled submission is held.
+pub const MAX_THROTTLE_MS: u64 = 60_000;
+
+/// The limits a tool's process tree runs under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct ProcessLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+/// A node's limits and what it uses now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct QuotaInfo {
+    /// `tenant/NAME` or `agent/ID`.
+    pub node: String,
+    pub limits: QuotaLimits,
+    /// Its parent's limits too, which also apply (absent for a tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<QuotaLimits>,
+    pub usage: QuotaUsage,
+}
+
+/// What a node uses now, against its limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct QuotaUsage {
+    pub concurrent_ops: u64,
+    /// Ops refused or throttled by one of this node's limits since the kernel started.
+    pub rejected: u64,
+    pub throttled: u64,
+    /// Submissions past 80 % of a rate limit since the kernel started.
+    pub warnings: u64,
+}
+
+/// What an agent's tools may do beyond the safe defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSettings {
+    /// Networks `tool.http` may reach although they are private, loopback or
+    /// link-local, as CIDRs ("127.0.0.0/8", "::1/128", "10.1.0.0/16").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_networks: Vec<String>,
+    /// Environment variables of the kernel passed on to `tool.shell` programs
+    /// (besides the fixed PATH, HOME, LANG).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_allow: Vec<String>,
+    /// Run `tool.shell` programs in a network namespace of their own (no network).
+    #[serde(default)]
+    pub no_network: bool,
+}
+
+impl ToolSettings {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_never_gets_more_than_its_parent() {
+        let tenant = QuotaLimits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(10),
+            ..Default::default()
+        };
+        let agent = QuotaLimits {
+            memory_bytes: Some(128 << 20),
+            cpu_percent: Some(50),
+            ..Default::default()
+        };
+        let limits = agent.process_limits(&tenant);
+        assert_eq!(limits.memory_bytes, Some(64 << 20));
+        assert_eq!(limits.pids, Some(10));
+        assert_eq!(limits.cpu_percent, Some(50));
+    }
+
+    #[test]
+    fn merging_keeps_what_the_update_leaves_out() {
+        let old = QuotaLimits {
+            pids: Some(5),
+            memory_bytes: Some(8 << 20),
+            ..Default::default()
+        };
+        let new = old.merged(&QuotaLimits {
+            pids: Some(7),
+            ..Default::default()
+        });
+        assert_eq!(new.pids, Some(7));
+        assert_eq!(new.memory_bytes, Some(8 << 20));
+    }
+
+    #[test]
+    fn limits_out_of_range_are_refused() {
+        let zero = QuotaLimits {
+            pids: Some(0),
+            ..Default::default()
+        };
+        assert!(zero.validate().unwrap_err().message.contains("pids"));
+        let tiny = QuotaLimits {
+            memory_bytes: Some(1000),
+            ..Default::default()
+        };
+        assert!(tiny.validate().is_err());
+        assert!(QuotaLimits::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,401 @@
+//! AgentQuotas: every agent and tenant kept inside its limits.
+//!
+//! This crate owns the quota hierarchy (tenant -> agent) and what it decides:
+//! whether a submission fits the rate limits of every node on its path
+//! ([`Quotas::check_rates`], token buckets that refill continuously), whether a new op
+//! fits their limits on ops in flight ([`Quotas::acquire`]), and the process limits
+//! a tool run gets ([`cgroup`]). A check walks the whole path under the nodes'
+//! locks, taken in one order, and takes from every node or from none, so a refused
+//! op costs no node anything and a child can never exceed its parent.
+//!
+//! It performs no storage I/O: the kernel persists each node's [`QuotaLimits`] and
+//! hands them to [`Quotas::set`] at start and on every change.
+
+pub mod cgroup;
+mod rate;
+
+pub use rate::TokenBucket;
+
+use bbx_core::quota::{QuotaAction, QuotaLimits, QuotaUsage};
+use bbx_core::{AgentId, Error, ErrorCode};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A node of the hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Node {
+    Tenant(String),
+    Agent(AgentId),
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tenant(name) => write!(f, "tenant/{name}"),
+            Self::Agent(id) => write!(f, "agent/{id}"),
+        }
+    }
+}
+
+/// What a submission asks of the rate limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub ops: u32,
+    pub tool_calls: u32,
+}
+
+/// A limit that a submission does not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exceeded {
+    pub node: String,
+    /// The limit's field name, e.g. `requests_per_second`.
+    pub limit: &'static str,
+    pub value: u64,
+    /// When the submission would fit, if waiting can help.
+    pub retry_after: Option<Duration>,
+    pub action: QuotaAction,
+    /// How long `throttle` may wait on this node.
+    pub max_delay: Duration,
+}
+
+impl From<Exceeded> for Error {
+    fn from(e: Exceeded) -> Self {
+        let retry_after_ms = e.retry_after.map(|d| d.as_millis().max(1) as u64);
+        Error::new(
+            ErrorCode::QuotaExceeded,
+            format!("{} of {} is exceeded (limit {})", e.limit, e.node, e.value),
+        )
+        .with_details(serde_json::json!({
+            "limit": e.limit,
+            "node": e.node,
+            "value": e.value,
+            "retry_after_ms": retry_after_ms,
+        }))
+    }
+}
+
+/// A node past 80 % of one of its limits after an admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warning {
+    pub node: String,
+    pub limit: &'static str,
+}
+
+/// Default longest wait of a throttled submission.
+const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(1);
+/// How soon to look again when ops in flight are at their limit.
+const CONCURRENCY_RETRY: Duration = Duration::from_millis(10);
+
+struct NodeQuota {
+    name: String,
+    limits: QuotaLimits,
+    live: Mutex<Live>,
+    rejected: AtomicU64,
+    throttled: AtomicU64,
+    warnings: AtomicU64,
+}
+
+struct Live {
+    requests: Option<TokenBucket>,
+    tool_calls: Option<TokenBucket>,
+    in_flight: u64,
+}
+
+impl NodeQuota {
+    fn new(node: &Node, limits: QuotaLimits, in_flight: u64, now: Instant) -> Self {
+        Self {
+            name: node.to_string(),
+            live: Mutex::new(Live {
+                requests: limits
+                    .requests_per_second
+                    .map(|r| TokenBucket::new(f64::from(r), f64::from(r), now)),
+                tool_calls: limits
+                    .tool_calls_per_minute
+                    .map(|r| TokenBucket::new(f64::from(r), f64::from(r) / 60.0, now)),
+                in_flight,
+            }),
+            limits,
+            rejected: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            warnings: AtomicU64::new(0),
+        }
+    }
+
+    fn exceeded(&self, limit: &'static str, value: u64, retry_after: Option<Duration>) -> Exceeded {
+        Exceeded {
+            node: self.name.clone(),
+            limit,
+            value,
+            retry_after,
+            action: self.limits.action.unwrap_or_default(),
+            max_delay: self
+                .limits
+                .max_delay_ms
+                .map_or(DEFAULT_MAX_DELAY, Duration::from_millis),
+        }
+    }
+}
+
+/// The quota hierarchy and its live counters.
+#[derive(Default)]
+pub struct Quotas {
+    nodes: RwLock<HashMap<Node, Arc<NodeQuota>>>,
+}
+
+impl Quotas {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets a node's limits (replacing them), keeping its ops in flight; its rate
+    /// buckets start full.
+    pub fn set(&self, node: Node, limits: QuotaLimits) {
+        let mut nodes = self.nodes.write();
+        let in_flight = nodes.get(&node).map_or(0, |n| n.live.lock().in_flight);
+        let quota = NodeQuota::new(&node, limits, in_flight, Instant::now());
+        nodes.insert(node, Arc::new(quota));
+    }
+
+    /// Forgets a node (a deleted agent).
+    pub fn remove(&self, node: &Node) {
+        self.nodes.write().remove(node);
+    }
+
+    pub fn limits(&self, node: &Node) -> QuotaLimits {
+        self.nodes
+            .read()
+            .get(node)
+            .map(|n| n.limits.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn usage(&self, node: &Node) -> QuotaUsage {
+        let nodes = self.nodes.read();
+        let Some(n) = nodes.get(node) else {
+            return QuotaUsage::default();
+        };
+        QuotaUsage {
+            concurrent_ops: n.live.lock().in_flight,
+            rejected: n.rejected.load(Ordering::Relaxed),
+            throttled: n.throttled.load(Ordering::Relaxed),
+            warnings: n.warnings.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every node that has limits or ops in flight, in order.
+    pub fn nodes(&self) -> Vec<Node> {
+        let mut nodes: Vec<Node> = self.nodes.read().keys().cloned().collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// The nodes on an agent's path, root first (the order their locks are taken in).
+    fn path(&self, tenant: &str, agent: AgentId) -> [Arc<NodeQuota>; 2] {
+        let tenant = Node::Tenant(tenant.to_owned());
+        let agent = Node::Agent(agent);
+        {
+            let nodes = self.nodes.read();
+            if let (Some(t), Some(a)) = (nodes.get(&tenant), nodes.get(&agent)) {
+                return [t.clone(), a.clone()];
+            }
+        }
+        let mut nodes = self.nodes.write();
+        let now = Instant::now();
+        let mut get = |node: Node| {
+            nodes
+                .entry(node.clone())
+                .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), 0, now)))
+                .clone()
+        };
+        [get(tenant), get(agent)]
+    }
+
+    /// Takes `demand` from the rate limits of every node on the agent's path, or
+    /// from none: the first limit it does not fit is returned, with when it would.
+    /// Nodes past 80 % of a rate limit afterwards are reported.
+    pub fn check_rates(
+        &self,
+        tenant: &str,
+        agent: AgentId,
+        demand: Demand,
+        now: Instant,
+    ) -> Result<Vec<Warning>, Exceeded> {
+        let path = self.path(tenant, agent);
+        let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
+        for (node, guard) in path.iter().zip(guards.iter_mut()) {
+            let live: &mut Live = guard;
+            let wants = [
+                ("requests_per_second", live.requests.as_mut(), demand.ops),
+                ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
+            ];
+            for (limit, bucket, n) in wants {
+                let Some(bucket) = bucket else { continue };
+                if n == 0 {
+                    continue;
+                }
+                if let Some(wait) = bucket.shortfall(f64::from(n), now) {
+                    node.rejected.fetch_add(1, Ordering::Relaxed);
+                    return Err(node.exceeded(limit, bucket.capacity() as u64, wait));
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        for (node, guard) in path.iter().zip(guards.iter_mut()) {
+            let live: &mut Live = guard;
+            let takes = [
+                ("requests_per_second", live.requests.as_mut(), demand.ops),
+                ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
+            ];
+            for (limit, bucket, n) in takes {
+                let Some(bucket) = bucket else { continue };
+                bucket.take(f64::from(n), now);
+                if n > 0 && bucket.used_fraction() >= 0.8 {
+                    node.warnings.fetch_add(1, Ordering::Relaxed);
+                    warnings.push(Warning {
+                        node: node.name.clone(),
+                        limit,
+                    });
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// Counts a submission that waited for its rate limits.
+    pub fn note_throttled(&self, e: &Exceeded) {
+        if let Some(node) = self.nodes.read().values().find(|n| n.name == e.node) {
+            node.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Claims `n` ops in flight on every node of the agent's path, or on none.
+    pub fn acquire(&self, tenant: &str, agent: AgentId, n: u64) -> Result<(), Exceeded> {
+        let path = self.path(tenant, agent);
+        let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
+        for (node, live) in path.iter().zip(guards.iter()) {
+            if let Some(limit) = node.limits.concurrent_ops
+                && live.in_flight + n > u64::from(limit)
+            {
+                node.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(node.exceeded("concurrent_ops", u64::from(limit), Some(CONCURRENCY_RETRY)));
+            }
+        }
+        for live in guards.iter_mut() {
+            live.in_flight += n;
+        }
+        Ok(())
+    }
+
+    /// Claims ops in flight that were admitted before a restart: counted, never refused.
+    pub fn reacquire(&self, tenant: &str, agent: AgentId, n: u64) {
+        let path = self.path(tenant, agent);
+        for node in &path {
+            node.live.lock().in_flight += n;
+        }
+    }
+
+    /// Gives back ops in flight when they complete.
+    pub fn release(&self, tenant: &str, agent: AgentId, n: u64) {
+        let path = self.path(tenant, agent);
+        for node in &path {
+            let mut live = node.live.lock();
+            live.in_flight = live.in_flight.saturating_sub(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(f: impl FnOnce(&mut QuotaLimits)) -> QuotaLimits {
+        let mut l = QuotaLimits::default();
+        f(&mut l);
+        l
+    }
+
+    #[test]
+    fn a_parent_limit_binds_every_child_and_a_refusal_takes_nothing() {
+        let quotas = Quotas::new();
+        let (a, b) = (AgentId::generate(), AgentId::generate());
+        quotas.set(Node::Tenant("t".into()), limits(|l| l.requests_per_second = Some(3)));
+        quotas.set(Node::Agent(a), limits(|l| l.requests_per_second = Some(100)));
+        let now = Instant::now();
+        let one = Demand { ops: 1, tool_calls: 0 };
+        assert!(quotas.check_rates("t", a, one, now).is_ok());
+        assert!(quotas.check_rates("t", b, one, now).is_ok());
+        assert!(quotas.check_rates("t", a, one, now).is_ok());
+        let refused = quotas.check_rates("t", b, one, now).unwrap_err();
+        assert_eq!(refused.limit, "requests_per_second");
+        assert_eq!(refused.node, "tenant/t");
+        assert!(refused.retry_after.unwrap() <= Duration::from_millis(334));
+        // The refused check took nothing from the agent: after the tenant refills,
+        // a has used 2 of its 100.
+        let later = now + Duration::from_secs(1);
+        let warnings = quotas
+            .check_rates("t", a, Demand { ops: 3, tool_calls: 0 }, later)
+            .unwrap();
+        assert!(warnings.iter().any(|w| w.node == "tenant/t"), "3 of 3 is past 80 %");
+        assert_eq!(quotas.usage(&Node::Tenant("t".into())).rejected, 1);
+    }
+
+    #[test]
+    fn tool_calls_count_only_tool_ops() {
+        let quotas = Quotas::new();
+        let a = AgentId::generate();
+        quotas.set(Node::Agent(a), limits(|l| l.tool_calls_per_minute = Some(2)));
+        let now = Instant::now();
+        for _ in 0..10 {
+            quotas
+                .check_rates("t", a, Demand { ops: 1, tool_calls: 0 }, now)
+                .unwrap();
+        }
+        let tools = Demand { ops: 1, tool_calls: 1 };
+        quotas.check_rates("t", a, tools, now).unwrap();
+        quotas.check_rates("t", a, tools, now).unwrap();
+        let refused = quotas.check_rates("t", a, tools, now).unwrap_err();
+        assert_eq!(refused.limit, "tool_calls_per_minute");
+        // One call refills in 30 s.
+        assert!(refused.retry_after.unwrap() > Duration::from_secs(29));
+    }
+
+    #[test]
+    fn ops_in_flight_are_bounded_on_the_whole_path() {
+        let quotas = Quotas::new();
+        let (a, b) = (AgentId::generate(), AgentId::generate());
+        quotas.set(Node::Tenant("t".into()), limits(|l| l.concurrent_ops = Some(3)));
+        quotas.acquire("t", a, 2).unwrap();
+        let refused = quotas.acquire("t", b, 2).unwrap_err();
+        assert_eq!(refused.limit, "concurrent_ops");
+        assert_eq!(quotas.usage(&Node::Agent(b)).concurrent_ops, 0, "nothing taken");
+        quotas.acquire("t", b, 1).unwrap();
+        quotas.release("t", a, 2);
+        quotas.acquire("t", b, 2).unwrap();
+        assert_eq!(quotas.usage(&Node::Tenant("t".into())).concurrent_ops, 3);
+    }
+
+    #[test]
+    fn changing_limits_keeps_the_ops_in_flight() {
+        let quotas = Quotas::new();
+        let a = AgentId::generate();
+        quotas.acquire("t", a, 4).unwrap();
+        quotas.set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(5)));
+        assert!(quotas.acquire("t", a, 2).is_err());
+        quotas.acquire("t", a, 1).unwrap();
+    }
+
+    #[test]
+    fn exceeded_limits_become_quota_errors_naming_the_limit() {
+        let quotas = Quotas::new();
+        let a = AgentId::generate();
+        quotas.set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(1)));
+        quotas.acquire("t", a, 1).unwrap();
+        let error: Error = quotas.acquire("t", a, 1).unwrap_err().into();
+        assert_eq!(error.code, ErrorCode::QuotaExceeded);
+        assert_eq!(error.details.unwrap()["limit"], "concurrent_ops");
+    }
+}

@@ -1,0 +1,187 @@
+//! The executors of tool ops: how an agent acts on the world outside the kernel.
+//!
+//! This crate owns what each tool does and what it may not do:
+//! - [`file`] (`tool.file`) reads and writes inside the agent's workspace; every path
+//!   is opened with `openat2(RESOLVE_BENEATH)`, so neither `..` nor a symlink can
+//!   lead out, and the check cannot race a rename.
+//! - [`shell`] (`tool.shell`) runs a program without a shell (unless asked), as an
+//!   unprivileged user, in a control group with the agent's process limits, in
+//!   namespaces that show it only its workspace and the system's read-only files,
+//!   and kills its whole process tree when it ends, times out or is cancelled.
+//! - [`http`] (`tool.http`) makes one HTTP request, refusing private, loopback,
+//!   link-local and metadata addresses unless the agent allows them; the check runs
+//!   on every address a name resolves to, redirects included, so DNS cannot be used
+//!   to get around it.
+//!
+//! Arguments are parsed into a [`Call`] when the op is submitted, so a bad call is
+//! refused before it is journaled. The ring decides when a call runs and what a
+//! crash in the middle means (`in_doubt`); this crate only runs it.
+
+pub mod file;
+pub mod http;
+pub mod net;
+pub mod shell;
+
+use bbx_core::quota::{ProcessLimits, ToolSettings};
+use bbx_core::{AgentId, Error, OpId, Result};
+use bbx_quota::cgroup::Driver;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The tool kinds an op may name.
+pub const KINDS: [&str; 3] = ["tool.http", "tool.shell", "tool.file"];
+
+/// A parsed tool call.
+#[derive(Debug, Clone)]
+pub enum Call {
+    Http(http::HttpCall),
+    Shell(shell::ShellCall),
+    File(file::FileCall),
+}
+
+impl Call {
+    /// Parses a tool op's arguments; `None` if `kind` is not a tool.
+    pub fn parse(kind: &str, args: &Value) -> Option<Result<Self>> {
+        let call = match kind {
+            "tool.http" => parse_args(kind, args).and_then(http::HttpCall::checked).map(Self::Http),
+            "tool.shell" => parse_args(kind, args)
+                .and_then(shell::ShellCall::checked)
+                .map(Self::Shell),
+            "tool.file" => parse_args(kind, args).and_then(file::FileCall::checked).map(Self::File),
+            _ => return None,
+        };
+        Some(call)
+    }
+
+    /// Whether running the call can change the world outside the kernel: such an op
+    /// is marked started in the journal before it runs, and is `in_doubt` if the
+    /// kernel stops while it runs. Reading files changes nothing.
+    pub fn has_external_effects(&self) -> bool {
+        match self {
+            Self::File(call) => !call.is_read_only(),
+            Self::Http(_) | Self::Shell(_) => true,
+        }
+    }
+}
+
+fn parse_args<T: for<'de> Deserialize<'de>>(kind: &str, args: &Value) -> Result<T> {
+    T::deserialize(args)
+        .map_err(|e| Error::invalid_field("args", format!("the arguments of {kind} are not valid: {e}")))
+}
+
+/// Who a call runs for, and under what.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub op_id: OpId,
+    pub agent: AgentId,
+    /// Passed on to the tool (`Idempotency-Key` of `tool.http`).
+    pub idempotency_key: Option<String>,
+    pub settings: ToolSettings,
+    pub limits: ProcessLimits,
+}
+
+/// How tools run on this host.
+#[derive(Debug, Clone)]
+pub struct ToolsConfig {
+    /// Where each agent's workspace directory is made.
+    pub workspaces: PathBuf,
+    /// The uid and gid programs run as when the kernel is root.
+    pub run_as: (u32, u32),
+}
+
+/// The tools of one kernel.
+pub struct Tools {
+    config: ToolsConfig,
+    cgroups: Box<dyn Driver>,
+    http: http::Clients,
+    /// Whether programs run in namespaces of their own (needs root).
+    isolate: bool,
+    mount_point: PathBuf,
+}
+
+impl Tools {
+    /// Tools whose workspaces live under `config.workspaces`; programs run in
+    /// namespaces of their own when the kernel is root.
+    pub fn new(config: ToolsConfig, cgroups: Box<dyn Driver>) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mount_point = shell::mount_point(&config.workspaces);
+        std::fs::create_dir_all(&mount_point).map_err(|e| {
+            Error::internal(format!(
+                "cannot make the workspaces in {}: {e}",
+                config.workspaces.display()
+            ))
+        })?;
+        Ok(Self {
+            config,
+            cgroups,
+            http: http::Clients::default(),
+            isolate: root,
+            mount_point,
+        })
+    }
+
+    /// The agent's workspace, made on first use (owned by the uid its programs run as).
+    pub fn workspace(&self, agent: &AgentId) -> Result<PathBuf> {
+        let dir = self.config.workspaces.join(agent.to_string());
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::internal(format!("cannot make the workspace {}: {e}", dir.display())))?;
+            if self.isolate {
+                let (uid, gid) = self.config.run_as;
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                    .map_err(|e| Error::internal(format!("cannot hand the workspace to uid {uid}: {e}")))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Removes a deleted agent's workspace.
+    pub fn remove_workspace(&self, agent: &AgentId) {
+        let dir = self.config.workspaces.join(agent.to_string());
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "a deleted agent's workspace was not removed");
+        }
+    }
+
+    /// Runs a call. Dropping the future stops it (a program's whole tree is killed).
+    pub async fn run(&self, call: &Call, ctx: &Context) -> Result<Value> {
+        match call {
+            Call::Http(call) => self.http.run(call, ctx).await,
+            Call::File(call) => {
+                let workspace = self.workspace(&ctx.agent)?;
+                let call = call.clone();
+                tokio::task::spawn_blocking(move || call.run(&workspace))
+                    .await
+                    .map_err(|e| Error::internal(format!("a file call failed: {e}")))?
+            }
+            Call::Shell(call) => {
+                let workspace = self.workspace(&ctx.agent)?;
+                let sandbox = shell::Sandbox {
+                    cgroups: self.cgroups.as_ref(),
+                    run_as: self.isolate.then_some(self.config.run_as),
+                    isolate: self.isolate,
+                    workspace: &workspace,
+                    mount_point: &self.mount_point,
+                };
+                call.run(ctx, &sandbox).await
+            }
+        }
+    }
+
+    /// How tool processes are confined on this host.
+    pub fn cgroup_driver(&self) -> &dyn Driver {
+        self.cgroups.as_ref()
+    }
+
+    pub fn isolates(&self) -> bool {
+        self.isolate
+    }
+
+    pub fn workspaces(&self) -> &Path {
+        &self.config.workspaces
+    }
+}
