@@ -41,6 +41,9 @@ pub enum Command {
     /// Submit ops to the AgentRing and reap their completions.
     #[command(subcommand)]
     Ring(RingCommand),
+    /// Set and read the quotas of agents and tenants; the host's cgroups and GPUs.
+    #[command(subcommand)]
+    Quotas(QuotasCommand),
     /// Check or repair the AgentRing's journal (offline).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -90,6 +93,16 @@ pub enum AgentCommand {
         /// A label as key=value; repeat for more.
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// A private, loopback or link-local network its tool.http may reach
+        /// (a CIDR, e.g. 127.0.0.0/8); repeat for more.
+        #[arg(long = "allow-network", value_name = "CIDR")]
+        allow_networks: Vec<String>,
+        /// A variable of the kernel's environment passed on to its tool.shell programs; repeat for more.
+        #[arg(long = "env-allow", value_name = "NAME")]
+        env_allow: Vec<String>,
+        /// Run its tool.shell programs with no network.
+        #[arg(long)]
+        no_network: bool,
     },
     /// List agents, oldest first.
     List {
@@ -241,6 +254,12 @@ pub enum RingCommand {
     Get { op_id: String },
     /// Cancel an op that has not completed.
     Cancel { op_id: String },
+    /// Settle an op left in_doubt by a crash: ok, failed, or retry (run it again).
+    Resolve {
+        op_id: String,
+        #[arg(long = "as", value_name = "ok|failed|retry", value_parser = parse_resolution)]
+        resolution: bbx_core::op::Resolution,
+    },
     /// Queue depths, throughput, latency by priority, retries, breakers.
     Stats,
     /// The journal: segments, size, synced and checkpoint positions, sync latency.
@@ -252,7 +271,8 @@ pub enum RingCommand {
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
     pub agent: String,
-    /// The executor: noop, sleep, state.get, state.set, state.incr, state.delete.
+    /// The executor: noop, sleep, state.get, state.set, state.incr, state.delete,
+    /// tool.http, tool.shell, tool.file.
     pub kind: String,
     /// Its arguments as JSON, e.g. '{"key":"n","by":1}' [default: {}].
     pub args: Option<String>,
@@ -286,6 +306,68 @@ pub struct SubmitArgs {
     pub wait: bool,
 }
 
+fn parse_resolution(text: &str) -> Result<bbx_core::op::Resolution, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_ascii_lowercase()))
+        .map_err(|_| format!("{text:?} is not a resolution; use ok, failed or retry"))
+}
+
+fn parse_action(text: &str) -> Result<bbx_core::quota::QuotaAction, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_ascii_lowercase()))
+        .map_err(|_| format!("{text:?} is not an action; use reject, throttle or notify"))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotasCommand {
+    /// Set limits of an agent (or, with --tenant, of a tenant); those not given stay.
+    Set(QuotaSetArgs),
+    /// Show an agent's limits, its tenant's, and its usage.
+    Get {
+        /// The agent's id, or with --tenant the tenant's name.
+        target: String,
+        /// TARGET names a tenant.
+        #[arg(long)]
+        tenant: bool,
+    },
+    /// Every agent and tenant with limits or ops in flight.
+    List,
+    /// Alias of list: limits and usage of every node.
+    Stats,
+    /// The host's NVIDIA GPUs through NVML, or why there are none.
+    GpuStatus,
+    /// How tool processes are confined: the cgroup driver, its groups; with GROUP, that group only.
+    CgroupStatus { group: Option<String> },
+}
+
+#[derive(Args, Debug)]
+pub struct QuotaSetArgs {
+    /// The agent's id, or with --tenant the tenant's name.
+    pub target: String,
+    /// TARGET names a tenant.
+    #[arg(long)]
+    pub tenant: bool,
+    #[arg(long)]
+    pub requests_per_second: Option<u32>,
+    #[arg(long)]
+    pub tool_calls_per_minute: Option<u32>,
+    #[arg(long)]
+    pub concurrent_ops: Option<u32>,
+    /// Memory of one tool process tree; it is killed at the limit.
+    #[arg(long)]
+    pub memory_bytes: Option<u64>,
+    /// CPU of one tool process tree, in percent of one core.
+    #[arg(long)]
+    pub cpu_percent: Option<u32>,
+    /// Processes of one tool process tree.
+    #[arg(long)]
+    pub pids: Option<u32>,
+    /// What a rate limit does when reached: reject, throttle or notify.
+    #[arg(long, value_parser = parse_action)]
+    pub action: Option<bbx_core::quota::QuotaAction>,
+    /// How long throttle may hold a submission.
+    #[arg(long)]
+    pub max_delay_ms: Option<u64>,
+}
+
 fn parse_priority(text: &str) -> Result<bbx_core::op::Priority, String> {
     serde_json::from_value(serde_json::Value::String(text.to_ascii_uppercase()))
         .map_err(|_| format!("{text:?} is not a priority; use LOW, NORMAL, HIGH or REALTIME"))
@@ -316,6 +398,16 @@ pub enum V2Command {
     /// Aliases of `bbx ring stats|wal-status|circuit-breaker`.
     #[command(subcommand)]
     EnhancedRing(EnhancedRingCommand),
+    /// Aliases of `bbx quotas stats|gpu-status|cgroup-status`.
+    #[command(subcommand)]
+    EnforcedQuotas(EnforcedQuotasCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnforcedQuotasCommand {
+    Stats,
+    GpuStatus,
+    CgroupStatus { group: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,6 +5,7 @@ mod bench;
 mod bench_ring;
 mod cli;
 mod output;
+mod quotas;
 mod ring;
 
 use anyhow::{Context, Result, bail};
@@ -14,8 +15,8 @@ use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState
 use bbx_core::{AgentApi, validate};
 use clap::{CommandFactory, Parser};
 use cli::{
-    AgentCommand, BenchCommand, Cli, Command, ConfigCommand, EnhancedRingCommand, KeyCommand, RingCommand, ServeArgs,
-    StateCommand, V2Command,
+    AgentCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand, KeyCommand,
+    QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -111,6 +112,15 @@ async fn run(cli: Cli) -> Result<()> {
             ring::run(&cli, &command).await
         }
         Command::Journal(command) => ring::journal(&cli, command),
+        Command::Quotas(command) => quotas::run(&cli, command).await,
+        Command::V2(V2Command::EnforcedQuotas(command)) => {
+            let command = match command {
+                EnforcedQuotasCommand::Stats => QuotasCommand::Stats,
+                EnforcedQuotasCommand::GpuStatus => QuotasCommand::GpuStatus,
+                EnforcedQuotasCommand::CgroupStatus { group } => QuotasCommand::CgroupStatus { group: group.clone() },
+            };
+            quotas::run(&cli, &command).await
+        }
     }
 }
 
@@ -126,6 +136,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         commit_max_batch: args.commit_max_batch,
         log: args.log.clone(),
         ring: None,
+        tools: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }
@@ -204,7 +215,14 @@ async fn mcp(cli: &Cli) -> Result<()> {
 async fn agent(cli: &Cli, command: &AgentCommand) -> Result<()> {
     let api = client(cli)?;
     match command {
-        AgentCommand::Create { name, tenant, labels } => {
+        AgentCommand::Create {
+            name,
+            tenant,
+            labels,
+            allow_networks,
+            env_allow,
+            no_network,
+        } => {
             let labels = labels
                 .iter()
                 .map(|l| validate::label_selector(l))
@@ -213,6 +231,11 @@ async fn agent(cli: &Cli, command: &AgentCommand) -> Result<()> {
                 name: name.clone(),
                 tenant: tenant.clone(),
                 labels: Some(labels),
+                tools: Some(bbx_core::quota::ToolSettings {
+                    allow_networks: allow_networks.clone(),
+                    env_allow: env_allow.clone(),
+                    no_network: *no_network,
+                }),
             };
             let agent = api.create_agent(req).await?;
             if cli.json {

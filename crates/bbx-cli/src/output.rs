@@ -2,6 +2,7 @@
 
 use bbx_core::model::{Agent, ApiKeyInfo, StateEntry};
 use bbx_core::op::{BreakerInfo, Completion, RingStats, WalStatus};
+use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaInfo};
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
 
@@ -135,4 +136,71 @@ pub fn breakers(breakers: &[BreakerInfo]) {
         ]);
     }
     println!("{t}");
+}
+
+pub fn quotas(infos: &[QuotaInfo]) {
+    fn show<T: ToString>(value: Option<T>) -> String {
+        value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+    }
+    let mut t = table(&[
+        "NODE",
+        "REQ/S",
+        "TOOLS/MIN",
+        "IN FLIGHT",
+        "MEMORY",
+        "CPU %",
+        "PIDS",
+        "ACTION",
+        "REFUSED",
+        "THROTTLED",
+    ]);
+    for info in infos {
+        let l = &info.limits;
+        t.add_row(vec![
+            info.node.clone(),
+            show(l.requests_per_second),
+            show(l.tool_calls_per_minute),
+            format!("{}/{}", info.usage.concurrent_ops, show(l.concurrent_ops)),
+            show(l.memory_bytes),
+            show(l.cpu_percent),
+            show(l.pids),
+            l.action
+                .map_or_else(|| "reject".to_owned(), |a| format!("{a:?}").to_lowercase()),
+            info.usage.rejected.to_string(),
+            info.usage.throttled.to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn gpus(status: &GpuStatus) {
+    if !status.available {
+        println!("no GPU: {}", status.reason.as_deref().unwrap_or("unknown"));
+        return;
+    }
+    println!("driver {}", status.driver_version.as_deref().unwrap_or("?"));
+    let mut t = table(&["INDEX", "NAME", "MEMORY USED", "MEMORY TOTAL", "UTIL %"]);
+    for d in &status.devices {
+        t.add_row(vec![
+            d.index.to_string(),
+            d.name.clone(),
+            d.memory_used_bytes.to_string(),
+            d.memory_total_bytes.to_string(),
+            d.utilization_percent.to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn cgroups(status: &CgroupStatus) {
+    println!("driver {}  isolated {}", status.driver, status.isolated);
+    for root in &status.roots {
+        println!("  root {root}");
+    }
+    if status.groups.is_empty() {
+        println!("no tool runs now");
+    }
+    for group in &status.groups {
+        println!("  group {group}");
+    }
 }

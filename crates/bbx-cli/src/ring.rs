@@ -65,6 +65,17 @@ pub async fn run(cli: &Cli, command: &RingCommand) -> Result<()> {
                 println!("{} {:?}", info.op_id, info.state);
             }
         }
+        RingCommand::Resolve { op_id, resolution } => {
+            let info = api.resolve_op(op_id.parse()?, *resolution).await?;
+            if cli.json {
+                output::json(&info);
+            } else {
+                println!("{} {:?}", info.op_id, info.state);
+                if let Some(completion) = &info.completion {
+                    output::completion(completion);
+                }
+            }
+        }
         RingCommand::Stats => {
             let stats = api.ring_stats().await?;
             if cli.json {

@@ -18,8 +18,10 @@ use bbx_core::model::{
     SetState, StateEntry, StatePage, Status,
 };
 use bbx_core::op::{
-    BreakerInfo, OpInfo, OpenShm, ResetBreakers, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
+    BreakerInfo, OpInfo, OpenShm, ResetBreakers, Resolution, ResolveOp, RingStats, ShmSession, SubmitBatch, Submitted,
+    WalStatus,
 };
+use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, OpId, Result, validate};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
@@ -261,6 +263,50 @@ impl AgentApi for Client {
 
     async fn ring_stats(&self) -> Result<RingStats> {
         self.call(self.request(Method::GET, &["v1", "ring", "stats"])).await
+    }
+
+    async fn resolve_op(&self, id: OpId, resolution: Resolution) -> Result<OpInfo> {
+        let id = id.to_string();
+        self.call(
+            self.request(Method::POST, &["v1", "ops", &id, "resolve"])
+                .json(&ResolveOp { resolution }),
+        )
+        .await
+    }
+
+    async fn quota(&self, node: Node) -> Result<QuotaInfo> {
+        let (kind, name) = quota_path(&node);
+        self.call(self.request(Method::GET, &["v1", "quotas", kind, &name]))
+            .await
+    }
+
+    async fn set_quota(&self, node: Node, update: QuotaLimits) -> Result<QuotaInfo> {
+        let (kind, name) = quota_path(&node);
+        self.call(
+            self.request(Method::PATCH, &["v1", "quotas", kind, &name])
+                .json(&update),
+        )
+        .await
+    }
+
+    async fn list_quotas(&self) -> Result<Vec<QuotaInfo>> {
+        self.call(self.request(Method::GET, &["v1", "quotas"])).await
+    }
+
+    async fn cgroup_status(&self) -> Result<CgroupStatus> {
+        self.call(self.request(Method::GET, &["v1", "quotas", "cgroups"])).await
+    }
+
+    async fn gpu_status(&self) -> Result<GpuStatus> {
+        self.call(self.request(Method::GET, &["v1", "quotas", "gpus"])).await
+    }
+}
+
+/// A quota node's place in the URL: `tenants/NAME` or `agents/ID`.
+fn quota_path(node: &Node) -> (&'static str, String) {
+    match node {
+        Node::Tenant(name) => ("tenants", name.clone()),
+        Node::Agent(id) => ("agents", id.to_string()),
     }
 }
 

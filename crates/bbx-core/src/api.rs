@@ -7,7 +7,8 @@
 use crate::error::Result;
 use crate::ids::{AgentId, OpId};
 use crate::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
-use crate::op::{OpInfo, RingStats, SubmitBatch, Submitted};
+use crate::op::{OpInfo, Resolution, RingStats, SubmitBatch, Submitted};
+use crate::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use std::future::Future;
 use std::time::Duration;
 
@@ -33,4 +34,12 @@ pub trait AgentApi: Send + Sync + 'static {
     fn wait_op(&self, id: OpId, timeout: Duration) -> impl Future<Output = Result<OpInfo>> + Send;
     fn cancel_op(&self, id: OpId) -> impl Future<Output = Result<OpInfo>> + Send;
     fn ring_stats(&self) -> impl Future<Output = Result<RingStats>> + Send;
+    /// Settles an op left `in_doubt` by a crash.
+    fn resolve_op(&self, id: OpId, resolution: Resolution) -> impl Future<Output = Result<OpInfo>> + Send;
+    fn quota(&self, node: Node) -> impl Future<Output = Result<QuotaInfo>> + Send;
+    /// Sets the limits `update` gives; the node's others stay.
+    fn set_quota(&self, node: Node, update: QuotaLimits) -> impl Future<Output = Result<QuotaInfo>> + Send;
+    fn list_quotas(&self) -> impl Future<Output = Result<Vec<QuotaInfo>>> + Send;
+    fn cgroup_status(&self) -> impl Future<Output = Result<CgroupStatus>> + Send;
+    fn gpu_status(&self) -> impl Future<Output = Result<GpuStatus>> + Send;
 }

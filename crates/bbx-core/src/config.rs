@@ -33,6 +33,27 @@ pub struct KernelConfig {
     pub log: String,
     /// The AgentRing's queues, limits and breakers (`[ring]` in the file).
     pub ring: RingConfig,
+    /// How tools run (`[tools]` in the file).
+    pub tools: ToolsConfig,
+}
+
+/// How tool processes run. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// The uid `tool.shell` programs run as when the kernel is root (never 0).
+    pub run_as_uid: u32,
+    pub run_as_gid: u32,
+}
+
+impl Default for ToolsConfig {
+    /// `nobody:nogroup`.
+    fn default() -> Self {
+        Self {
+            run_as_uid: 65534,
+            run_as_gid: 65534,
+        }
+    }
 }
 
 /// Settings of the AgentRing. Every field has a default, so a file may give any subset.
@@ -143,6 +164,7 @@ pub struct ConfigLayer {
     pub commit_max_batch: Option<usize>,
     pub log: Option<String>,
     pub ring: Option<RingConfig>,
+    pub tools: Option<ToolsConfig>,
 }
 
 impl ConfigLayer {
@@ -176,6 +198,7 @@ impl KernelConfig {
                 .unwrap_or(DEFAULT_COMMIT_MAX_BATCH),
             log: over.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.to_owned()),
             ring: over.ring.or(file.ring).unwrap_or_default(),
+            tools: over.tools.or(file.tools).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -196,6 +219,12 @@ impl KernelConfig {
             ));
         }
         config.ring.validate()?;
+        if config.tools.run_as_uid == 0 || config.tools.run_as_gid == 0 {
+            return Err(Error::invalid_field(
+                "tools.run_as_uid",
+                "tool programs must not run as root: set tools.run_as_uid and run_as_gid above 0",
+            ));
+        }
         Ok(config)
     }
 

@@ -367,6 +367,26 @@ pub struct ResetBreakers {
     pub target: Option<String>,
 }
 
+/// How an operator settles an op in doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// Its effect happened: it completes `ok`.
+    Ok,
+    /// Its effect did not happen, or must not count: it completes `error`.
+    Failed,
+    /// Run it again (the tool gets the same idempotency key).
+    Retry,
+}
+
+/// `bbx ring resolve OP --as ok|failed|retry`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveOp {
+    #[serde(rename = "as")]
+    pub resolution: Resolution,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,9 +5,45 @@
 //! must fit every node on its path, so a child can never exceed its parent. A limit
 //! that is unset on a node is simply not checked there.
 
+use crate::ids::AgentId;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+/// A node of the hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Node {
+    Tenant(String),
+    Agent(AgentId),
+}
+
+impl std::str::FromStr for Node {
+    type Err = crate::Error;
+
+    /// `tenant/NAME` or `agent/ID`.
+    fn from_str(text: &str) -> crate::Result<Self> {
+        match text.split_once('/') {
+            Some(("tenant", name)) => {
+                crate::validate::tenant(name)?;
+                Ok(Self::Tenant(name.to_owned()))
+            }
+            Some(("agent", id)) => Ok(Self::Agent(id.parse()?)),
+            _ => Err(crate::Error::invalid_field(
+                "node",
+                format!("{text:?} is not a quota node; write tenant/NAME or agent/ID"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tenant(name) => write!(f, "tenant/{name}"),
+            Self::Agent(id) => write!(f, "agent/{id}"),
+        }
+    }
+}
 
 /// What happens when a rate limit is reached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
@@ -172,6 +208,44 @@ pub struct ToolSettings {
     /// Run `tool.shell` programs in a network namespace of their own (no network).
     #[serde(default)]
     pub no_network: bool,
+}
+
+/// How tool processes are confined on this host (`bbx quotas cgroup-status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct CgroupStatus {
+    /// "cgroup v2", "cgroup v1" or "rlimits".
+    pub driver: String,
+    /// Where each run's group is made, one directory per controller.
+    pub roots: Vec<String>,
+    /// Runs' groups that exist now, by name (`op-ID`).
+    pub groups: Vec<String>,
+    /// Programs run in mount namespaces that show only their workspace.
+    pub isolated: bool,
+    /// The uid programs run as, when the kernel is root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_uid: Option<u32>,
+}
+
+/// The GPUs a quota can hand out (`bbx quotas gpu-status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct GpuStatus {
+    /// False when NVML cannot be loaded or sees no device; `reason` says why.
+    pub available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    pub devices: Vec<GpuDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub utilization_percent: u32,
 }
 
 impl ToolSettings {

@@ -19,6 +19,7 @@
 //! binds a caller to the kernel and implements [`bbx_core::AgentApi`].
 
 pub mod auth;
+mod quota;
 mod ring;
 mod shm;
 mod store;
@@ -33,7 +34,8 @@ use bbx_core::model::{
     Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DEFAULT_TENANT, ListAgents,
     ListState, SetState, StateEntry, StatePage, Status, StorageStatus, page_limit,
 };
-use bbx_core::op::{BreakerInfo, Completion, OpInfo, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::op::{BreakerInfo, Completion, OpInfo, Resolution, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, OpId, Result, validate};
 use chrono::Utc;
 use fjall::Readable;
@@ -54,6 +56,21 @@ use tokio_util::task::TaskTracker;
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// The AgentRing's journal, inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
+/// Agents' workspaces (one directory each), inside the data directory.
+pub const WORKSPACES_DIR: &str = "workspaces";
+/// The cgroup subtree, below the kernel's own, that tool runs' groups are made in;
+/// each data directory gets its own below it (see [`cgroup_scope`]).
+const CGROUP_SCOPE: &str = "bbx";
+
+/// The cgroup scope of the kernel on `data_dir`: its own, so that the runs a dead
+/// kernel left behind can be swept at the next start without touching another
+/// kernel's. The data directory's lock makes the scope one kernel's at a time.
+fn cgroup_scope(data_dir: &Path) -> String {
+    use sha2::Digest as _;
+    let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    format!("{CGROUP_SCOPE}/{}", hex::encode(&digest[..8]))
+}
 
 pub struct Kernel {
     config: KernelConfig,
@@ -66,6 +83,8 @@ pub struct Kernel {
     closing: AtomicBool,
     shm_sessions: Arc<shm::Sessions>,
     tenants: TenantCache,
+    quotas: Arc<bbx_quota::Quotas>,
+    tools: Arc<bbx_tools::Tools>,
 }
 
 /// The tenant of each agent an op or a state call named lately, so that the hot
@@ -101,8 +120,24 @@ impl Kernel {
             keys.insert(stored);
         }
         let tasks = TaskTracker::new();
+        let quotas = Arc::new(quota::load(&store)?);
+        let tools = Arc::new(bbx_tools::Tools::new(
+            bbx_tools::ToolsConfig {
+                workspaces: config.data_dir.join(WORKSPACES_DIR),
+                run_as: (config.tools.run_as_uid, config.tools.run_as_gid),
+            },
+            bbx_quota::cgroup::detect(&cgroup_scope(&config.data_dir)),
+        )?);
         let journal = config.data_dir.join(JOURNAL_DIR);
-        let ring = Ring::open(config.ring.clone(), store.clone(), &journal, tasks.clone()).await?;
+        let ring = Ring::open(
+            config.ring.clone(),
+            store.clone(),
+            &journal,
+            tasks.clone(),
+            tools.clone(),
+            quotas.clone(),
+        )
+        .await?;
         spawn_expiry(
             &tasks,
             store.clone(),
@@ -119,6 +154,8 @@ impl Kernel {
             closing: AtomicBool::new(false),
             shm_sessions: Arc::default(),
             tenants: TenantCache::default(),
+            quotas,
+            tools,
         });
         // Deletions a crash interrupted finish removing their agents' state.
         for agent in kernel.store.pending_purges()? {
@@ -188,6 +225,7 @@ impl Kernel {
         self.store.close().await;
         self.tasks.close();
         self.tasks.wait().await;
+        self.tools.cgroup_driver().close();
     }
 
     pub fn authenticate(&self, token: &str) -> Result<Caller> {
@@ -241,6 +279,8 @@ impl Kernel {
         caller.check_tenant(&tenant)?;
         let labels = req.labels.unwrap_or_default();
         validate::labels(&labels)?;
+        let tools = req.tools.unwrap_or_default();
+        bbx_tools::net::validate_settings(&tools)?;
         let agent = Agent {
             id: AgentId::generate(),
             name: req.name,
@@ -248,6 +288,7 @@ impl Kernel {
             labels,
             status: AgentStatus::Idle,
             created_at: Utc::now(),
+            tools,
         };
         self.store.write(Write::CreateAgent(agent.clone())).await?;
         Ok(agent)
@@ -263,6 +304,14 @@ impl Kernel {
         self.tenants.deletions.fetch_add(1, Ordering::AcqRel);
         self.tenants.tenants.write().remove(id);
         spawn_purge(&self.tasks, self.store.clone(), *id);
+        self.quotas.remove(&bbx_quota::Node::Agent(*id));
+        self.tools.remove_workspace(id);
+        self.store
+            .write(Write::PutQuota {
+                node: bbx_quota::Node::Agent(*id).to_string(),
+                limits: None,
+            })
+            .await?;
         Ok(())
     }
 
@@ -528,6 +577,7 @@ impl Kernel {
             };
             ops.push((op, tenant));
         }
+        self.check_rates(&ops).await?;
         self.ring
             .submit(caller, ops, batch.wait_ms.map(Duration::from_millis), dispatcher)
             .await
@@ -544,6 +594,11 @@ impl Kernel {
 
     pub async fn cancel_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         self.ring.cancel(caller, id).await
+    }
+
+    /// Settles an op left in doubt by a crash.
+    pub async fn resolve_op(&self, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
+        self.ring.resolve(caller, id, resolution).await
     }
 
     /// Completions as they happen, for event streams; filter by [`Caller::check_tenant`].
@@ -846,5 +901,23 @@ impl AgentApi for Session {
     }
     async fn ring_stats(&self) -> Result<RingStats> {
         Ok(self.kernel.ring_stats(&self.caller))
+    }
+    async fn resolve_op(&self, id: OpId, resolution: Resolution) -> Result<OpInfo> {
+        self.kernel.resolve_op(&self.caller, &id, resolution).await
+    }
+    async fn quota(&self, node: Node) -> Result<QuotaInfo> {
+        self.kernel.quota(&self.caller, &node)
+    }
+    async fn set_quota(&self, node: Node, update: QuotaLimits) -> Result<QuotaInfo> {
+        self.kernel.set_quota(&self.caller, &node, update).await
+    }
+    async fn list_quotas(&self) -> Result<Vec<QuotaInfo>> {
+        self.kernel.list_quotas(&self.caller)
+    }
+    async fn cgroup_status(&self) -> Result<CgroupStatus> {
+        self.kernel.cgroup_status(&self.caller)
+    }
+    async fn gpu_status(&self) -> Result<GpuStatus> {
+        self.kernel.gpu_status(&self.caller).await
     }
 }

@@ -17,6 +17,8 @@
 //! - `meta`:     name                                 -> value (agent count as u64)
 //! - `ops`:      op id (16 bytes, time-ordered)       -> Completion as JSON
 //! - `idem`:     agent id (16 bytes), idempotency key -> op id (16 bytes), args digest
+//! - `doubt`:    op id (16 bytes)                    -> the journal entry of an op in doubt
+//! - `quotas`:   node (`tenant/NAME`, `agent/ID`)      -> QuotaLimits as JSON
 
 use crate::auth::StoredKey;
 use bbx_core::model::Agent;
@@ -75,6 +77,20 @@ pub(crate) enum Write {
         effect: Option<Effect>,
         /// The args digest, recorded with the key so a later duplicate is recognized.
         digest: Option<String>,
+        /// For an `in_doubt` completion: the op's journal entry, kept until an
+        /// operator resolves it.
+        doubt: Option<Vec<u8>>,
+    },
+    /// Settles an op in doubt: replaces its completion with `completion`, or, with
+    /// none, removes it so the op can run again. Refused unless the op is in doubt.
+    Resolve {
+        op_id: OpId,
+        completion: Option<Box<Completion>>,
+    },
+    /// Sets (or with `None` removes) a quota node's limits.
+    PutQuota {
+        node: String,
+        limits: Option<Vec<u8>>,
     },
     /// Forgets up to `max` completions (and their idempotency keys) of ops older than `before`.
     ExpireOps {
@@ -110,6 +126,8 @@ pub(crate) enum Applied {
     Version(u64),
     /// The completion as recorded.
     Completed(Box<Completion>),
+    /// The journal entry of a resolved op.
+    Resolved(Vec<u8>),
 }
 
 /// Writes sent together, answered together: each is applied on its own (one may
@@ -134,6 +152,8 @@ pub(crate) struct Keyspaces {
     pub meta: Keyspace,
     pub ops: Keyspace,
     pub idem: Keyspace,
+    pub doubt: Keyspace,
+    pub quotas: Keyspace,
 }
 
 impl Keyspaces {
@@ -150,6 +170,8 @@ impl Keyspaces {
             meta: open("meta")?,
             ops: open("ops")?,
             idem: open("idem")?,
+            doubt: open("doubt")?,
+            quotas: open("quotas")?,
         })
     }
 }
@@ -423,6 +445,8 @@ const API_KEYS: u8 = 3;
 const META: u8 = 4;
 const OPS: u8 = 5;
 const IDEM: u8 = 6;
+const DOUBT: u8 = 7;
+const QUOTAS: u8 = 8;
 
 impl<'a> GroupTx<'a> {
     fn new(ks: &'a Keyspaces) -> Self {
@@ -440,6 +464,8 @@ impl<'a> GroupTx<'a> {
             API_KEYS => &self.ks.api_keys,
             OPS => &self.ks.ops,
             IDEM => &self.ks.idem,
+            DOUBT => &self.ks.doubt,
+            QUOTAS => &self.ks.quotas,
             _ => &self.ks.meta,
         }
     }
@@ -580,6 +606,7 @@ impl<'a> GroupTx<'a> {
                 completion,
                 effect,
                 digest,
+                doubt,
             } => {
                 let mut completion = completion.clone();
                 if let Some(effect) = effect {
@@ -598,7 +625,41 @@ impl<'a> GroupTx<'a> {
                     value.extend_from_slice(digest.as_bytes());
                     self.put(IDEM, idempotency_key(&completion.agent, key), value);
                 }
+                if let Some(entry) = doubt {
+                    self.put(DOUBT, completion.op_id.as_bytes().to_vec(), entry.clone());
+                }
                 Ok(Applied::Completed(completion))
+            }
+            Write::Resolve { op_id, completion } => {
+                let key = op_id.as_bytes().to_vec();
+                let current = self
+                    .read(OPS, &key)?
+                    .map(|bytes| decode_completion(&bytes))
+                    .transpose()?
+                    .ok_or_else(|| Error::not_found("op", op_id))?;
+                let entry = self.read(DOUBT, &key)?;
+                let (CompletionStatus::InDoubt, Some(entry)) = (current.status, entry) else {
+                    return Err(Error::new(
+                        ErrorCode::FailedPrecondition,
+                        format!("op {op_id} is not in doubt (it is {})", current.status.as_str()),
+                    ));
+                };
+                match completion {
+                    Some(completion) => {
+                        let json = serde_json::to_vec(completion).map_err(|e| Error::internal(e.to_string()))?;
+                        self.put(OPS, key.clone(), json);
+                    }
+                    None => self.remove(OPS, key.clone()),
+                }
+                self.remove(DOUBT, key);
+                Ok(Applied::Resolved(entry))
+            }
+            Write::PutQuota { node, limits } => {
+                match limits {
+                    Some(json) => self.put(QUOTAS, node.as_bytes().to_vec(), json.clone()),
+                    None => self.remove(QUOTAS, node.as_bytes().to_vec()),
+                }
+                Ok(Applied::Done)
             }
             Write::ExpireOps { before, max } => {
                 let mut expired = Vec::new();
@@ -607,6 +668,8 @@ impl<'a> GroupTx<'a> {
                     expired.push((key.to_vec(), decode_completion(&value)?));
                 }
                 let finished = expired.len() < *max;
+                // An op in doubt waits for an operator, however old it is.
+                expired.retain(|(_, completion)| completion.status != CompletionStatus::InDoubt);
                 for (key, completion) in expired {
                     if let Some(idempotency) = &completion.idempotency_key {
                         self.remove(IDEM, idempotency_key(&completion.agent, idempotency));
@@ -832,6 +895,7 @@ mod tests {
             labels: Default::default(),
             status: AgentStatus::Idle,
             created_at: Utc::now(),
+            tools: Default::default(),
         }
     }
 

@@ -144,6 +144,7 @@ async fn listing_pages_and_filters() {
             name: format!("a{i}"),
             tenant: Some(tenant.into()),
             labels: Some(labels),
+            tools: None,
         };
         made.push(api.create_agent(req).await.unwrap().id);
     }
@@ -258,6 +259,7 @@ async fn tenant_keys_are_confined_and_revoked_keys_refused() {
             name: "x".into(),
             tenant: Some("globex".into()),
             labels: None,
+            tools: None,
         })
         .await
         .unwrap();
@@ -320,6 +322,15 @@ async fn invalid_input_changes_nothing() {
             name: "x".into(),
             tenant: Some("../etc".into()),
             labels: None,
+            tools: None,
+        },
+        CreateAgent {
+            name: "x".into(),
+            tools: Some(bbx_core::quota::ToolSettings {
+                allow_networks: vec!["not-a-network".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
         },
     ] {
         assert_eq!(

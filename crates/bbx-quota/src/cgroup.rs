@@ -25,6 +25,32 @@ pub trait Driver: Send + Sync + fmt::Debug {
     fn roots(&self) -> Vec<PathBuf>;
     /// A new group named `name` with `limits` applied.
     fn create(&self, name: &str, limits: &ProcessLimits) -> io::Result<Box<dyn Group>>;
+    /// Kills and removes every group in the scope: what a kernel that died left
+    /// running. Call it at start, when the scope is this kernel's alone.
+    fn sweep(&self);
+    /// Removes the scope itself, once every group in it is gone (at shutdown).
+    fn close(&self) {
+        for root in self.roots() {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+    /// The groups that exist now, by name.
+    fn groups(&self) -> Vec<String> {
+        let Some(root) = self.roots().into_iter().next() else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = std::fs::read_dir(root)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
 }
 
 /// One run's control group.
@@ -61,7 +87,7 @@ pub struct Events {
 
 /// The best driver this machine offers: v2 with memory, cpu and pids enabled, else v1
 /// with those controllers mounted and writable, else rlimits. `scope` names the
-/// subtree BBX creates its groups in.
+/// subtree (a relative path) BBX creates its groups in.
 pub fn detect(scope: &str) -> Box<dyn Driver> {
     match V2::detect(scope) {
         Ok(v2) => return Box::new(v2),
@@ -174,19 +200,22 @@ impl V2 {
             .map(PathBuf::from)
             .find(|m| m.join("cgroup.controllers").exists())
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount"))?;
-        let parent = mount.join(own_cgroup("")?);
-        let root = parent.join(scope);
-        make_dir(&root, "cgroup.controllers")?;
-        let available = std::fs::read_to_string(root.join("cgroup.controllers"))?;
-        for controller in ["memory", "pids", "cpu"] {
-            if !available.split_whitespace().any(|c| c == controller) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("the {controller} controller is not enabled for {}", root.display()),
-                ));
+        let mut root = mount.join(own_cgroup("")?);
+        // Each level of the scope passes the controllers down to the next.
+        for level in Path::new(scope).components() {
+            root.push(level);
+            make_dir(&root, "cgroup.controllers")?;
+            let available = std::fs::read_to_string(root.join("cgroup.controllers"))?;
+            for controller in ["memory", "pids", "cpu"] {
+                if !available.split_whitespace().any(|c| c == controller) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        format!("the {controller} controller is not enabled for {}", root.display()),
+                    ));
+                }
             }
+            std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
         }
-        std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
         Ok(Self { root })
     }
 }
@@ -198,6 +227,14 @@ impl Driver for V2 {
 
     fn roots(&self) -> Vec<PathBuf> {
         vec![self.root.clone()]
+    }
+
+    fn sweep(&self) {
+        for name in self.groups() {
+            drop(V2Group {
+                dir: self.root.join(name),
+            });
+        }
     }
 
     fn create(&self, name: &str, limits: &ProcessLimits) -> io::Result<Box<dyn Group>> {
@@ -217,14 +254,6 @@ impl Driver for V2 {
             std::fs::write(group.dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
         }
         Ok(Box::new(group))
-    }
-}
-
-/// The scope goes when its driver does, if no group is left in it (a kernel's
-/// groups are all gone by then; another kernel's scope is left alone).
-impl Drop for V2 {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.root);
     }
 }
 
@@ -299,6 +328,16 @@ impl Driver for V1 {
         vec![self.memory.clone(), self.cpu.clone(), self.pids.clone()]
     }
 
+    fn sweep(&self) {
+        for name in self.groups() {
+            drop(V1Group {
+                memory: self.memory.join(&name),
+                cpu: self.cpu.join(&name),
+                pids: self.pids.join(&name),
+            });
+        }
+    }
+
     fn create(&self, name: &str, limits: &ProcessLimits) -> io::Result<Box<dyn Group>> {
         let group = V1Group {
             memory: self.memory.join(name),
@@ -322,14 +361,6 @@ impl Driver for V1 {
             std::fs::write(group.cpu.join("cpu.cfs_quota_us"), quota.to_string())?;
         }
         Ok(Box::new(group))
-    }
-}
-
-impl Drop for V1 {
-    fn drop(&mut self) {
-        for dir in [&self.memory, &self.cpu, &self.pids] {
-            let _ = std::fs::remove_dir(dir);
-        }
     }
 }
 
@@ -387,6 +418,9 @@ impl Driver for Rlimits {
     fn roots(&self) -> Vec<PathBuf> {
         Vec::new()
     }
+
+    /// Without groups, a dead kernel's leftovers cannot be found.
+    fn sweep(&self) {}
 
     fn create(&self, _name: &str, limits: &ProcessLimits) -> io::Result<Box<dyn Group>> {
         let mut rlimits = Vec::new();

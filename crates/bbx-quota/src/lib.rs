@@ -12,34 +12,19 @@
 //! hands them to [`Quotas::set`] at start and on every change.
 
 pub mod cgroup;
+pub mod gpu;
 mod rate;
 
 pub use rate::TokenBucket;
 
+pub use bbx_core::quota::Node;
 use bbx_core::quota::{QuotaAction, QuotaLimits, QuotaUsage};
 use bbx_core::{AgentId, Error, ErrorCode};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// A node of the hierarchy.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Node {
-    Tenant(String),
-    Agent(AgentId),
-}
-
-impl fmt::Display for Node {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tenant(name) => write!(f, "tenant/{name}"),
-            Self::Agent(id) => write!(f, "agent/{id}"),
-        }
-    }
-}
 
 /// What a submission asks of the rate limits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -4,6 +4,12 @@
 //! from the record alone. Entries are tagged, so that later kinds of entry (the
 //! `started` mark of tools with external effects) extend the format instead of
 //! replacing it.
+//!
+//! An op with external effects gets a second entry, [`Entry::Started`], made
+//! durable before its executor first runs. Recovery reads the pair: accepted and
+//! never started means it is safe to run; started without a completion means the
+//! world may or may not have seen its effect, and it is reported `in_doubt`
+//! instead of being run again.
 
 use bbx_core::op::{Priority, RetryPolicy, TraceContext};
 use bbx_core::{AgentId, Error, OpId, Result};
@@ -39,12 +45,29 @@ pub struct OpRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceContext>,
     pub submitted_at: DateTime<Utc>,
+    /// 0 when submitted; one more each time an operator retries it after it was
+    /// in doubt (the op is journaled again under the same id).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
+// An entry lives only from being built to being encoded (or from being decoded to
+// being read): never held in bulk, so boxing the record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Entry {
     Accepted(OpRecord),
+    /// The op's executor is about to touch the world for the first time.
+    Started {
+        op_id: OpId,
+        #[serde(default)]
+        incarnation: u32,
+    },
 }
 
 impl Entry {
@@ -65,6 +88,9 @@ pub enum Effects {
     /// Changes kernel state: journaled, and its effect commits atomically with its
     /// completion, so it is re-run after a crash exactly when it had not happened.
     Kernel,
+    /// Changes the world outside the kernel (a tool): journaled, marked started
+    /// before it runs, and `in_doubt` after a crash that interrupted it.
+    External,
 }
 
 #[cfg(test)]
@@ -107,9 +133,12 @@ mod tests {
                 user_data: None,
                 trace: None,
                 submitted_at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
+                incarnation: priority as u32,
             };
+            let started = Entry::Started { op_id: record.op_id, incarnation: 2 };
             let entry = Entry::Accepted(record);
             prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
+            prop_assert_eq!(Entry::decode(&started.encode()).unwrap(), started);
         }
 
         #[test]

@@ -10,10 +10,12 @@ use bbx_core::model::{
     SetState, StateEntry, StatePage, Status,
 };
 use bbx_core::op::{
-    BreakerInfo, OpInfo, OpenShm, ResetBreakers, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
+    BreakerInfo, OpInfo, OpenShm, ResetBreakers, ResolveOp, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
 };
+use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentId, Error, ErrorBody, KeyId, OpId};
 use bbx_kernel::{Caller, Kernel};
+use bbx_quota::Node;
 use std::sync::Arc;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -28,7 +30,7 @@ type Reply<T> = Result<ApiJson<T>, ApiError>;
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     components(schemas(ErrorBody)),
-    tags((name = "agents"), (name = "state"), (name = "ops"), (name = "ring"), (name = "keys"), (name = "system"))
+    tags((name = "agents"), (name = "state"), (name = "ops"), (name = "ring"), (name = "quotas"), (name = "keys"), (name = "system"))
 )]
 struct ApiDoc;
 
@@ -62,6 +64,11 @@ pub fn router() -> (axum::Router<Arc<Kernel>>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_op))
         .routes(routes!(wait_op))
         .routes(routes!(cancel_op))
+        .routes(routes!(resolve_op))
+        .routes(routes!(list_quotas))
+        .routes(routes!(cgroup_status))
+        .routes(routes!(gpu_status))
+        .routes(routes!(get_quota, set_quota))
         .routes(routes!(ring_stats))
         .routes(routes!(wal_status))
         .routes(routes!(list_breakers))
@@ -281,6 +288,81 @@ async fn cancel_op(
     ApiPath(id): ApiPath<String>,
 ) -> Reply<OpInfo> {
     Ok(ApiJson(kernel.cancel_op(&caller, &op_id(&id)?).await?))
+}
+
+/// Settle an op left `in_doubt` by a crash: `ok` (its effect happened), `failed`
+/// (it did not, or must not count) or `retry` (run it again, with the same
+/// idempotency key).
+#[utoipa::path(post, path = "/v1/ops/{id}/resolve", tag = "ops", params(("id" = String, Path, description = "Op id")),
+    request_body = ResolveOp,
+    responses((status = 200, body = OpInfo), (status = 409, body = ErrorBody, description = "Not in doubt, or being resolved"),
+        (status = "4XX", body = ErrorBody, description = "Invalid id or unknown op")))]
+async fn resolve_op(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ResolveOp>,
+) -> Reply<OpInfo> {
+    Ok(ApiJson(kernel.resolve_op(&caller, &op_id(&id)?, req.resolution).await?))
+}
+
+/// A quota node from its path: `tenants/NAME` or `agents/ID`.
+fn quota_node(kind: &str, name: &str) -> Result<Node, ApiError> {
+    let node = match kind {
+        "tenants" => format!("tenant/{name}"),
+        "agents" => format!("agent/{name}"),
+        other => {
+            return Err(Error::not_found("quota node kind", other)
+                .with_details(serde_json::json!({ "kinds": ["tenants", "agents"] }))
+                .into());
+        }
+    };
+    Ok(node.parse()?)
+}
+
+/// Every quota node the caller may see, with its limits and usage.
+#[utoipa::path(get, path = "/v1/quotas", tag = "quotas", responses((status = 200, body = Vec<QuotaInfo>)))]
+async fn list_quotas(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<Vec<QuotaInfo>> {
+    Ok(ApiJson(kernel.list_quotas(&caller)?))
+}
+
+/// A node's limits, its parent's, and its usage.
+#[utoipa::path(get, path = "/v1/quotas/{kind}/{name}", tag = "quotas",
+    params(("kind" = String, Path, description = "`tenants` or `agents`"), ("name" = String, Path, description = "Tenant name or agent id")),
+    responses((status = 200, body = QuotaInfo), (status = "4XX", body = ErrorBody, description = "Unknown node")))]
+async fn get_quota(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath((kind, name)): ApiPath<(String, String)>,
+) -> Reply<QuotaInfo> {
+    Ok(ApiJson(kernel.quota(&caller, &quota_node(&kind, &name)?)?))
+}
+
+/// Set some of a node's limits; those not given keep their values.
+#[utoipa::path(patch, path = "/v1/quotas/{kind}/{name}", tag = "quotas", request_body = QuotaLimits,
+    params(("kind" = String, Path, description = "`tenants` or `agents`"), ("name" = String, Path, description = "Tenant name or agent id")),
+    responses((status = 200, body = QuotaInfo), (status = "4XX", body = ErrorBody, description = "Bad limits or unknown node")))]
+async fn set_quota(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath((kind, name)): ApiPath<(String, String)>,
+    ApiJson(limits): ApiJson<QuotaLimits>,
+) -> Reply<QuotaInfo> {
+    Ok(ApiJson(
+        kernel.set_quota(&caller, &quota_node(&kind, &name)?, limits).await?,
+    ))
+}
+
+/// How tool processes are confined on this host (administrators only).
+#[utoipa::path(get, path = "/v1/quotas/cgroups", tag = "quotas", responses((status = 200, body = CgroupStatus)))]
+async fn cgroup_status(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<CgroupStatus> {
+    Ok(ApiJson(kernel.cgroup_status(&caller)?))
+}
+
+/// The host's GPUs through NVML, or why there are none (administrators only).
+#[utoipa::path(get, path = "/v1/quotas/gpus", tag = "quotas", responses((status = 200, body = GpuStatus)))]
+async fn gpu_status(State(kernel): Kern, Extension(caller): Extension<Caller>) -> Reply<GpuStatus> {
+    Ok(ApiJson(kernel.gpu_status(&caller).await?))
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]

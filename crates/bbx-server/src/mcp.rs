@@ -12,7 +12,8 @@
 //! errors); an unknown tool is a JSON-RPC error.
 
 use bbx_core::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
-use bbx_core::op::{OpInfo, RingStats, SubmitBatch, Submitted};
+use bbx_core::op::{OpInfo, Resolution, RingStats, SubmitBatch, Submitted};
+use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentApi, AgentId, Error, OpId};
 use bbx_kernel::{Caller, Kernel};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -118,6 +119,38 @@ pub struct RingWaitArgs {
     /// How long to wait for the completion, in milliseconds (default 30000, at most 60000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RingResolveArgs {
+    /// The id of the op in doubt.
+    pub op_id: String,
+    /// `ok` (its effect happened), `failed` (it did not) or `retry` (run it again).
+    #[serde(rename = "as")]
+    pub resolution: Resolution,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaNodeArgs {
+    /// `agent/ID` or `tenant/NAME`.
+    pub node: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSetArgs {
+    /// `agent/ID` or `tenant/NAME`.
+    pub node: String,
+    /// The limits to set; limits not given keep their values.
+    pub limits: QuotaLimits,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct QuotaList {
+    /// Every quota node the caller may see, with limits and usage.
+    pub quotas: Vec<QuotaInfo>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -257,7 +290,9 @@ impl<S: ApiSource> McpServer<S> {
     #[tool(
         description = "Submit ops to the AgentRing, BBX's durable op queue, and get their op ids back once \
         they are on disk. Each op names an `agent`, a `kind` (noop, sleep {ms}, state.get {key}, state.set \
-        {key, value}, state.incr {key, by}, state.delete {key}) and `args`; optional: priority (LOW, NORMAL, \
+        {key, value}, state.incr {key, by}, state.delete {key}, tool.http {method, url, headers, body}, \
+        tool.shell {program, args, timeout_ms}, tool.file {op: read|write|append|list|stat|delete, path, \
+        content}) and `args`; optional: priority (LOW, NORMAL, \
         HIGH, REALTIME), timeout_ms, retries {count, backoff_ms}, depends_on (op ids, or #N for the Nth op \
         of this batch), idempotency_key (submitting the same key again returns the same op, so a retry never \
         runs it twice). Then call ring_wait with an op id for its result."
@@ -301,6 +336,78 @@ impl<S: ApiSource> McpServer<S> {
     async fn ring_stats(&self, ctx: RequestContext<RoleServer>) -> ToolResult<RingStats> {
         let api = self.api(&ctx)?;
         answer(api.ring_stats().await)
+    }
+
+    #[tool(
+        description = "Settle an op whose status is in_doubt (a tool that was running when the kernel \
+        stopped, so its effect may or may not have happened): `as` is ok, failed, or retry (run it again with \
+        the same idempotency key). Returns the op."
+    )]
+    async fn ring_resolve(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<RingResolveArgs>,
+    ) -> ToolResult<OpInfo> {
+        let api = self.api(&ctx)?;
+        let id: OpId = args.op_id.parse().map_err(tool_error)?;
+        answer(api.resolve_op(id, args.resolution).await)
+    }
+
+    #[tool(
+        description = "Read the quota of an agent (node \"agent/ID\") or a tenant (\"tenant/NAME\"): its \
+        limits (requests_per_second, tool_calls_per_minute, concurrent_ops, memory_bytes, cpu_percent, pids), \
+        its parent's limits, which also apply, and its usage."
+    )]
+    async fn quota_get(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<QuotaNodeArgs>,
+    ) -> ToolResult<QuotaInfo> {
+        let api = self.api(&ctx)?;
+        let node: Node = args.node.parse().map_err(tool_error)?;
+        answer(api.quota(node).await)
+    }
+
+    #[tool(
+        description = "Set limits of an agent (node \"agent/ID\") or a tenant (\"tenant/NAME\"); limits \
+        not given keep their values. An agent can never exceed its tenant. Returns the node's quota."
+    )]
+    async fn quota_set(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<QuotaSetArgs>,
+    ) -> ToolResult<QuotaInfo> {
+        let api = self.api(&ctx)?;
+        let node: Node = args.node.parse().map_err(tool_error)?;
+        answer(api.set_quota(node, args.limits).await)
+    }
+
+    #[tool(
+        description = "Report every quota node (tenants and agents) with its limits and usage: ops in \
+        flight, refusals, throttles and 80 % warnings. Takes no arguments."
+    )]
+    async fn enforced_quotas_stats(&self, ctx: RequestContext<RoleServer>) -> ToolResult<QuotaList> {
+        let api = self.api(&ctx)?;
+        answer(api.list_quotas().await.map(|quotas| QuotaList { quotas }))
+    }
+
+    #[tool(
+        description = "Report the host's NVIDIA GPUs through NVML (devices, memory, utilization), or \
+        why there are none. Takes no arguments."
+    )]
+    async fn enforced_quotas_gpu(&self, ctx: RequestContext<RoleServer>) -> ToolResult<GpuStatus> {
+        let api = self.api(&ctx)?;
+        answer(api.gpu_status().await)
+    }
+
+    #[tool(
+        description = "Report how tool processes are confined: the cgroup driver (v2, v1 or rlimits), \
+        where groups are made, the groups that exist now, and whether programs run isolated. Takes no \
+        arguments."
+    )]
+    async fn enforced_quotas_cgroup(&self, ctx: RequestContext<RoleServer>) -> ToolResult<CgroupStatus> {
+        let api = self.api(&ctx)?;
+        answer(api.cgroup_status().await)
     }
 
     #[tool(

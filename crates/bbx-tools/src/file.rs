@@ -2,7 +2,9 @@
 //! workspace.
 //!
 //! Paths are relative to the workspace. A path that is absolute or climbs with `..`
-//! is refused when the op is submitted; every other path is opened with
+//! is refused before anything is touched (the op completes with
+//! `path_outside_workspace`, like every other refusal of the sandbox); every other
+//! path is opened with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` from the workspace's
 //! directory, so the kernel itself refuses any resolution (a symlink, even one made
 //! a moment ago by the agent's own program) that would leave it.
@@ -63,13 +65,6 @@ impl FileCall {
     pub(crate) fn checked(self) -> Result<Self> {
         if self.path.is_empty() || self.path.contains('\0') {
             return Err(Error::invalid_field("args.path", "path must be non-empty, without NUL"));
-        }
-        for component in Path::new(&self.path).components() {
-            match component {
-                Component::RootDir | Component::Prefix(_) => return Err(outside(&self.path, "it is absolute")),
-                Component::ParentDir => return Err(outside(&self.path, "it contains ..")),
-                Component::CurDir | Component::Normal(_) => {}
-            }
         }
         let writes = matches!(self.op, FileOp::Write | FileOp::Append);
         match (&self.content, &self.content_base64) {
@@ -134,6 +129,7 @@ impl FileCall {
 
     /// Runs the call in `workspace` (blocking).
     pub fn run(&self, workspace: &Path) -> Result<Value> {
+        relative_inside(&self.path)?;
         let root = rustix::fs::open(
             workspace,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -235,6 +231,32 @@ impl FileCall {
             }
         }
     }
+}
+
+/// Refuses a path that is absolute or climbs out with `..`, before any lookup.
+pub(crate) fn relative_inside(path: &str) -> Result<()> {
+    for component in Path::new(path).components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => return Err(outside(path, "it is absolute")),
+            Component::ParentDir => return Err(outside(path, "it contains ..")),
+            Component::CurDir | Component::Normal(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `path` is a directory inside `workspace`.
+pub(crate) fn directory_inside(workspace: &Path, path: &str) -> Result<()> {
+    relative_inside(path)?;
+    let root = rustix::fs::open(
+        workspace,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::internal(format!("cannot open the workspace: {e}")))?;
+    beneath(&root, path, OFlags::PATH | OFlags::DIRECTORY)
+        .map(drop)
+        .map_err(|e| errno_error(path, e))
 }
 
 /// Opens `path` below `dir`, never resolving outside it.
@@ -354,11 +376,18 @@ mod tests {
     }
 
     #[test]
-    fn absolute_paths_and_dot_dot_are_refused_before_anything_runs() {
+    fn absolute_paths_and_dot_dot_are_refused_before_anything_is_touched() {
+        let ws = tempfile::tempdir().unwrap();
         for path in ["/etc/passwd", "../x", "a/../../x", "a/.."] {
-            let e = call(FileOp::Read, path, None).unwrap_err();
+            let e = call(FileOp::Read, path, None).unwrap().run(ws.path()).unwrap_err();
             assert_eq!(e.code, ErrorCode::PathOutsideWorkspace, "{path}");
         }
+        let planted = call(FileOp::Write, "../planted", Some("x"))
+            .unwrap()
+            .run(ws.path())
+            .unwrap_err();
+        assert_eq!(planted.code, ErrorCode::PathOutsideWorkspace);
+        assert!(!ws.path().parent().unwrap().join("planted").exists());
         assert_eq!(
             call(FileOp::Delete, ".", None).unwrap_err().code,
             ErrorCode::InvalidArgument

@@ -54,6 +54,21 @@ impl Call {
         Some(call)
     }
 
+    /// The remote host (and port) a call talks to, for its circuit breaker.
+    pub fn remote_host(&self) -> Option<String> {
+        match self {
+            Self::Http(call) => {
+                let url = reqwest::Url::parse(&call.url).ok()?;
+                let host = url.host_str()?;
+                Some(match url.port_or_known_default() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_owned(),
+                })
+            }
+            Self::Shell(_) | Self::File(_) => None,
+        }
+    }
+
     /// Whether running the call can change the world outside the kernel: such an op
     /// is marked started in the journal before it runs, and is `in_doubt` if the
     /// kernel stops while it runs. Reading files changes nothing.
@@ -106,6 +121,8 @@ impl Tools {
     pub fn new(config: ToolsConfig, cgroups: Box<dyn Driver>) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
+        // Runs a kernel that died left behind are killed before they do more.
+        cgroups.sweep();
         let mount_point = shell::mount_point(&config.workspaces);
         std::fs::create_dir_all(&mount_point).map_err(|e| {
             Error::internal(format!(

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -73,15 +73,8 @@ impl ShellCall {
                 "program and args must be non-empty, without NUL",
             ));
         }
-        if let Some(cwd) = &self.cwd {
-            for component in Path::new(cwd).components() {
-                if !matches!(component, Component::Normal(_) | Component::CurDir) {
-                    return Err(Error::new(
-                        ErrorCode::PathOutsideWorkspace,
-                        format!("cwd {cwd:?} is outside the agent's workspace"),
-                    ));
-                }
-            }
+        if self.cwd.as_ref().is_some_and(|c| c.is_empty() || c.contains('\0')) {
+            return Err(Error::invalid_field("args.cwd", "cwd must be non-empty, without NUL"));
         }
         for (name, value) in &self.env {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
@@ -106,12 +99,9 @@ impl ShellCall {
     pub(crate) async fn run(&self, ctx: &Context, sandbox: &Sandbox<'_>) -> Result<Value> {
         let started = Instant::now();
         let cwd = self.cwd.as_deref().unwrap_or(".");
-        if !sandbox.workspace.join(cwd).is_dir() {
-            return Err(Error::new(
-                ErrorCode::FailedPrecondition,
-                format!("cwd {cwd:?} is not a directory of the workspace"),
-            ));
-        }
+        // The kernel looks the directory up below the workspace only, so a symlink
+        // planted by an earlier run cannot point the program elsewhere.
+        crate::file::directory_inside(sandbox.workspace, cwd)?;
         let group = sandbox
             .cgroups
             .create(&format!("op-{}", ctx.op_id), &ctx.limits)

@@ -140,8 +140,20 @@ impl Kernel {
 }
 
 impl Drop for Kernel {
+    /// A graceful stop, so the kernel removes what it made outside its data
+    /// directory (its cgroup scope); SIGKILL if it does not stop in time.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -7,12 +7,25 @@
 use crate::store::Effect;
 use bbx_core::{Error, ErrorCode, Result, validate};
 use bbx_ring::Effects;
+use bbx_tools::Call;
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// The kinds an op may name.
-pub const KINDS: [&str; 6] = ["noop", "sleep", "state.get", "state.set", "state.incr", "state.delete"];
+/// The kinds an op may name: the kernel's own, then the tools of `bbx-tools`.
+pub const KINDS: [&str; 9] = [
+    "noop",
+    "sleep",
+    "state.get",
+    "state.set",
+    "state.incr",
+    "state.delete",
+    "tool.http",
+    "tool.shell",
+    "tool.file",
+];
 
 /// The longest `sleep`.
 const MAX_SLEEP: Duration = Duration::from_secs(24 * 3600);
@@ -26,6 +39,8 @@ pub(crate) enum Exec {
     },
     /// A kernel-service op: its effect commits with its completion.
     State(Effect),
+    /// A tool: it runs on a task of its own and may act outside the kernel.
+    Tool(Arc<Call>),
 }
 
 #[derive(Deserialize)]
@@ -92,13 +107,16 @@ impl Exec {
                 validate::state_key(&key)?;
                 Self::State(Effect::Delete { key })
             }
-            other => {
-                return Err(Error::new(
-                    ErrorCode::InvalidArgument,
-                    format!("unknown op kind {other:?}; the kinds are {}", KINDS.join(", ")),
-                )
-                .with_details(serde_json::json!({ "field": "kind", "kinds": KINDS })));
-            }
+            other => match Call::parse(other, args) {
+                Some(call) => Self::Tool(Arc::new(call?)),
+                None => {
+                    return Err(Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("unknown op kind {other:?}; the kinds are {}", KINDS.join(", ")),
+                    )
+                    .with_details(serde_json::json!({ "field": "kind", "kinds": KINDS })));
+                }
+            },
         };
         Ok(exec)
     }
@@ -107,6 +125,26 @@ impl Exec {
         match self {
             Self::Noop | Self::Sleep(_) | Self::StateGet { .. } => Effects::None,
             Self::State(_) => Effects::Kernel,
+            Self::Tool(call) if call.has_external_effects() => Effects::External,
+            Self::Tool(_) => Effects::None,
+        }
+    }
+
+    /// Whether a running attempt can be stopped (its future dropped).
+    pub fn cancellable(&self) -> bool {
+        matches!(self, Self::Sleep(_) | Self::Tool(_))
+    }
+
+    /// The circuit breaker an op answers to: its kind, and for a remote target
+    /// the host too, so one failing server does not open the breaker of every
+    /// other.
+    pub fn breaker_target<'a>(&self, kind: &'a str) -> Cow<'a, str> {
+        match self {
+            Self::Tool(call) => match call.remote_host() {
+                Some(host) => Cow::Owned(format!("{kind} {host}")),
+                None => Cow::Borrowed(kind),
+            },
+            _ => Cow::Borrowed(kind),
         }
     }
 }
@@ -140,6 +178,26 @@ mod tests {
             Exec::parse("state.incr", &json!({"key": "n"})).unwrap(),
             Exec::State(Effect::Incr { .. })
         ));
+        assert_eq!(
+            Exec::parse("tool.file", &json!({"op": "read", "path": "a"}))
+                .unwrap()
+                .effects(),
+            Effects::None
+        );
+        let http = Exec::parse("tool.http", &json!({"url": "http://example.com:8080/x"})).unwrap();
+        assert_eq!(http.effects(), Effects::External);
+        assert_eq!(http.breaker_target("tool.http"), "tool.http example.com:8080");
+        // A path outside the workspace is the sandbox's to refuse when the op runs
+        // (it completes with path_outside_workspace); malformed arguments are refused now.
+        assert!(Exec::parse("tool.file", &json!({"op": "read", "path": "/etc/passwd"})).is_ok());
+        assert!(Exec::parse("tool.file", &json!({"op": "chmod", "path": "a"})).is_err());
+        assert!(
+            Exec::parse("tool.shell", &json!({"args": ["x"]})).is_err(),
+            "program is required"
+        );
+        for kind in bbx_tools::KINDS {
+            assert!(KINDS.contains(&kind), "{kind} is not listed");
+        }
         let unknown = Exec::parse("rm -rf", &json!({})).unwrap_err();
         assert_eq!(unknown.code, ErrorCode::InvalidArgument);
         assert!(unknown.message.contains("state.incr"));

@@ -16,6 +16,11 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PriorityLabel {
     priority: &'static str,
 }
@@ -50,6 +55,8 @@ pub struct RingMetrics {
     pub(super) journal_records: Counter,
     pub(super) journal_syncs: Counter,
     pub(super) journal_sync_seconds: Histogram,
+    quota_warnings: Family<LimitLabel, Counter>,
+    quota_exceeded: Family<LimitLabel, Counter>,
 }
 
 impl RingMetrics {
@@ -92,7 +99,19 @@ impl RingMetrics {
             journal_records: Counter::default(),
             journal_syncs: Counter::default(),
             journal_sync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            quota_warnings: Family::default(),
+            quota_exceeded: Family::default(),
         }
+    }
+
+    /// A submission left a node past 80 % of `limit`.
+    pub fn quota_warning(&self, limit: &'static str) {
+        self.quota_warnings.get_or_create(&LimitLabel { limit }).inc();
+    }
+
+    /// A submission did not fit `limit`.
+    pub fn quota_exceeded(&self, limit: &'static str) {
+        self.quota_exceeded.get_or_create(&LimitLabel { limit }).inc();
     }
 
     pub(super) fn completed(&self, status: CompletionStatus, priority: Priority, total_us: u64) {
@@ -154,6 +173,16 @@ impl RingMetrics {
             "bbx_ring_op_duration_seconds",
             "Submission to completion, by priority",
             self.latency_family.clone(),
+        );
+        registry.register(
+            "bbx_quota_warnings",
+            "Submissions that left a quota node past 80 % of a limit, by limit",
+            self.quota_warnings.clone(),
+        );
+        registry.register(
+            "bbx_quota_exceeded",
+            "Submissions that did not fit a limit (refused, or let through by notify), by limit",
+            self.quota_exceeded.clone(),
         );
         registry.register(
             "bbx_journal_records",

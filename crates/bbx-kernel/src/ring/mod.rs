@@ -33,16 +33,18 @@ use crate::store::{
 };
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
-    BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, RingStats, SubmitOp, Submitted, SubmittedOp,
-    WalStatus,
+    BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, Resolution, RingStats, SubmitOp, Submitted,
+    SubmittedOp, WalStatus,
 };
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_journal::{Journal, JournalOptions, Lsn};
+use bbx_quota::{Node, Quotas};
 use bbx_ring::batch::{self, Dependency};
 use bbx_ring::{
     Admission, BreakerConfig, BreakerState, Breakers, CircuitBreaker, Effects, Entry, Idempotency, OpRecord, Refused,
 };
 use bbx_ring::{Scheduler, SchedulerConfig};
+use bbx_tools::{Call, Context as ToolContext, Tools};
 use chrono::{DateTime, Utc};
 use exec::Exec;
 use fjall::Readable;
@@ -51,6 +53,7 @@ use journal::JournalWriter;
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -92,6 +95,8 @@ pub(crate) struct Ring {
     /// Every task the ring spawns, so that shutdown can wait for them to let go of
     /// the store.
     tasks: TaskTracker,
+    tools: Arc<Tools>,
+    quotas: Arc<Quotas>,
 }
 
 /// Maps keyed by op id hash with Fx: ids are random UUIDv7s the ring generates, so
@@ -108,12 +113,16 @@ struct RingState {
     recent: FxHashMap<OpId, Arc<Completion>>,
     recent_order: VecDeque<OpId>,
     counters: Counters,
+    /// In-doubt ops an operator is resolving right now.
+    resolving: FxHashSet<OpId>,
 }
 
 struct Live {
     record: Arc<OpRecord>,
     exec: Exec,
     lsn: Option<Lsn>,
+    /// The journal's mark that an op with external effects first ran.
+    started: Option<Lsn>,
     state: OpState,
     /// Acknowledged to the submitter (journaled if it has effects); until then it
     /// must not run.
@@ -204,6 +213,8 @@ struct Pending {
     completion: Completion,
     digest: Option<String>,
     effect: Option<Effect>,
+    /// For an `in_doubt` completion: the op, kept so it can be retried.
+    doubt: Option<Arc<OpRecord>>,
     admission: Option<Breaker>,
     slots: Slots,
 }
@@ -363,7 +374,14 @@ impl Slot {
 impl Ring {
     /// Opens the journal, re-queues the ops it holds that have no completion, and
     /// starts the dispatcher.
-    pub async fn open(config: RingConfig, store: Arc<Store>, dir: &Path, tasks: TaskTracker) -> Result<Arc<Self>> {
+    pub async fn open(
+        config: RingConfig,
+        store: Arc<Store>,
+        dir: &Path,
+        tasks: TaskTracker,
+        tools: Arc<Tools>,
+        quotas: Arc<Quotas>,
+    ) -> Result<Arc<Self>> {
         let options = JournalOptions {
             segment_bytes: config.journal_segment_bytes,
         };
@@ -373,22 +391,49 @@ impl Ring {
                 reason = %tail.reason, "truncated a torn write at the end of the journal");
         }
         let view = store.view();
+        // An op retried after it was in doubt is journaled again, one incarnation
+        // up; only its latest incarnation and that one's start mark count.
+        let mut accepted: FxHashMap<OpId, (Lsn, OpRecord)> = FxHashMap::default();
+        let mut order = Vec::new();
+        let mut started: FxHashMap<(OpId, u32), Lsn> = FxHashMap::default();
+        for record in recovery.records {
+            match Entry::decode(&record.payload)? {
+                Entry::Accepted(op) => {
+                    let newer = accepted
+                        .get(&op.op_id)
+                        .is_none_or(|(_, known)| op.incarnation >= known.incarnation);
+                    if newer {
+                        if !accepted.contains_key(&op.op_id) {
+                            order.push(op.op_id);
+                        }
+                        accepted.insert(op.op_id, (record.lsn, op));
+                    }
+                }
+                Entry::Started { op_id, incarnation } => {
+                    started.insert((op_id, incarnation), record.lsn);
+                }
+            }
+        }
         let mut pending = Vec::new();
         let mut held = BTreeSet::new();
-        for record in recovery.records {
-            let Entry::Accepted(op) = Entry::decode(&record.payload)?;
+        for id in order {
+            let Some((lsn, op)) = accepted.remove(&id) else {
+                continue;
+            };
             let done = view
                 .get(&store.ks.ops, op.op_id.as_bytes())
                 .map_err(|e| storage_error("read ops", e))?
                 .is_some();
             if !done {
-                held.insert(record.lsn);
-                pending.push((record.lsn, op));
+                let mark = started.get(&(op.op_id, op.incarnation)).copied();
+                held.insert(lsn);
+                held.extend(mark);
+                pending.push(Recovered { lsn, started: mark, op });
             }
         }
         let metrics = RingMetrics::new();
         let writer = JournalWriter::start(journal, held, metrics.clone())?;
-        let ring = Arc::new(Self::new(config, store, writer, metrics, tasks.clone()));
+        let ring = Arc::new(Self::new(config, store, writer, metrics, tasks.clone(), tools, quotas));
         if !pending.is_empty() {
             tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
         }
@@ -403,6 +448,8 @@ impl Ring {
         journal: JournalWriter,
         metrics: RingMetrics,
         tasks: TaskTracker,
+        tools: Arc<Tools>,
+        quotas: Arc<Quotas>,
     ) -> Self {
         let scheduler = Scheduler::new(SchedulerConfig {
             capacity: config.submission_capacity,
@@ -428,6 +475,7 @@ impl Ring {
                 dependents: FxHashMap::default(),
                 recent: FxHashMap::default(),
                 recent_order: VecDeque::new(),
+                resolving: FxHashSet::default(),
                 counters: Counters {
                     latency: [histogram(), histogram(), histogram(), histogram()],
                     window: VecDeque::new(),
@@ -445,25 +493,37 @@ impl Ring {
             started: Instant::now(),
             metrics,
             tasks,
+            tools,
+            quotas,
         }
     }
 
     /// Puts recovered ops back, with their dependencies and idempotency keys. They
-    /// were admitted before the crash, so they are not refused now.
-    fn recover(self: &Arc<Self>, pending: Vec<(Lsn, OpRecord)>) -> Result<()> {
+    /// were admitted before the crash, so they are not refused now. An op with
+    /// external effects that had started is not run again: it completes `in_doubt`.
+    fn recover(self: &Arc<Self>, pending: Vec<Recovered>) -> Result<()> {
         // Journal order, so that each agent's ops are queued again in the order they came.
-        let order: Vec<OpId> = pending.iter().map(|(_, op)| op.op_id).collect();
-        let ids: FxHashSet<OpId> = order.iter().copied().collect();
+        let order: Vec<(OpId, bool)> = pending.iter().map(|r| (r.op.op_id, r.started.is_some())).collect();
+        let ids: FxHashSet<OpId> = order.iter().map(|(id, _)| *id).collect();
         let mut finish = Vec::new();
         let mut st = self.state.lock();
         let now = Instant::now();
-        for (lsn, op) in pending {
+        for Recovered { lsn, started, op } in pending {
             let exec = Exec::parse(&op.kind, &op.args)?;
             st.scheduler.readmit(op.agent);
+            let id = op.op_id;
+            self.quotas.reacquire(&op.tenant, op.agent, 1);
             self.register(&mut st, Arc::new(op), exec, Some(lsn), &ids, now)?;
+            if let Some(live) = st.live.get_mut(&id) {
+                live.started = started;
+            }
         }
-        for id in order {
-            Self::activate(&mut st, id, None, now, &mut finish);
+        for (id, in_doubt) in order {
+            if in_doubt {
+                finish.push(Finish::in_doubt(id));
+            } else {
+                Self::activate(&mut st, id, None, now, &mut finish);
+            }
         }
         drop(st);
         self.work.notify_one();
@@ -547,7 +607,7 @@ impl Ring {
                     // Nothing was acknowledged: the new ops go as if never submitted.
                     for slot in &slots {
                         if let Slot::New(id) = slot {
-                            Self::discard(&mut st, *id);
+                            self.discard(&mut st, *id);
                         }
                     }
                 }
@@ -676,7 +736,29 @@ impl Ring {
             .filter(|(slot, _)| matches!(slot, Slot::New(_)))
             .map(|(_, op)| (op.op.agent, op.op.priority))
             .collect();
+        // Ops in flight, per agent, against the quotas of the agent and its tenant.
+        let mut per_agent: Vec<(&str, AgentId, u64)> = Vec::new();
+        for (slot, op) in slots.iter().zip(ops) {
+            if let Slot::New(_) = slot {
+                match per_agent.iter_mut().find(|(_, agent, _)| *agent == op.op.agent) {
+                    Some((_, _, n)) => *n += 1,
+                    None => per_agent.push((&op.tenant, op.op.agent, 1)),
+                }
+            }
+        }
+        let release = |taken: &[(&str, AgentId, u64)]| {
+            for (tenant, agent, n) in taken {
+                self.quotas.release(tenant, *agent, *n);
+            }
+        };
+        for (index, (tenant, agent, n)) in per_agent.iter().enumerate() {
+            if let Err(exceeded) = self.quotas.acquire(tenant, *agent, *n) {
+                release(&per_agent[..index]);
+                return Err(exceeded.into());
+            }
+        }
         if let Err(refused) = st.scheduler.admit(&admitted) {
+            release(&per_agent);
             let message = match refused {
                 Refused::Full { .. } | Refused::AgentFull { .. } | Refused::Shed => refused.to_string(),
             };
@@ -718,15 +800,22 @@ impl Ring {
                 user_data: op.op.user_data.clone(),
                 trace: op.op.trace.clone(),
                 submitted_at,
+                incarnation: 0,
             });
             if op.exec.effects() != Effects::None {
                 records.push((id, Entry::Accepted((*record).clone())));
             }
             if let Err(e) = self.register(&mut st, record, op.exec.clone(), None, &arriving, now) {
                 // Only a storage failure gets here; the batch still goes whole.
-                for slot in &slots {
+                // Discarding an op gives its quota back; those never registered
+                // give theirs back here.
+                for (slot, op) in slots.iter().zip(ops) {
                     if let Slot::New(id) = slot {
-                        Self::discard(&mut st, *id);
+                        if st.live.contains_key(id) {
+                            self.discard(&mut st, *id);
+                        } else {
+                            self.quotas.release(&op.tenant, op.op.agent, 1);
+                        }
                     }
                 }
                 return Err(e);
@@ -772,6 +861,7 @@ impl Ring {
                 record,
                 exec,
                 lsn,
+                started: None,
                 state: OpState::Blocked,
                 active: false,
                 holds_slot: true,
@@ -820,8 +910,9 @@ impl Ring {
     }
 
     /// Forgets an admitted op that was never acknowledged.
-    fn discard(st: &mut RingState, id: OpId) {
+    fn discard(&self, st: &mut RingState, id: OpId) {
         let Some(live) = st.live.remove(&id) else { return };
+        self.quotas.release(&live.record.tenant, live.record.agent, 1);
         if live.holds_slot {
             st.scheduler.release(&live.record.agent);
         }
@@ -911,7 +1002,7 @@ impl Ring {
             live.attempts += 1;
             live.first_start.get_or_insert(now);
             // Only executors that await can be cancelled while running.
-            let token = matches!(live.exec, Exec::Sleep(_)).then(CancellationToken::new);
+            let token = live.exec.cancellable().then(CancellationToken::new);
             live.cancel = token.clone();
             batch.push((next.item, live.record.clone(), live.exec.clone(), token));
         }
@@ -939,15 +1030,18 @@ impl Ring {
                 running: Some(self.running.permit()),
                 completing: Some(self.completing.permit()),
             };
-            let breaker = match last_breaker.take() {
-                Some((last, breaker)) if last.kind == record.kind => breaker,
-                _ => self.breakers.get(&record.kind),
+            let target = exec.breaker_target(&record.kind);
+            let breaker = match (&target, last_breaker.take()) {
+                (Cow::Borrowed(_), Some((last, breaker))) if last.kind == record.kind => breaker,
+                _ => self.breakers.get(&target),
             };
-            last_breaker = Some((record.clone(), breaker.clone()));
+            if let Cow::Borrowed(_) = target {
+                last_breaker = Some((record.clone(), breaker.clone()));
+            }
             let admission = match breaker.admit(started) {
                 Ok(admission) => (breaker, admission),
                 Err(rejected) => {
-                    let error = Error::unavailable(format!("the circuit breaker of {} is open", record.kind))
+                    let error = Error::unavailable(format!("the circuit breaker of {target} is open"))
                         .with_details(serde_json::json!({ "retry_after_ms": rejected.retry_after.as_millis() as u64 }));
                     ended.push(Ended {
                         id,
@@ -993,6 +1087,10 @@ impl Ring {
                     applying.push((id, effect, admission, slots));
                     continue;
                 }
+                Exec::Tool(call) => {
+                    self.spawn_tool(record, call, token.unwrap_or_default(), admission, slots);
+                    continue;
+                }
             };
             ended.push(Ended::ran(id, attempt, took, admission, slots));
         }
@@ -1002,6 +1100,94 @@ impl Ring {
         if !applying.is_empty() {
             self.apply_effects(applying);
         }
+    }
+
+    /// Runs a tool op on a task of its own. One with external effects is first
+    /// marked started in the journal (once, on its first attempt): from then on a
+    /// crash leaves it `in_doubt`, never run again unasked.
+    fn spawn_tool(
+        self: &Arc<Self>,
+        record: Arc<OpRecord>,
+        call: Arc<Call>,
+        token: CancellationToken,
+        admission: Breaker,
+        slots: Slots,
+    ) {
+        let ring = self.clone();
+        let stopping = self.stopping.clone();
+        self.tasks.spawn(async move {
+            let began = Instant::now();
+            let id = record.op_id;
+            let run = async {
+                if call.has_external_effects() {
+                    ring.mark_started(&record).await?;
+                }
+                let ctx = ring.tool_context(&record)?;
+                let timeout = Duration::from_millis(record.timeout_ms);
+                match tokio::time::timeout(timeout, ring.tools.run(&call, &ctx)).await {
+                    Ok(ran) => ran.map(Some),
+                    Err(_) => Ok(None),
+                }
+            };
+            let attempt = tokio::select! {
+                () = stopping.cancelled() => return,
+                () = token.cancelled() => Attempt::Cancelled,
+                ran = run => match ran {
+                    Ok(Some(result)) => Attempt::Ok(result),
+                    Ok(None) => Attempt::TimedOut,
+                    Err(e) => Attempt::Failed(e),
+                },
+            };
+            ring.attempts_done(vec![Ended::ran(id, attempt, began.elapsed(), admission, slots)]);
+        });
+    }
+
+    /// Makes the op's start mark durable, unless an earlier attempt did.
+    async fn mark_started(&self, record: &OpRecord) -> Result<()> {
+        let id = record.op_id;
+        if self
+            .state
+            .lock()
+            .live
+            .get(&id)
+            .is_none_or(|live| live.started.is_some())
+        {
+            return Ok(());
+        }
+        let mark = Entry::Started {
+            op_id: id,
+            incarnation: record.incarnation,
+        };
+        let lsn = self.journal.append(vec![mark.encode()]).await?[0];
+        let mut st = self.state.lock();
+        match st.live.get_mut(&id) {
+            Some(live) => live.started = Some(lsn),
+            None => self.journal.release(vec![lsn]),
+        }
+        Ok(())
+    }
+
+    /// What a tool needs to know of its agent: its tool settings, and the process
+    /// limits of the agent within its tenant's.
+    fn tool_context(&self, record: &OpRecord) -> Result<ToolContext> {
+        let bytes = self
+            .store
+            .view()
+            .get(&self.store.ks.agents, record.agent.as_bytes())
+            .map_err(|e| storage_error("read agents", e))?
+            .ok_or_else(|| Error::not_found("agent", record.agent))?;
+        let agent = crate::store::decode_agent(&bytes)?;
+        let limits = self
+            .quotas
+            .limits(&Node::Agent(record.agent))
+            .process_limits(&self.quotas.limits(&Node::Tenant(record.tenant.clone())));
+        Ok(ToolContext {
+            op_id: record.op_id,
+            agent: record.agent,
+            idempotency_key: record.idempotency.as_ref().map(|i| i.key.clone()),
+            settings: agent.tools,
+            limits,
+        })
     }
 
     /// Kernel-service ops: each one's effect and completion go to the store as one
@@ -1022,6 +1208,7 @@ impl Ring {
                     completion,
                     digest,
                     effect: Some(effect),
+                    doubt: None,
                     admission: Some(admission),
                     slots,
                 });
@@ -1091,6 +1278,10 @@ impl Ring {
                 finish.push(
                     match attempt {
                         Attempt::Ok(result) => Finish::new(id, CompletionStatus::Ok, Some(result), None),
+                        // A tool that enforces a deadline of its own reports it as a timeout.
+                        Attempt::Failed(error) if error.code == ErrorCode::Timeout => {
+                            Finish::new(id, CompletionStatus::Timeout, None, Some(error))
+                        }
                         Attempt::Failed(error) => Finish::new(id, CompletionStatus::Error, None, Some(error)),
                         Attempt::TimedOut => Finish::new(
                             id,
@@ -1205,10 +1396,14 @@ impl Ring {
                 continue;
             };
             if durable {
+                let doubt = (finish.status == CompletionStatus::InDoubt)
+                    .then(|| st.live.get(&finish.id).map(|live| live.record.clone()))
+                    .flatten();
                 out.to_record.push(Pending {
                     completion,
                     digest,
                     effect: None,
+                    doubt,
                     admission: None,
                     slots: Slots {
                         running: None,
@@ -1265,6 +1460,7 @@ impl Ring {
                     completion: Box::new(p.completion),
                     effect: p.effect,
                     digest: p.digest,
+                    doubt: p.doubt.map(|record| Entry::Accepted((*record).clone()).encode()),
                 });
                 held.push((p.admission, p.slots));
             }
@@ -1308,6 +1504,7 @@ impl Ring {
         let Some(live) = st.live.remove(&completion.op_id) else {
             return;
         };
+        self.quotas.release(&live.record.tenant, live.record.agent, 1);
         if live.holds_slot {
             st.scheduler.release(&live.record.agent);
             if self.room_waiters.load(Ordering::Acquire) > 0 {
@@ -1353,6 +1550,7 @@ impl Ring {
         out.answers
             .extend(live.waiters.into_iter().map(|waiter| (waiter, completion.clone())));
         out.released.extend(live.lsn);
+        out.released.extend(live.started);
         out.events.push(completion);
     }
 
@@ -1476,6 +1674,119 @@ impl Ring {
         self.wait(caller, id, Duration::from_secs(5)).await
     }
 
+    /// Settles an op in doubt: completes it `ok` or `error` as the operator says,
+    /// or runs it again. Only one resolution of an op at a time; the store refuses
+    /// one for an op that is no longer in doubt.
+    pub async fn resolve(self: &Arc<Self>, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
+        let current = self.stored_completion(id)?.ok_or_else(|| Error::not_found("op", id))?;
+        caller.check_tenant(&current.tenant)?;
+        if current.status != CompletionStatus::InDoubt {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("op {id} is not in doubt (it is {})", current.status.as_str()),
+            ));
+        }
+        if !self.state.lock().resolving.insert(*id) {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("op {id} is already being resolved"),
+            ));
+        }
+        let resolved = match resolution {
+            Resolution::Retry => self.retry_in_doubt(id).await,
+            Resolution::Ok | Resolution::Failed => self.settle_in_doubt(current, resolution).await,
+        };
+        self.state.lock().resolving.remove(id);
+        resolved?;
+        self.info(caller, id)
+    }
+
+    async fn settle_in_doubt(&self, mut completion: Completion, resolution: Resolution) -> Result<()> {
+        completion.completed_at = Utc::now();
+        if resolution == Resolution::Ok {
+            completion.status = CompletionStatus::Ok;
+            completion.result = Some(serde_json::json!({ "resolved": "ok" }));
+            completion.error = None;
+        } else {
+            completion.status = CompletionStatus::Error;
+            completion.error = Some(Error::new(ErrorCode::ToolFailed, "resolved as failed by an operator"));
+        }
+        self.store
+            .write(Write::Resolve {
+                op_id: completion.op_id,
+                completion: Some(Box::new(completion.clone())),
+            })
+            .await?;
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(Arc::new(completion));
+        }
+        Ok(())
+    }
+
+    /// Journals the op again, one incarnation up, then removes its `in_doubt`
+    /// completion: a crash in between leaves it in doubt, never lost or doubled.
+    async fn retry_in_doubt(self: &Arc<Self>, id: &OpId) -> Result<()> {
+        let entry = self
+            .store
+            .view()
+            .get(&self.store.ks.doubt, id.as_bytes())
+            .map_err(|e| storage_error("read ops in doubt", e))?
+            .ok_or_else(|| Error::internal(format!("op {id} is in doubt but its record is missing")))?;
+        let Entry::Accepted(mut record) = Entry::decode(&entry)? else {
+            return Err(Error::internal(format!("the record of op {id} is not an op")));
+        };
+        record.incarnation += 1;
+        // Its dependencies were met when it first ran.
+        record.depends_on.clear();
+        let exec = Exec::parse(&record.kind, &record.args)?;
+        let (tenant, agent) = (record.tenant.clone(), record.agent);
+        self.quotas.acquire(&tenant, agent, 1).map_err(Error::from)?;
+        let admitted = self.state.lock().scheduler.admit(&[(agent, record.priority)]);
+        let give_back = |ring: &Self| {
+            ring.quotas.release(&tenant, agent, 1);
+            ring.state.lock().scheduler.release(&agent);
+        };
+        if let Err(refused) = admitted {
+            self.quotas.release(&tenant, agent, 1);
+            return Err(Error::resource_exhausted(refused.to_string(), RETRY_AFTER));
+        }
+        let lsn = match self
+            .journal
+            .append(vec![Entry::Accepted(record.clone()).encode()])
+            .await
+        {
+            Ok(lsns) => lsns[0],
+            Err(e) => {
+                give_back(self);
+                return Err(e);
+            }
+        };
+        let removed = self
+            .store
+            .write(Write::Resolve {
+                op_id: *id,
+                completion: None,
+            })
+            .await;
+        if let Err(e) = removed {
+            self.journal.release(vec![lsn]);
+            give_back(self);
+            return Err(e);
+        }
+        let mut finish = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let now = Instant::now();
+            // Nothing waits on it and it has no dependencies: registering cannot fail.
+            self.register(&mut st, Arc::new(record), exec, Some(lsn), &FxHashSet::default(), now)?;
+            Self::activate(&mut st, *id, Some(lsn), now, &mut finish);
+            self.gauge_queues(&st);
+        }
+        self.work.notify_one();
+        self.finish_all(finish);
+        Ok(())
+    }
+
     pub fn metrics(&self) -> &RingMetrics {
         &self.metrics
     }
@@ -1585,6 +1896,14 @@ impl Ring {
     }
 }
 
+/// A journaled op without a completion, found at start.
+struct Recovered {
+    lsn: Lsn,
+    /// Its start mark, if it had started (an op with external effects).
+    started: Option<Lsn>,
+    op: OpRecord,
+}
+
 /// Who starts the ops of a submission.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dispatcher {
@@ -1620,6 +1939,20 @@ impl Finish {
             CompletionStatus::Cancelled,
             None,
             Some(Error::new(ErrorCode::FailedPrecondition, reason.to_owned())),
+        )
+    }
+
+    /// An op with external effects that was running when the kernel stopped.
+    fn in_doubt(id: OpId) -> Self {
+        Self::new(
+            id,
+            CompletionStatus::InDoubt,
+            None,
+            Some(Error::new(
+                ErrorCode::InDoubt,
+                "the op was running when the kernel stopped; its effect may or may not have happened. \
+                 It is not run again on its own: settle it with `bbx ring resolve OP --as ok|failed|retry`",
+            )),
         )
     }
 

@@ -1,0 +1,152 @@
+//! AgentQuotas wired into the kernel: limits persisted in the store and loaded at
+//! start, rate limits checked on every submission, and the host's confinement
+//! reported.
+
+use crate::Kernel;
+use crate::auth::Caller;
+use crate::store::{Store, Write, storage_error};
+use bbx_core::op::SubmitOp;
+use bbx_core::quota::Node;
+use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaAction, QuotaInfo, QuotaLimits};
+use bbx_core::{AgentId, Error, Result};
+use bbx_quota::{Demand, Quotas};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Loads every stored node's limits.
+pub(crate) fn load(store: &Store) -> Result<Quotas> {
+    let quotas = Quotas::new();
+    for item in store.ks.quotas.iter() {
+        let (key, value) = item.into_inner().map_err(|e| storage_error("load quotas", e))?;
+        let node: Node = String::from_utf8_lossy(&key).parse()?;
+        let limits: QuotaLimits = serde_json::from_slice(&value)
+            .map_err(|e| Error::internal(format!("the stored quota of {node} is unreadable: {e}")))?;
+        quotas.set(node, limits);
+    }
+    Ok(quotas)
+}
+
+/// Whether an op counts against `tool_calls_per_minute`.
+fn is_tool_call(kind: &str) -> bool {
+    kind.starts_with("tool.") || kind.starts_with("llm.")
+}
+
+impl Kernel {
+    /// Checks a batch against the rate limits of each agent's path, waiting where a
+    /// node says `throttle` (up to its `max_delay_ms`).
+    pub(crate) async fn check_rates(&self, ops: &[(SubmitOp, String)]) -> Result<()> {
+        let mut demands: HashMap<AgentId, (&str, Demand)> = HashMap::new();
+        for (op, tenant) in ops {
+            let (_, demand) = demands.entry(op.agent).or_insert((tenant, Demand::default()));
+            demand.ops += 1;
+            demand.tool_calls += u32::from(is_tool_call(&op.kind));
+        }
+        for (agent, (tenant, demand)) in demands {
+            let began = Instant::now();
+            loop {
+                match self.quotas.check_rates(tenant, agent, demand, Instant::now()) {
+                    Ok(warnings) => {
+                        for warning in warnings {
+                            self.ring_metrics().quota_warning(warning.limit);
+                            tracing::info!(node = %warning.node, limit = warning.limit, "quota past 80 %");
+                        }
+                        break;
+                    }
+                    Err(exceeded) => match exceeded.action {
+                        QuotaAction::Notify => {
+                            self.ring_metrics().quota_exceeded(exceeded.limit);
+                            tracing::warn!(node = %exceeded.node, limit = exceeded.limit,
+                                "quota exceeded; let through (action notify)");
+                            break;
+                        }
+                        QuotaAction::Throttle
+                            if exceeded
+                                .retry_after
+                                .is_some_and(|wait| began.elapsed() + wait <= exceeded.max_delay) =>
+                        {
+                            self.quotas.note_throttled(&exceeded);
+                            tokio::time::sleep(exceeded.retry_after.unwrap_or(Duration::ZERO)).await;
+                        }
+                        QuotaAction::Throttle | QuotaAction::Reject => {
+                            self.ring_metrics().quota_exceeded(exceeded.limit);
+                            return Err(exceeded.into());
+                        }
+                    },
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's limits, its parent's, and what it uses.
+    pub fn quota(&self, caller: &Caller, node: &Node) -> Result<QuotaInfo> {
+        let parent = match node {
+            Node::Tenant(tenant) => {
+                caller.check_tenant(tenant)?;
+                None
+            }
+            Node::Agent(agent) => {
+                let tenant = self.agent_tenant(caller, agent)?;
+                Some(self.quotas.limits(&Node::Tenant(tenant)))
+            }
+        };
+        Ok(QuotaInfo {
+            node: node.to_string(),
+            limits: self.quotas.limits(node),
+            parent,
+            usage: self.quotas.usage(node),
+        })
+    }
+
+    /// Sets the limits that `update` gives, keeping the node's others. A tenant's
+    /// limits are the administrator's to set; a tenant key may set its agents'
+    /// (which can never exceed the tenant's anyway).
+    pub async fn set_quota(&self, caller: &Caller, node: &Node, update: QuotaLimits) -> Result<QuotaInfo> {
+        update.validate()?;
+        match node {
+            Node::Tenant(_) => caller.require_admin("set a tenant's quota")?,
+            Node::Agent(agent) => {
+                self.agent_tenant(caller, agent)?;
+            }
+        }
+        let limits = self.quotas.limits(node).merged(&update);
+        let json = serde_json::to_vec(&limits).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .write(Write::PutQuota {
+                node: node.to_string(),
+                limits: Some(json),
+            })
+            .await?;
+        self.quotas.set(node.clone(), limits);
+        self.quota(caller, node)
+    }
+
+    /// Every node the caller may see that has limits or ops in flight.
+    pub fn list_quotas(&self, caller: &Caller) -> Result<Vec<QuotaInfo>> {
+        Ok(self
+            .quotas
+            .nodes()
+            .iter()
+            .filter_map(|node| self.quota(caller, node).ok())
+            .collect())
+    }
+
+    pub fn cgroup_status(&self, caller: &Caller) -> Result<CgroupStatus> {
+        caller.require_admin("read the host's cgroups")?;
+        let driver = self.tools.cgroup_driver();
+        Ok(CgroupStatus {
+            driver: driver.kind().to_owned(),
+            roots: driver.roots().iter().map(|p| p.display().to_string()).collect(),
+            groups: driver.groups(),
+            isolated: self.tools.isolates(),
+            run_as_uid: self.tools.isolates().then_some(self.config.tools.run_as_uid),
+        })
+    }
+
+    pub async fn gpu_status(&self, caller: &Caller) -> Result<GpuStatus> {
+        caller.require_admin("read the host's GPUs")?;
+        tokio::task::spawn_blocking(bbx_quota::gpu::status)
+            .await
+            .map_err(|e| Error::internal(format!("reading the GPUs failed: {e}")))
+    }
+}
