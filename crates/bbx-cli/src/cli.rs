@@ -349,6 +349,15 @@ pub struct QuotaSetArgs {
     pub requests_per_second: Option<u32>,
     #[arg(long)]
     pub tool_calls_per_minute: Option<u32>,
+    /// LLM tokens (prompt and completion) per minute.
+    #[arg(long)]
+    pub llm_tokens_per_minute: Option<u64>,
+    /// Spend per UTC day, in USD.
+    #[arg(long)]
+    pub cost_per_day_usd: Option<f64>,
+    /// Spend per UTC month, in USD.
+    #[arg(long)]
+    pub cost_per_month_usd: Option<f64>,
     #[arg(long)]
     pub concurrent_ops: Option<u32>,
     /// Memory of one tool process tree; it is killed at the limit.

@@ -146,6 +146,9 @@ pub fn quotas(infos: &[QuotaInfo]) {
         "NODE",
         "REQ/S",
         "TOOLS/MIN",
+        "TOKENS/MIN",
+        "TODAY $",
+        "MONTH $",
         "IN FLIGHT",
         "MEMORY",
         "CPU %",
@@ -156,10 +159,14 @@ pub fn quotas(infos: &[QuotaInfo]) {
     ]);
     for info in infos {
         let l = &info.limits;
+        let u = &info.usage;
         t.add_row(vec![
             info.node.clone(),
             show(l.requests_per_second),
             show(l.tool_calls_per_minute),
+            show(l.llm_tokens_per_minute),
+            format!("{:.6}/{}", u.spent_today_usd, show(l.cost_per_day_usd)),
+            format!("{:.6}/{}", u.spent_this_month_usd, show(l.cost_per_month_usd)),
             format!("{}/{}", info.usage.concurrent_ops, show(l.concurrent_ops)),
             show(l.memory_bytes),
             show(l.cpu_percent),

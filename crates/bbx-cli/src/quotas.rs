@@ -73,6 +73,9 @@ fn limits(args: &QuotaSetArgs) -> QuotaLimits {
     QuotaLimits {
         requests_per_second: args.requests_per_second,
         tool_calls_per_minute: args.tool_calls_per_minute,
+        llm_tokens_per_minute: args.llm_tokens_per_minute,
+        cost_per_day_usd: args.cost_per_day_usd,
+        cost_per_month_usd: args.cost_per_month_usd,
         concurrent_ops: args.concurrent_ops,
         memory_bytes: args.memory_bytes,
         cpu_percent: args.cpu_percent,

@@ -44,6 +44,49 @@ pub struct ToolsConfig {
     /// The uid `tool.shell` programs run as when the kernel is root (never 0).
     pub run_as_uid: u32,
     pub run_as_gid: u32,
+    /// OpenAI-compatible endpoints for `llm.chat` (`[tools.llm]`).
+    pub llm: LlmConfig,
+}
+
+/// The endpoints `llm.chat` may call and what their models cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Endpoints by name, e.g. `local = { base_url = "http://127.0.0.1:11434/v1" }`.
+    pub endpoints: std::collections::BTreeMap<String, LlmEndpoint>,
+    /// USD per million tokens, by model name.
+    pub prices: std::collections::BTreeMap<String, ModelPrice>,
+    /// `max_tokens` of a call that gives none.
+    pub default_max_tokens: u32,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Default::default(),
+            prices: Default::default(),
+            default_max_tokens: 1024,
+        }
+    }
+}
+
+/// One OpenAI-compatible API (Ollama, vLLM, llama.cpp server, a hosted one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmEndpoint {
+    /// Up to and including the version, e.g. "https://api.openai.com/v1".
+    pub base_url: String,
+    /// The environment variable holding its API key, if it needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+}
+
+/// What a model costs, in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
 }
 
 impl Default for ToolsConfig {
@@ -52,6 +95,7 @@ impl Default for ToolsConfig {
         Self {
             run_as_uid: 65534,
             run_as_gid: 65534,
+            llm: LlmConfig::default(),
         }
     }
 }
@@ -219,6 +263,23 @@ impl KernelConfig {
             ));
         }
         config.ring.validate()?;
+        for (name, endpoint) in &config.tools.llm.endpoints {
+            if !(endpoint.base_url.starts_with("http://") || endpoint.base_url.starts_with("https://")) {
+                return Err(Error::invalid_field(
+                    "tools.llm.endpoints",
+                    format!("endpoint {name:?} needs an http:// or https:// base_url"),
+                ));
+            }
+        }
+        for (model, price) in &config.tools.llm.prices {
+            let valid = |p: f64| p.is_finite() && p >= 0.0;
+            if !valid(price.input_per_mtok) || !valid(price.output_per_mtok) {
+                return Err(Error::invalid_field(
+                    "tools.llm.prices",
+                    format!("the price of {model:?} must be finite and not negative"),
+                ));
+            }
+        }
         if config.tools.run_as_uid == 0 || config.tools.run_as_gid == 0 {
             return Err(Error::invalid_field(
                 "tools.run_as_uid",

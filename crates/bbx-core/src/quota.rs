@@ -68,6 +68,15 @@ pub struct QuotaLimits {
     /// Tool ops (`tool.*`, `llm.*`) submitted per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls_per_minute: Option<u32>,
+    /// LLM tokens (prompt and completion) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_tokens_per_minute: Option<u64>,
+    /// Spend per UTC day, in USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_per_day_usd: Option<f64>,
+    /// Spend per UTC calendar month, in USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_per_month_usd: Option<f64>,
     /// Ops in flight (accepted and not yet completed) at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrent_ops: Option<u32>,
@@ -95,6 +104,9 @@ impl QuotaLimits {
         QuotaLimits {
             requests_per_second: update.requests_per_second.or(self.requests_per_second),
             tool_calls_per_minute: update.tool_calls_per_minute.or(self.tool_calls_per_minute),
+            llm_tokens_per_minute: update.llm_tokens_per_minute.or(self.llm_tokens_per_minute),
+            cost_per_day_usd: update.cost_per_day_usd.or(self.cost_per_day_usd),
+            cost_per_month_usd: update.cost_per_month_usd.or(self.cost_per_month_usd),
             concurrent_ops: update.concurrent_ops.or(self.concurrent_ops),
             memory_bytes: update.memory_bytes.or(self.memory_bytes),
             cpu_percent: update.cpu_percent.or(self.cpu_percent),
@@ -126,6 +138,7 @@ impl QuotaLimits {
         let positive = [
             ("requests_per_second", self.requests_per_second.map(u64::from)),
             ("tool_calls_per_minute", self.tool_calls_per_minute.map(u64::from)),
+            ("llm_tokens_per_minute", self.llm_tokens_per_minute),
             ("concurrent_ops", self.concurrent_ops.map(u64::from)),
             ("cpu_percent", self.cpu_percent.map(u64::from)),
             ("pids", self.pids.map(u64::from)),
@@ -135,6 +148,17 @@ impl QuotaLimits {
                 return Err(crate::Error::invalid_field(
                     field,
                     format!("{field} must be at least 1"),
+                ));
+            }
+        }
+        for (field, usd) in [
+            ("cost_per_day_usd", self.cost_per_day_usd),
+            ("cost_per_month_usd", self.cost_per_month_usd),
+        ] {
+            if usd.is_some_and(|u| !(0.0..=MAX_BUDGET_USD).contains(&u)) {
+                return Err(crate::Error::invalid_field(
+                    field,
+                    format!("{field} must be 0 to {MAX_BUDGET_USD}"),
                 ));
             }
         }
@@ -152,6 +176,25 @@ impl QuotaLimits {
         }
         Ok(())
     }
+}
+
+/// The largest budget, in USD (micro-dollars must fit in a u64 many times over).
+pub const MAX_BUDGET_USD: f64 = 1e9;
+
+/// USD as micro-dollars, the unit budgets are counted in (exact integer sums).
+pub fn usd_to_micros(usd: f64) -> u64 {
+    (usd * 1e6).round() as u64
+}
+
+/// Spend reserved on an op's path before it runs, in the budget windows it was
+/// reserved in; journaled with the op's start, so a crash cannot lose it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub micros: u64,
+    pub tokens: u64,
+    /// The UTC day (`2026-11-24`) and month (`2026-11`) charged.
+    pub day: String,
+    pub month: String,
 }
 
 /// Below this a process cannot even start.
@@ -191,6 +234,10 @@ pub struct QuotaUsage {
     pub throttled: u64,
     /// Submissions past 80 % of a rate limit since the kernel started.
     pub warnings: u64,
+    /// Spent and reserved (by ops running now) in the current UTC day and month, in USD.
+    pub spent_today_usd: f64,
+    pub spent_this_month_usd: f64,
+    pub reserved_usd: f64,
 }
 
 /// What an agent's tools may do beyond the safe defaults.

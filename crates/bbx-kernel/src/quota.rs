@@ -23,6 +23,18 @@ pub(crate) fn load(store: &Store) -> Result<Quotas> {
             .map_err(|e| Error::internal(format!("the stored quota of {node} is unreadable: {e}")))?;
         quotas.set(node, limits);
     }
+    for item in store.ks.spend.iter() {
+        let (key, value) = item.into_inner().map_err(|e| storage_error("load spend", e))?;
+        let key = String::from_utf8_lossy(&key);
+        let (node, window) = bbx_quota::parse_spend_key(&key)
+            .ok_or_else(|| Error::internal(format!("a stored spend key is unreadable: {key:?}")))?;
+        let micros = value
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| Error::internal(format!("the spend of {key:?} is unreadable")))?;
+        quotas.load_spent(node, &window, micros);
+    }
     Ok(quotas)
 }
 

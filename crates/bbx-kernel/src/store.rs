@@ -19,6 +19,7 @@
 //! - `idem`:     agent id (16 bytes), idempotency key -> op id (16 bytes), args digest
 //! - `doubt`:    op id (16 bytes)                    -> the journal entry of an op in doubt
 //! - `quotas`:   node (`tenant/NAME`, `agent/ID`)      -> QuotaLimits as JSON
+//! - `spend`:    node `|` window (`2026-11-24`, `2026-11`) -> micro-dollars spent (u64)
 
 use crate::auth::StoredKey;
 use bbx_core::model::Agent;
@@ -80,6 +81,8 @@ pub(crate) enum Write {
         /// For an `in_doubt` completion: the op's journal entry, kept until an
         /// operator resolves it.
         doubt: Option<Vec<u8>>,
+        /// Micro-dollars to add to each of these spend counters.
+        charge: Option<(Vec<String>, u64)>,
     },
     /// Settles an op in doubt: replaces its completion with `completion`, or, with
     /// none, removes it so the op can run again. Refused unless the op is in doubt.
@@ -154,6 +157,7 @@ pub(crate) struct Keyspaces {
     pub idem: Keyspace,
     pub doubt: Keyspace,
     pub quotas: Keyspace,
+    pub spend: Keyspace,
 }
 
 impl Keyspaces {
@@ -172,6 +176,7 @@ impl Keyspaces {
             idem: open("idem")?,
             doubt: open("doubt")?,
             quotas: open("quotas")?,
+            spend: open("spend")?,
         })
     }
 }
@@ -447,6 +452,7 @@ const OPS: u8 = 5;
 const IDEM: u8 = 6;
 const DOUBT: u8 = 7;
 const QUOTAS: u8 = 8;
+const SPEND: u8 = 9;
 
 impl<'a> GroupTx<'a> {
     fn new(ks: &'a Keyspaces) -> Self {
@@ -466,6 +472,7 @@ impl<'a> GroupTx<'a> {
             IDEM => &self.ks.idem,
             DOUBT => &self.ks.doubt,
             QUOTAS => &self.ks.quotas,
+            SPEND => &self.ks.spend,
             _ => &self.ks.meta,
         }
     }
@@ -607,6 +614,7 @@ impl<'a> GroupTx<'a> {
                 effect,
                 digest,
                 doubt,
+                charge,
             } => {
                 let mut completion = completion.clone();
                 if let Some(effect) = effect {
@@ -627,6 +635,12 @@ impl<'a> GroupTx<'a> {
                 }
                 if let Some(entry) = doubt {
                     self.put(DOUBT, completion.op_id.as_bytes().to_vec(), entry.clone());
+                }
+                if let Some((keys, micros)) = charge {
+                    for key in keys {
+                        let spent = self.read(SPEND, key.as_bytes())?.map_or(0, |v| decode_u64(&v));
+                        self.put(SPEND, key.as_bytes().to_vec(), (spent + micros).to_be_bytes().to_vec());
+                    }
                 }
                 Ok(Applied::Completed(completion))
             }

@@ -8,8 +8,14 @@
 //! locks, taken in one order, and takes from every node or from none, so a refused
 //! op costs no node anything and a child can never exceed its parent.
 //!
+//! Budgets (cost per UTC day and month, LLM tokens per minute) are reserved before
+//! an op runs, at the most it can spend ([`Quotas::reserve`]), and settled with
+//! what it actually spent ([`Quotas::settle`]); a reservation counts against the
+//! limit while it is held, so concurrent ops can never together overspend.
+//!
 //! It performs no storage I/O: the kernel persists each node's [`QuotaLimits`] and
-//! hands them to [`Quotas::set`] at start and on every change.
+//! its spend per window, and hands them over at start ([`Quotas::set`],
+//! [`Quotas::load_spent`]) and on every change.
 
 pub mod cgroup;
 pub mod gpu;
@@ -18,8 +24,9 @@ mod rate;
 pub use rate::TokenBucket;
 
 pub use bbx_core::quota::Node;
-use bbx_core::quota::{QuotaAction, QuotaLimits, QuotaUsage};
+use bbx_core::quota::{QuotaAction, QuotaLimits, QuotaUsage, Reservation, usd_to_micros};
 use bbx_core::{AgentId, Error, ErrorCode};
+use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,11 +94,37 @@ struct NodeQuota {
 struct Live {
     requests: Option<TokenBucket>,
     tool_calls: Option<TokenBucket>,
+    llm_tokens: Option<TokenBucket>,
     in_flight: u64,
+    /// Spend by window (`2026-11-24`, `2026-11`).
+    windows: HashMap<String, WindowSpend>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct WindowSpend {
+    spent: u64,
+    reserved: u64,
+}
+
+/// The budget windows of a moment: its UTC day and month.
+pub fn windows(wall: DateTime<Utc>) -> (String, String) {
+    (wall.format("%Y-%m-%d").to_string(), wall.format("%Y-%m").to_string())
+}
+
+/// Where a node's spend in a window is stored.
+pub fn spend_key(node: &Node, window: &str) -> String {
+    format!("{node}|{window}")
+}
+
+/// The node and window of a stored spend key.
+pub fn parse_spend_key(key: &str) -> Option<(Node, String)> {
+    let (node, window) = key.rsplit_once('|')?;
+    Some((node.parse().ok()?, window.to_owned()))
 }
 
 impl NodeQuota {
-    fn new(node: &Node, limits: QuotaLimits, in_flight: u64, now: Instant) -> Self {
+    fn new(node: &Node, limits: QuotaLimits, carried: (u64, HashMap<String, WindowSpend>), now: Instant) -> Self {
+        let (in_flight, windows) = carried;
         Self {
             name: node.to_string(),
             live: Mutex::new(Live {
@@ -101,7 +134,11 @@ impl NodeQuota {
                 tool_calls: limits
                     .tool_calls_per_minute
                     .map(|r| TokenBucket::new(f64::from(r), f64::from(r) / 60.0, now)),
+                llm_tokens: limits
+                    .llm_tokens_per_minute
+                    .map(|r| TokenBucket::new(r as f64, r as f64 / 60.0, now)),
                 in_flight,
+                windows,
             }),
             limits,
             rejected: AtomicU64::new(0),
@@ -136,13 +173,22 @@ impl Quotas {
         Self::default()
     }
 
-    /// Sets a node's limits (replacing them), keeping its ops in flight; its rate
-    /// buckets start full.
+    /// Sets a node's limits (replacing them), keeping its ops in flight and its
+    /// spend; its rate buckets start full.
     pub fn set(&self, node: Node, limits: QuotaLimits) {
         let mut nodes = self.nodes.write();
-        let in_flight = nodes.get(&node).map_or(0, |n| n.live.lock().in_flight);
-        let quota = NodeQuota::new(&node, limits, in_flight, Instant::now());
+        let carried = nodes.get(&node).map_or_else(Default::default, |n| {
+            let live = n.live.lock();
+            (live.in_flight, live.windows.clone())
+        });
+        let quota = NodeQuota::new(&node, limits, carried, Instant::now());
         nodes.insert(node, Arc::new(quota));
+    }
+
+    /// Adds spend recorded before this start.
+    pub fn load_spent(&self, node: Node, window: &str, micros: u64) {
+        let path = self.node(node);
+        path.live.lock().windows.entry(window.to_owned()).or_default().spent += micros;
     }
 
     /// Forgets a node (a deleted agent).
@@ -163,8 +209,15 @@ impl Quotas {
         let Some(n) = nodes.get(node) else {
             return QuotaUsage::default();
         };
+        let live = n.live.lock();
+        let (day, month) = windows(Utc::now());
+        let window = |w: &str| live.windows.get(w).copied().unwrap_or_default();
+        let usd = |micros: u64| micros as f64 / 1e6;
         QuotaUsage {
-            concurrent_ops: n.live.lock().in_flight,
+            spent_today_usd: usd(window(&day).spent),
+            spent_this_month_usd: usd(window(&month).spent),
+            reserved_usd: usd(window(&month).reserved),
+            concurrent_ops: live.in_flight,
             rejected: n.rejected.load(Ordering::Relaxed),
             throttled: n.throttled.load(Ordering::Relaxed),
             warnings: n.warnings.load(Ordering::Relaxed),
@@ -176,6 +229,24 @@ impl Quotas {
         let mut nodes: Vec<Node> = self.nodes.read().keys().cloned().collect();
         nodes.sort();
         nodes
+    }
+
+    fn node(&self, node: Node) -> Arc<NodeQuota> {
+        if let Some(n) = self.nodes.read().get(&node) {
+            return n.clone();
+        }
+        let mut nodes = self.nodes.write();
+        nodes
+            .entry(node.clone())
+            .or_insert_with(|| {
+                Arc::new(NodeQuota::new(
+                    &node,
+                    QuotaLimits::default(),
+                    Default::default(),
+                    Instant::now(),
+                ))
+            })
+            .clone()
     }
 
     /// The nodes on an agent's path, root first (the order their locks are taken in).
@@ -193,7 +264,7 @@ impl Quotas {
         let mut get = |node: Node| {
             nodes
                 .entry(node.clone())
-                .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), 0, now)))
+                .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), Default::default(), now)))
                 .clone()
         };
         [get(tenant), get(agent)]
@@ -280,6 +351,89 @@ impl Quotas {
         let path = self.path(tenant, agent);
         for node in &path {
             node.live.lock().in_flight += n;
+        }
+    }
+
+    /// Reserves the most an op can spend on every node of its path, or on none:
+    /// LLM tokens from the per-minute bucket, micro-dollars in the current day's and
+    /// month's windows. The first limit it does not fit is returned.
+    pub fn reserve(
+        &self,
+        tenant: &str,
+        agent: AgentId,
+        micros: u64,
+        tokens: u64,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Result<Reservation, Exceeded> {
+        let (day, month) = windows(wall);
+        let path = self.path(tenant, agent);
+        let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
+        for (node, guard) in path.iter().zip(guards.iter_mut()) {
+            let live: &mut Live = guard;
+            if let Some(bucket) = live.llm_tokens.as_mut()
+                && tokens > 0
+                && let Some(wait) = bucket.shortfall(tokens as f64, now)
+            {
+                node.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(node.exceeded("llm_tokens_per_minute", bucket.capacity() as u64, wait));
+            }
+            let budgets = [
+                ("cost_per_day_usd", node.limits.cost_per_day_usd, &day),
+                ("cost_per_month_usd", node.limits.cost_per_month_usd, &month),
+            ];
+            for (limit, usd, window) in budgets {
+                let Some(usd) = usd else { continue };
+                let held = live.windows.get(window).copied().unwrap_or_default();
+                if held.spent + held.reserved + micros > usd_to_micros(usd) {
+                    node.rejected.fetch_add(1, Ordering::Relaxed);
+                    let mut exceeded = node.exceeded(limit, usd.ceil() as u64, None);
+                    exceeded.action = QuotaAction::Reject;
+                    return Err(exceeded);
+                }
+            }
+        }
+        for guard in guards.iter_mut() {
+            let live: &mut Live = guard;
+            if let Some(bucket) = live.llm_tokens.as_mut() {
+                bucket.take(tokens as f64, now);
+            }
+            for window in [&day, &month] {
+                live.windows.entry(window.clone()).or_default().reserved += micros;
+            }
+        }
+        Ok(Reservation {
+            micros,
+            tokens,
+            day,
+            month,
+        })
+    }
+
+    /// Holds a reservation made before a restart again (counted, never refused).
+    pub fn rereserve(&self, tenant: &str, agent: AgentId, reservation: &Reservation) {
+        for node in &self.path(tenant, agent) {
+            let mut live = node.live.lock();
+            for window in [&reservation.day, &reservation.month] {
+                live.windows.entry(window.clone()).or_default().reserved += reservation.micros;
+            }
+        }
+    }
+
+    /// Turns a reservation into what the op spent (at most the reservation) and
+    /// gives the unused LLM tokens back. Call it once the charge is durable.
+    pub fn settle(&self, tenant: &str, agent: AgentId, reservation: &Reservation, micros: u64, tokens: u64) {
+        let charged = micros.min(reservation.micros);
+        for node in &self.path(tenant, agent) {
+            let mut live = node.live.lock();
+            for window in [&reservation.day, &reservation.month] {
+                let spend = live.windows.entry(window.clone()).or_default();
+                spend.reserved = spend.reserved.saturating_sub(reservation.micros);
+                spend.spent += charged;
+            }
+            if let Some(bucket) = live.llm_tokens.as_mut() {
+                bucket.refund(reservation.tokens.saturating_sub(tokens) as f64);
+            }
         }
     }
 
@@ -371,6 +525,79 @@ mod tests {
         quotas.set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(5)));
         assert!(quotas.acquire("t", a, 2).is_err());
         quotas.acquire("t", a, 1).unwrap();
+    }
+
+    #[test]
+    fn budgets_hold_reservations_until_settled_and_reset_with_the_window() {
+        let quotas = Quotas::new();
+        let (a, b) = (AgentId::generate(), AgentId::generate());
+        quotas.set(Node::Tenant("t".into()), limits(|l| l.cost_per_day_usd = Some(0.001)));
+        let now = Instant::now();
+        let day1 = DateTime::parse_from_rfc3339("2026-11-24T23:59:00Z").unwrap().to_utc();
+        // 1000 micro-dollars a day for the tenant: two reservations of 600 cannot both be held.
+        let first = quotas.reserve("t", a, 600, 0, now, day1).unwrap();
+        let refused = quotas.reserve("t", b, 600, 0, now, day1).unwrap_err();
+        assert_eq!(refused.limit, "cost_per_day_usd");
+        assert_eq!(refused.node, "tenant/t");
+        // Settled at what it spent, the rest is free again.
+        quotas.settle("t", a, &first, 250, 0);
+        let second = quotas.reserve("t", b, 600, 0, now, day1).unwrap();
+        quotas.settle("t", b, &second, 10_000, 0);
+        let usage = quotas.usage(&Node::Tenant("t".into()));
+        assert_eq!(usage.reserved_usd, 0.0);
+        assert!(
+            quotas.reserve("t", a, 200, 0, now, day1).is_err(),
+            "850 spent, a charge is capped at its reservation"
+        );
+        // A new day starts from nothing; the month keeps counting.
+        let day2 = DateTime::parse_from_rfc3339("2026-11-25T00:00:01Z").unwrap().to_utc();
+        let third = quotas.reserve("t", a, 900, 0, now, day2).unwrap();
+        assert_eq!(third.day, "2026-11-25");
+        assert_eq!(third.month, "2026-11");
+    }
+
+    #[test]
+    fn llm_tokens_are_reserved_and_the_unused_given_back() {
+        let quotas = Quotas::new();
+        let a = AgentId::generate();
+        quotas.set(Node::Agent(a), limits(|l| l.llm_tokens_per_minute = Some(1000)));
+        let now = Instant::now();
+        let wall = Utc::now();
+        let r = quotas.reserve("t", a, 0, 800, now, wall).unwrap();
+        assert_eq!(
+            quotas.reserve("t", a, 0, 800, now, wall).unwrap_err().limit,
+            "llm_tokens_per_minute"
+        );
+        quotas.settle("t", a, &r, 0, 100);
+        assert!(
+            quotas.reserve("t", a, 0, 800, now, wall).is_ok(),
+            "700 unused tokens came back"
+        );
+    }
+
+    proptest::proptest! {
+        /// However reservations and settlements interleave, the spend of a window
+        /// never passes its budget.
+        #[test]
+        fn spend_never_passes_the_budget(
+            ops in proptest::collection::vec((1u64..400, 0u64..500, proptest::bool::ANY), 1..200),
+        ) {
+            let quotas = Quotas::new();
+            let a = AgentId::generate();
+            quotas.set(Node::Agent(a), limits(|l| l.cost_per_day_usd = Some(0.002)));
+            let (now, wall) = (Instant::now(), Utc::now());
+            let mut held = Vec::new();
+            for (max, spent, settle_first) in ops {
+                if settle_first && let Some(r) = held.pop() {
+                    quotas.settle("t", a, &r, spent, 0);
+                }
+                if let Ok(r) = quotas.reserve("t", a, max, 0, now, wall) {
+                    held.push(r);
+                }
+                let usage = quotas.usage(&Node::Agent(a));
+                proptest::prop_assert!(usage.spent_today_usd * 1e6 + usage.reserved_usd * 1e6 <= 2000.0 + 1e-6);
+            }
+        }
     }
 
     #[test]

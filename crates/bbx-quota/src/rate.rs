@@ -56,6 +56,11 @@ impl TokenBucket {
         self.tokens = (self.tokens - n).max(0.0);
     }
 
+    /// Gives back `n` tokens taken for work that used fewer (up to the capacity).
+    pub fn refund(&mut self, n: f64) {
+        self.tokens = (self.tokens + n).min(self.capacity);
+    }
+
     /// How much of the capacity is in use, 0.0 to 1.0.
     pub fn used_fraction(&self) -> f64 {
         1.0 - self.tokens / self.capacity

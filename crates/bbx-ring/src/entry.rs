@@ -12,6 +12,7 @@
 //! instead of being run again.
 
 use bbx_core::op::{Priority, RetryPolicy, TraceContext};
+use bbx_core::quota::Reservation;
 use bbx_core::{AgentId, Error, OpId, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,9 @@ pub enum Entry {
         op_id: OpId,
         #[serde(default)]
         incarnation: u32,
+        /// The budget reserved for it, charged in full if it ends in doubt.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reserved: Option<Reservation>,
     },
 }
 
@@ -135,7 +139,11 @@ mod tests {
                 submitted_at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
                 incarnation: priority as u32,
             };
-            let started = Entry::Started { op_id: record.op_id, incarnation: 2 };
+            let started = Entry::Started {
+                op_id: record.op_id,
+                incarnation: 2,
+                reserved: Some(Reservation { micros: timeout_ms, tokens: 7, day: "2026-11-24".into(), month: "2026-11".into() }),
+            };
             let entry = Entry::Accepted(record);
             prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
             prop_assert_eq!(Entry::decode(&started.encode()).unwrap(), started);

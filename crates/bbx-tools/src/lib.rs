@@ -12,6 +12,8 @@
 //!   link-local and metadata addresses unless the agent allows them; the check runs
 //!   on every address a name resolves to, redirects included, so DNS cannot be used
 //!   to get around it.
+//! - [`llm`] (`llm.chat`) asks an OpenAI-compatible endpoint for a chat completion
+//!   and prices its token usage.
 //!
 //! Arguments are parsed into a [`Call`] when the op is submitted, so a bad call is
 //! refused before it is journaled. The ring decides when a call runs and what a
@@ -19,6 +21,7 @@
 
 pub mod file;
 pub mod http;
+pub mod llm;
 pub mod net;
 pub mod shell;
 
@@ -30,7 +33,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// The tool kinds an op may name.
-pub const KINDS: [&str; 3] = ["tool.http", "tool.shell", "tool.file"];
+pub const KINDS: [&str; 4] = ["tool.http", "tool.shell", "tool.file", "llm.chat"];
 
 /// A parsed tool call.
 #[derive(Debug, Clone)]
@@ -38,6 +41,14 @@ pub enum Call {
     Http(http::HttpCall),
     Shell(shell::ShellCall),
     File(file::FileCall),
+    Llm(llm::LlmCall),
+}
+
+/// The most a call can use of a budget: micro-dollars and LLM tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub micros: u64,
+    pub tokens: u64,
 }
 
 impl Call {
@@ -49,6 +60,7 @@ impl Call {
                 .and_then(shell::ShellCall::checked)
                 .map(Self::Shell),
             "tool.file" => parse_args(kind, args).and_then(file::FileCall::checked).map(Self::File),
+            "llm.chat" => parse_args(kind, args).and_then(llm::LlmCall::checked).map(Self::Llm),
             _ => return None,
         };
         Some(call)
@@ -65,7 +77,7 @@ impl Call {
                     None => host.to_owned(),
                 })
             }
-            Self::Shell(_) | Self::File(_) => None,
+            Self::Shell(_) | Self::File(_) | Self::Llm(_) => None,
         }
     }
 
@@ -75,7 +87,8 @@ impl Call {
     pub fn has_external_effects(&self) -> bool {
         match self {
             Self::File(call) => !call.is_read_only(),
-            Self::Http(_) | Self::Shell(_) => true,
+            // A model call is billed by its provider: a crash may have cost money.
+            Self::Http(_) | Self::Shell(_) | Self::Llm(_) => true,
         }
     }
 }
@@ -103,6 +116,8 @@ pub struct ToolsConfig {
     pub workspaces: PathBuf,
     /// The uid and gid programs run as when the kernel is root.
     pub run_as: (u32, u32),
+    /// The endpoints and prices of `llm.chat`.
+    pub llm: bbx_core::config::LlmConfig,
 }
 
 /// The tools of one kernel.
@@ -110,6 +125,9 @@ pub struct Tools {
     config: ToolsConfig,
     cgroups: Box<dyn Driver>,
     http: http::Clients,
+    /// For the operator's configured LLM endpoints, which the agent's address
+    /// policy does not govern (the agent cannot name them).
+    llm_http: reqwest::Client,
     /// Whether programs run in namespaces of their own (needs root).
     isolate: bool,
     mount_point: PathBuf,
@@ -134,6 +152,9 @@ impl Tools {
             config,
             cgroups,
             http: http::Clients::default(),
+            llm_http: reqwest::Client::builder()
+                .build()
+                .map_err(|e| Error::internal(format!("cannot build an HTTP client: {e}")))?,
             isolate: root,
             mount_point,
         })
@@ -168,6 +189,7 @@ impl Tools {
     pub async fn run(&self, call: &Call, ctx: &Context) -> Result<Value> {
         match call {
             Call::Http(call) => self.http.run(call, ctx).await,
+            Call::Llm(call) => call.run(&self.llm_http, &self.config.llm, ctx).await,
             Call::File(call) => {
                 let workspace = self.workspace(&ctx.agent)?;
                 let call = call.clone();
@@ -186,6 +208,31 @@ impl Tools {
                 };
                 call.run(ctx, &sandbox).await
             }
+        }
+    }
+
+    /// The most a call can spend, which the ring reserves before it runs it.
+    pub fn max_spend(&self, call: &Call) -> Spend {
+        match call {
+            Call::Llm(call) => {
+                let usage = call.max_usage(&self.config.llm);
+                Spend {
+                    micros: usage.cost_micros(self.config.llm.prices.get(&call.model)),
+                    tokens: usage.total(),
+                }
+            }
+            Call::Http(_) | Call::Shell(_) | Call::File(_) => Spend::default(),
+        }
+    }
+
+    /// What a finished call spent, from its result.
+    pub fn spent(result: &Value) -> Spend {
+        Spend {
+            micros: result.get("cost_micros").and_then(Value::as_u64).unwrap_or(0),
+            tokens: result
+                .pointer("/usage/total_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
         }
     }
 

@@ -24,6 +24,7 @@ fn fixture() -> Fixture {
         ToolsConfig {
             workspaces: dir.path().join("workspaces"),
             run_as: (65534, 65534),
+            llm: Default::default(),
         },
         bbx_quota::cgroup::detect(&scope),
     )

@@ -12,6 +12,8 @@ pub struct Kernel {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Flags given at start, given again at every restart.
+    flags: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -32,8 +34,9 @@ impl Kernel {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             child: None,
+            flags: extra.iter().map(|f| f.to_string()).collect(),
         };
-        kernel.spawn(extra);
+        kernel.spawn();
         kernel
     }
 
@@ -52,12 +55,12 @@ impl Kernel {
             .to_owned()
     }
 
-    fn spawn(&mut self, extra: &[&str]) {
+    fn spawn(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
         let child = Command::new(BBX)
             .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(self.dir.path())
-            .args(extra)
+            .args(&self.flags)
             .env_remove("BBX_URL")
             .env_remove("BBX_API_KEY")
             .stdout(Stdio::null())
@@ -122,7 +125,7 @@ impl Kernel {
 
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or crash the kernel first");
-        self.spawn(&[]);
+        self.spawn();
     }
 
     /// Runs `bbx ARGS` as a client of this kernel.

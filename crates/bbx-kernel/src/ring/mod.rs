@@ -36,15 +36,16 @@ use bbx_core::op::{
     BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, Resolution, RingStats, SubmitOp, Submitted,
     SubmittedOp, WalStatus,
 };
+use bbx_core::quota::{Node, Reservation};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_journal::{Journal, JournalOptions, Lsn};
-use bbx_quota::{Node, Quotas};
+use bbx_quota::{Quotas, spend_key};
 use bbx_ring::batch::{self, Dependency};
 use bbx_ring::{
     Admission, BreakerConfig, BreakerState, Breakers, CircuitBreaker, Effects, Entry, Idempotency, OpRecord, Refused,
 };
 use bbx_ring::{Scheduler, SchedulerConfig};
-use bbx_tools::{Call, Context as ToolContext, Tools};
+use bbx_tools::{Call, Context as ToolContext, Spend, Tools};
 use chrono::{DateTime, Utc};
 use exec::Exec;
 use fjall::Readable;
@@ -123,6 +124,11 @@ struct Live {
     lsn: Option<Lsn>,
     /// The journal's mark that an op with external effects first ran.
     started: Option<Lsn>,
+    /// The budget held for it while it runs, what one attempt can spend at most,
+    /// and what its attempts have spent so far.
+    reservation: Option<Reservation>,
+    attempt_max: Spend,
+    spent: Spend,
     state: OpState,
     /// Acknowledged to the submitter (journaled if it has effects); until then it
     /// must not run.
@@ -215,8 +221,38 @@ struct Pending {
     effect: Option<Effect>,
     /// For an `in_doubt` completion: the op, kept so it can be retried.
     doubt: Option<Arc<OpRecord>>,
+    /// The budget charge that commits with the completion.
+    charge: Option<Charge>,
     admission: Option<Breaker>,
     slots: Slots,
+}
+
+/// What an op with a budget reservation is charged when it completes.
+struct Charge {
+    tenant: String,
+    agent: AgentId,
+    reservation: Reservation,
+    spent: Spend,
+}
+
+impl Charge {
+    /// Its micro-dollars, never more than were reserved.
+    fn micros(&self) -> u64 {
+        self.spent.micros.min(self.reservation.micros)
+    }
+
+    /// The stored spend counters it adds to: each node of the path, in each window.
+    fn keys(&self) -> Vec<String> {
+        let nodes = [Node::Tenant(self.tenant.clone()), Node::Agent(self.agent)];
+        nodes
+            .iter()
+            .flat_map(|node| {
+                [&self.reservation.day, &self.reservation.month]
+                    .into_iter()
+                    .map(move |window| spend_key(node, window))
+            })
+            .collect()
+    }
 }
 
 /// One reading of both clocks, for every op handled in one batch: a clock read per
@@ -395,7 +431,7 @@ impl Ring {
         // up; only its latest incarnation and that one's start mark count.
         let mut accepted: FxHashMap<OpId, (Lsn, OpRecord)> = FxHashMap::default();
         let mut order = Vec::new();
-        let mut started: FxHashMap<(OpId, u32), Lsn> = FxHashMap::default();
+        let mut started: FxHashMap<(OpId, u32), (Lsn, Option<Reservation>)> = FxHashMap::default();
         for record in recovery.records {
             match Entry::decode(&record.payload)? {
                 Entry::Accepted(op) => {
@@ -409,8 +445,12 @@ impl Ring {
                         accepted.insert(op.op_id, (record.lsn, op));
                     }
                 }
-                Entry::Started { op_id, incarnation } => {
-                    started.insert((op_id, incarnation), record.lsn);
+                Entry::Started {
+                    op_id,
+                    incarnation,
+                    reserved,
+                } => {
+                    started.insert((op_id, incarnation), (record.lsn, reserved));
                 }
             }
         }
@@ -425,9 +465,9 @@ impl Ring {
                 .map_err(|e| storage_error("read ops", e))?
                 .is_some();
             if !done {
-                let mark = started.get(&(op.op_id, op.incarnation)).copied();
+                let mark = started.remove(&(op.op_id, op.incarnation));
                 held.insert(lsn);
-                held.extend(mark);
+                held.extend(mark.as_ref().map(|(lsn, _)| *lsn));
                 pending.push(Recovered { lsn, started: mark, op });
             }
         }
@@ -513,9 +553,14 @@ impl Ring {
             st.scheduler.readmit(op.agent);
             let id = op.op_id;
             self.quotas.reacquire(&op.tenant, op.agent, 1);
+            let (started, reservation) = started.map_or((None, None), |(lsn, r)| (Some(lsn), r));
+            if let Some(r) = &reservation {
+                self.quotas.rereserve(&op.tenant, op.agent, r);
+            }
             self.register(&mut st, Arc::new(op), exec, Some(lsn), &ids, now)?;
             if let Some(live) = st.live.get_mut(&id) {
                 live.started = started;
+                live.reservation = reservation;
             }
         }
         for (id, in_doubt) in order {
@@ -862,6 +907,9 @@ impl Ring {
                 exec,
                 lsn,
                 started: None,
+                reservation: None,
+                attempt_max: Spend::default(),
+                spent: Spend::default(),
                 state: OpState::Blocked,
                 active: false,
                 holds_slot: true,
@@ -1120,7 +1168,7 @@ impl Ring {
             let id = record.op_id;
             let run = async {
                 if call.has_external_effects() {
-                    ring.mark_started(&record).await?;
+                    ring.begin_external(&record, &call).await?;
                 }
                 let ctx = ring.tool_context(&record)?;
                 let timeout = Duration::from_millis(record.timeout_ms);
@@ -1142,8 +1190,10 @@ impl Ring {
         });
     }
 
-    /// Makes the op's start mark durable, unless an earlier attempt did.
-    async fn mark_started(&self, record: &OpRecord) -> Result<()> {
+    /// Before an op with external effects first runs: reserves the most all its
+    /// attempts can spend on its path's budgets, then makes its start mark, with
+    /// the reservation, durable. Later attempts find both done.
+    async fn begin_external(&self, record: &OpRecord, call: &Call) -> Result<()> {
         let id = record.op_id;
         if self
             .state
@@ -1154,15 +1204,46 @@ impl Ring {
         {
             return Ok(());
         }
+        let attempt_max = self.tools.max_spend(call);
+        let attempts = 1 + u64::from(record.retries.map_or(0, |r| r.count));
+        let reservation = if attempt_max == Spend::default() {
+            None
+        } else {
+            let micros = attempt_max.micros.saturating_mul(attempts);
+            let tokens = attempt_max.tokens.saturating_mul(attempts);
+            Some(
+                self.quotas
+                    .reserve(&record.tenant, record.agent, micros, tokens, Instant::now(), Utc::now())?,
+            )
+        };
+        let unreserve = || {
+            if let Some(r) = &reservation {
+                self.quotas.settle(&record.tenant, record.agent, r, 0, 0);
+            }
+        };
         let mark = Entry::Started {
             op_id: id,
             incarnation: record.incarnation,
+            reserved: reservation.clone(),
         };
-        let lsn = self.journal.append(vec![mark.encode()]).await?[0];
+        let lsn = match self.journal.append(vec![mark.encode()]).await {
+            Ok(lsns) => lsns[0],
+            Err(e) => {
+                unreserve();
+                return Err(e);
+            }
+        };
         let mut st = self.state.lock();
         match st.live.get_mut(&id) {
-            Some(live) => live.started = Some(lsn),
-            None => self.journal.release(vec![lsn]),
+            Some(live) => {
+                live.started = Some(lsn);
+                live.reservation = reservation;
+                live.attempt_max = attempt_max;
+            }
+            None => {
+                unreserve();
+                self.journal.release(vec![lsn]);
+            }
         }
         Ok(())
     }
@@ -1209,6 +1290,7 @@ impl Ring {
                     digest,
                     effect: Some(effect),
                     doubt: None,
+                    charge: None,
                     admission: Some(admission),
                     slots,
                 });
@@ -1263,6 +1345,18 @@ impl Ring {
                 let Some(live) = st.live.get_mut(&id) else { continue };
                 live.exec_time += took;
                 live.cancel = None;
+                if live.reservation.is_some() {
+                    // A call that timed out or was dropped may still be billed: it
+                    // counts at the most it could have cost.
+                    let spent = match &attempt {
+                        Attempt::Ok(result) => Tools::spent(result),
+                        Attempt::TimedOut | Attempt::Cancelled => live.attempt_max,
+                        Attempt::Failed(e) if e.code == ErrorCode::Timeout => live.attempt_max,
+                        Attempt::Failed(_) => Spend::default(),
+                    };
+                    live.spent.micros += spent.micros;
+                    live.spent.tokens += spent.tokens;
+                }
                 if transient
                     && !live.cancel_requested
                     && let Some(policy) = live.record.retries
@@ -1396,14 +1490,31 @@ impl Ring {
                 continue;
             };
             if durable {
-                let doubt = (finish.status == CompletionStatus::InDoubt)
-                    .then(|| st.live.get(&finish.id).map(|live| live.record.clone()))
-                    .flatten();
+                let in_doubt = finish.status == CompletionStatus::InDoubt;
+                let live = st.live.get(&finish.id);
+                let doubt = live.filter(|_| in_doubt).map(|live| live.record.clone());
+                // In doubt, what it spent is unknown: it is charged all it reserved.
+                let charge = live.and_then(|live| {
+                    Some(Charge {
+                        tenant: live.record.tenant.clone(),
+                        agent: live.record.agent,
+                        reservation: live.reservation.clone()?,
+                        spent: if in_doubt {
+                            Spend {
+                                micros: u64::MAX,
+                                tokens: u64::MAX,
+                            }
+                        } else {
+                            live.spent
+                        },
+                    })
+                });
                 out.to_record.push(Pending {
                     completion,
                     digest,
                     effect: None,
                     doubt,
+                    charge,
                     admission: None,
                     slots: Slots {
                         running: None,
@@ -1455,23 +1566,38 @@ impl Ring {
         self.tasks.spawn(async move {
             let mut writes = Vec::with_capacity(pending.len());
             let mut held = Vec::with_capacity(pending.len());
+            let mut charges = Vec::with_capacity(pending.len());
             for p in pending {
                 writes.push(Write::Complete {
                     completion: Box::new(p.completion),
                     effect: p.effect,
                     digest: p.digest,
                     doubt: p.doubt.map(|record| Entry::Accepted((*record).clone()).encode()),
+                    charge: p.charge.as_ref().map(|c| (c.keys(), c.micros())),
                 });
                 held.push((p.admission, p.slots));
+                charges.push(p.charge);
             }
             let written = ring.store.write_all(writes).await;
             let mut out = Outbox::new();
             {
                 let mut st = ring.state.lock();
                 let mut follow_ups = Vec::new();
-                for (outcome, (admission, _)) in written.into_iter().zip(&held) {
+                for ((outcome, (admission, _)), charge) in written.into_iter().zip(&held).zip(charges) {
                     if let Some((breaker, admission)) = admission {
                         breaker.record(*admission, outcome.is_ok(), out.at.now);
+                    }
+                    // The charge is durable with the completion: the reservation
+                    // becomes spend. Had the write failed, it stays held.
+                    if let (Ok(_), Some(charge)) = (&outcome, charge) {
+                        let tokens = charge.spent.tokens.min(charge.reservation.tokens);
+                        ring.quotas.settle(
+                            &charge.tenant,
+                            charge.agent,
+                            &charge.reservation,
+                            charge.micros(),
+                            tokens,
+                        );
                     }
                     match outcome {
                         Ok(Applied::Completed(completion)) => {
@@ -1899,8 +2025,9 @@ impl Ring {
 /// A journaled op without a completion, found at start.
 struct Recovered {
     lsn: Lsn,
-    /// Its start mark, if it had started (an op with external effects).
-    started: Option<Lsn>,
+    /// Its start mark and the budget it reserved, if it had started (an op with
+    /// external effects).
+    started: Option<(Lsn, Option<Reservation>)>,
     op: OpRecord,
 }
 

@@ -1,0 +1,324 @@
+//! `llm.chat` and budgets against a real HTTP server on loopback that speaks the
+//! OpenAI chat protocol and plays scripted answers: the last user message says what
+//! to answer (`tokens:P:C`, `error:STATUS`, `hang`), streamed when asked.
+
+mod support;
+
+use bbx_client::Client;
+use bbx_core::AgentApi;
+use bbx_core::model::CreateAgent;
+use bbx_core::op::{OpState, SubmitBatch, SubmitOp};
+use bbx_core::quota::{Node, QuotaLimits};
+use serde_json::{Value, json};
+use std::time::Duration;
+use support::Kernel;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Starts the scripted model server; its base URL.
+async fn scripted_model() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}/v1", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve(socket));
+        }
+    });
+    base
+}
+
+async fn serve(mut socket: tokio::net::TcpStream) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let (head_end, length) = loop {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while data.len() < head_end + length {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+    let request: Value = serde_json::from_slice(&data[head_end..head_end + length]).unwrap_or(Value::Null);
+    let script = request["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    let model = request["model"].as_str().unwrap_or("m").to_owned();
+    let reply = |status: &str, content_type: &str, body: String| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let response = if script == "hang" {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        return;
+    } else if let Some(status) = script.strip_prefix("error:") {
+        let body = json!({"error": {"message": format!("scripted {status}"), "type": "server_error"}});
+        reply(&format!("{status} Scripted"), "application/json", body.to_string())
+    } else {
+        let mut parts = script.strip_prefix("tokens:").unwrap_or("1:1").split(':');
+        let prompt: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(1);
+        let completion: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(1);
+        let usage =
+            json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+        if stream {
+            let mut events = String::new();
+            for piece in ["Hel", "lo"] {
+                let chunk = json!({"model": model, "choices": [{"index": 0, "delta": {"content": piece}}]});
+                events.push_str(&format!("data: {chunk}\n\n"));
+            }
+            let last = json!({"model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+            events.push_str(&format!("data: {last}\n\n"));
+            let usage_chunk = json!({"model": model, "choices": [], "usage": usage});
+            events.push_str(&format!("data: {usage_chunk}\n\ndata: [DONE]\n\n"));
+            reply("200 OK", "text/event-stream", events)
+        } else {
+            let body = json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+                "usage": usage,
+            });
+            reply("200 OK", "application/json", body.to_string())
+        }
+    };
+    let _ = socket.write_all(response.as_bytes()).await;
+}
+
+/// A kernel whose one LLM endpoint is the scripted server; model "m" costs $1 per
+/// million prompt tokens and $2 per million completion tokens.
+async fn kernel_with_model() -> (Kernel, tempfile::TempDir) {
+    let base = scripted_model().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bbx.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tools.llm]\ndefault_max_tokens = 100\n\
+             [tools.llm.endpoints.local]\nbase_url = \"{base}\"\n\
+             [tools.llm.prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n"
+        ),
+    )
+    .unwrap();
+    let kernel = Kernel::start_with(&["--config", config.to_str().unwrap()]);
+    (kernel, dir)
+}
+
+fn chat(agent: bbx_core::AgentId, script: &str, extra: Value) -> SubmitOp {
+    let mut args = json!({"model": "m", "messages": [{"role": "user", "content": script}]});
+    if let (Value::Object(args), Value::Object(extra)) = (&mut args, extra) {
+        args.extend(extra);
+    }
+    SubmitOp::new(agent, "llm.chat", args)
+}
+
+async fn run(client: &Client, op: SubmitOp) -> bbx_core::op::Completion {
+    let id = client
+        .submit_ops(SubmitBatch {
+            ops: vec![op],
+            wait_ms: None,
+        })
+        .await
+        .unwrap()
+        .ops[0]
+        .op_id;
+    client
+        .wait_op(id, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .completion
+        .expect("done within a minute")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_report_usage_and_cost_and_map_failures() {
+    let (kernel, _config) = kernel_with_model().await;
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let agent = client
+        .create_agent(CreateAgent {
+            name: "chatty".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+
+    let plain = run(&client, chat(agent, "tokens:1000:500", json!({}))).await;
+    let result = plain.result.as_ref().unwrap();
+    assert_eq!(result["content"], "Hello");
+    assert_eq!(result["usage"]["prompt_tokens"], 1000);
+    assert_eq!(result["usage"]["completion_tokens"], 500);
+    assert_eq!(result["cost_micros"], 1000 + 2 * 500);
+    assert_eq!(result["cost_usd"], 0.002);
+
+    let streamed = run(&client, chat(agent, "tokens:7:2", json!({"stream": true}))).await;
+    let result = streamed.result.as_ref().unwrap();
+    assert_eq!(result["content"], "Hello", "{result}");
+    assert_eq!(result["finish_reason"], "stop");
+    assert_eq!(result["usage"]["total_tokens"], 9);
+    assert_eq!(result["cost_micros"], 7 + 2 * 2);
+
+    let server_error = run(&client, chat(agent, "error:500", json!({}))).await;
+    assert_eq!(server_error.status.as_str(), "error");
+    assert_eq!(server_error.error.as_ref().unwrap().code.as_str(), "unavailable");
+    let bad_request = run(&client, chat(agent, "error:400", json!({}))).await;
+    assert_eq!(bad_request.error.as_ref().unwrap().code.as_str(), "tool_failed");
+    assert!(bad_request.error.as_ref().unwrap().message.contains("scripted 400"));
+
+    let hung = run(&client, chat(agent, "hang", json!({"timeout_ms": 300}))).await;
+    assert_eq!(hung.status.as_str(), "timeout", "{hung:?}");
+
+    let unknown = run(&client, chat(agent, "tokens:1:1", json!({"endpoint": "elsewhere"}))).await;
+    assert!(unknown.error.unwrap().message.contains("elsewhere"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_calls_spend_exactly_their_costs_and_never_pass_the_budget() {
+    let (kernel, _config) = kernel_with_model().await;
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let agent = client
+        .create_agent(CreateAgent {
+            name: "spender".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    const BUDGET_MICROS: u64 = 40_000;
+    client
+        .set_quota(
+            Node::Agent(agent),
+            QuotaLimits {
+                cost_per_day_usd: Some(BUDGET_MICROS as f64 / 1e6),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let mut ids = Vec::new();
+    for batch in 0..10 {
+        let ops = (0..100)
+            .map(|i| {
+                let n = batch * 100 + i;
+                chat(agent, &format!("tokens:{}:{}", 5 + n % 17, 3 + n % 41), json!({}))
+            })
+            .collect();
+        let submitted = client
+            .submit_ops(SubmitBatch {
+                ops,
+                wait_ms: Some(30_000),
+            })
+            .await
+            .unwrap();
+        ids.extend(submitted.ops.into_iter().map(|o| o.op_id));
+    }
+    let (mut spent, mut ok, mut refused) = (0u64, 0, 0);
+    for id in ids {
+        let info = client.wait_op(id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(info.state, OpState::Done);
+        let completion = info.completion.unwrap();
+        match completion.status.as_str() {
+            "ok" => {
+                ok += 1;
+                spent += completion.result.unwrap()["cost_micros"].as_u64().unwrap();
+            }
+            _ => {
+                let error = completion.error.unwrap();
+                assert_eq!(error.code.as_str(), "quota_exceeded", "{error:?}");
+                assert_eq!(error.details.unwrap()["limit"], "cost_per_day_usd");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        ok > 0 && refused > 0,
+        "the budget ran out part way ({ok} ok, {refused} refused)"
+    );
+    let usage = client.quota(Node::Agent(agent)).await.unwrap().usage;
+    let recorded = (usage.spent_today_usd * 1e6).round() as u64;
+    assert_eq!(recorded, spent, "spent is exactly the sum of the reconciled costs");
+    assert!(recorded <= BUDGET_MICROS);
+    assert_eq!(usage.reserved_usd, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_reserve_and_reconcile_leaves_the_budget_correct() {
+    let (mut kernel, _config) = kernel_with_model().await;
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let agent = client
+        .create_agent(CreateAgent {
+            name: "crashy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    client
+        .set_quota(
+            Node::Agent(agent),
+            QuotaLimits {
+                cost_per_month_usd: Some(1.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let done = run(&client, chat(agent, "tokens:100:50", json!({}))).await;
+    assert_eq!(done.result.unwrap()["cost_micros"], 200);
+
+    // A call the model never answers: reserved (at most 8+4+4 prompt bytes and 100
+    // completion tokens, 216 micro-dollars) and running when the kernel dies.
+    let hanging = client
+        .submit_ops(SubmitBatch {
+            ops: vec![chat(agent, "hang", json!({}))],
+            wait_ms: None,
+        })
+        .await
+        .unwrap()
+        .ops[0]
+        .op_id;
+    let reserved = loop {
+        let usage = client.quota(Node::Agent(agent)).await.unwrap().usage;
+        if usage.reserved_usd > 0.0 {
+            break (usage.reserved_usd * 1e6).round() as u64;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(reserved, ("user".len() + "hang".len()) as u64 + 8 + 2 * 100);
+    kernel.crash();
+    kernel.restart();
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let info = client.wait_op(hanging, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(info.completion.unwrap().status.as_str(), "in_doubt");
+    // Its cost is unknown, so it is charged all it reserved: nothing is lost, and
+    // the call that completed before the crash is not counted twice.
+    let usage = client.quota(Node::Agent(agent)).await.unwrap().usage;
+    assert_eq!((usage.spent_this_month_usd * 1e6).round() as u64, 200 + reserved);
+    assert_eq!(usage.reserved_usd, 0.0);
+    // And it survives another restart exactly.
+    let (clean, log) = kernel.stop();
+    assert!(clean, "{log}");
+    kernel.restart();
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let usage = client.quota(Node::Agent(agent)).await.unwrap().usage;
+    assert_eq!((usage.spent_this_month_usd * 1e6).round() as u64, 200 + reserved);
+}
