@@ -189,6 +189,19 @@ pub enum BenchCommand {
     /// The AgentRing: in-process, durable, HTTP batch and single, against an
     /// fdatasync ceiling measured in the same run. Starts its own kernels.
     Ring(BenchRingArgs),
+    /// AgentQuotas and the tools: a quota check, tool.shell running `true`, and
+    /// tool.http, each next to a reference measured in the same run.
+    Tools(BenchToolsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchToolsArgs {
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Directory for the scratch kernel [default: a temp dir].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_ring;
+mod bench_tools;
 mod cli;
 mod output;
 mod quotas;
@@ -76,6 +77,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Mcp => mcp(&cli).await,
         Command::Bench(BenchCommand::Api(args)) => bench::api(&cli, args).await,
         Command::Bench(BenchCommand::Ring(args)) => bench_ring::ring(&cli, args).await,
+        Command::Bench(BenchCommand::Tools(args)) => bench_tools::tools(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {

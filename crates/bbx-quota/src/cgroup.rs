@@ -177,11 +177,16 @@ fn kill_listed(procs: &Path) {
 /// Removes a group's directory once its processes are gone (they may take a moment
 /// to be reaped after SIGKILL).
 fn remove_dir(dir: &Path) {
-    for _ in 0..200 {
+    let mut pause = Duration::from_micros(50);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
         match std::fs::remove_dir(dir) {
             Ok(()) => return,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
         }
     }
     tracing::warn!(dir = %dir.display(), "a tool's cgroup could not be removed");

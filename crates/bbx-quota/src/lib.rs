@@ -28,6 +28,7 @@ use bbx_core::quota::{QuotaAction, QuotaLimits, QuotaUsage, Reservation, usd_to_
 use bbx_core::{AgentId, Error, ErrorCode};
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock};
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,6 +167,15 @@ impl NodeQuota {
 #[derive(Default)]
 pub struct Quotas {
     nodes: RwLock<HashMap<Node, Arc<NodeQuota>>>,
+    /// Each agent's path as last resolved, so that the per-op checks look up one
+    /// agent id instead of building and hashing both nodes' names. Cleared when
+    /// any node is replaced or removed.
+    paths: RwLock<FxHashMap<AgentId, CachedPath>>,
+}
+
+struct CachedPath {
+    tenant: String,
+    nodes: [Arc<NodeQuota>; 2],
 }
 
 impl Quotas {
@@ -183,6 +193,9 @@ impl Quotas {
         });
         let quota = NodeQuota::new(&node, limits, carried, Instant::now());
         nodes.insert(node, Arc::new(quota));
+        // The nodes' lock is let go first: `path` takes the two the other way round.
+        drop(nodes);
+        self.paths.write().clear();
     }
 
     /// Adds spend recorded before this start.
@@ -194,6 +207,7 @@ impl Quotas {
     /// Forgets a node (a deleted agent).
     pub fn remove(&self, node: &Node) {
         self.nodes.write().remove(node);
+        self.paths.write().clear();
     }
 
     pub fn limits(&self, node: &Node) -> QuotaLimits {
@@ -251,23 +265,37 @@ impl Quotas {
 
     /// The nodes on an agent's path, root first (the order their locks are taken in).
     fn path(&self, tenant: &str, agent: AgentId) -> [Arc<NodeQuota>; 2] {
-        let tenant = Node::Tenant(tenant.to_owned());
-        let agent = Node::Agent(agent);
+        if let Some(cached) = self.paths.read().get(&agent)
+            && cached.tenant == tenant
         {
-            let nodes = self.nodes.read();
-            if let (Some(t), Some(a)) = (nodes.get(&tenant), nodes.get(&agent)) {
-                return [t.clone(), a.clone()];
-            }
+            return cached.nodes.clone();
         }
-        let mut nodes = self.nodes.write();
-        let now = Instant::now();
-        let mut get = |node: Node| {
-            nodes
-                .entry(node.clone())
-                .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), Default::default(), now)))
-                .clone()
+        let path = {
+            let mut nodes = self.nodes.write();
+            let now = Instant::now();
+            let mut get = |node: Node| {
+                nodes
+                    .entry(node.clone())
+                    .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), Default::default(), now)))
+                    .clone()
+            };
+            [get(Node::Tenant(tenant.to_owned())), get(Node::Agent(agent))]
         };
-        [get(tenant), get(agent)]
+        // A `set` may replace a node between the resolving above and the caching
+        // here; only a path whose nodes are still the current ones is cached.
+        let mut paths = self.paths.write();
+        let nodes = self.nodes.read();
+        let current = |n: &Arc<NodeQuota>, node: &Node| nodes.get(node).is_some_and(|now| Arc::ptr_eq(now, n));
+        if current(&path[0], &Node::Tenant(tenant.to_owned())) && current(&path[1], &Node::Agent(agent)) {
+            paths.insert(
+                agent,
+                CachedPath {
+                    tenant: tenant.to_owned(),
+                    nodes: path.clone(),
+                },
+            );
+        }
+        path
     }
 
     /// Takes `demand` from the rate limits of every node on the agent's path, or

@@ -102,9 +102,13 @@ impl ShellCall {
         // The kernel looks the directory up below the workspace only, so a symlink
         // planted by an earlier run cannot point the program elsewhere.
         crate::file::directory_inside(sandbox.workspace, cwd)?;
+        // One group per run: an attempt's group may still be being removed when
+        // the op's next attempt starts.
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let group = sandbox
             .cgroups
-            .create(&format!("op-{}", ctx.op_id), &ctx.limits)
+            .create(&format!("op-{}-{run}", ctx.op_id), &ctx.limits)
             .map_err(|e| Error::unavailable(format!("cannot make the run's {}: {e}", sandbox.cgroups.kind())))?;
         let confinement = Confinement::prepare(group.as_ref(), sandbox, ctx.settings.no_network, cwd)?;
 
@@ -169,7 +173,9 @@ impl ShellCall {
         tree.kill();
         let (stdout, stderr) = (stdout.await.unwrap_or_default(), stderr.await.unwrap_or_default());
         let events = tree.events();
-        tree.remove().await;
+        // Every process in the group is dead; removing its directory (which waits
+        // for the last of them to be reaped) need not delay the completion.
+        drop(tree);
         let output = json!({
             "stdout": stdout.text(),
             "stderr": stderr.text(),
@@ -268,13 +274,6 @@ impl Tree {
         }
         if let Some(group) = &self.group {
             group.kill_all();
-        }
-    }
-
-    /// Removes the group before the run returns (its processes are all killed).
-    async fn remove(mut self) {
-        if let Some(group) = self.group.take() {
-            let _ = tokio::task::spawn_blocking(move || drop(group)).await;
         }
     }
 
