@@ -227,6 +227,7 @@ async fn http(dir: &Path, measure: Duration) -> Result<(Figures, Figures)> {
             workspaces: dir.join("workspaces"),
             run_as: (65534, 65534),
             llm: Default::default(),
+            mcp: Default::default(),
         },
         Box::new(bbx_quota::cgroup::Rlimits),
     )?;

@@ -103,6 +103,9 @@ pub enum AgentCommand {
         /// Run its tool.shell programs with no network.
         #[arg(long)]
         no_network: bool,
+        /// A streamable HTTP MCP server its tool.mcp may call, as NAME=URL; repeat for more.
+        #[arg(long = "mcp-server", value_name = "NAME=URL")]
+        mcp_servers: Vec<String>,
     },
     /// List agents, oldest first.
     List {

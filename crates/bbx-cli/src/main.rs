@@ -224,6 +224,7 @@ async fn agent(cli: &Cli, command: &AgentCommand) -> Result<()> {
             allow_networks,
             env_allow,
             no_network,
+            mcp_servers,
         } => {
             let labels = labels
                 .iter()
@@ -237,6 +238,14 @@ async fn agent(cli: &Cli, command: &AgentCommand) -> Result<()> {
                     allow_networks: allow_networks.clone(),
                     env_allow: env_allow.clone(),
                     no_network: *no_network,
+                    mcp_servers: mcp_servers
+                        .iter()
+                        .map(|s| {
+                            s.split_once('=')
+                                .map(|(name, url)| (name.to_owned(), url.to_owned()))
+                                .ok_or_else(|| anyhow::anyhow!("--mcp-server takes NAME=URL, got {s:?}"))
+                        })
+                        .collect::<Result<_>>()?,
                 }),
             };
             let agent = api.create_agent(req).await?;

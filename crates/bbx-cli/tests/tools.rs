@@ -351,3 +351,121 @@ async fn a_tool_running_at_a_crash_is_in_doubt_never_rerun_and_resolved_by_the_o
     kernel.restart();
     assert_eq!(wait(&kernel, &second)["status"], "ok");
 }
+
+/// The Python that has the official MCP SDK: the test venv that scripts/test.sh makes.
+fn mcp_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("BBX_VENV").map_or_else(
+        || std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/bbx-venv"),
+        std::path::PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test.sh once (it installs the MCP SDK there)",
+        python.display()
+    );
+    python
+}
+
+fn log_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_mcp_calls_tools_of_other_mcp_servers_over_stdio_and_http() {
+    let python = mcp_python();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/mcp_server.py");
+    let scratch = tempfile::tempdir().unwrap();
+    let (stdio_log, http_log) = (scratch.path().join("stdio.log"), scratch.path().join("http.log"));
+
+    // A streamable HTTP server, started by the test.
+    let port = support::free_port();
+    let mut http_server = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(&http_log)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the MCP server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A stdio server, configured by the operator.
+    let config = scratch.path().join("bbx.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tools.mcp.local]\ncommand = [{:?}, {:?}, {:?}]\n",
+            python.display().to_string(),
+            script.display().to_string(),
+            stdio_log.display().to_string()
+        ),
+    )
+    .unwrap();
+    let kernel = Kernel::start_with(&["--config", config.to_str().unwrap()]);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let web = format!("web={url}");
+    let open = agent(&kernel, &["--mcp-server", &web, "--allow-network", "127.0.0.0/8"]);
+    let closed = agent(&kernel, &["--mcp-server", &web]);
+
+    let call =
+        |tool: &str, server: &str, text: &str| json!({"server": server, "tool": tool, "arguments": {"text": text}});
+    let op = submit(
+        &kernel,
+        &open,
+        "tool.mcp",
+        &call("record", "local", "over stdio"),
+        &["--idempotency-key", "k-stdio"],
+    );
+    let done = wait(&kernel, &op);
+    assert_eq!(done["status"], "ok", "{done}");
+    assert_eq!(done["result"]["content"][0]["text"], "recorded over stdio");
+    assert_eq!(
+        log_lines(&stdio_log),
+        vec![json!({"text": "over stdio", "key": "k-stdio"})]
+    );
+
+    let op = submit(
+        &kernel,
+        &open,
+        "tool.mcp",
+        &call("record", "web", "over http"),
+        &["--idempotency-key", "k-http"],
+    );
+    let done = wait(&kernel, &op);
+    assert_eq!(done["status"], "ok", "{done}");
+    assert_eq!(
+        log_lines(&http_log),
+        vec![json!({"text": "over http", "key": "k-http"})]
+    );
+
+    let failed = run(&kernel, &open, "tool.mcp", json!({"server": "local", "tool": "fail"}));
+    assert_eq!(failed["status"], "error", "{failed}");
+    assert_eq!(failed["error"]["code"], "tool_failed", "{failed}");
+
+    let unknown = run(
+        &kernel,
+        &open,
+        "tool.mcp",
+        json!({"server": "nowhere", "tool": "record"}),
+    );
+    assert_eq!(unknown["status"], "error");
+    assert!(unknown["error"]["message"].as_str().unwrap().contains("nowhere"));
+
+    // An agent's own MCP URL obeys its address rules, like tool.http.
+    let refused = run(&kernel, &closed, "tool.mcp", call("record", "web", "sneaky"));
+    assert_eq!(refused["status"], "error", "{refused}");
+    assert_eq!(refused["error"]["code"], "address_not_allowed", "{refused}");
+    assert_eq!(log_lines(&http_log).len(), 1, "nothing reached the server");
+
+    let _ = http_server.kill();
+    let _ = http_server.wait();
+}

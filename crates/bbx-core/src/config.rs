@@ -46,6 +46,25 @@ pub struct ToolsConfig {
     pub run_as_gid: u32,
     /// OpenAI-compatible endpoints for `llm.chat` (`[tools.llm]`).
     pub llm: LlmConfig,
+    /// MCP servers any agent's `tool.mcp` may call (`[tools.mcp.NAME]`), on top of
+    /// the streamable HTTP ones an agent lists in its own tool settings.
+    pub mcp: std::collections::BTreeMap<String, McpServer>,
+}
+
+/// An MCP server the operator configured: a command run over stdio, or a
+/// streamable HTTP URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServer {
+    /// Program and arguments, started for each call and spoken to over stdio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Variables set for the command (it inherits no others).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// A streamable HTTP endpoint instead of a command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// The endpoints `llm.chat` may call and what their models cost.
@@ -96,6 +115,7 @@ impl Default for ToolsConfig {
             run_as_uid: 65534,
             run_as_gid: 65534,
             llm: LlmConfig::default(),
+            mcp: Default::default(),
         }
     }
 }
@@ -268,6 +288,14 @@ impl KernelConfig {
                 return Err(Error::invalid_field(
                     "tools.llm.endpoints",
                     format!("endpoint {name:?} needs an http:// or https:// base_url"),
+                ));
+            }
+        }
+        for (name, server) in &config.tools.mcp {
+            if server.command.is_empty() == server.url.is_none() {
+                return Err(Error::invalid_field(
+                    "tools.mcp",
+                    format!("MCP server {name:?} needs exactly one of command and url"),
                 ));
             }
         }

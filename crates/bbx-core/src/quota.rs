@@ -255,6 +255,10 @@ pub struct ToolSettings {
     /// Run `tool.shell` programs in a network namespace of their own (no network).
     #[serde(default)]
     pub no_network: bool,
+    /// MCP servers its `tool.mcp` may call, by name: streamable HTTP URLs, reached
+    /// under the same address rules as `tool.http`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub mcp_servers: std::collections::BTreeMap<String, String>,
 }
 
 /// How tool processes are confined on this host (`bbx quotas cgroup-status`).

@@ -126,6 +126,7 @@ impl Kernel {
                 workspaces: config.data_dir.join(WORKSPACES_DIR),
                 run_as: (config.tools.run_as_uid, config.tools.run_as_gid),
                 llm: config.tools.llm.clone(),
+                mcp: config.tools.mcp.clone(),
             },
             bbx_quota::cgroup::detect(&cgroup_scope(&config.data_dir)),
         )?);

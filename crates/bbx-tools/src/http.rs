@@ -93,7 +93,7 @@ pub(crate) struct Clients {
 }
 
 impl Clients {
-    fn client(&self, policy: &AddressPolicy) -> Result<reqwest::Client> {
+    pub(crate) fn client(&self, policy: &AddressPolicy) -> Result<reqwest::Client> {
         if let Some(client) = self.by_policy.lock().get(policy) {
             return Ok(client.clone());
         }
@@ -120,9 +120,7 @@ impl Clients {
         let policy = AddressPolicy::new(&ctx.settings)?;
         let url = Url::parse(&call.url).map_err(|e| Error::invalid_field("args.url", e.to_string()))?;
         let host = url.host_str().unwrap_or_default().to_owned();
-        if let Some(ip) = literal_ip(&url) {
-            policy.check(&host, ip)?;
-        }
+        check_literal(&policy, &url)?;
         let method = Method::from_bytes(call.method.as_bytes())
             .map_err(|_| Error::invalid_field("args.method", "not an HTTP method"))?;
         let mut request = self.client(&policy)?.request(method, url);
@@ -171,6 +169,16 @@ impl Clients {
             None => out["body"] = Value::String(String::from_utf8_lossy(&body).into_owned()),
         }
         Ok(out)
+    }
+}
+
+/// Refuses a URL whose host is an address the policy does not permit. Names are
+/// checked by the guarded resolver, but an address literal never reaches a
+/// resolver, so every request through a guarded client checks this first.
+pub(crate) fn check_literal(policy: &AddressPolicy, url: &Url) -> Result<()> {
+    match literal_ip(url) {
+        Some(ip) => policy.check(url.host_str().unwrap_or_default(), ip),
+        None => Ok(()),
     }
 }
 

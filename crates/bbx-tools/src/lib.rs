@@ -12,6 +12,8 @@
 //!   link-local and metadata addresses unless the agent allows them; the check runs
 //!   on every address a name resolves to, redirects included, so DNS cannot be used
 //!   to get around it.
+//! - [`mcp`] (`tool.mcp`) calls a tool of another MCP server, over stdio or
+//!   streamable HTTP.
 //! - [`llm`] (`llm.chat`) asks an OpenAI-compatible endpoint for a chat completion
 //!   and prices its token usage.
 //!
@@ -22,6 +24,7 @@
 pub mod file;
 pub mod http;
 pub mod llm;
+pub mod mcp;
 pub mod net;
 pub mod shell;
 
@@ -33,7 +36,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// The tool kinds an op may name.
-pub const KINDS: [&str; 4] = ["tool.http", "tool.shell", "tool.file", "llm.chat"];
+pub const KINDS: [&str; 5] = ["tool.http", "tool.shell", "tool.file", "tool.mcp", "llm.chat"];
 
 /// A parsed tool call.
 #[derive(Debug, Clone)]
@@ -41,6 +44,7 @@ pub enum Call {
     Http(http::HttpCall),
     Shell(shell::ShellCall),
     File(file::FileCall),
+    Mcp(mcp::McpCall),
     Llm(llm::LlmCall),
 }
 
@@ -60,6 +64,7 @@ impl Call {
                 .and_then(shell::ShellCall::checked)
                 .map(Self::Shell),
             "tool.file" => parse_args(kind, args).and_then(file::FileCall::checked).map(Self::File),
+            "tool.mcp" => parse_args(kind, args).and_then(mcp::McpCall::checked).map(Self::Mcp),
             "llm.chat" => parse_args(kind, args).and_then(llm::LlmCall::checked).map(Self::Llm),
             _ => return None,
         };
@@ -77,7 +82,7 @@ impl Call {
                     None => host.to_owned(),
                 })
             }
-            Self::Shell(_) | Self::File(_) | Self::Llm(_) => None,
+            Self::Shell(_) | Self::File(_) | Self::Mcp(_) | Self::Llm(_) => None,
         }
     }
 
@@ -88,7 +93,7 @@ impl Call {
         match self {
             Self::File(call) => !call.is_read_only(),
             // A model call is billed by its provider: a crash may have cost money.
-            Self::Http(_) | Self::Shell(_) | Self::Llm(_) => true,
+            Self::Http(_) | Self::Shell(_) | Self::Mcp(_) | Self::Llm(_) => true,
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct ToolsConfig {
     pub run_as: (u32, u32),
     /// The endpoints and prices of `llm.chat`.
     pub llm: bbx_core::config::LlmConfig,
+    /// The MCP servers the operator configured for every agent.
+    pub mcp: std::collections::BTreeMap<String, bbx_core::config::McpServer>,
 }
 
 /// The tools of one kernel.
@@ -190,6 +197,7 @@ impl Tools {
         match call {
             Call::Http(call) => self.http.run(call, ctx).await,
             Call::Llm(call) => call.run(&self.llm_http, &self.config.llm, ctx).await,
+            Call::Mcp(call) => call.run(ctx, &self.config.mcp, &self.http).await,
             Call::File(call) => {
                 let workspace = self.workspace(&ctx.agent)?;
                 let call = call.clone();
@@ -221,7 +229,7 @@ impl Tools {
                     tokens: usage.total(),
                 }
             }
-            Call::Http(_) | Call::Shell(_) | Call::File(_) => Spend::default(),
+            Call::Http(_) | Call::Shell(_) | Call::File(_) | Call::Mcp(_) => Spend::default(),
         }
     }
 

@@ -67,6 +67,16 @@ fn parse_network(text: &str) -> Result<IpNet> {
 /// Checks an agent's tool settings.
 pub fn validate_settings(settings: &ToolSettings) -> Result<()> {
     AddressPolicy::new(settings)?;
+    for (name, url) in &settings.mcp_servers {
+        let valid =
+            reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if name.is_empty() || !valid {
+            return Err(Error::invalid_field(
+                "tools.mcp_servers",
+                format!("MCP server {name:?} needs an http:// or https:// URL, got {url:?}"),
+            ));
+        }
+    }
     for name in &settings.env_allow {
         let valid = !name.is_empty()
             && !name.starts_with(|c: char| c.is_ascii_digit())

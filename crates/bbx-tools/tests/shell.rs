@@ -25,6 +25,7 @@ fn fixture() -> Fixture {
             workspaces: dir.path().join("workspaces"),
             run_as: (65534, 65534),
             llm: Default::default(),
+            mcp: Default::default(),
         },
         bbx_quota::cgroup::detect(&scope),
     )

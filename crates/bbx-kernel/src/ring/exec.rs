@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The kinds an op may name: the kernel's own, then the tools of `bbx-tools`.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "noop",
     "sleep",
     "state.get",
@@ -25,6 +25,7 @@ pub const KINDS: [&str; 10] = [
     "tool.http",
     "tool.shell",
     "tool.file",
+    "tool.mcp",
     "llm.chat",
 ];
 

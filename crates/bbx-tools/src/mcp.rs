@@ -1,0 +1,175 @@
+//! `tool.mcp`: one tool call on another MCP server, through the official Rust SDK's
+//! client.
+//!
+//! A server is found by name: first among the agent's own (`tools.mcp_servers`,
+//! streamable HTTP URLs reached through the same guarded client as `tool.http`, so
+//! an agent cannot point one at a private address it may not reach), then among
+//! the operator's (`[tools.mcp.NAME]`, a command spoken to over stdio or a URL).
+//! Each call opens a session, makes the one call and closes it; a command is
+//! started for the call and killed when it ends or the op is dropped. The op's
+//! idempotency key travels in the request's `_meta` as `idempotencyKey`.
+
+use crate::Context;
+use crate::http::{Clients, check_literal};
+use crate::net::AddressPolicy;
+use bbx_core::config::McpServer;
+use bbx_core::{Error, ErrorCode, Result};
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, JsonObject, RequestMetaObject};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The `_meta` key the op's idempotency key is sent under.
+pub const IDEMPOTENCY_META_KEY: &str = "idempotencyKey";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpCall {
+    /// The server's name, in the agent's `mcp_servers` or the kernel's `[tools.mcp]`.
+    pub server: String,
+    /// The tool to call.
+    pub tool: String,
+    /// Its arguments (a JSON object).
+    #[serde(default)]
+    pub arguments: Option<JsonObject>,
+    /// Time allowed for the call, session set-up included (the op's own timeout
+    /// still applies).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Where a named server is.
+enum Target<'a> {
+    Command(&'a McpServer),
+    Url(&'a str),
+}
+
+impl McpCall {
+    pub(crate) fn checked(self) -> Result<Self> {
+        if self.server.is_empty() || self.tool.is_empty() {
+            return Err(Error::invalid_field("args.server", "server and tool must not be empty"));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(Error::invalid_field("args.timeout_ms", "timeout_ms must be at least 1"));
+        }
+        Ok(self)
+    }
+
+    fn target<'a>(&self, ctx: &'a Context, operator: &'a BTreeMap<String, McpServer>) -> Result<Target<'a>> {
+        if let Some(url) = ctx.settings.mcp_servers.get(&self.server) {
+            return Ok(Target::Url(url));
+        }
+        match operator.get(&self.server) {
+            Some(server) => match &server.url {
+                Some(url) => Ok(Target::Url(url)),
+                None => Ok(Target::Command(server)),
+            },
+            None => Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "no MCP server {:?} is configured for this agent or the kernel",
+                    self.server
+                ),
+            )),
+        }
+    }
+
+    pub(crate) async fn run(
+        &self,
+        ctx: &Context,
+        operator: &BTreeMap<String, McpServer>,
+        clients: &Clients,
+    ) -> Result<Value> {
+        let mut params = CallToolRequestParams::new(self.tool.clone());
+        params.arguments = self.arguments.clone();
+        if let Some(key) = &ctx.idempotency_key {
+            let mut meta = JsonObject::new();
+            meta.insert(IDEMPOTENCY_META_KEY.to_owned(), Value::String(key.clone()));
+            params.meta = Some(RequestMetaObject::from(meta));
+        }
+        let call = async {
+            match self.target(ctx, operator)? {
+                Target::Url(url) => {
+                    let policy = AddressPolicy::new(&ctx.settings)?;
+                    let parsed = reqwest::Url::parse(url)
+                        .map_err(|e| Error::invalid_field("mcp_servers", format!("{url:?} is not a URL: {e}")))?;
+                    check_literal(&policy, &parsed)?;
+                    let http = clients.client(&policy)?;
+                    let transport = StreamableHttpClientTransport::with_client(
+                        http,
+                        StreamableHttpClientTransportConfig::with_uri(url),
+                    );
+                    call_over(transport, params, &self.server).await
+                }
+                Target::Command(server) => {
+                    let (program, args) = server.command.split_first().expect("checked: a command is not empty");
+                    let mut child = tokio::process::Command::new(program)
+                        .args(args)
+                        .env_clear()
+                        .envs(&server.env)
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::null())
+                        .kill_on_drop(true)
+                        .spawn()
+                        .map_err(|e| {
+                            Error::unavailable(format!("cannot start MCP server {:?} ({program}): {e}", self.server))
+                        })?;
+                    let io = (child.stdout.take().expect("piped"), child.stdin.take().expect("piped"));
+                    let answer = call_over(io, params, &self.server).await;
+                    let _ = child.kill().await;
+                    answer
+                }
+            }
+        };
+        match self.timeout_ms {
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), call)
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorCode::Timeout,
+                        format!("MCP server {:?} did not answer within {ms} ms", self.server),
+                    )
+                })?,
+            None => call.await,
+        }
+    }
+}
+
+/// Opens a client session over `transport`, makes the call, and closes it.
+async fn call_over<T, E, A>(transport: T, params: CallToolRequestParams, server: &str) -> Result<Value>
+where
+    T: rmcp::transport::IntoTransport<rmcp::RoleClient, E, A>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let unreachable = |e: &dyn std::fmt::Display| Error::unavailable(format!("MCP server {server:?}: {e}"));
+    let session = ().serve(transport).await.map_err(|e| unreachable(&e))?;
+    let answer = session.call_tool(params).await;
+    let _ = session.cancel().await;
+    let result = answer.map_err(|e| match e {
+        rmcp::ServiceError::McpError(error) => Error::new(
+            ErrorCode::ToolFailed,
+            format!("MCP server {server:?} refused the call: {}", error.message),
+        )
+        .with_details(json!({ "mcp_code": error.code.0 })),
+        other => unreachable(&other),
+    })?;
+    let content = serde_json::to_value(&result.content).unwrap_or(Value::Null);
+    let out = json!({
+        "content": content,
+        "structured_content": result.structured_content,
+    });
+    if result.is_error == Some(true) {
+        return Err(Error::new(
+            ErrorCode::ToolFailed,
+            format!("the MCP tool on {server:?} reported an error"),
+        )
+        .with_details(out));
+    }
+    Ok(out)
+}
