@@ -385,6 +385,12 @@ pub struct QuotaSetArgs {
     /// Processes of one tool process tree.
     #[arg(long)]
     pub pids: Option<u32>,
+    /// The GPUs (NVML indexes, comma-separated) tool processes may use; "" for none.
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub gpu_devices: Option<Vec<u32>>,
+    /// GPU memory of one tool process on each of its GPUs (CUDA MPS).
+    #[arg(long)]
+    pub gpu_memory_bytes: Option<u64>,
     /// What a rate limit does when reached: reject, throttle or notify.
     #[arg(long, value_parser = parse_action)]
     pub action: Option<bbx_core::quota::QuotaAction>,

@@ -80,6 +80,8 @@ fn limits(args: &QuotaSetArgs) -> QuotaLimits {
         memory_bytes: args.memory_bytes,
         cpu_percent: args.cpu_percent,
         pids: args.pids,
+        gpu_devices: args.gpu_devices.clone(),
+        gpu_memory_bytes: args.gpu_memory_bytes,
         action: args.action,
         max_delay_ms: args.max_delay_ms,
     }

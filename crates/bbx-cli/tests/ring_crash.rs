@@ -142,3 +142,124 @@ async fn every_acknowledged_op_completes_exactly_once_across_sigkills() {
         .unwrap();
     assert!(wal.segments >= 1);
 }
+
+fn append(agent: AgentId, key: &str) -> SubmitOp {
+    SubmitOp {
+        idempotency_key: Some(key.to_owned()),
+        ..SubmitOp::new(
+            agent,
+            "tool.file",
+            json!({"op": "append", "path": "log.txt", "content": format!("{key}\n")}),
+        )
+    }
+}
+
+/// Tool ops (appends to a workspace file, an effect outside the kernel's store)
+/// under SIGKILL at random moments: after each restart every acknowledged op is
+/// `ok` with its line written exactly once, or `in_doubt` with its line written at
+/// most once; none is ever run again on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_ops_are_done_or_in_doubt_and_never_rerun_across_sigkills() {
+    let rounds: usize = std::env::var("BBX_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .map_or(10, |r: usize| r.div_ceil(2));
+    let mut kernel = Kernel::start();
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let agent = client
+        .create_agent(CreateAgent {
+            name: "tools".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let log = kernel
+        .data_dir()
+        .join("workspaces")
+        .join(agent.to_string())
+        .join("log.txt");
+    let mut seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut acked: BTreeMap<String, OpId> = BTreeMap::new();
+    let mut in_doubt = 0;
+    for round in 0..rounds {
+        let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+        let submitters: Vec<_> = (0..8)
+            .map(|s| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    for seq in 0.. {
+                        let key = format!("t{round}-s{s}-{seq}");
+                        let batch = SubmitBatch {
+                            ops: vec![append(agent, &key)],
+                            wait_ms: Some(5_000),
+                        };
+                        match client.submit_ops(batch).await {
+                            Ok(submitted) => sent.push((key, Some(submitted.ops[0].op_id))),
+                            Err(_) => {
+                                sent.push((key, None));
+                                return sent;
+                            }
+                        }
+                    }
+                    unreachable!()
+                })
+            })
+            .collect();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        tokio::time::sleep(Duration::from_millis(100 + (seed >> 33) % 300)).await;
+        kernel.crash();
+        let mut round_keys = Vec::new();
+        for submitter in submitters {
+            round_keys.extend(submitter.await.unwrap());
+        }
+        kernel.restart();
+        let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+        // Resubmitting every key of the round: an acknowledged one names its op.
+        let batch = SubmitBatch {
+            ops: round_keys.iter().map(|(key, _)| append(agent, key)).collect(),
+            wait_ms: Some(30_000),
+        };
+        let submitted = client.submit_ops(batch).await.unwrap();
+        for ((key, id), op) in round_keys.iter().zip(submitted.ops) {
+            if let Some(id) = id {
+                assert_eq!(op.op_id, *id, "round {round}: key {key} came back as another op");
+            }
+            acked.insert(key.clone(), op.op_id);
+        }
+        let mut statuses = Vec::with_capacity(acked.len());
+        for (key, id) in &acked {
+            let info = client.wait_op(*id, Duration::from_secs(60)).await.unwrap();
+            statuses.push((key, info.completion.expect("every op completes").status));
+        }
+        let written = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut lines: BTreeMap<&str, usize> = BTreeMap::new();
+        for line in written.lines() {
+            *lines.entry(line).or_default() += 1;
+        }
+        for (key, status) in statuses {
+            let times = lines.get(key.as_str()).copied().unwrap_or(0);
+            match status {
+                CompletionStatus::Ok => assert_eq!(times, 1, "round {round}: {key} is ok but written {times} times"),
+                CompletionStatus::InDoubt => {
+                    assert!(times <= 1, "round {round}: {key} is in doubt but written {times} times");
+                    in_doubt += 1;
+                }
+                other => panic!("round {round}: {key} ended {other:?}"),
+            }
+        }
+        assert!(
+            lines.values().all(|n| *n == 1),
+            "round {round}: a line was written twice"
+        );
+    }
+    assert!(
+        acked.len() > rounds,
+        "the rounds acknowledged too little to mean anything"
+    );
+    eprintln!("{} tool ops over {rounds} kills, {in_doubt} left in doubt", acked.len());
+}

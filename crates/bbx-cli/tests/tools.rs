@@ -151,6 +151,21 @@ async fn tool_ops_follow_the_cli_contract() {
     }
     assert_eq!(seen.lock().unwrap().len(), 1, "a refused request reached the server");
 
+    // --no-network: the program gets a network namespace of its own; the same
+    // connection that works from a networked agent's program fails from it.
+    let offline = agent(&kernel, &["--no-network"]);
+    let connect = format!(
+        "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5).close()\n    print('connected')\nexcept OSError as e:\n    print('refused', e.errno)"
+    );
+    let shell = json!({"program": "python3", "args": ["-c", connect], "timeout_ms": 20000});
+    let online = run(&kernel, &open, "tool.shell", shell.clone());
+    assert_eq!(online["result"]["stdout"], "connected\n", "{online}");
+    let cut_off = run(&kernel, &offline, "tool.shell", shell);
+    assert!(
+        cut_off["result"]["stdout"].as_str().unwrap().starts_with("refused"),
+        "{cut_off}"
+    );
+
     // A program's own timeout kills it and completes `timeout`.
     let slow = run(
         &kernel,

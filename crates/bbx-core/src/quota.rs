@@ -89,6 +89,12 @@ pub struct QuotaLimits {
     /// Processes and threads of one tool process tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    /// The GPUs (NVML indexes) a tool process may use; empty means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_devices: Option<Vec<u32>>,
+    /// GPU memory of one tool process on each of its GPUs (through CUDA MPS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
     /// What a rate limit does when reached (default `reject`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<QuotaAction>,
@@ -111,6 +117,8 @@ impl QuotaLimits {
             memory_bytes: update.memory_bytes.or(self.memory_bytes),
             cpu_percent: update.cpu_percent.or(self.cpu_percent),
             pids: update.pids.or(self.pids),
+            gpu_devices: update.gpu_devices.clone().or_else(|| self.gpu_devices.clone()),
+            gpu_memory_bytes: update.gpu_memory_bytes.or(self.gpu_memory_bytes),
             action: update.action.or(self.action),
             max_delay_ms: update.max_delay_ms.or(self.max_delay_ms),
         }
@@ -126,10 +134,17 @@ impl QuotaLimits {
                 (a, b) => a.or(b),
             }
         }
+        // A child's GPUs are those of its own list that its parent also allows.
+        let gpu_devices = match (&self.gpu_devices, &parent.gpu_devices) {
+            (Some(own), Some(allowed)) => Some(own.iter().copied().filter(|d| allowed.contains(d)).collect()),
+            (own, allowed) => own.clone().or_else(|| allowed.clone()),
+        };
         ProcessLimits {
             memory_bytes: min(self.memory_bytes, parent.memory_bytes),
             cpu_percent: min(self.cpu_percent, parent.cpu_percent),
             pids: min(self.pids, parent.pids),
+            gpu_devices,
+            gpu_memory_bytes: min(self.gpu_memory_bytes, parent.gpu_memory_bytes),
         }
     }
 
@@ -203,7 +218,7 @@ pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
 pub const MAX_THROTTLE_MS: u64 = 60_000;
 
 /// The limits a tool's process tree runs under.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct ProcessLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
@@ -211,6 +226,10 @@ pub struct ProcessLimits {
     pub cpu_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_devices: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
 }
 
 /// A node's limits and what it uses now.
@@ -323,6 +342,15 @@ mod tests {
         };
         let limits = agent.process_limits(&tenant);
         assert_eq!(limits.memory_bytes, Some(64 << 20));
+        let gpus = QuotaLimits {
+            gpu_devices: Some(vec![0, 1, 2]),
+            ..Default::default()
+        }
+        .process_limits(&QuotaLimits {
+            gpu_devices: Some(vec![1, 2, 3]),
+            ..Default::default()
+        });
+        assert_eq!(gpus.gpu_devices, Some(vec![1, 2]), "only GPUs the parent allows");
         assert_eq!(limits.pids, Some(10));
         assert_eq!(limits.cpu_percent, Some(50));
     }

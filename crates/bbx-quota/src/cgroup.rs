@@ -484,6 +484,7 @@ mod tests {
                     memory_bytes: Some(64 << 20),
                     pids: Some(8),
                     cpu_percent: Some(50),
+                    ..Default::default()
                 },
             )
             .unwrap();

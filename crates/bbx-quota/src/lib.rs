@@ -421,13 +421,24 @@ impl Quotas {
                 }
             }
         }
-        for guard in guards.iter_mut() {
+        for (node, guard) in path.iter().zip(guards.iter_mut()) {
             let live: &mut Live = guard;
             if let Some(bucket) = live.llm_tokens.as_mut() {
                 bucket.take(tokens as f64, now);
             }
-            for window in [&day, &month] {
-                live.windows.entry(window.clone()).or_default().reserved += micros;
+            let budgets = [
+                ("cost_per_day_usd", node.limits.cost_per_day_usd, &day),
+                ("cost_per_month_usd", node.limits.cost_per_month_usd, &month),
+            ];
+            for (limit, usd, window) in budgets {
+                let held = live.windows.entry(window.clone()).or_default();
+                held.reserved += micros;
+                if let Some(usd) = usd
+                    && (held.spent + held.reserved) as f64 >= 0.8 * usd_to_micros(usd) as f64
+                {
+                    node.warnings.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(node = %node.name, limit, "budget past 80 %");
+                }
             }
         }
         Ok(Reservation {

@@ -36,6 +36,8 @@ const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// System directories visible, read-only, inside the sandbox.
 const SYSTEM_DIRS: [&str; 6] = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"];
 const DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"];
+/// GPUs a memory limit is written for when the visible ones are not listed.
+const MAX_GPUS: usize = 16;
 /// Where the workspace appears inside the sandbox.
 const SANDBOX_WORKSPACE: &str = "/workspace";
 
@@ -98,6 +100,13 @@ impl ShellCall {
 
     pub(crate) async fn run(&self, ctx: &Context, sandbox: &Sandbox<'_>) -> Result<Value> {
         let started = Instant::now();
+        if ctx.settings.no_network && !sandbox.isolate {
+            // Running it with the network would break the agent's setting silently.
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                "the agent's tools.no_network needs namespaces, which need the kernel to run as root",
+            ));
+        }
         let cwd = self.cwd.as_deref().unwrap_or(".");
         // The kernel looks the directory up below the workspace only, so a symlink
         // planted by an earlier run cannot point the program elsewhere.
@@ -142,6 +151,29 @@ impl ShellCall {
             }
         }
         command.envs(&self.env);
+        // GPUs are handed out through the CUDA runtime's own controls: which devices
+        // it may see, and (under MPS) how much memory it may pin on each.
+        if let Some(devices) = &ctx.limits.gpu_devices {
+            let list: Vec<String> = devices.iter().map(u32::to_string).collect();
+            command.env("CUDA_VISIBLE_DEVICES", list.join(","));
+            command.env(
+                "NVIDIA_VISIBLE_DEVICES",
+                if list.is_empty() {
+                    "void".to_owned()
+                } else {
+                    list.join(",")
+                },
+            );
+        }
+        if let Some(bytes) = ctx.limits.gpu_memory_bytes {
+            // Per visible device, which CUDA numbers from 0 after CUDA_VISIBLE_DEVICES.
+            let visible = ctx.limits.gpu_devices.as_ref().map_or(MAX_GPUS, Vec::len);
+            let limit = (0..visible)
+                .map(|d| format!("{d}={}M", (bytes >> 20).max(1)))
+                .collect::<Vec<_>>()
+                .join(",");
+            command.env("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", limit);
+        }
         // SAFETY: the closure makes only async-signal-safe system calls on memory
         // prepared before the fork, and allocates nothing.
         unsafe {
