@@ -23,6 +23,12 @@ TOOLS = {
     "ring_submit",
     "ring_wait",
     "ring_stats",
+    "ring_resolve",
+    "quota_get",
+    "quota_set",
+    "enforced_quotas_stats",
+    "enforced_quotas_gpu",
+    "enforced_quotas_cgroup",
 }
 
 
@@ -110,6 +116,21 @@ async def exercise_every_tool(session):
     assert stats["deduplicated_total"] >= 1
     assert error_code(await session.call_tool("ring_submit", {"ops": [{**op, "kind": "launch"}]})) == "invalid_argument"
     assert error_code(await session.call_tool("ring_wait", {"op_id": "nope"})) == "invalid_id"
+    # An op that is not in doubt cannot be resolved.
+    assert error_code(await session.call_tool("ring_resolve", {"op_id": op_id, "as": "ok"})) == "failed_precondition"
+
+    node = f"agent/{agent_id}"
+    quota = ok(await session.call_tool("quota_set", {"node": node, "limits": {"pids": 32, "cost_per_day_usd": 2.5}}))
+    assert quota["limits"]["pids"] == 32
+    assert ok(await session.call_tool("quota_get", {"node": node}))["limits"]["cost_per_day_usd"] == 2.5
+    listed = ok(await session.call_tool("enforced_quotas_stats", {}))
+    assert node in {q["node"] for q in listed["quotas"]}
+    assert error_code(await session.call_tool("quota_set", {"node": node, "limits": {"pids": 0}})) == "invalid_argument"
+    assert error_code(await session.call_tool("quota_get", {"node": "planet/x"})) == "invalid_argument"
+    gpus = ok(await session.call_tool("enforced_quotas_gpu", {}))
+    assert gpus["available"] == bool(gpus["devices"])
+    cgroups = ok(await session.call_tool("enforced_quotas_cgroup", {}))
+    assert cgroups["driver"] in {"cgroup v2", "cgroup v1", "rlimits"}
     return agent_id
 
 
