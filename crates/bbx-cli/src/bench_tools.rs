@@ -226,6 +226,7 @@ async fn http(dir: &Path, measure: Duration) -> Result<(Figures, Figures)> {
         bbx_tools::ToolsConfig {
             workspaces: dir.join("workspaces"),
             run_as: (65534, 65534),
+            unsandboxed_shell: true,
             llm: Default::default(),
             mcp: Default::default(),
         },

@@ -44,6 +44,9 @@ pub struct ToolsConfig {
     /// The uid `tool.shell` programs run as when the kernel is root (never 0).
     pub run_as_uid: u32,
     pub run_as_gid: u32,
+    /// Let `tool.shell` run programs unconfined, as the kernel's own user, when the
+    /// kernel is not root and cannot sandbox them. Off: such runs are refused.
+    pub unsandboxed_shell: bool,
     /// OpenAI-compatible endpoints for `llm.chat` (`[tools.llm]`).
     pub llm: LlmConfig,
     /// MCP servers any agent's `tool.mcp` may call (`[tools.mcp.NAME]`), on top of
@@ -114,6 +117,7 @@ impl Default for ToolsConfig {
         Self {
             run_as_uid: 65534,
             run_as_gid: 65534,
+            unsandboxed_shell: false,
             llm: LlmConfig::default(),
             mcp: Default::default(),
         }

@@ -125,6 +125,7 @@ impl Kernel {
             bbx_tools::ToolsConfig {
                 workspaces: config.data_dir.join(WORKSPACES_DIR),
                 run_as: (config.tools.run_as_uid, config.tools.run_as_gid),
+                unsandboxed_shell: config.tools.unsandboxed_shell,
                 llm: config.tools.llm.clone(),
                 mcp: config.tools.mcp.clone(),
             },
@@ -283,6 +284,11 @@ impl Kernel {
         validate::labels(&labels)?;
         let tools = req.tools.unwrap_or_default();
         bbx_tools::net::validate_settings(&tools)?;
+        if !tools.allow_networks.is_empty() || !tools.env_allow.is_empty() {
+            // Private networks (the metadata service among them) and the kernel's own
+            // environment (where endpoint keys live) are the operator's to open.
+            caller.require_admin("let an agent's tools reach private networks or the kernel's environment")?;
+        }
         let agent = Agent {
             id: AgentId::generate(),
             name: req.name,

@@ -676,14 +676,23 @@ impl<'a> GroupTx<'a> {
                 Ok(Applied::Done)
             }
             Write::ExpireOps { before, max } => {
+                // An op in doubt waits for an operator, however old it is: it is
+                // passed over, and the step ends only when `max` others are found
+                // or the old ops run out (so old ops in doubt cannot stall expiry).
                 let mut expired = Vec::new();
-                for item in self.ks.ops.range(..before.as_bytes().to_vec()).take(*max) {
+                let mut finished = true;
+                for item in self.ks.ops.range(..before.as_bytes().to_vec()) {
                     let (key, value) = item.into_inner().map_err(|e| storage_error("scan ops", e))?;
-                    expired.push((key.to_vec(), decode_completion(&value)?));
+                    let completion = decode_completion(&value)?;
+                    if completion.status == CompletionStatus::InDoubt {
+                        continue;
+                    }
+                    if expired.len() == *max {
+                        finished = false;
+                        break;
+                    }
+                    expired.push((key.to_vec(), completion));
                 }
-                let finished = expired.len() < *max;
-                // An op in doubt waits for an operator, however old it is.
-                expired.retain(|(_, completion)| completion.status != CompletionStatus::InDoubt);
                 for (key, completion) in expired {
                     if let Some(idempotency) = &completion.idempotency_key {
                         self.remove(IDEM, idempotency_key(&completion.agent, idempotency));

@@ -278,6 +278,27 @@ async fn tenant_keys_are_confined_and_revoked_keys_refused() {
 
     let mine = acme_api.create_agent(agent("mine")).await.unwrap();
     assert_eq!(mine.tenant, "acme");
+    // Private networks and the kernel's environment are the operator's to open.
+    for tools in [
+        bbx_core::quota::ToolSettings {
+            allow_networks: vec!["169.254.0.0/16".into()],
+            ..Default::default()
+        },
+        bbx_core::quota::ToolSettings {
+            env_allow: vec!["OPENAI_API_KEY".into()],
+            ..Default::default()
+        },
+    ] {
+        let refused = acme_api
+            .create_agent(CreateAgent {
+                name: "greedy".into(),
+                tools: Some(tools),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PermissionDenied);
+    }
     assert_eq!(
         acme_api.get_agent(theirs.id).await.unwrap_err().code,
         ErrorCode::PermissionDenied

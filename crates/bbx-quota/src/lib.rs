@@ -83,9 +83,10 @@ const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(1);
 /// How soon to look again when ops in flight are at their limit.
 const CONCURRENCY_RETRY: Duration = Duration::from_millis(10);
 
+/// A node: one per tenant or agent for as long as it exists. Its limits change in
+/// place, under its lock, so a change never loses a count taken meanwhile.
 struct NodeQuota {
     name: String,
-    limits: QuotaLimits,
     live: Mutex<Live>,
     rejected: AtomicU64,
     throttled: AtomicU64,
@@ -93,6 +94,7 @@ struct NodeQuota {
 }
 
 struct Live {
+    limits: QuotaLimits,
     requests: Option<TokenBucket>,
     tool_calls: Option<TokenBucket>,
     llm_tokens: Option<TokenBucket>,
@@ -123,42 +125,62 @@ pub fn parse_spend_key(key: &str) -> Option<(Node, String)> {
     Some((node.parse().ok()?, window.to_owned()))
 }
 
+/// What a node does when a limit is reached: its action and longest throttle.
+type Policy = (QuotaAction, Duration);
+
+impl Live {
+    fn policy(&self) -> Policy {
+        (
+            self.limits.action.unwrap_or_default(),
+            self.limits
+                .max_delay_ms
+                .map_or(DEFAULT_MAX_DELAY, Duration::from_millis),
+        )
+    }
+
+    /// Takes new limits: their rate buckets start full; ops in flight and spend stay.
+    fn apply(&mut self, limits: QuotaLimits, now: Instant) {
+        self.requests = limits
+            .requests_per_second
+            .map(|r| TokenBucket::new(f64::from(r), f64::from(r), now));
+        self.tool_calls = limits
+            .tool_calls_per_minute
+            .map(|r| TokenBucket::new(f64::from(r), f64::from(r) / 60.0, now));
+        self.llm_tokens = limits
+            .llm_tokens_per_minute
+            .map(|r| TokenBucket::new(r as f64, r as f64 / 60.0, now));
+        self.limits = limits;
+    }
+}
+
 impl NodeQuota {
-    fn new(node: &Node, limits: QuotaLimits, carried: (u64, HashMap<String, WindowSpend>), now: Instant) -> Self {
-        let (in_flight, windows) = carried;
+    fn new(node: &Node, limits: QuotaLimits, now: Instant) -> Self {
+        let mut live = Live {
+            limits: QuotaLimits::default(),
+            requests: None,
+            tool_calls: None,
+            llm_tokens: None,
+            in_flight: 0,
+            windows: HashMap::new(),
+        };
+        live.apply(limits, now);
         Self {
             name: node.to_string(),
-            live: Mutex::new(Live {
-                requests: limits
-                    .requests_per_second
-                    .map(|r| TokenBucket::new(f64::from(r), f64::from(r), now)),
-                tool_calls: limits
-                    .tool_calls_per_minute
-                    .map(|r| TokenBucket::new(f64::from(r), f64::from(r) / 60.0, now)),
-                llm_tokens: limits
-                    .llm_tokens_per_minute
-                    .map(|r| TokenBucket::new(r as f64, r as f64 / 60.0, now)),
-                in_flight,
-                windows,
-            }),
-            limits,
+            live: Mutex::new(live),
             rejected: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             warnings: AtomicU64::new(0),
         }
     }
 
-    fn exceeded(&self, limit: &'static str, value: u64, retry_after: Option<Duration>) -> Exceeded {
+    fn exceeded(&self, policy: Policy, limit: &'static str, value: u64, retry_after: Option<Duration>) -> Exceeded {
         Exceeded {
             node: self.name.clone(),
             limit,
             value,
             retry_after,
-            action: self.limits.action.unwrap_or_default(),
-            max_delay: self
-                .limits
-                .max_delay_ms
-                .map_or(DEFAULT_MAX_DELAY, Duration::from_millis),
+            action: policy.0,
+            max_delay: policy.1,
         }
     }
 }
@@ -169,7 +191,7 @@ pub struct Quotas {
     nodes: RwLock<HashMap<Node, Arc<NodeQuota>>>,
     /// Each agent's path as last resolved, so that the per-op checks look up one
     /// agent id instead of building and hashing both nodes' names. Cleared when
-    /// any node is replaced or removed.
+    /// a node is removed.
     paths: RwLock<FxHashMap<AgentId, CachedPath>>,
 }
 
@@ -186,16 +208,7 @@ impl Quotas {
     /// Sets a node's limits (replacing them), keeping its ops in flight and its
     /// spend; its rate buckets start full.
     pub fn set(&self, node: Node, limits: QuotaLimits) {
-        let mut nodes = self.nodes.write();
-        let carried = nodes.get(&node).map_or_else(Default::default, |n| {
-            let live = n.live.lock();
-            (live.in_flight, live.windows.clone())
-        });
-        let quota = NodeQuota::new(&node, limits, carried, Instant::now());
-        nodes.insert(node, Arc::new(quota));
-        // The nodes' lock is let go first: `path` takes the two the other way round.
-        drop(nodes);
-        self.paths.write().clear();
+        self.node(node).live.lock().apply(limits, Instant::now());
     }
 
     /// Adds spend recorded before this start.
@@ -206,6 +219,8 @@ impl Quotas {
 
     /// Forgets a node (a deleted agent).
     pub fn remove(&self, node: &Node) {
+        // The nodes' lock is let go before the paths' is taken: `path` takes the
+        // two the other way round.
         self.nodes.write().remove(node);
         self.paths.write().clear();
     }
@@ -214,7 +229,7 @@ impl Quotas {
         self.nodes
             .read()
             .get(node)
-            .map(|n| n.limits.clone())
+            .map(|n| n.live.lock().limits.clone())
             .unwrap_or_default()
     }
 
@@ -252,14 +267,7 @@ impl Quotas {
         let mut nodes = self.nodes.write();
         nodes
             .entry(node.clone())
-            .or_insert_with(|| {
-                Arc::new(NodeQuota::new(
-                    &node,
-                    QuotaLimits::default(),
-                    Default::default(),
-                    Instant::now(),
-                ))
-            })
+            .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), Instant::now())))
             .clone()
     }
 
@@ -276,7 +284,7 @@ impl Quotas {
             let mut get = |node: Node| {
                 nodes
                     .entry(node.clone())
-                    .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), Default::default(), now)))
+                    .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), now)))
                     .clone()
             };
             [get(Node::Tenant(tenant.to_owned())), get(Node::Agent(agent))]
@@ -312,6 +320,7 @@ impl Quotas {
         let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
         for (node, guard) in path.iter().zip(guards.iter_mut()) {
             let live: &mut Live = guard;
+            let policy = live.policy();
             let wants = [
                 ("requests_per_second", live.requests.as_mut(), demand.ops),
                 ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
@@ -323,7 +332,7 @@ impl Quotas {
                 }
                 if let Some(wait) = bucket.shortfall(f64::from(n), now) {
                     node.rejected.fetch_add(1, Ordering::Relaxed);
-                    return Err(node.exceeded(limit, bucket.capacity() as u64, wait));
+                    return Err(node.exceeded(policy, limit, bucket.capacity() as u64, wait));
                 }
             }
         }
@@ -361,11 +370,16 @@ impl Quotas {
         let path = self.path(tenant, agent);
         let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
         for (node, live) in path.iter().zip(guards.iter()) {
-            if let Some(limit) = node.limits.concurrent_ops
+            if let Some(limit) = live.limits.concurrent_ops
                 && live.in_flight + n > u64::from(limit)
             {
                 node.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(node.exceeded("concurrent_ops", u64::from(limit), Some(CONCURRENCY_RETRY)));
+                return Err(node.exceeded(
+                    live.policy(),
+                    "concurrent_ops",
+                    u64::from(limit),
+                    Some(CONCURRENCY_RETRY),
+                ));
             }
         }
         for live in guards.iter_mut() {
@@ -399,25 +413,25 @@ impl Quotas {
         let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
         for (node, guard) in path.iter().zip(guards.iter_mut()) {
             let live: &mut Live = guard;
+            let policy = live.policy();
             if let Some(bucket) = live.llm_tokens.as_mut()
                 && tokens > 0
                 && let Some(wait) = bucket.shortfall(tokens as f64, now)
             {
                 node.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(node.exceeded("llm_tokens_per_minute", bucket.capacity() as u64, wait));
+                return Err(node.exceeded(policy, "llm_tokens_per_minute", bucket.capacity() as u64, wait));
             }
             let budgets = [
-                ("cost_per_day_usd", node.limits.cost_per_day_usd, &day),
-                ("cost_per_month_usd", node.limits.cost_per_month_usd, &month),
+                ("cost_per_day_usd", live.limits.cost_per_day_usd, &day),
+                ("cost_per_month_usd", live.limits.cost_per_month_usd, &month),
             ];
             for (limit, usd, window) in budgets {
                 let Some(usd) = usd else { continue };
                 let held = live.windows.get(window).copied().unwrap_or_default();
                 if held.spent + held.reserved + micros > usd_to_micros(usd) {
                     node.rejected.fetch_add(1, Ordering::Relaxed);
-                    let mut exceeded = node.exceeded(limit, usd.ceil() as u64, None);
-                    exceeded.action = QuotaAction::Reject;
-                    return Err(exceeded);
+                    // A budget cannot be waited for: it is always refused.
+                    return Err(node.exceeded((QuotaAction::Reject, policy.1), limit, usd.ceil() as u64, None));
                 }
             }
         }
@@ -427,8 +441,8 @@ impl Quotas {
                 bucket.take(tokens as f64, now);
             }
             let budgets = [
-                ("cost_per_day_usd", node.limits.cost_per_day_usd, &day),
-                ("cost_per_month_usd", node.limits.cost_per_month_usd, &month),
+                ("cost_per_day_usd", live.limits.cost_per_day_usd, &day),
+                ("cost_per_month_usd", live.limits.cost_per_month_usd, &month),
             ];
             for (limit, usd, window) in budgets {
                 let held = live.windows.entry(window.clone()).or_default();

@@ -140,7 +140,7 @@ impl FileCall {
         let fail = |e: Errno| errno_error(path, e);
         match self.op {
             FileOp::Read => {
-                let fd = beneath(&root, path, OFlags::RDONLY).map_err(fail)?;
+                let fd = regular_file(beneath(&root, path, OFlags::RDONLY | OFlags::NONBLOCK), path)?;
                 let limit = self.max_bytes.unwrap_or(DEFAULT_READ_BYTES);
                 let size = rustix::fs::fstat(&fd).map_err(fail)?.st_size as u64;
                 let mut file = std::fs::File::from(fd);
@@ -169,7 +169,10 @@ impl FileCall {
                 } else {
                     OFlags::TRUNC
                 };
-                let fd = beneath(&parent, name, OFlags::WRONLY | OFlags::CREATE | mode).map_err(fail)?;
+                let fd = regular_file(
+                    beneath(&parent, name, OFlags::WRONLY | OFlags::CREATE | OFlags::NONBLOCK | mode),
+                    path,
+                )?;
                 hand_over(&root, &fd);
                 let content = self.content();
                 let mut file = std::fs::File::from(fd);
@@ -274,6 +277,26 @@ fn beneath(dir: &impl AsFd, path: &str, flags: OFlags) -> std::result::Result<Ow
         mode,
         ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
     )
+}
+
+/// The opened file, if it is a regular one, made blocking again. It was opened
+/// without blocking so that a FIFO (which an agent's program can make) cannot
+/// hang the open forever, and is refused here, as are devices and sockets.
+fn regular_file(opened: std::result::Result<OwnedFd, Errno>, path: &str) -> Result<OwnedFd> {
+    let fd = opened.map_err(|e| errno_error(path, e))?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| errno_error(path, e))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(Error::new(
+            ErrorCode::FailedPrecondition,
+            format!("{path:?} is not a regular file"),
+        ));
+    }
+    rustix::fs::fcntl_setfl(
+        &fd,
+        rustix::fs::fcntl_getfl(&fd).map_err(|e| errno_error(path, e))? - OFlags::NONBLOCK,
+    )
+    .map_err(|e| errno_error(path, e))?;
+    Ok(fd)
 }
 
 /// Makes each directory of `dirs` in turn below `root`; the last one, opened.
@@ -419,6 +442,19 @@ mod tests {
         std::os::unix::fs::symlink("real", ws.path().join("alias")).unwrap();
         let read = call(FileOp::Read, "alias", None).unwrap().run(ws.path()).unwrap();
         assert_eq!(read["content"], "inside");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_instead_of_hanging_the_call() {
+        let ws = tempfile::tempdir().unwrap();
+        let fifo = ws.path().join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        for op in [FileOp::Read, FileOp::Append] {
+            let content = (op == FileOp::Append).then_some("x");
+            let e = call(op, "pipe", content).unwrap().run(ws.path()).unwrap_err();
+            assert!(matches!(e.code, ErrorCode::FailedPrecondition), "{op:?}: {e:?}");
+        }
     }
 
     #[test]

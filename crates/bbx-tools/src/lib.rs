@@ -29,7 +29,7 @@ pub mod net;
 pub mod shell;
 
 use bbx_core::quota::{ProcessLimits, ToolSettings};
-use bbx_core::{AgentId, Error, OpId, Result};
+use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_quota::cgroup::Driver;
 use serde::Deserialize;
 use serde_json::Value;
@@ -121,6 +121,8 @@ pub struct ToolsConfig {
     pub workspaces: PathBuf,
     /// The uid and gid programs run as when the kernel is root.
     pub run_as: (u32, u32),
+    /// Run programs unconfined when the kernel cannot sandbox them (not root).
+    pub unsandboxed_shell: bool,
     /// The endpoints and prices of `llm.chat`.
     pub llm: bbx_core::config::LlmConfig,
     /// The MCP servers the operator configured for every agent.
@@ -206,6 +208,14 @@ impl Tools {
                     .map_err(|e| Error::internal(format!("a file call failed: {e}")))?
             }
             Call::Shell(call) => {
+                if !self.isolate && !self.config.unsandboxed_shell {
+                    return Err(Error::new(
+                        ErrorCode::FailedPrecondition,
+                        "tool.shell needs the kernel to run as root to sandbox its programs; an operator who \
+                         accepts unconfined programs running as the kernel's own user sets \
+                         tools.unsandboxed_shell = true",
+                    ));
+                }
                 let workspace = self.workspace(&ctx.agent)?;
                 let sandbox = shell::Sandbox {
                     cgroups: self.cgroups.as_ref(),

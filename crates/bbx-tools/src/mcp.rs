@@ -43,10 +43,17 @@ pub struct McpCall {
     pub timeout_ms: Option<u64>,
 }
 
-/// Where a named server is.
+/// Where a named server is, and whether the agent named it (its address rules
+/// apply) or the operator did.
 enum Target<'a> {
     Command(&'a McpServer),
-    Url(&'a str),
+    Url(&'a str, Chosen),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chosen {
+    ByAgent,
+    ByOperator,
 }
 
 impl McpCall {
@@ -62,11 +69,11 @@ impl McpCall {
 
     fn target<'a>(&self, ctx: &'a Context, operator: &'a BTreeMap<String, McpServer>) -> Result<Target<'a>> {
         if let Some(url) = ctx.settings.mcp_servers.get(&self.server) {
-            return Ok(Target::Url(url));
+            return Ok(Target::Url(url, Chosen::ByAgent));
         }
         match operator.get(&self.server) {
             Some(server) => match &server.url {
-                Some(url) => Ok(Target::Url(url)),
+                Some(url) => Ok(Target::Url(url, Chosen::ByOperator)),
                 None => Ok(Target::Command(server)),
             },
             None => Err(Error::new(
@@ -94,8 +101,11 @@ impl McpCall {
         }
         let call = async {
             match self.target(ctx, operator)? {
-                Target::Url(url) => {
-                    let policy = AddressPolicy::new(&ctx.settings)?;
+                Target::Url(url, chosen) => {
+                    let policy = match chosen {
+                        Chosen::ByAgent => AddressPolicy::new(&ctx.settings)?,
+                        Chosen::ByOperator => AddressPolicy::unrestricted(),
+                    };
                     let parsed = reqwest::Url::parse(url)
                         .map_err(|e| Error::invalid_field("mcp_servers", format!("{url:?} is not a URL: {e}")))?;
                     check_literal(&policy, &parsed)?;
@@ -115,13 +125,18 @@ impl McpCall {
                         .stdin(Stdio::piped())
                         .stdout(Stdio::piped())
                         .stderr(Stdio::null())
+                        .process_group(0)
                         .kill_on_drop(true)
                         .spawn()
                         .map_err(|e| {
                             Error::unavailable(format!("cannot start MCP server {:?} ({program}): {e}", self.server))
                         })?;
                     let io = (child.stdout.take().expect("piped"), child.stdin.take().expect("piped"));
+                    // Whatever the server started (wrappers such as npx or uvx do) goes
+                    // with it: the call ran in a process group of its own.
+                    let group = ProcessGroup(child.id().map_or(0, |p| p as i32));
                     let answer = call_over(io, params, &self.server).await;
+                    drop(group);
                     let _ = child.kill().await;
                     answer
                 }
@@ -137,6 +152,18 @@ impl McpCall {
                     )
                 })?,
             None => call.await,
+        }
+    }
+}
+
+/// Kills a process group when dropped (the call ended, or its op was dropped).
+struct ProcessGroup(i32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(-self.0, libc::SIGKILL) };
         }
     }
 }

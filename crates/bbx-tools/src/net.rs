@@ -17,6 +17,16 @@ pub struct AddressPolicy {
 }
 
 impl AddressPolicy {
+    /// Every address: for what the operator configured, which agents cannot name.
+    pub fn unrestricted() -> Self {
+        Self {
+            allow: vec![
+                "0.0.0.0/0".parse().expect("a network"),
+                "::/0".parse().expect("a network"),
+            ],
+        }
+    }
+
     pub fn new(settings: &ToolSettings) -> Result<Self> {
         let mut allow = settings
             .allow_networks
@@ -120,7 +130,21 @@ fn restricted_v6(ip: Ipv6Addr) -> bool {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return restricted_v4(v4);
     }
-    let first = ip.segments()[0];
+    let segments = ip.segments();
+    let octets = ip.octets();
+    // Prefixes that carry an IPv4 address, which a translator on the path would
+    // reach: NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and 6to4 (2002::/16).
+    let embedded = if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..2] == [0x64, 0xff9b] {
+        Some(Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]))
+    } else if segments[0] == 0x2002 {
+        Some(Ipv4Addr::new(octets[2], octets[3], octets[4], octets[5]))
+    } else {
+        None
+    };
+    if let Some(v4) = embedded {
+        return restricted_v4(v4);
+    }
+    let first = segments[0];
     ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
@@ -158,6 +182,9 @@ mod tests {
             "::ffff:169.254.169.254",
             "::127.0.0.1",
             "224.0.0.1",
+            "64:ff9b::a00:5",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a00:1::1",
         ] {
             assert!(is_restricted(ip(restricted)), "{restricted}");
         }

@@ -36,6 +36,8 @@ const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// System directories visible, read-only, inside the sandbox.
 const SYSTEM_DIRS: [&str; 6] = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"];
 const DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"];
+/// How long output may keep arriving after the program ended and its tree was killed.
+const DRAIN: Duration = Duration::from_secs(2);
 /// GPUs a memory limit is written for when the visible ones are not listed.
 const MAX_GPUS: usize = 16;
 /// Where the workspace appears inside the sandbox.
@@ -203,7 +205,19 @@ impl ShellCall {
         // The program's end is the run's end: whatever it left behind goes with it,
         // so the pipes close and the readers finish.
         tree.kill();
-        let (stdout, stderr) = (stdout.await.unwrap_or_default(), stderr.await.unwrap_or_default());
+        // With rlimits only, a daemon that left the process group can keep the pipes
+        // open: the output is what arrived by then.
+        let drained = |reader: tokio::task::JoinHandle<Captured>| async move {
+            let abort = reader.abort_handle();
+            match tokio::time::timeout(DRAIN, reader).await {
+                Ok(captured) => captured.unwrap_or_default(),
+                Err(_) => {
+                    abort.abort();
+                    Captured::default()
+                }
+            }
+        };
+        let (stdout, stderr) = (drained(stdout).await, drained(stderr).await);
         let events = tree.events();
         // Every process in the group is dead; removing its directory (which waits
         // for the last of them to be reaped) need not delay the completion.

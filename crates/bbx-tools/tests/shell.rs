@@ -24,6 +24,7 @@ fn fixture() -> Fixture {
         ToolsConfig {
             workspaces: dir.path().join("workspaces"),
             run_as: (65534, 65534),
+            unsandboxed_shell: true,
             llm: Default::default(),
             mcp: Default::default(),
         },

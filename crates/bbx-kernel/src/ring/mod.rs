@@ -1166,10 +1166,15 @@ impl Ring {
         self.tasks.spawn(async move {
             let began = Instant::now();
             let id = record.op_id;
+            // The reservation and the start mark are made whole before a cancel can
+            // drop the attempt: dropped in between, both would be stranded.
+            let begun = if call.has_external_effects() {
+                ring.begin_external(&record, &call).await
+            } else {
+                Ok(())
+            };
             let run = async {
-                if call.has_external_effects() {
-                    ring.begin_external(&record, &call).await?;
-                }
+                begun?;
                 let ctx = ring.tool_context(&record)?;
                 let timeout = Duration::from_millis(record.timeout_ms);
                 match tokio::time::timeout(timeout, ring.tools.run(&call, &ctx)).await {
@@ -1812,18 +1817,32 @@ impl Ring {
                 format!("op {id} is not in doubt (it is {})", current.status.as_str()),
             ));
         }
-        if !self.state.lock().resolving.insert(*id) {
-            return Err(Error::new(
-                ErrorCode::FailedPrecondition,
-                format!("op {id} is already being resolved"),
-            ));
+        {
+            let mut st = self.state.lock();
+            // Its in-doubt completion is stored but not yet settled: the op is
+            // still live, and a retry must not register a second one.
+            if st.live.contains_key(id) || !st.resolving.insert(*id) {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("op {id} is already being resolved or completed; try again"),
+                ));
+            }
         }
-        let resolved = match resolution {
-            Resolution::Retry => self.retry_in_doubt(id).await,
-            Resolution::Ok | Resolution::Failed => self.settle_in_doubt(current, resolution).await,
-        };
-        self.state.lock().resolving.remove(id);
-        resolved?;
+        // On a task of its own, so that a caller who goes away mid-way (a closed
+        // HTTP connection drops its handler) cannot leave it half done.
+        let ring = self.clone();
+        let op = *id;
+        let resolution = self.tasks.spawn(async move {
+            let resolved = match resolution {
+                Resolution::Retry => ring.retry_in_doubt(&op).await,
+                Resolution::Ok | Resolution::Failed => ring.settle_in_doubt(current, resolution).await,
+            };
+            ring.state.lock().resolving.remove(&op);
+            resolved
+        });
+        resolution
+            .await
+            .map_err(|e| Error::internal(format!("resolving op {id} failed: {e}")))??;
         self.info(caller, id)
     }
 
