@@ -329,7 +329,7 @@ fn parse_resolution(text: &str) -> Result<bbx_core::op::Resolution, String> {
 
 fn parse_action(text: &str) -> Result<bbx_core::quota::QuotaAction, String> {
     serde_json::from_value(serde_json::Value::String(text.to_ascii_lowercase()))
-        .map_err(|_| format!("{text:?} is not an action; use reject, throttle or notify"))
+        .map_err(|_| format!("{text:?} is not an action; use reject, throttle, queue or notify"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -391,7 +391,7 @@ pub struct QuotaSetArgs {
     /// GPU memory of one tool process on each of its GPUs (CUDA MPS).
     #[arg(long)]
     pub gpu_memory_bytes: Option<u64>,
-    /// What a rate limit does when reached: reject, throttle or notify.
+    /// What a rate limit does when reached: reject, throttle, queue or notify.
     #[arg(long, value_parser = parse_action)]
     pub action: Option<bbx_core::quota::QuotaAction>,
     /// How long throttle may hold a submission.

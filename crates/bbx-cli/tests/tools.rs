@@ -280,6 +280,37 @@ async fn rate_and_concurrency_limits_refuse_with_the_limits_name() {
     let stats = json(&kernel.cli(&["quotas", "get", &id, "--json"]));
     assert!(stats["usage"]["throttled"].as_u64().unwrap() > 0, "{stats}");
 
+    // Queue: every submission is accepted at once, and the ops start as the limit
+    // allows, in order: 6 ops at 2 per second take about 2 s from first to last.
+    let queued_agent = agent(&kernel, &[]);
+    kernel.cli(&[
+        "quotas",
+        "set",
+        &queued_agent,
+        "--requests-per-second",
+        "2",
+        "--action",
+        "queue",
+        "--max-delay-ms",
+        "10000",
+    ]);
+    let began = Instant::now();
+    let ops: Vec<String> = (0..6)
+        .map(|_| submit(&kernel, &queued_agent, "noop", &json!(null), &[]))
+        .collect();
+    let accepted_in = began.elapsed();
+    let completions: Vec<Value> = ops.iter().map(|op| wait(&kernel, op)).collect();
+    let done_in = began.elapsed();
+    assert!(completions.iter().all(|c| c["status"] == "ok"));
+    assert!(
+        done_in >= Duration::from_millis(1500),
+        "queued ops started as the limit allowed ({done_in:?})"
+    );
+    assert!(accepted_in < done_in, "accepted before they ran");
+    let first = completions[0]["completed_at"].as_str().unwrap().to_owned();
+    let last = completions[5]["completed_at"].as_str().unwrap().to_owned();
+    assert!(first < last, "in the order they were queued");
+
     // Ops in flight: one sleeping op holds the only slot.
     let other = agent(&kernel, &[]);
     kernel.cli(&["quotas", "set", &other, "--concurrent-ops", "1"]);

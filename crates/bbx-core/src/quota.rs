@@ -54,6 +54,9 @@ pub enum QuotaAction {
     Reject,
     /// Hold the submission until the limit allows it (up to `max_delay_ms`).
     Throttle,
+    /// Accept the op at once, and start it when the limit allows (up to
+    /// `max_delay_ms` later), in the order ops were queued.
+    Queue,
     /// Let the op through, and publish a `quota.exceeded` event and metric.
     Notify,
 }

@@ -585,9 +585,15 @@ impl Kernel {
             };
             ops.push((op, tenant));
         }
-        self.check_rates(&ops).await?;
+        let start_after = self.check_rates(&ops).await?;
         self.ring
-            .submit(caller, ops, batch.wait_ms.map(Duration::from_millis), dispatcher)
+            .submit(
+                caller,
+                ops,
+                batch.wait_ms.map(Duration::from_millis),
+                dispatcher,
+                start_after,
+            )
             .await
     }
 

@@ -45,8 +45,10 @@ fn is_tool_call(kind: &str) -> bool {
 
 impl Kernel {
     /// Checks a batch against the rate limits of each agent's path, waiting where a
-    /// node says `throttle` (up to its `max_delay_ms`).
-    pub(crate) async fn check_rates(&self, ops: &[(SubmitOp, String)]) -> Result<()> {
+    /// node says `throttle` (up to its `max_delay_ms`). Where a node says `queue`,
+    /// the batch is let in and the answer says how long its ops wait to start.
+    pub(crate) async fn check_rates(&self, ops: &[(SubmitOp, String)]) -> Result<Option<Duration>> {
+        let mut start_after: Option<Duration> = None;
         let mut demands: HashMap<AgentId, (&str, Demand)> = HashMap::new();
         for (op, tenant) in ops {
             let (_, demand) = demands.entry(op.agent).or_insert((tenant, Demand::default()));
@@ -79,7 +81,13 @@ impl Kernel {
                             self.quotas.note_throttled(&exceeded);
                             tokio::time::sleep(exceeded.retry_after.unwrap_or(Duration::ZERO)).await;
                         }
-                        QuotaAction::Throttle | QuotaAction::Reject => {
+                        QuotaAction::Queue if exceeded.retry_after.is_some_and(|wait| wait <= exceeded.max_delay) => {
+                            self.quotas.note_throttled(&exceeded);
+                            let wait = self.quotas.queue(tenant, agent, demand, Instant::now());
+                            start_after = Some(start_after.unwrap_or_default().max(wait));
+                            break;
+                        }
+                        QuotaAction::Throttle | QuotaAction::Queue | QuotaAction::Reject => {
                             self.ring_metrics().quota_exceeded(exceeded.limit);
                             return Err(exceeded.into());
                         }
@@ -87,7 +95,7 @@ impl Kernel {
                 }
             }
         }
-        Ok(())
+        Ok(start_after)
     }
 
     /// The node's limits, its parent's, and what it uses.

@@ -358,6 +358,30 @@ impl Quotas {
         Ok(warnings)
     }
 
+    /// Takes `demand` from the rate limits of every node on the agent's path even
+    /// past them (the buckets go into debt), and says how long until the last of
+    /// them allows it: the delay before ops queued by the `queue` action start.
+    pub fn queue(&self, tenant: &str, agent: AgentId, demand: Demand, now: Instant) -> Duration {
+        let path = self.path(tenant, agent);
+        let mut wait = Duration::ZERO;
+        for node in &path {
+            let mut live = node.live.lock();
+            let live: &mut Live = &mut live;
+            let buckets = [
+                (live.requests.as_mut(), demand.ops),
+                (live.tool_calls.as_mut(), demand.tool_calls),
+            ];
+            for (bucket, n) in buckets {
+                if let Some(bucket) = bucket
+                    && n > 0
+                {
+                    wait = wait.max(bucket.borrow(f64::from(n), now));
+                }
+            }
+        }
+        wait
+    }
+
     /// Counts a submission that waited for its rate limits.
     pub fn note_throttled(&self, e: &Exceeded) {
         if let Some(node) = self.nodes.read().values().find(|n| n.name == e.node) {

@@ -56,6 +56,19 @@ impl TokenBucket {
         self.tokens = (self.tokens - n).max(0.0);
     }
 
+    /// Takes `n` tokens whether or not they are there, going into debt, and says
+    /// how long until the debt is repaid: the start time of work queued behind
+    /// the limit, in the order it was queued.
+    pub fn borrow(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_sec)
+        }
+    }
+
     /// Gives back `n` tokens taken for work that used fewer (up to the capacity).
     pub fn refund(&mut self, n: f64) {
         self.tokens = (self.tokens + n).min(self.capacity);
@@ -82,6 +95,20 @@ mod tests {
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9);
         assert!(bucket.shortfall(5.0, t0 + Duration::from_millis(500)).is_none());
         assert!(bucket.shortfall(11.0, t0 + Duration::from_secs(60)) == Some(None));
+    }
+
+    #[test]
+    fn borrowing_queues_work_behind_the_limit_in_order() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, 2.0, t0);
+        assert_eq!(bucket.borrow(2.0, t0), Duration::ZERO, "the burst is there");
+        let waits: Vec<Duration> = (0..3).map(|_| bucket.borrow(1.0, t0)).collect();
+        assert_eq!(waits, [0.5, 1.0, 1.5].map(Duration::from_secs_f64));
+        assert!(
+            bucket.shortfall(1.0, t0 + Duration::from_secs(1)).is_some(),
+            "the debt is repaid first"
+        );
+        assert!(bucket.shortfall(1.0, t0 + Duration::from_secs(2)).is_none());
     }
 
     proptest! {

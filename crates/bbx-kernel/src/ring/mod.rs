@@ -138,6 +138,8 @@ struct Live {
     holds_slot: bool,
     /// A completion is being recorded; nothing else may happen to the op.
     finishing: bool,
+    /// Queued by a quota's `queue` action: it starts when a timer lets it.
+    delayed: bool,
     cancel_requested: bool,
     blocked_on: usize,
     failed_dependency: Option<String>,
@@ -585,6 +587,7 @@ impl Ring {
         ops: Vec<(SubmitOp, String)>,
         wait: Option<Duration>,
         dispatcher: Dispatcher,
+        start_after: Option<Duration>,
     ) -> Result<Submitted> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::unavailable("the kernel is shutting down"));
@@ -644,6 +647,11 @@ impl Ring {
                     let lsn_of: FxHashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
                     for slot in &slots {
                         if let Slot::New(id) = slot {
+                            if start_after.is_some()
+                                && let Some(live) = st.live.get_mut(id)
+                            {
+                                live.delayed = true;
+                            }
                             Self::activate(&mut st, *id, lsn_of.get(id).copied(), now, &mut finish);
                         }
                     }
@@ -664,6 +672,23 @@ impl Ring {
         }
         self.finish_all(finish);
         lsns?;
+        if let Some(delay) = start_after {
+            let queued: Vec<OpId> = slots
+                .iter()
+                .filter_map(|slot| match slot {
+                    Slot::New(id) => Some(*id),
+                    Slot::Existing(_) => None,
+                })
+                .collect();
+            let ring = self.clone();
+            let stopping = self.stopping.clone();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = stopping.cancelled() => {}
+                    () = tokio::time::sleep(delay) => ring.start_delayed(queued),
+                }
+            });
+        }
         Ok(Submitted {
             ops: slots
                 .iter()
@@ -914,6 +939,7 @@ impl Ring {
                 active: false,
                 holds_slot: true,
                 finishing: false,
+                delayed: false,
                 cancel_requested: false,
                 blocked_on,
                 failed_dependency,
@@ -974,7 +1000,7 @@ impl Ring {
     /// it was cancelled while it waited.
     fn release_if_ready(st: &mut RingState, id: OpId, now: Instant, finish: &mut Vec<Finish>) -> bool {
         let Some(live) = st.live.get_mut(&id) else { return false };
-        if !live.active || live.finishing || !live.holds_slot {
+        if !live.active || live.finishing || !live.holds_slot || live.delayed {
             return false;
         }
         if live.cancel_requested {
@@ -1406,6 +1432,28 @@ impl Ring {
             });
         }
         self.deliver(out);
+    }
+
+    /// Lets ops held back by a quota's `queue` action start (once their
+    /// dependencies are done).
+    fn start_delayed(self: &Arc<Self>, ids: Vec<OpId>) {
+        let mut finish = Vec::new();
+        let mut queued = false;
+        {
+            let mut st = self.state.lock();
+            let now = Instant::now();
+            for id in ids {
+                if let Some(live) = st.live.get_mut(&id) {
+                    live.delayed = false;
+                    queued |= Self::release_if_ready(&mut st, id, now, &mut finish);
+                }
+            }
+            self.gauge_queues(&st);
+        }
+        if queued {
+            self.work.notify_one();
+        }
+        self.finish_all(finish);
     }
 
     /// Puts an op back in the queue after its backoff.
