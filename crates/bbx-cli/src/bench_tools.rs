@@ -145,8 +145,12 @@ fn quota_checks(measure: Duration) -> (NanoFigures, NanoFigures) {
         concurrent_ops: Some(u32::MAX),
         ..Default::default()
     };
-    quotas.set(Node::Tenant("bench".into()), roomy.clone());
-    quotas.set(Node::Agent(agent), roomy);
+    quotas
+        .set(Node::Tenant("bench".into()), roomy.clone())
+        .expect("a tenant's limits are always set");
+    quotas
+        .set(Node::Agent(agent), roomy)
+        .expect("an idle agent's limits are always set");
     let demand = Demand { ops: 1, tool_calls: 1 };
     let check = time_each(measure, || {
         let checked = quotas.check_rates("bench", agent, demand, Instant::now());

@@ -338,7 +338,8 @@ pub enum QuotasCommand {
     Set(QuotaSetArgs),
     /// Show an agent's limits, its tenant's, and its usage.
     Get {
-        /// The agent's id, or with --tenant the tenant's name.
+        /// The agent's id; with --tenant the tenant's name; or a node written out
+        /// (tenant/NAME, group/TENANT/NAME, agent/ID).
         target: String,
         /// TARGET names a tenant.
         #[arg(long)]
@@ -356,11 +357,15 @@ pub enum QuotasCommand {
 
 #[derive(Args, Debug)]
 pub struct QuotaSetArgs {
-    /// The agent's id, or with --tenant the tenant's name.
+    /// The agent's id; with --tenant the tenant's name; or a node written out
+    /// (tenant/NAME, group/TENANT/NAME, agent/ID).
     pub target: String,
     /// TARGET names a tenant.
     #[arg(long)]
     pub tenant: bool,
+    /// Put the agent in this group of its tenant (the agent must be idle).
+    #[arg(long)]
+    pub group: Option<String>,
     #[arg(long)]
     pub requests_per_second: Option<u32>,
     #[arg(long)]

@@ -65,6 +65,9 @@ pub async fn run(cli: &Cli, command: &QuotasCommand) -> Result<()> {
 }
 
 fn node(target: &str, tenant: bool) -> Result<Node> {
+    if target.contains('/') {
+        return Ok(target.parse()?);
+    }
     let kind = if tenant { "tenant" } else { "agent" };
     Ok(format!("{kind}/{target}").parse()?)
 }
@@ -80,6 +83,7 @@ fn limits(args: &QuotaSetArgs) -> QuotaLimits {
         memory_bytes: args.memory_bytes,
         cpu_percent: args.cpu_percent,
         pids: args.pids,
+        group: args.group.clone(),
         gpu_devices: args.gpu_devices.clone(),
         gpu_memory_bytes: args.gpu_memory_bytes,
         action: args.action,

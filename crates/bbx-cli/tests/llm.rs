@@ -14,6 +14,9 @@ use std::time::Duration;
 use support::Kernel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Requests the scripted server is holding without an answer, ever received.
+static HANGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Starts the scripted model server; its base URL.
 async fn scripted_model() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -69,6 +72,7 @@ async fn serve(mut socket: tokio::net::TcpStream) {
         )
     };
     let response = if script == "hang" {
+        HANGING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(120)).await;
         return;
     } else if let Some(status) = script.strip_prefix("error:") {
@@ -287,6 +291,7 @@ async fn a_crash_between_reserve_and_reconcile_leaves_the_budget_correct() {
 
     // A call the model never answers: reserved (at most 8+4+4 prompt bytes and 100
     // completion tokens, 216 micro-dollars) and running when the kernel dies.
+    let hung_before = HANGING.load(std::sync::atomic::Ordering::SeqCst);
     let hanging = client
         .submit_ops(SubmitBatch {
             ops: vec![chat(agent, "hang", json!({}))],
@@ -296,13 +301,12 @@ async fn a_crash_between_reserve_and_reconcile_leaves_the_budget_correct() {
         .unwrap()
         .ops[0]
         .op_id;
-    let reserved = loop {
-        let usage = client.quota(Node::Agent(agent)).await.unwrap().usage;
-        if usage.reserved_usd > 0.0 {
-            break (usage.reserved_usd * 1e6).round() as u64;
-        }
+    // The request reaching the model means the start mark was durable before it.
+    while HANGING.load(std::sync::atomic::Ordering::SeqCst) == hung_before {
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    }
+    let usage = client.quota(Node::Agent(agent)).await.unwrap().usage;
+    let reserved = (usage.reserved_usd * 1e6).round() as u64;
     assert_eq!(reserved, ("user".len() + "hang".len()) as u64 + 8 + 2 * 100);
     kernel.crash();
     kernel.restart();

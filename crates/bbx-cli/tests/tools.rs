@@ -322,6 +322,37 @@ async fn rate_and_concurrency_limits_refuse_with_the_limits_name() {
     let out = kernel.cli(&["ring", "submit", &other, "noop", "--json"]);
     assert!(out.status.success(), "the slot came back: {}", stderr(&out));
 
+    // A named group between tenant and agent binds its members together, and no
+    // one else: one sleeping member holds the group's only slot.
+    let (first, second, outsider) = (agent(&kernel, &[]), agent(&kernel, &[]), agent(&kernel, &[]));
+    let group = json(&kernel.cli(&[
+        "quotas",
+        "set",
+        "group/default/research",
+        "--concurrent-ops",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(group["node"], "group/default/research");
+    for member in [&first, &second] {
+        let out = kernel.cli(&["quotas", "set", member, "--group", "research"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let held = submit(&kernel, &first, "sleep", &json!({"ms": 1500}), &[]);
+    let out = kernel.cli(&["ring", "submit", &second, "noop", "--json"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("group/default/research"), "{}", stderr(&out));
+    let out = kernel.cli(&["ring", "submit", &outsider, "noop", "--json"]);
+    assert!(out.status.success(), "not a member: {}", stderr(&out));
+    // A member changes group only when idle.
+    let out = kernel.cli(&["quotas", "set", &first, "--group", "other"]);
+    assert!(!out.status.success(), "changed group with an op in flight");
+    let member = json(&kernel.cli(&["quotas", "get", &second, "--json"]));
+    assert_eq!(member["group"]["concurrent_ops"], 1, "{member}");
+    wait(&kernel, &held);
+    let out = kernel.cli(&["ring", "submit", &second, "noop", "--json"]);
+    assert!(out.status.success(), "the group's slot came back: {}", stderr(&out));
+
     // Bad limits change nothing.
     let out = kernel.cli(&["quotas", "set", &other, "--pids", "0"]);
     assert!(!out.status.success());
@@ -374,19 +405,17 @@ async fn a_tool_running_at_a_crash_is_in_doubt_never_rerun_and_resolved_by_the_o
     assert!(stderr(&out).contains("not in doubt"), "{}", stderr(&out));
 
     // A second op in doubt, settled as ok, survives another restart as ok.
-    let hang = json!({"program": "sleep", "args": ["60"], "timeout_ms": 120000});
+    // (The program marks that it runs: its start mark was durable before it.)
+    let hang = json!({"program": "python3",
+                      "args": ["-c", "import time\nopen('second.txt', 'w').write('x')\ntime.sleep(60)"],
+                      "timeout_ms": 120000});
     let second = submit(&kernel, &id, "tool.shell", &hang, &[]);
+    let marker = kernel.data_dir().join("workspaces").join(&id).join("second.txt");
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = json(&kernel.cli(&["ring", "get", &second, "--json"]));
-        if info["state"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never ran: {info}");
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the second tool never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The start mark is journaled before the program runs; give the run a moment to start.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     kernel.crash();
     kernel.restart();
     assert_eq!(wait(&kernel, &second)["status"], "in_doubt");

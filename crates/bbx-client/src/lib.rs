@@ -275,18 +275,15 @@ impl AgentApi for Client {
     }
 
     async fn quota(&self, node: Node) -> Result<QuotaInfo> {
-        let (kind, name) = quota_path(&node);
-        self.call(self.request(Method::GET, &["v1", "quotas", kind, &name]))
-            .await
+        let segments = quota_path(&node);
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        self.call(self.request(Method::GET, &segments)).await
     }
 
     async fn set_quota(&self, node: Node, update: QuotaLimits) -> Result<QuotaInfo> {
-        let (kind, name) = quota_path(&node);
-        self.call(
-            self.request(Method::PATCH, &["v1", "quotas", kind, &name])
-                .json(&update),
-        )
-        .await
+        let segments = quota_path(&node);
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        self.call(self.request(Method::PATCH, &segments).json(&update)).await
     }
 
     async fn list_quotas(&self) -> Result<Vec<QuotaInfo>> {
@@ -302,12 +299,16 @@ impl AgentApi for Client {
     }
 }
 
-/// A quota node's place in the URL: `tenants/NAME` or `agents/ID`.
-fn quota_path(node: &Node) -> (&'static str, String) {
+/// A quota node's URL: `/v1/quotas/tenants/NAME`, `.../groups/TENANT/NAME` or
+/// `.../agents/ID`.
+fn quota_path(node: &Node) -> Vec<String> {
+    let mut segments = vec!["v1".to_owned(), "quotas".to_owned()];
     match node {
-        Node::Tenant(name) => ("tenants", name.clone()),
-        Node::Agent(id) => ("agents", id.to_string()),
+        Node::Tenant(name) => segments.extend(["tenants".to_owned(), name.clone()]),
+        Node::Group { tenant, name } => segments.extend(["groups".to_owned(), tenant.clone(), name.clone()]),
+        Node::Agent(id) => segments.extend(["agents".to_owned(), id.to_string()]),
     }
+    segments
 }
 
 #[cfg(test)]

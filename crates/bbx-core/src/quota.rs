@@ -1,9 +1,10 @@
 //! Quotas and tool settings: the wire types of AgentQuotas and of what an agent's
 //! tools may do.
 //!
-//! Quotas form a hierarchy, tenant -> agent: each node has its own limits, and an op
-//! must fit every node on its path, so a child can never exceed its parent. A limit
-//! that is unset on a node is simply not checked there.
+//! Quotas form a hierarchy, tenant -> (optional named group) -> agent: each node has
+//! its own limits, and an op must fit every node on its path, so a child can never
+//! exceed its parent. A limit that is unset on a node is simply not checked there.
+//! An agent joins a group through its own quota's `group`.
 
 use crate::ids::AgentId;
 use schemars::JsonSchema;
@@ -14,24 +15,41 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Node {
     Tenant(String),
+    /// A named group of a tenant's agents.
+    Group {
+        tenant: String,
+        name: String,
+    },
     Agent(AgentId),
 }
 
 impl std::str::FromStr for Node {
     type Err = crate::Error;
 
-    /// `tenant/NAME` or `agent/ID`.
+    /// `tenant/NAME`, `group/TENANT/NAME` or `agent/ID`.
     fn from_str(text: &str) -> crate::Result<Self> {
+        let unknown = || {
+            crate::Error::invalid_field(
+                "node",
+                format!("{text:?} is not a quota node; write tenant/NAME, group/TENANT/NAME or agent/ID"),
+            )
+        };
         match text.split_once('/') {
             Some(("tenant", name)) => {
                 crate::validate::tenant(name)?;
                 Ok(Self::Tenant(name.to_owned()))
             }
+            Some(("group", rest)) => {
+                let (tenant, name) = rest.split_once('/').ok_or_else(unknown)?;
+                crate::validate::tenant(tenant)?;
+                validate_group(name)?;
+                Ok(Self::Group {
+                    tenant: tenant.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
             Some(("agent", id)) => Ok(Self::Agent(id.parse()?)),
-            _ => Err(crate::Error::invalid_field(
-                "node",
-                format!("{text:?} is not a quota node; write tenant/NAME or agent/ID"),
-            )),
+            _ => Err(unknown()),
         }
     }
 }
@@ -40,9 +58,20 @@ impl std::fmt::Display for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tenant(name) => write!(f, "tenant/{name}"),
+            Self::Group { tenant, name } => write!(f, "group/{tenant}/{name}"),
             Self::Agent(id) => write!(f, "agent/{id}"),
         }
     }
+}
+
+/// A group's name follows the rules of tenant names.
+pub fn validate_group(name: &str) -> crate::Result<()> {
+    crate::validate::tenant(name).map_err(|_| {
+        crate::Error::invalid_field(
+            "group",
+            format!("{name:?} is not a group name (lowercase letters, digits, - and _)"),
+        )
+    })
 }
 
 /// What happens when a rate limit is reached.
@@ -98,6 +127,10 @@ pub struct QuotaLimits {
     /// GPU memory of one tool process on each of its GPUs (through CUDA MPS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_bytes: Option<u64>,
+    /// On an agent's node: the group of its tenant it belongs to, whose limits bind
+    /// it too. Changed only while the agent has nothing in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// What a rate limit does when reached (default `reject`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<QuotaAction>,
@@ -122,6 +155,7 @@ impl QuotaLimits {
             pids: update.pids.or(self.pids),
             gpu_devices: update.gpu_devices.clone().or_else(|| self.gpu_devices.clone()),
             gpu_memory_bytes: update.gpu_memory_bytes.or(self.gpu_memory_bytes),
+            group: update.group.clone().or_else(|| self.group.clone()),
             action: update.action.or(self.action),
             max_delay_ms: update.max_delay_ms.or(self.max_delay_ms),
         }
@@ -131,23 +165,16 @@ impl QuotaLimits {
     /// the tighter of each.
     #[must_use]
     pub fn process_limits(&self, parent: &QuotaLimits) -> ProcessLimits {
-        fn min<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
-            match (a, b) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        }
-        // A child's GPUs are those of its own list that its parent also allows.
-        let gpu_devices = match (&self.gpu_devices, &parent.gpu_devices) {
-            (Some(own), Some(allowed)) => Some(own.iter().copied().filter(|d| allowed.contains(d)).collect()),
-            (own, allowed) => own.clone().or_else(|| allowed.clone()),
-        };
+        self.own_process_limits().within(parent)
+    }
+
+    fn own_process_limits(&self) -> ProcessLimits {
         ProcessLimits {
-            memory_bytes: min(self.memory_bytes, parent.memory_bytes),
-            cpu_percent: min(self.cpu_percent, parent.cpu_percent),
-            pids: min(self.pids, parent.pids),
-            gpu_devices,
-            gpu_memory_bytes: min(self.gpu_memory_bytes, parent.gpu_memory_bytes),
+            memory_bytes: self.memory_bytes,
+            cpu_percent: self.cpu_percent,
+            pids: self.pids,
+            gpu_devices: self.gpu_devices.clone(),
+            gpu_memory_bytes: self.gpu_memory_bytes,
         }
     }
 
@@ -180,6 +207,9 @@ impl QuotaLimits {
                 ));
             }
         }
+        if let Some(group) = &self.group {
+            validate_group(group)?;
+        }
         if self.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES) {
             return Err(crate::Error::invalid_field(
                 "memory_bytes",
@@ -210,6 +240,10 @@ pub fn usd_to_micros(usd: f64) -> u64 {
 pub struct Reservation {
     pub micros: u64,
     pub tokens: u64,
+    /// The nodes it was reserved on (`tenant/..`, `group/..`, `agent/..`), whose
+    /// spend the op's charge adds to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
     /// The UTC day (`2026-11-24`) and month (`2026-11`) charged.
     pub day: String,
     pub month: String,
@@ -235,15 +269,43 @@ pub struct ProcessLimits {
     pub gpu_memory_bytes: Option<u64>,
 }
 
+impl ProcessLimits {
+    /// These limits, narrowed by an ancestor's: the tighter of each.
+    #[must_use]
+    pub fn within(self, ancestor: &QuotaLimits) -> ProcessLimits {
+        fn min<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        // A child's GPUs are those of its own list that its ancestor also allows.
+        let gpu_devices = match (self.gpu_devices, &ancestor.gpu_devices) {
+            (Some(own), Some(allowed)) => Some(own.into_iter().filter(|d| allowed.contains(d)).collect()),
+            (own, allowed) => own.or_else(|| allowed.clone()),
+        };
+        ProcessLimits {
+            memory_bytes: min(self.memory_bytes, ancestor.memory_bytes),
+            cpu_percent: min(self.cpu_percent, ancestor.cpu_percent),
+            pids: min(self.pids, ancestor.pids),
+            gpu_devices,
+            gpu_memory_bytes: min(self.gpu_memory_bytes, ancestor.gpu_memory_bytes),
+        }
+    }
+}
+
 /// A node's limits and what it uses now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, JsonSchema)]
 pub struct QuotaInfo {
     /// `tenant/NAME` or `agent/ID`.
     pub node: String,
     pub limits: QuotaLimits,
-    /// Its parent's limits too, which also apply (absent for a tenant).
+    /// Its tenant's limits, which also apply (absent for a tenant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<QuotaLimits>,
+    /// For an agent in a group: the group's limits, which also apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<QuotaLimits>,
     pub usage: QuotaUsage,
 }
 

@@ -21,7 +21,7 @@ pub(crate) fn load(store: &Store) -> Result<Quotas> {
         let node: Node = String::from_utf8_lossy(&key).parse()?;
         let limits: QuotaLimits = serde_json::from_slice(&value)
             .map_err(|e| Error::internal(format!("the stored quota of {node} is unreadable: {e}")))?;
-        quotas.set(node, limits);
+        quotas.set(node, limits)?;
     }
     for item in store.ks.spend.iter() {
         let (key, value) = item.into_inner().map_err(|e| storage_error("load spend", e))?;
@@ -98,46 +98,69 @@ impl Kernel {
         Ok(start_after)
     }
 
-    /// The node's limits, its parent's, and what it uses.
+    /// The node's limits, its tenant's and group's, and what it uses.
     pub fn quota(&self, caller: &Caller, node: &Node) -> Result<QuotaInfo> {
-        let parent = match node {
+        let (parent, group) = match node {
             Node::Tenant(tenant) => {
                 caller.check_tenant(tenant)?;
-                None
+                (None, None)
+            }
+            Node::Group { tenant, .. } => {
+                caller.check_tenant(tenant)?;
+                (Some(self.quotas.limits(&Node::Tenant(tenant.clone()))), None)
             }
             Node::Agent(agent) => {
                 let tenant = self.agent_tenant(caller, agent)?;
-                Some(self.quotas.limits(&Node::Tenant(tenant)))
+                let group = self.quotas.group_of(*agent).map(|name| {
+                    self.quotas.limits(&Node::Group {
+                        tenant: tenant.clone(),
+                        name,
+                    })
+                });
+                (Some(self.quotas.limits(&Node::Tenant(tenant))), group)
             }
         };
         Ok(QuotaInfo {
             node: node.to_string(),
             limits: self.quotas.limits(node),
             parent,
+            group,
             usage: self.quotas.usage(node),
         })
     }
 
     /// Sets the limits that `update` gives, keeping the node's others. A tenant's
-    /// limits are the administrator's to set; a tenant key may set its agents'
-    /// (which can never exceed the tenant's anyway).
+    /// limits are the administrator's to set; a tenant key may set its groups' and
+    /// agents' (which can never exceed the tenant's anyway). Only an agent has a
+    /// `group`; it changes only while the agent is idle.
     pub async fn set_quota(&self, caller: &Caller, node: &Node, update: QuotaLimits) -> Result<QuotaInfo> {
         update.validate()?;
         match node {
             Node::Tenant(_) => caller.require_admin("set a tenant's quota")?,
+            Node::Group { tenant, .. } => caller.check_tenant(tenant)?,
             Node::Agent(agent) => {
                 self.agent_tenant(caller, agent)?;
             }
         }
-        let limits = self.quotas.limits(node).merged(&update);
+        if update.group.is_some() && !matches!(node, Node::Agent(_)) {
+            return Err(Error::invalid_field("group", "only an agent joins a group"));
+        }
+        let previous = self.quotas.limits(node);
+        let limits = previous.merged(&update);
         let json = serde_json::to_vec(&limits).map_err(|e| Error::internal(e.to_string()))?;
-        self.store
+        // In memory first: that is where an idle agent's change of group is checked.
+        self.quotas.set(node.clone(), limits)?;
+        let stored = self
+            .store
             .write(Write::PutQuota {
                 node: node.to_string(),
                 limits: Some(json),
             })
-            .await?;
-        self.quotas.set(node.clone(), limits);
+            .await;
+        if let Err(e) = stored {
+            let _ = self.quotas.set(node.clone(), previous);
+            return Err(e);
+        }
         self.quota(caller, node)
     }
 

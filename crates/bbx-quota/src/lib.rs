@@ -27,9 +27,10 @@ pub use bbx_core::quota::Node;
 use bbx_core::quota::{QuotaAction, QuotaLimits, QuotaUsage, Reservation, usd_to_micros};
 use bbx_core::{AgentId, Error, ErrorCode};
 use chrono::{DateTime, Utc};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -115,7 +116,7 @@ pub fn windows(wall: DateTime<Utc>) -> (String, String) {
 }
 
 /// Where a node's spend in a window is stored.
-pub fn spend_key(node: &Node, window: &str) -> String {
+pub fn spend_key(node: &impl fmt::Display, window: &str) -> String {
     format!("{node}|{window}")
 }
 
@@ -195,9 +196,16 @@ pub struct Quotas {
     paths: RwLock<FxHashMap<AgentId, CachedPath>>,
 }
 
+/// The nodes on an agent's path, root first: tenant, its group if it has one,
+/// agent. Locks are always taken in this order.
+type Path = Arc<[Arc<NodeQuota>]>;
+
 struct CachedPath {
     tenant: String,
-    nodes: [Arc<NodeQuota>; 2],
+    /// The agent's group when the path was resolved: a path is used only while
+    /// the agent's node still names the same group.
+    group: Option<String>,
+    nodes: Path,
 }
 
 impl Quotas {
@@ -206,9 +214,32 @@ impl Quotas {
     }
 
     /// Sets a node's limits (replacing them), keeping its ops in flight and its
-    /// spend; its rate buckets start full.
-    pub fn set(&self, node: Node, limits: QuotaLimits) {
-        self.node(node).live.lock().apply(limits, Instant::now());
+    /// spend; its rate buckets start full. An agent changes group only while it
+    /// holds nothing (no op in flight, no budget reserved): what it holds is
+    /// given back along the path it was taken on.
+    pub fn set(&self, node: Node, limits: QuotaLimits) -> Result<(), Error> {
+        let is_agent = matches!(node, Node::Agent(_));
+        let quota = self.node(node);
+        let mut live = quota.live.lock();
+        if is_agent && live.limits.group != limits.group {
+            let holds = live.in_flight > 0 || live.windows.values().any(|w| w.reserved > 0);
+            if holds {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("{} has ops in flight; change its group when it is idle", quota.name),
+                ));
+            }
+        }
+        live.apply(limits, Instant::now());
+        Ok(())
+    }
+
+    /// The group an agent belongs to, if any.
+    pub fn group_of(&self, agent: AgentId) -> Option<String> {
+        self.nodes
+            .read()
+            .get(&Node::Agent(agent))
+            .and_then(|n| n.live.lock().limits.group.clone())
     }
 
     /// Adds spend recorded before this start.
@@ -271,39 +302,55 @@ impl Quotas {
             .clone()
     }
 
-    /// The nodes on an agent's path, root first (the order their locks are taken in).
-    fn path(&self, tenant: &str, agent: AgentId) -> [Arc<NodeQuota>; 2] {
+    /// The nodes on an agent's path, and the group it was resolved with.
+    fn path(&self, tenant: &str, agent: AgentId) -> (Path, Option<String>) {
         if let Some(cached) = self.paths.read().get(&agent)
             && cached.tenant == tenant
         {
-            return cached.nodes.clone();
+            return (cached.nodes.clone(), cached.group.clone());
         }
-        let path = {
-            let mut nodes = self.nodes.write();
-            let now = Instant::now();
-            let mut get = |node: Node| {
-                nodes
-                    .entry(node.clone())
-                    .or_insert_with(|| Arc::new(NodeQuota::new(&node, QuotaLimits::default(), now)))
-                    .clone()
-            };
-            [get(Node::Tenant(tenant.to_owned())), get(Node::Agent(agent))]
-        };
-        // A `set` may replace a node between the resolving above and the caching
-        // here; only a path whose nodes are still the current ones is cached.
-        let mut paths = self.paths.write();
-        let nodes = self.nodes.read();
-        let current = |n: &Arc<NodeQuota>, node: &Node| nodes.get(node).is_some_and(|now| Arc::ptr_eq(now, n));
-        if current(&path[0], &Node::Tenant(tenant.to_owned())) && current(&path[1], &Node::Agent(agent)) {
-            paths.insert(
-                agent,
-                CachedPath {
-                    tenant: tenant.to_owned(),
-                    nodes: path.clone(),
-                },
-            );
+        // Each node is looked up (and its lock taken) on its own: no lock is held
+        // across another here, so this cannot deadlock with `set`.
+        let agent_node = self.node(Node::Agent(agent));
+        let group = agent_node.live.lock().limits.group.clone();
+        let mut nodes = vec![self.node(Node::Tenant(tenant.to_owned()))];
+        if let Some(name) = &group {
+            nodes.push(self.node(Node::Group {
+                tenant: tenant.to_owned(),
+                name: name.clone(),
+            }));
         }
-        path
+        nodes.push(agent_node);
+        let path: Path = nodes.into();
+        self.paths.write().insert(
+            agent,
+            CachedPath {
+                tenant: tenant.to_owned(),
+                group: group.clone(),
+                nodes: path.clone(),
+            },
+        );
+        (path, group)
+    }
+
+    /// Runs `f` with every node of the agent's path locked, root first. A path
+    /// resolved before the agent changed group is dropped and resolved again:
+    /// the check is made under the agent's own lock, which `set` also takes.
+    fn locked<R>(
+        &self,
+        tenant: &str,
+        agent: AgentId,
+        mut f: impl FnMut(&[Arc<NodeQuota>], &mut [MutexGuard<'_, Live>]) -> R,
+    ) -> R {
+        loop {
+            let (path, group) = self.path(tenant, agent);
+            let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
+            if guards.last().is_some_and(|agent| agent.limits.group == group) {
+                return f(&path, &mut guards);
+            }
+            drop(guards);
+            self.paths.write().remove(&agent);
+        }
     }
 
     /// Takes `demand` from the rate limits of every node on the agent's path, or
@@ -316,70 +363,72 @@ impl Quotas {
         demand: Demand,
         now: Instant,
     ) -> Result<Vec<Warning>, Exceeded> {
-        let path = self.path(tenant, agent);
-        let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
-        for (node, guard) in path.iter().zip(guards.iter_mut()) {
-            let live: &mut Live = guard;
-            let policy = live.policy();
-            let wants = [
-                ("requests_per_second", live.requests.as_mut(), demand.ops),
-                ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
-            ];
-            for (limit, bucket, n) in wants {
-                let Some(bucket) = bucket else { continue };
-                if n == 0 {
-                    continue;
-                }
-                if let Some(wait) = bucket.shortfall(f64::from(n), now) {
-                    node.rejected.fetch_add(1, Ordering::Relaxed);
-                    return Err(node.exceeded(policy, limit, bucket.capacity() as u64, wait));
-                }
-            }
-        }
-        let mut warnings = Vec::new();
-        for (node, guard) in path.iter().zip(guards.iter_mut()) {
-            let live: &mut Live = guard;
-            let takes = [
-                ("requests_per_second", live.requests.as_mut(), demand.ops),
-                ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
-            ];
-            for (limit, bucket, n) in takes {
-                let Some(bucket) = bucket else { continue };
-                bucket.take(f64::from(n), now);
-                if n > 0 && bucket.used_fraction() >= 0.8 {
-                    node.warnings.fetch_add(1, Ordering::Relaxed);
-                    warnings.push(Warning {
-                        node: node.name.clone(),
-                        limit,
-                    });
+        self.locked(tenant, agent, |path, guards| {
+            for (node, guard) in path.iter().zip(guards.iter_mut()) {
+                let live: &mut Live = guard;
+                let policy = live.policy();
+                let wants = [
+                    ("requests_per_second", live.requests.as_mut(), demand.ops),
+                    ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
+                ];
+                for (limit, bucket, n) in wants {
+                    let Some(bucket) = bucket else { continue };
+                    if n == 0 {
+                        continue;
+                    }
+                    if let Some(wait) = bucket.shortfall(f64::from(n), now) {
+                        node.rejected.fetch_add(1, Ordering::Relaxed);
+                        return Err(node.exceeded(policy, limit, bucket.capacity() as u64, wait));
+                    }
                 }
             }
-        }
-        Ok(warnings)
+            let mut warnings = Vec::new();
+            for (node, guard) in path.iter().zip(guards.iter_mut()) {
+                let live: &mut Live = guard;
+                let takes = [
+                    ("requests_per_second", live.requests.as_mut(), demand.ops),
+                    ("tool_calls_per_minute", live.tool_calls.as_mut(), demand.tool_calls),
+                ];
+                for (limit, bucket, n) in takes {
+                    let Some(bucket) = bucket else { continue };
+                    let before = bucket.used_fraction();
+                    bucket.take(f64::from(n), now);
+                    // Reported when the bucket crosses 80 %, not for every op past it.
+                    if n > 0 && before < 0.8 && bucket.used_fraction() >= 0.8 {
+                        node.warnings.fetch_add(1, Ordering::Relaxed);
+                        warnings.push(Warning {
+                            node: node.name.clone(),
+                            limit,
+                        });
+                    }
+                }
+            }
+            Ok(warnings)
+        })
     }
 
     /// Takes `demand` from the rate limits of every node on the agent's path even
     /// past them (the buckets go into debt), and says how long until the last of
     /// them allows it: the delay before ops queued by the `queue` action start.
     pub fn queue(&self, tenant: &str, agent: AgentId, demand: Demand, now: Instant) -> Duration {
-        let path = self.path(tenant, agent);
-        let mut wait = Duration::ZERO;
-        for node in &path {
-            let mut live = node.live.lock();
-            let live: &mut Live = &mut live;
-            let buckets = [
-                (live.requests.as_mut(), demand.ops),
-                (live.tool_calls.as_mut(), demand.tool_calls),
-            ];
-            for (bucket, n) in buckets {
-                if let Some(bucket) = bucket
-                    && n > 0
-                {
-                    wait = wait.max(bucket.borrow(f64::from(n), now));
+        self.locked(tenant, agent, |_, guards| {
+            let mut wait = Duration::ZERO;
+            for guard in guards.iter_mut() {
+                let live: &mut Live = guard;
+                let buckets = [
+                    (live.requests.as_mut(), demand.ops),
+                    (live.tool_calls.as_mut(), demand.tool_calls),
+                ];
+                for (bucket, n) in buckets {
+                    if let Some(bucket) = bucket
+                        && n > 0
+                    {
+                        wait = wait.max(bucket.borrow(f64::from(n), now));
+                    }
                 }
             }
-        }
-        wait
+            wait
+        })
     }
 
     /// Counts a submission that waited for its rate limits.
@@ -391,33 +440,43 @@ impl Quotas {
 
     /// Claims `n` ops in flight on every node of the agent's path, or on none.
     pub fn acquire(&self, tenant: &str, agent: AgentId, n: u64) -> Result<(), Exceeded> {
-        let path = self.path(tenant, agent);
-        let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
-        for (node, live) in path.iter().zip(guards.iter()) {
-            if let Some(limit) = live.limits.concurrent_ops
-                && live.in_flight + n > u64::from(limit)
-            {
-                node.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(node.exceeded(
-                    live.policy(),
-                    "concurrent_ops",
-                    u64::from(limit),
-                    Some(CONCURRENCY_RETRY),
-                ));
+        self.locked(tenant, agent, |path, guards| {
+            for (node, live) in path.iter().zip(guards.iter()) {
+                if let Some(limit) = live.limits.concurrent_ops
+                    && live.in_flight + n > u64::from(limit)
+                {
+                    node.rejected.fetch_add(1, Ordering::Relaxed);
+                    return Err(node.exceeded(
+                        live.policy(),
+                        "concurrent_ops",
+                        u64::from(limit),
+                        Some(CONCURRENCY_RETRY),
+                    ));
+                }
             }
-        }
-        for live in guards.iter_mut() {
-            live.in_flight += n;
-        }
-        Ok(())
+            for live in guards.iter_mut() {
+                live.in_flight += n;
+            }
+            Ok(())
+        })
     }
 
     /// Claims ops in flight that were admitted before a restart: counted, never refused.
     pub fn reacquire(&self, tenant: &str, agent: AgentId, n: u64) {
-        let path = self.path(tenant, agent);
-        for node in &path {
-            node.live.lock().in_flight += n;
-        }
+        self.locked(tenant, agent, |_, guards| {
+            for live in guards.iter_mut() {
+                live.in_flight += n;
+            }
+        });
+    }
+
+    /// Gives back ops in flight when they complete.
+    pub fn release(&self, tenant: &str, agent: AgentId, n: u64) {
+        self.locked(tenant, agent, |_, guards| {
+            for live in guards.iter_mut() {
+                live.in_flight = live.in_flight.saturating_sub(n);
+            }
+        });
     }
 
     /// Reserves the most an op can spend on every node of its path, or on none:
@@ -433,94 +492,99 @@ impl Quotas {
         wall: DateTime<Utc>,
     ) -> Result<Reservation, Exceeded> {
         let (day, month) = windows(wall);
-        let path = self.path(tenant, agent);
-        let mut guards: Vec<_> = path.iter().map(|n| n.live.lock()).collect();
-        for (node, guard) in path.iter().zip(guards.iter_mut()) {
-            let live: &mut Live = guard;
-            let policy = live.policy();
-            if let Some(bucket) = live.llm_tokens.as_mut()
-                && tokens > 0
-                && let Some(wait) = bucket.shortfall(tokens as f64, now)
-            {
-                node.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(node.exceeded(policy, "llm_tokens_per_minute", bucket.capacity() as u64, wait));
-            }
-            let budgets = [
-                ("cost_per_day_usd", live.limits.cost_per_day_usd, &day),
-                ("cost_per_month_usd", live.limits.cost_per_month_usd, &month),
-            ];
-            for (limit, usd, window) in budgets {
-                let Some(usd) = usd else { continue };
-                let held = live.windows.get(window).copied().unwrap_or_default();
-                if held.spent + held.reserved + micros > usd_to_micros(usd) {
-                    node.rejected.fetch_add(1, Ordering::Relaxed);
-                    // A budget cannot be waited for: it is always refused.
-                    return Err(node.exceeded((QuotaAction::Reject, policy.1), limit, usd.ceil() as u64, None));
-                }
-            }
-        }
-        for (node, guard) in path.iter().zip(guards.iter_mut()) {
-            let live: &mut Live = guard;
-            if let Some(bucket) = live.llm_tokens.as_mut() {
-                bucket.take(tokens as f64, now);
-            }
-            let budgets = [
-                ("cost_per_day_usd", live.limits.cost_per_day_usd, &day),
-                ("cost_per_month_usd", live.limits.cost_per_month_usd, &month),
-            ];
-            for (limit, usd, window) in budgets {
-                let held = live.windows.entry(window.clone()).or_default();
-                held.reserved += micros;
-                if let Some(usd) = usd
-                    && (held.spent + held.reserved) as f64 >= 0.8 * usd_to_micros(usd) as f64
+        let mut crossed = Vec::new();
+        let reserved = self.locked(tenant, agent, |path, guards| {
+            for (node, guard) in path.iter().zip(guards.iter_mut()) {
+                let live: &mut Live = guard;
+                let policy = live.policy();
+                if let Some(bucket) = live.llm_tokens.as_mut()
+                    && tokens > 0
+                    && let Some(wait) = bucket.shortfall(tokens as f64, now)
                 {
-                    node.warnings.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(node = %node.name, limit, "budget past 80 %");
+                    node.rejected.fetch_add(1, Ordering::Relaxed);
+                    return Err(node.exceeded(policy, "llm_tokens_per_minute", bucket.capacity() as u64, wait));
+                }
+                let budgets = [
+                    ("cost_per_day_usd", live.limits.cost_per_day_usd, &day),
+                    ("cost_per_month_usd", live.limits.cost_per_month_usd, &month),
+                ];
+                for (limit, usd, window) in budgets {
+                    let Some(usd) = usd else { continue };
+                    let held = live.windows.get(window).copied().unwrap_or_default();
+                    if held.spent + held.reserved + micros > usd_to_micros(usd) {
+                        node.rejected.fetch_add(1, Ordering::Relaxed);
+                        // A budget cannot be waited for: it is always refused.
+                        return Err(node.exceeded((QuotaAction::Reject, policy.1), limit, usd.ceil() as u64, None));
+                    }
                 }
             }
+            for (node, guard) in path.iter().zip(guards.iter_mut()) {
+                let live: &mut Live = guard;
+                if let Some(bucket) = live.llm_tokens.as_mut() {
+                    bucket.take(tokens as f64, now);
+                }
+                let budgets = [
+                    ("cost_per_day_usd", live.limits.cost_per_day_usd, &day),
+                    ("cost_per_month_usd", live.limits.cost_per_month_usd, &month),
+                ];
+                for (limit, usd, window) in budgets {
+                    let held = live.windows.entry(window.clone()).or_default();
+                    let before = held.spent + held.reserved;
+                    held.reserved += micros;
+                    // Counted once, when the window crosses 80 %: a warning per op
+                    // past that point would only be noise.
+                    let mark = usd.map(|usd| 0.8 * usd_to_micros(usd) as f64);
+                    if mark.is_some_and(|mark| (before as f64) < mark && (before + micros) as f64 >= mark) {
+                        node.warnings.fetch_add(1, Ordering::Relaxed);
+                        crossed.push(Warning {
+                            node: node.name.clone(),
+                            limit,
+                        });
+                    }
+                }
+            }
+            Ok(Reservation {
+                micros,
+                tokens,
+                nodes: path.iter().map(|n| n.name.clone()).collect(),
+                day: day.clone(),
+                month: month.clone(),
+            })
+        });
+        // Logged with no lock held: a slow log writer must not stall other ops.
+        for warning in crossed {
+            tracing::info!(node = %warning.node, limit = warning.limit, "budget past 80 %");
         }
-        Ok(Reservation {
-            micros,
-            tokens,
-            day,
-            month,
-        })
+        reserved
     }
 
     /// Holds a reservation made before a restart again (counted, never refused).
     pub fn rereserve(&self, tenant: &str, agent: AgentId, reservation: &Reservation) {
-        for node in &self.path(tenant, agent) {
-            let mut live = node.live.lock();
-            for window in [&reservation.day, &reservation.month] {
-                live.windows.entry(window.clone()).or_default().reserved += reservation.micros;
+        self.locked(tenant, agent, |_, guards| {
+            for live in guards.iter_mut() {
+                for window in [&reservation.day, &reservation.month] {
+                    live.windows.entry(window.clone()).or_default().reserved += reservation.micros;
+                }
             }
-        }
+        });
     }
 
     /// Turns a reservation into what the op spent (at most the reservation) and
     /// gives the unused LLM tokens back. Call it once the charge is durable.
     pub fn settle(&self, tenant: &str, agent: AgentId, reservation: &Reservation, micros: u64, tokens: u64) {
         let charged = micros.min(reservation.micros);
-        for node in &self.path(tenant, agent) {
-            let mut live = node.live.lock();
-            for window in [&reservation.day, &reservation.month] {
-                let spend = live.windows.entry(window.clone()).or_default();
-                spend.reserved = spend.reserved.saturating_sub(reservation.micros);
-                spend.spent += charged;
+        self.locked(tenant, agent, |_, guards| {
+            for live in guards.iter_mut() {
+                for window in [&reservation.day, &reservation.month] {
+                    let spend = live.windows.entry(window.clone()).or_default();
+                    spend.reserved = spend.reserved.saturating_sub(reservation.micros);
+                    spend.spent += charged;
+                }
+                if let Some(bucket) = live.llm_tokens.as_mut() {
+                    bucket.refund(reservation.tokens.saturating_sub(tokens) as f64);
+                }
             }
-            if let Some(bucket) = live.llm_tokens.as_mut() {
-                bucket.refund(reservation.tokens.saturating_sub(tokens) as f64);
-            }
-        }
-    }
-
-    /// Gives back ops in flight when they complete.
-    pub fn release(&self, tenant: &str, agent: AgentId, n: u64) {
-        let path = self.path(tenant, agent);
-        for node in &path {
-            let mut live = node.live.lock();
-            live.in_flight = live.in_flight.saturating_sub(n);
-        }
+        });
     }
 }
 
@@ -538,8 +602,12 @@ mod tests {
     fn a_parent_limit_binds_every_child_and_a_refusal_takes_nothing() {
         let quotas = Quotas::new();
         let (a, b) = (AgentId::generate(), AgentId::generate());
-        quotas.set(Node::Tenant("t".into()), limits(|l| l.requests_per_second = Some(3)));
-        quotas.set(Node::Agent(a), limits(|l| l.requests_per_second = Some(100)));
+        quotas
+            .set(Node::Tenant("t".into()), limits(|l| l.requests_per_second = Some(3)))
+            .unwrap();
+        quotas
+            .set(Node::Agent(a), limits(|l| l.requests_per_second = Some(100)))
+            .unwrap();
         let now = Instant::now();
         let one = Demand { ops: 1, tool_calls: 0 };
         assert!(quotas.check_rates("t", a, one, now).is_ok());
@@ -563,7 +631,9 @@ mod tests {
     fn tool_calls_count_only_tool_ops() {
         let quotas = Quotas::new();
         let a = AgentId::generate();
-        quotas.set(Node::Agent(a), limits(|l| l.tool_calls_per_minute = Some(2)));
+        quotas
+            .set(Node::Agent(a), limits(|l| l.tool_calls_per_minute = Some(2)))
+            .unwrap();
         let now = Instant::now();
         for _ in 0..10 {
             quotas
@@ -583,7 +653,9 @@ mod tests {
     fn ops_in_flight_are_bounded_on_the_whole_path() {
         let quotas = Quotas::new();
         let (a, b) = (AgentId::generate(), AgentId::generate());
-        quotas.set(Node::Tenant("t".into()), limits(|l| l.concurrent_ops = Some(3)));
+        quotas
+            .set(Node::Tenant("t".into()), limits(|l| l.concurrent_ops = Some(3)))
+            .unwrap();
         quotas.acquire("t", a, 2).unwrap();
         let refused = quotas.acquire("t", b, 2).unwrap_err();
         assert_eq!(refused.limit, "concurrent_ops");
@@ -599,7 +671,9 @@ mod tests {
         let quotas = Quotas::new();
         let a = AgentId::generate();
         quotas.acquire("t", a, 4).unwrap();
-        quotas.set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(5)));
+        quotas
+            .set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(5)))
+            .unwrap();
         assert!(quotas.acquire("t", a, 2).is_err());
         quotas.acquire("t", a, 1).unwrap();
     }
@@ -608,7 +682,9 @@ mod tests {
     fn budgets_hold_reservations_until_settled_and_reset_with_the_window() {
         let quotas = Quotas::new();
         let (a, b) = (AgentId::generate(), AgentId::generate());
-        quotas.set(Node::Tenant("t".into()), limits(|l| l.cost_per_day_usd = Some(0.001)));
+        quotas
+            .set(Node::Tenant("t".into()), limits(|l| l.cost_per_day_usd = Some(0.001)))
+            .unwrap();
         let now = Instant::now();
         let day1 = DateTime::parse_from_rfc3339("2026-11-24T23:59:00Z").unwrap().to_utc();
         // 1000 micro-dollars a day for the tenant: two reservations of 600 cannot both be held.
@@ -637,7 +713,9 @@ mod tests {
     fn llm_tokens_are_reserved_and_the_unused_given_back() {
         let quotas = Quotas::new();
         let a = AgentId::generate();
-        quotas.set(Node::Agent(a), limits(|l| l.llm_tokens_per_minute = Some(1000)));
+        quotas
+            .set(Node::Agent(a), limits(|l| l.llm_tokens_per_minute = Some(1000)))
+            .unwrap();
         let now = Instant::now();
         let wall = Utc::now();
         let r = quotas.reserve("t", a, 0, 800, now, wall).unwrap();
@@ -661,7 +739,7 @@ mod tests {
         ) {
             let quotas = Quotas::new();
             let a = AgentId::generate();
-            quotas.set(Node::Agent(a), limits(|l| l.cost_per_day_usd = Some(0.002)));
+            quotas.set(Node::Agent(a), limits(|l| l.cost_per_day_usd = Some(0.002))).unwrap();
             let (now, wall) = (Instant::now(), Utc::now());
             let mut held = Vec::new();
             for (max, spent, settle_first) in ops {
@@ -678,10 +756,52 @@ mod tests {
     }
 
     #[test]
+    fn a_group_binds_its_members_and_no_one_else() {
+        let quotas = Quotas::new();
+        let (a, b, c) = (AgentId::generate(), AgentId::generate(), AgentId::generate());
+        let group = Node::Group {
+            tenant: "t".into(),
+            name: "research".into(),
+        };
+        quotas
+            .set(group.clone(), limits(|l| l.concurrent_ops = Some(2)))
+            .unwrap();
+        for member in [a, b] {
+            quotas
+                .set(Node::Agent(member), limits(|l| l.group = Some("research".into())))
+                .unwrap();
+        }
+        quotas.acquire("t", a, 2).unwrap();
+        let refused = quotas.acquire("t", b, 1).unwrap_err();
+        assert_eq!(refused.node, "group/t/research");
+        quotas.acquire("t", c, 5).unwrap();
+        assert_eq!(quotas.usage(&group).concurrent_ops, 2);
+        // A member changes group only while it holds nothing.
+        let leave = quotas.set(Node::Agent(a), QuotaLimits::default()).unwrap_err();
+        assert_eq!(leave.code, ErrorCode::FailedPrecondition);
+        quotas.release("t", a, 2);
+        quotas.set(Node::Agent(a), QuotaLimits::default()).unwrap();
+        quotas.acquire("t", a, 3).unwrap();
+        assert_eq!(
+            quotas.usage(&group).concurrent_ops,
+            0,
+            "a no longer counts in the group"
+        );
+        quotas.acquire("t", b, 2).unwrap();
+        let reservation = quotas.reserve("t", b, 0, 0, Instant::now(), Utc::now()).unwrap();
+        assert_eq!(
+            reservation.nodes,
+            ["tenant/t", "group/t/research", &format!("agent/{b}")]
+        );
+    }
+
+    #[test]
     fn exceeded_limits_become_quota_errors_naming_the_limit() {
         let quotas = Quotas::new();
         let a = AgentId::generate();
-        quotas.set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(1)));
+        quotas
+            .set(Node::Agent(a), limits(|l| l.concurrent_ops = Some(1)))
+            .unwrap();
         quotas.acquire("t", a, 1).unwrap();
         let error: Error = quotas.acquire("t", a, 1).unwrap_err().into();
         assert_eq!(error.code, ErrorCode::QuotaExceeded);

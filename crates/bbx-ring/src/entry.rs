@@ -142,7 +142,13 @@ mod tests {
             let started = Entry::Started {
                 op_id: record.op_id,
                 incarnation: 2,
-                reserved: Some(Reservation { micros: timeout_ms, tokens: 7, day: "2026-11-24".into(), month: "2026-11".into() }),
+                reserved: Some(Reservation {
+                    micros: timeout_ms,
+                    tokens: 7,
+                    nodes: vec!["tenant/t".into(), "group/t/g".into()],
+                    day: "2026-11-24".into(),
+                    month: "2026-11".into(),
+                }),
             };
             let entry = Entry::Accepted(record);
             prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);

@@ -12,10 +12,10 @@ use bbx_core::model::{
 use bbx_core::op::{
     BreakerInfo, OpInfo, OpenShm, ResetBreakers, ResolveOp, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
 };
+use bbx_core::quota::Node;
 use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentId, Error, ErrorBody, KeyId, OpId};
 use bbx_kernel::{Caller, Kernel};
-use bbx_quota::Node;
 use std::sync::Arc;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -69,6 +69,7 @@ pub fn router() -> (axum::Router<Arc<Kernel>>, utoipa::openapi::OpenApi) {
         .routes(routes!(cgroup_status))
         .routes(routes!(gpu_status))
         .routes(routes!(get_quota, set_quota))
+        .routes(routes!(get_group_quota, set_group_quota))
         .routes(routes!(ring_stats))
         .routes(routes!(wal_status))
         .routes(routes!(list_breakers))
@@ -351,6 +352,33 @@ async fn set_quota(
     Ok(ApiJson(
         kernel.set_quota(&caller, &quota_node(&kind, &name)?, limits).await?,
     ))
+}
+
+/// A group's limits, its tenant's, and its usage.
+#[utoipa::path(get, path = "/v1/quotas/groups/{tenant}/{name}", tag = "quotas",
+    params(("tenant" = String, Path, description = "Tenant"), ("name" = String, Path, description = "Group")),
+    responses((status = 200, body = QuotaInfo), (status = "4XX", body = ErrorBody, description = "Bad name")))]
+async fn get_group_quota(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath((tenant, name)): ApiPath<(String, String)>,
+) -> Reply<QuotaInfo> {
+    let node: Node = format!("group/{tenant}/{name}").parse()?;
+    Ok(ApiJson(kernel.quota(&caller, &node)?))
+}
+
+/// Set some of a group's limits; an agent joins it through its own quota's `group`.
+#[utoipa::path(patch, path = "/v1/quotas/groups/{tenant}/{name}", tag = "quotas", request_body = QuotaLimits,
+    params(("tenant" = String, Path, description = "Tenant"), ("name" = String, Path, description = "Group")),
+    responses((status = 200, body = QuotaInfo), (status = "4XX", body = ErrorBody, description = "Bad limits or name")))]
+async fn set_group_quota(
+    State(kernel): Kern,
+    Extension(caller): Extension<Caller>,
+    ApiPath((tenant, name)): ApiPath<(String, String)>,
+    ApiJson(limits): ApiJson<QuotaLimits>,
+) -> Reply<QuotaInfo> {
+    let node: Node = format!("group/{tenant}/{name}").parse()?;
+    Ok(ApiJson(kernel.set_quota(&caller, &node, limits).await?))
 }
 
 /// How tool processes are confined on this host (administrators only).

@@ -14,6 +14,9 @@ pub struct Kernel {
     child: Option<Child>,
     /// Flags given at start, given again at every restart.
     flags: Vec<String>,
+    /// What the kernel wrote to stderr, across restarts, and the thread reading it.
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    drain: Option<std::thread::JoinHandle<()>>,
 }
 
 pub fn free_port() -> u16 {
@@ -35,6 +38,8 @@ impl Kernel {
             port: free_port(),
             child: None,
             flags: extra.iter().map(|f| f.to_string()).collect(),
+            log: Default::default(),
+            drain: None,
         };
         kernel.spawn();
         kernel
@@ -57,7 +62,7 @@ impl Kernel {
 
     fn spawn(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
-        let child = Command::new(BBX)
+        let mut child = Command::new(BBX)
             .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(self.dir.path())
             .args(&self.flags)
@@ -67,6 +72,20 @@ impl Kernel {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Drained as it comes: a kernel that logs more than a pipe holds must not
+        // block on its own stderr.
+        let mut stderr = child.stderr.take().expect("piped");
+        let log = self.log.clone();
+        self.drain = Some(std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buffer = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&buffer[..n]);
+            }
+        }));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -93,13 +112,12 @@ impl Kernel {
         response.starts_with("HTTP/1.1 200")
     }
 
+    /// Everything the kernel wrote to stderr, once it has exited.
     fn stderr(&mut self) -> String {
-        let mut out = String::new();
-        if let Some(mut err) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            use std::io::Read;
-            let _ = err.read_to_string(&mut out);
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
         }
-        out
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
 
     /// SIGTERM, wait, and return (exit success, stderr).
@@ -108,12 +126,7 @@ impl Kernel {
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("child pids are positive");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
         let status = child.wait().unwrap();
-        let mut err = String::new();
-        if let Some(mut stderr) = child.stderr.take() {
-            use std::io::Read;
-            let _ = stderr.read_to_string(&mut err);
-        }
-        (status.success(), err)
+        (status.success(), self.stderr())
     }
 
     /// SIGKILL: no chance to flush anything.

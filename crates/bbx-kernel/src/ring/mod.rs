@@ -36,7 +36,7 @@ use bbx_core::op::{
     BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, Resolution, RingStats, SubmitOp, Submitted,
     SubmittedOp, WalStatus,
 };
-use bbx_core::quota::{Node, Reservation};
+use bbx_core::quota::{Node, QuotaLimits, Reservation};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_journal::{Journal, JournalOptions, Lsn};
 use bbx_quota::{Quotas, spend_key};
@@ -243,9 +243,17 @@ impl Charge {
         self.spent.micros.min(self.reservation.micros)
     }
 
-    /// The stored spend counters it adds to: each node of the path, in each window.
+    /// The stored spend counters it adds to: each node it was reserved on, in
+    /// each window.
     fn keys(&self) -> Vec<String> {
-        let nodes = [Node::Tenant(self.tenant.clone()), Node::Agent(self.agent)];
+        let nodes: Vec<String> = if self.reservation.nodes.is_empty() {
+            vec![
+                Node::Tenant(self.tenant.clone()).to_string(),
+                Node::Agent(self.agent).to_string(),
+            ]
+        } else {
+            self.reservation.nodes.clone()
+        };
         nodes
             .iter()
             .flat_map(|node| {
@@ -1289,10 +1297,16 @@ impl Ring {
             .map_err(|e| storage_error("read agents", e))?
             .ok_or_else(|| Error::not_found("agent", record.agent))?;
         let agent = crate::store::decode_agent(&bytes)?;
-        let limits = self
-            .quotas
-            .limits(&Node::Agent(record.agent))
-            .process_limits(&self.quotas.limits(&Node::Tenant(record.tenant.clone())));
+        let own = self.quotas.limits(&Node::Agent(record.agent));
+        let group = own.group.as_ref().map_or_else(QuotaLimits::default, |name| {
+            self.quotas.limits(&Node::Group {
+                tenant: record.tenant.clone(),
+                name: name.clone(),
+            })
+        });
+        let limits = own
+            .process_limits(&group)
+            .within(&self.quotas.limits(&Node::Tenant(record.tenant.clone())));
         Ok(ToolContext {
             op_id: record.op_id,
             agent: record.agent,
