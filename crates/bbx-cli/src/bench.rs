@@ -51,6 +51,14 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// One row of a human report: name, throughput and percentiles in µs.
+    pub(crate) fn print_row(&self, name: &str) {
+        println!(
+            "{name:<14} {:>12.0} {:>10} {:>10} {:>10}",
+            self.ops_per_sec, self.p50_us, self.p99_us, self.p999_us
+        );
+    }
+
     pub(crate) fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Self {
         Self {
             ops: histogram.len(),

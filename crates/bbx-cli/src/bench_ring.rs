@@ -353,10 +353,7 @@ fn print_report(r: &Report) {
         ("http_single", &r.http_single),
         ("shm", &r.shm),
     ] {
-        println!(
-            "{name:<14} {:>12.0} {:>10} {:>10} {:>10}",
-            f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us
-        );
+        f.print_row(name);
     }
     println!(
         "durable: {:.1} journal records of {} bytes per fdatasync; fsync_ceiling uses the same",

@@ -300,24 +300,25 @@ async fn loopback_server() -> Result<String> {
 fn print_report(r: &Report) {
     println!(
         "{:<14} {:>12} {:>10} {:>10} {:>10}",
-        "scenario", "ops/s", "p50", "p99", "p99.9"
+        "scenario", "ops/s", "p50 ns", "p99 ns", "p99.9 ns"
     );
     for (name, f) in [("quota_check", &r.quota_check), ("mutex_counter", &r.mutex_counter)] {
         println!(
-            "{name:<14} {:>12.0} {:>8} ns {:>7} ns {:>7} ns",
+            "{name:<14} {:>12.0} {:>10} {:>10} {:>10}",
             f.ops_per_sec, f.p50_ns, f.p99_ns, f.p999_ns
         );
     }
+    println!(
+        "{:<14} {:>12} {:>10} {:>10} {:>10}",
+        "", "", "p50 us", "p99 us", "p99.9 us"
+    );
     for (name, f) in [
         ("shell_true", &r.shell_true),
         ("spawn_true", &r.spawn_true),
         ("http_tool", &r.http_tool),
         ("http_plain", &r.http_plain),
     ] {
-        println!(
-            "{name:<14} {:>12.0} {:>8} us {:>7} us {:>7} us",
-            f.ops_per_sec, f.p50_us, f.p99_us, f.p999_us
-        );
+        f.print_row(name);
     }
     println!(
         "http overhead p50: {} us; shell runs confined by {}",

@@ -17,6 +17,53 @@ use support::Kernel;
 
 const SUBMITTERS: usize = 16;
 
+/// Runs `submitters` tasks that each submit one keyed op after another (made by
+/// `op(submitter, seq)`), kills the kernel after a random pause within `pause_ms`,
+/// and returns every key sent with its op id if it was acknowledged (a key without
+/// one may or may not have been journaled).
+async fn submit_until_killed(
+    kernel: &mut Kernel,
+    client: &Client,
+    submitters: usize,
+    seed: &mut u64,
+    pause_ms: std::ops::Range<u64>,
+    op: impl Fn(usize, u64) -> SubmitOp + Send + Sync + Clone + 'static,
+) -> Vec<(String, Option<OpId>)> {
+    let tasks: Vec<_> = (0..submitters)
+        .map(|s| {
+            let (client, op) = (client.clone(), op.clone());
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for seq in 0.. {
+                    let op = op(s, seq);
+                    let key = op.idempotency_key.clone().expect("crash-test ops are keyed");
+                    let batch = SubmitBatch {
+                        ops: vec![op],
+                        wait_ms: Some(5_000),
+                    };
+                    match client.submit_ops(batch).await {
+                        Ok(submitted) => sent.push((key, Some(submitted.ops[0].op_id))),
+                        Err(_) => {
+                            sent.push((key, None));
+                            return sent;
+                        }
+                    }
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let pause = pause_ms.start + (*seed >> 33) % (pause_ms.end - pause_ms.start);
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+    kernel.crash();
+    let mut sent = Vec::new();
+    for task in tasks {
+        sent.extend(task.await.unwrap());
+    }
+    sent
+}
+
 fn incr(agent: AgentId, key: &str) -> SubmitOp {
     SubmitOp {
         idempotency_key: Some(key.to_owned()),
@@ -49,39 +96,14 @@ async fn every_acknowledged_op_completes_exactly_once_across_sigkills() {
 
     for round in 0..rounds {
         let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
-        let submitters: Vec<_> = (0..SUBMITTERS)
-            .map(|s| {
-                let client = client.clone();
-                tokio::spawn(async move {
-                    let mut sent: Vec<(String, Option<OpId>)> = Vec::new();
-                    for seq in 0.. {
-                        let key = format!("r{round}-s{s}-{seq}");
-                        let batch = SubmitBatch {
-                            ops: vec![incr(agent, &key)],
-                            wait_ms: Some(5_000),
-                        };
-                        match client.submit_ops(batch).await {
-                            Ok(submitted) => sent.push((key, Some(submitted.ops[0].op_id))),
-                            Err(_) => {
-                                // The kernel died: this one may or may not have been journaled.
-                                sent.push((key, None));
-                                return sent;
-                            }
-                        }
-                    }
-                    unreachable!()
-                })
-            })
-            .collect();
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        tokio::time::sleep(Duration::from_millis(50 + (seed >> 33) % 250)).await;
-        kernel.crash();
+        let sent = submit_until_killed(&mut kernel, &client, SUBMITTERS, &mut seed, 50..300, move |s, seq| {
+            incr(agent, &format!("r{round}-s{s}-{seq}"))
+        })
+        .await;
         let mut round_keys = Vec::new();
-        for submitter in submitters {
-            for (key, id) in submitter.await.unwrap() {
-                round_keys.push(key.clone());
-                all_keys.insert(key, id);
-            }
+        for (key, id) in sent {
+            round_keys.push(key.clone());
+            all_keys.insert(key, id);
         }
         assert!(
             all_keys.values().filter(|id| id.is_some()).count() > 0,
@@ -187,36 +209,10 @@ async fn tool_ops_are_done_or_in_doubt_and_never_rerun_across_sigkills() {
     let mut in_doubt = 0;
     for round in 0..rounds {
         let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
-        let submitters: Vec<_> = (0..8)
-            .map(|s| {
-                let client = client.clone();
-                tokio::spawn(async move {
-                    let mut sent = Vec::new();
-                    for seq in 0.. {
-                        let key = format!("t{round}-s{s}-{seq}");
-                        let batch = SubmitBatch {
-                            ops: vec![append(agent, &key)],
-                            wait_ms: Some(5_000),
-                        };
-                        match client.submit_ops(batch).await {
-                            Ok(submitted) => sent.push((key, Some(submitted.ops[0].op_id))),
-                            Err(_) => {
-                                sent.push((key, None));
-                                return sent;
-                            }
-                        }
-                    }
-                    unreachable!()
-                })
-            })
-            .collect();
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        tokio::time::sleep(Duration::from_millis(100 + (seed >> 33) % 300)).await;
-        kernel.crash();
-        let mut round_keys = Vec::new();
-        for submitter in submitters {
-            round_keys.extend(submitter.await.unwrap());
-        }
+        let round_keys = submit_until_killed(&mut kernel, &client, 8, &mut seed, 100..400, move |s, seq| {
+            append(agent, &format!("t{round}-s{s}-{seq}"))
+        })
+        .await;
         kernel.restart();
         let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
         // Resubmitting every key of the round: an acknowledged one names its op.
