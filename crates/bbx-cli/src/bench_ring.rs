@@ -9,7 +9,8 @@
 //!   same number of records of the same size per sync as `durable` averaged: how
 //!   fast any journal could acknowledge at that group size.
 //! - `http_batch` / `http_single`: durable `state.set` ops over loopback HTTP to a
-//!   kernel process, 100 per request or one per request.
+//!   kernel process, 100 per request (16 connections) or one per request (8
+//!   connections; both set by flags and echoed in the report).
 //! - `shm`: `noop` ops through a shared-memory session with the same kernel
 //!   process, one at a time; latency is from submission to reaped completion.
 
@@ -44,6 +45,9 @@ struct Report {
     /// Journal records per fdatasync during `durable`, and their average size.
     durable_records_per_sync: f64,
     record_bytes: u64,
+    /// Concurrent connections of http_batch and http_single.
+    http_batch_clients: usize,
+    http_single_clients: usize,
     targets: Targets,
 }
 
@@ -118,8 +122,8 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     let mut http_batch = closed_loop(addr, args.http_clients, measure, batch(&requests, 100)).await?;
     http_batch.ops *= 100;
     http_batch.ops_per_sec *= 100.0;
-    closed_loop(addr, args.http_clients, warmup, batch(&requests, 1)).await?;
-    let http_single = closed_loop(addr, args.http_clients, measure, batch(&requests, 1)).await?;
+    closed_loop(addr, args.http_single_clients, warmup, batch(&requests, 1)).await?;
+    let http_single = closed_loop(addr, args.http_single_clients, measure, batch(&requests, 1)).await?;
     let shm = client.open_shm(None).await?;
     let shm = tokio::task::spawn_blocking(move || shm_noops(shm, agent, warmup, measure)).await??;
     drop(kernel);
@@ -141,6 +145,8 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         shm,
         durable_records_per_sync: in_process.records_per_sync,
         record_bytes: in_process.record_bytes,
+        http_batch_clients: args.http_clients,
+        http_single_clients: args.http_single_clients,
     };
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -358,6 +364,10 @@ fn print_report(r: &Report) {
     println!(
         "durable: {:.1} journal records of {} bytes per fdatasync; fsync_ceiling uses the same",
         r.durable_records_per_sync, r.record_bytes
+    );
+    println!(
+        "http connections: {} in http_batch, {} in http_single",
+        r.http_batch_clients, r.http_single_clients
     );
     println!("targets: {}", serde_json::to_string(&r.targets).expect("serializes"));
 }

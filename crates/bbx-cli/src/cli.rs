@@ -215,9 +215,15 @@ pub struct BenchRingArgs {
     /// Concurrent in-process submitters in the durable scenario.
     #[arg(long, default_value_t = 1024)]
     pub durable_submitters: usize,
-    /// Concurrent HTTP connections in the HTTP scenarios.
-    #[arg(long, default_value_t = 64)]
+    /// Concurrent HTTP connections in http_batch (16 × 100 ops in flight stay within
+    /// one agent's share of the queue, so the scenario measures the path, not waits
+    /// for room).
+    #[arg(long, default_value_t = 16)]
     pub http_clients: usize,
+    /// Concurrent HTTP connections in http_single, whose target is a latency: a
+    /// moderate load, not a saturating one whose queueing would be all it measured.
+    #[arg(long, default_value_t = 8)]
+    pub http_single_clients: usize,
     /// Let the HTTP kernel and the load generator share all CPUs.
     #[arg(long)]
     pub no_isolate: bool,

@@ -315,7 +315,14 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
             "--durable-submitters",
             "16",
         ])
-        .args(["--http-clients", "4", "--no-isolate", "--scratch-dir"])
+        .args([
+            "--http-clients",
+            "4",
+            "--http-single-clients",
+            "2",
+            "--no-isolate",
+            "--scratch-dir",
+        ])
         .arg(scratch.path())
         .env_remove("BBX_URL")
         .output()
@@ -329,5 +336,6 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
         }
     }
     assert!(report["durable_records_per_sync"].as_f64().unwrap() >= 1.0);
+    assert_eq!(report["http_single_clients"], 2);
     assert!(report["targets"].is_object());
 }

@@ -76,6 +76,12 @@ impl Default for JournalOptions {
     }
 }
 
+/// The largest payload one record can carry in segments of `segment_bytes`.
+pub fn max_payload(segment_bytes: u64) -> usize {
+    let capacity = segment_bytes.saturating_sub(record::MAGIC.len() as u64) as usize;
+    capacity.saturating_sub(record::framed_len(0)).min(u32::MAX as usize)
+}
+
 /// A record as recovered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -19,7 +19,9 @@
 //! binds a caller to the kernel and implements [`bbx_core::AgentApi`].
 
 pub mod auth;
+mod journal;
 mod quota;
+mod redo;
 mod ring;
 mod shm;
 mod store;
@@ -111,7 +113,31 @@ impl Kernel {
     /// Opens (or creates) the data directory and everything in it.
     pub async fn open(config: KernelConfig) -> Result<Opened> {
         create_private_dir(&config.data_dir)?;
-        let store = Arc::new(Store::open(&config.data_dir.join("db"), config.commit_max_batch)?);
+        // One journal behind both the ring and the store: opened first, since the
+        // store replays its own records from it before anything reads the store.
+        let segment_bytes = config.ring.journal_segment_bytes;
+        let (journal, recovery) = bbx_journal::Journal::open(
+            &config.data_dir.join(JOURNAL_DIR),
+            bbx_journal::JournalOptions { segment_bytes },
+        )
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+        if let Some(tail) = &recovery.truncated_tail {
+            tracing::warn!(segment = %tail.segment.display(), offset = tail.offset, bytes = tail.bytes,
+                reason = %tail.reason, "truncated a torn write at the end of the journal");
+        }
+        let ring_metrics = ring::RingMetrics::new();
+        let journal = journal::JournalWriter::start(
+            journal,
+            recovery.records.iter().map(|r| r.lsn).collect(),
+            ring_metrics.clone(),
+        )?;
+        let store = Arc::new(Store::open(
+            &config.data_dir.join("db"),
+            config.commit_max_batch,
+            journal.clone(),
+            &recovery.records,
+            bbx_journal::max_payload(segment_bytes),
+        )?);
         let keys = KeyRing::default();
         for item in store.ks.api_keys.iter() {
             let (_, value) = item.into_inner().map_err(|e| storage_error("load API keys", e))?;
@@ -131,16 +157,18 @@ impl Kernel {
             },
             bbx_quota::cgroup::detect(&cgroup_scope(&config.data_dir)),
         )?);
-        let journal = config.data_dir.join(JOURNAL_DIR);
         let ring = Ring::open(
             config.ring.clone(),
             store.clone(),
-            &journal,
+            journal,
+            ring_metrics,
+            recovery.records,
             tasks.clone(),
             tools.clone(),
             quotas.clone(),
         )
         .await?;
+        spawn_store_checkpoints(&tasks, store.clone(), ring.stopping());
         spawn_expiry(
             &tasks,
             store.clone(),
@@ -720,6 +748,20 @@ const EXPIRY_STEP: usize = 1024;
 /// Forgets completions and idempotency keys older than `retention`, now and every
 /// ten minutes, in bounded groups. Op ids are time-ordered, so the expired ops are
 /// one range of the `ops` keyspace.
+/// Nudges the store once a second, so that it makes fjall durable (and lets the
+/// journal drop its redo records) even when no write comes to trigger it.
+fn spawn_store_checkpoints(tasks: &TaskTracker, store: Arc<Store>, stopping: tokio_util::sync::CancellationToken) {
+    tasks.spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                _ = ticks.tick() => store.checkpoint(),
+            }
+        }
+    });
+}
+
 fn spawn_expiry(
     tasks: &TaskTracker,
     store: Arc<Store>,

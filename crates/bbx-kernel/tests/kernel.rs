@@ -403,13 +403,18 @@ async fn every_acknowledged_write_was_synced() {
     let (kernel, api) = open(dir.path()).await;
     let a = api.create_agent(agent("synced")).await.unwrap();
     let before = api.status().await.unwrap().storage.unwrap();
-    // One at a time, each write is alone in its group, so each costs one fdatasync.
+    let journal_before = kernel.wal_status(api.caller()).await.unwrap();
+    // One at a time, each write is alone in its group, so each costs one journal
+    // append and fdatasync.
     for i in 0..10 {
         api.state_set(a.id, format!("k{i}"), set(json!(i), None)).await.unwrap();
     }
     let after = api.status().await.unwrap().storage.unwrap();
+    let journal_after = kernel.wal_status(api.caller()).await.unwrap();
     assert_eq!(after.writes_committed - before.writes_committed, 10);
     assert_eq!(after.syncs - before.syncs, 10);
+    assert_eq!(journal_after.syncs_total - journal_before.syncs_total, 10);
+    assert_eq!(journal_after.records_total - journal_before.records_total, 10);
 
     // Concurrent writers share syncs: 200 writes take fewer than 200 syncs.
     let writers: Vec<_> = (0..200)

@@ -52,15 +52,15 @@ pub struct RingMetrics {
     completed: Vec<Counter>,
     queued: Vec<Gauge>,
     latency: Vec<Histogram>,
-    pub(super) journal_records: Counter,
-    pub(super) journal_syncs: Counter,
-    pub(super) journal_sync_seconds: Histogram,
+    pub(crate) journal_records: Counter,
+    pub(crate) journal_syncs: Counter,
+    pub(crate) journal_sync_seconds: Histogram,
     quota_warnings: Family<LimitLabel, Counter>,
     quota_exceeded: Family<LimitLabel, Counter>,
 }
 
 impl RingMetrics {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let completed_family = Family::<StatusLabel, Counter>::default();
         let queued_family = Family::<PriorityLabel, Gauge>::default();
         let latency_family =

@@ -21,13 +21,14 @@
 //! completed (and is not re-run) or had no effect (and is run once now).
 
 mod exec;
-mod journal;
 mod metrics;
 
 pub use exec::KINDS;
 pub use metrics::RingMetrics;
 
 use crate::auth::Caller;
+use crate::journal::{self, JournalWriter};
+use crate::redo;
 use crate::store::{
     Applied, Effect, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
 };
@@ -38,7 +39,7 @@ use bbx_core::op::{
 };
 use bbx_core::quota::{Node, QuotaLimits, Reservation};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
-use bbx_journal::{Journal, JournalOptions, Lsn};
+use bbx_journal::Lsn;
 use bbx_quota::{Quotas, spend_key};
 use bbx_ring::batch::{self, Dependency};
 use bbx_ring::{
@@ -50,13 +51,11 @@ use chrono::{DateTime, Utc};
 use exec::Exec;
 use fjall::Readable;
 use hdrhistogram::Histogram;
-use journal::JournalWriter;
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::path::Path;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -420,29 +419,33 @@ impl Slot {
 impl Ring {
     /// Opens the journal, re-queues the ops it holds that have no completion, and
     /// starts the dispatcher.
+    /// Starts the ring on a journal whose writer holds every record in `recovered`
+    /// (the journal's records after its checkpoint): ops accepted but not completed
+    /// are queued again and their records kept; the ring's other records are
+    /// released. The store has already replayed its own records.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         config: RingConfig,
         store: Arc<Store>,
-        dir: &Path,
+        journal: JournalWriter,
+        metrics: RingMetrics,
+        recovered: Vec<bbx_journal::Record>,
         tasks: TaskTracker,
         tools: Arc<Tools>,
         quotas: Arc<Quotas>,
     ) -> Result<Arc<Self>> {
-        let options = JournalOptions {
-            segment_bytes: config.journal_segment_bytes,
-        };
-        let (journal, recovery) = Journal::open(dir, options).map_err(|e| Error::unavailable(e.to_string()))?;
-        if let Some(tail) = &recovery.truncated_tail {
-            tracing::warn!(segment = %tail.segment.display(), offset = tail.offset, bytes = tail.bytes,
-                reason = %tail.reason, "truncated a torn write at the end of the journal");
-        }
         let view = store.view();
         // An op retried after it was in doubt is journaled again, one incarnation
         // up; only its latest incarnation and that one's start mark count.
         let mut accepted: FxHashMap<OpId, (Lsn, OpRecord)> = FxHashMap::default();
         let mut order = Vec::new();
         let mut started: FxHashMap<(OpId, u32), (Lsn, Option<Reservation>)> = FxHashMap::default();
-        for record in recovery.records {
+        let mut released = Vec::new();
+        for record in recovered {
+            if redo::is_redo(&record.payload) {
+                continue;
+            }
+            released.push(record.lsn);
             match Entry::decode(&record.payload)? {
                 Entry::Accepted(op) => {
                     let newer = accepted
@@ -465,7 +468,7 @@ impl Ring {
             }
         }
         let mut pending = Vec::new();
-        let mut held = BTreeSet::new();
+        let mut held = FxHashSet::default();
         for id in order {
             let Some((lsn, op)) = accepted.remove(&id) else {
                 continue;
@@ -481,9 +484,9 @@ impl Ring {
                 pending.push(Recovered { lsn, started: mark, op });
             }
         }
-        let metrics = RingMetrics::new();
-        let writer = JournalWriter::start(journal, held, metrics.clone())?;
-        let ring = Arc::new(Self::new(config, store, writer, metrics, tasks.clone(), tools, quotas));
+        released.retain(|lsn| !held.contains(lsn));
+        journal.release(released);
+        let ring = Arc::new(Self::new(config, store, journal, metrics, tasks.clone(), tools, quotas));
         if !pending.is_empty() {
             tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
         }
@@ -1166,6 +1169,14 @@ impl Ring {
                     continue;
                 }
                 Exec::State(effect) => {
+                    // Handed to the store, the op only waits for its group's sync:
+                    // it gives its running slot back at once (its completion slot
+                    // still bounds what waits), so the dispatcher keeps feeding the
+                    // committer while a group is being journaled.
+                    let slots = Slots {
+                        running: None,
+                        completing: slots.completing,
+                    };
                     applying.push((id, effect, admission, slots));
                     continue;
                 }
@@ -2094,7 +2105,6 @@ impl Ring {
         self.closing.store(true, Ordering::Release);
         self.stopping.cancel();
         self.work.notify_one();
-        self.journal.close().await;
     }
 
     /// Cancelled when the ring closes.

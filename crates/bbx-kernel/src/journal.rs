@@ -1,14 +1,17 @@
-//! The journal's writer thread: group commit of op records, and the checkpoint.
+//! The journal's writer thread: group commit of every record, and the checkpoint.
 //!
-//! Submitters encode their records on their own threads and send them here; the
-//! thread takes whatever has queued up, appends it, makes it durable with one
-//! `fdatasync`, and only then answers, so an acknowledged op is on disk and 1024
-//! concurrent submitters cost a handful of syncs. The thread also owns the set of
-//! records still needed (accepted ops without a durable completion): keeping it here,
-//! where lsns are assigned, means a checkpoint can never pass a record that was
-//! synced but not yet registered.
+//! Two kinds of record share it: the ring's op entries (an accepted op, a tool's
+//! start mark) and the store's redo records (see [`crate::redo`]), so the disk sees
+//! one stream of `fdatasync`s. Writers encode their records on their own threads
+//! and send them here; the thread takes whatever has queued up, appends it, makes
+//! it durable with one `fdatasync`, and only then answers, so an acknowledged op
+//! or store write is on disk and 1024 concurrent submitters cost a handful of
+//! syncs. The thread also owns the set of records still needed (accepted ops
+//! without a durable completion, redo records the store has not yet made durable
+//! itself): keeping it here, where lsns are assigned, means a checkpoint can never
+//! pass a record that was synced but not yet registered.
 
-use super::RingMetrics;
+use crate::ring::RingMetrics;
 use bbx_core::op::{Percentiles, WalStatus};
 use bbx_core::{Error, Result};
 use bbx_journal::{Journal, Lsn};
@@ -77,6 +80,17 @@ impl JournalWriter {
             .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
         answer
             .await
+            .map_err(|_| Error::unavailable("the journal writer stopped"))?
+    }
+
+    /// [`Self::append`] for a thread outside the async runtime (the store's committer).
+    pub fn append_blocking(&self, records: Vec<Vec<u8>>) -> Result<Vec<Lsn>> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Message::Append { records, reply })
+            .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
+        answer
+            .blocking_recv()
             .map_err(|_| Error::unavailable("the journal writer stopped"))?
     }
 

@@ -1,0 +1,218 @@
+//! Store writes as journal records: the one write-ahead log behind the store.
+//!
+//! The committer does not `fdatasync` the store. It turns each group's staged
+//! writes into redo records, appends them to the journal (sharing the journal's
+//! group commit with op acceptances, so the disk sees one stream of syncs), and
+//! applies them to the store only once they are durable there. The store therefore
+//! never holds a write the journal lacks, and after a crash replaying the redo
+//! records from the checkpoint on, in order, rebuilds exactly the acknowledged
+//! state: each record sets keys to absolute values, so replaying one the store
+//! already has changes nothing. The store is made durable in the background (a
+//! checkpoint), and only then may the journal drop the records.
+//!
+//! A record is binary, unlike the ring's JSON entries, whose first byte is always
+//! `{`: tag, whether it ends its group, then `(keyspace, key, value or removal)`
+//! triples. A group larger than one record is split into consecutive records; only
+//! a group whose last record is there is replayed (a crash can tear the end of the
+//! journal, never its middle).
+
+use bbx_core::{Error, Result};
+
+/// The first byte of a redo record.
+const TAG: u8 = 0xB5;
+/// Header: tag and the last-of-group flag.
+const HEADER: usize = 2;
+
+/// One staged write: keyspace index, key, and the new value (`None` removes it).
+pub(crate) type Staged = (u8, Vec<u8>, Option<Vec<u8>>);
+
+/// Whether a journal record is a store redo record (and not a ring entry).
+pub(crate) fn is_redo(payload: &[u8]) -> bool {
+    payload.first() == Some(&TAG)
+}
+
+fn write_len(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+}
+
+fn framed_len(key: &[u8], value: Option<&[u8]>) -> usize {
+    1 + 4 + key.len() + 1 + value.map_or(0, |v| 4 + v.len())
+}
+
+/// Encodes a group's writes as records of about `part_bytes` each (a single write
+/// larger than that gets a record of its own). Fails, touching nothing, if a write
+/// could not fit in a record of `max_record` bytes.
+pub(crate) fn encode<'a>(
+    writes: impl Iterator<Item = (u8, &'a [u8], Option<&'a [u8]>)>,
+    part_bytes: usize,
+    max_record: usize,
+) -> Result<Vec<Vec<u8>>> {
+    let mut records = Vec::new();
+    let mut current = vec![TAG, 0];
+    for (keyspace, key, value) in writes {
+        let size = framed_len(key, value);
+        if HEADER + size > max_record || key.len() > u32::MAX as usize {
+            return Err(Error::new(
+                bbx_core::ErrorCode::PayloadTooLarge,
+                format!("a stored value of {size} bytes does not fit in a journal segment"),
+            ));
+        }
+        if current.len() > HEADER && current.len() + size > part_bytes {
+            records.push(std::mem::replace(&mut current, vec![TAG, 0]));
+        }
+        current.push(keyspace);
+        write_len(&mut current, key.len());
+        current.extend_from_slice(key);
+        match value {
+            Some(value) => {
+                current.push(1);
+                write_len(&mut current, value.len());
+                current.extend_from_slice(value);
+            }
+            None => current.push(0),
+        }
+    }
+    current[1] = 1;
+    records.push(current);
+    Ok(records)
+}
+
+/// Reads `len` bytes at `at`, moving it on.
+fn take<'a>(bytes: &'a [u8], at: &mut usize, len: usize) -> Result<&'a [u8]> {
+    let end = at
+        .checked_add(len)
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(|| Error::internal("a store redo record in the journal is cut short"))?;
+    let taken = &bytes[*at..end];
+    *at = end;
+    Ok(taken)
+}
+
+fn take_len(bytes: &[u8], at: &mut usize) -> Result<usize> {
+    let raw = take(bytes, at, 4)?;
+    Ok(u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize)
+}
+
+/// Decodes one record: its writes, and whether it ends its group.
+pub(crate) fn decode(payload: &[u8]) -> Result<(Vec<Staged>, bool)> {
+    if payload.len() < HEADER || payload[0] != TAG || payload[1] > 1 {
+        return Err(Error::internal("a journal record is not a store redo record"));
+    }
+    let last = payload[1] == 1;
+    let mut writes = Vec::new();
+    let mut at = HEADER;
+    while at < payload.len() {
+        let keyspace = take(payload, &mut at, 1)?[0];
+        let len = take_len(payload, &mut at)?;
+        let key = take(payload, &mut at, len)?.to_vec();
+        let value = match take(payload, &mut at, 1)?[0] {
+            0 => None,
+            1 => {
+                let len = take_len(payload, &mut at)?;
+                Some(take(payload, &mut at, len)?.to_vec())
+            }
+            _ => return Err(Error::internal("a store redo record has a bad write marker")),
+        };
+        writes.push((keyspace, key, value));
+    }
+    Ok((writes, last))
+}
+
+/// Collects whole groups from the journal's records, in order: each item is one
+/// group's writes. A group cut off at the end of the journal (a torn write) is
+/// dropped, since it was never acknowledged; one interrupted in the middle means
+/// the journal is not what the committer wrote, and is an error.
+pub(crate) fn groups<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Vec<Staged>>> {
+    let mut groups = Vec::new();
+    let mut open: Option<Vec<Staged>> = None;
+    for payload in payloads {
+        if !is_redo(payload) {
+            if open.is_some() {
+                return Err(Error::internal(
+                    "a store redo group in the journal is interrupted by another record",
+                ));
+            }
+            continue;
+        }
+        let (writes, last) = decode(payload)?;
+        let group = open.get_or_insert_with(Vec::new);
+        group.extend(writes);
+        if last {
+            groups.extend(open.take());
+        }
+    }
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn staged() -> impl Strategy<Value = Staged> {
+        (
+            0u8..10,
+            proptest::collection::vec(any::<u8>(), 0..40),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        )
+    }
+
+    fn encode_all(writes: &[Staged], part_bytes: usize) -> Vec<Vec<u8>> {
+        encode(
+            writes
+                .iter()
+                .map(|(k, key, value)| (*k, key.as_slice(), value.as_deref())),
+            part_bytes,
+            1 << 20,
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn groups_round_trip_whatever_the_part_size(
+            first in proptest::collection::vec(staged(), 0..30),
+            second in proptest::collection::vec(staged(), 1..30),
+            part_bytes in 16usize..2048,
+        ) {
+            let mut records = encode_all(&first, part_bytes);
+            records.push(b"{\"entry\":\"accepted\"}".to_vec());
+            records.extend(encode_all(&second, part_bytes));
+            prop_assert!(records.iter().all(|r| r.len() <= part_bytes.max(HEADER + 1 + 4 + 40 + 1 + 4 + 300)));
+            let replayed = groups(records.iter().map(Vec::as_slice)).unwrap();
+            prop_assert_eq!(replayed, vec![first, second]);
+        }
+
+        #[test]
+        fn a_group_torn_at_the_end_is_dropped(writes in proptest::collection::vec(staged(), 2..30), cut in 1usize..8) {
+            let records = encode_all(&writes, 64);
+            prop_assume!(records.len() > 1);
+            let kept = records.len() - cut.min(records.len() - 1);
+            let replayed = groups(records[..kept].iter().map(Vec::as_slice)).unwrap();
+            prop_assert!(replayed.is_empty());
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut payload = vec![TAG];
+            payload.extend(bytes);
+            let _ = decode(&payload);
+        }
+    }
+
+    #[test]
+    fn a_group_interrupted_in_the_middle_is_refused() {
+        let writes: Vec<Staged> = (0..10).map(|i| (1, vec![i; 30], Some(vec![i; 30]))).collect();
+        let mut records = encode_all(&writes, 80);
+        assert!(records.len() > 2);
+        records.insert(1, b"{}".to_vec());
+        assert!(groups(records.iter().map(Vec::as_slice)).is_err());
+    }
+
+    #[test]
+    fn a_write_larger_than_a_segment_is_refused() {
+        let big = vec![0u8; 5000];
+        let refused = encode([(1u8, b"k".as_slice(), Some(big.as_slice()))].into_iter(), 1024, 4096);
+        assert_eq!(refused.unwrap_err().code, bbx_core::ErrorCode::PayloadTooLarge);
+    }
+}
