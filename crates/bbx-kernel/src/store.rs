@@ -499,10 +499,8 @@ impl Committer {
         } else {
             Ok(())
         };
-        if let Err(e) = &durable {
-            tracing::error!(error = %e, "storage write failed; refusing further writes");
-            self.failed.store(true, Ordering::Release);
-        } else if wrote {
+        // A failure was logged, and the store marked failed, where it happened.
+        if durable.is_ok() && wrote {
             // Publish before answering: a writer that got its acknowledgement reads
             // its own write.
             *self.durable.write() = Arc::new(self.db.snapshot());
@@ -1184,7 +1182,7 @@ mod tests {
     #[tokio::test]
     async fn readers_see_a_write_once_it_is_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = open_store(dir.path()).await;
+        let (store, _) = open_store(dir.path(), 1 << 20).await;
         let a = agent();
         let visible = |store: &Store| store.view().get(&store.ks.agents, a.id.as_bytes()).unwrap().is_some();
         assert!(!visible(&store));
@@ -1200,20 +1198,20 @@ mod tests {
 
     /// A store on `dir/db` journaling to `dir/journal`, and the journal's first
     /// record, held so that no checkpoint passes the records after it.
-    async fn open_store(dir: &Path) -> (Store, bbx_journal::Lsn) {
+    async fn open_store(dir: &Path, max_record: usize) -> (Store, bbx_journal::Lsn) {
         let (journal, recovery) =
             bbx_journal::Journal::open(&dir.join("journal"), bbx_journal::JournalOptions::default()).unwrap();
         let held = recovery.records.iter().map(|r| r.lsn).collect();
         let writer = JournalWriter::start(journal, held, crate::ring::RingMetrics::new()).unwrap();
         let pin = writer.append(vec![b"{}".to_vec()]).await.unwrap()[0];
-        let store = Store::open(&dir.join("db"), 16, writer, &recovery.records, 1 << 20).unwrap();
+        let store = Store::open(&dir.join("db"), 16, writer, &recovery.records, max_record).unwrap();
         (store, pin)
     }
 
     #[tokio::test]
     async fn the_journal_alone_rebuilds_every_acknowledged_write() {
         let live = tempfile::tempdir().unwrap();
-        let (store, _) = open_store(live.path()).await;
+        let (store, _) = open_store(live.path(), 1 << 20).await;
         let a = agent();
         store.write(Write::CreateAgent(a.clone())).await.unwrap();
         let big = vec![b'7'; 300_000];
@@ -1239,7 +1237,7 @@ mod tests {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
         }
-        let (rebuilt, _) = open_store(crashed.path()).await;
+        let (rebuilt, _) = open_store(crashed.path(), 1 << 20).await;
         let view = rebuilt.view();
         assert!(view.get(&rebuilt.ks.agents, a.id.as_bytes()).unwrap().is_some());
         assert_eq!(rebuilt.agent_count().unwrap(), 1);
@@ -1255,6 +1253,25 @@ mod tests {
         assert_eq!(decode_state(&stored).unwrap().json, big.as_slice());
         store.close().await;
         rebuilt.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_write_too_large_for_the_journal_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open_store(dir.path(), 4096).await;
+        let a = agent();
+        store.write(Write::CreateAgent(a.clone())).await.unwrap();
+        let big = Write::SetState {
+            agent: a.id,
+            key: "big".into(),
+            value: vec![b'1'; 8192],
+            if_version: None,
+            at: Utc::now(),
+        };
+        assert_eq!(store.write(big).await.unwrap_err().code, ErrorCode::PayloadTooLarge);
+        assert!(!store.failed.load(Ordering::Acquire));
+        assert_eq!(store.write(set(&a, "small", None)).await.unwrap(), Applied::Version(1));
+        store.close().await;
     }
 
     #[test]
