@@ -156,7 +156,8 @@ pub struct RingConfig {
     pub breaker_trials: u32,
     /// Size at which a journal segment rolls over.
     pub journal_segment_bytes: u64,
-    /// Completions of ops without effects kept in memory for reaping.
+    /// Completions of ops without effects kept in memory for reaping: the newest
+    /// half of this many at least, this many at most.
     pub recent_completions: usize,
 }
 

@@ -589,7 +589,12 @@ impl Kernel {
 
     /// Submits a batch of ops; answers once every op with effects is journaled.
     pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
-        self.submit_with(caller, batch, ring::Dispatcher::Task).await
+        let submitted = self.submit_with(caller, batch, ring::Dispatcher::Submitter).await?;
+        // The submitting task starts the next batch itself: inline ops (`noop`,
+        // `state.get`) complete here, without waking the dispatcher task and the
+        // thread it sleeps on; what is left for it, it is woken for.
+        self.ring.dispatch_once();
+        Ok(submitted)
     }
 
     async fn submit_with(

@@ -383,6 +383,14 @@ async fn low_priority_is_not_starved_and_a_flooding_agent_waits_its_turn() {
     .await;
     let flooder = ring.agent().await;
     let other = ring.agent().await;
+    // The only worker is busy first, so LOW queues (an idle ring starts it at once).
+    let mut stream = vec![
+        ring.one(SubmitOp {
+            priority: Priority::Realtime,
+            ..op(flooder, "sleep", json!({"ms": 5}))
+        })
+        .await,
+    ];
     let low = ring
         .one(SubmitOp {
             priority: Priority::Low,
@@ -391,7 +399,6 @@ async fn low_priority_is_not_starved_and_a_flooding_agent_waits_its_turn() {
         .await;
     // REALTIME ops arrive every millisecond and take 5 ms each: without aging the
     // LOW op would wait for as long as the stream lasts.
-    let mut stream = Vec::new();
     for _ in 0..1500 {
         let realtime = SubmitOp {
             priority: Priority::Realtime,

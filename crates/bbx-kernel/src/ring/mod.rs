@@ -103,15 +103,16 @@ pub(crate) struct Ring {
 /// SipHash's defence against chosen keys buys nothing there, and it took 4 % of the
 /// ring's CPU in a profile. Keys that clients choose (idempotency keys) keep SipHash.
 struct RingState {
-    live: FxHashMap<OpId, Live>,
+    /// Boxed: an op's entry is a few hundred bytes, moved on every insert,
+    /// removal and rehash otherwise.
+    live: FxHashMap<OpId, Box<Live>>,
     /// Idempotency keys of live ops.
     keys: HashMap<(AgentId, String), OpId>,
     scheduler: Scheduler<AgentId, OpId>,
     /// Live op -> the live ops waiting for it.
     dependents: FxHashMap<OpId, Vec<OpId>>,
-    /// Completions of ops that were not recorded in the store, newest last.
-    recent: FxHashMap<OpId, Arc<Completion>>,
-    recent_order: VecDeque<OpId>,
+    /// Completions of ops that were not recorded in the store.
+    recent: Recent,
     counters: Counters,
     /// In-doubt ops an operator is resolving right now.
     resolving: FxHashSet<OpId>,
@@ -291,6 +292,8 @@ struct Outbox {
     to_record: Vec<Pending>,
     /// A dependent was queued: the dispatcher has work.
     queued: bool,
+    /// Completions the ring stopped remembering, dropped outside its lock.
+    forgotten: Option<FxHashMap<OpId, Arc<Completion>>>,
 }
 
 impl Outbox {
@@ -302,7 +305,42 @@ impl Outbox {
             released: Vec::new(),
             to_record: Vec::new(),
             queued: false,
+            forgotten: None,
         }
+    }
+}
+
+/// The completions of ops that left no record in the store (no effects, no key),
+/// kept readable for a while: the newest `capacity / 2` to `capacity`, in two
+/// generations. Forgetting them costs no removal per op (a random access into a
+/// large table): a whole old generation is dropped at once.
+struct Recent {
+    current: FxHashMap<OpId, Arc<Completion>>,
+    previous: FxHashMap<OpId, Arc<Completion>>,
+    generation: usize,
+}
+
+impl Recent {
+    fn new(capacity: usize) -> Self {
+        Self {
+            current: FxHashMap::default(),
+            previous: FxHashMap::default(),
+            generation: (capacity / 2).max(1),
+        }
+    }
+
+    fn get(&self, id: &OpId) -> Option<&Arc<Completion>> {
+        self.current.get(id).or_else(|| self.previous.get(id))
+    }
+
+    /// Remembers a completion; returns the generation it pushed out, if any.
+    fn insert(&mut self, id: OpId, completion: Arc<Completion>) -> Option<FxHashMap<OpId, Arc<Completion>>> {
+        self.current.insert(id, completion);
+        if self.current.len() < self.generation {
+            return None;
+        }
+        let full = std::mem::take(&mut self.current);
+        Some(std::mem::replace(&mut self.previous, full))
     }
 }
 
@@ -526,8 +564,7 @@ impl Ring {
                 keys: HashMap::new(),
                 scheduler,
                 dependents: FxHashMap::default(),
-                recent: FxHashMap::default(),
-                recent_order: VecDeque::new(),
+                recent: Recent::new(config.recent_completions),
                 resolving: FxHashSet::default(),
                 counters: Counters {
                     latency: [histogram(), histogram(), histogram(), histogram()],
@@ -938,7 +975,7 @@ impl Ring {
         }
         st.live.insert(
             id,
-            Live {
+            Box::new(Live {
                 record,
                 exec,
                 lsn,
@@ -960,7 +997,7 @@ impl Ring {
                 exec_time: Duration::ZERO,
                 cancel: None,
                 waiters: Vec::new(),
-            },
+            }),
         );
         Ok(())
     }
@@ -1616,7 +1653,9 @@ impl Ring {
             released,
             to_record,
             queued,
+            forgotten,
         } = out;
+        drop(forgotten);
         for (waiter, completion) in answers {
             waiter.answer(completion);
         }
@@ -1734,13 +1773,10 @@ impl Ring {
             counters.window.pop_front();
         }
         if !recorded {
-            st.recent.insert(completion.op_id, completion.clone());
-            st.recent_order.push_back(completion.op_id);
-            while st.recent_order.len() > self.config.recent_completions {
-                if let Some(old) = st.recent_order.pop_front() {
-                    st.recent.remove(&old);
-                }
-            }
+            out.forgotten = st
+                .recent
+                .insert(completion.op_id, completion.clone())
+                .or(out.forgotten.take());
         }
         for dependent in st.dependents.remove(&completion.op_id).unwrap_or_default() {
             if let Some(waiting) = st.live.get_mut(&dependent) {
