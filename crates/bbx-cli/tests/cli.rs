@@ -3,6 +3,7 @@
 mod support;
 
 use serde_json::json;
+use std::io::Write as _;
 use std::process::Command;
 use support::{BBX, Kernel, json, stderr, stdout};
 
@@ -184,7 +185,23 @@ fn completions_and_serve_refusing_a_taken_port() {
         .output()
         .unwrap();
     assert_one_line_failure(&taken, "cannot listen");
-    // A second kernel on the same data directory is refused, not allowed to corrupt it.
+    // A second kernel on the same data directory is refused, not allowed to corrupt
+    // it: it must not even recover the journal, which would cut what looks like a
+    // torn tail but is a record the running kernel is writing.
+    let mut segments: Vec<_> = std::fs::read_dir(kernel.data_dir().join("journal"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a journal segment").clone();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap()
+        .write_all(b"torn")
+        .unwrap();
+    let length = std::fs::metadata(&last).unwrap().len();
     let same_dir = Command::new(BBX)
         .args([
             "serve",
@@ -196,6 +213,11 @@ fn completions_and_serve_refusing_a_taken_port() {
         .output()
         .unwrap();
     assert_one_line_failure(&same_dir, "in use by another BBX kernel");
+    assert_eq!(
+        std::fs::metadata(&last).unwrap().len(),
+        length,
+        "the refused kernel cut the journal"
+    );
 }
 
 #[test]

@@ -113,8 +113,11 @@ impl Kernel {
     /// Opens (or creates) the data directory and everything in it.
     pub async fn open(config: KernelConfig) -> Result<Opened> {
         create_private_dir(&config.data_dir)?;
-        // One journal behind both the ring and the store: opened first, since the
-        // store replays its own records from it before anything reads the store.
+        // The database's lock first: a second kernel on this directory is refused
+        // before it can touch the journal (whose recovery truncates a torn tail).
+        let db = store::open_database(&config.data_dir.join("db"))?;
+        // One journal behind both the ring and the store: read before the store is,
+        // since the store replays its own records from it.
         let segment_bytes = config.ring.journal_segment_bytes;
         let (journal, recovery) = bbx_journal::Journal::open(
             &config.data_dir.join(JOURNAL_DIR),
@@ -132,7 +135,7 @@ impl Kernel {
             ring_metrics.clone(),
         )?;
         let store = Arc::new(Store::open(
-            &config.data_dir.join("db"),
+            db,
             config.commit_max_batch,
             journal.clone(),
             &recovery.records,

@@ -266,18 +266,18 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// Opens the database, replays the redo records among `recovered` (the
-    /// journal's records after its checkpoint) and makes the result durable, then
-    /// starts the committer, which journals through `journal` in records of at most
+    /// Replays the redo records among `recovered` (the journal's records after its
+    /// checkpoint) into the database (opened, and so locked, with [`open_database`]
+    /// before the journal was) and makes the result durable, then starts the
+    /// committer, which journals through `journal` in records of at most
     /// `max_record` bytes.
     pub fn open(
-        dir: &Path,
+        db: Database,
         commit_max_batch: usize,
         journal: JournalWriter,
         recovered: &[bbx_journal::Record],
         max_record: usize,
     ) -> Result<Self> {
-        let db = open_database(dir)?;
         let ks = Keyspaces::open(&db)?;
         let groups = redo::groups(recovered.iter().map(|r| r.payload.as_slice()))?;
         if !groups.is_empty() {
@@ -1204,7 +1204,8 @@ mod tests {
         let held = recovery.records.iter().map(|r| r.lsn).collect();
         let writer = JournalWriter::start(journal, held, crate::ring::RingMetrics::new()).unwrap();
         let pin = writer.append(vec![b"{}".to_vec()]).await.unwrap()[0];
-        let store = Store::open(&dir.join("db"), 16, writer, &recovery.records, max_record).unwrap();
+        let db = open_database(&dir.join("db")).unwrap();
+        let store = Store::open(db, 16, writer, &recovery.records, max_record).unwrap();
         (store, pin)
     }
 
