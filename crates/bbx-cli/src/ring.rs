@@ -180,7 +180,7 @@ pub fn journal(cli: &Cli, command: &JournalCommand) -> Result<()> {
             ),
             Some(p) => println!(
                 "CORRUPT: {} at byte {}: {}; {} bytes from there on are unreadable. \
-                 `bbx journal repair` (kernel stopped) cuts them off, losing the ops in them",
+                 `bbx journal repair` (kernel stopped) cuts them off, losing the ops and the store writes in them",
                 p.segment.display(),
                 p.offset,
                 p.reason,

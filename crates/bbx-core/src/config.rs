@@ -157,7 +157,7 @@ pub struct RingConfig {
     /// Size at which a journal segment rolls over.
     pub journal_segment_bytes: u64,
     /// Completions of ops without effects kept in memory for reaping: the newest
-    /// half of this many at least, this many at most.
+    /// this many at least, twice this many at most.
     pub recent_completions: usize,
 }
 
@@ -288,6 +288,14 @@ impl KernelConfig {
             ));
         }
         config.ring.validate()?;
+        // Any one stored value (bounded by a request body) must fit in a journal
+        // record with room to spare, or the store could not journal it.
+        if config.ring.journal_segment_bytes < 4 * config.max_body_bytes as u64 {
+            return Err(Error::invalid_field(
+                "ring.journal_segment_bytes",
+                "ring.journal_segment_bytes must be at least 4 × max_body_bytes",
+            ));
+        }
         for (name, endpoint) in &config.tools.llm.endpoints {
             if !(endpoint.base_url.starts_with("http://") || endpoint.base_url.starts_with("https://")) {
                 return Err(Error::invalid_field(

@@ -165,7 +165,8 @@ pub struct StorageStatus {
     pub disk_bytes: u64,
     /// Writes acknowledged since start; each was on disk before its acknowledgement.
     pub writes_committed: u64,
-    /// fdatasync calls since start; writes / syncs is the group-commit factor.
+    /// Store groups made durable since start, each one journal append (and one
+    /// share of a journal fdatasync); writes / syncs is the group-commit factor.
     pub syncs: u64,
 }
 

@@ -302,6 +302,11 @@ impl Journal {
         Ok(done)
     }
 
+    /// The largest payload [`Self::append`] takes.
+    pub fn max_payload(&self) -> usize {
+        max_payload(self.options.segment_bytes)
+    }
+
     pub fn status(&self) -> JournalStatus {
         JournalStatus {
             segments: self.segments.len(),

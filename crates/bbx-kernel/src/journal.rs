@@ -176,6 +176,25 @@ impl Writer {
     }
 
     fn commit(&mut self, group: &mut Vec<Append>) {
+        // A record too large for a segment is refused with its own Append, before
+        // anything of that Append is buffered: the rest of the group, whose
+        // records are fine, is not failed with it.
+        let max = self.journal.max_payload();
+        group.retain_mut(|(records, reply)| {
+            let Some(size) = records.iter().map(Vec::len).find(|len| *len > max) else {
+                return true;
+            };
+            let refused = Error::new(
+                bbx_core::ErrorCode::PayloadTooLarge,
+                format!("a journal record of {size} bytes does not fit in a segment ({max} bytes at most)"),
+            );
+            // The sender is taken, so the Append is dropped unanswered otherwise.
+            let _ = std::mem::replace(reply, oneshot::channel().0).send(Err(refused));
+            false
+        });
+        if group.is_empty() {
+            return;
+        }
         let started = Instant::now();
         let mut assigned = Vec::with_capacity(group.len());
         let mut failure = None;
@@ -262,5 +281,28 @@ pub(crate) fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
         p99_us: histogram.value_at_quantile(0.99),
         p999_us: histogram.value_at_quantile(0.999),
         max_us: histogram.max(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bbx_journal::JournalOptions;
+
+    #[tokio::test]
+    async fn a_record_too_large_refuses_its_own_append_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions { segment_bytes: 4096 };
+        let (journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
+        let writer = JournalWriter::start(journal, BTreeSet::new(), RingMetrics::new()).unwrap();
+        let refused = writer.append(vec![b"small".to_vec(), vec![b'x'; 8192]]).await;
+        assert_eq!(refused.unwrap_err().code, bbx_core::ErrorCode::PayloadTooLarge);
+        writer.append(vec![b"next".to_vec()]).await.unwrap();
+        writer.close().await;
+
+        // Nothing of the refused append reached the disk, not even its small record.
+        let (_, recovery) = Journal::open(dir.path(), options).unwrap();
+        let payloads: Vec<_> = recovery.records.iter().map(|r| r.payload.as_slice()).collect();
+        assert_eq!(payloads, [b"next".as_slice()]);
     }
 }

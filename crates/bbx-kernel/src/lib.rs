@@ -592,7 +592,7 @@ impl Kernel {
 
     /// Submits a batch of ops; answers once every op with effects is journaled.
     pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
-        let submitted = self.submit_with(caller, batch, ring::Dispatcher::Submitter).await?;
+        let submitted = self.submit_with(caller, batch).await?;
         // The submitting task starts the next batch itself: inline ops (`noop`,
         // `state.get`) complete here, without waking the dispatcher task and the
         // thread it sleeps on; what is left for it, it is woken for.
@@ -600,12 +600,9 @@ impl Kernel {
         Ok(submitted)
     }
 
-    async fn submit_with(
-        &self,
-        caller: &Caller,
-        batch: SubmitBatch,
-        dispatcher: ring::Dispatcher,
-    ) -> Result<Submitted> {
+    /// Checks and submits a batch; the caller then starts the next batch of ops
+    /// with [`Ring::dispatch_once`].
+    async fn submit_with(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
         let mut tenants: HashMap<AgentId, String> = HashMap::new();
         let mut ops = Vec::with_capacity(batch.ops.len());
         for (index, op) in batch.ops.into_iter().enumerate() {
@@ -623,13 +620,7 @@ impl Kernel {
         }
         let start_after = self.check_rates(&ops).await?;
         self.ring
-            .submit(
-                caller,
-                ops,
-                batch.wait_ms.map(Duration::from_millis),
-                dispatcher,
-                start_after,
-            )
+            .submit(caller, ops, batch.wait_ms.map(Duration::from_millis), start_after)
             .await
     }
 
@@ -753,9 +744,6 @@ const EXPIRY_EVERY: Duration = Duration::from_secs(600);
 /// Completions removed per committer group when sweeping.
 const EXPIRY_STEP: usize = 1024;
 
-/// Forgets completions and idempotency keys older than `retention`, now and every
-/// ten minutes, in bounded groups. Op ids are time-ordered, so the expired ops are
-/// one range of the `ops` keyspace.
 /// Nudges the store once a second, so that it makes fjall durable (and lets the
 /// journal drop its redo records) even when no write comes to trigger it.
 fn spawn_store_checkpoints(tasks: &TaskTracker, store: Arc<Store>, stopping: tokio_util::sync::CancellationToken) {
@@ -770,6 +758,9 @@ fn spawn_store_checkpoints(tasks: &TaskTracker, store: Arc<Store>, stopping: tok
     });
 }
 
+/// Forgets completions and idempotency keys older than `retention`, now and every
+/// ten minutes, in bounded groups. Op ids are time-ordered, so the expired ops are
+/// one range of the `ops` keyspace.
 fn spawn_expiry(
     tasks: &TaskTracker,
     store: Arc<Store>,

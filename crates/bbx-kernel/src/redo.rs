@@ -11,17 +11,23 @@
 //! checkpoint), and only then may the journal drop the records.
 //!
 //! A record is binary, unlike the ring's JSON entries, whose first byte is always
-//! `{`: tag, whether it ends its group, then `(keyspace, key, value or removal)`
-//! triples. A group larger than one record is split into consecutive records; only
-//! a group whose last record is there is replayed (a crash can tear the end of the
-//! journal, never its middle).
+//! `{`: tag, whether it starts and whether it ends its group, then `(keyspace, key,
+//! value or removal)` triples. A group larger than one record is split into
+//! consecutive records; only a group whose records are all there is replayed. A
+//! group can lack its end only because a crash tore it (a segment roll syncs the
+//! first part of a group early); it was never acknowledged nor applied, so it is
+//! dropped, even when records written after the restart follow it.
 
 use bbx_core::{Error, Result};
 
 /// The first byte of a redo record.
 const TAG: u8 = 0xB5;
-/// Header: tag and the last-of-group flag.
+/// Header: tag and the group flags.
 const HEADER: usize = 2;
+/// The record starts its group.
+const FIRST: u8 = 2;
+/// The record ends its group.
+const LAST: u8 = 1;
 
 /// One staged write: keyspace index, key, and the new value (`None` removes it).
 pub(crate) type Staged = (u8, Vec<u8>, Option<Vec<u8>>);
@@ -48,7 +54,7 @@ pub(crate) fn encode<'a>(
     max_record: usize,
 ) -> Result<Vec<Vec<u8>>> {
     let mut records = Vec::new();
-    let mut current = vec![TAG, 0];
+    let mut current = vec![TAG, FIRST];
     for (keyspace, key, value) in writes {
         let size = framed_len(key, value);
         if HEADER + size > max_record || key.len() > u32::MAX as usize {
@@ -72,7 +78,7 @@ pub(crate) fn encode<'a>(
             None => current.push(0),
         }
     }
-    current[1] = 1;
+    current[1] |= LAST;
     records.push(current);
     Ok(records)
 }
@@ -93,12 +99,19 @@ fn take_len(bytes: &[u8], at: &mut usize) -> Result<usize> {
     Ok(u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize)
 }
 
-/// Decodes one record: its writes, and whether it ends its group.
-pub(crate) fn decode(payload: &[u8]) -> Result<(Vec<Staged>, bool)> {
-    if payload.len() < HEADER || payload[0] != TAG || payload[1] > 1 {
+/// One decoded record.
+pub(crate) struct Part {
+    pub writes: Vec<Staged>,
+    pub first: bool,
+    pub last: bool,
+}
+
+/// Decodes one record.
+pub(crate) fn decode(payload: &[u8]) -> Result<Part> {
+    if payload.len() < HEADER || payload[0] != TAG || payload[1] & !(FIRST | LAST) != 0 {
         return Err(Error::internal("a journal record is not a store redo record"));
     }
-    let last = payload[1] == 1;
+    let (first, last) = (payload[1] & FIRST != 0, payload[1] & LAST != 0);
     let mut writes = Vec::new();
     let mut at = HEADER;
     while at < payload.len() {
@@ -115,29 +128,29 @@ pub(crate) fn decode(payload: &[u8]) -> Result<(Vec<Staged>, bool)> {
         };
         writes.push((keyspace, key, value));
     }
-    Ok((writes, last))
+    Ok(Part { writes, first, last })
 }
 
 /// Collects whole groups from the journal's records, in order: each item is one
-/// group's writes. A group cut off at the end of the journal (a torn write) is
-/// dropped, since it was never acknowledged; one interrupted in the middle means
-/// the journal is not what the committer wrote, and is an error.
+/// group's writes. A group without its end (torn by a crash, wherever later records
+/// put it) is dropped: it was never acknowledged, nor applied to the store.
 pub(crate) fn groups<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Vec<Staged>>> {
     let mut groups = Vec::new();
     let mut open: Option<Vec<Staged>> = None;
     for payload in payloads {
         if !is_redo(payload) {
-            if open.is_some() {
-                return Err(Error::internal(
-                    "a store redo group in the journal is interrupted by another record",
-                ));
-            }
+            open = None;
             continue;
         }
-        let (writes, last) = decode(payload)?;
-        let group = open.get_or_insert_with(Vec::new);
-        group.extend(writes);
-        if last {
+        let part = decode(payload)?;
+        if part.first {
+            open = Some(Vec::new());
+        }
+        // A continuation with no group open belongs to a torn group whose start
+        // was dropped: it goes too.
+        let Some(group) = open.as_mut() else { continue };
+        group.extend(part.writes);
+        if part.last {
             groups.extend(open.take());
         }
     }
@@ -201,12 +214,22 @@ mod tests {
     }
 
     #[test]
-    fn a_group_interrupted_in_the_middle_is_refused() {
-        let writes: Vec<Staged> = (0..10).map(|i| (1, vec![i; 30], Some(vec![i; 30]))).collect();
-        let mut records = encode_all(&writes, 80);
-        assert!(records.len() > 2);
-        records.insert(1, b"{}".to_vec());
-        assert!(groups(records.iter().map(Vec::as_slice)).is_err());
+    fn a_torn_group_followed_by_later_records_is_dropped_and_later_groups_kept() {
+        let torn: Vec<Staged> = (0..10).map(|i| (1, vec![i; 30], Some(vec![i; 30]))).collect();
+        let torn = encode_all(&torn, 80);
+        assert!(torn.len() > 2);
+        let later: Vec<Staged> = vec![(2, b"k".to_vec(), Some(b"v".to_vec()))];
+        // Written after a restart: a ring entry, or at once the next group.
+        for between in [Some(b"{}".to_vec()), None] {
+            let mut records = torn[..2].to_vec();
+            records.extend(between.clone());
+            records.extend(encode_all(&later, 80));
+            let replayed = groups(records.iter().map(Vec::as_slice)).unwrap();
+            assert_eq!(replayed, vec![later.clone()], "between: {between:?}");
+        }
+        // The tail of a torn group, its start already dropped, goes too.
+        let replayed = groups(torn[1..].iter().map(Vec::as_slice)).unwrap();
+        assert!(replayed.is_empty());
     }
 
     #[test]

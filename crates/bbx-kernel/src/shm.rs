@@ -10,7 +10,7 @@
 
 use crate::Kernel;
 use crate::auth::Caller;
-use crate::ring::{Dispatcher, Sink};
+use crate::ring::Sink;
 use bbx_core::op::{Completion, OpenShm, ShmSession, SubmitBatch, Submitted};
 use bbx_core::{Error, ErrorCode, KeyId, Result};
 use bbx_ring::shm::{self, KernelEnd};
@@ -180,7 +180,7 @@ impl Session {
             ops: vec![op],
             wait_ms: None,
         };
-        let mut submitting = Box::pin(async move { kernel.submit_with(&caller, batch, Dispatcher::Submitter).await });
+        let mut submitting = Box::pin(async move { kernel.submit_with(&caller, batch).await });
         match submitting.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(submitted) => self.accepted(tag, submitted),
             Poll::Pending => {

@@ -487,7 +487,7 @@ impl Committer {
             return;
         }
         let started = Instant::now();
-        let mut tx = GroupTx::new(&self.ks);
+        let mut tx = GroupTx::new(&self.ks, self.max_record / 2);
         let outcomes: Vec<Vec<Result<Applied>>> = group
             .iter()
             .map(|r| r.writes.iter().map(|w| tx.apply(w)).collect())
@@ -567,6 +567,8 @@ struct GroupTx<'a> {
     /// Agents found to exist earlier in the group: an effect needs only that, and
     /// a group is mostly one agent's ops. A deletion in the group clears it.
     known_agents: FxHashSet<AgentId>,
+    /// The largest completion that fits in a journal record with room to spare.
+    max_completion: usize,
 }
 
 const AGENTS: u8 = 0;
@@ -582,8 +584,9 @@ const SPEND: u8 = 9;
 const KEYSPACES: usize = 10;
 
 impl<'a> GroupTx<'a> {
-    fn new(ks: &'a Keyspaces) -> Self {
+    fn new(ks: &'a Keyspaces, max_completion: usize) -> Self {
         Self {
+            max_completion,
             ks,
             staged: Default::default(),
             known_agents: FxHashSet::default(),
@@ -756,7 +759,22 @@ impl<'a> GroupTx<'a> {
                         }
                     }
                 }
-                let json = serde_json::to_vec(&completion).map_err(|e| Error::internal(e.to_string()))?;
+                let mut json = serde_json::to_vec(&completion).map_err(|e| Error::internal(e.to_string()))?;
+                if json.len() > self.max_completion && effect.is_none() {
+                    // Too large to journal (a tool's huge output): the op ends with
+                    // an error naming the size, instead of never ending at all.
+                    completion.status = CompletionStatus::Error;
+                    completion.result = None;
+                    completion.error = Some(Error::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!(
+                            "the op's completion is {} bytes; at most {} bytes can be recorded",
+                            json.len(),
+                            self.max_completion
+                        ),
+                    ));
+                    json = serde_json::to_vec(&completion).map_err(|e| Error::internal(e.to_string()))?;
+                }
                 self.put(OPS, completion.op_id.as_bytes().to_vec(), json);
                 if let (Some(key), Some(digest)) = (&completion.idempotency_key, digest) {
                     let mut value = completion.op_id.as_bytes().to_vec();
@@ -1090,7 +1108,7 @@ mod tests {
     fn writes_in_one_group_see_each_other() {
         let (_dir, db, ks) = fresh();
         let a = agent();
-        let mut tx = GroupTx::new(&ks);
+        let mut tx = GroupTx::new(&ks, usize::MAX);
         assert_eq!(tx.apply(&Write::CreateAgent(a.clone())).unwrap(), Applied::Done);
         assert_eq!(tx.apply(&set(&a, "k", Some(0))).unwrap(), Applied::Version(1));
         // A second create-only CAS in the same group sees the first.
@@ -1106,14 +1124,14 @@ mod tests {
     fn a_deleted_agents_state_is_purged_in_bounded_steps() {
         let (_dir, db, ks) = fresh();
         let a = agent();
-        let mut tx = GroupTx::new(&ks);
+        let mut tx = GroupTx::new(&ks, usize::MAX);
         tx.apply(&Write::CreateAgent(a.clone())).unwrap();
         for i in 0..5 {
             tx.apply(&set(&a, &format!("k{i}"), None)).unwrap();
         }
         tx.commit(&db).unwrap();
 
-        let mut tx = GroupTx::new(&ks);
+        let mut tx = GroupTx::new(&ks, usize::MAX);
         tx.apply(&set(&a, "staged-in-the-same-group", None)).unwrap();
         tx.apply(&Write::DeleteAgent(a.id)).unwrap();
         // Once deleted, the agent takes no more writes in the same group.
@@ -1133,7 +1151,7 @@ mod tests {
 
         let mut steps = 1;
         loop {
-            let mut tx = GroupTx::new(&ks);
+            let mut tx = GroupTx::new(&ks, usize::MAX);
             let applied = tx.apply(&purge).unwrap();
             tx.commit(&db).unwrap();
             steps += 1;
@@ -1150,7 +1168,7 @@ mod tests {
     fn a_refused_write_stages_nothing() {
         let (_dir, _db, ks) = fresh();
         let a = agent();
-        let mut tx = GroupTx::new(&ks);
+        let mut tx = GroupTx::new(&ks, usize::MAX);
         assert_eq!(code(tx.apply(&set(&a, "k", None))), ErrorCode::NotFound);
         assert_eq!(code(tx.apply(&Write::DeleteAgent(a.id))), ErrorCode::NotFound);
         assert!(tx.is_empty());
@@ -1165,13 +1183,13 @@ mod tests {
     fn versions_survive_deletion_so_stale_cas_cannot_win() {
         let (_dir, db, ks) = fresh();
         let a = agent();
-        let mut tx = GroupTx::new(&ks);
+        let mut tx = GroupTx::new(&ks, usize::MAX);
         tx.apply(&Write::CreateAgent(a.clone())).unwrap();
         tx.apply(&set(&a, "k", None)).unwrap();
         tx.apply(&delete(&a, "k", Some(1))).unwrap();
         tx.commit(&db).unwrap();
 
-        let mut tx = GroupTx::new(&ks);
+        let mut tx = GroupTx::new(&ks, usize::MAX);
         // A client still holding version 1 must not overwrite a re-created key.
         assert_eq!(code(tx.apply(&set(&a, "k", Some(1)))), ErrorCode::VersionConflict);
         assert_eq!(code(tx.apply(&delete(&a, "k", None))), ErrorCode::NotFound);
@@ -1273,6 +1291,43 @@ mod tests {
         assert!(!store.failed.load(Ordering::Acquire));
         assert_eq!(store.write(set(&a, "small", None)).await.unwrap(), Applied::Version(1));
         store.close().await;
+    }
+
+    #[test]
+    fn a_completion_too_large_to_journal_is_recorded_as_an_error() {
+        let (_dir, _db, ks) = fresh();
+        let mut tx = GroupTx::new(&ks, 1000);
+        let completion = Completion {
+            op_id: OpId::generate(),
+            agent: AgentId::generate(),
+            tenant: "t".into(),
+            kind: "tool.http".into(),
+            status: CompletionStatus::Ok,
+            result: Some(json!("x".repeat(5000))),
+            error: None,
+            attempts: 1,
+            queue_us: 0,
+            exec_us: 0,
+            total_us: 0,
+            submitted_at: Utc::now(),
+            completed_at: Utc::now(),
+            idempotency_key: None,
+            user_data: None,
+            trace: None,
+        };
+        let write = Write::Complete {
+            completion: Box::new(completion),
+            effect: None,
+            digest: None,
+            doubt: None,
+            charge: None,
+        };
+        let Applied::Completed(recorded) = tx.apply(&write).unwrap() else {
+            panic!("not a completion")
+        };
+        assert_eq!(recorded.status, CompletionStatus::Error);
+        assert_eq!(recorded.error.unwrap().code, ErrorCode::PayloadTooLarge);
+        assert!(tx.writes().all(|(_, _, v)| v.is_none_or(|v| v.len() <= 1000)));
     }
 
     #[test]

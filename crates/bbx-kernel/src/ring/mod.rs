@@ -311,7 +311,7 @@ impl Outbox {
 }
 
 /// The completions of ops that left no record in the store (no effects, no key),
-/// kept readable for a while: the newest `capacity / 2` to `capacity`, in two
+/// kept readable for a while: the newest `capacity` to `2 × capacity`, in two
 /// generations. Forgetting them costs no removal per op (a random access into a
 /// large table): a whole old generation is dropped at once.
 struct Recent {
@@ -325,7 +325,7 @@ impl Recent {
         Self {
             current: FxHashMap::default(),
             previous: FxHashMap::default(),
-            generation: (capacity / 2).max(1),
+            generation: capacity.max(1),
         }
     }
 
@@ -626,15 +626,14 @@ impl Ring {
         Ok(())
     }
 
-    /// Submits a batch. `dispatcher` says who starts its ops: the dispatcher
-    /// task, or the submitting thread itself right after (a shared-memory session),
-    /// which saves waking another thread.
+    /// Submits a batch. The submitter starts its ops itself right after, with
+    /// [`Self::dispatch_once`], which saves waking the dispatcher task; only ops
+    /// accepted after a journal sync (when the submitter may be long gone) wake it.
     pub async fn submit(
         self: &Arc<Self>,
         caller: &Caller,
         ops: Vec<(SubmitOp, String)>,
         wait: Option<Duration>,
-        dispatcher: Dispatcher,
         start_after: Option<Duration>,
     ) -> Result<Submitted> {
         if self.closing.load(Ordering::Acquire) {
@@ -715,7 +714,7 @@ impl Ring {
             }
             self.gauge_queues(&st);
         }
-        if dispatcher == Dispatcher::Task || !journaled.is_empty() {
+        if !journaled.is_empty() {
             self.work.notify_one();
         }
         self.finish_all(finish);
@@ -1083,6 +1082,9 @@ impl Ring {
     /// after it submits, so that an inline op completes on the submitting thread
     /// with no wakeup of another.
     pub fn dispatch_once(self: &Arc<Self>) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
         let running = self.running.claim(DISPATCH_BATCH);
         let both = self.completing.claim(running);
         // Short of completion slots: freeing one of those wakes the dispatcher.
@@ -2156,15 +2158,6 @@ struct Recovered {
     /// external effects).
     started: Option<(Lsn, Option<Reservation>)>,
     op: OpRecord,
-}
-
-/// Who starts the ops of a submission.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dispatcher {
-    /// The dispatcher task, woken by the submission.
-    Task,
-    /// The submitting thread, by calling [`Ring::dispatch_once`] next.
-    Submitter,
 }
 
 /// An op about to end.
