@@ -159,6 +159,10 @@ pub struct RingConfig {
     /// Completions of ops without effects kept in memory for reaping: the newest
     /// this many at least, twice this many at most.
     pub recent_completions: usize,
+    /// Seconds between passes that copy the journal records of long-running ops
+    /// forward, so that one op running for hours does not pin everything journaled
+    /// after it.
+    pub journal_copy_forward_secs: u64,
 }
 
 impl Default for RingConfig {
@@ -179,6 +183,7 @@ impl Default for RingConfig {
             breaker_trials: 1,
             journal_segment_bytes: 64 << 20,
             recent_completions: 65_536,
+            journal_copy_forward_secs: 10,
         }
     }
 }
@@ -194,6 +199,10 @@ impl RingConfig {
             ("ring.max_args_bytes", self.max_args_bytes),
             ("ring.breaker_failures", self.breaker_failures as usize),
             ("ring.breaker_trials", self.breaker_trials as usize),
+            (
+                "ring.journal_copy_forward_secs",
+                self.journal_copy_forward_secs as usize,
+            ),
         ];
         for (field, value) in positive {
             if value == 0 {

@@ -511,3 +511,50 @@ async fn tenant_keys_see_only_their_tenants_ops() {
         ErrorCode::PermissionDenied
     );
 }
+
+#[tokio::test]
+async fn a_long_running_op_does_not_pin_the_journal_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RingConfig {
+        journal_copy_forward_secs: 1,
+        ..Default::default()
+    };
+    let waiting = {
+        let ring = open(dir.path(), config.clone()).await;
+        let agent = ring.agent().await;
+        let first_lsn = ring.kernel.wal_status(&ring.admin).await.unwrap().next_lsn;
+        // A journaled op that stays live: it waits for a long sleep.
+        let sleep = ring.one(op(agent, "sleep", json!({"ms": 60_000}))).await;
+        let waiting = ring
+            .one(SubmitOp {
+                depends_on: vec![sleep.to_string()],
+                ..op(agent, "state.set", json!({"key": "k", "value": 1}))
+            })
+            .await;
+        // Journal more (store writes) until the checkpoint has passed the waiting
+        // op's record: only a copy of it can let the checkpoint go by.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            ring.result(ring.one(op(agent, "state.incr", json!({"key": "n", "by": 1}))).await)
+                .await;
+            let wal = ring.kernel.wal_status(&ring.admin).await.unwrap();
+            if wal.checkpoint_lsn > first_lsn {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checkpoint stayed behind the live op: {wal:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ring.kernel.shutdown().await;
+        waiting
+    };
+    // Its first record is behind the checkpoint now; the copy brings it back. Its
+    // dependency, a sleep, left no record, so it ends cancelled, naming that.
+    let ring = open(dir.path(), config).await;
+    let completion = ring.wait(waiting).await.completion.unwrap();
+    assert_eq!(completion.status, CompletionStatus::Cancelled, "{completion:?}");
+    assert!(completion.error.unwrap().message.contains("lost in a restart"));
+    ring.kernel.shutdown().await;
+}

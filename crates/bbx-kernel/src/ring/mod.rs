@@ -530,6 +530,7 @@ impl Ring {
         }
         ring.recover(pending)?;
         tasks.spawn(ring.clone().dispatch());
+        tasks.spawn(ring.clone().copy_forward_every());
         Ok(ring)
     }
 
@@ -1062,6 +1063,84 @@ impl Ring {
             return true;
         }
         false
+    }
+
+    /// Copies the journal records of ops that have been live for a whole pass
+    /// forward, once every `ring.journal_copy_forward_secs`.
+    async fn copy_forward_every(self: Arc<Self>) {
+        let every = Duration::from_secs(self.config.journal_copy_forward_secs);
+        let mut floor = 0;
+        loop {
+            tokio::select! {
+                () = self.stopping.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match self.copy_forward(floor).await {
+                Ok(next) => floor = next,
+                Err(e) => tracing::warn!(error = %e, "copying long-running ops forward in the journal failed"),
+            }
+        }
+    }
+
+    /// Re-journals every live op whose records are older than `floor` and releases
+    /// the old records, so that the checkpoint (the oldest record still needed) can
+    /// move on while the op runs. Recovery keeps the newest record of an
+    /// incarnation, so either copy recovers the op. Returns the next pass's floor:
+    /// where the journal ends now.
+    pub(crate) async fn copy_forward(&self, floor: Lsn) -> Result<Lsn> {
+        let next = self.journal.status().await?.next_lsn;
+        let picked: Vec<CopyForward> = {
+            let st = self.state.lock();
+            st.live
+                .iter()
+                .filter(|(id, live)| {
+                    let old = live.lsn.is_some_and(|lsn| lsn < floor) || live.started.is_some_and(|lsn| lsn < floor);
+                    old && !live.finishing && !st.resolving.contains(id)
+                })
+                .map(|(id, live)| {
+                    let mut entries = vec![Entry::Accepted((*live.record).clone()).encode()];
+                    if live.started.is_some() {
+                        let started = Entry::Started {
+                            op_id: *id,
+                            incarnation: live.record.incarnation,
+                            reserved: live.reservation.clone(),
+                        };
+                        entries.push(started.encode());
+                    }
+                    (*id, (live.lsn, live.started), entries)
+                })
+                .collect()
+        };
+        if picked.is_empty() {
+            return Ok(next);
+        }
+        let counts: Vec<usize> = picked.iter().map(|(_, _, entries)| entries.len()).collect();
+        let records = picked
+            .iter()
+            .flat_map(|(_, _, entries)| entries.iter().cloned())
+            .collect();
+        let mut lsns = self.journal.append(records).await?.into_iter();
+        let mut released = Vec::new();
+        let mut st = self.state.lock();
+        for ((id, before, _), count) in picked.into_iter().zip(counts) {
+            let copies: Vec<Lsn> = lsns.by_ref().take(count).collect();
+            let (accepted, started) = (copies[0], copies.get(1).copied());
+            match st.live.get_mut(&id) {
+                // Unchanged meanwhile: the copies replace the originals.
+                Some(live) if (live.lsn, live.started) == before && !live.finishing => {
+                    released.extend(live.lsn.replace(accepted));
+                    if let Some(started) = started {
+                        released.extend(live.started.replace(started));
+                    }
+                }
+                // Ended (its settling released what it held) or changed: the
+                // copies are not needed.
+                _ => released.extend(copies),
+            }
+        }
+        drop(st);
+        self.journal.release(released);
+        Ok(next)
     }
 
     /// Takes ops in scheduler order while running and completion slots are free.
@@ -2159,6 +2238,10 @@ struct Recovered {
     started: Option<(Lsn, Option<Reservation>)>,
     op: OpRecord,
 }
+
+/// An op picked to be journaled again: its id, its records (acceptance, start
+/// mark) when picked, and the entries to append.
+type CopyForward = (OpId, (Option<Lsn>, Option<Lsn>), Vec<Vec<u8>>);
 
 /// An op about to end.
 struct Finish {
