@@ -180,9 +180,10 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
     let session = Arc::new(kernel.session(caller.clone()));
 
     // inproc: two submitters, each a batch of 64 noops at a time, reaping all 64
-    // from the kernel's completion stream (as `GET /v1/ops/events` does).
-    let noops = move |kernel: Arc<bbx_kernel::Kernel>, session: Arc<bbx_kernel::Session>, end: Instant| async move {
-        let mut completions = kernel.completions();
+    // from a completion queue of its own.
+    let noops = move |session: Arc<bbx_kernel::Session>, end: Instant| async move {
+        let mut queue = bbx_kernel::CompletionQueue::new();
+        let mut reaped = Vec::with_capacity(64);
         let mut latencies = histogram();
         while Instant::now() < end {
             let started = Instant::now();
@@ -190,32 +191,24 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
                 ops: (0..64).map(|_| SubmitOp::new(agent, "noop", json!(null))).collect(),
                 wait_ms: Some(10_000),
             };
-            let mut pending: std::collections::HashSet<_> =
-                session.submit_ops(batch).await?.ops.iter().map(|op| op.op_id).collect();
-            while !pending.is_empty() {
-                match completions.recv().await {
-                    Ok(done) => {
-                        if pending.remove(&done.op_id) {
-                            latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
-                        }
-                    }
-                    // Fell behind the stream: reap the rest one by one.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        for id in pending.drain() {
-                            session.wait_op(id, Duration::from_secs(10)).await?;
-                            latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => bail!("the completion stream closed"),
+            let mut pending = session.submit_to(batch, &queue).await?.ops.len();
+            while pending > 0 {
+                reaped.clear();
+                if queue.reap(&mut reaped, pending).await == 0 {
+                    bail!("the completion queue closed");
                 }
+                for done in &reaped {
+                    if done.status != bbx_core::op::CompletionStatus::Ok {
+                        bail!("a noop ended {}", done.status.as_str());
+                    }
+                    latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+                }
+                pending -= reaped.len();
             }
         }
         anyhow::Ok(latencies)
     };
-    let inproc = run_tasks(2, measure, |_| {
-        noops(kernel.clone(), session.clone(), Instant::now() + measure)
-    })
-    .await?;
+    let inproc = run_tasks(2, measure, |_| noops(session.clone(), Instant::now() + measure)).await?;
 
     // durable: many submitters, one state.set each, acknowledged once journaled.
     let before = kernel.wal_status(&caller).await?;

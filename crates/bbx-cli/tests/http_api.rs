@@ -752,6 +752,17 @@ async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
                 Duration::from_secs(10),
             )
             .unwrap();
+        // A keyed op travels in the JSON form; submitted again, it is reaped again,
+        // as the same op.
+        let mut keyed = SubmitOp::new(agent, "state.incr", json!({"key": "keyed", "by": 1}));
+        keyed.idempotency_key = Some("once".into());
+        let first = shm.call(&keyed, Duration::from_secs(10)).unwrap();
+        let again = shm.call(&keyed, Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            (first.op_id, first.idempotency_key.as_deref()),
+            (again.op_id, Some("once"))
+        );
+        assert_eq!(again.result.unwrap()["value"], 1);
         // A client that submits without reaping is stopped by a full queue (the
         // kernel stops reading once it owes 8192 completions), and loses nothing.
         let mut accepted = 0u64;

@@ -19,6 +19,7 @@
 //! binds a caller to the kernel and implements [`bbx_core::AgentApi`].
 
 pub mod auth;
+mod completions;
 mod journal;
 mod quota;
 mod redo;
@@ -27,6 +28,7 @@ mod shm;
 mod store;
 
 pub use auth::Caller;
+pub use completions::CompletionQueue;
 pub use ring::{KINDS, RingMetrics};
 pub use store::StoreMetrics;
 
@@ -592,7 +594,7 @@ impl Kernel {
 
     /// Submits a batch of ops; answers once every op with effects is journaled.
     pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
-        let submitted = self.submit_with(caller, batch).await?;
+        let submitted = self.submit_with(caller, batch, None).await?;
         // The submitting task starts the next batch itself: inline ops (`noop`,
         // `state.get`) complete here, without waking the dispatcher task and the
         // thread it sleeps on; what is left for it, it is woken for.
@@ -600,9 +602,17 @@ impl Kernel {
         Ok(submitted)
     }
 
-    /// Checks and submits a batch; the caller then starts the next batch of ops
-    /// with [`Ring::dispatch_once`].
-    async fn submit_with(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
+    /// Submits a batch as [`Kernel::submit`] does, and hands each op's completion
+    /// to `queue` (a deduplicated op's too, at once if it is done).
+    pub async fn submit_to(&self, caller: &Caller, batch: SubmitBatch, queue: &CompletionQueue) -> Result<Submitted> {
+        let submitted = self.submit_with(caller, batch, Some(queue.sink())).await?;
+        self.ring.dispatch_once();
+        Ok(submitted)
+    }
+
+    /// Checks and submits a batch, handing its completions to `reaper` if given;
+    /// the caller then starts the next batch of ops with [`Ring::dispatch_once`].
+    async fn submit_with(&self, caller: &Caller, batch: SubmitBatch, reaper: Option<&ring::Sink>) -> Result<Submitted> {
         let mut tenants: HashMap<AgentId, String> = HashMap::new();
         let mut ops = Vec::with_capacity(batch.ops.len());
         for (index, op) in batch.ops.into_iter().enumerate() {
@@ -620,7 +630,13 @@ impl Kernel {
         }
         let start_after = self.check_rates(&ops).await?;
         self.ring
-            .submit(caller, ops, batch.wait_ms.map(Duration::from_millis), start_after)
+            .submit(
+                caller,
+                ops,
+                batch.wait_ms.map(Duration::from_millis),
+                start_after,
+                reaper,
+            )
             .await
     }
 
@@ -911,6 +927,11 @@ pub struct Session {
 impl Session {
     pub fn caller(&self) -> &Caller {
         &self.caller
+    }
+
+    /// See [`Kernel::submit_to`].
+    pub async fn submit_to(&self, batch: SubmitBatch, queue: &CompletionQueue) -> Result<Submitted> {
+        self.kernel.submit_to(&self.caller, batch, queue).await
     }
 }
 

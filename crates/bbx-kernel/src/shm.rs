@@ -180,7 +180,8 @@ impl Session {
             ops: vec![op],
             wait_ms: None,
         };
-        let mut submitting = Box::pin(async move { kernel.submit_with(&caller, batch).await });
+        let sink = self.sink(tag);
+        let mut submitting = Box::pin(async move { kernel.submit_with(&caller, batch, Some(&sink)).await });
         match submitting.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(submitted) => self.accepted(tag, submitted),
             Poll::Pending => {
@@ -195,16 +196,9 @@ impl Session {
         }
     }
 
-    /// Watches an accepted op for its completion, or answers a refusal.
+    /// Answers a refused submission; an accepted op answers through its sink.
     fn accepted(&mut self, tag: u64, submitted: Result<Submitted>) {
-        let watched = submitted.and_then(|submitted| {
-            let op = submitted
-                .ops
-                .first()
-                .ok_or_else(|| Error::internal("a submission of one op was answered with none"))?;
-            self.kernel.ring.watch(op.op_id, self.sink(tag))
-        });
-        if let Err(error) = watched {
+        if let Err(error) = submitted {
             self.reply(tag, Err(&error));
         }
     }

@@ -158,6 +158,63 @@ async fn a_repeated_key_returns_the_first_op_even_after_a_restart() {
 }
 
 #[tokio::test]
+async fn a_completion_queue_gets_its_own_ops_once_each_deduplicated_ones_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let done = ring.one(keyed(agent, "state.incr", json!({"key": "q"}), "done")).await;
+    ring.wait(done).await;
+    let mut late = op(agent, "state.set", json!({"key": "late", "value": 1}));
+    late.depends_on = vec!["#1".into()];
+    let batch = SubmitBatch {
+        ops: vec![
+            op(agent, "noop", json!(null)),
+            op(agent, "sleep", json!({"ms": 20})),
+            late,
+            keyed(agent, "state.incr", json!({"key": "q"}), "done"),
+            op(agent, "sleep", json!({"ms": 1, "bad": true})),
+        ],
+        wait_ms: None,
+    };
+    let mut queue = bbx_kernel::CompletionQueue::new();
+    // A refused batch hands nothing to the queue.
+    let refused = ring
+        .kernel
+        .submit_to(&ring.admin, batch.clone(), &queue)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused:?}");
+    let mut batch = batch;
+    batch.ops.pop();
+    // Another submitter's op, never handed to this queue.
+    let other = ring.one(op(agent, "noop", json!(null))).await;
+    let submitted = ring.kernel.submit_to(&ring.admin, batch, &queue).await.unwrap();
+    assert!(submitted.ops[3].deduplicated);
+    assert_eq!(submitted.ops[3].op_id, done);
+
+    let mut reaped = Vec::new();
+    while reaped.len() < 4 {
+        tokio::time::timeout(Duration::from_secs(10), queue.reap(&mut reaped, 16))
+            .await
+            .expect("every op of the batch completes");
+    }
+    let mut ids: Vec<OpId> = reaped.iter().map(|c| c.op_id).collect();
+    let mut expected: Vec<OpId> = submitted.ops.iter().map(|op| op.op_id).collect();
+    ids.sort_unstable_by_key(|id| *id.as_bytes());
+    expected.sort_unstable_by_key(|id| *id.as_bytes());
+    assert_eq!(ids, expected);
+    assert!(!ids.contains(&other));
+    assert!(reaped.iter().all(|c| c.status == CompletionStatus::Ok), "{reaped:?}");
+    let position = |id: OpId| reaped.iter().position(|c| c.op_id == id).unwrap();
+    assert!(
+        position(submitted.ops[1].op_id) < position(submitted.ops[2].op_id),
+        "a dependent completes after its dependency"
+    );
+    let nothing_more = tokio::time::timeout(Duration::from_millis(100), queue.reap(&mut reaped, 16)).await;
+    assert!(nothing_more.is_err(), "each op is reaped once: {reaped:?}");
+}
+
+#[tokio::test]
 async fn idempotency_records_expire_after_the_retention() {
     let dir = tempfile::tempdir().unwrap();
     let ring = RingConfig {

@@ -12,7 +12,8 @@
 //! Time is passed in by the caller, which keeps the policy deterministic to test.
 
 use bbx_core::op::Priority;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeSet, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -69,7 +70,7 @@ struct Waiting<T> {
 struct Level<K, T> {
     /// Agents with ops at this level, in turn order.
     turns: VecDeque<K>,
-    queues: HashMap<K, VecDeque<Waiting<T>>>,
+    queues: FxHashMap<K, VecDeque<Waiting<T>>>,
     /// (enqueue time, seq) of every op at this level: its first is the oldest.
     ages: BTreeSet<(Instant, u64)>,
 }
@@ -78,17 +79,20 @@ impl<K, T> Default for Level<K, T> {
     fn default() -> Self {
         Self {
             turns: VecDeque::new(),
-            queues: HashMap::new(),
+            queues: FxHashMap::default(),
             ages: BTreeSet::new(),
         }
     }
 }
 
+/// Keyed by agent with Fx hashing: agent ids are random ids the kernel generates,
+/// so SipHash's defence against chosen keys buys nothing, and the scheduler hashes
+/// an agent several times per op.
 pub struct Scheduler<K, T> {
     config: SchedulerConfig,
     levels: [Level<K, T>; 4],
     /// Ops waiting per agent, across levels.
-    per_agent: HashMap<K, usize>,
+    per_agent: FxHashMap<K, usize>,
     len: usize,
     seq: u64,
 }
@@ -98,7 +102,7 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
         Self {
             config,
             levels: Default::default(),
-            per_agent: HashMap::new(),
+            per_agent: FxHashMap::default(),
             len: 0,
             seq: 0,
         }
@@ -133,7 +137,7 @@ impl<K: Hash + Eq + Clone, T> Scheduler<K, T> {
                 capacity: self.config.capacity,
             });
         }
-        let mut per_agent: HashMap<&K, usize> = HashMap::new();
+        let mut per_agent: FxHashMap<&K, usize> = FxHashMap::default();
         for (agent, priority) in ops {
             let mine = per_agent
                 .entry(agent)

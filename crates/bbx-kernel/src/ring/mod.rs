@@ -148,6 +148,9 @@ struct Live {
     first_start: Option<Instant>,
     exec_time: Duration,
     cancel: Option<CancellationToken>,
+    /// The completion queue of the submission that created the op: kept apart from
+    /// `waiters`, which most ops never have, so that it costs no allocation.
+    reaper: Option<Sink>,
     waiters: Vec<Waiter>,
 }
 
@@ -155,11 +158,12 @@ struct Live {
 enum Waiter {
     /// A caller of [`Ring::wait`].
     Once(oneshot::Sender<Arc<Completion>>),
-    /// A shared-memory session, which reaps all of its ops' completions in one place.
+    /// A submitter that reaps all of its ops' completions in one place.
     Sink(Sink),
 }
 
-/// Takes completions for a shared-memory session; called outside the ring's lock.
+/// Takes the completions of the ops of one submitter (a shared-memory session, or
+/// an in-process completion queue); called outside the ring's lock.
 pub(crate) type Sink = Arc<dyn Fn(Arc<Completion>) + Send + Sync>;
 
 impl Waiter {
@@ -339,7 +343,10 @@ impl Recent {
         if self.current.len() < self.generation {
             return None;
         }
-        let full = std::mem::take(&mut self.current);
+        // Sized for a whole generation at once: growing by doubling would rehash it
+        // a dozen times under the ring's lock.
+        let next = FxHashMap::with_capacity_and_hasher(self.generation, Default::default());
+        let full = std::mem::replace(&mut self.current, next);
         Some(std::mem::replace(&mut self.previous, full))
     }
 }
@@ -636,6 +643,7 @@ impl Ring {
         ops: Vec<(SubmitOp, String)>,
         wait: Option<Duration>,
         start_after: Option<Duration>,
+        reaper: Option<&Sink>,
     ) -> Result<Submitted> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::unavailable("the kernel is shutting down"));
@@ -687,6 +695,7 @@ impl Ring {
             self.journal.append(encoded).await
         };
         let mut finish = Vec::new();
+        let mut reaped_already = Vec::new();
         {
             let mut st = self.state.lock();
             let now = Instant::now();
@@ -694,13 +703,27 @@ impl Ring {
                 Ok(lsns) => {
                     let lsn_of: FxHashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
                     for slot in &slots {
-                        if let Slot::New(id) = slot {
-                            if start_after.is_some()
-                                && let Some(live) = st.live.get_mut(id)
-                            {
-                                live.delayed = true;
+                        match (slot, reaper) {
+                            (Slot::New(id), _) => {
+                                if let Some(live) = st.live.get_mut(id) {
+                                    live.delayed = start_after.is_some();
+                                    live.reaper = reaper.cloned();
+                                }
+                                Self::activate(&mut st, *id, lsn_of.get(id).copied(), now, &mut finish);
                             }
-                            Self::activate(&mut st, *id, lsn_of.get(id).copied(), now, &mut finish);
+                            (Slot::Existing(id), Some(sink)) => match st.live.get_mut(id) {
+                                Some(live) => live.waiters.push(Waiter::Sink(sink.clone())),
+                                None => match self.completion(&st, id) {
+                                    Ok(Some(done)) => reaped_already.push(done),
+                                    Ok(None) => {
+                                        tracing::error!(op = %id, "an idempotency key names an op that is gone")
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(op = %id, error = %e, "cannot read a deduplicated op's completion")
+                                    }
+                                },
+                            },
+                            (Slot::Existing(_), None) => {}
                         }
                     }
                 }
@@ -719,6 +742,9 @@ impl Ring {
             self.work.notify_one();
         }
         self.finish_all(finish);
+        if let Some(sink) = reaper {
+            reaped_already.into_iter().for_each(|done| sink(done));
+        }
         lsns?;
         if let Some(delay) = start_after {
             let queued: Vec<OpId> = slots
@@ -782,6 +808,7 @@ impl Ring {
     /// op and the journal entries of the new ops with effects.
     fn admit(&self, caller: &Caller, ops: &[Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
         let mut st = self.state.lock();
+        let submitted_at = Utc::now();
         let mut slots: Vec<Slot> = Vec::with_capacity(ops.len());
         let mut in_batch: HashMap<(AgentId, &str), usize> = HashMap::new();
         for (index, op) in ops.iter().enumerate() {
@@ -819,7 +846,7 @@ impl Ring {
             };
             slots.push(match existing {
                 Some(id) => Slot::Existing(id),
-                None => Slot::New(OpId::generate()),
+                None => Slot::New(OpId::generate_at(submitted_at)),
             });
         }
 
@@ -893,7 +920,6 @@ impl Ring {
             })
             .collect();
         let now = Instant::now();
-        let submitted_at = Utc::now();
         let mut records = Vec::new();
         for ((slot, op), dep_ids) in slots.iter().zip(ops).zip(resolved) {
             let Slot::New(id) = *slot else {
@@ -996,6 +1022,7 @@ impl Ring {
                 first_start: None,
                 exec_time: Duration::ZERO,
                 cancel: None,
+                reaper: None,
                 waiters: Vec::new(),
             }),
         );
@@ -1868,8 +1895,13 @@ impl Ring {
                 out.queued |= Self::release_if_ready(st, dependent, out.at.now, follow_ups);
             }
         }
-        out.answers
-            .extend(live.waiters.into_iter().map(|waiter| (waiter, completion.clone())));
+        out.answers.extend(
+            live.reaper
+                .map(Waiter::Sink)
+                .into_iter()
+                .chain(live.waiters)
+                .map(|waiter| (waiter, completion.clone())),
+        );
         out.released.extend(live.lsn);
         out.released.extend(live.started);
         out.events.push(completion);
@@ -1931,24 +1963,6 @@ impl Ring {
             return Ok(OpInfo::done((*done).clone()));
         }
         self.info(caller, id)
-    }
-
-    /// Hands the op's completion to `sink` when it completes, or now if it has. The
-    /// caller submitted the op, so it may see it.
-    pub fn watch(&self, id: OpId, sink: Sink) -> Result<()> {
-        let done = {
-            let mut st = self.state.lock();
-            match st.live.get_mut(&id) {
-                Some(live) => {
-                    live.waiters.push(Waiter::Sink(sink));
-                    return Ok(());
-                }
-                None => self.completion(&st, &id)?,
-            }
-        };
-        let done = done.ok_or_else(|| Error::not_found("op", id))?;
-        sink(done);
-        Ok(())
     }
 
     /// Cancels an op: at once if it has not started, by dropping its executor if it

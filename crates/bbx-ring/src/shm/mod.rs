@@ -17,7 +17,6 @@
 //! and payloads are copied out before they are parsed. A bad frame closes the
 //! session; it cannot make the kernel read outside the mapping.
 
-use bbx_core::op::{Completion, SubmitOp};
 use bbx_core::{Error, ErrorCode};
 use memmap2::MmapMut;
 use rustix::thread::futex;
@@ -28,10 +27,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
+mod codec;
+pub use codec::{decode_completion, decode_submission, encode_completion, encode_submission};
+
 /// "BBXSHMR1": identifies a ring file.
 const MAGIC: u64 = 0x3152_4d48_5358_4242;
 /// The layout's version; a client refuses a file of another.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The header page: the shared fields, then the two queues' cursors.
 const HEADER_BYTES: usize = 4096;
 /// A frame's length prefix, padded so that frames stay 8-byte aligned.
@@ -476,61 +478,6 @@ impl Drop for ClientEnd {
     }
 }
 
-/// A submission: the client's tag, echoed in the completion, and the op.
-pub fn encode_submission(tag: u64, op: &SubmitOp, into: &mut Vec<u8>) {
-    into.clear();
-    into.extend_from_slice(&tag.to_le_bytes());
-    serde_json::to_writer(&mut *into, op).expect("an op serializes to JSON");
-}
-
-pub fn decode_submission(message: &[u8]) -> Result<(u64, SubmitOp), (Option<u64>, Error)> {
-    let tag = tag_of(message).ok_or((None, Error::malformed("a submission is shorter than its tag")))?;
-    serde_json::from_slice(&message[8..]).map(|op| (tag, op)).map_err(|e| {
-        (
-            Some(tag),
-            Error::malformed(format!("the submitted op is not valid: {e}")),
-        )
-    })
-}
-
-/// A completion message: the tag, then either the op's completion or the reason
-/// the submission was refused.
-pub fn encode_completion(tag: u64, outcome: Result<&Completion, &Error>, into: &mut Vec<u8>) {
-    into.clear();
-    into.extend_from_slice(&tag.to_le_bytes());
-    match outcome {
-        Ok(completion) => {
-            into.push(0);
-            serde_json::to_writer(&mut *into, completion).expect("a completion serializes to JSON");
-        }
-        Err(error) => {
-            into.push(1);
-            serde_json::to_writer(&mut *into, error).expect("an error serializes to JSON");
-        }
-    }
-}
-
-pub fn decode_completion(message: &[u8]) -> Result<(u64, Result<Completion, Error>), Error> {
-    let malformed = |what: &str| Error::internal(format!("the kernel sent a malformed completion: {what}"));
-    let tag = tag_of(message).ok_or_else(|| malformed("too short"))?;
-    let body = &message[9.min(message.len())..];
-    match message.get(8) {
-        Some(0) => Ok((
-            tag,
-            Ok(serde_json::from_slice(body).map_err(|e| malformed(&e.to_string()))?),
-        )),
-        Some(1) => Ok((
-            tag,
-            Err(serde_json::from_slice(body).map_err(|e| malformed(&e.to_string()))?),
-        )),
-        _ => Err(malformed("unknown outcome")),
-    }
-}
-
-fn tag_of(message: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(message.get(..8)?.try_into().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,21 +579,6 @@ mod tests {
         let got = consumer.join().unwrap();
         let expected: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
         assert_eq!(got, expected);
-    }
-
-    #[test]
-    fn messages_round_trip_their_encoding() {
-        let op = SubmitOp::new(bbx_core::AgentId::generate(), "noop", serde_json::json!({"a": 1}));
-        let mut buf = Vec::new();
-        encode_submission(42, &op, &mut buf);
-        let (tag, back) = decode_submission(&buf).unwrap();
-        assert_eq!((tag, back.kind.as_str()), (42, "noop"));
-        assert!(decode_submission(b"short").unwrap_err().0.is_none());
-        let error = Error::malformed("no");
-        encode_completion(7, Err(&error), &mut buf);
-        let (tag, outcome) = decode_completion(&buf).unwrap();
-        assert_eq!((tag, outcome.unwrap_err().message), (7, "no".to_owned()));
-        assert!(decode_completion(&[0; 9]).is_err());
     }
 
     proptest! {
