@@ -9,7 +9,10 @@ use tokio::sync::mpsc;
 /// in the order they complete: the ring's completion queue for a client in the
 /// kernel's process. Unlike the kernel's event stream, which carries every
 /// completion to every subscriber, it carries only its submitter's and never drops
-/// one. It holds what its owner has not reaped yet: reap as you submit.
+/// one. Each entry of an accepted batch brings one completion (an op named twice,
+/// by one idempotency key, comes twice); an entry whose op cannot be followed
+/// (a deduplicated op that vanished in a storage failure) brings an `unavailable`
+/// error naming it. It holds what its owner has not reaped yet: reap as you submit.
 pub struct CompletionQueue {
     sink: Sink,
     completions: mpsc::UnboundedReceiver<Arc<Completion>>,
@@ -31,10 +34,10 @@ impl CompletionQueue {
         &self.sink
     }
 
-    /// Waits for at least one completion, then moves up to `max` of those waiting
-    /// into `into`; returns how many it moved.
+    /// Waits for at least one completion, then moves up to `max` (at least one) of
+    /// those waiting into `into`; returns how many it moved.
     pub async fn reap(&mut self, into: &mut Vec<Arc<Completion>>, max: usize) -> usize {
-        self.completions.recv_many(into, max).await
+        self.completions.recv_many(into, max.max(1)).await
     }
 }
 

@@ -695,14 +695,16 @@ impl Ring {
             self.journal.append(encoded).await
         };
         let mut finish = Vec::new();
-        let mut reaped_already = Vec::new();
+        // Completions owed to the reaper, or to submitters that joined an op of
+        // this batch, handed over once the lock is let go.
+        let mut answers: Vec<(Waiter, Arc<Completion>)> = Vec::new();
         {
             let mut st = self.state.lock();
             let now = Instant::now();
             match &lsns {
                 Ok(lsns) => {
                     let lsn_of: FxHashMap<OpId, Lsn> = journaled.iter().copied().zip(lsns.iter().copied()).collect();
-                    for slot in &slots {
+                    for (slot, op) in slots.iter().zip(&checked) {
                         match (slot, reaper) {
                             (Slot::New(id), _) => {
                                 if let Some(live) = st.live.get_mut(id) {
@@ -713,25 +715,29 @@ impl Ring {
                             }
                             (Slot::Existing(id), Some(sink)) => match st.live.get_mut(id) {
                                 Some(live) => live.waiters.push(Waiter::Sink(sink.clone())),
-                                None => match self.completion(&st, id) {
-                                    Ok(Some(done)) => reaped_already.push(done),
-                                    Ok(None) => {
-                                        tracing::error!(op = %id, "an idempotency key names an op that is gone")
-                                    }
-                                    Err(e) => {
-                                        tracing::error!(op = %id, error = %e, "cannot read a deduplicated op's completion")
-                                    }
-                                },
+                                None => {
+                                    // Done, or (rarely) gone between admission and now:
+                                    // expired, or being retried after it was in doubt.
+                                    let done = match self.completion(&st, id) {
+                                        Ok(Some(done)) => done,
+                                        Ok(None) => untracked(*id, op, "it is no longer known here".into()),
+                                        Err(e) => untracked(*id, op, format!("its completion cannot be read ({e})")),
+                                    };
+                                    answers.push((Waiter::Sink(sink.clone()), done));
+                                }
                             },
                             (Slot::Existing(_), None) => {}
                         }
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     // Nothing was acknowledged: the new ops go as if never submitted.
-                    for slot in &slots {
+                    for (slot, op) in slots.iter().zip(&checked) {
                         if let Slot::New(id) = slot {
-                            self.discard(&mut st, *id);
+                            let why = format!("it was not accepted: its journal record could not be written ({e})");
+                            for waiter in self.discard(&mut st, *id) {
+                                answers.push((waiter, untracked(*id, op, why.clone())));
+                            }
                         }
                     }
                 }
@@ -742,8 +748,8 @@ impl Ring {
             self.work.notify_one();
         }
         self.finish_all(finish);
-        if let Some(sink) = reaper {
-            reaped_already.into_iter().for_each(|done| sink(done));
+        for (waiter, completion) in answers {
+            waiter.answer(completion);
         }
         lsns?;
         if let Some(delay) = start_after {
@@ -956,6 +962,7 @@ impl Ring {
                 for (slot, op) in slots.iter().zip(ops) {
                     if let Slot::New(id) = slot {
                         if st.live.contains_key(id) {
+                            // Nobody joined it: the lock has been held since it was admitted.
                             self.discard(&mut st, *id);
                         } else {
                             self.quotas.release(&op.tenant, op.op.agent, 1);
@@ -1058,9 +1065,12 @@ impl Ring {
         Self::release_if_ready(st, id, now, finish);
     }
 
-    /// Forgets an admitted op that was never acknowledged.
-    fn discard(&self, st: &mut RingState, id: OpId) {
-        let Some(live) = st.live.remove(&id) else { return };
+    /// Forgets an admitted op that was never acknowledged; returns those who joined
+    /// it meanwhile (deduplicated submissions that reap), to be told.
+    fn discard(&self, st: &mut RingState, id: OpId) -> Vec<Waiter> {
+        let Some(live) = st.live.remove(&id) else {
+            return Vec::new();
+        };
         self.quotas.release(&live.record.tenant, live.record.agent, 1);
         if live.holds_slot {
             st.scheduler.release(&live.record.agent);
@@ -1069,6 +1079,7 @@ impl Ring {
         if let Some(idempotency) = &live.record.idempotency {
             st.keys.remove(&(live.record.agent, idempotency.key.clone()));
         }
+        live.waiters
     }
 
     /// Queues an active op whose dependencies are done, or ends it if one failed or
@@ -2321,6 +2332,34 @@ fn json_size(value: &Value) -> usize {
     let mut count = Count(0);
     let _ = serde_json::to_writer(&mut count, value);
     count.0
+}
+
+/// What a submitter that reaps is handed for an entry of its batch whose op it
+/// cannot follow: an `unavailable` error naming the op, which `GET /v1/ops/{id}` may
+/// still know.
+fn untracked(id: OpId, op: &Checked, why: String) -> Arc<Completion> {
+    let now = Utc::now();
+    Arc::new(Completion {
+        op_id: id,
+        agent: op.op.agent,
+        tenant: op.tenant.clone(),
+        kind: op.op.kind.clone(),
+        status: CompletionStatus::Error,
+        result: None,
+        error: Some(
+            Error::unavailable(format!("the outcome of op {id} is unknown to this submission: {why}"))
+                .with_details(serde_json::json!({ "op_id": id })),
+        ),
+        attempts: 0,
+        queue_us: 0,
+        exec_us: 0,
+        total_us: 0,
+        submitted_at: now,
+        completed_at: now,
+        idempotency_key: op.key.clone(),
+        user_data: op.op.user_data.clone(),
+        trace: op.op.trace.clone(),
+    })
 }
 
 fn dependency_failure(dep: &OpId, status: &str) -> String {
