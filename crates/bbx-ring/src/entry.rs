@@ -56,6 +56,19 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+impl OpRecord {
+    /// This op's [`Entry::Accepted`], encoded without copying the record (its args
+    /// included) into an entry first.
+    pub fn encode_accepted(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        #[serde(tag = "entry", rename_all = "snake_case")]
+        enum Borrowed<'a> {
+            Accepted(&'a OpRecord),
+        }
+        serde_json::to_vec(&Borrowed::Accepted(self)).expect("journal entries always serialize")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
 // An entry lives only from being built to being encoded (or from being decoded to
@@ -150,7 +163,9 @@ mod tests {
                     month: "2026-11".into(),
                 }),
             };
+            let borrowed = record.encode_accepted();
             let entry = Entry::Accepted(record);
+            prop_assert_eq!(&borrowed, &entry.encode());
             prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
             prop_assert_eq!(Entry::decode(&started.encode()).unwrap(), started);
         }

@@ -440,7 +440,7 @@ struct Checked {
 
 /// A batch after admission: what each entry turned into, and the journal entries
 /// of the new ops with effects.
-type Admitted = (Vec<Slot>, Vec<(OpId, Entry)>);
+type Admitted = (Vec<Slot>, Vec<(OpId, Arc<OpRecord>)>);
 
 /// An op the dispatcher starts: its record, executor and, if its executor can be
 /// cancelled while running, the token that does it.
@@ -691,7 +691,7 @@ impl Ring {
         let lsns = if records.is_empty() {
             Ok(Vec::new())
         } else {
-            let encoded = records.iter().map(|(_, entry)| entry.encode()).collect();
+            let encoded = records.iter().map(|(_, record)| record.encode_accepted()).collect();
             self.journal.append(encoded).await
         };
         let mut finish = Vec::new();
@@ -811,7 +811,7 @@ impl Ring {
 
     /// Resolves keys and dependencies and admits the new ops, all under one lock, so
     /// that two submissions of one key cannot both create an op. Returns each entry's
-    /// op and the journal entries of the new ops with effects.
+    /// op and the records of the new ops with effects, to journal.
     fn admit(&self, caller: &Caller, ops: &[Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
         let mut st = self.state.lock();
         let submitted_at = Utc::now();
@@ -953,7 +953,7 @@ impl Ring {
                 incarnation: 0,
             });
             if op.exec.effects() != Effects::None {
-                records.push((id, Entry::Accepted((*record).clone())));
+                records.push((id, record.clone()));
             }
             if let Err(e) = self.register(&mut st, record, op.exec.clone(), None, &arriving, now) {
                 // Only a storage failure gets here; the batch still goes whole.
@@ -1136,7 +1136,7 @@ impl Ring {
                     old && !live.finishing && !st.resolving.contains(id)
                 })
                 .map(|(id, live)| {
-                    let mut entries = vec![Entry::Accepted((*live.record).clone()).encode()];
+                    let mut entries = vec![live.record.encode_accepted()];
                     if live.started.is_some() {
                         let started = Entry::Started {
                             op_id: *id,
@@ -1808,7 +1808,7 @@ impl Ring {
                     completion: Box::new(p.completion),
                     effect: p.effect,
                     digest: p.digest,
-                    doubt: p.doubt.map(|record| Entry::Accepted((*record).clone()).encode()),
+                    doubt: p.doubt.map(|record| record.encode_accepted()),
                     charge: p.charge.as_ref().map(|c| (c.keys(), c.micros())),
                 });
                 held.push((p.admission, p.slots));
@@ -2110,11 +2110,7 @@ impl Ring {
             self.quotas.release(&tenant, agent, 1);
             return Err(Error::resource_exhausted(refused.to_string(), RETRY_AFTER));
         }
-        let lsn = match self
-            .journal
-            .append(vec![Entry::Accepted(record.clone()).encode()])
-            .await
-        {
+        let lsn = match self.journal.append(vec![record.encode_accepted()]).await {
             Ok(lsns) => lsns[0],
             Err(e) => {
                 give_back(self);
