@@ -74,24 +74,20 @@ impl JournalWriter {
 
     /// Appends the records and waits until they are durable; returns their lsns.
     pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<Vec<Lsn>> {
-        let (reply, answer) = oneshot::channel();
-        self.sender
-            .send(Message::Append { records, reply })
-            .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
-        answer
-            .await
-            .map_err(|_| Error::unavailable("the journal writer stopped"))?
+        self.send_append(records)?.await.map_err(|_| stopped())?
     }
 
     /// [`Self::append`] for a thread outside the async runtime (the store's committer).
     pub fn append_blocking(&self, records: Vec<Vec<u8>>) -> Result<Vec<Lsn>> {
+        self.send_append(records)?.blocking_recv().map_err(|_| stopped())?
+    }
+
+    fn send_append(&self, records: Vec<Vec<u8>>) -> Result<oneshot::Receiver<Result<Vec<Lsn>>>> {
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(Message::Append { records, reply })
             .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
-        answer
-            .blocking_recv()
-            .map_err(|_| Error::unavailable("the journal writer stopped"))?
+        Ok(answer)
     }
 
     pub fn release(&self, lsns: Vec<Lsn>) {
@@ -104,9 +100,7 @@ impl JournalWriter {
         self.sender
             .send(Message::Status(reply))
             .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
-        answer
-            .await
-            .map_err(|_| Error::unavailable("the journal writer stopped"))
+        answer.await.map_err(|_| stopped())
     }
 
     /// Syncs what is queued and stops the thread.
@@ -272,6 +266,10 @@ impl Writer {
             sync_latency: percentiles(latency),
         }
     }
+}
+
+fn stopped() -> Error {
+    Error::unavailable("the journal writer stopped")
 }
 
 pub(crate) fn percentiles(histogram: &Histogram<u64>) -> Percentiles {

@@ -594,18 +594,25 @@ impl Kernel {
 
     /// Submits a batch of ops; answers once every op with effects is journaled.
     pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
-        let submitted = self.submit_with(caller, batch, None).await?;
-        // The submitting task starts the next batch itself: inline ops (`noop`,
-        // `state.get`) complete here, without waking the dispatcher task and the
-        // thread it sleeps on; what is left for it, it is woken for.
-        self.ring.dispatch_once();
-        Ok(submitted)
+        self.submit_and_start(caller, batch, None).await
     }
 
     /// Submits a batch as [`Kernel::submit`] does, and hands each op's completion
     /// to `queue` (a deduplicated op's too, at once if it is done).
     pub async fn submit_to(&self, caller: &Caller, batch: SubmitBatch, queue: &CompletionQueue) -> Result<Submitted> {
-        let submitted = self.submit_with(caller, batch, Some(queue.sink())).await?;
+        self.submit_and_start(caller, batch, Some(queue.sink())).await
+    }
+
+    async fn submit_and_start(
+        &self,
+        caller: &Caller,
+        batch: SubmitBatch,
+        reaper: Option<&ring::Sink>,
+    ) -> Result<Submitted> {
+        let submitted = self.submit_with(caller, batch, reaper).await?;
+        // The submitting task starts the next batch itself: inline ops (`noop`,
+        // `state.get`) complete here, without waking the dispatcher task and the
+        // thread it sleeps on; what is left for it, it is woken for.
         self.ring.dispatch_once();
         Ok(submitted)
     }

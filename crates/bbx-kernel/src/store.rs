@@ -283,15 +283,10 @@ impl Store {
         if !groups.is_empty() {
             let replayed = groups.len();
             for group in groups {
-                let mut batch = db.batch();
-                for (index, key, value) in &group {
-                    let keyspace = keyspace(&ks, *index);
-                    match value {
-                        Some(value) => batch.insert(keyspace, key.as_slice(), value.as_slice()),
-                        None => batch.remove(keyspace, key.as_slice()),
-                    }
-                }
-                batch.commit().map_err(|e| storage_error("replay the journal", e))?;
+                let writes = group
+                    .iter()
+                    .map(|(index, key, value)| (*index, key.as_slice(), value.as_deref()));
+                apply(&db, &ks, writes)?;
             }
             db.persist(PersistMode::SyncData)
                 .map_err(|e| storage_error("fdatasync", e))?;
@@ -521,9 +516,7 @@ impl Committer {
             let _ = request.reply.send(outcome);
         }
     }
-}
 
-impl Committer {
     /// Journals a group and, once that is durable, applies it to fjall. A group the
     /// journal refuses as too large fails alone; any other failure fails the store,
     /// since what reached the journal is then unknown (it is replayed on restart if
@@ -535,12 +528,36 @@ impl Committer {
             tracing::error!(error = %e, "journaling a store write failed; refusing further writes");
             self.failed.store(true, Ordering::Release);
         })?;
-        tx.commit(&self.db).inspect_err(|e| {
+        apply(&self.db, &self.ks, tx.writes()).inspect_err(|e| {
             tracing::error!(error = %e, "storage write failed; refusing further writes");
             self.failed.store(true, Ordering::Release);
         })?;
         Ok(lsns)
     }
+}
+
+/// Applies writes to fjall as one atomic batch, not synced: the journal already
+/// holds them. A keyspace index that names none (only a bug or a corrupt redo
+/// record could carry one) fails the batch whole.
+fn apply<'a>(
+    db: &Database,
+    ks: &Keyspaces,
+    writes: impl Iterator<Item = (u8, &'a [u8], Option<&'a [u8]>)>,
+) -> Result<()> {
+    let mut batch = db.batch();
+    for (index, key, value) in writes {
+        if usize::from(index) >= KEYSPACES {
+            return Err(Error::internal(format!(
+                "a store write names keyspace {index}, which does not exist"
+            )));
+        }
+        let keyspace = keyspace(ks, index);
+        match value {
+            Some(value) => batch.insert(keyspace, key, value),
+            None => batch.remove(keyspace, key),
+        }
+    }
+    batch.commit().map_err(|e| storage_error("commit", e))
 }
 
 fn keyspace(ks: &Keyspaces, index: u8) -> &Keyspace {
@@ -912,20 +929,6 @@ impl<'a> GroupTx<'a> {
             }
         }
     }
-
-    /// Applies the group to fjall as one atomic batch. Not synced: the journal
-    /// already holds it.
-    fn commit(self, db: &Database) -> Result<()> {
-        let mut batch = db.batch();
-        for (index, key, value) in self.writes() {
-            let keyspace = self.keyspace(index);
-            match value {
-                Some(value) => batch.insert(keyspace, key, value),
-                None => batch.remove(keyspace, key),
-            }
-        }
-        batch.commit().map_err(|e| storage_error("commit", e))
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -1114,10 +1117,22 @@ mod tests {
         // A second create-only CAS in the same group sees the first.
         assert_eq!(code(tx.apply(&set(&a, "k", Some(0)))), ErrorCode::VersionConflict);
         assert_eq!(tx.apply(&set(&a, "k", Some(1))).unwrap(), Applied::Version(2));
-        tx.commit(&db).unwrap();
+        apply(&db, &ks, tx.writes()).unwrap();
         let stored = ks.state.get(state_key(&a.id, "k")).unwrap().unwrap();
         assert_eq!(decode_state(&stored).unwrap().version, 2);
         assert_eq!(read_count(&db.snapshot(), &ks.meta).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_write_to_a_keyspace_that_does_not_exist_fails_the_batch_whole() {
+        let (_dir, db, ks) = fresh();
+        let writes = [
+            (STATE, b"k".as_slice(), Some(b"v".as_slice())),
+            (KEYSPACES as u8, b"k".as_slice(), None),
+        ];
+        let error = apply(&db, &ks, writes.into_iter()).unwrap_err();
+        assert!(error.message.contains("keyspace 10"), "{}", error.message);
+        assert!(ks.state.get(b"k").unwrap().is_none(), "nothing of the batch landed");
     }
 
     #[test]
@@ -1129,7 +1144,7 @@ mod tests {
         for i in 0..5 {
             tx.apply(&set(&a, &format!("k{i}"), None)).unwrap();
         }
-        tx.commit(&db).unwrap();
+        apply(&db, &ks, tx.writes()).unwrap();
 
         let mut tx = GroupTx::new(&ks, usize::MAX);
         tx.apply(&set(&a, "staged-in-the-same-group", None)).unwrap();
@@ -1141,7 +1156,7 @@ mod tests {
             max_keys: 2,
         };
         assert_eq!(tx.apply(&purge).unwrap(), Applied::More, "a bounded step");
-        tx.commit(&db).unwrap();
+        apply(&db, &ks, tx.writes()).unwrap();
         assert!(ks.agents.get(a.id.as_bytes()).unwrap().is_none());
         assert_eq!(read_count(&db.snapshot(), &ks.meta).unwrap(), 0);
         assert!(
@@ -1153,7 +1168,7 @@ mod tests {
         loop {
             let mut tx = GroupTx::new(&ks, usize::MAX);
             let applied = tx.apply(&purge).unwrap();
-            tx.commit(&db).unwrap();
+            apply(&db, &ks, tx.writes()).unwrap();
             steps += 1;
             if applied == Applied::Done {
                 break;
@@ -1187,7 +1202,7 @@ mod tests {
         tx.apply(&Write::CreateAgent(a.clone())).unwrap();
         tx.apply(&set(&a, "k", None)).unwrap();
         tx.apply(&delete(&a, "k", Some(1))).unwrap();
-        tx.commit(&db).unwrap();
+        apply(&db, &ks, tx.writes()).unwrap();
 
         let mut tx = GroupTx::new(&ks, usize::MAX);
         // A client still holding version 1 must not overwrite a re-created key.

@@ -438,8 +438,8 @@ struct Checked {
     digest: Option<String>,
 }
 
-/// A batch after admission: what each entry turned into, and the journal entries
-/// of the new ops with effects.
+/// A batch after admission: what each entry turned into, and the records of the
+/// new ops with effects, to journal.
 type Admitted = (Vec<Slot>, Vec<(OpId, Arc<OpRecord>)>);
 
 /// An op the dispatcher starts: its record, executor and, if its executor can be
@@ -462,8 +462,6 @@ impl Slot {
 }
 
 impl Ring {
-    /// Opens the journal, re-queues the ops it holds that have no completion, and
-    /// starts the dispatcher.
     /// Starts the ring on a journal whose writer holds every record in `recovered`
     /// (the journal's records after its checkpoint): ops accepted but not completed
     /// are queued again and their records kept; the ring's other records are
@@ -732,9 +730,9 @@ impl Ring {
                 }
                 Err(e) => {
                     // Nothing was acknowledged: the new ops go as if never submitted.
+                    let why = format!("it was not accepted: its journal record could not be written ({e})");
                     for (slot, op) in slots.iter().zip(&checked) {
                         if let Slot::New(id) = slot {
-                            let why = format!("it was not accepted: its journal record could not be written ({e})");
                             for waiter in self.discard(&mut st, *id) {
                                 answers.push((waiter, untracked(*id, op, why.clone())));
                             }
@@ -1162,12 +1160,11 @@ impl Ring {
         let mut st = self.state.lock();
         for ((id, before, _), count) in picked.into_iter().zip(counts) {
             let copies: Vec<Lsn> = lsns.by_ref().take(count).collect();
-            let (accepted, started) = (copies[0], copies.get(1).copied());
-            match st.live.get_mut(&id) {
+            match (st.live.get_mut(&id), copies.first()) {
                 // Unchanged meanwhile: the copies replace the originals.
-                Some(live) if (live.lsn, live.started) == before && !live.finishing => {
+                (Some(live), Some(&accepted)) if (live.lsn, live.started) == before && !live.finishing => {
                     released.extend(live.lsn.replace(accepted));
-                    if let Some(started) = started {
+                    if let Some(&started) = copies.get(1) {
                         released.extend(live.started.replace(started));
                     }
                 }
