@@ -350,7 +350,14 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
         .output()
         .unwrap();
     let report = json(&out);
-    for scenario in ["inproc", "durable", "fsync_ceiling", "http_batch", "http_single"] {
+    for scenario in [
+        "inproc",
+        "durable",
+        "fsync_ceiling",
+        "fsync_ceiling_preallocated",
+        "http_batch",
+        "http_single",
+    ] {
         let figures = &report[scenario];
         assert!(figures["ops_per_sec"].as_f64().unwrap() > 0.0, "{scenario}: {figures}");
         for field in ["p50_us", "p99_us", "p999_us"] {
@@ -358,6 +365,7 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
         }
     }
     assert!(report["durable_records_per_sync"].as_f64().unwrap() >= 1.0);
+    assert!(report["durable_journal_busy"].as_f64().unwrap() > 0.0);
     assert_eq!(report["http_single_clients"], 2);
     assert!(report["targets"].is_object());
 }

@@ -354,6 +354,9 @@ pub struct WalStatus {
     /// Bytes appended since start, framing included.
     pub bytes_total: u64,
     pub syncs_total: u64,
+    /// Time spent appending and syncing groups since start: over a span of wall
+    /// time, the share of it the journal's disk path was busy.
+    pub sync_micros_total: u64,
     /// Time of one append + fdatasync group.
     pub sync_latency: Percentiles,
 }

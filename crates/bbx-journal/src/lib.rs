@@ -5,8 +5,16 @@
 //! synced records (plus any later ones that happened to reach disk whole), in order,
 //! never a damaged one and never one twice.
 //!
-//! - **Segments.** Records go to append-only segment files named by their first lsn
-//!   (`00000000000000000001.wal`); a segment rolls over at `segment_bytes`.
+//! - **Segments.** Records go to segment files named by their first lsn
+//!   (`00000000000000000001.wal`), written in order; a segment rolls over at
+//!   `segment_bytes`.
+//! - **Preallocation.** A background thread zero-fills the next segment ahead of need
+//!   (the file `spare`), and a roll renames it into place. Overwriting blocks that
+//!   already exist lets `fdatasync` skip the file system's metadata commit that an
+//!   append (a growing file) needs: on ext4 here that halves the time of a sync.
+//!   The zeros after the last record read as the end of the journal. A fresh journal
+//!   starts on a plain segment and moves to a preallocated one as soon as the spare
+//!   is ready; if preparing it fails, the journal goes on with plain segments.
 //! - **Records.** Each carries its lsn and a CRC-32 of lsn and payload ([`record`]).
 //! - **Group commit.** [`Journal::append`] only buffers; [`Journal::sync`] writes the
 //!   buffer and calls `fdatasync` once, however many records it holds.
@@ -24,13 +32,21 @@ pub mod record;
 use record::Decoded;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 
 /// A log sequence number: records are numbered 1, 2, 3, ... without gaps.
 pub type Lsn = u64;
 
 const SEGMENT_SUFFIX: &str = ".wal";
 const CHECKPOINT_FILE: &str = "checkpoint";
+/// The next segment, zero-filled and synced; complete whenever it exists.
+const SPARE_FILE: &str = "spare";
+/// The spare while it is being filled.
+const SPARE_TMP_FILE: &str = "spare.tmp";
 /// Far beyond any real journal, and far from overflow.
 const MAX_LSN: Lsn = u64::MAX / 2;
 
@@ -66,12 +82,15 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
 pub struct JournalOptions {
     /// Size at which a segment rolls over (default 64 MiB).
     pub segment_bytes: u64,
+    /// Zero-fill segments ahead of need (default on); off, segments are appended to.
+    pub preallocate: bool,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
         Self {
             segment_bytes: 64 << 20,
+            preallocate: true,
         }
     }
 }
@@ -123,7 +142,9 @@ pub struct JournalStatus {
 struct Segment {
     first_lsn: Lsn,
     path: PathBuf,
+    /// Bytes in use: the magic and the records (a preallocated file is longer).
     bytes: u64,
+    preallocated: bool,
 }
 
 /// The open journal: one writer at a time.
@@ -141,6 +162,8 @@ pub struct Journal {
     /// (a retried fdatasync may report success for pages the kernel already dropped),
     /// so the journal refuses everything until `open` has checked the files again.
     failed: Option<String>,
+    /// `None` when preallocation is off.
+    spare: Option<Spare>,
 }
 
 impl Journal {
@@ -154,6 +177,7 @@ impl Journal {
         let count = segments.len();
         for (index, segment) in segments.iter_mut().enumerate() {
             let last = index + 1 == count;
+            segment.preallocated = segment.bytes >= options.segment_bytes;
             let scan = scan_segment(segment, expected)?;
             for (lsn, payload) in &scan.records {
                 if *lsn >= checkpoint_lsn {
@@ -172,15 +196,15 @@ impl Journal {
                         reason: problem.reason,
                     });
                 }
-                truncate(&segment.path, problem.offset)?;
+                cut_off(&segment.path, problem.offset, scan.extent)?;
                 recovery.truncated_tail = Some(TruncatedTail {
                     segment: segment.path.clone(),
                     offset: problem.offset,
-                    bytes: segment.bytes - problem.offset,
+                    bytes: scan.extent.saturating_sub(problem.offset),
                     reason: problem.reason,
                 });
-                segment.bytes = problem.offset;
             }
+            segment.bytes = scan.end;
         }
         // A segment torn while it was being created has not even its magic: it held
         // nothing, so it goes, and a fresh one starts at the same lsn.
@@ -195,9 +219,10 @@ impl Journal {
         }
         let current = segments.last().expect("at least one segment");
         let file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&current.path)
             .map_err(io_error(&current.path))?;
+        let spare = options.preallocate.then(|| Spare::start(dir, options.segment_bytes));
         let journal = Self {
             dir: dir.to_path_buf(),
             options,
@@ -208,6 +233,7 @@ impl Journal {
             synced_lsn: expected - 1,
             checkpoint_lsn,
             failed: None,
+            spare,
         };
         Ok((journal, recovery))
     }
@@ -225,7 +251,9 @@ impl Journal {
         }
         let current = self.segments.last().expect("at least one segment");
         let holds_records = current.bytes > record::MAGIC.len() as u64 || !self.buffer.is_empty();
-        if holds_records && current.bytes + (self.buffer.len() + size) as u64 > self.options.segment_bytes {
+        let full = current.bytes + (self.buffer.len() + size) as u64 > self.options.segment_bytes;
+        let plain = !current.preallocated;
+        if (holds_records && full) || (plain && self.spare.as_mut().is_some_and(Spare::ready)) {
             self.roll()?;
         }
         let lsn = self.next_lsn;
@@ -239,9 +267,13 @@ impl Journal {
     pub fn sync(&mut self) -> Result<Lsn> {
         self.check_healthy()?;
         if !self.buffer.is_empty() {
-            let path = self.segments.last().expect("at least one segment").path.clone();
-            let written = self.file.write_all(&self.buffer).and_then(|()| self.file.sync_data());
-            self.poison_on_error(written.map_err(io_error(&path)))?;
+            let current = self.segments.last().expect("at least one segment");
+            let written = self
+                .file
+                .write_all_at(&self.buffer, current.bytes)
+                .and_then(|()| self.file.sync_data())
+                .map_err(io_error(&current.path));
+            self.poison_on_error(written)?;
             self.segments.last_mut().expect("at least one segment").bytes += self.buffer.len() as u64;
             self.buffer.clear();
         }
@@ -249,16 +281,30 @@ impl Journal {
         Ok(self.synced_lsn)
     }
 
-    /// Syncs the current segment and starts the next one.
+    /// Syncs the current segment and starts the next one, from the spare if it is
+    /// ready. A current segment without records is replaced (it has the same name).
     fn roll(&mut self) -> Result<()> {
         self.sync()?;
-        let segment = create_segment(&self.dir, self.next_lsn);
+        let path = segment_path(&self.dir, self.next_lsn);
+        let segment = match self.spare.as_mut().map(|spare| spare.take(&path)) {
+            Some(Ok(true)) => sync_dir(&self.dir).map(|()| Segment {
+                first_lsn: self.next_lsn,
+                path,
+                bytes: record::MAGIC.len() as u64,
+                preallocated: true,
+            }),
+            Some(Err(e)) => Err(e),
+            Some(Ok(false)) | None => create_segment(&self.dir, self.next_lsn),
+        };
         let segment = self.poison_on_error(segment)?;
         let file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&segment.path)
             .map_err(io_error(&segment.path));
         self.file = self.poison_on_error(file)?;
+        if self.segments.last().is_some_and(|s| s.path == segment.path) {
+            self.segments.pop();
+        }
         self.segments.push(segment);
         Ok(())
     }
@@ -328,6 +374,10 @@ struct Problem {
 struct Scan {
     records: Vec<(Lsn, Vec<u8>)>,
     problem: Option<Problem>,
+    /// Where the valid records end (the problem's offset, if there is one).
+    end: u64,
+    /// Where the written bytes end: only zeros follow.
+    extent: u64,
 }
 
 fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
@@ -335,6 +385,8 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
     let mut scan = Scan {
         records: Vec::new(),
         problem: None,
+        end: 0,
+        extent: written_extent(&bytes),
     };
     let problem = |offset: usize, reason: String, torn: bool| {
         Some(Problem {
@@ -344,7 +396,9 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
         })
     };
     if !bytes.starts_with(record::MAGIC) {
-        let torn = bytes.len() < record::MAGIC.len() && record::MAGIC.starts_with(&bytes);
+        // Part of the magic, or none, and then only zeros: the segment was being made.
+        let written = &bytes[..scan.extent as usize];
+        let torn = written.len() < record::MAGIC.len() && record::MAGIC.starts_with(written);
         scan.problem = problem(0, "the segment does not start with the journal's magic".into(), torn);
         return Ok(scan);
     }
@@ -388,7 +442,19 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
             }
         }
     }
+    scan.end = offset as u64;
     Ok(scan)
+}
+
+fn file_extent(path: &Path) -> Result<u64> {
+    fs::read(path)
+        .map(|bytes| written_extent(&bytes))
+        .map_err(io_error(path))
+}
+
+/// The length of `bytes` without its trailing zeros.
+fn written_extent(bytes: &[u8]) -> u64 {
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last as u64 + 1)
 }
 
 /// Whether an intact record numbered `expected` or later starts anywhere after
@@ -407,6 +473,8 @@ fn segment_path(dir: &Path, first_lsn: Lsn) -> PathBuf {
     dir.join(format!("{first_lsn:020}{SEGMENT_SUFFIX}"))
 }
 
+/// The segments in `dir`, oldest first; `bytes` is each file's length until a scan
+/// says how much of it is in use.
 fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_error(dir))? {
@@ -429,7 +497,12 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
             });
         }
         let bytes = entry.metadata().map_err(io_error(&path))?.len();
-        segments.push(Segment { first_lsn, path, bytes });
+        segments.push(Segment {
+            first_lsn,
+            path,
+            bytes,
+            preallocated: false,
+        });
     }
     segments.sort_by_key(|s| s.first_lsn);
     Ok(segments)
@@ -455,13 +528,145 @@ fn create_segment(dir: &Path, first_lsn: Lsn) -> Result<Segment> {
         first_lsn,
         path,
         bytes: record::MAGIC.len() as u64,
+        preallocated: false,
     })
 }
 
-fn truncate(path: &Path, len: u64) -> Result<()> {
+/// Makes the segment end at `offset`, where its written bytes ended at `extent`: a
+/// file with nothing after them is cut short; a preallocated one keeps its length
+/// and gets zeros (which read as the end) over the bytes given up.
+fn cut_off(path: &Path, offset: u64, extent: u64) -> Result<()> {
     let file = OpenOptions::new().write(true).open(path).map_err(io_error(path))?;
-    file.set_len(len).map_err(io_error(path))?;
-    file.sync_all().map_err(io_error(path))
+    let len = file.metadata().map_err(io_error(path))?.len();
+    if extent >= len {
+        file.set_len(offset).map_err(io_error(path))?;
+        return file.sync_all().map_err(io_error(path));
+    }
+    let zeros = vec![0; extent.saturating_sub(offset) as usize];
+    file.write_all_at(&zeros, offset)
+        .and_then(|()| file.sync_data())
+        .map_err(io_error(path))
+}
+
+/// The zero-filled file that becomes the next segment, prepared on a thread of its
+/// own so that a roll costs a rename.
+struct Spare {
+    path: PathBuf,
+    segment_bytes: u64,
+    state: SpareState,
+}
+
+enum SpareState {
+    Ready,
+    Preparing(Preparing),
+    /// The last preparation failed.
+    Missing,
+}
+
+struct Preparing {
+    thread: JoinHandle<io::Result<()>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Spare {
+    /// Takes over a spare left by an earlier run, or starts preparing one.
+    fn start(dir: &Path, segment_bytes: u64) -> Self {
+        let path = dir.join(SPARE_FILE);
+        let complete = fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == segment_bytes);
+        let mut spare = Self {
+            path,
+            segment_bytes,
+            state: SpareState::Ready,
+        };
+        if !complete {
+            spare.prepare();
+        }
+        spare
+    }
+
+    /// Starts filling a new spare. A failure here only means the next segment is
+    /// a plain one, so it is not an error of the journal's.
+    fn prepare(&mut self) {
+        let dir = self.path.parent().expect("the spare lives in the journal's directory");
+        let tmp = dir.join(SPARE_TMP_FILE);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (path, stop, segment_bytes) = (self.path.clone(), cancel.clone(), self.segment_bytes);
+        let thread = std::thread::Builder::new()
+            .name("bbx-journal-spare".into())
+            .spawn(move || fill_spare(&tmp, &path, segment_bytes, &stop));
+        self.state = match thread {
+            Ok(thread) => SpareState::Preparing(Preparing { thread, cancel }),
+            Err(_) => SpareState::Missing,
+        };
+    }
+
+    /// Whether the spare can be taken now (no system call: checked on appends).
+    fn ready(&mut self) -> bool {
+        if let SpareState::Preparing(preparing) = &self.state
+            && preparing.thread.is_finished()
+        {
+            let SpareState::Preparing(finished) = std::mem::replace(&mut self.state, SpareState::Missing) else {
+                unreachable!("matched above")
+            };
+            if matches!(finished.thread.join(), Ok(Ok(()))) {
+                self.state = SpareState::Ready;
+            }
+        }
+        matches!(self.state, SpareState::Ready)
+    }
+
+    /// Renames the spare to `segment` if it is ready, and starts the next one. After
+    /// a failed preparation it starts another and answers `false`: the caller makes
+    /// a plain segment this time.
+    fn take(&mut self, segment: &Path) -> Result<bool> {
+        if !self.ready() {
+            if matches!(self.state, SpareState::Missing) {
+                self.prepare();
+            }
+            return Ok(false);
+        }
+        fs::rename(&self.path, segment).map_err(io_error(segment))?;
+        self.prepare();
+        Ok(true)
+    }
+}
+
+impl Drop for Spare {
+    /// Stops a preparation midway, so nothing writes in the directory afterwards.
+    fn drop(&mut self) {
+        if let SpareState::Preparing(preparing) = std::mem::replace(&mut self.state, SpareState::Missing) {
+            preparing.cancel.store(true, Ordering::Relaxed);
+            let _ = preparing.thread.join();
+        }
+    }
+}
+
+/// Writes the magic and zeros up to `segment_bytes` to `tmp`, syncs it and renames it
+/// to `spare`: a spare exists only whole.
+fn fill_spare(tmp: &Path, spare: &Path, segment_bytes: u64, cancel: &AtomicBool) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    // Whatever an earlier run left half-made or of another size.
+    for stale in [tmp, spare] {
+        match fs::remove_file(stale) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    let mut file = File::create(tmp)?;
+    file.write_all(record::MAGIC)?;
+    let zeros = vec![0; CHUNK];
+    let mut left = segment_bytes.saturating_sub(record::MAGIC.len() as u64);
+    while left > 0 {
+        if cancel.load(Ordering::Relaxed) {
+            drop(file);
+            return fs::remove_file(tmp);
+        }
+        let n = left.min(CHUNK as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    fs::rename(tmp, spare)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -537,13 +742,16 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         report.records += scan.records.len() as u64;
         expected = segment.first_lsn + scan.records.len() as u64;
         if let Some(problem) = scan.problem {
-            let later: u64 = segments[index + 1..].iter().map(|s| s.bytes).sum();
+            let mut later = 0;
+            for segment in &segments[index + 1..] {
+                later += file_extent(&segment.path)?;
+            }
             report.problem = Some(VerifyProblem {
                 segment: segment.path.clone(),
                 offset: problem.offset,
                 reason: problem.reason,
                 torn_tail: problem.torn && index + 1 == segments.len(),
-                bytes_after: segment.bytes - problem.offset + later,
+                bytes_after: scan.extent.saturating_sub(problem.offset) + later,
             });
             break;
         }
@@ -556,7 +764,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
 pub fn repair(dir: &Path) -> Result<VerifyReport> {
     let report = verify(dir)?;
     if let Some(problem) = &report.problem {
-        truncate(&problem.segment, problem.offset)?;
+        cut_off(&problem.segment, problem.offset, file_extent(&problem.segment)?)?;
         for segment in list_segments(dir)?.into_iter().filter(|s| s.path > problem.segment) {
             fs::remove_file(&segment.path).map_err(io_error(&segment.path))?;
         }

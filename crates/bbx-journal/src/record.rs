@@ -4,7 +4,9 @@
 //! `len: u32 | crc: u32 | lsn: u64 | payload[len]`, little-endian, where `crc` is the
 //! CRC-32 of the lsn bytes and the payload. The lsn inside every record makes a
 //! record that is intact but misplaced (a stale block, a skipped write) detectable,
-//! not just a damaged one.
+//! not just a damaged one. No record is all zeros (lsns start at 1), so zeros where a
+//! record would start, up to the end of the file, are the end of the segment: the
+//! unused part of a preallocated one.
 
 pub const MAGIC: &[u8; 8] = b"BBXWAL\x00\x01";
 pub const HEADER: usize = 16;
@@ -37,10 +39,10 @@ pub enum Decoded<'a> {
         payload: &'a [u8],
         next: usize,
     },
-    /// The segment ends exactly here.
+    /// The segment ends here: at the end of the file, or only zeros follow.
     End,
     /// Something that is not a valid record. `to_eof` tells whether it could be a
-    /// write torn by a crash: it runs to the end of the file, or only zeros follow.
+    /// write torn by a crash: it runs to the end of the file, or only zeros follow it.
     Bad {
         reason: &'static str,
         to_eof: bool,
@@ -49,7 +51,7 @@ pub enum Decoded<'a> {
 
 pub fn decode(segment: &[u8], offset: usize) -> Decoded<'_> {
     let rest = &segment[offset..];
-    if rest.is_empty() {
+    if rest.iter().all(|&b| b == 0) {
         return Decoded::End;
     }
     if rest.len() < HEADER {
@@ -68,7 +70,7 @@ pub fn decode(segment: &[u8], offset: usize) -> Decoded<'_> {
         };
     };
     if checksum(lsn, payload) != crc {
-        let to_eof = HEADER + len == rest.len() || rest.iter().all(|&b| b == 0);
+        let to_eof = rest[HEADER + len..].iter().all(|&b| b == 0);
         return Decoded::Bad {
             reason: "checksum mismatch",
             to_eof,
@@ -111,6 +113,19 @@ mod tests {
             let offset = offset.min(bytes.len());
             let _ = decode(&bytes, offset);
         }
+    }
+
+    #[test]
+    fn zeros_are_the_end_and_a_record_torn_before_them_is_a_possible_torn_write() {
+        let mut buf = Vec::new();
+        encode(1, b"hello world", &mut buf);
+        let end = buf.len();
+        buf.resize(end + 64, 0);
+        assert_eq!(decode(&buf, end), Decoded::End);
+        buf[end - 1] ^= 1;
+        assert!(matches!(decode(&buf, 0), Decoded::Bad { to_eof: true, .. }));
+        buf[end + 10] = 1;
+        assert!(matches!(decode(&buf, 0), Decoded::Bad { to_eof: false, .. }));
     }
 
     #[test]

@@ -5,8 +5,66 @@ use proptest::prelude::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+/// Small appended-to segments: their files end where their records end.
 fn small() -> JournalOptions {
-    JournalOptions { segment_bytes: 4096 }
+    JournalOptions {
+        segment_bytes: 4096,
+        preallocate: false,
+    }
+}
+
+/// Small segments, zero-filled ahead of need.
+fn small_preallocated() -> JournalOptions {
+    JournalOptions {
+        segment_bytes: 4096,
+        preallocate: true,
+    }
+}
+
+/// Where a file's written bytes end (a preallocated file is zeros after them).
+fn extent(path: &Path) -> u64 {
+    let bytes = fs::read(path).unwrap();
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1)
+}
+
+/// Loses everything from `at` on, as a crash can: a file that ends with its records
+/// is cut short, a preallocated one gets zeros back.
+fn tear(path: &Path, at: u64) {
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    if extent(path) == len {
+        file.set_len(at).unwrap();
+    } else {
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; (len - at) as usize], at).unwrap();
+    }
+}
+
+/// Segments large enough to hold many records, zero-filled ahead of need.
+fn medium_preallocated() -> JournalOptions {
+    JournalOptions {
+        segment_bytes: 64 << 10,
+        preallocate: true,
+    }
+}
+
+/// Runs a journal in `dir` until its spare is ready, as a previous run would leave
+/// it, so that the next one writes its first record into a preallocated segment.
+fn leave_a_spare(dir: &Path, options: &JournalOptions) {
+    let (journal, _) = Journal::open(dir, options.clone()).unwrap();
+    wait_for_spare(dir);
+    drop(journal);
+}
+
+/// Waits until the journal in `dir` has a spare segment ready.
+fn wait_for_spare(dir: &Path) {
+    let spare = dir.join("spare");
+    for _ in 0..2000 {
+        if spare.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("no spare segment after 10 s");
 }
 
 fn payload(i: u64) -> Vec<u8> {
@@ -24,7 +82,11 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn write(dir: &Path, count: u64) -> Vec<Record> {
-    let (mut journal, _) = Journal::open(dir, small()).unwrap();
+    write_with(dir, count, small())
+}
+
+fn write_with(dir: &Path, count: u64, options: JournalOptions) -> Vec<Record> {
+    let (mut journal, _) = Journal::open(dir, options).unwrap();
     let mut written = Vec::new();
     for i in 1..=count {
         let lsn = journal.append(&payload(i)).unwrap();
@@ -111,17 +173,150 @@ fn a_torn_tail_is_cut_off_and_the_journal_goes_on() {
 }
 
 #[test]
-fn zeros_after_the_last_record_are_a_torn_tail() {
+fn zeros_after_the_last_record_are_the_end_and_are_written_over() {
     let dir = tempfile::tempdir().unwrap();
     let written = write(dir.path(), 3);
     let last = segments(dir.path()).pop().unwrap();
     let mut file = fs::OpenOptions::new().append(true).open(&last).unwrap();
-    // Preallocated or zero-filled space after a crash can be large; recovery must not
-    // decode it byte by byte.
+    // Zero-filled space after a crash can be large; recovery must not decode it byte
+    // by byte.
     std::io::Write::write_all(&mut file, &vec![0u8; 8 << 20]).unwrap();
-    let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+    let (mut journal, recovery) = Journal::open(dir.path(), small()).unwrap();
     assert_eq!(recovery.records, written);
-    assert_eq!(recovery.truncated_tail.unwrap().bytes, 8 << 20);
+    assert!(recovery.truncated_tail.is_none());
+    assert_eq!(journal.append(b"four").unwrap(), 4);
+    journal.sync().unwrap();
+    drop(journal);
+    let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records.len(), 4);
+    assert_eq!(recovery.records[3].payload, b"four");
+}
+
+#[test]
+fn records_go_to_preallocated_segments_once_a_spare_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = medium_preallocated();
+    leave_a_spare(dir.path(), &options);
+    let spare_made = fs::metadata(dir.path().join("spare")).unwrap().modified().unwrap();
+    // A restart takes over the spare the last run left instead of making another.
+    let (mut journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
+    assert_eq!(
+        fs::metadata(dir.path().join("spare")).unwrap().modified().unwrap(),
+        spare_made
+    );
+    let mut written = Vec::new();
+    for i in 1..=2000 {
+        journal.append(&payload(i)).unwrap();
+        written.push(payload(i));
+        if i % 50 == 0 {
+            journal.sync().unwrap();
+            wait_for_spare(dir.path());
+        }
+    }
+    journal.sync().unwrap();
+    assert_eq!(
+        journal.status().bytes,
+        written.iter().map(|p| 16 + p.len() as u64).sum::<u64>() + 8 * journal.status().segments as u64
+    );
+    drop(journal);
+    let all = segments(dir.path());
+    assert!(all.len() > 2, "{} segments", all.len());
+    for path in &all {
+        assert_eq!(
+            fs::metadata(path).unwrap().len(),
+            64 << 10,
+            "{} is preallocated",
+            path.display()
+        );
+    }
+    let (journal, recovery) = Journal::open(dir.path(), options).unwrap();
+    let payloads: Vec<Vec<u8>> = recovery.records.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads, written);
+    assert!(recovery.truncated_tail.is_none());
+    assert_eq!(journal.status().next_lsn, 2001);
+}
+
+#[test]
+fn without_a_spare_the_journal_goes_on_with_plain_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    // Something that is not a file where the spare is made: every preparation fails.
+    fs::create_dir_all(dir.path().join("spare.tmp/blocked")).unwrap();
+    let options = JournalOptions {
+        segment_bytes: 4096,
+        preallocate: true,
+    };
+    let (mut journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
+    let mut written = Vec::new();
+    for i in 1..=300 {
+        journal.append(&payload(i)).unwrap();
+        written.push(payload(i));
+        if i % 20 == 0 {
+            journal.sync().unwrap();
+        }
+    }
+    journal.sync().unwrap();
+    drop(journal);
+    assert!(
+        segments(dir.path())
+            .iter()
+            .all(|p| fs::metadata(p).unwrap().len() < 4096)
+    );
+    // Once the obstacle is gone, the next roll's preparation succeeds.
+    fs::remove_dir_all(dir.path().join("spare.tmp")).unwrap();
+    let (mut journal, recovery) = Journal::open(dir.path(), options.clone()).unwrap();
+    let payloads: Vec<Vec<u8>> = recovery.records.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads, written);
+    wait_for_spare(dir.path());
+    journal.append(b"next").unwrap();
+    journal.sync().unwrap();
+    drop(journal);
+    let last = segments(dir.path()).pop().unwrap();
+    assert_eq!(
+        fs::metadata(&last).unwrap().len(),
+        4096,
+        "the newest segment is preallocated"
+    );
+    assert_eq!(Journal::open(dir.path(), options).unwrap().1.records.len(), 301);
+}
+
+#[test]
+fn a_torn_write_into_a_preallocated_segment_is_cut_off_and_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = medium_preallocated();
+    leave_a_spare(dir.path(), &options);
+    let (mut journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
+    for i in 1..=10 {
+        journal.append(&payload(i)).unwrap();
+    }
+    journal.sync().unwrap();
+    drop(journal);
+    let only = segments(dir.path()).pop().unwrap();
+    assert_eq!(fs::metadata(&only).unwrap().len(), 64 << 10);
+    // The last record's second half never reached the disk.
+    let end = extent(&only);
+    let last_record = 16 + payload(10).len() as u64;
+    tear(&only, end - last_record / 2);
+    let (mut journal, recovery) = Journal::open(dir.path(), options.clone()).unwrap();
+    assert_eq!(recovery.records.len(), 9);
+    let tail = recovery.truncated_tail.expect("the torn record is reported");
+    assert_eq!(tail.offset, end - last_record);
+    // Counted to the last byte that is not zero (here, in the record's header).
+    assert!(
+        tail.bytes > 0 && tail.bytes <= last_record - last_record / 2,
+        "{tail:?}"
+    );
+    assert_eq!(
+        fs::metadata(&only).unwrap().len(),
+        64 << 10,
+        "the segment stays preallocated"
+    );
+    assert_eq!(journal.append(b"ten again").unwrap(), 10);
+    journal.sync().unwrap();
+    drop(journal);
+    let (_, recovery) = Journal::open(dir.path(), options).unwrap();
+    assert_eq!(recovery.records.len(), 10);
+    assert_eq!(recovery.records[9].payload, b"ten again");
+    assert!(recovery.truncated_tail.is_none());
 }
 
 #[test]
@@ -281,9 +476,11 @@ proptest! {
     fn any_truncation_recovers_exactly_the_whole_records(
         sizes in proptest::collection::vec(0usize..300, 1..60),
         cut in any::<prop::sample::Index>(),
+        preallocate in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), small()).unwrap();
+        let options = if preallocate { small_preallocated() } else { small() };
+        let (mut journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
         let written: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, n)| vec![i as u8; *n]).collect();
         for p in &written {
             journal.append(p).unwrap();
@@ -293,12 +490,12 @@ proptest! {
         let last = segments(dir.path()).pop().unwrap();
         let bytes = fs::read(&last).unwrap();
         let ends = record_ends(&bytes);
-        let cut_at = cut.index(bytes.len() + 1);
-        fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(cut_at as u64).unwrap();
+        let cut_at = cut.index(extent(&last) as usize + 1);
+        tear(&last, cut_at as u64);
         let in_earlier_segments = written.len() - ends.len();
         let whole_before_cut = ends.iter().filter(|&&end| end <= cut_at).count();
 
-        let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+        let (_, recovery) = Journal::open(dir.path(), options).unwrap();
         prop_assert_eq!(recovery.records.len(), in_earlier_segments + whole_before_cut, "cut at {}", cut_at);
         for (i, record) in recovery.records.iter().enumerate() {
             prop_assert_eq!(record.lsn, i as u64 + 1);
@@ -309,11 +506,17 @@ proptest! {
     /// A flipped byte anywhere is either refused or, at the very end, cut off as a
     /// torn write; a changed payload never comes back as if it were valid.
     #[test]
-    fn a_flipped_byte_is_never_served(count in 2u64..80, position in any::<prop::sample::Index>(), bit in 0u8..8) {
+    fn a_flipped_byte_is_never_served(
+        count in 2u64..80,
+        position in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+        preallocate in any::<bool>(),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let written = write(dir.path(), count);
+        let options = if preallocate { small_preallocated() } else { small() };
+        let written = write_with(dir.path(), count, options.clone());
         let all = segments(dir.path());
-        let sizes: Vec<u64> = all.iter().map(|p| fs::metadata(p).unwrap().len()).collect();
+        let sizes: Vec<u64> = all.iter().map(|p| extent(p)).collect();
         let mut at = position.index(sizes.iter().sum::<u64>() as usize) as u64;
         let mut target = 0;
         while at >= sizes[target] {
@@ -324,7 +527,7 @@ proptest! {
         bytes[at as usize] ^= 1 << bit;
         fs::write(&all[target], &bytes).unwrap();
 
-        match Journal::open(dir.path(), small()) {
+        match Journal::open(dir.path(), options) {
             Err(JournalError::Corrupt { .. }) => {}
             Err(other) => prop_assert!(false, "unexpected error: {}", other),
                         Ok((_, recovery)) => {

@@ -123,7 +123,10 @@ impl Kernel {
         let segment_bytes = config.ring.journal_segment_bytes;
         let (journal, recovery) = bbx_journal::Journal::open(
             &config.data_dir.join(JOURNAL_DIR),
-            bbx_journal::JournalOptions { segment_bytes },
+            bbx_journal::JournalOptions {
+                segment_bytes,
+                ..Default::default()
+            },
         )
         .map_err(|e| Error::unavailable(e.to_string()))?;
         if let Some(tail) = &recovery.truncated_tail {

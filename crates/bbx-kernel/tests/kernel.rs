@@ -415,6 +415,7 @@ async fn every_acknowledged_write_was_synced() {
     assert_eq!(after.syncs - before.syncs, 10);
     assert_eq!(journal_after.syncs_total - journal_before.syncs_total, 10);
     assert_eq!(journal_after.records_total - journal_before.records_total, 10);
+    assert!(journal_after.sync_micros_total > journal_before.sync_micros_total);
 
     // Concurrent writers share syncs: 200 writes take fewer than 200 syncs.
     let writers: Vec<_> = (0..200)
