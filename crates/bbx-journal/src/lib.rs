@@ -15,13 +15,15 @@
 //!   The zeros after the last record read as the end of the journal. A fresh journal
 //!   starts on a plain segment and moves to a preallocated one as soon as the spare
 //!   is ready; if preparing it fails, the journal goes on with plain segments.
-//! - **Records.** Each carries its lsn and a CRC-32 of lsn and payload ([`record`]).
+//! - **Records.** Each carries its lsn, the lsn that began its sync's group, and a
+//!   CRC-32 of both and the payload ([`record`]).
 //! - **Group commit.** [`Journal::append`] only buffers; [`Journal::sync`] writes the
 //!   buffer and calls `fdatasync` once, however many records it holds.
-//! - **Recovery.** [`Journal::open`] checks every record. A bad record at the very end
-//!   of the last segment is a write torn by a crash and is cut off; anything else bad
-//!   stops the open with [`JournalError::Corrupt`], naming the file and offset, since
-//!   silently skipping it would lose or reorder acknowledged work. [`verify`] reports
+//! - **Recovery.** [`Journal::open`] checks every record. A bad record in the last
+//!   segment after which no later sync's record follows is a write torn by a crash
+//!   and is cut off; anything else bad stops the open with [`JournalError::Corrupt`],
+//!   naming the file and offset, since silently skipping it would lose or reorder
+//!   acknowledged work. [`verify`] reports
 //!   without changing anything; [`repair`] truncates at the first bad record.
 //! - **Checkpoints.** [`Journal::checkpoint`] records that records below an lsn are no
 //!   longer needed (durably, in `checkpoint`), and deletes segments wholly below it, so
@@ -29,7 +31,7 @@
 
 pub mod record;
 
-use record::Decoded;
+use record::{Decoded, Format};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -145,6 +147,8 @@ struct Segment {
     /// Bytes in use: the magic and the records (a preallocated file is longer).
     bytes: u64,
     preallocated: bool,
+    /// Records are appended only to a segment of the current format.
+    format: Format,
 }
 
 /// The open journal: one writer at a time.
@@ -158,6 +162,8 @@ pub struct Journal {
     next_lsn: Lsn,
     synced_lsn: Lsn,
     checkpoint_lsn: Lsn,
+    /// The lsn of the first record in `buffer`: every record of one sync carries it.
+    group: Lsn,
     /// Set by the first failed write or sync. What reached the file is then unknown
     /// (a retried fdatasync may report success for pages the kernel already dropped),
     /// so the journal refuses everything until `open` has checked the files again.
@@ -174,11 +180,16 @@ impl Journal {
         let mut segments = list_segments(dir)?;
         let mut recovery = Recovery::default();
         let mut expected = segments.first().map_or(1, |s| s.first_lsn);
-        let count = segments.len();
-        for (index, segment) in segments.iter_mut().enumerate() {
-            let last = index + 1 == count;
+        let next_firsts: Vec<Option<Lsn>> = segments
+            .iter()
+            .skip(1)
+            .map(|s| Some(s.first_lsn))
+            .chain([None])
+            .collect();
+        for (segment, next_first) in segments.iter_mut().zip(next_firsts) {
+            let last = next_first.is_none();
             segment.preallocated = segment.bytes >= options.segment_bytes;
-            let scan = scan_segment(segment, expected)?;
+            let scan = scan_segment(segment, expected, next_first)?;
             for (lsn, payload) in &scan.records {
                 if *lsn >= checkpoint_lsn {
                     recovery.records.push(Record {
@@ -207,8 +218,10 @@ impl Journal {
             segment.bytes = scan.end;
         }
         // A segment torn while it was being created has not even its magic: it held
-        // nothing, so it goes, and a fresh one starts at the same lsn.
-        if segments.last().is_some_and(|s| s.bytes == 0) {
+        // nothing, so it goes, and a fresh one starts at the same lsn. So does an
+        // empty one of an older format, which takes no new records.
+        let empty = |s: &Segment| s.bytes == 0 || (s.format != Format::V2 && s.bytes == record::MAGIC.len() as u64);
+        if segments.last().is_some_and(empty) {
             let torn = segments.pop().expect("checked above");
             fs::remove_file(&torn.path).map_err(io_error(&torn.path))?;
             sync_dir(dir)?;
@@ -232,6 +245,7 @@ impl Journal {
             next_lsn: expected,
             synced_lsn: expected - 1,
             checkpoint_lsn,
+            group: expected,
             failed: None,
             spare,
         };
@@ -253,11 +267,15 @@ impl Journal {
         let holds_records = current.bytes > record::MAGIC.len() as u64 || !self.buffer.is_empty();
         let full = current.bytes + (self.buffer.len() + size) as u64 > self.options.segment_bytes;
         let plain = !current.preallocated;
-        if (holds_records && full) || (plain && self.spare.as_mut().is_some_and(Spare::ready)) {
+        let old_format = current.format != Format::V2;
+        if (holds_records && full) || old_format || (plain && self.spare.as_mut().is_some_and(Spare::ready)) {
             self.roll()?;
         }
         let lsn = self.next_lsn;
-        record::encode(lsn, payload, &mut self.buffer);
+        if self.buffer.is_empty() {
+            self.group = lsn;
+        }
+        record::encode(lsn, self.group, payload, &mut self.buffer);
         self.next_lsn += 1;
         Ok(lsn)
     }
@@ -287,14 +305,14 @@ impl Journal {
         self.sync()?;
         let path = segment_path(&self.dir, self.next_lsn);
         let segment = match self.spare.as_mut().map(|spare| spare.take(&path)) {
-            Some(Ok(true)) => sync_dir(&self.dir).map(|()| Segment {
+            Some(true) => sync_dir(&self.dir).map(|()| Segment {
                 first_lsn: self.next_lsn,
                 path,
                 bytes: record::MAGIC.len() as u64,
                 preallocated: true,
+                format: Format::V2,
             }),
-            Some(Err(e)) => Err(e),
-            Some(Ok(false)) | None => create_segment(&self.dir, self.next_lsn),
+            Some(false) | None => create_segment(&self.dir, self.next_lsn),
         };
         let segment = self.poison_on_error(segment)?;
         let file = OpenOptions::new()
@@ -348,6 +366,12 @@ impl Journal {
         Ok(done)
     }
 
+    /// Whether a preallocated segment is ready for the next roll (never, with
+    /// preallocation off).
+    pub fn spare_ready(&mut self) -> bool {
+        self.spare.as_mut().is_some_and(Spare::ready)
+    }
+
     /// The largest payload [`Self::append`] takes.
     pub fn max_payload(&self) -> usize {
         max_payload(self.options.segment_bytes)
@@ -367,7 +391,7 @@ impl Journal {
 struct Problem {
     offset: u64,
     reason: String,
-    /// Could be a write torn by a crash (only valid at the end of the last segment).
+    /// Could be a write torn by a crash (only valid in the last segment).
     torn: bool,
 }
 
@@ -380,7 +404,11 @@ struct Scan {
     extent: u64,
 }
 
-fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
+/// Reads a segment's records, from `expected_first` on, up to the first problem.
+/// `next_first` is where the next segment starts (`None` for the last one): when it
+/// continues the numbering, bad bytes after this segment's records lie in space it
+/// never used, and are no problem.
+fn scan_segment(segment: &mut Segment, expected_first: Lsn, next_first: Option<Lsn>) -> Result<Scan> {
     let bytes = fs::read(&segment.path).map_err(io_error(&segment.path))?;
     let mut scan = Scan {
         records: Vec::new(),
@@ -395,13 +423,14 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
             torn,
         })
     };
-    if !bytes.starts_with(record::MAGIC) {
+    let Some(format) = Format::of(&bytes) else {
         // Part of the magic, or none, and then only zeros: the segment was being made.
         let written = &bytes[..scan.extent as usize];
         let torn = written.len() < record::MAGIC.len() && record::MAGIC.starts_with(written);
         scan.problem = problem(0, "the segment does not start with the journal's magic".into(), torn);
         return Ok(scan);
-    }
+    };
+    segment.format = format;
     if segment.first_lsn != expected_first {
         scan.problem = problem(
             0,
@@ -416,9 +445,9 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
     let mut offset = record::MAGIC.len();
     let mut expected = expected_first;
     loop {
-        match record::decode(&bytes, offset) {
+        match record::decode(format, &bytes, offset) {
             Decoded::End => break,
-            Decoded::Record { lsn, payload, next } => {
+            Decoded::Record { lsn, payload, next, .. } => {
                 if lsn != expected {
                     scan.problem = problem(
                         offset,
@@ -432,15 +461,14 @@ fn scan_segment(segment: &Segment, expected_first: Lsn) -> Result<Scan> {
                 offset = next;
             }
             Decoded::Bad { reason, to_eof } => {
-                // A torn write is the last thing in the file. A damaged length field
-                // also "runs to the end", so look for an intact later record first:
-                // finding one means acknowledged records follow, and cutting them off
-                // would lose them.
-                let torn = to_eof && !intact_record_after(&bytes, offset, expected);
+                let torn = torn_write(format, &bytes, offset, expected, to_eof);
                 scan.problem = problem(offset, reason.to_owned(), torn);
                 break;
             }
         }
+    }
+    if next_first == Some(expected) {
+        scan.problem = None;
     }
     scan.end = offset as u64;
     Ok(scan)
@@ -457,16 +485,74 @@ fn written_extent(bytes: &[u8]) -> u64 {
     bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last as u64 + 1)
 }
 
-/// Whether an intact record numbered `expected` or later starts anywhere after
-/// `offset`. Only run on recovery, when something is already wrong. A record ends in
-/// its payload or its lsn, so none starts in the zeros that often follow a torn
-/// write; they are skipped rather than decoded byte by byte.
-fn intact_record_after(bytes: &[u8], offset: usize, expected: Lsn) -> bool {
-    let Some(last_nonzero) = bytes.iter().rposition(|&b| b != 0) else {
-        return false;
+/// Whether the bad bytes at `offset`, where record `expected` should start, can be
+/// a write torn by a crash: cutting them off then loses nothing acknowledged.
+///
+/// A torn write is the last sync's, so no record of a later sync follows it.
+/// Within that sync, the pages of the write can reach the disk in any order (in a
+/// preallocated file nothing orders them), so intact records of the same sync may
+/// follow, but then a sector where the damage starts holds nothing at all: it never
+/// arrived. A bad record followed by intact records of its own sync and no such hole
+/// is damage to a synced record (the sync returned before anything later was
+/// written, but only later syncs prove that): corruption. Records of the first
+/// format do not say their sync: there, a torn write is the last thing in the file.
+fn torn_write(format: Format, bytes: &[u8], offset: usize, expected: Lsn, to_eof: bool) -> bool {
+    let later = intact_records_after(format, bytes, offset, expected);
+    match format {
+        Format::V1 => to_eof && later.first_at.is_none(),
+        Format::V2 => {
+            let damaged_to = later.first_at.unwrap_or(written_extent(bytes) as usize);
+            !later.of_a_later_sync && (lost_sector(bytes, offset, damaged_to) || (to_eof && later.first_at.is_none()))
+        }
+    }
+}
+
+struct Later {
+    /// Where the first intact record numbered `expected` or later starts.
+    first_at: Option<usize>,
+    /// Whether one of them was written by a later sync than record `expected`.
+    of_a_later_sync: bool,
+}
+
+/// The intact records numbered `expected` or later after `offset`. Only run on
+/// recovery, when something is already wrong. A candidate's lsn field is checked
+/// before it is decoded, so runs of zeros (and most garbage) are passed over
+/// without decoding at every byte.
+fn intact_records_after(format: Format, bytes: &[u8], offset: usize, expected: Lsn) -> Later {
+    let mut later = Later {
+        first_at: None,
+        of_a_later_sync: false,
     };
-    (offset + 1..=last_nonzero.min(bytes.len().saturating_sub(record::HEADER)))
-        .any(|at| matches!(record::decode(bytes, at), Decoded::Record { lsn, .. } if lsn >= expected))
+    let Some(last_nonzero) = bytes.iter().rposition(|&b| b != 0) else {
+        return later;
+    };
+    let plausible = |at: usize| {
+        let lsn = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().expect("8 bytes"));
+        (expected..=MAX_LSN).contains(&lsn)
+    };
+    for at in (offset + 1..=last_nonzero.min(bytes.len().saturating_sub(format.header()))).filter(|&at| plausible(at)) {
+        if let Decoded::Record { group, .. } = record::decode(format, bytes, at) {
+            later.first_at.get_or_insert(at);
+            // In the first format every record is its own group.
+            if group > expected || format == Format::V1 {
+                later.of_a_later_sync = true;
+                break;
+            }
+        }
+    }
+    later
+}
+
+/// Whether a 512-byte sector that `[from, to)` overlaps holds only zeros from `from`
+/// on: a sector of a write that never reached the disk.
+fn lost_sector(bytes: &[u8], from: usize, to: usize) -> bool {
+    const SECTOR: usize = 512;
+    let first = from / SECTOR * SECTOR;
+    (first..to.min(bytes.len())).step_by(SECTOR).any(|sector| {
+        bytes[sector.max(from)..(sector + SECTOR).min(bytes.len())]
+            .iter()
+            .all(|&b| b == 0)
+    })
 }
 
 fn segment_path(dir: &Path, first_lsn: Lsn) -> PathBuf {
@@ -502,6 +588,7 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
             path,
             bytes,
             preallocated: false,
+            format: Format::V2,
         });
     }
     segments.sort_by_key(|s| s.first_lsn);
@@ -529,6 +616,7 @@ fn create_segment(dir: &Path, first_lsn: Lsn) -> Result<Segment> {
         path,
         bytes: record::MAGIC.len() as u64,
         preallocated: false,
+        format: Format::V2,
     })
 }
 
@@ -618,16 +706,17 @@ impl Spare {
     /// Renames the spare to `segment` if it is ready, and starts the next one. After
     /// a failed preparation it starts another and answers `false`: the caller makes
     /// a plain segment this time.
-    fn take(&mut self, segment: &Path) -> Result<bool> {
+    fn take(&mut self, segment: &Path) -> bool {
         if !self.ready() {
             if matches!(self.state, SpareState::Missing) {
                 self.prepare();
             }
-            return Ok(false);
+            return false;
         }
-        fs::rename(&self.path, segment).map_err(io_error(segment))?;
+        // Nothing changed if the rename failed: the caller makes a plain segment.
+        let taken = fs::rename(&self.path, segment).is_ok();
         self.prepare();
-        Ok(true)
+        taken
     }
 }
 
@@ -733,8 +822,10 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         problem: None,
     };
     let mut expected = segments.first().map_or(1, |s| s.first_lsn);
-    for (index, segment) in segments.iter().enumerate() {
-        let scan = scan_segment(segment, expected)?;
+    for index in 0..segments.len() {
+        let next_first = segments.get(index + 1).map(|s| s.first_lsn);
+        let mut segment = segments[index].clone();
+        let scan = scan_segment(&mut segment, expected, next_first)?;
         if let (Some(first), Some(last)) = (scan.records.first(), scan.records.last()) {
             report.first_lsn.get_or_insert(first.0);
             report.last_lsn = Some(last.0);

@@ -1,5 +1,6 @@
 //! The journal on real files: round trips, crashes, torn tails, corruption, repair.
 
+use bbx_journal::record::{Format, HEADER};
 use bbx_journal::{Journal, JournalError, JournalOptions, Record, repair, verify};
 use proptest::prelude::*;
 use std::fs;
@@ -50,16 +51,14 @@ fn medium_preallocated() -> JournalOptions {
 /// Runs a journal in `dir` until its spare is ready, as a previous run would leave
 /// it, so that the next one writes its first record into a preallocated segment.
 fn leave_a_spare(dir: &Path, options: &JournalOptions) {
-    let (journal, _) = Journal::open(dir, options.clone()).unwrap();
-    wait_for_spare(dir);
-    drop(journal);
+    let (mut journal, _) = Journal::open(dir, options.clone()).unwrap();
+    wait_for_spare(&mut journal);
 }
 
-/// Waits until the journal in `dir` has a spare segment ready.
-fn wait_for_spare(dir: &Path) {
-    let spare = dir.join("spare");
+/// Waits until the journal has a spare segment ready.
+fn wait_for_spare(journal: &mut Journal) {
     for _ in 0..2000 {
-        if spare.exists() {
+        if journal.spare_ready() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -139,8 +138,8 @@ fn a_torn_tail_is_cut_off_and_the_journal_goes_on() {
     let written = write(dir.path(), 40);
     let last = segments(dir.path()).pop().unwrap();
     let full = fs::metadata(&last).unwrap().len();
-    let last_record = 16 + written.last().unwrap().payload.len() as u64;
-    for cut in [1, 5, 16, last_record - 1] {
+    let last_record = (HEADER + written.last().unwrap().payload.len()) as u64;
+    for cut in [1, 5, HEADER as u64, last_record - 1] {
         let copy = tempfile::tempdir().unwrap();
         for path in segments(dir.path()) {
             fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
@@ -210,13 +209,13 @@ fn records_go_to_preallocated_segments_once_a_spare_is_ready() {
         written.push(payload(i));
         if i % 50 == 0 {
             journal.sync().unwrap();
-            wait_for_spare(dir.path());
+            wait_for_spare(&mut journal);
         }
     }
     journal.sync().unwrap();
     assert_eq!(
         journal.status().bytes,
-        written.iter().map(|p| 16 + p.len() as u64).sum::<u64>() + 8 * journal.status().segments as u64
+        written.iter().map(|p| (HEADER + p.len()) as u64).sum::<u64>() + 8 * journal.status().segments as u64
     );
     drop(journal);
     let all = segments(dir.path());
@@ -266,7 +265,7 @@ fn without_a_spare_the_journal_goes_on_with_plain_segments() {
     let (mut journal, recovery) = Journal::open(dir.path(), options.clone()).unwrap();
     let payloads: Vec<Vec<u8>> = recovery.records.iter().map(|r| r.payload.clone()).collect();
     assert_eq!(payloads, written);
-    wait_for_spare(dir.path());
+    wait_for_spare(&mut journal);
     journal.append(b"next").unwrap();
     journal.sync().unwrap();
     drop(journal);
@@ -294,7 +293,7 @@ fn a_torn_write_into_a_preallocated_segment_is_cut_off_and_written_over() {
     assert_eq!(fs::metadata(&only).unwrap().len(), 64 << 10);
     // The last record's second half never reached the disk.
     let end = extent(&only);
-    let last_record = 16 + payload(10).len() as u64;
+    let last_record = (HEADER + payload(10).len()) as u64;
     tear(&only, end - last_record / 2);
     let (mut journal, recovery) = Journal::open(dir.path(), options.clone()).unwrap();
     assert_eq!(recovery.records.len(), 9);
@@ -325,7 +324,7 @@ fn corruption_in_the_middle_stops_the_open_until_repaired() {
     let written = write(dir.path(), 300);
     let first = segments(dir.path()).remove(0);
     let mut bytes = fs::read(&first).unwrap();
-    let offset = 8 + 16 + payload(1).len() + 20; // inside the second record's payload
+    let offset = 8 + HEADER + payload(1).len() + HEADER + 4; // inside the second record's payload
     bytes[offset] ^= 0xff;
     fs::write(&first, &bytes).unwrap();
 
@@ -339,7 +338,7 @@ fn corruption_in_the_middle_stops_the_open_until_repaired() {
         panic!("{err}")
     };
     assert_eq!(segment, &first);
-    assert_eq!(*at, (8 + 16 + payload(1).len()) as u64);
+    assert_eq!(*at, (8 + HEADER + payload(1).len()) as u64);
     assert!(err.to_string().contains("bbx journal repair"));
 
     let report = verify(dir.path()).unwrap();
@@ -372,7 +371,7 @@ fn a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail() {
     let only = segments(dir.path()).remove(0);
     let mut bytes = fs::read(&only).unwrap();
     // The third record's length field now claims far more than the file holds.
-    let third = 8 + 16 + payload(1).len() + 16 + payload(2).len();
+    let third = 8 + HEADER + payload(1).len() + HEADER + payload(2).len();
     bytes[third + 3] = 0x7f;
     fs::write(&only, &bytes).unwrap();
     let err = Journal::open(dir.path(), JournalOptions::default())
@@ -412,7 +411,7 @@ fn repair_below_the_checkpoint_keeps_new_records_visible() {
     // Damage the first record of the oldest remaining segment, which precedes lsn 250.
     let oldest = segments(dir.path()).remove(0);
     let mut bytes = fs::read(&oldest).unwrap();
-    bytes[8 + 16] ^= 0xff;
+    bytes[8 + HEADER] ^= 0xff;
     fs::write(&oldest, &bytes).unwrap();
     assert!(Journal::open(dir.path(), small()).is_err());
 
@@ -460,7 +459,8 @@ fn a_segment_torn_at_creation_is_replaced() {
 fn record_ends(bytes: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
     let mut offset = 8.min(bytes.len());
-    while let bbx_journal::record::Decoded::Record { next, .. } = bbx_journal::record::decode(bytes, offset) {
+    while let bbx_journal::record::Decoded::Record { next, .. } = bbx_journal::record::decode(Format::V2, bytes, offset)
+    {
         ends.push(next);
         offset = next;
     }
@@ -503,6 +503,56 @@ proptest! {
         }
     }
 
+    /// A sector of the last sync's write that never reached a preallocated segment,
+    /// while the sectors after it did, costs exactly the records from the first one
+    /// it damaged on, never a record of an earlier sync.
+    #[test]
+    fn a_lost_sector_of_the_last_sync_loses_that_sync_from_the_hole_on(
+        groups in proptest::collection::vec(proptest::collection::vec(0usize..300, 1..12), 1..6),
+        sector in any::<prop::sample::Index>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = medium_preallocated();
+        leave_a_spare(dir.path(), &options);
+        let (mut journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
+        let mut written = Vec::new();
+        for sizes in &groups {
+            for size in sizes {
+                let payload = vec![(written.len() % 250) as u8 + 1; *size];
+                journal.append(&payload).unwrap();
+                written.push(payload);
+            }
+            journal.sync().unwrap();
+        }
+        drop(journal);
+        let segment = segments(dir.path()).pop().unwrap();
+        let before = fs::read(&segment).unwrap();
+        let ends = record_ends(&before);
+        prop_assert_eq!(ends.len(), written.len(), "one preallocated segment holds them all");
+        let earlier = written.len() - groups.last().unwrap().len();
+        let last_sync_from = if earlier == 0 { 8 } else { ends[earlier - 1] };
+        let last_sync_to = *ends.last().unwrap();
+        // The sector's part inside the last sync's write: the rest of it held an
+        // earlier sync's records, which were on disk already.
+        let first_sector = last_sync_from / 512;
+        let sectors = (last_sync_to - 1) / 512 - first_sector + 1;
+        let lost = (first_sector + sector.index(sectors)) * 512;
+        let from = lost.max(last_sync_from);
+        zero(&segment, from, lost + 512 - from);
+        let after = fs::read(&segment).unwrap();
+        let starts: Vec<usize> = std::iter::once(8).chain(ends.iter().copied()).collect();
+        let intact = (0..written.len())
+            .take_while(|&i| before[starts[i]..ends[i]] == after[starts[i]..ends[i]])
+            .count();
+
+        let (_, recovery) = Journal::open(dir.path(), options).unwrap();
+        prop_assert!(recovery.records.len() >= earlier);
+        prop_assert_eq!(recovery.records.len(), intact);
+        for (record, payload) in recovery.records.iter().zip(&written) {
+            prop_assert_eq!(&record.payload, payload);
+        }
+    }
+
     /// A flipped byte anywhere is either refused or, at the very end, cut off as a
     /// torn write; a changed payload never comes back as if it were valid.
     #[test]
@@ -537,4 +587,165 @@ proptest! {
             }
         }
     }
+}
+
+/// Writes `groups` syncs of `per_group` records of 100 bytes into one preallocated
+/// segment; returns the segment and where each record starts.
+fn write_groups(dir: &Path, groups: u64, per_group: u64) -> (PathBuf, Vec<usize>) {
+    let options = medium_preallocated();
+    leave_a_spare(dir, &options);
+    let (mut journal, _) = Journal::open(dir, options).unwrap();
+    for g in 0..groups {
+        for i in 0..per_group {
+            journal.append(&[b'a' + (g * per_group + i) as u8 % 26; 100]).unwrap();
+        }
+        journal.sync().unwrap();
+    }
+    drop(journal);
+    let only = segments(dir).pop().unwrap();
+    let bytes = fs::read(&only).unwrap();
+    let mut starts = vec![8];
+    starts.extend(record_ends(&bytes));
+    starts.pop();
+    (only, starts)
+}
+
+fn zero(path: &Path, from: usize, len: usize) {
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; len], from as u64).unwrap();
+}
+
+#[test]
+fn a_sector_of_the_last_sync_that_never_arrived_is_a_torn_write_even_with_later_pages_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    // One synced group of 5 records, then a group of 20 (~2.5 KiB) whose third
+    // sector from its start never reached the disk, while the sectors after it did.
+    let (segment, starts) = write_groups(dir.path(), 2, 20);
+    let second_group = starts[20];
+    let hole = (second_group / 512 + 2) * 512;
+    zero(&segment, hole, 512);
+    let first_damaged = starts.iter().rposition(|&s| s < hole).unwrap();
+    let (mut journal, recovery) = Journal::open(dir.path(), medium_preallocated()).unwrap();
+    assert_eq!(
+        recovery.records.len(),
+        first_damaged,
+        "everything before the hole, nothing after it"
+    );
+    assert!(recovery.records.len() >= 20, "the first sync is whole");
+    assert_eq!(recovery.truncated_tail.unwrap().offset, starts[first_damaged] as u64);
+    assert_eq!(journal.append(b"next").unwrap(), first_damaged as u64 + 1);
+}
+
+#[test]
+fn a_hole_in_a_sync_that_a_later_sync_follows_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, starts) = write_groups(dir.path(), 3, 20);
+    // A sector inside the second group: the third group was written after the second
+    // one's sync returned, so the second group had been acknowledged.
+    let hole = (starts[25] / 512 + 1) * 512;
+    assert!(hole + 512 < starts[40]);
+    zero(&segment, hole, 512);
+    let err = Journal::open(dir.path(), medium_preallocated())
+        .err()
+        .expect("acknowledged records follow");
+    assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn damage_without_a_hole_in_the_last_sync_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, starts) = write_groups(dir.path(), 1, 20);
+    // One flipped byte in the fifth record of the only sync: its pages all arrived,
+    // so this is damage to acknowledged records, not a torn write.
+    let mut bytes = fs::read(&segment).unwrap();
+    bytes[starts[4] + HEADER + 10] ^= 0x40;
+    fs::write(&segment, &bytes).unwrap();
+    let err = Journal::open(dir.path(), medium_preallocated())
+        .err()
+        .expect("records 6-20 must not be dropped");
+    assert!(
+        matches!(err, JournalError::Corrupt { offset, .. } if offset == starts[4] as u64),
+        "{err}"
+    );
+}
+
+#[test]
+fn stray_bytes_in_the_unused_end_of_a_full_segment_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 200);
+    let all = segments(dir.path());
+    assert!(all.len() > 2);
+    // Past the records of a segment that the next one continues.
+    let mut bytes = fs::read(&all[0]).unwrap();
+    assert!(bytes.len() < 4095);
+    bytes.resize(4096, 0);
+    bytes[4095] = 0x11;
+    fs::write(&all[0], &bytes).unwrap();
+    let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records, written);
+    assert!(verify(dir.path()).unwrap().problem.is_none());
+}
+
+#[test]
+fn a_half_made_or_wrong_sized_spare_is_made_again() {
+    for leftover in ["spare.tmp", "spare"] {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(leftover), b"BBXWAL").unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), medium_preallocated()).unwrap();
+        wait_for_spare(&mut journal);
+        assert_eq!(
+            fs::metadata(dir.path().join("spare")).unwrap().len(),
+            64 << 10,
+            "{leftover}"
+        );
+        assert!(!dir.path().join("spare.tmp").exists());
+        journal.append(b"one").unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        assert_eq!(
+            Journal::open(dir.path(), medium_preallocated())
+                .unwrap()
+                .1
+                .records
+                .len(),
+            1
+        );
+    }
+}
+
+#[test]
+fn a_journal_of_the_first_format_is_read_and_continued_in_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first format: magic ...\x01, records `len | crc(lsn, payload) | lsn | payload`.
+    let mut old = bbx_journal::record::MAGIC_V1.to_vec();
+    for lsn in 1..=3u64 {
+        let payload = format!("old-{lsn}");
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&lsn.to_le_bytes());
+        crc.update(payload.as_bytes());
+        old.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        old.extend_from_slice(&crc.finalize().to_le_bytes());
+        old.extend_from_slice(&lsn.to_le_bytes());
+        old.extend_from_slice(payload.as_bytes());
+    }
+    fs::write(dir.path().join(format!("{:020}.wal", 1)), &old).unwrap();
+    let (mut journal, recovery) = Journal::open(dir.path(), small()).unwrap();
+    let payloads: Vec<_> = recovery.records.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads, [b"old-1".to_vec(), b"old-2".to_vec(), b"old-3".to_vec()]);
+    assert_eq!(journal.append(b"new-4").unwrap(), 4);
+    journal.sync().unwrap();
+    drop(journal);
+    assert_eq!(
+        segments(dir.path()).len(),
+        2,
+        "new records go to a segment of the current format"
+    );
+    assert_eq!(
+        fs::read(&segments(dir.path())[0]).unwrap(),
+        old,
+        "the old segment is left as it was"
+    );
+    let (_, recovery) = Journal::open(dir.path(), small()).unwrap();
+    assert_eq!(recovery.records.len(), 4);
+    assert_eq!(recovery.records[3].payload, b"new-4");
 }
