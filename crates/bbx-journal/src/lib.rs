@@ -734,6 +734,10 @@ impl Drop for Spare {
 /// to `spare`: a spare exists only whole.
 fn fill_spare(tmp: &Path, spare: &Path, segment_bytes: u64, cancel: &AtomicBool) -> io::Result<()> {
     const CHUNK: usize = 1 << 20;
+    // Synced every few chunks, so that dropping the journal waits for at most that
+    // much, and the disk never has the whole segment queued in front of the
+    // journal's own syncs.
+    const CHUNKS_PER_SYNC: u64 = 8;
     // Whatever an earlier run left half-made or of another size.
     for stale in [tmp, spare] {
         match fs::remove_file(stale) {
@@ -745,6 +749,7 @@ fn fill_spare(tmp: &Path, spare: &Path, segment_bytes: u64, cancel: &AtomicBool)
     file.write_all(record::MAGIC)?;
     let zeros = vec![0; CHUNK];
     let mut left = segment_bytes.saturating_sub(record::MAGIC.len() as u64);
+    let mut chunks = 0u64;
     while left > 0 {
         if cancel.load(Ordering::Relaxed) {
             drop(file);
@@ -753,6 +758,10 @@ fn fill_spare(tmp: &Path, spare: &Path, segment_bytes: u64, cancel: &AtomicBool)
         let n = left.min(CHUNK as u64) as usize;
         file.write_all(&zeros[..n])?;
         left -= n as u64;
+        chunks += 1;
+        if chunks.is_multiple_of(CHUNKS_PER_SYNC) {
+            file.sync_data()?;
+        }
     }
     file.sync_all()?;
     fs::rename(tmp, spare)
