@@ -190,6 +190,7 @@ impl Journal {
             let last = next_first.is_none();
             segment.preallocated = segment.bytes >= options.segment_bytes;
             let scan = scan_segment(segment, expected, next_first)?;
+            segment.format = scan.format;
             for (lsn, payload) in &scan.records {
                 if *lsn >= checkpoint_lsn {
                     recovery.records.push(Record {
@@ -402,19 +403,22 @@ struct Scan {
     end: u64,
     /// Where the written bytes end: only zeros follow.
     extent: u64,
+    /// What the magic names (the current format if there is none).
+    format: Format,
 }
 
 /// Reads a segment's records, from `expected_first` on, up to the first problem.
 /// `next_first` is where the next segment starts (`None` for the last one): when it
 /// continues the numbering, bad bytes after this segment's records lie in space it
 /// never used, and are no problem.
-fn scan_segment(segment: &mut Segment, expected_first: Lsn, next_first: Option<Lsn>) -> Result<Scan> {
+fn scan_segment(segment: &Segment, expected_first: Lsn, next_first: Option<Lsn>) -> Result<Scan> {
     let bytes = fs::read(&segment.path).map_err(io_error(&segment.path))?;
     let mut scan = Scan {
         records: Vec::new(),
         problem: None,
         end: 0,
         extent: written_extent(&bytes),
+        format: Format::V2,
     };
     let problem = |offset: usize, reason: String, torn: bool| {
         Some(Problem {
@@ -430,7 +434,7 @@ fn scan_segment(segment: &mut Segment, expected_first: Lsn, next_first: Option<L
         scan.problem = problem(0, "the segment does not start with the journal's magic".into(), torn);
         return Ok(scan);
     };
-    segment.format = format;
+    scan.format = format;
     if segment.first_lsn != expected_first {
         scan.problem = problem(
             0,
@@ -832,9 +836,9 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     };
     let mut expected = segments.first().map_or(1, |s| s.first_lsn);
     for index in 0..segments.len() {
+        let segment = &segments[index];
         let next_first = segments.get(index + 1).map(|s| s.first_lsn);
-        let mut segment = segments[index].clone();
-        let scan = scan_segment(&mut segment, expected, next_first)?;
+        let scan = scan_segment(segment, expected, next_first)?;
         if let (Some(first), Some(last)) = (scan.records.first(), scan.records.last()) {
             report.first_lsn.get_or_insert(first.0);
             report.last_lsn = Some(last.0);
