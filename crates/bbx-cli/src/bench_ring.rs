@@ -2,7 +2,8 @@
 //! limit measured in the same run.
 //!
 //! - `inproc`: `noop` ops in batches of 64 through an in-process kernel (nothing is
-//!   journaled); latency is from a batch's submission to each op's reaped completion.
+//!   journaled), from one submitter by default (`--inproc-submitters`); latency is
+//!   from a batch's submission to each op's reaped completion.
 //! - `durable`: 1024 concurrent in-process submitters of one `state.set` op each,
 //!   acknowledged after the journal's group fdatasync; latency is submit to ack.
 //! - `fsync_ceiling`: a bare append + fdatasync loop on the same disk, writing the
@@ -53,6 +54,8 @@ struct Report {
     /// syncing (the rest it waited for records), and its median group sync.
     durable_journal_busy: f64,
     durable_sync_p50_us: u64,
+    /// In-process submitters of inproc.
+    inproc_submitters: usize,
     /// Concurrent connections of http_batch and http_single.
     http_batch_clients: usize,
     http_single_clients: usize,
@@ -89,7 +92,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // The in-process kernel gets a multi-threaded runtime of its own, on its own
     // thread: this command's runtime is a single-threaded load generator.
     let dir = scratch.path().join("inproc");
-    let submitters = args.durable_submitters;
+    let submitters = (usize::from(args.inproc_submitters), args.durable_submitters);
     let in_process = std::thread::spawn(move || -> Result<InProcess> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -156,6 +159,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         durable_journal_busy: in_process.journal_busy,
         durable_sync_p50_us: in_process.sync_p50_us,
         record_bytes: in_process.record_bytes,
+        inproc_submitters: usize::from(args.inproc_submitters),
         http_batch_clients: args.http_clients,
         http_single_clients: args.http_single_clients,
     };
@@ -167,7 +171,11 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     Ok(())
 }
 
-async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<InProcess> {
+async fn in_process(
+    dir: &Path,
+    measure: Duration,
+    (inproc_submitters, durable_submitters): (usize, usize),
+) -> Result<InProcess> {
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         log: Some("warn".into()),
@@ -190,7 +198,7 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
         .id;
     let session = Arc::new(kernel.session(caller.clone()));
 
-    // inproc: two submitters, each a batch of 64 noops at a time, reaping all 64
+    // inproc: each submitter sends a batch of 64 noops at a time and reaps all 64
     // from a completion queue of its own.
     let noops = move |session: Arc<bbx_kernel::Session>, end: Instant| async move {
         let mut queue = bbx_kernel::CompletionQueue::new();
@@ -205,21 +213,28 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
             let mut pending = session.submit_to(batch, &queue).await?.ops.len();
             while pending > 0 {
                 reaped.clear();
-                if queue.reap(&mut reaped, pending).await == 0 {
+                let n = queue.reap(&mut reaped, pending).await;
+                if n == 0 {
                     bail!("the completion queue closed");
                 }
-                for done in &reaped {
-                    if done.status != bbx_core::op::CompletionStatus::Ok {
-                        bail!("a noop ended {}", done.status.as_str());
-                    }
-                    latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+                // All reaped at one moment: one clock read for them.
+                let latency = started.elapsed().as_micros().max(1) as u64;
+                if let Some(done) = reaped
+                    .iter()
+                    .find(|done| done.status != bbx_core::op::CompletionStatus::Ok)
+                {
+                    bail!("a noop ended {}", done.status.as_str());
                 }
-                pending -= reaped.len();
+                latencies.saturating_record_n(latency, n as u64);
+                pending -= n;
             }
         }
         anyhow::Ok(latencies)
     };
-    let inproc = run_tasks(2, measure, |_| noops(session.clone(), Instant::now() + measure)).await?;
+    let inproc = run_tasks(inproc_submitters, measure, |_| {
+        noops(session.clone(), Instant::now() + measure)
+    })
+    .await?;
 
     // durable: many submitters, one state.set each, acknowledged once journaled.
     let before = kernel.wal_status(&caller).await?;
@@ -240,7 +255,7 @@ async fn in_process(dir: &Path, measure: Duration, submitters: usize) -> Result<
         }
         anyhow::Ok(latencies)
     };
-    let durable = run_tasks(submitters, measure, |n| {
+    let durable = run_tasks(durable_submitters, measure, |n| {
         sets(session.clone(), n, Instant::now() + measure)
     })
     .await?;
@@ -403,8 +418,8 @@ fn print_report(r: &Report) {
         r.durable_sync_p50_us
     );
     println!(
-        "http connections: {} in http_batch, {} in http_single",
-        r.http_batch_clients, r.http_single_clients
+        "inproc submitters: {}; http connections: {} in http_batch, {} in http_single",
+        r.inproc_submitters, r.http_batch_clients, r.http_single_clients
     );
     println!("targets: {}", serde_json::to_string(&r.targets).expect("serializes"));
 }

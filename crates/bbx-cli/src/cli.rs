@@ -212,6 +212,11 @@ pub struct BenchRingArgs {
     /// Seconds per measured scenario.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    /// In-process submitters in the inproc scenario, each a task of its own. On a
+    /// 2-core machine one is fastest: two take turns at the ring's one lock and
+    /// pass each other's ops between cores (docs/ring.md has the figures).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub inproc_submitters: u16,
     /// Concurrent in-process submitters in the durable scenario.
     #[arg(long, default_value_t = 1024)]
     pub durable_submitters: usize,

@@ -44,6 +44,7 @@ use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, OpId, Result, validat
 use chrono::Utc;
 use fjall::Readable;
 use ring::Ring;
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::ops::Bound;
@@ -623,7 +624,9 @@ impl Kernel {
     /// Checks and submits a batch, handing its completions to `reaper` if given;
     /// the caller then starts the next batch of ops with [`Ring::dispatch_once`].
     async fn submit_with(&self, caller: &Caller, batch: SubmitBatch, reaper: Option<&ring::Sink>) -> Result<Submitted> {
-        let mut tenants: HashMap<AgentId, String> = HashMap::new();
+        // Fx hashing: agent ids are random ids the kernel made, and SipHash per op
+        // showed in the ring's profile.
+        let mut tenants: FxHashMap<AgentId, String> = FxHashMap::default();
         let mut ops = Vec::with_capacity(batch.ops.len());
         for (index, op) in batch.ops.into_iter().enumerate() {
             let tenant = match tenants.get(&op.agent) {

@@ -191,6 +191,18 @@ enum Attempt {
     Cancelled,
 }
 
+impl Attempt {
+    /// Whether the attempt failed in a way worth retrying, which is also what
+    /// counts against its target's circuit breaker.
+    fn transient(&self) -> bool {
+        match self {
+            Self::TimedOut => true,
+            Self::Failed(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout),
+            Self::Ok(_) | Self::Cancelled => false,
+        }
+    }
+}
+
 /// An attempt that ended, with what it holds until its op is handled.
 struct Ended {
     id: OpId,
@@ -291,8 +303,14 @@ struct Outbox {
     /// When the ops handled with this outbox ended.
     at: Moment,
     answers: Vec<(Waiter, Arc<Completion>)>,
+    /// Whether anyone subscribed to the event stream (looked up once, since it
+    /// takes the stream's lock): if not, no completion is collected for it.
+    publish: bool,
     events: Vec<Arc<Completion>>,
     released: Vec<Lsn>,
+    /// Ops no longer in flight, per agent (a record of one of them, and how
+    /// many): their quota is given back before their completions are handed out.
+    settled: Vec<(Arc<OpRecord>, u64)>,
     to_record: Vec<Pending>,
     /// A dependent was queued: the dispatcher has work.
     queued: bool,
@@ -301,12 +319,14 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new() -> Self {
+    fn new(events: &broadcast::Sender<Arc<Completion>>) -> Self {
         Self {
             at: Moment::read(),
             answers: Vec::new(),
+            publish: events.receiver_count() > 0,
             events: Vec::new(),
             released: Vec::new(),
+            settled: Vec::new(),
             to_record: Vec::new(),
             queued: false,
             forgotten: None,
@@ -428,14 +448,12 @@ impl Drop for Permit {
     }
 }
 
-/// An op of a batch after the checks.
+/// An op of a batch after the checks: its record, built from the submitted op
+/// before the ring's lock is taken (its id is used only if the op turns out new,
+/// and its dependencies are filled in when they are resolved, under the lock).
 struct Checked {
-    op: SubmitOp,
-    tenant: String,
+    record: Arc<OpRecord>,
     exec: Exec,
-    timeout_ms: u64,
-    key: Option<String>,
-    digest: Option<String>,
 }
 
 /// A batch after admission: what each entry turned into, and the records of the
@@ -661,16 +679,17 @@ impl Ring {
         }
         let lists: Vec<&[String]> = ops.iter().map(|(op, _)| op.depends_on.as_slice()).collect();
         let deps = batch::dependencies(&lists)?;
-        let checked = ops
+        let submitted_at = Utc::now();
+        let mut checked = ops
             .into_iter()
             .enumerate()
-            .map(|(index, (op, tenant))| self.check(op, tenant).map_err(|e| batch::at_op(index, e)))
+            .map(|(index, (op, tenant))| self.check(op, tenant, submitted_at).map_err(|e| batch::at_op(index, e)))
             .collect::<Result<Vec<_>>>()?;
 
         let deadline = wait.map(|w| Instant::now() + w);
         let (slots, records) = loop {
             let room = self.room.notified();
-            match self.admit(caller, &checked, &deps) {
+            match self.admit(caller, &mut checked, &deps) {
                 Ok(admitted) => break admitted,
                 Err(e) if e.code == ErrorCode::ResourceExhausted => {
                     let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now())) else {
@@ -718,8 +737,10 @@ impl Ring {
                                     // expired, or being retried after it was in doubt.
                                     let done = match self.completion(&st, id) {
                                         Ok(Some(done)) => done,
-                                        Ok(None) => untracked(*id, op, "it is no longer known here".into()),
-                                        Err(e) => untracked(*id, op, format!("its completion cannot be read ({e})")),
+                                        Ok(None) => untracked(*id, &op.record, "it is no longer known here".into()),
+                                        Err(e) => {
+                                            untracked(*id, &op.record, format!("its completion cannot be read ({e})"))
+                                        }
                                     };
                                     answers.push((Waiter::Sink(sink.clone()), done));
                                 }
@@ -734,7 +755,7 @@ impl Ring {
                     for (slot, op) in slots.iter().zip(&checked) {
                         if let Slot::New(id) = slot {
                             for waiter in self.discard(&mut st, *id) {
-                                answers.push((waiter, untracked(*id, op, why.clone())));
+                                answers.push((waiter, untracked(*id, &op.record, why.clone())));
                             }
                         }
                     }
@@ -778,8 +799,8 @@ impl Ring {
         })
     }
 
-    /// The checks of one op that need no shared state.
-    fn check(&self, op: SubmitOp, tenant: String) -> Result<Checked> {
+    /// The checks of one op that need no shared state; makes its record.
+    fn check(&self, op: SubmitOp, tenant: String, submitted_at: DateTime<Utc>) -> Result<Checked> {
         let exec = Exec::parse(&op.kind, &op.args)?;
         let size = json_size(&op.args);
         if size > self.config.max_args_bytes {
@@ -795,35 +816,50 @@ impl Ring {
                 "timeout_ms must be 1 ms to 24 hours",
             ));
         }
-        let key = batch::idempotency_key(&op)?;
-        let digest = key.as_ref().map(|_| batch::args_digest(&op.kind, &op.args));
-        Ok(Checked {
-            op,
-            tenant,
-            exec,
-            timeout_ms,
+        let idempotency = batch::idempotency_key(&op)?.map(|key| Idempotency {
             key,
-            digest,
+            digest: batch::args_digest(&op.kind, &op.args),
+        });
+        let record = OpRecord {
+            op_id: OpId::generate_at(submitted_at),
+            agent: op.agent,
+            tenant,
+            kind: op.kind,
+            args: op.args,
+            priority: op.priority,
+            timeout_ms,
+            retries: op.retries,
+            depends_on: Vec::new(),
+            idempotency,
+            user_data: op.user_data,
+            trace: op.trace,
+            submitted_at,
+            incarnation: 0,
+        };
+        Ok(Checked {
+            record: Arc::new(record),
+            exec,
         })
     }
 
     /// Resolves keys and dependencies and admits the new ops, all under one lock, so
     /// that two submissions of one key cannot both create an op. Returns each entry's
     /// op and the records of the new ops with effects, to journal.
-    fn admit(&self, caller: &Caller, ops: &[Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
+    fn admit(&self, caller: &Caller, ops: &mut [Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
         let mut st = self.state.lock();
-        let submitted_at = Utc::now();
         let mut slots: Vec<Slot> = Vec::with_capacity(ops.len());
-        let mut in_batch: HashMap<(AgentId, &str), usize> = HashMap::new();
+        let mut in_batch: FxHashMap<(AgentId, &str), usize> = FxHashMap::default();
         for (index, op) in ops.iter().enumerate() {
-            let existing = match (&op.key, &op.digest) {
-                (Some(key), Some(digest)) => {
-                    let earlier = in_batch
-                        .get(&(op.op.agent, key.as_str()))
-                        .map(|&i| (slots[i].id(), ops[i].digest.clone()));
+            let record = &op.record;
+            let existing = match &record.idempotency {
+                Some(Idempotency { key, digest }) => {
+                    let earlier = in_batch.get(&(record.agent, key.as_str())).map(|&i| {
+                        let digest = ops[i].record.idempotency.as_ref().map(|i| i.digest.clone());
+                        (slots[i].id(), digest)
+                    });
                     let known = match earlier {
                         Some(found) => Some(found),
-                        None => self.known_key(&st, &op.op.agent, key)?,
+                        None => self.known_key(&st, &record.agent, key)?,
                     };
                     match known {
                         Some((id, Some(recorded))) if recorded == *digest => Some(id),
@@ -841,16 +877,16 @@ impl Ring {
                             ));
                         }
                         None => {
-                            in_batch.insert((op.op.agent, key.as_str()), index);
+                            in_batch.insert((record.agent, key.as_str()), index);
                             None
                         }
                     }
                 }
-                _ => None,
+                None => None,
             };
             slots.push(match existing {
                 Some(id) => Slot::Existing(id),
-                None => Slot::New(OpId::generate_at(submitted_at)),
+                None => Slot::New(record.op_id),
             });
         }
 
@@ -881,17 +917,17 @@ impl Ring {
 
         let admitted: Vec<(AgentId, Priority)> = slots
             .iter()
-            .zip(ops)
+            .zip(ops.iter())
             .filter(|(slot, _)| matches!(slot, Slot::New(_)))
-            .map(|(_, op)| (op.op.agent, op.op.priority))
+            .map(|(_, op)| (op.record.agent, op.record.priority))
             .collect();
         // Ops in flight, per agent, against the quotas of the agent and its tenant.
         let mut per_agent: Vec<(&str, AgentId, u64)> = Vec::new();
-        for (slot, op) in slots.iter().zip(ops) {
+        for (slot, op) in slots.iter().zip(ops.iter()) {
             if let Slot::New(_) = slot {
-                match per_agent.iter_mut().find(|(_, agent, _)| *agent == op.op.agent) {
+                match per_agent.iter_mut().find(|(_, agent, _)| *agent == op.record.agent) {
                     Some((_, _, n)) => *n += 1,
-                    None => per_agent.push((&op.tenant, op.op.agent, 1)),
+                    None => per_agent.push((&op.record.tenant, op.record.agent, 1)),
                 }
             }
         }
@@ -916,54 +952,42 @@ impl Ring {
 
         // Every new op takes its live entry now, so that a dependency on a later op
         // of the same batch waits for it like any other.
-        let arriving: FxHashSet<OpId> = slots
-            .iter()
-            .filter_map(|slot| match slot {
-                Slot::New(id) => Some(*id),
-                Slot::Existing(_) => None,
-            })
-            .collect();
+        let arriving: FxHashSet<OpId> = if resolved.iter().any(|ids| !ids.is_empty()) {
+            slots
+                .iter()
+                .filter_map(|slot| match slot {
+                    Slot::New(id) => Some(*id),
+                    Slot::Existing(_) => None,
+                })
+                .collect()
+        } else {
+            FxHashSet::default()
+        };
         let now = Instant::now();
         let mut records = Vec::new();
-        for ((slot, op), dep_ids) in slots.iter().zip(ops).zip(resolved) {
-            let Slot::New(id) = *slot else {
+        for (index, dep_ids) in resolved.into_iter().enumerate() {
+            let Slot::New(id) = slots[index] else {
                 self.metrics.deduplicated.inc();
                 continue;
             };
-            let record = Arc::new(OpRecord {
-                op_id: id,
-                agent: op.op.agent,
-                tenant: op.tenant.clone(),
-                kind: op.op.kind.clone(),
-                args: op.op.args.clone(),
-                priority: op.op.priority,
-                timeout_ms: op.timeout_ms,
-                retries: op.op.retries,
-                depends_on: dep_ids.clone(),
-                idempotency: op
-                    .key
-                    .clone()
-                    .zip(op.digest.clone())
-                    .map(|(key, digest)| Idempotency { key, digest }),
-                user_data: op.op.user_data.clone(),
-                trace: op.op.trace.clone(),
-                submitted_at,
-                incarnation: 0,
-            });
-            if op.exec.effects() != Effects::None {
-                records.push((id, record.clone()));
+            let op = &mut ops[index];
+            if !dep_ids.is_empty() {
+                Arc::make_mut(&mut op.record).depends_on = dep_ids;
             }
-            if let Err(e) = self.register(&mut st, record, op.exec.clone(), None, &arriving, now) {
+            if op.exec.effects() != Effects::None {
+                records.push((id, op.record.clone()));
+            }
+            if let Err(e) = self.register(&mut st, op.record.clone(), op.exec.clone(), None, &arriving, now) {
                 // Only a storage failure gets here; the batch still goes whole.
                 // Discarding an op gives its quota back; those never registered
                 // give theirs back here.
-                for (slot, op) in slots.iter().zip(ops) {
+                for (slot, op) in slots.iter().zip(ops.iter()) {
                     if let Slot::New(id) = slot {
                         if st.live.contains_key(id) {
                             // Nobody joined it: the lock has been held since it was admitted.
                             self.discard(&mut st, *id);
                         } else {
-                            self.quotas.release(&op.tenant, op.op.agent, 1);
+                            self.quotas.release(&op.record.tenant, op.record.agent, 1);
                         }
                     }
                 }
@@ -1269,13 +1293,16 @@ impl Ring {
                 completing: Some(self.completing.permit()),
             };
             let target = exec.breaker_target(&record.kind);
-            let breaker = match (&target, last_breaker.take()) {
-                (Cow::Borrowed(_), Some((last, breaker))) if last.kind == record.kind => breaker,
-                _ => self.breakers.get(&target),
+            let breaker = match (&target, &last_breaker) {
+                (Cow::Borrowed(_), Some((last, breaker))) if last.kind == record.kind => breaker.clone(),
+                _ => {
+                    let breaker = self.breakers.get(&target);
+                    if let Cow::Borrowed(_) = target {
+                        last_breaker = Some((record.clone(), breaker.clone()));
+                    }
+                    breaker
+                }
             };
-            if let Cow::Borrowed(_) = target {
-                last_breaker = Some((record.clone(), breaker.clone()));
-            }
             let admission = match breaker.admit(started) {
                 Ok(admission) => (breaker, admission),
                 Err(rejected) => {
@@ -1338,7 +1365,18 @@ impl Ring {
                     continue;
                 }
             };
-            ended.push(Ended::ran(id, attempt, took, admission, slots));
+            // Ended here: the breaker hears of it at once, and the attempt's end
+            // need not carry the breaker along.
+            let (breaker, admission) = admission;
+            breaker.record(admission, !attempt.transient(), started);
+            ended.push(Ended {
+                id,
+                attempt,
+                took,
+                admission: None,
+                slots,
+                retry_after: None,
+            });
         }
         if !ended.is_empty() {
             self.attempts_done(ended);
@@ -1530,7 +1568,7 @@ impl Ring {
     fn attempts_done(self: &Arc<Self>, ended: Vec<Ended>) {
         let mut retrying = Vec::new();
         let mut finish = Vec::with_capacity(ended.len());
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(&self.events);
         {
             let mut st = self.state.lock();
             let now = Instant::now();
@@ -1543,11 +1581,7 @@ impl Ring {
                 retry_after,
             } in ended
             {
-                let transient = match &attempt {
-                    Attempt::TimedOut => true,
-                    Attempt::Failed(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout),
-                    Attempt::Ok(_) | Attempt::Cancelled => false,
-                };
+                let transient = attempt.transient();
                 if let Some((breaker, admission)) = admission {
                     breaker.record(admission, !transient, now);
                 }
@@ -1705,7 +1739,7 @@ impl Ring {
         if finish.is_empty() {
             return;
         }
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(&self.events);
         self.finish_locked(&mut self.state.lock(), finish, &mut out);
         self.deliver(out);
     }
@@ -1764,21 +1798,24 @@ impl Ring {
     fn deliver(self: &Arc<Self>, out: Outbox) {
         let Outbox {
             at: _,
+            publish: _,
             answers,
             events,
             released,
+            settled,
             to_record,
             queued,
             forgotten,
         } = out;
         drop(forgotten);
+        for (record, n) in settled {
+            self.quotas.release(&record.tenant, record.agent, n);
+        }
         for (waiter, completion) in answers {
             waiter.answer(completion);
         }
-        if self.events.receiver_count() > 0 {
-            for completion in events {
-                let _ = self.events.send(completion);
-            }
+        for completion in events {
+            let _ = self.events.send(completion);
         }
         if !released.is_empty() {
             self.journal.release(released);
@@ -1812,7 +1849,7 @@ impl Ring {
                 charges.push(p.charge);
             }
             let written = ring.store.write_all(writes).await;
-            let mut out = Outbox::new();
+            let mut out = Outbox::new(&ring.events);
             {
                 let mut st = ring.state.lock();
                 let mut follow_ups = Vec::new();
@@ -1863,7 +1900,10 @@ impl Ring {
         let Some(live) = st.live.remove(&completion.op_id) else {
             return;
         };
-        self.quotas.release(&live.record.tenant, live.record.agent, 1);
+        match out.settled.last_mut() {
+            Some((record, n)) if record.agent == live.record.agent => *n += 1,
+            _ => out.settled.push((live.record.clone(), 1)),
+        }
         if live.holds_slot {
             st.scheduler.release(&live.record.agent);
             if self.room_waiters.load(Ordering::Acquire) > 0 {
@@ -1912,7 +1952,9 @@ impl Ring {
         );
         out.released.extend(live.lsn);
         out.released.extend(live.started);
-        out.events.push(completion);
+        if out.publish {
+            out.events.push(completion);
+        }
     }
 
     /// A completion, from memory or the store.
@@ -2330,13 +2372,13 @@ fn json_size(value: &Value) -> usize {
 /// What a submitter that reaps is handed for an entry of its batch whose op it
 /// cannot follow: an `unavailable` error naming the op, which `GET /v1/ops/{id}` may
 /// still know.
-fn untracked(id: OpId, op: &Checked, why: String) -> Arc<Completion> {
+fn untracked(id: OpId, op: &OpRecord, why: String) -> Arc<Completion> {
     let now = Utc::now();
     Arc::new(Completion {
         op_id: id,
-        agent: op.op.agent,
+        agent: op.agent,
         tenant: op.tenant.clone(),
-        kind: op.op.kind.clone(),
+        kind: op.kind.clone(),
         status: CompletionStatus::Error,
         result: None,
         error: Some(
@@ -2349,9 +2391,9 @@ fn untracked(id: OpId, op: &Checked, why: String) -> Arc<Completion> {
         total_us: 0,
         submitted_at: now,
         completed_at: now,
-        idempotency_key: op.key.clone(),
-        user_data: op.op.user_data.clone(),
-        trace: op.op.trace.clone(),
+        idempotency_key: op.idempotency.as_ref().map(|i| i.key.clone()),
+        user_data: op.user_data.clone(),
+        trace: op.trace.clone(),
     })
 }
 
