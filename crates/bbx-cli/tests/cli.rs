@@ -336,6 +336,8 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
             "0.3",
             "--durable-submitters",
             "16",
+            "--inproc-submitters",
+            "2",
         ])
         .args([
             "--http-clients",
@@ -367,5 +369,13 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
     assert!(report["durable_records_per_sync"].as_f64().unwrap() >= 1.0);
     assert!(report["durable_journal_busy"].as_f64().unwrap() > 0.0);
     assert_eq!(report["http_single_clients"], 2);
+    assert_eq!(report["inproc_submitters"], 2);
     assert!(report["targets"].is_object());
+
+    let refused = Command::new(BBX)
+        .args(["bench", "ring", "--inproc-submitters", "0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("--inproc-submitters"), "{}", stderr(&refused));
 }

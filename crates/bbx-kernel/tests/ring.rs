@@ -615,3 +615,44 @@ async fn a_long_running_op_does_not_pin_the_journal_and_survives_a_restart() {
     assert!(completion.error.unwrap().message.contains("lost in a restart"));
     ring.kernel.shutdown().await;
 }
+
+// Two workers: the op's end and its reaper run on different threads, as they do
+// in a kernel, so a quota given back after the completion is handed out is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaped_completion_has_given_its_concurrency_quota_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let one_at_a_time = bbx_core::quota::QuotaLimits {
+        concurrent_ops: Some(1),
+        ..Default::default()
+    };
+    ring.kernel
+        .set_quota(&ring.admin, &bbx_core::quota::Node::Agent(agent), one_at_a_time)
+        .await
+        .unwrap();
+    // A `sleep` ends on a timer task and a `noop` on the submitter's own: either
+    // way, once its completion is reaped the next op fits in the quota again.
+    let mut queue = bbx_kernel::CompletionQueue::new();
+    let mut reaped = Vec::new();
+    for i in 0..100 {
+        let kind = if i % 2 == 0 {
+            ("sleep", json!({"ms": 1}))
+        } else {
+            ("noop", json!(null))
+        };
+        let batch = SubmitBatch {
+            ops: vec![op(agent, kind.0, kind.1)],
+            wait_ms: None,
+        };
+        ring.kernel
+            .submit_to(&ring.admin, batch, &queue)
+            .await
+            .unwrap_or_else(|e| panic!("op {i} was refused: {e:?}"));
+        reaped.clear();
+        tokio::time::timeout(Duration::from_secs(10), queue.reap(&mut reaped, 1))
+            .await
+            .expect("the op completes");
+        assert_eq!(reaped[0].status, CompletionStatus::Ok, "{:?}", reaped[0]);
+    }
+}
