@@ -624,8 +624,8 @@ impl Kernel {
     /// Checks and submits a batch, handing its completions to `reaper` if given;
     /// the caller then starts the next batch of ops with [`Ring::dispatch_once`].
     async fn submit_with(&self, caller: &Caller, batch: SubmitBatch, reaper: Option<&ring::Sink>) -> Result<Submitted> {
-        // Fx hashing: agent ids are random ids the kernel made, and SipHash per op
-        // showed in the ring's profile.
+        // Fx hashing: agent ids are ids the kernel made (UUIDv7), not the caller's
+        // choice, and SipHash per op showed in the ring's profile.
         let mut tenants: FxHashMap<AgentId, String> = FxHashMap::default();
         let mut ops = Vec::with_capacity(batch.ops.len());
         for (index, op) in batch.ops.into_iter().enumerate() {

@@ -631,18 +631,19 @@ async fn a_reaped_completion_has_given_its_concurrency_quota_back() {
         .set_quota(&ring.admin, &bbx_core::quota::Node::Agent(agent), one_at_a_time)
         .await
         .unwrap();
-    // A `sleep` ends on a timer task and a `noop` on the submitter's own: either
-    // way, once its completion is reaped the next op fits in the quota again.
+    // A `sleep` ends on a timer task, a `noop` on the submitter's own, and a
+    // `state.set` after its store write: whichever, once its completion is reaped
+    // (or read by id) the next op fits in the quota again.
     let mut queue = bbx_kernel::CompletionQueue::new();
     let mut reaped = Vec::new();
-    for i in 0..100 {
-        let kind = if i % 2 == 0 {
-            ("sleep", json!({"ms": 1}))
-        } else {
-            ("noop", json!(null))
+    for i in 0..120 {
+        let (kind, args) = match i % 3 {
+            0 => ("sleep", json!({"ms": 1})),
+            1 => ("noop", json!(null)),
+            _ => ("state.set", json!({"key": "k", "value": i})),
         };
         let batch = SubmitBatch {
-            ops: vec![op(agent, kind.0, kind.1)],
+            ops: vec![op(agent, kind, args)],
             wait_ms: None,
         };
         ring.kernel
@@ -654,5 +655,13 @@ async fn a_reaped_completion_has_given_its_concurrency_quota_back() {
             .await
             .expect("the op completes");
         assert_eq!(reaped[0].status, CompletionStatus::Ok, "{:?}", reaped[0]);
+    }
+    for i in 0..60 {
+        let (kind, args) = match i % 2 {
+            0 => ("sleep", json!({"ms": 1})),
+            _ => ("noop", json!(null)),
+        };
+        let id = ring.one(op(agent, kind, args)).await;
+        ring.result(id).await;
     }
 }

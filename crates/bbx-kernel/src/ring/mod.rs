@@ -309,7 +309,8 @@ struct Outbox {
     events: Vec<Arc<Completion>>,
     released: Vec<Lsn>,
     /// Ops no longer in flight, per agent (a record of one of them, and how
-    /// many): their quota is given back before their completions are handed out.
+    /// many): their quota is given back once per agent, at the end of the lock
+    /// scope that settled them.
     settled: Vec<(Arc<OpRecord>, u64)>,
     to_record: Vec<Pending>,
     /// A dependent was queued: the dispatcher has work.
@@ -691,6 +692,8 @@ impl Ring {
             let room = self.room.notified();
             match self.admit(caller, &mut checked, &deps) {
                 Ok(admitted) => break admitted,
+                // Raised before any op of the batch is registered: a retry finds
+                // none of them live, and reuses their ids and records as they are.
                 Err(e) if e.code == ErrorCode::ResourceExhausted => {
                     let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now())) else {
                         self.metrics.refused.inc();
@@ -848,7 +851,8 @@ impl Ring {
     fn admit(&self, caller: &Caller, ops: &mut [Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
         let mut st = self.state.lock();
         let mut slots: Vec<Slot> = Vec::with_capacity(ops.len());
-        let mut in_batch: FxHashMap<(AgentId, &str), usize> = FxHashMap::default();
+        // SipHash: the keys are the callers' own strings.
+        let mut in_batch: HashMap<(AgentId, &str), usize> = HashMap::new();
         for (index, op) in ops.iter().enumerate() {
             let record = &op.record;
             let existing = match &record.idempotency {
@@ -988,6 +992,7 @@ impl Ring {
                             self.discard(&mut st, *id);
                         } else {
                             self.quotas.release(&op.record.tenant, op.record.agent, 1);
+                            st.scheduler.release(&op.record.agent);
                         }
                     }
                 }
@@ -1790,6 +1795,11 @@ impl Ring {
                 self.settle_locked(st, Arc::new(completion), false, &mut queue, out);
             }
         }
+        // Still under the lock (the last thing each of its holders does): an op
+        // that `wait`, `info` or a dependency can see done holds no quota.
+        for (record, n) in out.settled.drain(..) {
+            self.quotas.release(&record.tenant, record.agent, n);
+        }
     }
 
     /// Does what settling left to do outside the lock: answers waiters, publishes
@@ -1802,15 +1812,12 @@ impl Ring {
             answers,
             events,
             released,
-            settled,
+            settled: _,
             to_record,
             queued,
             forgotten,
         } = out;
         drop(forgotten);
-        for (record, n) in settled {
-            self.quotas.release(&record.tenant, record.agent, n);
-        }
         for (waiter, completion) in answers {
             waiter.answer(completion);
         }
