@@ -4,12 +4,14 @@
 //! objects ([`AgentId`], [`KeyId`]), the request and response types of the kernel's
 //! API ([`model`], [`op`], [`quota`]), the one error type that crosses every boundary ([`Error`], which
 //! renders to the `{"error": {"code", "message", "details"}}` shape), the validation
-//! rules for names and keys ([`validate`]), the kernel's configuration ([`config`]),
+//! rules for names and keys ([`validate`]), the compact binary form of a completion
+//! ([`compact`]), the kernel's configuration ([`config`]),
 //! and the [`AgentApi`] trait that the kernel and the HTTP client both implement so
 //! that front ends such as the MCP server are written once. It performs no I/O
 //! besides reading a configuration file.
 
 pub mod api;
+pub mod compact;
 pub mod config;
 pub mod error;
 pub mod ids;

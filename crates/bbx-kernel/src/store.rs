@@ -776,8 +776,8 @@ impl<'a> GroupTx<'a> {
                         }
                     }
                 }
-                let mut json = serde_json::to_vec(&completion).map_err(|e| Error::internal(e.to_string()))?;
-                if json.len() > self.max_completion && effect.is_none() {
+                let mut encoded = encode_completion(&completion)?;
+                if encoded.len() > self.max_completion && effect.is_none() {
                     // Too large to journal (a tool's huge output): the op ends with
                     // an error naming the size, instead of never ending at all.
                     completion.status = CompletionStatus::Error;
@@ -786,13 +786,13 @@ impl<'a> GroupTx<'a> {
                         ErrorCode::PayloadTooLarge,
                         format!(
                             "the op's completion is {} bytes; at most {} bytes can be recorded",
-                            json.len(),
+                            encoded.len(),
                             self.max_completion
                         ),
                     ));
-                    json = serde_json::to_vec(&completion).map_err(|e| Error::internal(e.to_string()))?;
+                    encoded = encode_completion(&completion)?;
                 }
-                self.put(OPS, completion.op_id.as_bytes().to_vec(), json);
+                self.put(OPS, completion.op_id.as_bytes().to_vec(), encoded);
                 if let (Some(key), Some(digest)) = (&completion.idempotency_key, digest) {
                     let mut value = completion.op_id.as_bytes().to_vec();
                     value.extend_from_slice(digest.as_bytes());
@@ -824,10 +824,7 @@ impl<'a> GroupTx<'a> {
                     ));
                 };
                 match completion {
-                    Some(completion) => {
-                        let json = serde_json::to_vec(completion).map_err(|e| Error::internal(e.to_string()))?;
-                        self.put(OPS, key.clone(), json);
-                    }
+                    Some(completion) => self.put(OPS, key.clone(), encode_completion(completion)?),
                     None => self.remove(OPS, key.clone()),
                 }
                 self.remove(DOUBT, key);
@@ -983,8 +980,29 @@ pub(crate) fn decode_idempotency(bytes: &[u8]) -> Result<(OpId, String)> {
     ))
 }
 
+/// The first byte of a completion stored in its compact form ([`bbx_core::compact`]);
+/// one stored as JSON (any with a rarely set field, and all that earlier versions
+/// stored) starts with `{`.
+const COMPACT_COMPLETION: u8 = 1;
+
+/// A completion as the store keeps it: compact where it can be, JSON otherwise. The
+/// compact form is under half the bytes, and each stored completion is written three
+/// times or more (the journal's redo record, fjall's journal, its tables).
+pub(crate) fn encode_completion(completion: &Completion) -> Result<Vec<u8>> {
+    let mut bytes = vec![COMPACT_COMPLETION];
+    if bbx_core::compact::encode_completion(completion, &mut bytes) {
+        return Ok(bytes);
+    }
+    serde_json::to_vec(completion).map_err(|e| Error::internal(e.to_string()))
+}
+
 pub(crate) fn decode_completion(bytes: &[u8]) -> Result<Completion> {
-    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("a stored completion is unreadable: {e}")))
+    match bytes.split_first() {
+        Some((&COMPACT_COMPLETION, compact)) => bbx_core::compact::decode_completion(compact)
+            .ok_or_else(|| Error::internal("a stored completion is unreadable: its compact form is damaged")),
+        _ => serde_json::from_slice(bytes)
+            .map_err(|e| Error::internal(format!("a stored completion is unreadable: {e}"))),
+    }
 }
 
 pub(crate) fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -1343,6 +1361,48 @@ mod tests {
         assert_eq!(recorded.status, CompletionStatus::Error);
         assert_eq!(recorded.error.unwrap().code, ErrorCode::PayloadTooLarge);
         assert!(tx.writes().all(|(_, _, v)| v.is_none_or(|v| v.len() <= 1000)));
+    }
+
+    #[test]
+    fn completions_are_stored_compact_where_they_can_be_and_read_in_either_form() {
+        let plain = Completion {
+            op_id: OpId::generate(),
+            agent: AgentId::generate(),
+            tenant: "t".into(),
+            kind: "state.set".into(),
+            status: CompletionStatus::Ok,
+            result: Some(json!({"key": "k", "version": 3})),
+            error: None,
+            attempts: 1,
+            queue_us: 5,
+            exec_us: 6,
+            total_us: 11,
+            submitted_at: Utc::now(),
+            completed_at: Utc::now(),
+            idempotency_key: None,
+            user_data: None,
+            trace: None,
+        };
+        let compact = encode_completion(&plain).unwrap();
+        assert_eq!(compact[0], COMPACT_COMPLETION);
+        assert_eq!(decode_completion(&compact).unwrap(), plain);
+        // What earlier versions stored, and what a completion with a rare field is.
+        let json = serde_json::to_vec(&plain).unwrap();
+        assert!(
+            compact.len() * 2 < json.len(),
+            "{} against {}",
+            compact.len(),
+            json.len()
+        );
+        assert_eq!(decode_completion(&json).unwrap(), plain);
+        let keyed = Completion {
+            idempotency_key: Some("k1".into()),
+            ..plain
+        };
+        let stored = encode_completion(&keyed).unwrap();
+        assert_eq!(stored[0], b'{');
+        assert_eq!(decode_completion(&stored).unwrap(), keyed);
+        assert!(decode_completion(&compact[..compact.len() / 2]).is_err());
     }
 
     #[test]

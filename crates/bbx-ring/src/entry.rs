@@ -11,6 +11,7 @@
 //! world may or may not have seen its effect, and it is reported `in_doubt`
 //! instead of being run again.
 
+use bbx_core::compact::{Reader, put_str};
 use bbx_core::op::{Priority, RetryPolicy, TraceContext};
 use bbx_core::quota::Reservation;
 use bbx_core::{AgentId, Error, OpId, Result};
@@ -56,16 +57,79 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// The first byte of an [`Entry::Accepted`] in its compact form. Entries in JSON
+/// start with `{`, and the store's redo records, which share the journal, with a
+/// tag of their own.
+const COMPACT_ACCEPTED: u8 = 1;
+
 impl OpRecord {
     /// This op's [`Entry::Accepted`], encoded without copying the record (its args
-    /// included) into an entry first.
+    /// included) into an entry first. An op that uses none of the rarely set fields
+    /// (retries, dependencies, an idempotency key, user data, trace context) is
+    /// written compact: ids, numbers and the time in place, strings behind a u16
+    /// length, only `args` as JSON. That is under half the bytes of its JSON (about
+    /// 100 against 250 for a `state.set`), and formats no id and no date, on the path
+    /// of every journaled op.
     pub fn encode_accepted(&self) -> Vec<u8> {
         #[derive(Serialize)]
         #[serde(tag = "entry", rename_all = "snake_case")]
         enum Borrowed<'a> {
             Accepted(&'a OpRecord),
         }
-        serde_json::to_vec(&Borrowed::Accepted(self)).expect("journal entries always serialize")
+        let compact = self.retries.is_none()
+            && self.depends_on.is_empty()
+            && self.idempotency.is_none()
+            && self.user_data.is_none()
+            && self.trace.is_none()
+            && self.tenant.len() <= usize::from(u16::MAX)
+            && self.kind.len() <= usize::from(u16::MAX);
+        if !compact {
+            return serde_json::to_vec(&Borrowed::Accepted(self)).expect("journal entries always serialize");
+        }
+        let mut bytes = Vec::with_capacity(96 + self.tenant.len() + self.kind.len());
+        bytes.push(COMPACT_ACCEPTED);
+        bytes.extend_from_slice(self.op_id.as_bytes());
+        bytes.extend_from_slice(self.agent.as_bytes());
+        bytes.push(self.priority.rank() as u8);
+        bytes.extend_from_slice(&self.timeout_ms.to_le_bytes());
+        bytes.extend_from_slice(&self.submitted_at.timestamp().to_le_bytes());
+        bytes.extend_from_slice(&self.submitted_at.timestamp_subsec_nanos().to_le_bytes());
+        bytes.extend_from_slice(&self.incarnation.to_le_bytes());
+        put_str(&mut bytes, &self.tenant);
+        put_str(&mut bytes, &self.kind);
+        serde_json::to_writer(&mut bytes, &self.args).expect("journal entries always serialize");
+        bytes
+    }
+
+    /// Reads what [`Self::encode_accepted`] wrote compact (after its first byte).
+    fn decode_compact(bytes: &[u8]) -> Option<Self> {
+        let mut reader = Reader(bytes);
+        let op_id = OpId::from_bytes(reader.array()?);
+        let agent = AgentId::from_bytes(reader.array()?);
+        let priority = *Priority::ALL.get(usize::from(reader.u8()?))?;
+        let timeout_ms = reader.u64()?;
+        let seconds = i64::from_le_bytes(reader.array()?);
+        let submitted_at = DateTime::from_timestamp(seconds, u32::from_le_bytes(reader.array()?))?;
+        let incarnation = u32::from_le_bytes(reader.array()?);
+        let tenant = reader.str()?;
+        let kind = reader.str()?;
+        let args = serde_json::from_slice(reader.0).ok()?;
+        Some(Self {
+            op_id,
+            agent,
+            tenant,
+            kind,
+            args,
+            priority,
+            timeout_ms,
+            retries: None,
+            depends_on: Vec::new(),
+            idempotency: None,
+            user_data: None,
+            trace: None,
+            submitted_at,
+            incarnation,
+        })
     }
 }
 
@@ -89,11 +153,20 @@ pub enum Entry {
 
 impl Entry {
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("journal entries always serialize")
+        match self {
+            Self::Accepted(record) => record.encode_accepted(),
+            Self::Started { .. } => serde_json::to_vec(self).expect("journal entries always serialize"),
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("a journal record is unreadable: {e}")))
+        match bytes.split_first() {
+            Some((&COMPACT_ACCEPTED, compact)) => OpRecord::decode_compact(compact)
+                .map(Self::Accepted)
+                .ok_or_else(|| Error::internal("a journal record is unreadable: its compact form is damaged")),
+            _ => serde_json::from_slice(bytes)
+                .map_err(|e| Error::internal(format!("a journal record is unreadable: {e}"))),
+        }
     }
 }
 
@@ -135,21 +208,22 @@ mod tests {
         #[test]
         fn entries_round_trip(args in json_value(), kind in "[a-z.]{1,12}", priority in 0usize..4,
                               timeout_ms in any::<u64>(), key in proptest::option::of("\\PC{1,20}"),
-                              deps in 0usize..3) {
+                              deps in 0usize..3, retries in any::<bool>(), tenant in "\\PC{0,12}",
+                              seconds in 0i64..4_000_000_000, nanos in 0u32..1_000_000_000) {
             let record = OpRecord {
                 op_id: OpId::generate(),
                 agent: AgentId::generate(),
-                tenant: "t".into(),
+                tenant,
                 kind,
                 args,
                 priority: Priority::ALL[priority],
                 timeout_ms,
-                retries: Some(RetryPolicy { count: 2, backoff_ms: 5, max_backoff_ms: 9 }),
+                retries: retries.then_some(RetryPolicy { count: 2, backoff_ms: 5, max_backoff_ms: 9 }),
                 depends_on: (0..deps).map(|_| OpId::generate()).collect(),
                 idempotency: key.map(|key| Idempotency { key, digest: "d".into() }),
                 user_data: None,
                 trace: None,
-                submitted_at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
+                submitted_at: DateTime::from_timestamp(seconds, nanos).unwrap(),
                 incarnation: priority as u32,
             };
             let started = Entry::Started {
@@ -164,6 +238,8 @@ mod tests {
                 }),
             };
             let borrowed = record.encode_accepted();
+            let rare = record.retries.is_some() || !record.depends_on.is_empty() || record.idempotency.is_some();
+            prop_assert_eq!(borrowed[0] == COMPACT_ACCEPTED, !rare);
             let entry = Entry::Accepted(record);
             prop_assert_eq!(&borrowed, &entry.encode());
             prop_assert_eq!(Entry::decode(&entry.encode()).unwrap(), entry);
@@ -171,8 +247,36 @@ mod tests {
         }
 
         #[test]
-        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..160)) {
             let _ = Entry::decode(&bytes);
+            let _ = Entry::decode(&[&[COMPACT_ACCEPTED], bytes.as_slice()].concat());
+        }
+    }
+
+    #[test]
+    fn a_cut_compact_record_is_an_error() {
+        let record = OpRecord {
+            op_id: OpId::generate(),
+            agent: AgentId::generate(),
+            tenant: "acme".into(),
+            kind: "state.set".into(),
+            args: serde_json::json!({"key": "d1", "value": 7}),
+            priority: Priority::Normal,
+            timeout_ms: 30_000,
+            retries: None,
+            depends_on: Vec::new(),
+            idempotency: None,
+            user_data: None,
+            trace: None,
+            submitted_at: DateTime::from_timestamp(1_700_000_000, 5).unwrap(),
+            incarnation: 0,
+        };
+        let bytes = record.encode_accepted();
+        assert_eq!(bytes[0], COMPACT_ACCEPTED);
+        assert!(bytes.len() * 2 < serde_json::to_vec(&Entry::Accepted(record.clone())).unwrap().len());
+        assert_eq!(Entry::decode(&bytes).unwrap(), Entry::Accepted(record));
+        for cut in 0..bytes.len() {
+            assert!(Entry::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
     }
 }

@@ -5,15 +5,16 @@
 //! that use none of the rarely set fields (retries, dependencies, keys, user data,
 //! trace context, an error), have a compact binary form: ids and numbers in place,
 //! strings behind a length, and only the free-form values (`args`, `result`) as JSON
-//! text. Everything else, refusals included, travels as JSON. So a `noop`'s round
+//! text (a completion's is [`bbx_core::compact`]'s, which the store keeps too).
+//! Everything else, refusals included, travels as JSON. So a `noop`'s round
 //! trip formats no date and parses no id, which is most of what JSON cost it.
 //!
 //! The kernel decodes what a client wrote, so every length is checked and a bad
 //! message is an error, never a panic.
 
-use bbx_core::op::{Completion, CompletionStatus, Priority, SubmitOp};
-use bbx_core::{AgentId, Error, OpId};
-use chrono::{DateTime, Utc};
+use bbx_core::compact::{self, Reader, put_str};
+use bbx_core::op::{Completion, Priority, SubmitOp};
+use bbx_core::{AgentId, Error};
 use serde_json::Value;
 
 const SUBMISSION_JSON: u8 = 0;
@@ -100,36 +101,12 @@ pub fn encode_completion(tag: u64, outcome: Result<&Completion, &Error>, into: &
     into.clear();
     into.extend_from_slice(&tag.to_le_bytes());
     match outcome {
-        Ok(c)
-            if c.error.is_none()
-                && c.idempotency_key.is_none()
-                && c.user_data.is_none()
-                && c.trace.is_none()
-                && c.tenant.len() <= usize::from(u16::MAX)
-                && c.kind.len() <= usize::from(u16::MAX) =>
-        {
-            into.push(COMPLETION_COMPACT);
-            into.extend_from_slice(c.op_id.as_bytes());
-            into.extend_from_slice(c.agent.as_bytes());
-            into.push(c.status as u8);
-            into.extend_from_slice(&c.attempts.to_le_bytes());
-            for micros in [c.queue_us, c.exec_us, c.total_us] {
-                into.extend_from_slice(&micros.to_le_bytes());
-            }
-            for at in [c.submitted_at, c.completed_at] {
-                into.extend_from_slice(&at.timestamp().to_le_bytes());
-                into.extend_from_slice(&at.timestamp_subsec_nanos().to_le_bytes());
-            }
-            put_str(into, &c.tenant);
-            put_str(into, &c.kind);
-            // A `null` result reads back as none, as it does from JSON.
-            if let Some(result) = c.result.as_ref().filter(|result| !result.is_null()) {
-                json_into(into, result);
-            }
-        }
         Ok(completion) => {
-            into.push(COMPLETION_JSON);
-            json_into(into, completion);
+            into.push(COMPLETION_COMPACT);
+            if !compact::encode_completion(completion, into) {
+                into[8] = COMPLETION_JSON;
+                json_into(into, completion);
+            }
         }
         Err(error) => {
             into.push(REFUSAL_JSON);
@@ -144,13 +121,8 @@ pub fn decode_completion(message: &[u8]) -> Result<(u64, Result<Completion, Erro
     match reader.u8() {
         Some(COMPLETION_COMPACT) => {
             let completion =
-                compact_completion(&mut reader).ok_or_else(|| malformed("a field is cut short or invalid"))?;
-            let result = if reader.0.is_empty() {
-                None
-            } else {
-                Some(json(reader.0)?)
-            };
-            Ok((tag, Ok(Completion { result, ..completion })))
+                compact::decode_completion(reader.0).ok_or_else(|| malformed("a field is cut short or invalid"))?;
+            Ok((tag, Ok(completion)))
         }
         Some(COMPLETION_JSON) => Ok((tag, Ok(json(reader.0)?))),
         Some(REFUSAL_JSON) => Ok((tag, Err(json(reader.0)?))),
@@ -166,79 +138,17 @@ fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(body).map_err(|e| malformed(&e.to_string()))
 }
 
-/// The fixed part of a compact completion, without its result.
-fn compact_completion(reader: &mut Reader<'_>) -> Option<Completion> {
-    let op_id = OpId::from_bytes(reader.array()?);
-    let agent = AgentId::from_bytes(reader.array()?);
-    let status = *CompletionStatus::ALL.get(usize::from(reader.u8()?))?;
-    let attempts = u32::from_le_bytes(reader.array()?);
-    let (queue_us, exec_us, total_us) = (reader.u64()?, reader.u64()?, reader.u64()?);
-    let mut instant = || -> Option<DateTime<Utc>> {
-        let seconds = i64::from_le_bytes(reader.array()?);
-        DateTime::from_timestamp(seconds, u32::from_le_bytes(reader.array()?))
-    };
-    let (submitted_at, completed_at) = (instant()?, instant()?);
-    Some(Completion {
-        op_id,
-        agent,
-        tenant: reader.str()?,
-        kind: reader.str()?,
-        status,
-        result: None,
-        error: None,
-        attempts,
-        queue_us,
-        exec_us,
-        total_us,
-        submitted_at,
-        completed_at,
-        idempotency_key: None,
-        user_data: None,
-        trace: None,
-    })
-}
-
-/// A string behind its u16 length; the caller checked that it fits.
-fn put_str(into: &mut Vec<u8>, s: &str) {
-    into.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    into.extend_from_slice(s.as_bytes());
-}
-
 fn json_into(into: &mut Vec<u8>, value: &impl serde::Serialize) {
     // Writing these types to a Vec cannot fail: their maps have string keys.
     let _ = serde_json::to_writer(&mut *into, value);
 }
 
-/// Reads a message front to back; `None` once it runs short.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.0.split_first_chunk::<N>()?;
-        self.0 = rest;
-        Some(*head)
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|[byte]| byte)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
-
-    fn str(&mut self) -> Option<String> {
-        let len = usize::from(u16::from_le_bytes(self.array()?));
-        let bytes = self.0.get(..len)?;
-        self.0 = &self.0[len..];
-        String::from_utf8(bytes.to_vec()).ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bbx_core::op::{RetryPolicy, TraceContext};
+    use bbx_core::OpId;
+    use bbx_core::op::{CompletionStatus, RetryPolicy, TraceContext};
+    use chrono::DateTime;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -349,30 +259,6 @@ mod tests {
             encode_submission(11, &op, &mut buf);
             prop_assert_eq!(buf[8], SUBMISSION_COMPACT);
             prop_assert_eq!(decode_submission(&buf).unwrap(), (11, op));
-        }
-
-        #[test]
-        fn compact_completions_round_trip(
-            status in 0usize..5,
-            attempts in any::<u32>(),
-            micros in any::<(u64, u64, u64)>(),
-            seconds in 0i64..4_000_000_000,
-            nanos in 0u32..1_000_000_000,
-            tenant in "\\PC{0,12}",
-        ) {
-            let at = DateTime::from_timestamp(seconds, nanos).unwrap();
-            let plain = Completion {
-                status: CompletionStatus::ALL[status],
-                attempts,
-                queue_us: micros.0,
-                exec_us: micros.1,
-                total_us: micros.2,
-                submitted_at: at,
-                completed_at: at,
-                tenant,
-                ..completion(Some(json!([1, "two"])))
-            };
-            prop_assert_eq!(round_trip(&plain), plain);
         }
 
         /// Whatever a client writes, decoding answers; it never panics.
