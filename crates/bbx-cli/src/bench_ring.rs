@@ -217,7 +217,7 @@ async fn in_process(
     let noops = move |session: Arc<bbx_kernel::Session>, end: Instant| async move {
         let mut queue = bbx_kernel::CompletionQueue::new();
         let mut reaped = Vec::with_capacity(64);
-        let mut latencies = histogram();
+        let mut latencies = Latencies::new();
         while Instant::now() < end {
             let started = Instant::now();
             let batch = SubmitBatch {
@@ -239,7 +239,7 @@ async fn in_process(
                 {
                     bail!("a noop ended {}", done.status.as_str());
                 }
-                latencies.saturating_record_n(latency, n as u64);
+                latencies.push((latency, n as u64));
                 pending -= n;
             }
         }
@@ -255,7 +255,7 @@ async fn in_process(
     let disk_before = disk_bytes_written(dir);
     let durable_started = Instant::now();
     let sets = move |session: Arc<bbx_kernel::Session>, n: usize, end: Instant| async move {
-        let mut latencies = histogram();
+        let mut latencies = Latencies::new();
         let mut i = 0u64;
         while Instant::now() < end {
             let started = Instant::now();
@@ -265,7 +265,7 @@ async fn in_process(
                 wait_ms: Some(60_000),
             };
             session.submit_ops(batch).await?;
-            latencies.saturating_record(started.elapsed().as_micros().max(1) as u64);
+            latencies.push((started.elapsed().as_micros().max(1) as u64, 1));
             i += 1;
         }
         anyhow::Ok(latencies)
@@ -318,20 +318,30 @@ fn disk_bytes_written(dir: &Path) -> Option<u64> {
     })
 }
 
+/// What one measuring task saw: latencies in µs, each with how many ops it took.
+/// A histogram of its own (224 KiB, zeroed) per task would make the 1024 tasks of
+/// `durable` zero 230 MB while they are being timed; the histogram is built after.
+type Latencies = Vec<(u64, u64)>;
+
 /// Runs `tasks` copies of a measuring task and merges their latencies; throughput is
 /// over the measured window.
 async fn run_tasks<F, Fut>(tasks: usize, measure: Duration, task: F) -> Result<Figures>
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<hdrhistogram::Histogram<u64>>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<Latencies>> + Send + 'static,
 {
     let started = Instant::now();
     let handles: Vec<_> = (0..tasks).map(|n| tokio::spawn(task(n))).collect();
-    let mut all = histogram();
+    let mut seen = Vec::with_capacity(tasks);
     for handle in handles {
-        all.add(handle.await??)?;
+        seen.push(handle.await??);
     }
-    Ok(Figures::from(&all, started.elapsed().max(measure)))
+    let elapsed = started.elapsed().max(measure);
+    let mut all = histogram();
+    for (latency, ops) in seen.into_iter().flatten() {
+        all.saturating_record_n(latency, ops);
+    }
+    Ok(Figures::from(&all, elapsed))
 }
 
 /// One `noop` at a time through the shared-memory ring, after a warmup.
