@@ -64,10 +64,11 @@ pub fn decode_completion(bytes: &[u8]) -> Option<Completion> {
     let (submitted_at, completed_at) = (instant()?, instant()?);
     let tenant = reader.str()?;
     let kind = reader.str()?;
+    // As from JSON, a `null` result is none (the encoder never writes one).
     let result = if reader.0.is_empty() {
         None
     } else {
-        Some(serde_json::from_slice(reader.0).ok()?)
+        Some(serde_json::from_slice::<serde_json::Value>(reader.0).ok()?).filter(|result| !result.is_null())
     };
     Some(Completion {
         op_id,
@@ -91,6 +92,7 @@ pub fn decode_completion(bytes: &[u8]) -> Option<Completion> {
 
 /// Appends a string behind its u16 length; the caller checked that it fits.
 pub fn put_str(into: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() <= usize::from(u16::MAX), "a string too long for a u16 length");
     into.extend_from_slice(&(s.len() as u16).to_le_bytes());
     into.extend_from_slice(s.as_bytes());
 }
@@ -195,6 +197,8 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(decode_completion(&bytes[..cut]).is_none(), "cut at {cut}");
         }
+        let none = decode_completion(&[bytes.as_slice(), b"null"].concat()).unwrap();
+        assert_eq!(none.result, None, "a null result is none, as from JSON");
         bytes.extend_from_slice(b"{not json");
         assert!(decode_completion(&bytes).is_none());
     }

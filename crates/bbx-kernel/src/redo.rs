@@ -10,8 +10,9 @@
 //! already has changes nothing. The store is made durable in the background (a
 //! checkpoint), and only then may the journal drop the records.
 //!
-//! A record is binary, unlike the ring's JSON entries, whose first byte is always
-//! `{`: tag, whether it starts and whether it ends its group, then `(keyspace, key,
+//! A record opens with its own tag, which no ring entry starts with (a JSON entry
+//! starts with `{`, a compact one with 1): then whether it starts and whether it
+//! ends its group, then `(keyspace, key,
 //! value or removal)` triples. A group larger than one record is split into
 //! consecutive records; only a group whose records are all there is replayed. A
 //! group can lack its end only because a crash tore it (a segment roll syncs the
