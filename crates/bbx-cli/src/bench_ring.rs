@@ -310,12 +310,13 @@ fn disk_bytes_written(dir: &Path) -> Option<u64> {
         rustix::fs::minor(device).to_string(),
     );
     let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
-    stats.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let sectors: u64 =
-            (fields.get(..2)? == [major.as_str(), minor.as_str()]).then(|| fields.get(9)?.parse().ok())??;
-        Some(sectors * 512)
-    })
+    // major, minor, name, then the counters; the 7th is the sectors written.
+    let line = stats.lines().find(|line| {
+        let mut fields = line.split_whitespace();
+        fields.next() == Some(major.as_str()) && fields.next() == Some(minor.as_str())
+    })?;
+    let sectors: u64 = line.split_whitespace().nth(9)?.parse().ok()?;
+    Some(sectors * 512)
 }
 
 /// What one measuring task saw: latencies in µs, each with how many ops it took.

@@ -36,10 +36,8 @@ pub fn encode_completion(completion: &Completion, into: &mut Vec<u8>) -> bool {
     for micros in [c.queue_us, c.exec_us, c.total_us] {
         into.extend_from_slice(&micros.to_le_bytes());
     }
-    for at in [c.submitted_at, c.completed_at] {
-        into.extend_from_slice(&at.timestamp().to_le_bytes());
-        into.extend_from_slice(&at.timestamp_subsec_nanos().to_le_bytes());
-    }
+    put_instant(into, c.submitted_at);
+    put_instant(into, c.completed_at);
     put_str(into, &c.tenant);
     put_str(into, &c.kind);
     if let Some(result) = c.result.as_ref().filter(|result| !result.is_null()) {
@@ -55,13 +53,9 @@ pub fn decode_completion(bytes: &[u8]) -> Option<Completion> {
     let op_id = OpId::from_bytes(reader.array()?);
     let agent = AgentId::from_bytes(reader.array()?);
     let status = *CompletionStatus::ALL.get(usize::from(reader.u8()?))?;
-    let attempts = u32::from_le_bytes(reader.array()?);
+    let attempts = reader.u32()?;
     let (queue_us, exec_us, total_us) = (reader.u64()?, reader.u64()?, reader.u64()?);
-    let mut instant = || -> Option<DateTime<Utc>> {
-        let seconds = i64::from_le_bytes(reader.array()?);
-        DateTime::from_timestamp(seconds, u32::from_le_bytes(reader.array()?))
-    };
-    let (submitted_at, completed_at) = (instant()?, instant()?);
+    let (submitted_at, completed_at) = (reader.instant()?, reader.instant()?);
     let tenant = reader.str()?;
     let kind = reader.str()?;
     // As from JSON, a `null` result is none (the encoder never writes one).
@@ -97,6 +91,13 @@ pub fn put_str(into: &mut Vec<u8>, s: &str) {
     into.extend_from_slice(s.as_bytes());
 }
 
+/// Appends a time as its seconds (i64) and nanoseconds (u32), exact to the
+/// nanosecond.
+pub fn put_instant(into: &mut Vec<u8>, at: DateTime<Utc>) {
+    into.extend_from_slice(&at.timestamp().to_le_bytes());
+    into.extend_from_slice(&at.timestamp_subsec_nanos().to_le_bytes());
+}
+
 /// Reads bytes front to back; each read is `None` once they run short. What is left
 /// unread is `.0`.
 pub struct Reader<'a>(pub &'a [u8]);
@@ -112,8 +113,18 @@ impl Reader<'_> {
         self.array::<1>().map(|[byte]| byte)
     }
 
+    pub fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_le_bytes)
+    }
+
     pub fn u64(&mut self) -> Option<u64> {
         self.array().map(u64::from_le_bytes)
+    }
+
+    /// A time as [`put_instant`] wrote it; `None` also for one out of range.
+    pub fn instant(&mut self) -> Option<DateTime<Utc>> {
+        let seconds = i64::from_le_bytes(self.array()?);
+        DateTime::from_timestamp(seconds, self.u32()?)
     }
 
     /// A string behind its u16 length, as [`put_str`] wrote it.

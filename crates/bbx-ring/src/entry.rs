@@ -11,7 +11,7 @@
 //! world may or may not have seen its effect, and it is reported `in_doubt`
 //! instead of being run again.
 
-use bbx_core::compact::{Reader, put_str};
+use bbx_core::compact::{Reader, put_instant, put_str};
 use bbx_core::op::{Priority, RetryPolicy, TraceContext};
 use bbx_core::quota::Reservation;
 use bbx_core::{AgentId, Error, OpId, Result};
@@ -92,8 +92,7 @@ impl OpRecord {
         bytes.extend_from_slice(self.agent.as_bytes());
         bytes.push(self.priority.rank() as u8);
         bytes.extend_from_slice(&self.timeout_ms.to_le_bytes());
-        bytes.extend_from_slice(&self.submitted_at.timestamp().to_le_bytes());
-        bytes.extend_from_slice(&self.submitted_at.timestamp_subsec_nanos().to_le_bytes());
+        put_instant(&mut bytes, self.submitted_at);
         bytes.extend_from_slice(&self.incarnation.to_le_bytes());
         put_str(&mut bytes, &self.tenant);
         put_str(&mut bytes, &self.kind);
@@ -108,9 +107,8 @@ impl OpRecord {
         let agent = AgentId::from_bytes(reader.array()?);
         let priority = *Priority::ALL.get(usize::from(reader.u8()?))?;
         let timeout_ms = reader.u64()?;
-        let seconds = i64::from_le_bytes(reader.array()?);
-        let submitted_at = DateTime::from_timestamp(seconds, u32::from_le_bytes(reader.array()?))?;
-        let incarnation = u32::from_le_bytes(reader.array()?);
+        let submitted_at = reader.instant()?;
+        let incarnation = reader.u32()?;
         let tenant = reader.str()?;
         let kind = reader.str()?;
         let args = serde_json::from_slice(reader.0).ok()?;

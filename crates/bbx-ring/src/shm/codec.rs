@@ -102,9 +102,10 @@ pub fn encode_completion(tag: u64, outcome: Result<&Completion, &Error>, into: &
     into.extend_from_slice(&tag.to_le_bytes());
     match outcome {
         Ok(completion) => {
+            let form = into.len();
             into.push(COMPLETION_COMPACT);
             if !compact::encode_completion(completion, into) {
-                into[8] = COMPLETION_JSON;
+                into[form] = COMPLETION_JSON;
                 json_into(into, completion);
             }
         }
