@@ -24,6 +24,7 @@ mod journal;
 mod quota;
 mod redo;
 mod ring;
+mod sched;
 mod shm;
 mod store;
 

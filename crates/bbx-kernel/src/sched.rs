@@ -1,0 +1,84 @@
+//! Scheduling hints for the kernel's own threads.
+//!
+//! On a machine whose cores are all busy, a thread that sleeps most of the time
+//! still waits for a core each time it wakes: the fair scheduler lets the running
+//! thread finish its time slice first (0.75 ms or more). For the journal thread,
+//! which wakes a few thousand times a second (each time an `fdatasync` returns or a
+//! record arrives) and then needs the core for some tens of microseconds, that wait
+//! was measured at 40–50 % of the `durable` phase on a 2-core machine: as long as
+//! the syncs themselves. Since Linux 6.12 a fair-class thread may ask for a shorter
+//! slice (`sched_attr.sched_runtime`); the scheduler then gives it an earlier
+//! deadline, so it is picked sooner after waking. This needs no privilege and
+//! changes neither the thread's share of the CPU (its nice value) nor its policy.
+
+/// The slice asked for: the shortest the kernel accepts.
+const SHORT_SLICE_NS: u64 = 100_000;
+
+/// `struct sched_attr` of `sched_setattr(2)`, up to `sched_period` (its first
+/// published size; the kernel accepts it as is).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+/// Asks the scheduler to run the calling thread promptly when it wakes, by giving
+/// it the shortest time slice, keeping its policy and nice value. Returns the
+/// slice now in force in nanoseconds, or `None` where the kernel does not keep
+/// one (before Linux 6.12, or a thread that is not in the fair class) or refused:
+/// a hint, never an error.
+pub(crate) fn prefer_prompt_wakeups() -> Option<u64> {
+    let mut attr = read_attr()?;
+    if !matches!(attr.policy as i32, libc::SCHED_OTHER | libc::SCHED_BATCH) {
+        return None;
+    }
+    attr.runtime = SHORT_SLICE_NS;
+    attr.flags = 0;
+    attr.size = std::mem::size_of::<SchedAttr>() as u32;
+    // SAFETY: `attr` is a valid, initialised sched_attr of the size it declares,
+    // and 0 names the calling thread.
+    let set = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
+    if set != 0 {
+        return None;
+    }
+    read_attr().map(|attr| attr.runtime).filter(|&runtime| runtime > 0)
+}
+
+fn read_attr() -> Option<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    let size = std::mem::size_of::<SchedAttr>() as u32;
+    // SAFETY: `attr` is writable for `size` bytes, and 0 names the calling thread.
+    let read = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &raw mut attr, size, 0) };
+    (read == 0).then_some(attr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hint_keeps_the_threads_nice_value_and_sets_the_slice_where_kept() {
+        std::thread::spawn(|| {
+            let before = read_attr().expect("sched_getattr works on Linux");
+            let slice = prefer_prompt_wakeups();
+            let after = read_attr().unwrap();
+            assert_eq!((after.policy, after.nice), (before.policy, before.nice));
+            // Kernels that keep a custom slice report it back; older ones keep none.
+            if after.runtime != 0 {
+                assert_eq!(slice, Some(SHORT_SLICE_NS));
+                assert_eq!(after.runtime, SHORT_SLICE_NS);
+            } else {
+                assert_eq!(slice, None);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
