@@ -13,6 +13,9 @@
 
 /// The slice asked for: the shortest the kernel accepts.
 const SHORT_SLICE_NS: u64 = 100_000;
+/// `SCHED_FLAG_RESET_ON_FORK`: the one flag `sched_getattr` reports that a
+/// `sched_attr` of this size may carry back.
+const RESET_ON_FORK: u64 = 0x01;
 
 /// `struct sched_attr` of `sched_setattr(2)`, up to `sched_period` (its first
 /// published size; the kernel accepts it as is).
@@ -40,7 +43,7 @@ pub(crate) fn prefer_prompt_wakeups() -> Option<u64> {
         return None;
     }
     attr.runtime = SHORT_SLICE_NS;
-    attr.flags = 0;
+    attr.flags &= RESET_ON_FORK;
     attr.size = std::mem::size_of::<SchedAttr>() as u32;
     // SAFETY: `attr` is a valid, initialised sched_attr of the size it declares,
     // and 0 names the calling thread.
@@ -64,12 +67,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_hint_keeps_the_threads_nice_value_and_sets_the_slice_where_kept() {
+    fn the_hint_keeps_policy_nice_value_and_flags_and_sets_the_slice_where_kept() {
         std::thread::spawn(|| {
             let before = read_attr().expect("sched_getattr works on Linux");
             let slice = prefer_prompt_wakeups();
             let after = read_attr().unwrap();
-            assert_eq!((after.policy, after.nice), (before.policy, before.nice));
+            assert_eq!(
+                (after.policy, after.nice, after.flags),
+                (before.policy, before.nice, before.flags)
+            );
             // Kernels that keep a custom slice report it back; older ones keep none.
             if after.runtime != 0 {
                 assert_eq!(slice, Some(SHORT_SLICE_NS));
