@@ -67,8 +67,8 @@ pub fn decode_completion(bytes: &[u8]) -> Option<Completion> {
     Some(Completion {
         op_id,
         agent,
-        tenant,
-        kind,
+        tenant: tenant.into(),
+        kind: kind.into(),
         status,
         result,
         error: None,
@@ -239,8 +239,8 @@ mod tests {
                 total_us: micros.2,
                 submitted_at: at,
                 completed_at: at,
-                tenant,
-                kind,
+                tenant: tenant.into(),
+                kind: kind.into(),
                 ..completion(result)
             };
             prop_assert_eq!(round_trip(&plain), plain);

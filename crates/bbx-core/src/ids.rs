@@ -130,19 +130,42 @@ impl OpId {
     /// [`generate`](Self::generate)'s do; ids made on two threads within one
     /// millisecond need not be in order (the random bits still keep them apart).
     pub fn generate_at(at: chrono::DateTime<chrono::Utc>) -> Self {
-        use uuid::timestamp::{Timestamp, context::ContextV7};
-        thread_local! {
-            static CONTEXT: ContextV7 = const { ContextV7::new() };
-        }
-        let seconds = u64::try_from(at.timestamp()).unwrap_or(0);
-        CONTEXT.with(|context| {
-            Self(Uuid::new_v7(Timestamp::from_unix(
-                context,
-                seconds,
-                at.timestamp_subsec_nanos(),
-            )))
-        })
+        Self(Uuid::from_u128(next_op_bits(
+            u64::try_from(at.timestamp_millis()).unwrap_or(0),
+        )))
     }
+}
+
+/// The bits of a UUIDv7 made at `ms` on this thread (RFC 9562, section 6.2,
+/// method 2): the 12 bits of `rand_a` are drawn once per millisecond, and the 62
+/// of `rand_b` are a counter that starts at a random value with its top bit clear
+/// (room for 2^61 ids a millisecond) and counts up within it. A clock that steps
+/// back does not reorder: the thread stays in its last millisecond. One random
+/// draw per millisecond instead of one per id, and no 128-bit division to split a
+/// time into parts: `uuid::Uuid::new_v7` took 4 % of the `inproc` bench.
+fn next_op_bits(ms: u64) -> u128 {
+    use std::cell::Cell;
+    thread_local! {
+        /// The millisecond of this thread's last id, its `rand_a` and counter.
+        static LAST: Cell<(u64, u16, u64)> = const { Cell::new((0, 0, 0)) };
+    }
+    const RAND_B: u64 = (1 << 62) - 1;
+    let (ms, rand_a, counter) = LAST.with(|last| {
+        let (last_ms, rand_a, counter) = last.get();
+        let next = if ms > last_ms || counter >= RAND_B {
+            let seed = Uuid::new_v4().as_u128();
+            (
+                ms.max(last_ms + u64::from(counter >= RAND_B)),
+                seed as u16 & 0xfff,
+                (seed >> 64) as u64 & (RAND_B >> 1),
+            )
+        } else {
+            (last_ms, rand_a, counter + 1)
+        };
+        last.set(next);
+        next
+    });
+    u128::from(ms & 0xffff_ffff_ffff) << 80 | 0x7 << 76 | u128::from(rand_a) << 64 | 0b10 << 62 | u128::from(counter)
 }
 
 uuid_id!(
@@ -171,6 +194,18 @@ mod tests {
         assert_eq!(ids[0].timestamp_ms(), at.timestamp_millis() as u64);
         let later = OpId::generate_at(at + chrono::Duration::milliseconds(5));
         assert!(ids[999].as_bytes() < later.as_bytes());
+    }
+
+    #[test]
+    fn op_ids_are_uuid_v7_and_stay_ordered_when_the_clock_steps_back() {
+        let at = chrono::Utc::now();
+        let first = OpId::generate_at(at);
+        let uuid = Uuid::from_bytes(*first.as_bytes());
+        assert_eq!(uuid.get_version_num(), 7);
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+        let earlier = OpId::generate_at(at - chrono::Duration::seconds(3));
+        assert!(first.as_bytes() < earlier.as_bytes());
+        assert_eq!(earlier.timestamp_ms(), at.timestamp_millis() as u64);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use crate::{AgentId, OpId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// How urgently an op should run. Higher runs first; the ring ages waiting ops so
 /// that `Low` is delayed, never starved.
@@ -209,8 +211,13 @@ impl CompletionStatus {
 pub struct Completion {
     pub op_id: OpId,
     pub agent: AgentId,
-    pub tenant: String,
-    pub kind: String,
+    /// Shared with the op's record: a completion is made for every op, and copying
+    /// two strings into it was a tenth of the `inproc` bench's allocations.
+    #[schema(value_type = String)]
+    pub tenant: Arc<str>,
+    /// Borrowed from the kernel's list of kinds when the kernel made it.
+    #[schema(value_type = String)]
+    pub kind: Cow<'static, str>,
     pub status: CompletionStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -266,7 +273,7 @@ impl OpInfo {
         Self {
             op_id: completion.op_id,
             agent: completion.agent,
-            kind: completion.kind.clone(),
+            kind: completion.kind.to_string(),
             state: OpState::Done,
             attempts: completion.attempts,
             completion: Some(completion),

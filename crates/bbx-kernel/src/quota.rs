@@ -11,6 +11,7 @@ use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaAction, QuotaInfo, QuotaLimi
 use bbx_core::{AgentId, Error, Result};
 use bbx_quota::{Demand, Quotas};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Loads every stored node's limits.
@@ -47,11 +48,12 @@ impl Kernel {
     /// Checks a batch against the rate limits of each agent's path, waiting where a
     /// node says `throttle` (up to its `max_delay_ms`). Where a node says `queue`,
     /// the batch is let in and the answer says how long its ops wait to start.
-    pub(crate) async fn check_rates(&self, ops: &[(SubmitOp, String)]) -> Result<Option<Duration>> {
+    /// `tenants` holds each op's tenant.
+    pub(crate) async fn check_rates(&self, ops: &[SubmitOp], tenants: &[Arc<str>]) -> Result<Option<Duration>> {
         let mut start_after: Option<Duration> = None;
         let mut demands: HashMap<AgentId, (&str, Demand)> = HashMap::new();
-        for (op, tenant) in ops {
-            let (_, demand) = demands.entry(op.agent).or_insert((tenant, Demand::default()));
+        for (op, tenant) in ops.iter().zip(tenants) {
+            let (_, demand) = demands.entry(op.agent).or_insert((&**tenant, Demand::default()));
             demand.ops += 1;
             demand.tool_calls += u32::from(is_tool_call(&op.kind));
         }
@@ -113,11 +115,11 @@ impl Kernel {
                 let tenant = self.agent_tenant(caller, agent)?;
                 let group = self.quotas.group_of(*agent).map(|name| {
                     self.quotas.limits(&Node::Group {
-                        tenant: tenant.clone(),
+                        tenant: tenant.to_string(),
                         name,
                     })
                 });
-                (Some(self.quotas.limits(&Node::Tenant(tenant))), group)
+                (Some(self.quotas.limits(&Node::Tenant(tenant.to_string()))), group)
             }
         };
         Ok(QuotaInfo {

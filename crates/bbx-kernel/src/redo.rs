@@ -50,12 +50,21 @@ fn framed_len(key: &[u8], value: Option<&[u8]>) -> usize {
 /// larger than that gets a record of its own). Fails, touching nothing, if a write
 /// could not fit in a record of `max_record` bytes.
 pub(crate) fn encode<'a>(
-    writes: impl Iterator<Item = (u8, &'a [u8], Option<&'a [u8]>)>,
+    writes: impl Iterator<Item = (u8, &'a [u8], Option<&'a [u8]>)> + Clone,
     part_bytes: usize,
     max_record: usize,
 ) -> Result<Vec<Vec<u8>>> {
+    // Each record is sized once: grown by doubling, a group's record was
+    // reallocated a dozen times, into memory the allocator had just taken from the
+    // OS: zeroing those pages took a tenth of the committer's time in `bench ring`.
+    let mut left: usize = writes.clone().map(|(_, key, value)| framed_len(key, value)).sum();
+    let record = |flags: u8, left: usize| {
+        let mut record = Vec::with_capacity(HEADER + left.min(part_bytes));
+        record.extend_from_slice(&[TAG, flags]);
+        record
+    };
     let mut records = Vec::new();
-    let mut current = vec![TAG, FIRST];
+    let mut current = record(FIRST, left);
     for (keyspace, key, value) in writes {
         let size = framed_len(key, value);
         if HEADER + size > max_record || key.len() > u32::MAX as usize {
@@ -65,8 +74,9 @@ pub(crate) fn encode<'a>(
             ));
         }
         if current.len() > HEADER && current.len() + size > part_bytes {
-            records.push(std::mem::replace(&mut current, vec![TAG, 0]));
+            records.push(std::mem::replace(&mut current, record(0, left)));
         }
+        left -= size;
         current.push(keyspace);
         write_len(&mut current, key.len());
         current.extend_from_slice(key);

@@ -691,7 +691,7 @@ impl<'a> GroupTx<'a> {
     }
 
     /// The staged writes, by keyspace and then key.
-    fn writes(&self) -> impl Iterator<Item = (u8, &[u8], Option<&[u8]>)> {
+    fn writes(&self) -> impl Iterator<Item = (u8, &[u8], Option<&[u8]>)> + Clone {
         self.staged.iter().enumerate().flat_map(|(index, writes)| {
             writes
                 .iter()

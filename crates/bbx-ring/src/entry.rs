@@ -18,6 +18,8 @@ use bbx_core::{AgentId, Error, OpId, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// The idempotency key of an op and the digest of what it was submitted with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +33,8 @@ pub struct Idempotency {
 pub struct OpRecord {
     pub op_id: OpId,
     pub agent: AgentId,
-    pub tenant: String,
-    pub kind: String,
+    pub tenant: Arc<str>,
+    pub kind: Cow<'static, str>,
     pub args: Value,
     pub priority: Priority,
     pub timeout_ms: u64,
@@ -115,8 +117,8 @@ impl OpRecord {
         Some(Self {
             op_id,
             agent,
-            tenant,
-            kind,
+            tenant: tenant.into(),
+            kind: kind.into(),
             args,
             priority,
             timeout_ms,
@@ -211,8 +213,8 @@ mod tests {
             let record = OpRecord {
                 op_id: OpId::generate(),
                 agent: AgentId::generate(),
-                tenant,
-                kind,
+                tenant: tenant.into(),
+                kind: kind.into(),
                 args,
                 priority: Priority::ALL[priority],
                 timeout_ms,

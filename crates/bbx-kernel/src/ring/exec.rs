@@ -29,6 +29,15 @@ pub const KINDS: [&str; 11] = [
     "llm.chat",
 ];
 
+/// The kind's name from [`KINDS`] if it is one: a completion and an op's record
+/// then share it instead of copying it.
+pub(crate) fn interned(kind: String) -> Cow<'static, str> {
+    KINDS
+        .iter()
+        .find(|known| **known == kind)
+        .map_or(Cow::Owned(kind), |known| Cow::Borrowed(*known))
+}
+
 /// The longest `sleep`.
 const MAX_SLEEP: Duration = Duration::from_secs(24 * 3600);
 
