@@ -368,6 +368,12 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
     }
     assert!(report["durable_records_per_sync"].as_f64().unwrap() >= 1.0);
     assert!(report["durable_journal_busy"].as_f64().unwrap() > 0.0);
+    let syncs = ["durable_sync_p50_us", "durable_sync_p99_us", "durable_sync_max_us"]
+        .map(|field| report[field].as_u64().unwrap());
+    assert!(
+        syncs[0] > 0 && syncs[0] <= syncs[1] && syncs[1] <= syncs[2],
+        "{syncs:?}"
+    );
     assert_eq!(report["http_single_clients"], 2);
     assert_eq!(report["inproc_submitters"], 2);
     assert!(report["targets"].is_object());
