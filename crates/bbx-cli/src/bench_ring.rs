@@ -53,9 +53,10 @@ struct Report {
     durable_records_per_sync: f64,
     record_bytes: u64,
     /// During `durable`: the share of the time the journal spent appending and
-    /// syncing (the rest it waited for records or for a core), and its group
-    /// syncs' median, 99th percentile and slowest (a sync waits for whatever else
-    /// the disk was asked to write first).
+    /// syncing (the rest it waited for records or for a core); and the in-process
+    /// kernel's group syncs (all but the one that created the bench's agent were
+    /// `durable`'s): median, 99th percentile and slowest (a sync waits for
+    /// whatever else the disk was asked to write first).
     durable_journal_busy: f64,
     durable_sync_p50_us: u64,
     durable_sync_p99_us: u64,
@@ -126,7 +127,9 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // The physical limit is measured on a quiet disk: the kernel that just shut
     // down leaves its store's files dirty, and their writeback slowed the loop's
     // syncs (by 5-10 % in runs here), a ceiling lower than the disk's.
-    rustix::fs::syncfs(std::fs::File::open(scratch.path())?)?;
+    std::fs::File::open(scratch.path())
+        .and_then(|dir| Ok(rustix::fs::syncfs(dir)?))
+        .context("cannot sync the scratch directory's file system")?;
     let fsync_ceiling = fsync_loop(scratch.path(), group, record_bytes, measure, false)?;
     let fsync_ceiling_preallocated = fsync_loop(scratch.path(), group, record_bytes, measure, true)?;
 

@@ -30,8 +30,8 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:7878";
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (its place in `mi_option_e`, mimalloc.h;
-/// libmimalloc-sys names no constant for it).
+/// mimalloc's `mi_option_purge_delay` (its place in `mi_option_e`, mimalloc.h,
+/// the same in its v2 and v3; libmimalloc-sys names no constant for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
@@ -40,9 +40,14 @@ fn main() -> ExitCode {
     // before it fires goes too, and each reuse then faults zeroed pages back in:
     // 2-3 thousand page faults a second under `bench ring`'s durable phase, 6 %
     // of the CPU spent zeroing pages. Ten seconds makes those rounds rare; an idle
-    // kernel still shrinks.
-    // SAFETY: sets one of mimalloc's options, before any thread is started.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+    // kernel still shrinks. A delay set in the environment is left as it is.
+    if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .all(|name| std::env::var_os(name).is_none())
+    {
+        // SAFETY: sets one of mimalloc's options, before any thread is started.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+    }
     let cli = Cli::parse();
     // A load generator shares the machine with the kernel it measures: one thread
     // is enough to drive it, and more would preempt the kernel's own threads.

@@ -145,19 +145,22 @@ impl OpId {
 /// time into parts: `uuid::Uuid::new_v7` took 4 % of the `inproc` bench.
 fn next_op_bits(ms: u64) -> u128 {
     use std::cell::Cell;
-    thread_local! {
-        /// The millisecond of this thread's last id, its `rand_a` and counter.
-        static LAST: Cell<(u64, u16, u64)> = const { Cell::new((0, 0, 0)) };
-    }
     const RAND_B: u64 = (1 << 62) - 1;
+    thread_local! {
+        /// The millisecond of this thread's last id, its `rand_a` and counter;
+        /// a spent counter at first, so that a thread's first id draws its bits
+        /// even at millisecond 0 (a clock set before 1970).
+        static LAST: Cell<(u64, u16, u64)> = const { Cell::new((0, 0, RAND_B)) };
+    }
     let (ms, rand_a, counter) = LAST.with(|last| {
         let (last_ms, rand_a, counter) = last.get();
         let next = if ms > last_ms || counter >= RAND_B {
             let seed = Uuid::new_v4().as_u128();
             (
                 ms.max(last_ms + u64::from(counter >= RAND_B)),
-                seed as u16 & 0xfff,
-                (seed >> 64) as u64 & (RAND_B >> 1),
+                // Bits of the v4 seed that are random (not its version or variant).
+                (seed >> 80) as u16 & 0xfff,
+                seed as u64 & (RAND_B >> 1),
             )
         } else {
             (last_ms, rand_a, counter + 1)
@@ -206,6 +209,16 @@ mod tests {
         let earlier = OpId::generate_at(at - chrono::Duration::seconds(3));
         assert!(first.as_bytes() < earlier.as_bytes());
         assert_eq!(earlier.timestamp_ms(), at.timestamp_millis() as u64);
+    }
+
+    #[test]
+    fn op_ids_of_a_clock_before_1970_still_differ_between_threads() {
+        let epoch = chrono::DateTime::UNIX_EPOCH - chrono::Duration::days(1);
+        let ids: Vec<OpId> = (0..4)
+            .map(|_| std::thread::spawn(move || OpId::generate_at(epoch)).join().unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub(crate) enum Write {
     /// the same atomic batch: after a crash either both are there or neither is. An
     /// effect that fails turns the completion into that error and changes nothing.
     Complete {
-        completion: Box<Completion>,
+        completion: Arc<Completion>,
         effect: Option<Effect>,
         /// The args digest, recorded with the key so a later duplicate is recognized.
         digest: Option<String>,
@@ -835,7 +835,7 @@ impl<'a> GroupTx<'a> {
                 doubt,
                 charge,
             } => {
-                let mut completion = completion.clone();
+                let mut completion = Box::new(Completion::clone(completion));
                 if let Some(effect) = effect {
                     match self.apply_effect(&completion.agent, effect, completion.completed_at) {
                         Ok(result) => completion.result = Some(result),
@@ -1450,7 +1450,7 @@ mod tests {
             trace: None,
         };
         let write = Write::Complete {
-            completion: Box::new(completion),
+            completion: Arc::new(completion),
             effect: None,
             digest: None,
             doubt: None,
