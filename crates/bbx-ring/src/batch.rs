@@ -37,6 +37,8 @@ impl Dependency {
 /// Errors name the op by its index.
 pub fn dependencies(ops: &[&[String]]) -> Result<Vec<Vec<Dependency>>> {
     let mut all = Vec::with_capacity(ops.len());
+    // Most batches name no op of their own: no graph to search then.
+    let mut in_batch = false;
     for (index, depends_on) in ops.iter().enumerate() {
         let mut deps = Vec::with_capacity(depends_on.len());
         for text in depends_on.iter() {
@@ -57,13 +59,12 @@ pub fn dependencies(ops: &[&[String]]) -> Result<Vec<Vec<Dependency>>> {
                         Error::new(ErrorCode::InvalidArgument, "an op cannot depend on itself"),
                     ));
                 }
+                in_batch = true;
             }
             deps.push(dep);
         }
         all.push(deps);
     }
-    // Most batches name no op of their own: no graph to search then.
-    let in_batch = all.iter().flatten().any(|dep| matches!(dep, Dependency::InBatch(_)));
     if let Some(cycle) = in_batch.then(|| find_cycle(&all)).flatten() {
         let path: Vec<String> = cycle.iter().map(|i| format!("#{i}")).collect();
         return Err(Error::new(
