@@ -25,7 +25,7 @@ use crate::cli::{BenchRingArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
 use bbx_core::AgentApi;
-use bbx_core::config::{ConfigLayer, KernelConfig};
+use bbx_core::config::{ConfigLayer, KernelConfig, RingConfig};
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{SubmitBatch, SubmitOp};
 use bytes::Bytes;
@@ -69,6 +69,9 @@ struct Report {
     durable_journal_bytes_per_op: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     durable_disk_bytes_per_op: Option<u64>,
+    /// The journal writer thread's nice value in the in-process kernel:
+    /// `ring.journal_nice` where this process may raise it, its own otherwise.
+    durable_journal_writer_nice: i32,
     /// In-process submitters of inproc.
     inproc_submitters: usize,
     /// Concurrent connections of http_batch and http_single.
@@ -99,6 +102,7 @@ struct InProcess {
     sync_max_us: u64,
     journal_bytes_per_op: u64,
     disk_bytes_per_op: Option<u64>,
+    writer_nice: i32,
 }
 
 pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
@@ -112,12 +116,13 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // thread: this command's runtime is a single-threaded load generator.
     let dir = scratch.path().join("inproc");
     let submitters = (usize::from(args.inproc_submitters), args.durable_submitters);
+    let journal_nice = args.journal_nice;
     let in_process = std::thread::spawn(move || -> Result<InProcess> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(in_process(&dir, measure, submitters))
+        runtime.block_on(in_process(&dir, measure, submitters, journal_nice))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the in-process phases panicked"))??;
@@ -187,6 +192,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         durable_sync_max_us: in_process.sync_max_us,
         durable_journal_bytes_per_op: in_process.journal_bytes_per_op,
         durable_disk_bytes_per_op: in_process.disk_bytes_per_op,
+        durable_journal_writer_nice: in_process.writer_nice,
         record_bytes: in_process.record_bytes,
         inproc_submitters: usize::from(args.inproc_submitters),
         http_batch_clients: args.http_clients,
@@ -204,10 +210,15 @@ async fn in_process(
     dir: &Path,
     measure: Duration,
     (inproc_submitters, durable_submitters): (usize, usize),
+    journal_nice: i32,
 ) -> Result<InProcess> {
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         log: Some("warn".into()),
+        ring: Some(RingConfig {
+            journal_nice,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
@@ -312,6 +323,7 @@ async fn in_process(
         disk_bytes_per_op: disk_before
             .zip(disk_after)
             .map(|(before, after)| after.saturating_sub(before) / ops),
+        writer_nice: after.writer_nice,
     })
 }
 

@@ -376,6 +376,7 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
     );
     assert_eq!(report["http_single_clients"], 2);
     assert_eq!(report["inproc_submitters"], 2);
+    assert!(report["durable_journal_writer_nice"].is_i64(), "{report}");
     assert!(report["targets"].is_object());
 
     let refused = Command::new(BBX)
@@ -384,4 +385,11 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
         .unwrap();
     assert!(!refused.status.success());
     assert!(stderr(&refused).contains("--inproc-submitters"), "{}", stderr(&refused));
+    let refused = Command::new(BBX)
+        .args(["bench", "ring", "--journal-nice", "5", "--scratch-dir"])
+        .arg(scratch.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("ring.journal_nice"), "{}", stderr(&refused));
 }

@@ -366,6 +366,14 @@ pub struct WalStatus {
     pub sync_micros_total: u64,
     /// Time of one append + fdatasync group.
     pub sync_latency: Percentiles,
+    /// The writer thread's nice value: `ring.journal_nice` where the process may
+    /// raise it, its own otherwise.
+    #[serde(default)]
+    pub writer_nice: i32,
+    /// The writer thread's time slice in µs, where the kernel keeps a custom one
+    /// (Linux 6.12 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_slice_us: Option<u64>,
 }
 
 /// `bbx ring circuit-breaker --reset`.

@@ -51,10 +51,11 @@ pub(crate) struct JournalWriter {
 
 impl JournalWriter {
     /// Starts the writer on an opened journal; `held` are the recovered records that
-    /// are still needed.
-    pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: RingMetrics) -> Result<Self> {
+    /// are still needed. The thread asks for the nice value `nice` (see
+    /// [`crate::sched`]); 0 leaves it as the process has it.
+    pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: RingMetrics, nice: i32) -> Result<Self> {
         let (sender, receiver) = crossbeam_channel::unbounded();
-        let writer = Writer {
+        let mut writer = Writer {
             journal,
             held,
             last_checkpoint: Instant::now(),
@@ -64,12 +65,22 @@ impl JournalWriter {
             bytes: 0,
             metrics,
             sync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
+            priority: (0, None),
         };
         let thread = std::thread::Builder::new()
             .name("bbx-journal".into())
             .spawn(move || {
+                let nice_in_force = match nice {
+                    0 => crate::sched::nice(),
+                    _ => crate::sched::raise_priority(nice),
+                };
+                if nice_in_force.is_some_and(|now| now > nice) {
+                    tracing::info!(asked = nice, in_force = ?nice_in_force,
+                        "the journal thread may not raise its priority (needs CAP_SYS_NICE or RLIMIT_NICE)");
+                }
                 let slice = crate::sched::prefer_prompt_wakeups();
-                tracing::debug!(slice_ns = ?slice, "journal thread's time slice");
+                tracing::debug!(slice_ns = ?slice, nice = ?nice_in_force, "journal thread's scheduling");
+                writer.priority = (nice_in_force.unwrap_or_default(), slice);
                 writer.run(receiver)
             })
             .map_err(|e| Error::internal(format!("cannot start the journal thread: {e}")))?;
@@ -130,6 +141,8 @@ struct Writer {
     bytes: u64,
     metrics: RingMetrics,
     sync_latency: Histogram<u64>,
+    /// The thread's nice value and time slice (ns) in force.
+    priority: (i32, Option<u64>),
 }
 
 impl Writer {
@@ -273,6 +286,8 @@ impl Writer {
             syncs_total: self.syncs,
             sync_micros_total: self.sync_micros,
             sync_latency: percentiles(latency),
+            writer_nice: self.priority.0,
+            writer_slice_us: self.priority.1.map(|ns| ns / 1000),
         }
     }
 }
@@ -304,7 +319,7 @@ mod tests {
             ..Default::default()
         };
         let (journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
-        let writer = JournalWriter::start(journal, BTreeSet::new(), RingMetrics::new()).unwrap();
+        let writer = JournalWriter::start(journal, BTreeSet::new(), RingMetrics::new(), 0).unwrap();
         let refused = writer.append(vec![b"small".to_vec(), vec![b'x'; 8192]]).await;
         assert_eq!(refused.unwrap_err().code, bbx_core::ErrorCode::PayloadTooLarge);
         writer.append(vec![b"next".to_vec()]).await.unwrap();

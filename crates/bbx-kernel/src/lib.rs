@@ -140,6 +140,7 @@ impl Kernel {
             journal,
             recovery.records.iter().map(|r| r.lsn).collect(),
             ring_metrics.clone(),
+            config.ring.journal_nice,
         )?;
         let store = Arc::new(Store::open(
             db,

@@ -6,10 +6,22 @@
 //! which wakes a few thousand times a second (each time an `fdatasync` returns or a
 //! record arrives) and then needs the core for some tens of microseconds, that wait
 //! was measured at 40–50 % of the `durable` phase on a 2-core machine: as long as
-//! the syncs themselves. Since Linux 6.12 a fair-class thread may ask for a shorter
-//! slice (`sched_attr.sched_runtime`); the scheduler then gives it an earlier
-//! deadline, so it is picked sooner after waking. This needs no privilege and
-//! changes neither the thread's share of the CPU (its nice value) nor its policy.
+//! the syncs themselves. Two hints shorten it:
+//!
+//! - **A short slice.** Since Linux 6.12 a fair-class thread may ask for a shorter
+//!   slice (`sched_attr.sched_runtime`); the scheduler then gives it an earlier
+//!   deadline, so it is picked sooner after waking, as long as it has not run more
+//!   than its share. This needs no privilege and changes neither the thread's
+//!   share of the CPU nor its policy.
+//! - **A higher weight** (a lower nice value, `ring.journal_nice`, off by default),
+//!   where the process may set one (`CAP_SYS_NICE`, or an `RLIMIT_NICE` that allows
+//!   it). The slice alone still leaves the journal waiting for a core 25–40 % of
+//!   a saturated phase: a thread that needs about a third of a core, among five
+//!   busy ones on two cores, is often past its share when it wakes, and then waits
+//!   for the running thread's tick. The weight raises its share, not its use: it
+//!   still sleeps in each sync. Still the fair class, so a thread gone wrong cannot
+//!   take a core from the rest of the machine. Off by default because it trades
+//!   throughput for that promptness (measured in docs/ring.md).
 
 /// The slice asked for: the shortest the kernel accepts.
 const SHORT_SLICE_NS: u64 = 100_000;
@@ -54,6 +66,28 @@ pub(crate) fn prefer_prompt_wakeups() -> Option<u64> {
     read_attr().map(|attr| attr.runtime).filter(|&runtime| runtime > 0)
 }
 
+/// Raises the calling thread's priority to `nice` (-20 to 19, lower runs sooner) if
+/// it is lower than the thread's own and the process may set it. Returns the nice
+/// value now in force (the old one where the process may not), or `None` if it
+/// cannot be read: a hint, never an error.
+pub(crate) fn raise_priority(nice: i32) -> Option<i32> {
+    let before = read_attr()?.nice;
+    if nice < before {
+        // SAFETY: gettid has no preconditions.
+        let thread = unsafe { libc::gettid() };
+        // On Linux the nice value belongs to a thread, and PRIO_PROCESS with a
+        // thread id sets that thread's alone. A refusal (EACCES, EPERM) leaves it.
+        // SAFETY: plain system call on the calling thread, no pointers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, nice) };
+    }
+    read_attr().map(|attr| attr.nice)
+}
+
+/// The calling thread's nice value.
+pub(crate) fn nice() -> Option<i32> {
+    read_attr().map(|attr| attr.nice)
+}
+
 fn read_attr() -> Option<SchedAttr> {
     let mut attr = SchedAttr::default();
     let size = std::mem::size_of::<SchedAttr>() as u32;
@@ -65,6 +99,24 @@ fn read_attr() -> Option<SchedAttr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raised_priority_holds_for_the_calling_thread_alone_or_is_left_as_it_was() {
+        let before = nice().expect("sched_getattr works on Linux");
+        std::thread::spawn(move || {
+            let asked = (before - 3).max(-20);
+            let now = raise_priority(asked).unwrap();
+            // Either the process may raise it, and it is raised exactly, or it is
+            // left alone; nothing in between.
+            assert!(now == asked || now == before, "{before} -> {now}");
+            assert_eq!(nice(), Some(now));
+            // Never lowered: asking for less than the thread has changes nothing.
+            assert_eq!(raise_priority(now + 5), Some(now));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(nice(), Some(before), "the spawning thread keeps its own");
+    }
 
     #[test]
     fn the_hint_keeps_policy_nice_value_and_flags_and_sets_the_slice_where_kept() {

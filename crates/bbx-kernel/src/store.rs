@@ -1322,7 +1322,7 @@ mod tests {
         let (journal, recovery) =
             bbx_journal::Journal::open(&dir.join("journal"), bbx_journal::JournalOptions::default()).unwrap();
         let held = recovery.records.iter().map(|r| r.lsn).collect();
-        let writer = JournalWriter::start(journal, held, crate::ring::RingMetrics::new()).unwrap();
+        let writer = JournalWriter::start(journal, held, crate::ring::RingMetrics::new(), 0).unwrap();
         let pin = writer.append(vec![b"{}".to_vec()]).await.unwrap()[0];
         let db = open_database(&dir.join("db")).unwrap();
         let store = Store::open(db, 16, writer, &recovery.records, max_record).unwrap();

@@ -665,3 +665,29 @@ async fn a_reaped_completion_has_given_its_concurrency_quota_back() {
         ring.result(id).await;
     }
 }
+
+#[tokio::test]
+async fn the_journal_writer_runs_at_the_configured_nice_value_where_the_process_may_raise_it() {
+    // SAFETY (both): plain system calls on the calling thread, no pointers.
+    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    // Whether this process may raise a thread's priority, tried on a thread of its own.
+    let may_raise = std::thread::spawn(move || unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, own - 4) } == 0)
+        .join()
+        .unwrap();
+    for (asked, expected) in [(own - 4, if may_raise { own - 4 } else { own }), (0, own)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RingConfig {
+            journal_nice: asked,
+            ..Default::default()
+        };
+        let ring = open(dir.path(), config).await;
+        let wal = ring.kernel.wal_status(&ring.admin).await.unwrap();
+        assert_eq!(wal.writer_nice, expected, "asked for {asked}, may raise: {may_raise}");
+        ring.kernel.shutdown().await;
+    }
+    assert_eq!(
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
+        own,
+        "only the journal's thread changes"
+    );
+}
