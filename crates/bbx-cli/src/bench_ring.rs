@@ -210,12 +210,12 @@ async fn in_process(
     dir: &Path,
     measure: Duration,
     (inproc_submitters, durable_submitters): (usize, usize),
-    journal_nice: i32,
+    journal_nice: Option<i32>,
 ) -> Result<InProcess> {
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         log: Some("warn".into()),
-        ring: Some(RingConfig {
+        ring: journal_nice.map(|journal_nice| RingConfig {
             journal_nice,
             ..Default::default()
         }),

@@ -220,11 +220,11 @@ pub struct BenchRingArgs {
     /// Concurrent in-process submitters in the durable scenario.
     #[arg(long, default_value_t = 1024)]
     pub durable_submitters: usize,
-    /// `ring.journal_nice` for the in-process kernel (inproc and durable): -20 to
-    /// 0, where this process may raise a thread's priority. The report echoes what
-    /// was in force.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub journal_nice: i32,
+    /// `ring.journal_nice` for the in-process kernel (inproc and durable), -20 to
+    /// 0, instead of the default; applied where this process may raise a thread's
+    /// priority. The report echoes what was in force.
+    #[arg(long, allow_negative_numbers = true)]
+    pub journal_nice: Option<i32>,
     /// Concurrent HTTP connections in http_batch (16 × 100 ops in flight stay within
     /// one agent's share of the queue, so the scenario measures the path, not waits
     /// for room).

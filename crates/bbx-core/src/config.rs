@@ -169,10 +169,10 @@ pub struct RingConfig {
     /// leaves it as the process has it). On busy cores each of its wakeups (every
     /// `fdatasync`) otherwise waits for a core: a lower value acknowledges sooner
     /// (group syncs at p99 0.2 ms against 0.6–1.2 ms on 2 saturated cores), but in
-    /// smaller groups, so more syncs share the same CPU (15–20 % fewer durable ops a
-    /// second there; see docs/ring.md). Applied only where the process may raise a
-    /// thread's priority (`CAP_SYS_NICE`, or `RLIMIT_NICE`); `bbx ring wal-status`
-    /// shows what is in force.
+    /// smaller groups, so more syncs share the same CPU; on a kernel confined to one
+    /// core that lengthened the single-op tail (see docs/ring.md). Applied only
+    /// where the process may raise a thread's priority (`CAP_SYS_NICE`, or
+    /// `RLIMIT_NICE`); `bbx ring wal-status` shows what is in force.
     pub journal_nice: i32,
 }
 

@@ -20,8 +20,9 @@
 //!   busy ones on two cores, is often past its share when it wakes, and then waits
 //!   for the running thread's tick. The weight raises its share, not its use: it
 //!   still sleeps in each sync. Still the fair class, so a thread gone wrong cannot
-//!   take a core from the rest of the machine. Off by default because it trades
-//!   throughput for that promptness (measured in docs/ring.md).
+//!   take a core from the rest of the machine. Off by default: a prompt journal
+//!   syncs smaller groups, and where the kernel has one core their CPU comes out
+//!   of the requests (measured in docs/ring.md).
 
 /// The slice asked for: the shortest the kernel accepts.
 const SHORT_SLICE_NS: u64 = 100_000;
