@@ -71,7 +71,8 @@ struct Report {
     durable_disk_bytes_per_op: Option<u64>,
     /// The journal writer thread's nice value in the in-process kernel:
     /// `ring.journal_nice` where this process may raise it, its own otherwise.
-    durable_journal_writer_nice: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durable_journal_writer_nice: Option<i32>,
     /// In-process submitters of inproc.
     inproc_submitters: usize,
     /// Concurrent connections of http_batch and http_single.
@@ -102,7 +103,7 @@ struct InProcess {
     sync_max_us: u64,
     journal_bytes_per_op: u64,
     disk_bytes_per_op: Option<u64>,
-    writer_nice: i32,
+    writer_nice: Option<i32>,
 }
 
 pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {

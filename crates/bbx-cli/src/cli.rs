@@ -223,7 +223,7 @@ pub struct BenchRingArgs {
     /// `ring.journal_nice` for the in-process kernel (inproc and durable), -20 to
     /// 0, instead of the default; applied where this process may raise a thread's
     /// priority. The report echoes what was in force.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=0))]
     pub journal_nice: Option<i32>,
     /// Concurrent HTTP connections in http_batch (16 × 100 ops in flight stay within
     /// one agent's share of the queue, so the scenario measures the path, not waits

@@ -122,9 +122,10 @@ pub fn wal_status(w: &WalStatus) {
         "records {} in {} syncs; sync p50 {} us, p99 {} us, p99.9 {} us",
         w.records_total, w.syncs_total, w.sync_latency.p50_us, w.sync_latency.p99_us, w.sync_latency.p999_us
     );
+    let nice = w.writer_nice.map_or("unknown".to_string(), |nice| nice.to_string());
     match w.writer_slice_us {
-        Some(slice) => println!("writer thread nice {}, time slice {slice} us", w.writer_nice),
-        None => println!("writer thread nice {}", w.writer_nice),
+        Some(slice) => println!("writer thread nice {nice}, time slice {slice} us"),
+        None => println!("writer thread nice {nice}"),
     }
 }
 

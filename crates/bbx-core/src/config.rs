@@ -168,7 +168,7 @@ pub struct RingConfig {
     /// Nice value the journal's writer thread asks for, -20 to 0 (0, the default,
     /// leaves it as the process has it). On busy cores each of its wakeups (every
     /// `fdatasync`) otherwise waits for a core: a lower value acknowledges sooner
-    /// (group syncs at p99 0.2 ms against 0.6–1.2 ms on 2 saturated cores), but in
+    /// (group syncs at p99 0.17–0.27 ms against 0.26–1.1 ms on 2 saturated cores), but in
     /// smaller groups, so more syncs share the same CPU; on a kernel confined to one
     /// core that lengthened the single-op tail (see docs/ring.md). Applied only
     /// where the process may raise a thread's priority (`CAP_SYS_NICE`, or

@@ -367,9 +367,9 @@ pub struct WalStatus {
     /// Time of one append + fdatasync group.
     pub sync_latency: Percentiles,
     /// The writer thread's nice value: `ring.journal_nice` where the process may
-    /// raise it, its own otherwise.
-    #[serde(default)]
-    pub writer_nice: i32,
+    /// raise it, its own otherwise (absent where it cannot be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_nice: Option<i32>,
     /// The writer thread's time slice in µs, where the kernel keeps a custom one
     /// (Linux 6.12 on).
     #[serde(default, skip_serializing_if = "Option::is_none")]

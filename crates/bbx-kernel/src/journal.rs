@@ -55,7 +55,7 @@ impl JournalWriter {
     /// [`crate::sched`]); 0 leaves it as the process has it.
     pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: RingMetrics, nice: i32) -> Result<Self> {
         let (sender, receiver) = crossbeam_channel::unbounded();
-        let mut writer = Writer {
+        let writer = Writer {
             journal,
             held,
             last_checkpoint: Instant::now(),
@@ -65,22 +65,19 @@ impl JournalWriter {
             bytes: 0,
             metrics,
             sync_latency: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds"),
-            priority: (0, None),
         };
         let thread = std::thread::Builder::new()
             .name("bbx-journal".into())
             .spawn(move || {
-                let nice_in_force = match nice {
-                    0 => crate::sched::nice(),
-                    _ => crate::sched::raise_priority(nice),
-                };
-                if nice_in_force.is_some_and(|now| now > nice) {
-                    tracing::info!(asked = nice, in_force = ?nice_in_force,
-                        "the journal thread may not raise its priority (needs CAP_SYS_NICE or RLIMIT_NICE)");
+                if nice != 0 {
+                    let in_force = crate::sched::raise_priority(nice);
+                    if in_force.is_some_and(|now| now > nice) {
+                        tracing::info!(asked = nice, in_force = ?in_force,
+                            "the journal thread may not raise its priority (needs CAP_SYS_NICE or RLIMIT_NICE)");
+                    }
                 }
                 let slice = crate::sched::prefer_prompt_wakeups();
-                tracing::debug!(slice_ns = ?slice, nice = ?nice_in_force, "journal thread's scheduling");
-                writer.priority = (nice_in_force.unwrap_or_default(), slice);
+                tracing::debug!(slice_ns = ?slice, "journal thread's time slice");
                 writer.run(receiver)
             })
             .map_err(|e| Error::internal(format!("cannot start the journal thread: {e}")))?;
@@ -141,8 +138,6 @@ struct Writer {
     bytes: u64,
     metrics: RingMetrics,
     sync_latency: Histogram<u64>,
-    /// The thread's nice value and time slice (ns) in force.
-    priority: (i32, Option<u64>),
 }
 
 impl Writer {
@@ -286,8 +281,10 @@ impl Writer {
             syncs_total: self.syncs,
             sync_micros_total: self.sync_micros,
             sync_latency: percentiles(latency),
-            writer_nice: self.priority.0,
-            writer_slice_us: self.priority.1.map(|ns| ns / 1000),
+            // Read now, on the writer thread itself: what is in force, not what
+            // was asked for.
+            writer_nice: crate::sched::nice_of_caller(),
+            writer_slice_us: crate::sched::slice_of_caller().map(|ns| ns / 1000),
         }
     }
 }
