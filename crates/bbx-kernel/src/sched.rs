@@ -81,10 +81,11 @@ pub(crate) fn raise_priority(nice: i32) -> Option<i32> {
     // SAFETY: plain system call on the calling thread, no pointers.
     if nice < before && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } == 0 {
         let mut attr = read_attr()?;
-        attr.flags = (attr.flags & RESET_ON_FORK) | RESET_ON_FORK;
+        // The one flag this size of sched_attr carries. Unprivileged threads may set
+        // it; the nice value written back is the one just set, so no privilege is
+        // asked for again.
+        attr.flags = RESET_ON_FORK;
         attr.size = std::mem::size_of::<SchedAttr>() as u32;
-        // Unprivileged threads may set the flag; the nice value written back is the
-        // one just set, so no privilege is asked for again.
         // SAFETY: `attr` is a valid, initialised sched_attr of the size it declares,
         // and 0 names the calling thread.
         unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
