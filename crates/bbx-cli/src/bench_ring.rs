@@ -73,6 +73,9 @@ struct Report {
     /// `ring.journal_nice` where this process may raise it, its own otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     durable_journal_writer_nice: Option<i32>,
+    /// `ring.committer_nice` in the in-process kernel (a lower priority is always
+    /// granted, down to the process's own).
+    durable_committer_nice: i32,
     /// In-process submitters of inproc.
     inproc_submitters: usize,
     /// Concurrent connections of http_batch and http_single.
@@ -117,13 +120,20 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // thread: this command's runtime is a single-threaded load generator.
     let dir = scratch.path().join("inproc");
     let submitters = (usize::from(args.inproc_submitters), args.durable_submitters);
-    let journal_nice = args.journal_nice;
+    let ring = (args.journal_nice.is_some() || args.committer_nice.is_some()).then(|| {
+        let defaults = RingConfig::default();
+        RingConfig {
+            journal_nice: args.journal_nice.unwrap_or(defaults.journal_nice),
+            committer_nice: args.committer_nice.unwrap_or(defaults.committer_nice),
+            ..defaults
+        }
+    });
     let in_process = std::thread::spawn(move || -> Result<InProcess> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(in_process(&dir, measure, submitters, journal_nice))
+        runtime.block_on(in_process(&dir, measure, submitters, ring))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the in-process phases panicked"))??;
@@ -194,6 +204,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         durable_journal_bytes_per_op: in_process.journal_bytes_per_op,
         durable_disk_bytes_per_op: in_process.disk_bytes_per_op,
         durable_journal_writer_nice: in_process.writer_nice,
+        durable_committer_nice: args.committer_nice.unwrap_or(RingConfig::default().committer_nice),
         record_bytes: in_process.record_bytes,
         inproc_submitters: usize::from(args.inproc_submitters),
         http_batch_clients: args.http_clients,
@@ -211,15 +222,12 @@ async fn in_process(
     dir: &Path,
     measure: Duration,
     (inproc_submitters, durable_submitters): (usize, usize),
-    journal_nice: Option<i32>,
+    ring: Option<RingConfig>,
 ) -> Result<InProcess> {
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         log: Some("warn".into()),
-        ring: journal_nice.map(|journal_nice| RingConfig {
-            journal_nice,
-            ..Default::default()
-        }),
+        ring,
         ..Default::default()
     };
     let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)

@@ -225,6 +225,10 @@ pub struct BenchRingArgs {
     /// priority. The report echoes what was in force.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=0))]
     pub journal_nice: Option<i32>,
+    /// `ring.committer_nice` for the in-process kernel (inproc and durable), 0 to
+    /// 19, instead of the default.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub committer_nice: Option<i32>,
     /// Concurrent HTTP connections in http_batch (16 × 100 ops in flight stay within
     /// one agent's share of the queue, so the scenario measures the path, not waits
     /// for room).

@@ -386,9 +386,14 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
         .parse()
         .unwrap();
     assert_eq!(report["durable_journal_writer_nice"], own_nice, "{report}");
+    assert_eq!(report["durable_committer_nice"], 10, "the default: {report}");
     assert!(report["targets"].is_object());
 
-    for (flag, value) in [("--inproc-submitters", "0"), ("--journal-nice", "5")] {
+    for (flag, value) in [
+        ("--inproc-submitters", "0"),
+        ("--journal-nice", "5"),
+        ("--committer-nice", "20"),
+    ] {
         let refused = Command::new(BBX).args(["bench", "ring", flag, value]).output().unwrap();
         assert!(!refused.status.success());
         assert!(stderr(&refused).contains(flag), "{}", stderr(&refused));

@@ -148,6 +148,7 @@ impl Kernel {
             journal.clone(),
             &recovery.records,
             bbx_journal::max_payload(segment_bytes),
+            config.ring.committer_nice,
         )?);
         let keys = KeyRing::default();
         for item in store.ks.api_keys.iter() {

@@ -6,7 +6,7 @@
 //! which wakes a few thousand times a second (each time an `fdatasync` returns or a
 //! record arrives) and then needs the core for some tens of microseconds, that wait
 //! was measured at 40–50 % of the `durable` phase on a 2-core machine: as long as
-//! the syncs themselves. Two hints shorten it:
+//! the syncs themselves. Three settings shorten it:
 //!
 //! - **A short slice.** Since Linux 6.12 a fair-class thread may ask for a shorter
 //!   slice (`sched_attr.sched_runtime`); the scheduler then gives it an earlier
@@ -24,6 +24,11 @@
 //!   it weighs nine normal threads). Off by default: a prompt journal
 //!   syncs smaller groups, and where the kernel has one core their CPU comes out
 //!   of the requests (measured in docs/ring.md).
+//! - **A lower weight for the store's committer** (`ring.committer_nice`, 10 by
+//!   default). The committer was what the journal waited behind most often: it
+//!   applies a whole group of store writes in one run. Lowering a thread's
+//!   priority needs no privilege, so this works everywhere; a committer that gets
+//!   the core later takes larger groups, which costs it less per write.
 
 /// The slice asked for: the shortest the kernel accepts.
 const SHORT_SLICE_NS: u64 = 100_000;
@@ -93,6 +98,18 @@ pub(crate) fn raise_priority(nice: i32) -> Option<i32> {
     nice_of_caller()
 }
 
+/// Lowers the calling thread's priority to `nice` (0 to 19, higher runs later) if
+/// that is higher than the thread's own: always permitted. Returns the nice value
+/// now in force, or `None` if it cannot be read: a hint, never an error.
+pub(crate) fn lower_priority(nice: i32) -> Option<i32> {
+    let before = nice_of_caller()?;
+    if nice > before {
+        // SAFETY: plain system call on the calling thread (0 names it), no pointers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    }
+    nice_of_caller()
+}
+
 /// The calling thread's nice value.
 pub(crate) fn nice_of_caller() -> Option<i32> {
     read_attr().map(|attr| attr.nice)
@@ -141,6 +158,22 @@ mod tests {
         if raised == before {
             eprintln!("the raise itself was not tested: this process may not raise a thread's priority");
         }
+    }
+
+    #[test]
+    fn a_lowered_priority_holds_for_the_calling_thread_alone_and_is_never_raised() {
+        let before = nice_of_caller().expect("sched_getattr works on Linux");
+        let asked = (before + 4).min(19);
+        let lowered = std::thread::spawn(move || {
+            let now = lower_priority(asked);
+            // Asking for a higher priority than the thread has changes nothing.
+            let again = lower_priority(asked - 2);
+            (now, again)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, (Some(asked), Some(asked)), "from {before}");
+        assert_eq!(nice_of_caller(), Some(before), "the spawning thread keeps its own");
     }
 
     #[test]

@@ -270,13 +270,15 @@ impl Store {
     /// checkpoint) into the database (opened, and so locked, with [`open_database`]
     /// before the journal was) and makes the result durable, then starts the
     /// committer, which journals through `journal` in records of at most
-    /// `max_record` bytes.
+    /// `max_record` bytes and runs at nice value `committer_nice` where that is
+    /// above the process's own (see [`crate::sched`]).
     pub fn open(
         db: Database,
         commit_max_batch: usize,
         journal: JournalWriter,
         recovered: &[bbx_journal::Record],
         max_record: usize,
+        committer_nice: i32,
     ) -> Result<Self> {
         let ks = Keyspaces::open(&db)?;
         let groups = redo::groups(recovered.iter().map(|r| r.payload.as_slice()))?;
@@ -318,7 +320,12 @@ impl Store {
         };
         let handle = std::thread::Builder::new()
             .name("bbx-committer".into())
-            .spawn(move || committer.run(requests))
+            .spawn(move || {
+                if committer_nice > 0 {
+                    crate::sched::lower_priority(committer_nice);
+                }
+                committer.run(requests)
+            })
             .map_err(|e| Error::internal(format!("cannot start the committer thread: {e}")))?;
         Ok(Self {
             db,
@@ -1325,7 +1332,7 @@ mod tests {
         let writer = JournalWriter::start(journal, held, crate::ring::RingMetrics::new(), 0).unwrap();
         let pin = writer.append(vec![b"{}".to_vec()]).await.unwrap()[0];
         let db = open_database(&dir.join("db")).unwrap();
-        let store = Store::open(db, 16, writer, &recovery.records, max_record).unwrap();
+        let store = Store::open(db, 16, writer, &recovery.records, max_record, 0).unwrap();
         (store, pin)
     }
 

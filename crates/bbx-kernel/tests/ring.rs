@@ -666,6 +666,50 @@ async fn a_reaped_completion_has_given_its_concurrency_quota_back() {
     }
 }
 
+/// Nice values of this process's threads named `name`, from /proc.
+fn nice_of_threads(name: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // After the name in parentheses: state is field 3, nice field 19.
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        found.push(after_name.split_whitespace().nth(16).unwrap().parse().unwrap());
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_committer_runs_at_the_configured_lower_priority_and_nothing_else_does() {
+    // SAFETY: plain system call on the calling thread, no pointers.
+    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    // A value no other test's kernel uses (they run beside this one, at the default).
+    let asked = 13;
+    let dir = tempfile::tempdir().unwrap();
+    let config = RingConfig {
+        committer_nice: asked,
+        ..Default::default()
+    };
+    let ring = open(dir.path(), config).await;
+    let committers = nice_of_threads("bbx-committer");
+    assert!(
+        committers.contains(&asked.max(own)),
+        "committers at {committers:?}, asked for {asked} from {own}"
+    );
+    assert!(
+        nice_of_threads("bbx-journal").iter().all(|&nice| nice <= own),
+        "the journal thread is never lowered"
+    );
+    ring.kernel.shutdown().await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, own);
+}
+
 #[tokio::test]
 async fn the_journal_writer_runs_at_the_configured_nice_value_where_the_process_may_raise_it() {
     // SAFETY (every block here): plain system calls on the calling thread, no pointers.
