@@ -73,9 +73,11 @@ struct Report {
     /// `ring.journal_nice` where this process may raise it, its own otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     durable_journal_writer_nice: Option<i32>,
-    /// `ring.committer_nice` in the in-process kernel (a lower priority is always
-    /// granted, down to the process's own).
-    durable_committer_nice: i32,
+    /// The store committer's nice value in the in-process kernel:
+    /// `ring.committer_nice` where that is above this process's own, its own
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durable_committer_nice: Option<i32>,
     /// In-process submitters of inproc.
     inproc_submitters: usize,
     /// Concurrent connections of http_batch and http_single.
@@ -107,6 +109,7 @@ struct InProcess {
     journal_bytes_per_op: u64,
     disk_bytes_per_op: Option<u64>,
     writer_nice: Option<i32>,
+    committer_nice: Option<i32>,
 }
 
 pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
@@ -120,14 +123,12 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // thread: this command's runtime is a single-threaded load generator.
     let dir = scratch.path().join("inproc");
     let submitters = (usize::from(args.inproc_submitters), args.durable_submitters);
-    let ring = (args.journal_nice.is_some() || args.committer_nice.is_some()).then(|| {
-        let defaults = RingConfig::default();
-        RingConfig {
-            journal_nice: args.journal_nice.unwrap_or(defaults.journal_nice),
-            committer_nice: args.committer_nice.unwrap_or(defaults.committer_nice),
-            ..defaults
-        }
-    });
+    let defaults = RingConfig::default();
+    let ring = RingConfig {
+        journal_nice: args.journal_nice.unwrap_or(defaults.journal_nice),
+        committer_nice: args.committer_nice.unwrap_or(defaults.committer_nice),
+        ..defaults
+    };
     let in_process = std::thread::spawn(move || -> Result<InProcess> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -204,7 +205,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         durable_journal_bytes_per_op: in_process.journal_bytes_per_op,
         durable_disk_bytes_per_op: in_process.disk_bytes_per_op,
         durable_journal_writer_nice: in_process.writer_nice,
-        durable_committer_nice: args.committer_nice.unwrap_or(RingConfig::default().committer_nice),
+        durable_committer_nice: in_process.committer_nice,
         record_bytes: in_process.record_bytes,
         inproc_submitters: usize::from(args.inproc_submitters),
         http_batch_clients: args.http_clients,
@@ -222,12 +223,12 @@ async fn in_process(
     dir: &Path,
     measure: Duration,
     (inproc_submitters, durable_submitters): (usize, usize),
-    ring: Option<RingConfig>,
+    ring: RingConfig,
 ) -> Result<InProcess> {
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         log: Some("warn".into()),
-        ring,
+        ring: Some(ring),
         ..Default::default()
     };
     let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
@@ -333,6 +334,7 @@ async fn in_process(
             .zip(disk_after)
             .map(|(before, after)| after.saturating_sub(before) / ops),
         writer_nice: after.writer_nice,
+        committer_nice: after.committer_nice,
     })
 }
 

@@ -122,11 +122,13 @@ pub fn wal_status(w: &WalStatus) {
         "records {} in {} syncs; sync p50 {} us, p99 {} us, p99.9 {} us",
         w.records_total, w.syncs_total, w.sync_latency.p50_us, w.sync_latency.p99_us, w.sync_latency.p999_us
     );
-    let nice = w.writer_nice.map_or("unknown".to_string(), |nice| nice.to_string());
+    let nice = |nice: Option<i32>| nice.map_or("unknown".to_string(), |nice| nice.to_string());
+    let writer = nice(w.writer_nice);
     match w.writer_slice_us {
-        Some(slice) => println!("writer thread nice {nice}, time slice {slice} us"),
-        None => println!("writer thread nice {nice}"),
+        Some(slice) => println!("writer thread nice {writer}, time slice {slice} us"),
+        None => println!("writer thread nice {writer}"),
     }
+    println!("store committer thread nice {}", nice(w.committer_nice));
 }
 
 pub fn breakers(breakers: &[BreakerInfo]) {

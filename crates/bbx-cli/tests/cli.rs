@@ -386,7 +386,8 @@ fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
         .parse()
         .unwrap();
     assert_eq!(report["durable_journal_writer_nice"], own_nice, "{report}");
-    assert_eq!(report["durable_committer_nice"], 10, "the default: {report}");
+    // The committer takes the default 10, or keeps this test's own if that is higher.
+    assert_eq!(report["durable_committer_nice"], own_nice.max(10), "{report}");
     assert!(report["targets"].is_object());
 
     for (flag, value) in [

@@ -692,6 +692,11 @@ async fn cli_ring_contract() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The committer runs at the default ring.committer_nice, 10 (or this test's own
+    // nice value, which the kernel inherits, if that is higher).
+    let out = kernel.cli(&["ring", "wal-status", "--json"]);
+    let wal: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(wal["committer_nice"].as_i64().unwrap() >= 10, "{wal}");
     let out = kernel.cli(&["ring", "submit", &agent, "launch"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -374,6 +374,10 @@ pub struct WalStatus {
     /// (Linux 6.12 on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer_slice_us: Option<u64>,
+    /// The store committer's nice value: `ring.committer_nice` where that is above
+    /// the process's own, its own otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committer_nice: Option<i32>,
 }
 
 /// `bbx ring circuit-breaker --reset`.

@@ -285,6 +285,8 @@ impl Writer {
             // was asked for.
             writer_nice: crate::sched::nice_of_caller(),
             writer_slice_us: crate::sched::slice_of_caller().map(|ns| ns / 1000),
+            // The store's thread: the kernel fills it in.
+            committer_nice: None,
         }
     }
 }

@@ -691,7 +691,11 @@ impl Kernel {
 
     pub async fn wal_status(&self, caller: &Caller) -> Result<WalStatus> {
         caller.require_admin("read the journal's status")?;
-        self.ring.wal_status().await
+        let status = self.ring.wal_status().await?;
+        Ok(WalStatus {
+            committer_nice: self.store.committer_nice(),
+            ..status
+        })
     }
 
     pub fn breakers(&self, _caller: &Caller) -> Vec<BreakerInfo> {

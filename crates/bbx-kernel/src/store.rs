@@ -263,6 +263,8 @@ pub(crate) struct Store {
     /// The snapshot readers use, replaced by the committer after each group.
     durable: Arc<parking_lot::RwLock<Arc<Snapshot>>>,
     journal: JournalWriter,
+    /// The committer thread, whose nice value `wal_status` reads live.
+    committer_thread: rustix::process::Pid,
 }
 
 impl Store {
@@ -271,7 +273,8 @@ impl Store {
     /// before the journal was) and makes the result durable, then starts the
     /// committer, which journals through `journal` in records of at most
     /// `max_record` bytes and runs at nice value `committer_nice` where that is
-    /// above the process's own (see [`crate::sched`]).
+    /// above the process's own (0 leaves it as the process has it; see
+    /// [`crate::sched`]). Returns once the committer has taken its priority.
     pub fn open(
         db: Database,
         commit_max_batch: usize,
@@ -318,25 +321,38 @@ impl Store {
             last_persist: Instant::now(),
             versions: StateVersions::default(),
         };
+        let (started, thread) = std::sync::mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("bbx-committer".into())
             .spawn(move || {
                 if committer_nice > 0 {
-                    crate::sched::lower_priority(committer_nice);
+                    let in_force = crate::sched::lower_priority(committer_nice);
+                    tracing::debug!(asked = committer_nice, in_force = ?in_force, "the committer's nice value");
                 }
+                let _ = started.send(rustix::thread::gettid());
                 committer.run(requests)
             })
             .map_err(|e| Error::internal(format!("cannot start the committer thread: {e}")))?;
+        let committer_thread = thread
+            .recv()
+            .map_err(|_| Error::internal("the committer thread stopped as it started"))?;
         Ok(Self {
             db,
             ks,
             writer,
             committer: parking_lot::Mutex::new(Some(handle)),
+            committer_thread,
             failed,
             metrics,
             durable,
             journal,
         })
+    }
+
+    /// The committer thread's nice value, read now; `None` where it cannot be read
+    /// (only once the store has closed, when the thread is gone).
+    pub fn committer_nice(&self) -> Option<i32> {
+        rustix::process::getpriority_process(Some(self.committer_thread)).ok()
     }
 
     /// Asks the committer to make fjall durable if a checkpoint is due; a kernel
