@@ -349,8 +349,9 @@ impl Store {
         })
     }
 
-    /// The committer thread's nice value, read now; `None` where it cannot be read
-    /// (only once the store has closed, when the thread is gone).
+    /// The committer thread's nice value, read now; `None` where it cannot be read.
+    /// Meaningful only while the store is open: once the thread is gone, its id may
+    /// name another thread.
     pub fn committer_nice(&self) -> Option<i32> {
         rustix::process::getpriority_process(Some(self.committer_thread)).ok()
     }
