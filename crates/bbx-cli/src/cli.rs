@@ -437,6 +437,9 @@ pub struct BreakerArgs {
     /// One target, e.g. an executor name.
     #[arg(long, requires = "reset")]
     pub target: Option<String>,
+    /// One tenant's breakers (each tenant has its own).
+    #[arg(long, requires = "reset")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -126,6 +126,7 @@ async fn run(cli: Cli) -> Result<()> {
                 EnhancedRingCommand::CircuitBreaker(args) => RingCommand::CircuitBreaker(cli::BreakerArgs {
                     reset: args.reset,
                     target: args.target.clone(),
+                    tenant: args.tenant.clone(),
                 }),
             };
             ring::run(&cli, &command).await

@@ -132,9 +132,10 @@ pub fn wal_status(w: &WalStatus) {
 }
 
 pub fn breakers(breakers: &[BreakerInfo]) {
-    let mut t = table(&["TARGET", "STATE", "FAILURES", "OPENED", "REJECTED"]);
+    let mut t = table(&["TENANT", "TARGET", "STATE", "FAILURES", "OPENED", "REJECTED"]);
     for b in breakers {
         t.add_row(vec![
+            b.tenant.clone(),
             b.target.clone(),
             b.state.clone(),
             b.consecutive_failures.to_string(),

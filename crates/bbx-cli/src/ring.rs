@@ -94,7 +94,11 @@ pub async fn run(cli: &Cli, command: &RingCommand) -> Result<()> {
         }
         RingCommand::CircuitBreaker(args) => {
             let breakers = if args.reset {
-                api.reset_breakers(args.target.clone()).await?
+                api.reset_breakers(&bbx_core::op::ResetBreakers {
+                    target: args.target.clone(),
+                    tenant: args.tenant.clone(),
+                })
+                .await?
             } else {
                 api.breakers().await?
             };

@@ -393,7 +393,7 @@ async fn keys_are_required_checked_and_revocable() {
     let (status, body) = api
         .raw(Method::GET, &format!("/v1/agents/{other}"), Some(&tenant_key), None)
         .await;
-    assert_eq!(error_code(status, &body, StatusCode::FORBIDDEN), "permission_denied");
+    assert_eq!(error_code(status, &body, StatusCode::NOT_FOUND), "not_found");
     let (status, body) = api.raw(Method::GET, "/v1/keys", Some(&tenant_key), None).await;
     assert_eq!(error_code(status, &body, StatusCode::FORBIDDEN), "permission_denied");
     let (status, _) = api
@@ -422,6 +422,107 @@ async fn keys_are_required_checked_and_revocable() {
     let (status, body) = api.raw(Method::GET, "/v1/agents", Some(&tenant_key), None).await;
     assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
     assert_eq!(body["error"]["details"]["reason"], "revoked");
+}
+
+/// A tenant key for `tenant`, minted by the administrator.
+async fn tenant_key(api: &Api, tenant: &str) -> String {
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/keys",
+            Some(json!({ "name": tenant, "tenant": tenant })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["key"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_other() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let (acme, globex) = (tenant_key(&api, "acme").await, tenant_key(&api, "globex").await);
+    // Acme's agent, allowed (by the administrator) to call a loopback server.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = web.local_addr().unwrap().port();
+    let (status, agent) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(json!({ "name": "a", "tenant": "acme", "tools": { "allow_networks": ["127.0.0.0/8"] } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{agent}");
+    let agent = agent["id"].as_str().unwrap().to_owned();
+    let acme_call = |method, path: String, body: Value| {
+        let body = Some(("application/json", serde_json::to_vec(&body).unwrap()));
+        let api = &api;
+        let acme = acme.clone();
+        async move { api.raw(method, &path, Some(&acme), body).await }
+    };
+    let (status, _) = acme_call(
+        Method::PUT,
+        format!("/v1/agents/{agent}/state/k"),
+        json!({ "value": 1 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // A tool.http call that fails at once (nothing answers on the port): its
+    // breaker is acme's, named by host and port.
+    drop(web);
+    let url = format!("http://127.0.0.1:{port}/");
+    let ops = json!({ "ops": [
+        { "agent": agent, "kind": "tool.http", "args": { "method": "GET", "url": url } },
+        { "agent": agent, "kind": "sleep", "args": { "ms": 60_000 } },
+    ] });
+    let (status, submitted) = acme_call(Method::POST, "/v1/ops".into(), ops).await;
+    assert_eq!(status, StatusCode::OK, "{submitted}");
+    let http_op = submitted["ops"][0]["op_id"].as_str().unwrap().to_owned();
+    let sleep_op = submitted["ops"][1]["op_id"].as_str().unwrap().to_owned();
+    let (status, _) = acme_call(
+        Method::GET,
+        format!("/v1/ops/{http_op}/wait?timeout_ms=30000"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Globex's key: every one of acme's objects is missing, and acme goes unnamed.
+    for path in [
+        format!("/v1/agents/{agent}"),
+        format!("/v1/agents/{agent}/state/k"),
+        format!("/v1/ops/{http_op}"),
+        format!("/v1/ops/{http_op}/wait?timeout_ms=1"),
+        format!("/v1/ops/{sleep_op}"),
+        format!("/v1/ops/{sleep_op}/wait?timeout_ms=1"),
+    ] {
+        let (status, body) = api.raw(Method::GET, &path, Some(&globex), None).await;
+        assert_eq!(error_code(status, &body, StatusCode::NOT_FOUND), "not_found", "{path}");
+        assert!(!body.to_string().contains("acme"), "{path}: {body}");
+    }
+
+    // Breakers: the administrator sees acme's target, globex sees none of acme's.
+    let target = format!("127.0.0.1:{port}");
+    let stats = |key: &str| {
+        let out = kernel.cli(&["--api-key", key, "ring", "stats", "--json"]);
+        support::json(&out)["breakers"].as_array().unwrap().clone()
+    };
+    let admin_key = kernel.key();
+    let all = stats(&admin_key);
+    assert!(
+        all.iter().any(|b| b["tenant"] == "acme"
+            && b["target"].as_str().unwrap().starts_with("tool.http")
+            && b["target"].as_str().unwrap().contains(&target)),
+        "{all:?}"
+    );
+    let theirs = stats(&globex);
+    assert!(theirs.iter().all(|b| b["tenant"] == "globex"), "{theirs:?}");
+    assert!(
+        !theirs.iter().any(|b| b["target"].as_str().unwrap().contains(&target)),
+        "{theirs:?}"
+    );
+    let (status, _) = acme_call(Method::POST, format!("/v1/ops/{sleep_op}/cancel"), Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -160,11 +160,10 @@ impl Client {
         self.call(self.request(Method::GET, &["v1", "ring", "breakers"])).await
     }
 
-    pub async fn reset_breakers(&self, target: Option<String>) -> Result<Vec<BreakerInfo>> {
-        let req = ResetBreakers { target };
+    pub async fn reset_breakers(&self, req: &ResetBreakers) -> Result<Vec<BreakerInfo>> {
         self.call(
             self.request(Method::POST, &["v1", "ring", "breakers", "reset"])
-                .json(&req),
+                .json(req),
         )
         .await
     }

@@ -146,7 +146,9 @@ pub struct RingConfig {
     pub max_args_bytes: usize,
     /// Most ops in one submission.
     pub max_batch: usize,
-    /// How long completions and idempotency keys are kept.
+    /// How long completions and idempotency keys are kept after an op completes;
+    /// at least [`RingConfig::MIN_RETENTION_SECS`], so that a client's retry
+    /// within a reasonable time always finds its key.
     pub retention_secs: u64,
     /// Consecutive failures that open a target's circuit breaker.
     pub breaker_failures: u32,
@@ -170,7 +172,7 @@ pub struct RingConfig {
     /// `fdatasync`) otherwise waits for a core: a lower value acknowledges sooner
     /// (group syncs at p99 0.17–0.27 ms against 0.26–1.1 ms on 2 saturated cores), but in
     /// smaller groups, so more syncs share the same CPU; on a kernel confined to one
-    /// core that lengthened the single-op tail (see docs/ring.md). Applied only
+    /// core that lengthened the single-op tail (see docs/bench/ring.md). Applied only
     /// where the process may raise a thread's priority (`CAP_SYS_NICE`, or
     /// `RLIMIT_NICE`); `bbx ring wal-status` shows what is in force.
     pub journal_nice: i32,
@@ -179,7 +181,7 @@ pub struct RingConfig {
     /// tens of microseconds, and on busy cores the journal thread, woken by every
     /// `fdatasync`, waited behind it more than behind anything else; at a lower
     /// weight it yields the core sooner and takes larger groups instead. Lowering a
-    /// thread's priority needs no privilege (docs/ring.md has the runs).
+    /// thread's priority needs no privilege (docs/bench/ring.md has the runs).
     pub committer_nice: i32,
 }
 
@@ -209,7 +211,16 @@ impl Default for RingConfig {
 }
 
 impl RingConfig {
+    /// The shortest `ring.retention_secs` allowed.
+    pub const MIN_RETENTION_SECS: u64 = 60;
+
     fn validate(&self) -> Result<()> {
+        if self.retention_secs < Self::MIN_RETENTION_SECS {
+            return Err(Error::invalid_field(
+                "ring.retention_secs",
+                format!("ring.retention_secs must be at least {}", Self::MIN_RETENTION_SECS),
+            ));
+        }
         let positive = [
             ("ring.submission_capacity", self.submission_capacity),
             ("ring.agent_capacity", self.agent_capacity),

@@ -293,6 +293,8 @@ pub struct Percentiles {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct BreakerInfo {
+    /// The tenant whose calls go through it: each tenant has its own breakers.
+    pub tenant: String,
     pub target: String,
     /// `closed`, `open` or `half_open`.
     pub state: String,
@@ -387,6 +389,9 @@ pub struct ResetBreakers {
     /// One target; every target when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// One tenant's breakers; every tenant's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// How an operator settles an op in doubt.

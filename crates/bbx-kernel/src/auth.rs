@@ -35,13 +35,31 @@ impl Caller {
         self.tenant.is_none()
     }
 
-    /// May this caller act on objects of `tenant`?
+    /// Whether objects of `tenant` exist for this caller at all.
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|own| own == tenant)
+    }
+
+    /// May this caller act on a tenant it named itself (creating an agent there,
+    /// listing it, setting its quotas)? The name is the caller's own, so refusing
+    /// with 403 tells it nothing it did not know.
     pub fn check_tenant(&self, tenant: &str) -> Result<()> {
         match &self.tenant {
             Some(own) if own != tenant => Err(Error::permission_denied(format!(
-                "this key belongs to tenant {own:?} and may not act on tenant {tenant:?}"
+                "this key belongs to tenant {own:?} and may not act on another tenant"
             ))),
             _ => Ok(()),
+        }
+    }
+
+    /// The rule for an object the caller named by id (an agent, an op): one of
+    /// another tenant is answered exactly as one that does not exist (404, the same
+    /// message), so that ids reveal neither objects nor tenants across tenants.
+    pub fn check_owner(&self, tenant: &str, kind: &str, id: impl std::fmt::Display) -> Result<()> {
+        if self.sees(tenant) {
+            Ok(())
+        } else {
+            Err(Error::not_found(kind, id))
         }
     }
 
@@ -198,5 +216,25 @@ mod tests {
             bbx_core::ErrorCode::PermissionDenied
         );
         assert!(caller.require_admin("x").is_err());
+    }
+
+    #[test]
+    fn another_tenants_object_reads_as_missing() {
+        let caller = Caller {
+            key_id: KeyId::generate(),
+            tenant: Some("b".into()),
+        };
+        let id = KeyId::generate();
+        let foreign = caller.check_owner("acme", "agent", id).unwrap_err();
+        let missing = Error::not_found("agent", id);
+        assert_eq!(foreign.code, bbx_core::ErrorCode::NotFound);
+        assert_eq!((foreign.message, foreign.details), (missing.message, missing.details));
+        assert!(caller.check_owner("b", "agent", id).is_ok());
+        let admin = Caller {
+            key_id: KeyId::generate(),
+            tenant: None,
+        };
+        assert!(admin.check_owner("acme", "agent", id).is_ok());
+        assert!(!caller.check_tenant("acme").unwrap_err().message.contains("acme"));
     }
 }

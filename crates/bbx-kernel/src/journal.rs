@@ -17,10 +17,12 @@ use crate::ring::RingMetrics;
 use bbx_core::op::{Percentiles, WalStatus};
 use bbx_core::{Error, Result};
 use bbx_journal::{Journal, Lsn};
+use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -47,6 +49,7 @@ enum Message {
 pub(crate) struct JournalWriter {
     sender: Sender<Message>,
     thread: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    horizon: Arc<AtomicU64>,
 }
 
 impl JournalWriter {
@@ -55,8 +58,12 @@ impl JournalWriter {
     /// [`crate::sched`]); 0 leaves it as the process has it.
     pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: RingMetrics, nice: i32) -> Result<Self> {
         let (sender, receiver) = crossbeam_channel::unbounded();
+        // With nothing held, no record of this journal is replayed any more.
+        let horizon = Arc::new(AtomicU64::new(if held.is_empty() { wall_millis() } else { 0 }));
         let writer = Writer {
             journal,
+            stamps: VecDeque::new(),
+            horizon: horizon.clone(),
             held,
             last_checkpoint: Instant::now(),
             syncs: 0,
@@ -84,7 +91,16 @@ impl JournalWriter {
         Ok(Self {
             sender,
             thread: Arc::new(parking_lot::Mutex::new(Some(thread))),
+            horizon,
         })
+    }
+
+    /// Every op that completed before this time has its records behind the
+    /// journal's durable checkpoint: recovery will not replay them, so its
+    /// completion may expire without the op running again. It moves only when a
+    /// checkpoint succeeds.
+    pub fn replay_horizon(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.horizon.load(Ordering::Acquire) as i64).unwrap_or_default()
     }
 
     /// Appends the records and waits until they are durable; returns their lsns.
@@ -131,6 +147,12 @@ impl JournalWriter {
 struct Writer {
     journal: Journal,
     held: BTreeSet<Lsn>,
+    /// (first lsn, wall-clock ms) of each group synced since the checkpoint: a
+    /// group's time is read before its records are acknowledged, so an op that
+    /// completed before it has all its records in earlier groups.
+    stamps: VecDeque<(Lsn, u64)>,
+    /// See [`JournalWriter::replay_horizon`].
+    horizon: Arc<AtomicU64>,
     last_checkpoint: Instant,
     syncs: u64,
     sync_micros: u64,
@@ -230,6 +252,10 @@ impl Writer {
             Error::unavailable(format!("the journal failed: {e}"))
         });
         if outcome.is_ok() {
+            if let Some(first) = assigned.iter().find_map(|lsns| lsns.first()) {
+                let last = self.stamps.back().map_or(0, |(_, ms)| *ms);
+                self.stamps.push_back((*first, wall_millis().max(last)));
+            }
             let took = started.elapsed();
             self.syncs += 1;
             self.sync_micros += took.as_micros() as u64;
@@ -262,8 +288,27 @@ impl Writer {
         }
         self.last_checkpoint = Instant::now();
         let upto = self.held.first().copied().unwrap_or(self.journal.status().next_lsn);
+        // Read before the checkpoint: nothing completed by now is replayed once it
+        // succeeds, if no record is held.
+        let now = wall_millis();
         if let Err(e) = self.journal.checkpoint(upto) {
+            // The horizon stays where it was, and with it every completion the
+            // records still behind it could be replayed against.
             tracing::error!(error = %e, "journal checkpoint failed");
+            return;
+        }
+        // The oldest replayed record is in the last group starting at or below it.
+        while self.stamps.len() > 1 && self.stamps[1].0 <= upto {
+            self.stamps.pop_front();
+        }
+        let horizon = match self.stamps.front() {
+            _ if self.held.is_empty() => Some(now),
+            Some((first, ms)) if *first <= upto => Some(*ms),
+            // Held since before this start: when it was written is not known.
+            _ => None,
+        };
+        if let Some(horizon) = horizon {
+            self.horizon.fetch_max(horizon, Ordering::AcqRel);
         }
     }
 
@@ -289,6 +334,10 @@ impl Writer {
             committer_nice: None,
         }
     }
+}
+
+fn wall_millis() -> u64 {
+    Utc::now().timestamp_millis().max(0) as u64
 }
 
 fn stopped() -> Error {
@@ -328,5 +377,40 @@ mod tests {
         let (_, recovery) = Journal::open(dir.path(), options).unwrap();
         let payloads: Vec<_> = recovery.records.iter().map(|r| r.payload.as_slice()).collect();
         assert_eq!(payloads, [b"next".as_slice()]);
+    }
+
+    /// The replay horizon never passes a record still held: an op completed after
+    /// that record was written could be replayed, so its completion must stay.
+    #[tokio::test]
+    async fn the_replay_horizon_stops_at_the_oldest_held_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let writer = JournalWriter::start(journal, BTreeSet::new(), RingMetrics::new(), 0).unwrap();
+        let before_held = Utc::now();
+        let held = writer.append(vec![b"held".to_vec()]).await.unwrap();
+        let after_held = Utc::now();
+        // Later records, released at once, do not move it past the held one.
+        for _ in 0..3 {
+            let lsns = writer.append(vec![b"later".to_vec()]).await.unwrap();
+            writer.release(lsns);
+            tokio::time::sleep(CHECKPOINT_EVERY / 2).await;
+        }
+        assert!(
+            writer.replay_horizon() <= after_held,
+            "it stays at or before the held record"
+        );
+        writer.release(held);
+        let mut moved = false;
+        for _ in 0..50 {
+            writer.append(vec![]).await.unwrap();
+            if writer.replay_horizon() > after_held {
+                moved = true;
+                break;
+            }
+            tokio::time::sleep(CHECKPOINT_EVERY / 10).await;
+        }
+        assert!(moved, "released, it moves on with the next checkpoint");
+        assert!(writer.replay_horizon() > before_held);
+        writer.close().await;
     }
 }

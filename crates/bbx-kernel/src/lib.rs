@@ -181,12 +181,6 @@ impl Kernel {
         )
         .await?;
         spawn_store_checkpoints(&tasks, store.clone(), ring.stopping());
-        spawn_expiry(
-            &tasks,
-            store.clone(),
-            Duration::from_secs(config.ring.retention_secs),
-            ring.stopping(),
-        );
         let kernel = Arc::new(Self {
             config,
             store,
@@ -200,6 +194,7 @@ impl Kernel {
             quotas,
             tools,
         });
+        spawn_expiry(&kernel.tasks, Arc::downgrade(&kernel), kernel.ring.stopping());
         // Deletions a crash interrupted finish removing their agents' state.
         for agent in kernel.store.pending_purges()? {
             spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
@@ -285,7 +280,7 @@ impl Kernel {
     /// The agent's tenant, once the agent is known to exist and the caller may see it.
     fn agent_tenant(&self, caller: &Caller, id: &AgentId) -> Result<Arc<str>> {
         if let Some(tenant) = self.tenants.tenants.read().get(id) {
-            caller.check_tenant(tenant)?;
+            caller.check_owner(tenant, "agent", id)?;
             return Ok(tenant.clone());
         }
         let deletions = self.tenants.deletions.load(Ordering::Acquire);
@@ -307,7 +302,7 @@ impl Kernel {
             .get(&self.store.ks.agents, id.as_bytes())
             .map_err(|e| storage_error("read", e))?;
         let agent = decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", id))?)?;
-        caller.check_tenant(&agent.tenant)?;
+        caller.check_owner(&agent.tenant, "agent", id)?;
         Ok(agent)
     }
 
@@ -361,6 +356,36 @@ impl Kernel {
             })
             .await?;
         Ok(())
+    }
+
+    /// Forgets the completions (and idempotency keys) of ops that completed more
+    /// than `ring.retention_secs` before `now`, in bounded groups; returns how many.
+    /// Never one whose records the journal would still replay (see
+    /// [`journal::JournalWriter::replay_horizon`]): recovery would run it again.
+    /// An op in doubt is kept until an operator settles it. The kernel runs this
+    /// every ten minutes; `now` is a parameter so that tests can run it later.
+    pub async fn expire_completions(&self, now: chrono::DateTime<Utc>) -> Result<usize> {
+        let retention = chrono::Duration::seconds(self.config.ring.retention_secs as i64);
+        let before = (now - retention).min(self.ring.replay_horizon());
+        let mut expired = 0;
+        loop {
+            match self
+                .store
+                .write(Write::ExpireOps {
+                    before,
+                    max: EXPIRY_STEP,
+                })
+                .await?
+            {
+                Applied::Expired { count, more } => {
+                    expired += count;
+                    if !more {
+                        return Ok(expired);
+                    }
+                }
+                _ => return Ok(expired),
+            }
+        }
     }
 
     /// Deleted agents whose state is still being removed in the background.
@@ -677,15 +702,17 @@ impl Kernel {
         self.ring.resolve(caller, id, resolution).await
     }
 
-    /// Completions as they happen, for event streams; filter by [`Caller::check_tenant`].
+    /// Completions as they happen, for event streams; filter by [`Caller::sees`].
     pub fn completions(&self) -> tokio::sync::broadcast::Receiver<Arc<Completion>> {
         self.ring.subscribe()
     }
 
-    pub fn ring_stats(&self, _caller: &Caller) -> RingStats {
+    /// The ring's figures; its breakers are the caller's tenant's (all, for an
+    /// administrator).
+    pub fn ring_stats(&self, caller: &Caller) -> RingStats {
         RingStats {
             shm_sessions: self.shm_sessions.count() as u64,
-            ..self.ring.stats()
+            ..self.ring.stats(caller)
         }
     }
 
@@ -698,13 +725,18 @@ impl Kernel {
         })
     }
 
-    pub fn breakers(&self, _caller: &Caller) -> Vec<BreakerInfo> {
-        self.ring.breakers()
+    pub fn breakers(&self, caller: &Caller) -> Vec<BreakerInfo> {
+        self.ring.breakers(caller)
     }
 
-    pub fn reset_breakers(&self, caller: &Caller, target: Option<&str>) -> Result<Vec<BreakerInfo>> {
+    pub fn reset_breakers(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        target: Option<&str>,
+    ) -> Result<Vec<BreakerInfo>> {
         caller.require_admin("reset circuit breakers")?;
-        self.ring.reset_breakers(target)
+        self.ring.reset_breakers(caller, tenant, target)
     }
 
     pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
@@ -797,32 +829,16 @@ fn spawn_store_checkpoints(tasks: &TaskTracker, store: Arc<Store>, stopping: tok
     });
 }
 
-/// Forgets completions and idempotency keys older than `retention`, now and every
-/// ten minutes, in bounded groups. Op ids are time-ordered, so the expired ops are
-/// one range of the `ops` keyspace.
-fn spawn_expiry(
-    tasks: &TaskTracker,
-    store: Arc<Store>,
-    retention: Duration,
-    stopping: tokio_util::sync::CancellationToken,
-) {
+/// Forgets completions and idempotency keys past their retention, now and every
+/// ten minutes (see [`Kernel::expire_completions`]).
+fn spawn_expiry(tasks: &TaskTracker, kernel: std::sync::Weak<Kernel>, stopping: tokio_util::sync::CancellationToken) {
     tasks.spawn(async move {
         while !stopping.is_cancelled() {
-            let cutoff = (Utc::now().timestamp_millis().max(0) as u64).saturating_sub(retention.as_millis() as u64);
-            let before = OpId::lowest_at(cutoff);
-            loop {
-                match store
-                    .write(Write::ExpireOps {
-                        before,
-                        max: EXPIRY_STEP,
-                    })
-                    .await
-                {
-                    Ok(Applied::More) => continue,
-                    Ok(_) => break,
-                    Err(_) => return,
-                }
+            let Some(live) = kernel.upgrade() else { return };
+            if let Err(e) = live.expire_completions(Utc::now()).await {
+                tracing::warn!(error = %e, "expiring old completions failed; trying again later");
             }
+            drop(live);
             tokio::select! {
                 () = stopping.cancelled() => {}
                 () = tokio::time::sleep(EXPIRY_EVERY) => {}

@@ -107,9 +107,10 @@ pub(crate) enum Write {
         node: String,
         limits: Option<Vec<u8>>,
     },
-    /// Forgets up to `max` completions (and their idempotency keys) of ops older than `before`.
+    /// Forgets up to `max` completions (and their idempotency keys) of ops that
+    /// completed before `before`.
     ExpireOps {
-        before: OpId,
+        before: DateTime<Utc>,
         max: usize,
     },
 }
@@ -143,6 +144,11 @@ pub(crate) enum Applied {
     Completed(Box<Completion>),
     /// The journal entry of a resolved op.
     Resolved(Vec<u8>),
+    /// Completions forgotten by one expiry step, and whether more are due.
+    Expired {
+        count: usize,
+        more: bool,
+    },
 }
 
 /// Writes sent together, answered together: each is applied on its own (one may
@@ -934,12 +940,16 @@ impl<'a> GroupTx<'a> {
                 // An op in doubt waits for an operator, however old it is: it is
                 // passed over, and the step ends only when `max` others are found
                 // or the old ops run out (so old ops in doubt cannot stall expiry).
+                // An op completes after it is submitted, and op ids are ordered by
+                // submission: every op that completed in time is in this range; the
+                // ones of it that completed later (long runs) are passed over too.
+                let submitted_before = OpId::lowest_at(before.timestamp_millis().max(0) as u64);
                 let mut expired = Vec::new();
                 let mut finished = true;
-                for item in self.ks.ops.range(..before.as_bytes().to_vec()) {
+                for item in self.ks.ops.range(..submitted_before.as_bytes().to_vec()) {
                     let (key, value) = item.into_inner().map_err(|e| storage_error("scan ops", e))?;
                     let completion = decode_completion(&value)?;
-                    if completion.status == CompletionStatus::InDoubt {
+                    if completion.status == CompletionStatus::InDoubt || completion.completed_at >= *before {
                         continue;
                     }
                     if expired.len() == *max {
@@ -948,13 +958,14 @@ impl<'a> GroupTx<'a> {
                     }
                     expired.push((key.to_vec(), completion));
                 }
+                let count = expired.len();
                 for (key, completion) in expired {
                     if let Some(idempotency) = &completion.idempotency_key {
                         self.remove(IDEM, idempotency_key(&completion.agent, idempotency));
                     }
                     self.remove(OPS, key);
                 }
-                Ok(if finished { Applied::Done } else { Applied::More })
+                Ok(Applied::Expired { count, more: !finished })
             }
         }
     }

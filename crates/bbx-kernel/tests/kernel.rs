@@ -299,14 +299,30 @@ async fn tenant_keys_are_confined_and_revoked_keys_refused() {
             .unwrap_err();
         assert_eq!(refused.code, ErrorCode::PermissionDenied);
     }
-    assert_eq!(
-        acme_api.get_agent(theirs.id).await.unwrap_err().code,
-        ErrorCode::PermissionDenied
-    );
-    assert_eq!(
-        acme_api.state_get(theirs.id, "k".into()).await.unwrap_err().code,
-        ErrorCode::PermissionDenied
-    );
+    // Another tenant's agent is answered exactly as one that does not exist.
+    let missing = acme_api.get_agent(bbx_core::AgentId::generate()).await.unwrap_err();
+    for foreign in [
+        acme_api.get_agent(theirs.id).await.unwrap_err(),
+        acme_api.state_get(theirs.id, "k".into()).await.unwrap_err(),
+        acme_api.delete_agent(theirs.id).await.unwrap_err(),
+    ] {
+        assert_eq!(foreign.code, ErrorCode::NotFound);
+        assert!(!format!("{foreign:?}").contains("globex"), "{foreign:?}");
+        assert_eq!(
+            foreign.details.as_ref().unwrap()["kind"],
+            missing.details.as_ref().unwrap()["kind"]
+        );
+    }
+    // A tenant it names itself is refused with 403, and not named back.
+    let elsewhere = acme_api
+        .create_agent(CreateAgent {
+            name: "y".into(),
+            tenant: Some("globex".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code, ErrorCode::PermissionDenied);
     let status = acme_api.status().await.unwrap();
     assert_eq!(status.agents, 1, "a tenant key counts its own tenant's agents");
     assert!(

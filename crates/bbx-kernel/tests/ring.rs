@@ -215,33 +215,53 @@ async fn a_completion_queue_gets_its_own_ops_once_each_deduplicated_ones_include
 }
 
 #[tokio::test]
-async fn idempotency_records_expire_after_the_retention() {
+async fn idempotency_records_expire_by_completion_time_once_the_journal_will_not_replay_them() {
     let dir = tempfile::tempdir().unwrap();
     let ring = RingConfig {
-        retention_secs: 0,
+        retention_secs: RingConfig::MIN_RETENTION_SECS,
         ..Default::default()
     };
-    let agent;
-    {
-        let ring = open(dir.path(), ring.clone()).await;
-        agent = ring.agent().await;
-        let first = ring.one(keyed(agent, "noop", json!({}), "k")).await;
-        ring.wait(first).await;
-        ring.kernel.shutdown().await;
-    }
-    // The sweep runs at start; with no retention the old key is forgotten.
+    let retention = chrono::Duration::seconds(ring.retention_secs as i64);
     let ring = open(dir.path(), ring).await;
-    let mut fresh = false;
+    let agent = ring.agent().await;
+    let first = ring.one(keyed(agent, "noop", json!({}), "k")).await;
+    let done = ring.wait(first).await.completion.unwrap();
+
+    // Within the retention, counted from completion, nothing goes.
+    let within = done.completed_at + retention - chrono::Duration::milliseconds(1);
+    assert_eq!(ring.kernel.expire_completions(within).await.unwrap(), 0);
+    let again = ring.submit(vec![keyed(agent, "noop", json!({}), "k")]).await.unwrap();
+    assert!(again.ops[0].deduplicated);
+
+    // Past it, the completion goes once the journal's checkpoint (once a second)
+    // has passed the op's records, and the key starts a new op.
+    let past = done.completed_at + retention + chrono::Duration::seconds(1);
+    let mut expired = 0;
     for _ in 0..100 {
-        let again = ring.submit(vec![keyed(agent, "noop", json!({}), "k")]).await.unwrap();
-        ring.wait(again.ops[0].op_id).await;
-        if !again.ops[0].deduplicated {
-            fresh = true;
+        expired = ring.kernel.expire_completions(past).await.unwrap();
+        if expired > 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(fresh, "an expired key starts a new op");
+    assert_eq!(expired, 1, "the completion expires once nothing replays its op");
+    let fresh = ring.submit(vec![keyed(agent, "noop", json!({}), "k")]).await.unwrap();
+    assert!(!fresh.ops[0].deduplicated, "an expired key starts a new op");
+    ring.wait(fresh.ops[0].op_id).await;
+}
+
+#[test]
+fn retention_has_a_lower_bound() {
+    let over = ConfigLayer {
+        ring: Some(RingConfig {
+            retention_secs: 0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let refused = KernelConfig::resolve(ConfigLayer::default(), over).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidArgument);
+    assert!(refused.message.contains("ring.retention_secs"), "{}", refused.message);
 }
 
 #[tokio::test]
@@ -555,18 +575,26 @@ async fn tenant_keys_see_only_their_tenants_ops() {
         .await
         .unwrap();
     let tenant = ring.kernel.authenticate(&key.key).unwrap();
-    assert_eq!(
-        ring.kernel.op(&tenant, &id).unwrap_err().code,
-        ErrorCode::PermissionDenied
-    );
+    // Another tenant's op and agent read as missing, done or still running.
+    let running = ring.one(op(agent, "sleep", json!({"ms": 60_000}))).await;
+    for op_id in [id, running] {
+        assert_eq!(ring.kernel.op(&tenant, &op_id).unwrap_err().code, ErrorCode::NotFound);
+        let waited = ring.kernel.wait_op(&tenant, &op_id, Duration::from_millis(1)).await;
+        assert_eq!(waited.unwrap_err().code, ErrorCode::NotFound);
+        assert_eq!(
+            ring.kernel.cancel_op(&tenant, &op_id).await.unwrap_err().code,
+            ErrorCode::NotFound
+        );
+    }
     let batch = SubmitBatch {
         ops: vec![op(agent, "noop", json!({}))],
         wait_ms: None,
     };
     assert_eq!(
         ring.kernel.submit(&tenant, batch).await.unwrap_err().code,
-        ErrorCode::PermissionDenied
+        ErrorCode::NotFound
     );
+    ring.kernel.cancel_op(&ring.admin, &running).await.unwrap();
 }
 
 #[tokio::test]

@@ -209,47 +209,157 @@ impl CircuitBreaker {
     }
 }
 
-/// The breakers of every target, created on first use with one configuration.
+/// The breakers of every tenant's targets, created on first use with one
+/// configuration. Keyed by tenant first: one tenant's failures never open a
+/// breaker another tenant's calls go through, and a tenant is shown only its own.
+///
+/// Breakers idle for [`Breakers::IDLE`] (and not open) are forgotten by
+/// [`Breakers::evict_idle`]; a tenant holds at most [`Breakers::PER_TENANT`], so
+/// calls to ever new hosts cannot grow the map without bound.
 pub struct Breakers {
     config: BreakerConfig,
-    by_target: RwLock<HashMap<String, Arc<CircuitBreaker>>>,
+    /// What `last_used` counts seconds from.
+    epoch: Instant,
+    by_tenant: RwLock<HashMap<Arc<str>, TenantBreakers>>,
+}
+
+/// One tenant's breakers, by target.
+type TenantBreakers = HashMap<String, Arc<Tracked>>;
+
+/// A breaker and when it was last asked to admit a call.
+pub struct Tracked {
+    breaker: CircuitBreaker,
+    /// Seconds since the registry's epoch; a relaxed store per admission.
+    last_used: AtomicU64,
+}
+
+impl std::ops::Deref for Tracked {
+    type Target = CircuitBreaker;
+
+    fn deref(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+}
+
+/// One breaker as [`Breakers::stats`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStats {
+    pub tenant: Arc<str>,
+    pub target: String,
+    pub stats: BreakerStats,
 }
 
 impl Breakers {
+    /// How long a breaker goes unused before it may be forgotten.
+    pub const IDLE: Duration = Duration::from_secs(600);
+    /// The most breakers one tenant holds at once.
+    pub const PER_TENANT: usize = 1024;
+
     pub fn new(config: BreakerConfig) -> Self {
         Self {
             config,
-            by_target: RwLock::new(HashMap::new()),
+            epoch: Instant::now(),
+            by_tenant: RwLock::new(HashMap::new()),
         }
     }
 
-    pub fn get(&self, target: &str) -> Arc<CircuitBreaker> {
-        if let Some(breaker) = self.by_target.read().get(target) {
-            return breaker.clone();
-        }
-        self.by_target
-            .write()
-            .entry(target.to_owned())
-            .or_insert_with(|| Arc::new(CircuitBreaker::new(self.config.clone())))
-            .clone()
+    fn seconds(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
     }
 
-    /// Every target's stats, sorted by target.
-    pub fn stats(&self) -> Vec<(String, BreakerStats)> {
-        let mut all: Vec<_> = self
-            .by_target
-            .read()
+    /// The breaker of `tenant`'s calls to `target`, marked as used at `now`.
+    pub fn get(&self, tenant: &Arc<str>, target: &str, now: Instant) -> Arc<Tracked> {
+        let seconds = self.seconds(now);
+        if let Some(tracked) = self.by_tenant.read().get(tenant).and_then(|t| t.get(target)) {
+            tracked.last_used.store(seconds, Ordering::Relaxed);
+            return tracked.clone();
+        }
+        let mut all = self.by_tenant.write();
+        let targets = all.entry(tenant.clone()).or_default();
+        if let Some(tracked) = targets.get(target) {
+            return tracked.clone();
+        }
+        if targets.len() >= Self::PER_TENANT {
+            self.make_room(targets, seconds);
+        }
+        let tracked = Arc::new(Tracked {
+            breaker: CircuitBreaker::new(self.config.clone()),
+            last_used: AtomicU64::new(seconds),
+        });
+        targets.insert(target.to_owned(), tracked.clone());
+        tracked
+    }
+
+    /// Frees a place in a full tenant: its idle breakers go, or else the one unused
+    /// longest (an open one too: the tenant's newest targets matter more).
+    fn make_room(&self, targets: &mut TenantBreakers, seconds: u64) {
+        let idle = Self::IDLE.as_secs();
+        targets.retain(|_, t| !t.evictable(seconds, idle));
+        if targets.len() >= Self::PER_TENANT
+            && let Some(oldest) = targets
+                .iter()
+                .min_by_key(|(_, t)| t.last_used.load(Ordering::Relaxed))
+                .map(|(target, _)| target.clone())
+        {
+            targets.remove(&oldest);
+        }
+    }
+
+    /// Forgets breakers unused for [`Self::IDLE`] that are not open, and tenants
+    /// left with none; returns how many breakers went.
+    pub fn evict_idle(&self, now: Instant) -> usize {
+        let seconds = self.seconds(now);
+        let idle = Self::IDLE.as_secs();
+        let mut all = self.by_tenant.write();
+        let before: usize = all.values().map(HashMap::len).sum();
+        for targets in all.values_mut() {
+            targets.retain(|_, t| !t.evictable(seconds, idle));
+        }
+        all.retain(|_, targets| !targets.is_empty());
+        before - all.values().map(HashMap::len).sum::<usize>()
+    }
+
+    /// The breakers of one tenant, or of all (`None`), sorted by tenant and target.
+    pub fn stats(&self, tenant: Option<&str>) -> Vec<TargetStats> {
+        let all = self.by_tenant.read();
+        let mut listed: Vec<TargetStats> = all
             .iter()
-            .map(|(t, b)| (t.clone(), b.stats()))
+            .filter(|(t, _)| tenant.is_none_or(|only| &***t == only))
+            .flat_map(|(t, targets)| {
+                targets.iter().map(move |(target, b)| TargetStats {
+                    tenant: t.clone(),
+                    target: target.clone(),
+                    stats: b.stats(),
+                })
+            })
             .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        listed.sort_by(|a, b| (&a.tenant, &a.target).cmp(&(&b.tenant, &b.target)));
+        listed
     }
 
-    pub fn reset_all(&self) {
-        for breaker in self.by_target.read().values() {
-            breaker.reset();
+    /// Closes the breakers of `target` (every target when `None`) of one tenant
+    /// (every tenant when `None`); returns how many it closed.
+    pub fn reset(&self, tenant: Option<&str>, target: Option<&str>) -> usize {
+        let all = self.by_tenant.read();
+        let mut closed = 0;
+        for (t, targets) in all.iter() {
+            if tenant.is_some_and(|only| &**t != only) {
+                continue;
+            }
+            for (name, breaker) in targets {
+                if target.is_none_or(|only| name == only) {
+                    breaker.reset();
+                    closed += 1;
+                }
+            }
         }
+        closed
+    }
+}
+
+impl Tracked {
+    fn evictable(&self, seconds: u64, idle: u64) -> bool {
+        self.state() != BreakerState::Open && seconds.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= idle
     }
 }
 
@@ -343,17 +453,73 @@ mod tests {
     }
 
     #[test]
-    fn reset_closes_and_targets_are_independent() {
+    fn reset_closes_and_targets_and_tenants_are_independent() {
         let breakers = Breakers::new(BreakerConfig {
             failure_threshold: 1,
             ..Default::default()
         });
+        let (acme, other): (Arc<str>, Arc<str>) = ("acme".into(), "other".into());
         let now = Instant::now();
-        fail(&breakers.get("tool.http:example.com"), now);
-        assert_eq!(breakers.get("tool.http:example.com").state(), BreakerState::Open);
-        assert_eq!(breakers.get("tool.shell").state(), BreakerState::Closed);
-        breakers.reset_all();
-        assert_eq!(breakers.get("tool.http:example.com").state(), BreakerState::Closed);
-        assert_eq!(breakers.stats().len(), 2);
+        fail(&breakers.get(&acme, "tool.http example.com:80", now), now);
+        assert_eq!(
+            breakers.get(&acme, "tool.http example.com:80", now).state(),
+            BreakerState::Open
+        );
+        assert_eq!(
+            breakers.get(&other, "tool.http example.com:80", now).state(),
+            BreakerState::Closed
+        );
+        assert_eq!(breakers.get(&acme, "tool.shell", now).state(), BreakerState::Closed);
+        let theirs = breakers.stats(Some("other"));
+        assert_eq!(theirs.len(), 1);
+        assert!(theirs.iter().all(|s| &*s.tenant == "other"));
+        assert_eq!(breakers.stats(None).len(), 3);
+        assert_eq!(breakers.reset(Some("acme"), Some("tool.http example.com:80")), 1);
+        assert_eq!(
+            breakers.get(&acme, "tool.http example.com:80", now).state(),
+            BreakerState::Closed
+        );
+        assert_eq!(breakers.reset(None, None), 3);
+    }
+
+    #[test]
+    fn idle_breakers_are_forgotten_unless_open() {
+        let breakers = Breakers::new(BreakerConfig {
+            failure_threshold: 1,
+            open_for: Breakers::IDLE * 2,
+            ..Default::default()
+        });
+        let tenant: Arc<str> = "t".into();
+        let now = Instant::now();
+        breakers.get(&tenant, "idle", now);
+        fail(&breakers.get(&tenant, "open", now), now);
+        let later = now + Breakers::IDLE;
+        breakers.get(&tenant, "busy", later);
+        assert_eq!(breakers.evict_idle(later), 1);
+        let left: Vec<String> = breakers.stats(None).into_iter().map(|s| s.target).collect();
+        assert_eq!(left, ["busy", "open"]);
+    }
+
+    #[test]
+    fn a_tenant_holds_a_bounded_number_of_breakers() {
+        let breakers = Breakers::new(BreakerConfig::default());
+        let tenant: Arc<str> = "t".into();
+        let now = Instant::now();
+        let host = |i: usize| format!("tool.http host{i}:80");
+        for i in 0..Breakers::PER_TENANT {
+            breakers.get(&tenant, &host(i), now);
+        }
+        breakers.get(&tenant, &host(0), now + Duration::from_secs(1));
+        // Full and none idle: the one unused longest makes room, not the one just used.
+        breakers.get(&tenant, "newest", now + Duration::from_secs(2));
+        let held = breakers.stats(Some("t"));
+        assert_eq!(held.len(), Breakers::PER_TENANT);
+        assert!(held.iter().any(|s| s.target == host(0)) && held.iter().any(|s| s.target == "newest"));
+        // Full again, much later: every idle one goes at once.
+        breakers.get(&tenant, "later", now + Breakers::IDLE + Duration::from_secs(3));
+        let targets: Vec<String> = breakers.stats(Some("t")).into_iter().map(|s| s.target).collect();
+        assert_eq!(targets, ["later"]);
+        // Another tenant's breakers are not this one's to evict.
+        assert!(breakers.stats(Some("other")).is_empty());
     }
 }

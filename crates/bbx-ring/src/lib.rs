@@ -16,6 +16,8 @@ pub mod entry;
 pub mod scheduler;
 pub mod shm;
 
-pub use breaker::{Admission, BreakerConfig, BreakerState, BreakerStats, Breakers, CircuitBreaker, Rejected};
+pub use breaker::{
+    Admission, BreakerConfig, BreakerState, BreakerStats, Breakers, CircuitBreaker, Rejected, TargetStats, Tracked,
+};
 pub use entry::{Effects, Entry, Idempotency, OpRecord};
 pub use scheduler::{Next, Refused, Scheduler, SchedulerConfig};

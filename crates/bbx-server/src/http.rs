@@ -422,7 +422,7 @@ async fn op_events(
         loop {
             let event = match receiver.recv().await {
                 Ok(done) => {
-                    if caller.check_tenant(&done.tenant).is_err() || agent.is_some_and(|a| a != done.agent) {
+                    if !caller.sees(&done.tenant) || agent.is_some_and(|a| a != done.agent) {
                         continue;
                     }
                     Event::default().event("completion").json_data(&*done)
@@ -463,7 +463,11 @@ async fn reset_breakers(
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<ResetBreakers>,
 ) -> Reply<Vec<BreakerInfo>> {
-    Ok(ApiJson(kernel.reset_breakers(&caller, req.target.as_deref())?))
+    Ok(ApiJson(kernel.reset_breakers(
+        &caller,
+        req.tenant.as_deref(),
+        req.target.as_deref(),
+    )?))
 }
 
 /// Open a shared-memory session: a ring file that a client on the same machine maps

@@ -43,7 +43,7 @@ use bbx_journal::Lsn;
 use bbx_quota::{Quotas, spend_key};
 use bbx_ring::batch::{self, Dependency};
 use bbx_ring::{
-    Admission, BreakerConfig, BreakerState, Breakers, CircuitBreaker, Effects, Entry, Idempotency, OpRecord, Refused,
+    Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, Idempotency, OpRecord, Refused, Tracked,
 };
 use bbx_ring::{Scheduler, SchedulerConfig};
 use bbx_tools::{Call, Context as ToolContext, Spend, Tools};
@@ -154,6 +154,20 @@ struct Live {
     waiters: Vec<Waiter>,
 }
 
+/// Removes the waiters of an op whose callers stopped waiting.
+struct ForgetWaiter<'a> {
+    ring: &'a Ring,
+    id: OpId,
+}
+
+impl Drop for ForgetWaiter<'_> {
+    fn drop(&mut self) {
+        if let Some(live) = self.ring.state.lock().live.get_mut(&self.id) {
+            live.waiters.retain(|waiter| !waiter.abandoned());
+        }
+    }
+}
+
 /// Someone to hand an op's completion to.
 enum Waiter {
     /// A caller of [`Ring::wait`].
@@ -167,6 +181,11 @@ enum Waiter {
 pub(crate) type Sink = Arc<dyn Fn(Arc<Completion>) + Send + Sync>;
 
 impl Waiter {
+    /// A caller of [`Ring::wait`] that gave up.
+    fn abandoned(&self) -> bool {
+        matches!(self, Self::Once(sender) if sender.is_closed())
+    }
+
     fn answer(self, completion: Arc<Completion>) {
         match self {
             Self::Once(sender) => {
@@ -229,7 +248,7 @@ impl Ended {
 }
 
 /// A breaker and how it let an attempt through.
-type Breaker = (Arc<CircuitBreaker>, Admission);
+type Breaker = (Arc<Tracked>, Admission);
 
 /// A completion to record in the store before it settles, with the effect it
 /// commits with and the slots it holds until then.
@@ -555,6 +574,7 @@ impl Ring {
         ring.recover(pending)?;
         tasks.spawn(ring.clone().dispatch());
         tasks.spawn(ring.clone().copy_forward_every());
+        tasks.spawn(ring.clone().evict_idle_breakers());
         Ok(ring)
     }
 
@@ -911,7 +931,9 @@ impl Ring {
                             None => self.completion(&st, id)?.map(|c| c.tenant.clone()),
                         };
                         match tenant {
-                            Some(tenant) => caller.check_tenant(&tenant).map_err(|e| batch::at_op(index, e))?,
+                            Some(tenant) => caller
+                                .check_owner(&tenant, "op", id)
+                                .map_err(|e| batch::at_op(index, e))?,
                             None => return Err(batch::at_op(index, Error::not_found("op", id))),
                         }
                         *id
@@ -1293,8 +1315,8 @@ impl Ring {
         let mut ended = Vec::with_capacity(batch.len());
         let mut applying = Vec::new();
         let started = Instant::now();
-        // A batch is mostly of one kind: look its breaker up once.
-        let mut last_breaker: Option<(Arc<OpRecord>, Arc<CircuitBreaker>)> = None;
+        // A batch is mostly of one kind and tenant: look its breaker up once.
+        let mut last_breaker: Option<(Arc<OpRecord>, Arc<Tracked>)> = None;
         for (id, record, exec, token) in batch {
             let slots = Slots {
                 running: Some(self.running.permit()),
@@ -1302,9 +1324,13 @@ impl Ring {
             };
             let target = exec.breaker_target(&record.kind);
             let breaker = match (&target, &last_breaker) {
-                (Cow::Borrowed(_), Some((last, breaker))) if last.kind == record.kind => breaker.clone(),
+                (Cow::Borrowed(_), Some((last, breaker)))
+                    if last.kind == record.kind && last.tenant == record.tenant =>
+                {
+                    breaker.clone()
+                }
                 _ => {
-                    let breaker = self.breakers.get(&target);
+                    let breaker = self.breakers.get(&record.tenant, &target, started);
                     if let Cow::Borrowed(_) = target {
                         last_breaker = Some((record.clone(), breaker.clone()));
                     }
@@ -1989,7 +2015,7 @@ impl Ring {
     pub fn info(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         let st = self.state.lock();
         if let Some(live) = st.live.get(id) {
-            caller.check_tenant(&live.record.tenant)?;
+            caller.check_owner(&live.record.tenant, "op", id)?;
             return Ok(OpInfo {
                 op_id: *id,
                 agent: live.record.agent,
@@ -2000,18 +2026,21 @@ impl Ring {
             });
         }
         let done = self.completion(&st, id)?.ok_or_else(|| Error::not_found("op", id))?;
-        caller.check_tenant(&done.tenant)?;
+        caller.check_owner(&done.tenant, "op", id)?;
         Ok(OpInfo::done((*done).clone()))
     }
 
     /// The op's completion, waiting up to `timeout` for it; the op as it stands if
     /// it is still not done by then.
     pub async fn wait(&self, caller: &Caller, id: &OpId, timeout: Duration) -> Result<OpInfo> {
+        // Declared before the receiver, so dropped after it: however this wait ends
+        // (answered, timed out, or its caller gone), its waiter leaves the op.
+        let _forget = ForgetWaiter { ring: self, id: *id };
         let receiver = {
             let mut st = self.state.lock();
             match st.live.get_mut(id) {
                 Some(live) => {
-                    caller.check_tenant(&live.record.tenant)?;
+                    caller.check_owner(&live.record.tenant, "op", id)?;
                     let (sender, receiver) = oneshot::channel();
                     live.waiters.push(Waiter::Once(sender));
                     Some(receiver)
@@ -2025,6 +2054,12 @@ impl Ring {
             return Ok(OpInfo::done((*done).clone()));
         }
         self.info(caller, id)
+    }
+
+    /// How many callers of [`Ring::wait`] an op holds; for tests.
+    #[cfg(test)]
+    fn waiting_on(&self, id: &OpId) -> usize {
+        self.state.lock().live.get(id).map_or(0, |live| live.waiters.len())
     }
 
     /// Cancels an op: at once if it has not started, by dropping its executor if it
@@ -2042,7 +2077,7 @@ impl Ring {
                     format!("op {id} has already completed ({status})"),
                 ));
             };
-            caller.check_tenant(&live.record.tenant)?;
+            caller.check_owner(&live.record.tenant, "op", id)?;
             if live.finishing || (live.state == OpState::Running && matches!(live.exec, Exec::State(_))) {
                 return Err(Error::new(
                     ErrorCode::FailedPrecondition,
@@ -2076,7 +2111,7 @@ impl Ring {
     /// one for an op that is no longer in doubt.
     pub async fn resolve(self: &Arc<Self>, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
         let current = self.stored_completion(id)?.ok_or_else(|| Error::not_found("op", id))?;
-        caller.check_tenant(&current.tenant)?;
+        caller.check_owner(&current.tenant, "op", id)?;
         if current.status != CompletionStatus::InDoubt {
             return Err(Error::new(
                 ErrorCode::FailedPrecondition,
@@ -2208,7 +2243,7 @@ impl Ring {
         self.events.subscribe()
     }
 
-    pub fn stats(&self) -> RingStats {
+    pub fn stats(&self, caller: &Caller) -> RingStats {
         let st = self.state.lock();
         let queued = Priority::ALL
             .iter()
@@ -2247,42 +2282,68 @@ impl Ring {
                 .iter()
                 .map(|p| (*p, journal::percentiles(&st.counters.latency[p.rank()])))
                 .collect(),
-            breakers: self.breakers(),
+            breakers: self.breakers(caller),
             // The kernel serves the sessions; it fills this in.
             shm_sessions: 0,
         }
     }
 
-    pub fn breakers(&self) -> Vec<BreakerInfo> {
+    /// The breakers the caller may see: its tenant's, or every tenant's for an
+    /// administrator.
+    pub fn breakers(&self, caller: &Caller) -> Vec<BreakerInfo> {
         self.breakers
-            .stats()
+            .stats(caller.tenant.as_deref())
             .into_iter()
-            .map(|(target, stats)| BreakerInfo {
-                target,
-                state: match stats.state {
+            .map(|listed| BreakerInfo {
+                tenant: listed.tenant.to_string(),
+                target: listed.target,
+                state: match listed.stats.state {
                     BreakerState::Closed => "closed",
                     BreakerState::Open => "open",
                     BreakerState::HalfOpen => "half_open",
                 }
                 .into(),
-                consecutive_failures: stats.consecutive_failures,
-                opened_total: stats.opened_total,
-                rejected_total: stats.rejected_total,
+                consecutive_failures: listed.stats.consecutive_failures,
+                opened_total: listed.stats.opened_total,
+                rejected_total: listed.stats.rejected_total,
             })
             .collect()
     }
 
-    pub fn reset_breakers(&self, target: Option<&str>) -> Result<Vec<BreakerInfo>> {
-        match target {
-            Some(target) => {
-                if !self.breakers.stats().iter().any(|(t, _)| t == target) {
-                    return Err(Error::not_found("circuit breaker", target));
-                }
-                self.breakers.get(target).reset();
-            }
-            None => self.breakers.reset_all(),
+    /// Closes breakers (an administrator's call): `target`'s, or all, in `tenant`
+    /// or in every tenant.
+    pub fn reset_breakers(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        target: Option<&str>,
+    ) -> Result<Vec<BreakerInfo>> {
+        if self.breakers.reset(tenant, target) == 0 && (tenant.is_some() || target.is_some()) {
+            return Err(Error::not_found(
+                "circuit breaker",
+                target.or(tenant).unwrap_or_default(),
+            ));
         }
-        Ok(self.breakers())
+        Ok(self.breakers(caller))
+    }
+
+    /// Forgets idle breakers now and then, so that the map follows the targets in
+    /// use rather than every target ever called.
+    async fn evict_idle_breakers(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(Breakers::IDLE / 10);
+        loop {
+            tokio::select! {
+                () = self.stopping.cancelled() => return,
+                _ = ticks.tick() => {
+                    self.breakers.evict_idle(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// See [`JournalWriter::replay_horizon`].
+    pub fn replay_horizon(&self) -> DateTime<Utc> {
+        self.journal.replay_horizon()
     }
 
     pub async fn wal_status(&self) -> Result<WalStatus> {
@@ -2445,5 +2506,52 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), wake.notified())
             .await
             .expect("a returned permit wakes the starved claimer");
+    }
+
+    /// A caller that polls an op with short timeouts leaves nothing behind: each
+    /// timed-out wait takes its waiter with it, and so does one dropped mid-way (a
+    /// closed HTTP connection).
+    #[tokio::test]
+    async fn waits_that_time_out_or_are_dropped_leave_no_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = bbx_core::config::ConfigLayer {
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let config = bbx_core::config::KernelConfig::resolve(Default::default(), layer).unwrap();
+        let kernel = crate::Kernel::open(config).await.unwrap().kernel;
+        let token = std::fs::read_to_string(dir.path().join(crate::ADMIN_KEY_FILE)).unwrap();
+        let admin = kernel.authenticate(token.trim()).unwrap();
+        let agent = kernel
+            .create_agent(
+                &admin,
+                bbx_core::model::CreateAgent {
+                    name: "a".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .id;
+        let sleep = bbx_core::op::SubmitOp::new(agent, "sleep", serde_json::json!({ "ms": 60_000 }));
+        let batch = bbx_core::op::SubmitBatch {
+            ops: vec![sleep],
+            wait_ms: None,
+        };
+        let id = kernel.submit(&admin, batch).await.unwrap().ops[0].op_id;
+        for _ in 0..200 {
+            let info = kernel.wait_op(&admin, &id, Duration::from_millis(1)).await.unwrap();
+            assert_ne!(info.state, OpState::Done);
+        }
+        assert_eq!(kernel.ring.waiting_on(&id), 0);
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(5),
+            kernel.wait_op(&admin, &id, Duration::from_secs(60)),
+        )
+        .await;
+        assert!(dropped.is_err(), "the wait was still waiting when dropped");
+        assert_eq!(kernel.ring.waiting_on(&id), 0);
+        kernel.cancel_op(&admin, &id).await.unwrap();
+        kernel.shutdown().await;
     }
 }
