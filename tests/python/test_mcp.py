@@ -23,7 +23,12 @@ TOOLS = {
     "ring_submit",
     "ring_wait",
     "ring_stats",
+    "ring_wal",
+    "ring_breakers",
     "ring_resolve",
+    "enhanced_ring_stats",
+    "enhanced_ring_wal",
+    "enhanced_ring_circuit",
     "quota_get",
     "quota_set",
     "enforced_quotas_stats",
@@ -114,6 +119,16 @@ async def exercise_every_tool(session):
     assert waited["completion"]["result"]["value"] == 2
     stats = ok(await session.call_tool("ring_stats", {}))
     assert stats["deduplicated_total"] >= 1
+    # The reference design's names answer as the canonical tools do.
+    assert ok(await session.call_tool("enhanced_ring_stats", {}))["deduplicated_total"] >= 1
+    for name in ("ring_wal", "enhanced_ring_wal"):
+        wal = ok(await session.call_tool(name, {}))
+        assert wal["synced_lsn"] >= 1 and wal["syncs_total"] >= 1, wal
+    for name in ("ring_breakers", "enhanced_ring_circuit"):
+        assert isinstance(ok(await session.call_tool(name, {}))["breakers"], list)
+        assert isinstance(ok(await session.call_tool(name, {"reset": True}))["breakers"], list)
+    unasked = await session.call_tool("enhanced_ring_circuit", {"target": "tool.shell"})
+    assert error_code(unasked) == "invalid_argument"
     assert error_code(await session.call_tool("ring_submit", {"ops": [{**op, "kind": "launch"}]})) == "invalid_argument"
     assert error_code(await session.call_tool("ring_wait", {"op_id": "nope"})) == "invalid_id"
     # An op that is not in doubt cannot be resolved.

@@ -13,8 +13,8 @@
 use crate::cli::{BenchApiArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
-use bbx_core::AgentApi;
 use bbx_core::AgentId;
+use bbx_core::api::prelude::*;
 use bbx_core::model::CreateAgent;
 use bytes::Bytes;
 use hdrhistogram::Histogram;

@@ -24,7 +24,7 @@ use crate::bench::{Figures, closed_loop, histogram, scratch_dir, start_kernel, t
 use crate::cli::{BenchRingArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
-use bbx_core::AgentApi;
+use bbx_core::api::prelude::*;
 use bbx_core::config::{ConfigLayer, KernelConfig, RingConfig};
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{SubmitBatch, SubmitOp};

@@ -18,7 +18,7 @@
 use crate::bench::{Figures, histogram, scratch_dir};
 use crate::cli::{BenchToolsArgs, Cli};
 use anyhow::{Context, Result, bail};
-use bbx_core::AgentApi;
+use bbx_core::api::prelude::*;
 use bbx_core::config::{ConfigLayer, KernelConfig};
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{CompletionStatus, SubmitBatch, SubmitOp};

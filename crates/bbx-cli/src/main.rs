@@ -11,9 +11,10 @@ mod ring;
 
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
+use bbx_core::api::prelude::*;
 use bbx_core::config::{ConfigLayer, KernelConfig, default_data_dir};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
-use bbx_core::{AgentApi, validate};
+use bbx_core::validate;
 use clap::{CommandFactory, Parser};
 use cli::{
     AgentCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand, KeyCommand,

@@ -4,7 +4,7 @@
 use crate::cli::{Cli, QuotaSetArgs, QuotasCommand};
 use crate::{client, output};
 use anyhow::{Result, bail};
-use bbx_core::AgentApi;
+use bbx_core::api::prelude::*;
 use bbx_core::quota::{Node, QuotaLimits};
 
 pub async fn run(cli: &Cli, command: &QuotasCommand) -> Result<()> {

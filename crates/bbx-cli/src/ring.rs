@@ -3,8 +3,9 @@
 use crate::cli::{Cli, JournalCommand, RingCommand, ServeArgs, SubmitArgs};
 use crate::{client, output, resolve_config};
 use anyhow::{Result, bail};
+use bbx_core::Error;
+use bbx_core::api::prelude::*;
 use bbx_core::op::{Completion, OpInfo, OpState, RetryPolicy, SubmitBatch, SubmitOp};
-use bbx_core::{AgentApi, Error};
 use std::time::Duration;
 
 pub async fn run(cli: &Cli, command: &RingCommand) -> Result<()> {
@@ -94,7 +95,7 @@ pub async fn run(cli: &Cli, command: &RingCommand) -> Result<()> {
         }
         RingCommand::CircuitBreaker(args) => {
             let breakers = if args.reset {
-                api.reset_breakers(&bbx_core::op::ResetBreakers {
+                api.reset_breakers(bbx_core::op::ResetBreakers {
                     target: args.target.clone(),
                     tenant: args.tenant.clone(),
                 })

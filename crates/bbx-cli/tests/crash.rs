@@ -3,7 +3,7 @@
 mod support;
 
 use bbx_client::Client;
-use bbx_core::AgentApi;
+use bbx_core::api::prelude::*;
 use bbx_core::model::{CreateAgent, SetState};
 use serde_json::json;
 use std::sync::Arc;

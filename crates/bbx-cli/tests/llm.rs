@@ -5,7 +5,7 @@
 mod support;
 
 use bbx_client::Client;
-use bbx_core::AgentApi;
+use bbx_core::api::prelude::*;
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{OpState, SubmitBatch, SubmitOp};
 use bbx_core::quota::{Node, QuotaLimits};

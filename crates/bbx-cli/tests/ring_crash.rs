@@ -7,9 +7,10 @@
 mod support;
 
 use bbx_client::Client;
+use bbx_core::api::prelude::*;
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{CompletionStatus, OpState, SubmitBatch, SubmitOp};
-use bbx_core::{AgentApi, AgentId, OpId};
+use bbx_core::{AgentId, OpId};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};

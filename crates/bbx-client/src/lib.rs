@@ -13,6 +13,7 @@ mod shm;
 
 pub use shm::{ShmClient, ShmCompletion};
 
+use bbx_core::api::prelude::*;
 use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
     SetState, StateEntry, StatePage, Status,
@@ -22,7 +23,7 @@ use bbx_core::op::{
     WalStatus,
 };
 use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
-use bbx_core::{AgentApi, AgentId, Error, ErrorBody, ErrorCode, KeyId, OpId, Result, validate};
+use bbx_core::{AgentId, Error, ErrorBody, ErrorCode, KeyId, OpId, Result, validate};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -152,22 +153,6 @@ impl Client {
             .await
     }
 
-    pub async fn wal_status(&self) -> Result<WalStatus> {
-        self.call(self.request(Method::GET, &["v1", "ring", "wal"])).await
-    }
-
-    pub async fn breakers(&self) -> Result<Vec<BreakerInfo>> {
-        self.call(self.request(Method::GET, &["v1", "ring", "breakers"])).await
-    }
-
-    pub async fn reset_breakers(&self, req: &ResetBreakers) -> Result<Vec<BreakerInfo>> {
-        self.call(
-            self.request(Method::POST, &["v1", "ring", "breakers", "reset"])
-                .json(req),
-        )
-        .await
-    }
-
     /// Opens a shared-memory session with the kernel, which must run on this
     /// machine as this user; its ops run as this client's key.
     pub async fn open_shm(&self, queue_bytes: Option<u64>) -> Result<ShmClient> {
@@ -189,32 +174,27 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-impl AgentApi for Client {
+impl AgentsApi for Client {
     async fn create_agent(&self, req: CreateAgent) -> Result<Agent> {
         self.call(self.request(Method::POST, &["v1", "agents"]).json(&req))
             .await
     }
-
     async fn list_agents(&self, req: ListAgents) -> Result<AgentPage> {
         self.call(self.with_query(Method::GET, &["v1", "agents"], &req)).await
     }
-
     async fn get_agent(&self, id: AgentId) -> Result<Agent> {
         self.call(self.request(Method::GET, &["v1", "agents", &id.to_string()]))
             .await
     }
-
     async fn delete_agent(&self, id: AgentId) -> Result<()> {
         self.call_empty(self.request(Method::DELETE, &["v1", "agents", &id.to_string()]))
             .await
     }
-
     async fn state_get(&self, agent: AgentId, key: String) -> Result<StateEntry> {
         let segments = Self::state_url_segments(agent, &key)?;
         self.call(self.request(Method::GET, &segments.each_ref().map(String::as_str)))
             .await
     }
-
     async fn state_set(&self, agent: AgentId, key: String, req: SetState) -> Result<StateEntry> {
         let segments = Self::state_url_segments(agent, &key)?;
         self.call(
@@ -223,47 +203,41 @@ impl AgentApi for Client {
         )
         .await
     }
-
     async fn state_delete(&self, agent: AgentId, key: String, if_version: Option<u64>) -> Result<()> {
         let segments = Self::state_url_segments(agent, &key)?;
         let query = DeleteState { if_version };
         self.call_empty(self.with_query(Method::DELETE, &segments.each_ref().map(String::as_str), &query))
             .await
     }
-
     async fn state_list(&self, agent: AgentId, req: ListState) -> Result<StatePage> {
         self.call(self.with_query(Method::GET, &["v1", "agents", &agent.to_string(), "state"], &req))
             .await
     }
-
     async fn status(&self) -> Result<Status> {
         self.call(self.request(Method::GET, &["v1", "status"])).await
     }
+}
 
+impl RingApi for Client {
     async fn submit_ops(&self, batch: SubmitBatch) -> Result<Submitted> {
         self.call(self.request(Method::POST, &["v1", "ops"]).json(&batch)).await
     }
-
     async fn get_op(&self, id: OpId) -> Result<OpInfo> {
         self.call(self.request(Method::GET, &["v1", "ops", &id.to_string()]))
             .await
     }
-
     async fn wait_op(&self, id: OpId, timeout: Duration) -> Result<OpInfo> {
         let query = [("timeout_ms", timeout.as_millis() as u64)];
         self.call(self.with_query(Method::GET, &["v1", "ops", &id.to_string(), "wait"], &query))
             .await
     }
-
     async fn cancel_op(&self, id: OpId) -> Result<OpInfo> {
         self.call(self.request(Method::POST, &["v1", "ops", &id.to_string(), "cancel"]))
             .await
     }
-
     async fn ring_stats(&self) -> Result<RingStats> {
         self.call(self.request(Method::GET, &["v1", "ring", "stats"])).await
     }
-
     async fn resolve_op(&self, id: OpId, resolution: Resolution) -> Result<OpInfo> {
         let id = id.to_string();
         self.call(
@@ -272,27 +246,35 @@ impl AgentApi for Client {
         )
         .await
     }
+    async fn wal_status(&self) -> Result<WalStatus> {
+        self.call(self.request(Method::GET, &["v1", "ring", "wal"])).await
+    }
+    async fn breakers(&self) -> Result<Vec<BreakerInfo>> {
+        self.call(self.request(Method::GET, &["v1", "ring", "breakers"])).await
+    }
+    async fn reset_breakers(&self, req: ResetBreakers) -> Result<Vec<BreakerInfo>> {
+        let reset = self.request(Method::POST, &["v1", "ring", "breakers", "reset"]);
+        self.call(reset.json(&req)).await
+    }
+}
 
+impl QuotaApi for Client {
     async fn quota(&self, node: Node) -> Result<QuotaInfo> {
         let segments = quota_path(&node);
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         self.call(self.request(Method::GET, &segments)).await
     }
-
     async fn set_quota(&self, node: Node, update: QuotaLimits) -> Result<QuotaInfo> {
         let segments = quota_path(&node);
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         self.call(self.request(Method::PATCH, &segments).json(&update)).await
     }
-
     async fn list_quotas(&self) -> Result<Vec<QuotaInfo>> {
         self.call(self.request(Method::GET, &["v1", "quotas"])).await
     }
-
     async fn cgroup_status(&self) -> Result<CgroupStatus> {
         self.call(self.request(Method::GET, &["v1", "quotas", "cgroups"])).await
     }
-
     async fn gpu_status(&self) -> Result<GpuStatus> {
         self.call(self.request(Method::GET, &["v1", "quotas", "gpus"])).await
     }

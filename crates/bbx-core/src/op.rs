@@ -69,6 +69,33 @@ impl RetryPolicy {
         30_000
     }
 
+    /// Most further attempts an op may ask for.
+    pub const MAX_COUNT: u32 = 100;
+    /// The longest wait between two attempts.
+    pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+
+    /// Refuses a policy that would keep an op (and its quota) for days.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.count > Self::MAX_COUNT {
+            return Err(crate::Error::invalid_field(
+                "retries.count",
+                format!("retries.count is at most {}", Self::MAX_COUNT),
+            ));
+        }
+        for (field, value) in [
+            ("retries.backoff_ms", self.backoff_ms),
+            ("retries.max_backoff_ms", self.max_backoff_ms),
+        ] {
+            if value > Self::MAX_BACKOFF_MS {
+                return Err(crate::Error::invalid_field(
+                    field,
+                    format!("{field} is at most {} (an hour)", Self::MAX_BACKOFF_MS),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The wait before attempt `attempt + 1`, after `attempt` attempts failed.
     pub fn backoff(&self, attempt: u32) -> std::time::Duration {
         let factor = 1u64.checked_shl(attempt.saturating_sub(1)).unwrap_or(u64::MAX);
@@ -148,9 +175,14 @@ impl SubmitOp {
 pub struct SubmitBatch {
     pub ops: Vec<SubmitOp>,
     /// When the submission queue is full: wait up to this long for room instead of
-    /// being refused with 429 at once.
+    /// being refused with 429 at once; at most [`SubmitBatch::MAX_WAIT_MS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
+}
+
+impl SubmitBatch {
+    /// The longest `wait_ms`: a submitter that wants longer tries again.
+    pub const MAX_WAIT_MS: u64 = 60_000;
 }
 
 /// The answer to a submission, in batch order.

@@ -34,14 +34,17 @@ pub use ring::{KINDS, RingMetrics};
 pub use store::StoreMetrics;
 
 use auth::{KeyRing, StoredKey};
+use bbx_core::api::prelude::*;
 use bbx_core::config::KernelConfig;
 use bbx_core::model::{
     Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DEFAULT_TENANT, ListAgents,
     ListState, SetState, StateEntry, StatePage, Status, StorageStatus, page_limit,
 };
-use bbx_core::op::{BreakerInfo, Completion, OpInfo, Resolution, RingStats, SubmitBatch, Submitted, WalStatus};
+use bbx_core::op::{
+    BreakerInfo, Completion, OpInfo, ResetBreakers, Resolution, RingStats, SubmitBatch, Submitted, WalStatus,
+};
 use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
-use bbx_core::{AgentApi, AgentId, Error, ErrorCode, KeyId, OpId, Result, validate};
+use bbx_core::{AgentId, Error, ErrorCode, KeyId, OpId, Result, validate};
 use chrono::Utc;
 use fjall::Readable;
 use ring::Ring;
@@ -57,6 +60,9 @@ use std::time::Duration;
 use std::time::Instant;
 use store::{Applied, Store, Write, decode_agent, decode_state, storage_error};
 use tokio_util::task::TaskTracker;
+
+/// Agents one page of `list_agents` reads at most, matching its filter or not.
+pub const LIST_SCAN_BUDGET: usize = 10_000;
 
 /// Name of the file, inside the data directory, that holds the first admin key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
@@ -90,6 +96,8 @@ pub struct Kernel {
     shm_sessions: Arc<shm::Sessions>,
     tenants: TenantCache,
     quotas: Arc<bbx_quota::Quotas>,
+    /// Serializes quota updates (read, merge, store).
+    quota_updates: tokio::sync::Mutex<()>,
     tools: Arc<bbx_tools::Tools>,
 }
 
@@ -192,6 +200,7 @@ impl Kernel {
             shm_sessions: Arc::default(),
             tenants: TenantCache::default(),
             quotas,
+            quota_updates: tokio::sync::Mutex::new(()),
             tools,
         });
         spawn_expiry(&kernel.tasks, Arc::downgrade(&kernel), kernel.ring.stopping());
@@ -251,7 +260,7 @@ impl Kernel {
 
     /// Ready to serve: open, not closing, storage healthy.
     pub fn is_ready(&self) -> bool {
-        !self.closing.load(Ordering::Acquire) && !self.store.failed.load(Ordering::Acquire)
+        !self.closing.load(Ordering::Acquire) && !self.store.failed.load(Ordering::Acquire) && !self.ring.is_poisoned()
     }
 
     /// Commits everything queued, then refuses further writes.
@@ -348,7 +357,9 @@ impl Kernel {
         self.tenants.tenants.write().remove(id);
         spawn_purge(&self.tasks, self.store.clone(), *id);
         self.quotas.remove(&bbx_quota::Node::Agent(*id));
-        self.tools.remove_workspace(id);
+        // A workspace may hold many files: removed on a blocking thread.
+        let (tools, agent) = (self.tools.clone(), *id);
+        self.tasks.spawn_blocking(move || tools.remove_workspace(&agent));
         self.store
             .write(Write::PutQuota {
                 node: bbx_quota::Node::Agent(*id).to_string(),
@@ -445,8 +456,19 @@ impl Kernel {
         };
 
         let mut agents = Vec::with_capacity(limit.min(128) + 1);
+        // A label that few agents carry must not make one request read them all:
+        // past the budget the page ends early, and its cursor resumes the scan.
+        let mut budget = LIST_SCAN_BUDGET;
+        let mut last_read = None;
+        let mut out_of_budget = false;
         for id in ids {
             let id = id?;
+            if budget == 0 {
+                out_of_budget = true;
+                break;
+            }
+            budget -= 1;
+            last_read = Some(id);
             let Some(bytes) = view
                 .get(&self.store.ks.agents, id.as_bytes())
                 .map_err(|e| storage_error("read", e))?
@@ -464,10 +486,13 @@ impl Kernel {
                 break;
             }
         }
-        let next_cursor = (agents.len() > limit).then(|| {
+        let next_cursor = if agents.len() > limit {
             agents.truncate(limit);
-            agents[limit - 1].id.to_string()
-        });
+            Some(agents[limit - 1].id.to_string())
+        } else {
+            // The cursor names the last agent read, matching or not.
+            last_read.filter(|_| out_of_budget).map(|id| id.to_string())
+        };
         Ok(AgentPage { agents, next_cursor })
     }
 
@@ -974,7 +999,7 @@ impl Session {
     }
 }
 
-impl AgentApi for Session {
+impl AgentsApi for Session {
     async fn create_agent(&self, req: CreateAgent) -> Result<Agent> {
         self.kernel.create_agent(&self.caller, req).await
     }
@@ -1002,6 +1027,9 @@ impl AgentApi for Session {
     async fn status(&self) -> Result<Status> {
         self.kernel.status(&self.caller)
     }
+}
+
+impl RingApi for Session {
     async fn submit_ops(&self, batch: SubmitBatch) -> Result<Submitted> {
         self.kernel.submit(&self.caller, batch).await
     }
@@ -1020,6 +1048,19 @@ impl AgentApi for Session {
     async fn resolve_op(&self, id: OpId, resolution: Resolution) -> Result<OpInfo> {
         self.kernel.resolve_op(&self.caller, &id, resolution).await
     }
+    async fn wal_status(&self) -> Result<WalStatus> {
+        self.kernel.wal_status(&self.caller).await
+    }
+    async fn breakers(&self) -> Result<Vec<BreakerInfo>> {
+        Ok(self.kernel.breakers(&self.caller))
+    }
+    async fn reset_breakers(&self, req: ResetBreakers) -> Result<Vec<BreakerInfo>> {
+        self.kernel
+            .reset_breakers(&self.caller, req.tenant.as_deref(), req.target.as_deref())
+    }
+}
+
+impl QuotaApi for Session {
     async fn quota(&self, node: Node) -> Result<QuotaInfo> {
         self.kernel.quota(&self.caller, &node)
     }

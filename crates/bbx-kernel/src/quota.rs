@@ -147,6 +147,9 @@ impl Kernel {
         if update.group.is_some() && !matches!(node, Node::Agent(_)) {
             return Err(Error::invalid_field("group", "only an agent joins a group"));
         }
+        // One update at a time from read to store: two concurrent updates of
+        // different limits would otherwise each write back the other's old value.
+        let _serial = self.quota_updates.lock().await;
         let previous = self.quotas.limits(node);
         let limits = previous.merged(&update);
         let json = serde_json::to_vec(&limits).map_err(|e| Error::internal(e.to_string()))?;

@@ -325,6 +325,7 @@ impl Store {
             max_record,
             unpersisted: Vec::new(),
             last_persist: Instant::now(),
+            persister: Persister::start(db.clone(), journal.clone())?,
             versions: StateVersions::default(),
         };
         let (started, thread) = std::sync::mpsc::sync_channel(1);
@@ -445,6 +446,7 @@ struct Committer {
     /// Redo records of groups applied to fjall since it was last made durable.
     unpersisted: Vec<bbx_journal::Lsn>,
     last_persist: Instant,
+    persister: Persister,
     versions: StateVersions,
 }
 
@@ -473,6 +475,56 @@ impl StateVersions {
                 Some(version) => self.0.insert(key, version),
                 None => self.0.remove(&key),
             };
+        }
+    }
+}
+
+/// Makes fjall durable on a thread of its own: `persist` syncs fjall's journal,
+/// and on the committer's thread it stalled every write behind it once a second.
+/// Requests that queue up while one runs are served by the next, together.
+struct Persister {
+    sender: Option<crossbeam_channel::Sender<Vec<bbx_journal::Lsn>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Persister {
+    fn start(db: Database, journal: JournalWriter) -> Result<Self> {
+        let (sender, receiver) = crossbeam_channel::unbounded::<Vec<bbx_journal::Lsn>>();
+        let thread = std::thread::Builder::new()
+            .name("bbx-persister".into())
+            .spawn(move || {
+                // Redo records whose groups fjall does not yet hold durably.
+                let mut covered = Vec::new();
+                while let Ok(lsns) = receiver.recv() {
+                    covered.extend(lsns);
+                    covered.extend(receiver.try_iter().flatten());
+                    match db.persist(PersistMode::SyncData) {
+                        Ok(()) => journal.release(std::mem::take(&mut covered)),
+                        // The records stay in the journal, which is all a restart
+                        // needs; the next request tries again.
+                        Err(e) => tracing::error!(error = %e, "the store checkpoint failed"),
+                    }
+                }
+            })
+            .map_err(|e| Error::internal(format!("cannot start the store's persister thread: {e}")))?;
+        Ok(Self {
+            sender: Some(sender),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for fjall to be made durable; the journal then drops `lsns`.
+    fn persist(&self, lsns: Vec<bbx_journal::Lsn>) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(lsns);
+        }
+    }
+
+    /// Serves what was asked, then stops.
+    fn finish(&mut self) {
+        self.sender = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -516,17 +568,16 @@ impl Committer {
         self.checkpoint(true);
     }
 
-    /// Makes fjall durable, if a checkpoint is due (or `now`), and lets the journal
-    /// drop the redo records that fjall now holds for good.
-    fn checkpoint(&mut self, now: bool) {
-        if self.unpersisted.is_empty() || (!now && self.last_persist.elapsed() < CHECKPOINT_EVERY) {
-            return;
+    /// Has fjall made durable, if a checkpoint is due (or `last`, at shutdown, when
+    /// it also waits for it), so the journal may drop the redo records that fjall
+    /// then holds for good.
+    fn checkpoint(&mut self, last: bool) {
+        if !self.unpersisted.is_empty() && (last || self.last_persist.elapsed() >= CHECKPOINT_EVERY) {
+            self.last_persist = Instant::now();
+            self.persister.persist(std::mem::take(&mut self.unpersisted));
         }
-        self.last_persist = Instant::now();
-        match self.db.persist(PersistMode::SyncData) {
-            Ok(()) => self.journal.release(std::mem::take(&mut self.unpersisted)),
-            // The records stay in the journal, which is all a restart needs.
-            Err(e) => tracing::error!(error = %e, "the store checkpoint failed"),
+        if last {
+            self.persister.finish();
         }
     }
 

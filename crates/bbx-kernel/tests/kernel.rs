@@ -1,8 +1,9 @@
 //! The kernel against a real data directory: durability, CAS, paging, tenancy.
 
+use bbx_core::ErrorCode;
+use bbx_core::api::prelude::*;
 use bbx_core::config::{ConfigLayer, KernelConfig};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
-use bbx_core::{AgentApi, ErrorCode};
 use bbx_kernel::{Caller, Kernel, Session};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -598,5 +599,90 @@ async fn a_large_agent_is_deleted_at_once_and_its_state_purged_even_across_a_res
     let (kernel, api) = open(dir.path()).await;
     wait_for_purges(&kernel).await;
     assert_eq!(api.status().await.unwrap().agents, 0);
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rare_label_reads_a_bounded_number_of_agents_per_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let mut creating = tokio::task::JoinSet::new();
+    for chunk in 0..10 {
+        let api = api.clone();
+        creating.spawn(async move {
+            for i in 0..bbx_kernel::LIST_SCAN_BUDGET / 10 {
+                api.create_agent(agent(&format!("plain-{chunk}-{i}"))).await.unwrap();
+            }
+        });
+    }
+    creating.join_all().await;
+    let rare = api
+        .create_agent(CreateAgent {
+            name: "rare".into(),
+            labels: Some(BTreeMap::from([("team".to_string(), "rare".to_string())])),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let filter = |cursor| ListAgents {
+        label: Some("team=rare".into()),
+        cursor,
+        ..Default::default()
+    };
+    // The first page reads its budget, finds nothing, and says where to go on.
+    let first = api.list_agents(filter(None)).await.unwrap();
+    assert!(first.agents.is_empty());
+    let cursor = first.next_cursor.expect("a cursor past the agents read");
+    let second = api.list_agents(filter(Some(cursor))).await.unwrap();
+    assert_eq!(second.agents.iter().map(|a| a.id).collect::<Vec<_>>(), [rare.id]);
+    assert!(second.next_cursor.is_none());
+    kernel.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_quota_updates_of_different_limits_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, api) = open(dir.path()).await;
+    let node = bbx_core::quota::Node::Tenant("acme".into());
+    let mut updates = tokio::task::JoinSet::new();
+    for i in 0..32u32 {
+        let (api, node) = (api.clone(), node.clone());
+        updates.spawn(async move {
+            // Each task sets one limit of its own, never touched by the others.
+            let update = match i % 4 {
+                0 => bbx_core::quota::QuotaLimits {
+                    requests_per_second: Some(100 + i),
+                    ..Default::default()
+                },
+                1 => bbx_core::quota::QuotaLimits {
+                    tool_calls_per_minute: Some(100 + i),
+                    ..Default::default()
+                },
+                2 => bbx_core::quota::QuotaLimits {
+                    concurrent_ops: Some(100 + i),
+                    ..Default::default()
+                },
+                _ => bbx_core::quota::QuotaLimits {
+                    pids: Some(100 + i),
+                    ..Default::default()
+                },
+            };
+            api.set_quota(node, update).await.unwrap();
+        });
+    }
+    updates.join_all().await;
+    let limits = api.quota(node.clone()).await.unwrap().limits;
+    let all_set = |limits: &bbx_core::quota::QuotaLimits| {
+        limits.requests_per_second.is_some()
+            && limits.tool_calls_per_minute.is_some()
+            && limits.concurrent_ops.is_some()
+            && limits.pids.is_some()
+    };
+    assert!(all_set(&limits), "{limits:?}");
+    kernel.shutdown().await;
+    drop((kernel, api));
+    // What was stored last is what was in force last.
+    let (kernel, api) = open(dir.path()).await;
+    assert_eq!(api.quota(node).await.unwrap().limits, limits);
     kernel.shutdown().await;
 }

@@ -362,12 +362,40 @@ async fn bad_batches_are_refused_whole() {
             }],
             ErrorCode::InvalidArgument,
         ),
+        (
+            vec![SubmitOp {
+                retries: Some(RetryPolicy {
+                    count: u32::MAX,
+                    backoff_ms: 1,
+                    max_backoff_ms: 1,
+                }),
+                ..op(agent, "noop", json!({}))
+            }],
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            vec![SubmitOp {
+                retries: Some(RetryPolicy {
+                    count: 1,
+                    backoff_ms: u64::MAX,
+                    max_backoff_ms: u64::MAX,
+                }),
+                ..op(agent, "noop", json!({}))
+            }],
+            ErrorCode::InvalidArgument,
+        ),
     ];
     for (ops, code) in cases {
         let n = ops.len();
         let err = ring.submit(ops).await.unwrap_err();
         assert_eq!(err.code, code, "{n} ops: {}", err.message);
     }
+    let forever = SubmitBatch {
+        ops: vec![op(agent, "noop", json!({}))],
+        wait_ms: Some(u64::MAX),
+    };
+    let err = ring.kernel.submit(&ring.admin, forever).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{}", err.message);
     let stats = ring.kernel.ring_stats(&ring.admin);
     assert_eq!(stats.submitted_total, 0);
     let get = ring.one(op(agent, "state.get", json!({"key": "n"}))).await;
@@ -758,4 +786,34 @@ async fn the_journal_writer_runs_at_the_configured_nice_value_where_the_process_
         );
     }
     assert_eq!(own_nice(), own, "only the journal's thread changes");
+}
+
+/// Submitters of one key race its op's completion: whichever moment each one's
+/// lookup falls in (the op live, being recorded, or recorded and gone from the
+/// ring), every one of them joins the same op, and it runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_submitted_while_its_op_completes_joins_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = Arc::new(open(dir.path(), RingConfig::default()).await);
+    let agent = ring.agent().await;
+    for round in 0..20 {
+        let key = format!("race-{round}");
+        let mut racers = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (ring, key) = (ring.clone(), key.clone());
+            racers.spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..5 {
+                    let incr = keyed(agent, "state.incr", json!({"key": key, "by": 1}), &key);
+                    ids.push(ring.one(incr).await);
+                    tokio::task::yield_now().await;
+                }
+                ids
+            });
+        }
+        let ids: std::collections::BTreeSet<OpId> = racers.join_all().await.into_iter().flatten().collect();
+        assert_eq!(ids.len(), 1, "round {round}: one op per key, not {ids:?}");
+        let value = ring.result(*ids.first().unwrap()).await;
+        assert_eq!(value["value"], 1, "round {round}: the op ran once");
+    }
 }

@@ -11,10 +11,11 @@
 //! read what went wrong; malformed arguments do the same (rmcp reports them as tool
 //! errors); an unknown tool is a JSON-RPC error.
 
+use bbx_core::api::prelude::*;
 use bbx_core::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
-use bbx_core::op::{OpInfo, Resolution, RingStats, SubmitBatch, Submitted};
+use bbx_core::op::{BreakerInfo, OpInfo, ResetBreakers, Resolution, RingStats, SubmitBatch, Submitted, WalStatus};
 use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
-use bbx_core::{AgentApi, AgentId, Error, OpId};
+use bbx_core::{AgentId, Error, OpId};
 use bbx_kernel::{Caller, Kernel};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -145,6 +146,24 @@ pub struct QuotaSetArgs {
     pub node: String,
     /// The limits to set; limits not given keep their values.
     pub limits: QuotaLimits,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RingBreakersArgs {
+    /// Close breakers (administrators only) instead of only listing them.
+    #[serde(default)]
+    pub reset: bool,
+    /// With `reset`: only this target's breakers, e.g. "tool.http example.com:443".
+    pub target: Option<String>,
+    /// With `reset`: only this tenant's breakers.
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BreakerList {
+    /// The circuit breakers the caller may see: its tenant's, or all for an administrator.
+    pub breakers: Vec<BreakerInfo>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -336,6 +355,64 @@ impl<S: ApiSource> McpServer<S> {
     async fn ring_stats(&self, ctx: RequestContext<RoleServer>) -> ToolResult<RingStats> {
         let api = self.api(&ctx)?;
         answer(api.ring_stats().await)
+    }
+
+    #[tool(
+        description = "Report the AgentRing's journal (administrators only): segments, bytes, next, synced and \
+        checkpoint positions, records and syncs so far, and fdatasync latency percentiles. Takes no arguments."
+    )]
+    async fn ring_wal(&self, ctx: RequestContext<RoleServer>) -> ToolResult<WalStatus> {
+        let api = self.api(&ctx)?;
+        answer(api.wal_status().await)
+    }
+
+    #[tool(
+        description = "List the circuit breakers of the caller's tenant (every tenant's for an \
+        administrator): target (an executor, with host and port for remote ones), state (closed, open, \
+        half_open) and counts. With reset true, an administrator closes them: all, or those of `target` \
+        and/or `tenant`."
+    )]
+    async fn ring_breakers(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        Parameters(args): Parameters<RingBreakersArgs>,
+    ) -> ToolResult<BreakerList> {
+        let api = self.api(&ctx)?;
+        if !args.reset && (args.target.is_some() || args.tenant.is_some()) {
+            return Err(tool_error(Error::invalid_field(
+                "target",
+                "target and tenant choose what reset closes; set reset to true",
+            )));
+        }
+        let breakers = if args.reset {
+            let req = ResetBreakers {
+                target: args.target,
+                tenant: args.tenant,
+            };
+            api.reset_breakers(req).await
+        } else {
+            api.breakers().await
+        };
+        answer(breakers.map(|breakers| BreakerList { breakers }))
+    }
+
+    #[tool(description = "The reference design's name for ring_stats; the same tool.")]
+    async fn enhanced_ring_stats(&self, ctx: RequestContext<RoleServer>) -> ToolResult<RingStats> {
+        self.ring_stats(ctx).await
+    }
+
+    #[tool(description = "The reference design's name for ring_wal; the same tool.")]
+    async fn enhanced_ring_wal(&self, ctx: RequestContext<RoleServer>) -> ToolResult<WalStatus> {
+        self.ring_wal(ctx).await
+    }
+
+    #[tool(description = "The reference design's name for ring_breakers; the same tool and arguments.")]
+    async fn enhanced_ring_circuit(
+        &self,
+        ctx: RequestContext<RoleServer>,
+        args: Parameters<RingBreakersArgs>,
+    ) -> ToolResult<BreakerList> {
+        self.ring_breakers(ctx, args).await
     }
 
     #[tool(

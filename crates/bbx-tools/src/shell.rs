@@ -183,7 +183,7 @@ impl ShellCall {
         }
         let mut child = command.spawn().map_err(|e| spawn_error(&program, &e))?;
         let pid = child.id().map_or(0, |p| p as i32);
-        let tree = Tree {
+        let mut tree = Tree {
             pid,
             group: Some(group),
         };
@@ -204,7 +204,7 @@ impl ShellCall {
         };
         // The program's end is the run's end: whatever it left behind goes with it,
         // so the pipes close and the readers finish.
-        tree.kill();
+        tree.kill_async().await;
         // With rlimits only, a daemon that left the process group can keep the pipes
         // open: the output is what arrived by then.
         let drained = |reader: tokio::task::JoinHandle<Captured>| async move {
@@ -312,14 +312,27 @@ struct Tree {
 }
 
 impl Tree {
-    fn kill(&self) {
+    /// Kills the process group: one system call, safe on any thread.
+    fn kill_group(&self) {
         if self.pid > 0 {
             // SAFETY: kill has no memory-safety preconditions; a negative pid names
             // the process group the child leads.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         }
-        if let Some(group) = &self.group {
-            group.kill_all();
+    }
+
+    /// Kills the whole tree, its cgroup too. Emptying a cgroup without
+    /// `cgroup.kill` loops (and sleeps) until no process is left, so that part
+    /// runs on a blocking thread, never on the runtime's.
+    async fn kill_async(&mut self) {
+        self.kill_group();
+        if let Some(group) = self.group.take() {
+            let emptied = tokio::task::spawn_blocking(move || {
+                group.kill_all();
+                group
+            })
+            .await;
+            self.group = emptied.ok();
         }
     }
 
@@ -330,12 +343,17 @@ impl Tree {
 
 impl Drop for Tree {
     fn drop(&mut self) {
-        self.kill();
+        self.kill_group();
         if let Some(group) = self.group.take() {
-            // Removing a group waits for its processes to be reaped: not on a runtime thread.
+            // Emptying a group, and removing it once its processes are reaped,
+            // loop and sleep: not on a runtime thread.
+            let finish = move || {
+                group.kill_all();
+                drop(group);
+            };
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(group))),
-                Err(_) => drop(group),
+                Ok(runtime) => drop(runtime.spawn_blocking(finish)),
+                Err(_) => finish(),
             }
         }
     }

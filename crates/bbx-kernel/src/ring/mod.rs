@@ -22,6 +22,7 @@
 
 mod exec;
 mod metrics;
+mod preread;
 
 pub use exec::KINDS;
 pub use metrics::RingMetrics;
@@ -34,8 +35,8 @@ use crate::store::{
 };
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
-    BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, Resolution, RingStats, SubmitOp, Submitted,
-    SubmittedOp, WalStatus,
+    BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, Resolution, RingStats, SubmitBatch, SubmitOp,
+    Submitted, SubmittedOp, WalStatus,
 };
 use bbx_core::quota::{Node, QuotaLimits, Reservation};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
@@ -52,6 +53,7 @@ use exec::Exec;
 use fjall::Readable;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
+use preread::{KeyEpochs, KeyedOp, Preread};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -85,8 +87,12 @@ pub(crate) struct Ring {
     running: Arc<Capacity>,
     completing: Arc<Capacity>,
     breakers: Breakers,
+    /// See [`preread`].
+    key_epochs: KeyEpochs,
     events: broadcast::Sender<Arc<Completion>>,
     closing: AtomicBool,
+    /// Set by a panic while the state was locked (see [`StateGuard`]).
+    poisoned: AtomicBool,
     /// Cancelled at shutdown: timers and executors stop without completing, and
     /// release the kernel's store.
     stopping: CancellationToken,
@@ -154,6 +160,41 @@ struct Live {
     waiters: Vec<Waiter>,
 }
 
+/// The ring's state, locked. A panic while it is held may leave the state half
+/// changed (an op counted but not queued, a slot never given back): the guard
+/// notices the unwinding, and the ring then refuses new work and reports itself
+/// not ready, so the operator restarts the kernel and recovery rebuilds the state
+/// from the journal and the store.
+struct StateGuard<'a> {
+    state: parking_lot::MutexGuard<'a, RingState>,
+    poisoned: &'a AtomicBool,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = RingState;
+
+    fn deref(&self) -> &RingState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut RingState {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                "a panic while the ring's state was locked: it may be half changed, so the kernel \
+                 refuses new ops and reports not ready; restart it to recover from the journal"
+            );
+        }
+    }
+}
+
 /// Removes the waiters of an op whose callers stopped waiting.
 struct ForgetWaiter<'a> {
     ring: &'a Ring,
@@ -162,7 +203,7 @@ struct ForgetWaiter<'a> {
 
 impl Drop for ForgetWaiter<'_> {
     fn drop(&mut self) {
-        if let Some(live) = self.ring.state.lock().live.get_mut(&self.id) {
+        if let Some(live) = self.ring.lock().live.get_mut(&self.id) {
             live.waiters.retain(|waiter| !waiter.abandoned());
         }
     }
@@ -622,8 +663,10 @@ impl Ring {
             room: tokio::sync::Notify::new(),
             room_waiters: AtomicUsize::new(0),
             breakers,
+            key_epochs: KeyEpochs::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             closing: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
             stopping: CancellationToken::new(),
             started: Instant::now(),
             metrics,
@@ -641,7 +684,7 @@ impl Ring {
         let order: Vec<(OpId, bool)> = pending.iter().map(|r| (r.op.op_id, r.started.is_some())).collect();
         let ids: FxHashSet<OpId> = order.iter().map(|(id, _)| *id).collect();
         let mut finish = Vec::new();
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let now = Instant::now();
         for Recovered { lsn, started, op } in pending {
             let exec = Exec::parse(&op.kind, &op.args)?;
@@ -652,7 +695,7 @@ impl Ring {
             if let Some(r) = &reservation {
                 self.quotas.rereserve(&op.tenant, op.agent, r);
             }
-            self.register(&mut st, Arc::new(op), exec, Some(lsn), &ids, now)?;
+            self.register(&mut st, (Arc::new(op), exec, Some(lsn)), &ids, now, &Preread::default())?;
             if let Some(live) = st.live.get_mut(&id) {
                 live.started = started;
                 live.reservation = reservation;
@@ -686,9 +729,20 @@ impl Ring {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::unavailable("the kernel is shutting down"));
         }
+        if self.is_poisoned() {
+            return Err(Error::unavailable(
+                "the ring's state may be inconsistent after an internal error; restart the kernel",
+            ));
+        }
         debug_assert_eq!(ops.len(), tenants.len(), "one tenant per op");
         if ops.is_empty() {
             return Err(Error::invalid_field("ops", "a submission needs at least one op"));
+        }
+        if wait.is_some_and(|wait| wait > Duration::from_millis(SubmitBatch::MAX_WAIT_MS)) {
+            return Err(Error::invalid_field(
+                "wait_ms",
+                format!("wait_ms is at most {}", SubmitBatch::MAX_WAIT_MS),
+            ));
         }
         if ops.len() > self.config.max_batch {
             return Err(Error::new(
@@ -710,10 +764,15 @@ impl Ring {
             .map(|(index, (op, tenant))| self.check(op, tenant, submitted_at).map_err(|e| batch::at_op(index, e)))
             .collect::<Result<Vec<_>>>()?;
 
+        let keys = checked.iter().filter_map(|op| {
+            let record = &op.record;
+            record.idempotency.as_ref().map(|i| (record.agent, i.key.as_str()))
+        });
+        let preread = Preread::read(self, keys, &deps)?;
         let deadline = wait.map(|w| Instant::now() + w);
         let (slots, records) = loop {
             let room = self.room.notified();
-            match self.admit(caller, &mut checked, &deps) {
+            match self.admit(caller, &mut checked, &deps, &preread) {
                 Ok(admitted) => break admitted,
                 // Raised before any op of the batch is registered: a retry finds
                 // none of them live, and reuses their ids and records as they are.
@@ -742,7 +801,7 @@ impl Ring {
         // this batch, handed over once the lock is let go.
         let mut answers: Vec<(Waiter, Arc<Completion>)> = Vec::new();
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let now = Instant::now();
             match &lsns {
                 Ok(lsns) => {
@@ -835,6 +894,9 @@ impl Ring {
                 format!("args are {size} bytes; the limit is {}", self.config.max_args_bytes),
             ));
         }
+        if let Some(policy) = &op.retries {
+            policy.validate()?;
+        }
         let timeout_ms = op.timeout_ms.unwrap_or(self.config.default_timeout_ms);
         if timeout_ms == 0 || Duration::from_millis(timeout_ms) > MAX_TIMEOUT {
             return Err(Error::invalid_field(
@@ -871,8 +933,14 @@ impl Ring {
     /// Resolves keys and dependencies and admits the new ops, all under one lock, so
     /// that two submissions of one key cannot both create an op. Returns each entry's
     /// op and the records of the new ops with effects, to journal.
-    fn admit(&self, caller: &Caller, ops: &mut [Checked], deps: &[Vec<Dependency>]) -> Result<Admitted> {
-        let mut st = self.state.lock();
+    fn admit(
+        &self,
+        caller: &Caller,
+        ops: &mut [Checked],
+        deps: &[Vec<Dependency>],
+        preread: &Preread,
+    ) -> Result<Admitted> {
+        let mut st = self.lock();
         let mut slots: Vec<Slot> = Vec::with_capacity(ops.len());
         // SipHash: the keys are the callers' own strings.
         let mut in_batch: HashMap<(AgentId, &str), usize> = HashMap::new();
@@ -886,7 +954,7 @@ impl Ring {
                     });
                     let known = match earlier {
                         Some(found) => Some(found),
-                        None => self.known_key(&st, &record.agent, key)?,
+                        None => self.known_key(&st, &record.agent, key, preread)?,
                     };
                     match known {
                         Some((id, Some(recorded))) if recorded == *digest => Some(id),
@@ -926,9 +994,10 @@ impl Ring {
                 let id = match dep {
                     Dependency::InBatch(i) => slots[*i].id(),
                     Dependency::Op(id) => {
-                        let tenant = match st.live.get(id) {
-                            Some(live) => Some(live.record.tenant.clone()),
-                            None => self.completion(&st, id)?.map(|c| c.tenant.clone()),
+                        let tenant = match (st.live.get(id), st.recent.get(id)) {
+                            (Some(live), _) => Some(live.record.tenant.clone()),
+                            (None, Some(done)) => Some(done.tenant.clone()),
+                            (None, None) => preread.completion(self, id)?.map(|c| c.tenant.clone()),
                         };
                         match tenant {
                             Some(tenant) => caller
@@ -1006,7 +1075,14 @@ impl Ring {
             if op.exec.effects() != Effects::None {
                 records.push((id, op.record.clone()));
             }
-            if let Err(e) = self.register(&mut st, op.record.clone(), op.exec.clone(), None, &arriving, now) {
+            let registered = self.register(
+                &mut st,
+                (op.record.clone(), op.exec.clone(), None),
+                &arriving,
+                now,
+                preread,
+            );
+            if let Err(e) = registered {
                 // Only a storage failure gets here; the batch still goes whole.
                 // Discarding an op gives its quota back; those never registered
                 // give theirs back here.
@@ -1034,11 +1110,10 @@ impl Ring {
     fn register(
         &self,
         st: &mut RingState,
-        record: Arc<OpRecord>,
-        exec: Exec,
-        lsn: Option<Lsn>,
+        (record, exec, lsn): (Arc<OpRecord>, Exec, Option<Lsn>),
         arriving: &FxHashSet<OpId>,
         accepted: Instant,
+        preread: &Preread,
     ) -> Result<()> {
         let id = record.op_id;
         let mut blocked_on = 0;
@@ -1049,7 +1124,11 @@ impl Ring {
                 st.dependents.entry(*dep).or_default().push(id);
                 continue;
             }
-            match self.completion(st, dep)? {
+            let done = match st.recent.get(dep) {
+                Some(done) => Some(done.clone()),
+                None => preread.completion(self, dep)?,
+            };
+            match done {
                 Some(done) if done.status == CompletionStatus::Ok => {}
                 Some(done) => failed_dependency = Some(dependency_failure(dep, done.status.as_str())),
                 None => failed_dependency = Some(format!("dependency {dep} is no longer known (lost in a restart)")),
@@ -1089,7 +1168,7 @@ impl Ring {
     }
 
     /// The op that a key names and the digest it was submitted with, if the key is in use.
-    fn known_key(&self, st: &RingState, agent: &AgentId, key: &str) -> Result<Option<(OpId, Option<String>)>> {
+    fn known_key(&self, st: &RingState, agent: &AgentId, key: &str, preread: &Preread) -> Result<Option<KeyedOp>> {
         if let Some(id) = st.keys.get(&(*agent, key.to_owned())) {
             let digest = st
                 .live
@@ -1098,6 +1177,11 @@ impl Ring {
                 .map(|i| i.digest.clone());
             return Ok(Some((*id, digest)));
         }
+        preread.key(self, agent, key)
+    }
+
+    /// The op the store records for a key.
+    fn stored_key(&self, agent: &AgentId, key: &str) -> Result<Option<KeyedOp>> {
         let stored = self
             .store
             .view()
@@ -1130,6 +1214,7 @@ impl Ring {
         st.dependents.remove(&id);
         if let Some(idempotency) = &live.record.idempotency {
             st.keys.remove(&(live.record.agent, idempotency.key.clone()));
+            self.key_epochs.bump(&live.record.agent, &idempotency.key);
         }
         live.waiters
     }
@@ -1180,7 +1265,7 @@ impl Ring {
     pub(crate) async fn copy_forward(&self, floor: Lsn) -> Result<Lsn> {
         let next = self.journal.status().await?.next_lsn;
         let picked: Vec<CopyForward> = {
-            let st = self.state.lock();
+            let st = self.lock();
             st.live
                 .iter()
                 .filter(|(id, live)| {
@@ -1211,7 +1296,7 @@ impl Ring {
             .collect();
         let mut lsns = self.journal.append(records).await?.into_iter();
         let mut released = Vec::new();
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         for ((id, before, _), count) in picked.into_iter().zip(counts) {
             let copies: Vec<Lsn> = lsns.by_ref().take(count).collect();
             match (st.live.get_mut(&id), copies.first()) {
@@ -1279,7 +1364,7 @@ impl Ring {
     /// Up to `max` ops to start, in scheduler order, marked running; and whether
     /// more remain queued.
     fn next_batch(&self, max: usize) -> (Vec<Start>, bool) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let now = Instant::now();
         let mut batch = Vec::new();
         while batch.len() < max {
@@ -1508,7 +1593,7 @@ impl Ring {
                 return Err(e);
             }
         };
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         match st.live.get_mut(&id) {
             Some(live) => {
                 live.started = Some(lsn);
@@ -1558,7 +1643,7 @@ impl Ring {
     fn apply_effects(self: &Arc<Self>, applying: Vec<(OpId, Effect, Breaker, Slots)>) {
         let mut pending = Vec::with_capacity(applying.len());
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let at = Moment::read();
             for (id, effect, admission, slots) in applying {
                 let Some((completion, digest, _)) =
@@ -1604,7 +1689,7 @@ impl Ring {
         let mut finish = Vec::with_capacity(ended.len());
         let mut out = Outbox::new(&self.events);
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let now = Instant::now();
             for Ended {
                 id,
@@ -1686,7 +1771,7 @@ impl Ring {
         let mut finish = Vec::new();
         let mut queued = false;
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let now = Instant::now();
             for id in ids {
                 if let Some(live) = st.live.get_mut(&id) {
@@ -1706,7 +1791,7 @@ impl Ring {
     fn requeue(self: &Arc<Self>, id: OpId) {
         let mut finish = Vec::new();
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let Some(live) = st.live.get_mut(&id) else { return };
             if live.finishing {
                 return;
@@ -1777,7 +1862,7 @@ impl Ring {
             return;
         }
         let mut out = Outbox::new(&self.events);
-        self.finish_locked(&mut self.state.lock(), finish, &mut out);
+        self.finish_locked(&mut self.lock(), finish, &mut out);
         self.deliver(out);
     }
 
@@ -1890,7 +1975,7 @@ impl Ring {
             let written = ring.store.write_all(writes).await;
             let mut out = Outbox::new(&ring.events);
             {
-                let mut st = ring.state.lock();
+                let mut st = ring.lock();
                 let mut follow_ups = Vec::new();
                 for ((outcome, (admission, _)), charge) in written.into_iter().zip(&held).zip(charges) {
                     if let Some((breaker, admission)) = admission {
@@ -1953,6 +2038,7 @@ impl Ring {
             let key = (live.record.agent, idempotency.key.clone());
             if st.keys.get(&key) == Some(&completion.op_id) {
                 st.keys.remove(&key);
+                self.key_epochs.bump(&key.0, &key.1);
             }
         }
         let second = out.at.now.saturating_duration_since(self.started).as_secs();
@@ -2013,19 +2099,27 @@ impl Ring {
     }
 
     pub fn info(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
-        let st = self.state.lock();
-        if let Some(live) = st.live.get(id) {
-            caller.check_owner(&live.record.tenant, "op", id)?;
-            return Ok(OpInfo {
-                op_id: *id,
-                agent: live.record.agent,
-                kind: live.record.kind.to_string(),
-                state: live.state,
-                attempts: live.attempts,
-                completion: None,
-            });
-        }
-        let done = self.completion(&st, id)?.ok_or_else(|| Error::not_found("op", id))?;
+        let recent = {
+            let st = self.lock();
+            if let Some(live) = st.live.get(id) {
+                caller.check_owner(&live.record.tenant, "op", id)?;
+                return Ok(OpInfo {
+                    op_id: *id,
+                    agent: live.record.agent,
+                    kind: live.record.kind.to_string(),
+                    state: live.state,
+                    attempts: live.attempts,
+                    completion: None,
+                });
+            }
+            st.recent.get(id).cloned()
+        };
+        // Read without the lock: an op that has left the ring was recorded before
+        // it left, so the store has it if the ring did not.
+        let done = match recent {
+            Some(done) => done,
+            None => Arc::new(self.stored_completion(id)?.ok_or_else(|| Error::not_found("op", id))?),
+        };
         caller.check_owner(&done.tenant, "op", id)?;
         Ok(OpInfo::done((*done).clone()))
     }
@@ -2037,7 +2131,7 @@ impl Ring {
         // (answered, timed out, or its caller gone), its waiter leaves the op.
         let _forget = ForgetWaiter { ring: self, id: *id };
         let receiver = {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             match st.live.get_mut(id) {
                 Some(live) => {
                     caller.check_owner(&live.record.tenant, "op", id)?;
@@ -2059,7 +2153,7 @@ impl Ring {
     /// How many callers of [`Ring::wait`] an op holds; for tests.
     #[cfg(test)]
     fn waiting_on(&self, id: &OpId) -> usize {
-        self.state.lock().live.get(id).map_or(0, |live| live.waiters.len())
+        self.lock().live.get(id).map_or(0, |live| live.waiters.len())
     }
 
     /// Cancels an op: at once if it has not started, by dropping its executor if it
@@ -2067,7 +2161,7 @@ impl Ring {
     /// is done, cannot be cancelled (409).
     pub async fn cancel(self: &Arc<Self>, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         let finish = {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let Some(live) = st.live.get_mut(id) else {
                 drop(st);
                 let info = self.info(caller, id)?;
@@ -2119,7 +2213,7 @@ impl Ring {
             ));
         }
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             // Its in-doubt completion is stored but not yet settled: the op is
             // still live, and a retry must not register a second one.
             if st.live.contains_key(id) || !st.resolving.insert(*id) {
@@ -2138,7 +2232,7 @@ impl Ring {
                 Resolution::Retry => ring.retry_in_doubt(&op).await,
                 Resolution::Ok | Resolution::Failed => ring.settle_in_doubt(current, resolution).await,
             };
-            ring.state.lock().resolving.remove(&op);
+            ring.lock().resolving.remove(&op);
             resolved
         });
         resolution
@@ -2187,10 +2281,10 @@ impl Ring {
         let exec = Exec::parse(&record.kind, &record.args)?;
         let (tenant, agent) = (record.tenant.clone(), record.agent);
         self.quotas.acquire(&tenant, agent, 1).map_err(Error::from)?;
-        let admitted = self.state.lock().scheduler.admit(&[(agent, record.priority)]);
+        let admitted = self.lock().scheduler.admit(&[(agent, record.priority)]);
         let give_back = |ring: &Self| {
             ring.quotas.release(&tenant, agent, 1);
-            ring.state.lock().scheduler.release(&agent);
+            ring.lock().scheduler.release(&agent);
         };
         if let Err(refused) = admitted {
             self.quotas.release(&tenant, agent, 1);
@@ -2217,16 +2311,29 @@ impl Ring {
         }
         let mut finish = Vec::new();
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             let now = Instant::now();
             // Nothing waits on it and it has no dependencies: registering cannot fail.
-            self.register(&mut st, Arc::new(record), exec, Some(lsn), &FxHashSet::default(), now)?;
+            let op = (Arc::new(record), exec, Some(lsn));
+            self.register(&mut st, op, &FxHashSet::default(), now, &Preread::default())?;
             Self::activate(&mut st, *id, Some(lsn), now, &mut finish);
             self.gauge_queues(&st);
         }
         self.work.notify_one();
         self.finish_all(finish);
         Ok(())
+    }
+
+    fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            state: self.state.lock(),
+            poisoned: &self.poisoned,
+        }
+    }
+
+    /// Whether a panic struck while the state was locked (see [`StateGuard`]).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 
     pub fn metrics(&self) -> &RingMetrics {
@@ -2244,7 +2351,9 @@ impl Ring {
     }
 
     pub fn stats(&self, caller: &Caller) -> RingStats {
-        let st = self.state.lock();
+        let running = self.running.used.load(Ordering::Acquire);
+        let completing = self.completing.used.load(Ordering::Acquire);
+        let st = self.lock();
         let queued = Priority::ALL
             .iter()
             .map(|p| (*p, st.scheduler.depth(*p) as u64))
@@ -2262,15 +2371,13 @@ impl Ring {
             queued,
             pending: st.scheduler.len() as u64,
             submission_capacity: st.scheduler.capacity() as u64,
-            // Counted from the ops, not the semaphores: the dispatcher holds one permit
-            // of each while it waits for work.
-            running: st
-                .live
-                .values()
-                .filter(|l| l.state == OpState::Running && !l.finishing)
-                .count() as u64,
+            // From the slots, not by walking every live op under the lock: an op
+            // holds a running slot while an attempt runs, and a completion slot
+            // from its start until its completion is durable. A dispatch in
+            // progress holds a few more for a moment.
+            running: running as u64,
             max_running: self.config.max_running as u64,
-            completing: st.live.values().filter(|l| l.finishing).count() as u64,
+            completing: completing.saturating_sub(running) as u64,
             completion_capacity: self.config.completion_capacity as u64,
             submitted_total: self.metrics.submitted.get(),
             deduplicated_total: self.metrics.deduplicated.get(),
@@ -2511,16 +2618,15 @@ mod tests {
     /// A caller that polls an op with short timeouts leaves nothing behind: each
     /// timed-out wait takes its waiter with it, and so does one dropped mid-way (a
     /// closed HTTP connection).
-    #[tokio::test]
-    async fn waits_that_time_out_or_are_dropped_leave_no_waiter() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A kernel on `dir`, its administrator, and an agent.
+    async fn kernel(dir: &std::path::Path) -> (Arc<crate::Kernel>, Caller, AgentId) {
         let layer = bbx_core::config::ConfigLayer {
-            data_dir: Some(dir.path().to_path_buf()),
+            data_dir: Some(dir.to_path_buf()),
             ..Default::default()
         };
         let config = bbx_core::config::KernelConfig::resolve(Default::default(), layer).unwrap();
         let kernel = crate::Kernel::open(config).await.unwrap().kernel;
-        let token = std::fs::read_to_string(dir.path().join(crate::ADMIN_KEY_FILE)).unwrap();
+        let token = std::fs::read_to_string(dir.join(crate::ADMIN_KEY_FILE)).unwrap();
         let admin = kernel.authenticate(token.trim()).unwrap();
         let agent = kernel
             .create_agent(
@@ -2533,6 +2639,35 @@ mod tests {
             .await
             .unwrap()
             .id;
+        (kernel, admin, agent)
+    }
+
+    #[tokio::test]
+    async fn a_panic_under_the_lock_stops_the_kernel_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, admin, agent) = kernel(dir.path()).await;
+        assert!(kernel.is_ready());
+        let ring = kernel.ring.clone();
+        let struck = std::thread::spawn(move || {
+            let _state = ring.lock();
+            panic!("a bug while the state is held");
+        })
+        .join();
+        assert!(struck.is_err());
+        assert!(!kernel.is_ready(), "not ready once its state may be half changed");
+        let batch = bbx_core::op::SubmitBatch {
+            ops: vec![SubmitOp::new(agent, "noop", serde_json::json!({}))],
+            wait_ms: None,
+        };
+        let refused = kernel.submit(&admin, batch).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        kernel.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn waits_that_time_out_or_are_dropped_leave_no_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, admin, agent) = kernel(dir.path()).await;
         let sleep = bbx_core::op::SubmitOp::new(agent, "sleep", serde_json::json!({ "ms": 60_000 }));
         let batch = bbx_core::op::SubmitBatch {
             ops: vec![sleep],

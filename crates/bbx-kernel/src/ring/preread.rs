@@ -1,0 +1,113 @@
+//! What a submission needs from the store, read before the ring's lock is taken,
+//! so that no disk read happens under it on the common path.
+//!
+//! Two things are read: the ops that idempotency keys name, and the completions of
+//! ops that the batch depends on. Either may change between this read and the
+//! lock: an op still live when it was read can complete and leave the ring before
+//! the lock is taken. Its completion is in the store by then (an op is recorded
+//! before it leaves), so only a read that found nothing can be stale:
+//! - for a key, the ring bumps an epoch (one of [`KeyEpochs::BUCKETS`], by the
+//!   key's hash) whenever a keyed op leaves it; a miss read under an epoch that has
+//!   not moved since is still true;
+//! - for a dependency, a miss for an op that is not live either is read again
+//!   under the lock (rare: the op completed just then, or does not exist).
+
+use super::Ring;
+use crate::store::{decode_idempotency, idempotency_key, storage_error};
+use bbx_core::op::Completion;
+use bbx_core::{AgentId, OpId, Result};
+use bbx_ring::batch::Dependency;
+use fjall::Readable;
+use rustc_hash::FxHashMap;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// An op a key names and the digest of what it was submitted with.
+pub(super) type KeyedOp = (OpId, Option<String>);
+
+/// Bumped when a keyed op leaves the ring, one counter per bucket of keys.
+pub(super) struct KeyEpochs {
+    buckets: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl KeyEpochs {
+    pub const BUCKETS: usize = 256;
+
+    pub fn new() -> Self {
+        Self {
+            buckets: (0..Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn bucket(&self, agent: &AgentId, key: &str) -> &AtomicU64 {
+        &self.buckets[self.hasher.hash_one((agent, key)) as usize % Self::BUCKETS]
+    }
+
+    fn read(&self, agent: &AgentId, key: &str) -> u64 {
+        self.bucket(agent, key).load(Ordering::Acquire)
+    }
+
+    /// Called under the ring's lock as a keyed op leaves it.
+    pub fn bump(&self, agent: &AgentId, key: &str) {
+        self.bucket(agent, key).fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Preread {
+    /// Per key: the bucket's epoch before the read, and what the store held.
+    keys: HashMap<(AgentId, String), (u64, Option<KeyedOp>)>,
+    completions: FxHashMap<OpId, Arc<Completion>>,
+}
+
+impl Preread {
+    /// Reads what `keys` and `deps` name; call it without the ring's lock.
+    pub fn read<'a>(
+        ring: &Ring,
+        keys: impl Iterator<Item = (AgentId, &'a str)>,
+        deps: &[Vec<Dependency>],
+    ) -> Result<Self> {
+        let mut preread = Self::default();
+        let view = ring.store.view();
+        for (agent, key) in keys {
+            let epoch = ring.key_epochs.read(&agent, key);
+            let stored = view
+                .get(&ring.store.ks.idem, idempotency_key(&agent, key))
+                .map_err(|e| storage_error("read idempotency keys", e))?
+                .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
+                .transpose()?;
+            preread.keys.insert((agent, key.to_owned()), (epoch, stored));
+        }
+        for dep in deps.iter().flatten() {
+            if let Dependency::Op(id) = dep
+                && let Some(done) = ring.stored_completion(id)?
+            {
+                preread.completions.insert(*id, Arc::new(done));
+            }
+        }
+        Ok(preread)
+    }
+
+    /// What the store holds for a key that no live op holds, read under the
+    /// ring's lock only if the read before it may be stale.
+    pub fn key(&self, ring: &Ring, agent: &AgentId, key: &str) -> Result<Option<KeyedOp>> {
+        match self.keys.get(&(*agent, key.to_owned())) {
+            Some((_, Some(found))) => Ok(Some(found.clone())),
+            Some((epoch, None)) if *epoch == ring.key_epochs.read(agent, key) => Ok(None),
+            _ => ring.stored_key(agent, key),
+        }
+    }
+
+    /// The completion of an op that is not live, from the read before the lock,
+    /// or read now if that found none.
+    pub fn completion(&self, ring: &Ring, id: &OpId) -> Result<Option<Arc<Completion>>> {
+        match self.completions.get(id) {
+            Some(done) => Ok(Some(done.clone())),
+            None => Ok(ring.stored_completion(id)?.map(Arc::new)),
+        }
+    }
+}
