@@ -20,18 +20,15 @@
 
 pub mod auth;
 mod completions;
-mod journal;
 mod quota;
-mod redo;
 mod ring;
-mod sched;
 mod shm;
 mod store;
 
 pub use auth::Caller;
+pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
 pub use ring::{KINDS, RingMetrics};
-pub use store::StoreMetrics;
 
 use auth::{KeyRing, StoredKey};
 use bbx_core::api::prelude::*;
@@ -87,6 +84,7 @@ fn cgroup_scope(data_dir: &Path) -> String {
 pub struct Kernel {
     config: KernelConfig,
     store: Arc<Store>,
+    journal_metrics: JournalMetrics,
     ring: Arc<Ring>,
     /// Background tasks (purges, expiry, the ring's), awaited at shutdown.
     tasks: TaskTracker,
@@ -127,7 +125,7 @@ impl Kernel {
         create_private_dir(&config.data_dir)?;
         // The database's lock first: a second kernel on this directory is refused
         // before it can touch the journal (whose recovery truncates a torn tail).
-        let db = store::open_database(&config.data_dir.join("db"))?;
+        let db = bbx_store::open_database(&config.data_dir.join("db"))?;
         // One journal behind both the ring and the store: read before the store is,
         // since the store replays its own records from it.
         let segment_bytes = config.ring.journal_segment_bytes;
@@ -144,22 +142,26 @@ impl Kernel {
                 reason = %tail.reason, "truncated a torn write at the end of the journal");
         }
         let ring_metrics = ring::RingMetrics::new();
-        let journal = journal::JournalWriter::start(
+        let journal_metrics = JournalMetrics::default();
+        let journal = bbx_store::JournalWriter::start(
             journal,
             recovery.records.iter().map(|r| r.lsn).collect(),
-            ring_metrics.clone(),
+            journal_metrics.clone(),
             config.ring.journal_nice,
         )?;
         let store = Arc::new(Store::open(
             db,
-            config.commit_max_batch,
+            &store::KEYSPACES,
             journal.clone(),
             &recovery.records,
-            bbx_journal::max_payload(segment_bytes),
-            config.ring.committer_nice,
+            bbx_store::StoreOptions {
+                commit_max_batch: config.commit_max_batch,
+                max_record: bbx_journal::max_payload(segment_bytes),
+                committer_nice: config.ring.committer_nice,
+            },
         )?);
         let keys = KeyRing::default();
-        for item in store.ks.api_keys.iter() {
+        for item in store.keyspace(store::API_KEYS).iter() {
             let (_, value) = item.into_inner().map_err(|e| storage_error("load API keys", e))?;
             let stored: StoredKey = serde_json::from_slice(&value)
                 .map_err(|e| Error::internal(format!("stored API key is unreadable: {e}")))?;
@@ -192,6 +194,7 @@ impl Kernel {
         let kernel = Arc::new(Self {
             config,
             store,
+            journal_metrics,
             ring,
             tasks,
             keys,
@@ -205,7 +208,7 @@ impl Kernel {
         });
         spawn_expiry(&kernel.tasks, Arc::downgrade(&kernel), kernel.ring.stopping());
         // Deletions a crash interrupted finish removing their agents' state.
-        for agent in kernel.store.pending_purges()? {
+        for agent in store::pending_purges(&kernel.store)? {
             spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
         }
         let admin_key_written = if kernel.keys.is_empty() {
@@ -251,7 +254,11 @@ impl Kernel {
     }
 
     pub fn metrics(&self) -> &StoreMetrics {
-        &self.store.metrics
+        self.store.metrics()
+    }
+
+    pub fn journal_metrics(&self) -> &JournalMetrics {
+        &self.journal_metrics
     }
 
     pub fn ring_metrics(&self) -> &RingMetrics {
@@ -260,7 +267,7 @@ impl Kernel {
 
     /// Ready to serve: open, not closing, storage healthy.
     pub fn is_ready(&self) -> bool {
-        !self.closing.load(Ordering::Acquire) && !self.store.failed.load(Ordering::Acquire) && !self.ring.is_poisoned()
+        !self.closing.load(Ordering::Acquire) && !self.store.has_failed() && !self.ring.is_poisoned()
     }
 
     /// Commits everything queued, then refuses further writes.
@@ -308,7 +315,7 @@ impl Kernel {
         let bytes = self
             .store
             .view()
-            .get(&self.store.ks.agents, id.as_bytes())
+            .get(self.store.keyspace(store::AGENTS), id.as_bytes())
             .map_err(|e| storage_error("read", e))?;
         let agent = decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", id))?)?;
         caller.check_owner(&agent.tenant, "agent", id)?;
@@ -372,7 +379,7 @@ impl Kernel {
     /// Forgets the completions (and idempotency keys) of ops that completed more
     /// than `ring.retention_secs` before `now`, in bounded groups; returns how many.
     /// Never one whose records the journal would still replay (see
-    /// [`journal::JournalWriter::replay_horizon`]): recovery would run it again.
+    /// [`bbx_store::JournalWriter::replay_horizon`]): recovery would run it again.
     /// An op in doubt is kept until an operator settles it. The kernel runs this
     /// every ten minutes; `now` is a parameter so that tests can run it later.
     pub async fn expire_completions(&self, now: chrono::DateTime<Utc>) -> Result<usize> {
@@ -380,28 +387,21 @@ impl Kernel {
         let before = (now - retention).min(self.ring.replay_horizon());
         let mut expired = 0;
         loop {
-            match self
-                .store
-                .write(Write::ExpireOps {
-                    before,
-                    max: EXPIRY_STEP,
-                })
-                .await?
-            {
-                Applied::Expired { count, more } => {
-                    expired += count;
-                    if !more {
-                        return Ok(expired);
-                    }
-                }
-                _ => return Ok(expired),
+            let step = Write::ExpireOps {
+                before,
+                max: EXPIRY_STEP,
+            };
+            let step: store::Expired = self.store.write(step).await?.into_output()?;
+            expired += step.count;
+            if !step.more {
+                return Ok(expired);
             }
         }
     }
 
     /// Deleted agents whose state is still being removed in the background.
     pub fn pending_purges(&self) -> Result<usize> {
-        Ok(self.store.pending_purges()?.len())
+        Ok(store::pending_purges(&self.store)?.len())
     }
 
     pub fn list_agents(&self, caller: &Caller, req: ListAgents) -> Result<AgentPage> {
@@ -430,11 +430,14 @@ impl Kernel {
                     None => Bound::Included(format!("{tenant}\0").into_bytes()),
                 };
                 let end = Bound::Excluded(format!("{tenant}\u{1}").into_bytes());
-                Box::new(view.range(&self.store.ks.tenants, (start, end)).map(|item| {
-                    let key = item.key().map_err(|e| storage_error("scan agents", e))?;
-                    let id: [u8; 16] = key[key.len() - 16..].try_into().expect("index keys end in an id");
-                    Ok(AgentId::from_bytes(id))
-                }))
+                Box::new(
+                    view.range(self.store.keyspace(store::TENANTS), (start, end))
+                        .map(|item| {
+                            let key = item.key().map_err(|e| storage_error("scan agents", e))?;
+                            let id: [u8; 16] = key[key.len() - 16..].try_into().expect("index keys end in an id");
+                            Ok(AgentId::from_bytes(id))
+                        }),
+                )
             }
             None => {
                 let start = match &after {
@@ -442,7 +445,7 @@ impl Kernel {
                     None => Bound::Unbounded,
                 };
                 Box::new(
-                    view.range(&self.store.ks.agents, (start, Bound::<Vec<u8>>::Unbounded))
+                    view.range(self.store.keyspace(store::AGENTS), (start, Bound::<Vec<u8>>::Unbounded))
                         .map(|item| {
                             let key = item.key().map_err(|e| storage_error("scan agents", e))?;
                             Ok(AgentId::from_bytes(
@@ -470,7 +473,7 @@ impl Kernel {
             budget -= 1;
             last_read = Some(id);
             let Some(bytes) = view
-                .get(&self.store.ks.agents, id.as_bytes())
+                .get(self.store.keyspace(store::AGENTS), id.as_bytes())
                 .map_err(|e| storage_error("read", e))?
             else {
                 continue;
@@ -502,7 +505,7 @@ impl Kernel {
         let bytes = self
             .store
             .view()
-            .get(&self.store.ks.state, store::state_key(agent, key))
+            .get(self.store.keyspace(store::STATE), store::state_key(agent, key))
             .map_err(|e| storage_error("read", e))?;
         let entry = match bytes {
             Some(bytes) => decode_entry(key.to_owned(), &bytes)?,
@@ -591,7 +594,7 @@ impl Kernel {
         for item in self
             .store
             .view()
-            .range(&self.store.ks.state, (start, Bound::<Vec<u8>>::Unbounded))
+            .range(self.store.keyspace(store::STATE), (start, Bound::<Vec<u8>>::Unbounded))
         {
             let (raw_key, value) = item.into_inner().map_err(|e| storage_error("scan state", e))?;
             if !raw_key.starts_with(&prefix) {
@@ -624,10 +627,14 @@ impl Kernel {
 
     pub fn status(&self, caller: &Caller) -> Result<Status> {
         let (agents, host) = match &caller.tenant {
-            None => (self.store.agent_count()?, true),
+            None => (store::agent_count(&self.store)?, true),
             Some(tenant) => {
                 let mut count = 0;
-                for item in self.store.view().prefix(&self.store.ks.tenants, format!("{tenant}\0")) {
+                for item in self
+                    .store
+                    .view()
+                    .prefix(self.store.keyspace(store::TENANTS), format!("{tenant}\0"))
+                {
                     item.key().map_err(|e| storage_error("count agents", e))?;
                     count += 1;
                 }
@@ -642,9 +649,9 @@ impl Kernel {
             data_dir: host.then(|| self.config.data_dir.display().to_string()),
             storage: host.then(|| StorageStatus {
                 engine: "fjall".into(),
-                disk_bytes: self.store.db.disk_space().unwrap_or(0),
-                writes_committed: self.store.metrics.writes.get(),
-                syncs: self.store.metrics.syncs.get(),
+                disk_bytes: self.store.database().disk_space().unwrap_or(0),
+                writes_committed: self.store.metrics().writes.get(),
+                syncs: self.store.metrics().syncs.get(),
             }),
         })
     }
@@ -955,7 +962,7 @@ pub fn verify_journal(data_dir: &Path) -> Result<JournalCheck> {
 /// ops in the dropped records are lost, which is why this is an operator's decision
 /// and never automatic. Refused while a kernel holds the data directory.
 pub fn repair_journal(data_dir: &Path) -> Result<JournalCheck> {
-    let _lock = store::open_database(&data_dir.join("db"))?;
+    let _lock = bbx_store::open_database(&data_dir.join("db"))?;
     let dir = data_dir.join(JOURNAL_DIR);
     let report = bbx_journal::repair(&dir).map_err(|e| Error::unavailable(e.to_string()))?;
     let repaired = report.problem.is_some();

@@ -4,7 +4,7 @@
 
 use crate::Kernel;
 use crate::auth::Caller;
-use crate::store::{Store, Write, storage_error};
+use crate::store::{self, Store, Write, storage_error};
 use bbx_core::op::SubmitOp;
 use bbx_core::quota::Node;
 use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaAction, QuotaInfo, QuotaLimits};
@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 /// Loads every stored node's limits.
 pub(crate) fn load(store: &Store) -> Result<Quotas> {
     let quotas = Quotas::new();
-    for item in store.ks.quotas.iter() {
+    for item in store.keyspace(store::QUOTAS).iter() {
         let (key, value) = item.into_inner().map_err(|e| storage_error("load quotas", e))?;
         let node: Node = String::from_utf8_lossy(&key).parse()?;
         let limits: QuotaLimits = serde_json::from_slice(&value)
             .map_err(|e| Error::internal(format!("the stored quota of {node} is unreadable: {e}")))?;
         quotas.set(node, limits)?;
     }
-    for item in store.ks.spend.iter() {
+    for item in store.keyspace(store::SPEND).iter() {
         let (key, value) = item.into_inner().map_err(|e| storage_error("load spend", e))?;
         let key = String::from_utf8_lossy(&key);
         let (node, window) = bbx_quota::parse_spend_key(&key)

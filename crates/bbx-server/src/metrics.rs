@@ -55,6 +55,7 @@ impl HttpMetrics {
         );
         kernel.metrics().register(&mut registry);
         kernel.ring_metrics().register(&mut registry);
+        kernel.journal_metrics().register(&mut registry);
         Self {
             requests,
             latency,

@@ -1,4 +1,4 @@
-//! The ring's and the journal's metrics in `/metrics`. Children of labelled
+//! The ring's metrics in `/metrics`. Children of labelled
 //! families are resolved once, at start, so that counting an op is an atomic add
 //! and never a map lookup.
 
@@ -52,9 +52,6 @@ pub struct RingMetrics {
     completed: Vec<Counter>,
     queued: Vec<Gauge>,
     latency: Vec<Histogram>,
-    pub(crate) journal_records: Counter,
-    pub(crate) journal_syncs: Counter,
-    pub(crate) journal_sync_seconds: Histogram,
     quota_warnings: Family<LimitLabel, Counter>,
     quota_exceeded: Family<LimitLabel, Counter>,
 }
@@ -96,9 +93,6 @@ impl RingMetrics {
             completed,
             queued,
             latency,
-            journal_records: Counter::default(),
-            journal_syncs: Counter::default(),
-            journal_sync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             quota_warnings: Family::default(),
             quota_exceeded: Family::default(),
         }
@@ -183,21 +177,6 @@ impl RingMetrics {
             "bbx_quota_exceeded",
             "Submissions that did not fit a limit (refused, or let through by notify), by limit",
             self.quota_exceeded.clone(),
-        );
-        registry.register(
-            "bbx_journal_records",
-            "Records made durable in the journal",
-            self.journal_records.clone(),
-        );
-        registry.register(
-            "bbx_journal_syncs",
-            "Journal group fdatasyncs",
-            self.journal_syncs.clone(),
-        );
-        registry.register(
-            "bbx_journal_sync_seconds",
-            "Time to append and fdatasync one journal group",
-            self.journal_sync_seconds.clone(),
         );
     }
 }

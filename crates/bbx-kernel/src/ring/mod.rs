@@ -28,10 +28,8 @@ pub use exec::KINDS;
 pub use metrics::RingMetrics;
 
 use crate::auth::Caller;
-use crate::journal::{self, JournalWriter};
-use crate::redo;
 use crate::store::{
-    Applied, Effect, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
+    self, Applied, Effect, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
 };
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
@@ -47,6 +45,8 @@ use bbx_ring::{
     Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, Idempotency, OpRecord, Refused, Tracked,
 };
 use bbx_ring::{Scheduler, SchedulerConfig};
+use bbx_store::JournalWriter;
+use bbx_store::journal::percentiles;
 use bbx_tools::{Call, Context as ToolContext, Spend, Tools};
 use chrono::{DateTime, Utc};
 use exec::Exec;
@@ -564,7 +564,7 @@ impl Ring {
         let mut started: FxHashMap<(OpId, u32), (Lsn, Option<Reservation>)> = FxHashMap::default();
         let mut released = Vec::new();
         for record in recovered {
-            if redo::is_redo(&record.payload) {
+            if bbx_store::redo::is_redo(&record.payload) {
                 continue;
             }
             released.push(record.lsn);
@@ -596,7 +596,7 @@ impl Ring {
                 continue;
             };
             let done = view
-                .get(&store.ks.ops, op.op_id.as_bytes())
+                .get(store.keyspace(store::OPS), op.op_id.as_bytes())
                 .map_err(|e| storage_error("read ops", e))?
                 .is_some();
             if !done {
@@ -1185,7 +1185,7 @@ impl Ring {
         let stored = self
             .store
             .view()
-            .get(&self.store.ks.idem, idempotency_key(agent, key))
+            .get(self.store.keyspace(store::IDEM), idempotency_key(agent, key))
             .map_err(|e| storage_error("read idempotency keys", e))?;
         stored
             .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
@@ -1614,7 +1614,7 @@ impl Ring {
         let bytes = self
             .store
             .view()
-            .get(&self.store.ks.agents, record.agent.as_bytes())
+            .get(self.store.keyspace(store::AGENTS), record.agent.as_bytes())
             .map_err(|e| storage_error("read agents", e))?
             .ok_or_else(|| Error::not_found("agent", record.agent))?;
         let agent = crate::store::decode_agent(&bytes)?;
@@ -1669,7 +1669,7 @@ impl Ring {
         let bytes = self
             .store
             .view()
-            .get(&self.store.ks.state, crate::store::state_key(agent, key))
+            .get(self.store.keyspace(store::STATE), crate::store::state_key(agent, key))
             .map_err(|e| storage_error("read", e))?;
         let stored = bytes.as_deref().map(crate::store::decode_state).transpose()?;
         match stored {
@@ -1962,13 +1962,13 @@ impl Ring {
             let mut held = Vec::with_capacity(pending.len());
             let mut charges = Vec::with_capacity(pending.len());
             for p in pending {
-                writes.push(Write::Complete {
+                writes.push(Box::new(Write::Complete {
                     completion: p.completion,
                     effect: p.effect,
                     digest: p.digest,
                     doubt: p.doubt.map(|record| record.encode_accepted()),
                     charge: p.charge.as_ref().map(|c| (c.keys(), c.micros())),
-                });
+                }) as Box<dyn bbx_store::Staged>);
                 held.push((p.admission, p.slots));
                 charges.push(p.charge);
             }
@@ -1993,11 +1993,10 @@ impl Ring {
                             tokens,
                         );
                     }
-                    match outcome {
-                        Ok(Applied::Completed(completion)) => {
+                    match outcome.and_then(Applied::into_output::<Box<Completion>>) {
+                        Ok(completion) => {
                             ring.settle_locked(&mut st, Arc::new(*completion), true, &mut follow_ups, &mut out);
                         }
-                        Ok(_) => tracing::error!("the store did not return the completion"),
                         // The op stays journaled without a completion, so the next
                         // start runs it.
                         Err(e) => tracing::error!(error = %e, "an op's completion could not be recorded"),
@@ -2092,7 +2091,7 @@ impl Ring {
     fn stored_completion(&self, id: &OpId) -> Result<Option<Completion>> {
         self.store
             .view()
-            .get(&self.store.ks.ops, id.as_bytes())
+            .get(self.store.keyspace(store::OPS), id.as_bytes())
             .map_err(|e| storage_error("read ops", e))?
             .map(|bytes| decode_completion(&bytes))
             .transpose()
@@ -2269,7 +2268,7 @@ impl Ring {
         let entry = self
             .store
             .view()
-            .get(&self.store.ks.doubt, id.as_bytes())
+            .get(self.store.keyspace(store::DOUBT), id.as_bytes())
             .map_err(|e| storage_error("read ops in doubt", e))?
             .ok_or_else(|| Error::internal(format!("op {id} is in doubt but its record is missing")))?;
         let Entry::Accepted(mut record) = Entry::decode(&entry)? else {
@@ -2387,7 +2386,7 @@ impl Ring {
             completed_per_sec: recent as f64 / span,
             latency: Priority::ALL
                 .iter()
-                .map(|p| (*p, journal::percentiles(&st.counters.latency[p.rank()])))
+                .map(|p| (*p, percentiles(&st.counters.latency[p.rank()])))
                 .collect(),
             breakers: self.breakers(caller),
             // The kernel serves the sessions; it fills this in.

@@ -13,7 +13,7 @@
 //!   under the lock (rare: the op completed just then, or does not exist).
 
 use super::Ring;
-use crate::store::{decode_idempotency, idempotency_key, storage_error};
+use crate::store::{self, decode_idempotency, idempotency_key, storage_error};
 use bbx_core::op::Completion;
 use bbx_core::{AgentId, OpId, Result};
 use bbx_ring::batch::Dependency;
@@ -76,7 +76,7 @@ impl Preread {
         for (agent, key) in keys {
             let epoch = ring.key_epochs.read(&agent, key);
             let stored = view
-                .get(&ring.store.ks.idem, idempotency_key(&agent, key))
+                .get(ring.store.keyspace(store::IDEM), idempotency_key(&agent, key))
                 .map_err(|e| storage_error("read idempotency keys", e))?
                 .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
                 .transpose()?;

@@ -13,13 +13,15 @@
 //! prompt wakeups ([`crate::sched`]): on busy cores, waiting for one after each
 //! `fdatasync` cost it as much time as the syncs.
 
-use crate::ring::RingMetrics;
 use bbx_core::op::{Percentiles, WalStatus};
 use bbx_core::{Error, Result};
 use bbx_journal::{Journal, Lsn};
 use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::registry::Registry;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +47,42 @@ enum Message {
     Shutdown,
 }
 
+/// The journal's figures in `/metrics`.
 #[derive(Clone)]
-pub(crate) struct JournalWriter {
+pub struct JournalMetrics {
+    records: Counter,
+    syncs: Counter,
+    sync_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for JournalMetrics {
+    fn default() -> Self {
+        Self {
+            records: Counter::default(),
+            syncs: Counter::default(),
+            sync_seconds: prometheus_client::metrics::histogram::Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+        }
+    }
+}
+
+impl JournalMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bbx_journal_records",
+            "Records made durable in the journal",
+            self.records.clone(),
+        );
+        registry.register("bbx_journal_syncs", "Journal group fdatasyncs", self.syncs.clone());
+        registry.register(
+            "bbx_journal_sync_seconds",
+            "Time to append and fdatasync one journal group",
+            self.sync_seconds.clone(),
+        );
+    }
+}
+
+#[derive(Clone)]
+pub struct JournalWriter {
     sender: Sender<Message>,
     thread: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>>,
     horizon: Arc<AtomicU64>,
@@ -56,7 +92,7 @@ impl JournalWriter {
     /// Starts the writer on an opened journal; `held` are the recovered records that
     /// are still needed. The thread asks for the nice value `nice` (see
     /// [`crate::sched`]); 0 leaves it as the process has it.
-    pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: RingMetrics, nice: i32) -> Result<Self> {
+    pub fn start(journal: Journal, held: BTreeSet<Lsn>, metrics: JournalMetrics, nice: i32) -> Result<Self> {
         let (sender, receiver) = crossbeam_channel::unbounded();
         // With nothing held, no record of this journal is replayed any more.
         let horizon = Arc::new(AtomicU64::new(if held.is_empty() { wall_millis() } else { 0 }));
@@ -158,7 +194,7 @@ struct Writer {
     sync_micros: u64,
     records: u64,
     bytes: u64,
-    metrics: RingMetrics,
+    metrics: JournalMetrics,
     sync_latency: Histogram<u64>,
 }
 
@@ -259,15 +295,15 @@ impl Writer {
             let took = started.elapsed();
             self.syncs += 1;
             self.sync_micros += took.as_micros() as u64;
-            self.metrics.journal_syncs.inc();
-            self.metrics.journal_sync_seconds.observe(took.as_secs_f64());
+            self.metrics.syncs.inc();
+            self.metrics.sync_seconds.observe(took.as_secs_f64());
             let _ = self.sync_latency.record(took.as_micros() as u64);
         }
         for ((records, reply), lsns) in group.drain(..).zip(assigned) {
             match &outcome {
                 Ok(_) => {
                     self.records += records.len() as u64;
-                    self.metrics.journal_records.inc_by(records.len() as u64);
+                    self.metrics.records.inc_by(records.len() as u64);
                     self.bytes += records
                         .iter()
                         .map(|r| bbx_journal::record::framed_len(r.len()) as u64)
@@ -344,7 +380,7 @@ fn stopped() -> Error {
     Error::unavailable("the journal writer stopped")
 }
 
-pub(crate) fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
+pub fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
     Percentiles {
         count: histogram.len(),
         p50_us: histogram.value_at_quantile(0.5),
@@ -367,7 +403,7 @@ mod tests {
             ..Default::default()
         };
         let (journal, _) = Journal::open(dir.path(), options.clone()).unwrap();
-        let writer = JournalWriter::start(journal, BTreeSet::new(), RingMetrics::new(), 0).unwrap();
+        let writer = JournalWriter::start(journal, BTreeSet::new(), JournalMetrics::default(), 0).unwrap();
         let refused = writer.append(vec![b"small".to_vec(), vec![b'x'; 8192]]).await;
         assert_eq!(refused.unwrap_err().code, bbx_core::ErrorCode::PayloadTooLarge);
         writer.append(vec![b"next".to_vec()]).await.unwrap();
@@ -385,7 +421,7 @@ mod tests {
     async fn the_replay_horizon_stops_at_the_oldest_held_record() {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = Journal::open(dir.path(), JournalOptions::default()).unwrap();
-        let writer = JournalWriter::start(journal, BTreeSet::new(), RingMetrics::new(), 0).unwrap();
+        let writer = JournalWriter::start(journal, BTreeSet::new(), JournalMetrics::default(), 0).unwrap();
         let before_held = Utc::now();
         let held = writer.append(vec![b"held".to_vec()]).await.unwrap();
         let after_held = Utc::now();

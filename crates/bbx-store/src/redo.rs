@@ -31,10 +31,10 @@ const FIRST: u8 = 2;
 const LAST: u8 = 1;
 
 /// One staged write: keyspace index, key, and the new value (`None` removes it).
-pub(crate) type Staged = (u8, Vec<u8>, Option<Vec<u8>>);
+pub(crate) type RedoWrite = (u8, Vec<u8>, Option<Vec<u8>>);
 
 /// Whether a journal record is a store redo record (and not a ring entry).
-pub(crate) fn is_redo(payload: &[u8]) -> bool {
+pub fn is_redo(payload: &[u8]) -> bool {
     payload.first() == Some(&TAG)
 }
 
@@ -112,7 +112,7 @@ fn take_len(bytes: &[u8], at: &mut usize) -> Result<usize> {
 
 /// One decoded record.
 pub(crate) struct Part {
-    pub writes: Vec<Staged>,
+    pub writes: Vec<RedoWrite>,
     pub first: bool,
     pub last: bool,
 }
@@ -145,9 +145,9 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Part> {
 /// Collects whole groups from the journal's records, in order: each item is one
 /// group's writes. A group without its end (torn by a crash, wherever later records
 /// put it) is dropped: it was never acknowledged, nor applied to the store.
-pub(crate) fn groups<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Vec<Staged>>> {
+pub(crate) fn groups<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Vec<RedoWrite>>> {
     let mut groups = Vec::new();
-    let mut open: Option<Vec<Staged>> = None;
+    let mut open: Option<Vec<RedoWrite>> = None;
     for payload in payloads {
         if !is_redo(payload) {
             open = None;
@@ -173,7 +173,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn staged() -> impl Strategy<Value = Staged> {
+    fn staged() -> impl Strategy<Value = RedoWrite> {
         (
             0u8..10,
             proptest::collection::vec(any::<u8>(), 0..40),
@@ -181,7 +181,7 @@ mod tests {
         )
     }
 
-    fn encode_all(writes: &[Staged], part_bytes: usize) -> Vec<Vec<u8>> {
+    fn encode_all(writes: &[RedoWrite], part_bytes: usize) -> Vec<Vec<u8>> {
         encode(
             writes
                 .iter()
@@ -226,10 +226,10 @@ mod tests {
 
     #[test]
     fn a_torn_group_followed_by_later_records_is_dropped_and_later_groups_kept() {
-        let torn: Vec<Staged> = (0..10).map(|i| (1, vec![i; 30], Some(vec![i; 30]))).collect();
+        let torn: Vec<RedoWrite> = (0..10).map(|i| (1, vec![i; 30], Some(vec![i; 30]))).collect();
         let torn = encode_all(&torn, 80);
         assert!(torn.len() > 2);
-        let later: Vec<Staged> = vec![(2, b"k".to_vec(), Some(b"v".to_vec()))];
+        let later: Vec<RedoWrite> = vec![(2, b"k".to_vec(), Some(b"v".to_vec()))];
         // Written after a restart: a ring entry, or at once the next group.
         for between in [Some(b"{}".to_vec()), None] {
             let mut records = torn[..2].to_vec();
