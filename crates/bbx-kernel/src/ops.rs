@@ -1,0 +1,194 @@
+//! Ops through the AgentRing: submission (quota checks first), waiting, cancel,
+//! resolution, the ring's figures, and the expiry of old completions.
+
+use super::*;
+
+impl Kernel {
+    /// Forgets the completions (and idempotency keys) of ops that completed more
+    /// than `ring.retention_secs` before `now`, in bounded groups; returns how many.
+    /// Never one whose records the journal would still replay (see
+    /// [`bbx_store::JournalWriter::replay_horizon`]): recovery would run it again.
+    /// An op in doubt is kept until an operator settles it. The kernel runs this
+    /// every ten minutes; `now` is a parameter so that tests can run it later.
+    pub async fn expire_completions(&self, now: chrono::DateTime<Utc>) -> Result<usize> {
+        let retention = chrono::Duration::seconds(self.config.ring.retention_secs as i64);
+        let before = (now - retention).min(self.ring.replay_horizon());
+        let mut expired = 0;
+        loop {
+            let step = Write::ExpireOps {
+                before,
+                max: EXPIRY_STEP,
+            };
+            let step: store::Expired = self.store.write(step).await?.into_output()?;
+            expired += step.count;
+            if !step.more {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Submits a batch of ops; answers once every op with effects is journaled.
+    pub async fn submit(&self, caller: &Caller, batch: SubmitBatch) -> Result<Submitted> {
+        self.submit_and_start(caller, batch, None).await
+    }
+
+    /// Submits a batch as [`Kernel::submit`] does, and hands each op's completion
+    /// to `queue` (a deduplicated op's too, at once if it is done).
+    pub async fn submit_to(&self, caller: &Caller, batch: SubmitBatch, queue: &CompletionQueue) -> Result<Submitted> {
+        self.submit_and_start(caller, batch, Some(queue.sink())).await
+    }
+
+    pub(crate) async fn submit_and_start(
+        &self,
+        caller: &Caller,
+        batch: SubmitBatch,
+        reaper: Option<&ring::Sink>,
+    ) -> Result<Submitted> {
+        let submitted = self.submit_with(caller, batch, reaper).await?;
+        // The submitting task starts the next batch itself: inline ops (`noop`,
+        // `state.get`) complete here, without waking the dispatcher task and the
+        // thread it sleeps on; what is left for it, it is woken for.
+        self.ring.dispatch_once();
+        Ok(submitted)
+    }
+
+    /// Checks and submits a batch, handing its completions to `reaper` if given;
+    /// the caller then starts the next batch of ops with [`Ring::dispatch_once`].
+    pub(crate) async fn submit_with(
+        &self,
+        caller: &Caller,
+        batch: SubmitBatch,
+        reaper: Option<&ring::Sink>,
+    ) -> Result<Submitted> {
+        // Fx hashing: agent ids are ids the kernel made (UUIDv7), not the caller's
+        // choice, and SipHash per op showed in the ring's profile.
+        let mut known: FxHashMap<AgentId, Arc<str>> = FxHashMap::default();
+        // Each op's tenant, beside the ops rather than paired with them: moving every
+        // op (some 300 bytes) into a new list was a measurable share of `inproc`.
+        let mut tenants = Vec::with_capacity(batch.ops.len());
+        for (index, op) in batch.ops.iter().enumerate() {
+            let tenant = match known.get(&op.agent) {
+                Some(tenant) => tenant.clone(),
+                None => {
+                    let tenant = self
+                        .agent_tenant(caller, &op.agent)
+                        .map_err(|e| bbx_ring::batch::at_op(index, e))?;
+                    known.insert(op.agent, tenant.clone());
+                    tenant
+                }
+            };
+            tenants.push(tenant);
+        }
+        let start_after = self.check_rates(&batch.ops, &tenants).await?;
+        self.ring
+            .submit(
+                caller,
+                batch.ops,
+                tenants,
+                batch.wait_ms.map(Duration::from_millis),
+                start_after,
+                reaper,
+            )
+            .await
+    }
+
+    pub fn op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        self.ring.info(caller, id)
+    }
+
+    /// Waits up to `timeout` for an op to complete.
+    pub async fn wait_op(&self, caller: &Caller, id: &OpId, timeout: Duration) -> Result<OpInfo> {
+        self.ring.wait(caller, id, timeout).await
+    }
+
+    pub async fn cancel_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        self.ring.cancel(caller, id).await
+    }
+
+    /// Settles an op left in doubt by a crash.
+    pub async fn resolve_op(&self, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
+        self.ring.resolve(caller, id, resolution).await
+    }
+
+    /// Completions as they happen, for event streams; filter by [`Caller::sees`].
+    pub fn completions(&self) -> tokio::sync::broadcast::Receiver<Arc<Completion>> {
+        self.ring.subscribe()
+    }
+
+    /// The ring's figures; its breakers are the caller's tenant's (all, for an
+    /// administrator).
+    pub fn ring_stats(&self, caller: &Caller) -> RingStats {
+        RingStats {
+            shm_sessions: self.shm_sessions.count() as u64,
+            ..self.ring.stats(caller)
+        }
+    }
+
+    pub async fn wal_status(&self, caller: &Caller) -> Result<WalStatus> {
+        caller.require_admin("read the journal's status")?;
+        let status = self.ring.wal_status().await?;
+        Ok(WalStatus {
+            committer_nice: self.store.committer_nice(),
+            ..status
+        })
+    }
+
+    pub fn breakers(&self, caller: &Caller) -> Vec<BreakerInfo> {
+        self.ring.breakers(caller)
+    }
+
+    pub fn reset_breakers(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        target: Option<&str>,
+    ) -> Result<Vec<BreakerInfo>> {
+        caller.require_admin("reset circuit breakers")?;
+        self.ring.reset_breakers(caller, tenant, target)
+    }
+}
+
+/// How often completions past their retention are swept.
+const EXPIRY_EVERY: Duration = Duration::from_secs(600);
+/// Completions removed per committer group when sweeping.
+const EXPIRY_STEP: usize = 1024;
+
+/// Nudges the store once a second, so that it makes fjall durable (and lets the
+/// journal drop its redo records) even when no write comes to trigger it.
+pub(crate) fn spawn_store_checkpoints(
+    tasks: &TaskTracker,
+    store: Arc<Store>,
+    stopping: tokio_util::sync::CancellationToken,
+) {
+    tasks.spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                _ = ticks.tick() => store.checkpoint(),
+            }
+        }
+    });
+}
+
+/// Forgets completions and idempotency keys past their retention, now and every
+/// ten minutes (see [`Kernel::expire_completions`]).
+pub(crate) fn spawn_expiry(
+    tasks: &TaskTracker,
+    kernel: std::sync::Weak<Kernel>,
+    stopping: tokio_util::sync::CancellationToken,
+) {
+    tasks.spawn(async move {
+        while !stopping.is_cancelled() {
+            let Some(live) = kernel.upgrade() else { return };
+            if let Err(e) = live.expire_completions(Utc::now()).await {
+                tracing::warn!(error = %e, "expiring old completions failed; trying again later");
+            }
+            drop(live);
+            tokio::select! {
+                () = stopping.cancelled() => {}
+                () = tokio::time::sleep(EXPIRY_EVERY) => {}
+            }
+        }
+    });
+}

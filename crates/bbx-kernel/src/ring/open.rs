@@ -1,0 +1,178 @@
+//! Opening the ring: recovery from the journal's records, and its tasks.
+
+use super::*;
+
+impl Ring {
+    /// Starts the ring on a journal whose writer holds every record in `recovered`
+    /// (the journal's records after its checkpoint): ops accepted but not completed
+    /// are queued again and their records kept; the ring's other records are
+    /// released. The store has already replayed its own records.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        config: RingConfig,
+        store: Arc<Store>,
+        journal: JournalWriter,
+        metrics: RingMetrics,
+        recovered: Vec<bbx_journal::Record>,
+        tasks: TaskTracker,
+        tools: Arc<Tools>,
+        quotas: Arc<Quotas>,
+    ) -> Result<Arc<Self>> {
+        let view = store.view();
+        // An op retried after it was in doubt is journaled again, one incarnation
+        // up; only its latest incarnation and that one's start mark count.
+        let mut accepted: FxHashMap<OpId, (Lsn, OpRecord)> = FxHashMap::default();
+        let mut order = Vec::new();
+        let mut started: FxHashMap<(OpId, u32), (Lsn, Option<Reservation>)> = FxHashMap::default();
+        let mut released = Vec::new();
+        for record in recovered {
+            if bbx_store::redo::is_redo(&record.payload) {
+                continue;
+            }
+            released.push(record.lsn);
+            match Entry::decode(&record.payload)? {
+                Entry::Accepted(op) => {
+                    let newer = accepted
+                        .get(&op.op_id)
+                        .is_none_or(|(_, known)| op.incarnation >= known.incarnation);
+                    if newer {
+                        if !accepted.contains_key(&op.op_id) {
+                            order.push(op.op_id);
+                        }
+                        accepted.insert(op.op_id, (record.lsn, op));
+                    }
+                }
+                Entry::Started {
+                    op_id,
+                    incarnation,
+                    reserved,
+                } => {
+                    started.insert((op_id, incarnation), (record.lsn, reserved));
+                }
+            }
+        }
+        let mut pending = Vec::new();
+        let mut held = FxHashSet::default();
+        for id in order {
+            let Some((lsn, op)) = accepted.remove(&id) else {
+                continue;
+            };
+            let done = view
+                .get(store.keyspace(store::OPS), op.op_id.as_bytes())
+                .map_err(|e| storage_error("read ops", e))?
+                .is_some();
+            if !done {
+                let mark = started.remove(&(op.op_id, op.incarnation));
+                held.insert(lsn);
+                held.extend(mark.as_ref().map(|(lsn, _)| *lsn));
+                pending.push(Recovered { lsn, started: mark, op });
+            }
+        }
+        released.retain(|lsn| !held.contains(lsn));
+        journal.release(released);
+        let ring = Arc::new(Self::new(config, store, journal, metrics, tasks.clone(), tools, quotas));
+        if !pending.is_empty() {
+            tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
+        }
+        ring.recover(pending)?;
+        tasks.spawn(ring.clone().dispatch());
+        tasks.spawn(ring.clone().copy_forward_every());
+        tasks.spawn(ring.clone().evict_idle_breakers());
+        Ok(ring)
+    }
+
+    pub(super) fn new(
+        config: RingConfig,
+        store: Arc<Store>,
+        journal: JournalWriter,
+        metrics: RingMetrics,
+        tasks: TaskTracker,
+        tools: Arc<Tools>,
+        quotas: Arc<Quotas>,
+    ) -> Self {
+        let scheduler = Scheduler::new(SchedulerConfig {
+            capacity: config.submission_capacity,
+            agent_capacity: config.agent_capacity,
+            aging: Duration::from_millis(config.aging_ms),
+            shed_low_above: config.shed_low_above,
+        });
+        let breakers = Breakers::new(BreakerConfig {
+            failure_threshold: config.breaker_failures,
+            open_for: Duration::from_millis(config.breaker_open_ms),
+            half_open_trials: config.breaker_trials,
+        });
+        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds");
+        let work = Arc::new(Notify::new());
+        Self {
+            running: Capacity::new(config.max_running, work.clone()),
+            completing: Capacity::new(config.completion_capacity, work.clone()),
+            work,
+            state: Mutex::new(RingState {
+                live: FxHashMap::default(),
+                keys: HashMap::new(),
+                scheduler,
+                dependents: FxHashMap::default(),
+                recent: Recent::new(config.recent_completions),
+                resolving: FxHashSet::default(),
+                counters: Counters {
+                    latency: [histogram(), histogram(), histogram(), histogram()],
+                    window: VecDeque::new(),
+                },
+            }),
+            config,
+            store,
+            journal,
+            room: tokio::sync::Notify::new(),
+            room_waiters: AtomicUsize::new(0),
+            breakers,
+            key_epochs: KeyEpochs::new(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            closing: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
+            started: Instant::now(),
+            metrics,
+            tasks,
+            tools,
+            quotas,
+        }
+    }
+
+    /// Puts recovered ops back, with their dependencies and idempotency keys. They
+    /// were admitted before the crash, so they are not refused now. An op with
+    /// external effects that had started is not run again: it completes `in_doubt`.
+    pub(super) fn recover(self: &Arc<Self>, pending: Vec<Recovered>) -> Result<()> {
+        // Journal order, so that each agent's ops are queued again in the order they came.
+        let order: Vec<(OpId, bool)> = pending.iter().map(|r| (r.op.op_id, r.started.is_some())).collect();
+        let ids: FxHashSet<OpId> = order.iter().map(|(id, _)| *id).collect();
+        let mut finish = Vec::new();
+        let mut st = self.lock();
+        let now = Instant::now();
+        for Recovered { lsn, started, op } in pending {
+            let exec = Exec::parse(&op.kind, &op.args)?;
+            st.scheduler.readmit(op.agent);
+            let id = op.op_id;
+            self.quotas.reacquire(&op.tenant, op.agent, 1);
+            let (started, reservation) = started.map_or((None, None), |(lsn, r)| (Some(lsn), r));
+            if let Some(r) = &reservation {
+                self.quotas.rereserve(&op.tenant, op.agent, r);
+            }
+            self.register(&mut st, (Arc::new(op), exec, Some(lsn)), &ids, now, &Preread::default())?;
+            if let Some(live) = st.live.get_mut(&id) {
+                live.started = started;
+                live.reservation = reservation;
+            }
+        }
+        for (id, in_doubt) in order {
+            if in_doubt {
+                finish.push(Finish::in_doubt(id));
+            } else {
+                Self::activate(&mut st, id, None, now, &mut finish);
+            }
+        }
+        drop(st);
+        self.work.notify_one();
+        self.finish_all(finish);
+        Ok(())
+    }
+}

@@ -1,0 +1,575 @@
+//! Running ops: the dispatcher, breakers, executors, retries, and the journal's
+//! copy-forward of long-running ops.
+
+use super::*;
+
+impl Ring {
+    /// Copies the journal records of ops that have been live for a whole pass
+    /// forward, once every `ring.journal_copy_forward_secs`.
+    pub(super) async fn copy_forward_every(self: Arc<Self>) {
+        let every = Duration::from_secs(self.config.journal_copy_forward_secs);
+        let mut floor = 0;
+        loop {
+            tokio::select! {
+                () = self.stopping.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match self.copy_forward(floor).await {
+                Ok(next) => floor = next,
+                Err(e) => tracing::warn!(error = %e, "copying long-running ops forward in the journal failed"),
+            }
+        }
+    }
+
+    /// Re-journals every live op whose records are older than `floor` and releases
+    /// the old records, so that the checkpoint (the oldest record still needed) can
+    /// move on while the op runs. Recovery keeps the newest record of an
+    /// incarnation, so either copy recovers the op. Returns the next pass's floor:
+    /// where the journal ends now.
+    pub(crate) async fn copy_forward(&self, floor: Lsn) -> Result<Lsn> {
+        let next = self.journal.status().await?.next_lsn;
+        let picked: Vec<CopyForward> = {
+            let st = self.lock();
+            st.live
+                .iter()
+                .filter(|(id, live)| {
+                    let old = live.lsn.is_some_and(|lsn| lsn < floor) || live.started.is_some_and(|lsn| lsn < floor);
+                    old && !live.finishing && !st.resolving.contains(id)
+                })
+                .map(|(id, live)| {
+                    let mut entries = vec![live.record.encode_accepted()];
+                    if live.started.is_some() {
+                        let started = Entry::Started {
+                            op_id: *id,
+                            incarnation: live.record.incarnation,
+                            reserved: live.reservation.clone(),
+                        };
+                        entries.push(started.encode());
+                    }
+                    (*id, (live.lsn, live.started), entries)
+                })
+                .collect()
+        };
+        if picked.is_empty() {
+            return Ok(next);
+        }
+        let counts: Vec<usize> = picked.iter().map(|(_, _, entries)| entries.len()).collect();
+        let records = picked
+            .iter()
+            .flat_map(|(_, _, entries)| entries.iter().cloned())
+            .collect();
+        let mut lsns = self.journal.append(records).await?.into_iter();
+        let mut released = Vec::new();
+        let mut st = self.lock();
+        for ((id, before, _), count) in picked.into_iter().zip(counts) {
+            let copies: Vec<Lsn> = lsns.by_ref().take(count).collect();
+            match (st.live.get_mut(&id), copies.first()) {
+                // Unchanged meanwhile: the copies replace the originals.
+                (Some(live), Some(&accepted)) if (live.lsn, live.started) == before && !live.finishing => {
+                    released.extend(live.lsn.replace(accepted));
+                    if let Some(&started) = copies.get(1) {
+                        released.extend(live.started.replace(started));
+                    }
+                }
+                // Ended (its settling released what it held) or changed: the
+                // copies are not needed.
+                _ => released.extend(copies),
+            }
+        }
+        drop(st);
+        self.journal.release(released);
+        Ok(next)
+    }
+
+    /// Takes ops in scheduler order while running and completion slots are free.
+    pub(super) async fn dispatch(self: Arc<Self>) {
+        loop {
+            let woken = self.work.notified();
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            if !self.dispatch_once() {
+                woken.await;
+            }
+        }
+    }
+
+    /// Starts the next batch of ops, as far as running and completion slots allow;
+    /// false if there was nothing to start. A shared-memory session calls it right
+    /// after it submits, so that an inline op completes on the submitting thread
+    /// with no wakeup of another.
+    pub fn dispatch_once(self: &Arc<Self>) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        let running = self.running.claim(DISPATCH_BATCH);
+        let both = self.completing.claim(running);
+        // Short of completion slots: freeing one of those wakes the dispatcher.
+        self.running.unclaim(running - both);
+        let (batch, more) = if both > 0 {
+            self.next_batch(both)
+        } else {
+            (Vec::new(), false)
+        };
+        self.running.unclaim(both - batch.len());
+        self.completing.unclaim(both - batch.len());
+        if batch.is_empty() {
+            return false;
+        }
+        self.run_batch(batch);
+        if more {
+            // Called by a session, this leaves the rest to the dispatcher task;
+            // called by that task, it only makes it look once more.
+            self.work.notify_one();
+        }
+        true
+    }
+
+    /// Up to `max` ops to start, in scheduler order, marked running; and whether
+    /// more remain queued.
+    pub(super) fn next_batch(&self, max: usize) -> (Vec<Start>, bool) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let Some(next) = st.scheduler.pop(now) else { break };
+            let Some(live) = st.live.get_mut(&next.item) else {
+                continue;
+            };
+            if live.finishing {
+                continue;
+            }
+            live.state = OpState::Running;
+            live.attempts += 1;
+            live.first_start.get_or_insert(now);
+            // Only executors that await can be cancelled while running.
+            let token = live.exec.cancellable().then(CancellationToken::new);
+            live.cancel = token.clone();
+            batch.push((next.item, live.record.clone(), live.exec.clone(), token));
+        }
+        self.gauge_queues(&st);
+        // One waiting submitter per freed slot: waking them all would have every one
+        // of them retry for the same few slots.
+        let waiting = self.room_waiters.load(Ordering::Acquire);
+        for _ in 0..batch.len().min(waiting) {
+            self.room.notify_one();
+        }
+        (batch, !st.scheduler.is_empty())
+    }
+
+    /// Runs a dispatched batch through its breakers: inline executors at once, with
+    /// their ends handled under one lock; kernel-service ops as one store write;
+    /// each `sleep` on a task of its own.
+    pub(super) fn run_batch(self: &Arc<Self>, batch: Vec<Start>) {
+        let mut ended = Vec::with_capacity(batch.len());
+        let mut applying = Vec::new();
+        let started = Instant::now();
+        // A batch is mostly of one kind and tenant: look its breaker up once.
+        let mut last_breaker: Option<(Arc<OpRecord>, Arc<Tracked>)> = None;
+        for (id, record, exec, token) in batch {
+            let slots = Slots {
+                running: Some(self.running.permit()),
+                completing: Some(self.completing.permit()),
+            };
+            let target = exec.breaker_target(&record.kind);
+            let breaker = match (&target, &last_breaker) {
+                (Cow::Borrowed(_), Some((last, breaker)))
+                    if last.kind == record.kind && last.tenant == record.tenant =>
+                {
+                    breaker.clone()
+                }
+                _ => {
+                    let breaker = self.breakers.get(&record.tenant, &target, started);
+                    if let Cow::Borrowed(_) = target {
+                        last_breaker = Some((record.clone(), breaker.clone()));
+                    }
+                    breaker
+                }
+            };
+            let admission = match breaker.admit(started) {
+                Ok(admission) => (breaker, admission),
+                Err(rejected) => {
+                    let error = Error::unavailable(format!("the circuit breaker of {target} is open"))
+                        .with_details(serde_json::json!({ "retry_after_ms": rejected.retry_after.as_millis() as u64 }));
+                    ended.push(Ended {
+                        id,
+                        attempt: Attempt::Failed(error),
+                        took: Duration::ZERO,
+                        admission: None,
+                        slots,
+                        retry_after: Some(rejected.retry_after),
+                    });
+                    continue;
+                }
+            };
+            let (attempt, took) = match exec {
+                // Nothing to time: a clock read would cost more than the op.
+                Exec::Noop => (Attempt::Ok(Value::Null), Duration::ZERO),
+                Exec::StateGet { key } => {
+                    let reading = Instant::now();
+                    let attempt = match self.read_state(&record.agent, &key) {
+                        Ok(value) => Attempt::Ok(value),
+                        Err(e) => Attempt::Failed(e),
+                    };
+                    (attempt, reading.elapsed())
+                }
+                Exec::Sleep(duration) => {
+                    let ring = self.clone();
+                    let timeout = Duration::from_millis(record.timeout_ms);
+                    let stopping = self.stopping.clone();
+                    let token = token.unwrap_or_default();
+                    self.tasks.spawn(async move {
+                        let attempt = tokio::select! {
+                            () = stopping.cancelled() => return,
+                            () = token.cancelled() => Attempt::Cancelled,
+                            slept = tokio::time::timeout(timeout, tokio::time::sleep(duration)) => match slept {
+                                Ok(()) => Attempt::Ok(serde_json::json!({ "slept_ms": duration.as_millis() as u64 })),
+                                Err(_) => Attempt::TimedOut,
+                            },
+                        };
+                        ring.attempts_done(vec![Ended::ran(id, attempt, started.elapsed(), admission, slots)]);
+                    });
+                    continue;
+                }
+                Exec::State(effect) => {
+                    // Handed to the store, the op only waits for its group's sync:
+                    // it gives its running slot back at once (its completion slot
+                    // still bounds what waits), so the dispatcher keeps feeding the
+                    // committer while a group is being journaled.
+                    let slots = Slots {
+                        running: None,
+                        completing: slots.completing,
+                    };
+                    applying.push((id, effect, admission, slots));
+                    continue;
+                }
+                Exec::Tool(call) => {
+                    self.spawn_tool(record, call, token.unwrap_or_default(), admission, slots);
+                    continue;
+                }
+            };
+            // Ended here: the breaker hears of it at once, and the attempt's end
+            // need not carry the breaker along.
+            let (breaker, admission) = admission;
+            breaker.record(admission, !attempt.transient(), started);
+            ended.push(Ended {
+                id,
+                attempt,
+                took,
+                admission: None,
+                slots,
+                retry_after: None,
+            });
+        }
+        if !ended.is_empty() {
+            self.attempts_done(ended);
+        }
+        if !applying.is_empty() {
+            self.apply_effects(applying);
+        }
+    }
+
+    /// Runs a tool op on a task of its own. One with external effects is first
+    /// marked started in the journal (once, on its first attempt): from then on a
+    /// crash leaves it `in_doubt`, never run again unasked.
+    pub(super) fn spawn_tool(
+        self: &Arc<Self>,
+        record: Arc<OpRecord>,
+        call: Arc<Call>,
+        token: CancellationToken,
+        admission: Breaker,
+        slots: Slots,
+    ) {
+        let ring = self.clone();
+        let stopping = self.stopping.clone();
+        self.tasks.spawn(async move {
+            let began = Instant::now();
+            let id = record.op_id;
+            // The reservation and the start mark are made whole before a cancel can
+            // drop the attempt: dropped in between, both would be stranded.
+            let begun = if call.has_external_effects() {
+                ring.begin_external(&record, &call).await
+            } else {
+                Ok(())
+            };
+            let run = async {
+                begun?;
+                let ctx = ring.tool_context(&record)?;
+                let timeout = Duration::from_millis(record.timeout_ms);
+                match tokio::time::timeout(timeout, ring.tools.run(&call, &ctx)).await {
+                    Ok(ran) => ran.map(Some),
+                    Err(_) => Ok(None),
+                }
+            };
+            let attempt = tokio::select! {
+                () = stopping.cancelled() => return,
+                () = token.cancelled() => Attempt::Cancelled,
+                ran = run => match ran {
+                    Ok(Some(result)) => Attempt::Ok(result),
+                    Ok(None) => Attempt::TimedOut,
+                    Err(e) => Attempt::Failed(e),
+                },
+            };
+            ring.attempts_done(vec![Ended::ran(id, attempt, began.elapsed(), admission, slots)]);
+        });
+    }
+
+    /// Before an op with external effects first runs: reserves the most all its
+    /// attempts can spend on its path's budgets, then makes its start mark, with
+    /// the reservation, durable. Later attempts find both done.
+    pub(super) async fn begin_external(&self, record: &OpRecord, call: &Call) -> Result<()> {
+        let id = record.op_id;
+        if self
+            .state
+            .lock()
+            .live
+            .get(&id)
+            .is_none_or(|live| live.started.is_some())
+        {
+            return Ok(());
+        }
+        let attempt_max = self.tools.max_spend(call);
+        let attempts = 1 + u64::from(record.retries.map_or(0, |r| r.count));
+        let reservation = if attempt_max == Spend::default() {
+            None
+        } else {
+            let micros = attempt_max.micros.saturating_mul(attempts);
+            let tokens = attempt_max.tokens.saturating_mul(attempts);
+            Some(
+                self.quotas
+                    .reserve(&record.tenant, record.agent, micros, tokens, Instant::now(), Utc::now())?,
+            )
+        };
+        let unreserve = || {
+            if let Some(r) = &reservation {
+                self.quotas.settle(&record.tenant, record.agent, r, 0, 0);
+            }
+        };
+        let mark = Entry::Started {
+            op_id: id,
+            incarnation: record.incarnation,
+            reserved: reservation.clone(),
+        };
+        let lsn = match self.journal.append(vec![mark.encode()]).await {
+            Ok(lsns) => lsns[0],
+            Err(e) => {
+                unreserve();
+                return Err(e);
+            }
+        };
+        let mut st = self.lock();
+        match st.live.get_mut(&id) {
+            Some(live) => {
+                live.started = Some(lsn);
+                live.reservation = reservation;
+                live.attempt_max = attempt_max;
+            }
+            None => {
+                unreserve();
+                self.journal.release(vec![lsn]);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a tool needs to know of its agent: its tool settings, and the process
+    /// limits of the agent within its tenant's.
+    pub(super) fn tool_context(&self, record: &OpRecord) -> Result<ToolContext> {
+        let bytes = self
+            .store
+            .view()
+            .get(self.store.keyspace(store::AGENTS), record.agent.as_bytes())
+            .map_err(|e| storage_error("read agents", e))?
+            .ok_or_else(|| Error::not_found("agent", record.agent))?;
+        let agent = crate::store::decode_agent(&bytes)?;
+        let own = self.quotas.limits(&Node::Agent(record.agent));
+        let group = own.group.as_ref().map_or_else(QuotaLimits::default, |name| {
+            self.quotas.limits(&Node::Group {
+                tenant: record.tenant.to_string(),
+                name: name.clone(),
+            })
+        });
+        let limits = own
+            .process_limits(&group)
+            .within(&self.quotas.limits(&Node::Tenant(record.tenant.to_string())));
+        Ok(ToolContext {
+            op_id: record.op_id,
+            agent: record.agent,
+            idempotency_key: record.idempotency.as_ref().map(|i| i.key.clone()),
+            settings: agent.tools,
+            limits,
+        })
+    }
+
+    /// Kernel-service ops: each one's effect and completion go to the store as one
+    /// write, and the batch's writes as one request. The breaker judges the op by
+    /// whether its write lands.
+    pub(super) fn apply_effects(self: &Arc<Self>, applying: Vec<(OpId, Effect, Breaker, Slots)>) {
+        let mut pending = Vec::with_capacity(applying.len());
+        {
+            let mut st = self.lock();
+            let at = Moment::read();
+            for (id, effect, admission, slots) in applying {
+                let Some((completion, digest, _)) =
+                    Self::completion_of(&mut st, id, CompletionStatus::Ok, None, None, at)
+                else {
+                    continue;
+                };
+                pending.push(Pending {
+                    completion,
+                    digest,
+                    effect: Some(effect),
+                    doubt: None,
+                    charge: None,
+                    admission: Some(admission),
+                    slots,
+                });
+            }
+        }
+        self.record(pending);
+    }
+
+    pub(super) fn read_state(&self, agent: &AgentId, key: &str) -> Result<Value> {
+        let bytes = self
+            .store
+            .view()
+            .get(self.store.keyspace(store::STATE), crate::store::state_key(agent, key))
+            .map_err(|e| storage_error("read", e))?;
+        let stored = bytes.as_deref().map(crate::store::decode_state).transpose()?;
+        match stored {
+            Some(stored) if !stored.is_tombstone() => {
+                let value: Value = serde_json::from_slice(stored.json)
+                    .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
+                Ok(serde_json::json!({ "key": key, "value": value, "version": stored.version }))
+            }
+            _ => Err(Error::not_found("state key", key)),
+        }
+    }
+
+    /// Ends attempts: records each with its breaker, then retries the op after its
+    /// backoff (on a timer, holding no slot) or completes it. One lock for all.
+    pub(super) fn attempts_done(self: &Arc<Self>, ended: Vec<Ended>) {
+        let mut retrying = Vec::new();
+        let mut finish = Vec::with_capacity(ended.len());
+        let mut out = Outbox::new(&self.events);
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            for Ended {
+                id,
+                attempt,
+                took,
+                admission,
+                slots,
+                retry_after,
+            } in ended
+            {
+                let transient = attempt.transient();
+                if let Some((breaker, admission)) = admission {
+                    breaker.record(admission, !transient, now);
+                }
+                let Some(live) = st.live.get_mut(&id) else { continue };
+                live.exec_time += took;
+                live.cancel = None;
+                if live.reservation.is_some() {
+                    // A call that timed out or was dropped may still be billed: it
+                    // counts at the most it could have cost.
+                    let spent = match &attempt {
+                        Attempt::Ok(result) => Tools::spent(result),
+                        Attempt::TimedOut | Attempt::Cancelled => live.attempt_max,
+                        Attempt::Failed(e) if e.code == ErrorCode::Timeout => live.attempt_max,
+                        Attempt::Failed(_) => Spend::default(),
+                    };
+                    live.spent.micros += spent.micros;
+                    live.spent.tokens += spent.tokens;
+                }
+                if transient
+                    && !live.cancel_requested
+                    && let Some(policy) = live.record.retries
+                    && live.attempts <= policy.count
+                {
+                    live.state = OpState::Backoff;
+                    self.metrics.retries.inc();
+                    retrying.push((id, policy.backoff(live.attempts).max(retry_after.unwrap_or_default())));
+                    continue;
+                }
+                let Slots { running, completing } = slots;
+                drop(running);
+                finish.push(
+                    match attempt {
+                        Attempt::Ok(result) => Finish::new(id, CompletionStatus::Ok, Some(result), None),
+                        // A tool that enforces a deadline of its own reports it as a timeout.
+                        Attempt::Failed(error) if error.code == ErrorCode::Timeout => {
+                            Finish::new(id, CompletionStatus::Timeout, None, Some(error))
+                        }
+                        Attempt::Failed(error) => Finish::new(id, CompletionStatus::Error, None, Some(error)),
+                        Attempt::TimedOut => Finish::new(
+                            id,
+                            CompletionStatus::Timeout,
+                            None,
+                            Some(Error::new(ErrorCode::Timeout, "the op timed out")),
+                        ),
+                        Attempt::Cancelled => Finish::cancelled(id, "cancelled while running"),
+                    }
+                    .with_slot(completing),
+                );
+            }
+            self.finish_locked(&mut st, finish, &mut out);
+        }
+        for (id, delay) in retrying {
+            let ring = self.clone();
+            let stopping = self.stopping.clone();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = stopping.cancelled() => {}
+                    () = tokio::time::sleep(delay) => ring.requeue(id),
+                }
+            });
+        }
+        self.deliver(out);
+    }
+
+    /// Lets ops held back by a quota's `queue` action start (once their
+    /// dependencies are done).
+    pub(super) fn start_delayed(self: &Arc<Self>, ids: Vec<OpId>) {
+        let mut finish = Vec::new();
+        let mut queued = false;
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            for id in ids {
+                if let Some(live) = st.live.get_mut(&id) {
+                    live.delayed = false;
+                    queued |= Self::release_if_ready(&mut st, id, now, &mut finish);
+                }
+            }
+            self.gauge_queues(&st);
+        }
+        if queued {
+            self.work.notify_one();
+        }
+        self.finish_all(finish);
+    }
+
+    /// Puts an op back in the queue after its backoff.
+    pub(super) fn requeue(self: &Arc<Self>, id: OpId) {
+        let mut finish = Vec::new();
+        {
+            let mut st = self.lock();
+            let Some(live) = st.live.get_mut(&id) else { return };
+            if live.finishing {
+                return;
+            }
+            if live.cancel_requested {
+                finish.push(Finish::cancelled(id, "cancelled while waiting to retry"));
+            } else {
+                live.state = OpState::Queued;
+                let (agent, priority) = (live.record.agent, live.record.priority);
+                st.scheduler.readmit(agent);
+                st.scheduler.enqueue(agent, priority, id, Instant::now());
+            }
+        }
+        self.work.notify_one();
+        self.finish_all(finish);
+    }
+}
