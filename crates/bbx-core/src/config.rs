@@ -213,12 +213,18 @@ impl Default for RingConfig {
 impl RingConfig {
     /// The shortest `ring.retention_secs` allowed.
     pub const MIN_RETENTION_SECS: u64 = 60;
+    /// The longest: ten years.
+    pub const MAX_RETENTION_SECS: u64 = 10 * 366 * 24 * 3600;
 
     fn validate(&self) -> Result<()> {
-        if self.retention_secs < Self::MIN_RETENTION_SECS {
+        if !(Self::MIN_RETENTION_SECS..=Self::MAX_RETENTION_SECS).contains(&self.retention_secs) {
             return Err(Error::invalid_field(
                 "ring.retention_secs",
-                format!("ring.retention_secs must be at least {}", Self::MIN_RETENTION_SECS),
+                format!(
+                    "ring.retention_secs must be {} (a minute) to {} (ten years)",
+                    Self::MIN_RETENTION_SECS,
+                    Self::MAX_RETENTION_SECS
+                ),
             ));
         }
         let positive = [

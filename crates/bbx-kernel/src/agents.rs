@@ -70,6 +70,9 @@ impl Kernel {
 
     pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
         self.load_agent(caller, id)?;
+        // Under the quota updates' lock: a concurrent `set_quota` on this agent
+        // either lands before (and its limits go with the agent) or finds no agent.
+        let _serial = self.quota_updates.lock().await;
         self.store.write(Write::DeleteAgent(*id)).await?;
         self.tenants.deletions.fetch_add(1, Ordering::AcqRel);
         self.tenants.tenants.write().remove(id);

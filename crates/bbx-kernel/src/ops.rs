@@ -14,15 +14,18 @@ impl Kernel {
         let retention = chrono::Duration::seconds(self.config.ring.retention_secs as i64);
         let before = (now - retention).min(self.ring.replay_horizon());
         let mut expired = 0;
+        let mut after = None;
         loop {
             let step = Write::ExpireOps {
                 before,
                 max: EXPIRY_STEP,
+                after,
             };
             let step: store::Expired = self.store.write(step).await?.into_output()?;
             expired += step.count;
-            if !step.more {
-                return Ok(expired);
+            match step.resume {
+                Some(resume) => after = Some(resume),
+                None => return Ok(expired),
             }
         }
     }

@@ -137,6 +137,10 @@ impl Kernel {
     /// `group`; it changes only while the agent is idle.
     pub async fn set_quota(&self, caller: &Caller, node: &Node, update: QuotaLimits) -> Result<QuotaInfo> {
         update.validate()?;
+        // One update at a time from check to store: two concurrent updates of
+        // different limits would otherwise each write back the other's old value,
+        // and an update racing its agent's deletion could outlive the agent.
+        let _serial = self.quota_updates.lock().await;
         match node {
             Node::Tenant(_) => caller.require_admin("set a tenant's quota")?,
             Node::Group { tenant, .. } => caller.check_tenant(tenant)?,
@@ -147,9 +151,6 @@ impl Kernel {
         if update.group.is_some() && !matches!(node, Node::Agent(_)) {
             return Err(Error::invalid_field("group", "only an agent joins a group"));
         }
-        // One update at a time from read to store: two concurrent updates of
-        // different limits would otherwise each write back the other's old value.
-        let _serial = self.quota_updates.lock().await;
         let previous = self.quotas.limits(node);
         let limits = previous.merged(&update);
         let json = serde_json::to_vec(&limits).map_err(|e| Error::internal(e.to_string()))?;

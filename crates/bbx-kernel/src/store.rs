@@ -88,6 +88,9 @@ pub(crate) enum Write {
     ExpireOps {
         before: DateTime<Utc>,
         max: usize,
+        /// Where the previous step of the sweep stopped: the ops before it that are
+        /// left (in doubt, or completed late) are not read again.
+        after: Option<OpId>,
     },
 }
 
@@ -416,7 +419,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
             }
             Ok(Applied::Done)
         }
-        Write::ExpireOps { before, max } => {
+        Write::ExpireOps { before, max, after } => {
             // An op in doubt waits for an operator, however old it is: it is
             // passed over, and the step ends only when `max` others are found
             // or the old ops run out (so old ops in doubt cannot stall expiry).
@@ -424,28 +427,33 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
             // submission: every op that completed in time is in this range; the
             // ones of it that completed later (long runs) are passed over too.
             let submitted_before = OpId::lowest_at(before.timestamp_millis().max(0) as u64);
+            let start = match after {
+                Some(id) => std::ops::Bound::Excluded(id.as_bytes().to_vec()),
+                None => std::ops::Bound::Unbounded,
+            };
+            let end = std::ops::Bound::Excluded(submitted_before.as_bytes().to_vec());
             let mut expired = Vec::new();
-            let mut finished = true;
-            for item in tx.keyspace(OPS)?.range(..submitted_before.as_bytes().to_vec()) {
-                let (key, value) = item.into_inner().map_err(|e| storage_error("scan ops", e))?;
+            let mut resume = None;
+            for item in tx.keyspace(OPS)?.range((start, end)) {
+                let value = item.value().map_err(|e| storage_error("scan ops", e))?;
                 let completion = decode_completion(&value)?;
                 if completion.status == CompletionStatus::InDoubt || completion.completed_at >= *before {
                     continue;
                 }
+                expired.push(completion);
                 if expired.len() == *max {
-                    finished = false;
+                    resume = expired.last().map(|c| c.op_id);
                     break;
                 }
-                expired.push((key.to_vec(), completion));
             }
             let count = expired.len();
-            for (key, completion) in expired {
+            for completion in expired {
                 if let Some(idempotency) = &completion.idempotency_key {
                     tx.remove(IDEM, idempotency_key(&completion.agent, idempotency));
                 }
-                tx.remove(OPS, key);
+                tx.remove(OPS, completion.op_id.as_bytes().to_vec());
             }
-            Ok(Applied::output(Expired { count, more: !finished }))
+            Ok(Applied::output(Expired { count, resume }))
         }
     }
 }
@@ -511,11 +519,12 @@ fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, at: DateTime
     }
 }
 
-/// What one expiry step forgot: how many completions, and whether more are due.
+/// What one expiry step forgot: how many completions, and where the next step
+/// goes on (none: the sweep is done).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Expired {
     pub count: usize,
-    pub more: bool,
+    pub resume: Option<OpId>,
 }
 
 #[derive(Clone, Copy)]

@@ -251,17 +251,19 @@ async fn idempotency_records_expire_by_completion_time_once_the_journal_will_not
 }
 
 #[test]
-fn retention_has_a_lower_bound() {
-    let over = ConfigLayer {
-        ring: Some(RingConfig {
-            retention_secs: 0,
+fn retention_is_bounded() {
+    for retention_secs in [0, 59, RingConfig::MAX_RETENTION_SECS + 1, u64::MAX] {
+        let over = ConfigLayer {
+            ring: Some(RingConfig {
+                retention_secs,
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let refused = KernelConfig::resolve(ConfigLayer::default(), over).unwrap_err();
-    assert_eq!(refused.code, ErrorCode::InvalidArgument);
-    assert!(refused.message.contains("ring.retention_secs"), "{}", refused.message);
+        };
+        let refused = KernelConfig::resolve(ConfigLayer::default(), over).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidArgument);
+        assert!(refused.message.contains("ring.retention_secs"), "{}", refused.message);
+    }
 }
 
 #[tokio::test]
@@ -815,5 +817,45 @@ async fn a_key_submitted_while_its_op_completes_joins_it() {
         assert_eq!(ids.len(), 1, "round {round}: one op per key, not {ids:?}");
         let value = ring.result(*ids.first().unwrap()).await;
         assert_eq!(value["value"], 1, "round {round}: the op ran once");
+    }
+}
+
+/// A sweep runs in bounded steps, each going on where the last stopped: more
+/// completions than one step takes all expire, and the ops passed over (in doubt,
+/// or completed after the cutoff) stay.
+#[tokio::test]
+async fn a_sweep_expires_more_than_one_step_in_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = open(dir.path(), RingConfig::default()).await;
+    let agent = ring.agent().await;
+    let ops: Vec<SubmitOp> = (0..1500)
+        .map(|i| keyed(agent, "noop", json!({}), &format!("k{i}")))
+        .collect();
+    let submitted = ring.submit(ops).await.unwrap();
+    let mut last_done = None;
+    for op in &submitted.ops {
+        last_done = Some(ring.wait(op.op_id).await.completion.unwrap().completed_at);
+    }
+    let later = ring.one(keyed(agent, "noop", json!({}), "later")).await;
+    let later_done = ring.wait(later).await.completion.unwrap().completed_at;
+    // A cutoff just after the batch's completions: the later op's is at or after it,
+    // unless both fell in one millisecond.
+    let retention = chrono::Duration::seconds(RingConfig::default().retention_secs as i64);
+    let cutoff = last_done.unwrap() + chrono::Duration::milliseconds(1);
+    let mut expired = 0;
+    for _ in 0..100 {
+        expired += ring.kernel.expire_completions(cutoff + retention).await.unwrap();
+        if expired >= 1500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(expired >= 1500, "{expired} of the batch expired");
+    let again = ring
+        .submit(vec![keyed(agent, "noop", json!({}), "later")])
+        .await
+        .unwrap();
+    if later_done >= cutoff {
+        assert!(again.ops[0].deduplicated, "the op completed after the cutoff stays");
     }
 }

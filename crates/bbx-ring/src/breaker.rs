@@ -213,7 +213,7 @@ impl CircuitBreaker {
 /// configuration. Keyed by tenant first: one tenant's failures never open a
 /// breaker another tenant's calls go through, and a tenant is shown only its own.
 ///
-/// Breakers idle for [`Breakers::IDLE`] (and not open) are forgotten by
+/// Breakers idle for [`Breakers::IDLE`] (and closed) are forgotten by
 /// [`Breakers::evict_idle`]; a tenant holds at most [`Breakers::PER_TENANT`], so
 /// calls to ever new hosts cannot grow the map without bound.
 pub struct Breakers {
@@ -277,6 +277,7 @@ impl Breakers {
         let mut all = self.by_tenant.write();
         let targets = all.entry(tenant.clone()).or_default();
         if let Some(tracked) = targets.get(target) {
+            tracked.last_used.store(seconds, Ordering::Relaxed);
             return tracked.clone();
         }
         if targets.len() >= Self::PER_TENANT {
@@ -305,8 +306,9 @@ impl Breakers {
         }
     }
 
-    /// Forgets breakers unused for [`Self::IDLE`] that are not open, and tenants
-    /// left with none; returns how many breakers went.
+    /// Forgets breakers unused for [`Self::IDLE`] that are closed (an open or
+    /// half-open one still has a say), and tenants left with none; returns how
+    /// many breakers went.
     pub fn evict_idle(&self, now: Instant) -> usize {
         let seconds = self.seconds(now);
         let idle = Self::IDLE.as_secs();
@@ -359,7 +361,7 @@ impl Breakers {
 
 impl Tracked {
     fn evictable(&self, seconds: u64, idle: u64) -> bool {
-        self.state() != BreakerState::Open && seconds.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= idle
+        self.state() == BreakerState::Closed && seconds.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= idle
     }
 }
 

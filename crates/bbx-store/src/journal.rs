@@ -34,11 +34,14 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const MAX_GROUP: usize = 16_384;
 
 /// Records to append, and where to send their lsns once they are durable.
-type Append = (Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Lsn>>>);
+/// Records, the latest time their group may be stamped with (see
+/// [`JournalWriter::append_copies`]), and where to send their lsns.
+type Append = (Vec<Vec<u8>>, Option<u64>, oneshot::Sender<Result<Vec<Lsn>>>);
 
 enum Message {
     Append {
         records: Vec<Vec<u8>>,
+        stamp_by: Option<u64>,
         reply: oneshot::Sender<Result<Vec<Lsn>>>,
     },
     /// These records' ops have durable completions: the records may go.
@@ -141,18 +144,33 @@ impl JournalWriter {
 
     /// Appends the records and waits until they are durable; returns their lsns.
     pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<Vec<Lsn>> {
-        self.send_append(records)?.await.map_err(|_| stopped())?
+        self.send_append(records, None)?.await.map_err(|_| stopped())?
+    }
+
+    /// [`Self::append`] for copies of records of ops that may complete before the
+    /// copies are written (the ring's copy-forward of long-running ops): their group
+    /// is stamped no later than `picked`, the time the ops were last seen running,
+    /// so that the replay horizon cannot pass a copy of an op completed after it.
+    pub async fn append_copies(&self, records: Vec<Vec<u8>>, picked: DateTime<Utc>) -> Result<Vec<Lsn>> {
+        let picked = picked.timestamp_millis().max(0) as u64;
+        self.send_append(records, Some(picked))?.await.map_err(|_| stopped())?
     }
 
     /// [`Self::append`] for a thread outside the async runtime (the store's committer).
     pub fn append_blocking(&self, records: Vec<Vec<u8>>) -> Result<Vec<Lsn>> {
-        self.send_append(records)?.blocking_recv().map_err(|_| stopped())?
+        self.send_append(records, None)?
+            .blocking_recv()
+            .map_err(|_| stopped())?
     }
 
-    fn send_append(&self, records: Vec<Vec<u8>>) -> Result<oneshot::Receiver<Result<Vec<Lsn>>>> {
+    fn send_append(&self, records: Vec<Vec<u8>>, stamp_by: Option<u64>) -> Result<oneshot::Receiver<Result<Vec<Lsn>>>> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send(Message::Append { records, reply })
+            .send(Message::Append {
+                records,
+                stamp_by,
+                reply,
+            })
             .map_err(|_| Error::unavailable("the kernel is shutting down"))?;
         Ok(answer)
     }
@@ -215,9 +233,13 @@ impl Writer {
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
-                    Message::Append { records, reply } => {
+                    Message::Append {
+                        records,
+                        stamp_by,
+                        reply,
+                    } => {
                         queued += records.len();
-                        group.push((records, reply));
+                        group.push((records, stamp_by, reply));
                     }
                     Message::Release(lsns) => {
                         for lsn in lsns {
@@ -248,7 +270,7 @@ impl Writer {
         // anything of that Append is buffered: the rest of the group, whose
         // records are fine, is not failed with it.
         let max = self.journal.max_payload();
-        group.retain_mut(|(records, reply)| {
+        group.retain_mut(|(records, _, reply)| {
             let Some(size) = records.iter().map(Vec::len).find(|len| *len > max) else {
                 return true;
             };
@@ -266,7 +288,7 @@ impl Writer {
         let started = Instant::now();
         let mut assigned = Vec::with_capacity(group.len());
         let mut failure = None;
-        for (records, _) in group.iter() {
+        for (records, _, _) in group.iter() {
             let mut lsns = Vec::with_capacity(records.len());
             for record in records {
                 match self.journal.append(record) {
@@ -289,8 +311,9 @@ impl Writer {
         });
         if outcome.is_ok() {
             if let Some(first) = assigned.iter().find_map(|lsns| lsns.first()) {
-                let last = self.stamps.back().map_or(0, |(_, ms)| *ms);
-                self.stamps.push_back((*first, wall_millis().max(last)));
+                let stamp_by = group.iter().filter_map(|(_, by, _)| *by).min();
+                let now = wall_millis();
+                self.stamps.push_back((*first, stamp_by.map_or(now, |by| by.min(now))));
             }
             let took = started.elapsed();
             self.syncs += 1;
@@ -299,7 +322,7 @@ impl Writer {
             self.metrics.sync_seconds.observe(took.as_secs_f64());
             let _ = self.sync_latency.record(took.as_micros() as u64);
         }
-        for ((records, reply), lsns) in group.drain(..).zip(assigned) {
+        for ((records, _, reply), lsns) in group.drain(..).zip(assigned) {
             match &outcome {
                 Ok(_) => {
                     self.records += records.len() as u64;
@@ -333,18 +356,23 @@ impl Writer {
             tracing::error!(error = %e, "journal checkpoint failed");
             return;
         }
-        // The oldest replayed record is in the last group starting at or below it.
+        // The oldest replayed record is in the last group starting at or below it;
+        // every group from there on is replayed. Their earliest stamp bounds the
+        // horizon: stamps need not grow (copies are stamped early, and the wall
+        // clock may step back).
         while self.stamps.len() > 1 && self.stamps[1].0 <= upto {
             self.stamps.pop_front();
         }
         let horizon = match self.stamps.front() {
             _ if self.held.is_empty() => Some(now),
-            Some((first, ms)) if *first <= upto => Some(*ms),
+            Some((first, _)) if *first <= upto => self.stamps.iter().map(|(_, ms)| *ms).min(),
             // Held since before this start: when it was written is not known.
             _ => None,
         };
+        // Stored even when it moved back (a copy stamped early): what counts is
+        // what is replayed now.
         if let Some(horizon) = horizon {
-            self.horizon.fetch_max(horizon, Ordering::AcqRel);
+            self.horizon.store(horizon, Ordering::Release);
         }
     }
 
@@ -447,6 +475,40 @@ mod tests {
         }
         assert!(moved, "released, it moves on with the next checkpoint");
         assert!(writer.replay_horizon() > before_held);
+        writer.close().await;
+    }
+
+    /// Copies of records of ops that may have completed meanwhile are stamped with
+    /// the time their ops were picked: while such a copy is replayed, the horizon
+    /// stays before that time, whatever the clock says when it is written.
+    #[tokio::test]
+    async fn a_copy_stamped_early_holds_the_horizon_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let writer = JournalWriter::start(journal, BTreeSet::new(), JournalMetrics::default(), 0).unwrap();
+        let picked = Utc::now() - chrono::Duration::hours(1);
+        let copy = writer.append_copies(vec![b"copy".to_vec()], picked).await.unwrap();
+        for _ in 0..3 {
+            let lsns = writer.append(vec![b"later".to_vec()]).await.unwrap();
+            writer.release(lsns);
+            tokio::time::sleep(CHECKPOINT_EVERY / 2).await;
+        }
+        assert!(
+            writer.replay_horizon() <= picked,
+            "{} after {picked}",
+            writer.replay_horizon()
+        );
+        writer.release(copy);
+        let mut moved = false;
+        for _ in 0..50 {
+            writer.append(vec![]).await.unwrap();
+            if writer.replay_horizon() > picked + chrono::Duration::minutes(59) {
+                moved = true;
+                break;
+            }
+            tokio::time::sleep(CHECKPOINT_EVERY / 10).await;
+        }
+        assert!(moved, "released, the copy no longer holds it back");
         writer.close().await;
     }
 }

@@ -173,6 +173,9 @@ struct Live {
 struct StateGuard<'a> {
     state: parking_lot::MutexGuard<'a, RingState>,
     poisoned: &'a AtomicBool,
+    /// Taken while the thread was already unwinding (a lock in a `Drop`): a
+    /// panic then is not one that struck while the state was being changed.
+    unwinding: bool,
 }
 
 impl std::ops::Deref for StateGuard<'_> {
@@ -191,7 +194,7 @@ impl std::ops::DerefMut for StateGuard<'_> {
 
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() && !self.poisoned.swap(true, Ordering::AcqRel) {
+        if std::thread::panicking() && !self.unwinding && !self.poisoned.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 "a panic while the ring's state was locked: it may be half changed, so the kernel \
                  refuses new ops and reports not ready; restart it to recover from the journal"
@@ -550,6 +553,7 @@ impl Ring {
         StateGuard {
             state: self.state.lock(),
             poisoned: &self.poisoned,
+            unwinding: std::thread::panicking(),
         }
     }
 

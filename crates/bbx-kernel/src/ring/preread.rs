@@ -72,9 +72,14 @@ impl Preread {
         deps: &[Vec<Dependency>],
     ) -> Result<Self> {
         let mut preread = Self::default();
+        // Every epoch before the view: a keyed op that leaves the ring after its
+        // epoch was read moves the epoch, and one that left before had its
+        // completion in the store already, so in this view.
+        let epochs: Vec<(AgentId, &str, u64)> = keys
+            .map(|(agent, key)| (agent, key, ring.key_epochs.read(&agent, key)))
+            .collect();
         let view = ring.store.view();
-        for (agent, key) in keys {
-            let epoch = ring.key_epochs.read(&agent, key);
+        for (agent, key, epoch) in epochs {
             let stored = view
                 .get(ring.store.keyspace(store::IDEM), idempotency_key(&agent, key))
                 .map_err(|e| storage_error("read idempotency keys", e))?
@@ -109,5 +114,43 @@ impl Preread {
             Some(done) => Ok(Some(done.clone())),
             None => Ok(ring.stored_completion(id)?.map(Arc::new)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::tests::kernel;
+    use bbx_core::op::{SubmitBatch, SubmitOp};
+
+    /// A miss read at an epoch that moved since (an op of that key left the ring
+    /// in between) is read again; one at the current epoch stands.
+    #[tokio::test]
+    async fn a_miss_read_before_a_keyed_op_left_the_ring_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, admin, agent) = kernel(dir.path()).await;
+        let ring = &kernel.ring;
+        let before = ring.key_epochs.read(&agent, "k");
+        let mut keyed = SubmitOp::new(agent, "noop", serde_json::json!({}));
+        keyed.idempotency_key = Some("k".into());
+        let batch = SubmitBatch {
+            ops: vec![keyed],
+            wait_ms: None,
+        };
+        let id = kernel.submit(&admin, batch).await.unwrap().ops[0].op_id;
+        let done = kernel
+            .wait_op(&admin, &id, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(done.completion.is_some());
+
+        let mut stale = Preread::default();
+        stale.keys.insert((agent, "k".to_owned()), (before, None));
+        assert_eq!(stale.key(ring, &agent, "k").unwrap().map(|(op, _)| op), Some(id));
+        let mut current = Preread::default();
+        let epoch = ring.key_epochs.read(&agent, "other");
+        current.keys.insert((agent, "other".to_owned()), (epoch, None));
+        assert!(current.key(ring, &agent, "other").unwrap().is_none());
+        kernel.shutdown().await;
     }
 }

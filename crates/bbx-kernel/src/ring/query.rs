@@ -233,6 +233,8 @@ impl Ring {
     pub fn stats(&self, caller: &Caller) -> RingStats {
         let running = self.running.used.load(Ordering::Acquire);
         let completing = self.completing.used.load(Ordering::Acquire);
+        // Listed before the ring's lock is taken: an administrator's list can be long.
+        let breakers = self.breakers(caller);
         let st = self.lock();
         let queued = Priority::ALL
             .iter()
@@ -269,7 +271,7 @@ impl Ring {
                 .iter()
                 .map(|p| (*p, percentiles(&st.counters.latency[p.rank()])))
                 .collect(),
-            breakers: self.breakers(caller),
+            breakers,
             // The kernel serves the sessions; it fills this in.
             shm_sessions: 0,
         }

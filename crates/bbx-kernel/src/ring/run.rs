@@ -28,6 +28,8 @@ impl Ring {
     /// where the journal ends now.
     pub(crate) async fn copy_forward(&self, floor: Lsn) -> Result<Lsn> {
         let next = self.journal.status().await?.next_lsn;
+        // Read before the ops are picked: each was still running then.
+        let picked_at = Utc::now();
         let picked: Vec<CopyForward> = {
             let st = self.lock();
             st.live
@@ -58,7 +60,7 @@ impl Ring {
             .iter()
             .flat_map(|(_, _, entries)| entries.iter().cloned())
             .collect();
-        let mut lsns = self.journal.append(records).await?.into_iter();
+        let mut lsns = self.journal.append_copies(records, picked_at).await?.into_iter();
         let mut released = Vec::new();
         let mut st = self.lock();
         for ((id, before, _), count) in picked.into_iter().zip(counts) {

@@ -62,7 +62,11 @@ impl Ring {
         let deadline = wait.map(|w| Instant::now() + w);
         let (slots, records) = loop {
             let room = self.room.notified();
-            match self.admit(caller, &mut checked, &deps, &preread) {
+            // A submitter that may wait counts itself before it tries: a slot freed
+            // between a refusal and the count would otherwise wake nobody.
+            let waiting = deadline.map(|_| WaitingForRoom::count(&self.room_waiters));
+            let admitted = self.admit(caller, &mut checked, &deps, &preread);
+            match admitted {
                 Ok(admitted) => break admitted,
                 // Raised before any op of the batch is registered: a retry finds
                 // none of them live, and reuses their ids and records as they are.
@@ -71,9 +75,8 @@ impl Ring {
                         self.metrics.refused.inc();
                         return Err(e);
                     };
-                    self.room_waiters.fetch_add(1, Ordering::AcqRel);
                     let _ = tokio::time::timeout(left, room).await;
-                    self.room_waiters.fetch_sub(1, Ordering::AcqRel);
+                    drop(waiting);
                 }
                 Err(e) => return Err(e),
             }
@@ -534,5 +537,21 @@ impl Ring {
             return true;
         }
         false
+    }
+}
+
+/// A submitter counted among those waiting for room while it lives.
+struct WaitingForRoom<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingForRoom<'a> {
+    fn count(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::AcqRel);
+        Self(waiters)
+    }
+}
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

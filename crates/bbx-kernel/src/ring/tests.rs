@@ -33,11 +33,8 @@ async fn a_claimer_that_went_without_is_woken_when_slots_come_back() {
         .expect("a returned permit wakes the starved claimer");
 }
 
-/// A caller that polls an op with short timeouts leaves nothing behind: each
-/// timed-out wait takes its waiter with it, and so does one dropped mid-way (a
-/// closed HTTP connection).
 /// A kernel on `dir`, its administrator, and an agent.
-async fn kernel(dir: &std::path::Path) -> (Arc<crate::Kernel>, Caller, AgentId) {
+pub(super) async fn kernel(dir: &std::path::Path) -> (Arc<crate::Kernel>, Caller, AgentId) {
     let layer = bbx_core::config::ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         ..Default::default()
@@ -82,6 +79,9 @@ async fn a_panic_under_the_lock_stops_the_kernel_serving() {
     kernel.shutdown().await;
 }
 
+/// A caller that polls an op with short timeouts leaves nothing behind: each
+/// timed-out wait takes its waiter with it, and so does one dropped mid-way (a
+/// closed HTTP connection).
 #[tokio::test]
 async fn waits_that_time_out_or_are_dropped_leave_no_waiter() {
     let dir = tempfile::tempdir().unwrap();
