@@ -30,13 +30,14 @@ mod quota;
 mod ring;
 mod session;
 mod shm;
+mod state_ops;
 mod store;
 
 pub use auth::Caller;
 pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
 pub use journal_check::{JournalCheck, JournalProblem, repair_journal, verify_journal};
-pub use ring::{KINDS, RingMetrics};
+pub use ring::RingMetrics;
 pub use session::Session;
 
 use agents::spawn_purge;
@@ -197,8 +198,11 @@ impl Kernel {
             ring_metrics,
             recovery.records,
             tasks.clone(),
-            tools.clone(),
-            quotas.clone(),
+            ring::Services {
+                tools: tools.clone(),
+                quotas: quotas.clone(),
+                components: Arc::new(components()?),
+            },
         )
         .await?;
         spawn_store_checkpoints(&tasks, store.clone(), ring.stopping());
@@ -276,6 +280,13 @@ impl Kernel {
             caller,
         }
     }
+}
+
+/// The components whose op kinds the ring serves: one line each.
+fn components() -> Result<bbx_component::Components> {
+    let mut components = bbx_component::Components::default();
+    components.register(Arc::new(state_ops::StateOps))?;
+    Ok(components)
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {

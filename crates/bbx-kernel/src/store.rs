@@ -63,7 +63,7 @@ pub(crate) enum Write {
     /// effect that fails turns the completion into that error and changes nothing.
     Complete {
         completion: Arc<Completion>,
-        effect: Option<Effect>,
+        effect: Option<Arc<dyn bbx_component::EffectOp>>,
         /// The args digest, recorded with the key so a later duplicate is recognized.
         digest: Option<String>,
         /// For an `in_doubt` completion: the op's journal entry, kept until an
@@ -350,7 +350,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
         } => {
             let mut completion = Box::new(Completion::clone(completion));
             if let Some(effect) = effect {
-                match apply_effect(tx, &completion.agent, effect, completion.completed_at) {
+                match effect.stage(tx, &completion.agent, completion.completed_at) {
                     Ok(result) => completion.result = Some(result),
                     Err(error) => {
                         completion.status = CompletionStatus::Error;
@@ -460,7 +460,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
 
 /// Applies a kernel-service op's effect and returns its result. Like `apply`,
 /// every fallible step comes before the one `put`.
-fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, at: DateTime<Utc>) -> Result<Value> {
+pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, at: DateTime<Utc>) -> Result<Value> {
     // Existence is all an effect needs of its agent; decoding the record per op
     // would cost the committer more than the effect itself.
     if !tx.cache::<KnownAgents>().0.contains(agent) {

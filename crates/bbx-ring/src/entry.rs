@@ -170,19 +170,6 @@ impl Entry {
     }
 }
 
-/// What executing a kind can do to the world; it decides how an op is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effects {
-    /// Nothing (`noop`, `sleep`, `state.get`): not journaled; lost ops are harmless.
-    None,
-    /// Changes kernel state: journaled, and its effect commits atomically with its
-    /// completion, so it is re-run after a crash exactly when it had not happened.
-    Kernel,
-    /// Changes the world outside the kernel (a tool): journaled, marked started
-    /// before it runs, and `in_doubt` after a crash that interrupted it.
-    External,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

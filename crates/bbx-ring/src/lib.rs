@@ -16,8 +16,9 @@ pub mod entry;
 pub mod scheduler;
 pub mod shm;
 
+pub use bbx_core::op::Effects;
 pub use breaker::{
     Admission, BreakerConfig, BreakerState, BreakerStats, Breakers, CircuitBreaker, Rejected, TargetStats, Tracked,
 };
-pub use entry::{Effects, Entry, Idempotency, OpRecord};
+pub use entry::{Entry, Idempotency, OpRecord};
 pub use scheduler::{Next, Refused, Scheduler, SchedulerConfig};

@@ -29,12 +29,11 @@ mod query;
 mod run;
 mod submit;
 
-pub use exec::KINDS;
 pub use metrics::RingMetrics;
 
 use crate::auth::Caller;
 use crate::store::{
-    self, Applied, Effect, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
+    self, Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
 };
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
@@ -108,6 +107,15 @@ pub(crate) struct Ring {
     tasks: TaskTracker,
     tools: Arc<Tools>,
     quotas: Arc<Quotas>,
+    /// The components whose op kinds the ring runs.
+    components: Arc<bbx_component::Components>,
+}
+
+/// What the ring runs ops with, and the quotas it reserves and gives back.
+pub(crate) struct Services {
+    pub tools: Arc<Tools>,
+    pub quotas: Arc<Quotas>,
+    pub components: Arc<bbx_component::Components>,
 }
 
 /// Maps keyed by op id hash with Fx: ids are random UUIDv7s the ring generates, so
@@ -304,7 +312,7 @@ type Breaker = (Arc<Tracked>, Admission);
 struct Pending {
     completion: Arc<Completion>,
     digest: Option<String>,
-    effect: Option<Effect>,
+    effect: Option<Arc<dyn bbx_component::EffectOp>>,
     /// For an `in_doubt` completion: the op, kept so it can be retried.
     doubt: Option<Arc<OpRecord>>,
     /// The budget charge that commits with the completion.

@@ -7,7 +7,6 @@ impl Ring {
     /// (the journal's records after its checkpoint): ops accepted but not completed
     /// are queued again and their records kept; the ring's other records are
     /// released. The store has already replayed its own records.
-    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         config: RingConfig,
         store: Arc<Store>,
@@ -15,8 +14,7 @@ impl Ring {
         metrics: RingMetrics,
         recovered: Vec<bbx_journal::Record>,
         tasks: TaskTracker,
-        tools: Arc<Tools>,
-        quotas: Arc<Quotas>,
+        services: Services,
     ) -> Result<Arc<Self>> {
         let view = store.view();
         // An op retried after it was in doubt is journaled again, one incarnation
@@ -70,7 +68,7 @@ impl Ring {
         }
         released.retain(|lsn| !held.contains(lsn));
         journal.release(released);
-        let ring = Arc::new(Self::new(config, store, journal, metrics, tasks.clone(), tools, quotas));
+        let ring = Arc::new(Self::new(config, store, journal, metrics, tasks.clone(), services));
         if !pending.is_empty() {
             tracing::info!(ops = pending.len(), "re-queued journaled ops that had not completed");
         }
@@ -87,8 +85,11 @@ impl Ring {
         journal: JournalWriter,
         metrics: RingMetrics,
         tasks: TaskTracker,
-        tools: Arc<Tools>,
-        quotas: Arc<Quotas>,
+        Services {
+            tools,
+            quotas,
+            components,
+        }: Services,
     ) -> Self {
         let scheduler = Scheduler::new(SchedulerConfig {
             capacity: config.submission_capacity,
@@ -135,6 +136,7 @@ impl Ring {
             tasks,
             tools,
             quotas,
+            components,
         }
     }
 
@@ -149,7 +151,7 @@ impl Ring {
         let mut st = self.lock();
         let now = Instant::now();
         for Recovered { lsn, started, op } in pending {
-            let exec = Exec::parse(&op.kind, &op.args)?;
+            let exec = Exec::parse(&self.components, &op.kind, &op.args)?;
             st.scheduler.readmit(op.agent);
             let id = op.op_id;
             self.quotas.reacquire(&op.tenant, op.agent, 1);

@@ -78,7 +78,7 @@ impl Ring {
                 ));
             };
             caller.check_owner(&live.record.tenant, "op", id)?;
-            if live.finishing || (live.state == OpState::Running && matches!(live.exec, Exec::State(_))) {
+            if live.finishing || (live.state == OpState::Running && matches!(live.exec, Exec::Effect(_))) {
                 return Err(Error::new(
                     ErrorCode::FailedPrecondition,
                     format!("op {id} is already being completed"),
@@ -184,7 +184,7 @@ impl Ring {
         record.incarnation += 1;
         // Its dependencies were met when it first ran.
         record.depends_on.clear();
-        let exec = Exec::parse(&record.kind, &record.args)?;
+        let exec = Exec::parse(&self.components, &record.kind, &record.args)?;
         let (tenant, agent) = (record.tenant.clone(), record.agent);
         self.quotas.acquire(&tenant, agent, 1).map_err(Error::from)?;
         let admitted = self.lock().scheduler.admit(&[(agent, record.priority)]);

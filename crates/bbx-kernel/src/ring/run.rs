@@ -207,9 +207,9 @@ impl Ring {
             let (attempt, took) = match exec {
                 // Nothing to time: a clock read would cost more than the op.
                 Exec::Noop => (Attempt::Ok(Value::Null), Duration::ZERO),
-                Exec::StateGet { key } => {
+                Exec::Read(read) => {
                     let reading = Instant::now();
-                    let attempt = match self.read_state(&record.agent, &key) {
+                    let attempt = match read.read(&self.store, &record.agent) {
                         Ok(value) => Attempt::Ok(value),
                         Err(e) => Attempt::Failed(e),
                     };
@@ -233,7 +233,7 @@ impl Ring {
                     });
                     continue;
                 }
-                Exec::State(effect) => {
+                Exec::Effect(effect) => {
                     // Handed to the store, the op only waits for its group's sync:
                     // it gives its running slot back at once (its completion slot
                     // still bounds what waits), so the dispatcher keeps feeding the
@@ -406,7 +406,10 @@ impl Ring {
     /// Kernel-service ops: each one's effect and completion go to the store as one
     /// write, and the batch's writes as one request. The breaker judges the op by
     /// whether its write lands.
-    pub(super) fn apply_effects(self: &Arc<Self>, applying: Vec<(OpId, Effect, Breaker, Slots)>) {
+    pub(super) fn apply_effects(
+        self: &Arc<Self>,
+        applying: Vec<(OpId, Arc<dyn bbx_component::EffectOp>, Breaker, Slots)>,
+    ) {
         let mut pending = Vec::with_capacity(applying.len());
         {
             let mut st = self.lock();
@@ -429,23 +432,6 @@ impl Ring {
             }
         }
         self.record(pending);
-    }
-
-    pub(super) fn read_state(&self, agent: &AgentId, key: &str) -> Result<Value> {
-        let bytes = self
-            .store
-            .view()
-            .get(self.store.keyspace(store::STATE), crate::store::state_key(agent, key))
-            .map_err(|e| storage_error("read", e))?;
-        let stored = bytes.as_deref().map(crate::store::decode_state).transpose()?;
-        match stored {
-            Some(stored) if !stored.is_tombstone() => {
-                let value: Value = serde_json::from_slice(stored.json)
-                    .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
-                Ok(serde_json::json!({ "key": key, "value": value, "version": stored.version }))
-            }
-            _ => Err(Error::not_found("state key", key)),
-        }
     }
 
     /// Ends attempts: records each with its breaker, then retries the op after its

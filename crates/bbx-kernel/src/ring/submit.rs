@@ -179,7 +179,7 @@ impl Ring {
 
     /// The checks of one op that need no shared state; makes its record.
     pub(super) fn check(&self, op: SubmitOp, tenant: Arc<str>, submitted_at: DateTime<Utc>) -> Result<Checked> {
-        let exec = Exec::parse(&op.kind, &op.args)?;
+        let exec = Exec::parse(&self.components, &op.kind, &op.args)?;
         let size = json_size(&op.args);
         if size > self.config.max_args_bytes {
             return Err(Error::new(
@@ -205,7 +205,7 @@ impl Ring {
             op_id: OpId::generate_at(submitted_at),
             agent: op.agent,
             tenant,
-            kind: exec::interned(op.kind),
+            kind: exec::interned(&self.components, op.kind),
             args: op.args,
             priority: op.priority,
             timeout_ms,

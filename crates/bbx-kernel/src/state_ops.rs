@@ -1,0 +1,138 @@
+//! `state.*`: the agent state store's op kinds, served through the component
+//! contract like any component's. `state.get` reads; `state.set`, `state.incr` and
+//! `state.delete` stage their effect with their op's completion.
+
+use crate::store::{self, Effect, apply_effect, decode_state, state_key, storage_error};
+use bbx_component::{Component, EffectOp, OpKind, Prepared, ReadOp};
+use bbx_core::op::Effects;
+use bbx_core::{AgentId, Error, Result, validate};
+use bbx_store::{GroupTx, Store};
+use chrono::{DateTime, Utc};
+use fjall::Readable;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+pub(crate) struct StateOps;
+
+const KINDS: &[OpKind] = &[
+    OpKind {
+        name: "state.get",
+        effects: Effects::None,
+    },
+    OpKind {
+        name: "state.set",
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: "state.incr",
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: "state.delete",
+        effects: Effects::Kernel,
+    },
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyArgs {
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetArgs {
+    key: String,
+    value: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncrArgs {
+    key: String,
+    #[serde(default = "one")]
+    by: serde_json::Number,
+}
+
+fn one() -> serde_json::Number {
+    1.into()
+}
+
+impl Component for StateOps {
+    fn name(&self) -> &'static str {
+        "state"
+    }
+
+    fn kinds(&self) -> &'static [OpKind] {
+        KINDS
+    }
+
+    fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {
+        let effect = match kind {
+            "state.get" => {
+                let KeyArgs { key } = parse_args(kind, args)?;
+                validate::state_key(&key)?;
+                return Ok(Prepared::Read(Arc::new(StateRead { key })));
+            }
+            "state.set" => {
+                let SetArgs { key, value } = parse_args(kind, args)?;
+                validate::state_key(&key)?;
+                let value = serde_json::to_vec(&value).map_err(|e| Error::internal(e.to_string()))?;
+                Effect::Set { key, value }
+            }
+            "state.incr" => {
+                let IncrArgs { key, by } = parse_args(kind, args)?;
+                validate::state_key(&key)?;
+                Effect::Incr { key, by }
+            }
+            "state.delete" => {
+                let KeyArgs { key } = parse_args(kind, args)?;
+                validate::state_key(&key)?;
+                Effect::Delete { key }
+            }
+            other => return Err(Error::internal(format!("the state component serves no {other}"))),
+        };
+        Ok(Prepared::Effect(Arc::new(StateEffect(effect))))
+    }
+}
+
+pub(crate) fn parse_args<T: for<'de> Deserialize<'de>>(kind: &str, args: &Value) -> Result<T> {
+    T::deserialize(args)
+        .map_err(|e| Error::invalid_field("args", format!("the arguments of {kind} are not valid: {e}")))
+}
+
+/// `state.get`: a key's value and version, from what is durable.
+#[derive(Debug)]
+struct StateRead {
+    key: String,
+}
+
+impl ReadOp for StateRead {
+    fn read(&self, store: &Store, agent: &AgentId) -> Result<Value> {
+        let key = &self.key;
+        let bytes = store
+            .view()
+            .get(store.keyspace(store::STATE), state_key(agent, key))
+            .map_err(|e| storage_error("read", e))?;
+        let stored = bytes.as_deref().map(decode_state).transpose()?;
+        match stored {
+            Some(stored) if !stored.is_tombstone() => {
+                let value: Value = serde_json::from_slice(stored.json)
+                    .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
+                Ok(serde_json::json!({ "key": key, "value": value, "version": stored.version }))
+            }
+            _ => Err(Error::not_found("state key", key)),
+        }
+    }
+}
+
+/// `state.set`, `state.incr`, `state.delete`: an effect on one key.
+#[derive(Debug)]
+pub(crate) struct StateEffect(pub(crate) Effect);
+
+impl EffectOp for StateEffect {
+    fn stage(&self, tx: &mut GroupTx<'_>, agent: &AgentId, at: DateTime<Utc>) -> Result<Value> {
+        apply_effect(tx, agent, &self.0, at)
+    }
+}
