@@ -215,10 +215,15 @@ impl Drop for StateGuard<'_> {
 struct ForgetWaiter<'a> {
     ring: &'a Ring,
     id: OpId,
+    /// A waiter was pushed and not taken by an answer.
+    armed: bool,
 }
 
 impl Drop for ForgetWaiter<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         if let Some(live) = self.ring.lock().live.get_mut(&self.id) {
             live.waiters.retain(|waiter| !waiter.abandoned());
         }

@@ -78,14 +78,17 @@ impl Preread {
         let epochs: Vec<(AgentId, &str, u64)> = keys
             .map(|(agent, key)| (agent, key, ring.key_epochs.read(&agent, key)))
             .collect();
-        let view = ring.store.view();
-        for (agent, key, epoch) in epochs {
-            let stored = view
-                .get(ring.store.keyspace(store::IDEM), idempotency_key(&agent, key))
-                .map_err(|e| storage_error("read idempotency keys", e))?
-                .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
-                .transpose()?;
-            preread.keys.insert((agent, key.to_owned()), (epoch, stored));
+        // Most batches name no key: no view for them.
+        if !epochs.is_empty() {
+            let view = ring.store.view();
+            for (agent, key, epoch) in epochs {
+                let stored = view
+                    .get(ring.store.keyspace(store::IDEM), idempotency_key(&agent, key))
+                    .map_err(|e| storage_error("read idempotency keys", e))?
+                    .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
+                    .transpose()?;
+                preread.keys.insert((agent, key.to_owned()), (epoch, stored));
+            }
         }
         for dep in deps.iter().flatten() {
             if let Dependency::Op(id) = dep

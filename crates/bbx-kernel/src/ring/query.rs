@@ -33,9 +33,14 @@ impl Ring {
     /// The op's completion, waiting up to `timeout` for it; the op as it stands if
     /// it is still not done by then.
     pub async fn wait(&self, caller: &Caller, id: &OpId, timeout: Duration) -> Result<OpInfo> {
-        // Declared before the receiver, so dropped after it: however this wait ends
-        // (answered, timed out, or its caller gone), its waiter leaves the op.
-        let _forget = ForgetWaiter { ring: self, id: *id };
+        // Declared before the receiver, so dropped after it: a wait that leaves a
+        // waiter behind (timed out, or its caller gone) takes it with it. One that
+        // was answered or never waited has nothing to take, and takes no lock.
+        let mut forget = ForgetWaiter {
+            ring: self,
+            id: *id,
+            armed: false,
+        };
         let receiver = {
             let mut st = self.lock();
             match st.live.get_mut(id) {
@@ -43,6 +48,7 @@ impl Ring {
                     caller.check_owner(&live.record.tenant, "op", id)?;
                     let (sender, receiver) = oneshot::channel();
                     live.waiters.push(Waiter::Once(sender));
+                    forget.armed = true;
                     Some(receiver)
                 }
                 None => None,
@@ -51,6 +57,8 @@ impl Ring {
         if let Some(receiver) = receiver
             && let Ok(Ok(done)) = tokio::time::timeout(timeout, receiver).await
         {
+            // The ring took the waiter when it answered.
+            forget.armed = false;
             return Ok(OpInfo::done((*done).clone()));
         }
         self.info(caller, id)

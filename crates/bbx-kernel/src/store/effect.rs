@@ -1,0 +1,102 @@
+//! The effects of `state.*` ops on an agent's keys, and the version rules they
+//! and the state writes share.
+
+use super::*;
+
+/// Applies a kernel-service op's effect and returns its result. Like `apply`,
+/// every fallible step comes before the one `put`.
+pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, at: DateTime<Utc>) -> Result<Value> {
+    // Existence is all an effect needs of its agent; decoding the record per op
+    // would cost the committer more than the effect itself.
+    if !tx.cache::<KnownAgents>().0.contains(agent) {
+        if tx.read(AGENTS, agent.as_bytes())?.is_none() {
+            return Err(Error::not_found("agent", agent));
+        }
+        tx.cache::<KnownAgents>().0.insert(*agent);
+    }
+    match effect {
+        Effect::Set { key, value } => {
+            let storage_key = state_key(agent, key);
+            let version = state_version(tx, &storage_key)?.version + 1;
+            tx.put(STATE, storage_key, encode_state(version, at, value));
+            Ok(json!({ "key": key, "version": version }))
+        }
+        Effect::Incr { key, by } => {
+            let storage_key = state_key(agent, key);
+            let (current, version) = match tx.read(STATE, &storage_key)? {
+                None => (serde_json::Number::from(0), 0),
+                Some(bytes) => {
+                    let stored = decode_state(&bytes)?;
+                    if stored.is_tombstone() {
+                        (serde_json::Number::from(0), stored.version)
+                    } else {
+                        match serde_json::from_slice::<Value>(stored.json) {
+                            Ok(Value::Number(n)) => (n, stored.version),
+                            _ => {
+                                return Err(Error::new(
+                                    ErrorCode::FailedPrecondition,
+                                    format!("state key {key:?} does not hold a number"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            };
+            let sum = add_numbers(&current, by).ok_or_else(|| {
+                Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!("adding {by} to {current} overflows state key {key:?}"),
+                )
+            })?;
+            let value = serde_json::to_vec(&sum).map_err(|e| Error::internal(e.to_string()))?;
+            tx.put(STATE, storage_key, encode_state(version + 1, at, &value));
+            Ok(json!({ "key": key, "value": sum, "version": version + 1 }))
+        }
+        Effect::Delete { key } => {
+            let storage_key = state_key(agent, key);
+            let current = state_version(tx, &storage_key)?;
+            if !current.exists {
+                return Err(Error::not_found("state key", key));
+            }
+            tx.put(STATE, storage_key, encode_state(current.version, at, &[]));
+            Ok(json!({ "key": key, "version": current.version }))
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct StateVersion {
+    pub(super) version: u64,
+    pub(super) exists: bool,
+}
+
+/// `expected` 0 means "must not exist"; any other number, "must exist at this version".
+pub(super) fn check_version(key: &str, expected: Option<u64>, current: StateVersion) -> Result<()> {
+    let Some(expected) = expected else { return Ok(()) };
+    let holds = if expected == 0 {
+        !current.exists
+    } else {
+        current.exists && current.version == expected
+    };
+    if holds {
+        return Ok(());
+    }
+    let actual = if current.exists { current.version } else { 0 };
+    let message = if current.exists {
+        format!("state key {key:?} is at version {actual}, expected {expected}")
+    } else {
+        format!("state key {key:?} does not exist, expected version {expected}")
+    };
+    Err(Error::new(ErrorCode::VersionConflict, message)
+        .with_details(serde_json::json!({ "key": key, "expected": expected, "actual": actual })))
+}
+
+/// Exact integer addition when both are integers, floating point otherwise; `None`
+/// on integer overflow or a result JSON cannot hold.
+fn add_numbers(a: &serde_json::Number, b: &serde_json::Number) -> Option<Value> {
+    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
+        return x.checked_add(y).map(Value::from);
+    }
+    let sum = a.as_f64()? + b.as_f64()?;
+    serde_json::Number::from_f64(sum).map(Value::Number)
+}
