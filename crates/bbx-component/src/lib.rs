@@ -26,6 +26,13 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// An op's `args` as a component's argument type, or one `invalid_argument` error
+/// naming the kind and what is wrong.
+pub fn parse_args<T: serde::de::DeserializeOwned>(kind: &str, args: &Value) -> Result<T> {
+    T::deserialize(args)
+        .map_err(|e| Error::invalid_field("args", format!("the arguments of {kind} are not valid: {e}")))
+}
+
 /// An op kind a component serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpKind {

@@ -26,7 +26,7 @@ impl Kernel {
         let bytes = self
             .store
             .view()
-            .get(self.store.keyspace(store::AGENTS), id.as_bytes())
+            .get(self.store.keyspace(bbx_agents::AGENTS), id.as_bytes())
             .map_err(|e| storage_error("read", e))?;
         let agent = decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", id))?)?;
         caller.check_owner(&agent.tenant, "agent", id)?;
@@ -60,7 +60,7 @@ impl Kernel {
             created_at: Utc::now(),
             tools,
         };
-        self.store.write(Write::CreateAgent(agent.clone())).await?;
+        self.store.write(bbx_agents::AgentWrite::Create(agent.clone())).await?;
         Ok(agent)
     }
 
@@ -73,7 +73,7 @@ impl Kernel {
         // Under the quota updates' lock: a concurrent `set_quota` on this agent
         // either lands before (and its limits go with the agent) or finds no agent.
         let _serial = self.quota_updates.lock().await;
-        self.store.write(Write::DeleteAgent(*id)).await?;
+        self.store.write(bbx_agents::AgentWrite::Delete(*id)).await?;
         self.tenants.deletions.fetch_add(1, Ordering::AcqRel);
         self.tenants.tenants.write().remove(id);
         spawn_purge(&self.tasks, self.store.clone(), *id);
@@ -92,7 +92,7 @@ impl Kernel {
 
     /// Deleted agents whose state is still being removed in the background.
     pub fn pending_purges(&self) -> Result<usize> {
-        Ok(store::pending_purges(&self.store)?.len())
+        Ok(bbx_agents::pending_purges(&self.store)?.len())
     }
 
     pub fn list_agents(&self, caller: &Caller, req: ListAgents) -> Result<AgentPage> {
@@ -117,12 +117,12 @@ impl Kernel {
             Some(tenant) => {
                 validate::tenant(tenant)?;
                 let start = match &after {
-                    Some(id) => Bound::Excluded(store::tenant_index_key(tenant, id)),
+                    Some(id) => Bound::Excluded(bbx_agents::tenant_index_key(tenant, id)),
                     None => Bound::Included(format!("{tenant}\0").into_bytes()),
                 };
                 let end = Bound::Excluded(format!("{tenant}\u{1}").into_bytes());
                 Box::new(
-                    view.range(self.store.keyspace(store::TENANTS), (start, end))
+                    view.range(self.store.keyspace(bbx_agents::TENANTS), (start, end))
                         .map(|item| {
                             let key = item.key().map_err(|e| storage_error("scan agents", e))?;
                             let id: [u8; 16] = key[key.len() - 16..].try_into().expect("index keys end in an id");
@@ -136,15 +136,18 @@ impl Kernel {
                     None => Bound::Unbounded,
                 };
                 Box::new(
-                    view.range(self.store.keyspace(store::AGENTS), (start, Bound::<Vec<u8>>::Unbounded))
-                        .map(|item| {
-                            let key = item.key().map_err(|e| storage_error("scan agents", e))?;
-                            Ok(AgentId::from_bytes(
-                                key.as_ref()
-                                    .try_into()
-                                    .map_err(|_| Error::internal("corrupt agent key"))?,
-                            ))
-                        }),
+                    view.range(
+                        self.store.keyspace(bbx_agents::AGENTS),
+                        (start, Bound::<Vec<u8>>::Unbounded),
+                    )
+                    .map(|item| {
+                        let key = item.key().map_err(|e| storage_error("scan agents", e))?;
+                        Ok(AgentId::from_bytes(
+                            key.as_ref()
+                                .try_into()
+                                .map_err(|_| Error::internal("corrupt agent key"))?,
+                        ))
+                    }),
                 )
             }
         };
@@ -164,7 +167,7 @@ impl Kernel {
             budget -= 1;
             last_read = Some(id);
             let Some(bytes) = view
-                .get(self.store.keyspace(store::AGENTS), id.as_bytes())
+                .get(self.store.keyspace(bbx_agents::AGENTS), id.as_bytes())
                 .map_err(|e| storage_error("read", e))?
             else {
                 continue;
@@ -196,7 +199,10 @@ impl Kernel {
         let bytes = self
             .store
             .view()
-            .get(self.store.keyspace(store::STATE), store::state_key(agent, key))
+            .get(
+                self.store.keyspace(bbx_agents::STATE),
+                bbx_agents::state_key(agent, key),
+            )
             .map_err(|e| storage_error("read", e))?;
         let entry = match bytes {
             Some(bytes) => decode_entry(key.to_owned(), &bytes)?,
@@ -220,7 +226,7 @@ impl Kernel {
         }
         self.agent_tenant(caller, agent)?;
         let at = Utc::now();
-        let write = Write::SetState {
+        let write = bbx_agents::AgentWrite::SetState {
             agent: *agent,
             key: key.clone(),
             value: json,
@@ -248,7 +254,7 @@ impl Kernel {
         validate::state_key(&key)?;
         self.agent_tenant(caller, agent)?;
         self.store
-            .write(Write::DeleteState {
+            .write(bbx_agents::AgentWrite::DeleteState {
                 agent: *agent,
                 key,
                 if_version,
@@ -261,7 +267,7 @@ impl Kernel {
     pub fn state_list(&self, caller: &Caller, agent: &AgentId, req: ListState) -> Result<StatePage> {
         let limit = page_limit(req.limit)?;
         self.agent_tenant(caller, agent)?;
-        let prefix = store::state_key(agent, req.prefix.as_deref().unwrap_or(""));
+        let prefix = bbx_agents::state_key(agent, req.prefix.as_deref().unwrap_or(""));
         let start = match req.cursor.as_deref() {
             Some(cursor) => {
                 // A cursor is the last key of a page of this listing, so it lies
@@ -271,7 +277,7 @@ impl Kernel {
                     .and_then(|bytes| String::from_utf8(bytes).ok())
                     .filter(|after| after.starts_with(req.prefix.as_deref().unwrap_or("")))
                     .ok_or_else(|| Error::invalid_field("cursor", "cursor is not one this listing returned"))?;
-                Bound::Excluded(store::state_key(agent, &after))
+                Bound::Excluded(bbx_agents::state_key(agent, &after))
             }
             None => Bound::Included(prefix.clone()),
         };
@@ -282,11 +288,10 @@ impl Kernel {
         let mut entries = Vec::with_capacity(limit.min(128) + 1);
         let mut last_scanned = None;
         let mut scanned = 0;
-        for item in self
-            .store
-            .view()
-            .range(self.store.keyspace(store::STATE), (start, Bound::<Vec<u8>>::Unbounded))
-        {
+        for item in self.store.view().range(
+            self.store.keyspace(bbx_agents::STATE),
+            (start, Bound::<Vec<u8>>::Unbounded),
+        ) {
             let (raw_key, value) = item.into_inner().map_err(|e| storage_error("scan state", e))?;
             if !raw_key.starts_with(&prefix) {
                 last_scanned = None;
@@ -318,13 +323,13 @@ impl Kernel {
 
     pub fn status(&self, caller: &Caller) -> Result<Status> {
         let (agents, host) = match &caller.tenant {
-            None => (store::agent_count(&self.store)?, true),
+            None => (bbx_agents::agent_count(&self.store)?, true),
             Some(tenant) => {
                 let mut count = 0;
                 for item in self
                     .store
                     .view()
-                    .prefix(self.store.keyspace(store::TENANTS), format!("{tenant}\0"))
+                    .prefix(self.store.keyspace(bbx_agents::TENANTS), format!("{tenant}\0"))
                 {
                     item.key().map_err(|e| storage_error("count agents", e))?;
                     count += 1;
@@ -359,7 +364,7 @@ pub(crate) fn spawn_purge(tasks: &TaskTracker, store: Arc<Store>, agent: AgentId
     tasks.spawn(async move {
         loop {
             match store
-                .write(Write::PurgeState {
+                .write(bbx_agents::AgentWrite::PurgeState {
                     agent,
                     max_keys: PURGE_STEP,
                 })

@@ -2,9 +2,10 @@
 //!
 //! `bbx-kernel` owns the objects the rest of BBX acts on. An agent is a record (id,
 //! name, tenant, labels, status, creation time) plus a state store of versioned JSON
-//! values; both live in the kernel's keyspaces of [`bbx_store`], whose group
-//! committer journals every write before it is acknowledged (the kernel's writes
-//! are its `store::Write`). The kernel also owns the API keys that admit callers
+//! values; both are [`bbx_agents`]', stored through [`bbx_store`], whose group
+//! committer journals every write before it is acknowledged. The kernel confines
+//! them to tenants and lists them; its own writes (keys, quotas, completions) are
+//! its `store::Write`. The kernel also owns the API keys that admit callers
 //! ([`auth`]): on first start it mints an administrator key, keeps only its digest,
 //! and writes the key to `DATA_DIR/admin.key` (mode 0600).
 //!
@@ -30,7 +31,6 @@ mod quota;
 mod ring;
 mod session;
 mod shm;
-mod state_ops;
 mod store;
 
 pub use auth::Caller;
@@ -42,6 +42,7 @@ pub use session::Session;
 
 use agents::spawn_purge;
 use auth::{KeyRing, StoredKey};
+use bbx_agents::{decode_agent, decode_state};
 use bbx_core::api::prelude::*;
 use bbx_core::config::KernelConfig;
 use bbx_core::model::{
@@ -67,7 +68,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use std::time::Instant;
-use store::{Applied, Store, Write, decode_agent, decode_state, storage_error};
+use store::{Applied, Store, Write, storage_error};
 use tokio_util::task::TaskTracker;
 
 /// Agents one page of `list_agents` reads at most, matching its filter or not.
@@ -163,7 +164,7 @@ impl Kernel {
         )?;
         let store = Arc::new(Store::open(
             db,
-            &store::KEYSPACES,
+            &store::all_keyspaces(),
             journal.clone(),
             &recovery.records,
             bbx_store::StoreOptions {
@@ -223,7 +224,7 @@ impl Kernel {
         });
         spawn_expiry(&kernel.tasks, Arc::downgrade(&kernel), kernel.ring.stopping());
         // Deletions a crash interrupted finish removing their agents' state.
-        for agent in store::pending_purges(&kernel.store)? {
+        for agent in bbx_agents::pending_purges(&kernel.store)? {
             spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
         }
         let admin_key_written = if kernel.keys.is_empty() {
@@ -285,7 +286,7 @@ impl Kernel {
 /// The components whose op kinds the ring serves: one line each.
 fn components() -> Result<bbx_component::Components> {
     let mut components = bbx_component::Components::default();
-    components.register(Arc::new(state_ops::StateOps))?;
+    components.register(Arc::new(bbx_agents::StateOps))?;
     Ok(components)
 }
 

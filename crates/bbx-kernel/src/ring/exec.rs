@@ -6,8 +6,7 @@
 //! of registered components ([`bbx_component::Components`]) come next, then the
 //! tools of `bbx-tools`.
 
-use crate::state_ops::parse_args;
-use bbx_component::{Components, EffectOp, Prepared, ReadOp};
+use bbx_component::{Components, EffectOp, Prepared, ReadOp, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{Error, ErrorCode, Result};
 use bbx_tools::Call;
@@ -129,7 +128,7 @@ mod tests {
 
     fn components() -> Components {
         let mut components = Components::default();
-        components.register(Arc::new(crate::state_ops::StateOps)).unwrap();
+        components.register(Arc::new(bbx_agents::StateOps)).unwrap();
         components
     }
 

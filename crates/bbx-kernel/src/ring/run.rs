@@ -380,10 +380,10 @@ impl Ring {
         let bytes = self
             .store
             .view()
-            .get(self.store.keyspace(store::AGENTS), record.agent.as_bytes())
+            .get(self.store.keyspace(bbx_agents::AGENTS), record.agent.as_bytes())
             .map_err(|e| storage_error("read agents", e))?
             .ok_or_else(|| Error::not_found("agent", record.agent))?;
-        let agent = crate::store::decode_agent(&bytes)?;
+        let agent = bbx_agents::decode_agent(&bytes)?;
         let own = self.quotas.limits(&Node::Agent(record.agent));
         let group = own.group.as_ref().map_or_else(QuotaLimits::default, |name| {
             self.quotas.limits(&Node::Group {

@@ -2,18 +2,20 @@
 //! contract like any component's. `state.get` reads; `state.set`, `state.incr` and
 //! `state.delete` stage their effect with their op's completion.
 
-use crate::store::{self, Effect, apply_effect, decode_state, state_key, storage_error};
-use bbx_component::{Component, EffectOp, OpKind, Prepared, ReadOp};
+use crate::effect::{Effect, apply_effect};
+use crate::{STATE, decode_state, state_key};
+use bbx_component::{Component, EffectOp, OpKind, Prepared, ReadOp, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{AgentId, Error, Result, validate};
-use bbx_store::{GroupTx, Store};
+use bbx_store::{GroupTx, Store, storage_error};
 use chrono::{DateTime, Utc};
 use fjall::Readable;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
 
-pub(crate) struct StateOps;
+/// The `state.*` op kinds, registered with the kernel like any component.
+pub struct StateOps;
 
 const KINDS: &[OpKind] = &[
     OpKind {
@@ -97,11 +99,6 @@ impl Component for StateOps {
     }
 }
 
-pub(crate) fn parse_args<T: for<'de> Deserialize<'de>>(kind: &str, args: &Value) -> Result<T> {
-    T::deserialize(args)
-        .map_err(|e| Error::invalid_field("args", format!("the arguments of {kind} are not valid: {e}")))
-}
-
 /// `state.get`: a key's value and version, from what is durable.
 #[derive(Debug)]
 struct StateRead {
@@ -113,7 +110,7 @@ impl ReadOp for StateRead {
         let key = &self.key;
         let bytes = store
             .view()
-            .get(store.keyspace(store::STATE), state_key(agent, key))
+            .get(store.keyspace(STATE), state_key(agent, key))
             .map_err(|e| storage_error("read", e))?;
         let stored = bytes.as_deref().map(decode_state).transpose()?;
         match stored {

@@ -2,6 +2,25 @@
 //! and the state writes share.
 
 use super::*;
+use bbx_core::ErrorCode;
+use serde_json::{Value, json};
+
+/// What a kernel-service op does to its agent's state.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Adds to a number, creating the key at 0.
+    Incr {
+        key: String,
+        by: serde_json::Number,
+    },
+    Delete {
+        key: String,
+    },
+}
 
 /// Applies a kernel-service op's effect and returns its result. Like `apply`,
 /// every fallible step comes before the one `put`.
@@ -65,13 +84,13 @@ pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, a
 }
 
 #[derive(Clone, Copy)]
-pub(super) struct StateVersion {
-    pub(super) version: u64,
-    pub(super) exists: bool,
+pub(crate) struct StateVersion {
+    pub(crate) version: u64,
+    pub(crate) exists: bool,
 }
 
 /// `expected` 0 means "must not exist"; any other number, "must exist at this version".
-pub(super) fn check_version(key: &str, expected: Option<u64>, current: StateVersion) -> Result<()> {
+pub(crate) fn check_version(key: &str, expected: Option<u64>, current: StateVersion) -> Result<()> {
     let Some(expected) = expected else { return Ok(()) };
     let holds = if expected == 0 {
         !current.exists
