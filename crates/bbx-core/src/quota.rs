@@ -234,6 +234,13 @@ pub fn usd_to_micros(usd: f64) -> u64 {
     (usd * 1e6).round() as u64
 }
 
+/// What an op can use, or used, of a budget: micro-dollars and LLM tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub micros: u64,
+    pub tokens: u64,
+}
+
 /// Spend reserved on an op's path before it runs, in the budget windows it was
 /// reserved in; journaled with the op's start, so a crash cannot lose it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,10 +34,10 @@ mod shm;
 mod store;
 
 pub use auth::Caller;
+pub use bbx_ring::RingMetrics;
 pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
 pub use journal_check::{JournalCheck, JournalProblem, repair_journal, verify_journal};
-pub use ring::RingMetrics;
 pub use session::Session;
 
 use agents::spawn_purge;
@@ -154,7 +154,7 @@ impl Kernel {
             tracing::warn!(segment = %tail.segment.display(), offset = tail.offset, bytes = tail.bytes,
                 reason = %tail.reason, "truncated a torn write at the end of the journal");
         }
-        let ring_metrics = ring::RingMetrics::new();
+        let ring_metrics = RingMetrics::new();
         let journal_metrics = JournalMetrics::default();
         let journal = bbx_store::JournalWriter::start(
             journal,

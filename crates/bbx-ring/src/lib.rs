@@ -12,7 +12,9 @@
 
 pub mod batch;
 pub mod breaker;
+pub mod engine;
 pub mod entry;
+pub mod metrics;
 pub mod scheduler;
 pub mod shm;
 
@@ -21,4 +23,5 @@ pub use breaker::{
     Admission, BreakerConfig, BreakerState, BreakerStats, Breakers, CircuitBreaker, Rejected, TargetStats, Tracked,
 };
 pub use entry::{Entry, Idempotency, OpRecord};
+pub use metrics::RingMetrics;
 pub use scheduler::{Next, Refused, Scheduler, SchedulerConfig};

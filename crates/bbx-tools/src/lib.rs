@@ -28,6 +28,7 @@ pub mod mcp;
 pub mod net;
 pub mod shell;
 
+pub use bbx_core::quota::Spend;
 use bbx_core::quota::{ProcessLimits, ToolSettings};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_quota::cgroup::Driver;
@@ -46,13 +47,6 @@ pub enum Call {
     File(file::FileCall),
     Mcp(mcp::McpCall),
     Llm(llm::LlmCall),
-}
-
-/// The most a call can use of a budget: micro-dollars and LLM tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Spend {
-    pub micros: u64,
-    pub tokens: u64,
 }
 
 impl Call {

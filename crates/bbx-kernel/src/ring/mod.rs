@@ -22,14 +22,11 @@
 
 mod complete;
 mod exec;
-mod metrics;
 mod open;
 mod preread;
 mod query;
 mod run;
 mod submit;
-
-pub use metrics::RingMetrics;
 
 use crate::auth::Caller;
 use crate::store::{
@@ -37,31 +34,28 @@ use crate::store::{
 };
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
-    BreakerInfo, Completion, CompletionStatus, OpInfo, OpState, Priority, Resolution, RingStats, SubmitBatch, SubmitOp,
+    BreakerInfo, Completion, CompletionStatus, OpInfo, Priority, Resolution, RingStats, SubmitBatch, SubmitOp,
     Submitted, SubmittedOp, WalStatus,
 };
-use bbx_core::quota::{Node, QuotaLimits, Reservation};
+use bbx_core::quota::{Node, QuotaLimits, Spend};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
-use bbx_journal::Lsn;
 use bbx_quota::{Quotas, spend_key};
-use bbx_ring::batch::{self, Dependency};
-use bbx_ring::{
-    Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, Idempotency, OpRecord, Refused, Tracked,
+use bbx_ring::engine::{
+    self, Attempt, Charge, Checked, Engine, Host, InFlight, KeyEpochs, KeyedOp, Lsn, Moment, Slot, Start,
 };
-use bbx_ring::{Scheduler, SchedulerConfig};
+use bbx_ring::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, OpRecord, RingMetrics, Tracked};
+use bbx_ring::{SchedulerConfig, batch};
 use bbx_store::JournalWriter;
 use bbx_store::journal::percentiles;
-use bbx_tools::{Call, Context as ToolContext, Spend, Tools};
+use bbx_tools::{Call, Context as ToolContext, Tools};
 use chrono::{DateTime, Utc};
 use exec::Exec;
 use fjall::Readable;
-use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use preread::{KeyEpochs, KeyedOp, Preread};
+use preread::Preread;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -73,8 +67,6 @@ use tokio_util::task::TaskTracker;
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Most ops the dispatcher takes from the scheduler under one lock.
 const DISPATCH_BATCH: usize = 64;
-/// What a refused submission is told to wait before trying again.
-const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Completions sent to event streams that a slow reader may fall behind by.
 const EVENT_BUFFER: usize = 4096;
 
@@ -82,7 +74,7 @@ pub(crate) struct Ring {
     config: RingConfig,
     store: Arc<Store>,
     journal: JournalWriter,
-    state: Mutex<RingState>,
+    state: Mutex<Engine<KernelHost>>,
     /// Wakes the dispatcher: an op was queued, or a slot freed.
     work: Arc<Notify>,
     /// Wakes submitters waiting for room in the queue.
@@ -91,8 +83,8 @@ pub(crate) struct Ring {
     running: Arc<Capacity>,
     completing: Arc<Capacity>,
     breakers: Breakers,
-    /// See [`preread`].
-    key_epochs: KeyEpochs,
+    /// See [`KeyEpochs`].
+    key_epochs: Arc<KeyEpochs>,
     events: broadcast::Sender<Arc<Completion>>,
     closing: AtomicBool,
     /// Set by a panic while the state was locked (see [`StateGuard`]).
@@ -118,59 +110,74 @@ pub(crate) struct Services {
     pub components: Arc<bbx_component::Components>,
 }
 
-/// Maps keyed by op id hash with Fx: ids are random UUIDv7s the ring generates, so
-/// SipHash's defence against chosen keys buys nothing there, and it took 4 % of the
-/// ring's CPU in a profile. Keys that clients choose (idempotency keys) keep SipHash.
-struct RingState {
-    /// Boxed: an op's entry is a few hundred bytes, moved on every insert,
-    /// removal and rehash otherwise.
-    live: FxHashMap<OpId, Box<Live>>,
-    /// Idempotency keys of live ops.
-    keys: HashMap<(AgentId, String), OpId>,
-    scheduler: Scheduler<AgentId, OpId>,
-    /// Live op -> the live ops waiting for it.
-    dependents: FxHashMap<OpId, Vec<OpId>>,
-    /// Completions of ops that were not recorded in the store.
-    recent: Recent,
-    counters: Counters,
-    /// In-doubt ops an operator is resolving right now.
-    resolving: FxHashSet<OpId>,
+/// The kernel as the engine's host: ops run on [`Exec`]utors, completions go to
+/// [`Waiter`]s, and an ending op holds its completion slot (and its breaker's
+/// verdict, for an effect judged by whether its write lands) until its completion
+/// is durable.
+pub(crate) struct KernelHost;
+
+impl Host for KernelHost {
+    type Exec = Exec;
+    type Waiter = Waiter;
+    type Held = Hold;
+    type Cancel = CancellationToken;
+
+    fn effects(exec: &Exec) -> Effects {
+        exec.effects()
+    }
+
+    fn canceller(exec: &Exec) -> Option<CancellationToken> {
+        // Only executors that await can be cancelled while running.
+        exec.cancellable().then(CancellationToken::new)
+    }
+
+    fn applies_with_completion(exec: &Exec) -> bool {
+        matches!(exec, Exec::Effect(_))
+    }
+
+    fn spent(result: &Value) -> Spend {
+        Tools::spent(result)
+    }
 }
 
-struct Live {
-    record: Arc<OpRecord>,
-    exec: Exec,
-    lsn: Option<Lsn>,
-    /// The journal's mark that an op with external effects first ran.
-    started: Option<Lsn>,
-    /// The budget held for it while it runs, what one attempt can spend at most,
-    /// and what its attempts have spent so far.
-    reservation: Option<Reservation>,
-    attempt_max: Spend,
-    spent: Spend,
-    state: OpState,
-    /// Acknowledged to the submitter (journaled if it has effects); until then it
-    /// must not run.
-    active: bool,
-    /// Holds an admitted scheduler slot without being queued (blocked, or not yet
-    /// active); released if it ends that way.
-    holds_slot: bool,
-    /// A completion is being recorded; nothing else may happen to the op.
-    finishing: bool,
-    /// Queued by a quota's `queue` action: it starts when a timer lets it.
-    delayed: bool,
-    cancel_requested: bool,
-    blocked_on: usize,
-    failed_dependency: Option<String>,
-    attempts: u32,
-    accepted: Instant,
-    first_start: Option<Instant>,
-    exec_time: Duration,
-    cancel: Option<CancellationToken>,
-    /// The completion queue of the submission that created the op: kept apart from
-    /// `waiters`, which most ops never have, so that it costs no allocation.
-    reaper: Option<Sink>,
-    waiters: Vec<Waiter>,
+type Outbox = engine::Outbox<KernelHost>;
+type Finish = engine::Finish<KernelHost>;
+
+/// What an ending op holds until its completion is durable.
+pub(crate) struct Hold {
+    /// Given back when dropped, once the completion is durable.
+    _completing: Option<Permit>,
+    /// The breaker that judges the op by whether its completion is written.
+    admission: Option<Breaker>,
+    /// A component's effect, committed with the completion.
+    effect: Option<Arc<dyn bbx_component::EffectOp>>,
+}
+
+impl Hold {
+    fn slot(completing: Option<Permit>) -> Option<Self> {
+        Some(Self {
+            _completing: completing,
+            admission: None,
+            effect: None,
+        })
+    }
+}
+
+/// The in-flight quota of `bbx-quota`, as the engine asks for it.
+struct InFlightOps(Arc<Quotas>);
+
+impl InFlight for InFlightOps {
+    fn acquire(&self, tenant: &str, agent: AgentId, ops: u64) -> Result<()> {
+        self.0.acquire(tenant, agent, ops).map_err(Error::from)
+    }
+
+    fn reacquire(&self, tenant: &str, agent: AgentId, ops: u64) {
+        self.0.reacquire(tenant, agent, ops);
+    }
+
+    fn release(&self, tenant: &str, agent: AgentId, ops: u64) {
+        self.0.release(tenant, agent, ops);
+    }
 }
 
 /// The ring's state, locked. A panic while it is held may leave the state half
@@ -179,7 +186,7 @@ struct Live {
 /// not ready, so the operator restarts the kernel and recovery rebuilds the state
 /// from the journal and the store.
 struct StateGuard<'a> {
-    state: parking_lot::MutexGuard<'a, RingState>,
+    state: parking_lot::MutexGuard<'a, Engine<KernelHost>>,
     poisoned: &'a AtomicBool,
     /// Taken while the thread was already unwinding (a lock in a `Drop`): a
     /// panic then is not one that struck while the state was being changed.
@@ -187,15 +194,15 @@ struct StateGuard<'a> {
 }
 
 impl std::ops::Deref for StateGuard<'_> {
-    type Target = RingState;
+    type Target = Engine<KernelHost>;
 
-    fn deref(&self) -> &RingState {
+    fn deref(&self) -> &Engine<KernelHost> {
         &self.state
     }
 }
 
 impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut RingState {
+    fn deref_mut(&mut self) -> &mut Engine<KernelHost> {
         &mut self.state
     }
 }
@@ -224,14 +231,14 @@ impl Drop for ForgetWaiter<'_> {
         if !self.armed {
             return;
         }
-        if let Some(live) = self.ring.lock().live.get_mut(&self.id) {
+        if let Some(live) = self.ring.lock().live_mut(&self.id) {
             live.waiters.retain(|waiter| !waiter.abandoned());
         }
     }
 }
 
 /// Someone to hand an op's completion to.
-enum Waiter {
+pub(crate) enum Waiter {
     /// A caller of [`Ring::wait`].
     Once(oneshot::Sender<Arc<Completion>>),
     /// A submitter that reaps all of its ops' completions in one place.
@@ -258,199 +265,28 @@ impl Waiter {
     }
 }
 
-struct Counters {
-    latency: [Histogram<u64>; 4],
-    /// (second since start, completions in it), the last 10 seconds.
-    window: VecDeque<(u64, u64)>,
-}
-
-/// How one attempt ended.
-enum Attempt {
-    Ok(Value),
-    Failed(Error),
-    TimedOut,
-    Cancelled,
-}
-
-impl Attempt {
-    /// Whether the attempt failed in a way worth retrying, which is also what
-    /// counts against its target's circuit breaker.
-    fn transient(&self) -> bool {
-        match self {
-            Self::TimedOut => true,
-            Self::Failed(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout),
-            Self::Ok(_) | Self::Cancelled => false,
-        }
-    }
-}
-
-/// An attempt that ended, with what it holds until its op is handled.
-struct Ended {
-    id: OpId,
-    attempt: Attempt,
-    took: Duration,
-    admission: Option<Breaker>,
-    slots: Slots,
-    /// At least this long before a retry (an open breaker says how long).
-    retry_after: Option<Duration>,
-}
-
-impl Ended {
-    /// An attempt that the breaker let through and that ran for `took`.
-    fn ran(id: OpId, attempt: Attempt, took: Duration, admission: Breaker, slots: Slots) -> Self {
-        Self {
-            id,
-            attempt,
-            took,
-            admission: Some(admission),
-            slots,
-            retry_after: None,
-        }
-    }
-}
-
 /// A breaker and how it let an attempt through.
 type Breaker = (Arc<Tracked>, Admission);
 
-/// A completion to record in the store before it settles, with the effect it
-/// commits with and the slots it holds until then.
-struct Pending {
-    completion: Arc<Completion>,
-    digest: Option<String>,
-    effect: Option<Arc<dyn bbx_component::EffectOp>>,
-    /// For an `in_doubt` completion: the op, kept so it can be retried.
-    doubt: Option<Arc<OpRecord>>,
-    /// The budget charge that commits with the completion.
-    charge: Option<Charge>,
-    admission: Option<Breaker>,
-    slots: Slots,
-}
-
-/// What an op with a budget reservation is charged when it completes.
-struct Charge {
-    tenant: Arc<str>,
-    agent: AgentId,
-    reservation: Reservation,
-    spent: Spend,
-}
-
-impl Charge {
-    /// Its micro-dollars, never more than were reserved.
-    fn micros(&self) -> u64 {
-        self.spent.micros.min(self.reservation.micros)
-    }
-
-    /// The stored spend counters it adds to: each node it was reserved on, in
-    /// each window.
-    fn keys(&self) -> Vec<String> {
-        let nodes: Vec<String> = if self.reservation.nodes.is_empty() {
-            vec![
-                Node::Tenant(self.tenant.to_string()).to_string(),
-                Node::Agent(self.agent).to_string(),
-            ]
-        } else {
-            self.reservation.nodes.clone()
-        };
-        nodes
-            .iter()
-            .flat_map(|node| {
-                [&self.reservation.day, &self.reservation.month]
-                    .into_iter()
-                    .map(move |window| spend_key(node, window))
-            })
-            .collect()
-    }
-}
-
-/// One reading of both clocks, for every op handled in one batch: a clock read per
-/// op was a measurable share of the dispatch path.
-#[derive(Clone, Copy)]
-struct Moment {
-    now: Instant,
-    wall: DateTime<Utc>,
-}
-
-impl Moment {
-    fn read() -> Self {
-        Self {
-            now: Instant::now(),
-            wall: Utc::now(),
-        }
-    }
-}
-
-/// What settling ops under the lock leaves to do once it is dropped.
-struct Outbox {
-    /// When the ops handled with this outbox ended.
-    at: Moment,
-    answers: Vec<(Waiter, Arc<Completion>)>,
-    /// Whether anyone subscribed to the event stream (looked up once, since it
-    /// takes the stream's lock): if not, no completion is collected for it.
-    publish: bool,
-    events: Vec<Arc<Completion>>,
-    released: Vec<Lsn>,
-    /// Ops no longer in flight, per agent (a record of one of them, and how
-    /// many): their quota is given back once per agent, at the end of the lock
-    /// scope that settled them.
-    settled: Vec<(Arc<OpRecord>, u64)>,
-    to_record: Vec<Pending>,
-    /// A dependent was queued: the dispatcher has work.
-    queued: bool,
-    /// Completions the ring stopped remembering, dropped outside its lock.
-    forgotten: Option<FxHashMap<OpId, Arc<Completion>>>,
-}
-
-impl Outbox {
-    fn new(events: &broadcast::Sender<Arc<Completion>>) -> Self {
-        Self {
-            at: Moment::read(),
-            answers: Vec::new(),
-            publish: events.receiver_count() > 0,
-            events: Vec::new(),
-            released: Vec::new(),
-            settled: Vec::new(),
-            to_record: Vec::new(),
-            queued: false,
-            forgotten: None,
-        }
-    }
-}
-
-/// The completions of ops that left no record in the store (no effects, no key),
-/// kept readable for a while: the newest `capacity` to `2 × capacity`, in two
-/// generations. Forgetting them costs no removal per op (a random access into a
-/// large table): a whole old generation is dropped at once.
-struct Recent {
-    current: FxHashMap<OpId, Arc<Completion>>,
-    previous: FxHashMap<OpId, Arc<Completion>>,
-    generation: usize,
-}
-
-impl Recent {
-    fn new(capacity: usize) -> Self {
-        Self {
-            current: FxHashMap::default(),
-            previous: FxHashMap::default(),
-            generation: capacity.max(1),
-        }
-    }
-
-    fn get(&self, id: &OpId) -> Option<&Arc<Completion>> {
-        self.current.get(id).or_else(|| self.previous.get(id))
-    }
-
-    /// Remembers a completion; returns the generation it pushed out, if any.
-    fn insert(&mut self, id: OpId, completion: Arc<Completion>) -> Option<FxHashMap<OpId, Arc<Completion>>> {
-        self.current.insert(id, completion);
-        if self.current.len() < self.generation {
-            return None;
-        }
-        // Sized for a whole generation at once: growing by doubling would rehash it
-        // a dozen times under the ring's lock.
-        let next = FxHashMap::with_capacity_and_hasher(self.generation, Default::default());
-        let full = std::mem::replace(&mut self.current, next);
-        Some(std::mem::replace(&mut self.previous, full))
-    }
+/// The stored spend counters a charge adds to: each node it was reserved on, in
+/// each window.
+fn charge_keys(charge: &Charge) -> Vec<String> {
+    let nodes: Vec<String> = if charge.reservation.nodes.is_empty() {
+        vec![
+            Node::Tenant(charge.tenant.to_string()).to_string(),
+            Node::Agent(charge.agent).to_string(),
+        ]
+    } else {
+        charge.reservation.nodes.clone()
+    };
+    nodes
+        .iter()
+        .flat_map(|node| {
+            [&charge.reservation.day, &charge.reservation.month]
+                .into_iter()
+                .map(move |window| spend_key(node, window))
+        })
+        .collect()
 }
 
 /// The slots a running op holds: freed when its attempt ends (running) and when its
@@ -530,37 +366,6 @@ impl Drop for Permit {
     }
 }
 
-/// An op of a batch after the checks: its record, built from the submitted op
-/// before the ring's lock is taken (its id is used only if the op turns out new,
-/// and its dependencies are filled in when they are resolved, under the lock).
-struct Checked {
-    record: Arc<OpRecord>,
-    exec: Exec,
-}
-
-/// A batch after admission: what each entry turned into, and the records of the
-/// new ops with effects, to journal.
-type Admitted = (Vec<Slot>, Vec<(OpId, Arc<OpRecord>)>);
-
-/// An op the dispatcher starts: its record, executor and, if its executor can be
-/// cancelled while running, the token that does it.
-type Start = (OpId, Arc<OpRecord>, Exec, Option<CancellationToken>);
-
-/// What a batch entry turned into.
-#[derive(Clone, Copy)]
-enum Slot {
-    New(OpId),
-    Existing(OpId),
-}
-
-impl Slot {
-    fn id(self) -> OpId {
-        match self {
-            Self::New(id) | Self::Existing(id) => id,
-        }
-    }
-}
-
 impl Ring {
     fn lock(&self) -> StateGuard<'_> {
         StateGuard {
@@ -573,6 +378,11 @@ impl Ring {
     /// Whether a panic struck while the state was locked (see [`StateGuard`]).
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// An outbox for ops handled now.
+    fn outbox(&self) -> Outbox {
+        Outbox::new(Moment::read(), self.events.receiver_count() > 0)
     }
 
     pub fn metrics(&self) -> &RingMetrics {
@@ -602,68 +412,6 @@ impl Ring {
     /// Cancelled when the ring closes.
     pub fn stopping(&self) -> CancellationToken {
         self.stopping.clone()
-    }
-}
-
-/// A journaled op without a completion, found at start.
-struct Recovered {
-    lsn: Lsn,
-    /// Its start mark and the budget it reserved, if it had started (an op with
-    /// external effects).
-    started: Option<(Lsn, Option<Reservation>)>,
-    op: OpRecord,
-}
-
-/// An op picked to be journaled again: its id, its records (acceptance, start
-/// mark) when picked, and the entries to append.
-type CopyForward = (OpId, (Option<Lsn>, Option<Lsn>), Vec<Vec<u8>>);
-
-/// An op about to end.
-struct Finish {
-    id: OpId,
-    status: CompletionStatus,
-    result: Option<Value>,
-    error: Option<Error>,
-    slot: Option<Permit>,
-}
-
-impl Finish {
-    fn new(id: OpId, status: CompletionStatus, result: Option<Value>, error: Option<Error>) -> Self {
-        Self {
-            id,
-            status,
-            result,
-            error,
-            slot: None,
-        }
-    }
-
-    fn cancelled(id: OpId, reason: &str) -> Self {
-        Self::new(
-            id,
-            CompletionStatus::Cancelled,
-            None,
-            Some(Error::new(ErrorCode::FailedPrecondition, reason.to_owned())),
-        )
-    }
-
-    /// An op with external effects that was running when the kernel stopped.
-    fn in_doubt(id: OpId) -> Self {
-        Self::new(
-            id,
-            CompletionStatus::InDoubt,
-            None,
-            Some(Error::new(
-                ErrorCode::InDoubt,
-                "the op was running when the kernel stopped; its effect may or may not have happened. \
-                 It is not run again on its own: settle it with `bbx ring resolve OP --as ok|failed|retry`",
-            )),
-        )
-    }
-
-    fn with_slot(mut self, slot: Option<Permit>) -> Self {
-        self.slot = slot;
-        self
     }
 }
 
@@ -710,10 +458,6 @@ fn untracked(id: OpId, op: &OpRecord, why: String) -> Arc<Completion> {
         user_data: op.user_data.clone(),
         trace: op.trace.clone(),
     })
-}
-
-fn dependency_failure(dep: &OpId, status: &str) -> String {
-    format!("dependency {dep} ended with status {status}")
 }
 
 #[cfg(test)]

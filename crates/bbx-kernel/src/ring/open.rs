@@ -21,7 +21,7 @@ impl Ring {
         // up; only its latest incarnation and that one's start mark count.
         let mut accepted: FxHashMap<OpId, (Lsn, OpRecord)> = FxHashMap::default();
         let mut order = Vec::new();
-        let mut started: FxHashMap<(OpId, u32), (Lsn, Option<Reservation>)> = FxHashMap::default();
+        let mut started: FxHashMap<(OpId, u32), (Lsn, Option<bbx_core::quota::Reservation>)> = FxHashMap::default();
         let mut released = Vec::new();
         for record in recovered {
             if bbx_store::redo::is_redo(&record.payload) {
@@ -63,7 +63,13 @@ impl Ring {
                 let mark = started.remove(&(op.op_id, op.incarnation));
                 held.insert(lsn);
                 held.extend(mark.as_ref().map(|(lsn, _)| *lsn));
-                pending.push(Recovered { lsn, started: mark, op });
+                let exec = Exec::parse(&services.components, &op.kind, &op.args)?;
+                pending.push(engine::Recovered {
+                    record: op,
+                    exec,
+                    lsn,
+                    started: mark,
+                });
             }
         }
         released.retain(|lsn| !held.contains(lsn));
@@ -91,47 +97,47 @@ impl Ring {
             components,
         }: Services,
     ) -> Self {
-        let scheduler = Scheduler::new(SchedulerConfig {
+        let scheduler = SchedulerConfig {
             capacity: config.submission_capacity,
             agent_capacity: config.agent_capacity,
             aging: Duration::from_millis(config.aging_ms),
             shed_low_above: config.shed_low_above,
-        });
+        };
         let breakers = Breakers::new(BreakerConfig {
             failure_threshold: config.breaker_failures,
             open_for: Duration::from_millis(config.breaker_open_ms),
             half_open_trials: config.breaker_trials,
         });
-        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds");
         let work = Arc::new(Notify::new());
+        let key_epochs = Arc::new(KeyEpochs::default());
+        let started = Instant::now();
+        let engine = Engine::new(
+            engine::EngineConfig {
+                scheduler,
+                recent_completions: config.recent_completions,
+            },
+            Arc::new(InFlightOps(quotas.clone())),
+            key_epochs.clone(),
+            metrics.clone(),
+            started,
+        );
         Self {
             running: Capacity::new(config.max_running, work.clone()),
             completing: Capacity::new(config.completion_capacity, work.clone()),
             work,
-            state: Mutex::new(RingState {
-                live: FxHashMap::default(),
-                keys: HashMap::new(),
-                scheduler,
-                dependents: FxHashMap::default(),
-                recent: Recent::new(config.recent_completions),
-                resolving: FxHashSet::default(),
-                counters: Counters {
-                    latency: [histogram(), histogram(), histogram(), histogram()],
-                    window: VecDeque::new(),
-                },
-            }),
+            state: Mutex::new(engine),
             config,
             store,
             journal,
             room: tokio::sync::Notify::new(),
             room_waiters: AtomicUsize::new(0),
             breakers,
-            key_epochs: KeyEpochs::new(),
+            key_epochs,
             events: broadcast::channel(EVENT_BUFFER).0,
             closing: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             stopping: CancellationToken::new(),
-            started: Instant::now(),
+            started,
             metrics,
             tasks,
             tools,
@@ -140,39 +146,18 @@ impl Ring {
         }
     }
 
-    /// Puts recovered ops back, with their dependencies and idempotency keys. They
-    /// were admitted before the crash, so they are not refused now. An op with
-    /// external effects that had started is not run again: it completes `in_doubt`.
-    pub(super) fn recover(self: &Arc<Self>, pending: Vec<Recovered>) -> Result<()> {
-        // Journal order, so that each agent's ops are queued again in the order they came.
-        let order: Vec<(OpId, bool)> = pending.iter().map(|r| (r.op.op_id, r.started.is_some())).collect();
-        let ids: FxHashSet<OpId> = order.iter().map(|(id, _)| *id).collect();
+    /// Puts recovered ops back (see [`Engine::recover`]), with the budgets their
+    /// start marks reserved.
+    pub(super) fn recover(self: &Arc<Self>, pending: Vec<engine::Recovered<KernelHost>>) -> Result<()> {
+        for op in &pending {
+            if let Some((_, Some(reservation))) = &op.started {
+                self.quotas.rereserve(&op.record.tenant, op.record.agent, reservation);
+            }
+        }
         let mut finish = Vec::new();
-        let mut st = self.lock();
-        let now = Instant::now();
-        for Recovered { lsn, started, op } in pending {
-            let exec = Exec::parse(&self.components, &op.kind, &op.args)?;
-            st.scheduler.readmit(op.agent);
-            let id = op.op_id;
-            self.quotas.reacquire(&op.tenant, op.agent, 1);
-            let (started, reservation) = started.map_or((None, None), |(lsn, r)| (Some(lsn), r));
-            if let Some(r) = &reservation {
-                self.quotas.rereserve(&op.tenant, op.agent, r);
-            }
-            self.register(&mut st, (Arc::new(op), exec, Some(lsn)), &ids, now, &Preread::default())?;
-            if let Some(live) = st.live.get_mut(&id) {
-                live.started = started;
-                live.reservation = reservation;
-            }
-        }
-        for (id, in_doubt) in order {
-            if in_doubt {
-                finish.push(Finish::in_doubt(id));
-            } else {
-                Self::activate(&mut st, id, None, now, &mut finish);
-            }
-        }
-        drop(st);
+        let preread = Preread::default();
+        self.lock()
+            .recover(pending, &preread.with(self), Instant::now(), &mut finish)?;
         self.work.notify_one();
         self.finish_all(finish);
         Ok(())

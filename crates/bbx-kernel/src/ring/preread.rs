@@ -6,9 +6,9 @@
 //! lock: an op still live when it was read can complete and leave the ring before
 //! the lock is taken. Its completion is in the store by then (an op is recorded
 //! before it leaves), so only a read that found nothing can be stale:
-//! - for a key, the ring bumps an epoch (one of [`KeyEpochs::BUCKETS`], by the
-//!   key's hash) whenever a keyed op leaves it; a miss read under an epoch that has
-//!   not moved since is still true;
+//! - for a key, the engine bumps the key's epoch ([`KeyEpochs`]) whenever a keyed
+//!   op leaves it; a miss read under an epoch that has not moved since is still
+//!   true;
 //! - for a dependency, a miss for an op that is not live either is read again
 //!   under the lock (rare: the op completed just then, or does not exist).
 
@@ -17,45 +17,11 @@ use crate::store::{self, decode_idempotency, idempotency_key, storage_error};
 use bbx_core::op::Completion;
 use bbx_core::{AgentId, OpId, Result};
 use bbx_ring::batch::Dependency;
+use bbx_ring::engine::{KeyedOp, Recorded};
 use fjall::Readable;
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// An op a key names and the digest of what it was submitted with.
-pub(super) type KeyedOp = (OpId, Option<String>);
-
-/// Bumped when a keyed op leaves the ring, one counter per bucket of keys.
-pub(super) struct KeyEpochs {
-    buckets: Box<[AtomicU64]>,
-    hasher: std::collections::hash_map::RandomState,
-}
-
-impl KeyEpochs {
-    pub const BUCKETS: usize = 256;
-
-    pub fn new() -> Self {
-        Self {
-            buckets: (0..Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            hasher: Default::default(),
-        }
-    }
-
-    fn bucket(&self, agent: &AgentId, key: &str) -> &AtomicU64 {
-        &self.buckets[self.hasher.hash_one((agent, key)) as usize % Self::BUCKETS]
-    }
-
-    fn read(&self, agent: &AgentId, key: &str) -> u64 {
-        self.bucket(agent, key).load(Ordering::Acquire)
-    }
-
-    /// Called under the ring's lock as a keyed op leaves it.
-    pub fn bump(&self, agent: &AgentId, key: &str) {
-        self.bucket(agent, key).fetch_add(1, Ordering::AcqRel);
-    }
-}
 
 #[derive(Default)]
 pub(super) struct Preread {
@@ -100,6 +66,12 @@ impl Preread {
         Ok(preread)
     }
 
+    /// What the engine asks of the store under the ring's lock: this read, or
+    /// the store itself where this read may be stale.
+    pub fn with<'a>(&'a self, ring: &'a Ring) -> Lookup<'a> {
+        Lookup { preread: self, ring }
+    }
+
     /// What the store holds for a key that no live op holds, read under the
     /// ring's lock only if the read before it may be stale.
     pub fn key(&self, ring: &Ring, agent: &AgentId, key: &str) -> Result<Option<KeyedOp>> {
@@ -117,6 +89,22 @@ impl Preread {
             Some(done) => Ok(Some(done.clone())),
             None => Ok(ring.stored_completion(id)?.map(Arc::new)),
         }
+    }
+}
+
+/// A [`Preread`] backed by its ring's store.
+pub(super) struct Lookup<'a> {
+    preread: &'a Preread,
+    ring: &'a Ring,
+}
+
+impl Recorded for Lookup<'_> {
+    fn key(&self, agent: &AgentId, key: &str) -> Result<Option<KeyedOp>> {
+        self.preread.key(self.ring, agent, key)
+    }
+
+    fn completion(&self, id: &OpId) -> Result<Option<Arc<Completion>>> {
+        self.preread.completion(self.ring, id)
     }
 }
 

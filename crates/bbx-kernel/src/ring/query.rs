@@ -7,7 +7,7 @@ impl Ring {
     pub fn info(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         let recent = {
             let st = self.lock();
-            if let Some(live) = st.live.get(id) {
+            if let Some(live) = st.live(id) {
                 caller.check_owner(&live.record.tenant, "op", id)?;
                 return Ok(OpInfo {
                     op_id: *id,
@@ -18,7 +18,7 @@ impl Ring {
                     completion: None,
                 });
             }
-            st.recent.get(id).cloned()
+            st.recent(id).cloned()
         };
         // Read without the lock: an op that has left the ring was recorded before
         // it left, so the store has it if the ring did not.
@@ -43,7 +43,7 @@ impl Ring {
         };
         let receiver = {
             let mut st = self.lock();
-            match st.live.get_mut(id) {
+            match st.live_mut(id) {
                 Some(live) => {
                     caller.check_owner(&live.record.tenant, "op", id)?;
                     let (sender, receiver) = oneshot::channel();
@@ -67,48 +67,31 @@ impl Ring {
     /// How many callers of [`Ring::wait`] an op holds; for tests.
     #[cfg(test)]
     pub(super) fn waiting_on(&self, id: &OpId) -> usize {
-        self.lock().live.get(id).map_or(0, |live| live.waiters.len())
+        self.lock().live(id).map_or(0, |live| live.waiters.len())
     }
 
     /// Cancels an op: at once if it has not started, by dropping its executor if it
     /// is running. A kernel-service op that is already being applied, and an op that
     /// is done, cannot be cancelled (409).
     pub async fn cancel(self: &Arc<Self>, caller: &Caller, id: &OpId) -> Result<OpInfo> {
-        let finish = {
-            let mut st = self.lock();
-            let Some(live) = st.live.get_mut(id) else {
-                drop(st);
+        let owns = |tenant: &str| caller.check_owner(tenant, "op", id);
+        let cancelled = self.lock().cancel(id, &owns)?;
+        match cancelled {
+            None => {
                 let info = self.info(caller, id)?;
                 let status = info.completion.as_ref().map_or("done", |c| c.status.as_str());
                 return Err(Error::new(
                     ErrorCode::FailedPrecondition,
                     format!("op {id} has already completed ({status})"),
                 ));
-            };
-            caller.check_owner(&live.record.tenant, "op", id)?;
-            if live.finishing || (live.state == OpState::Running && matches!(live.exec, Exec::Effect(_))) {
-                return Err(Error::new(
-                    ErrorCode::FailedPrecondition,
-                    format!("op {id} is already being completed"),
-                ));
             }
-            live.cancel_requested = true;
-            match live.state {
-                OpState::Running => {
-                    if let Some(token) = &live.cancel {
-                        token.cancel();
-                    }
-                    None
+            Some(engine::Cancelled::Running(token)) => {
+                if let Some(token) = token {
+                    token.cancel();
                 }
-                // Queued ops leave the scheduler lazily: the dispatcher skips them.
-                OpState::Queued | OpState::Backoff => Some(Finish::cancelled(*id, "cancelled before it ran")),
-                OpState::Blocked if live.active => Some(Finish::cancelled(*id, "cancelled before it started")),
-                // Not yet acknowledged: it ends as soon as it is.
-                OpState::Blocked | OpState::Done => None,
             }
-        };
-        if let Some(finish) = finish {
-            self.finish_all(vec![finish]);
+            Some(engine::Cancelled::Ends(finish)) => self.finish_all(vec![finish]),
+            Some(engine::Cancelled::Later) => {}
         }
         // A running executor notices the cancel at its next await point.
         self.wait(caller, id, Duration::from_secs(5)).await
@@ -127,10 +110,9 @@ impl Ring {
             ));
         }
         {
-            let mut st = self.lock();
             // Its in-doubt completion is stored but not yet settled: the op is
             // still live, and a retry must not register a second one.
-            if st.live.contains_key(id) || !st.resolving.insert(*id) {
+            if !self.lock().begin_resolving(*id) {
                 return Err(Error::new(
                     ErrorCode::FailedPrecondition,
                     format!("op {id} is already being resolved or completed; try again"),
@@ -146,7 +128,7 @@ impl Ring {
                 Resolution::Retry => ring.retry_in_doubt(&op).await,
                 Resolution::Ok | Resolution::Failed => ring.settle_in_doubt(current, resolution).await,
             };
-            ring.lock().resolving.remove(&op);
+            ring.lock().end_resolving(&op);
             resolved
         });
         resolution
@@ -193,17 +175,8 @@ impl Ring {
         // Its dependencies were met when it first ran.
         record.depends_on.clear();
         let exec = Exec::parse(&self.components, &record.kind, &record.args)?;
-        let (tenant, agent) = (record.tenant.clone(), record.agent);
-        self.quotas.acquire(&tenant, agent, 1).map_err(Error::from)?;
-        let admitted = self.lock().scheduler.admit(&[(agent, record.priority)]);
-        let give_back = |ring: &Self| {
-            ring.quotas.release(&tenant, agent, 1);
-            ring.lock().scheduler.release(&agent);
-        };
-        if let Err(refused) = admitted {
-            self.quotas.release(&tenant, agent, 1);
-            return Err(Error::resource_exhausted(refused.to_string(), RETRY_AFTER));
-        }
+        self.lock().admit_one(&record)?;
+        let give_back = |ring: &Self| ring.lock().unadmit_one(&record);
         let lsn = match self.journal.append(vec![record.encode_accepted()]).await {
             Ok(lsns) => lsns[0],
             Err(e) => {
@@ -227,11 +200,11 @@ impl Ring {
         {
             let mut st = self.lock();
             let now = Instant::now();
-            // Nothing waits on it and it has no dependencies: registering cannot fail.
-            let op = (Arc::new(record), exec, Some(lsn));
-            self.register(&mut st, op, &FxHashSet::default(), now, &Preread::default())?;
-            Self::activate(&mut st, *id, Some(lsn), now, &mut finish);
-            self.gauge_queues(&st);
+            // It has no dependencies and its key is its own: registering reads nothing.
+            let nothing = &engine::NothingRecorded;
+            st.register(Arc::new(record), exec, Some(lsn), &FxHashSet::default(), now, nothing)?;
+            st.activate(*id, Some(lsn), now, &mut finish);
+            st.gauge_queues();
         }
         self.work.notify_one();
         self.finish_all(finish);
@@ -244,23 +217,17 @@ impl Ring {
         // Listed before the ring's lock is taken: an administrator's list can be long.
         let breakers = self.breakers(caller);
         let st = self.lock();
-        let queued = Priority::ALL
+        let figures = st.figures(Instant::now());
+        let latency = Priority::ALL
             .iter()
-            .map(|p| (*p, st.scheduler.depth(*p) as u64))
+            .map(|p| (*p, percentiles(st.latency(*p))))
             .collect();
-        let second = self.started.elapsed().as_secs();
-        let recent: u64 = st
-            .counters
-            .window
-            .iter()
-            .filter(|(s, _)| *s + 10 > second)
-            .map(|(_, n)| n)
-            .sum();
+        drop(st);
         let span = (self.started.elapsed().as_secs_f64()).clamp(1.0, 10.0);
         RingStats {
-            queued,
-            pending: st.scheduler.len() as u64,
-            submission_capacity: st.scheduler.capacity() as u64,
+            queued: figures.queued.into_iter().collect(),
+            pending: figures.pending,
+            submission_capacity: figures.capacity,
             // From the slots, not by walking every live op under the lock: an op
             // holds a running slot while an attempt runs, and a completion slot
             // from its start until its completion is durable. A dispatch in
@@ -274,11 +241,8 @@ impl Ring {
             refused_total: self.metrics.refused.get(),
             retries_total: self.metrics.retries.get(),
             completed: self.metrics.completed_counts(),
-            completed_per_sec: recent as f64 / span,
-            latency: Priority::ALL
-                .iter()
-                .map(|p| (*p, percentiles(&st.counters.latency[p.rank()])))
-                .collect(),
+            completed_per_sec: figures.completed_last_10s as f64 / span,
+            latency,
             breakers,
             // The kernel serves the sessions; it fills this in.
             shm_sessions: 0,
@@ -336,11 +300,5 @@ impl Ring {
                 }
             }
         }
-    }
-
-    /// Publishes the queue depths to the metrics.
-    pub(super) fn gauge_queues(&self, st: &RingState) {
-        let depths = Priority::ALL.iter().map(|p| (*p, st.scheduler.depth(*p)));
-        self.metrics.queued(depths, st.scheduler.len());
     }
 }

@@ -30,53 +30,35 @@ impl Ring {
         let next = self.journal.status().await?.next_lsn;
         // Read before the ops are picked: each was still running then.
         let picked_at = Utc::now();
-        let picked: Vec<CopyForward> = {
-            let st = self.lock();
-            st.live
-                .iter()
-                .filter(|(id, live)| {
-                    let old = live.lsn.is_some_and(|lsn| lsn < floor) || live.started.is_some_and(|lsn| lsn < floor);
-                    old && !live.finishing && !st.resolving.contains(id)
-                })
-                .map(|(id, live)| {
-                    let mut entries = vec![live.record.encode_accepted()];
-                    if live.started.is_some() {
-                        let started = Entry::Started {
-                            op_id: *id,
-                            incarnation: live.record.incarnation,
-                            reserved: live.reservation.clone(),
-                        };
-                        entries.push(started.encode());
-                    }
-                    (*id, (live.lsn, live.started), entries)
-                })
-                .collect()
-        };
+        let picked = self.lock().old_records(floor);
         if picked.is_empty() {
             return Ok(next);
         }
-        let counts: Vec<usize> = picked.iter().map(|(_, _, entries)| entries.len()).collect();
-        let records = picked
+        let entries: Vec<Vec<Vec<u8>>> = picked
             .iter()
-            .flat_map(|(_, _, entries)| entries.iter().cloned())
+            .map(|old| {
+                let mut entries = vec![old.record.encode_accepted()];
+                if let Some(reserved) = &old.started {
+                    let started = Entry::Started {
+                        op_id: old.id,
+                        incarnation: old.record.incarnation,
+                        reserved: reserved.clone(),
+                    };
+                    entries.push(started.encode());
+                }
+                entries
+            })
             .collect();
-        let mut lsns = self.journal.append_copies(records, picked_at).await?.into_iter();
+        let counts: Vec<usize> = entries.iter().map(Vec::len).collect();
+        let mut lsns = self
+            .journal
+            .append_copies(entries.into_iter().flatten().collect(), picked_at)
+            .await?
+            .into_iter();
         let mut released = Vec::new();
         let mut st = self.lock();
-        for ((id, before, _), count) in picked.into_iter().zip(counts) {
-            let copies: Vec<Lsn> = lsns.by_ref().take(count).collect();
-            match (st.live.get_mut(&id), copies.first()) {
-                // Unchanged meanwhile: the copies replace the originals.
-                (Some(live), Some(&accepted)) if (live.lsn, live.started) == before && !live.finishing => {
-                    released.extend(live.lsn.replace(accepted));
-                    if let Some(&started) = copies.get(1) {
-                        released.extend(live.started.replace(started));
-                    }
-                }
-                // Ended (its settling released what it held) or changed: the
-                // copies are not needed.
-                _ => released.extend(copies),
-            }
+        for (old, count) in picked.iter().zip(counts) {
+            released.extend(st.copied(old, lsns.by_ref().take(count).collect()));
         }
         drop(st);
         self.journal.release(released);
@@ -129,46 +111,41 @@ impl Ring {
 
     /// Up to `max` ops to start, in scheduler order, marked running; and whether
     /// more remain queued.
-    pub(super) fn next_batch(&self, max: usize) -> (Vec<Start>, bool) {
+    pub(super) fn next_batch(&self, max: usize) -> (Vec<Start<KernelHost>>, bool) {
         let mut st = self.lock();
-        let now = Instant::now();
-        let mut batch = Vec::new();
-        while batch.len() < max {
-            let Some(next) = st.scheduler.pop(now) else { break };
-            let Some(live) = st.live.get_mut(&next.item) else {
-                continue;
-            };
-            if live.finishing {
-                continue;
-            }
-            live.state = OpState::Running;
-            live.attempts += 1;
-            live.first_start.get_or_insert(now);
-            // Only executors that await can be cancelled while running.
-            let token = live.exec.cancellable().then(CancellationToken::new);
-            live.cancel = token.clone();
-            batch.push((next.item, live.record.clone(), live.exec.clone(), token));
-        }
-        self.gauge_queues(&st);
+        let (batch, more) = st.next(max, Instant::now());
+        st.gauge_queues();
+        drop(st);
         // One waiting submitter per freed slot: waking them all would have every one
         // of them retry for the same few slots.
+        self.wake_submitters(batch.len());
+        (batch, more)
+    }
+
+    /// Wakes up to `freed` submitters waiting for room in the queue.
+    pub(super) fn wake_submitters(&self, freed: usize) {
         let waiting = self.room_waiters.load(Ordering::Acquire);
-        for _ in 0..batch.len().min(waiting) {
+        for _ in 0..freed.min(waiting) {
             self.room.notify_one();
         }
-        (batch, !st.scheduler.is_empty())
     }
 
     /// Runs a dispatched batch through its breakers: inline executors at once, with
     /// their ends handled under one lock; kernel-service ops as one store write;
     /// each `sleep` on a task of its own.
-    pub(super) fn run_batch(self: &Arc<Self>, batch: Vec<Start>) {
+    pub(super) fn run_batch(self: &Arc<Self>, batch: Vec<Start<KernelHost>>) {
         let mut ended = Vec::with_capacity(batch.len());
         let mut applying = Vec::new();
         let started = Instant::now();
         // A batch is mostly of one kind and tenant: look its breaker up once.
         let mut last_breaker: Option<(Arc<OpRecord>, Arc<Tracked>)> = None;
-        for (id, record, exec, token) in batch {
+        for Start {
+            id,
+            record,
+            exec,
+            cancel: token,
+        } in batch
+        {
             let slots = Slots {
                 running: Some(self.running.permit()),
                 completing: Some(self.completing.permit()),
@@ -193,7 +170,7 @@ impl Ring {
                 Err(rejected) => {
                     let error = Error::unavailable(format!("the circuit breaker of {target} is open"))
                         .with_details(serde_json::json!({ "retry_after_ms": rejected.retry_after.as_millis() as u64 }));
-                    ended.push(Ended {
+                    ended.push(Attempted {
                         id,
                         attempt: Attempt::Failed(error),
                         took: Duration::ZERO,
@@ -229,7 +206,7 @@ impl Ring {
                                 Err(_) => Attempt::TimedOut,
                             },
                         };
-                        ring.attempts_done(vec![Ended::ran(id, attempt, started.elapsed(), admission, slots)]);
+                        ring.attempts_done(vec![Attempted::ran(id, attempt, started.elapsed(), admission, slots)]);
                     });
                     continue;
                 }
@@ -254,7 +231,7 @@ impl Ring {
             // need not carry the breaker along.
             let (breaker, admission) = admission;
             breaker.record(admission, !attempt.transient(), started);
-            ended.push(Ended {
+            ended.push(Attempted {
                 id,
                 attempt,
                 took,
@@ -312,7 +289,7 @@ impl Ring {
                     Err(e) => Attempt::Failed(e),
                 },
             };
-            ring.attempts_done(vec![Ended::ran(id, attempt, began.elapsed(), admission, slots)]);
+            ring.attempts_done(vec![Attempted::ran(id, attempt, began.elapsed(), admission, slots)]);
         });
     }
 
@@ -321,13 +298,7 @@ impl Ring {
     /// the reservation, durable. Later attempts find both done.
     pub(super) async fn begin_external(&self, record: &OpRecord, call: &Call) -> Result<()> {
         let id = record.op_id;
-        if self
-            .state
-            .lock()
-            .live
-            .get(&id)
-            .is_none_or(|live| live.started.is_some())
-        {
+        if !self.lock().needs_start_mark(&id) {
             return Ok(());
         }
         let attempt_max = self.tools.max_spend(call);
@@ -359,17 +330,9 @@ impl Ring {
                 return Err(e);
             }
         };
-        let mut st = self.lock();
-        match st.live.get_mut(&id) {
-            Some(live) => {
-                live.started = Some(lsn);
-                live.reservation = reservation;
-                live.attempt_max = attempt_max;
-            }
-            None => {
-                unreserve();
-                self.journal.release(vec![lsn]);
-            }
+        if !self.lock().started(&id, lsn, reservation.clone(), attempt_max) {
+            unreserve();
+            self.journal.release(vec![lsn]);
         }
         Ok(())
     }
@@ -410,100 +373,42 @@ impl Ring {
         self: &Arc<Self>,
         applying: Vec<(OpId, Arc<dyn bbx_component::EffectOp>, Breaker, Slots)>,
     ) {
-        let mut pending = Vec::with_capacity(applying.len());
-        {
-            let mut st = self.lock();
-            let at = Moment::read();
-            for (id, effect, admission, slots) in applying {
-                let Some((completion, digest, _)) =
-                    Self::completion_of(&mut st, id, CompletionStatus::Ok, None, None, at)
-                else {
-                    continue;
-                };
-                pending.push(Pending {
-                    completion,
-                    digest,
-                    effect: Some(effect),
-                    doubt: None,
-                    charge: None,
-                    admission: Some(admission),
-                    slots,
-                });
-            }
-        }
-        self.record(pending);
+        let mut out = self.outbox();
+        let held = applying.into_iter().map(|(id, effect, admission, slots)| {
+            let hold = Hold {
+                _completing: slots.completing,
+                admission: Some(admission),
+                effect: Some(effect),
+            };
+            (id, hold)
+        });
+        self.lock().applying(held, &mut out);
+        self.deliver(out);
     }
 
     /// Ends attempts: records each with its breaker, then retries the op after its
     /// backoff (on a timer, holding no slot) or completes it. One lock for all.
-    pub(super) fn attempts_done(self: &Arc<Self>, ended: Vec<Ended>) {
-        let mut retrying = Vec::new();
-        let mut finish = Vec::with_capacity(ended.len());
-        let mut out = Outbox::new(&self.events);
-        {
-            let mut st = self.lock();
-            let now = Instant::now();
-            for Ended {
-                id,
-                attempt,
-                took,
-                admission,
-                slots,
-                retry_after,
-            } in ended
-            {
-                let transient = attempt.transient();
-                if let Some((breaker, admission)) = admission {
-                    breaker.record(admission, !transient, now);
+    pub(super) fn attempts_done(self: &Arc<Self>, attempted: Vec<Attempted>) {
+        let now = Instant::now();
+        let ended = attempted
+            .into_iter()
+            .map(|a| {
+                if let Some((breaker, admission)) = a.admission {
+                    breaker.record(admission, !a.attempt.transient(), now);
                 }
-                let Some(live) = st.live.get_mut(&id) else { continue };
-                live.exec_time += took;
-                live.cancel = None;
-                if live.reservation.is_some() {
-                    // A call that timed out or was dropped may still be billed: it
-                    // counts at the most it could have cost.
-                    let spent = match &attempt {
-                        Attempt::Ok(result) => Tools::spent(result),
-                        Attempt::TimedOut | Attempt::Cancelled => live.attempt_max,
-                        Attempt::Failed(e) if e.code == ErrorCode::Timeout => live.attempt_max,
-                        Attempt::Failed(_) => Spend::default(),
-                    };
-                    live.spent.micros += spent.micros;
-                    live.spent.tokens += spent.tokens;
-                }
-                if transient
-                    && !live.cancel_requested
-                    && let Some(policy) = live.record.retries
-                    && live.attempts <= policy.count
-                {
-                    live.state = OpState::Backoff;
-                    self.metrics.retries.inc();
-                    retrying.push((id, policy.backoff(live.attempts).max(retry_after.unwrap_or_default())));
-                    continue;
-                }
-                let Slots { running, completing } = slots;
+                let Slots { running, completing } = a.slots;
                 drop(running);
-                finish.push(
-                    match attempt {
-                        Attempt::Ok(result) => Finish::new(id, CompletionStatus::Ok, Some(result), None),
-                        // A tool that enforces a deadline of its own reports it as a timeout.
-                        Attempt::Failed(error) if error.code == ErrorCode::Timeout => {
-                            Finish::new(id, CompletionStatus::Timeout, None, Some(error))
-                        }
-                        Attempt::Failed(error) => Finish::new(id, CompletionStatus::Error, None, Some(error)),
-                        Attempt::TimedOut => Finish::new(
-                            id,
-                            CompletionStatus::Timeout,
-                            None,
-                            Some(Error::new(ErrorCode::Timeout, "the op timed out")),
-                        ),
-                        Attempt::Cancelled => Finish::cancelled(id, "cancelled while running"),
-                    }
-                    .with_slot(completing),
-                );
-            }
-            self.finish_locked(&mut st, finish, &mut out);
-        }
+                engine::Ended {
+                    id: a.id,
+                    attempt: a.attempt,
+                    took: a.took,
+                    held: Hold::slot(completing),
+                    retry_after: a.retry_after,
+                }
+            })
+            .collect();
+        let mut out = self.outbox();
+        let retrying = self.lock().attempts_ended(ended, &mut out);
         for (id, delay) in retrying {
             let ring = self.clone();
             let stopping = self.stopping.clone();
@@ -521,18 +426,12 @@ impl Ring {
     /// dependencies are done).
     pub(super) fn start_delayed(self: &Arc<Self>, ids: Vec<OpId>) {
         let mut finish = Vec::new();
-        let mut queued = false;
-        {
+        let queued = {
             let mut st = self.lock();
-            let now = Instant::now();
-            for id in ids {
-                if let Some(live) = st.live.get_mut(&id) {
-                    live.delayed = false;
-                    queued |= Self::release_if_ready(&mut st, id, now, &mut finish);
-                }
-            }
-            self.gauge_queues(&st);
-        }
+            let queued = st.start_delayed(&ids, Instant::now(), &mut finish);
+            st.gauge_queues();
+            queued
+        };
         if queued {
             self.work.notify_one();
         }
@@ -541,23 +440,33 @@ impl Ring {
 
     /// Puts an op back in the queue after its backoff.
     pub(super) fn requeue(self: &Arc<Self>, id: OpId) {
-        let mut finish = Vec::new();
-        {
-            let mut st = self.lock();
-            let Some(live) = st.live.get_mut(&id) else { return };
-            if live.finishing {
-                return;
-            }
-            if live.cancel_requested {
-                finish.push(Finish::cancelled(id, "cancelled while waiting to retry"));
-            } else {
-                live.state = OpState::Queued;
-                let (agent, priority) = (live.record.agent, live.record.priority);
-                st.scheduler.readmit(agent);
-                st.scheduler.enqueue(agent, priority, id, Instant::now());
-            }
-        }
+        let finish = self.lock().requeue(id, Instant::now());
         self.work.notify_one();
-        self.finish_all(finish);
+        self.finish_all(finish.into_iter().collect());
+    }
+}
+
+/// An attempt that ended, with its breaker's admission and the slots it holds.
+pub(super) struct Attempted {
+    id: OpId,
+    attempt: Attempt,
+    took: Duration,
+    admission: Option<Breaker>,
+    slots: Slots,
+    /// At least this long before a retry (an open breaker says how long).
+    retry_after: Option<Duration>,
+}
+
+impl Attempted {
+    /// An attempt that the breaker let through and that ran for `took`.
+    fn ran(id: OpId, attempt: Attempt, took: Duration, admission: Breaker, slots: Slots) -> Self {
+        Self {
+            id,
+            attempt,
+            took,
+            admission: Some(admission),
+            slots,
+            retry_after: None,
+        }
     }
 }

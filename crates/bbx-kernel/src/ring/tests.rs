@@ -2,6 +2,7 @@
 //! what a panic under its lock does.
 
 use super::*;
+use bbx_core::op::OpState;
 
 /// The race a shared-memory session can cause: one claimer holds the last
 /// slots for a moment and gives them back unused while another, finding none,

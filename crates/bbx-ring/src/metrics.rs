@@ -1,4 +1,4 @@
-//! The ring's metrics in `/metrics`. Children of labelled
+//! The ring's metrics, served in `/metrics`. Children of labelled
 //! families are resolved once, at start, so that counting an op is an atomic add
 //! and never a map lookup.
 
@@ -44,11 +44,11 @@ pub struct RingMetrics {
     completed_family: Family<StatusLabel, Counter>,
     queued_family: Family<PriorityLabel, Gauge>,
     latency_family: Family<PriorityLabel, Histogram, fn() -> Histogram>,
-    pub(super) submitted: Counter,
-    pub(super) deduplicated: Counter,
-    pub(super) refused: Counter,
-    pub(super) retries: Counter,
-    pub(super) pending: Gauge,
+    pub submitted: Counter,
+    pub deduplicated: Counter,
+    pub refused: Counter,
+    pub retries: Counter,
+    pub pending: Gauge,
     completed: Vec<Counter>,
     queued: Vec<Gauge>,
     latency: Vec<Histogram>,
@@ -56,8 +56,14 @@ pub struct RingMetrics {
     quota_exceeded: Family<LimitLabel, Counter>,
 }
 
+impl Default for RingMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RingMetrics {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         let completed_family = Family::<StatusLabel, Counter>::default();
         let queued_family = Family::<PriorityLabel, Gauge>::default();
         let latency_family =
@@ -108,19 +114,19 @@ impl RingMetrics {
         self.quota_exceeded.get_or_create(&LimitLabel { limit }).inc();
     }
 
-    pub(super) fn completed(&self, status: CompletionStatus, priority: Priority, total_us: u64) {
+    pub fn completed(&self, status: CompletionStatus, priority: Priority, total_us: u64) {
         self.completed[status as usize].inc();
         self.latency[priority.rank()].observe(total_us as f64 / 1e6);
     }
 
-    pub(super) fn completed_counts(&self) -> std::collections::BTreeMap<CompletionStatus, u64> {
+    pub fn completed_counts(&self) -> std::collections::BTreeMap<CompletionStatus, u64> {
         CompletionStatus::ALL
             .iter()
             .map(|s| (*s, self.completed[*s as usize].get()))
             .collect()
     }
 
-    pub(super) fn queued(&self, depths: impl Iterator<Item = (Priority, usize)>, pending: usize) {
+    pub fn queued(&self, depths: impl Iterator<Item = (Priority, usize)>, pending: usize) {
         for (priority, depth) in depths {
             self.queued[priority.rank()].set(depth as i64);
         }
