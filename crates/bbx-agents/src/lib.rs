@@ -96,6 +96,16 @@ pub fn pending_purges(store: &Store) -> Result<Vec<AgentId>> {
     Ok(agents)
 }
 
+/// An agent as the store's durable view holds it.
+pub fn stored_agent(store: &Store, id: &AgentId) -> Result<Agent> {
+    let bytes = store
+        .view()
+        .get(store.keyspace(AGENTS), id.as_bytes())
+        .map_err(|e| storage_error("read agents", e))?
+        .ok_or_else(|| Error::not_found("agent", id))?;
+    decode_agent(&bytes)
+}
+
 pub fn agent_count(store: &Store) -> Result<u64> {
     Ok(store
         .view()

@@ -13,17 +13,28 @@
 //! - a [`Prepared::Effect`] is journaled before it is acknowledged, and its effect is
 //!   staged in the same store group as its completion ([`EffectOp::stage`]), so after a
 //!   crash either both happened or neither did, and recovery runs it exactly when it
-//!   had not.
+//!   had not;
+//! - a [`Prepared::Task`] runs on a task of its own, under its op's timeout, and is
+//!   stopped by a cancel or the kernel's shutdown. One with external effects
+//!   ([`TaskOp::effects`]) is journaled before it is acknowledged; before its first
+//!   attempt the ring reserves on its path's budgets the most its attempts can
+//!   spend ([`TaskOp::max_spend`]) and makes a start mark durable, so that after a
+//!   crash it is never run again on its own: it completes `in_doubt`.
 //!
 //! The keyspaces a component stages into are its own, declared with
 //! [`bbx_store::KeyspaceDef`].
 
+pub mod builtin;
+
 use bbx_core::op::Effects;
-use bbx_core::{AgentId, Error, Result};
+use bbx_core::quota::Spend;
+use bbx_core::{AgentId, Error, OpId, Result};
 use bbx_store::{GroupTx, Store};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// An op's `args` as a component's argument type, or one `invalid_argument` error
@@ -39,7 +50,9 @@ pub struct OpKind {
     /// `component.verb`, e.g. `state.set`.
     pub name: &'static str,
     /// [`Effects::None`] for a read, [`Effects::Kernel`] for a kind that stages an
-    /// effect; what a prepared op is must agree with it.
+    /// effect, [`Effects::External`] for a task that may act outside the kernel
+    /// (some of its ops may not: a task's op says for itself). What a prepared op
+    /// is must agree with it.
     pub effects: Effects,
 }
 
@@ -50,6 +63,8 @@ pub enum Prepared {
     Read(Arc<dyn ReadOp>),
     /// Staged with the op's completion, in one atomic group.
     Effect(Arc<dyn EffectOp>),
+    /// Run on a task of its own.
+    Task(Arc<dyn TaskOp>),
 }
 
 impl Prepared {
@@ -57,6 +72,18 @@ impl Prepared {
         match self {
             Self::Read(_) => Effects::None,
             Self::Effect(_) => Effects::Kernel,
+            Self::Task(task) => task.effects(),
+        }
+    }
+
+    /// Whether it is what a kind declared to `declared` effects may prepare.
+    fn agrees_with(&self, declared: Effects) -> bool {
+        match self {
+            Self::Task(task) => match task.effects() {
+                Effects::None => declared != Effects::Kernel,
+                effects => effects == declared,
+            },
+            other => other.effects() == declared,
         }
     }
 }
@@ -74,6 +101,46 @@ pub trait EffectOp: Send + Sync + std::fmt::Debug {
     /// the first write, so an effect that fails stages nothing (its op completes
     /// with that error instead).
     fn stage(&self, tx: &mut GroupTx<'_>, agent: &AgentId, at: DateTime<Utc>) -> Result<Value>;
+}
+
+/// What a task's attempt runs for.
+pub struct TaskContext<'a> {
+    pub op_id: OpId,
+    pub agent: AgentId,
+    pub tenant: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    /// The store, whose view is what is durable (an agent's settings, say).
+    pub store: &'a Store,
+}
+
+/// An attempt of a task, running.
+pub type Running<'a> = Pin<Box<dyn Future<Output = Result<Value>> + Send + 'a>>;
+
+/// An op that runs on a task of its own and may await.
+pub trait TaskOp: Send + Sync + std::fmt::Debug {
+    /// [`Effects::None`], or [`Effects::External`] if running it can change the
+    /// world outside the kernel.
+    fn effects(&self) -> Effects;
+
+    /// The remote host (and port) it talks to, if any: its circuit breaker is its
+    /// kind's on that host, so one failing server does not open every other's.
+    fn remote_host(&self) -> Option<String> {
+        None
+    }
+
+    /// The most one attempt can spend of a budget.
+    fn max_spend(&self) -> Spend {
+        Spend::default()
+    }
+
+    /// What an attempt that returned `result` spent.
+    fn spent(&self, _result: &Value) -> Spend {
+        Spend::default()
+    }
+
+    /// Runs one attempt. Dropping the future stops it (a timeout, a cancel, the
+    /// kernel's shutdown), so what it starts outside the process must end with it.
+    fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a>;
 }
 
 /// A component: the op kinds it serves, and how their ops are prepared.
@@ -131,7 +198,7 @@ impl Components {
     pub fn prepare(&self, kind: &str, args: &Value) -> Option<Result<Prepared>> {
         let (declared, component) = self.by_kind.get(kind)?;
         Some(component.prepare(kind, args).and_then(|prepared| {
-            if prepared.effects() == declared.effects {
+            if prepared.agrees_with(declared.effects) {
                 Ok(prepared)
             } else {
                 Err(Error::internal(format!(

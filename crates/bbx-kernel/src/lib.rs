@@ -200,9 +200,8 @@ impl Kernel {
             recovery.records,
             tasks.clone(),
             ring::Services {
-                tools: tools.clone(),
                 quotas: quotas.clone(),
-                components: Arc::new(components()?),
+                components: Arc::new(components(&tools, &quotas)?),
             },
         )
         .await?;
@@ -284,9 +283,11 @@ impl Kernel {
 }
 
 /// The components whose op kinds the ring serves: one line each.
-fn components() -> Result<bbx_component::Components> {
+fn components(tools: &Arc<bbx_tools::Tools>, quotas: &Arc<bbx_quota::Quotas>) -> Result<bbx_component::Components> {
     let mut components = bbx_component::Components::default();
+    components.register(Arc::new(bbx_component::builtin::Builtin))?;
     components.register(Arc::new(bbx_agents::StateOps))?;
+    components.register(Arc::new(bbx_tools::ToolKinds::new(tools.clone(), quotas.clone())))?;
     Ok(components)
 }
 

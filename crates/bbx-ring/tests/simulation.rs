@@ -61,7 +61,7 @@ impl Host for SimHost {
         exec.0 == Effects::Kernel
     }
 
-    fn spent(_: &Value) -> Spend {
+    fn spent(_: &SimExec, _: &Value) -> Spend {
         Spend::default()
     }
 }

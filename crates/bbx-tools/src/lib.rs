@@ -21,6 +21,7 @@
 //! refused before it is journaled. The ring decides when a call runs and what a
 //! crash in the middle means (`in_doubt`); this crate only runs it.
 
+pub mod component;
 pub mod file;
 pub mod http;
 pub mod llm;
@@ -32,12 +33,10 @@ pub use bbx_core::quota::Spend;
 use bbx_core::quota::{ProcessLimits, ToolSettings};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_quota::cgroup::Driver;
+pub use component::ToolKinds;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-/// The tool kinds an op may name.
-pub const KINDS: [&str; 5] = ["tool.http", "tool.shell", "tool.file", "tool.mcp", "llm.chat"];
 
 /// A parsed tool call.
 #[derive(Debug, Clone)]

@@ -32,12 +32,13 @@ use crate::auth::Caller;
 use crate::store::{
     self, Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
 };
+use bbx_component::{TaskContext, TaskOp};
 use bbx_core::config::RingConfig;
 use bbx_core::op::{
     BreakerInfo, Completion, CompletionStatus, OpInfo, Priority, Resolution, RingStats, SubmitBatch, SubmitOp,
     Submitted, SubmittedOp, WalStatus,
 };
-use bbx_core::quota::{Node, QuotaLimits, Spend};
+use bbx_core::quota::{Node, Spend};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_quota::{Quotas, spend_key};
 use bbx_ring::engine::{
@@ -47,7 +48,6 @@ use bbx_ring::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry,
 use bbx_ring::{SchedulerConfig, batch};
 use bbx_store::JournalWriter;
 use bbx_store::journal::percentiles;
-use bbx_tools::{Call, Context as ToolContext, Tools};
 use chrono::{DateTime, Utc};
 use exec::Exec;
 use fjall::Readable;
@@ -97,7 +97,6 @@ pub(crate) struct Ring {
     /// Every task the ring spawns, so that shutdown can wait for them to let go of
     /// the store.
     tasks: TaskTracker,
-    tools: Arc<Tools>,
     quotas: Arc<Quotas>,
     /// The components whose op kinds the ring runs.
     components: Arc<bbx_component::Components>,
@@ -105,7 +104,6 @@ pub(crate) struct Ring {
 
 /// What the ring runs ops with, and the quotas it reserves and gives back.
 pub(crate) struct Services {
-    pub tools: Arc<Tools>,
     pub quotas: Arc<Quotas>,
     pub components: Arc<bbx_component::Components>,
 }
@@ -135,8 +133,11 @@ impl Host for KernelHost {
         matches!(exec, Exec::Effect(_))
     }
 
-    fn spent(result: &Value) -> Spend {
-        Tools::spent(result)
+    fn spent(exec: &Exec, result: &Value) -> Spend {
+        match exec {
+            Exec::Task(task) => task.spent(result),
+            Exec::Noop | Exec::Read(_) | Exec::Effect(_) => Spend::default(),
+        }
     }
 }
 

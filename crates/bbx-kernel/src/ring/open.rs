@@ -91,11 +91,7 @@ impl Ring {
         journal: JournalWriter,
         metrics: RingMetrics,
         tasks: TaskTracker,
-        Services {
-            tools,
-            quotas,
-            components,
-        }: Services,
+        Services { quotas, components }: Services,
     ) -> Self {
         let scheduler = SchedulerConfig {
             capacity: config.submission_capacity,
@@ -140,7 +136,6 @@ impl Ring {
             started,
             metrics,
             tasks,
-            tools,
             quotas,
             components,
         }

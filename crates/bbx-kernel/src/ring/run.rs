@@ -192,24 +192,6 @@ impl Ring {
                     };
                     (attempt, reading.elapsed())
                 }
-                Exec::Sleep(duration) => {
-                    let ring = self.clone();
-                    let timeout = Duration::from_millis(record.timeout_ms);
-                    let stopping = self.stopping.clone();
-                    let token = token.unwrap_or_default();
-                    self.tasks.spawn(async move {
-                        let attempt = tokio::select! {
-                            () = stopping.cancelled() => return,
-                            () = token.cancelled() => Attempt::Cancelled,
-                            slept = tokio::time::timeout(timeout, tokio::time::sleep(duration)) => match slept {
-                                Ok(()) => Attempt::Ok(serde_json::json!({ "slept_ms": duration.as_millis() as u64 })),
-                                Err(_) => Attempt::TimedOut,
-                            },
-                        };
-                        ring.attempts_done(vec![Attempted::ran(id, attempt, started.elapsed(), admission, slots)]);
-                    });
-                    continue;
-                }
                 Exec::Effect(effect) => {
                     // Handed to the store, the op only waits for its group's sync:
                     // it gives its running slot back at once (its completion slot
@@ -222,8 +204,8 @@ impl Ring {
                     applying.push((id, effect, admission, slots));
                     continue;
                 }
-                Exec::Tool(call) => {
-                    self.spawn_tool(record, call, token.unwrap_or_default(), admission, slots);
+                Exec::Task(task) => {
+                    self.spawn_task(record, task, token.unwrap_or_default(), admission, slots);
                     continue;
                 }
             };
@@ -248,13 +230,13 @@ impl Ring {
         }
     }
 
-    /// Runs a tool op on a task of its own. One with external effects is first
+    /// Runs a task op on a task of its own. One with external effects is first
     /// marked started in the journal (once, on its first attempt): from then on a
     /// crash leaves it `in_doubt`, never run again unasked.
-    pub(super) fn spawn_tool(
+    pub(super) fn spawn_task(
         self: &Arc<Self>,
         record: Arc<OpRecord>,
-        call: Arc<Call>,
+        task: Arc<dyn TaskOp>,
         token: CancellationToken,
         admission: Breaker,
         slots: Slots,
@@ -266,16 +248,22 @@ impl Ring {
             let id = record.op_id;
             // The reservation and the start mark are made whole before a cancel can
             // drop the attempt: dropped in between, both would be stranded.
-            let begun = if call.has_external_effects() {
-                ring.begin_external(&record, &call).await
+            let begun = if task.effects() == Effects::External {
+                ring.begin_external(&record, task.max_spend()).await
             } else {
                 Ok(())
             };
+            let ctx = TaskContext {
+                op_id: id,
+                agent: record.agent,
+                tenant: &record.tenant,
+                idempotency_key: record.idempotency.as_ref().map(|i| i.key.as_str()),
+                store: &ring.store,
+            };
             let run = async {
                 begun?;
-                let ctx = ring.tool_context(&record)?;
                 let timeout = Duration::from_millis(record.timeout_ms);
-                match tokio::time::timeout(timeout, ring.tools.run(&call, &ctx)).await {
+                match tokio::time::timeout(timeout, task.run(&ctx)).await {
                     Ok(ran) => ran.map(Some),
                     Err(_) => Ok(None),
                 }
@@ -294,14 +282,13 @@ impl Ring {
     }
 
     /// Before an op with external effects first runs: reserves the most all its
-    /// attempts can spend on its path's budgets, then makes its start mark, with
-    /// the reservation, durable. Later attempts find both done.
-    pub(super) async fn begin_external(&self, record: &OpRecord, call: &Call) -> Result<()> {
+    /// attempts can spend (`attempt_max` each) on its path's budgets, then makes
+    /// its start mark, with the reservation, durable. Later attempts find both done.
+    pub(super) async fn begin_external(&self, record: &OpRecord, attempt_max: Spend) -> Result<()> {
         let id = record.op_id;
         if !self.lock().needs_start_mark(&id) {
             return Ok(());
         }
-        let attempt_max = self.tools.max_spend(call);
         let attempts = 1 + u64::from(record.retries.map_or(0, |r| r.count));
         let reservation = if attempt_max == Spend::default() {
             None
@@ -335,35 +322,6 @@ impl Ring {
             self.journal.release(vec![lsn]);
         }
         Ok(())
-    }
-
-    /// What a tool needs to know of its agent: its tool settings, and the process
-    /// limits of the agent within its tenant's.
-    pub(super) fn tool_context(&self, record: &OpRecord) -> Result<ToolContext> {
-        let bytes = self
-            .store
-            .view()
-            .get(self.store.keyspace(bbx_agents::AGENTS), record.agent.as_bytes())
-            .map_err(|e| storage_error("read agents", e))?
-            .ok_or_else(|| Error::not_found("agent", record.agent))?;
-        let agent = bbx_agents::decode_agent(&bytes)?;
-        let own = self.quotas.limits(&Node::Agent(record.agent));
-        let group = own.group.as_ref().map_or_else(QuotaLimits::default, |name| {
-            self.quotas.limits(&Node::Group {
-                tenant: record.tenant.to_string(),
-                name: name.clone(),
-            })
-        });
-        let limits = own
-            .process_limits(&group)
-            .within(&self.quotas.limits(&Node::Tenant(record.tenant.to_string())));
-        Ok(ToolContext {
-            op_id: record.op_id,
-            agent: record.agent,
-            idempotency_key: record.idempotency.as_ref().map(|i| i.key.clone()),
-            settings: agent.tools,
-            limits,
-        })
     }
 
     /// Kernel-service ops: each one's effect and completion go to the store as one

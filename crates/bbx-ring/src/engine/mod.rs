@@ -64,8 +64,8 @@ pub trait Host: 'static {
     /// Whether the op's effect is applied with its completion: once it runs, it
     /// cannot be cancelled.
     fn applies_with_completion(exec: &Self::Exec) -> bool;
-    /// What a successful attempt reports it spent of a budget.
-    fn spent(result: &Value) -> Spend;
+    /// What a successful attempt of `exec` reports it spent of a budget.
+    fn spent(exec: &Self::Exec, result: &Value) -> Spend;
 }
 
 /// The in-flight quota: ops an agent and its tenant have admitted and not settled.

@@ -104,7 +104,7 @@ impl<H: Host> Engine<H> {
                 // A call that timed out or was dropped may still be billed: it
                 // counts at the most it could have cost.
                 let spent = match &attempt {
-                    Attempt::Ok(result) => H::spent(result),
+                    Attempt::Ok(result) => H::spent(&live.exec, result),
                     Attempt::TimedOut | Attempt::Cancelled => live.attempt_max,
                     Attempt::Failed(e) if e.code == ErrorCode::Timeout => live.attempt_max,
                     Attempt::Failed(_) => Spend::default(),
