@@ -22,10 +22,8 @@
 //! [`bbx_core::api`].
 
 mod agents;
-pub mod auth;
 mod completions;
 mod journal_check;
-mod keys;
 mod ops;
 mod quota;
 mod ring;
@@ -33,7 +31,7 @@ mod session;
 mod shm;
 mod store;
 
-pub use auth::Caller;
+pub use bbx_auth::{ADMIN_KEY_FILE, Caller};
 pub use bbx_ring::RingMetrics;
 pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
@@ -41,7 +39,6 @@ pub use journal_check::{JournalCheck, JournalProblem, repair_journal, verify_jou
 pub use session::Session;
 
 use agents::spawn_purge;
-use auth::{KeyRing, StoredKey};
 use bbx_agents::{decode_agent, decode_state};
 use bbx_core::api::prelude::*;
 use bbx_core::config::KernelConfig;
@@ -60,9 +57,8 @@ use ops::{spawn_expiry, spawn_store_checkpoints};
 use ring::Ring;
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::ops::Bound;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,8 +70,6 @@ use tokio_util::task::TaskTracker;
 /// Agents one page of `list_agents` reads at most, matching its filter or not.
 pub const LIST_SCAN_BUDGET: usize = 10_000;
 
-/// Name of the file, inside the data directory, that holds the first admin key.
-pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// The AgentRing's journal, inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
 /// Agents' workspaces (one directory each), inside the data directory.
@@ -101,7 +95,7 @@ pub struct Kernel {
     ring: Arc<Ring>,
     /// Background tasks (purges, expiry, the ring's), awaited at shutdown.
     tasks: TaskTracker,
-    keys: KeyRing,
+    keys: bbx_auth::Keys,
     started: Instant,
     closing: AtomicBool,
     shm_sessions: Arc<shm::Sessions>,
@@ -173,13 +167,7 @@ impl Kernel {
                 committer_nice: config.ring.committer_nice,
             },
         )?);
-        let keys = KeyRing::default();
-        for item in store.keyspace(store::API_KEYS).iter() {
-            let (_, value) = item.into_inner().map_err(|e| storage_error("load API keys", e))?;
-            let stored: StoredKey = serde_json::from_slice(&value)
-                .map_err(|e| Error::internal(format!("stored API key is unreadable: {e}")))?;
-            keys.insert(stored);
-        }
+        let keys = bbx_auth::Keys::load(store.clone(), &config.data_dir)?;
         let tasks = TaskTracker::new();
         let quotas = Arc::new(quota::load(&store)?);
         let tools = Arc::new(bbx_tools::Tools::new(
@@ -226,11 +214,7 @@ impl Kernel {
         for agent in bbx_agents::pending_purges(&kernel.store)? {
             spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
         }
-        let admin_key_written = if kernel.keys.is_empty() {
-            Some(kernel.mint_admin_key().await?)
-        } else {
-            None
-        };
+        let admin_key_written = kernel.keys.mint_first_admin_key().await?;
         Ok(Opened {
             kernel,
             admin_key_written,
@@ -268,6 +252,25 @@ impl Kernel {
         self.tasks.close();
         self.tasks.wait().await;
         self.tools.cgroup_driver().close();
+    }
+
+    /// Mints a new administrator key into `DATA_DIR/admin.key`, for an operator who
+    /// lost the old one. Run offline (`bbx key reset-admin`): the data directory's lock
+    /// refuses it while a kernel is serving.
+    pub async fn reset_admin_key(&self) -> Result<PathBuf> {
+        self.keys.mint_admin_key().await
+    }
+
+    pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
+        self.keys.create(caller, req).await
+    }
+
+    pub fn list_keys(&self, caller: &Caller) -> Result<Vec<ApiKeyInfo>> {
+        self.keys.list(caller)
+    }
+
+    pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
+        self.keys.revoke(caller, id).await
     }
 
     pub fn authenticate(&self, token: &str) -> Result<Caller> {

@@ -3,8 +3,8 @@
 //! reported.
 
 use crate::Kernel;
-use crate::auth::Caller;
 use crate::store::{self, Store, Write, storage_error};
+use bbx_auth::Caller;
 use bbx_core::op::SubmitOp;
 use bbx_core::quota::Node;
 use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaAction, QuotaInfo, QuotaLimits};

@@ -9,8 +9,8 @@
 //! futex in the mapping.
 
 use crate::Kernel;
-use crate::auth::Caller;
 use crate::ring::Sink;
+use bbx_auth::Caller;
 use bbx_core::op::{Completion, OpenShm, ShmSession, SubmitBatch, Submitted};
 use bbx_core::{Error, ErrorCode, KeyId, Result};
 use bbx_ring::shm::{self, KernelEnd};

@@ -28,10 +28,10 @@ mod query;
 mod run;
 mod submit;
 
-use crate::auth::Caller;
 use crate::store::{
     self, Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
 };
+use bbx_auth::Caller;
 use bbx_component::{TaskContext, TaskOp};
 use bbx_core::config::RingConfig;
 use bbx_core::op::{

@@ -1,16 +1,15 @@
-//! The kernel's own writes, staged through [`bbx_store`]: API keys, quotas, and
+//! The kernel's own writes, staged through [`bbx_store`]: quotas, and
 //! the ring's completions, each a [`Write`] that checks its preconditions against
-//! the group so far and stages its keys. Agents and their state are `bbx-agents`'.
+//! the group so far and stages its keys. Agents and their state are `bbx-agents`',
+//! API keys `bbx-auth`'s.
 //!
 //! Layout (all keys big-endian or raw bytes, so key order is the listing order):
-//! - `api_keys`: key id (16 bytes)                    -> StoredKey as JSON
 //! - `ops`:      op id (16 bytes, time-ordered)       -> Completion as JSON
 //! - `idem`:     agent id (16 bytes), idempotency key -> op id (16 bytes), args digest
 //! - `doubt`:    op id (16 bytes)                    -> the journal entry of an op in doubt
 //! - `quotas`:   node (`tenant/NAME`, `agent/ID`)      -> QuotaLimits as JSON
 //! - `spend`:    node `|` window (`2026-11-24`, `2026-11`) -> micro-dollars spent (u64)
 
-use crate::auth::StoredKey;
 use bbx_core::op::{Completion, CompletionStatus};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 pub(crate) use bbx_store::{Applied, Store, storage_error};
@@ -26,7 +25,6 @@ pub(crate) use codec::*;
 /// A write the committer applies atomically, or not at all.
 #[derive(Debug)]
 pub(crate) enum Write {
-    PutKey(StoredKey),
     /// Records an op's completion and, for a kernel-service op, applies its effect in
     /// the same atomic batch: after a crash either both are there or neither is. An
     /// effect that fails turns the completion into that error and changes nothing.
@@ -48,10 +46,7 @@ pub(crate) enum Write {
         completion: Option<Box<Completion>>,
     },
     /// Sets (or with `None` removes) a quota node's limits.
-    PutQuota {
-        node: String,
-        limits: Option<Vec<u8>>,
-    },
+    PutQuota { node: String, limits: Option<Vec<u8>> },
     /// Forgets up to `max` completions (and their idempotency keys) of ops that
     /// completed before `before`.
     ExpireOps {
@@ -65,20 +60,19 @@ pub(crate) enum Write {
 
 /// The kernel's own keyspaces (agents and their state are `bbx-agents`'). Their ids
 /// are what redo records carry: never change one.
-pub(crate) const API_KEYS: KeyspaceDef = KeyspaceDef {
-    id: 3,
-    name: "api_keys",
-};
 pub(crate) const OPS: KeyspaceDef = KeyspaceDef { id: 5, name: "ops" };
 pub(crate) const IDEM: KeyspaceDef = KeyspaceDef { id: 6, name: "idem" };
 pub(crate) const DOUBT: KeyspaceDef = KeyspaceDef { id: 7, name: "doubt" };
 pub(crate) const QUOTAS: KeyspaceDef = KeyspaceDef { id: 8, name: "quotas" };
 pub(crate) const SPEND: KeyspaceDef = KeyspaceDef { id: 9, name: "spend" };
-pub(crate) const KEYSPACES: [KeyspaceDef; 6] = [API_KEYS, OPS, IDEM, DOUBT, QUOTAS, SPEND];
+pub(crate) const KEYSPACES: [KeyspaceDef; 5] = [OPS, IDEM, DOUBT, QUOTAS, SPEND];
 
 /// Every keyspace the store opens: the kernel's and its components'.
 pub(crate) fn all_keyspaces() -> Vec<KeyspaceDef> {
-    bbx_agents::KEYSPACES.iter().chain(&KEYSPACES).copied().collect()
+    let mut all = bbx_agents::KEYSPACES.to_vec();
+    all.push(bbx_auth::API_KEYS);
+    all.extend(KEYSPACES);
+    all
 }
 
 impl Staged for Write {
@@ -91,11 +85,6 @@ impl Staged for Write {
 
 fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
     match write {
-        Write::PutKey(stored) => {
-            let json = serde_json::to_vec(stored).map_err(|e| Error::internal(e.to_string()))?;
-            tx.put(API_KEYS, stored.info.id.as_bytes().to_vec(), json);
-            Ok(Applied::Done)
-        }
         Write::Complete {
             completion,
             effect,

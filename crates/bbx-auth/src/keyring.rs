@@ -5,6 +5,7 @@
 //! password hash buys nothing against a key that cannot be guessed). Records live in
 //! the `api_keys` keyspace and in an in-memory map that every request reads.
 
+use crate::Caller;
 use bbx_core::model::ApiKeyInfo;
 use bbx_core::{Error, KeyId, Result};
 use rand::RngCore;
@@ -17,65 +18,13 @@ const PREFIX: &str = "bbx_";
 
 /// A key as stored: its public description and the digest of its secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct StoredKey {
+pub struct StoredKey {
     pub info: ApiKeyInfo,
     pub secret_sha256: String,
 }
 
-/// Who is calling: the key that authenticated the request and the tenant it is
-/// confined to (`None` for an administrator).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub key_id: KeyId,
-    pub tenant: Option<String>,
-}
-
-impl Caller {
-    pub fn is_admin(&self) -> bool {
-        self.tenant.is_none()
-    }
-
-    /// Whether objects of `tenant` exist for this caller at all.
-    pub fn sees(&self, tenant: &str) -> bool {
-        self.tenant.as_deref().is_none_or(|own| own == tenant)
-    }
-
-    /// May this caller act on a tenant it named itself (creating an agent there,
-    /// listing it, setting its quotas)? The name is the caller's own, so refusing
-    /// with 403 tells it nothing it did not know.
-    pub fn check_tenant(&self, tenant: &str) -> Result<()> {
-        match &self.tenant {
-            Some(own) if own != tenant => Err(Error::permission_denied(format!(
-                "this key belongs to tenant {own:?} and may not act on another tenant"
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// The rule for an object the caller named by id (an agent, an op): one of
-    /// another tenant is answered exactly as one that does not exist (404, the same
-    /// message), so that ids reveal neither objects nor tenants across tenants.
-    pub fn check_owner(&self, tenant: &str, kind: &str, id: impl std::fmt::Display) -> Result<()> {
-        if self.sees(tenant) {
-            Ok(())
-        } else {
-            Err(Error::not_found(kind, id))
-        }
-    }
-
-    pub fn require_admin(&self, what: &str) -> Result<()> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(Error::permission_denied(format!(
-                "only an administrator key may {what}"
-            )))
-        }
-    }
-}
-
 /// Mints a new key for `info`; returns the secret token and the record to store.
-pub(crate) fn mint(info: ApiKeyInfo) -> (String, StoredKey) {
+pub fn mint(info: ApiKeyInfo) -> (String, StoredKey) {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let secret = hex::encode(secret);
@@ -102,7 +51,7 @@ fn parse(token: &str) -> Option<(KeyId, &str)> {
 
 /// The keys the kernel knows, by id.
 #[derive(Default)]
-pub(crate) struct KeyRing {
+pub struct KeyRing {
     keys: parking_lot::RwLock<HashMap<KeyId, StoredKey>>,
 }
 
@@ -202,39 +151,5 @@ mod tests {
         stored.info.revoked_at = Some(chrono::Utc::now());
         ring.insert(stored);
         assert_eq!(ring.verify(&token).unwrap_err().details.unwrap()["reason"], "revoked");
-    }
-
-    #[test]
-    fn tenant_keys_stay_in_their_tenant() {
-        let caller = Caller {
-            key_id: KeyId::generate(),
-            tenant: Some("a".into()),
-        };
-        assert!(caller.check_tenant("a").is_ok());
-        assert_eq!(
-            caller.check_tenant("b").unwrap_err().code,
-            bbx_core::ErrorCode::PermissionDenied
-        );
-        assert!(caller.require_admin("x").is_err());
-    }
-
-    #[test]
-    fn another_tenants_object_reads_as_missing() {
-        let caller = Caller {
-            key_id: KeyId::generate(),
-            tenant: Some("b".into()),
-        };
-        let id = KeyId::generate();
-        let foreign = caller.check_owner("acme", "agent", id).unwrap_err();
-        let missing = Error::not_found("agent", id);
-        assert_eq!(foreign.code, bbx_core::ErrorCode::NotFound);
-        assert_eq!((foreign.message, foreign.details), (missing.message, missing.details));
-        assert!(caller.check_owner("b", "agent", id).is_ok());
-        let admin = Caller {
-            key_id: KeyId::generate(),
-            tenant: None,
-        };
-        assert!(admin.check_owner("acme", "agent", id).is_ok());
-        assert!(!caller.check_tenant("acme").unwrap_err().message.contains("acme"));
     }
 }
