@@ -82,8 +82,8 @@ impl Kernel {
         let (tools, agent) = (self.tools.clone(), *id);
         self.tasks.spawn_blocking(move || tools.remove_workspace(&agent));
         self.store
-            .write(Write::PutQuota {
-                node: bbx_quota::Node::Agent(*id).to_string(),
+            .write(bbx_quota::stored::PutLimits {
+                node: bbx_quota::Node::Agent(*id),
                 limits: None,
             })
             .await?;

@@ -169,7 +169,7 @@ impl Kernel {
         )?);
         let keys = bbx_auth::Keys::load(store.clone(), &config.data_dir)?;
         let tasks = TaskTracker::new();
-        let quotas = Arc::new(quota::load(&store)?);
+        let quotas = Arc::new(bbx_quota::stored::load(&store)?);
         let tools = Arc::new(bbx_tools::Tools::new(
             bbx_tools::ToolsConfig {
                 workspaces: config.data_dir.join(WORKSPACES_DIR),

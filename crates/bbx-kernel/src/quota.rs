@@ -3,41 +3,16 @@
 //! reported.
 
 use crate::Kernel;
-use crate::store::{self, Store, Write, storage_error};
 use bbx_auth::Caller;
 use bbx_core::op::SubmitOp;
 use bbx_core::quota::Node;
 use bbx_core::quota::{CgroupStatus, GpuStatus, QuotaAction, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentId, Error, Result};
-use bbx_quota::{Demand, Quotas};
+use bbx_quota::Demand;
+use bbx_quota::stored::PutLimits;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Loads every stored node's limits.
-pub(crate) fn load(store: &Store) -> Result<Quotas> {
-    let quotas = Quotas::new();
-    for item in store.keyspace(store::QUOTAS).iter() {
-        let (key, value) = item.into_inner().map_err(|e| storage_error("load quotas", e))?;
-        let node: Node = String::from_utf8_lossy(&key).parse()?;
-        let limits: QuotaLimits = serde_json::from_slice(&value)
-            .map_err(|e| Error::internal(format!("the stored quota of {node} is unreadable: {e}")))?;
-        quotas.set(node, limits)?;
-    }
-    for item in store.keyspace(store::SPEND).iter() {
-        let (key, value) = item.into_inner().map_err(|e| storage_error("load spend", e))?;
-        let key = String::from_utf8_lossy(&key);
-        let (node, window) = bbx_quota::parse_spend_key(&key)
-            .ok_or_else(|| Error::internal(format!("a stored spend key is unreadable: {key:?}")))?;
-        let micros = value
-            .as_ref()
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| Error::internal(format!("the spend of {key:?} is unreadable")))?;
-        quotas.load_spent(node, &window, micros);
-    }
-    Ok(quotas)
-}
 
 /// Whether an op counts against `tool_calls_per_minute`.
 fn is_tool_call(kind: &str) -> bool {
@@ -153,14 +128,13 @@ impl Kernel {
         }
         let previous = self.quotas.limits(node);
         let limits = previous.merged(&update);
-        let json = serde_json::to_vec(&limits).map_err(|e| Error::internal(e.to_string()))?;
         // In memory first: that is where an idle agent's change of group is checked.
-        self.quotas.set(node.clone(), limits)?;
+        self.quotas.set(node.clone(), limits.clone())?;
         let stored = self
             .store
-            .write(Write::PutQuota {
-                node: node.to_string(),
-                limits: Some(json),
+            .write(PutLimits {
+                node: node.clone(),
+                limits: Some(limits),
             })
             .await;
         if let Err(e) = stored {

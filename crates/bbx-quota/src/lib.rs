@@ -20,6 +20,7 @@
 pub mod cgroup;
 pub mod gpu;
 mod rate;
+pub mod stored;
 
 pub use rate::TokenBucket;
 

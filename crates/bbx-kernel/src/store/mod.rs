@@ -1,5 +1,4 @@
-//! The kernel's own writes, staged through [`bbx_store`]: quotas, and
-//! the ring's completions, each a [`Write`] that checks its preconditions against
+//! The kernel's own writes, staged through [`bbx_store`]: the ring's completions, each a [`Write`] that checks its preconditions against
 //! the group so far and stages its keys. Agents and their state are `bbx-agents`',
 //! API keys `bbx-auth`'s.
 //!
@@ -7,8 +6,6 @@
 //! - `ops`:      op id (16 bytes, time-ordered)       -> Completion as JSON
 //! - `idem`:     agent id (16 bytes), idempotency key -> op id (16 bytes), args digest
 //! - `doubt`:    op id (16 bytes)                    -> the journal entry of an op in doubt
-//! - `quotas`:   node (`tenant/NAME`, `agent/ID`)      -> QuotaLimits as JSON
-//! - `spend`:    node `|` window (`2026-11-24`, `2026-11`) -> micro-dollars spent (u64)
 
 use bbx_core::op::{Completion, CompletionStatus};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
@@ -19,7 +16,6 @@ use std::sync::Arc;
 
 mod codec;
 
-use bbx_agents::decode_u64;
 pub(crate) use codec::*;
 
 /// A write the committer applies atomically, or not at all.
@@ -45,8 +41,6 @@ pub(crate) enum Write {
         op_id: OpId,
         completion: Option<Box<Completion>>,
     },
-    /// Sets (or with `None` removes) a quota node's limits.
-    PutQuota { node: String, limits: Option<Vec<u8>> },
     /// Forgets up to `max` completions (and their idempotency keys) of ops that
     /// completed before `before`.
     ExpireOps {
@@ -63,15 +57,14 @@ pub(crate) enum Write {
 pub(crate) const OPS: KeyspaceDef = KeyspaceDef { id: 5, name: "ops" };
 pub(crate) const IDEM: KeyspaceDef = KeyspaceDef { id: 6, name: "idem" };
 pub(crate) const DOUBT: KeyspaceDef = KeyspaceDef { id: 7, name: "doubt" };
-pub(crate) const QUOTAS: KeyspaceDef = KeyspaceDef { id: 8, name: "quotas" };
-pub(crate) const SPEND: KeyspaceDef = KeyspaceDef { id: 9, name: "spend" };
-pub(crate) const KEYSPACES: [KeyspaceDef; 5] = [OPS, IDEM, DOUBT, QUOTAS, SPEND];
+pub(crate) const KEYSPACES: [KeyspaceDef; 3] = [OPS, IDEM, DOUBT];
 
 /// Every keyspace the store opens: the kernel's and its components'.
 pub(crate) fn all_keyspaces() -> Vec<KeyspaceDef> {
     let mut all = bbx_agents::KEYSPACES.to_vec();
     all.push(bbx_auth::API_KEYS);
     all.extend(KEYSPACES);
+    all.extend(bbx_quota::stored::KEYSPACES);
     all
 }
 
@@ -128,10 +121,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
                 tx.put(DOUBT, completion.op_id.as_bytes().to_vec(), entry.clone());
             }
             if let Some((keys, micros)) = charge {
-                for key in keys {
-                    let spent = tx.read(SPEND, key.as_bytes())?.map_or(0, |v| decode_u64(&v));
-                    tx.put(SPEND, key.as_bytes().to_vec(), (spent + micros).to_be_bytes().to_vec());
-                }
+                bbx_quota::stored::stage_charge(tx, keys, *micros)?;
             }
             Ok(Applied::output(completion))
         }
@@ -155,13 +145,6 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
             }
             tx.remove(DOUBT, key);
             Ok(Applied::output(entry))
-        }
-        Write::PutQuota { node, limits } => {
-            match limits {
-                Some(json) => tx.put(QUOTAS, node.as_bytes().to_vec(), json.clone()),
-                None => tx.remove(QUOTAS, node.as_bytes().to_vec()),
-            }
-            Ok(Applied::Done)
         }
         Write::ExpireOps { before, max, after } => {
             // An op in doubt waits for an operator, however old it is: it is
