@@ -26,10 +26,8 @@ mod completions;
 mod journal_check;
 mod ops;
 mod quota;
-mod ring;
 mod session;
 mod shm;
-mod store;
 
 pub use bbx_auth::{ADMIN_KEY_FILE, Caller};
 pub use bbx_ring::RingMetrics;
@@ -51,10 +49,11 @@ use bbx_core::op::{
 };
 use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentId, Error, ErrorCode, KeyId, OpId, Result, validate};
+use bbx_ring::runtime::{self as ring, Ring};
+use bbx_store::{Applied, Store, storage_error};
 use chrono::Utc;
 use fjall::Readable;
-use ops::{spawn_expiry, spawn_store_checkpoints};
-use ring::Ring;
+use ops::spawn_store_checkpoints;
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -64,7 +63,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use std::time::Instant;
-use store::{Applied, Store, Write, storage_error};
 use tokio_util::task::TaskTracker;
 
 /// Agents one page of `list_agents` reads at most, matching its filter or not.
@@ -158,7 +156,7 @@ impl Kernel {
         )?;
         let store = Arc::new(Store::open(
             db,
-            &store::all_keyspaces(),
+            &all_keyspaces(),
             journal.clone(),
             &recovery.records,
             bbx_store::StoreOptions {
@@ -209,7 +207,6 @@ impl Kernel {
             quota_updates: tokio::sync::Mutex::new(()),
             tools,
         });
-        spawn_expiry(&kernel.tasks, Arc::downgrade(&kernel), kernel.ring.stopping());
         // Deletions a crash interrupted finish removing their agents' state.
         for agent in bbx_agents::pending_purges(&kernel.store)? {
             spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
@@ -283,6 +280,15 @@ impl Kernel {
             caller,
         }
     }
+}
+
+/// Every keyspace the store opens: the ring's and its components'.
+fn all_keyspaces() -> Vec<bbx_store::KeyspaceDef> {
+    let mut all = bbx_agents::KEYSPACES.to_vec();
+    all.push(bbx_auth::API_KEYS);
+    all.extend(bbx_ring::runtime::store::KEYSPACES);
+    all.extend(bbx_quota::stored::KEYSPACES);
+    all
 }
 
 /// The components whose op kinds the ring serves: one line each.

@@ -4,30 +4,9 @@
 use super::*;
 
 impl Kernel {
-    /// Forgets the completions (and idempotency keys) of ops that completed more
-    /// than `ring.retention_secs` before `now`, in bounded groups; returns how many.
-    /// Never one whose records the journal would still replay (see
-    /// [`bbx_store::JournalWriter::replay_horizon`]): recovery would run it again.
-    /// An op in doubt is kept until an operator settles it. The kernel runs this
-    /// every ten minutes; `now` is a parameter so that tests can run it later.
+    /// See [`Ring::expire_completions`].
     pub async fn expire_completions(&self, now: chrono::DateTime<Utc>) -> Result<usize> {
-        let retention = chrono::Duration::seconds(self.config.ring.retention_secs as i64);
-        let before = (now - retention).min(self.ring.replay_horizon());
-        let mut expired = 0;
-        let mut after = None;
-        loop {
-            let step = Write::ExpireOps {
-                before,
-                max: EXPIRY_STEP,
-                after,
-            };
-            let step: store::Expired = self.store.write(step).await?.into_output()?;
-            expired += step.count;
-            match step.resume {
-                Some(resume) => after = Some(resume),
-                None => return Ok(expired),
-            }
-        }
+        self.ring.expire_completions(now).await
     }
 
     /// Submits a batch of ops; answers once every op with effects is journaled.
@@ -151,11 +130,6 @@ impl Kernel {
     }
 }
 
-/// How often completions past their retention are swept.
-const EXPIRY_EVERY: Duration = Duration::from_secs(600);
-/// Completions removed per committer group when sweeping.
-const EXPIRY_STEP: usize = 1024;
-
 /// Nudges the store once a second, so that it makes fjall durable (and lets the
 /// journal drop its redo records) even when no write comes to trigger it.
 pub(crate) fn spawn_store_checkpoints(
@@ -169,28 +143,6 @@ pub(crate) fn spawn_store_checkpoints(
             tokio::select! {
                 () = stopping.cancelled() => return,
                 _ = ticks.tick() => store.checkpoint(),
-            }
-        }
-    });
-}
-
-/// Forgets completions and idempotency keys past their retention, now and every
-/// ten minutes (see [`Kernel::expire_completions`]).
-pub(crate) fn spawn_expiry(
-    tasks: &TaskTracker,
-    kernel: std::sync::Weak<Kernel>,
-    stopping: tokio_util::sync::CancellationToken,
-) {
-    tasks.spawn(async move {
-        while !stopping.is_cancelled() {
-            let Some(live) = kernel.upgrade() else { return };
-            if let Err(e) = live.expire_completions(Utc::now()).await {
-                tracing::warn!(error = %e, "expiring old completions failed; trying again later");
-            }
-            drop(live);
-            tokio::select! {
-                () = stopping.cancelled() => {}
-                () = tokio::time::sleep(EXPIRY_EVERY) => {}
             }
         }
     });

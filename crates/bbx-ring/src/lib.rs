@@ -15,6 +15,8 @@ pub mod breaker;
 pub mod engine;
 pub mod entry;
 pub mod metrics;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 pub mod scheduler;
 pub mod shm;
 

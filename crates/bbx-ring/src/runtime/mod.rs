@@ -1,5 +1,5 @@
-//! The AgentRing wired into the kernel: submission, journal, scheduling, execution
-//! and completion of ops.
+//! The ring's runtime: the [`engine`] wired to the journal, the store and the
+//! executors, with submission, scheduling, execution and completion of ops.
 //!
 //! The life of an op:
 //! 1. **Submit.** A batch is checked whole (kinds, arguments, sizes, timeouts,
@@ -22,15 +22,19 @@
 
 mod complete;
 mod exec;
+mod expire;
 mod open;
 mod preread;
 mod query;
 mod run;
+pub mod store;
 mod submit;
 
-use crate::store::{
-    self, Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error,
+use crate::engine::{
+    self, Attempt, Charge, Checked, Engine, Host, InFlight, KeyEpochs, KeyedOp, Lsn, Moment, Slot, Start,
 };
+use crate::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, OpRecord, RingMetrics, Tracked};
+use crate::{SchedulerConfig, batch};
 use bbx_auth::Caller;
 use bbx_component::{TaskContext, TaskOp};
 use bbx_core::config::RingConfig;
@@ -41,11 +45,6 @@ use bbx_core::op::{
 use bbx_core::quota::{Node, Spend};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_quota::{Quotas, spend_key};
-use bbx_ring::engine::{
-    self, Attempt, Charge, Checked, Engine, Host, InFlight, KeyEpochs, KeyedOp, Lsn, Moment, Slot, Start,
-};
-use bbx_ring::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, OpRecord, RingMetrics, Tracked};
-use bbx_ring::{SchedulerConfig, batch};
 use bbx_store::JournalWriter;
 use bbx_store::journal::percentiles;
 use chrono::{DateTime, Utc};
@@ -59,6 +58,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use store::{Applied, Store, Write, decode_completion, decode_idempotency, idempotency_key, storage_error};
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -70,7 +70,7 @@ const DISPATCH_BATCH: usize = 64;
 /// Completions sent to event streams that a slow reader may fall behind by.
 const EVENT_BUFFER: usize = 4096;
 
-pub(crate) struct Ring {
+pub struct Ring {
     config: RingConfig,
     store: Arc<Store>,
     journal: JournalWriter,
@@ -103,7 +103,7 @@ pub(crate) struct Ring {
 }
 
 /// What the ring runs ops with, and the quotas it reserves and gives back.
-pub(crate) struct Services {
+pub struct Services {
     pub quotas: Arc<Quotas>,
     pub components: Arc<bbx_component::Components>,
 }
@@ -112,7 +112,7 @@ pub(crate) struct Services {
 /// [`Waiter`]s, and an ending op holds its completion slot (and its breaker's
 /// verdict, for an effect judged by whether its write lands) until its completion
 /// is durable.
-pub(crate) struct KernelHost;
+pub struct KernelHost;
 
 impl Host for KernelHost {
     type Exec = Exec;
@@ -145,7 +145,7 @@ type Outbox = engine::Outbox<KernelHost>;
 type Finish = engine::Finish<KernelHost>;
 
 /// What an ending op holds until its completion is durable.
-pub(crate) struct Hold {
+pub struct Hold {
     /// Given back when dropped, once the completion is durable.
     _completing: Option<Permit>,
     /// The breaker that judges the op by whether its completion is written.
@@ -239,7 +239,7 @@ impl Drop for ForgetWaiter<'_> {
 }
 
 /// Someone to hand an op's completion to.
-pub(crate) enum Waiter {
+pub enum Waiter {
     /// A caller of [`Ring::wait`].
     Once(oneshot::Sender<Arc<Completion>>),
     /// A submitter that reaps all of its ops' completions in one place.
@@ -248,7 +248,7 @@ pub(crate) enum Waiter {
 
 /// Takes the completions of the ops of one submitter (a shared-memory session, or
 /// an in-process completion queue); called outside the ring's lock.
-pub(crate) type Sink = Arc<dyn Fn(Arc<Completion>) + Send + Sync>;
+pub type Sink = Arc<dyn Fn(Arc<Completion>) + Send + Sync>;
 
 impl Waiter {
     /// A caller of [`Ring::wait`] that gave up.
@@ -392,11 +392,6 @@ impl Ring {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Completion>> {
         self.events.subscribe()
-    }
-
-    /// See [`JournalWriter::replay_horizon`].
-    pub fn replay_horizon(&self) -> DateTime<Utc> {
-        self.journal.replay_horizon()
     }
 
     pub async fn wal_status(&self) -> Result<WalStatus> {

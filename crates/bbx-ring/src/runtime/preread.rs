@@ -13,11 +13,11 @@
 //!   under the lock (rare: the op completed just then, or does not exist).
 
 use super::Ring;
-use crate::store::{self, decode_idempotency, idempotency_key, storage_error};
+use super::store::{self, decode_idempotency, idempotency_key, storage_error};
+use crate::batch::Dependency;
+use crate::engine::{KeyedOp, Recorded};
 use bbx_core::op::Completion;
 use bbx_core::{AgentId, OpId, Result};
-use bbx_ring::batch::Dependency;
-use bbx_ring::engine::{KeyedOp, Recorded};
 use fjall::Readable;
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
@@ -111,26 +111,22 @@ impl Recorded for Lookup<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::tests::kernel;
-    use bbx_core::op::{SubmitBatch, SubmitOp};
+    use crate::runtime::tests::Fixture;
+    use bbx_core::op::SubmitOp;
 
     /// A miss read at an epoch that moved since (an op of that key left the ring
     /// in between) is read again; one at the current epoch stands.
     #[tokio::test]
     async fn a_miss_read_before_a_keyed_op_left_the_ring_is_read_again() {
         let dir = tempfile::tempdir().unwrap();
-        let (kernel, admin, agent) = kernel(dir.path()).await;
-        let ring = &kernel.ring;
+        let fixture = Fixture::open(dir.path()).await;
+        let (ring, agent) = (&fixture.ring, fixture.agent);
         let before = ring.key_epochs.read(&agent, "k");
         let mut keyed = SubmitOp::new(agent, "noop", serde_json::json!({}));
         keyed.idempotency_key = Some("k".into());
-        let batch = SubmitBatch {
-            ops: vec![keyed],
-            wait_ms: None,
-        };
-        let id = kernel.submit(&admin, batch).await.unwrap().ops[0].op_id;
-        let done = kernel
-            .wait_op(&admin, &id, std::time::Duration::from_secs(30))
+        let id = fixture.submit(keyed).await.unwrap();
+        let done = ring
+            .wait(&fixture.admin, &id, std::time::Duration::from_secs(30))
             .await
             .unwrap();
         assert!(done.completion.is_some());
@@ -142,6 +138,6 @@ mod tests {
         let epoch = ring.key_epochs.read(&agent, "other");
         current.keys.insert((agent, "other".to_owned()), (epoch, None));
         assert!(current.key(ring, &agent, "other").unwrap().is_none());
-        kernel.shutdown().await;
+        fixture.close().await;
     }
 }

@@ -82,6 +82,7 @@ impl Ring {
         tasks.spawn(ring.clone().dispatch());
         tasks.spawn(ring.clone().copy_forward_every());
         tasks.spawn(ring.clone().evict_idle_breakers());
+        tasks.spawn(ring.clone().expire_every());
         Ok(ring)
     }
 

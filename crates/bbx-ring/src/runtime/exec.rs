@@ -17,7 +17,7 @@ const NOOP: &str = "noop";
 
 /// The kind's name as a `'static` str if it is a known one: a completion and an
 /// op's record then share it instead of copying it.
-pub(crate) fn interned(components: &Components, kind: String) -> Cow<'static, str> {
+pub(super) fn interned(components: &Components, kind: String) -> Cow<'static, str> {
     let known = if kind == NOOP {
         Some(NOOP)
     } else {
@@ -27,14 +27,14 @@ pub(crate) fn interned(components: &Components, kind: String) -> Cow<'static, st
 }
 
 /// Every kind an op may name.
-pub(crate) fn kinds(components: &Components) -> Vec<&'static str> {
+pub fn kinds(components: &Components) -> Vec<&'static str> {
     let mut kinds = vec![NOOP];
     kinds.extend(components.kind_names());
     kinds
 }
 
 #[derive(Debug, Clone)]
-pub(crate) enum Exec {
+pub enum Exec {
     /// Nothing to run: not even timed.
     Noop,
     /// A component's read: answered at once from the durable store.

@@ -202,7 +202,7 @@ impl Ring {
                 "timeout_ms must be 1 ms to 24 hours",
             ));
         }
-        let idempotency = batch::idempotency_key(&op)?.map(|key| bbx_ring::Idempotency {
+        let idempotency = batch::idempotency_key(&op)?.map(|key| crate::Idempotency {
             key,
             digest: batch::args_digest(&op.kind, &op.args),
         });

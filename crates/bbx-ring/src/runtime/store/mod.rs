@@ -1,6 +1,7 @@
-//! The kernel's own writes, staged through [`bbx_store`]: the ring's completions, each a [`Write`] that checks its preconditions against
-//! the group so far and stages its keys. Agents and their state are `bbx-agents`',
-//! API keys `bbx-auth`'s.
+//! The ring's keyspaces and writes, staged through [`bbx_store`]: completions with
+//! their effects, idempotency keys and charges ([`Write::Complete`]), the settling
+//! of ops in doubt, and the expiry of old completions. Each [`Write`] checks its
+//! preconditions against the group so far, then stages its keys.
 //!
 //! Layout (all keys big-endian or raw bytes, so key order is the listing order):
 //! - `ops`:      op id (16 bytes, time-ordered)       -> Completion as JSON
@@ -9,18 +10,18 @@
 
 use bbx_core::op::{Completion, CompletionStatus};
 use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
-pub(crate) use bbx_store::{Applied, Store, storage_error};
+pub use bbx_store::{Applied, Store, storage_error};
 use bbx_store::{GroupTx, KeyspaceDef, Staged};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 
 mod codec;
 
-pub(crate) use codec::*;
+pub use codec::*;
 
 /// A write the committer applies atomically, or not at all.
 #[derive(Debug)]
-pub(crate) enum Write {
+pub enum Write {
     /// Records an op's completion and, for a kernel-service op, applies its effect in
     /// the same atomic batch: after a crash either both are there or neither is. An
     /// effect that fails turns the completion into that error and changes nothing.
@@ -52,21 +53,11 @@ pub(crate) enum Write {
     },
 }
 
-/// The kernel's own keyspaces (agents and their state are `bbx-agents`'). Their ids
-/// are what redo records carry: never change one.
-pub(crate) const OPS: KeyspaceDef = KeyspaceDef { id: 5, name: "ops" };
-pub(crate) const IDEM: KeyspaceDef = KeyspaceDef { id: 6, name: "idem" };
-pub(crate) const DOUBT: KeyspaceDef = KeyspaceDef { id: 7, name: "doubt" };
-pub(crate) const KEYSPACES: [KeyspaceDef; 3] = [OPS, IDEM, DOUBT];
-
-/// Every keyspace the store opens: the kernel's and its components'.
-pub(crate) fn all_keyspaces() -> Vec<KeyspaceDef> {
-    let mut all = bbx_agents::KEYSPACES.to_vec();
-    all.push(bbx_auth::API_KEYS);
-    all.extend(KEYSPACES);
-    all.extend(bbx_quota::stored::KEYSPACES);
-    all
-}
+/// The ring's keyspaces. Their ids are what redo records carry: never change one.
+pub const OPS: KeyspaceDef = KeyspaceDef { id: 5, name: "ops" };
+pub const IDEM: KeyspaceDef = KeyspaceDef { id: 6, name: "idem" };
+pub const DOUBT: KeyspaceDef = KeyspaceDef { id: 7, name: "doubt" };
+pub const KEYSPACES: [KeyspaceDef; 3] = [OPS, IDEM, DOUBT];
 
 impl Staged for Write {
     /// Checks the write's preconditions, then stages it. Every fallible read comes
@@ -188,7 +179,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
 /// What one expiry step forgot: how many completions, and where the next step
 /// goes on (none: the sweep is done).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Expired {
+pub struct Expired {
     pub count: usize,
     pub resume: Option<OpId>,
 }
