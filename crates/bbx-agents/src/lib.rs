@@ -20,6 +20,7 @@
 
 mod codec;
 mod effect;
+mod lifecycle;
 mod ops;
 
 pub use codec::{StoredState, decode_agent, decode_state, decode_u64, encode_state, state_key, tenant_index_key};

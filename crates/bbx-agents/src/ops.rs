@@ -4,7 +4,7 @@
 
 use crate::effect::{Effect, apply_effect};
 use crate::{STATE, decode_state, state_key};
-use bbx_component::{Component, EffectOp, OpKind, Prepared, ReadOp, parse_args};
+use bbx_component::{Component, Context, EffectOp, Exported, OpKind, Prepared, ReadOp, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{AgentId, Error, Result, validate};
 use bbx_store::{GroupTx, Store, storage_error};
@@ -68,6 +68,23 @@ impl Component for StateOps {
 
     fn kinds(&self) -> &'static [OpKind] {
         KINDS
+    }
+
+    /// Resumes the purges of deleted agents' state that a crash interrupted.
+    fn start(&self, ctx: &Context) -> Result<()> {
+        crate::lifecycle::resume_purges(ctx)
+    }
+
+    fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
+        crate::lifecycle::purge(ctx, agent);
+    }
+
+    fn export(&self, store: &Store, agent: &AgentId) -> Result<Vec<Exported>> {
+        crate::lifecycle::export(store, agent)
+    }
+
+    fn import(&self, tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]) -> Result<()> {
+        crate::lifecycle::import(tx, agent, records)
     }
 
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {

@@ -23,10 +23,19 @@
 //!
 //! The keyspaces a component stages into are its own, declared with
 //! [`bbx_store::KeyspaceDef`].
+//!
+//! Beyond its kinds, a component takes part in an agent's life and the kernel's:
+//! [`Component::start`] is its recovery step (it resumes what a crash interrupted,
+//! once the ring has recovered and before the kernel serves), with a [`Context`]
+//! whose [`Submitter`] lets it submit ops of its own through the whole pipeline;
+//! [`Component::agent_deleted`] tells it to let go of a deleted agent's data; and
+//! [`Component::export`] and [`Component::import`] carry an agent's data out and
+//! back in (snapshots, forks), the import staged in one atomic group.
 
 pub mod builtin;
 
-use bbx_core::op::Effects;
+use bbx_auth::Caller;
+use bbx_core::op::{Effects, OpInfo, SubmitBatch, Submitted};
 use bbx_core::quota::Spend;
 use bbx_core::{AgentId, Error, OpId, Result};
 use bbx_store::{GroupTx, Store};
@@ -36,6 +45,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 /// An op's `args` as a component's argument type, or one `invalid_argument` error
 /// naming the kind and what is wrong.
@@ -143,7 +154,73 @@ pub trait TaskOp: Send + Sync + std::fmt::Debug {
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a>;
 }
 
-/// A component: the op kinds it serves, and how their ops are prepared.
+/// A future that a trait object returns.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// Submits ops through the whole pipeline (auth, quotas, journal, ring), as a
+/// component that acts on its own (a bus routing messages into ops, a workflow
+/// submitting its steps). Implemented by the kernel.
+pub trait Submitter: Send + Sync {
+    /// Submits a batch as `caller`; answers once every op with effects is journaled.
+    fn submit<'a>(&'a self, caller: &'a Caller, batch: SubmitBatch) -> Pending<'a, Submitted>;
+
+    /// The op's completion, waiting up to `timeout` for it.
+    fn wait<'a>(&'a self, caller: &'a Caller, op: bbx_core::OpId, timeout: Duration) -> Pending<'a, OpInfo>;
+}
+
+/// What a component is given to act with outside of an op.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Arc<Store>,
+    /// Tasks the kernel waits for at shutdown: a component's background work is
+    /// spawned here, and stops when the kernel does.
+    pub tasks: TaskTracker,
+    pub submitter: Arc<dyn Submitter>,
+}
+
+/// One record of an agent's data as its component exports it: opaque to anyone
+/// else, given back to the same component's [`Component::import`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// An agent's data, as each component exported it (by component name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentData {
+    pub agent: AgentId,
+    pub parts: Vec<(String, Vec<Exported>)>,
+}
+
+/// Imports an agent's data into every component that exported a part of it, in
+/// one group: all of it, or (if any part fails) none.
+pub struct Import {
+    data: AgentData,
+    components: Vec<Arc<dyn Component>>,
+}
+
+impl std::fmt::Debug for Import {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Import")
+            .field("agent", &self.data.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl bbx_store::Staged for Import {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<bbx_store::Applied> {
+        tx.all_or_nothing(|tx| {
+            for (component, (_, records)) in self.components.iter().zip(&self.data.parts) {
+                component.import(tx, &self.data.agent, records)?;
+            }
+            Ok(bbx_store::Applied::Done)
+        })
+    }
+}
+
+/// A component: the op kinds it serves, how their ops are prepared, and its part
+/// in the life of agents and of the kernel.
 pub trait Component: Send + Sync + 'static {
     /// The component's name, e.g. `state`, for errors and listings.
     fn name(&self) -> &'static str;
@@ -153,12 +230,36 @@ pub trait Component: Send + Sync + 'static {
     /// Checks `args` of `kind` (one of [`Component::kinds`]) and prepares the op.
     /// A bad argument is an `invalid_argument` error naming it.
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared>;
+
+    /// The recovery step: resumes what a crash interrupted. Called once, after the
+    /// ring recovered and before the kernel serves; an error stops the start.
+    fn start(&self, _ctx: &Context) -> Result<()> {
+        Ok(())
+    }
+
+    /// An agent was deleted (its record is gone): let go of what is held for it.
+    /// What takes long goes on `ctx.tasks`; what must survive a crash is the
+    /// component's to make durable (and resume in [`Component::start`]).
+    fn agent_deleted(&self, _ctx: &Context, _agent: AgentId) {}
+
+    /// The agent's data this component holds, as of the store's durable view.
+    fn export(&self, _store: &Store, _agent: &AgentId) -> Result<Vec<Exported>> {
+        Ok(Vec::new())
+    }
+
+    /// Replaces the agent's data with what [`Component::export`] gave, staged in
+    /// `tx`: all of it commits, or none.
+    fn import(&self, _tx: &mut GroupTx<'_>, _agent: &AgentId, _records: &[Exported]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The registered components, by the kinds they serve.
 #[derive(Default, Clone)]
 pub struct Components {
     by_kind: HashMap<&'static str, (OpKind, Arc<dyn Component>)>,
+    /// In the order they were registered.
+    all: Vec<Arc<dyn Component>>,
 }
 
 impl Components {
@@ -174,10 +275,66 @@ impl Components {
                 )));
             }
         }
+        if self.all.iter().any(|known| known.name() == component.name()) {
+            return Err(Error::internal(format!(
+                "two components are named {}",
+                component.name()
+            )));
+        }
         for kind in component.kinds() {
             self.by_kind.insert(kind.name, (*kind, component.clone()));
         }
+        self.all.push(component);
         Ok(())
+    }
+
+    /// Every component, in the order they were registered.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Component>> {
+        self.all.iter()
+    }
+
+    /// The component named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Component>> {
+        self.all.iter().find(|component| component.name() == name)
+    }
+
+    /// Runs every component's recovery step, in registration order.
+    pub fn start(&self, ctx: &Context) -> Result<()> {
+        self.all.iter().try_for_each(|component| component.start(ctx))
+    }
+
+    /// The agent's data that every component holds.
+    pub fn export(&self, store: &Store, agent: &AgentId) -> Result<AgentData> {
+        let mut parts = Vec::new();
+        for component in &self.all {
+            let records = component.export(store, agent)?;
+            if !records.is_empty() {
+                parts.push((component.name().to_owned(), records));
+            }
+        }
+        Ok(AgentData { agent: *agent, parts })
+    }
+
+    /// The write that imports `data`; refused if a part names no registered
+    /// component.
+    pub fn import(&self, data: AgentData) -> Result<Import> {
+        let components = data
+            .parts
+            .iter()
+            .map(|(name, _)| {
+                self.get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid_field("parts", format!("no component is named {name:?}")))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Import { data, components })
+    }
+
+    /// Tells every component that `agent` was deleted.
+    pub fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
+        for component in &self.all {
+            component.agent_deleted(ctx, agent);
+        }
     }
 
     /// The kind as registered, if a component serves it.

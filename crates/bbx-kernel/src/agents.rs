@@ -76,17 +76,29 @@ impl Kernel {
         self.store.write(bbx_agents::AgentWrite::Delete(*id)).await?;
         self.tenants.deletions.fetch_add(1, Ordering::AcqRel);
         self.tenants.tenants.write().remove(id);
-        spawn_purge(&self.tasks, self.store.clone(), *id);
+        self.components.agent_deleted(&self.context, *id);
         self.quotas.remove(&bbx_quota::Node::Agent(*id));
-        // A workspace may hold many files: removed on a blocking thread.
-        let (tools, agent) = (self.tools.clone(), *id);
-        self.tasks.spawn_blocking(move || tools.remove_workspace(&agent));
         self.store
             .write(bbx_quota::stored::PutLimits {
                 node: bbx_quota::Node::Agent(*id),
                 limits: None,
             })
             .await?;
+        Ok(())
+    }
+
+    /// The agent's data that every component holds (its state, ...), as of what
+    /// is durable.
+    pub fn export_agent(&self, caller: &Caller, id: &AgentId) -> Result<bbx_component::AgentData> {
+        self.load_agent(caller, id)?;
+        self.components.export(&self.store, id)
+    }
+
+    /// Replaces the agent's data in every component that `data` has a part for,
+    /// atomically.
+    pub async fn import_agent(&self, caller: &Caller, data: bbx_component::AgentData) -> Result<()> {
+        self.load_agent(caller, &data.agent)?;
+        self.store.write(self.components.import(data)?).await?;
         Ok(())
     }
 
@@ -354,33 +366,6 @@ impl Kernel {
 }
 
 /// The entry a stored value holds, or `None` for a deleted key's tombstone.
-/// State keys removed per committer group when purging a deleted agent.
-const PURGE_STEP: usize = 1024;
-
-/// Removes a deleted agent's state in bounded steps, each its own group, so that
-/// other writers interleave. Stops early if the kernel shuts down; the durable purge
-/// marker makes the next start resume it.
-pub(crate) fn spawn_purge(tasks: &TaskTracker, store: Arc<Store>, agent: AgentId) {
-    tasks.spawn(async move {
-        loop {
-            match store
-                .write(bbx_agents::AgentWrite::PurgeState {
-                    agent,
-                    max_keys: PURGE_STEP,
-                })
-                .await
-            {
-                Ok(Applied::More) => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::info!(%agent, error = %e, "purge of a deleted agent's state paused until the next start");
-                    break;
-                }
-            }
-        }
-    });
-}
-
 fn decode_entry(key: String, bytes: &[u8]) -> Result<Option<StateEntry>> {
     let stored = decode_state(bytes)?;
     if stored.is_tombstone() {

@@ -36,7 +36,6 @@ pub use completions::CompletionQueue;
 pub use journal_check::{JournalCheck, JournalProblem, repair_journal, verify_journal};
 pub use session::Session;
 
-use agents::spawn_purge;
 use bbx_agents::{decode_agent, decode_state};
 use bbx_core::api::prelude::*;
 use bbx_core::config::KernelConfig;
@@ -102,6 +101,31 @@ pub struct Kernel {
     /// Serializes quota updates (read, merge, store).
     quota_updates: tokio::sync::Mutex<()>,
     tools: Arc<bbx_tools::Tools>,
+    components: Arc<bbx_component::Components>,
+    /// What components act with outside of an op.
+    context: bbx_component::Context,
+}
+
+/// The kernel as the submitter components act through: weak, since the kernel
+/// holds the components.
+struct KernelSubmitter(std::sync::Weak<Kernel>);
+
+impl KernelSubmitter {
+    fn kernel(&self) -> Result<Arc<Kernel>> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| Error::unavailable("the kernel is shutting down"))
+    }
+}
+
+impl bbx_component::Submitter for KernelSubmitter {
+    fn submit<'a>(&'a self, caller: &'a Caller, batch: SubmitBatch) -> bbx_component::Pending<'a, Submitted> {
+        Box::pin(async move { self.kernel()?.submit(caller, batch).await })
+    }
+
+    fn wait<'a>(&'a self, caller: &'a Caller, op: OpId, timeout: Duration) -> bbx_component::Pending<'a, OpInfo> {
+        Box::pin(async move { self.kernel()?.wait_op(caller, &op, timeout).await })
+    }
 }
 
 /// The tenant of each agent an op or a state call named lately, so that the hot
@@ -127,6 +151,12 @@ pub struct Opened {
 impl Kernel {
     /// Opens (or creates) the data directory and everything in it.
     pub async fn open(config: KernelConfig) -> Result<Opened> {
+        Self::open_with(config, Vec::new()).await
+    }
+
+    /// Opens the kernel with `extra` components registered after its own (an
+    /// embedder's, or a test's).
+    pub async fn open_with(config: KernelConfig, extra: Vec<Arc<dyn bbx_component::Component>>) -> Result<Opened> {
         create_private_dir(&config.data_dir)?;
         // The database's lock first: a second kernel on this directory is refused
         // before it can touch the journal (whose recovery truncates a torn tail).
@@ -178,6 +208,11 @@ impl Kernel {
             },
             bbx_quota::cgroup::detect(&cgroup_scope(&config.data_dir)),
         )?);
+        let mut components = components(&tools, &quotas)?;
+        for component in extra {
+            components.register(component)?;
+        }
+        let components = Arc::new(components);
         let ring = Ring::open(
             config.ring.clone(),
             store.clone(),
@@ -187,12 +222,18 @@ impl Kernel {
             tasks.clone(),
             ring::Services {
                 quotas: quotas.clone(),
-                components: Arc::new(components(&tools, &quotas)?),
+                components: components.clone(),
             },
         )
         .await?;
         spawn_store_checkpoints(&tasks, store.clone(), ring.stopping());
-        let kernel = Arc::new(Self {
+        let kernel = Arc::new_cyclic(|kernel: &std::sync::Weak<Self>| Self {
+            context: bbx_component::Context {
+                store: store.clone(),
+                tasks: tasks.clone(),
+                submitter: Arc::new(KernelSubmitter(kernel.clone())),
+            },
+            components,
             config,
             store,
             journal_metrics,
@@ -207,10 +248,7 @@ impl Kernel {
             quota_updates: tokio::sync::Mutex::new(()),
             tools,
         });
-        // Deletions a crash interrupted finish removing their agents' state.
-        for agent in bbx_agents::pending_purges(&kernel.store)? {
-            spawn_purge(&kernel.tasks, kernel.store.clone(), agent);
-        }
+        kernel.components.start(&kernel.context)?;
         let admin_key_written = kernel.keys.mint_first_admin_key().await?;
         Ok(Opened {
             kernel,

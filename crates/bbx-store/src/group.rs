@@ -50,6 +50,19 @@ impl<'a> GroupTx<'a> {
         self.staged.get(usize::from(ks.id)).unwrap_or(&EMPTY)
     }
 
+    /// Runs `stage`, and if it fails, leaves the group as it was before: for a
+    /// write made of parts that each read, then write (an import spanning several
+    /// components), where a later part's failure must undo the earlier ones.
+    /// Costs a copy of what the group staged so far.
+    pub fn all_or_nothing<T>(&mut self, stage: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let before = self.staged.clone();
+        let staged = stage(self);
+        if staged.is_err() {
+            self.staged = before;
+        }
+        staged
+    }
+
     pub fn put(&mut self, ks: KeyspaceDef, key: Vec<u8>, value: Vec<u8>) {
         self.staged[usize::from(ks.id)].insert(key, Some(value));
     }

@@ -492,4 +492,35 @@ mod tests {
         assert_eq!(seen, (Some(b"1".to_vec()), None, None));
         assert!(store.keyspace(ONE).get(b"k").unwrap().is_none());
     }
+
+    #[test]
+    fn a_part_that_fails_leaves_the_group_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DetachedStore::open(dir.path(), &[ONE, TWO]).unwrap();
+        let seen = store
+            .group(usize::MAX, |tx| {
+                tx.put(ONE, b"before".to_vec(), b"1".to_vec());
+                let failed = tx.all_or_nothing(|tx| {
+                    tx.put(ONE, b"part".to_vec(), b"2".to_vec());
+                    tx.remove(ONE, b"before".to_vec());
+                    Err::<(), _>(bbx_core::Error::internal("the second part failed"))
+                });
+                let kept = tx.all_or_nothing(|tx| {
+                    tx.put(TWO, b"part".to_vec(), b"3".to_vec());
+                    Ok(())
+                });
+                (
+                    failed.is_err(),
+                    kept.is_ok(),
+                    tx.read(ONE, b"before").unwrap(),
+                    tx.read(ONE, b"part").unwrap(),
+                )
+            })
+            .unwrap();
+        assert_eq!(seen, (true, true, Some(b"1".to_vec()), None));
+        assert_eq!(
+            store.keyspace(TWO).get(b"part").unwrap().as_deref(),
+            Some(b"3".as_slice())
+        );
+    }
 }

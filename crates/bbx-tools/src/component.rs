@@ -6,7 +6,7 @@ use crate::{Call, Context, Tools};
 use bbx_component::{Component, OpKind, Prepared, Running, TaskContext, TaskOp};
 use bbx_core::op::Effects;
 use bbx_core::quota::{Node, QuotaLimits, Spend};
-use bbx_core::{Error, ErrorCode, Result};
+use bbx_core::{AgentId, Error, ErrorCode, Result};
 use bbx_quota::Quotas;
 use serde_json::Value;
 use std::sync::Arc;
@@ -47,6 +47,12 @@ impl Component for ToolKinds {
 
     fn kinds(&self) -> &'static [OpKind] {
         KINDS
+    }
+
+    /// Removes the agent's workspace, on a blocking thread: it may hold many files.
+    fn agent_deleted(&self, ctx: &bbx_component::Context, agent: AgentId) {
+        let tools = self.tools.clone();
+        ctx.tasks.spawn_blocking(move || tools.remove_workspace(&agent));
     }
 
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {

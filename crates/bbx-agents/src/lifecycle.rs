@@ -1,0 +1,104 @@
+//! The state component's part in an agent's life: a deleted agent's state purged
+//! in the background (resumed after a crash), and an agent's state exported and
+//! imported whole.
+
+use crate::{AgentWrite, STATE, decode_state, encode_state, pending_purges};
+use bbx_component::{Context, Exported};
+use bbx_core::{AgentId, Result};
+use bbx_store::{Applied, GroupTx, Store, storage_error};
+use fjall::Readable;
+
+/// State keys removed per committer group when purging a deleted agent.
+const PURGE_STEP: usize = 1024;
+
+/// Resumes the purges a crash interrupted.
+pub(crate) fn resume_purges(ctx: &Context) -> Result<()> {
+    for agent in pending_purges(&ctx.store)? {
+        purge(ctx, agent);
+    }
+    Ok(())
+}
+
+/// Removes a deleted agent's state in bounded steps, each its own group, so that
+/// other writers interleave. Stops early if the kernel shuts down; the durable
+/// purge marker makes the next start resume it.
+pub(crate) fn purge(ctx: &Context, agent: AgentId) {
+    let store = ctx.store.clone();
+    ctx.tasks.spawn(async move {
+        loop {
+            let step = AgentWrite::PurgeState {
+                agent,
+                max_keys: PURGE_STEP,
+            };
+            match store.write(step).await {
+                Ok(Applied::More) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::info!(%agent, error = %e, "purge of a deleted agent's state paused until the next start");
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Every state key of the agent (tombstones left out) with its stored value.
+pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<Exported>> {
+    let prefix = agent.as_bytes();
+    let mut records = Vec::new();
+    for item in store.view().prefix(store.keyspace(STATE), prefix) {
+        let (key, value) = item.into_inner().map_err(|e| storage_error("export state", e))?;
+        if decode_state(&value)?.is_tombstone() {
+            continue;
+        }
+        records.push(Exported {
+            key: key[prefix.len()..].to_vec(),
+            value: value.to_vec(),
+        });
+    }
+    Ok(records)
+}
+
+/// Replaces the agent's state with `records`. Each key's version moves on past
+/// the one it has now (a restored key never goes back to a version a client has
+/// seen with another value); keys not in `records` are removed.
+pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]) -> Result<()> {
+    let prefix = agent.as_bytes().to_vec();
+    let mut current: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
+    for item in tx.keyspace(STATE)?.prefix(&prefix) {
+        let (key, value) = item.into_inner().map_err(|e| storage_error("read state", e))?;
+        current.insert(key.to_vec(), decode_state(&value)?.version);
+    }
+    let staged: Vec<(Vec<u8>, Option<u64>)> = tx
+        .staged(STATE)
+        .range(prefix.clone()..)
+        .take_while(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, value)| {
+            (
+                key.clone(),
+                value.as_deref().and_then(|v| decode_state(v).ok()).map(|s| s.version),
+            )
+        })
+        .collect();
+    for (key, version) in staged {
+        match version {
+            Some(version) => current.insert(key, version),
+            None => current.remove(&key),
+        };
+    }
+    let mut restored = Vec::with_capacity(records.len());
+    for record in records {
+        let stored = decode_state(&record.value)?;
+        let mut key = prefix.clone();
+        key.extend_from_slice(&record.key);
+        let version = stored.version.max(current.remove(&key).map_or(0, |v| v + 1));
+        restored.push((key, encode_state(version, stored.updated_at, stored.json)));
+    }
+    for key in current.into_keys() {
+        tx.remove(STATE, key);
+    }
+    for (key, value) in restored {
+        tx.put(STATE, key, value);
+    }
+    Ok(())
+}

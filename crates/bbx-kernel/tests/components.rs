@@ -1,0 +1,211 @@
+//! The component contract from a component's side: a component registered with
+//! the kernel starts after recovery and submits ops of its own through the whole
+//! pipeline, hears of deleted agents, and an agent's data goes out and back in
+//! through the components that hold it.
+
+use bbx_component::{Component, Context, OpKind, Prepared};
+use bbx_core::api::prelude::*;
+use bbx_core::config::{ConfigLayer, KernelConfig};
+use bbx_core::model::{CreateAgent, ListState, SetState};
+use bbx_core::op::{OpState, SubmitBatch, SubmitOp};
+use bbx_core::{AgentId, ErrorCode, Result};
+use bbx_kernel::{Caller, Kernel};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A component with no kinds of its own that, once started, submits a `noop` for
+/// the agent named in its mailbox, and notes the agents it hears were deleted.
+#[derive(Default)]
+struct Watcher {
+    deleted: Mutex<Vec<AgentId>>,
+    submitted: Mutex<Option<tokio::sync::oneshot::Sender<Result<OpState>>>>,
+    mailbox: Mutex<Option<(Caller, AgentId)>>,
+}
+
+impl Component for Watcher {
+    fn name(&self) -> &'static str {
+        "watcher"
+    }
+
+    fn kinds(&self) -> &'static [OpKind] {
+        &[]
+    }
+
+    fn prepare(&self, kind: &str, _: &Value) -> Result<Prepared> {
+        unreachable!("the watcher serves no kind, yet was asked for {kind}")
+    }
+
+    fn start(&self, ctx: &Context) -> Result<()> {
+        let Some((caller, agent)) = self.mailbox.lock().take() else {
+            return Ok(());
+        };
+        let reply = self.submitted.lock().take().expect("a reply channel");
+        let submitter = ctx.submitter.clone();
+        ctx.tasks.spawn(async move {
+            let batch = SubmitBatch {
+                ops: vec![SubmitOp::new(agent, "noop", json!({}))],
+                wait_ms: None,
+            };
+            let done = async {
+                let id = submitter.submit(&caller, batch).await?.ops[0].op_id;
+                Ok(submitter.wait(&caller, id, Duration::from_secs(30)).await?.state)
+            };
+            let _ = reply.send(done.await);
+        });
+        Ok(())
+    }
+
+    fn agent_deleted(&self, _: &Context, agent: AgentId) {
+        self.deleted.lock().push(agent);
+    }
+}
+
+fn config(dir: &Path) -> KernelConfig {
+    let over = ConfigLayer {
+        data_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    KernelConfig::resolve(ConfigLayer::default(), over).unwrap()
+}
+
+fn admin(kernel: &Kernel, dir: &Path) -> Caller {
+    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
+    kernel.authenticate(token.trim()).unwrap()
+}
+
+#[tokio::test]
+async fn a_component_submits_through_the_pipeline_and_hears_of_deletions() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = Kernel::open(config(dir.path())).await.unwrap().kernel;
+    let caller = admin(&kernel, dir.path());
+    let agent = kernel
+        .create_agent(
+            &caller,
+            CreateAgent {
+                name: "a".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    kernel.shutdown().await;
+    drop(kernel);
+
+    // Started again with the watcher, which submits as soon as it starts.
+    let watcher = Arc::new(Watcher::default());
+    let (reply, submitted) = tokio::sync::oneshot::channel();
+    *watcher.submitted.lock() = Some(reply);
+    *watcher.mailbox.lock() = Some((caller.clone(), agent));
+    let kernel = Kernel::open_with(config(dir.path()), vec![watcher.clone()])
+        .await
+        .unwrap()
+        .kernel;
+    let state = tokio::time::timeout(Duration::from_secs(30), submitted)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.unwrap(), OpState::Done);
+
+    // The pipeline's checks hold for a component as for anyone: another tenant's
+    // caller is refused at the door.
+    let outsider = Caller {
+        key_id: bbx_core::KeyId::generate(),
+        tenant: Some("other".into()),
+    };
+    let ctx_submit = kernel
+        .submit(
+            &outsider,
+            SubmitBatch {
+                ops: vec![SubmitOp::new(agent, "noop", json!({}))],
+                wait_ms: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(ctx_submit.code, ErrorCode::NotFound);
+
+    kernel.delete_agent(&caller, &agent).await.unwrap();
+    assert_eq!(*watcher.deleted.lock(), vec![agent]);
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agents_data_goes_out_and_back_in_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = Kernel::open(config(dir.path())).await.unwrap().kernel;
+    let caller = admin(&kernel, dir.path());
+    let api = kernel.session(caller.clone());
+    let agent = api
+        .create_agent(CreateAgent {
+            name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let set = |value: Value| SetState {
+        value,
+        if_version: None,
+    };
+    api.state_set(agent, "kept".into(), set(json!(1))).await.unwrap();
+    api.state_set(agent, "changed".into(), set(json!("before")))
+        .await
+        .unwrap();
+    api.state_set(agent, "gone".into(), set(json!([1, 2]))).await.unwrap();
+    api.state_delete(agent, "gone".into(), None).await.unwrap();
+    let exported = kernel.export_agent(&caller, &agent).unwrap();
+    assert_eq!(exported.parts.len(), 1, "only the state component holds data");
+    assert_eq!(exported.parts[0].1.len(), 2, "tombstones are not exported");
+
+    let changed_before = api.state_get(agent, "changed".into()).await.unwrap().version;
+    api.state_set(agent, "changed".into(), set(json!("after")))
+        .await
+        .unwrap();
+    api.state_set(agent, "added".into(), set(json!(true))).await.unwrap();
+    kernel.import_agent(&caller, exported.clone()).await.unwrap();
+
+    let listed = api.state_list(agent, ListState::default()).await.unwrap();
+    let keys: Vec<(&str, &Value)> = listed.entries.iter().map(|e| (e.key.as_str(), &e.value)).collect();
+    assert_eq!(keys, [("changed", &json!("before")), ("kept", &json!(1))]);
+    let changed = api.state_get(agent, "changed".into()).await.unwrap();
+    assert!(
+        changed.version > changed_before + 1,
+        "a restored key's version moves on past every version a client saw"
+    );
+
+    // A part for a component that does not exist is refused, and changes nothing.
+    let mut foreign = exported.clone();
+    foreign.parts.push(("nobody".into(), Vec::new()));
+    let refused = kernel.import_agent(&caller, foreign).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidArgument);
+    // Another tenant's caller cannot read or write the agent's data.
+    let outsider = Caller {
+        key_id: bbx_core::KeyId::generate(),
+        tenant: Some("other".into()),
+    };
+    assert_eq!(
+        kernel.export_agent(&outsider, &agent).unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    let refused = kernel.import_agent(&outsider, exported).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::NotFound);
+
+    // The import survives a restart like any write.
+    kernel.shutdown().await;
+    drop((kernel, api));
+    let kernel = Kernel::open(config(dir.path())).await.unwrap().kernel;
+    let api = kernel.session(caller);
+    assert_eq!(
+        api.state_get(agent, "changed".into()).await.unwrap().value,
+        json!("before")
+    );
+    assert_eq!(
+        api.state_get(agent, "added".into()).await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    kernel.shutdown().await;
+}
