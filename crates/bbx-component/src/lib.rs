@@ -35,7 +35,7 @@
 pub mod builtin;
 
 use bbx_auth::Caller;
-use bbx_core::op::{Effects, OpInfo, SubmitBatch, Submitted};
+use bbx_core::op::{Effects, OpInfo, SubmitBatch, SubmitOp, Submitted};
 use bbx_core::quota::Spend;
 use bbx_core::{AgentId, Error, OpId, Result};
 use bbx_store::{GroupTx, Store};
@@ -186,6 +186,35 @@ pub struct Exported {
     pub value: Vec<u8>,
 }
 
+/// An op as submitted, for the checks of components.
+pub struct Submission<'a> {
+    pub caller: &'a Caller,
+    /// The tenant of the op's agent.
+    pub tenant: &'a str,
+    pub op: &'a SubmitOp,
+}
+
+/// What a component's check says of a submitted op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Accept it, but run it only once an operator approves it; denied if not
+    /// approved within `within`.
+    Hold {
+        reason: String,
+        within: Duration,
+    },
+}
+
+/// A hold the checks put on an op: the component that asked for it, why, and for
+/// how long at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub by: &'static str,
+    pub reason: String,
+    pub within: Duration,
+}
+
 /// An agent's data, as each component exported it (by component name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentData {
@@ -231,6 +260,19 @@ pub trait Component: Send + Sync + 'static {
     /// A bad argument is an `invalid_argument` error naming it.
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared>;
 
+    /// Whether [`Component::check`] is to be called: a component that checks no op
+    /// costs the pipeline nothing.
+    fn checks_ops(&self) -> bool {
+        false
+    }
+
+    /// Checks a submitted op, after the quotas and before the journal: allows it,
+    /// holds it for approval, or refuses it (an error; nothing of its batch is
+    /// journaled).
+    fn check(&self, _submission: &Submission<'_>) -> Result<Verdict> {
+        Ok(Verdict::Allow)
+    }
+
     /// The recovery step: resumes what a crash interrupted. Called once, after the
     /// ring recovered and before the kernel serves; an error stops the start.
     fn start(&self, _ctx: &Context) -> Result<()> {
@@ -260,6 +302,8 @@ pub struct Components {
     by_kind: HashMap<&'static str, (OpKind, Arc<dyn Component>)>,
     /// In the order they were registered.
     all: Vec<Arc<dyn Component>>,
+    /// Those that check ops.
+    checkers: Vec<Arc<dyn Component>>,
 }
 
 impl Components {
@@ -284,8 +328,39 @@ impl Components {
         for kind in component.kinds() {
             self.by_kind.insert(kind.name, (*kind, component.clone()));
         }
+        if component.checks_ops() {
+            self.checkers.push(component.clone());
+        }
         self.all.push(component);
         Ok(())
+    }
+
+    /// Runs every check on a submitted op: the first refusal refuses it; holds
+    /// combine (every reason, the shortest time).
+    pub fn check(&self, submission: &Submission<'_>) -> Result<Option<HoldRequest>> {
+        let mut held: Option<HoldRequest> = None;
+        for checker in &self.checkers {
+            if let Verdict::Hold { reason, within } = checker.check(submission)? {
+                held = Some(match held {
+                    None => HoldRequest {
+                        by: checker.name(),
+                        reason,
+                        within,
+                    },
+                    Some(earlier) => HoldRequest {
+                        by: earlier.by,
+                        reason: format!("{}; {reason}", earlier.reason),
+                        within: earlier.within.min(within),
+                    },
+                });
+            }
+        }
+        Ok(held)
+    }
+
+    /// Whether any component checks ops.
+    pub fn checks_ops(&self) -> bool {
+        !self.checkers.is_empty()
     }
 
     /// Every component, in the order they were registered.

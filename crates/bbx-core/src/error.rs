@@ -57,6 +57,9 @@ pub enum ErrorCode {
     /// The op was running when the kernel stopped, and its effect outside the
     /// kernel may or may not have happened; `bbx ring resolve` settles it.
     InDoubt,
+    /// A policy refused the op, or an operator denied (or did not approve in time)
+    /// an op held for approval; `details` names the policy or the hold.
+    PolicyDenied,
 }
 
 impl ErrorCode {
@@ -65,7 +68,7 @@ impl ErrorCode {
         match self {
             Self::MalformedRequest | Self::InvalidId => 400,
             Self::Unauthenticated => 401,
-            Self::PermissionDenied | Self::PathOutsideWorkspace | Self::AddressNotAllowed => 403,
+            Self::PermissionDenied | Self::PathOutsideWorkspace | Self::AddressNotAllowed | Self::PolicyDenied => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::NotAcceptable => 406,
@@ -106,6 +109,7 @@ impl ErrorCode {
             Self::AddressNotAllowed => "address_not_allowed",
             Self::ToolFailed => "tool_failed",
             Self::InDoubt => "in_doubt",
+            Self::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -235,6 +239,7 @@ mod tests {
             ErrorCode::AddressNotAllowed,
             ErrorCode::ToolFailed,
             ErrorCode::InDoubt,
+            ErrorCode::PolicyDenied,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

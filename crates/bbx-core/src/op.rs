@@ -284,6 +284,9 @@ pub enum OpState {
     Running,
     /// Waiting to retry after a failed attempt.
     Backoff,
+    /// Held until an operator approves it (it then runs) or denies it (it ends
+    /// with an error); denied when its hold expires.
+    PendingApproval,
     Done,
 }
 

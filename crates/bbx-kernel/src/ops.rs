@@ -62,16 +62,66 @@ impl Kernel {
             tenants.push(tenant);
         }
         let start_after = self.check_rates(&batch.ops, &tenants).await?;
+        let holds = self.check_ops(caller, &batch.ops, &tenants)?;
+        let placement = ring::Placement {
+            tenants,
+            holds,
+            start_after,
+        };
         self.ring
             .submit(
                 caller,
                 batch.ops,
-                tenants,
+                placement,
                 batch.wait_ms.map(Duration::from_millis),
-                start_after,
                 reaper,
             )
             .await
+    }
+
+    /// The components' checks of each op; the holds they put on ops, by index.
+    fn check_ops(
+        &self,
+        caller: &Caller,
+        ops: &[bbx_core::op::SubmitOp],
+        tenants: &[Arc<str>],
+    ) -> Result<Vec<(usize, bbx_ring::Hold)>> {
+        if !self.components.checks_ops() {
+            return Ok(Vec::new());
+        }
+        let mut holds = Vec::new();
+        for (index, (op, tenant)) in ops.iter().zip(tenants).enumerate() {
+            let submission = bbx_component::Submission { caller, tenant, op };
+            let held = self
+                .components
+                .check(&submission)
+                .map_err(|e| bbx_ring::batch::at_op(index, e))?;
+            if let Some(held) = held {
+                let within = chrono::Duration::from_std(held.within).unwrap_or(chrono::Duration::MAX);
+                let until = Utc::now()
+                    .checked_add_signed(within)
+                    .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
+                holds.push((
+                    index,
+                    bbx_ring::Hold {
+                        by: held.by.to_owned(),
+                        reason: held.reason,
+                        until,
+                    },
+                ));
+            }
+        }
+        Ok(holds)
+    }
+
+    /// Approves an op held for approval; it then runs.
+    pub async fn approve_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        self.ring.approve(caller, id).await
+    }
+
+    /// Denies an op held for approval; it ends with `policy_denied`.
+    pub async fn deny_op(&self, caller: &Caller, id: &OpId, reason: &str) -> Result<OpInfo> {
+        self.ring.deny(caller, id, reason).await
     }
 
     pub fn op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {

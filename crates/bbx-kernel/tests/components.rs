@@ -209,3 +209,138 @@ async fn an_agents_data_goes_out_and_back_in_whole() {
     );
     kernel.shutdown().await;
 }
+
+/// Holds `noop`s whose args name a hold (for that many milliseconds), and
+/// refuses those whose args say `refuse`.
+struct Gatekeeper;
+
+impl Component for Gatekeeper {
+    fn name(&self) -> &'static str {
+        "gatekeeper"
+    }
+
+    fn kinds(&self) -> &'static [OpKind] {
+        &[]
+    }
+
+    fn prepare(&self, kind: &str, _: &Value) -> Result<Prepared> {
+        unreachable!("the gatekeeper serves no kind, yet was asked for {kind}")
+    }
+
+    fn checks_ops(&self) -> bool {
+        true
+    }
+
+    fn check(&self, submission: &bbx_component::Submission<'_>) -> Result<bbx_component::Verdict> {
+        let args = &submission.op.args;
+        if args.get("refuse").is_some() {
+            return Err(bbx_core::Error::new(
+                ErrorCode::PolicyDenied,
+                "the gatekeeper refuses it",
+            ));
+        }
+        Ok(match args.get("hold_ms").and_then(Value::as_u64) {
+            Some(ms) => bbx_component::Verdict::Hold {
+                reason: "the gatekeeper wants a look".into(),
+                within: Duration::from_millis(ms),
+            },
+            None => bbx_component::Verdict::Allow,
+        })
+    }
+}
+
+async fn submit_noop(kernel: &Kernel, caller: &Caller, agent: AgentId, args: Value) -> Result<bbx_core::OpId> {
+    let batch = SubmitBatch {
+        ops: vec![SubmitOp::new(agent, "noop", args)],
+        wait_ms: None,
+    };
+    Ok(kernel.submit(caller, batch).await?.ops[0].op_id)
+}
+
+#[tokio::test]
+async fn a_held_op_runs_once_approved_and_never_if_denied_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Kernel::open_with(config(dir.path()), vec![Arc::new(Gatekeeper)]);
+    let kernel = open().await.unwrap().kernel;
+    let caller = admin(&kernel, dir.path());
+    let agent = kernel
+        .create_agent(
+            &caller,
+            CreateAgent {
+                name: "a".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    let state = |kernel: &Kernel, id| kernel.op(&caller, &id).unwrap().state;
+    let wait = |kernel: Arc<Kernel>, id| {
+        let caller = caller.clone();
+        async move {
+            kernel
+                .wait_op(&caller, &id, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .completion
+                .unwrap()
+        }
+    };
+
+    let approved = submit_noop(&kernel, &caller, agent, json!({ "hold_ms": 600_000 }))
+        .await
+        .unwrap();
+    let denied = submit_noop(&kernel, &caller, agent, json!({ "hold_ms": 600_000 }))
+        .await
+        .unwrap();
+    let survives = submit_noop(&kernel, &caller, agent, json!({ "hold_ms": 600_000 }))
+        .await
+        .unwrap();
+    let expires = submit_noop(&kernel, &caller, agent, json!({ "hold_ms": 300 }))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state(&kernel, approved), OpState::PendingApproval);
+
+    // Only a caller who sees the op may decide, and only while it is held.
+    let outsider = Caller {
+        key_id: bbx_core::KeyId::generate(),
+        tenant: Some("other".into()),
+    };
+    let refused = kernel.approve_op(&outsider, &approved).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::NotFound);
+
+    kernel.approve_op(&caller, &approved).await.unwrap();
+    assert_eq!(
+        wait(kernel.clone(), approved).await.status,
+        bbx_core::op::CompletionStatus::Ok
+    );
+    let again = kernel.approve_op(&caller, &approved).await.unwrap_err();
+    assert_eq!(again.code, ErrorCode::FailedPrecondition);
+
+    kernel.deny_op(&caller, &denied, "not today").await.unwrap();
+    let done = wait(kernel.clone(), denied).await;
+    assert_eq!(done.error.unwrap().code, ErrorCode::PolicyDenied);
+    let done = wait(kernel.clone(), expires).await;
+    let error = done.error.unwrap();
+    assert_eq!(error.code, ErrorCode::PolicyDenied);
+    assert!(error.message.contains("not approved in time"), "{}", error.message);
+
+    // A refusal refuses the whole batch, and journals nothing of it.
+    let refused = submit_noop(&kernel, &caller, agent, json!({ "refuse": true }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::PolicyDenied);
+
+    // The hold is durable: after a restart the op is still waiting, then runs once approved.
+    kernel.shutdown().await;
+    drop(kernel);
+    let kernel = open().await.unwrap().kernel;
+    assert_eq!(state(&kernel, survives), OpState::PendingApproval);
+    kernel.approve_op(&caller, &survives).await.unwrap();
+    assert_eq!(
+        wait(kernel.clone(), survives).await.status,
+        bbx_core::op::CompletionStatus::Ok
+    );
+    kernel.shutdown().await;
+}

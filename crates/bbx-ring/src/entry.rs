@@ -53,6 +53,20 @@ pub struct OpRecord {
     /// in doubt (the op is journaled again under the same id).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub incarnation: u32,
+    /// Held for approval when it was accepted. An approval journals the record
+    /// again without it, so that recovery finds the op held exactly while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
+}
+
+/// Why an op waits for approval, who held it, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The component whose check held it (a policy engine, say).
+    pub by: String,
+    pub reason: String,
+    /// Denied if not approved by then.
+    pub until: DateTime<Utc>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -67,7 +81,7 @@ const COMPACT_ACCEPTED: u8 = 1;
 impl OpRecord {
     /// This op's [`Entry::Accepted`], encoded without copying the record (its args
     /// included) into an entry first. An op that uses none of the rarely set fields
-    /// (retries, dependencies, an idempotency key, user data, trace context) is
+    /// (retries, dependencies, an idempotency key, user data, trace context, a hold) is
     /// written compact: ids, numbers and the time in place, strings behind a u16
     /// length, only `args` as JSON. That is under half the bytes of its JSON (about
     /// 100 against 250 for a `state.set`), and formats no id and no date, on the path
@@ -83,6 +97,7 @@ impl OpRecord {
             && self.idempotency.is_none()
             && self.user_data.is_none()
             && self.trace.is_none()
+            && self.hold.is_none()
             && self.tenant.len() <= usize::from(u16::MAX)
             && self.kind.len() <= usize::from(u16::MAX);
         if !compact {
@@ -129,6 +144,7 @@ impl OpRecord {
             trace: None,
             submitted_at,
             incarnation,
+            hold: None,
         })
     }
 }
@@ -196,6 +212,7 @@ mod tests {
         fn entries_round_trip(args in json_value(), kind in "[a-z.]{1,12}", priority in 0usize..4,
                               timeout_ms in any::<u64>(), key in proptest::option::of("\\PC{1,20}"),
                               deps in 0usize..3, retries in any::<bool>(), tenant in "\\PC{0,12}",
+                              held in any::<bool>(),
                               seconds in 0i64..4_000_000_000, nanos in 0u32..1_000_000_000) {
             let record = OpRecord {
                 op_id: OpId::generate(),
@@ -212,6 +229,11 @@ mod tests {
                 trace: None,
                 submitted_at: DateTime::from_timestamp(seconds, nanos).unwrap(),
                 incarnation: priority as u32,
+                hold: held.then(|| Hold {
+                    by: "flow".into(),
+                    reason: "needs a look".into(),
+                    until: DateTime::from_timestamp(seconds, 0).unwrap(),
+                }),
             };
             let started = Entry::Started {
                 op_id: record.op_id,
@@ -225,7 +247,10 @@ mod tests {
                 }),
             };
             let borrowed = record.encode_accepted();
-            let rare = record.retries.is_some() || !record.depends_on.is_empty() || record.idempotency.is_some();
+            let rare = record.retries.is_some()
+                || !record.depends_on.is_empty()
+                || record.idempotency.is_some()
+                || record.hold.is_some();
             prop_assert_eq!(borrowed[0] == COMPACT_ACCEPTED, !rare);
             let entry = Entry::Accepted(record);
             prop_assert_eq!(&borrowed, &entry.encode());
@@ -257,6 +282,7 @@ mod tests {
             trace: None,
             submitted_at: DateTime::from_timestamp(1_700_000_000, 5).unwrap(),
             incarnation: 0,
+            hold: None,
         };
         let bytes = record.encode_accepted();
         assert_eq!(bytes[0], COMPACT_ACCEPTED);

@@ -24,6 +24,6 @@ pub use bbx_core::op::Effects;
 pub use breaker::{
     Admission, BreakerConfig, BreakerState, BreakerStats, Breakers, CircuitBreaker, Rejected, TargetStats, Tracked,
 };
-pub use entry::{Entry, Idempotency, OpRecord};
+pub use entry::{Entry, Hold, Idempotency, OpRecord};
 pub use metrics::RingMetrics;
 pub use scheduler::{Next, Refused, Scheduler, SchedulerConfig};

@@ -9,6 +9,7 @@
 //!   crash (it ends `in_doubt`);
 //! - an idempotency key in use names one op: a second submission joins it;
 //! - an op runs only after every op it depends on completed `ok`;
+//! - an op held for approval runs only once approved, and a denied one never;
 //! - nothing starves: once failures stop, every live op settles;
 //! - the in-flight quota always counts exactly the live ops, and is all given
 //!   back at the end; every waiter is answered at most once.
@@ -24,7 +25,7 @@ use bbx_ring::engine::{
     Attempt, Cancelled, Checked, Ended, Engine, EngineConfig, Finish, Host, InFlight, KeyEpochs, KeyedOp, Lsn, Moment,
     Outbox, Recorded, Recovered, Slot, ToRecord,
 };
-use bbx_ring::{Effects, Idempotency, OpRecord, RingMetrics, SchedulerConfig};
+use bbx_ring::{Effects, Hold, Idempotency, OpRecord, RingMetrics, SchedulerConfig};
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -163,6 +164,9 @@ struct Oracle {
     answers: HashMap<Waiter, u32>,
     /// The life in which an op's start mark was made.
     marked: HashMap<OpId, u32>,
+    /// Ops accepted with a hold, and those of them approved.
+    held: HashSet<OpId>,
+    approved: HashSet<OpId>,
     /// The op that owns an idempotency key, while it is known.
     owners: HashMap<(AgentId, String), OpId>,
     ops: Vec<OpId>,
@@ -282,7 +286,8 @@ impl World {
             55..72 => self.end_attempt(chaos),
             72..82 => self.write_completions(chaos),
             82..88 => self.fire_timer(),
-            88..92 => self.cancel(),
+            88..90 => self.cancel(),
+            90..92 => self.decide_held(),
             92..95 => self.copy_forward(),
             95..97 if chaos => self.crash(),
             _ => self.elapsed += Duration::from_millis(self.rng.random_range(1..40)),
@@ -335,6 +340,11 @@ impl World {
                 trace: None,
                 submitted_at: self.at().wall,
                 incarnation: 0,
+                hold: self.rng.random_bool(0.1).then(|| Hold {
+                    by: "sim".into(),
+                    reason: "a second look".into(),
+                    until: self.at().wall + chrono::Duration::seconds(60),
+                }),
             };
             ops.push(Checked {
                 record: Arc::new(record),
@@ -371,6 +381,11 @@ impl World {
                     self.violated(format!("key {key:?} of op {owner} joined op {id}"))
                 }
                 (Slot::Existing(_), _) => {}
+            }
+        }
+        for (slot, op) in slots.iter().zip(&ops) {
+            if let (Slot::New(id), Some(_)) = (slot, &op.record.hold) {
+                self.oracle.held.insert(*id);
             }
         }
         let batch = Unjournaled {
@@ -450,6 +465,9 @@ impl World {
         let (starts, _) = self.engine.next(max, self.at().now);
         let mut applying = Vec::new();
         for start in starts {
+            if self.oracle.held.contains(&start.id) && !self.oracle.approved.contains(&start.id) {
+                self.violated(format!("op {} ran while held for approval", start.id));
+            }
             for dep in &start.record.depends_on {
                 if self.oracle.settled.get(dep) != Some(&CompletionStatus::Ok) {
                     self.violated(format!(
@@ -575,6 +593,38 @@ impl World {
             Err(e) if e.code == ErrorCode::FailedPrecondition => {}
             Err(e) => self.violated(format!("an unexpected refusal to cancel: {e}")),
         }
+    }
+
+    /// An operator approves (its record journaled again without the hold) or
+    /// denies an op held for approval.
+    fn decide_held(&mut self) {
+        let held = self.engine.held();
+        if held.is_empty() {
+            return;
+        }
+        let (id, _) = held[self.rng.random_range(0..held.len())];
+        if self.rng.random_bool(0.7) {
+            self.approve(id);
+        } else {
+            let denied = self.engine.deny(&id, "was denied");
+            self.finish(denied.into_iter().collect());
+        }
+    }
+
+    fn approve(&mut self, id: OpId) {
+        let held = match self.engine.held_record(&id, &|_| Ok(())) {
+            Ok(held) => held,
+            Err(e) => self.violated(format!("a held op cannot be approved: {e}")),
+        };
+        let mut approved = (*held).clone();
+        approved.hold = None;
+        let lsn = self.append(Entry::Accepted(Box::new(approved.clone())));
+        self.oracle.approved.insert(id);
+        let mut finish = Vec::new();
+        let now = self.at().now;
+        let released = self.engine.approved(&id, Arc::new(approved), lsn, now, &mut finish);
+        self.release(&released);
+        self.finish(finish);
     }
 
     /// Journals the records of every live op again and releases the originals.
@@ -730,6 +780,9 @@ impl World {
             }
             while !self.unjournaled.is_empty() {
                 self.journal_batch(false);
+            }
+            for (id, _) in self.engine.held() {
+                self.approve(id);
             }
             self.dispatch();
             while !self.running.is_empty() {

@@ -78,7 +78,9 @@ impl<H: Host> Engine<H> {
             if !dep_ids.is_empty() {
                 Arc::make_mut(&mut op.record).depends_on = dep_ids;
             }
-            if H::effects(&op.exec) != Effects::None {
+            // A hold must outlive a restart as the op's effects must: both are
+            // journaled before they are acknowledged.
+            if H::effects(&op.exec) != Effects::None || op.record.hold.is_some() {
                 records.push((id, op.record.clone()));
             }
             let registered = self.register(op.record.clone(), op.exec.clone(), None, &arriving, now, recorded);
@@ -243,6 +245,7 @@ impl<H: Host> Engine<H> {
         if let Some(idempotency) = &record.idempotency {
             self.keys.insert((record.agent, idempotency.key.clone()), id);
         }
+        let held = record.hold.is_some();
         self.live.insert(
             id,
             Box::new(Live {
@@ -253,11 +256,16 @@ impl<H: Host> Engine<H> {
                 reservation: None,
                 attempt_max: Spend::default(),
                 spent: Spend::default(),
-                state: OpState::Blocked,
+                state: if held {
+                    OpState::PendingApproval
+                } else {
+                    OpState::Blocked
+                },
                 active: false,
                 holds_slot: true,
                 finishing: false,
                 delayed: false,
+                held,
                 cancel_requested: false,
                 blocked_on,
                 failed_dependency,
@@ -354,7 +362,7 @@ impl<H: Host> Engine<H> {
         let Some(live) = self.live.get_mut(&id) else {
             return false;
         };
-        if !live.active || live.finishing || !live.holds_slot || live.delayed {
+        if !live.active || live.finishing || !live.holds_slot || live.delayed || live.held {
             return false;
         }
         if live.cancel_requested {

@@ -3,7 +3,8 @@
 //!
 //! The engine is the data and the transitions; its host does the I/O around it.
 //! The host journals what [`Engine::admit`] says to journal and then calls
-//! [`Engine::activate`]; it runs what [`Engine::next`] hands out and reports each
+//! [`Engine::activate`]; an op accepted with a hold waits until the host journals
+//! its approval ([`Engine::approved`]) or denies it ([`Engine::deny`]); it runs what [`Engine::next`] hands out and reports each
 //! attempt's end to [`Engine::attempts_ended`]; it writes the completions that an
 //! [`Outbox`] lists to the store and reports each write to [`Engine::recorded`];
 //! and it answers the waiters, publishes the events and releases the journal
@@ -17,6 +18,7 @@
 
 mod admit;
 mod epochs;
+mod hold;
 mod recent;
 mod run;
 mod settle;
@@ -169,6 +171,8 @@ pub struct Live<H: Host> {
     pub finishing: bool,
     /// Held back (a quota's `queue` action): it starts when its host lets it.
     delayed: bool,
+    /// Held for approval ([`OpRecord::hold`]): it starts once approved.
+    held: bool,
     cancel_requested: bool,
     blocked_on: usize,
     failed_dependency: Option<String>,

@@ -180,8 +180,10 @@ impl<H: Host> Engine<H> {
             OpState::Running => Cancelled::Running(live.cancel.clone()),
             // Queued ops leave the scheduler lazily: `next` skips them.
             OpState::Queued | OpState::Backoff => Cancelled::Ends(Finish::cancelled(*id, "cancelled before it ran")),
-            OpState::Blocked if live.active => Cancelled::Ends(Finish::cancelled(*id, "cancelled before it started")),
-            OpState::Blocked | OpState::Done => Cancelled::Later,
+            OpState::Blocked | OpState::PendingApproval if live.active => {
+                Cancelled::Ends(Finish::cancelled(*id, "cancelled before it started"))
+            }
+            OpState::Blocked | OpState::PendingApproval | OpState::Done => Cancelled::Later,
         }))
     }
 

@@ -56,7 +56,7 @@ impl Ring {
             let mut writes = Vec::with_capacity(pending.len());
             let mut held = Vec::with_capacity(pending.len());
             for p in pending {
-                let hold = p.held.unwrap_or(Hold {
+                let hold = p.held.unwrap_or(Held {
                     _completing: None,
                     admission: None,
                     effect: None,

@@ -23,6 +23,7 @@
 mod complete;
 mod exec;
 mod expire;
+mod hold;
 mod open;
 mod preread;
 mod query;
@@ -30,10 +31,12 @@ mod run;
 pub mod store;
 mod submit;
 
+pub use submit::Placement;
+
 use crate::engine::{
     self, Attempt, Charge, Checked, Engine, Host, InFlight, KeyEpochs, KeyedOp, Lsn, Moment, Slot, Start,
 };
-use crate::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, OpRecord, RingMetrics, Tracked};
+use crate::{Admission, BreakerConfig, BreakerState, Breakers, Effects, Entry, Hold, OpRecord, RingMetrics, Tracked};
 use crate::{SchedulerConfig, batch};
 use bbx_auth::Caller;
 use bbx_component::{TaskContext, TaskOp};
@@ -117,7 +120,7 @@ pub struct KernelHost;
 impl Host for KernelHost {
     type Exec = Exec;
     type Waiter = Waiter;
-    type Held = Hold;
+    type Held = Held;
     type Cancel = CancellationToken;
 
     fn effects(exec: &Exec) -> Effects {
@@ -145,7 +148,7 @@ type Outbox = engine::Outbox<KernelHost>;
 type Finish = engine::Finish<KernelHost>;
 
 /// What an ending op holds until its completion is durable.
-pub struct Hold {
+pub struct Held {
     /// Given back when dropped, once the completion is durable.
     _completing: Option<Permit>,
     /// The breaker that judges the op by whether its completion is written.
@@ -154,7 +157,7 @@ pub struct Hold {
     effect: Option<Arc<dyn bbx_component::EffectOp>>,
 }
 
-impl Hold {
+impl Held {
     fn slot(completing: Option<Permit>) -> Option<Self> {
         Some(Self {
             _completing: completing,

@@ -333,7 +333,7 @@ impl Ring {
     ) {
         let mut out = self.outbox();
         let held = applying.into_iter().map(|(id, effect, admission, slots)| {
-            let hold = Hold {
+            let hold = Held {
                 _completing: slots.completing,
                 admission: Some(admission),
                 effect: Some(effect),
@@ -360,7 +360,7 @@ impl Ring {
                     id: a.id,
                     attempt: a.attempt,
                     took: a.took,
-                    held: Hold::slot(completing),
+                    held: Held::slot(completing),
                     retry_after: a.retry_after,
                 }
             })

@@ -4,18 +4,23 @@
 use super::*;
 
 impl Ring {
-    /// Submits a batch. The submitter starts its ops itself right after, with
+    /// Submits a batch, placed as the pipeline decided ([`Placement`]). The
+    /// submitter starts its ops itself right after, with
     /// [`Self::dispatch_once`], which saves waking the dispatcher task; only ops
     /// accepted after a journal sync (when the submitter may be long gone) wake it.
     pub async fn submit(
         self: &Arc<Self>,
         caller: &Caller,
         ops: Vec<SubmitOp>,
-        tenants: Vec<Arc<str>>,
+        placement: Placement,
         wait: Option<Duration>,
-        start_after: Option<Duration>,
         reaper: Option<&Sink>,
     ) -> Result<Submitted> {
+        let Placement {
+            tenants,
+            mut holds,
+            start_after,
+        } = placement;
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::unavailable("the kernel is shutting down"));
         }
@@ -51,7 +56,14 @@ impl Ring {
             .into_iter()
             .zip(tenants)
             .enumerate()
-            .map(|(index, (op, tenant))| self.check(op, tenant, submitted_at).map_err(|e| batch::at_op(index, e)))
+            .map(|(index, (op, tenant))| {
+                let hold = holds
+                    .iter()
+                    .position(|(i, _)| *i == index)
+                    .map(|at| holds.swap_remove(at).1);
+                self.check(op, tenant, hold, submitted_at)
+                    .map_err(|e| batch::at_op(index, e))
+            })
             .collect::<Result<Vec<_>>>()?;
 
         let keys = checked.iter().filter_map(|op| {
@@ -149,6 +161,11 @@ impl Ring {
             waiter.answer(completion);
         }
         lsns?;
+        for (slot, op) in slots.iter().zip(&checked) {
+            if let (Slot::New(id), Some(hold)) = (slot, &op.record.hold) {
+                self.expire_hold(*id, hold.until);
+            }
+        }
         if let Some(delay) = start_after {
             let queued: Vec<OpId> = slots
                 .iter()
@@ -182,6 +199,7 @@ impl Ring {
         &self,
         op: SubmitOp,
         tenant: Arc<str>,
+        hold: Option<Hold>,
         submitted_at: DateTime<Utc>,
     ) -> Result<Checked<KernelHost>> {
         let exec = Exec::parse(&self.components, &op.kind, &op.args)?;
@@ -221,6 +239,7 @@ impl Ring {
             trace: op.trace,
             submitted_at,
             incarnation: 0,
+            hold,
         };
         Ok(Checked {
             record: Arc::new(record),
@@ -238,6 +257,27 @@ impl Ring {
         stored
             .map(|bytes| decode_idempotency(&bytes).map(|(id, digest)| (id, Some(digest))))
             .transpose()
+    }
+}
+
+/// What the pipeline before the ring decided for a batch.
+pub struct Placement {
+    /// Each op's tenant (its agent's).
+    pub tenants: Vec<Arc<str>>,
+    /// The ops to hold for approval, by index.
+    pub holds: Vec<(usize, Hold)>,
+    /// Held back this long by a quota's `queue` action.
+    pub start_after: Option<Duration>,
+}
+
+impl Placement {
+    /// Ops of these tenants, neither held nor delayed.
+    pub fn tenants(tenants: Vec<Arc<str>>) -> Self {
+        Self {
+            tenants,
+            holds: Vec::new(),
+            start_after: None,
+        }
     }
 }
 

@@ -95,7 +95,13 @@ impl Fixture {
     pub async fn submit(&self, op: SubmitOp) -> Result<OpId> {
         let submitted = self
             .ring
-            .submit(&self.admin, vec![op], vec![Arc::from("default")], None, None, None)
+            .submit(
+                &self.admin,
+                vec![op],
+                Placement::tenants(vec![Arc::from("default")]),
+                None,
+                None,
+            )
             .await?;
         self.ring.dispatch_once();
         Ok(submitted.ops[0].op_id)
