@@ -4,11 +4,10 @@
 
 use crate::effect::{Effect, apply_effect};
 use crate::{STATE, decode_state, state_key};
-use bbx_component::{Component, Context, EffectOp, Exported, OpKind, Prepared, ReadOp, parse_args};
+use bbx_component::{Component, Context, EffectOp, Exported, OpKind, Prepared, ReadOp, Staging, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{AgentId, Error, Result, validate};
 use bbx_store::{GroupTx, Store, storage_error};
-use chrono::{DateTime, Utc};
 use fjall::Readable;
 use serde::Deserialize;
 use serde_json::Value;
@@ -146,7 +145,7 @@ impl ReadOp for StateRead {
 pub(crate) struct StateEffect(pub(crate) Effect);
 
 impl EffectOp for StateEffect {
-    fn stage(&self, tx: &mut GroupTx<'_>, agent: &AgentId, at: DateTime<Utc>) -> Result<Value> {
-        apply_effect(tx, agent, &self.0, at)
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        apply_effect(tx, staging.agent, &self.0, staging.at)
     }
 }

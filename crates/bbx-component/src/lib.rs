@@ -35,10 +35,10 @@
 pub mod builtin;
 
 use bbx_auth::Caller;
-use bbx_core::op::{Effects, OpInfo, SubmitBatch, SubmitOp, Submitted};
+use bbx_core::op::{Completion, Effects, OpInfo, SubmitBatch, SubmitOp, Submitted};
 use bbx_core::quota::Spend;
 use bbx_core::{AgentId, Error, OpId, Result};
-use bbx_store::{GroupTx, Store};
+use bbx_store::{GroupTx, KeyspaceDef, Store};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -105,13 +105,23 @@ pub trait ReadOp: Send + Sync + std::fmt::Debug {
     fn read(&self, store: &Store, agent: &AgentId) -> Result<Value>;
 }
 
+/// What an effect is staged for.
+pub struct Staging<'a> {
+    pub agent: &'a AgentId,
+    /// When its op completes.
+    pub at: DateTime<Utc>,
+    /// The op's labels ([`Completion::labels`]), for an effect that keeps them
+    /// with what it writes (taint that follows data).
+    pub labels: &'a [String],
+}
+
 /// An op whose effect commits with its completion.
 pub trait EffectOp: Send + Sync + std::fmt::Debug {
-    /// Checks the effect's preconditions against the group, then stages it for
-    /// `agent` as of `at`; returns the op's result. Every fallible read comes before
-    /// the first write, so an effect that fails stages nothing (its op completes
-    /// with that error instead).
-    fn stage(&self, tx: &mut GroupTx<'_>, agent: &AgentId, at: DateTime<Utc>) -> Result<Value>;
+    /// Checks the effect's preconditions against the group, then stages it;
+    /// returns the op's result. Every fallible read comes before the first write,
+    /// so an effect that fails stages nothing (its op completes with that error
+    /// instead).
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value>;
 }
 
 /// What a task's attempt runs for.
@@ -260,18 +270,44 @@ pub trait Component: Send + Sync + 'static {
     /// A bad argument is an `invalid_argument` error naming it.
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared>;
 
+    /// The keyspaces it stages into: opened with the store, before any component
+    /// runs. Their ids are what redo records carry, unique across components.
+    fn keyspaces(&self) -> &'static [KeyspaceDef] {
+        &[]
+    }
+
     /// Whether [`Component::check`] is to be called: a component that checks no op
-    /// costs the pipeline nothing.
+    /// costs the pipeline nothing. So for [`Component::labels_results`] and
+    /// [`Component::observes`].
     fn checks_ops(&self) -> bool {
         false
     }
 
     /// Checks a submitted op, after the quotas and before the journal: allows it,
     /// holds it for approval, or refuses it (an error; nothing of its batch is
-    /// journaled).
-    fn check(&self, _submission: &Submission<'_>) -> Result<Verdict> {
+    /// journaled). It may label the op (`labels`): the labels are journaled with
+    /// it, given to its effect, and carried by its completion.
+    fn check(&self, _submission: &Submission<'_>, _labels: &mut Vec<String>) -> Result<Verdict> {
         Ok(Verdict::Allow)
     }
+
+    fn labels_results(&self) -> bool {
+        false
+    }
+
+    /// Labels a successful attempt's result (what a `tool.http` read from the
+    /// web is untrusted, say); they follow the op's own in its completion.
+    fn label(&self, _kind: &str, _result: &Value) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn observes(&self) -> bool {
+        false
+    }
+
+    /// Sees every completion once it is settled (durable where it must be), off
+    /// the ring's lock. It must not block: what takes time goes on a task.
+    fn completed(&self, _completion: &Arc<Completion>) {}
 
     /// The recovery step: resumes what a crash interrupted. Called once, after the
     /// ring recovered and before the kernel serves; an error stops the start.
@@ -302,8 +338,17 @@ pub struct Components {
     by_kind: HashMap<&'static str, (OpKind, Arc<dyn Component>)>,
     /// In the order they were registered.
     all: Vec<Arc<dyn Component>>,
-    /// Those that check ops.
+    /// Those that check ops, label results, observe completions.
     checkers: Vec<Arc<dyn Component>>,
+    labelers: Vec<Arc<dyn Component>>,
+    observers: Vec<Arc<dyn Component>>,
+}
+
+/// What the checks of components said of an op.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Checks {
+    pub hold: Option<HoldRequest>,
+    pub labels: Vec<String>,
 }
 
 impl Components {
@@ -328,19 +373,31 @@ impl Components {
         for kind in component.kinds() {
             self.by_kind.insert(kind.name, (*kind, component.clone()));
         }
-        if component.checks_ops() {
-            self.checkers.push(component.clone());
+        for (takes_part, list) in [
+            (component.checks_ops(), &mut self.checkers),
+            (component.labels_results(), &mut self.labelers),
+            (component.observes(), &mut self.observers),
+        ] {
+            if takes_part {
+                list.push(component.clone());
+            }
         }
         self.all.push(component);
         Ok(())
     }
 
+    /// Every keyspace the components stage into.
+    pub fn keyspaces(&self) -> Vec<KeyspaceDef> {
+        self.all.iter().flat_map(|c| c.keyspaces().iter().copied()).collect()
+    }
+
     /// Runs every check on a submitted op: the first refusal refuses it; holds
-    /// combine (every reason, the shortest time).
-    pub fn check(&self, submission: &Submission<'_>) -> Result<Option<HoldRequest>> {
+    /// combine (every reason, the shortest time), and so do labels.
+    pub fn check(&self, submission: &Submission<'_>) -> Result<Checks> {
         let mut held: Option<HoldRequest> = None;
+        let mut labels = Vec::new();
         for checker in &self.checkers {
-            if let Verdict::Hold { reason, within } = checker.check(submission)? {
+            if let Verdict::Hold { reason, within } = checker.check(submission, &mut labels)? {
                 held = Some(match held {
                     None => HoldRequest {
                         by: checker.name(),
@@ -355,7 +412,32 @@ impl Components {
                 });
             }
         }
-        Ok(held)
+        labels.sort_unstable();
+        labels.dedup();
+        Ok(Checks { hold: held, labels })
+    }
+
+    /// The labels that components give a successful result of `kind`.
+    pub fn label(&self, kind: &str, result: &Value) -> Vec<String> {
+        let mut labels: Vec<String> = self.labelers.iter().flat_map(|c| c.label(kind, result)).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        labels
+    }
+
+    pub fn labels_results(&self) -> bool {
+        !self.labelers.is_empty()
+    }
+
+    /// Hands a settled completion to every observer.
+    pub fn completed(&self, completion: &Arc<Completion>) {
+        for observer in &self.observers {
+            observer.completed(completion);
+        }
+    }
+
+    pub fn observes(&self) -> bool {
+        !self.observers.is_empty()
     }
 
     /// Whether any component checks ops.

@@ -24,6 +24,7 @@ pub fn encode_completion(completion: &Completion, into: &mut Vec<u8>) -> bool {
         && c.idempotency_key.is_none()
         && c.user_data.is_none()
         && c.trace.is_none()
+        && c.labels.is_empty()
         && c.tenant.len() <= usize::from(u16::MAX)
         && c.kind.len() <= usize::from(u16::MAX);
     if !compact {
@@ -81,6 +82,7 @@ pub fn decode_completion(bytes: &[u8]) -> Option<Completion> {
         idempotency_key: None,
         user_data: None,
         trace: None,
+        labels: Vec::new(),
     })
 }
 
@@ -162,6 +164,7 @@ mod tests {
             idempotency_key: None,
             user_data: None,
             trace: None,
+            labels: Vec::new(),
         }
     }
 

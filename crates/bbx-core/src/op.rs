@@ -272,6 +272,10 @@ pub struct Completion {
     pub user_data: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceContext>,
+    /// What components said of the op and its result (the taint of what it read,
+    /// say): the op's own labels, then its result's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// Where an op is in its life.

@@ -186,7 +186,7 @@ impl Kernel {
         )?;
         let store = Arc::new(Store::open(
             db,
-            &all_keyspaces(),
+            &all_keyspaces(&extra),
             journal.clone(),
             &recovery.records,
             bbx_store::StoreOptions {
@@ -320,12 +320,14 @@ impl Kernel {
     }
 }
 
-/// Every keyspace the store opens: the ring's and its components'.
-fn all_keyspaces() -> Vec<bbx_store::KeyspaceDef> {
+/// Every keyspace the store opens: the ring's, the kernel's components' and
+/// `extra`'s.
+fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::KeyspaceDef> {
     let mut all = bbx_agents::KEYSPACES.to_vec();
     all.push(bbx_auth::API_KEYS);
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);
+    all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
 

@@ -62,10 +62,11 @@ impl Kernel {
             tenants.push(tenant);
         }
         let start_after = self.check_rates(&batch.ops, &tenants).await?;
-        let holds = self.check_ops(caller, &batch.ops, &tenants)?;
+        let Checked { holds, labels } = self.check_ops(caller, &batch.ops, &tenants)?;
         let placement = ring::Placement {
             tenants,
             holds,
+            labels,
             start_after,
         };
         self.ring
@@ -79,39 +80,36 @@ impl Kernel {
             .await
     }
 
-    /// The components' checks of each op; the holds they put on ops, by index.
-    fn check_ops(
-        &self,
-        caller: &Caller,
-        ops: &[bbx_core::op::SubmitOp],
-        tenants: &[Arc<str>],
-    ) -> Result<Vec<(usize, bbx_ring::Hold)>> {
+    /// The components' checks of each op: the holds they put on ops and the
+    /// labels they gave them, by index.
+    fn check_ops(&self, caller: &Caller, ops: &[bbx_core::op::SubmitOp], tenants: &[Arc<str>]) -> Result<Checked> {
+        let mut checked = Checked::default();
         if !self.components.checks_ops() {
-            return Ok(Vec::new());
+            return Ok(checked);
         }
-        let mut holds = Vec::new();
         for (index, (op, tenant)) in ops.iter().zip(tenants).enumerate() {
             let submission = bbx_component::Submission { caller, tenant, op };
-            let held = self
+            let checks = self
                 .components
                 .check(&submission)
                 .map_err(|e| bbx_ring::batch::at_op(index, e))?;
-            if let Some(held) = held {
+            if let Some(held) = checks.hold {
                 let within = chrono::Duration::from_std(held.within).unwrap_or(chrono::Duration::MAX);
                 let until = Utc::now()
                     .checked_add_signed(within)
                     .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
-                holds.push((
-                    index,
-                    bbx_ring::Hold {
-                        by: held.by.to_owned(),
-                        reason: held.reason,
-                        until,
-                    },
-                ));
+                let hold = bbx_ring::Hold {
+                    by: held.by.to_owned(),
+                    reason: held.reason,
+                    until,
+                };
+                checked.holds.push((index, hold));
+            }
+            if !checks.labels.is_empty() {
+                checked.labels.push((index, checks.labels));
             }
         }
-        Ok(holds)
+        Ok(checked)
     }
 
     /// Approves an op held for approval; it then runs.
@@ -196,4 +194,11 @@ pub(crate) fn spawn_store_checkpoints(
             }
         }
     });
+}
+
+/// The holds and labels the components' checks put on the ops of a batch.
+#[derive(Default)]
+struct Checked {
+    holds: Vec<(usize, bbx_ring::Hold)>,
+    labels: Vec<(usize, Vec<String>)>,
 }

@@ -210,8 +210,8 @@ async fn an_agents_data_goes_out_and_back_in_whole() {
     kernel.shutdown().await;
 }
 
-/// Holds `noop`s whose args name a hold (for that many milliseconds), and
-/// refuses those whose args say `refuse`.
+/// Holds ops whose args name a hold (for that many milliseconds), refuses those
+/// whose args say `refuse`, and labels those whose args name a taint.
 struct Gatekeeper;
 
 impl Component for Gatekeeper {
@@ -231,8 +231,15 @@ impl Component for Gatekeeper {
         true
     }
 
-    fn check(&self, submission: &bbx_component::Submission<'_>) -> Result<bbx_component::Verdict> {
+    fn check(
+        &self,
+        submission: &bbx_component::Submission<'_>,
+        labels: &mut Vec<String>,
+    ) -> Result<bbx_component::Verdict> {
         let args = &submission.op.args;
+        if let Some(taint) = args.get("taint").and_then(Value::as_str) {
+            labels.push(format!("taint:{taint}"));
+        }
         if args.get("refuse").is_some() {
             return Err(bbx_core::Error::new(
                 ErrorCode::PolicyDenied,
@@ -342,5 +349,161 @@ async fn a_held_op_runs_once_approved_and_never_if_denied_even_across_a_restart(
         wait(kernel.clone(), survives).await.status,
         bbx_core::op::CompletionStatus::Ok
     );
+    kernel.shutdown().await;
+}
+
+const STAMPS: bbx_store::KeyspaceDef = bbx_store::KeyspaceDef { id: 40, name: "stamps" };
+
+/// Serves `stamp.put`, whose effect writes its op's labels into a keyspace of the
+/// component's own, and `stamp.get`, which reads them back; labels what `sleep`
+/// returns; and notes every completion it sees.
+#[derive(Default)]
+struct Stamper {
+    seen: Mutex<Vec<bbx_core::OpId>>,
+}
+
+#[derive(Debug)]
+struct StampPut;
+
+#[derive(Debug)]
+struct StampGet;
+
+impl bbx_component::EffectOp for StampPut {
+    fn stage(&self, tx: &mut bbx_store::GroupTx<'_>, staging: &bbx_component::Staging<'_>) -> Result<Value> {
+        tx.put(
+            STAMPS,
+            staging.agent.as_bytes().to_vec(),
+            staging.labels.join(",").into_bytes(),
+        );
+        Ok(Value::Null)
+    }
+}
+
+impl bbx_component::ReadOp for StampGet {
+    fn read(&self, store: &bbx_store::Store, agent: &AgentId) -> Result<Value> {
+        use fjall::Readable;
+        let stored = store.view().get(store.keyspace(STAMPS), agent.as_bytes()).unwrap();
+        Ok(json!(stored.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())))
+    }
+}
+
+impl Component for Stamper {
+    fn name(&self) -> &'static str {
+        "stamp"
+    }
+
+    fn kinds(&self) -> &'static [OpKind] {
+        const KINDS: &[OpKind] = &[
+            OpKind {
+                name: "stamp.put",
+                effects: bbx_core::op::Effects::Kernel,
+            },
+            OpKind {
+                name: "stamp.get",
+                effects: bbx_core::op::Effects::None,
+            },
+        ];
+        KINDS
+    }
+
+    fn keyspaces(&self) -> &'static [bbx_store::KeyspaceDef] {
+        &[STAMPS]
+    }
+
+    fn prepare(&self, kind: &str, _: &Value) -> Result<Prepared> {
+        Ok(match kind {
+            "stamp.put" => Prepared::Effect(Arc::new(StampPut)),
+            _ => Prepared::Read(Arc::new(StampGet)),
+        })
+    }
+
+    fn labels_results(&self) -> bool {
+        true
+    }
+
+    fn label(&self, kind: &str, _: &Value) -> Vec<String> {
+        if kind == "sleep" {
+            vec!["slept".into()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn observes(&self) -> bool {
+        true
+    }
+
+    fn completed(&self, completion: &Arc<bbx_core::op::Completion>) {
+        self.seen.lock().push(completion.op_id);
+    }
+}
+
+#[tokio::test]
+async fn labels_follow_an_op_into_its_effect_and_completion_and_observers_see_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let stamper = Arc::new(Stamper::default());
+    let components: Vec<Arc<dyn Component>> = vec![Arc::new(Gatekeeper), stamper.clone()];
+    let kernel = Kernel::open_with(config(dir.path()), components).await.unwrap().kernel;
+    let caller = admin(&kernel, dir.path());
+    let agent = kernel
+        .create_agent(
+            &caller,
+            CreateAgent {
+                name: "a".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    let run = |kind: &'static str, args: Value| {
+        let (kernel, caller) = (kernel.clone(), caller.clone());
+        async move {
+            let batch = SubmitBatch {
+                ops: vec![SubmitOp::new(agent, kind, args)],
+                wait_ms: None,
+            };
+            let id = kernel.submit(&caller, batch).await.unwrap().ops[0].op_id;
+            kernel
+                .wait_op(&caller, &id, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .completion
+                .unwrap()
+        }
+    };
+    let put = run("stamp.put", json!({ "taint": "web" })).await;
+    assert_eq!(put.labels, ["taint:web"]);
+    let got = run("stamp.get", json!({})).await;
+    assert_eq!(
+        got.result,
+        Some(json!("taint:web")),
+        "the effect staged its op's labels"
+    );
+    let slept = run("sleep", json!({ "ms": 1 })).await;
+    assert_eq!(slept.labels, ["slept"]);
+    for _ in 0..100 {
+        if stamper.seen.lock().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = stamper.seen.lock().clone();
+    for done in [&put, &got, &slept] {
+        assert!(seen.contains(&done.op_id), "the observer saw {}", done.kind);
+    }
+
+    // The labels are durable with the completion.
+    kernel.shutdown().await;
+    drop(kernel);
+    let kernel = Kernel::open_with(
+        config(dir.path()),
+        vec![Arc::new(Gatekeeper), Arc::new(Stamper::default())],
+    )
+    .await
+    .unwrap()
+    .kernel;
+    let stored = kernel.op(&caller, &put.op_id).unwrap().completion.unwrap();
+    assert_eq!(stored.labels, ["taint:web"]);
     kernel.shutdown().await;
 }

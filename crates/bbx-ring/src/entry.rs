@@ -57,6 +57,11 @@ pub struct OpRecord {
     /// again without it, so that recovery finds the op held exactly while it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<Hold>,
+    /// What the components' checks said of the op (see [`Completion::labels`]).
+    ///
+    /// [`Completion::labels`]: bbx_core::op::Completion::labels
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// Why an op waits for approval, who held it, and until when.
@@ -98,6 +103,7 @@ impl OpRecord {
             && self.user_data.is_none()
             && self.trace.is_none()
             && self.hold.is_none()
+            && self.labels.is_empty()
             && self.tenant.len() <= usize::from(u16::MAX)
             && self.kind.len() <= usize::from(u16::MAX);
         if !compact {
@@ -145,6 +151,7 @@ impl OpRecord {
             submitted_at,
             incarnation,
             hold: None,
+            labels: Vec::new(),
         })
     }
 }
@@ -212,7 +219,7 @@ mod tests {
         fn entries_round_trip(args in json_value(), kind in "[a-z.]{1,12}", priority in 0usize..4,
                               timeout_ms in any::<u64>(), key in proptest::option::of("\\PC{1,20}"),
                               deps in 0usize..3, retries in any::<bool>(), tenant in "\\PC{0,12}",
-                              held in any::<bool>(),
+                              held in any::<bool>(), labelled in any::<bool>(),
                               seconds in 0i64..4_000_000_000, nanos in 0u32..1_000_000_000) {
             let record = OpRecord {
                 op_id: OpId::generate(),
@@ -227,6 +234,7 @@ mod tests {
                 idempotency: key.map(|key| Idempotency { key, digest: "d".into() }),
                 user_data: None,
                 trace: None,
+                labels: if labelled { vec!["taint:web".into()] } else { Vec::new() },
                 submitted_at: DateTime::from_timestamp(seconds, nanos).unwrap(),
                 incarnation: priority as u32,
                 hold: held.then(|| Hold {
@@ -250,7 +258,8 @@ mod tests {
             let rare = record.retries.is_some()
                 || !record.depends_on.is_empty()
                 || record.idempotency.is_some()
-                || record.hold.is_some();
+                || record.hold.is_some()
+                || !record.labels.is_empty();
             prop_assert_eq!(borrowed[0] == COMPACT_ACCEPTED, !rare);
             let entry = Entry::Accepted(record);
             prop_assert_eq!(&borrowed, &entry.encode());
@@ -280,6 +289,7 @@ mod tests {
             idempotency: None,
             user_data: None,
             trace: None,
+            labels: Vec::new(),
             submitted_at: DateTime::from_timestamp(1_700_000_000, 5).unwrap(),
             incarnation: 0,
             hold: None,

@@ -338,6 +338,7 @@ impl World {
                 idempotency,
                 user_data: None,
                 trace: None,
+                labels: Vec::new(),
                 submitted_at: self.at().wall,
                 incarnation: 0,
                 hold: self.rng.random_bool(0.1).then(|| Hold {
@@ -523,6 +524,7 @@ impl World {
             took: Duration::from_millis(1),
             held: Some(()),
             retry_after: None,
+            labels: Vec::new(),
         };
         let mut out = self.outbox();
         for (op, delay) in self.engine.attempts_ended(vec![ended], &mut out) {

@@ -200,6 +200,8 @@ pub struct Finish<H: Host> {
     pub result: Option<Value>,
     pub error: Option<Error>,
     pub held: Option<H::Held>,
+    /// Labels of its result, after the op's own.
+    pub labels: Vec<String>,
 }
 
 impl<H: Host> Finish<H> {
@@ -210,6 +212,7 @@ impl<H: Host> Finish<H> {
             result,
             error,
             held: None,
+            labels: Vec::new(),
         }
     }
 

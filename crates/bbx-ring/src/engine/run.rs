@@ -33,6 +33,8 @@ pub struct Ended<H: Host> {
     pub held: Option<H::Held>,
     /// At least this long before a retry (an open breaker says how long).
     pub retry_after: Option<Duration>,
+    /// What components said of a successful attempt's result.
+    pub labels: Vec<String>,
 }
 
 /// What cancelling a live op does.
@@ -95,6 +97,7 @@ impl<H: Host> Engine<H> {
             took,
             held,
             retry_after,
+            labels,
         } in ended
         {
             let Some(live) = self.live.get_mut(&id) else { continue };
@@ -138,6 +141,7 @@ impl<H: Host> Engine<H> {
                 Attempt::Cancelled => Finish::cancelled(id, "cancelled while running"),
             };
             ends.held = held;
+            ends.labels = labels;
             finish.push(ends);
         }
         self.finish(finish, out);

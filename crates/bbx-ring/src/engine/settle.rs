@@ -14,15 +14,17 @@ pub struct Recovered<H: Host> {
     pub started: Option<(Lsn, Option<Reservation>)>,
 }
 
+/// How an op ends: its status, result, error and its result's labels.
+type Ending = (CompletionStatus, Option<Value>, Option<Error>, Vec<String>);
+
 impl<H: Host> Engine<H> {
     /// Completes ops: those that must outlive a restart (journaled, or with a key)
     /// go to `out.to_record` first; the rest settle at once. Works through a list,
     /// not recursion, since ending an op may end its dependents.
     pub fn finish(&mut self, mut queue: Vec<Finish<H>>, out: &mut Outbox<H>) {
         while let Some(finish) = queue.pop() {
-            let Some((completion, digest, durable)) =
-                self.completion_of(finish.id, finish.status, finish.result, finish.error, out.at)
-            else {
+            let ending = (finish.status, finish.result, finish.error, finish.labels);
+            let Some((completion, digest, durable)) = self.completion_of(finish.id, ending, out.at) else {
                 continue;
             };
             if durable {
@@ -67,7 +69,8 @@ impl<H: Host> Engine<H> {
     /// `out.to_record` with an `ok` completion, held until it is durable.
     pub fn applying(&mut self, ops: impl IntoIterator<Item = (OpId, H::Held)>, out: &mut Outbox<H>) {
         for (id, held) in ops {
-            let Some((completion, digest, _)) = self.completion_of(id, CompletionStatus::Ok, None, None, out.at) else {
+            let ending = (CompletionStatus::Ok, None, None, Vec::new());
+            let Some((completion, digest, _)) = self.completion_of(id, ending, out.at) else {
                 continue;
             };
             out.to_record.push(ToRecord {
@@ -97,9 +100,7 @@ impl<H: Host> Engine<H> {
     fn completion_of(
         &mut self,
         id: OpId,
-        status: CompletionStatus,
-        result: Option<Value>,
-        error: Option<Error>,
+        (status, result, error, result_labels): Ending,
         at: Moment,
     ) -> Option<(Arc<Completion>, Option<String>, bool)> {
         let live = self.live.get_mut(&id)?;
@@ -132,6 +133,11 @@ impl<H: Host> Engine<H> {
             idempotency_key: record.idempotency.as_ref().map(|i| i.key.clone()),
             user_data: record.user_data.clone(),
             trace: record.trace.clone(),
+            labels: if result_labels.is_empty() {
+                record.labels.clone()
+            } else {
+                record.labels.iter().cloned().chain(result_labels).collect()
+            },
         });
         let digest = record.idempotency.as_ref().map(|i| i.digest.clone());
         let durable = live.lsn.is_some() || record.idempotency.is_some();

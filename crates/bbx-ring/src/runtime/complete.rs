@@ -33,6 +33,7 @@ impl Ring {
             waiter.answer(completion);
         }
         for completion in events {
+            self.components.completed(&completion);
             let _ = self.events.send(completion);
         }
         if !released.is_empty() {

@@ -386,7 +386,8 @@ impl Ring {
 
     /// An outbox for ops handled now.
     fn outbox(&self) -> Outbox {
-        Outbox::new(Moment::read(), self.events.receiver_count() > 0)
+        let publish = self.events.receiver_count() > 0 || self.components.observes();
+        Outbox::new(Moment::read(), publish)
     }
 
     pub fn metrics(&self) -> &RingMetrics {
@@ -456,6 +457,7 @@ fn untracked(id: OpId, op: &OpRecord, why: String) -> Arc<Completion> {
         idempotency_key: op.idempotency.as_ref().map(|i| i.key.clone()),
         user_data: op.user_data.clone(),
         trace: op.trace.clone(),
+        labels: Vec::new(),
     })
 }
 

@@ -177,6 +177,7 @@ impl Ring {
                         admission: None,
                         slots,
                         retry_after: Some(rejected.retry_after),
+                        labels: Vec::new(),
                     });
                     continue;
                 }
@@ -213,6 +214,7 @@ impl Ring {
             // need not carry the breaker along.
             let (breaker, admission) = admission;
             breaker.record(admission, !attempt.transient(), started);
+            let labels = self.result_labels(&record.kind, &attempt);
             ended.push(Attempted {
                 id,
                 attempt,
@@ -220,6 +222,7 @@ impl Ring {
                 admission: None,
                 slots,
                 retry_after: None,
+                labels,
             });
         }
         if !ended.is_empty() {
@@ -277,7 +280,9 @@ impl Ring {
                     Err(e) => Attempt::Failed(e),
                 },
             };
-            ring.attempts_done(vec![Attempted::ran(id, attempt, began.elapsed(), admission, slots)]);
+            let labels = ring.result_labels(&record.kind, &attempt);
+            let ended = Attempted::ran(id, (attempt, labels), began.elapsed(), admission, slots);
+            ring.attempts_done(vec![ended]);
         });
     }
 
@@ -344,6 +349,15 @@ impl Ring {
         self.deliver(out);
     }
 
+    /// The labels components give a successful attempt's result; none for one
+    /// that failed, or when no component labels results.
+    fn result_labels(&self, kind: &str, attempt: &Attempt) -> Vec<String> {
+        match attempt {
+            Attempt::Ok(result) if self.components.labels_results() => self.components.label(kind, result),
+            _ => Vec::new(),
+        }
+    }
+
     /// Ends attempts: records each with its breaker, then retries the op after its
     /// backoff (on a timer, holding no slot) or completes it. One lock for all.
     pub(super) fn attempts_done(self: &Arc<Self>, attempted: Vec<Attempted>) {
@@ -362,6 +376,7 @@ impl Ring {
                     took: a.took,
                     held: Held::slot(completing),
                     retry_after: a.retry_after,
+                    labels: a.labels,
                 }
             })
             .collect();
@@ -413,11 +428,19 @@ pub(super) struct Attempted {
     slots: Slots,
     /// At least this long before a retry (an open breaker says how long).
     retry_after: Option<Duration>,
+    /// What components said of its result.
+    labels: Vec<String>,
 }
 
 impl Attempted {
     /// An attempt that the breaker let through and that ran for `took`.
-    fn ran(id: OpId, attempt: Attempt, took: Duration, admission: Breaker, slots: Slots) -> Self {
+    fn ran(
+        id: OpId,
+        (attempt, labels): (Attempt, Vec<String>),
+        took: Duration,
+        admission: Breaker,
+        slots: Slots,
+    ) -> Self {
         Self {
             id,
             attempt,
@@ -425,6 +448,7 @@ impl Attempted {
             admission: Some(admission),
             slots,
             retry_after: None,
+            labels,
         }
     }
 }

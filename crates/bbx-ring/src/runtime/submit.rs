@@ -19,6 +19,7 @@ impl Ring {
         let Placement {
             tenants,
             mut holds,
+            mut labels,
             start_after,
         } = placement;
         if self.closing.load(Ordering::Acquire) {
@@ -57,11 +58,9 @@ impl Ring {
             .zip(tenants)
             .enumerate()
             .map(|(index, (op, tenant))| {
-                let hold = holds
-                    .iter()
-                    .position(|(i, _)| *i == index)
-                    .map(|at| holds.swap_remove(at).1);
-                self.check(op, tenant, hold, submitted_at)
+                let hold = take(&mut holds, index);
+                let labels = take(&mut labels, index).unwrap_or_default();
+                self.check(op, tenant, (hold, labels), submitted_at)
                     .map_err(|e| batch::at_op(index, e))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -199,7 +198,7 @@ impl Ring {
         &self,
         op: SubmitOp,
         tenant: Arc<str>,
-        hold: Option<Hold>,
+        (hold, labels): (Option<Hold>, Vec<String>),
         submitted_at: DateTime<Utc>,
     ) -> Result<Checked<KernelHost>> {
         let exec = Exec::parse(&self.components, &op.kind, &op.args)?;
@@ -240,6 +239,7 @@ impl Ring {
             submitted_at,
             incarnation: 0,
             hold,
+            labels,
         };
         Ok(Checked {
             record: Arc::new(record),
@@ -260,12 +260,20 @@ impl Ring {
     }
 }
 
+/// The entry of a sparse list for the op at `index`, taken out of it.
+fn take<T>(list: &mut Vec<(usize, T)>, index: usize) -> Option<T> {
+    let at = list.iter().position(|(i, _)| *i == index)?;
+    Some(list.swap_remove(at).1)
+}
+
 /// What the pipeline before the ring decided for a batch.
 pub struct Placement {
     /// Each op's tenant (its agent's).
     pub tenants: Vec<Arc<str>>,
     /// The ops to hold for approval, by index.
     pub holds: Vec<(usize, Hold)>,
+    /// The labels the checks gave ops, by index.
+    pub labels: Vec<(usize, Vec<String>)>,
     /// Held back this long by a quota's `queue` action.
     pub start_after: Option<Duration>,
 }
@@ -276,6 +284,7 @@ impl Placement {
         Self {
             tenants,
             holds: Vec::new(),
+            labels: Vec::new(),
             start_after: None,
         }
     }

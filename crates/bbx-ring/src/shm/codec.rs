@@ -172,6 +172,7 @@ mod tests {
             idempotency_key: None,
             user_data: None,
             trace: None,
+            labels: Vec::new(),
         }
     }
 

@@ -78,7 +78,12 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
         } => {
             let mut completion = Box::new(Completion::clone(completion));
             if let Some(effect) = effect {
-                match effect.stage(tx, &completion.agent, completion.completed_at) {
+                let staging = bbx_component::Staging {
+                    agent: &completion.agent,
+                    at: completion.completed_at,
+                    labels: &completion.labels,
+                };
+                match effect.stage(tx, &staging) {
                     Ok(result) => completion.result = Some(result),
                     Err(error) => {
                         completion.status = CompletionStatus::Error;

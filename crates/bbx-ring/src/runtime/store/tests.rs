@@ -32,6 +32,7 @@ fn a_completion_too_large_to_journal_is_recorded_as_an_error() {
         idempotency_key: None,
         user_data: None,
         trace: None,
+        labels: Vec::new(),
     };
     let write = Write::Complete {
         completion: Arc::new(completion),
@@ -70,6 +71,7 @@ fn completions_are_stored_compact_where_they_can_be_and_read_in_either_form() {
         idempotency_key: None,
         user_data: None,
         trace: None,
+        labels: Vec::new(),
     };
     let compact = encode_completion(&plain).unwrap();
     assert_eq!(compact[0], COMPACT_COMPLETION);
