@@ -158,6 +158,13 @@ pub struct RingConfig {
     pub breaker_trials: u32,
     /// Size at which a journal segment rolls over.
     pub journal_segment_bytes: u64,
+    /// How long the journal keeps records that recovery no longer replays, as
+    /// history: the store's redo records that a point-in-time recovery replays.
+    /// Counted from a segment's last write; 0 (the default) keeps none. Apart
+    /// from op replay and from `retention_secs`.
+    pub journal_history_secs: u64,
+    /// The most bytes of journal history kept: the oldest segments go first.
+    pub journal_history_bytes: u64,
     /// Completions of ops without effects kept in memory for reaping: the newest
     /// this many at least, twice this many at most. Kept small on purpose: each
     /// one is a few hundred bytes, and a table larger than the CPU caches makes
@@ -202,6 +209,8 @@ impl Default for RingConfig {
             breaker_open_ms: 30_000,
             breaker_trials: 1,
             journal_segment_bytes: 64 << 20,
+            journal_history_secs: 0,
+            journal_history_bytes: 8 << 30,
             recent_completions: 8192,
             journal_copy_forward_secs: 10,
             journal_nice: 0,
@@ -223,6 +232,15 @@ impl RingConfig {
                 format!(
                     "ring.retention_secs must be {} (a minute) to {} (ten years)",
                     Self::MIN_RETENTION_SECS,
+                    Self::MAX_RETENTION_SECS
+                ),
+            ));
+        }
+        if self.journal_history_secs > Self::MAX_RETENTION_SECS {
+            return Err(Error::invalid_field(
+                "ring.journal_history_secs",
+                format!(
+                    "ring.journal_history_secs is at most {} (ten years)",
                     Self::MAX_RETENTION_SECS
                 ),
             ));

@@ -86,6 +86,12 @@ pub struct JournalOptions {
     pub segment_bytes: u64,
     /// Zero-fill segments ahead of need (default on); off, segments are appended to.
     pub preallocate: bool,
+    /// Keep segments behind the checkpoint (no longer replayed) for this long
+    /// after their last write, as history ([`read_history`]): the redo records a
+    /// point-in-time recovery replays. Zero (the default) keeps none.
+    pub history: std::time::Duration,
+    /// The most bytes of such history kept: the oldest segments go first.
+    pub history_bytes: u64,
 }
 
 impl Default for JournalOptions {
@@ -93,6 +99,8 @@ impl Default for JournalOptions {
         Self {
             segment_bytes: 64 << 20,
             preallocate: true,
+            history: std::time::Duration::ZERO,
+            history_bytes: u64::MAX,
         }
     }
 }
@@ -101,6 +109,43 @@ impl Default for JournalOptions {
 pub fn max_payload(segment_bytes: u64) -> usize {
     let capacity = segment_bytes.saturating_sub(record::MAGIC.len() as u64) as usize;
     capacity.saturating_sub(record::framed_len(0)).min(u32::MAX as usize)
+}
+
+/// The records kept behind the checkpoint as history, and after it, from `from`
+/// on, in lsn order, read from the journal in `dir` (which a running kernel may
+/// be appending to: a torn tail is where it stops). Corruption in the middle is
+/// an error, as at recovery.
+pub fn read_history(dir: &Path, from: Lsn) -> Result<Vec<Record>> {
+    let segments = list_segments(dir)?;
+    let mut records = Vec::new();
+    let next_firsts: Vec<Option<Lsn>> = segments
+        .iter()
+        .skip(1)
+        .map(|s| Some(s.first_lsn))
+        .chain([None])
+        .collect();
+    for (segment, next_first) in segments.iter().zip(next_firsts) {
+        if next_first.is_some_and(|next| next <= from) {
+            continue;
+        }
+        let scan = scan_segment(segment, segment.first_lsn, next_first)?;
+        if let Some(problem) = scan.problem
+            && !(next_first.is_none() && problem.torn)
+        {
+            return Err(JournalError::Corrupt {
+                segment: segment.path.clone(),
+                offset: problem.offset,
+                reason: problem.reason,
+            });
+        }
+        records.extend(
+            scan.records
+                .into_iter()
+                .filter(|(lsn, _)| *lsn >= from)
+                .map(|(lsn, payload)| Record { lsn, payload }),
+        );
+    }
+    Ok(records)
 }
 
 /// A record as recovered.
@@ -189,6 +234,13 @@ impl Journal {
         for (segment, next_first) in segments.iter_mut().zip(next_firsts) {
             let last = next_first.is_none();
             segment.preallocated = segment.bytes >= options.segment_bytes;
+            // History behind the checkpoint is not replayed: not even read, so a
+            // long history costs a start nothing. Its records are checked when
+            // history is read.
+            if let Some(next) = next_first.filter(|next| *next <= checkpoint_lsn) {
+                expected = next;
+                continue;
+            }
             let scan = scan_segment(segment, expected, next_first)?;
             segment.format = scan.format;
             for (lsn, payload) in &scan.records {
@@ -348,23 +400,44 @@ impl Journal {
         self.check_healthy()?;
         let upto = upto.min(self.synced_lsn + 1);
         if upto <= self.checkpoint_lsn {
-            return Ok(0);
+            // History still ages out.
+            return self.prune_history(std::time::SystemTime::now());
         }
         write_checkpoint(&self.dir, upto)?;
         self.checkpoint_lsn = upto;
+        self.prune_history(std::time::SystemTime::now())
+    }
+
+    /// Deletes the segments behind the checkpoint that history no longer keeps:
+    /// last written longer ago than [`JournalOptions::history`], or past
+    /// [`JournalOptions::history_bytes`], oldest first. Returns how many.
+    pub fn prune_history(&mut self, now: std::time::SystemTime) -> Result<usize> {
         // A segment is done when the next one starts at or below the checkpoint.
         let done = self
             .segments
             .windows(2)
-            .take_while(|pair| pair[1].first_lsn <= upto)
+            .take_while(|pair| pair[1].first_lsn <= self.checkpoint_lsn)
             .count();
-        for segment in self.segments.drain(..done) {
+        let mut kept_bytes: u64 = self.segments[..done].iter().map(|s| s.bytes).sum();
+        let mut expired = 0;
+        for segment in &self.segments[..done] {
+            let written = fs::metadata(&segment.path)
+                .and_then(|m| m.modified())
+                .map_err(io_error(&segment.path))?;
+            let age = now.duration_since(written).unwrap_or_default();
+            if age < self.options.history && kept_bytes <= self.options.history_bytes {
+                break;
+            }
+            kept_bytes -= segment.bytes;
+            expired += 1;
+        }
+        for segment in self.segments.drain(..expired) {
             fs::remove_file(&segment.path).map_err(io_error(&segment.path))?;
         }
-        if done > 0 {
+        if expired > 0 {
             sync_dir(&self.dir)?;
         }
-        Ok(done)
+        Ok(expired)
     }
 
     /// Whether a preallocated segment is ready for the next roll (never, with

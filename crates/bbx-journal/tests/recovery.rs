@@ -1,7 +1,7 @@
 //! The journal on real files: round trips, crashes, torn tails, corruption, repair.
 
 use bbx_journal::record::{Format, HEADER};
-use bbx_journal::{Journal, JournalError, JournalOptions, Record, repair, verify};
+use bbx_journal::{Journal, JournalError, JournalOptions, Record, read_history, repair, verify};
 use proptest::prelude::*;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ fn small() -> JournalOptions {
     JournalOptions {
         segment_bytes: 4096,
         preallocate: false,
+        ..Default::default()
     }
 }
 
@@ -19,6 +20,7 @@ fn small_preallocated() -> JournalOptions {
     JournalOptions {
         segment_bytes: 4096,
         preallocate: true,
+        ..Default::default()
     }
 }
 
@@ -45,6 +47,7 @@ fn medium_preallocated() -> JournalOptions {
     JournalOptions {
         segment_bytes: 64 << 10,
         preallocate: true,
+        ..Default::default()
     }
 }
 
@@ -385,6 +388,77 @@ fn checkpoints_recycle_segments_and_hide_old_records() {
     let (journal, recovery) = Journal::open(dir.path(), small()).unwrap();
     assert_eq!(recovery.records, written[249..]);
     assert_eq!(journal.status().checkpoint_lsn, 250);
+}
+
+/// History: segments behind the checkpoint stay readable for as long as asked,
+/// are not replayed (not even read) at open, and go once they age out or exceed
+/// their byte budget, oldest first.
+#[test]
+fn history_keeps_what_recovery_no_longer_replays_until_it_ages_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = write(dir.path(), 400);
+    let keep = JournalOptions {
+        history: std::time::Duration::from_secs(3600),
+        ..small()
+    };
+    let before = segments(dir.path()).len();
+    let (mut journal, _) = Journal::open(dir.path(), keep.clone()).unwrap();
+    assert_eq!(journal.checkpoint(250).unwrap(), 0, "the history keeps every segment");
+    drop(journal);
+    let (mut journal, recovery) = Journal::open(dir.path(), keep.clone()).unwrap();
+    assert_eq!(recovery.records, written[249..], "history is not replayed");
+    assert_eq!(read_history(dir.path(), 1).unwrap(), written);
+    assert_eq!(read_history(dir.path(), 120).unwrap(), written[119..]);
+    // Appending goes on after a start that skipped the history.
+    let lsn = journal.append(b"after").unwrap();
+    journal.sync().unwrap();
+    assert_eq!(lsn, 401);
+
+    // An hour later the history has aged out: every segment behind the
+    // checkpoint goes, and what is replayed is untouched.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3601);
+    let pruned = journal.prune_history(later).unwrap();
+    assert!(pruned > 0 && segments(dir.path()).len() == before - pruned);
+    assert!(read_history(dir.path(), 1).unwrap()[0].lsn > 1);
+    drop(journal);
+    let (_, recovery) = Journal::open(dir.path(), keep).unwrap();
+    assert_eq!(recovery.records[..151], written[249..]);
+
+    // A byte budget keeps the newest history that fits.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 400);
+    let budget = JournalOptions {
+        history: std::time::Duration::from_secs(3600),
+        history_bytes: 4096 * 2,
+        ..small()
+    };
+    let (mut journal, _) = Journal::open(dir.path(), budget).unwrap();
+    journal.checkpoint(350).unwrap();
+    let kept = read_history(dir.path(), 1).unwrap();
+    assert!(kept[0].lsn > 1 && kept[0].lsn < 350, "the newest history is kept");
+    // The segments wholly behind the checkpoint: each but the one the checkpoint falls in.
+    let files = segments(dir.path());
+    let firsts: Vec<u64> = files
+        .iter()
+        .map(|path| {
+            path.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .split('.')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let behind: u64 = files
+        .iter()
+        .zip(firsts.iter().skip(1))
+        .filter(|(_, next)| **next <= 350)
+        .map(|(path, _)| fs::metadata(path).unwrap().len())
+        .sum();
+    assert!(behind <= 4096 * 2, "{behind} bytes of history kept");
 }
 
 #[test]

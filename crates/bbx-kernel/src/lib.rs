@@ -168,6 +168,8 @@ impl Kernel {
             &config.data_dir.join(JOURNAL_DIR),
             bbx_journal::JournalOptions {
                 segment_bytes,
+                history: Duration::from_secs(config.ring.journal_history_secs),
+                history_bytes: config.ring.journal_history_bytes,
                 ..Default::default()
             },
         )
