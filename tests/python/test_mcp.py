@@ -34,6 +34,9 @@ TOOLS = {
     "enforced_quotas_stats",
     "enforced_quotas_gpu",
     "enforced_quotas_cgroup",
+    # Declared as endpoints (GET /v1/endpoints), not written in the MCP server.
+    "ring_approve",
+    "ring_deny",
 }
 
 
@@ -133,6 +136,10 @@ async def exercise_every_tool(session):
     assert error_code(await session.call_tool("ring_wait", {"op_id": "nope"})) == "invalid_id"
     # An op that is not in doubt cannot be resolved.
     assert error_code(await session.call_tool("ring_resolve", {"op_id": op_id, "as": "ok"})) == "failed_precondition"
+    # Nor approved or denied, if it was never held; the endpoint checks its input.
+    assert error_code(await session.call_tool("ring_approve", {"op_id": op_id})) == "failed_precondition"
+    assert error_code(await session.call_tool("ring_deny", {"op_id": op_id, "reason": "no"})) == "failed_precondition"
+    assert error_code(await session.call_tool("ring_deny", {"op_id": op_id})) == "invalid_argument"
 
     node = f"agent/{agent_id}"
     quota = ok(await session.call_tool("quota_set", {"node": node, "limits": {"pids": 32, "cost_per_day_usd": 2.5}}))

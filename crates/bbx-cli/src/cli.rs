@@ -61,6 +61,10 @@ pub enum Command {
     /// The reference design's command paths, as aliases.
     #[command(subcommand)]
     V2(V2Command),
+    /// `COMPONENT VERB ...`: an endpoint a component declares (`GET /v1/endpoints`
+    /// lists them).
+    #[command(external_subcommand)]
+    Endpoint(Vec<String>),
 }
 
 /// Kernel settings; each flag also reads a BBX_* variable, and both beat the file.
@@ -302,6 +306,9 @@ pub enum RingCommand {
     WalStatus,
     /// Show circuit breakers, or close them with --reset.
     CircuitBreaker(BreakerArgs),
+    /// `VERB ...`: an endpoint of the ring (`approve OP_ID`, `deny OP_ID --reason WHY`).
+    #[command(external_subcommand)]
+    Endpoint(Vec<String>),
 }
 
 #[derive(Args, Debug)]

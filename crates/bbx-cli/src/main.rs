@@ -5,6 +5,7 @@ mod bench;
 mod bench_ring;
 mod bench_tools;
 mod cli;
+mod endpoint;
 mod output;
 mod quotas;
 mod ring;
@@ -120,6 +121,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::State(command) => state(&cli, command).await,
         Command::Key(command) => key(&cli, command).await,
         Command::Ring(command) => ring::run(&cli, command).await,
+        Command::Endpoint(words) => endpoint::run(&cli, words).await,
         Command::V2(V2Command::EnhancedRing(command)) => {
             let command = match command {
                 EnhancedRingCommand::Stats => RingCommand::Stats,
@@ -224,7 +226,8 @@ async fn mcp(cli: &Cli) -> Result<()> {
     let client = client(cli)?;
     // Fail now, in one line, rather than hand the MCP client a server that cannot work.
     client.status().await?;
-    let server = bbx_server::mcp::McpServer::new(bbx_server::mcp::FixedApi(client));
+    let endpoints = client.endpoints().await?;
+    let server = bbx_server::mcp::McpServer::with_endpoints(bbx_server::mcp::FixedApi(client), &endpoints);
     let running = server
         .serve(rmcp::transport::stdio())
         .await

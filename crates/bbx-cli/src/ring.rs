@@ -109,6 +109,12 @@ pub async fn run(cli: &Cli, command: &RingCommand) -> Result<()> {
                 output::breakers(&breakers);
             }
         }
+        RingCommand::Endpoint(words) => {
+            let words: Vec<String> = std::iter::once("ring".to_owned())
+                .chain(words.iter().cloned())
+                .collect();
+            return crate::endpoint::run(cli, &words).await;
+        }
     }
     Ok(())
 }

@@ -805,6 +805,72 @@ async fn cli_ring_contract() {
     assert!(stderr.contains("unknown op kind"), "{stderr}");
 }
 
+/// Endpoints declared through the component contract are served with no code of
+/// their own in the server or the CLI: listed, routed, documented, and run as
+/// commands.
+#[tokio::test]
+async fn declared_endpoints_are_routes_documents_and_commands() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let agent = api.agent("endpoints").await;
+    let (status, listed) = api.call(Method::GET, "/v1/endpoints", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"ring.approve") && names.contains(&"ring.deny"),
+        "{listed}"
+    );
+    let (_, openapi) = api.call(Method::GET, "/v1/openapi.json", None).await;
+    let approve = &openapi["paths"]["/v1/ops/{op_id}/approve"]["post"];
+    assert_eq!(approve["operationId"], "ring.approve", "{approve}");
+
+    // An op that was never held: the endpoint answers 409 in the usual error shape.
+    let op = json!({"agent": agent, "kind": "noop", "args": {}});
+    let (_, submitted) = api.call(Method::POST, "/v1/ops", Some(json!({"ops": [op]}))).await;
+    let id = submitted["ops"][0]["op_id"].as_str().unwrap().to_owned();
+    api.call(Method::GET, &format!("/v1/ops/{id}/wait?timeout_ms=10000"), None)
+        .await;
+    let (status, refused) = api.call(Method::POST, &format!("/v1/ops/{id}/approve"), None).await;
+    assert_eq!(
+        error_code(status, &refused, StatusCode::CONFLICT),
+        "failed_precondition"
+    );
+    let (status, refused) = api
+        .call(Method::POST, &format!("/v1/ops/{id}/deny"), Some(json!({"reason": 5})))
+        .await;
+    assert_eq!(
+        error_code(status, &refused, StatusCode::UNPROCESSABLE_ENTITY),
+        "invalid_argument"
+    );
+    let missing = bbx_core::OpId::generate();
+    let (status, refused) = api
+        .call(Method::POST, &format!("/v1/ops/{missing}/approve"), None)
+        .await;
+    assert_eq!(error_code(status, &refused, StatusCode::NOT_FOUND), "not_found");
+
+    // The same endpoints as commands: one line and a non-zero exit on refusal.
+    let out = kernel.cli(&["ring", "approve", &id]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("not waiting for approval"), "{stderr}");
+    let out = kernel.cli(&["ring", "deny", &id, "--reason", "no"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not waiting for approval"));
+    let out = kernel.cli(&["ring", "approve"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("OP_ID"));
+    let out = kernel.cli(&["nothing", "here"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ring.approve"),
+        "the error lists the endpoints"
+    );
+}
+
 #[tokio::test]
 async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     use bbx_core::op::{CompletionStatus, SubmitOp};

@@ -15,8 +15,8 @@ pub use shm::{ShmClient, ShmCompletion};
 
 use bbx_core::api::prelude::*;
 use bbx_core::model::{
-    Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
-    SetState, StateEntry, StatePage, Status,
+    Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, EndpointInfo, ListAgents,
+    ListState, SetState, StateEntry, StatePage, Status,
 };
 use bbx_core::op::{
     BreakerInfo, OpInfo, OpenShm, ResetBreakers, Resolution, ResolveOp, RingStats, ShmSession, SubmitBatch, Submitted,
@@ -27,6 +27,7 @@ use bbx_core::{AgentId, Error, ErrorBody, ErrorCode, KeyId, OpId, Result, valida
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::time::Duration;
 
 /// A client of one kernel. Cheap to clone: clones share one connection pool.
@@ -215,6 +216,44 @@ impl AgentsApi for Client {
     }
     async fn status(&self) -> Result<Status> {
         self.call(self.request(Method::GET, &["v1", "status"])).await
+    }
+}
+
+impl EndpointsApi for Client {
+    async fn endpoints(&self) -> Result<Vec<EndpointInfo>> {
+        self.call(self.request(Method::GET, &["v1", "endpoints"])).await
+    }
+
+    /// Looks the endpoint up, fills its path's `{field}` segments from `input`
+    /// and sends the rest as its JSON body.
+    async fn call_endpoint(&self, name: &str, input: Value) -> Result<Value> {
+        let endpoints = self.endpoints().await?;
+        let endpoint = endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| Error::not_found("endpoint", name))?;
+        let Value::Object(mut body) = input else {
+            return Err(Error::invalid_field("input", "an endpoint's input is a JSON object"));
+        };
+        let mut segments = Vec::new();
+        for segment in endpoint.path.split('/').filter(|s| !s.is_empty()) {
+            match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(field) => match body.remove(field) {
+                    Some(Value::String(value)) => segments.push(value),
+                    Some(other) => segments.push(other.to_string()),
+                    None => return Err(Error::invalid_field(field, format!("{name} needs {field}"))),
+                },
+                None => segments.push(segment.to_owned()),
+            }
+        }
+        let method = Method::from_bytes(endpoint.method.as_bytes())
+            .map_err(|_| Error::internal(format!("endpoint {name} has an unknown method")))?;
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let mut request = self.request(method, &segments);
+        if !body.is_empty() {
+            request = request.json(&body);
+        }
+        self.call(request).await
     }
 }
 

@@ -225,6 +225,56 @@ pub struct HoldRequest {
     pub within: Duration,
 }
 
+/// Serves one call of an endpoint: the caller, and the input (an object of the
+/// path's fields and the body's).
+pub type Handler = Arc<dyn Fn(Caller, Value) -> Pending<'static, Value> + Send + Sync>;
+
+/// An operation a component offers to clients, described once: the server serves
+/// it as an HTTP route (in the OpenAPI document) and an MCP tool, and the CLI as a
+/// command, without knowing it.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub info: bbx_core::model::EndpointInfo,
+    pub handler: Handler,
+}
+
+impl Endpoint {
+    /// An endpoint whose input is `I` (its JSON Schema published, and checked
+    /// before `handler` runs) and whose output is `O`.
+    pub fn new<I, O, F, Fut>(
+        name: &'static str,
+        (method, path): (&'static str, &'static str),
+        description: &'static str,
+        handler: F,
+    ) -> Self
+    where
+        I: serde::de::DeserializeOwned + schemars::JsonSchema,
+        O: serde::Serialize,
+        F: Fn(Caller, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O>> + Send + 'static,
+    {
+        let input = serde_json::to_value(schemars::schema_for!(I)).unwrap_or_default();
+        let handler = Arc::new(handler);
+        Self {
+            info: bbx_core::model::EndpointInfo {
+                name: name.to_owned(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+                description: description.to_owned(),
+                input,
+            },
+            handler: Arc::new(move |caller, input| {
+                let handler = handler.clone();
+                Box::pin(async move {
+                    let input: I = parse_args(name, &input)?;
+                    let output = handler(caller, input).await?;
+                    serde_json::to_value(output).map_err(|e| Error::internal(e.to_string()))
+                })
+            }),
+        }
+    }
+}
+
 /// An agent's data, as each component exported it (by component name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentData {
@@ -264,11 +314,17 @@ pub trait Component: Send + Sync + 'static {
     /// The component's name, e.g. `state`, for errors and listings.
     fn name(&self) -> &'static str;
 
-    fn kinds(&self) -> &'static [OpKind];
+    /// The op kinds it serves; none for a component that only checks ops,
+    /// observes them or offers endpoints.
+    fn kinds(&self) -> &'static [OpKind] {
+        &[]
+    }
 
     /// Checks `args` of `kind` (one of [`Component::kinds`]) and prepares the op.
     /// A bad argument is an `invalid_argument` error naming it.
-    fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared>;
+    fn prepare(&self, kind: &str, _args: &Value) -> Result<Prepared> {
+        Err(Error::internal(format!("{} serves no op kind {kind}", self.name())))
+    }
 
     /// The keyspaces it stages into: opened with the store, before any component
     /// runs. Their ids are what redo records carry, unique across components.
@@ -303,6 +359,11 @@ pub trait Component: Send + Sync + 'static {
 
     fn observes(&self) -> bool {
         false
+    }
+
+    /// The endpoints it offers clients, built once the kernel has started it.
+    fn endpoints(&self, _ctx: &Context) -> Vec<Endpoint> {
+        Vec::new()
     }
 
     /// Sees every completion once it is settled (durable where it must be), off
@@ -485,6 +546,11 @@ impl Components {
             })
             .collect::<Result<_>>()?;
         Ok(Import { data, components })
+    }
+
+    /// Every component's endpoints.
+    pub fn endpoints(&self, ctx: &Context) -> Vec<Endpoint> {
+        self.all.iter().flat_map(|component| component.endpoints(ctx)).collect()
     }
 
     /// Tells every component that `agent` was deleted.

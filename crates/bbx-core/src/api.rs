@@ -6,7 +6,9 @@
 
 use crate::error::Result;
 use crate::ids::{AgentId, OpId};
-use crate::model::{Agent, AgentPage, CreateAgent, ListAgents, ListState, SetState, StateEntry, StatePage, Status};
+use crate::model::{
+    Agent, AgentPage, CreateAgent, EndpointInfo, ListAgents, ListState, SetState, StateEntry, StatePage, Status,
+};
 use crate::op::{BreakerInfo, OpInfo, ResetBreakers, Resolution, RingStats, SubmitBatch, Submitted, WalStatus};
 use crate::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use std::future::Future;
@@ -59,14 +61,28 @@ pub trait QuotaApi: Send + Sync + 'static {
     fn gpu_status(&self) -> impl Future<Output = Result<GpuStatus>> + Send;
 }
 
+/// The endpoints components declare (and the kernel's own that are declared the
+/// same way): each served as an HTTP route, an MCP tool and a CLI command, which
+/// front ends mount without knowing them.
+pub trait EndpointsApi: Send + Sync + 'static {
+    fn endpoints(&self) -> impl Future<Output = Result<Vec<EndpointInfo>>> + Send;
+    /// Calls the endpoint `name` with `input`, an object of its path's fields and
+    /// its body's.
+    fn call_endpoint(
+        &self,
+        name: &str,
+        input: serde_json::Value,
+    ) -> impl Future<Output = Result<serde_json::Value>> + Send;
+}
+
 /// The whole API, as one bound for front ends that serve all of it (the MCP
 /// server): every type that implements each component's trait has it.
-pub trait AgentApi: AgentsApi + RingApi + QuotaApi {}
+pub trait AgentApi: AgentsApi + RingApi + QuotaApi + EndpointsApi {}
 
-impl<T: AgentsApi + RingApi + QuotaApi> AgentApi for T {}
+impl<T: AgentsApi + RingApi + QuotaApi + EndpointsApi> AgentApi for T {}
 
 /// The API's traits, for `use bbx_core::api::prelude::*`: their methods need them
 /// in scope.
 pub mod prelude {
-    pub use super::{AgentApi, AgentsApi, QuotaApi, RingApi};
+    pub use super::{AgentApi, AgentsApi, EndpointsApi, QuotaApi, RingApi};
 }

@@ -20,6 +20,6 @@ pub mod op;
 pub mod quota;
 pub mod validate;
 
-pub use api::{AgentApi, AgentsApi, QuotaApi, RingApi};
+pub use api::{AgentApi, AgentsApi, EndpointsApi, QuotaApi, RingApi};
 pub use error::{Error, ErrorBody, ErrorCode, Result};
 pub use ids::{AgentId, KeyId, OpId};

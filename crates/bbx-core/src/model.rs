@@ -210,3 +210,20 @@ pub fn page_limit(requested: Option<usize>) -> crate::Result<usize> {
         )),
     }
 }
+
+/// An endpoint a component offers (`GET /v1/endpoints`): one description, served as
+/// an HTTP route, an MCP tool and a CLI command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+pub struct EndpointInfo {
+    /// `component.verb`: the MCP tool `component_verb`, the CLI command
+    /// `bbx component verb`.
+    pub name: String,
+    /// `GET`, `POST`, `PUT` or `DELETE`.
+    pub method: String,
+    /// Under the server's root, with `{field}` segments filled from the input.
+    pub path: String,
+    pub description: String,
+    /// JSON Schema of the input: an object of the path's fields and the body's.
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+}

@@ -118,13 +118,7 @@ pub fn max_payload(segment_bytes: u64) -> usize {
 pub fn read_history(dir: &Path, from: Lsn) -> Result<Vec<Record>> {
     let segments = list_segments(dir)?;
     let mut records = Vec::new();
-    let next_firsts: Vec<Option<Lsn>> = segments
-        .iter()
-        .skip(1)
-        .map(|s| Some(s.first_lsn))
-        .chain([None])
-        .collect();
-    for (segment, next_first) in segments.iter().zip(next_firsts) {
+    for (segment, next_first) in segments.iter().zip(next_firsts(&segments)) {
         if next_first.is_some_and(|next| next <= from) {
             continue;
         }
@@ -146,6 +140,16 @@ pub fn read_history(dir: &Path, from: Lsn) -> Result<Vec<Record>> {
         );
     }
     Ok(records)
+}
+
+/// For each segment, the first lsn of the one after it (none for the last).
+fn next_firsts(segments: &[Segment]) -> Vec<Option<Lsn>> {
+    segments
+        .iter()
+        .skip(1)
+        .map(|s| Some(s.first_lsn))
+        .chain([None])
+        .collect()
 }
 
 /// A record as recovered.
@@ -225,12 +229,7 @@ impl Journal {
         let mut segments = list_segments(dir)?;
         let mut recovery = Recovery::default();
         let mut expected = segments.first().map_or(1, |s| s.first_lsn);
-        let next_firsts: Vec<Option<Lsn>> = segments
-            .iter()
-            .skip(1)
-            .map(|s| Some(s.first_lsn))
-            .chain([None])
-            .collect();
+        let next_firsts = next_firsts(&segments);
         for (segment, next_first) in segments.iter_mut().zip(next_firsts) {
             let last = next_first.is_none();
             segment.preallocated = segment.bytes >= options.segment_bytes;

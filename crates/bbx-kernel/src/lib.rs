@@ -23,6 +23,7 @@
 
 mod agents;
 mod completions;
+mod endpoints;
 mod journal_check;
 mod ops;
 mod quota;
@@ -104,6 +105,8 @@ pub struct Kernel {
     components: Arc<bbx_component::Components>,
     /// What components act with outside of an op.
     context: bbx_component::Context,
+    /// Set once the components have started.
+    endpoints: std::sync::OnceLock<Vec<bbx_component::Endpoint>>,
 }
 
 /// The kernel as the submitter components act through: weak, since the kernel
@@ -236,6 +239,7 @@ impl Kernel {
                 submitter: Arc::new(KernelSubmitter(kernel.clone())),
             },
             components,
+            endpoints: std::sync::OnceLock::new(),
             config,
             store,
             journal_metrics,
@@ -251,6 +255,7 @@ impl Kernel {
             tools,
         });
         kernel.components.start(&kernel.context)?;
+        let _ = kernel.endpoints.set(kernel.collect_endpoints()?);
         let admin_key_written = kernel.keys.mint_first_admin_key().await?;
         Ok(Opened {
             kernel,

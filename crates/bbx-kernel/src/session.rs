@@ -51,6 +51,15 @@ impl AgentsApi for Session {
     }
 }
 
+impl EndpointsApi for Session {
+    async fn endpoints(&self) -> Result<Vec<bbx_core::model::EndpointInfo>> {
+        Ok(self.kernel.endpoints())
+    }
+    async fn call_endpoint(&self, name: &str, input: serde_json::Value) -> Result<serde_json::Value> {
+        self.kernel.call_endpoint(&self.caller, name, input).await
+    }
+}
+
 impl RingApi for Session {
     async fn submit_ops(&self, batch: SubmitBatch) -> Result<Submitted> {
         self.kernel.submit(&self.caller, batch).await

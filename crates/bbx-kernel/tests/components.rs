@@ -30,14 +30,6 @@ impl Component for Watcher {
         "watcher"
     }
 
-    fn kinds(&self) -> &'static [OpKind] {
-        &[]
-    }
-
-    fn prepare(&self, kind: &str, _: &Value) -> Result<Prepared> {
-        unreachable!("the watcher serves no kind, yet was asked for {kind}")
-    }
-
     fn start(&self, ctx: &Context) -> Result<()> {
         let Some((caller, agent)) = self.mailbox.lock().take() else {
             return Ok(());
@@ -71,6 +63,22 @@ fn config(dir: &Path) -> KernelConfig {
     KernelConfig::resolve(ConfigLayer::default(), over).unwrap()
 }
 
+async fn new_agent(kernel: &Kernel, caller: &Caller) -> AgentId {
+    let agent = CreateAgent {
+        name: "a".into(),
+        ..Default::default()
+    };
+    kernel.create_agent(caller, agent).await.unwrap().id
+}
+
+/// A caller of another tenant.
+fn outsider() -> Caller {
+    Caller {
+        key_id: bbx_core::KeyId::generate(),
+        tenant: Some("other".into()),
+    }
+}
+
 fn admin(kernel: &Kernel, dir: &Path) -> Caller {
     let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
     kernel.authenticate(token.trim()).unwrap()
@@ -81,17 +89,7 @@ async fn a_component_submits_through_the_pipeline_and_hears_of_deletions() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = Kernel::open(config(dir.path())).await.unwrap().kernel;
     let caller = admin(&kernel, dir.path());
-    let agent = kernel
-        .create_agent(
-            &caller,
-            CreateAgent {
-                name: "a".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .id;
+    let agent = new_agent(&kernel, &caller).await;
     kernel.shutdown().await;
     drop(kernel);
 
@@ -112,10 +110,7 @@ async fn a_component_submits_through_the_pipeline_and_hears_of_deletions() {
 
     // The pipeline's checks hold for a component as for anyone: another tenant's
     // caller is refused at the door.
-    let outsider = Caller {
-        key_id: bbx_core::KeyId::generate(),
-        tenant: Some("other".into()),
-    };
+    let outsider = outsider();
     let ctx_submit = kernel
         .submit(
             &outsider,
@@ -183,10 +178,7 @@ async fn an_agents_data_goes_out_and_back_in_whole() {
     let refused = kernel.import_agent(&caller, foreign).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::InvalidArgument);
     // Another tenant's caller cannot read or write the agent's data.
-    let outsider = Caller {
-        key_id: bbx_core::KeyId::generate(),
-        tenant: Some("other".into()),
-    };
+    let outsider = outsider();
     assert_eq!(
         kernel.export_agent(&outsider, &agent).unwrap_err().code,
         ErrorCode::NotFound
@@ -217,14 +209,6 @@ struct Gatekeeper;
 impl Component for Gatekeeper {
     fn name(&self) -> &'static str {
         "gatekeeper"
-    }
-
-    fn kinds(&self) -> &'static [OpKind] {
-        &[]
-    }
-
-    fn prepare(&self, kind: &str, _: &Value) -> Result<Prepared> {
-        unreachable!("the gatekeeper serves no kind, yet was asked for {kind}")
     }
 
     fn checks_ops(&self) -> bool {
@@ -270,17 +254,7 @@ async fn a_held_op_runs_once_approved_and_never_if_denied_even_across_a_restart(
     let open = || Kernel::open_with(config(dir.path()), vec![Arc::new(Gatekeeper)]);
     let kernel = open().await.unwrap().kernel;
     let caller = admin(&kernel, dir.path());
-    let agent = kernel
-        .create_agent(
-            &caller,
-            CreateAgent {
-                name: "a".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .id;
+    let agent = new_agent(&kernel, &caller).await;
     let state = |kernel: &Kernel, id| kernel.op(&caller, &id).unwrap().state;
     let wait = |kernel: Arc<Kernel>, id| {
         let caller = caller.clone();
@@ -310,10 +284,7 @@ async fn a_held_op_runs_once_approved_and_never_if_denied_even_across_a_restart(
     assert_eq!(state(&kernel, approved), OpState::PendingApproval);
 
     // Only a caller who sees the op may decide, and only while it is held.
-    let outsider = Caller {
-        key_id: bbx_core::KeyId::generate(),
-        tenant: Some("other".into()),
-    };
+    let outsider = outsider();
     let refused = kernel.approve_op(&outsider, &approved).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::NotFound);
 
@@ -360,6 +331,12 @@ const STAMPS: bbx_store::KeyspaceDef = bbx_store::KeyspaceDef { id: 40, name: "s
 #[derive(Default)]
 struct Stamper {
     seen: Mutex<Vec<bbx_core::OpId>>,
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct StampArgs {
+    agent_id: String,
 }
 
 #[derive(Debug)]
@@ -433,6 +410,30 @@ impl Component for Stamper {
         true
     }
 
+    /// `stamp.read`: an agent's stamp, read through the pipeline as the caller.
+    fn endpoints(&self, ctx: &Context) -> Vec<bbx_component::Endpoint> {
+        let submitter = ctx.submitter.clone();
+        let read = move |caller: Caller, args: StampArgs| {
+            let submitter = submitter.clone();
+            async move {
+                let batch = SubmitBatch {
+                    ops: vec![SubmitOp::new(args.agent_id.parse()?, "stamp.get", json!({}))],
+                    wait_ms: None,
+                };
+                let id = submitter.submit(&caller, batch).await?.ops[0].op_id;
+                let done = submitter.wait(&caller, id, Duration::from_secs(30)).await?;
+                Ok(done.completion.and_then(|c| c.result).unwrap_or(Value::Null))
+            }
+        };
+        let path = ("GET", "/v1/agents/{agent_id}/stamp");
+        vec![bbx_component::Endpoint::new(
+            "stamp.read",
+            path,
+            "An agent's stamp.",
+            read,
+        )]
+    }
+
     fn completed(&self, completion: &Arc<bbx_core::op::Completion>) {
         self.seen.lock().push(completion.op_id);
     }
@@ -445,17 +446,7 @@ async fn labels_follow_an_op_into_its_effect_and_completion_and_observers_see_it
     let components: Vec<Arc<dyn Component>> = vec![Arc::new(Gatekeeper), stamper.clone()];
     let kernel = Kernel::open_with(config(dir.path()), components).await.unwrap().kernel;
     let caller = admin(&kernel, dir.path());
-    let agent = kernel
-        .create_agent(
-            &caller,
-            CreateAgent {
-                name: "a".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .id;
+    let agent = new_agent(&kernel, &caller).await;
     let run = |kind: &'static str, args: Value| {
         let (kernel, caller) = (kernel.clone(), caller.clone());
         async move {
@@ -492,6 +483,39 @@ async fn labels_follow_an_op_into_its_effect_and_completion_and_observers_see_it
     for done in [&put, &got, &slept] {
         assert!(seen.contains(&done.op_id), "the observer saw {}", done.kind);
     }
+
+    // The component's endpoint, listed beside the kernel's and run as the caller.
+    let names: Vec<String> = kernel.endpoints().into_iter().map(|e| e.name).collect();
+    assert!(names.contains(&"stamp.read".to_owned()) && names.contains(&"ring.approve".to_owned()));
+    let read = kernel
+        .call_endpoint(&caller, "stamp.read", json!({ "agent_id": agent.to_string() }))
+        .await
+        .unwrap();
+    assert_eq!(read, json!("taint:web"));
+    let outsider = outsider();
+    let call = |caller: Caller, input: Value| {
+        let kernel = kernel.clone();
+        async move {
+            kernel
+                .call_endpoint(&caller, "stamp.read", input)
+                .await
+                .unwrap_err()
+                .code
+        }
+    };
+    assert_eq!(
+        call(outsider, json!({ "agent_id": agent.to_string() })).await,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        call(caller.clone(), json!({ "agent": 1 })).await,
+        ErrorCode::InvalidArgument
+    );
+    let unknown = kernel
+        .call_endpoint(&caller, "stamp.nothing", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code, ErrorCode::NotFound);
 
     // The labels are durable with the completion.
     kernel.shutdown().await;

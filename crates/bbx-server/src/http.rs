@@ -6,8 +6,8 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use bbx_core::model::{
-    Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, ListAgents, ListState,
-    SetState, StateEntry, StatePage, Status,
+    Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, EndpointInfo, ListAgents,
+    ListState, SetState, StateEntry, StatePage, Status,
 };
 use bbx_core::op::{
     BreakerInfo, OpInfo, OpenShm, ResetBreakers, ResolveOp, RingStats, ShmSession, SubmitBatch, Submitted, WalStatus,
@@ -76,9 +76,18 @@ pub fn router() -> (axum::Router<Arc<Kernel>>, utoipa::openapi::OpenApi) {
         .routes(routes!(reset_breakers))
         .routes(routes!(open_shm))
         .routes(routes!(status))
+        .routes(routes!(list_endpoints))
         .routes(routes!(create_key, list_keys))
         .routes(routes!(revoke_key))
         .split_for_parts()
+}
+
+/// The endpoints the kernel's components offer: each is also a route of this API
+/// (in this document) and an MCP tool.
+#[utoipa::path(get, path = "/v1/endpoints", tag = "system",
+    responses((status = 200, body = Vec<EndpointInfo>)))]
+async fn list_endpoints(State(kernel): Kern) -> Reply<Vec<EndpointInfo>> {
+    Ok(ApiJson(kernel.endpoints()))
 }
 
 fn agent_id(raw: &str) -> Result<AgentId, ApiError> {

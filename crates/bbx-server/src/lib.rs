@@ -11,6 +11,7 @@
 //! axum's own (bad JSON, unknown route, body too large), leaves as the one error
 //! shape, `{"error": {"code", "message", "details"}}`.
 
+pub mod endpoints;
 pub mod error;
 pub mod http;
 pub mod mcp;
@@ -33,7 +34,8 @@ use std::sync::Arc;
 /// The whole application for `kernel`.
 pub fn app(kernel: Arc<Kernel>) -> axum::Router {
     let metrics = Arc::new(HttpMetrics::new(&kernel));
-    let (v1, openapi) = http::router();
+    let (v1, mut openapi) = http::router();
+    let v1 = v1.merge(endpoints::routes(&kernel.endpoints(), &mut openapi));
     let openapi = Arc::new(openapi.to_pretty_json().expect("the OpenAPI document serializes"));
 
     let mcp_kernel = kernel.clone();
@@ -47,7 +49,13 @@ pub fn app(kernel: Arc<Kernel>) -> axum::Router {
         mcp_config = mcp_config.disable_allowed_hosts();
     }
     let mcp = StreamableHttpService::new(
-        move || Ok(mcp::McpServer::new(mcp::KernelSource(mcp_kernel.clone()))),
+        move || {
+            let endpoints = mcp_kernel.endpoints();
+            Ok(mcp::McpServer::with_endpoints(
+                mcp::KernelSource(mcp_kernel.clone()),
+                &endpoints,
+            ))
+        },
         Arc::new(LocalSessionManager::default()),
         mcp_config,
     );

@@ -17,9 +17,12 @@ use bbx_core::op::{BreakerInfo, OpInfo, ResetBreakers, Resolution, RingStats, Su
 use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
 use bbx_core::{AgentId, Error, OpId};
 use bbx_kernel::{Caller, Kernel};
-use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::router::tool::{ToolRoute, ToolRouter};
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, Extensions, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::model::{
+    CallToolResponse, CallToolResult, Extensions, Implementation, JsonObject, ServerCapabilities, ServerConfig, Tool,
+};
 use rmcp::service::RequestContext;
 use rmcp::{Json, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
@@ -196,10 +199,36 @@ pub struct McpServer<S: ApiSource> {
 
 impl<S: ApiSource> McpServer<S> {
     pub fn new(source: S) -> Self {
-        Self {
-            source,
-            tool_router: Self::tool_router(),
+        Self::with_endpoints(source, &[])
+    }
+
+    /// The fixed tools and one for each of `endpoints` (the components'), named
+    /// as the endpoint with `_` for `.` (`ring.approve` is `ring_approve`).
+    pub fn with_endpoints(source: S, endpoints: &[bbx_core::model::EndpointInfo]) -> Self {
+        let mut tool_router = Self::tool_router();
+        for endpoint in endpoints {
+            let schema: JsonObject = match &endpoint.input {
+                Value::Object(schema) => schema.clone(),
+                _ => JsonObject::new(),
+            };
+            let tool = Tool::new(endpoint.name.replace('.', "_"), endpoint.description.clone(), schema);
+            let name = endpoint.name.clone();
+            tool_router.add_route(ToolRoute::new_dyn(tool, move |ctx: ToolCallContext<'_, Self>| {
+                let name = name.clone();
+                Box::pin(async move {
+                    let input = Value::Object(ctx.arguments.unwrap_or_default());
+                    let result = match ctx.service.api(&ctx.request_context) {
+                        Ok(api) => match api.call_endpoint(&name, input).await {
+                            Ok(output) => CallToolResult::structured(output),
+                            Err(e) => tool_error(e),
+                        },
+                        Err(refused) => refused,
+                    };
+                    Ok(CallToolResponse::Complete(result))
+                })
+            }));
         }
+        Self { source, tool_router }
     }
 
     fn api(&self, ctx: &RequestContext<RoleServer>) -> Result<S::Api, CallToolResult> {

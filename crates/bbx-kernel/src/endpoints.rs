@@ -1,0 +1,96 @@
+//! Endpoints: the kernel's own (deciding held ops) and its components', each served
+//! by the front ends from its description alone (see [`bbx_component::Endpoint`]).
+
+use super::*;
+use bbx_component::Endpoint;
+use serde::Deserialize;
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Approve {
+    /// The id of an op waiting for approval (`pending_approval`).
+    op_id: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Deny {
+    /// The id of an op waiting for approval (`pending_approval`).
+    op_id: String,
+    /// Why it is denied: it ends with `policy_denied` saying so.
+    reason: String,
+}
+
+impl Kernel {
+    /// The kernel's endpoints, then every component's; refused if two share a name.
+    pub(crate) fn collect_endpoints(self: &Arc<Self>) -> Result<Vec<Endpoint>> {
+        let approve = {
+            let kernel = Arc::downgrade(self);
+            Endpoint::new(
+                "ring.approve",
+                ("POST", "/v1/ops/{op_id}/approve"),
+                "Approve an op held for approval (state pending_approval): it then runs.",
+                move |caller: Caller, args: Approve| {
+                    let kernel = kernel.clone();
+                    async move { live(&kernel)?.approve_op(&caller, &args.op_id.parse()?).await }
+                },
+            )
+        };
+        let deny = {
+            let kernel = Arc::downgrade(self);
+            Endpoint::new(
+                "ring.deny",
+                ("POST", "/v1/ops/{op_id}/deny"),
+                "Deny an op held for approval (state pending_approval): it ends with the error policy_denied, naming the reason.",
+                move |caller: Caller, args: Deny| {
+                    let kernel = kernel.clone();
+                    async move {
+                        live(&kernel)?
+                            .deny_op(&caller, &args.op_id.parse()?, &args.reason)
+                            .await
+                    }
+                },
+            )
+        };
+        let mut all = vec![approve, deny];
+        for endpoint in self.components.endpoints(&self.context) {
+            if all.iter().any(|known| known.info.name == endpoint.info.name) {
+                return Err(Error::internal(format!(
+                    "two endpoints are named {}",
+                    endpoint.info.name
+                )));
+            }
+            all.push(endpoint);
+        }
+        Ok(all)
+    }
+
+    /// Every endpoint clients may call.
+    pub fn endpoints(&self) -> Vec<bbx_core::model::EndpointInfo> {
+        self.endpoints
+            .get()
+            .map_or_else(Vec::new, |all| all.iter().map(|e| e.info.clone()).collect())
+    }
+
+    /// Calls the endpoint `name` as `caller`.
+    pub async fn call_endpoint(
+        &self,
+        caller: &Caller,
+        name: &str,
+        input: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let endpoint = self
+            .endpoints
+            .get()
+            .and_then(|all| all.iter().find(|e| e.info.name == name))
+            .ok_or_else(|| Error::not_found("endpoint", name))?;
+        (endpoint.handler)(caller.clone(), input).await
+    }
+}
+
+/// The kernel behind a weak reference, while it runs.
+fn live(kernel: &std::sync::Weak<Kernel>) -> Result<Arc<Kernel>> {
+    kernel
+        .upgrade()
+        .ok_or_else(|| Error::unavailable("the kernel is shutting down"))
+}
