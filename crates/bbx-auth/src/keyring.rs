@@ -56,7 +56,9 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    pub fn insert(&self, key: StoredKey) {
+    /// Adds or replaces a key; one stored before roles gets the role it had.
+    pub fn insert(&self, mut key: StoredKey) {
+        key.info.stored_role = Some(key.info.role());
         self.keys.write().insert(key.info.id, key);
     }
 
@@ -64,8 +66,15 @@ impl KeyRing {
         self.keys.read().get(id).cloned()
     }
 
-    pub fn list(&self) -> Vec<ApiKeyInfo> {
-        let mut all: Vec<ApiKeyInfo> = self.keys.read().values().map(|k| k.info.clone()).collect();
+    /// The keys of `tenant`, or every key for `None`.
+    pub fn list(&self, tenant: Option<&str>) -> Vec<ApiKeyInfo> {
+        let mut all: Vec<ApiKeyInfo> = self
+            .keys
+            .read()
+            .values()
+            .filter(|k| tenant.is_none() || k.info.tenant.as_deref() == tenant)
+            .map(|k| k.info.clone())
+            .collect();
         all.sort_by_key(|k| k.id);
         all
     }
@@ -102,9 +111,14 @@ impl KeyRing {
         if stored.info.revoked_at.is_some() {
             return Err(Error::unauthenticated("revoked", "the API key has been revoked"));
         }
+        if stored.info.expires_at.is_some_and(|at| at <= chrono::Utc::now()) {
+            return Err(Error::unauthenticated("expired", "the API key has expired"));
+        }
         Ok(Caller {
             key_id: id,
             tenant: stored.info.tenant.clone(),
+            role: stored.info.role(),
+            agent: stored.info.agent,
         })
     }
 }
@@ -120,6 +134,10 @@ mod tests {
             tenant: tenant.map(Into::into),
             created_at: chrono::Utc::now(),
             revoked_at: None,
+            stored_role: None,
+            identity: None,
+            agent: None,
+            expires_at: None,
         }
     }
 
@@ -130,6 +148,11 @@ mod tests {
         ring.insert(stored.clone());
         let caller = ring.verify(&token).unwrap();
         assert_eq!(caller.tenant.as_deref(), Some("acme"));
+        assert_eq!(
+            caller.role,
+            bbx_core::model::Role::Operator,
+            "a key made before roles keeps what it could do"
+        );
         assert!(!stored.secret_sha256.contains(&token[token.len() - 64..]));
 
         let mut tampered = token.clone();
@@ -142,6 +165,15 @@ mod tests {
         for junk in ["", "bbx_", "Bearer x", "bbx_zz_zz", &token[..token.len() - 1]] {
             assert!(ring.verify(junk).is_err(), "{junk:?}");
         }
+    }
+
+    #[test]
+    fn expired_keys_are_refused_with_their_reason() {
+        let ring = KeyRing::default();
+        let (token, mut stored) = mint(info(Some("acme")));
+        stored.info.expires_at = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
+        ring.insert(stored);
+        assert_eq!(ring.verify(&token).unwrap_err().details.unwrap()["reason"], "expired");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The API keys service: the administrator's first key, and keys an administrator
 //! mints and revokes, durable in the `api_keys` keyspace.
 
-use crate::{Caller, KeyRing, StoredKey, mint};
+use crate::{Action, Caller, KeyRing, Role, StoredKey, mint};
 use bbx_core::model::{ApiKeyInfo, CreateApiKey, CreatedApiKey};
 use bbx_core::{Error, ErrorCode, KeyId, Result, validate};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged, Store, storage_error};
@@ -10,6 +10,9 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The longest a key may be made to last: ten years.
+const MAX_TTL_SECS: u64 = 10 * 366 * 24 * 3600;
 
 /// Name of the file, inside the data directory, that holds the first admin key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
@@ -87,6 +90,10 @@ impl Keys {
             tenant: None,
             created_at: Utc::now(),
             revoked_at: None,
+            stored_role: Some(Role::Admin),
+            identity: Some("admin".into()),
+            agent: None,
+            expires_at: None,
         };
         let (token, stored) = mint(info);
         let path = self.data_dir.join(ADMIN_KEY_FILE);
@@ -102,34 +109,86 @@ impl Keys {
         Ok(())
     }
 
+    /// Makes a key. An administrator makes any; a tenant administrator makes keys
+    /// of its own tenant, short of `admin`. The role defaults to `admin` without a
+    /// tenant and `operator` with one; `admin` goes with no tenant, every other
+    /// role with one, and `agent` with an agent (whose tenant the kernel checks).
     pub async fn create(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
-        caller.require_admin("create API keys")?;
+        caller.may(Action::ManageKeys)?;
         validate::name("name", &req.name)?;
+        // A tenant's caller makes keys of its own tenant unless it names one.
+        let req = CreateApiKey {
+            tenant: req.tenant.or_else(|| caller.tenant.clone()),
+            ..req
+        };
         if let Some(tenant) = &req.tenant {
             validate::tenant(tenant)?;
         }
+        if let Some(identity) = &req.identity {
+            validate::name("identity", identity)?;
+        }
+        let role = req.role.unwrap_or(if req.tenant.is_none() {
+            Role::Admin
+        } else {
+            Role::Operator
+        });
+        match (&req.tenant, role) {
+            (None, Role::Admin) => caller.require_admin("create administrator keys")?,
+            (None, _) => {
+                return Err(Error::invalid_field(
+                    "tenant",
+                    format!("a {} key needs a tenant", role.as_str()),
+                ));
+            }
+            (Some(_), Role::Admin) => {
+                return Err(Error::invalid_field("role", "an admin key belongs to no tenant"));
+            }
+            (Some(tenant), _) => caller.check_tenant(tenant)?,
+        }
+        if role == Role::Agent && req.agent.is_none() {
+            return Err(Error::invalid_field("agent", "an agent key names its agent"));
+        }
+        let expires_at = match req.ttl_secs {
+            None => None,
+            Some(secs @ 1..=MAX_TTL_SECS) => Some(Utc::now() + chrono::Duration::seconds(secs as i64)),
+            Some(_) => {
+                return Err(Error::invalid_field(
+                    "ttl_secs",
+                    format!("ttl_secs is 1 to {MAX_TTL_SECS} (ten years)"),
+                ));
+            }
+        };
         let info = ApiKeyInfo {
             id: KeyId::generate(),
+            identity: Some(req.identity.unwrap_or_else(|| req.name.clone())),
             name: req.name,
             tenant: req.tenant,
             created_at: Utc::now(),
             revoked_at: None,
+            stored_role: Some(role),
+            agent: req.agent,
+            expires_at,
         };
         let (key, stored) = mint(info.clone());
         self.put(stored).await?;
         Ok(CreatedApiKey { key, info })
     }
 
+    /// The keys the caller manages: its tenant's, or all for an administrator.
     pub fn list(&self, caller: &Caller) -> Result<Vec<ApiKeyInfo>> {
-        caller.require_admin("list API keys")?;
-        Ok(self.ring.list())
+        caller.may(Action::ManageKeys)?;
+        Ok(self.ring.list(caller.tenant.as_deref()))
     }
 
     /// Revokes a key; revoking a revoked key is a no-op that returns it unchanged.
     /// The last administrator key cannot be revoked.
     pub async fn revoke(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
-        caller.require_admin("revoke API keys")?;
+        caller.may(Action::ManageKeys)?;
         let mut stored = self.ring.get(id).ok_or_else(|| Error::not_found("API key", id))?;
+        caller.check_owner(stored.info.tenant.as_deref().unwrap_or_default(), "API key", id)?;
+        if stored.info.tenant.is_none() {
+            caller.require_admin("revoke administrator keys")?;
+        }
         if stored.info.revoked_at.is_none() && stored.info.tenant.is_none() && self.ring.active_admins() == 1 {
             return Err(Error::new(
                 ErrorCode::FailedPrecondition,

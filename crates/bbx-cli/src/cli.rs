@@ -47,9 +47,12 @@ pub enum Command {
     /// Check or repair the AgentRing's journal (offline).
     #[command(subcommand)]
     Journal(JournalCommand),
-    /// Manage API keys (administrators only).
+    /// Manage API keys (administrators, and tenant administrators for their tenant).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Credentials and what they may do.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -467,6 +470,32 @@ pub enum V2Command {
     /// Aliases of `bbx quotas stats|gpu-status|cgroup-status`.
     #[command(subcommand)]
     EnforcedQuotas(EnforcedQuotasCommand),
+    /// Alias of `bbx auth`.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthCommand {
+    /// Create an API key for IDENTITY (a user or a service); its secret is printed once.
+    CreateApiKey {
+        identity: String,
+        /// The key's name [default: IDENTITY].
+        #[arg(short, long)]
+        name: Option<String>,
+        /// The tenant it belongs to [default: the caller's; none for an admin key].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// admin, tenant_admin, operator, agent or reader.
+        #[arg(long)]
+        role: Option<String>,
+        /// Confine the key to this agent of its tenant (required for the agent role).
+        #[arg(long)]
+        agent: Option<String>,
+        /// The key stops working this many seconds from now.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

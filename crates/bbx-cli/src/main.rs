@@ -18,8 +18,8 @@ use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState
 use bbx_core::validate;
 use clap::{CommandFactory, Parser};
 use cli::{
-    AgentCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand, KeyCommand,
-    QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
+    AgentCommand, AuthCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand,
+    KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -120,6 +120,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(command) => agent(&cli, command).await,
         Command::State(command) => state(&cli, command).await,
         Command::Key(command) => key(&cli, command).await,
+        Command::Auth(command) | Command::V2(V2Command::Auth(command)) => auth(&cli, command).await,
         Command::Ring(command) => ring::run(&cli, command).await,
         Command::Endpoint(words) => endpoint::run(&cli, words).await,
         Command::V2(V2Command::EnhancedRing(command)) => {
@@ -397,12 +398,46 @@ async fn state(cli: &Cli, command: &StateCommand) -> Result<()> {
     Ok(())
 }
 
+async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
+    match command {
+        AuthCommand::CreateApiKey {
+            identity,
+            name,
+            tenant,
+            role,
+            agent,
+            ttl,
+        } => {
+            let req = CreateApiKey {
+                name: name.clone().unwrap_or_else(|| identity.clone()),
+                tenant: tenant.clone(),
+                role: role.as_deref().map(str::parse).transpose()?,
+                identity: Some(identity.clone()),
+                agent: agent.as_deref().map(str::parse).transpose()?,
+                ttl_secs: *ttl,
+            };
+            let created = client(cli)?.create_key(&req).await?;
+            if cli.json {
+                // The key's fields beside its secret: `id` is the OAuth client id.
+                let mut printed = serde_json::to_value(&created.info)?;
+                printed["key"] = serde_json::Value::String(created.key);
+                output::json(&printed);
+            } else {
+                println!("{}", created.key);
+                eprintln!("key id {}: store the key now, it is not shown again", created.info.id);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn key(cli: &Cli, command: &KeyCommand) -> Result<()> {
     match command {
         KeyCommand::Create { name, tenant } => {
             let req = CreateApiKey {
                 name: name.clone(),
                 tenant: tenant.clone(),
+                ..Default::default()
             };
             let created = client(cli)?.create_key(&req).await?;
             if cli.json {

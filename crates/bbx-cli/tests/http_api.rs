@@ -871,6 +871,64 @@ async fn declared_endpoints_are_routes_documents_and_commands() {
     );
 }
 
+/// A key made with a role does what the role allows, from the command line.
+#[tokio::test]
+async fn cli_keys_with_roles() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let (status, agent) = api
+        .call(Method::POST, "/v1/agents", Some(json!({"name": "r", "tenant": "acme"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let agent = agent["id"].as_str().unwrap().to_owned();
+    api.call(
+        Method::PUT,
+        &format!("/v1/agents/{agent}/state/k"),
+        Some(json!({"value": 7})),
+    )
+    .await;
+    let out = kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "dashboard",
+        "-n",
+        "ro",
+        "--tenant",
+        "acme",
+        "--role",
+        "reader",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(created["id"].is_string() && created["role"] == "reader", "{created}");
+    let key = created["key"].as_str().unwrap();
+    let read = kernel.cli(&["--api-key", key, "state", "get", &agent, "k", "--json"]);
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let write = kernel.cli(&["--api-key", key, "state", "set", &agent, "k", "8"]);
+    assert!(!write.status.success());
+    let stderr = String::from_utf8_lossy(&write.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("permission_denied") || stderr.contains("may not"),
+        "{stderr}"
+    );
+    // The reference design's path, and a role that does not exist.
+    let out = kernel.cli(&[
+        "v2",
+        "auth",
+        "create-api-key",
+        "svc",
+        "--tenant",
+        "acme",
+        "--role",
+        "operator",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kernel.cli(&["auth", "create-api-key", "svc", "--role", "wizard"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown role"));
+}
+
 #[tokio::test]
 async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     use bbx_core::op::{CompletionStatus, SubmitOp};

@@ -178,6 +178,72 @@ pub struct CreateApiKey {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Default: `admin` for a key of no tenant, `operator` for a tenant's (what a
+    /// tenant's key could do before roles: everything but managing keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Who the key is for (a user or a service), for the audit; default: its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Confines the key to one agent of its tenant (required for the `agent` role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentId>,
+    /// The key stops working this many seconds after it is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// What a credential may do. Each role is confined to its tenant but `admin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything, in every tenant.
+    Admin,
+    /// Everything in its tenant, its keys included.
+    TenantAdmin,
+    /// Agents, their state and ops, quotas and held ops of its tenant; not keys.
+    Operator,
+    /// One agent's own ops and state.
+    Agent,
+    /// Reads only.
+    Reader,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Self::Admin,
+        Self::TenantAdmin,
+        Self::Operator,
+        Self::Agent,
+        Self::Reader,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::TenantAdmin => "tenant_admin",
+            Self::Operator => "operator",
+            Self::Agent => "agent",
+            Self::Reader => "reader",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|role| role.as_str() == s.replace('-', "_"))
+            .ok_or_else(|| {
+                let roles: Vec<&str> = Self::ALL.iter().map(|r| r.as_str()).collect();
+                crate::Error::invalid_field(
+                    "role",
+                    format!("unknown role {s:?}; the roles are {}", roles.join(", ")),
+                )
+            })
+    }
 }
 
 /// What the kernel keeps about an API key: never the secret.
@@ -190,6 +256,27 @@ pub struct ApiKeyInfo {
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Absent in keys made before roles: see [`ApiKeyInfo::role`].
+    #[serde(default, rename = "role", skip_serializing_if = "Option::is_none")]
+    pub stored_role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKeyInfo {
+    /// The key's role: as made, or for a key made before roles, `admin` without a
+    /// tenant and `operator` with one (what such keys could do).
+    pub fn role(&self) -> Role {
+        self.stored_role.unwrap_or(if self.tenant.is_none() {
+            Role::Admin
+        } else {
+            Role::Operator
+        })
+    }
 }
 
 /// A newly created key: the only time its secret is shown.

@@ -8,6 +8,7 @@ impl Kernel {
     pub(crate) fn agent_tenant(&self, caller: &Caller, id: &AgentId) -> Result<Arc<str>> {
         if let Some(tenant) = self.tenants.tenants.read().get(id) {
             caller.check_owner(tenant, "agent", id)?;
+            caller.check_agent(id)?;
             return Ok(tenant.clone());
         }
         let deletions = self.tenants.deletions.load(Ordering::Acquire);
@@ -30,10 +31,12 @@ impl Kernel {
             .map_err(|e| storage_error("read", e))?;
         let agent = decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", id))?)?;
         caller.check_owner(&agent.tenant, "agent", id)?;
+        caller.check_agent(id)?;
         Ok(agent)
     }
 
     pub async fn create_agent(&self, caller: &Caller, req: CreateAgent) -> Result<Agent> {
+        caller.may(Action::Operate)?;
         validate::name("name", &req.name)?;
         let tenant = match (req.tenant, &caller.tenant) {
             (Some(tenant), _) => tenant,
@@ -69,6 +72,7 @@ impl Kernel {
     }
 
     pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
+        caller.may(Action::Operate)?;
         self.load_agent(caller, id)?;
         // Under the quota updates' lock: a concurrent `set_quota` on this agent
         // either lands before (and its limits go with the agent) or finds no agent.
@@ -97,6 +101,7 @@ impl Kernel {
     /// Replaces the agent's data in every component that `data` has a part for,
     /// atomically.
     pub async fn import_agent(&self, caller: &Caller, data: bbx_component::AgentData) -> Result<()> {
+        caller.may(Action::Operate)?;
         self.load_agent(caller, &data.agent)?;
         self.store.write(self.components.import(data)?).await?;
         Ok(())
@@ -108,6 +113,11 @@ impl Kernel {
     }
 
     pub fn list_agents(&self, caller: &Caller, req: ListAgents) -> Result<AgentPage> {
+        if caller.agent.is_some() {
+            return Err(Error::permission_denied(
+                "a key confined to one agent cannot list agents",
+            ));
+        }
         let limit = page_limit(req.limit)?;
         let view = self.store.view();
         let tenant = match (req.tenant, &caller.tenant) {
@@ -224,6 +234,7 @@ impl Kernel {
     }
 
     pub async fn state_set(&self, caller: &Caller, agent: &AgentId, key: String, req: SetState) -> Result<StateEntry> {
+        caller.may(Action::Act)?;
         validate::state_key(&key)?;
         let json = serde_json::to_vec(&req.value).map_err(|e| Error::invalid_field("value", e.to_string()))?;
         if json.len() > self.config.max_body_bytes {
@@ -263,6 +274,7 @@ impl Kernel {
         key: String,
         if_version: Option<u64>,
     ) -> Result<()> {
+        caller.may(Action::Act)?;
         validate::state_key(&key)?;
         self.agent_tenant(caller, agent)?;
         self.store

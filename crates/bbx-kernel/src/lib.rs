@@ -30,7 +30,7 @@ mod quota;
 mod session;
 mod shm;
 
-pub use bbx_auth::{ADMIN_KEY_FILE, Caller};
+pub use bbx_auth::{ADMIN_KEY_FILE, Action, Caller, Role};
 pub use bbx_ring::RingMetrics;
 pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
@@ -303,7 +303,16 @@ impl Kernel {
         self.keys.mint_admin_key().await
     }
 
+    /// See [`bbx_auth::Keys::create`]; a key confined to an agent must name one of
+    /// its tenant that the caller sees.
     pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
+        if let Some(agent) = &req.agent {
+            let tenant = self.agent_tenant(caller, agent)?;
+            let named = req.tenant.as_deref().or(caller.tenant.as_deref());
+            if named != Some(&*tenant) {
+                return Err(Error::invalid_field("agent", "the agent is not of the key's tenant"));
+            }
+        }
         self.keys.create(caller, req).await
     }
 

@@ -42,6 +42,7 @@ impl Kernel {
         batch: SubmitBatch,
         reaper: Option<&ring::Sink>,
     ) -> Result<Submitted> {
+        caller.may(Action::Act)?;
         // Fx hashing: agent ids are ids the kernel made (UUIDv7), not the caller's
         // choice, and SipHash per op showed in the ring's profile.
         let mut known: FxHashMap<AgentId, Arc<str>> = FxHashMap::default();
@@ -114,11 +115,13 @@ impl Kernel {
 
     /// Approves an op held for approval; it then runs.
     pub async fn approve_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        caller.may(Action::Operate)?;
         self.ring.approve(caller, id).await
     }
 
     /// Denies an op held for approval; it ends with `policy_denied`.
     pub async fn deny_op(&self, caller: &Caller, id: &OpId, reason: &str) -> Result<OpInfo> {
+        caller.may(Action::Operate)?;
         self.ring.deny(caller, id, reason).await
     }
 
@@ -132,11 +135,13 @@ impl Kernel {
     }
 
     pub async fn cancel_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        caller.may(Action::Operate)?;
         self.ring.cancel(caller, id).await
     }
 
     /// Settles an op left in doubt by a crash.
     pub async fn resolve_op(&self, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
+        caller.may(Action::Operate)?;
         self.ring.resolve(caller, id, resolution).await
     }
 

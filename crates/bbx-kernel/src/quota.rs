@@ -111,6 +111,7 @@ impl Kernel {
     /// agents' (which can never exceed the tenant's anyway). Only an agent has a
     /// `group`; it changes only while the agent is idle.
     pub async fn set_quota(&self, caller: &Caller, node: &Node, update: QuotaLimits) -> Result<QuotaInfo> {
+        caller.may(bbx_auth::Action::Operate)?;
         update.validate()?;
         // One update at a time from check to store: two concurrent updates of
         // different limits would otherwise each write back the other's old value,

@@ -261,6 +261,7 @@ impl Kernel {
     /// Opens a shared-memory session for a client on this machine; see
     /// [`bbx_ring::shm`].
     pub fn open_shm(self: &Arc<Self>, caller: &Caller, request: OpenShm) -> Result<ShmSession> {
+        caller.may(bbx_auth::Action::Act)?;
         open(self, caller, request)
     }
 }

@@ -73,10 +73,7 @@ async fn new_agent(kernel: &Kernel, caller: &Caller) -> AgentId {
 
 /// A caller of another tenant.
 fn outsider() -> Caller {
-    Caller {
-        key_id: bbx_core::KeyId::generate(),
-        tenant: Some("other".into()),
-    }
+    Caller::of_tenant(bbx_core::KeyId::generate(), "other", bbx_core::model::Role::TenantAdmin)
 }
 
 fn admin(kernel: &Kernel, dir: &Path) -> Caller {

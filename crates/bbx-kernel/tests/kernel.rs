@@ -270,6 +270,7 @@ async fn tenant_keys_are_confined_and_revoked_keys_refused() {
             CreateApiKey {
                 name: "acme-ci".into(),
                 tenant: Some("acme".into()),
+                ..Default::default()
             },
         )
         .await
@@ -469,6 +470,7 @@ async fn the_last_admin_key_cannot_be_revoked() {
             CreateApiKey {
                 name: "second".into(),
                 tenant: None,
+                ..Default::default()
             },
         )
         .await

@@ -600,6 +600,7 @@ async fn tenant_keys_see_only_their_tenants_ops() {
             bbx_core::model::CreateApiKey {
                 name: "t".into(),
                 tenant: Some("other".into()),
+                ..Default::default()
             },
         )
         .await

@@ -79,10 +79,7 @@ impl Fixture {
         )
         .await
         .unwrap();
-        let admin = Caller {
-            key_id: bbx_core::KeyId::generate(),
-            tenant: None,
-        };
+        let admin = Caller::admin(bbx_core::KeyId::generate());
         Self {
             ring,
             store,

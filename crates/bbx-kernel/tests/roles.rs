@@ -1,0 +1,214 @@
+//! Roles and scoped keys: what each role may do in its tenant (403 beyond it),
+//! keys confined to one agent, key expiry, and who may make which keys.
+
+use bbx_core::ErrorCode;
+use bbx_core::config::{ConfigLayer, KernelConfig};
+use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, Role, SetState};
+use bbx_core::op::{SubmitBatch, SubmitOp};
+use bbx_core::{AgentId, Result};
+use bbx_kernel::{Caller, Kernel};
+use serde_json::json;
+use std::sync::Arc;
+
+async fn open(dir: &std::path::Path) -> (Arc<Kernel>, Caller) {
+    let over = ConfigLayer {
+        data_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    let config = KernelConfig::resolve(ConfigLayer::default(), over).unwrap();
+    let kernel = Kernel::open(config).await.unwrap().kernel;
+    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
+    let admin = kernel.authenticate(token.trim()).unwrap();
+    (kernel, admin)
+}
+
+async fn agent(kernel: &Kernel, caller: &Caller, tenant: &str) -> AgentId {
+    let req = CreateAgent {
+        name: "a".into(),
+        tenant: Some(tenant.into()),
+        ..Default::default()
+    };
+    kernel.create_agent(caller, req).await.unwrap().id
+}
+
+/// A key made by `maker`, authenticated: the caller it is.
+async fn key(kernel: &Kernel, maker: &Caller, req: CreateApiKey) -> Result<Caller> {
+    let created = kernel.create_key(maker, req).await?;
+    kernel.authenticate(&created.key)
+}
+
+fn of(tenant: &str, role: Role) -> CreateApiKey {
+    CreateApiKey {
+        name: format!("{}-key", role.as_str()),
+        tenant: Some(tenant.into()),
+        role: Some(role),
+        ..Default::default()
+    }
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T>) -> ErrorCode {
+    result.unwrap_err().code
+}
+
+#[tokio::test]
+async fn each_role_does_what_it_names_in_its_tenant_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, admin) = open(dir.path()).await;
+    let mine = agent(&kernel, &admin, "acme").await;
+    let other = agent(&kernel, &admin, "acme").await;
+    let foreign = agent(&kernel, &admin, "globex").await;
+    let set = |value| SetState {
+        value,
+        if_version: None,
+    };
+    let noop = |agent| SubmitBatch {
+        ops: vec![SubmitOp::new(agent, "noop", json!({}))],
+        wait_ms: None,
+    };
+
+    let reader = key(&kernel, &admin, of("acme", Role::Reader)).await.unwrap();
+    assert_eq!(reader.role, Role::Reader);
+    kernel
+        .state_set(&admin, &mine, "k".into(), set(json!(1)))
+        .await
+        .unwrap();
+    assert_eq!(kernel.state_get(&reader, &mine, "k").unwrap().value, json!(1));
+    assert!(kernel.get_agent(&reader, &mine).is_ok());
+    assert_eq!(
+        code(kernel.state_set(&reader, &mine, "k".into(), set(json!(2))).await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        code(kernel.submit(&reader, noop(mine)).await),
+        ErrorCode::PermissionDenied
+    );
+    let create = CreateAgent {
+        name: "b".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(kernel.create_agent(&reader, create.clone()).await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        code(kernel.get_agent(&reader, &foreign)),
+        ErrorCode::NotFound,
+        "another tenant's is missing"
+    );
+
+    let operator = key(&kernel, &admin, of("acme", Role::Operator)).await.unwrap();
+    kernel.create_agent(&operator, create.clone()).await.unwrap();
+    kernel
+        .state_set(&operator, &other, "k".into(), set(json!(3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(key(&kernel, &operator, of("acme", Role::Reader)).await),
+        ErrorCode::PermissionDenied
+    );
+
+    let confined = CreateApiKey {
+        agent: Some(mine),
+        ..of("acme", Role::Agent)
+    };
+    let own = key(&kernel, &admin, confined).await.unwrap();
+    assert_eq!(own.agent, Some(mine));
+    kernel.state_set(&own, &mine, "k".into(), set(json!(4))).await.unwrap();
+    kernel.submit(&own, noop(mine)).await.unwrap();
+    assert_eq!(
+        code(kernel.state_set(&own, &other, "k".into(), set(json!(5))).await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        code(kernel.submit(&own, noop(other)).await),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        code(kernel.list_agents(&own, ListAgents::default())),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(code(kernel.state_get(&own, &foreign, "k")), ErrorCode::NotFound);
+    assert_eq!(
+        code(kernel.create_agent(&own, create).await),
+        ErrorCode::PermissionDenied
+    );
+    let unconfined = key(&kernel, &admin, of("acme", Role::Agent)).await;
+    assert_eq!(
+        code(unconfined),
+        ErrorCode::InvalidArgument,
+        "an agent key names its agent"
+    );
+    let elsewhere = CreateApiKey {
+        agent: Some(foreign),
+        ..of("acme", Role::Agent)
+    };
+    assert_eq!(code(key(&kernel, &admin, elsewhere).await), ErrorCode::InvalidArgument);
+    kernel.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tenant_administrator_makes_keys_of_its_tenant_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, admin) = open(dir.path()).await;
+    let boss = key(&kernel, &admin, of("acme", Role::TenantAdmin)).await.unwrap();
+    // With no tenant named, the key is of the maker's own.
+    let made = kernel
+        .create_key(
+            &boss,
+            CreateApiKey {
+                name: "ci".into(),
+                role: Some(Role::Reader),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(made.info.tenant.as_deref(), Some("acme"));
+    assert_eq!(made.info.role(), Role::Reader);
+    assert_eq!(
+        code(key(&kernel, &boss, of("globex", Role::Reader)).await),
+        ErrorCode::PermissionDenied
+    );
+    let admin_key = CreateApiKey {
+        name: "root".into(),
+        role: Some(Role::Admin),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(kernel.create_key(&boss, admin_key).await),
+        ErrorCode::InvalidArgument
+    );
+    let listed = kernel.list_keys(&boss).unwrap();
+    assert!(listed.iter().all(|k| k.tenant.as_deref() == Some("acme")), "{listed:?}");
+    assert!(listed.len() >= 2);
+    let admin_id = kernel
+        .list_keys(&admin)
+        .unwrap()
+        .into_iter()
+        .find(|k| k.tenant.is_none())
+        .unwrap()
+        .id;
+    assert_eq!(code(kernel.revoke_key(&boss, &admin_id).await), ErrorCode::NotFound);
+    kernel.revoke_key(&boss, &made.info.id).await.unwrap();
+    assert_eq!(code(kernel.authenticate(&made.key)), ErrorCode::Unauthenticated);
+
+    // A key with a time to live stops working when it is up.
+    let brief = CreateApiKey {
+        ttl_secs: Some(1),
+        ..of("acme", Role::Reader)
+    };
+    let created = kernel.create_key(&admin, brief).await.unwrap();
+    assert!(kernel.authenticate(&created.key).is_ok());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let expired = kernel.authenticate(&created.key).unwrap_err();
+    assert_eq!(expired.details.unwrap()["reason"], "expired");
+    let forever = CreateApiKey {
+        ttl_secs: Some(u64::MAX),
+        ..of("acme", Role::Reader)
+    };
+    assert_eq!(
+        code(kernel.create_key(&admin, forever).await),
+        ErrorCode::InvalidArgument
+    );
+    kernel.shutdown().await;
+}
