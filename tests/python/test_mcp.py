@@ -37,6 +37,8 @@ TOOLS = {
     # Declared as endpoints (GET /v1/endpoints), not written in the MCP server.
     "ring_approve",
     "ring_deny",
+    "auth_create_token",
+    "auth_verify",
 }
 
 
@@ -140,6 +142,11 @@ async def exercise_every_tool(session):
     assert error_code(await session.call_tool("ring_approve", {"op_id": op_id})) == "failed_precondition"
     assert error_code(await session.call_tool("ring_deny", {"op_id": op_id, "reason": "no"})) == "failed_precondition"
     assert error_code(await session.call_tool("ring_deny", {"op_id": op_id})) == "invalid_argument"
+    # A token issued and checked through the auth tools.
+    issued = ok(await session.call_tool("auth_create_token", {"identity": "mcp", "tenant": "acme", "role": "reader"}))
+    checked = ok(await session.call_tool("auth_verify", {"token": issued["token"]}))
+    assert checked["valid"] and checked["claims"]["roles"] == ["reader"], checked
+    assert not ok(await session.call_tool("auth_verify", {"token": issued["token"] + "x"}))["valid"]
 
     node = f"agent/{agent_id}"
     quota = ok(await session.call_tool("quota_set", {"node": node, "limits": {"pids": 32, "cost_per_day_usd": 2.5}}))

@@ -8,10 +8,13 @@ use bbx_core::{AgentId, Error, KeyId, Result};
 /// confined to, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The key's id, or the token's (`jti`).
     pub key_id: KeyId,
     pub tenant: Option<String>,
     pub role: Role,
     pub agent: Option<AgentId>,
+    /// When the credential stops working, if it does.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What an action needs of a caller's role.
@@ -47,6 +50,7 @@ impl Caller {
             tenant: None,
             role: Role::Admin,
             agent: None,
+            expires_at: None,
         }
     }
 
@@ -57,6 +61,7 @@ impl Caller {
             tenant: Some(tenant.into()),
             role,
             agent: None,
+            expires_at: None,
         }
     }
 

@@ -119,6 +119,7 @@ impl KeyRing {
             tenant: stored.info.tenant.clone(),
             role: stored.info.role(),
             agent: stored.info.agent,
+            expires_at: stored.info.expires_at,
         })
     }
 }

@@ -65,9 +65,12 @@ impl Keys {
         self.ring.verify(token)
     }
 
-    /// See [`KeyRing::is_active`].
-    pub fn is_active(&self, id: &KeyId) -> bool {
-        self.ring.is_active(id)
+    /// Whether the credential behind `caller` still works: not expired, and if it
+    /// is a key, not revoked (a long-lived session checks this, since it
+    /// authenticated only once).
+    pub fn still_valid(&self, caller: &Caller) -> bool {
+        let current = caller.expires_at.is_none_or(|at| at > Utc::now());
+        current && (self.ring.get(&caller.key_id).is_none() || self.ring.is_active(&caller.key_id))
     }
 
     /// Mints the administrator key if there is no key at all; where it was written.
@@ -109,45 +112,15 @@ impl Keys {
         Ok(())
     }
 
-    /// Makes a key. An administrator makes any; a tenant administrator makes keys
-    /// of its own tenant, short of `admin`. The role defaults to `admin` without a
-    /// tenant and `operator` with one; `admin` goes with no tenant, every other
-    /// role with one, and `agent` with an agent (whose tenant the kernel checks).
+    /// Makes a key, as [`grant`] allows (the agent's tenant is the kernel's to
+    /// check).
     pub async fn create(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
         caller.may(Action::ManageKeys)?;
         validate::name("name", &req.name)?;
-        // A tenant's caller makes keys of its own tenant unless it names one.
-        let req = CreateApiKey {
-            tenant: req.tenant.or_else(|| caller.tenant.clone()),
-            ..req
-        };
-        if let Some(tenant) = &req.tenant {
-            validate::tenant(tenant)?;
-        }
         if let Some(identity) = &req.identity {
             validate::name("identity", identity)?;
         }
-        let role = req.role.unwrap_or(if req.tenant.is_none() {
-            Role::Admin
-        } else {
-            Role::Operator
-        });
-        match (&req.tenant, role) {
-            (None, Role::Admin) => caller.require_admin("create administrator keys")?,
-            (None, _) => {
-                return Err(Error::invalid_field(
-                    "tenant",
-                    format!("a {} key needs a tenant", role.as_str()),
-                ));
-            }
-            (Some(_), Role::Admin) => {
-                return Err(Error::invalid_field("role", "an admin key belongs to no tenant"));
-            }
-            (Some(tenant), _) => caller.check_tenant(tenant)?,
-        }
-        if role == Role::Agent && req.agent.is_none() {
-            return Err(Error::invalid_field("agent", "an agent key names its agent"));
-        }
+        let (tenant, role) = grant(caller, req.tenant, req.role, req.agent)?;
         let expires_at = match req.ttl_secs {
             None => None,
             Some(secs @ 1..=MAX_TTL_SECS) => Some(Utc::now() + chrono::Duration::seconds(secs as i64)),
@@ -162,7 +135,7 @@ impl Keys {
             id: KeyId::generate(),
             identity: Some(req.identity.unwrap_or_else(|| req.name.clone())),
             name: req.name,
-            tenant: req.tenant,
+            tenant,
             created_at: Utc::now(),
             revoked_at: None,
             stored_role: Some(role),
@@ -201,6 +174,40 @@ impl Keys {
         }
         Ok(stored.info)
     }
+}
+
+/// What a new credential (a key or a token) made by `caller` may be: its tenant
+/// (the caller's own unless it names one) and its role (`admin` without a tenant,
+/// `operator` with one, unless it names one). An administrator grants anything; a
+/// tenant administrator grants within its tenant, short of `admin`. `admin` goes
+/// with no tenant, every other role with one, and `agent` with an agent.
+pub fn grant(
+    caller: &Caller,
+    tenant: Option<String>,
+    role: Option<Role>,
+    agent: Option<bbx_core::AgentId>,
+) -> Result<(Option<String>, Role)> {
+    caller.may(Action::ManageKeys)?;
+    let tenant = tenant.or_else(|| caller.tenant.clone());
+    if let Some(tenant) = &tenant {
+        validate::tenant(tenant)?;
+    }
+    let role = role.unwrap_or(if tenant.is_none() { Role::Admin } else { Role::Operator });
+    match (&tenant, role) {
+        (None, Role::Admin) => caller.require_admin("grant the administrator role")?,
+        (None, _) => {
+            return Err(Error::invalid_field(
+                "tenant",
+                format!("a {} credential needs a tenant", role.as_str()),
+            ));
+        }
+        (Some(_), Role::Admin) => return Err(Error::invalid_field("role", "an admin credential belongs to no tenant")),
+        (Some(tenant), _) => caller.check_tenant(tenant)?,
+    }
+    if role == Role::Agent && agent.is_none() {
+        return Err(Error::invalid_field("agent", "an agent credential names its agent"));
+    }
+    Ok((tenant, role))
 }
 
 /// Writes `secret` to `path` with mode 0600: temp file, fsync, rename, fsync dir.

@@ -12,6 +12,9 @@
 //! `operator`, `agent` (one agent's own ops and state) or `reader`, and may be
 //! confined to one agent.
 //!
+//! Access tokens ([`tokens`]) are JWTs the kernel signs with its own Ed25519 keys,
+//! accepted wherever a key is.
+//!
 //! API keys ([`keys`]) are minted once, stored only as a SHA-256 digest (in the
 //! `api_keys` keyspace, through the store's group commit) and checked in constant
 //! time; on first start the kernel mints an administrator key into
@@ -20,8 +23,10 @@
 mod caller;
 pub mod keyring;
 pub mod keys;
+pub mod tokens;
 
 pub use bbx_core::model::Role;
 pub use caller::{Action, Caller};
 pub use keyring::{KeyRing, StoredKey, mint};
-pub use keys::{ADMIN_KEY_FILE, API_KEYS, Keys};
+pub use keys::{ADMIN_KEY_FILE, API_KEYS, Keys, grant};
+pub use tokens::{Claims, SIGNING_KEYS, Tokens};

@@ -477,25 +477,41 @@ pub enum V2Command {
 
 #[derive(Subcommand, Debug)]
 pub enum AuthCommand {
+    /// Issue a short-lived access token for IDENTITY (it lives 1 to 86400 seconds,
+    /// 900 by default); prints it.
+    CreateToken {
+        identity: String,
+        #[command(flatten)]
+        grant: Grant,
+    },
+    /// Check a token: prints whether it is valid, and its claims; exits non-zero if not.
+    Verify { token: String },
     /// Create an API key for IDENTITY (a user or a service); its secret is printed once.
     CreateApiKey {
         identity: String,
         /// The key's name [default: IDENTITY].
         #[arg(short, long)]
         name: Option<String>,
-        /// The tenant it belongs to [default: the caller's; none for an admin key].
-        #[arg(long)]
-        tenant: Option<String>,
-        /// admin, tenant_admin, operator, agent or reader.
-        #[arg(long)]
-        role: Option<String>,
-        /// Confine the key to this agent of its tenant (required for the agent role).
-        #[arg(long)]
-        agent: Option<String>,
-        /// The key stops working this many seconds from now.
-        #[arg(long)]
-        ttl: Option<u64>,
+        #[command(flatten)]
+        grant: Grant,
     },
+}
+
+/// What a new credential may do.
+#[derive(Args, Debug)]
+pub struct Grant {
+    /// The tenant it belongs to [default: the caller's; none for an admin credential].
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// admin, tenant_admin, operator, agent or reader.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Confine it to this agent of its tenant (required for the agent role).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// It stops working this many seconds from now.
+    #[arg(long)]
+    pub ttl: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]

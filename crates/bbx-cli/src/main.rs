@@ -19,7 +19,7 @@ use bbx_core::validate;
 use clap::{CommandFactory, Parser};
 use cli::{
     AgentCommand, AuthCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand,
-    KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
+    Grant, KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -400,13 +400,58 @@ async fn state(cli: &Cli, command: &StateCommand) -> Result<()> {
 
 async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
     match command {
+        AuthCommand::CreateToken {
+            identity,
+            grant:
+                Grant {
+                    tenant,
+                    role,
+                    agent,
+                    ttl,
+                },
+        } => {
+            let mut input = serde_json::json!({ "identity": identity });
+            for (field, value) in [("tenant", tenant), ("agent", agent)] {
+                if let Some(value) = value {
+                    input[field] = value.clone().into();
+                }
+            }
+            if let Some(role) = role {
+                input["role"] = role.parse::<bbx_core::model::Role>()?.as_str().into();
+            }
+            if let Some(ttl) = ttl {
+                input["ttl_secs"] = (*ttl).into();
+            }
+            let created = client(cli)?.call_endpoint("auth.create_token", input).await?;
+            if cli.json {
+                output::json(&created);
+            } else {
+                println!("{}", created["token"].as_str().unwrap_or_default());
+            }
+        }
+        AuthCommand::Verify { token } => {
+            let input = serde_json::json!({ "token": token });
+            let checked = client(cli)?.call_endpoint("auth.verify", input).await?;
+            if cli.json {
+                output::json(&checked);
+            } else {
+                println!("{}", if checked["valid"] == true { "valid" } else { "not valid" });
+            }
+            if checked["valid"] != true {
+                let why = checked["error"]["message"].as_str().unwrap_or("the token is not valid");
+                anyhow::bail!("{why}");
+            }
+        }
         AuthCommand::CreateApiKey {
             identity,
             name,
-            tenant,
-            role,
-            agent,
-            ttl,
+            grant:
+                Grant {
+                    tenant,
+                    role,
+                    agent,
+                    ttl,
+                },
         } => {
             let req = CreateApiKey {
                 name: name.clone().unwrap_or_else(|| identity.clone()),

@@ -929,6 +929,90 @@ async fn cli_keys_with_roles() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown role"));
 }
 
+/// Access tokens from the command line: issued, used as a bearer, checked, and
+/// published keys that need no credential.
+#[tokio::test]
+async fn cli_access_tokens() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let out = kernel.cli(&[
+        "auth",
+        "create-token",
+        "ci",
+        "--tenant",
+        "acme",
+        "--role",
+        "operator",
+        "--ttl",
+        "600",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(created["claims"]["roles"], json!(["operator"]));
+    let (status, _) = api.raw(Method::GET, "/v1/agents", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK, "the token is a bearer on /v1");
+    let (status, created_agent) = api
+        .raw(
+            Method::POST,
+            "/v1/agents",
+            Some(&token),
+            Some(("application/json", br#"{"name":"t"}"#.to_vec())),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created_agent}");
+    assert_eq!(created_agent["tenant"], "acme");
+
+    let verify = kernel.cli(&["auth", "verify", &token, "--json"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let checked: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(
+        (checked["valid"].clone(), checked["claims"]["sub"].clone()),
+        (json!(true), json!("ci"))
+    );
+    let (head, signature) = token.rsplit_once('.').unwrap();
+    let tampered = format!(
+        "{head}.{}{}",
+        if signature.starts_with('A') { "B" } else { "A" },
+        &signature[1..]
+    );
+    let (status, body) = api.raw(Method::GET, "/v1/agents", Some(&tampered), None).await;
+    assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
+    let verify = kernel.cli(&["auth", "verify", &tampered, "--json"]);
+    assert!(!verify.status.success());
+    let checked: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(checked["valid"], false);
+
+    let out = kernel.cli(&[
+        "auth",
+        "create-token",
+        "brief",
+        "--tenant",
+        "acme",
+        "--role",
+        "reader",
+        "--ttl",
+        "1",
+    ]);
+    let brief = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (status, _) = api.raw(Method::GET, "/v1/agents", Some(&brief), None).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (status, body) = api.raw(Method::GET, "/v1/agents", Some(&brief), None).await;
+    assert_eq!(error_code(status, &body, StatusCode::UNAUTHORIZED), "unauthenticated");
+
+    let jwks = api
+        .http
+        .get(format!("{}/.well-known/jwks.json", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jwks.status(), StatusCode::OK, "no credential needed");
+    let jwks: Value = jwks.json().await.unwrap();
+    assert_eq!(jwks["keys"][0]["crv"], "Ed25519", "{jwks}");
+}
+
 #[tokio::test]
 async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     use bbx_core::op::{CompletionStatus, SubmitOp};

@@ -21,6 +21,13 @@ struct Deny {
     reason: String,
 }
 
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Verify {
+    /// An access token the kernel issued.
+    token: String,
+}
+
 impl Kernel {
     /// The kernel's endpoints, then every component's; refused if two share a name.
     pub(crate) fn collect_endpoints(self: &Arc<Self>) -> Result<Vec<Endpoint>> {
@@ -52,7 +59,31 @@ impl Kernel {
                 },
             )
         };
-        let mut all = vec![approve, deny];
+        let create_token = {
+            let kernel = Arc::downgrade(self);
+            Endpoint::new(
+                "auth.create_token",
+                ("POST", "/v1/auth/tokens"),
+                "Issue a short-lived access token (a JWT the kernel signs) for an identity, with a tenant, a role and optionally one agent.",
+                move |caller: Caller, req: CreateToken| {
+                    let kernel = kernel.clone();
+                    async move { live(&kernel)?.create_token(&caller, req) }
+                },
+            )
+        };
+        let verify = {
+            let kernel = Arc::downgrade(self);
+            Endpoint::new(
+                "auth.verify",
+                ("POST", "/v1/auth/verify"),
+                "Check a token: whether the kernel signed it and it has not expired, with its claims or why not.",
+                move |_: Caller, args: Verify| {
+                    let kernel = kernel.clone();
+                    async move { Ok(live(&kernel)?.verify_token(&args.token)) }
+                },
+            )
+        };
+        let mut all = vec![approve, deny, create_token, verify];
         for endpoint in self.components.endpoints(&self.context) {
             if all.iter().any(|known| known.info.name == endpoint.info.name) {
                 return Err(Error::internal(format!(

@@ -94,6 +94,7 @@ pub struct Kernel {
     /// Background tasks (purges, expiry, the ring's), awaited at shutdown.
     tasks: TaskTracker,
     keys: bbx_auth::Keys,
+    tokens: bbx_auth::Tokens,
     started: Instant,
     closing: AtomicBool,
     shm_sessions: Arc<shm::Sessions>,
@@ -143,6 +144,43 @@ struct TenantCache {
 
 /// Agents the cache remembers before it starts over.
 const TENANT_CACHE_AGENTS: usize = 65_536;
+
+/// A token's life unless asked otherwise: fifteen minutes.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 900;
+
+/// What `create_token` asks for.
+#[derive(Debug, Clone, Default, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Who the token is for: its `sub`.
+    pub identity: String,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub role: Option<Role>,
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Seconds it lives: 1 to a day [default: 900].
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A token, and what it says.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CreatedToken {
+    pub token: String,
+    pub claims: bbx_auth::Claims,
+}
+
+/// Whether a token checks, and its claims or why not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenCheck {
+    pub valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims: Option<bbx_auth::Claims>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
+}
 
 /// What opening a kernel produced.
 pub struct Opened {
@@ -201,6 +239,7 @@ impl Kernel {
             },
         )?);
         let keys = bbx_auth::Keys::load(store.clone(), &config.data_dir)?;
+        let tokens = bbx_auth::Tokens::open(store.clone()).await?;
         let tasks = TaskTracker::new();
         let quotas = Arc::new(bbx_quota::stored::load(&store)?);
         let tools = Arc::new(bbx_tools::Tools::new(
@@ -246,6 +285,7 @@ impl Kernel {
             ring,
             tasks,
             keys,
+            tokens,
             started: Instant::now(),
             closing: AtomicBool::new(false),
             shm_sessions: Arc::default(),
@@ -324,8 +364,55 @@ impl Kernel {
         self.keys.revoke(caller, id).await
     }
 
+    /// The caller a bearer credential makes: an API key (`bbx_...`) or an access
+    /// token the kernel signed.
     pub fn authenticate(&self, token: &str) -> Result<Caller> {
-        self.keys.verify(token)
+        if token.starts_with("bbx_") {
+            return self.keys.verify(token);
+        }
+        self.tokens.verify(token)?.caller()
+    }
+
+    /// The public keys the kernel's tokens are signed with, as a JWKS.
+    pub fn jwks(&self) -> jsonwebtoken::jwk::JwkSet {
+        self.tokens.jwks()
+    }
+
+    /// Issues an access token for `identity`, as [`bbx_auth::grant`] allows.
+    pub fn create_token(&self, caller: &Caller, req: CreateToken) -> Result<CreatedToken> {
+        bbx_core::validate::name("identity", &req.identity)?;
+        let (tenant, role) = bbx_auth::grant(caller, req.tenant, req.role, req.agent)?;
+        if let Some(agent) = &req.agent
+            && tenant.as_deref() != Some(&*self.agent_tenant(caller, agent)?)
+        {
+            return Err(Error::invalid_field("agent", "the agent is not of the token's tenant"));
+        }
+        let confined = Caller {
+            agent: req.agent,
+            ..match tenant {
+                Some(tenant) => Caller::of_tenant(KeyId::generate(), tenant, role),
+                None => Caller::admin(KeyId::generate()),
+            }
+        };
+        let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+        let (token, claims) = self.tokens.issue(&req.identity, &confined, ttl)?;
+        Ok(CreatedToken { token, claims })
+    }
+
+    /// Whether `token` is one of the kernel's, unexpired: its claims if so.
+    pub fn verify_token(&self, token: &str) -> TokenCheck {
+        match self.tokens.verify(token) {
+            Ok(claims) => TokenCheck {
+                valid: true,
+                claims: Some(claims),
+                error: None,
+            },
+            Err(e) => TokenCheck {
+                valid: false,
+                claims: None,
+                error: Some(e),
+            },
+        }
     }
 
     pub fn session(self: &Arc<Self>, caller: Caller) -> Session {
@@ -340,7 +427,7 @@ impl Kernel {
 /// `extra`'s.
 fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::KeyspaceDef> {
     let mut all = bbx_agents::KEYSPACES.to_vec();
-    all.push(bbx_auth::API_KEYS);
+    all.extend([bbx_auth::API_KEYS, bbx_auth::SIGNING_KEYS]);
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));

@@ -212,3 +212,125 @@ async fn a_tenant_administrator_makes_keys_of_its_tenant_only() {
     );
     kernel.shutdown().await;
 }
+
+/// A token's header and claims, base64url-encoded, with `signature`.
+fn forged(header: serde_json::Value, claims: &serde_json::Value, signature: &str) -> String {
+    use base64::Engine as _;
+    let encode = |value: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap())
+    };
+    format!("{}.{}.{signature}", encode(&header), encode(claims))
+}
+
+#[tokio::test]
+async fn access_tokens_carry_their_role_and_refuse_every_forgery() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, admin) = open(dir.path()).await;
+    let mine = agent(&kernel, &admin, "acme").await;
+    kernel
+        .state_set(
+            &admin,
+            &mine,
+            "k".into(),
+            SetState {
+                value: json!(1),
+                if_version: None,
+            },
+        )
+        .await
+        .unwrap();
+    let request = |role: Role, ttl: u64| bbx_kernel::CreateToken {
+        identity: "dashboard".into(),
+        tenant: Some("acme".into()),
+        role: Some(role),
+        ttl_secs: Some(ttl),
+        ..Default::default()
+    };
+    let issued = kernel.create_token(&admin, request(Role::Reader, 600)).unwrap();
+    assert_eq!(
+        (issued.claims.sub.as_str(), issued.claims.roles.as_slice()),
+        ("dashboard", &[Role::Reader][..])
+    );
+    let bearer = kernel.authenticate(&issued.token).unwrap();
+    assert_eq!((bearer.tenant.as_deref(), bearer.role), (Some("acme"), Role::Reader));
+    assert_eq!(kernel.state_get(&bearer, &mine, "k").unwrap().value, json!(1));
+    let refused = kernel.state_set(
+        &bearer,
+        &mine,
+        "k".into(),
+        SetState {
+            value: json!(2),
+            if_version: None,
+        },
+    );
+    assert_eq!(code(refused.await), ErrorCode::PermissionDenied);
+    assert!(kernel.verify_token(&issued.token).valid);
+
+    // The published keys check it, as any JWT library would.
+    let jwks = kernel.jwks();
+    let published = jsonwebtoken::DecodingKey::from_jwk(&jwks.keys[0]).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    validation.set_issuer(&["bbx"]);
+    let decoded = jsonwebtoken::decode::<serde_json::Value>(&issued.token, &published, &validation).unwrap();
+    assert_eq!(decoded.claims["tenant"], "acme");
+
+    // Forgeries: a changed signature, alg none, HMAC keyed with the public key.
+    let (head, signature) = issued.token.rsplit_once('.').unwrap();
+    let flipped = if signature.starts_with('A') { "B" } else { "A" };
+    let tampered = format!("{head}.{flipped}{}", &signature[1..]);
+    let claims = serde_json::to_value(&issued.claims).unwrap();
+    let none = forged(json!({"alg": "none", "typ": "JWT"}), &claims, "");
+    let public = jwks.keys[0].clone();
+    let x = match &public.algorithm {
+        jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(okp) => okp.x.clone(),
+        other => panic!("an Ed25519 key is published, not {other:?}"),
+    };
+    let hmac_header = jsonwebtoken::Header {
+        kid: public.common.key_id.clone(),
+        ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+    };
+    let confused = jsonwebtoken::encode(
+        &hmac_header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(x.as_bytes()),
+    )
+    .unwrap();
+    let oversized = "a".repeat(64 * 1024);
+    for forgery in [tampered.as_str(), &none, &confused, "not.a.token", &oversized] {
+        assert_eq!(
+            code(kernel.authenticate(forgery)),
+            ErrorCode::Unauthenticated,
+            "{forgery:.40}"
+        );
+        assert!(!kernel.verify_token(forgery).valid);
+    }
+
+    // Who may issue: as for keys.
+    let reader = key(&kernel, &admin, of("acme", Role::Reader)).await.unwrap();
+    assert_eq!(
+        code(kernel.create_token(&reader, request(Role::Reader, 60))),
+        ErrorCode::PermissionDenied
+    );
+    let boss = key(&kernel, &admin, of("acme", Role::TenantAdmin)).await.unwrap();
+    assert!(kernel.create_token(&boss, request(Role::Operator, 60)).is_ok());
+    let elsewhere = bbx_kernel::CreateToken {
+        tenant: Some("globex".into()),
+        ..request(Role::Reader, 60)
+    };
+    assert_eq!(code(kernel.create_token(&boss, elsewhere)), ErrorCode::PermissionDenied);
+    assert_eq!(
+        code(kernel.create_token(&admin, request(Role::Reader, 86_401))),
+        ErrorCode::InvalidArgument
+    );
+
+    // A token outlives a restart (the signing keys are durable), not its time.
+    let brief = kernel.create_token(&admin, request(Role::Reader, 1)).unwrap();
+    kernel.shutdown().await;
+    drop(kernel);
+    let (kernel, _) = open(dir.path()).await;
+    assert!(kernel.authenticate(&issued.token).is_ok());
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let expired = kernel.authenticate(&brief.token).unwrap_err();
+    assert_eq!(expired.details.unwrap()["reason"], "expired");
+    kernel.shutdown().await;
+}

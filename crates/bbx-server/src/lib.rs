@@ -84,6 +84,13 @@ pub fn app(kernel: Arc<Kernel>) -> axum::Router {
             get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(readyz))
+        // Public, as a JWKS is: anyone may check the kernel's tokens.
+        .route(
+            "/.well-known/jwks.json",
+            get(|axum::extract::State(kernel): axum::extract::State<Arc<Kernel>>| async move {
+                axum::Json(kernel.jwks())
+            }),
+        )
         .route("/metrics", get(render_metrics).with_state(metrics.clone()))
         .merge(authenticated)
         .fallback(|| async { ApiError(Error::new(ErrorCode::NotFound, "no such route")) })

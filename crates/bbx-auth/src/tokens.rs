@@ -1,0 +1,235 @@
+//! Access tokens: short-lived JWTs the kernel signs with Ed25519 keys of its own
+//! (EdDSA), accepted as bearer credentials everywhere a key is, and published as a
+//! JWKS (`/.well-known/jwks.json`) so that anyone can check them.
+//!
+//! Only EdDSA with a key id the kernel made is accepted: `alg: none`, HMAC with the
+//! public key as its secret (algorithm confusion) and every other algorithm are
+//! refused before a signature is looked at. The kernel's own clock issues and
+//! checks them, so a token gets no leeway.
+
+use crate::Caller;
+use bbx_core::model::Role;
+use bbx_core::{AgentId, Error, KeyId, Result};
+use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged, Store, storage_error};
+use chrono::{DateTime, Utc};
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The kernel's signing keys: key id -> [`StoredSigningKey`] as JSON. Its id is what
+/// redo records carry: never change it.
+pub const SIGNING_KEYS: KeyspaceDef = KeyspaceDef {
+    id: 10,
+    name: "signing_keys",
+};
+
+/// The longest a token may live: a day.
+pub const MAX_TTL_SECS: u64 = 24 * 3600;
+/// A token is refused past this size, before it is parsed.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Who issues the kernel's tokens (`iss`).
+pub const ISSUER: &str = "bbx";
+
+/// What a token says of its bearer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Claims {
+    pub iss: String,
+    /// The identity it was issued to.
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub roles: Vec<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentId>,
+    pub iat: i64,
+    pub exp: i64,
+    /// The token's id.
+    pub jti: String,
+}
+
+impl Claims {
+    /// The caller the token makes its bearer.
+    pub fn caller(&self) -> Result<Caller> {
+        let jti: KeyId = self.jti.parse()?;
+        let role = *self.roles.first().ok_or_else(|| invalid("the token names no role"))?;
+        let expires_at =
+            DateTime::from_timestamp(self.exp, 0).ok_or_else(|| invalid("the token's exp is out of range"))?;
+        Ok(Caller {
+            key_id: jti,
+            tenant: self.tenant.clone(),
+            role,
+            agent: self.agent,
+            expires_at: Some(expires_at),
+        })
+    }
+}
+
+fn invalid(why: &str) -> Error {
+    Error::unauthenticated("invalid", format!("the token is not valid: {why}"))
+}
+
+/// A signing key as stored: its id, its Ed25519 private key (PKCS#8 v1) and when it
+/// was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSigningKey {
+    kid: String,
+    pkcs8: Vec<u8>,
+    created_at: DateTime<Utc>,
+}
+
+#[derive(Debug)]
+struct PutSigningKey(StoredSigningKey);
+
+impl Staged for PutSigningKey {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        let json = serde_json::to_vec(&self.0).map_err(|e| Error::internal(e.to_string()))?;
+        tx.put(SIGNING_KEYS, self.0.kid.as_bytes().to_vec(), json);
+        Ok(Applied::Done)
+    }
+}
+
+struct SigningKey {
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    jwk: Jwk,
+}
+
+impl SigningKey {
+    fn from_stored(stored: &StoredSigningKey) -> Result<Self> {
+        let encoding = EncodingKey::from_ed_der(&stored.pkcs8);
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::EdDSA)
+            .map_err(|e| Error::internal(format!("signing key {} is unreadable: {e}", stored.kid)))?;
+        jwk.common.key_id = Some(stored.kid.clone());
+        let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| Error::internal(e.to_string()))?;
+        Ok(Self {
+            kid: stored.kid.clone(),
+            encoding,
+            decoding,
+            jwk,
+        })
+    }
+}
+
+/// The kernel's token issuer and verifier.
+pub struct Tokens {
+    store: Arc<Store>,
+    /// Oldest first; the newest signs.
+    keys: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
+}
+
+impl Tokens {
+    /// Loads the signing keys; makes the first if there is none.
+    pub async fn open(store: Arc<Store>) -> Result<Self> {
+        let mut stored: Vec<StoredSigningKey> = Vec::new();
+        for item in store.keyspace(SIGNING_KEYS).iter() {
+            let (_, value) = item.into_inner().map_err(|e| storage_error("load signing keys", e))?;
+            stored.push(
+                serde_json::from_slice(&value)
+                    .map_err(|e| Error::internal(format!("a stored signing key is unreadable: {e}")))?,
+            );
+        }
+        stored.sort_by_key(|key| key.created_at);
+        let keys = stored.iter().map(SigningKey::from_stored).collect::<Result<Vec<_>>>()?;
+        let tokens = Self {
+            store,
+            keys: parking_lot::RwLock::new(keys.into_iter().map(Arc::new).collect()),
+        };
+        if tokens.keys.read().is_empty() {
+            tokens.rotate().await?;
+        }
+        Ok(tokens)
+    }
+
+    /// Makes a new signing key, which signs from now on; tokens the older ones
+    /// signed stay valid until they expire.
+    pub async fn rotate(&self) -> Result<()> {
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::generate()
+            .map_err(|_| Error::internal("cannot generate a signing key"))?;
+        let pkcs8 = pair
+            .to_pkcs8v1()
+            .map_err(|_| Error::internal("cannot encode a signing key"))?;
+        let stored = StoredSigningKey {
+            kid: KeyId::generate().to_string(),
+            pkcs8: pkcs8.as_ref().to_vec(),
+            created_at: Utc::now(),
+        };
+        let key = SigningKey::from_stored(&stored)?;
+        self.store.write(PutSigningKey(stored)).await?;
+        self.keys.write().push(Arc::new(key));
+        Ok(())
+    }
+
+    /// Signs a token for `sub`, confined as `confined` is (its tenant, role and
+    /// agent), living `ttl_secs` (1 s to a day).
+    pub fn issue(&self, sub: &str, confined: &Caller, ttl_secs: u64) -> Result<(String, Claims)> {
+        if !(1..=MAX_TTL_SECS).contains(&ttl_secs) {
+            return Err(Error::invalid_field(
+                "ttl_secs",
+                format!("a token lives 1 to {MAX_TTL_SECS} seconds"),
+            ));
+        }
+        let now = Utc::now().timestamp();
+        let claims = Claims {
+            iss: ISSUER.to_owned(),
+            sub: sub.to_owned(),
+            tenant: confined.tenant.clone(),
+            roles: vec![confined.role],
+            agent: confined.agent,
+            iat: now,
+            exp: now + ttl_secs as i64,
+            jti: KeyId::generate().to_string(),
+        };
+        let key = self
+            .keys
+            .read()
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::internal("no signing key"))?;
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .map_err(|e| Error::internal(format!("cannot sign a token: {e}")))?;
+        Ok((token, claims))
+    }
+
+    /// The claims of a token the kernel signed and that has not expired.
+    pub fn verify(&self, token: &str) -> Result<Claims> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("it is too long"));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("it is malformed"))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(invalid("only EdDSA tokens are accepted"));
+        }
+        let kid = header.kid.ok_or_else(|| invalid("it names no key"))?;
+        let key = self
+            .keys
+            .read()
+            .iter()
+            .find(|key| key.kid == kid)
+            .cloned()
+            .ok_or_else(|| invalid("it was signed by a key this kernel does not have"))?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        // Issued and checked on one clock: no leeway, so a token of a second is
+        // refused within two (its times are whole seconds).
+        validation.leeway = 0;
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
+        match jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation) {
+            Ok(data) => Ok(data.claims),
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                Err(Error::unauthenticated("expired", "the token has expired"))
+            }
+            Err(_) => Err(invalid("its signature or claims do not check")),
+        }
+    }
+
+    /// The public keys, for `/.well-known/jwks.json`.
+    pub fn jwks(&self) -> JwkSet {
+        JwkSet {
+            keys: self.keys.read().iter().map(|key| key.jwk.clone()).collect(),
+        }
+    }
+}
