@@ -1013,6 +1013,88 @@ async fn cli_access_tokens() {
     assert_eq!(jwks["keys"][0]["crv"], "Ed25519", "{jwks}");
 }
 
+/// An OAuth client finds BBX's authorization server from the resource, and gets a
+/// token for an API key with the client-credentials grant.
+#[tokio::test]
+async fn oauth_client_credentials_for_machine_clients() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let (status, body) = api.raw(Method::GET, "/v1/agents", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let challenge = api
+        .http
+        .get(format!("{}/v1/agents", api.base))
+        .send()
+        .await
+        .unwrap()
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    assert!(
+        challenge.contains("resource_metadata=") && challenge.contains("oauth-protected-resource"),
+        "{challenge}"
+    );
+
+    let get = |path: String| {
+        let http = api.http.clone();
+        async move { http.get(path).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let resource = get(format!("{}/.well-known/oauth-protected-resource", api.base)).await;
+    assert!(resource["resource"].is_string(), "{resource}");
+    let issuer = resource["authorization_servers"][0].as_str().unwrap().to_owned();
+    let server = get(format!("{issuer}/.well-known/oauth-authorization-server")).await;
+    let token_endpoint = server["token_endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(server["grant_types_supported"], json!(["client_credentials"]));
+
+    let out = kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "bot",
+        "--tenant",
+        "acme",
+        "--role",
+        "reader",
+        "--json",
+    ]);
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, key) = (created["id"].as_str().unwrap(), created["key"].as_str().unwrap());
+    let ask = |user: String, secret: String, grant: &'static str| {
+        let http = api.http.clone();
+        let endpoint = token_endpoint.clone();
+        async move {
+            let response = http
+                .post(endpoint)
+                .basic_auth(user, Some(secret))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("grant_type={grant}"))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, granted) = ask(id.into(), key.into(), "client_credentials").await;
+    assert_eq!(status, StatusCode::OK, "{granted}");
+    assert_eq!(granted["token_type"], "Bearer");
+    let token = granted["access_token"].as_str().unwrap();
+    let (status, _) = api.raw(Method::GET, "/v1/agents", Some(token), None).await;
+    assert_eq!(status, StatusCode::OK, "the access token is a bearer on /v1");
+    let (status, refused) = ask(id.into(), format!("{key}x"), "client_credentials").await;
+    assert_eq!(
+        (status, refused["error"].clone()),
+        (StatusCode::UNAUTHORIZED, json!("invalid_client"))
+    );
+    let other = bbx_core::KeyId::generate().to_string();
+    let (status, _) = ask(other, key.into(), "client_credentials").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the client id must be the key's");
+    let (status, refused) = ask(id.into(), key.into(), "password").await;
+    assert_eq!(
+        (status, refused["error"].clone()),
+        (StatusCode::BAD_REQUEST, json!("unsupported_grant_type"))
+    );
+}
+
 #[tokio::test]
 async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     use bbx_core::op::{CompletionStatus, SubmitOp};

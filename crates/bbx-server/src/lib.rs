@@ -16,6 +16,7 @@ pub mod error;
 pub mod http;
 pub mod mcp;
 pub mod metrics;
+pub mod oauth;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
@@ -84,6 +85,9 @@ pub fn app(kernel: Arc<Kernel>) -> axum::Router {
             get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(readyz))
+        .route(oauth::RESOURCE_METADATA, get(oauth::resource_metadata))
+        .route(oauth::SERVER_METADATA, get(oauth::server_metadata))
+        .route(oauth::TOKEN, axum::routing::post(oauth::token))
         // Public, as a JWKS is: anyone may check the kernel's tokens.
         .route(
             "/.well-known/jwks.json",
@@ -140,7 +144,11 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
-        Err(e) => ApiError(e).into_response(),
+        Err(e) => {
+            let mut response = ApiError(e).into_response();
+            oauth::challenge(&mut response, request.headers(), &kernel);
+            response
+        }
     }
 }
 
