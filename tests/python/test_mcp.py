@@ -39,6 +39,8 @@ TOOLS = {
     "ring_deny",
     "auth_create_token",
     "auth_verify",
+    "auth_create_api_key",
+    "auth_rules",
 }
 
 
@@ -147,6 +149,10 @@ async def exercise_every_tool(session):
     checked = ok(await session.call_tool("auth_verify", {"token": issued["token"]}))
     assert checked["valid"] and checked["claims"]["roles"] == ["reader"], checked
     assert not ok(await session.call_tool("auth_verify", {"token": issued["token"] + "x"}))["valid"]
+    made = ok(await session.call_tool("auth_create_api_key", {"name": "mcp", "tenant": "acme", "role": "reader"}))
+    assert made["key"].startswith("bbx_") and made["info"]["role"] == "reader"
+    rules = ok(await session.call_tool("auth_rules", {}))
+    assert {r["role"] for r in rules["roles"]} == {"admin", "tenant_admin", "operator", "agent", "reader"}
 
     node = f"agent/{agent_id}"
     quota = ok(await session.call_tool("quota_set", {"node": node, "limits": {"pids": 32, "cost_per_day_usd": 2.5}}))

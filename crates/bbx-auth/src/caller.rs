@@ -42,6 +42,30 @@ impl Action {
     }
 }
 
+/// The rules in force, as `auth.rules` shows them: for each role, the actions it
+/// may take in its own tenant (every tenant for `admin`).
+pub fn rules() -> serde_json::Value {
+    let actions = [Action::Read, Action::Act, Action::Operate, Action::ManageKeys];
+    let roles: Vec<serde_json::Value> = Role::ALL
+        .iter()
+        .map(|role| {
+            let caller = Caller::of_tenant(KeyId::generate(), "t", *role);
+            let allowed: Vec<&str> = actions
+                .iter()
+                .filter(|action| caller.may(**action).is_ok())
+                .map(|action| action.describe())
+                .collect();
+            serde_json::json!({ "role": role.as_str(), "may": allowed })
+        })
+        .collect();
+    serde_json::json!({
+        "source": "built-in roles",
+        "roles": roles,
+        "tenants": "every role but admin acts in its own tenant only; another tenant's objects are answered as missing (404)",
+        "agents": "a credential confined to an agent acts on that agent only (403 for another of its tenant)",
+    })
+}
+
 impl Caller {
     /// An administrator: every tenant, every action.
     pub fn admin(key_id: KeyId) -> Self {

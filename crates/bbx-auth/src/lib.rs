@@ -26,7 +26,7 @@ pub mod keys;
 pub mod tokens;
 
 pub use bbx_core::model::Role;
-pub use caller::{Action, Caller};
+pub use caller::{Action, Caller, rules};
 pub use keyring::{KeyRing, StoredKey, mint};
 pub use keys::{ADMIN_KEY_FILE, API_KEYS, Keys, grant};
 pub use tokens::{Claims, SIGNING_KEYS, Tokens};

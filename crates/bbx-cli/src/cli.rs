@@ -495,6 +495,9 @@ pub enum AuthCommand {
         #[command(flatten)]
         grant: Grant,
     },
+    /// `VERB ...`: an endpoint of auth (`rules`: what each role may do).
+    #[command(external_subcommand)]
+    Endpoint(Vec<String>),
 }
 
 /// What a new credential may do.

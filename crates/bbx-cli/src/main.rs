@@ -400,6 +400,12 @@ async fn state(cli: &Cli, command: &StateCommand) -> Result<()> {
 
 async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
     match command {
+        AuthCommand::Endpoint(words) => {
+            let words: Vec<String> = std::iter::once("auth".to_owned())
+                .chain(words.iter().cloned())
+                .collect();
+            return endpoint::run(cli, &words).await;
+        }
         AuthCommand::CreateToken {
             identity,
             grant:

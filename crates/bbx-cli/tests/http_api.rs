@@ -925,6 +925,18 @@ async fn cli_keys_with_roles() {
         "operator",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for path in [&["auth", "rules"][..], &["v2", "auth", "rules"]] {
+        let out = kernel.cli(path);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rules: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let reader = rules["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["role"] == "reader")
+            .unwrap();
+        assert_eq!(reader["may"], json!(["read"]), "{rules}");
+    }
     let out = kernel.cli(&["auth", "create-api-key", "svc", "--role", "wizard"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown role"));
 }

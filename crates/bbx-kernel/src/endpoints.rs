@@ -21,6 +21,11 @@ struct Deny {
     reason: String,
 }
 
+/// An endpoint that takes no input.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Verify {
@@ -83,7 +88,28 @@ impl Kernel {
                 },
             )
         };
-        let mut all = vec![approve, deny, create_token, verify];
+        let create_api_key = {
+            let kernel = Arc::downgrade(self);
+            Endpoint::new(
+                "auth.create_api_key",
+                ("POST", "/v1/auth/keys"),
+                "Create an API key with a role (admin, tenant_admin, operator, agent, reader); its secret is shown once.",
+                move |caller: Caller, req: bbx_core::model::CreateApiKey| {
+                    let kernel = kernel.clone();
+                    async move { live(&kernel)?.create_key(&caller, req).await }
+                },
+            )
+        };
+        let rules = Endpoint::new(
+            "auth.rules",
+            ("GET", "/v1/auth/rules"),
+            "The authorization rules in force: what each role may do, and the rule for other tenants.",
+            |caller: Caller, _: NoArgs| async move {
+                caller.may(Action::Read)?;
+                Ok(bbx_auth::rules())
+            },
+        );
+        let mut all = vec![approve, deny, create_token, verify, create_api_key, rules];
         for endpoint in self.components.endpoints(&self.context) {
             if all.iter().any(|known| known.info.name == endpoint.info.name) {
                 return Err(Error::internal(format!(
