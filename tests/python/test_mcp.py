@@ -41,6 +41,7 @@ TOOLS = {
     "auth_verify",
     "auth_create_api_key",
     "auth_rules",
+    "auth_audit",
 }
 
 

@@ -20,11 +20,13 @@
 //! time; on first start the kernel mints an administrator key into
 //! `DATA_DIR/admin.key` (mode 0600).
 
+pub mod audit;
 mod caller;
 pub mod keyring;
 pub mod keys;
 pub mod tokens;
 
+pub use audit::{AUDIT, AuditEvent, AuditKind, AuditQuery};
 pub use bbx_core::model::Role;
 pub use caller::{Action, Caller, rules};
 pub use keyring::{KeyRing, StoredKey, mint};

@@ -2,7 +2,8 @@
 //! does not know in advance. The kernel lists them (`GET /v1/endpoints`); the words
 //! after the verb fill the endpoint's path fields in order, `--field value` its
 //! other fields (a value that reads as JSON is taken as JSON, else as text), and
-//! `--input JSON` gives them as one object.
+//! `--input JSON` gives them as one object. The output is JSON (`--json` is
+//! accepted and changes nothing).
 
 use crate::cli::Cli;
 use crate::{client, output};
@@ -42,6 +43,9 @@ fn input<'a>(mut path_fields: impl Iterator<Item = &'a str>, args: &[String]) ->
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.strip_prefix("--") {
+            // The global flag, which clap leaves among an external command's words:
+            // an endpoint's output is JSON anyway.
+            Some("json") => {}
             Some("input") => {
                 let Some(Ok(Value::Object(object))) = args.next().map(|raw| serde_json::from_str(raw)) else {
                     bail!("--input takes a JSON object");
@@ -103,6 +107,11 @@ mod tests {
         assert!(super::input(std::iter::empty(), &words(&["stray"])).is_err());
         assert!(super::input(std::iter::empty(), &words(&["--input", "[1]"])).is_err());
         assert!(super::input(std::iter::empty(), &words(&["--dangling"])).is_err());
+        assert_eq!(
+            input_of(&["--json", "--a", "1"]),
+            json!({ "a": 1 }),
+            "the global flag is no field"
+        );
     }
 
     fn input_of(args: &[&str]) -> Value {

@@ -925,6 +925,49 @@ async fn cli_keys_with_roles() {
         "operator",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The audit log has the denial (who, what, why, from where), the key's creation,
+    // and a failed authentication; never a secret.
+    let (status, _) = api.raw(Method::GET, "/v1/agents", Some("bbx_not_a_key"), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut audit = Value::Null;
+    for _ in 0..100 {
+        let out = kernel.cli(&["auth", "audit", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        audit = serde_json::from_slice(&out.stdout).unwrap();
+        let kinds: Vec<&str> = audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["kind"].as_str())
+            .collect();
+        if ["denied", "credential_created", "authentication_failed"]
+            .iter()
+            .all(|k| kinds.contains(k))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let events = audit["events"].as_array().unwrap();
+    let denied = events
+        .iter()
+        .find(|e| e["kind"] == "denied")
+        .unwrap_or_else(|| panic!("{audit}"));
+    assert_eq!(denied["principal"], created["id"]);
+    assert_eq!(
+        (denied["tenant"].clone(), denied["source"].clone()),
+        (json!("acme"), json!("127.0.0.1"))
+    );
+    assert!(
+        denied["what"].as_str().unwrap().starts_with("PUT /v1/agents/"),
+        "{denied}"
+    );
+    assert!(denied["why"].as_str().unwrap().contains("reader"), "{denied}");
+    assert!(events.iter().any(|e| e["kind"] == "authentication_failed"), "{audit}");
+    assert!(!audit.to_string().contains(key), "no secret in the audit log");
+    let out = kernel.cli(&["--api-key", key, "auth", "audit"]);
+    assert!(!out.status.success(), "a reader may not read the audit log");
+
     for path in [&["auth", "rules"][..], &["v2", "auth", "rules"]] {
         let out = kernel.cli(path);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

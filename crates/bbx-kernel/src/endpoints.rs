@@ -109,7 +109,19 @@ impl Kernel {
                 Ok(bbx_auth::rules())
             },
         );
-        let mut all = vec![approve, deny, create_token, verify, create_api_key, rules];
+        let audit = {
+            let kernel = Arc::downgrade(self);
+            Endpoint::new(
+                "auth.audit",
+                ("POST", "/v1/auth/audit"),
+                "The audit log: failed authentications, denials and credential changes, oldest first, filtered by kind, tenant and time.",
+                move |caller: Caller, query: AuditQuery| {
+                    let kernel = kernel.clone();
+                    async move { Ok(serde_json::json!({ "events": live(&kernel)?.audit_events(&caller, &query)? })) }
+                },
+            )
+        };
+        let mut all = vec![approve, deny, create_token, verify, create_api_key, rules, audit];
         for endpoint in self.components.endpoints(&self.context) {
             if all.iter().any(|known| known.info.name == endpoint.info.name) {
                 return Err(Error::internal(format!(

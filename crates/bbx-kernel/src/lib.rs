@@ -30,7 +30,7 @@ mod quota;
 mod session;
 mod shm;
 
-pub use bbx_auth::{ADMIN_KEY_FILE, Action, Caller, Role};
+pub use bbx_auth::{ADMIN_KEY_FILE, Action, AuditEvent, AuditKind, AuditQuery, Caller, Role};
 pub use bbx_ring::RingMetrics;
 pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
@@ -346,6 +346,21 @@ impl Kernel {
     /// See [`bbx_auth::Keys::create`]; a key confined to an agent must name one of
     /// its tenant that the caller sees.
     pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
+        let created = self.make_key(caller, req).await?;
+        let info = &created.info;
+        let what = format!(
+            "api key {} ({}) for {}",
+            info.id,
+            info.role().as_str(),
+            info.identity.as_deref().unwrap_or(&info.name)
+        );
+        let mut event = AuditEvent::new(AuditKind::CredentialCreated, Some(caller), what, "created");
+        event.tenant = info.tenant.clone();
+        self.audit(event);
+        Ok(created)
+    }
+
+    async fn make_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
         if let Some(agent) = &req.agent {
             let tenant = self.agent_tenant(caller, agent)?;
             let named = req.tenant.as_deref().or(caller.tenant.as_deref());
@@ -361,7 +376,16 @@ impl Kernel {
     }
 
     pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
-        self.keys.revoke(caller, id).await
+        let revoked = self.keys.revoke(caller, id).await?;
+        let mut event = AuditEvent::new(
+            AuditKind::CredentialRevoked,
+            Some(caller),
+            format!("api key {id}"),
+            "revoked",
+        );
+        event.tenant = revoked.tenant.clone();
+        self.audit(event);
+        Ok(revoked)
     }
 
     /// The caller a bearer credential makes: an API key (`bbx_...`) or an access
@@ -371,6 +395,30 @@ impl Kernel {
             return self.keys.verify(token);
         }
         self.tokens.verify(token)?.caller()
+    }
+
+    /// [`Self::authenticate`] for a client at `source`, auditing a failure.
+    pub fn authenticate_from(&self, token: &str, source: Option<String>) -> Result<Caller> {
+        self.authenticate(token).inspect_err(|e| {
+            let event = AuditEvent::new(AuditKind::AuthenticationFailed, None, "authenticate", &e.message);
+            self.audit(event.from(source));
+        })
+    }
+
+    /// Records an audit event durably, off the caller's path.
+    pub fn audit(&self, event: AuditEvent) {
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = store.write(bbx_auth::audit::Record(event)).await {
+                tracing::error!(error = %e, "an audit event could not be recorded");
+            }
+        });
+    }
+
+    /// The audit log's events the caller may see (administrators: all; tenant
+    /// administrators: their tenant's).
+    pub fn audit_events(&self, caller: &Caller, query: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        bbx_auth::audit::query(&self.store, caller, query)
     }
 
     /// The public keys the kernel's tokens are signed with, as a JWKS.
@@ -396,6 +444,10 @@ impl Kernel {
         };
         let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
         let (token, claims) = self.tokens.issue(&req.identity, &confined, ttl)?;
+        let what = format!("token {} for {} ({})", claims.jti, claims.sub, confined.role.as_str());
+        let mut event = AuditEvent::new(AuditKind::TokenIssued, Some(caller), what, "issued");
+        event.tenant = claims.tenant.clone();
+        self.audit(event);
         Ok(CreatedToken { token, claims })
     }
 
@@ -412,6 +464,8 @@ impl Kernel {
             None => DEFAULT_TOKEN_TTL_SECS,
         };
         let (token, claims) = self.tokens.issue(&identity, &caller, ttl)?;
+        let what = format!("token {} for {identity} (client credentials)", claims.jti);
+        self.audit(AuditEvent::new(AuditKind::TokenIssued, Some(&caller), what, "issued"));
         Ok(CreatedToken { token, claims })
     }
 
@@ -443,7 +497,7 @@ impl Kernel {
 /// `extra`'s.
 fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::KeyspaceDef> {
     let mut all = bbx_agents::KEYSPACES.to_vec();
-    all.extend([bbx_auth::API_KEYS, bbx_auth::SIGNING_KEYS]);
+    all.extend([bbx_auth::API_KEYS, bbx_auth::SIGNING_KEYS, bbx_auth::AUDIT]);
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));

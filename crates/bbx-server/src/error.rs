@@ -15,6 +15,10 @@ impl From<Error> for ApiError {
     }
 }
 
+/// Why a request was refused with 403, kept on its response for the audit log.
+#[derive(Clone)]
+pub struct Denial(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -22,7 +26,12 @@ impl IntoResponse for ApiError {
         // Retry-After is in whole seconds; round up so that a client honoring it
         // never comes back early.
         let retry_after = self.0.retry_after().map(|d| d.as_millis().div_ceil(1000).max(1));
+        let denial = (self.0.code == ErrorCode::PermissionDenied).then(|| Denial(self.0.message.clone()));
         let mut response = (status, axum::Json(self.0.into_body())).into_response();
+        // For the audit: why a request was denied (see `audit_denials`).
+        if let Some(denial) = denial {
+            response.extensions_mut().insert(denial);
+        }
         if unauthenticated {
             response
                 .headers_mut()

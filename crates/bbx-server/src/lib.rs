@@ -117,9 +117,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let result = axum::serve(listener, app(kernel.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let app = app(kernel.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     kernel.shutdown().await;
     result
 }
@@ -139,10 +138,17 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
             .map(|(_, token)| token.trim())
             .ok_or_else(|| Error::unauthenticated("invalid", "the Authorization header must be Bearer <key>")),
     };
-    match token.and_then(|token| kernel.authenticate(token)) {
+    let source = source(&request);
+    match token.and_then(|token| kernel.authenticate_from(token, source.clone())) {
         Ok(caller) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
+            request.extensions_mut().insert(caller.clone());
+            let what = format!("{} {}", request.method(), request.uri().path());
+            let response = next.run(request).await;
+            if let Some(error::Denial(why)) = response.extensions().get::<error::Denial>() {
+                let event = bbx_kernel::AuditEvent::new(bbx_kernel::AuditKind::Denied, Some(&caller), what, why);
+                kernel.audit(event.from(source));
+            }
+            response
         }
         Err(e) => {
             let mut response = ApiError(e).into_response();
@@ -150,6 +156,14 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
             response
         }
     }
+}
+
+/// The client's address, where the listener recorded it.
+fn source(request: &Request) -> Option<String> {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip().to_string())
 }
 
 /// rmcp answers transport problems (a wrong `Accept`, an unknown protocol version,

@@ -105,11 +105,16 @@ pub async fn token(State(kernel): State<Arc<Kernel>>, headers: HeaderMap, Form(f
             "expires_in": issued.claims.exp - issued.claims.iat,
         }))
         .into_response(),
-        Err(_) => refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "the client id and secret do not name a valid key",
-        ),
+        Err(e) => {
+            let event =
+                bbx_kernel::AuditEvent::new(bbx_kernel::AuditKind::AuthenticationFailed, None, TOKEN, e.message);
+            kernel.audit(event);
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "the client id and secret do not name a valid key",
+            )
+        }
     }
 }
 
