@@ -36,70 +36,38 @@ struct Verify {
 impl Kernel {
     /// The kernel's endpoints, then every component's; refused if two share a name.
     pub(crate) fn collect_endpoints(self: &Arc<Self>) -> Result<Vec<Endpoint>> {
-        let approve = {
-            let kernel = Arc::downgrade(self);
-            Endpoint::new(
-                "ring.approve",
-                ("POST", "/v1/ops/{op_id}/approve"),
-                "Approve an op held for approval (state pending_approval): it then runs.",
-                move |caller: Caller, args: Approve| {
-                    let kernel = kernel.clone();
-                    async move { live(&kernel)?.approve_op(&caller, &args.op_id.parse()?).await }
-                },
-            )
-        };
-        let deny = {
-            let kernel = Arc::downgrade(self);
-            Endpoint::new(
-                "ring.deny",
-                ("POST", "/v1/ops/{op_id}/deny"),
-                "Deny an op held for approval (state pending_approval): it ends with the error policy_denied, naming the reason.",
-                move |caller: Caller, args: Deny| {
-                    let kernel = kernel.clone();
-                    async move {
-                        live(&kernel)?
-                            .deny_op(&caller, &args.op_id.parse()?, &args.reason)
-                            .await
-                    }
-                },
-            )
-        };
-        let create_token = {
-            let kernel = Arc::downgrade(self);
-            Endpoint::new(
-                "auth.create_token",
-                ("POST", "/v1/auth/tokens"),
-                "Issue a short-lived access token (a JWT the kernel signs) for an identity, with a tenant, a role and optionally one agent.",
-                move |caller: Caller, req: CreateToken| {
-                    let kernel = kernel.clone();
-                    async move { live(&kernel)?.create_token(&caller, req) }
-                },
-            )
-        };
-        let verify = {
-            let kernel = Arc::downgrade(self);
-            Endpoint::new(
-                "auth.verify",
-                ("POST", "/v1/auth/verify"),
-                "Check a token: whether the kernel signed it and it has not expired, with its claims or why not.",
-                move |_: Caller, args: Verify| {
-                    let kernel = kernel.clone();
-                    async move { Ok(live(&kernel)?.verify_token(&args.token)) }
-                },
-            )
-        };
-        let create_api_key = {
-            let kernel = Arc::downgrade(self);
-            Endpoint::new(
-                "auth.create_api_key",
-                ("POST", "/v1/auth/keys"),
-                "Create an API key with a role (admin, tenant_admin, operator, agent, reader); its secret is shown once.",
-                move |caller: Caller, req: bbx_core::model::CreateApiKey| {
-                    let kernel = kernel.clone();
-                    async move { live(&kernel)?.create_key(&caller, req).await }
-                },
-            )
-        };
+        let approve = self.endpoint(
+            "ring.approve",
+            ("POST", "/v1/ops/{op_id}/approve"),
+            "Approve an op held for approval (state pending_approval): it then runs.",
+            |kernel, caller, args: Approve| async move { kernel.approve_op(&caller, &args.op_id.parse()?).await },
+        );
+        let deny = self.endpoint(
+            "ring.deny",
+            ("POST", "/v1/ops/{op_id}/deny"),
+            "Deny an op held for approval (state pending_approval): it ends with the error policy_denied, naming the reason.",
+            |kernel, caller, args: Deny| async move {
+                kernel.deny_op(&caller, &args.op_id.parse()?, &args.reason).await
+            },
+        );
+        let create_token = self.endpoint(
+            "auth.create_token",
+            ("POST", "/v1/auth/tokens"),
+            "Issue a short-lived access token (a JWT the kernel signs) for an identity, with a tenant, a role and optionally one agent.",
+            |kernel, caller, req: CreateToken| async move { kernel.create_token(&caller, req) },
+        );
+        let verify = self.endpoint(
+            "auth.verify",
+            ("POST", "/v1/auth/verify"),
+            "Check a token: whether the kernel signed it and it has not expired, with its claims or why not.",
+            |kernel, _, args: Verify| async move { Ok(kernel.verify_token(&args.token)) },
+        );
+        let create_api_key = self.endpoint(
+            "auth.create_api_key",
+            ("POST", "/v1/auth/keys"),
+            "Create an API key with a role (admin, tenant_admin, operator, agent, reader); its secret is shown once.",
+            |kernel, caller, req: bbx_core::model::CreateApiKey| async move { kernel.create_key(&caller, req).await },
+        );
         let rules = Endpoint::new(
             "auth.rules",
             ("GET", "/v1/auth/rules"),
@@ -109,18 +77,14 @@ impl Kernel {
                 Ok(bbx_auth::rules())
             },
         );
-        let audit = {
-            let kernel = Arc::downgrade(self);
-            Endpoint::new(
-                "auth.audit",
-                ("POST", "/v1/auth/audit"),
-                "The audit log: failed authentications, denials and credential changes, oldest first, filtered by kind, tenant and time.",
-                move |caller: Caller, query: AuditQuery| {
-                    let kernel = kernel.clone();
-                    async move { Ok(serde_json::json!({ "events": live(&kernel)?.audit_events(&caller, &query)? })) }
-                },
-            )
-        };
+        let audit = self.endpoint(
+            "auth.audit",
+            ("POST", "/v1/auth/audit"),
+            "The audit log: failed authentications, denials and credential changes, oldest first, filtered by kind, tenant and time.",
+            |kernel, caller, query: AuditQuery| async move {
+                Ok(serde_json::json!({ "events": kernel.audit_events(&caller, &query)? }))
+            },
+        );
         let mut all = vec![approve, deny, create_token, verify, create_api_key, rules, audit];
         for endpoint in self.components.endpoints(&self.context) {
             if all.iter().any(|known| known.info.name == endpoint.info.name) {
@@ -157,9 +121,30 @@ impl Kernel {
     }
 }
 
-/// The kernel behind a weak reference, while it runs.
-fn live(kernel: &std::sync::Weak<Kernel>) -> Result<Arc<Kernel>> {
-    kernel
-        .upgrade()
-        .ok_or_else(|| Error::unavailable("the kernel is shutting down"))
+impl Kernel {
+    /// An endpoint that `call`s the kernel, held weakly (the kernel holds its
+    /// endpoints), as the caller.
+    fn endpoint<I, O, F, Fut>(
+        self: &Arc<Self>,
+        name: &'static str,
+        route: (&'static str, &'static str),
+        description: &'static str,
+        call: F,
+    ) -> Endpoint
+    where
+        I: serde::de::DeserializeOwned + schemars::JsonSchema + Send + 'static,
+        O: serde::Serialize,
+        F: Fn(Arc<Kernel>, Caller, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O>> + Send + 'static,
+    {
+        let kernel = Arc::downgrade(self);
+        let call = Arc::new(call);
+        Endpoint::new(name, route, description, move |caller: Caller, input: I| {
+            let (kernel, call) = (kernel.upgrade(), call.clone());
+            async move {
+                let kernel = kernel.ok_or_else(|| Error::unavailable("the kernel is shutting down"))?;
+                call(kernel, caller, input).await
+            }
+        })
+    }
 }
