@@ -24,6 +24,7 @@ pub mod audit;
 mod caller;
 pub mod keyring;
 pub mod keys;
+mod throttle;
 pub mod tokens;
 
 pub use audit::{AUDIT, AuditEvent, AuditKind, AuditQuery};
@@ -31,4 +32,5 @@ pub use bbx_core::model::Role;
 pub use caller::{Action, Caller, rules};
 pub use keyring::{KeyRing, StoredKey, mint};
 pub use keys::{ADMIN_KEY_FILE, API_KEYS, Keys, grant};
+pub use throttle::Throttle;
 pub use tokens::{Claims, SIGNING_KEYS, Tokens};

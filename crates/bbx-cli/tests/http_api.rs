@@ -1150,6 +1150,36 @@ async fn oauth_client_credentials_for_machine_clients() {
     );
 }
 
+/// Guessing keys from one address is cut off with 429 and Retry-After.
+#[tokio::test]
+async fn failed_authentications_are_limited_per_address() {
+    let kernel = Kernel::start();
+    let api = Api::new(&kernel);
+    let guess = format!("bbx_{}_{}", "ab".repeat(16), "0".repeat(64));
+    let mut statuses = Vec::new();
+    for _ in 0..25 {
+        statuses.push(api.raw(Method::GET, "/v1/agents", Some(&guess), None).await.0);
+    }
+    assert!(
+        statuses[..19].iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[24], StatusCode::TOO_MANY_REQUESTS);
+    let response = api
+        .http
+        .get(format!("{}/v1/agents", api.base))
+        .header("authorization", format!("Bearer {}", api.key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the address waits, whatever it sends"
+    );
+    assert!(response.headers().contains_key("retry-after"));
+}
+
 #[tokio::test]
 async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
     use bbx_core::op::{CompletionStatus, SubmitOp};

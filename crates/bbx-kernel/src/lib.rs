@@ -95,6 +95,7 @@ pub struct Kernel {
     tasks: TaskTracker,
     keys: bbx_auth::Keys,
     tokens: bbx_auth::Tokens,
+    throttle: bbx_auth::Throttle,
     started: Instant,
     closing: AtomicBool,
     shm_sessions: Arc<shm::Sessions>,
@@ -286,6 +287,7 @@ impl Kernel {
             tasks,
             keys,
             tokens,
+            throttle: bbx_auth::Throttle::default(),
             started: Instant::now(),
             closing: AtomicBool::new(false),
             shm_sessions: Arc::default(),
@@ -397,9 +399,13 @@ impl Kernel {
         self.tokens.verify(token)?.caller()
     }
 
-    /// [`Self::authenticate`] for a client at `source`, auditing a failure.
+    /// [`Self::authenticate`] for a client at `source`, within the limits on failed
+    /// authentications ([`bbx_auth::Throttle`]), auditing a failure.
     pub fn authenticate_from(&self, token: &str, source: Option<String>) -> Result<Caller> {
-        self.authenticate(token).inspect_err(|e| {
+        let checked = self
+            .throttle
+            .authenticate(token, source.as_deref(), || self.authenticate(token));
+        checked.inspect_err(|e| {
             let event = AuditEvent::new(AuditKind::AuthenticationFailed, None, "authenticate", &e.message);
             self.audit(event.from(source));
         })
@@ -454,7 +460,7 @@ impl Kernel {
     /// The client-credentials grant: an access token for the API key whose id is
     /// `client_id` and whole text is `secret`, with the key's tenant, role and agent.
     pub fn token_for_key(&self, client_id: &str, secret: &str) -> Result<CreatedToken> {
-        let caller = self.keys.verify(secret)?;
+        let caller = self.throttle.authenticate(secret, None, || self.keys.verify(secret))?;
         if caller.key_id.to_string() != client_id {
             return Err(Error::unauthenticated("invalid", "the client id is not the key's"));
         }
