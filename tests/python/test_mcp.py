@@ -42,6 +42,7 @@ TOOLS = {
     "auth_create_api_key",
     "auth_rules",
     "auth_audit",
+    "auth_revoke",
 }
 
 

@@ -33,4 +33,4 @@ pub use caller::{Action, Caller, rules};
 pub use keyring::{KeyRing, StoredKey, mint};
 pub use keys::{ADMIN_KEY_FILE, API_KEYS, Keys, grant};
 pub use throttle::Throttle;
-pub use tokens::{Claims, SIGNING_KEYS, Tokens};
+pub use tokens::{Claims, REVOKED_TOKENS, SIGNING_KEYS, Tokens};

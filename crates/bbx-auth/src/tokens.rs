@@ -24,6 +24,13 @@ pub const SIGNING_KEYS: KeyspaceDef = KeyspaceDef {
     name: "signing_keys",
 };
 
+/// Revoked tokens until they expire: jti -> `exp` (i64, big-endian). Its id is what
+/// redo records carry: never change it.
+pub const REVOKED_TOKENS: KeyspaceDef = KeyspaceDef {
+    id: 12,
+    name: "revoked_tokens",
+};
+
 /// The longest a token may live: a day.
 pub const MAX_TTL_SECS: u64 = 24 * 3600;
 /// A token is refused past this size, before it is parsed.
@@ -79,6 +86,28 @@ struct StoredSigningKey {
 }
 
 #[derive(Debug)]
+struct Revoke {
+    jti: String,
+    exp: i64,
+    /// Revocations whose tokens have expired since, removed with this one.
+    expired: Vec<String>,
+}
+
+impl Staged for Revoke {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        tx.put(
+            REVOKED_TOKENS,
+            self.jti.as_bytes().to_vec(),
+            self.exp.to_be_bytes().to_vec(),
+        );
+        for jti in &self.expired {
+            tx.remove(REVOKED_TOKENS, jti.as_bytes().to_vec());
+        }
+        Ok(Applied::Done)
+    }
+}
+
+#[derive(Debug)]
 struct PutSigningKey(StoredSigningKey);
 
 impl Staged for PutSigningKey {
@@ -117,6 +146,8 @@ pub struct Tokens {
     store: Arc<Store>,
     /// Oldest first; the newest signs.
     keys: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
+    /// Revoked tokens not yet expired: jti -> exp.
+    revoked: parking_lot::RwLock<std::collections::HashMap<String, i64>>,
 }
 
 impl Tokens {
@@ -132,9 +163,18 @@ impl Tokens {
         }
         stored.sort_by_key(|key| key.created_at);
         let keys = stored.iter().map(SigningKey::from_stored).collect::<Result<Vec<_>>>()?;
+        let mut revoked = std::collections::HashMap::new();
+        for item in store.keyspace(REVOKED_TOKENS).iter() {
+            let (jti, exp) = item.into_inner().map_err(|e| storage_error("load revoked tokens", e))?;
+            let exp = <[u8; 8]>::try_from(&exp[..])
+                .map(i64::from_be_bytes)
+                .unwrap_or(i64::MAX);
+            revoked.insert(String::from_utf8_lossy(&jti).into_owned(), exp);
+        }
         let tokens = Self {
             store,
             keys: parking_lot::RwLock::new(keys.into_iter().map(Arc::new).collect()),
+            revoked: parking_lot::RwLock::new(revoked),
         };
         if tokens.keys.read().is_empty() {
             tokens.rotate().await?;
@@ -218,12 +258,43 @@ impl Tokens {
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
         match jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation) {
+            Ok(data) if self.is_revoked(&data.claims.jti) => {
+                Err(Error::unauthenticated("revoked", "the token has been revoked"))
+            }
             Ok(data) => Ok(data.claims),
             Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
                 Err(Error::unauthenticated("expired", "the token has expired"))
             }
             Err(_) => Err(invalid("its signature or claims do not check")),
         }
+    }
+
+    /// Whether the token `jti` was revoked.
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        self.revoked.read().contains_key(jti)
+    }
+
+    /// Revokes the token `claims` describe, durably, until it would have expired;
+    /// revocations of tokens expired since are dropped on the way.
+    pub async fn revoke(&self, claims: &Claims) -> Result<()> {
+        let now = Utc::now().timestamp();
+        let expired = self
+            .revoked
+            .read()
+            .iter()
+            .filter(|(_, exp)| **exp < now)
+            .map(|(jti, _)| jti.clone())
+            .collect();
+        let revoke = Revoke {
+            jti: claims.jti.clone(),
+            exp: claims.exp,
+            expired,
+        };
+        self.store.write(revoke).await.map(drop)?;
+        let mut revoked = self.revoked.write();
+        revoked.retain(|_, exp| *exp >= now);
+        revoked.insert(claims.jti.clone(), claims.exp);
+        Ok(())
     }
 
     /// The public keys, for `/.well-known/jwks.json`.

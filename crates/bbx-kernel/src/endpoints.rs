@@ -85,7 +85,22 @@ impl Kernel {
                 Ok(serde_json::json!({ "events": kernel.audit_events(&caller, &query)? }))
             },
         );
-        let mut all = vec![approve, deny, create_token, verify, create_api_key, rules, audit];
+        let revoke = self.endpoint(
+            "auth.revoke",
+            ("POST", "/v1/auth/revoke"),
+            "Revoke an access token until it expires: its own bearer may, or whoever manages its tenant's keys.",
+            |kernel, caller, args: Verify| async move { kernel.revoke_token(&caller, &args.token).await },
+        );
+        let mut all = vec![
+            approve,
+            deny,
+            create_token,
+            verify,
+            revoke,
+            create_api_key,
+            rules,
+            audit,
+        ];
         for endpoint in self.components.endpoints(&self.context) {
             if all.iter().any(|known| known.info.name == endpoint.info.name) {
                 return Err(Error::internal(format!(

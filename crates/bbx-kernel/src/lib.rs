@@ -475,6 +475,34 @@ impl Kernel {
         Ok(CreatedToken { token, claims })
     }
 
+    /// Revokes an access token until it expires. Its own bearer may; otherwise
+    /// whoever may manage the keys of its tenant.
+    pub async fn revoke_token(&self, caller: &Caller, token: &str) -> Result<bbx_auth::Claims> {
+        let claims = self
+            .tokens
+            .verify(token)
+            .map_err(|e| Error::invalid_field("token", e.message))?;
+        if caller.key_id.to_string() != claims.jti {
+            caller.may(Action::ManageKeys)?;
+            match &claims.tenant {
+                Some(tenant) => caller.check_owner(tenant, "token", &claims.jti)?,
+                None => caller.require_admin("revoke an administrator's token")?,
+            }
+        }
+        self.tokens.revoke(&claims).await?;
+        let what = format!("token {} of {}", claims.jti, claims.sub);
+        let mut event = AuditEvent::new(AuditKind::CredentialRevoked, Some(caller), what, "revoked");
+        event.tenant = claims.tenant.clone();
+        self.audit(event);
+        Ok(claims)
+    }
+
+    /// Whether the credential behind `caller` still works: not expired, and not
+    /// revoked (a long-lived session asks, since it authenticated only once).
+    pub fn credential_valid(&self, caller: &Caller) -> bool {
+        self.keys.still_valid(caller) && !self.tokens.is_revoked(&caller.key_id.to_string())
+    }
+
     /// Whether `token` is one of the kernel's, unexpired: its claims if so.
     pub fn verify_token(&self, token: &str) -> TokenCheck {
         match self.tokens.verify(token) {
@@ -503,7 +531,12 @@ impl Kernel {
 /// `extra`'s.
 fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::KeyspaceDef> {
     let mut all = bbx_agents::KEYSPACES.to_vec();
-    all.extend([bbx_auth::API_KEYS, bbx_auth::SIGNING_KEYS, bbx_auth::AUDIT]);
+    all.extend([
+        bbx_auth::API_KEYS,
+        bbx_auth::SIGNING_KEYS,
+        bbx_auth::REVOKED_TOKENS,
+        bbx_auth::AUDIT,
+    ]);
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));

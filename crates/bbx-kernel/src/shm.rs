@@ -157,7 +157,7 @@ impl Session {
                 if !self.end.client_alive() {
                     break;
                 }
-                if !self.kernel.keys.still_valid(&self.caller) {
+                if !self.kernel.credential_valid(&self.caller) {
                     tracing::info!(key = %self.caller.key_id, "ending a shared-memory session: its key was revoked");
                     break;
                 }

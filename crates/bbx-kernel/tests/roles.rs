@@ -323,12 +323,37 @@ async fn access_tokens_carry_their_role_and_refuse_every_forgery() {
         ErrorCode::InvalidArgument
     );
 
+    // Revoked: refused until it would have expired, across a restart. Its own
+    // bearer may revoke it; a tenant's administrator may revoke only its tenant's.
+    let leaked = kernel.create_token(&admin, request(Role::Operator, 600)).unwrap();
+    let other_boss = key(&kernel, &admin, of("globex", Role::TenantAdmin)).await.unwrap();
+    assert_eq!(
+        code(kernel.revoke_token(&other_boss, &leaked.token).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(kernel.revoke_token(&reader, &leaked.token).await),
+        ErrorCode::PermissionDenied
+    );
+    kernel.revoke_token(&boss, &leaked.token).await.unwrap();
+    let refused = kernel.authenticate(&leaked.token).unwrap_err();
+    assert_eq!(refused.details.unwrap()["reason"], "revoked");
+    let mine = kernel.create_token(&admin, request(Role::Reader, 600)).unwrap();
+    let me = kernel.authenticate(&mine.token).unwrap();
+    kernel.revoke_token(&me, &mine.token).await.unwrap();
+    assert!(!kernel.credential_valid(&me), "a session on it ends");
+
     // A token outlives a restart (the signing keys are durable), not its time.
     let brief = kernel.create_token(&admin, request(Role::Reader, 1)).unwrap();
     kernel.shutdown().await;
     drop(kernel);
     let (kernel, _) = open(dir.path()).await;
     assert!(kernel.authenticate(&issued.token).is_ok());
+    assert_eq!(
+        code(kernel.authenticate(&leaked.token)),
+        ErrorCode::Unauthenticated,
+        "still revoked"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let expired = kernel.authenticate(&brief.token).unwrap_err();
     assert_eq!(expired.details.unwrap()["reason"], "expired");
