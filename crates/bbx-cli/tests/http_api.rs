@@ -1260,7 +1260,13 @@ async fn shared_memory_sessions_submit_and_reap_tagged_completions() {
                 .reap(Duration::from_secs(10))
                 .unwrap()
                 .expect("every accepted op completes");
-            assert_eq!(done.outcome.unwrap().status, CompletionStatus::Ok);
+            // Each comes back under its tag: done, or, on a loaded machine where the
+            // agent's queue filled before the dispatcher caught up, refused as the
+            // HTTP API would refuse it. None is lost.
+            match done.outcome {
+                Ok(completion) => assert_eq!(completion.status, CompletionStatus::Ok),
+                Err(e) => assert_eq!(e.code, bbx_core::ErrorCode::ResourceExhausted, "{e}"),
+            }
         }
         // A refused op comes back under its tag as the error the HTTP API gives.
         let unknown = shm
