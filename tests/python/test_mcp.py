@@ -43,6 +43,7 @@ TOOLS = {
     "auth_rules",
     "auth_audit",
     "auth_revoke",
+    "auth_rotate_key",
 }
 
 

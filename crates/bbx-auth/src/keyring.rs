@@ -53,6 +53,8 @@ fn parse(token: &str) -> Option<(KeyId, &str)> {
 #[derive(Default)]
 pub struct KeyRing {
     keys: parking_lot::RwLock<HashMap<KeyId, StoredKey>>,
+    /// When each key last authenticated a request.
+    last_used: parking_lot::Mutex<HashMap<KeyId, chrono::DateTime<chrono::Utc>>>,
 }
 
 impl KeyRing {
@@ -63,7 +65,9 @@ impl KeyRing {
     }
 
     pub fn get(&self, id: &KeyId) -> Option<StoredKey> {
-        self.keys.read().get(id).cloned()
+        let mut key = self.keys.read().get(id).cloned()?;
+        key.info.last_used_at = self.last_used.lock().get(id).copied().or(key.info.last_used_at);
+        Some(key)
     }
 
     /// The keys of `tenant`, or every key for `None`.
@@ -75,6 +79,10 @@ impl KeyRing {
             .filter(|k| tenant.is_none() || k.info.tenant.as_deref() == tenant)
             .map(|k| k.info.clone())
             .collect();
+        let last_used = self.last_used.lock();
+        for info in &mut all {
+            info.last_used_at = last_used.get(&info.id).copied().or(info.last_used_at);
+        }
         all.sort_by_key(|k| k.id);
         all
     }
@@ -111,9 +119,11 @@ impl KeyRing {
         if stored.info.revoked_at.is_some() {
             return Err(Error::unauthenticated("revoked", "the API key has been revoked"));
         }
-        if stored.info.expires_at.is_some_and(|at| at <= chrono::Utc::now()) {
+        let now = chrono::Utc::now();
+        if stored.info.expires_at.is_some_and(|at| at <= now) {
             return Err(Error::unauthenticated("expired", "the API key has expired"));
         }
+        self.last_used.lock().insert(id, now);
         Ok(Caller {
             key_id: id,
             tenant: stored.info.tenant.clone(),
@@ -139,6 +149,7 @@ mod tests {
             identity: None,
             agent: None,
             expires_at: None,
+            last_used_at: None,
         }
     }
 

@@ -24,17 +24,24 @@ pub const API_KEYS: KeyspaceDef = KeyspaceDef {
     name: "api_keys",
 };
 
-/// Stores a key's record.
+/// Stores keys' records, in one group.
 #[derive(Debug)]
-struct PutKey(StoredKey);
+struct PutKeys(Vec<StoredKey>);
 
-impl Staged for PutKey {
+impl Staged for PutKeys {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
-        let json = serde_json::to_vec(&self.0).map_err(|e| Error::internal(e.to_string()))?;
-        tx.put(API_KEYS, self.0.info.id.as_bytes().to_vec(), json);
+        for key in &self.0 {
+            let json = serde_json::to_vec(key).map_err(|e| Error::internal(e.to_string()))?;
+            tx.put(API_KEYS, key.info.id.as_bytes().to_vec(), json);
+        }
         Ok(Applied::Done)
     }
 }
+
+/// The longest a rotated key keeps working beside its successor: 30 days.
+const MAX_GRACE_SECS: u64 = 30 * 24 * 3600;
+/// How long it does unless asked otherwise: a day.
+const DEFAULT_GRACE_SECS: u64 = 24 * 3600;
 
 /// The keys a kernel admits callers with.
 pub struct Keys {
@@ -97,6 +104,7 @@ impl Keys {
             identity: Some("admin".into()),
             agent: None,
             expires_at: None,
+            last_used_at: None,
         };
         let (token, stored) = mint(info);
         let path = self.data_dir.join(ADMIN_KEY_FILE);
@@ -107,9 +115,60 @@ impl Keys {
     }
 
     async fn put(&self, stored: StoredKey) -> Result<()> {
-        self.store.write(PutKey(stored.clone())).await?;
-        self.ring.insert(stored);
+        self.put_all(vec![stored]).await
+    }
+
+    async fn put_all(&self, stored: Vec<StoredKey>) -> Result<()> {
+        self.store.write(PutKeys(stored.clone())).await?;
+        for key in stored {
+            self.ring.insert(key);
+        }
         Ok(())
+    }
+
+    /// Rotates a key: a new key with its tenant, role, agent, identity and name,
+    /// while the old one keeps working for `grace_secs` (a day unless asked, 30 days
+    /// at most) so that its clients can switch, then expires. Both change in one
+    /// write.
+    pub async fn rotate(&self, caller: &Caller, id: &KeyId, grace_secs: Option<u64>) -> Result<CreatedApiKey> {
+        let mut old = self.managed(caller, id)?;
+        if old.info.revoked_at.is_some() {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("API key {id} is revoked"),
+            ));
+        }
+        let grace = grace_secs.unwrap_or(DEFAULT_GRACE_SECS);
+        if grace > MAX_GRACE_SECS {
+            return Err(Error::invalid_field(
+                "grace_secs",
+                format!("grace_secs is at most {MAX_GRACE_SECS} (30 days)"),
+            ));
+        }
+        let now = Utc::now();
+        let info = ApiKeyInfo {
+            id: KeyId::generate(),
+            created_at: now,
+            last_used_at: None,
+            ..old.info.clone()
+        };
+        let switch_by = now + chrono::Duration::seconds(grace as i64);
+        old.info.expires_at = Some(old.info.expires_at.map_or(switch_by, |at| at.min(switch_by)));
+        let (key, stored) = mint(info.clone());
+        self.put_all(vec![stored, old]).await?;
+        Ok(CreatedApiKey { key, info })
+    }
+
+    /// A key the caller manages: 404 for another tenant's, 403 for an
+    /// administrator's unless the caller is one.
+    fn managed(&self, caller: &Caller, id: &KeyId) -> Result<StoredKey> {
+        caller.may(Action::ManageKeys)?;
+        let stored = self.ring.get(id).ok_or_else(|| Error::not_found("API key", id))?;
+        caller.check_owner(stored.info.tenant.as_deref().unwrap_or_default(), "API key", id)?;
+        if stored.info.tenant.is_none() {
+            caller.require_admin("manage administrator keys")?;
+        }
+        Ok(stored)
     }
 
     /// Makes a key, as [`grant`] allows (the agent's tenant is the kernel's to
@@ -141,6 +200,7 @@ impl Keys {
             stored_role: Some(role),
             agent: req.agent,
             expires_at,
+            last_used_at: None,
         };
         let (key, stored) = mint(info.clone());
         self.put(stored).await?;
@@ -156,12 +216,7 @@ impl Keys {
     /// Revokes a key; revoking a revoked key is a no-op that returns it unchanged.
     /// The last administrator key cannot be revoked.
     pub async fn revoke(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
-        caller.may(Action::ManageKeys)?;
-        let mut stored = self.ring.get(id).ok_or_else(|| Error::not_found("API key", id))?;
-        caller.check_owner(stored.info.tenant.as_deref().unwrap_or_default(), "API key", id)?;
-        if stored.info.tenant.is_none() {
-            caller.require_admin("revoke administrator keys")?;
-        }
+        let mut stored = self.managed(caller, id)?;
         if stored.info.revoked_at.is_none() && stored.info.tenant.is_none() && self.ring.active_admins() == 1 {
             return Err(Error::new(
                 ErrorCode::FailedPrecondition,

@@ -265,6 +265,10 @@ pub struct ApiKeyInfo {
     pub agent: Option<AgentId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// When it last authenticated a request (since the kernel started, or as of
+    /// its last change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 impl ApiKeyInfo {

@@ -21,6 +21,16 @@ struct Deny {
     reason: String,
 }
 
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    /// The id of the key to rotate.
+    key_id: String,
+    /// How long the old key keeps working, in seconds (at most 30 days).
+    #[serde(default)]
+    grace_secs: Option<u64>,
+}
+
 /// An endpoint that takes no input.
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +101,14 @@ impl Kernel {
             "Revoke an access token until it expires: its own bearer may, or whoever manages its tenant's keys.",
             |kernel, caller, args: Verify| async move { kernel.revoke_token(&caller, &args.token).await },
         );
+        let rotate_key = self.endpoint(
+            "auth.rotate_key",
+            ("POST", "/v1/keys/{key_id}/rotate"),
+            "Rotate an API key: a new key with the same role and tenant; the old one keeps working for grace_secs (a day by default), then expires.",
+            |kernel, caller, args: Rotate| async move {
+                kernel.rotate_key(&caller, &args.key_id.parse()?, args.grace_secs).await
+            },
+        );
         let mut all = vec![
             approve,
             deny,
@@ -98,6 +116,7 @@ impl Kernel {
             verify,
             revoke,
             create_api_key,
+            rotate_key,
             rules,
             audit,
         ];

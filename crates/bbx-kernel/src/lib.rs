@@ -377,6 +377,16 @@ impl Kernel {
         self.keys.list(caller)
     }
 
+    /// See [`bbx_auth::Keys::rotate`].
+    pub async fn rotate_key(&self, caller: &Caller, id: &KeyId, grace_secs: Option<u64>) -> Result<CreatedApiKey> {
+        let rotated = self.keys.rotate(caller, id, grace_secs).await?;
+        let what = format!("api key {id}, succeeded by {}", rotated.info.id);
+        let mut event = AuditEvent::new(AuditKind::CredentialCreated, Some(caller), what, "rotated");
+        event.tenant = rotated.info.tenant.clone();
+        self.audit(event);
+        Ok(rotated)
+    }
+
     pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
         let revoked = self.keys.revoke(caller, id).await?;
         let mut event = AuditEvent::new(

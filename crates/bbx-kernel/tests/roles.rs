@@ -192,6 +192,39 @@ async fn a_tenant_administrator_makes_keys_of_its_tenant_only() {
     kernel.revoke_key(&boss, &made.info.id).await.unwrap();
     assert_eq!(code(kernel.authenticate(&made.key)), ErrorCode::Unauthenticated);
 
+    // Rotation: two valid keys while clients switch, then only the new one. Last
+    // use shows in the listing.
+    let old = kernel.create_key(&boss, of("acme", Role::Reader)).await.unwrap();
+    let old_id = old.info.id;
+    kernel.authenticate(&old.key).unwrap();
+    let used = kernel
+        .list_keys(&boss)
+        .unwrap()
+        .into_iter()
+        .find(|k| k.id == old_id)
+        .unwrap();
+    assert!(used.last_used_at.is_some(), "{used:?}");
+    let new = kernel.rotate_key(&boss, &old_id, Some(1)).await.unwrap();
+    assert_eq!(
+        (new.info.role(), new.info.tenant.as_deref()),
+        (Role::Reader, Some("acme"))
+    );
+    assert!(kernel.authenticate(&old.key).is_ok() && kernel.authenticate(&new.key).is_ok());
+    assert_eq!(
+        code(kernel.rotate_key(&boss, &admin_id, None).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(kernel.rotate_key(&boss, &old_id, Some(31 * 24 * 3600)).await),
+        ErrorCode::InvalidArgument
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        kernel.authenticate(&old.key).unwrap_err().details.unwrap()["reason"],
+        "expired"
+    );
+    assert!(kernel.authenticate(&new.key).is_ok());
+
     // A key with a time to live stops working when it is up.
     let brief = CreateApiKey {
         ttl_secs: Some(1),
