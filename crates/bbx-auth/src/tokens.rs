@@ -148,7 +148,13 @@ pub struct Tokens {
     keys: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
     /// Revoked tokens not yet expired: jti -> exp.
     revoked: parking_lot::RwLock<std::collections::HashMap<String, i64>>,
+    /// Tokens whose signature checked, so that a token's later uses cost a lookup
+    /// instead of a signature check; bounded (started over when full).
+    verified: parking_lot::Mutex<std::collections::HashMap<Box<str>, Claims>>,
 }
+
+/// Tokens the verified cache holds at most.
+const VERIFIED_CACHE: usize = 16_384;
 
 impl Tokens {
     /// Loads the signing keys; makes the first if there is none.
@@ -175,6 +181,7 @@ impl Tokens {
             store,
             keys: parking_lot::RwLock::new(keys.into_iter().map(Arc::new).collect()),
             revoked: parking_lot::RwLock::new(revoked),
+            verified: parking_lot::Mutex::new(std::collections::HashMap::new()),
         };
         if tokens.keys.read().is_empty() {
             tokens.rotate().await?;
@@ -234,11 +241,34 @@ impl Tokens {
         Ok((token, claims))
     }
 
-    /// The claims of a token the kernel signed and that has not expired.
+    /// The claims of a token the kernel signed and that has not expired. A token
+    /// seen before is found in a cache (and still checked for expiry and
+    /// revocation); its signature is checked once.
     pub fn verify(&self, token: &str) -> Result<Claims> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(invalid("it is too long"));
         }
+        let cached = self.verified.lock().get(token).cloned();
+        if let Some(claims) = cached {
+            if claims.exp < Utc::now().timestamp() {
+                return Err(Error::unauthenticated("expired", "the token has expired"));
+            }
+            if self.is_revoked(&claims.jti) {
+                return Err(Error::unauthenticated("revoked", "the token has been revoked"));
+            }
+            return Ok(claims);
+        }
+        let claims = self.verify_signed(token)?;
+        let mut verified = self.verified.lock();
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    /// [`Self::verify`] without the cache: the header, the signature and the claims.
+    fn verify_signed(&self, token: &str) -> Result<Claims> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("it is malformed"))?;
         if header.alg != Algorithm::EdDSA {
             return Err(invalid("only EdDSA tokens are accepted"));

@@ -199,6 +199,42 @@ pub(crate) fn scratch_dir(under: Option<&Path>) -> Result<tempfile::TempDir> {
     })
 }
 
+/// A phase measured in nanoseconds (for checks well under a microsecond).
+#[derive(Serialize)]
+pub(crate) struct NanoFigures {
+    pub ops: u64,
+    pub ops_per_sec: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+}
+
+impl NanoFigures {
+    pub(crate) fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Self {
+        Self {
+            ops: histogram.len(),
+            ops_per_sec: histogram.len() as f64 / elapsed.as_secs_f64(),
+            p50_ns: histogram.value_at_quantile(0.50),
+            p99_ns: histogram.value_at_quantile(0.99),
+            p999_ns: histogram.value_at_quantile(0.999),
+        }
+    }
+}
+
+/// Times `step` one call at a time for `measure`, in nanoseconds.
+pub(crate) fn time_each(measure: Duration, mut step: impl FnMut()) -> NanoFigures {
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let started = Instant::now();
+    while started.elapsed() < measure {
+        for _ in 0..1000 {
+            let t = Instant::now();
+            step();
+            latencies.saturating_record(t.elapsed().as_nanos().max(1) as u64);
+        }
+    }
+    NanoFigures::from(&latencies, started.elapsed())
+}
+
 /// A kernel this benchmark started, stopped when dropped.
 pub(crate) struct Scratch {
     child: Child,

@@ -15,7 +15,7 @@
 //!   to the same GETs by a plain reqwest client; `http_overhead_p50_us` is the
 //!   difference of their medians.
 
-use crate::bench::{Figures, histogram, scratch_dir};
+use crate::bench::{Figures, NanoFigures, histogram, scratch_dir, time_each};
 use crate::cli::{BenchToolsArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_core::api::prelude::*;
@@ -25,33 +25,10 @@ use bbx_core::op::{CompletionStatus, SubmitBatch, SubmitOp};
 use bbx_core::quota::{Node, QuotaLimits, ToolSettings};
 use bbx_core::{AgentId, OpId};
 use bbx_quota::{Demand, Quotas};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A phase measured in nanoseconds (for checks well under a microsecond).
-#[derive(Serialize)]
-struct NanoFigures {
-    ops: u64,
-    ops_per_sec: f64,
-    p50_ns: u64,
-    p99_ns: u64,
-    p999_ns: u64,
-}
-
-impl NanoFigures {
-    fn from(histogram: &Histogram<u64>, elapsed: Duration) -> Self {
-        Self {
-            ops: histogram.len(),
-            ops_per_sec: histogram.len() as f64 / elapsed.as_secs_f64(),
-            p50_ns: histogram.value_at_quantile(0.50),
-            p99_ns: histogram.value_at_quantile(0.99),
-            p999_ns: histogram.value_at_quantile(0.999),
-        }
-    }
-}
 
 #[derive(Serialize)]
 struct Report {
@@ -123,19 +100,6 @@ async fn measure_all(dir: &Path, measure: Duration) -> Result<Report> {
 }
 
 /// Times `step` back to back for `measure`, in nanoseconds each.
-fn time_each(measure: Duration, mut step: impl FnMut()) -> NanoFigures {
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
-    let started = Instant::now();
-    while started.elapsed() < measure {
-        for _ in 0..1000 {
-            let t = Instant::now();
-            step();
-            latencies.saturating_record(t.elapsed().as_nanos().max(1) as u64);
-        }
-    }
-    NanoFigures::from(&latencies, started.elapsed())
-}
-
 fn quota_checks(measure: Duration) -> (NanoFigures, NanoFigures) {
     let quotas = Quotas::new();
     let agent = AgentId::generate();

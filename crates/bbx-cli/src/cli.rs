@@ -202,6 +202,19 @@ pub enum BenchCommand {
     /// AgentQuotas and the tools: a quota check, tool.shell running `true`, and
     /// tool.http, each next to a reference measured in the same run.
     Tools(BenchToolsArgs),
+    /// Auth in process: an API key, a token on first use and cached, next to a
+    /// SHA-256 measured in the same run. Starts its own kernel.
+    Auth(BenchAuthArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchAuthArgs {
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Directory for the scratch kernel [default: a temp dir].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -2,6 +2,7 @@
 //! and a client of a running kernel for everything else.
 
 mod bench;
+mod bench_auth;
 mod bench_ring;
 mod bench_tools;
 mod cli;
@@ -97,6 +98,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Api(args)) => bench::api(&cli, args).await,
         Command::Bench(BenchCommand::Ring(args)) => bench_ring::ring(&cli, args).await,
         Command::Bench(BenchCommand::Tools(args)) => bench_tools::tools(&cli, args).await,
+        Command::Bench(BenchCommand::Auth(args)) => bench_auth::auth(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {

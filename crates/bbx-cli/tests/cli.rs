@@ -325,6 +325,26 @@ fn a_corrupt_journal_stops_the_kernel_until_an_operator_repairs_it() {
 }
 
 #[test]
+fn bench_auth_runs_end_to_end_and_reports_every_scenario() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = Command::new(BBX)
+        .args(["bench", "auth", "--json", "--seconds", "0.05", "--scratch-dir"])
+        .arg(scratch.path())
+        .env_remove("BBX_URL")
+        .output()
+        .unwrap();
+    let report = json(&out);
+    for scenario in ["api_key", "token_first_use", "token_cached", "reference_sha256"] {
+        let figures = &report[scenario];
+        assert!(figures["ops"].as_u64().unwrap() > 0, "{scenario}: {figures}");
+        let (p50, p99) = (figures["p50_ns"].as_u64().unwrap(), figures["p99_ns"].as_u64().unwrap());
+        assert!(0 < p50 && p50 <= p99, "{scenario}: {figures}");
+    }
+    assert!(report["targets"]["token_cached_p99_under_5us"].is_boolean());
+    assert_eq!(report["token_first_use"]["ops"], 1000, "every token made is used once");
+}
+
+#[test]
 fn bench_ring_runs_end_to_end_and_reports_every_scenario() {
     let scratch = tempfile::tempdir().unwrap();
     let out = Command::new(BBX)
