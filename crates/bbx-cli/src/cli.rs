@@ -530,6 +530,15 @@ pub struct Grant {
     pub ttl: Option<u64>,
 }
 
+impl Grant {
+    /// The role and agent, checked.
+    pub fn parsed(&self) -> bbx_core::Result<(Option<bbx_core::model::Role>, Option<bbx_core::AgentId>)> {
+        let role = self.role.as_deref().map(str::parse).transpose()?;
+        let agent = self.agent.as_deref().map(str::parse).transpose()?;
+        Ok((role, agent))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum EnforcedQuotasCommand {
     Stats,

@@ -20,7 +20,7 @@ use bbx_core::validate;
 use clap::{CommandFactory, Parser};
 use cli::{
     AgentCommand, AuthCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand,
-    Grant, KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
+    KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -408,28 +408,15 @@ async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
                 .collect();
             return endpoint::run(cli, &words).await;
         }
-        AuthCommand::CreateToken {
-            identity,
-            grant:
-                Grant {
-                    tenant,
-                    role,
-                    agent,
-                    ttl,
-                },
-        } => {
-            let mut input = serde_json::json!({ "identity": identity });
-            for (field, value) in [("tenant", tenant), ("agent", agent)] {
-                if let Some(value) = value {
-                    input[field] = value.clone().into();
-                }
-            }
-            if let Some(role) = role {
-                input["role"] = role.parse::<bbx_core::model::Role>()?.as_str().into();
-            }
-            if let Some(ttl) = ttl {
-                input["ttl_secs"] = (*ttl).into();
-            }
+        AuthCommand::CreateToken { identity, grant } => {
+            let (role, agent) = grant.parsed()?;
+            let input = serde_json::json!({
+                "identity": identity,
+                "tenant": grant.tenant,
+                "role": role,
+                "agent": agent,
+                "ttl_secs": grant.ttl,
+            });
             let created = client(cli)?.call_endpoint("auth.create_token", input).await?;
             if cli.json {
                 output::json(&created);
@@ -450,24 +437,15 @@ async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
                 anyhow::bail!("{why}");
             }
         }
-        AuthCommand::CreateApiKey {
-            identity,
-            name,
-            grant:
-                Grant {
-                    tenant,
-                    role,
-                    agent,
-                    ttl,
-                },
-        } => {
+        AuthCommand::CreateApiKey { identity, name, grant } => {
+            let (role, agent) = grant.parsed()?;
             let req = CreateApiKey {
                 name: name.clone().unwrap_or_else(|| identity.clone()),
-                tenant: tenant.clone(),
-                role: role.as_deref().map(str::parse).transpose()?,
+                tenant: grant.tenant.clone(),
+                role,
                 identity: Some(identity.clone()),
-                agent: agent.as_deref().map(str::parse).transpose()?,
-                ttl_secs: *ttl,
+                agent,
+                ttl_secs: grant.ttl,
             };
             let created = client(cli)?.create_key(&req).await?;
             if cli.json {

@@ -416,8 +416,13 @@ impl Kernel {
             .throttle
             .authenticate(token, source.as_deref(), || self.authenticate(token));
         checked.inspect_err(|e| {
-            let event = AuditEvent::new(AuditKind::AuthenticationFailed, None, "authenticate", &e.message);
-            self.audit(event.from(source));
+            // A refusal for being past the limit is not written down: an attacker
+            // would otherwise turn each refused request into a store write. The
+            // failures that led to it were.
+            if e.code != ErrorCode::ResourceExhausted {
+                let event = AuditEvent::new(AuditKind::AuthenticationFailed, None, "authenticate", &e.message);
+                self.audit(event.from(source));
+            }
         })
     }
 

@@ -141,10 +141,12 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
     let source = source(&request);
     match token.and_then(|token| kernel.authenticate_from(token, source.clone())) {
         Ok(caller) => {
+            // Kept for the audit of a denial; formatted only if there is one.
+            let (method, uri) = (request.method().clone(), request.uri().clone());
             request.extensions_mut().insert(caller.clone());
-            let what = format!("{} {}", request.method(), request.uri().path());
-            let response = next.run(request).await;
-            if let Some(error::Denial(why)) = response.extensions().get::<error::Denial>() {
+            let mut response = next.run(request).await;
+            if let Some(error::Denial(why)) = response.extensions_mut().remove::<error::Denial>() {
+                let what = format!("{method} {}", uri.path());
                 let event = bbx_kernel::AuditEvent::new(bbx_kernel::AuditKind::Denied, Some(&caller), what, why);
                 kernel.audit(event.from(source));
             }
