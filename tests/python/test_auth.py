@@ -4,6 +4,7 @@ with nothing but the published JWKS; and a token as the bearer of an MCP session
 import json
 import urllib.request
 
+import anyio
 import httpx2
 import jwt
 import pytest
@@ -50,3 +51,11 @@ async def test_a_token_is_the_bearer_of_an_mcp_session(kernel):
                 denied = await session.call_tool("agent_create", {"name": "x"})
                 assert denied.is_error
                 assert denied.structured_content["error"]["code"] == "permission_denied"
+    # The refusal is in the audit log, as every entry point's are.
+    for _ in range(50):
+        events = post(kernel, "/v1/auth/audit", {"kind": "denied"}, kernel.key)["events"]
+        if any(e["what"] == "mcp agent_create" for e in events):
+            break
+        await anyio.sleep(0.1)
+    else:
+        pytest.fail(f"no audited MCP denial in {events}")

@@ -44,6 +44,12 @@ TOOLS = {
     "auth_audit",
     "auth_revoke",
     "auth_rotate_key",
+    "auth_set_policy",
+    "auth_delete_policy",
+    "secrets_set",
+    "secrets_list",
+    "secrets_bind",
+    "secrets_delete",
 }
 
 

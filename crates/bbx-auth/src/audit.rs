@@ -28,6 +28,10 @@ pub enum AuditKind {
     CredentialCreated,
     CredentialRevoked,
     TokenIssued,
+    /// An authorization policy was set or removed.
+    PolicyChanged,
+    /// A secret was set, bound to hosts or deleted (never its value).
+    SecretChanged,
 }
 
 /// One audited event.

@@ -15,6 +15,8 @@ pub struct Caller {
     pub agent: Option<AgentId>,
     /// When the credential stops working, if it does.
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The client's address, where the transport knows it.
+    pub source: Option<String>,
 }
 
 /// What an action needs of a caller's role.
@@ -32,6 +34,16 @@ pub enum Action {
 }
 
 impl Action {
+    /// Its name in policies' input (`action.class`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Act => "act",
+            Self::Operate => "operate",
+            Self::ManageKeys => "manage_keys",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Self::Read => "read",
@@ -75,6 +87,7 @@ impl Caller {
             role: Role::Admin,
             agent: None,
             expires_at: None,
+            source: None,
         }
     }
 
@@ -86,6 +99,7 @@ impl Caller {
             role,
             agent: None,
             expires_at: None,
+            source: None,
         }
     }
 

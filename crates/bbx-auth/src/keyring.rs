@@ -130,6 +130,7 @@ impl KeyRing {
             role: stored.info.role(),
             agent: stored.info.agent,
             expires_at: stored.info.expires_at,
+            source: None,
         })
     }
 }

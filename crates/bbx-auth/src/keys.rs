@@ -266,7 +266,7 @@ pub fn grant(
 }
 
 /// Writes `secret` to `path` with mode 0600: temp file, fsync, rename, fsync dir.
-fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
+pub(crate) fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("key.tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)

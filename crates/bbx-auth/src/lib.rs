@@ -20,13 +20,17 @@
 //! time; on first start the kernel mints an administrator key into
 //! `DATA_DIR/admin.key` (mode 0600).
 
+pub mod abac;
 pub mod audit;
 mod caller;
 pub mod keyring;
 pub mod keys;
+pub mod oidc;
+pub mod secrets;
 mod throttle;
 pub mod tokens;
 
+pub use abac::{AUTH_POLICIES, Access, Policies, StoredPolicy};
 pub use audit::{AUDIT, AuditEvent, AuditKind, AuditQuery};
 pub use bbx_core::model::Role;
 pub use caller::{Action, Caller, rules};

@@ -1,7 +1,8 @@
 //! `bbx bench auth`: authenticating and authorizing a request in process (no
 //! HTTP), with an API key, with an access token on its first use (its signature
-//! checked) and on later uses (from the verified cache), next to the SHA-256 of a
-//! key's secret measured in the same run.
+//! checked) and on later uses (from the verified cache), and with an API key under
+//! 20 custom ABAC rules, next to the SHA-256 of a key's secret measured in the
+//! same run.
 
 use crate::bench::{NanoFigures, scratch_dir, time_each};
 use crate::cli::{BenchAuthArgs, Cli};
@@ -18,6 +19,11 @@ struct Report {
     api_key: NanoFigures,
     token_first_use: NanoFigures,
     token_cached: NanoFigures,
+    /// An API key, then the roles and 20 custom ABAC rules (in 5 policies) on a
+    /// labelled agent's state key.
+    api_key_with_20_rules: NanoFigures,
+    /// Whether those rules ran on regorus's VM (else its interpreter).
+    rules_on_vm: bool,
     /// SHA-256 of a key's 64-character secret: what a key's check must do at least.
     reference_sha256: NanoFigures,
     targets: Targets,
@@ -28,6 +34,7 @@ struct Targets {
     api_key_p99_under_5us: bool,
     token_first_use_p99_under_60us: bool,
     token_cached_p99_under_5us: bool,
+    with_20_rules_p99_under_25us: bool,
 }
 
 pub async fn auth(cli: &Cli, args: &BenchAuthArgs) -> Result<()> {
@@ -60,6 +67,7 @@ pub async fn auth(cli: &Cli, args: &BenchAuthArgs) -> Result<()> {
             ("api_key", &report.api_key),
             ("token_first_use", &report.token_first_use),
             ("token_cached", &report.token_cached),
+            ("with_20_rules", &report.api_key_with_20_rules),
             ("reference_sha256", &report.reference_sha256),
         ] {
             println!(
@@ -110,6 +118,8 @@ async fn measure_all(kernel: &Kernel, admin: &bbx_kernel::Caller, measure: Durat
         let caller = kernel.authenticate(reused).expect("the token authenticates");
         caller.may(Action::Read).expect("a reader reads");
     });
+    let api_key_with_20_rules = with_rules(kernel, admin, &key, measure).await?;
+    let rules_on_vm = kernel.policies_on_vm();
     let secret = key.rsplit('_').next().unwrap_or_default().to_owned();
     let reference_sha256 = time_each(measure, || {
         use sha2::Digest as _;
@@ -120,10 +130,66 @@ async fn measure_all(kernel: &Kernel, admin: &bbx_kernel::Caller, measure: Durat
             api_key_p99_under_5us: api_key.p99_ns < 5_000,
             token_first_use_p99_under_60us: token_first_use.p99_ns < 60_000,
             token_cached_p99_under_5us: token_cached.p99_ns < 5_000,
+            with_20_rules_p99_under_25us: api_key_with_20_rules.p99_ns < 25_000,
         },
         api_key,
         token_first_use,
         token_cached,
+        api_key_with_20_rules,
+        rules_on_vm,
         reference_sha256,
     })
+}
+
+/// Loads 20 rules in 5 policies, then times a reader's key authenticated and a
+/// state read on a labelled agent authorized (no rule refuses it, so every rule
+/// is evaluated).
+async fn with_rules(kernel: &Kernel, admin: &bbx_kernel::Caller, key: &str, measure: Duration) -> Result<NanoFigures> {
+    for policy in 0..5 {
+        let rules: String = (0..4).map(|rule| rule_text(policy * 4 + rule)).collect();
+        let source = format!("package bbx.authz.bench{policy}\n{rules}");
+        kernel.put_policy(admin, &format!("bench-{policy}"), source).await?;
+    }
+    let agent = kernel
+        .create_agent(
+            admin,
+            bbx_core::model::CreateAgent {
+                name: "bench".into(),
+                tenant: Some("bench".into()),
+                labels: Some(
+                    [
+                        ("env".to_owned(), "dev".to_owned()),
+                        ("team".to_owned(), "a".to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let figures = time_each(measure, || {
+        let caller = kernel.authenticate(key).expect("the key authenticates");
+        caller.may(Action::Read).expect("a reader reads");
+        let access = bbx_kernel::Access::new("state.get", Some(Action::Read), None)
+            .on(&agent)
+            .key("notes/today");
+        kernel.authorize(&caller, &access).expect("no rule refuses it");
+    });
+    Ok(figures)
+}
+
+/// The `n`th of 20 rules over principal, action, resource and context, none of
+/// which refuses the measured request.
+fn rule_text(n: usize) -> String {
+    let condition = match n % 5 {
+        0 => format!(r#"input.resource.labels.env == "prod-{n}""#),
+        1 => format!(r#"startswith(input.resource.key, "private{n}/")"#),
+        2 => format!(r#"input.action.op_kind == "shell.exec"; input.principal.role == "reader-{n}""#),
+        3 => format!(r#"input.context.source == "10.0.0.{n}""#),
+        _ => format!(r#"input.principal.tenant == "blocked-{n}"; input.action.class == "act""#),
+    };
+    format!(
+        "deny contains \"rule {n}\" if {{ {} }}\n",
+        condition.replace("; ", "\n")
+    )
 }

@@ -205,6 +205,7 @@ async fn http(dir: &Path, measure: Duration) -> Result<(Figures, Figures)> {
     let ctx = bbx_tools::Context {
         op_id: OpId::generate(),
         agent: AgentId::generate(),
+        tenant: "bench".into(),
         idempotency_key: None,
         settings: ToolSettings {
             allow_networks: vec!["127.0.0.0/8".into()],

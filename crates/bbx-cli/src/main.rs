@@ -163,6 +163,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         log: args.log.clone(),
         ring: None,
         tools: None,
+        auth: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

@@ -4,10 +4,8 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{Kernel, json, stderr};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn agent(kernel: &Kernel, extra: &[&str]) -> String {
     let mut args = vec!["agent", "create", "tools", "--json"];
@@ -33,37 +31,9 @@ fn run(kernel: &Kernel, agent: &str, kind: &str, args: Value) -> Value {
 
 /// A loopback HTTP server that answers every request with `{"ok": true}` and keeps
 /// the request heads it saw.
-async fn http_server() -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                return;
-            };
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                log.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
-                let body = r#"{"ok":true}"#;
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-            });
-        }
-    });
-    (url, seen)
+async fn http_server() -> (String, support::Seen) {
+    let (port, seen) = support::http_server(|_| ("application/json", r#"{"ok":true}"#.to_owned())).await;
+    (format!("http://127.0.0.1:{port}"), seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,89 @@ pub struct KernelConfig {
     pub ring: RingConfig,
     /// How tools run (`[tools]` in the file).
     pub tools: ToolsConfig,
+    /// Outside identity providers (`[auth]` in the file).
+    pub auth: AuthConfig,
+}
+
+/// Who besides the kernel's own keys and tokens may authenticate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// OpenID Connect issuers whose access tokens are accepted (`[[auth.oidc]]`).
+    pub oidc: Vec<OidcIssuer>,
+}
+
+/// An OpenID Connect issuer: its tokens' signatures are checked against the keys
+/// its discovery document publishes, and their claims map to a tenant and a role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuer {
+    /// The issuer's URL, exactly as its tokens' `iss` and its discovery document say.
+    pub issuer: String,
+    /// What a token's `aud` must include.
+    pub audience: String,
+    /// Every token of this issuer acts in this tenant...
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// ...or in the tenant this claim names [default: `tenant`].
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// The claim holding the caller's roles: a string array, or a space-separated
+    /// string such as `scope` [default: `roles`].
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// The issuer's role names -> BBX roles; without it, a role claim's values are
+    /// BBX role names. The most privileged role mapped wins; `admin` is never given.
+    #[serde(default)]
+    pub role_map: std::collections::BTreeMap<String, crate::model::Role>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds [default: 60].
+    #[serde(default = "default_oidc_leeway")]
+    pub leeway_secs: u64,
+    /// The least time between two fetches of the issuer's keys on an unknown
+    /// `kid`, in seconds [default: 10].
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch_secs: u64,
+}
+
+impl OidcIssuer {
+    fn validate(&self) -> Result<()> {
+        let field = |what: &str| format!("auth.oidc[{}].{what}", self.issuer);
+        if !(self.issuer.starts_with("https://") || self.issuer.starts_with("http://")) {
+            return Err(Error::invalid_field(
+                "auth.oidc.issuer",
+                format!("{:?} is not an http(s) URL", self.issuer),
+            ));
+        }
+        if self.audience.is_empty() {
+            return Err(Error::invalid_field(&field("audience"), "an issuer needs an audience"));
+        }
+        if let Some(tenant) = &self.tenant {
+            crate::validate::tenant(tenant)?;
+        }
+        if self.role_map.values().any(|role| *role == crate::model::Role::Admin) {
+            return Err(Error::invalid_field(
+                &field("role_map"),
+                "an outside issuer cannot make administrators of every tenant; map to tenant_admin",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_tenant_claim() -> String {
+    "tenant".to_owned()
+}
+
+fn default_roles_claim() -> String {
+    "roles".to_owned()
+}
+
+fn default_oidc_leeway() -> u64 {
+    60
+}
+
+fn default_jwks_min_refetch() -> u64 {
+    10
 }
 
 /// How tool processes run. Every field has a default.
@@ -310,6 +393,7 @@ pub struct ConfigLayer {
     pub log: Option<String>,
     pub ring: Option<RingConfig>,
     pub tools: Option<ToolsConfig>,
+    pub auth: Option<AuthConfig>,
 }
 
 impl ConfigLayer {
@@ -344,6 +428,7 @@ impl KernelConfig {
             log: over.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.to_owned()),
             ring: over.ring.or(file.ring).unwrap_or_default(),
             tools: over.tools.or(file.tools).unwrap_or_default(),
+            auth: over.auth.or(file.auth).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -364,6 +449,9 @@ impl KernelConfig {
             ));
         }
         config.ring.validate()?;
+        for issuer in &config.auth.oidc {
+            issuer.validate()?;
+        }
         // Any one stored value (bounded by a request body) must fit in a journal
         // record with room to spare, or the store could not journal it.
         if config.ring.journal_segment_bytes < 4 * config.max_body_bytes as u64 {

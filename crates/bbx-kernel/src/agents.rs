@@ -63,17 +63,27 @@ impl Kernel {
             created_at: Utc::now(),
             tools,
         };
+        self.authorize(
+            caller,
+            &Access::new("agent.create", Some(Action::Operate), None).on(&agent),
+        )?;
         self.store.write(bbx_agents::AgentWrite::Create(agent.clone())).await?;
         Ok(agent)
     }
 
     pub fn get_agent(&self, caller: &Caller, id: &AgentId) -> Result<Agent> {
-        self.load_agent(caller, id)
+        let agent = self.load_agent(caller, id)?;
+        self.authorize(caller, &Access::new("agent.get", Some(Action::Read), None).on(&agent))?;
+        Ok(agent)
     }
 
     pub async fn delete_agent(&self, caller: &Caller, id: &AgentId) -> Result<()> {
         caller.may(Action::Operate)?;
-        self.load_agent(caller, id)?;
+        let agent = self.load_agent(caller, id)?;
+        self.authorize(
+            caller,
+            &Access::new("agent.delete", Some(Action::Operate), None).on(&agent),
+        )?;
         // Under the quota updates' lock: a concurrent `set_quota` on this agent
         // either lands before (and its limits go with the agent) or finds no agent.
         let _serial = self.quota_updates.lock().await;
@@ -102,7 +112,11 @@ impl Kernel {
     /// atomically.
     pub async fn import_agent(&self, caller: &Caller, data: bbx_component::AgentData) -> Result<()> {
         caller.may(Action::Operate)?;
-        self.load_agent(caller, &data.agent)?;
+        let agent = self.load_agent(caller, &data.agent)?;
+        self.authorize(
+            caller,
+            &Access::new("agent.import", Some(Action::Operate), None).on(&agent),
+        )?;
         self.store.write(self.components.import(data)?).await?;
         Ok(())
     }
@@ -127,6 +141,10 @@ impl Kernel {
             }
             (None, own) => own.clone(),
         };
+        self.authorize(
+            caller,
+            &Access::new("agent.list", Some(Action::Read), tenant.as_deref()),
+        )?;
         let label = req.label.as_deref().map(validate::label_selector).transpose()?;
         let after: Option<AgentId> = req
             .cursor
@@ -218,6 +236,11 @@ impl Kernel {
     pub fn state_get(&self, caller: &Caller, agent: &AgentId, key: &str) -> Result<StateEntry> {
         validate::state_key(key)?;
         self.agent_tenant(caller, agent)?;
+        self.authorize_on_agent(
+            caller,
+            Access::new("state.get", Some(Action::Read), None).key(key),
+            agent,
+        )?;
         let bytes = self
             .store
             .view()
@@ -248,6 +271,11 @@ impl Kernel {
             ));
         }
         self.agent_tenant(caller, agent)?;
+        self.authorize_on_agent(
+            caller,
+            Access::new("state.set", Some(Action::Act), None).key(&key),
+            agent,
+        )?;
         let at = Utc::now();
         let write = bbx_agents::AgentWrite::SetState {
             agent: *agent,
@@ -277,6 +305,11 @@ impl Kernel {
         caller.may(Action::Act)?;
         validate::state_key(&key)?;
         self.agent_tenant(caller, agent)?;
+        self.authorize_on_agent(
+            caller,
+            Access::new("state.delete", Some(Action::Act), None).key(&key),
+            agent,
+        )?;
         self.store
             .write(bbx_agents::AgentWrite::DeleteState {
                 agent: *agent,
@@ -291,6 +324,8 @@ impl Kernel {
     pub fn state_list(&self, caller: &Caller, agent: &AgentId, req: ListState) -> Result<StatePage> {
         let limit = page_limit(req.limit)?;
         self.agent_tenant(caller, agent)?;
+        let listed = Access::new("state.list", Some(Action::Read), None).key(req.prefix.as_deref().unwrap_or(""));
+        self.authorize_on_agent(caller, listed, agent)?;
         let prefix = bbx_agents::state_key(agent, req.prefix.as_deref().unwrap_or(""));
         let start = match req.cursor.as_deref() {
             Some(cursor) => {

@@ -2,6 +2,7 @@
 //! by the front ends from its description alone (see [`bbx_component::Endpoint`]).
 
 use super::*;
+use bbx_auth::secrets::SetSecret;
 use bbx_component::Endpoint;
 use serde::Deserialize;
 
@@ -43,6 +44,49 @@ struct Verify {
     token: String,
 }
 
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SetPolicy {
+    /// The policy's name.
+    name: String,
+    /// Rego in a package under `bbx.authz`, with a `deny` set of reasons.
+    source: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PolicyName {
+    /// The policy's name.
+    name: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SecretName {
+    name: String,
+    /// The tenant [default: the caller's].
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct BindSecret {
+    name: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    /// The hosts it may be sent to, in place of those it had.
+    hosts: Vec<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct TenantOnly {
+    /// The tenant [default: the caller's].
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
 impl Kernel {
     /// The kernel's endpoints, then every component's; refused if two share a name.
     pub(crate) fn collect_endpoints(self: &Arc<Self>) -> Result<Vec<Endpoint>> {
@@ -78,14 +122,23 @@ impl Kernel {
             "Create an API key with a role (admin, tenant_admin, operator, agent, reader); its secret is shown once.",
             |kernel, caller, req: bbx_core::model::CreateApiKey| async move { kernel.create_key(&caller, req).await },
         );
-        let rules = Endpoint::new(
+        let rules = self.endpoint(
             "auth.rules",
             ("GET", "/v1/auth/rules"),
-            "The authorization rules in force: what each role may do, and the rule for other tenants.",
-            |caller: Caller, _: NoArgs| async move {
-                caller.may(Action::Read)?;
-                Ok(bbx_auth::rules())
-            },
+            "The authorization rules in force: what each role may do, the rule for other tenants, and the custom policies (their Rego source for administrators).",
+            |kernel, caller, _: NoArgs| async move { kernel.auth_rules(&caller) },
+        );
+        let set_policy = self.endpoint(
+            "auth.set_policy",
+            ("PUT", "/v1/auth/policies/{name}"),
+            "Add or replace a custom authorization policy (administrators): Rego in a package under bbx.authz whose deny set names reasons to refuse a request. One that fails to parse or to decide is refused and the policies in force stay.",
+            |kernel, caller, args: SetPolicy| async move { kernel.put_policy(&caller, &args.name, args.source).await },
+        );
+        let delete_policy = self.endpoint(
+            "auth.delete_policy",
+            ("DELETE", "/v1/auth/policies/{name}"),
+            "Remove a custom authorization policy (administrators).",
+            |kernel, caller, args: PolicyName| async move { kernel.delete_policy(&caller, &args.name).await },
         );
         let audit = self.endpoint(
             "auth.audit",
@@ -109,6 +162,35 @@ impl Kernel {
                 kernel.rotate_key(&caller, &args.key_id.parse()?, args.grace_secs).await
             },
         );
+        let set_secret = self.endpoint(
+            "secrets.set",
+            ("PUT", "/v1/secrets/{name}"),
+            "Store a secret (an outside service's API key, a password), encrypted, for the tenant's tool ops to name as {\"$secret\": NAME}; bound to the hosts it may be sent to. Its value is never shown again.",
+            |kernel, caller, req: SetSecret| async move { kernel.set_secret(&caller, req).await },
+        );
+        let list_secrets = self.endpoint(
+            "secrets.list",
+            ("GET", "/v1/secrets"),
+            "The tenant's secrets: names, bound hosts and times, never values.",
+            |kernel, caller, args: TenantOnly| async move { kernel.list_secrets(&caller, args.tenant) },
+        );
+        let bind_secret = self.endpoint(
+            "secrets.bind",
+            ("POST", "/v1/secrets/{name}/bind"),
+            "Bind a secret to the hosts it may be sent to (names, addresses, or *.example.com), in place of those it had.",
+            |kernel, caller, args: BindSecret| async move {
+                kernel.bind_secret(&caller, args.tenant, &args.name, args.hosts).await
+            },
+        );
+        let delete_secret =
+            self.endpoint(
+                "secrets.delete",
+                ("DELETE", "/v1/secrets/{name}"),
+                "Delete a secret of the tenant: tool ops that name it are refused from then on.",
+                |kernel, caller, args: SecretName| async move {
+                    kernel.delete_secret(&caller, args.tenant, &args.name).await
+                },
+            );
         let mut all = vec![
             approve,
             deny,
@@ -118,7 +200,13 @@ impl Kernel {
             create_api_key,
             rotate_key,
             rules,
+            set_policy,
+            delete_policy,
             audit,
+            set_secret,
+            list_secrets,
+            bind_secret,
+            delete_secret,
         ];
         for endpoint in self.components.endpoints(&self.context) {
             if all.iter().any(|known| known.info.name == endpoint.info.name) {
@@ -151,6 +239,7 @@ impl Kernel {
             .get()
             .and_then(|all| all.iter().find(|e| e.info.name == name))
             .ok_or_else(|| Error::not_found("endpoint", name))?;
+        self.authorize(caller, &bbx_auth::Access::new(name, None, caller.tenant.as_deref()))?;
         (endpoint.handler)(caller.clone(), input).await
     }
 }

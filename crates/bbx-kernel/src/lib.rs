@@ -22,6 +22,7 @@
 //! [`bbx_core::api`].
 
 mod agents;
+mod auth;
 mod completions;
 mod endpoints;
 mod journal_check;
@@ -30,7 +31,8 @@ mod quota;
 mod session;
 mod shm;
 
-pub use bbx_auth::{ADMIN_KEY_FILE, Action, AuditEvent, AuditKind, AuditQuery, Caller, Role};
+pub use auth::{CreateToken, CreatedToken, TokenCheck};
+pub use bbx_auth::{ADMIN_KEY_FILE, Access, Action, AuditEvent, AuditKind, AuditQuery, Caller, Role};
 pub use bbx_ring::RingMetrics;
 pub use bbx_store::{JournalMetrics, StoreMetrics};
 pub use completions::CompletionQueue;
@@ -41,14 +43,14 @@ use bbx_agents::{decode_agent, decode_state};
 use bbx_core::api::prelude::*;
 use bbx_core::config::KernelConfig;
 use bbx_core::model::{
-    Agent, AgentPage, AgentStatus, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DEFAULT_TENANT, ListAgents,
-    ListState, SetState, StateEntry, StatePage, Status, StorageStatus, page_limit,
+    Agent, AgentPage, AgentStatus, CreateAgent, DEFAULT_TENANT, ListAgents, ListState, SetState, StateEntry, StatePage,
+    Status, StorageStatus, page_limit,
 };
 use bbx_core::op::{
     BreakerInfo, Completion, OpInfo, ResetBreakers, Resolution, RingStats, SubmitBatch, Submitted, WalStatus,
 };
 use bbx_core::quota::{CgroupStatus, GpuStatus, Node, QuotaInfo, QuotaLimits};
-use bbx_core::{AgentId, Error, ErrorCode, KeyId, OpId, Result, validate};
+use bbx_core::{AgentId, Error, ErrorCode, OpId, Result, validate};
 use bbx_ring::runtime::{self as ring, Ring};
 use bbx_store::{Applied, Store, storage_error};
 use chrono::Utc;
@@ -95,6 +97,12 @@ pub struct Kernel {
     tasks: TaskTracker,
     keys: bbx_auth::Keys,
     tokens: bbx_auth::Tokens,
+    /// Custom authorization policies, beyond the built-in roles.
+    policies: bbx_auth::Policies,
+    /// Outside OpenID Connect issuers whose tokens are accepted.
+    oidc: bbx_auth::oidc::Oidc,
+    /// The tenants' secrets, which tool ops name.
+    secrets: Arc<bbx_auth::secrets::Secrets>,
     throttle: bbx_auth::Throttle,
     started: Instant,
     closing: AtomicBool,
@@ -145,43 +153,6 @@ struct TenantCache {
 
 /// Agents the cache remembers before it starts over.
 const TENANT_CACHE_AGENTS: usize = 65_536;
-
-/// A token's life unless asked otherwise: fifteen minutes.
-const DEFAULT_TOKEN_TTL_SECS: u64 = 900;
-
-/// What `create_token` asks for.
-#[derive(Debug, Clone, Default, serde::Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateToken {
-    /// Who the token is for: its `sub`.
-    pub identity: String,
-    #[serde(default)]
-    pub tenant: Option<String>,
-    #[serde(default)]
-    pub role: Option<Role>,
-    #[serde(default)]
-    pub agent: Option<AgentId>,
-    /// Seconds it lives: 1 to a day [default: 900].
-    #[serde(default)]
-    pub ttl_secs: Option<u64>,
-}
-
-/// A token, and what it says.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CreatedToken {
-    pub token: String,
-    pub claims: bbx_auth::Claims,
-}
-
-/// Whether a token checks, and its claims or why not.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TokenCheck {
-    pub valid: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub claims: Option<bbx_auth::Claims>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<Error>,
-}
 
 /// What opening a kernel produced.
 pub struct Opened {
@@ -241,18 +212,28 @@ impl Kernel {
         )?);
         let keys = bbx_auth::Keys::load(store.clone(), &config.data_dir)?;
         let tokens = bbx_auth::Tokens::open(store.clone()).await?;
+        let policies = bbx_auth::Policies::open(store.clone())?;
+        let oidc = bbx_auth::oidc::Oidc::new(&config.auth.oidc)?;
         let tasks = TaskTracker::new();
+        let secrets = Arc::new(bbx_auth::secrets::Secrets::open(store.clone(), &config.data_dir)?);
         let quotas = Arc::new(bbx_quota::stored::load(&store)?);
-        let tools = Arc::new(bbx_tools::Tools::new(
-            bbx_tools::ToolsConfig {
-                workspaces: config.data_dir.join(WORKSPACES_DIR),
-                run_as: (config.tools.run_as_uid, config.tools.run_as_gid),
-                unsandboxed_shell: config.tools.unsandboxed_shell,
-                llm: config.tools.llm.clone(),
-                mcp: config.tools.mcp.clone(),
-            },
-            bbx_quota::cgroup::detect(&cgroup_scope(&config.data_dir)),
-        )?);
+        let tools = Arc::new(
+            bbx_tools::Tools::new(
+                bbx_tools::ToolsConfig {
+                    workspaces: config.data_dir.join(WORKSPACES_DIR),
+                    run_as: (config.tools.run_as_uid, config.tools.run_as_gid),
+                    unsandboxed_shell: config.tools.unsandboxed_shell,
+                    llm: config.tools.llm.clone(),
+                    mcp: config.tools.mcp.clone(),
+                },
+                bbx_quota::cgroup::detect(&cgroup_scope(&config.data_dir)),
+            )?
+            .with_secrets(Arc::new(auth::SecretsForTools {
+                secrets: secrets.clone(),
+                store: store.clone(),
+                tasks: tasks.clone(),
+            })),
+        );
         let mut components = components(&tools, &quotas)?;
         for component in extra {
             components.register(component)?;
@@ -287,6 +268,9 @@ impl Kernel {
             tasks,
             keys,
             tokens,
+            policies,
+            oidc,
+            secrets,
             throttle: bbx_auth::Throttle::default(),
             started: Instant::now(),
             closing: AtomicBool::new(false),
@@ -338,202 +322,6 @@ impl Kernel {
         self.tools.cgroup_driver().close();
     }
 
-    /// Mints a new administrator key into `DATA_DIR/admin.key`, for an operator who
-    /// lost the old one. Run offline (`bbx key reset-admin`): the data directory's lock
-    /// refuses it while a kernel is serving.
-    pub async fn reset_admin_key(&self) -> Result<PathBuf> {
-        self.keys.mint_admin_key().await
-    }
-
-    /// See [`bbx_auth::Keys::create`]; a key confined to an agent must name one of
-    /// its tenant that the caller sees.
-    pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
-        let created = self.make_key(caller, req).await?;
-        let info = &created.info;
-        let what = format!(
-            "api key {} ({}) for {}",
-            info.id,
-            info.role().as_str(),
-            info.identity.as_deref().unwrap_or(&info.name)
-        );
-        let mut event = AuditEvent::new(AuditKind::CredentialCreated, Some(caller), what, "created");
-        event.tenant = info.tenant.clone();
-        self.audit(event);
-        Ok(created)
-    }
-
-    async fn make_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
-        if let Some(agent) = &req.agent {
-            let tenant = self.agent_tenant(caller, agent)?;
-            let named = req.tenant.as_deref().or(caller.tenant.as_deref());
-            if named != Some(&*tenant) {
-                return Err(Error::invalid_field("agent", "the agent is not of the key's tenant"));
-            }
-        }
-        self.keys.create(caller, req).await
-    }
-
-    pub fn list_keys(&self, caller: &Caller) -> Result<Vec<ApiKeyInfo>> {
-        self.keys.list(caller)
-    }
-
-    /// See [`bbx_auth::Keys::rotate`].
-    pub async fn rotate_key(&self, caller: &Caller, id: &KeyId, grace_secs: Option<u64>) -> Result<CreatedApiKey> {
-        let rotated = self.keys.rotate(caller, id, grace_secs).await?;
-        let what = format!("api key {id}, succeeded by {}", rotated.info.id);
-        let mut event = AuditEvent::new(AuditKind::CredentialCreated, Some(caller), what, "rotated");
-        event.tenant = rotated.info.tenant.clone();
-        self.audit(event);
-        Ok(rotated)
-    }
-
-    pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
-        let revoked = self.keys.revoke(caller, id).await?;
-        let mut event = AuditEvent::new(
-            AuditKind::CredentialRevoked,
-            Some(caller),
-            format!("api key {id}"),
-            "revoked",
-        );
-        event.tenant = revoked.tenant.clone();
-        self.audit(event);
-        Ok(revoked)
-    }
-
-    /// The caller a bearer credential makes: an API key (`bbx_...`) or an access
-    /// token the kernel signed.
-    pub fn authenticate(&self, token: &str) -> Result<Caller> {
-        if token.starts_with("bbx_") {
-            return self.keys.verify(token);
-        }
-        self.tokens.verify(token)?.caller()
-    }
-
-    /// [`Self::authenticate`] for a client at `source`, within the limits on failed
-    /// authentications ([`bbx_auth::Throttle`]), auditing a failure.
-    pub fn authenticate_from(&self, token: &str, source: Option<String>) -> Result<Caller> {
-        let checked = self
-            .throttle
-            .authenticate(token, source.as_deref(), || self.authenticate(token));
-        checked.inspect_err(|e| {
-            // A refusal for being past the limit is not written down: an attacker
-            // would otherwise turn each refused request into a store write. The
-            // failures that led to it were.
-            if e.code != ErrorCode::ResourceExhausted {
-                let event = AuditEvent::new(AuditKind::AuthenticationFailed, None, "authenticate", &e.message);
-                self.audit(event.from(source));
-            }
-        })
-    }
-
-    /// Records an audit event durably, off the caller's path.
-    pub fn audit(&self, event: AuditEvent) {
-        let store = self.store.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = store.write(bbx_auth::audit::Record(event)).await {
-                tracing::error!(error = %e, "an audit event could not be recorded");
-            }
-        });
-    }
-
-    /// The audit log's events the caller may see (administrators: all; tenant
-    /// administrators: their tenant's).
-    pub fn audit_events(&self, caller: &Caller, query: &AuditQuery) -> Result<Vec<AuditEvent>> {
-        bbx_auth::audit::query(&self.store, caller, query)
-    }
-
-    /// The public keys the kernel's tokens are signed with, as a JWKS.
-    pub fn jwks(&self) -> jsonwebtoken::jwk::JwkSet {
-        self.tokens.jwks()
-    }
-
-    /// Issues an access token for `identity`, as [`bbx_auth::grant`] allows.
-    pub fn create_token(&self, caller: &Caller, req: CreateToken) -> Result<CreatedToken> {
-        bbx_core::validate::name("identity", &req.identity)?;
-        let (tenant, role) = bbx_auth::grant(caller, req.tenant, req.role, req.agent)?;
-        if let Some(agent) = &req.agent
-            && tenant.as_deref() != Some(&*self.agent_tenant(caller, agent)?)
-        {
-            return Err(Error::invalid_field("agent", "the agent is not of the token's tenant"));
-        }
-        let confined = Caller {
-            agent: req.agent,
-            ..match tenant {
-                Some(tenant) => Caller::of_tenant(KeyId::generate(), tenant, role),
-                None => Caller::admin(KeyId::generate()),
-            }
-        };
-        let ttl = req.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
-        let (token, claims) = self.tokens.issue(&req.identity, &confined, ttl)?;
-        let what = format!("token {} for {} ({})", claims.jti, claims.sub, confined.role.as_str());
-        let mut event = AuditEvent::new(AuditKind::TokenIssued, Some(caller), what, "issued");
-        event.tenant = claims.tenant.clone();
-        self.audit(event);
-        Ok(CreatedToken { token, claims })
-    }
-
-    /// The client-credentials grant: an access token for the API key whose id is
-    /// `client_id` and whole text is `secret`, with the key's tenant, role and agent.
-    pub fn token_for_key(&self, client_id: &str, secret: &str) -> Result<CreatedToken> {
-        let caller = self.throttle.authenticate(secret, None, || self.keys.verify(secret))?;
-        if caller.key_id.to_string() != client_id {
-            return Err(Error::unauthenticated("invalid", "the client id is not the key's"));
-        }
-        let identity = format!("key:{client_id}");
-        let ttl = match caller.expires_at {
-            Some(at) => (at - Utc::now()).num_seconds().clamp(1, DEFAULT_TOKEN_TTL_SECS as i64) as u64,
-            None => DEFAULT_TOKEN_TTL_SECS,
-        };
-        let (token, claims) = self.tokens.issue(&identity, &caller, ttl)?;
-        let what = format!("token {} for {identity} (client credentials)", claims.jti);
-        self.audit(AuditEvent::new(AuditKind::TokenIssued, Some(&caller), what, "issued"));
-        Ok(CreatedToken { token, claims })
-    }
-
-    /// Revokes an access token until it expires. Its own bearer may; otherwise
-    /// whoever may manage the keys of its tenant.
-    pub async fn revoke_token(&self, caller: &Caller, token: &str) -> Result<bbx_auth::Claims> {
-        let claims = self
-            .tokens
-            .verify(token)
-            .map_err(|e| Error::invalid_field("token", e.message))?;
-        if caller.key_id.to_string() != claims.jti {
-            caller.may(Action::ManageKeys)?;
-            match &claims.tenant {
-                Some(tenant) => caller.check_owner(tenant, "token", &claims.jti)?,
-                None => caller.require_admin("revoke an administrator's token")?,
-            }
-        }
-        self.tokens.revoke(&claims).await?;
-        let what = format!("token {} of {}", claims.jti, claims.sub);
-        let mut event = AuditEvent::new(AuditKind::CredentialRevoked, Some(caller), what, "revoked");
-        event.tenant = claims.tenant.clone();
-        self.audit(event);
-        Ok(claims)
-    }
-
-    /// Whether the credential behind `caller` still works: not expired, and not
-    /// revoked (a long-lived session asks, since it authenticated only once).
-    pub fn credential_valid(&self, caller: &Caller) -> bool {
-        self.keys.still_valid(caller) && !self.tokens.is_revoked(&caller.key_id.to_string())
-    }
-
-    /// Whether `token` is one of the kernel's, unexpired: its claims if so.
-    pub fn verify_token(&self, token: &str) -> TokenCheck {
-        match self.tokens.verify(token) {
-            Ok(claims) => TokenCheck {
-                valid: true,
-                claims: Some(claims),
-                error: None,
-            },
-            Err(e) => TokenCheck {
-                valid: false,
-                claims: None,
-                error: Some(e),
-            },
-        }
-    }
-
     pub fn session(self: &Arc<Self>, caller: Caller) -> Session {
         Session {
             kernel: self.clone(),
@@ -551,6 +339,8 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
         bbx_auth::SIGNING_KEYS,
         bbx_auth::REVOKED_TOKENS,
         bbx_auth::AUDIT,
+        bbx_auth::AUTH_POLICIES,
+        bbx_auth::secrets::SECRETS,
     ]);
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);

@@ -61,6 +61,9 @@ impl Kernel {
                 }
             };
             tenants.push(tenant);
+            let access = Access::new("op.submit", Some(Action::Act), None).op_kind(&op.kind);
+            self.authorize_on_agent(caller, access, &op.agent)
+                .map_err(|e| bbx_ring::batch::at_op(index, e))?;
         }
         let start_after = self.check_rates(&batch.ops, &tenants).await?;
         let Checked { holds, labels } = self.check_ops(caller, &batch.ops, &tenants)?;
@@ -116,12 +119,20 @@ impl Kernel {
     /// Approves an op held for approval; it then runs.
     pub async fn approve_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
+        self.authorize(
+            caller,
+            &Access::new("op.approve", Some(Action::Operate), caller.tenant.as_deref()),
+        )?;
         self.ring.approve(caller, id).await
     }
 
     /// Denies an op held for approval; it ends with `policy_denied`.
     pub async fn deny_op(&self, caller: &Caller, id: &OpId, reason: &str) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
+        self.authorize(
+            caller,
+            &Access::new("op.deny", Some(Action::Operate), caller.tenant.as_deref()),
+        )?;
         self.ring.deny(caller, id, reason).await
     }
 
@@ -136,12 +147,20 @@ impl Kernel {
 
     pub async fn cancel_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
+        self.authorize(
+            caller,
+            &Access::new("op.cancel", Some(Action::Operate), caller.tenant.as_deref()),
+        )?;
         self.ring.cancel(caller, id).await
     }
 
     /// Settles an op left in doubt by a crash.
     pub async fn resolve_op(&self, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
+        self.authorize(
+            caller,
+            &Access::new("op.resolve", Some(Action::Operate), caller.tenant.as_deref()),
+        )?;
         self.ring.resolve(caller, id, resolution).await
     }
 

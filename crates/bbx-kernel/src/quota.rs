@@ -112,6 +112,8 @@ impl Kernel {
     /// `group`; it changes only while the agent is idle.
     pub async fn set_quota(&self, caller: &Caller, node: &Node, update: QuotaLimits) -> Result<QuotaInfo> {
         caller.may(bbx_auth::Action::Operate)?;
+        let access = bbx_auth::Access::new("quota.set", Some(bbx_auth::Action::Operate), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         update.validate()?;
         // One update at a time from check to store: two concurrent updates of
         // different limits would otherwise each write back the other's old value,

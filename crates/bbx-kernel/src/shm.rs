@@ -10,7 +10,7 @@
 
 use crate::Kernel;
 use crate::ring::Sink;
-use bbx_auth::Caller;
+use bbx_auth::{AuditEvent, AuditKind, Caller};
 use bbx_core::op::{Completion, OpenShm, ShmSession, SubmitBatch, Submitted};
 use bbx_core::{Error, ErrorCode, KeyId, Result};
 use bbx_ring::shm::{self, KernelEnd};
@@ -199,6 +199,10 @@ impl Session {
     /// Answers a refused submission; an accepted op answers through its sink.
     fn accepted(&mut self, tag: u64, submitted: Result<Submitted>) {
         if let Err(error) = submitted {
+            if error.code == ErrorCode::PermissionDenied {
+                let event = AuditEvent::new(AuditKind::Denied, Some(&self.caller), "shm submit", &error.message);
+                self.kernel.audit(event.from(self.caller.source.clone()));
+            }
             self.reply(tag, Err(&error));
         }
     }

@@ -1,8 +1,9 @@
 //! The kernel against a real data directory: durability, CAS, paging, tenancy.
 
+mod support;
+
 use bbx_core::ErrorCode;
 use bbx_core::api::prelude::*;
-use bbx_core::config::{ConfigLayer, KernelConfig};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState};
 use bbx_kernel::{Caller, Kernel, Session};
 use serde_json::json;
@@ -10,15 +11,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 async fn open(dir: &Path) -> (std::sync::Arc<Kernel>, Session) {
-    let over = ConfigLayer {
-        data_dir: Some(dir.to_path_buf()),
-        ..Default::default()
-    };
-    let config = KernelConfig::resolve(ConfigLayer::default(), over).unwrap();
-    let kernel = Kernel::open(config).await.unwrap().kernel;
-    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
-    let caller = kernel.authenticate(token.trim()).unwrap();
-    let session = kernel.session(caller);
+    let (kernel, admin) = support::open(dir).await;
+    let session = kernel.session(admin);
     (kernel, session)
 }
 

@@ -2,6 +2,8 @@
 //! idempotency across restarts, dependencies, cancel, timeouts and retries,
 //! scheduling fairness and backpressure.
 
+mod support;
+
 use bbx_core::config::{ConfigLayer, KernelConfig, RingConfig};
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{CompletionStatus, OpInfo, OpState, Priority, RetryPolicy, SubmitBatch, SubmitOp, Submitted};
@@ -19,14 +21,10 @@ struct Open {
 
 async fn open(dir: &Path, ring: RingConfig) -> Open {
     let over = ConfigLayer {
-        data_dir: Some(dir.to_path_buf()),
         ring: Some(ring),
         ..Default::default()
     };
-    let config = KernelConfig::resolve(ConfigLayer::default(), over).unwrap();
-    let kernel = Kernel::open(config).await.unwrap().kernel;
-    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
-    let admin = kernel.authenticate(token.trim()).unwrap();
+    let (kernel, admin) = support::open_with(dir, over).await;
     Open { kernel, admin }
 }
 

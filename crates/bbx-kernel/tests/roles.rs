@@ -1,26 +1,14 @@
 //! Roles and scoped keys: what each role may do in its tenant (403 beyond it),
 //! keys confined to one agent, key expiry, and who may make which keys.
 
+mod support;
+
 use bbx_core::ErrorCode;
-use bbx_core::config::{ConfigLayer, KernelConfig};
 use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, Role, SetState};
 use bbx_core::op::{SubmitBatch, SubmitOp};
 use bbx_core::{AgentId, Result};
 use bbx_kernel::{Caller, Kernel};
 use serde_json::json;
-use std::sync::Arc;
-
-async fn open(dir: &std::path::Path) -> (Arc<Kernel>, Caller) {
-    let over = ConfigLayer {
-        data_dir: Some(dir.to_path_buf()),
-        ..Default::default()
-    };
-    let config = KernelConfig::resolve(ConfigLayer::default(), over).unwrap();
-    let kernel = Kernel::open(config).await.unwrap().kernel;
-    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE)).unwrap();
-    let admin = kernel.authenticate(token.trim()).unwrap();
-    (kernel, admin)
-}
 
 async fn agent(kernel: &Kernel, caller: &Caller, tenant: &str) -> AgentId {
     let req = CreateAgent {
@@ -53,7 +41,7 @@ fn code<T: std::fmt::Debug>(result: Result<T>) -> ErrorCode {
 #[tokio::test]
 async fn each_role_does_what_it_names_in_its_tenant_and_no_more() {
     let dir = tempfile::tempdir().unwrap();
-    let (kernel, admin) = open(dir.path()).await;
+    let (kernel, admin) = support::open(dir.path()).await;
     let mine = agent(&kernel, &admin, "acme").await;
     let other = agent(&kernel, &admin, "acme").await;
     let foreign = agent(&kernel, &admin, "globex").await;
@@ -149,7 +137,7 @@ async fn each_role_does_what_it_names_in_its_tenant_and_no_more() {
 #[tokio::test]
 async fn a_tenant_administrator_makes_keys_of_its_tenant_only() {
     let dir = tempfile::tempdir().unwrap();
-    let (kernel, admin) = open(dir.path()).await;
+    let (kernel, admin) = support::open(dir.path()).await;
     let boss = key(&kernel, &admin, of("acme", Role::TenantAdmin)).await.unwrap();
     // With no tenant named, the key is of the maker's own.
     let made = kernel
@@ -258,7 +246,7 @@ fn forged(header: serde_json::Value, claims: &serde_json::Value, signature: &str
 #[tokio::test]
 async fn access_tokens_carry_their_role_and_refuse_every_forgery() {
     let dir = tempfile::tempdir().unwrap();
-    let (kernel, admin) = open(dir.path()).await;
+    let (kernel, admin) = support::open(dir.path()).await;
     let mine = agent(&kernel, &admin, "acme").await;
     kernel
         .state_set(
@@ -380,7 +368,7 @@ async fn access_tokens_carry_their_role_and_refuse_every_forgery() {
     let brief = kernel.create_token(&admin, request(Role::Reader, 1)).unwrap();
     kernel.shutdown().await;
     drop(kernel);
-    let (kernel, _) = open(dir.path()).await;
+    let (kernel, _) = support::open(dir.path()).await;
     assert!(kernel.authenticate(&issued.token).is_ok());
     assert_eq!(
         code(kernel.authenticate(&leaked.token)),

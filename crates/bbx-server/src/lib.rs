@@ -139,7 +139,11 @@ async fn require_key(State(kernel): State<Arc<Kernel>>, mut request: Request, ne
             .ok_or_else(|| Error::unauthenticated("invalid", "the Authorization header must be Bearer <key>")),
     };
     let source = source(&request);
-    match token.and_then(|token| kernel.authenticate_from(token, source.clone())) {
+    let authenticated = match token {
+        Ok(token) => kernel.authenticate_from(token, source.clone()).await,
+        Err(e) => Err(e),
+    };
+    match authenticated {
         Ok(caller) => {
             // Kept for the audit of a denial; formatted only if there is one.
             let (method, uri) = (request.method().clone(), request.uri().clone());

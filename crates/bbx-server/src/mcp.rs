@@ -34,6 +34,10 @@ use std::sync::Arc;
 pub trait ApiSource: Clone + Send + Sync + 'static {
     type Api: AgentApi;
     fn api(&self, extensions: &Extensions) -> Result<Self::Api, Error>;
+
+    /// Hears that the tool `tool` was refused with 403 for `why`: inside the kernel,
+    /// an audit event; a client's kernel audits its own refusals.
+    fn denied(&self, _extensions: &Extensions, _tool: &str, _why: &str) {}
 }
 
 /// Inside the kernel: act as the caller the HTTP auth layer put on the request.
@@ -49,6 +53,23 @@ impl ApiSource for KernelSource {
             .and_then(|parts| parts.extensions.get::<Caller>())
             .ok_or_else(|| Error::unauthenticated("missing", "the MCP request carried no authenticated key"))?;
         Ok(self.0.session(caller.clone()))
+    }
+
+    fn denied(&self, extensions: &Extensions, tool: &str, why: &str) {
+        let parts = extensions.get::<axum::http::request::Parts>();
+        let Some(caller) = parts.and_then(|parts| parts.extensions.get::<Caller>()) else {
+            return;
+        };
+        let source = parts
+            .and_then(|parts| {
+                parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            })
+            .map(|info| info.0.ip().to_string());
+        let event =
+            bbx_kernel::AuditEvent::new(bbx_kernel::AuditKind::Denied, Some(caller), format!("mcp {tool}"), why);
+        self.0.audit(event.from(source));
     }
 }
 
@@ -185,6 +206,13 @@ type ToolResult<T> = Result<Json<T>, CallToolResult>;
 
 fn tool_error(error: Error) -> CallToolResult {
     CallToolResult::structured_error(serde_json::to_value(error.into_body()).unwrap_or(Value::Null))
+}
+
+/// Why a tool call was refused with 403, if it was.
+fn denial(result: &CallToolResult) -> Option<&str> {
+    let error = result.structured_content.as_ref()?.get("error")?;
+    (error.get("code")? == "permission_denied")
+        .then(|| error.get("message").and_then(Value::as_str).unwrap_or_default())
 }
 
 fn answer<T>(result: Result<T, Error>) -> ToolResult<T> {
@@ -528,6 +556,26 @@ impl<S: ApiSource> McpServer<S> {
 
 #[tool_handler(router = self.tool_router)]
 impl<S: ApiSource> ServerHandler for McpServer<S> {
+    /// Every tool call, with a refusal (403) audited however the tool got it.
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, rmcp::ErrorData> {
+        let tool = request.name.to_string();
+        let extensions = context.extensions.clone();
+        let response = self
+            .tool_router
+            .call(ToolCallContext::new(self, request, context))
+            .await?;
+        if let CallToolResponse::Complete(result) = &response
+            && let Some(why) = denial(result)
+        {
+            self.source.denied(&extensions, &tool, why);
+        }
+        Ok(response)
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("bbx", env!("CARGO_PKG_VERSION")))

@@ -28,9 +28,11 @@ fn base(headers: &HeaderMap, kernel: &Kernel) -> String {
 
 pub async fn resource_metadata(State(kernel): State<Arc<Kernel>>, headers: HeaderMap) -> Json<Value> {
     let base = base(&headers, &kernel);
+    let mut servers = vec![base.clone()];
+    servers.extend(kernel.config().auth.oidc.iter().map(|issuer| issuer.issuer.clone()));
     Json(json!({
         "resource": base,
-        "authorization_servers": [base],
+        "authorization_servers": servers,
         "bearer_methods_supported": ["header"],
         "resource_name": "BBX",
     }))

@@ -98,6 +98,7 @@ impl ToolTask {
         Ok(Context {
             op_id: ctx.op_id,
             agent: ctx.agent,
+            tenant: ctx.tenant.to_owned(),
             idempotency_key: ctx.idempotency_key.map(str::to_owned),
             settings: agent.tools,
             limits,

@@ -6,9 +6,14 @@
 //! literals are checked before the request, redirects are checked hop by hop, and
 //! proxies from the environment are ignored. The op's idempotency key goes out as
 //! `Idempotency-Key`, so a server that honours it applies a retried call once.
+//!
+//! A header's value may name a secret (`{"$secret": "github_token"}`): its value
+//! is put in only now, only if the secret is bound to the URL's host, redirects
+//! are then not followed (they could lead to another host), and the response
+//! has every occurrence of the value replaced before anyone sees it.
 
-use crate::Context;
 use crate::net::{AddressPolicy, not_allowed};
+use crate::{Context, SecretSource};
 use bbx_core::{Error, ErrorCode, Result};
 use parking_lot::Mutex;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
@@ -34,7 +39,7 @@ pub struct HttpCall {
     pub method: String,
     pub url: String,
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, HeaderArg>,
     /// A string is sent as is; any other JSON value is sent as JSON.
     #[serde(default)]
     pub body: Option<Value>,
@@ -46,6 +51,25 @@ pub struct HttpCall {
     #[serde(default)]
     pub max_response_bytes: Option<u64>,
 }
+
+/// A header's value: text, or a secret of the agent's tenant named by
+/// `{"$secret": NAME}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderArg {
+    Text(String),
+    Secret(SecretRef),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    #[serde(rename = "$secret")]
+    pub name: String,
+}
+
+/// What a revealed value is replaced with in a response.
+const REDACTED: &str = "[redacted secret]";
 
 fn get() -> String {
     "GET".into()
@@ -66,8 +90,16 @@ impl HttpCall {
         for (name, value) in &self.headers {
             reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| Error::invalid_field("args.headers", format!("{name:?} is not a header name")))?;
-            reqwest::header::HeaderValue::from_str(value)
-                .map_err(|_| Error::invalid_field("args.headers", format!("the value of {name} is not valid")))?;
+            let valid = match value {
+                HeaderArg::Text(text) => reqwest::header::HeaderValue::from_str(text).is_ok(),
+                HeaderArg::Secret(secret) => bbx_core::validate::name("$secret", &secret.name).is_ok(),
+            };
+            if !valid {
+                return Err(Error::invalid_field(
+                    "args.headers",
+                    format!("the value of {name} is not valid"),
+                ));
+            }
         }
         if self
             .max_response_bytes
@@ -89,12 +121,18 @@ impl HttpCall {
 /// policy, and connections are pooled per client.
 #[derive(Default)]
 pub(crate) struct Clients {
-    by_policy: Mutex<HashMap<AddressPolicy, reqwest::Client>>,
+    /// By policy, and whether they follow redirects.
+    by_policy: Mutex<HashMap<(AddressPolicy, bool), reqwest::Client>>,
 }
 
 impl Clients {
     pub(crate) fn client(&self, policy: &AddressPolicy) -> Result<reqwest::Client> {
-        if let Some(client) = self.by_policy.lock().get(policy) {
+        self.client_for(policy, true)
+    }
+
+    fn client_for(&self, policy: &AddressPolicy, follow_redirects: bool) -> Result<reqwest::Client> {
+        let key = (policy.clone(), follow_redirects);
+        if let Some(client) = self.by_policy.lock().get(&key) {
             return Ok(client.clone());
         }
         let redirects = policy.clone();
@@ -102,6 +140,9 @@ impl Clients {
             .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if !follow_redirects {
+                    return attempt.stop();
+                }
                 if attempt.previous().len() >= MAX_REDIRECTS {
                     return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
                 }
@@ -112,21 +153,48 @@ impl Clients {
             }))
             .build()
             .map_err(|e| Error::internal(format!("cannot build an HTTP client: {e}")))?;
-        self.by_policy.lock().insert(policy.clone(), client.clone());
+        self.by_policy.lock().insert(key, client.clone());
         Ok(client)
     }
 
-    pub(crate) async fn run(&self, call: &HttpCall, ctx: &Context) -> Result<Value> {
+    pub(crate) async fn run(
+        &self,
+        call: &HttpCall,
+        ctx: &Context,
+        secrets: Option<&dyn SecretSource>,
+    ) -> Result<Value> {
         let policy = AddressPolicy::new(&ctx.settings)?;
         let url = Url::parse(&call.url).map_err(|e| Error::invalid_field("args.url", e.to_string()))?;
         let host = url.host_str().unwrap_or_default().to_owned();
         check_literal(&policy, &url)?;
         let method = Method::from_bytes(call.method.as_bytes())
             .map_err(|_| Error::invalid_field("args.method", "not an HTTP method"))?;
-        let mut request = self.client(&policy)?.request(method, url);
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut revealed = Vec::new();
         for (name, value) in &call.headers {
-            request = request.header(name, value);
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| Error::invalid_field("args.headers", format!("{name:?} is not a header name")))?;
+            let value = match value {
+                HeaderArg::Text(text) => reqwest::header::HeaderValue::from_str(text),
+                HeaderArg::Secret(secret) => {
+                    let source = secrets
+                        .ok_or_else(|| Error::new(ErrorCode::FailedPrecondition, "this kernel keeps no secrets"))?;
+                    let value = source.reveal(&ctx.tenant, &secret.name, &host)?;
+                    let mut header = reqwest::header::HeaderValue::from_str(&value);
+                    if let Ok(header) = &mut header {
+                        header.set_sensitive(true);
+                    }
+                    revealed.push(value);
+                    header
+                }
+            }
+            .map_err(|_| Error::invalid_field("args.headers", format!("the value of {name} is not valid")))?;
+            headers.insert(name, value);
         }
+        let mut request = self
+            .client_for(&policy, revealed.is_empty())?
+            .request(method, url)
+            .headers(headers);
         if let Some(key) = &ctx.idempotency_key {
             request = request.header("Idempotency-Key", key);
         }
@@ -168,7 +236,24 @@ impl Clients {
             Some(parsed) => out["json"] = parsed,
             None => out["body"] = Value::String(String::from_utf8_lossy(&body).into_owned()),
         }
+        redact(&mut out, &revealed);
         Ok(out)
+    }
+}
+
+/// Replaces every occurrence of each of `secrets` in the strings of `value`.
+fn redact(value: &mut Value, secrets: &[String]) {
+    match value {
+        Value::String(text) => {
+            for secret in secrets {
+                if text.contains(secret.as_str()) {
+                    *text = text.replace(secret.as_str(), REDACTED);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| redact(item, secrets)),
+        Value::Object(fields) => fields.values_mut().for_each(|field| redact(field, secrets)),
+        _ => {}
     }
 }
 

@@ -96,11 +96,19 @@ fn parse_args<T: for<'de> Deserialize<'de>>(kind: &str, args: &Value) -> Result<
         .map_err(|e| Error::invalid_field("args", format!("the arguments of {kind} are not valid: {e}")))
 }
 
+/// Where a tool finds the value of a secret an op names (`{"$secret": NAME}`).
+pub trait SecretSource: Send + Sync {
+    /// The value of the secret `name` of `tenant`, for a call to `host`; refused
+    /// unless the secret is bound to that host.
+    fn reveal(&self, tenant: &str, name: &str, host: &str) -> Result<String>;
+}
+
 /// Who a call runs for, and under what.
 #[derive(Debug, Clone)]
 pub struct Context {
     pub op_id: OpId,
     pub agent: AgentId,
+    pub tenant: String,
     /// Passed on to the tool (`Idempotency-Key` of `tool.http`).
     pub idempotency_key: Option<String>,
     pub settings: ToolSettings,
@@ -133,6 +141,8 @@ pub struct Tools {
     /// Whether programs run in namespaces of their own (needs root).
     isolate: bool,
     mount_point: PathBuf,
+    /// The secrets ops may name, where the kernel keeps them.
+    secrets: Option<std::sync::Arc<dyn SecretSource>>,
 }
 
 impl Tools {
@@ -159,7 +169,16 @@ impl Tools {
                 .map_err(|e| Error::internal(format!("cannot build an HTTP client: {e}")))?,
             isolate: root,
             mount_point,
+            secrets: None,
         })
+    }
+
+    /// Lets ops name the secrets `source` keeps.
+    pub fn with_secrets(self, source: std::sync::Arc<dyn SecretSource>) -> Self {
+        Self {
+            secrets: Some(source),
+            ..self
+        }
     }
 
     /// The agent's workspace, made on first use (owned by the uid its programs run as).
@@ -190,7 +209,7 @@ impl Tools {
     /// Runs a call. Dropping the future stops it (a program's whole tree is killed).
     pub async fn run(&self, call: &Call, ctx: &Context) -> Result<Value> {
         match call {
-            Call::Http(call) => self.http.run(call, ctx).await,
+            Call::Http(call) => self.http.run(call, ctx, self.secrets.as_deref()).await,
             Call::Llm(call) => call.run(&self.llm_http, &self.config.llm, ctx).await,
             Call::Mcp(call) => call.run(ctx, &self.config.mcp, &self.http).await,
             Call::File(call) => {

@@ -44,6 +44,7 @@ impl Fixture {
         let ctx = Context {
             op_id: OpId::generate(),
             agent: self.agent,
+            tenant: "default".into(),
             idempotency_key: None,
             settings: ToolSettings::default(),
             limits,
