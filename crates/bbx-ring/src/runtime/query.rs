@@ -101,7 +101,15 @@ impl Ring {
     /// or runs it again. Only one resolution of an op at a time; the store refuses
     /// one for an op that is no longer in doubt.
     pub async fn resolve(self: &Arc<Self>, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
-        let current = self.stored_completion(id)?.ok_or_else(|| Error::not_found("op", id))?;
+        let Some(current) = self.stored_completion(id)? else {
+            // Known but with no stored completion (running, or an op that is not
+            // journaled): not in doubt. Unknown, or another tenant's: missing.
+            let state = serde_json::to_value(self.info(caller, id)?.state).unwrap_or_default();
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("op {id} is not in doubt (it is {})", state.as_str().unwrap_or("live")),
+            ));
+        };
         caller.check_owner(&current.tenant, "op", id)?;
         if current.status != CompletionStatus::InDoubt {
             return Err(Error::new(
