@@ -50,6 +50,16 @@ TOOLS = {
     "secrets_list",
     "secrets_bind",
     "secrets_delete",
+    "flow_policies",
+    "enhanced_flow_policies",
+    "flow_stats",
+    "enhanced_flow_stats",
+    "flow_add_policy",
+    "flow_remove_policy",
+    "flow_test",
+    "flow_quarantine",
+    "flow_release",
+    "flow_declassify",
 }
 
 

@@ -34,8 +34,6 @@ pub const AUTH_POLICIES: KeyspaceDef = KeyspaceDef {
 
 /// The package every policy's must be, or be under.
 pub const PACKAGE: &str = "bbx.authz";
-/// How long one policy may take to decide one request before it refuses.
-const TIME_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
 /// The largest policy accepted, in bytes.
 const MAX_POLICY_BYTES: usize = 256 * 1024;
 

@@ -32,6 +32,9 @@ pub enum AuditKind {
     PolicyChanged,
     /// A secret was set, bound to hosts or deleted (never its value).
     SecretChanged,
+    /// FlowIntegrity decided an op other than `allow`, or an operator quarantined,
+    /// released or declassified.
+    FlowDecision,
 }
 
 /// One audited event.

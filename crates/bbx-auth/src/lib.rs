@@ -26,6 +26,7 @@ mod caller;
 pub mod keyring;
 pub mod keys;
 pub mod oidc;
+pub mod rego;
 pub mod secrets;
 mod throttle;
 pub mod tokens;

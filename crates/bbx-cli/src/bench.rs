@@ -222,6 +222,21 @@ impl NanoFigures {
 }
 
 /// Times `step` one call at a time for `measure`, in nanoseconds.
+/// Prints figures measured in process as a table, one row per scenario.
+pub(crate) fn print_nano_table(rows: &[(&str, &NanoFigures)]) {
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    println!(
+        "{:<width$} {:>12} {:>10} {:>10} {:>10}",
+        "", "ops/s", "p50 ns", "p99 ns", "p99.9 ns"
+    );
+    for (name, f) in rows {
+        println!(
+            "{name:<width$} {:>12.0} {:>10} {:>10} {:>10}",
+            f.ops_per_sec, f.p50_ns, f.p99_ns, f.p999_ns
+        );
+    }
+}
+
 pub(crate) fn time_each(measure: Duration, mut step: impl FnMut()) -> NanoFigures {
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
     let started = Instant::now();

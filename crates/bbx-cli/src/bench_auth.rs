@@ -59,22 +59,13 @@ pub async fn auth(cli: &Cli, args: &BenchAuthArgs) -> Result<()> {
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "{:<16} {:>12} {:>10} {:>10} {:>10}",
-            "", "ops/s", "p50 ns", "p99 ns", "p99.9 ns"
-        );
-        for (name, f) in [
+        crate::bench::print_nano_table(&[
             ("api_key", &report.api_key),
             ("token_first_use", &report.token_first_use),
             ("token_cached", &report.token_cached),
             ("with_20_rules", &report.api_key_with_20_rules),
             ("reference_sha256", &report.reference_sha256),
-        ] {
-            println!(
-                "{name:<16} {:>12.0} {:>10} {:>10} {:>10}",
-                f.ops_per_sec, f.p50_ns, f.p99_ns, f.p999_ns
-            );
-        }
+        ]);
     }
     Ok(())
 }

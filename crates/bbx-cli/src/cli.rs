@@ -53,6 +53,9 @@ pub enum Command {
     /// Credentials and what they may do.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// FlowIntegrity: the policies every op passes, taint, quarantine.
+    #[command(subcommand)]
+    Flow(FlowCommand),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -205,6 +208,9 @@ pub enum BenchCommand {
     /// Auth in process: an API key, a token on first use and cached, next to a
     /// SHA-256 measured in the same run. Starts its own kernel.
     Auth(BenchAuthArgs),
+    /// FlowIntegrity's check in process: 20 rules, an unconcerned kind, taint
+    /// labelling against 10,000 fingerprints.
+    Flow(BenchFlowArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -215,6 +221,13 @@ pub struct BenchAuthArgs {
     /// Directory for the scratch kernel [default: a temp dir].
     #[arg(long)]
     pub scratch_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchFlowArgs {
+    /// Seconds per measured scenario.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -486,6 +499,50 @@ pub enum V2Command {
     /// Alias of `bbx auth`.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Aliases of `bbx flow stats|policies`.
+    #[command(subcommand)]
+    EnhancedFlow(EnhancedFlowCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnhancedFlowCommand {
+    Stats,
+    Policies,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FlowCommand {
+    /// The flow policies in force (the global ones and your tenant's).
+    Policies {
+        #[command(subcommand)]
+        action: Option<PoliciesAction>,
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// `VERB ...`: an endpoint of flow (`stats`, `test`, `quarantine`, `release`,
+    /// `declassify`).
+    #[command(external_subcommand)]
+    Endpoint(Vec<String>),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoliciesAction {
+    /// Load the policy in FILE (Rego, package bbx.flow) as NAME.
+    Add {
+        name: String,
+        file: PathBuf,
+        /// The tenant whose ops it decides [default: yours; every tenant's for an
+        /// administrator].
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Remove the policy NAME.
+    Remove {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -3,10 +3,12 @@
 
 mod bench;
 mod bench_auth;
+mod bench_flow;
 mod bench_ring;
 mod bench_tools;
 mod cli;
 mod endpoint;
+mod flow;
 mod output;
 mod quotas;
 mod ring;
@@ -19,8 +21,8 @@ use bbx_core::model::{CreateAgent, CreateApiKey, ListAgents, ListState, SetState
 use bbx_core::validate;
 use clap::{CommandFactory, Parser};
 use cli::{
-    AgentCommand, AuthCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedRingCommand,
-    KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
+    AgentCommand, AuthCommand, BenchCommand, Cli, Command, ConfigCommand, EnforcedQuotasCommand, EnhancedFlowCommand,
+    EnhancedRingCommand, KeyCommand, QuotasCommand, RingCommand, ServeArgs, StateCommand, V2Command,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -99,6 +101,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Ring(args)) => bench_ring::ring(&cli, args).await,
         Command::Bench(BenchCommand::Tools(args)) => bench_tools::tools(&cli, args).await,
         Command::Bench(BenchCommand::Auth(args)) => bench_auth::auth(&cli, args).await,
+        Command::Bench(BenchCommand::Flow(args)) => bench_flow::flow(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {
@@ -124,6 +127,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Key(command) => key(&cli, command).await,
         Command::Auth(command) | Command::V2(V2Command::Auth(command)) => auth(&cli, command).await,
         Command::Ring(command) => ring::run(&cli, command).await,
+        Command::Flow(command) => flow::run(&cli, command).await,
+        Command::V2(V2Command::EnhancedFlow(command)) => {
+            let verb = match command {
+                EnhancedFlowCommand::Stats => "stats",
+                EnhancedFlowCommand::Policies => "policies",
+            };
+            endpoint::run(&cli, &["flow".to_owned(), verb.to_owned()]).await
+        }
         Command::Endpoint(words) => endpoint::run(&cli, words).await,
         Command::V2(V2Command::EnhancedRing(command)) => {
             let command = match command {

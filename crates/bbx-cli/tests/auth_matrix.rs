@@ -73,6 +73,17 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
         ("GET", "/v1/secrets") | ("PUT" | "DELETE", "/v1/secrets/{name}") | ("POST", "/v1/secrets/{name}/bind") => {
             (Operate, Tenant)
         }
+        ("GET", "/v1/flow/policies" | "/v1/enhanced-flow/policies" | "/v1/flow/stats" | "/v1/enhanced-flow/stats") => {
+            (Read, Nothing)
+        }
+        ("PUT" | "DELETE", "/v1/flow/policies/{name}") => (Operate, Tenant),
+        ("POST", "/v1/flow/test") => (Read, Object),
+        (
+            "POST",
+            "/v1/flow/agents/{agent}/quarantine"
+            | "/v1/flow/agents/{agent}/release"
+            | "/v1/flow/agents/{agent}/declassify",
+        ) => (Operate, Object),
         _ => return None,
     })
 }
@@ -209,7 +220,9 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         .replace("{kind}", "agents")
         .replace("{key_id}", &f.key)
         .replace("{key}", "k")
-        .replace("{op_id}", &f.op);
+        .replace("{op_id}", &f.op)
+        // Quarantining the spare agent leaves the one the other requests use alone.
+        .replace("{agent}", &f.spare_agent);
     let filled = if path.starts_with("/v1/ops/") {
         filled.replace("{id}", &f.op)
     } else if path.starts_with("/v1/keys/") {
@@ -218,7 +231,7 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         filled.replace("{name}", "g")
     } else if path.starts_with("/v1/quotas/") {
         filled.replace("{name}", &f.agent)
-    } else if path.starts_with("/v1/auth/policies/") {
+    } else if path.starts_with("/v1/auth/policies/") || path.starts_with("/v1/flow/policies/") {
         filled.replace("{name}", "p")
     } else if path.starts_with("/v1/secrets/") {
         filled.replace("{name}", "s")
@@ -230,7 +243,8 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
     if method == "DELETE" {
         return (
             filled,
-            Some(json!({ "tenant": f.tenant })).filter(|_| path.starts_with("/v1/secrets/")),
+            Some(json!({ "tenant": f.tenant }))
+                .filter(|_| path.starts_with("/v1/secrets/") || path.starts_with("/v1/flow/policies/")),
         );
     }
     let body = match path {
@@ -250,6 +264,13 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/secrets" => json!({ "tenant": f.tenant }),
         "/v1/secrets/{name}" => json!({ "value": "v2", "tenant": f.tenant }),
         "/v1/secrets/{name}/bind" => json!({ "hosts": ["api.example.com"], "tenant": f.tenant }),
+        "/v1/flow/policies/{name}" => json!({
+            "tenant": f.tenant,
+            "source": "package bbx.flow\ndecision := {\"action\": \"audit\", \"reason\": \"x\"} if { input.op.kind == \"none\" }",
+        }),
+        "/v1/flow/test" => json!({ "agent": f.agent, "kind": "noop", "args": {} }),
+        "/v1/flow/agents/{agent}/quarantine" => json!({ "reason": "matrix" }),
+        "/v1/flow/agents/{agent}/declassify" => json!({ "value": "x.example" }),
         _ => json!({}),
     };
     (filled, Some(body))

@@ -334,14 +334,41 @@ fn bench_auth_runs_end_to_end_and_reports_every_scenario() {
         .output()
         .unwrap();
     let report = json(&out);
-    for scenario in ["api_key", "token_first_use", "token_cached", "reference_sha256"] {
+    let scenarios = [
+        "api_key",
+        "token_first_use",
+        "token_cached",
+        "api_key_with_20_rules",
+        "reference_sha256",
+    ];
+    assert_figures(&report, &scenarios);
+    assert!(report["targets"]["token_cached_p99_under_5us"].is_boolean());
+    assert_eq!(report["token_first_use"]["ops"], 1000, "every token made is used once");
+    assert_eq!(report["rules_on_vm"], true);
+}
+
+/// Each scenario of `report` measured something, with p50 <= p99.
+fn assert_figures(report: &serde_json::Value, scenarios: &[&str]) {
+    for scenario in scenarios {
         let figures = &report[scenario];
         assert!(figures["ops"].as_u64().unwrap() > 0, "{scenario}: {figures}");
         let (p50, p99) = (figures["p50_ns"].as_u64().unwrap(), figures["p99_ns"].as_u64().unwrap());
         assert!(0 < p50 && p50 <= p99, "{scenario}: {figures}");
     }
-    assert!(report["targets"]["token_cached_p99_under_5us"].is_boolean());
-    assert_eq!(report["token_first_use"]["ops"], 1000, "every token made is used once");
+}
+
+#[test]
+fn bench_flow_runs_end_to_end_and_reports_every_scenario() {
+    let out = Command::new(BBX)
+        .args(["bench", "flow", "--json", "--seconds", "0.05"])
+        .output()
+        .unwrap();
+    let report = json(&out);
+    assert_figures(
+        &report,
+        &["policy_20_rules", "unconcerned_kind", "taint_4kb_args_10k_fingerprints"],
+    );
+    assert!(report["targets"]["taint_p99_under_20us"].is_boolean());
 }
 
 #[test]

@@ -204,6 +204,16 @@ pub struct Submission<'a> {
     pub op: &'a SubmitOp,
 }
 
+/// The op whose attempt succeeded, as [`Component::label`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempted<'a> {
+    pub op_id: OpId,
+    pub agent: AgentId,
+    pub tenant: &'a str,
+    pub kind: &'a str,
+    pub args: &'a Value,
+}
+
 /// What a component's check says of a submitted op.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -239,6 +249,28 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// [`Endpoint::new`] whose handler is `call` on a clone of `on` (the
+    /// component, say) for each request.
+    pub fn serving<S, I, O, F, Fut>(
+        on: &S,
+        name: &'static str,
+        route: (&'static str, &'static str),
+        description: &'static str,
+        call: F,
+    ) -> Self
+    where
+        S: Clone + Send + Sync + 'static,
+        I: serde::de::DeserializeOwned + schemars::JsonSchema,
+        O: serde::Serialize,
+        F: Fn(S, Caller, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O>> + Send + 'static,
+    {
+        let on = on.clone();
+        Self::new(name, route, description, move |caller, input| {
+            call(on.clone(), caller, input)
+        })
+    }
+
     /// An endpoint whose input is `I` (its JSON Schema published, and checked
     /// before `handler` runs) and whose output is `O`.
     pub fn new<I, O, F, Fut>(
@@ -352,8 +384,10 @@ pub trait Component: Send + Sync + 'static {
     }
 
     /// Labels a successful attempt's result (what a `tool.http` read from the
-    /// web is untrusted, say); they follow the op's own in its completion.
-    fn label(&self, _kind: &str, _result: &Value) -> Vec<String> {
+    /// web is untrusted, say); they follow the op's own in its completion. Called
+    /// before the completion is visible, so what it records of the result is
+    /// there for any op submitted after.
+    fn label(&self, _op: &Attempted<'_>, _result: &Value) -> Vec<String> {
         Vec::new()
     }
 
@@ -479,8 +513,8 @@ impl Components {
     }
 
     /// The labels that components give a successful result of `kind`.
-    pub fn label(&self, kind: &str, result: &Value) -> Vec<String> {
-        let mut labels: Vec<String> = self.labelers.iter().flat_map(|c| c.label(kind, result)).collect();
+    pub fn label(&self, op: &Attempted<'_>, result: &Value) -> Vec<String> {
+        let mut labels: Vec<String> = self.labelers.iter().flat_map(|c| c.label(op, result)).collect();
         labels.sort_unstable();
         labels.dedup();
         labels

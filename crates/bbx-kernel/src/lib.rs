@@ -344,6 +344,7 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
     ]);
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);
+    all.extend(bbx_flow::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
@@ -354,6 +355,7 @@ fn components(tools: &Arc<bbx_tools::Tools>, quotas: &Arc<bbx_quota::Quotas>) ->
     components.register(Arc::new(bbx_component::builtin::Builtin))?;
     components.register(Arc::new(bbx_agents::StateOps))?;
     components.register(Arc::new(bbx_tools::ToolKinds::new(tools.clone(), quotas.clone())))?;
+    components.register(Arc::new(bbx_flow::Flow::default()))?;
     Ok(components)
 }
 

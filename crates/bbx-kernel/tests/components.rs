@@ -395,8 +395,8 @@ impl Component for Stamper {
         true
     }
 
-    fn label(&self, kind: &str, _: &Value) -> Vec<String> {
-        if kind == "sleep" {
+    fn label(&self, op: &bbx_component::Attempted<'_>, _: &Value) -> Vec<String> {
+        if op.kind == "sleep" {
             vec!["slept".into()]
         } else {
             Vec::new()

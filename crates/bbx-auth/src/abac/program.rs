@@ -1,11 +1,8 @@
 //! The policies in force as one program: compiled together, with a generated
 //! module whose `decision` lists each policy's `deny`, so that one evaluation
-//! decides a request for all of them. The program runs on regorus's VM (RVM),
-//! some three times faster than its interpreter on the same rules (`bbx bench
-//! auth`); a set the VM cannot compile, or decides differently from the
-//! interpreter on the sample requests, runs on the interpreter.
+//! decides a request for all of them, as a [`crate::rego::Program`].
 
-use super::{Access, PACKAGE, StoredPolicy, TIME_BUDGET};
+use super::{Access, PACKAGE, StoredPolicy};
 use crate::{Action, Caller};
 use bbx_core::{Error, Result};
 use chrono::Utc;
@@ -18,62 +15,10 @@ pub(super) struct PolicySet {
     program: Option<Program>,
 }
 
-/// How the set runs.
-enum Program {
-    Vm {
-        program: std::sync::Arc<regorus::rvm::program::Program>,
-        /// VMs with the program loaded, each used by one decision at a time.
-        idle: parking_lot::Mutex<Vec<regorus::rvm::vm::RegoVM>>,
-    },
-    Interpreted(regorus::CompiledPolicy),
-}
+use crate::rego::{Program, engine};
 
 /// The entry point: the generated module's list of decisions.
 const DECISION: &str = "data.bbx.decision.decision";
-/// The most VM instructions one decision may take (beside its time budget).
-const MAX_INSTRUCTIONS: usize = 1_000_000;
-
-impl Program {
-    /// The set's program: on the VM if it compiles there and decides the samples
-    /// as the interpreter does.
-    fn of(compiled: regorus::CompiledPolicy) -> Self {
-        let on_vm = regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[DECISION]);
-        let Ok(program) = on_vm else {
-            return Self::Interpreted(compiled);
-        };
-        let vm = Self::Vm {
-            program,
-            idle: Default::default(),
-        };
-        let agrees = samples().iter().all(|(caller, access)| {
-            let input = || regorus::Value::from(access.input(caller, Utc::now()));
-            match (vm.eval(input()), compiled.eval_with_input(input())) {
-                (Ok(a), Ok(b)) => a == b,
-                _ => false,
-            }
-        });
-        if agrees { vm } else { Self::Interpreted(compiled) }
-    }
-
-    fn eval(&self, input: regorus::Value) -> std::result::Result<regorus::Value, String> {
-        match self {
-            Self::Interpreted(compiled) => compiled.eval_with_input(input).map_err(|e| e.to_string()),
-            Self::Vm { program, idle } => {
-                let mut vm = idle.lock().pop().unwrap_or_else(|| {
-                    let mut vm = regorus::rvm::vm::RegoVM::new();
-                    vm.load_program(program.clone());
-                    vm.set_execution_timer_config(Some(timer()));
-                    vm.set_max_instructions(MAX_INSTRUCTIONS);
-                    vm
-                });
-                vm.set_input(input);
-                let decided = vm.execute().map_err(|e| e.to_string());
-                idle.lock().push(vm);
-                decided
-            }
-        }
-    }
-}
 
 impl PolicySet {
     /// Checks each policy alone (so that an error names it), then all together.
@@ -101,11 +46,14 @@ impl PolicySet {
         engine
             .add_policy("decision.rego".into(), decision_module(&packages))
             .map_err(|e| Error::internal(format!("the policies' decision module: {e}")))?;
-        let entry: regorus::Rc<str> = DECISION.into();
-        let compiled = engine.compile_with_entrypoint(&entry).map_err(|e| refused("set", e))?;
+        let samples: Vec<regorus::Value> = samples()
+            .iter()
+            .map(|(caller, access)| regorus::Value::from(access.input(caller, Utc::now())))
+            .collect();
+        let program = Program::compile(engine, DECISION, &samples).map_err(|e| refused("set", e))?;
         Ok(Self {
             policies,
-            program: Some(Program::of(compiled)),
+            program: Some(program),
         })
     }
 
@@ -115,7 +63,7 @@ impl PolicySet {
 
     /// Whether the set runs on the VM (for the benchmark's report).
     pub(super) fn on_vm(&self) -> bool {
-        matches!(self.program, Some(Program::Vm { .. }))
+        self.program.as_ref().is_some_and(Program::on_vm)
     }
 
     pub(super) fn decide(&self, caller: &Caller, access: &Access<'_>) -> Result<()> {
@@ -144,13 +92,6 @@ impl PolicySet {
                 refusals.join("; ")
             )))
         }
-    }
-}
-
-fn timer() -> regorus::utils::limits::ExecutionTimerConfig {
-    regorus::utils::limits::ExecutionTimerConfig {
-        limit: TIME_BUDGET,
-        check_interval: std::num::NonZeroU32::new(256).expect("not zero"),
     }
 }
 
@@ -206,16 +147,6 @@ fn decision_module(packages: &[Vec<String>]) -> String {
     }
     module.push_str(&format!("decision := [{}]\n", names.join(", ")));
     module
-}
-
-/// An engine as every policy is compiled in: built-ins given the wrong type are
-/// undefined, as in OPA (`startswith` of an absent key), not an error; and every
-/// evaluation has the time budget.
-pub(super) fn engine() -> regorus::Engine {
-    regorus::utils::limits::set_fallback_execution_timer_config(Some(timer()));
-    let mut engine = regorus::Engine::new();
-    engine.set_strict_builtin_errors(false);
-    engine
 }
 
 /// Parses `source`, checks its package and its `deny` rule, and decides sample

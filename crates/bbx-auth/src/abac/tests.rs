@@ -1,5 +1,6 @@
-use super::program::{PolicySet, check_alone, engine};
+use super::program::{PolicySet, check_alone};
 use super::*;
+use crate::rego::engine;
 use bbx_core::model::Role;
 use bbx_core::{ErrorCode, KeyId};
 

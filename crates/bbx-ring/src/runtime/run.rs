@@ -214,7 +214,7 @@ impl Ring {
             // need not carry the breaker along.
             let (breaker, admission) = admission;
             breaker.record(admission, !attempt.transient(), started);
-            let labels = self.result_labels(&record.kind, &attempt);
+            let labels = self.result_labels(&record, &attempt);
             ended.push(Attempted {
                 id,
                 attempt,
@@ -280,7 +280,7 @@ impl Ring {
                     Err(e) => Attempt::Failed(e),
                 },
             };
-            let labels = ring.result_labels(&record.kind, &attempt);
+            let labels = ring.result_labels(&record, &attempt);
             let ended = Attempted::ran(id, (attempt, labels), began.elapsed(), admission, slots);
             ring.attempts_done(vec![ended]);
         });
@@ -351,9 +351,18 @@ impl Ring {
 
     /// The labels components give a successful attempt's result; none for one
     /// that failed, or when no component labels results.
-    fn result_labels(&self, kind: &str, attempt: &Attempt) -> Vec<String> {
+    fn result_labels(&self, record: &OpRecord, attempt: &Attempt) -> Vec<String> {
         match attempt {
-            Attempt::Ok(result) if self.components.labels_results() => self.components.label(kind, result),
+            Attempt::Ok(result) if self.components.labels_results() => {
+                let op = bbx_component::Attempted {
+                    op_id: record.op_id,
+                    agent: record.agent,
+                    tenant: &record.tenant,
+                    kind: &record.kind,
+                    args: &record.args,
+                };
+                self.components.label(&op, result)
+            }
             _ => Vec::new(),
         }
     }

@@ -1,0 +1,327 @@
+//! FlowIntegrity's endpoints: served as HTTP routes, MCP tools (`flow_*`, and the
+//! report's `enhanced_flow_*`) and `bbx flow VERB` commands.
+
+use crate::policy::{self, Loaded, StoredPolicy};
+use crate::{Change, Flow, Quarantine};
+use bbx_auth::{Action, AuditKind, Caller};
+use bbx_component::Endpoint;
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Scope {
+    /// A tenant's policies [default: the caller's and the global ones].
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AddPolicy {
+    name: String,
+    /// Rego in package bbx.flow whose `decision` is {"action", "reason"}.
+    source: String,
+    /// The tenant whose ops it decides [default: the caller's; an administrator's
+    /// policy without one decides every tenant's].
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PolicyName {
+    name: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct TestOp {
+    /// The agent the op would be of.
+    agent: String,
+    kind: String,
+    #[serde(default)]
+    args: Value,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct QuarantineAgent {
+    agent: String,
+    /// Why, for the audit log and the refusals.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AgentOnly {
+    agent: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Declassify {
+    agent: String,
+    /// Content (a URL, a host, a token) to trust from now on for this agent.
+    value: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+impl Flow {
+    /// The agent `id`, as `caller` may see it.
+    fn agent(&self, caller: &Caller, id: &str) -> Result<bbx_core::model::Agent> {
+        let id: AgentId = id.parse()?;
+        let agent = bbx_agents::stored_agent(&self.ctx()?.store, &id)?;
+        caller.check_owner(&agent.tenant, "agent", id)?;
+        caller.check_agent(&id)?;
+        Ok(agent)
+    }
+
+    /// The scope a policy change acts on: a tenant (the caller's unless named),
+    /// or every tenant's for an administrator naming none.
+    fn scope(caller: &Caller, tenant: Option<String>) -> Result<Option<String>> {
+        caller.may(Action::Operate)?;
+        match tenant.or_else(|| caller.tenant.clone()) {
+            Some(tenant) => {
+                bbx_core::validate::tenant(&tenant)?;
+                caller.check_tenant(&tenant)?;
+                Ok(Some(tenant))
+            }
+            None => {
+                caller.require_admin("set policies for every tenant")?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn add_policy(&self, caller: &Caller, req: AddPolicy) -> Result<StoredPolicy> {
+        let tenant = Self::scope(caller, req.tenant)?;
+        bbx_core::validate::name("name", &req.name)?;
+        let _changing = self.0.changing.lock().await;
+        let book = self.0.book.read().clone();
+        let version = book
+            .all()
+            .find(|p| p.stored.name == req.name && p.stored.tenant == tenant)
+            .map_or(1, |p| p.stored.version + 1);
+        let stored = StoredPolicy {
+            name: req.name,
+            tenant,
+            source: req.source,
+            version,
+            updated_at: Utc::now(),
+        };
+        let loaded = Arc::new(Loaded::compile(stored.clone())?);
+        self.ctx()?.store.write(Change::PutPolicy(stored.clone())).await?;
+        let mut policies: Vec<Arc<Loaded>> = book
+            .all()
+            .filter(|p| !(p.stored.name == stored.name && p.stored.tenant == stored.tenant))
+            .cloned()
+            .collect();
+        policies.push(loaded);
+        *self.0.book.write() = Arc::new(policy::Book::new(policies));
+        let what = format!("flow policy {} (version {})", stored.name, stored.version);
+        let tenant = stored.tenant.clone().unwrap_or_default();
+        self.audit(Some(caller), &tenant, what, "set".into(), AuditKind::PolicyChanged);
+        Ok(stored)
+    }
+
+    async fn remove_policy(&self, caller: &Caller, req: PolicyName) -> Result<StoredPolicy> {
+        let tenant = Self::scope(caller, req.tenant)?;
+        let _changing = self.0.changing.lock().await;
+        let book = self.0.book.read().clone();
+        let removed = book
+            .all()
+            .find(|p| p.stored.name == req.name && p.stored.tenant == tenant)
+            .map(|p| p.stored.clone())
+            .ok_or_else(|| Error::not_found("policy", &req.name))?;
+        self.ctx()?.store.write(Change::RemovePolicy(removed.key())).await?;
+        let rest: Vec<Arc<Loaded>> = book
+            .all()
+            .filter(|p| !(p.stored.name == removed.name && p.stored.tenant == removed.tenant))
+            .cloned()
+            .collect();
+        *self.0.book.write() = Arc::new(policy::Book::new(rest));
+        let what = format!("flow policy {}", removed.name);
+        let tenant = removed.tenant.clone().unwrap_or_default();
+        self.audit(Some(caller), &tenant, what, "removed".into(), AuditKind::PolicyChanged);
+        Ok(removed)
+    }
+
+    /// The policies `caller` sees: the global ones and its tenant's (all, for an
+    /// administrator), with their source for those who may change them.
+    fn list_policies(&self, caller: &Caller, tenant: Option<String>) -> Result<Value> {
+        caller.may(Action::Read)?;
+        if let Some(tenant) = &tenant {
+            caller.check_tenant(tenant)?;
+        }
+        let shows_source = caller.may(Action::Operate).is_ok();
+        let book = self.0.book.read().clone();
+        let mut listed: Vec<Value> = book
+            .all()
+            .filter(|p| match (&p.stored.tenant, &tenant) {
+                (None, _) => true,
+                (Some(own), Some(asked)) => own == asked,
+                (Some(own), None) => caller.sees(own),
+            })
+            .map(|p| {
+                let mut shown = json!({
+                    "name": p.stored.name, "tenant": p.stored.tenant, "version": p.stored.version,
+                    "updated_at": p.stored.updated_at, "kinds": p.kinds,
+                });
+                if shows_source {
+                    shown["source"] = p.stored.source.clone().into();
+                }
+                shown
+            })
+            .collect();
+        listed.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(json!({ "policies": listed }))
+    }
+
+    async fn quarantine(&self, caller: &Caller, req: QuarantineAgent) -> Result<Quarantine> {
+        caller.may(Action::Operate)?;
+        let agent = self.agent(caller, &req.agent)?;
+        if let Some(q) = self.0.quarantined.read().get(&agent.id) {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("agent {} is already quarantined (since {})", agent.id, q.at),
+            ));
+        }
+        let quarantine = Quarantine {
+            agent: agent.id,
+            by: format!("key {}", caller.key_id),
+            reason: req.reason.unwrap_or_else(|| "quarantined by an operator".into()),
+            at: Utc::now(),
+        };
+        self.ctx()?.store.write(Change::Quarantine(quarantine.clone())).await?;
+        self.0.quarantined.write().insert(agent.id, quarantine.clone());
+        let what = format!("quarantine agent {}", agent.id);
+        self.audit(
+            Some(caller),
+            &agent.tenant,
+            what,
+            quarantine.reason.clone(),
+            AuditKind::FlowDecision,
+        );
+        Ok(quarantine)
+    }
+
+    async fn release(&self, caller: &Caller, req: AgentOnly) -> Result<Quarantine> {
+        caller.may(Action::Operate)?;
+        let agent = self.agent(caller, &req.agent)?;
+        let held = self.0.quarantined.read().get(&agent.id).cloned();
+        let released = held.ok_or_else(|| {
+            Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("agent {} is not quarantined", agent.id),
+            )
+        })?;
+        self.ctx()?.store.write(Change::Release(agent.id)).await?;
+        self.0.quarantined.write().remove(&agent.id);
+        let what = format!("release agent {}", agent.id);
+        self.audit(
+            Some(caller),
+            &agent.tenant,
+            what,
+            "released".into(),
+            AuditKind::FlowDecision,
+        );
+        Ok(released)
+    }
+
+    fn declassify(&self, caller: &Caller, req: Declassify) -> Result<Value> {
+        caller.may(Action::Operate)?;
+        let agent = self.agent(caller, &req.agent)?;
+        let forgotten = self.0.taints.declassify(&agent.id, &req.value);
+        let what = format!("declassify for agent {}", agent.id);
+        let why = format!("{forgotten} fingerprints trusted");
+        self.audit(Some(caller), &agent.tenant, what, why, AuditKind::FlowDecision);
+        Ok(json!({ "forgotten": forgotten }))
+    }
+}
+
+/// Every endpoint, each holding the component.
+pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
+    let policies = |name, path| {
+        Endpoint::serving(
+            flow,
+            name,
+            ("GET", path),
+            "The flow policies in force: global ones and the tenant's, with the kinds each concerns (and its Rego for those who may change it).",
+            |f: Flow, caller, scope: Scope| async move { f.list_policies(&caller, scope.tenant) },
+        )
+    };
+    let stats = |name, path| {
+        Endpoint::serving(
+            flow,
+            name,
+            ("GET", path),
+            "FlowIntegrity's figures: decisions by action, policies, quarantined agents, and the taint tables (agents, fingerprints, evictions).",
+            |f: Flow, caller, _: NoArgs| async move {
+                caller.may(Action::Read)?;
+                Ok(f.stats())
+            },
+        )
+    };
+    vec![
+        policies("flow.policies", "/v1/flow/policies"),
+        policies("enhanced_flow.policies", "/v1/enhanced-flow/policies"),
+        stats("flow.stats", "/v1/flow/stats"),
+        stats("enhanced_flow.stats", "/v1/enhanced-flow/stats"),
+        Endpoint::serving(
+            flow,
+            "flow.add_policy",
+            ("PUT", "/v1/flow/policies/{name}"),
+            "Load a flow policy: Rego in package bbx.flow whose decision is {\"action\": allow|audit|warn|block|require_approval|quarantine, \"reason\": ...}. One that fails to parse or to decide the sample ops is refused and the policies in force stay.",
+            |f: Flow, caller, req: AddPolicy| async move { f.add_policy(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.remove_policy",
+            ("DELETE", "/v1/flow/policies/{name}"),
+            "Remove a flow policy (a tenant's, or a global one for an administrator).",
+            |f: Flow, caller, req: PolicyName| async move { f.remove_policy(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.test",
+            ("POST", "/v1/flow/test"),
+            "Dry-run the flow decision of an op (agent, kind, args): the decision, every policy that decided and why, and the tainted args with their source ops. Nothing is submitted.",
+            |f: Flow, caller, req: TestOp| async move {
+                caller.may(Action::Read)?;
+                let agent = f.agent(&caller, &req.agent)?;
+                Ok(f.explain(&agent, &req.kind, &req.args, caller.role.as_str()))
+            },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.quarantine",
+            ("POST", "/v1/flow/agents/{agent}/quarantine"),
+            "Quarantine an agent: every further op of it is refused with policy_denied until it is released.",
+            |f: Flow, caller, req: QuarantineAgent| async move { f.quarantine(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.release",
+            ("POST", "/v1/flow/agents/{agent}/release"),
+            "Release a quarantined agent: its ops are decided by the policies again.",
+            |f: Flow, caller, req: AgentOnly| async move { f.release(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.declassify",
+            ("POST", "/v1/flow/agents/{agent}/declassify"),
+            "Trust content an agent received (a URL, a host, a token): its fingerprints are forgotten, so it taints no later op. Audited.",
+            |f: Flow, caller, req: Declassify| async move { f.declassify(&caller, req) },
+        ),
+    ]
+}

@@ -1,0 +1,323 @@
+//! FlowIntegrity: the check every op passes between the quotas and the journal.
+//!
+//! `bbx-flow` owns:
+//! - **policies** ([`policy`]): Rego modules in package `bbx.flow`, global or a
+//!   tenant's, each deciding on its own `allow`, `audit`, `warn`, `block`,
+//!   `require_approval` or `quarantine`; the strictest decision wins and names the
+//!   policies that made it. `block` refuses the op with `policy_denied` (nothing
+//!   is journaled); `require_approval` holds it in `pending_approval` until an
+//!   operator decides (denied after an hour); `quarantine` suspends the agent,
+//!   whose every op is then refused until an operator releases it. An op no
+//!   policy decides is allowed.
+//! - **taint tracking** ([`taint`]): outputs of ops that bring outside content in
+//!   are labelled `untrusted` and fingerprinted per agent before their completion
+//!   is visible; a later op whose args carry such content is labelled `tainted`
+//!   and its policies see each tainted arg's path and source op.
+//!
+//! Every decision other than `allow` goes to the audit log shared with Auth.
+
+mod endpoints;
+pub mod policy;
+pub mod taint;
+
+use bbx_auth::{AuditEvent, AuditKind, Caller};
+use bbx_component::{Attempted, Component, Context, Endpoint, Submission, Verdict};
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged, storage_error};
+use chrono::{DateTime, Utc};
+use policy::{Action, Book, Decided, Loaded, StoredPolicy};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use taint::Taints;
+
+/// Quarantined agents: agent id -> [`Quarantine`] as JSON. Its id is what redo
+/// records carry: never change it.
+pub const FLOW_QUARANTINE: KeyspaceDef = KeyspaceDef {
+    id: 16,
+    name: "flow_quarantine",
+};
+
+/// Every keyspace FlowIntegrity stages into.
+pub const KEYSPACES: &[KeyspaceDef] = &[policy::FLOW_POLICIES, FLOW_QUARANTINE];
+
+/// How long an op held for approval waits before it is denied.
+const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Kinds whose outputs bring outside content in.
+const UNTRUSTED_KINDS: &[&str] = &["tool.http", "tool.mcp", "tool.shell", "tool.file", "llm.chat"];
+
+/// Why an agent is quarantined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Quarantine {
+    pub agent: AgentId,
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug)]
+enum Change {
+    PutPolicy(StoredPolicy),
+    RemovePolicy(Vec<u8>),
+    Quarantine(Quarantine),
+    Release(AgentId),
+}
+
+fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))
+}
+
+impl Staged for Change {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        match self {
+            Self::PutPolicy(policy) => tx.put(policy::FLOW_POLICIES, policy.key(), json(policy)?),
+            Self::RemovePolicy(key) => tx.remove(policy::FLOW_POLICIES, key.clone()),
+            Self::Quarantine(q) => tx.put(FLOW_QUARANTINE, q.agent.as_bytes().to_vec(), json(q)?),
+            Self::Release(agent) => tx.remove(FLOW_QUARANTINE, agent.as_bytes().to_vec()),
+        }
+        Ok(Applied::Done)
+    }
+}
+
+/// FlowIntegrity, as a component of the kernel.
+#[derive(Clone, Default)]
+pub struct Flow(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    ctx: OnceLock<Context>,
+    book: parking_lot::RwLock<Arc<Book>>,
+    taints: Taints,
+    quarantined: parking_lot::RwLock<HashMap<AgentId, Quarantine>>,
+    decisions: [AtomicU64; 6],
+    /// Serializes changes of policies: a version is read, then written.
+    changing: tokio::sync::Mutex<()>,
+}
+
+/// What an op would be decided, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    pub action: Action,
+    /// Every policy that decided, strictest first.
+    pub decided: Vec<Decided>,
+    pub tainted: Vec<taint::Tainted>,
+}
+
+impl Flow {
+    /// FlowIntegrity with `policies` in force and nothing stored, for measuring
+    /// and trying decisions in process (the kernel's is loaded from its store).
+    pub fn with_policies(policies: Vec<StoredPolicy>) -> Result<Self> {
+        let loaded = policies
+            .into_iter()
+            .map(|p| Loaded::compile(p).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let flow = Self::default();
+        *flow.0.book.write() = Arc::new(Book::new(loaded));
+        Ok(flow)
+    }
+
+    /// The taint tables.
+    pub fn taints(&self) -> &Taints {
+        &self.0.taints
+    }
+
+    fn ctx(&self) -> Result<&Context> {
+        self.0
+            .ctx
+            .get()
+            .ok_or_else(|| Error::unavailable("flow has not started"))
+    }
+
+    /// What the policies in force make of an op of `agent` with `kind` and `args`.
+    pub fn explain(&self, agent: &bbx_core::model::Agent, kind: &str, args: &Value, role: &str) -> Explained {
+        let tainted = self.0.taints.tainted(&agent.id, args);
+        let book = self.0.book.read().clone();
+        let concerned = book.concerning(&agent.tenant, kind);
+        if concerned.is_empty() {
+            return Explained {
+                action: Action::Allow,
+                decided: Vec::new(),
+                tainted,
+            };
+        }
+        let input = regorus::Value::from(policy::input(kind, args, agent, &tainted, role));
+        let mut decided: Vec<Decided> = concerned.iter().filter_map(|p| p.decide(&input)).collect();
+        decided.sort_by_key(|d| std::cmp::Reverse(d.action));
+        Explained {
+            action: decided.first().map_or(Action::Allow, |d| d.action),
+            decided,
+            tainted,
+        }
+    }
+
+    fn audit(&self, caller: Option<&Caller>, tenant: &str, what: String, why: String, kind: AuditKind) {
+        let Ok(ctx) = self.ctx() else { return };
+        let mut event = AuditEvent::new(kind, caller, what, why);
+        event.tenant = Some(tenant.to_owned());
+        let store = ctx.store.clone();
+        ctx.tasks.spawn(async move {
+            if let Err(e) = store.write(bbx_auth::audit::Record(event)).await {
+                tracing::error!(error = %e, "a flow decision could not be audited");
+            }
+        });
+    }
+
+    /// Quarantines `agent` at once (its next op is refused), and durably.
+    fn quarantine_now(&self, quarantine: Quarantine) -> Result<()> {
+        let ctx = self.ctx()?;
+        self.0.quarantined.write().insert(quarantine.agent, quarantine.clone());
+        let store = ctx.store.clone();
+        ctx.tasks.spawn(async move {
+            if let Err(e) = store.write(Change::Quarantine(quarantine)).await {
+                tracing::error!(error = %e, "a quarantine could not be stored");
+            }
+        });
+        Ok(())
+    }
+
+    fn refused_quarantined(q: &Quarantine) -> Error {
+        Error::new(
+            ErrorCode::PolicyDenied,
+            format!(
+                "agent {} is quarantined ({}: {}); an operator releases it with bbx flow release",
+                q.agent, q.by, q.reason
+            ),
+        )
+    }
+
+    pub fn stats(&self) -> Value {
+        let decisions: serde_json::Map<String, Value> = Action::ALL
+            .iter()
+            .zip(&self.0.decisions)
+            .map(|(action, count)| (action.as_str().to_owned(), count.load(Ordering::Relaxed).into()))
+            .collect();
+        serde_json::json!({
+            "decisions": decisions,
+            "policies": self.0.book.read().all().count(),
+            "quarantined": self.0.quarantined.read().len(),
+            "taint": self.0.taints.stats(),
+        })
+    }
+}
+
+impl Component for Flow {
+    fn name(&self) -> &'static str {
+        "flow"
+    }
+
+    fn keyspaces(&self) -> &'static [KeyspaceDef] {
+        KEYSPACES
+    }
+
+    fn start(&self, ctx: &Context) -> Result<()> {
+        let mut loaded = Vec::new();
+        for item in ctx.store.keyspace(policy::FLOW_POLICIES).iter() {
+            let (_, value) = item.into_inner().map_err(|e| storage_error("load flow policies", e))?;
+            let stored: StoredPolicy = serde_json::from_slice(&value)
+                .map_err(|e| Error::internal(format!("a stored flow policy is unreadable: {e}")))?;
+            loaded.push(Arc::new(Loaded::compile(stored)?));
+        }
+        *self.0.book.write() = Arc::new(Book::new(loaded));
+        let mut quarantined = self.0.quarantined.write();
+        for item in ctx.store.keyspace(FLOW_QUARANTINE).iter() {
+            let (_, value) = item.into_inner().map_err(|e| storage_error("load quarantines", e))?;
+            let q: Quarantine = serde_json::from_slice(&value)
+                .map_err(|e| Error::internal(format!("a stored quarantine is unreadable: {e}")))?;
+            quarantined.insert(q.agent, q);
+        }
+        let _ = self.0.ctx.set(ctx.clone());
+        Ok(())
+    }
+
+    fn checks_ops(&self) -> bool {
+        true
+    }
+
+    fn check(&self, submission: &Submission<'_>, labels: &mut Vec<String>) -> Result<Verdict> {
+        let op = submission.op;
+        if let Some(q) = self.0.quarantined.read().get(&op.agent) {
+            return Err(Self::refused_quarantined(q));
+        }
+        if !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
+            self.0.decisions[0].fetch_add(1, Ordering::Relaxed);
+            return Ok(Verdict::Allow);
+        }
+        let agent = bbx_agents::stored_agent(&self.ctx()?.store, &op.agent)?;
+        let explained = self.explain(&agent, &op.kind, &op.args, submission.caller.role.as_str());
+        if !explained.tainted.is_empty() {
+            labels.push("tainted".into());
+        }
+        self.0.decisions[explained.action as usize].fetch_add(1, Ordering::Relaxed);
+        let Some(strictest) = explained.decided.first() else {
+            return Ok(Verdict::Allow);
+        };
+        let by: Vec<&str> = explained
+            .decided
+            .iter()
+            .filter(|d| d.action == strictest.action)
+            .map(|d| d.policy.as_str())
+            .collect();
+        let why = format!("policy {}: {}", by.join(", "), strictest.reason);
+        let what = format!("{} {} of agent {}", strictest.action.as_str(), op.kind, op.agent);
+        if strictest.action != Action::Allow {
+            self.audit(
+                Some(submission.caller),
+                submission.tenant,
+                what,
+                why.clone(),
+                AuditKind::FlowDecision,
+            );
+        }
+        match strictest.action {
+            Action::Allow | Action::Audit | Action::Warn => Ok(Verdict::Allow),
+            Action::RequireApproval => Ok(Verdict::Hold {
+                reason: why,
+                within: APPROVAL_WINDOW,
+            }),
+            Action::Block => Err(Error::new(ErrorCode::PolicyDenied, format!("blocked by {why}"))),
+            Action::Quarantine => {
+                let quarantine = Quarantine {
+                    agent: op.agent,
+                    by: format!("policy {}", by.join(", ")),
+                    reason: strictest.reason.clone(),
+                    at: Utc::now(),
+                };
+                self.quarantine_now(quarantine.clone())?;
+                Err(Self::refused_quarantined(&quarantine))
+            }
+        }
+    }
+
+    fn labels_results(&self) -> bool {
+        true
+    }
+
+    fn label(&self, op: &Attempted<'_>, result: &Value) -> Vec<String> {
+        if UNTRUSTED_KINDS.contains(&op.kind) {
+            self.0.taints.record(op.agent, op.op_id, result);
+            vec!["untrusted".into()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
+        self.0.taints.forget_agent(&agent);
+        if self.0.quarantined.write().remove(&agent).is_some() {
+            let store = ctx.store.clone();
+            ctx.tasks.spawn(async move {
+                if let Err(e) = store.write(Change::Release(agent)).await {
+                    tracing::error!(error = %e, "a deleted agent's quarantine could not be removed");
+                }
+            });
+        }
+    }
+
+    fn endpoints(&self, _ctx: &Context) -> Vec<Endpoint> {
+        endpoints::all(self)
+    }
+}

@@ -1,0 +1,122 @@
+use super::*;
+use crate::taint::Tainted;
+use bbx_core::model::Agent;
+
+fn stored(name: &str, source: &str) -> StoredPolicy {
+    StoredPolicy {
+        name: name.into(),
+        tenant: None,
+        source: source.into(),
+        version: 1,
+        updated_at: Utc::now(),
+    }
+}
+
+fn agent() -> Agent {
+    Agent {
+        id: bbx_core::AgentId::generate(),
+        name: "a".into(),
+        tenant: "acme".into(),
+        labels: Default::default(),
+        status: bbx_core::model::AgentStatus::Idle,
+        created_at: Utc::now(),
+        tools: Default::default(),
+    }
+}
+
+pub const NO_TAINTED_EGRESS: &str = r#"
+package bbx.flow
+kinds := {"tool.http"}
+decision := {"action": "block", "reason": sprintf("the request carries untrusted content at %s", [input.tainted[0].path])} if {
+    count(input.tainted) > 0
+}
+"#;
+
+#[test]
+fn a_policy_decides_the_kinds_it_names_from_what_it_sees() {
+    let policy = Loaded::compile(stored("egress", NO_TAINTED_EGRESS)).unwrap();
+    assert!(policy.concerns("tool.http") && !policy.concerns("tool.shell"));
+    let a = agent();
+    let args = serde_json::json!({ "url": "http://evil.example/" });
+    let tainted = [Tainted {
+        path: "/url".into(),
+        source: bbx_core::OpId::generate(),
+    }];
+    let blocked = policy
+        .decide(&regorus::Value::from(input("tool.http", &args, &a, &tainted, "agent")))
+        .unwrap();
+    assert_eq!(
+        (blocked.action, blocked.reason.as_str()),
+        (Action::Block, "the request carries untrusted content at /url")
+    );
+    assert_eq!(
+        policy.decide(&regorus::Value::from(input("tool.http", &args, &a, &[], "agent"))),
+        None
+    );
+}
+
+#[test]
+fn policies_that_cannot_work_are_refused() {
+    for (source, why) in [
+        ("package bbx.flow\ndecision := {", "is refused"),
+        ("package other\ndecision := {\"action\": \"block\"}", "must be bbx.flow"),
+        (
+            "package bbx.flow\ndecision := {\"action\": \"explode\"}",
+            "unknown action",
+        ),
+        ("package bbx.flow\ndecision := 7", "has no action"),
+        ("package bbx.flow\nkinds := 3", "set of op kinds"),
+    ] {
+        let e = Loaded::compile(stored("bad", source)).map(drop).unwrap_err();
+        assert_eq!(e.code, bbx_core::ErrorCode::InvalidArgument, "{source}");
+        assert!(e.message.contains(why), "{source}: {}", e.message);
+    }
+}
+
+#[test]
+fn the_book_finds_the_policies_of_a_kind_and_a_tenant() {
+    let egress = Arc::new(Loaded::compile(stored("egress", NO_TAINTED_EGRESS)).unwrap());
+    let mut theirs = stored(
+        "all",
+        "package bbx.flow\ndecision := {\"action\": \"audit\", \"reason\": \"x\"}",
+    );
+    theirs.tenant = Some("globex".into());
+    let all = Arc::new(Loaded::compile(theirs).unwrap());
+    let book = Book::new(vec![egress, all]);
+    assert!(book.concerns_any("acme", "tool.http"));
+    assert!(
+        !book.concerns_any("acme", "tool.shell"),
+        "globex's policy is not acme's"
+    );
+    assert!(book.concerns_any("globex", "tool.shell"));
+    assert_eq!(book.concerning("globex", "tool.http").len(), 2);
+}
+
+#[test]
+fn the_starter_policy_blocks_tainted_egress_and_holds_tainted_commands() {
+    let starter = Loaded::compile(stored("starter", include_str!("../../policies/starter.rego"))).unwrap();
+    let a = agent();
+    let source = bbx_core::OpId::generate();
+    let decide = |kind: &str, tainted: &[Tainted]| {
+        let args = serde_json::json!({ "url": "https://x.example/", "argv": ["ls"] });
+        starter
+            .decide(&regorus::Value::from(input(kind, &args, &a, tainted, "agent")))
+            .map(|d| d.action)
+    };
+    let at = |path: &str| {
+        vec![Tainted {
+            path: path.into(),
+            source,
+        }]
+    };
+    assert_eq!(decide("tool.http", &at("/url")), Some(Action::Block));
+    assert_eq!(
+        decide("tool.http", &[at("/url"), at("/body")].concat()),
+        Some(Action::Block),
+        "no conflict"
+    );
+    assert_eq!(decide("tool.http", &at("/headers/x")), None);
+    assert_eq!(decide("tool.http", &[]), None);
+    assert_eq!(decide("tool.shell", &at("/argv/1")), Some(Action::RequireApproval));
+    assert!(!starter.concerns("state.set"));
+}

@@ -1,0 +1,310 @@
+//! Taint tracking: what came in from outside is remembered, by fingerprint, per
+//! agent, so that a later op whose args carry it is labelled with where it came
+//! from.
+//!
+//! Fingerprints of untrusted content: the host and port of every URL, domain
+//! names, e-mail addresses, paths, and tokens of at least [`MIN_TOKEN`]
+//! characters (keys, ids, long words), so that common short fragments (`127`,
+//! `0`, `the`) taint nothing. A URL in an op's args matches at the level of its
+//! host and port, or a bare domain name that was seen. Tables are bounded per
+//! agent ([`MAX_PER_AGENT`]) and in all ([`MAX_AGENTS`] agents); what is evicted
+//! to stay within them is counted.
+
+use bbx_core::{AgentId, OpId};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The shortest token that is remembered.
+pub const MIN_TOKEN: usize = 12;
+/// Fingerprints one agent keeps at most; the oldest go first.
+pub const MAX_PER_AGENT: usize = 100_000;
+/// Agents with fingerprints at most; the least recently tainted goes first.
+pub const MAX_AGENTS: usize = 10_000;
+/// Fingerprints taken from one output at most.
+const MAX_PER_OUTPUT: usize = 10_000;
+
+/// One tainted arg: where in the args (a JSON pointer) and which op brought the
+/// content in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tainted {
+    pub path: String,
+    pub source: OpId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    HostPort,
+    Domain,
+    Email,
+    Path,
+    Token,
+}
+
+/// One fingerprint: its hash, and for a URL the hash of its host as a bare domain
+/// (which a URL's host also matches).
+#[derive(Debug, Clone, Copy)]
+struct Print {
+    hash: u64,
+    domain: Option<u64>,
+}
+
+/// The hash of `text` as `kind`, case-insensitive, with no allocation.
+fn hash(kind: Kind, text: &str, port: Option<u16>) -> u64 {
+    let mut hasher = rustc_hash::FxHasher::default();
+    kind.hash(&mut hasher);
+    for byte in text.bytes() {
+        hasher.write_u8(byte.to_ascii_lowercase());
+    }
+    if let Some(port) = port {
+        hasher.write_u16(port);
+    }
+    hasher.finish()
+}
+
+/// Calls `sink` with each fingerprint of `text`.
+fn fingerprints(text: &str, mut sink: impl FnMut(Print)) {
+    let separators = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '(' | ')' | ',' | ';' | '`');
+    for word in text.split(separators) {
+        // The shortest fingerprint is a domain like `a.bc`; a word of no dot, `@`,
+        // `/` or `:` is at most a token, which is long.
+        if word.len() < 4 {
+            continue;
+        }
+        let marked = word.bytes().any(|b| matches!(b, b'.' | b'@' | b'/' | b':'));
+        if !marked && word.len() < MIN_TOKEN {
+            continue;
+        }
+        let word = word.trim_matches(|c: char| matches!(c, '.' | ':' | '!' | '?' | '[' | ']' | '{' | '}'));
+        if let Some((host, port)) = url_host_port(word) {
+            sink(Print {
+                hash: hash(Kind::HostPort, host, Some(port)),
+                domain: Some(hash(Kind::Domain, host, None)),
+            });
+        } else if let Some((user, domain)) = word.split_once('@')
+            && !user.is_empty()
+            && is_domain(domain)
+        {
+            sink(Print {
+                hash: hash(Kind::Email, word, None),
+                domain: None,
+            });
+        } else if is_domain(word) {
+            sink(Print {
+                hash: hash(Kind::Domain, word, None),
+                domain: None,
+            });
+        } else if (word.starts_with('/') || word.starts_with("~/")) && word.matches('/').count() >= 2 {
+            sink(Print {
+                hash: hash(Kind::Path, word, None),
+                domain: None,
+            });
+        } else if word.len() >= MIN_TOKEN
+            && word
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'/' | b'=' | b'.'))
+        {
+            sink(Print {
+                hash: hash(Kind::Token, word, None),
+                domain: None,
+            });
+        }
+    }
+}
+
+/// The host and port of a URL (the scheme's default port if none is given).
+fn url_host_port(word: &str) -> Option<(&str, u16)> {
+    let (scheme, rest) = word.split_once("://")?;
+    let scheme = scheme.rsplit(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    let explicit = authority
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && (!host.starts_with('[') || host.ends_with(']')))
+        .and_then(|(host, port)| port.parse::<u16>().ok().map(|port| (host, port)));
+    match explicit {
+        Some(found) => Some(found),
+        None => Some((authority, default_port(scheme)?)),
+    }
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        "ftp" => Some(21),
+        _ => None,
+    }
+}
+
+/// A domain name: labels of letters, digits and `-` joined by dots, the last of
+/// letters only (so no bare number, no version string).
+fn is_domain(word: &str) -> bool {
+    let mut labels = 0;
+    let mut last = "";
+    for label in word.split('.') {
+        if label.is_empty() || label.len() > 63 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return false;
+        }
+        labels += 1;
+        last = label;
+    }
+    labels >= 2 && last.len() >= 2 && last.bytes().all(|b| b.is_ascii_alphabetic())
+}
+
+/// Every string of `value` with its JSON pointer.
+fn strings<'a>(value: &'a Value, path: &mut String, out: &mut Vec<(String, &'a str)>) {
+    match value {
+        Value::String(s) => out.push((path.clone(), s)),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push('/');
+                path.push_str(&i.to_string());
+                strings(item, path, out);
+                path.truncate(len);
+            }
+        }
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                let len = path.len();
+                path.push('/');
+                path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                strings(field, path, out);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[derive(Default)]
+struct AgentTable {
+    sources: HashMap<u64, OpId>,
+    order: VecDeque<u64>,
+}
+
+/// The fingerprints of every agent's untrusted content.
+#[derive(Default)]
+pub struct Taints {
+    agents: parking_lot::RwLock<HashMap<AgentId, AgentTable>>,
+    /// Agents in the order they were first tainted, for eviction.
+    agent_order: parking_lot::Mutex<VecDeque<AgentId>>,
+    evicted: AtomicU64,
+    recorded: AtomicU64,
+}
+
+/// What the tables hold, for `flow.stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaintStats {
+    pub agents: usize,
+    pub fingerprints: usize,
+    pub recorded: u64,
+    pub evicted: u64,
+}
+
+impl Taints {
+    /// Remembers the fingerprints of `output` (every string in it) as brought in
+    /// by `source`, an op of `agent`.
+    pub fn record(&self, agent: AgentId, source: OpId, output: &Value) {
+        let mut texts = Vec::new();
+        strings(output, &mut String::new(), &mut texts);
+        let mut found = Vec::new();
+        for (_, text) in texts {
+            fingerprints(text, |print| found.push(print.hash));
+            if found.len() >= MAX_PER_OUTPUT {
+                found.truncate(MAX_PER_OUTPUT);
+                break;
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        let mut agents = self.agents.write();
+        if !agents.contains_key(&agent) {
+            let mut order = self.agent_order.lock();
+            while agents.len() >= MAX_AGENTS {
+                let Some(oldest) = order.pop_front() else { break };
+                if let Some(table) = agents.remove(&oldest) {
+                    self.evicted.fetch_add(table.sources.len() as u64, Ordering::Relaxed);
+                }
+            }
+            order.push_back(agent);
+        }
+        let table = agents.entry(agent).or_default();
+        for print in found {
+            if table.sources.insert(print, source).is_none() {
+                table.order.push_back(print);
+                self.recorded.fetch_add(1, Ordering::Relaxed);
+            }
+            while table.order.len() > MAX_PER_AGENT {
+                if let Some(old) = table.order.pop_front() {
+                    table.sources.remove(&old);
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The args of an op of `agent` that carry untrusted content, each with the
+    /// op that brought it in.
+    pub fn tainted(&self, agent: &AgentId, args: &Value) -> Vec<Tainted> {
+        let agents = self.agents.read();
+        let Some(table) = agents.get(agent) else {
+            return Vec::new();
+        };
+        let mut texts = Vec::new();
+        strings(args, &mut String::new(), &mut texts);
+        let mut out = Vec::new();
+        for (path, text) in texts {
+            let mut source = None;
+            fingerprints(text, |print| {
+                let seen = || print.domain.and_then(|domain| table.sources.get(&domain));
+                if source.is_none() {
+                    source = table.sources.get(&print.hash).or_else(seen).copied();
+                }
+            });
+            if let Some(source) = source {
+                out.push(Tainted { path, source });
+            }
+        }
+        out
+    }
+
+    /// Forgets `value`'s fingerprints for `agent` (an operator declassified it):
+    /// how many were forgotten.
+    pub fn declassify(&self, agent: &AgentId, value: &str) -> usize {
+        let mut found = Vec::new();
+        fingerprints(value, |print| found.push(print.hash));
+        let mut agents = self.agents.write();
+        let Some(table) = agents.get_mut(agent) else {
+            return 0;
+        };
+        found
+            .iter()
+            .filter(|print| table.sources.remove(print).is_some())
+            .count()
+    }
+
+    pub fn forget_agent(&self, agent: &AgentId) {
+        self.agents.write().remove(agent);
+    }
+
+    pub fn stats(&self) -> TaintStats {
+        let agents = self.agents.read();
+        TaintStats {
+            agents: agents.len(),
+            fingerprints: agents.values().map(|t| t.sources.len()).sum(),
+            recorded: self.recorded.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
