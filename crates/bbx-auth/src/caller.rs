@@ -17,6 +17,8 @@ pub struct Caller {
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The client's address, where the transport knows it.
     pub source: Option<String>,
+    /// The op kinds it may submit, if it is confined to some.
+    pub kinds: Option<Vec<String>>,
 }
 
 /// What an action needs of a caller's role.
@@ -88,6 +90,7 @@ impl Caller {
             agent: None,
             expires_at: None,
             source: None,
+            kinds: None,
         }
     }
 
@@ -100,6 +103,7 @@ impl Caller {
             agent: None,
             expires_at: None,
             source: None,
+            kinds: None,
         }
     }
 
@@ -135,6 +139,38 @@ impl Caller {
                 "this key is confined to another agent of its tenant",
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// For a credential confined to some op kinds: those only (403 for another).
+    pub fn check_kind(&self, kind: &str) -> Result<()> {
+        match &self.kinds {
+            Some(kinds) if !kinds.iter().any(|k| k == kind) => Err(Error::permission_denied(format!(
+                "this credential may submit only ops of the kinds {}",
+                kinds.join(", ")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The kinds a credential this caller makes may be confined to: `asked`, which
+    /// must stay within the caller's own if it is confined.
+    pub fn grant_kinds(&self, asked: Option<Vec<String>>) -> Result<Option<Vec<String>>> {
+        if let Some(kinds) = &asked {
+            if kinds.is_empty() || kinds.len() > 64 {
+                return Err(Error::invalid_field("kinds", "name 1 to 64 op kinds"));
+            }
+            for kind in kinds {
+                bbx_core::validate::name("kinds", kind)?;
+            }
+        }
+        match (&self.kinds, asked) {
+            (None, asked) => Ok(asked),
+            (Some(own), Some(asked)) if asked.iter().all(|k| own.contains(k)) => Ok(Some(asked)),
+            (Some(own), _) => Err(Error::permission_denied(format!(
+                "a credential confined to the kinds {} makes only credentials confined within them",
+                own.join(", ")
+            ))),
         }
     }
 

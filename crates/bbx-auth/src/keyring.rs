@@ -131,6 +131,7 @@ impl KeyRing {
             agent: stored.info.agent,
             expires_at: stored.info.expires_at,
             source: None,
+            kinds: stored.info.kinds.clone(),
         })
     }
 }
@@ -151,6 +152,7 @@ mod tests {
             agent: None,
             expires_at: None,
             last_used_at: None,
+            kinds: None,
         }
     }
 

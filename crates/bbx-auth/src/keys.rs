@@ -105,6 +105,7 @@ impl Keys {
             agent: None,
             expires_at: None,
             last_used_at: None,
+            kinds: None,
         };
         let (token, stored) = mint(info);
         let path = self.data_dir.join(ADMIN_KEY_FILE);
@@ -180,6 +181,7 @@ impl Keys {
             validate::name("identity", identity)?;
         }
         let (tenant, role) = grant(caller, req.tenant, req.role, req.agent)?;
+        let kinds = caller.grant_kinds(req.kinds)?;
         let expires_at = match req.ttl_secs {
             None => None,
             Some(secs @ 1..=MAX_TTL_SECS) => Some(Utc::now() + chrono::Duration::seconds(secs as i64)),
@@ -201,6 +203,7 @@ impl Keys {
             agent: req.agent,
             expires_at,
             last_used_at: None,
+            kinds,
         };
         let (key, stored) = mint(info.clone());
         self.put(stored).await?;

@@ -294,6 +294,7 @@ impl Issuer {
             agent: None,
             expires_at: chrono::DateTime::from_timestamp(exp, 0),
             source: None,
+            kinds: None,
         })
     }
 }

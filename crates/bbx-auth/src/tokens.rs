@@ -51,6 +51,9 @@ pub struct Claims {
     pub roles: Vec<Role>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentId>,
+    /// The op kinds its bearer may submit, if it is confined to some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
     pub iat: i64,
     pub exp: i64,
     /// The token's id.
@@ -71,6 +74,7 @@ impl Claims {
             agent: self.agent,
             expires_at: Some(expires_at),
             source: None,
+            kinds: self.kinds.clone(),
         })
     }
 }
@@ -235,6 +239,7 @@ impl Tokens {
             tenant: confined.tenant.clone(),
             roles: vec![confined.role],
             agent: confined.agent,
+            kinds: confined.kinds.clone(),
             iat: now,
             exp: now + ttl_secs as i64,
             jti: KeyId::generate().to_string(),

@@ -585,6 +585,9 @@ pub struct Grant {
     /// It stops working this many seconds from now.
     #[arg(long)]
     pub ttl: Option<u64>,
+    /// Confine it to submitting ops of these kinds (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Option<Vec<String>>,
 }
 
 impl Grant {

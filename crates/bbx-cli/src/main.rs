@@ -428,6 +428,7 @@ async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
                 "role": role,
                 "agent": agent,
                 "ttl_secs": grant.ttl,
+                "kinds": grant.kinds,
             });
             let created = client(cli)?.call_endpoint("auth.create_token", input).await?;
             if cli.json {
@@ -458,6 +459,7 @@ async fn auth(cli: &Cli, command: &AuthCommand) -> Result<()> {
                 identity: Some(identity.clone()),
                 agent,
                 ttl_secs: grant.ttl,
+                kinds: grant.kinds.clone(),
             };
             let created = client(cli)?.create_key(&req).await?;
             if cli.json {

@@ -191,6 +191,9 @@ pub struct CreateApiKey {
     /// The key stops working this many seconds after it is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
+    /// Confines the key to submitting ops of these kinds (`tool.http`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
 }
 
 /// What a credential may do. Each role is confined to its tenant but `admin`.
@@ -265,6 +268,9 @@ pub struct ApiKeyInfo {
     pub agent: Option<AgentId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The op kinds it may submit, if it is confined to some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
     /// When it last authenticated a request (since the kernel started, or as of
     /// its last change).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,6 +33,9 @@ pub struct CreateToken {
     /// Seconds it lives: 1 to a day [default: 900].
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// Confines it to submitting ops of these kinds.
+    #[serde(default)]
+    pub kinds: Option<Vec<String>>,
 }
 
 /// A token, and what it says.
@@ -299,6 +302,7 @@ impl Kernel {
         }
         let confined = Caller {
             agent: req.agent,
+            kinds: caller.grant_kinds(req.kinds)?,
             ..match tenant {
                 Some(tenant) => Caller::of_tenant(KeyId::generate(), tenant, role),
                 None => Caller::admin(KeyId::generate()),

@@ -61,6 +61,9 @@ impl Kernel {
                 }
             };
             tenants.push(tenant);
+            caller
+                .check_kind(&op.kind)
+                .map_err(|e| bbx_ring::batch::at_op(index, e))?;
             let access = Access::new("op.submit", Some(Action::Act), None).op_kind(&op.kind);
             self.authorize_on_agent(caller, access, &op.agent)
                 .map_err(|e| bbx_ring::batch::at_op(index, e))?;

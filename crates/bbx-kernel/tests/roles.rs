@@ -380,3 +380,52 @@ async fn access_tokens_carry_their_role_and_refuse_every_forgery() {
     assert_eq!(expired.details.unwrap()["reason"], "expired");
     kernel.shutdown().await;
 }
+
+#[tokio::test]
+async fn credentials_confined_to_op_kinds_submit_those_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, admin) = support::open(dir.path()).await;
+    let mine = agent(&kernel, &admin, "acme").await;
+    let op = |kind: &str| SubmitBatch {
+        ops: vec![SubmitOp::new(mine, kind, json!({ "ms": 1 }))],
+        wait_ms: None,
+    };
+    let scoped = CreateApiKey {
+        kinds: Some(vec!["noop".into(), "sleep".into()]),
+        ..of("acme", Role::TenantAdmin)
+    };
+    let created = kernel.create_key(&admin, scoped).await.unwrap();
+    assert_eq!(created.info.kinds, Some(vec!["noop".into(), "sleep".into()]));
+    let key = kernel.authenticate(&created.key).unwrap();
+    kernel.submit(&key, op("noop")).await.unwrap();
+    let refused = kernel.submit(&key, op("state.incr")).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::PermissionDenied);
+    assert!(refused.message.contains("noop, sleep"), "{}", refused.message);
+
+    // What it makes stays within its kinds; a token carries them.
+    let wider = CreateApiKey {
+        kinds: Some(vec!["noop".into(), "tool.shell".into()]),
+        ..of("acme", Role::Reader)
+    };
+    assert_eq!(code(kernel.create_key(&key, wider).await), ErrorCode::PermissionDenied);
+    assert_eq!(
+        code(kernel.create_key(&key, of("acme", Role::Reader)).await),
+        ErrorCode::PermissionDenied,
+        "an unconfined key is wider"
+    );
+    let request = bbx_kernel::CreateToken {
+        identity: "svc".into(),
+        tenant: Some("acme".into()),
+        role: Some(Role::Operator),
+        kinds: Some(vec!["sleep".into()]),
+        ..Default::default()
+    };
+    let token = kernel.create_token(&key, request).unwrap();
+    assert_eq!(token.claims.kinds, Some(vec!["sleep".into()]));
+    let bearer = kernel.authenticate(&token.token).unwrap();
+    kernel.submit(&bearer, op("sleep")).await.unwrap();
+    assert_eq!(
+        code(kernel.submit(&bearer, op("noop")).await),
+        ErrorCode::PermissionDenied
+    );
+}
