@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// How long fetched keys are trusted before they are fetched again.
 const KEYS_TTL: Duration = Duration::from_secs(3600);
+/// The largest discovery document or key set read.
+const MAX_DOCUMENT_BYTES: u64 = 1 << 20;
 /// How long a discovery or key fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -158,6 +160,9 @@ impl Oidc {
                 discovery.issuer
             ));
         }
+        if !(discovery.jwks_uri.starts_with("https://") || bbx_core::config::is_loopback_http(&discovery.jwks_uri)) {
+            return Err(format!("its jwks_uri {:?} is not https", discovery.jwks_uri));
+        }
         let set: JwkSet = self.get_json(&discovery.jwks_uri).await?;
         Ok(set
             .keys
@@ -176,7 +181,14 @@ impl Oidc {
         if !response.status().is_success() {
             return Err(format!("GET {url}: {}", response.status()));
         }
-        response.json().await.map_err(|e| format!("GET {url}: {e}"))
+        if response.content_length().is_some_and(|n| n > MAX_DOCUMENT_BYTES) {
+            return Err(format!("GET {url}: the document is over {MAX_DOCUMENT_BYTES} bytes"));
+        }
+        let body = response.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
+        if body.len() as u64 > MAX_DOCUMENT_BYTES {
+            return Err(format!("GET {url}: the document is over {MAX_DOCUMENT_BYTES} bytes"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("GET {url}: {e}"))
     }
 
     /// The caller an outside issuer's token makes its bearer; `None` if the token

@@ -84,7 +84,7 @@ pub struct Secrets {
 }
 
 /// What setting a secret asks for.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecret {
     pub name: String,
@@ -99,7 +99,18 @@ pub struct SetSecret {
     pub hosts: Option<Vec<String>>,
 }
 
-/// A list of hosts, or one string of them separated by commas.
+impl std::fmt::Debug for SetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetSecret")
+            .field("name", &self.name)
+            .field("value", &"[redacted]")
+            .field("tenant", &self.tenant)
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+/// A list of hosts, or one string of them separated by commas (lower-cased).
 fn hosts<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -107,13 +118,16 @@ fn hosts<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<V
         List(Vec<String>),
         Text(String),
     }
-    Ok(Option::<Hosts>::deserialize(d)?.map(|hosts| match hosts {
-        Hosts::List(list) => list,
-        Hosts::Text(text) => text
-            .split(',')
-            .map(|h| h.trim().to_owned())
+    Ok(Option::<Hosts>::deserialize(d)?.map(|hosts| {
+        let hosts = match hosts {
+            Hosts::List(list) => list,
+            Hosts::Text(text) => text.split(',').map(|h| h.trim().to_owned()).collect(),
+        };
+        hosts
+            .into_iter()
             .filter(|h| !h.is_empty())
-            .collect(),
+            .map(|h| h.to_ascii_lowercase())
+            .collect()
     }))
 }
 
@@ -212,6 +226,7 @@ impl Secrets {
         caller.may(Action::Operate)?;
         let tenant = Self::tenant(caller, tenant)?;
         check_hosts(&hosts)?;
+        let hosts: Vec<String> = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
         let _changing = self.changing.lock().await;
         let mut stored = self
             .load(&tenant, name)?
@@ -322,7 +337,8 @@ fn check_hosts(hosts: &[String]) -> Result<()> {
 
 /// Whether `host` (a URL's host) is `bound`, or under it for `*.name`.
 fn host_matches(bound: &str, host: &str) -> bool {
-    let host = host.trim_end_matches('.');
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host = host.as_str();
     match bound.strip_prefix("*.") {
         Some(parent) => host
             .strip_suffix(parent)

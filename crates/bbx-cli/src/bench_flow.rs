@@ -22,6 +22,9 @@ struct Report {
     /// `noop`, which no policy concerns.
     unconcerned_kind: NanoFigures,
     taint_4kb_args_10k_fingerprints: NanoFigures,
+    /// The injection scenarios under the starter policy: injected calls stopped,
+    /// benign calls allowed, and what went the wrong way.
+    injection: bbx_flow::injection::Report,
     targets: Targets,
 }
 
@@ -113,7 +116,9 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
         std::hint::black_box(flow.taints().tainted(&agent.id, &args));
     });
 
+    let injection = bbx_flow::injection::evaluate(bbx_flow::STARTER_POLICY)?;
     let report = Report {
+        injection,
         targets: Targets {
             policy_p99_under_20us: policy_20_rules.p99_ns < 20_000,
             unconcerned_p99_under_200ns: unconcerned_kind.p99_ns < 200,
@@ -134,6 +139,14 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
                 &report.taint_4kb_args_10k_fingerprints,
             ),
         ]);
+        let i = &report.injection;
+        println!(
+            "injection scenarios ({}), starter policy: {}/{} injected calls stopped, {}/{} benign calls allowed",
+            i.scenarios, i.injected_stopped, i.injected_calls, i.benign_allowed, i.benign_calls
+        );
+        for wrong in &i.wrong {
+            println!("  wrong way: {wrong}");
+        }
     }
     Ok(())
 }

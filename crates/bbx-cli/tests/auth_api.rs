@@ -363,6 +363,29 @@ async fn secrets_reach_only_their_hosts_and_never_come_back() {
     );
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing reached the other host");
 
+    // Not to another origin behind the bound host, not in clear text off this machine.
+    let fronted = json!({ "url": format!("http://127.0.0.1:{port}/x"),
+        "headers": { "host": "evil.example", "authorization": { "$secret": "gh" } } });
+    let cleartext = json!({ "url": "http://api.example.com/x", "headers": { "authorization": { "$secret": "gh" } } });
+    support::json(&kernel.cli(&[
+        "secrets",
+        "bind",
+        "gh",
+        "--tenant",
+        "acme",
+        "--hosts",
+        r#"["127.0.0.1", "API.example.com"]"#,
+    ]));
+    for (args, why) in [(fronted, "Host header"), (cleartext, "over https only")] {
+        let submitted =
+            support::json(&kernel.cli(&["ring", "submit", &agent, "tool.http", &args.to_string(), "--json"]));
+        let op = submitted["op_id"].as_str().unwrap();
+        let refused = support::json(&kernel.cli(&["ring", "wait", op, "--timeout-ms", "30000", "--json"]));
+        assert_eq!(refused["error"]["code"], "permission_denied", "{refused}");
+        assert!(refused["error"]["message"].as_str().unwrap().contains(why), "{refused}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing more went out");
+
     // Another tenant has no such secret.
     let other = loopback_agent(&kernel, "globex");
     let submitted = support::json(&kernel.cli(&["ring", "submit", &other, "tool.http", &call("127.0.0.1"), "--json"]));

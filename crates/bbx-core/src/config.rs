@@ -82,10 +82,13 @@ pub struct OidcIssuer {
 impl OidcIssuer {
     fn validate(&self) -> Result<()> {
         let field = |what: &str| format!("auth.oidc[{}].{what}", self.issuer);
-        if !(self.issuer.starts_with("https://") || self.issuer.starts_with("http://")) {
+        if !(self.issuer.starts_with("https://") || is_loopback_http(&self.issuer)) {
             return Err(Error::invalid_field(
                 "auth.oidc.issuer",
-                format!("{:?} is not an http(s) URL", self.issuer),
+                format!(
+                    "{:?} is not an https URL (plain http only to this machine: its keys could be swapped on the way)",
+                    self.issuer
+                ),
             ));
         }
         if self.audience.is_empty() {
@@ -102,6 +105,16 @@ impl OidcIssuer {
         }
         Ok(())
     }
+}
+
+/// Whether `url` is plain http to this machine (`127.0.0.0/8`, `[::1]`, `localhost`).
+pub fn is_loopback_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+    host == "localhost" || host == "[::1]" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn default_tenant_claim() -> String {

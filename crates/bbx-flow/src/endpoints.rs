@@ -163,7 +163,7 @@ impl Flow {
         if let Some(tenant) = &tenant {
             caller.check_tenant(tenant)?;
         }
-        let shows_source = caller.may(Action::Operate).is_ok();
+        let may_change = caller.may(Action::Operate).is_ok();
         let book = self.0.book.read().clone();
         let mut listed: Vec<Value> = book
             .all()
@@ -177,7 +177,8 @@ impl Flow {
                     "name": p.stored.name, "tenant": p.stored.tenant, "version": p.stored.version,
                     "updated_at": p.stored.updated_at, "kinds": p.kinds,
                 });
-                if shows_source {
+                // A global policy's Rego is the administrator's to read.
+                if may_change && (p.stored.tenant.is_some() || caller.is_admin()) {
                     shown["source"] = p.stored.source.clone().into();
                 }
                 shown
@@ -297,7 +298,9 @@ pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
             ("POST", "/v1/flow/test"),
             "Dry-run the flow decision of an op (agent, kind, args): the decision, every policy that decided and why, and the tainted args with their source ops. Nothing is submitted.",
             |f: Flow, caller, req: TestOp| async move {
-                caller.may(Action::Read)?;
+                // Not for agents: trying encodings against the live policies is
+                // how an injected agent would look for one that gets through.
+                caller.may(Action::Operate)?;
                 let agent = f.agent(&caller, &req.agent)?;
                 Ok(f.explain(&agent, &req.kind, &req.args, caller.role.as_str()))
             },

@@ -17,6 +17,7 @@
 //! Every decision other than `allow` goes to the audit log shared with Auth.
 
 mod endpoints;
+pub mod injection;
 pub mod policy;
 pub mod taint;
 
@@ -40,6 +41,11 @@ pub const FLOW_QUARANTINE: KeyspaceDef = KeyspaceDef {
     id: 16,
     name: "flow_quarantine",
 };
+
+/// The starter policy (`policies/starter.rego`): what an injected page, file or
+/// tool result points to receives no data, and commands built from it wait for an
+/// operator.
+pub const STARTER_POLICY: &str = include_str!("../policies/starter.rego");
 
 /// Every keyspace FlowIntegrity stages into.
 pub const KEYSPACES: &[KeyspaceDef] = &[policy::FLOW_POLICIES, FLOW_QUARANTINE];

@@ -23,8 +23,11 @@ pub const MIN_TOKEN: usize = 12;
 pub const MAX_PER_AGENT: usize = 100_000;
 /// Agents with fingerprints at most; the least recently tainted goes first.
 pub const MAX_AGENTS: usize = 10_000;
-/// Fingerprints taken from one output at most.
+/// Token fingerprints taken from one output at most.
 const MAX_PER_OUTPUT: usize = 10_000;
+/// Fingerprints of all agents together at most; past it, the least recently
+/// tainted agent's go.
+pub const MAX_TOTAL: usize = 2_000_000;
 
 /// One tainted arg: where in the args (a JSON pointer) and which op brought the
 /// content in.
@@ -47,6 +50,7 @@ enum Kind {
 /// (which a URL's host also matches).
 #[derive(Debug, Clone, Copy)]
 struct Print {
+    kind: Kind,
     hash: u64,
     domain: Option<u64>,
 }
@@ -66,6 +70,24 @@ fn hash(kind: Kind, text: &str, port: Option<u16>) -> u64 {
 
 /// Calls `sink` with each fingerprint of `text`.
 fn fingerprints(text: &str, mut sink: impl FnMut(Print)) {
+    // A whole value that is one URL is read as the client reads it: with tabs and
+    // newlines inside removed, which splitting into words would not see.
+    if text.contains("://") && text.contains(['\t', '\n', '\r']) {
+        let joined: String = text
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+            .collect();
+        if !joined.contains(' ')
+            && let Some((host, port)) = url_host_port(&joined)
+        {
+            sink(Print {
+                kind: Kind::HostPort,
+                hash: hash(Kind::HostPort, &host, Some(port)),
+                domain: Some(hash(Kind::Domain, &host, None)),
+            });
+        }
+    }
     let separators = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '(' | ')' | ',' | ';' | '`');
     for word in text.split(separators) {
         // The shortest fingerprint is a domain like `a.bc`; a word of no dot, `@`,
@@ -80,24 +102,28 @@ fn fingerprints(text: &str, mut sink: impl FnMut(Print)) {
         let word = word.trim_matches(|c: char| matches!(c, '.' | ':' | '!' | '?' | '[' | ']' | '{' | '}'));
         if let Some((host, port)) = url_host_port(word) {
             sink(Print {
-                hash: hash(Kind::HostPort, host, Some(port)),
-                domain: Some(hash(Kind::Domain, host, None)),
+                kind: Kind::HostPort,
+                hash: hash(Kind::HostPort, &host, Some(port)),
+                domain: Some(hash(Kind::Domain, &host, None)),
             });
         } else if let Some((user, domain)) = word.split_once('@')
             && !user.is_empty()
             && is_domain(domain)
         {
             sink(Print {
+                kind: Kind::Email,
                 hash: hash(Kind::Email, word, None),
                 domain: None,
             });
         } else if is_domain(word) {
             sink(Print {
+                kind: Kind::Domain,
                 hash: hash(Kind::Domain, word, None),
                 domain: None,
             });
         } else if (word.starts_with('/') || word.starts_with("~/")) && word.matches('/').count() >= 2 {
             sink(Print {
+                kind: Kind::Path,
                 hash: hash(Kind::Path, word, None),
                 domain: None,
             });
@@ -107,6 +133,7 @@ fn fingerprints(text: &str, mut sink: impl FnMut(Print)) {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'/' | b'=' | b'.'))
         {
             sink(Print {
+                kind: Kind::Token,
                 hash: hash(Kind::Token, word, None),
                 domain: None,
             });
@@ -114,32 +141,27 @@ fn fingerprints(text: &str, mut sink: impl FnMut(Print)) {
     }
 }
 
-/// The host and port of a URL (the scheme's default port if none is given).
-fn url_host_port(word: &str) -> Option<(&str, u16)> {
-    let (scheme, rest) = word.split_once("://")?;
-    let scheme = scheme.rsplit(|c: char| !c.is_ascii_alphanumeric()).next()?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit('@').next()?;
-    if authority.is_empty() {
-        return None;
-    }
-    let explicit = authority
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty() && (!host.starts_with('[') || host.ends_with(']')))
-        .and_then(|(host, port)| port.parse::<u16>().ok().map(|port| (host, port)));
-    match explicit {
-        Some(found) => Some(found),
-        None => Some((authority, default_port(scheme)?)),
-    }
-}
-
-fn default_port(scheme: &str) -> Option<u16> {
-    match scheme.to_ascii_lowercase().as_str() {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        "ftp" => Some(21),
-        _ => None,
-    }
+/// The host and port of a URL, as the HTTP client will read it: parsed by the
+/// URL standard (so `\\`, `%65`, a trailing dot, `:` with no port, numeric IPv4
+/// and tabs inside are what the request would use), lower-cased, without a
+/// trailing dot, with the scheme's default port if none is given.
+fn url_host_port(word: &str) -> Option<(String, u16)> {
+    // JSON inside HTML escapes `/` as `\/`.
+    let unescaped;
+    let word = if word.contains("\\/") {
+        unescaped = word.replace("\\/", "/");
+        unescaped.as_str()
+    } else {
+        word
+    };
+    let start = word.find("://")?;
+    let scheme_start = word[..start]
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .map_or(0, |i| i + 1);
+    let url = url::Url::parse(&word[scheme_start..]).ok()?;
+    let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
+    let port = url.port_or_known_default()?;
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// A domain name: labels of letters, digits and `-` joined by dots, the last of
@@ -214,13 +236,19 @@ impl Taints {
     pub fn record(&self, agent: AgentId, source: OpId, output: &Value) {
         let mut texts = Vec::new();
         strings(output, &mut String::new(), &mut texts);
+        // Tokens are capped per output; hosts, domains, e-mails and paths are not,
+        // so padding a page with tokens cannot push its address out.
         let mut found = Vec::new();
+        let mut tokens = 0;
         for (_, text) in texts {
-            fingerprints(text, |print| found.push(print.hash));
-            if found.len() >= MAX_PER_OUTPUT {
-                found.truncate(MAX_PER_OUTPUT);
-                break;
-            }
+            fingerprints(text, |print| {
+                if print.kind != Kind::Token {
+                    found.push(print.hash);
+                } else if tokens < MAX_PER_OUTPUT {
+                    tokens += 1;
+                    found.push(print.hash);
+                }
+            });
         }
         if found.is_empty() {
             return;
@@ -235,6 +263,21 @@ impl Taints {
                 }
             }
             order.push_back(agent);
+        }
+        let mut total: usize = agents.values().map(|t| t.sources.len()).sum();
+        if total + found.len().min(MAX_PER_AGENT) > MAX_TOTAL {
+            let mut order = self.agent_order.lock();
+            while total + found.len().min(MAX_PER_AGENT) > MAX_TOTAL {
+                let Some(oldest) = order.pop_front() else { break };
+                if oldest == agent {
+                    order.push_back(oldest);
+                    break;
+                }
+                if let Some(table) = agents.remove(&oldest) {
+                    total -= table.sources.len();
+                    self.evicted.fetch_add(table.sources.len() as u64, Ordering::Relaxed);
+                }
+            }
         }
         let table = agents.entry(agent).or_default();
         for print in found {
@@ -292,7 +335,9 @@ impl Taints {
     }
 
     pub fn forget_agent(&self, agent: &AgentId) {
-        self.agents.write().remove(agent);
+        if self.agents.write().remove(agent).is_some() {
+            self.agent_order.lock().retain(|a| a != agent);
+        }
     }
 
     pub fn stats(&self) -> TaintStats {

@@ -104,7 +104,11 @@ impl Kernel {
     /// The agent's data that every component holds (its state, ...), as of what
     /// is durable.
     pub fn export_agent(&self, caller: &Caller, id: &AgentId) -> Result<bbx_component::AgentData> {
-        self.load_agent(caller, id)?;
+        let agent = self.load_agent(caller, id)?;
+        self.authorize(
+            caller,
+            &Access::new("agent.export", Some(Action::Read), None).on(&agent),
+        )?;
         self.components.export(&self.store, id)
     }
 
@@ -381,6 +385,10 @@ impl Kernel {
     }
 
     pub fn status(&self, caller: &Caller) -> Result<Status> {
+        self.authorize(
+            caller,
+            &Access::new("status", Some(Action::Read), caller.tenant.as_deref()),
+        )?;
         let (agents, host) = match &caller.tenant {
             None => (bbx_agents::agent_count(&self.store)?, true),
             Some(tenant) => {

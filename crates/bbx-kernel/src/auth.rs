@@ -6,7 +6,7 @@
 use crate::Kernel;
 use bbx_auth::Role;
 use bbx_auth::secrets::{SecretInfo, SetSecret};
-use bbx_auth::{Action, AuditEvent, AuditKind, AuditQuery, Caller};
+use bbx_auth::{Access, Action, AuditEvent, AuditKind, AuditQuery, Caller};
 use bbx_core::model::{ApiKeyInfo, CreateApiKey, CreatedApiKey};
 use bbx_core::{AgentId, Error, ErrorCode, KeyId, Result};
 use bbx_store::Store;
@@ -66,6 +66,8 @@ impl Kernel {
     /// See [`bbx_auth::Keys::create`]; a key confined to an agent must name one of
     /// its tenant that the caller sees.
     pub async fn create_key(&self, caller: &Caller, req: CreateApiKey) -> Result<CreatedApiKey> {
+        let tenant = req.tenant.as_deref().or(caller.tenant.as_deref());
+        self.authorize(caller, &Access::new("key.create", Some(Action::ManageKeys), tenant))?;
         let created = self.make_key(caller, req).await?;
         let info = &created.info;
         let what = format!(
@@ -92,11 +94,15 @@ impl Kernel {
     }
 
     pub fn list_keys(&self, caller: &Caller) -> Result<Vec<ApiKeyInfo>> {
+        let access = Access::new("key.list", Some(Action::ManageKeys), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         self.keys.list(caller)
     }
 
     /// See [`bbx_auth::Keys::rotate`].
     pub async fn rotate_key(&self, caller: &Caller, id: &KeyId, grace_secs: Option<u64>) -> Result<CreatedApiKey> {
+        let access = Access::new("key.rotate", Some(Action::ManageKeys), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         let rotated = self.keys.rotate(caller, id, grace_secs).await?;
         let what = format!("api key {id}, succeeded by {}", rotated.info.id);
         let mut event = AuditEvent::new(AuditKind::CredentialCreated, Some(caller), what, "rotated");
@@ -106,6 +112,8 @@ impl Kernel {
     }
 
     pub async fn revoke_key(&self, caller: &Caller, id: &KeyId) -> Result<ApiKeyInfo> {
+        let access = Access::new("key.revoke", Some(Action::ManageKeys), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         let revoked = self.keys.revoke(caller, id).await?;
         let mut event = AuditEvent::new(
             AuditKind::CredentialRevoked,
@@ -201,6 +209,25 @@ impl Kernel {
     /// interpreter).
     pub fn policies_on_vm(&self) -> bool {
         self.policies.on_vm()
+    }
+
+    /// [`Self::authorize`] on the op `id`: its agent (and labels) and its kind.
+    pub(crate) fn authorize_op(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        action: Action,
+        id: &bbx_core::OpId,
+    ) -> Result<()> {
+        if self.policies.is_empty() {
+            return Ok(());
+        }
+        let op = self.ring.info(caller, id)?;
+        self.authorize_on_agent(
+            caller,
+            Access::new(operation, Some(action), None).op_kind(&op.kind),
+            &op.agent,
+        )
     }
 
     /// Adds or replaces a custom authorization policy (administrators).

@@ -64,7 +64,16 @@ impl Kernel {
             caller
                 .check_kind(&op.kind)
                 .map_err(|e| bbx_ring::batch::at_op(index, e))?;
-            let access = Access::new("op.submit", Some(Action::Act), None).op_kind(&op.kind);
+            let mut access = Access::new("op.submit", Some(Action::Act), None).op_kind(&op.kind);
+            // A state op names a key, which state policies look at.
+            if let Some(key) = op
+                .args
+                .get("key")
+                .and_then(|k| k.as_str())
+                .filter(|_| op.kind.starts_with("state."))
+            {
+                access = access.key(key);
+            }
             self.authorize_on_agent(caller, access, &op.agent)
                 .map_err(|e| bbx_ring::batch::at_op(index, e))?;
         }
@@ -122,48 +131,38 @@ impl Kernel {
     /// Approves an op held for approval; it then runs.
     pub async fn approve_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
-        self.authorize(
-            caller,
-            &Access::new("op.approve", Some(Action::Operate), caller.tenant.as_deref()),
-        )?;
+        self.authorize_op(caller, "op.approve", Action::Operate, id)?;
         self.ring.approve(caller, id).await
     }
 
     /// Denies an op held for approval; it ends with `policy_denied`.
     pub async fn deny_op(&self, caller: &Caller, id: &OpId, reason: &str) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
-        self.authorize(
-            caller,
-            &Access::new("op.deny", Some(Action::Operate), caller.tenant.as_deref()),
-        )?;
+        self.authorize_op(caller, "op.deny", Action::Operate, id)?;
         self.ring.deny(caller, id, reason).await
     }
 
     pub fn op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
+        self.authorize_op(caller, "op.get", Action::Read, id)?;
         self.ring.info(caller, id)
     }
 
     /// Waits up to `timeout` for an op to complete.
     pub async fn wait_op(&self, caller: &Caller, id: &OpId, timeout: Duration) -> Result<OpInfo> {
+        self.authorize_op(caller, "op.wait", Action::Read, id)?;
         self.ring.wait(caller, id, timeout).await
     }
 
     pub async fn cancel_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
-        self.authorize(
-            caller,
-            &Access::new("op.cancel", Some(Action::Operate), caller.tenant.as_deref()),
-        )?;
+        self.authorize_op(caller, "op.cancel", Action::Operate, id)?;
         self.ring.cancel(caller, id).await
     }
 
     /// Settles an op left in doubt by a crash.
     pub async fn resolve_op(&self, caller: &Caller, id: &OpId, resolution: Resolution) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
-        self.authorize(
-            caller,
-            &Access::new("op.resolve", Some(Action::Operate), caller.tenant.as_deref()),
-        )?;
+        self.authorize_op(caller, "op.resolve", Action::Operate, id)?;
         self.ring.resolve(caller, id, resolution).await
     }
 

@@ -77,6 +77,8 @@ impl Kernel {
 
     /// The node's limits, its tenant's and group's, and what it uses.
     pub fn quota(&self, caller: &Caller, node: &Node) -> Result<QuotaInfo> {
+        let access = bbx_auth::Access::new("quota.get", Some(bbx_auth::Action::Read), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         let (parent, group) = match node {
             Node::Tenant(tenant) => {
                 caller.check_tenant(tenant)?;
@@ -149,6 +151,8 @@ impl Kernel {
 
     /// Every node the caller may see that has limits or ops in flight.
     pub fn list_quotas(&self, caller: &Caller) -> Result<Vec<QuotaInfo>> {
+        let access = bbx_auth::Access::new("quota.list", Some(bbx_auth::Action::Read), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         Ok(self
             .quotas
             .nodes()

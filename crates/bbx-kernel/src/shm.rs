@@ -266,6 +266,8 @@ impl Kernel {
     /// [`bbx_ring::shm`].
     pub fn open_shm(self: &Arc<Self>, caller: &Caller, request: OpenShm) -> Result<ShmSession> {
         caller.may(bbx_auth::Action::Act)?;
+        let access = bbx_auth::Access::new("ring.shm", Some(bbx_auth::Action::Act), caller.tenant.as_deref());
+        self.authorize(caller, &access)?;
         open(self, caller, request)
     }
 }

@@ -191,6 +191,23 @@ impl Clients {
             .map_err(|_| Error::invalid_field("args.headers", format!("the value of {name} is not valid")))?;
             headers.insert(name, value);
         }
+        if !revealed.is_empty() {
+            // The value goes to the bound host only: not to another origin behind it
+            // (a Host header of the agent's choosing), nor in clear text off this machine.
+            if headers.contains_key(reqwest::header::HOST) {
+                return Err(Error::permission_denied(
+                    "a request that carries a secret may not set its Host header",
+                ));
+            }
+            let loopback = matches!(url.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
+                || matches!(url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
+                || url.host_str() == Some("localhost");
+            if url.scheme() != "https" && !loopback {
+                return Err(Error::permission_denied(
+                    "a secret is sent over https only (or to this machine)",
+                ));
+            }
+        }
         let mut request = self
             .client_for(&policy, revealed.is_empty())?
             .request(method, url)

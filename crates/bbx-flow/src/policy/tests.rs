@@ -94,11 +94,10 @@ fn the_book_finds_the_policies_of_a_kind_and_a_tenant() {
 
 #[test]
 fn the_starter_policy_blocks_tainted_egress_and_holds_tainted_commands() {
-    let starter = Loaded::compile(stored("starter", include_str!("../../policies/starter.rego"))).unwrap();
+    let starter = Loaded::compile(stored("starter", crate::STARTER_POLICY)).unwrap();
     let a = agent();
     let source = bbx_core::OpId::generate();
-    let decide = |kind: &str, tainted: &[Tainted]| {
-        let args = serde_json::json!({ "url": "https://x.example/", "argv": ["ls"] });
+    let decide = |kind: &str, args: serde_json::Value, tainted: &[Tainted]| {
         starter
             .decide(&regorus::Value::from(input(kind, &args, &a, tainted, "agent")))
             .map(|d| d.action)
@@ -109,14 +108,25 @@ fn the_starter_policy_blocks_tainted_egress_and_holds_tainted_commands() {
             source,
         }]
     };
-    assert_eq!(decide("tool.http", &at("/url")), Some(Action::Block));
+    let post = serde_json::json!({ "method": "POST", "url": "https://x.example/", "body": "data" });
+    let get = serde_json::json!({ "url": "https://x.example/" });
+    assert_eq!(decide("tool.http", post.clone(), &at("/url")), Some(Action::Block));
+    assert_eq!(decide("tool.http", post.clone(), &at("/body/to")), Some(Action::Block));
     assert_eq!(
-        decide("tool.http", &[at("/url"), at("/body")].concat()),
+        decide("tool.http", post.clone(), &[at("/url"), at("/body")].concat()),
         Some(Action::Block),
         "no conflict"
     );
-    assert_eq!(decide("tool.http", &at("/headers/x")), None);
-    assert_eq!(decide("tool.http", &[]), None);
-    assert_eq!(decide("tool.shell", &at("/argv/1")), Some(Action::RequireApproval));
+    assert_eq!(
+        decide("tool.http", get.clone(), &at("/url")),
+        Some(Action::Warn),
+        "following a link reads"
+    );
+    assert_eq!(decide("tool.http", post, &[]), None);
+    assert_eq!(
+        decide("tool.mcp", serde_json::json!({}), &at("/arguments/to")),
+        Some(Action::Block)
+    );
+    assert_eq!(decide("tool.shell", get, &at("/args/1")), Some(Action::RequireApproval));
     assert!(!starter.concerns("state.set"));
 }
