@@ -50,13 +50,14 @@ fn rule(n: usize) -> String {
     )
 }
 
-fn policies() -> Vec<StoredPolicy> {
+/// 20 rules in 4 policies, on the tool kinds.
+pub(crate) fn policies() -> Vec<StoredPolicy> {
     (0..4)
         .map(|p| StoredPolicy {
             name: format!("bench-{p}"),
             tenant: None,
             source: format!(
-                "package bbx.flow\nkinds := {{\"tool.http\"}}\n{}",
+                "package bbx.flow\nkinds := {{\"tool.http\", \"tool.shell\", \"tool.file\", \"tool.mcp\", \"llm.chat\"}}\n{}",
                 (0..5).map(|r| rule(p * 5 + r)).collect::<String>()
             ),
             version: 1,

@@ -80,6 +80,8 @@ struct Report {
     durable_committer_nice: Option<i32>,
     /// In-process submitters of inproc.
     inproc_submitters: usize,
+    /// Whether 20 flow rules on the tool kinds were loaded (`--flow-rules`).
+    flow_rules: bool,
     /// Concurrent connections of http_batch and http_single.
     http_batch_clients: usize,
     http_single_clients: usize,
@@ -123,6 +125,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // thread: this command's runtime is a single-threaded load generator.
     let dir = scratch.path().join("inproc");
     let submitters = (usize::from(args.inproc_submitters), args.durable_submitters);
+    let flow_rules = args.flow_rules;
     let defaults = RingConfig::default();
     let ring = RingConfig {
         journal_nice: args.journal_nice.unwrap_or(defaults.journal_nice),
@@ -134,7 +137,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(in_process(&dir, measure, submitters, ring))
+        runtime.block_on(in_process(&dir, measure, submitters, ring, flow_rules))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the in-process phases panicked"))??;
@@ -208,6 +211,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         durable_committer_nice: in_process.committer_nice,
         record_bytes: in_process.record_bytes,
         inproc_submitters: usize::from(args.inproc_submitters),
+        flow_rules: args.flow_rules,
         http_batch_clients: args.http_clients,
         http_single_clients: args.http_single_clients,
     };
@@ -224,6 +228,7 @@ async fn in_process(
     measure: Duration,
     (inproc_submitters, durable_submitters): (usize, usize),
     ring: RingConfig,
+    flow_rules: bool,
 ) -> Result<InProcess> {
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
@@ -236,6 +241,12 @@ async fn in_process(
         .kernel;
     let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?;
     let caller = kernel.authenticate(token.trim())?;
+    if flow_rules {
+        for policy in crate::bench_flow::policies() {
+            let input = json!({ "name": policy.name, "source": policy.source });
+            kernel.call_endpoint(&caller, "flow.add_policy", input).await?;
+        }
+    }
     let agent = kernel
         .create_agent(
             &caller,

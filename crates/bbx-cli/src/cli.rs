@@ -277,6 +277,10 @@ pub struct BenchRingArgs {
     /// Directory for the scratch kernels [default: a temp dir].
     #[arg(long)]
     pub scratch_dir: Option<PathBuf>,
+    /// Load `bbx bench flow`'s 20 flow rules (on the tool kinds) into the
+    /// in-process kernel first, to compare the ring with and without them.
+    #[arg(long)]
+    pub flow_rules: bool,
 }
 
 #[derive(Args, Debug, Clone)]
