@@ -27,9 +27,9 @@ use bbx_core::{AgentId, Error, ErrorCode, Result};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged, storage_error};
 use chrono::{DateTime, Utc};
 use policy::{Action, Book, Decided, Loaded, StoredPolicy};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -98,7 +98,8 @@ struct Inner {
     ctx: OnceLock<Context>,
     book: parking_lot::RwLock<Arc<Book>>,
     taints: Taints,
-    quarantined: parking_lot::RwLock<HashMap<AgentId, Quarantine>>,
+    /// Fx hashing, as the ring's: agent ids are ids the kernel made.
+    quarantined: parking_lot::RwLock<FxHashMap<AgentId, Quarantine>>,
     decisions: [AtomicU64; 6],
     /// Serializes changes of policies: a version is read, then written.
     changing: tokio::sync::Mutex<()>,

@@ -10,9 +10,10 @@ use bbx_auth::rego::{Program, engine};
 use bbx_core::{Error, ErrorCode, Result};
 use bbx_store::KeyspaceDef;
 use chrono::{DateTime, Utc};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// scope (a tenant, or empty for global), NUL, name -> [`StoredPolicy`] as JSON.
@@ -237,10 +238,11 @@ fn samples() -> Vec<Value> {
     ]
 }
 
-/// The policies in force: global, and per tenant.
+/// The policies in force: global, and per tenant. Fx hashing: an op's check
+/// looks here for every op, and tenant names and kinds are checked names.
 #[derive(Default)]
 pub struct Book {
-    scopes: HashMap<String, Scope>,
+    scopes: FxHashMap<String, Scope>,
 }
 
 /// One scope's policies, indexed by the kinds they concern.
@@ -248,12 +250,12 @@ pub struct Book {
 struct Scope {
     all: Vec<Arc<Loaded>>,
     every_kind: Vec<Arc<Loaded>>,
-    by_kind: HashMap<String, Vec<Arc<Loaded>>>,
+    by_kind: FxHashMap<String, Vec<Arc<Loaded>>>,
 }
 
 impl Book {
     pub fn new(policies: Vec<Arc<Loaded>>) -> Self {
-        let mut scopes: HashMap<String, Scope> = HashMap::new();
+        let mut scopes: FxHashMap<String, Scope> = FxHashMap::default();
         for policy in policies {
             let scope = scopes
                 .entry(policy.stored.tenant.clone().unwrap_or_default())
