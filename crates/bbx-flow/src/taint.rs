@@ -214,11 +214,33 @@ struct AgentTable {
 /// The fingerprints of every agent's untrusted content.
 #[derive(Default)]
 pub struct Taints {
-    agents: parking_lot::RwLock<HashMap<AgentId, AgentTable>>,
-    /// Agents in the order they were first tainted, for eviction.
-    agent_order: parking_lot::Mutex<VecDeque<AgentId>>,
+    tables: parking_lot::RwLock<Tables>,
     evicted: AtomicU64,
     recorded: AtomicU64,
+}
+
+#[derive(Default)]
+struct Tables {
+    agents: HashMap<AgentId, AgentTable>,
+    /// Agents in the order they were first tainted, for eviction.
+    order: VecDeque<AgentId>,
+    /// Fingerprints of all agents.
+    total: usize,
+}
+
+impl Tables {
+    /// Drops the agent first tainted (but `keep`): false if there is none.
+    fn evict_oldest(&mut self, keep: &AgentId, evicted: &AtomicU64) -> bool {
+        let Some(position) = self.order.iter().position(|a| a != keep) else {
+            return false;
+        };
+        let oldest = self.order.remove(position).expect("a position found");
+        if let Some(table) = self.agents.remove(&oldest) {
+            self.total -= table.sources.len();
+            evicted.fetch_add(table.sources.len() as u64, Ordering::Relaxed);
+        }
+        true
+    }
 }
 
 /// What the tables hold, for `flow.stats`.
@@ -253,41 +275,26 @@ impl Taints {
         if found.is_empty() {
             return;
         }
-        let mut agents = self.agents.write();
-        if !agents.contains_key(&agent) {
-            let mut order = self.agent_order.lock();
-            while agents.len() >= MAX_AGENTS {
-                let Some(oldest) = order.pop_front() else { break };
-                if let Some(table) = agents.remove(&oldest) {
-                    self.evicted.fetch_add(table.sources.len() as u64, Ordering::Relaxed);
-                }
-            }
-            order.push_back(agent);
+        let mut tables = self.tables.write();
+        if !tables.agents.contains_key(&agent) {
+            while tables.agents.len() >= MAX_AGENTS && tables.evict_oldest(&agent, &self.evicted) {}
+            tables.order.push_back(agent);
         }
-        let mut total: usize = agents.values().map(|t| t.sources.len()).sum();
-        if total + found.len().min(MAX_PER_AGENT) > MAX_TOTAL {
-            let mut order = self.agent_order.lock();
-            while total + found.len().min(MAX_PER_AGENT) > MAX_TOTAL {
-                let Some(oldest) = order.pop_front() else { break };
-                if oldest == agent {
-                    order.push_back(oldest);
-                    break;
-                }
-                if let Some(table) = agents.remove(&oldest) {
-                    total -= table.sources.len();
-                    self.evicted.fetch_add(table.sources.len() as u64, Ordering::Relaxed);
-                }
-            }
-        }
+        let room = found.len().min(MAX_PER_AGENT);
+        while tables.total + room > MAX_TOTAL && tables.evict_oldest(&agent, &self.evicted) {}
+        let Tables { agents, total, .. } = &mut *tables;
         let table = agents.entry(agent).or_default();
         for print in found {
             if table.sources.insert(print, source).is_none() {
                 table.order.push_back(print);
+                *total += 1;
                 self.recorded.fetch_add(1, Ordering::Relaxed);
             }
             while table.order.len() > MAX_PER_AGENT {
-                if let Some(old) = table.order.pop_front() {
-                    table.sources.remove(&old);
+                if let Some(old) = table.order.pop_front()
+                    && table.sources.remove(&old).is_some()
+                {
+                    *total -= 1;
                     self.evicted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -297,8 +304,8 @@ impl Taints {
     /// The args of an op of `agent` that carry untrusted content, each with the
     /// op that brought it in.
     pub fn tainted(&self, agent: &AgentId, args: &Value) -> Vec<Tainted> {
-        let agents = self.agents.read();
-        let Some(table) = agents.get(agent) else {
+        let tables = self.tables.read();
+        let Some(table) = tables.agents.get(agent) else {
             return Vec::new();
         };
         let mut texts = Vec::new();
@@ -324,27 +331,35 @@ impl Taints {
     pub fn declassify(&self, agent: &AgentId, value: &str) -> usize {
         let mut found = Vec::new();
         fingerprints(value, |print| found.push(print.hash));
-        let mut agents = self.agents.write();
+        let mut tables = self.tables.write();
+        let Tables { agents, total, .. } = &mut *tables;
         let Some(table) = agents.get_mut(agent) else {
             return 0;
         };
-        found
-            .iter()
+        let forgotten: Vec<u64> = found
+            .into_iter()
             .filter(|print| table.sources.remove(print).is_some())
-            .count()
+            .collect();
+        // Out of the eviction order too, or a print recorded again later would be
+        // evicted by its forgotten place.
+        table.order.retain(|print| !forgotten.contains(print));
+        *total -= forgotten.len();
+        forgotten.len()
     }
 
     pub fn forget_agent(&self, agent: &AgentId) {
-        if self.agents.write().remove(agent).is_some() {
-            self.agent_order.lock().retain(|a| a != agent);
+        let mut tables = self.tables.write();
+        if let Some(table) = tables.agents.remove(agent) {
+            tables.total -= table.sources.len();
+            tables.order.retain(|a| a != agent);
         }
     }
 
     pub fn stats(&self) -> TaintStats {
-        let agents = self.agents.read();
+        let tables = self.tables.read();
         TaintStats {
-            agents: agents.len(),
-            fingerprints: agents.values().map(|t| t.sources.len()).sum(),
+            agents: tables.agents.len(),
+            fingerprints: tables.total,
             recorded: self.recorded.load(Ordering::Relaxed),
             evicted: self.evicted.load(Ordering::Relaxed),
         }

@@ -100,6 +100,15 @@ fn declassified_content_taints_no_more() {
     assert_eq!(taints.tainted(&agent, &args).len(), 1);
     assert_eq!(taints.declassify(&agent, "https://docs.example.com/"), 1);
     assert!(taints.tainted(&agent, &args).is_empty());
+    taints.record(
+        agent,
+        OpId::generate(),
+        &page("key sk_live_0123456789abcdef at evil.example"),
+    );
+    assert_eq!(taints.stats().fingerprints, 2);
+    taints.forget_agent(&agent);
+    assert_eq!(taints.stats().fingerprints, 0, "forgotten with the agent");
+    assert_eq!(taints.stats().agents, 0);
 }
 
 #[test]
