@@ -60,6 +60,12 @@ TOOLS = {
     "flow_quarantine",
     "flow_release",
     "flow_declassify",
+    "flow_anomalies",
+    "enhanced_flow_anomalies",
+    "flow_explain",
+    "flow_audit",
+    "flow_approve",
+    "flow_deny",
 }
 
 

@@ -1,15 +1,19 @@
 //! `bbx bench flow`: FlowIntegrity's check in process: an op decided by a set of
-//! 20 rules, an op whose kind no policy concerns, and the taint labelling of a
-//! 4 KB args object against 10,000 fingerprints.
+//! 20 rules, an op whose kind no policy concerns (with anomaly detection off, and
+//! on while the agent has no model yet), the taint labelling of a 4 KB args
+//! object against 10,000 fingerprints, and an op scored by an agent's anomaly
+//! model; then the injection scenarios and the anomaly detector's evaluation.
 
 use crate::bench::{NanoFigures, time_each};
 use crate::cli::{BenchFlowArgs, Cli};
 use anyhow::{Result, bail};
 use bbx_component::{Component, Submission};
+use bbx_core::config::{AnomalyConfig, FlowConfig};
 use bbx_core::model::{Agent, AgentStatus};
 use bbx_core::op::SubmitOp;
 use bbx_core::{AgentId, KeyId, OpId};
 use bbx_flow::Flow;
+use bbx_flow::anomaly::Observed;
 use bbx_flow::policy::StoredPolicy;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -19,9 +23,17 @@ use std::time::Duration;
 struct Report {
     /// `tool.http` decided by 20 rules in 4 policies.
     policy_20_rules: NanoFigures,
-    /// `noop`, which no policy concerns.
+    /// `noop`, which no policy concerns, with anomaly detection off.
     unconcerned_kind: NanoFigures,
+    /// The same with anomaly detection on, its agent still without a model (the
+    /// op is learned from).
+    unconcerned_kind_learning: NanoFigures,
     taint_4kb_args_10k_fingerprints: NanoFigures,
+    /// An op scored by its agent's model (features, score, learning).
+    anomaly_score: NanoFigures,
+    /// The detector on traces of four agent profiles with misbehaviour injected,
+    /// one evaluation per seed.
+    anomaly_evaluation: Vec<bbx_flow::anomaly::evaluate::Evaluation>,
     /// The injection scenarios under the starter policy: injected calls stopped,
     /// benign calls allowed, and what went the wrong way.
     injection: bbx_flow::injection::Report,
@@ -33,6 +45,10 @@ struct Targets {
     policy_p99_under_20us: bool,
     unconcerned_p99_under_200ns: bool,
     taint_p99_under_20us: bool,
+    anomaly_score_p99_under_10us: bool,
+    /// In every evaluation.
+    anomaly_auc_at_least_0_9: bool,
+    anomaly_false_positives_at_most_1_percent: bool,
 }
 
 /// The `n`th of 20 rules: each looks at the op, none decides the measured one.
@@ -71,7 +87,13 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
         bail!("--seconds must be a positive number");
     }
     let measure = Duration::from_secs_f64(args.seconds);
-    let flow = Flow::with_policies(policies())?;
+    let anomaly_off = FlowConfig {
+        anomaly: AnomalyConfig {
+            enabled: false,
+            ..AnomalyConfig::default()
+        },
+    };
+    let flow = Flow::with_policies(&anomaly_off, policies())?;
     let agent = Agent {
         id: AgentId::generate(),
         name: "bench".into(),
@@ -82,17 +104,18 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
         tools: Default::default(),
     };
     let op_args = json!({ "url": "https://api.example.com/v1/items", "method": "POST", "body": "{\"a\": 1}" });
-    let decided = flow.explain(&agent, "tool.http", &op_args, "agent");
+    let decided = flow.explain(&agent, "tool.http", &op_args, "agent", None);
     if decided.action != bbx_flow::policy::Action::Allow {
         bail!("the benchmark's rules decided its op: {:?}", decided.decided);
     }
     let policy_20_rules = time_each(measure, || {
-        std::hint::black_box(flow.explain(&agent, "tool.http", &op_args, "agent"));
+        std::hint::black_box(flow.explain(&agent, "tool.http", &op_args, "agent", None));
     });
 
     let caller = bbx_auth::Caller::of_tenant(KeyId::generate(), "bench", bbx_core::model::Role::Agent);
     let noop = SubmitOp::new(agent.id, "noop", json!({}));
     let submission = Submission {
+        op_id: OpId::generate(),
         caller: &caller,
         tenant: "bench",
         op: &noop,
@@ -101,6 +124,31 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
     let unconcerned_kind = time_each(measure, || {
         std::hint::black_box(flow.check(&submission, &mut labels).expect("allowed"));
     });
+    let learning = Flow::with_policies(&FlowConfig::default(), policies())?;
+    let unconcerned_kind_learning = time_each(measure, || {
+        std::hint::black_box(learning.check(&submission, &mut labels).expect("allowed"));
+    });
+
+    let anomaly = AnomalyConfig::default();
+    let (detector, modelled, model) = bbx_flow::anomaly::evaluate::trained(&anomaly, 1);
+    if model.is_none() {
+        bail!("the anomaly benchmark's agent has no model after its learning ops");
+    }
+    let get = json!({ "url": "https://arxiv.org/abs/2501.00001", "method": "GET" });
+    let mut at_ms = chrono::Utc::now().timestamp_millis();
+    let anomaly_score = time_each(measure, || {
+        at_ms += 3_000;
+        let observed = Observed {
+            kind: "tool.http",
+            args: &get,
+            at_ms,
+        };
+        std::hint::black_box(detector.submitted(&modelled, &observed));
+    });
+    let anomaly_evaluation: Vec<_> = [42, 7, 1234]
+        .into_iter()
+        .map(|seed| bbx_flow::anomaly::evaluate::evaluate(&anomaly, seed, (1500, 1000)))
+        .collect();
 
     // 10,000 fingerprints of untrusted pages, then args of 4 KB of other text.
     let source = OpId::generate();
@@ -124,10 +172,16 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
             policy_p99_under_20us: policy_20_rules.p99_ns < 20_000,
             unconcerned_p99_under_200ns: unconcerned_kind.p99_ns < 200,
             taint_p99_under_20us: taint_4kb_args_10k_fingerprints.p99_ns < 20_000,
+            anomaly_score_p99_under_10us: anomaly_score.p99_ns < 10_000,
+            anomaly_auc_at_least_0_9: anomaly_evaluation.iter().all(|e| e.auc >= 0.9),
+            anomaly_false_positives_at_most_1_percent: anomaly_evaluation.iter().all(|e| e.false_positive_rate <= 0.01),
         },
         policy_20_rules,
         unconcerned_kind,
+        unconcerned_kind_learning,
         taint_4kb_args_10k_fingerprints,
+        anomaly_score,
+        anomaly_evaluation,
     };
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -135,11 +189,25 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
         crate::bench::print_nano_table(&[
             ("policy_20_rules", &report.policy_20_rules),
             ("unconcerned_kind", &report.unconcerned_kind),
+            ("unconcerned_kind_learning", &report.unconcerned_kind_learning),
             (
                 "taint_4kb_args_10k_fingerprints",
                 &report.taint_4kb_args_10k_fingerprints,
             ),
+            ("anomaly_score", &report.anomaly_score),
         ]);
+        for e in &report.anomaly_evaluation {
+            println!(
+                "anomaly evaluation: {} ops scored ({} injected): AUC {:.3}, precision {:.3}, recall {:.3}; clean ops flagged {:.2}% of {}",
+                e.scored_ops,
+                e.injected_ops,
+                e.auc,
+                e.precision,
+                e.recall,
+                e.false_positive_rate * 100.0,
+                e.clean_ops
+            );
+        }
         let i = &report.injection;
         println!(
             "injection scenarios ({}), starter policy: {}/{} injected calls stopped, {}/{} benign calls allowed",

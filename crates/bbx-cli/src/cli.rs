@@ -503,7 +503,7 @@ pub enum V2Command {
     /// Alias of `bbx auth`.
     #[command(subcommand)]
     Auth(AuthCommand),
-    /// Aliases of `bbx flow stats|policies`.
+    /// Aliases of `bbx flow stats|anomalies|policies`.
     #[command(subcommand)]
     EnhancedFlow(EnhancedFlowCommand),
 }
@@ -511,6 +511,7 @@ pub enum V2Command {
 #[derive(Subcommand, Debug)]
 pub enum EnhancedFlowCommand {
     Stats,
+    Anomalies,
     Policies,
 }
 
@@ -524,7 +525,8 @@ pub enum FlowCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// `VERB ...`: an endpoint of flow (`stats`, `test`, `quarantine`, `release`,
+    /// `VERB ...`: an endpoint of flow (`stats`, `anomalies`, `test`, `explain OP`,
+    /// `audit`, `approve OP`, `deny OP --reason WHY`, `quarantine`, `release`,
     /// `declassify`).
     #[command(external_subcommand)]
     Endpoint(Vec<String>),

@@ -131,6 +131,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::V2(V2Command::EnhancedFlow(command)) => {
             let verb = match command {
                 EnhancedFlowCommand::Stats => "stats",
+                EnhancedFlowCommand::Anomalies => "anomalies",
                 EnhancedFlowCommand::Policies => "policies",
             };
             endpoint::run(&cli, &["flow".to_owned(), verb.to_owned()]).await
@@ -175,6 +176,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         ring: None,
         tools: None,
         auth: None,
+        flow: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

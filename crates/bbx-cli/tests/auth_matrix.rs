@@ -61,7 +61,12 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
         ("GET", "/v1/ops/{id}" | "/v1/ops/{id}/wait") => (Read, Object),
         (
             "POST",
-            "/v1/ops/{id}/cancel" | "/v1/ops/{id}/resolve" | "/v1/ops/{op_id}/approve" | "/v1/ops/{op_id}/deny",
+            "/v1/ops/{id}/cancel"
+            | "/v1/ops/{id}/resolve"
+            | "/v1/ops/{op_id}/approve"
+            | "/v1/ops/{op_id}/deny"
+            | "/v1/flow/ops/{op_id}/approve"
+            | "/v1/flow/ops/{op_id}/deny",
         ) => (Operate, Object),
         ("GET", "/v1/quotas/cgroups" | "/v1/quotas/gpus" | "/v1/ring/wal") => (Admin, Nothing),
         ("POST", "/v1/ring/breakers/reset") => (Admin, Nothing),
@@ -76,6 +81,9 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
         ("GET", "/v1/flow/policies" | "/v1/enhanced-flow/policies" | "/v1/flow/stats" | "/v1/enhanced-flow/stats") => {
             (Read, Nothing)
         }
+        ("GET", "/v1/flow/anomalies" | "/v1/enhanced-flow/anomalies") => (Read, Nothing),
+        ("GET", "/v1/flow/ops/{op_id}/explain") => (Read, Object),
+        ("GET", "/v1/flow/audit") => (ManageKeys, Nothing),
         ("PUT" | "DELETE", "/v1/flow/policies/{name}") => (Operate, Tenant),
         ("POST", "/v1/flow/test") => (Operate, Object),
         (

@@ -149,8 +149,28 @@ async fn quarantine_and_approval() {
     let op = held["op_id"].as_str().unwrap();
     let info = json(&kernel.cli(&["ring", "get", op, "--json"]));
     assert_eq!(info["state"], "pending_approval", "{info}");
-    json(&kernel.cli(&["ring", "approve", op]));
+    let explained = json(&kernel.cli(&["flow", "explain", op]));
+    assert_eq!(explained["action"], "require_approval", "{explained}");
+    assert_eq!(explained["decided"][0]["policy"], "sleepy", "{explained}");
+    json(&kernel.cli(&["flow", "approve", op]));
     assert_eq!(wait(&kernel, op)["status"], "ok");
+    let denied = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })))["op_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    json(&kernel.cli(&["flow", "deny", &denied, "--reason", "not now"]));
+    let denied = wait(&kernel, &denied);
+    assert_eq!(denied["error"]["code"], "policy_denied", "{denied}");
+    let again = kernel.cli(&["flow", "approve", denied["op_id"].as_str().unwrap()]);
+    assert!(!again.status.success(), "approving a denied op must fail");
+    let audit = json(&kernel.cli(&["flow", "audit", "--json"]));
+    assert!(audit["events"].to_string().contains("require_approval"), "{audit}");
+    // An op no policy concerned is explained as allowed.
+    let plain = json(&submit(&kernel, &agent, "noop", &json!({})))["op_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(json(&kernel.cli(&["flow", "explain", &plain]))["action"], "allow");
     json(&kernel.cli(&["flow", "policies", "remove", "sleepy"]));
     assert!(
         json(&kernel.cli(&["flow", "policies", "--json"]))["policies"]
@@ -158,4 +178,69 @@ async fn quarantine_and_approval() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// An agent that has only ever run `noop` learns a model; an op unlike any it
+/// ran is then scored anomalous, warned of (the default action), listed, and
+/// explained; a restart keeps the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_learns_a_baseline_and_an_unusual_op_is_flagged() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[flow.anomaly]\nwindow = 64\nmin_observations = 32\nretrain_every = 1000\n",
+    )
+    .unwrap();
+    let mut kernel = Kernel::start_with(&["--config", config.path().to_str().unwrap()]);
+    let agent = json(&kernel.cli(&["agent", "create", "x", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let ops: Vec<Value> = (0..120)
+        .map(|_| json!({ "agent": agent, "kind": "noop", "args": {} }))
+        .collect();
+    let submitted = http
+        .post(format!("{}/v1/ops", kernel.url()))
+        .bearer_auth(kernel.key())
+        .json(&json!({ "ops": ops }))
+        .send()
+        .await
+        .unwrap();
+    assert!(submitted.status().is_success(), "{}", submitted.text().await.unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stats = json(&kernel.cli(&["flow", "stats", "--json"]));
+        if stats["anomaly"]["agents_with_model"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no model was trained: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let usual = wait(
+        &kernel,
+        json(&submit(&kernel, &agent, "noop", &json!({})))["op_id"]
+            .as_str()
+            .unwrap(),
+    );
+    assert!(!usual["labels"].to_string().contains("anomalous"), "{usual}");
+
+    let odd = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })));
+    let odd = wait(&kernel, odd["op_id"].as_str().unwrap());
+    assert_eq!(odd["status"], "ok", "warn lets it run: {odd}");
+    assert!(odd["labels"].to_string().contains("anomalous"), "{odd}");
+    let listed = json(&kernel.cli(&["v2", "enhanced-flow", "anomalies", "--json"]));
+    assert_eq!(listed["anomalies"][0]["op_id"], odd["op_id"], "{listed}");
+    let explained = json(&kernel.cli(&["flow", "explain", odd["op_id"].as_str().unwrap()]));
+    assert_eq!(explained["action"], "warn", "{explained}");
+    assert_eq!(explained["decided"][0]["policy"], "anomaly", "{explained}");
+    assert!(explained["anomaly"]["score"].as_f64().unwrap() >= explained["anomaly"]["threshold"].as_f64().unwrap());
+
+    kernel.stop();
+    kernel.restart();
+    let stats = json(&kernel.cli(&["flow", "stats", "--json"]));
+    assert_eq!(stats["anomaly"]["agents_with_model"], 1, "the model is saved: {stats}");
+    let odd = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 2 })));
+    let odd = wait(&kernel, odd["op_id"].as_str().unwrap());
+    assert!(odd["labels"].to_string().contains("anomalous"), "{odd}");
 }

@@ -198,6 +198,8 @@ pub struct Exported {
 
 /// An op as submitted, for the checks of components.
 pub struct Submission<'a> {
+    /// The id the op will have if it is accepted.
+    pub op_id: OpId,
     pub caller: &'a Caller,
     /// The tenant of the op's agent.
     pub tenant: &'a str,

@@ -37,6 +37,85 @@ pub struct KernelConfig {
     pub tools: ToolsConfig,
     /// Outside identity providers (`[auth]` in the file).
     pub auth: AuthConfig,
+    /// FlowIntegrity (`[flow]` in the file).
+    pub flow: FlowConfig,
+}
+
+/// FlowIntegrity's settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlowConfig {
+    /// Anomaly detection (`[flow.anomaly]`).
+    pub anomaly: AnomalyConfig,
+}
+
+/// Anomaly detection: a baseline of each agent's behaviour, and an Isolation
+/// Forest that scores each op against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnomalyConfig {
+    pub enabled: bool,
+    /// The most recent ops a model learns from [default: 512].
+    pub window: usize,
+    /// Ops an agent runs before anything is decided of it [default: 200].
+    pub min_observations: usize,
+    /// New ops after which a model is trained again [default: 256].
+    pub retrain_every: usize,
+    /// What an anomalous op gets: `warn`, `require_approval` or `quarantine`
+    /// [default: warn].
+    pub action: String,
+    /// The score (0-1) from which an op is anomalous; without it each model sets
+    /// its own, just above what its window scores.
+    pub threshold: Option<f32>,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: 512,
+            min_observations: 200,
+            retrain_every: 256,
+            action: "warn".to_owned(),
+            threshold: None,
+        }
+    }
+}
+
+impl AnomalyConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(64..=65_536).contains(&self.window) {
+            return Err(Error::invalid_field(
+                "flow.anomaly.window",
+                "flow.anomaly.window must be 64-65536",
+            ));
+        }
+        if self.min_observations < 32 || self.min_observations > self.window {
+            return Err(Error::invalid_field(
+                "flow.anomaly.min_observations",
+                "flow.anomaly.min_observations must be at least 32 and at most the window",
+            ));
+        }
+        if self.retrain_every == 0 {
+            return Err(Error::invalid_field(
+                "flow.anomaly.retrain_every",
+                "flow.anomaly.retrain_every must be at least 1",
+            ));
+        }
+        if !["warn", "require_approval", "quarantine"].contains(&self.action.as_str()) {
+            return Err(Error::invalid_field(
+                "flow.anomaly.action",
+                "flow.anomaly.action must be warn, require_approval or quarantine",
+            ));
+        }
+        if self.threshold.is_some_and(|t| !(t > 0.0 && t < 1.0)) {
+            return Err(Error::invalid_field(
+                "flow.anomaly.threshold",
+                "flow.anomaly.threshold must be between 0 and 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Who besides the kernel's own keys and tokens may authenticate.
@@ -407,6 +486,7 @@ pub struct ConfigLayer {
     pub ring: Option<RingConfig>,
     pub tools: Option<ToolsConfig>,
     pub auth: Option<AuthConfig>,
+    pub flow: Option<FlowConfig>,
 }
 
 impl ConfigLayer {
@@ -442,6 +522,7 @@ impl KernelConfig {
             ring: over.ring.or(file.ring).unwrap_or_default(),
             tools: over.tools.or(file.tools).unwrap_or_default(),
             auth: over.auth.or(file.auth).unwrap_or_default(),
+            flow: over.flow.or(file.flow).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -462,6 +543,7 @@ impl KernelConfig {
             ));
         }
         config.ring.validate()?;
+        config.flow.anomaly.validate()?;
         for issuer in &config.auth.oidc {
             issuer.validate()?;
         }

@@ -76,6 +76,23 @@ struct Declassify {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct OpOnly {
+    op_id: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AnomaliesQuery {
+    /// Only this agent's.
+    #[serde(default)]
+    agent: Option<String>,
+    /// The latest this many [default and most: 1024].
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
 impl Flow {
     /// The agent `id`, as `caller` may see it.
     fn agent(&self, caller: &Caller, id: &str) -> Result<bbx_core::model::Agent> {
@@ -239,6 +256,59 @@ impl Flow {
         Ok(released)
     }
 
+    /// Why `op` got its decision: kept for the latest ops decided; an op no
+    /// policy concerned and no model found anomalous was allowed with no more
+    /// to say.
+    async fn explain_op(&self, caller: &Caller, req: OpOnly) -> Result<Value> {
+        caller.may(Action::Read)?;
+        let op: bbx_core::OpId = req.op_id.parse()?;
+        if let Some(decision) = self.decision(&op) {
+            caller.check_owner(&decision.tenant, "op", op)?;
+            caller.check_agent(&decision.agent)?;
+            return serde_json::to_value(&*decision).map_err(|e| Error::internal(e.to_string()));
+        }
+        // The op must exist and be the caller's to see.
+        let info = self
+            .ctx()?
+            .submitter
+            .wait(caller, op, std::time::Duration::ZERO)
+            .await?;
+        Ok(json!({
+            "op_id": info.op_id, "agent": info.agent, "kind": info.kind, "action": "allow",
+            "decided": [], "tainted": [],
+            "note": format!("no decision of this op is kept: no policy concerned {} and its agent's model did not find it anomalous, or it is older than the latest {} ops decided (the audit log keeps every decision but allow)", info.kind, crate::decisions::KEPT),
+        }))
+    }
+
+    fn anomalies(&self, caller: &Caller, req: AnomaliesQuery) -> Result<Value> {
+        caller.may(Action::Read)?;
+        let agent = req.agent.as_deref().map(|a| self.agent(caller, a)).transpose()?;
+        let limit = req
+            .limit
+            .unwrap_or(crate::decisions::ANOMALIES_KEPT)
+            .clamp(1, crate::decisions::ANOMALIES_KEPT);
+        let listed = self.0.recent.anomalies(
+            |d| {
+                agent.as_ref().is_none_or(|a| a.id == d.agent)
+                    && caller.sees(&d.tenant)
+                    && caller.check_agent(&d.agent).is_ok()
+            },
+            limit,
+        );
+        let detector = self.0.detector.as_ref();
+        let model = agent
+            .as_ref()
+            .and_then(|a| detector?.model(&a.id))
+            .map(|m| json!({ "threshold": m.threshold, "trained_on": m.trained_on, "bytes": m.forest.bytes() }));
+        Ok(json!({ "anomalies": listed, "model": model, "enabled": detector.is_some() }))
+    }
+
+    fn flow_audit(&self, caller: &Caller, mut query: bbx_auth::audit::AuditQuery) -> Result<Value> {
+        query.kind = Some(AuditKind::FlowDecision);
+        let events = bbx_auth::audit::query(&self.ctx()?.store, caller, &query)?;
+        Ok(json!({ "events": events }))
+    }
+
     fn declassify(&self, caller: &Caller, req: Declassify) -> Result<Value> {
         caller.may(Action::Operate)?;
         let agent = self.agent(caller, &req.agent)?;
@@ -273,7 +343,32 @@ pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
             },
         )
     };
+    let anomalies = |name, path| {
+        Endpoint::serving(
+            flow,
+            name,
+            ("GET", path),
+            "Ops the anomaly detector found anomalous lately (latest first), each with its score, its agent's threshold and its features; with an agent, that agent's model.",
+            |f: Flow, caller, req: AnomaliesQuery| async move { f.anomalies(&caller, req) },
+        )
+    };
     vec![
+        anomalies("flow.anomalies", "/v1/flow/anomalies"),
+        anomalies("enhanced_flow.anomalies", "/v1/enhanced-flow/anomalies"),
+        Endpoint::serving(
+            flow,
+            "flow.explain",
+            ("GET", "/v1/flow/ops/{op_id}/explain"),
+            "Why an op got its flow decision: every policy that decided and why, its tainted args with their source ops, and its anomaly score.",
+            |f: Flow, caller, req: OpOnly| async move { f.explain_op(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.audit",
+            ("GET", "/v1/flow/audit"),
+            "FlowIntegrity's audit log: every decision other than allow, quarantines, releases and declassifications, oldest first.",
+            |f: Flow, caller, query: bbx_auth::audit::AuditQuery| async move { f.flow_audit(&caller, query) },
+        ),
         policies("flow.policies", "/v1/flow/policies"),
         policies("enhanced_flow.policies", "/v1/enhanced-flow/policies"),
         stats("flow.stats", "/v1/flow/stats"),
@@ -302,7 +397,8 @@ pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
                 // how an injected agent would look for one that gets through.
                 caller.may(Action::Operate)?;
                 let agent = f.agent(&caller, &req.agent)?;
-                Ok(f.explain(&agent, &req.kind, &req.args, caller.role.as_str()))
+                let anomaly = f.peek_score(&agent.id, &req.kind, &req.args);
+                Ok(f.explain(&agent, &req.kind, &req.args, caller.role.as_str(), anomaly))
             },
         ),
         Endpoint::serving(

@@ -212,7 +212,7 @@ pub fn evaluate(policy: &str) -> Result<Report> {
             version: 1,
             updated_at: chrono::Utc::now(),
         };
-        let flow = Flow::with_policies(vec![stored])?;
+        let flow = Flow::with_policies(&bbx_core::config::FlowConfig::default(), vec![stored])?;
         let agent = Agent {
             id: AgentId::generate(),
             name: "victim".into(),
@@ -227,7 +227,7 @@ pub fn evaluate(policy: &str) -> Result<Report> {
         }
         report.scenarios += 1;
         for call in &scenario.calls {
-            let action = flow.explain(&agent, call.kind, &call.args, "agent").action;
+            let action = flow.explain(&agent, call.kind, &call.args, "agent", None).action;
             let stopped = matches!(action, Action::Block | Action::RequireApproval | Action::Quarantine);
             if call.injected {
                 report.injected_calls += 1;

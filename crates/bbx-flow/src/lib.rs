@@ -14,18 +14,29 @@
 //!   is visible; a later op whose args carry such content is labelled `tainted`
 //!   and its policies see each tainted arg's path and source op.
 //!
-//! Every decision other than `allow` goes to the audit log shared with Auth.
+//! - **anomaly detection** ([`anomaly`]): a baseline of each agent's behaviour
+//!   and an Isolation Forest that scores each op once the agent has a model; an
+//!   anomalous op gets the configured action (`warn` by default), as if a policy
+//!   named `anomaly` had decided it.
+//!
+//! Every decision other than `allow` goes to the audit log shared with Auth;
+//! what was decided of the latest ops, and why, is kept for `bbx flow explain`.
 
+pub mod anomaly;
+mod decisions;
 mod endpoints;
 pub mod injection;
 pub mod policy;
 pub mod taint;
 
+use anomaly::{Detector, Observed, Saved, Scored};
 use bbx_auth::{AuditEvent, AuditKind, Caller};
 use bbx_component::{Attempted, Component, Context, Endpoint, Submission, Verdict};
-use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_core::config::FlowConfig;
+use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged, storage_error};
 use chrono::{DateTime, Utc};
+use decisions::{Decision, Recent};
 use policy::{Action, Book, Decided, Loaded, StoredPolicy};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -47,8 +58,15 @@ pub const FLOW_QUARANTINE: KeyspaceDef = KeyspaceDef {
 /// operator.
 pub const STARTER_POLICY: &str = include_str!("../policies/starter.rego");
 
+/// Anomaly models: agent id -> [`Saved`] as JSON. Its id is what redo records
+/// carry: never change it.
+pub const FLOW_ANOMALY_MODELS: KeyspaceDef = KeyspaceDef {
+    id: 17,
+    name: "flow_anomaly_models",
+};
+
 /// Every keyspace FlowIntegrity stages into.
-pub const KEYSPACES: &[KeyspaceDef] = &[policy::FLOW_POLICIES, FLOW_QUARANTINE];
+pub const KEYSPACES: &[KeyspaceDef] = &[policy::FLOW_POLICIES, FLOW_QUARANTINE, FLOW_ANOMALY_MODELS];
 
 /// How long an op held for approval waits before it is denied.
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
@@ -71,6 +89,8 @@ enum Change {
     RemovePolicy(Vec<u8>),
     Quarantine(Quarantine),
     Release(AgentId),
+    SaveModel(AgentId, Arc<Saved>),
+    RemoveModel(AgentId),
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -84,16 +104,23 @@ impl Staged for Change {
             Self::RemovePolicy(key) => tx.remove(policy::FLOW_POLICIES, key.clone()),
             Self::Quarantine(q) => tx.put(FLOW_QUARANTINE, q.agent.as_bytes().to_vec(), json(q)?),
             Self::Release(agent) => tx.remove(FLOW_QUARANTINE, agent.as_bytes().to_vec()),
+            Self::SaveModel(agent, saved) => tx.put(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec(), json(&**saved)?),
+            Self::RemoveModel(agent) => tx.remove(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec()),
         }
         Ok(Applied::Done)
     }
 }
 
 /// FlowIntegrity, as a component of the kernel.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Flow(Arc<Inner>);
 
-#[derive(Default)]
+impl Default for Flow {
+    fn default() -> Self {
+        Self::new(&FlowConfig::default())
+    }
+}
+
 struct Inner {
     ctx: OnceLock<Context>,
     book: parking_lot::RwLock<Arc<Book>>,
@@ -103,26 +130,53 @@ struct Inner {
     decisions: [AtomicU64; 6],
     /// Serializes changes of policies: a version is read, then written.
     changing: tokio::sync::Mutex<()>,
+    /// `None` when anomaly detection is off.
+    detector: Option<Detector>,
+    /// What an anomalous op gets.
+    anomaly_action: Action,
+    recent: Recent,
 }
 
 /// What an op would be decided, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Explained {
     pub action: Action,
-    /// Every policy that decided, strictest first.
+    /// Every policy that decided, strictest first (`anomaly` for the detector).
     pub decided: Vec<Decided>,
     pub tainted: Vec<taint::Tainted>,
+    /// The op's anomaly score, once its agent has a model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<Scored>,
 }
 
 impl Flow {
+    pub fn new(config: &FlowConfig) -> Self {
+        let anomaly = &config.anomaly;
+        Self(Arc::new(Inner {
+            ctx: OnceLock::new(),
+            book: Default::default(),
+            taints: Taints::default(),
+            quarantined: Default::default(),
+            decisions: Default::default(),
+            changing: Default::default(),
+            detector: anomaly.enabled.then(|| Detector::new(anomaly.clone())),
+            anomaly_action: match anomaly.action.as_str() {
+                "quarantine" => Action::Quarantine,
+                "require_approval" => Action::RequireApproval,
+                _ => Action::Warn,
+            },
+            recent: Recent::default(),
+        }))
+    }
+
     /// FlowIntegrity with `policies` in force and nothing stored, for measuring
     /// and trying decisions in process (the kernel's is loaded from its store).
-    pub fn with_policies(policies: Vec<StoredPolicy>) -> Result<Self> {
+    pub fn with_policies(config: &FlowConfig, policies: Vec<StoredPolicy>) -> Result<Self> {
         let loaded = policies
             .into_iter()
             .map(|p| Loaded::compile(p).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        let flow = Self::default();
+        let flow = Self::new(config);
         *flow.0.book.write() = Arc::new(Book::new(loaded));
         Ok(flow)
     }
@@ -139,26 +193,97 @@ impl Flow {
             .ok_or_else(|| Error::unavailable("flow has not started"))
     }
 
-    /// What the policies in force make of an op of `agent` with `kind` and `args`.
-    pub fn explain(&self, agent: &bbx_core::model::Agent, kind: &str, args: &Value, role: &str) -> Explained {
+    /// What the policies in force make of an op of `agent` with `kind` and
+    /// `args`, and of its anomaly score if it has one.
+    pub fn explain(
+        &self,
+        agent: &bbx_core::model::Agent,
+        kind: &str,
+        args: &Value,
+        role: &str,
+        anomaly: Option<Scored>,
+    ) -> Explained {
         let tainted = self.0.taints.tainted(&agent.id, args);
         let book = self.0.book.read().clone();
         let concerned = book.concerning(&agent.tenant, kind);
-        if concerned.is_empty() {
-            return Explained {
-                action: Action::Allow,
-                decided: Vec::new(),
-                tainted,
-            };
+        let mut decided: Vec<Decided> = Vec::new();
+        if !concerned.is_empty() {
+            let input = policy::input(kind, args, agent, &tainted, role, anomaly.as_ref());
+            let input = regorus::Value::from(input);
+            decided.extend(concerned.iter().filter_map(|p| p.decide(&input)));
         }
-        let input = regorus::Value::from(policy::input(kind, args, agent, &tainted, role));
-        let mut decided: Vec<Decided> = concerned.iter().filter_map(|p| p.decide(&input)).collect();
+        if let Some(scored) = anomaly.as_ref().filter(|s| s.anomalous) {
+            decided.push(Decided {
+                policy: "anomaly".into(),
+                action: self.0.anomaly_action,
+                reason: format!(
+                    "anomaly score {:.3} is at or above this agent's threshold {:.3}",
+                    scored.score, scored.threshold
+                ),
+            });
+        }
         decided.sort_by_key(|d| std::cmp::Reverse(d.action));
         Explained {
             action: decided.first().map_or(Action::Allow, |d| d.action),
             decided,
             tainted,
+            anomaly,
         }
+    }
+
+    /// Scores an op with its agent's model and learns from it; starts training
+    /// when a model is due.
+    fn score(&self, agent: &AgentId, kind: &str, args: &Value) -> Option<Scored> {
+        let detector = self.0.detector.as_ref()?;
+        let observed = Observed {
+            kind,
+            args,
+            at_ms: Utc::now().timestamp_millis(),
+        };
+        let (scored, training) = detector.submitted(agent, &observed);
+        if let Some(training) = training {
+            self.train(training);
+        }
+        scored
+    }
+
+    /// Trains a model off the submitting task, installs it and saves it.
+    fn train(&self, training: anomaly::Training) {
+        let flow = self.clone();
+        let Ok(ctx) = self.ctx() else { return };
+        let store = ctx.store.clone();
+        ctx.tasks.spawn(async move {
+            let agent = training.agent;
+            let Some(detector) = flow.0.detector.as_ref() else {
+                return;
+            };
+            let threshold = detector.config().threshold;
+            let saved = tokio::task::spawn_blocking(move || training.run(threshold).map(Arc::new))
+                .await
+                .ok()
+                .flatten();
+            detector.install(&agent, saved.clone());
+            if let Some(saved) = saved
+                && let Err(e) = store.write(Change::SaveModel(agent, saved)).await
+            {
+                tracing::warn!(error = %e, %agent, "an anomaly model could not be saved");
+            }
+        });
+    }
+
+    /// What an op would score against its agent's model now, learning nothing.
+    pub fn peek_score(&self, agent: &AgentId, kind: &str, args: &Value) -> Option<Scored> {
+        let observed = Observed {
+            kind,
+            args,
+            at_ms: Utc::now().timestamp_millis(),
+        };
+        self.0.detector.as_ref()?.peek(agent, &observed)
+    }
+
+    /// What was decided of `op`, if it is among the latest ops decided.
+    pub fn decision(&self, op: &OpId) -> Option<Arc<Decision>> {
+        self.0.recent.get(op)
     }
 
     fn audit(&self, caller: Option<&Caller>, tenant: &str, what: String, why: String, kind: AuditKind) {
@@ -196,7 +321,52 @@ impl Flow {
         )
     }
 
+    /// Audits a decision other than `allow`, and carries it out.
+    fn act(&self, submission: &Submission<'_>, explained: &Explained) -> Result<Verdict> {
+        let op = submission.op;
+        let Some(strictest) = explained.decided.first() else {
+            return Ok(Verdict::Allow);
+        };
+        let by: Vec<&str> = explained
+            .decided
+            .iter()
+            .filter(|d| d.action == strictest.action)
+            .map(|d| d.policy.as_str())
+            .collect();
+        let why = format!("policy {}: {}", by.join(", "), strictest.reason);
+        if strictest.action != Action::Allow {
+            let what = format!(
+                "{} {} of agent {} (op {})",
+                strictest.action.as_str(),
+                op.kind,
+                op.agent,
+                submission.op_id
+            );
+            let caller = Some(submission.caller);
+            self.audit(caller, submission.tenant, what, why.clone(), AuditKind::FlowDecision);
+        }
+        match strictest.action {
+            Action::Allow | Action::Audit | Action::Warn => Ok(Verdict::Allow),
+            Action::RequireApproval => Ok(Verdict::Hold {
+                reason: why,
+                within: APPROVAL_WINDOW,
+            }),
+            Action::Block => Err(Error::new(ErrorCode::PolicyDenied, format!("blocked by {why}"))),
+            Action::Quarantine => {
+                let quarantine = Quarantine {
+                    agent: op.agent,
+                    by: format!("policy {}", by.join(", ")),
+                    reason: strictest.reason.clone(),
+                    at: Utc::now(),
+                };
+                self.quarantine_now(quarantine.clone())?;
+                Err(Self::refused_quarantined(&quarantine))
+            }
+        }
+    }
+
     pub fn stats(&self) -> Value {
+        let (watched, modelled) = self.0.detector.as_ref().map_or((0, 0), Detector::stats);
         let decisions: serde_json::Map<String, Value> = Action::ALL
             .iter()
             .zip(&self.0.decisions)
@@ -207,6 +377,12 @@ impl Flow {
             "policies": self.0.book.read().all().count(),
             "quarantined": self.0.quarantined.read().len(),
             "taint": self.0.taints.stats(),
+            "anomaly": {
+                "enabled": self.0.detector.is_some(),
+                "agents_watched": watched,
+                "agents_with_model": modelled,
+                "action": self.0.anomaly_action.as_str(),
+            },
         })
     }
 }
@@ -236,6 +412,26 @@ impl Component for Flow {
                 .map_err(|e| Error::internal(format!("a stored quarantine is unreadable: {e}")))?;
             quarantined.insert(q.agent, q);
         }
+        drop(quarantined);
+        if let Some(detector) = &self.0.detector {
+            for item in ctx
+                .store
+                .keyspace(FLOW_ANOMALY_MODELS)
+                .iter()
+                .take(anomaly::MAX_WATCHED)
+            {
+                let (key, value) = item.into_inner().map_err(|e| storage_error("load anomaly models", e))?;
+                let (Ok(agent), Ok(saved)) = (
+                    <[u8; 16]>::try_from(&key[..]).map(AgentId::from_bytes),
+                    serde_json::from_slice::<Saved>(&value),
+                ) else {
+                    // A model is a cache of what the agent's next ops teach again.
+                    tracing::warn!("an unreadable anomaly model is ignored");
+                    continue;
+                };
+                detector.install(&agent, Some(Arc::new(saved)));
+            }
+        }
         let _ = self.0.ctx.set(ctx.clone());
         Ok(())
     }
@@ -249,58 +445,52 @@ impl Component for Flow {
         if let Some(q) = self.0.quarantined.read().get(&op.agent) {
             return Err(Self::refused_quarantined(q));
         }
-        if !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
+        let anomaly = self.score(&op.agent, &op.kind, &op.args);
+        let anomalous = anomaly.as_ref().is_some_and(|a| a.anomalous);
+        if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
             self.0.decisions[0].fetch_add(1, Ordering::Relaxed);
             return Ok(Verdict::Allow);
         }
         let agent = bbx_agents::stored_agent(&self.ctx()?.store, &op.agent)?;
-        let explained = self.explain(&agent, &op.kind, &op.args, submission.caller.role.as_str());
+        let explained = self.explain(&agent, &op.kind, &op.args, submission.caller.role.as_str(), anomaly);
         if !explained.tainted.is_empty() {
             labels.push("tainted".into());
         }
+        if anomalous {
+            labels.push("anomalous".into());
+        }
         self.0.decisions[explained.action as usize].fetch_add(1, Ordering::Relaxed);
-        let Some(strictest) = explained.decided.first() else {
-            return Ok(Verdict::Allow);
-        };
-        let by: Vec<&str> = explained
-            .decided
-            .iter()
-            .filter(|d| d.action == strictest.action)
-            .map(|d| d.policy.as_str())
-            .collect();
-        let why = format!("policy {}: {}", by.join(", "), strictest.reason);
-        let what = format!("{} {} of agent {}", strictest.action.as_str(), op.kind, op.agent);
-        if strictest.action != Action::Allow {
-            self.audit(
-                Some(submission.caller),
-                submission.tenant,
-                what,
-                why.clone(),
-                AuditKind::FlowDecision,
-            );
-        }
-        match strictest.action {
-            Action::Allow | Action::Audit | Action::Warn => Ok(Verdict::Allow),
-            Action::RequireApproval => Ok(Verdict::Hold {
-                reason: why,
-                within: APPROVAL_WINDOW,
-            }),
-            Action::Block => Err(Error::new(ErrorCode::PolicyDenied, format!("blocked by {why}"))),
-            Action::Quarantine => {
-                let quarantine = Quarantine {
-                    agent: op.agent,
-                    by: format!("policy {}", by.join(", ")),
-                    reason: strictest.reason.clone(),
-                    at: Utc::now(),
-                };
-                self.quarantine_now(quarantine.clone())?;
-                Err(Self::refused_quarantined(&quarantine))
-            }
-        }
+        let verdict = self.act(submission, &explained);
+        self.0.recent.record(Decision {
+            op_id: submission.op_id,
+            agent: op.agent,
+            tenant: submission.tenant.to_owned(),
+            kind: op.kind.clone(),
+            at: Utc::now(),
+            explained,
+        });
+        verdict
     }
 
     fn labels_results(&self) -> bool {
         true
+    }
+
+    fn observes(&self) -> bool {
+        self.0.detector.is_some()
+    }
+
+    fn completed(&self, completion: &Arc<bbx_core::op::Completion>) {
+        if let Some(detector) = &self.0.detector {
+            let failed = completion.status != bbx_core::op::CompletionStatus::Ok;
+            let tokens = anomaly::spent_tokens(completion.result.as_ref());
+            detector.completed(
+                &completion.agent,
+                failed,
+                tokens,
+                completion.completed_at.timestamp_millis(),
+            );
+        }
     }
 
     fn label(&self, op: &Attempted<'_>, result: &Value) -> Vec<String> {
@@ -314,6 +504,16 @@ impl Component for Flow {
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
         self.0.taints.forget_agent(&agent);
+        self.0.recent.forget_agent(&agent);
+        if let Some(detector) = &self.0.detector {
+            detector.forget(&agent);
+            let store = ctx.store.clone();
+            ctx.tasks.spawn(async move {
+                if let Err(e) = store.write(Change::RemoveModel(agent)).await {
+                    tracing::error!(error = %e, "a deleted agent's anomaly model could not be removed");
+                }
+            });
+        }
         if self.0.quarantined.write().remove(&agent).is_some() {
             let store = ctx.store.clone();
             ctx.tasks.spawn(async move {

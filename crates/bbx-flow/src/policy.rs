@@ -216,13 +216,19 @@ pub fn input(
     agent: &bbx_core::model::Agent,
     tainted: &[crate::taint::Tainted],
     role: &str,
+    anomaly: Option<&crate::anomaly::Scored>,
 ) -> Value {
-    json!({
+    let mut input = json!({
         "op": { "kind": kind, "args": args },
         "agent": { "id": agent.id.to_string(), "tenant": agent.tenant, "labels": agent.labels },
         "tainted": tainted,
         "caller": { "role": role },
-    })
+    });
+    if let Some(scored) = anomaly {
+        input["anomaly"] =
+            json!({ "score": scored.score, "threshold": scored.threshold, "anomalous": scored.anomalous });
+    }
+    input
 }
 
 /// Ops a policy must decide without failing: an outbound request, tainted and

@@ -90,20 +90,26 @@ struct TenantOnly {
 impl Kernel {
     /// The kernel's endpoints, then every component's; refused if two share a name.
     pub(crate) fn collect_endpoints(self: &Arc<Self>) -> Result<Vec<Endpoint>> {
-        let approve = self.endpoint(
-            "ring.approve",
-            ("POST", "/v1/ops/{op_id}/approve"),
-            "Approve an op held for approval (state pending_approval): it then runs.",
-            |kernel, caller, args: Approve| async move { kernel.approve_op(&caller, &args.op_id.parse()?).await },
-        );
-        let deny = self.endpoint(
-            "ring.deny",
-            ("POST", "/v1/ops/{op_id}/deny"),
-            "Deny an op held for approval (state pending_approval): it ends with the error policy_denied, naming the reason.",
-            |kernel, caller, args: Deny| async move {
-                kernel.deny_op(&caller, &args.op_id.parse()?, &args.reason).await
-            },
-        );
+        // FlowIntegrity holds ops for approval: `flow.approve|deny` are the
+        // ring's, under its names.
+        let approve = |name, path| {
+            self.endpoint(
+                name,
+                ("POST", path),
+                "Approve an op held for approval (state pending_approval): it then runs.",
+                |kernel, caller, args: Approve| async move { kernel.approve_op(&caller, &args.op_id.parse()?).await },
+            )
+        };
+        let deny = |name, path| {
+            self.endpoint(
+                name,
+                ("POST", path),
+                "Deny an op held for approval (state pending_approval): it ends with the error policy_denied, naming the reason.",
+                |kernel, caller, args: Deny| async move {
+                    kernel.deny_op(&caller, &args.op_id.parse()?, &args.reason).await
+                },
+            )
+        };
         let create_token = self.endpoint(
             "auth.create_token",
             ("POST", "/v1/auth/tokens"),
@@ -192,8 +198,10 @@ impl Kernel {
                 },
             );
         let mut all = vec![
-            approve,
-            deny,
+            approve("ring.approve", "/v1/ops/{op_id}/approve"),
+            deny("ring.deny", "/v1/ops/{op_id}/deny"),
+            approve("flow.approve", "/v1/flow/ops/{op_id}/approve"),
+            deny("flow.deny", "/v1/flow/ops/{op_id}/deny"),
             create_token,
             verify,
             revoke,

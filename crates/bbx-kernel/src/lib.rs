@@ -234,7 +234,7 @@ impl Kernel {
                 tasks: tasks.clone(),
             })),
         );
-        let mut components = components(&tools, &quotas)?;
+        let mut components = components(&tools, &quotas, &config.flow)?;
         for component in extra {
             components.register(component)?;
         }
@@ -350,12 +350,16 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
 }
 
 /// The components whose op kinds the ring serves: one line each.
-fn components(tools: &Arc<bbx_tools::Tools>, quotas: &Arc<bbx_quota::Quotas>) -> Result<bbx_component::Components> {
+fn components(
+    tools: &Arc<bbx_tools::Tools>,
+    quotas: &Arc<bbx_quota::Quotas>,
+    flow: &bbx_core::config::FlowConfig,
+) -> Result<bbx_component::Components> {
     let mut components = bbx_component::Components::default();
     components.register(Arc::new(bbx_component::builtin::Builtin))?;
     components.register(Arc::new(bbx_agents::StateOps))?;
     components.register(Arc::new(bbx_tools::ToolKinds::new(tools.clone(), quotas.clone())))?;
-    components.register(Arc::new(bbx_flow::Flow::default()))?;
+    components.register(Arc::new(bbx_flow::Flow::new(flow)))?;
     Ok(components)
 }
 

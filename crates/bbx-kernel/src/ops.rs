@@ -90,9 +90,11 @@ impl Kernel {
             }
         }
         let start_after = self.check_rates(&batch.ops, &tenants).await?;
-        let Checked { holds, labels } = self.check_ops(caller, &batch.ops, &tenants)?;
+        let op_ids: Vec<OpId> = batch.ops.iter().map(|_| OpId::generate()).collect();
+        let Checked { holds, labels } = self.check_ops(caller, &batch.ops, &tenants, &op_ids)?;
         let placement = ring::Placement {
             tenants,
+            op_ids,
             holds,
             labels,
             start_after,
@@ -110,13 +112,24 @@ impl Kernel {
 
     /// The components' checks of each op: the holds they put on ops and the
     /// labels they gave them, by index.
-    fn check_ops(&self, caller: &Caller, ops: &[bbx_core::op::SubmitOp], tenants: &[Arc<str>]) -> Result<Checked> {
+    fn check_ops(
+        &self,
+        caller: &Caller,
+        ops: &[bbx_core::op::SubmitOp],
+        tenants: &[Arc<str>],
+        op_ids: &[OpId],
+    ) -> Result<Checked> {
         let mut checked = Checked::default();
         if !self.components.checks_ops() {
             return Ok(checked);
         }
-        for (index, (op, tenant)) in ops.iter().zip(tenants).enumerate() {
-            let submission = bbx_component::Submission { caller, tenant, op };
+        for (index, ((op, tenant), &op_id)) in ops.iter().zip(tenants).zip(op_ids).enumerate() {
+            let submission = bbx_component::Submission {
+                op_id,
+                caller,
+                tenant,
+                op,
+            };
             let checks = self
                 .components
                 .check(&submission)

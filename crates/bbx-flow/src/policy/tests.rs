@@ -43,14 +43,21 @@ fn a_policy_decides_the_kinds_it_names_from_what_it_sees() {
         source: bbx_core::OpId::generate(),
     }];
     let blocked = policy
-        .decide(&regorus::Value::from(input("tool.http", &args, &a, &tainted, "agent")))
+        .decide(&regorus::Value::from(input(
+            "tool.http",
+            &args,
+            &a,
+            &tainted,
+            "agent",
+            None,
+        )))
         .unwrap();
     assert_eq!(
         (blocked.action, blocked.reason.as_str()),
         (Action::Block, "the request carries untrusted content at /url")
     );
     assert_eq!(
-        policy.decide(&regorus::Value::from(input("tool.http", &args, &a, &[], "agent"))),
+        policy.decide(&regorus::Value::from(input("tool.http", &args, &a, &[], "agent", None))),
         None
     );
 }
@@ -99,7 +106,7 @@ fn the_starter_policy_blocks_tainted_egress_and_holds_tainted_commands() {
     let source = bbx_core::OpId::generate();
     let decide = |kind: &str, args: serde_json::Value, tainted: &[Tainted]| {
         starter
-            .decide(&regorus::Value::from(input(kind, &args, &a, tainted, "agent")))
+            .decide(&regorus::Value::from(input(kind, &args, &a, tainted, "agent", None)))
             .map(|d| d.action)
     };
     let at = |path: &str| {

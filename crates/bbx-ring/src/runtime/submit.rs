@@ -18,6 +18,7 @@ impl Ring {
     ) -> Result<Submitted> {
         let Placement {
             tenants,
+            op_ids,
             mut holds,
             mut labels,
             start_after,
@@ -60,7 +61,11 @@ impl Ring {
             .map(|(index, (op, tenant))| {
                 let hold = take(&mut holds, index);
                 let labels = take(&mut labels, index).unwrap_or_default();
-                self.check(op, tenant, (hold, labels), submitted_at)
+                let op_id = op_ids
+                    .get(index)
+                    .copied()
+                    .unwrap_or_else(|| OpId::generate_at(submitted_at));
+                self.check(op, tenant, (op_id, hold, labels), submitted_at)
                     .map_err(|e| batch::at_op(index, e))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -198,7 +203,7 @@ impl Ring {
         &self,
         op: SubmitOp,
         tenant: Arc<str>,
-        (hold, labels): (Option<Hold>, Vec<String>),
+        (op_id, hold, labels): (OpId, Option<Hold>, Vec<String>),
         submitted_at: DateTime<Utc>,
     ) -> Result<Checked<KernelHost>> {
         let exec = Exec::parse(&self.components, &op.kind, &op.args)?;
@@ -224,7 +229,7 @@ impl Ring {
             digest: batch::args_digest(&op.kind, &op.args),
         });
         let record = OpRecord {
-            op_id: OpId::generate_at(submitted_at),
+            op_id,
             agent: op.agent,
             tenant,
             kind: exec::interned(&self.components, op.kind),
@@ -270,6 +275,9 @@ fn take<T>(list: &mut Vec<(usize, T)>, index: usize) -> Option<T> {
 pub struct Placement {
     /// Each op's tenant (its agent's).
     pub tenants: Vec<Arc<str>>,
+    /// The id each op is to have, made before the checks so that they can
+    /// record what they decided of it; empty: made here.
+    pub op_ids: Vec<OpId>,
     /// The ops to hold for approval, by index.
     pub holds: Vec<(usize, Hold)>,
     /// The labels the checks gave ops, by index.
@@ -283,6 +291,7 @@ impl Placement {
     pub fn tenants(tenants: Vec<Arc<str>>) -> Self {
         Self {
             tenants,
+            op_ids: Vec::new(),
             holds: Vec::new(),
             labels: Vec::new(),
             start_after: None,
