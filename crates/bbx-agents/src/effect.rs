@@ -2,6 +2,7 @@
 //! and the state writes share.
 
 use super::*;
+use bbx_component::Staging;
 use bbx_core::ErrorCode;
 use serde_json::{Value, json};
 
@@ -24,7 +25,8 @@ pub enum Effect {
 
 /// Applies a kernel-service op's effect and returns its result. Like `apply`,
 /// every fallible step comes before the one `put`.
-pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, at: DateTime<Utc>) -> Result<Value> {
+pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, staging: &Staging<'_>) -> Result<Value> {
+    let at = staging.at;
     // Existence is all an effect needs of its agent; decoding the record per op
     // would cost the committer more than the effect itself.
     if !tx.cache::<KnownAgents>().0.contains(agent) {
@@ -37,20 +39,32 @@ pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, a
         Effect::Set { key, value } => {
             let storage_key = state_key(agent, key);
             let version = state_version(tx, &storage_key)?.version + 1;
-            tx.put(STATE, storage_key, encode_state(version, at, value));
-            Ok(json!({ "key": key, "version": version }))
+            // A value written from tainted content keeps the taint, and its sources.
+            let labels: Vec<String> = staging
+                .labels
+                .iter()
+                .filter(|l| l.starts_with("tainted"))
+                .cloned()
+                .collect();
+            tx.put(STATE, storage_key, encode_labelled_state(version, at, &labels, value));
+            if labels.is_empty() {
+                Ok(json!({ "key": key, "version": version }))
+            } else {
+                Ok(json!({ "key": key, "version": version, "labels": labels }))
+            }
         }
         Effect::Incr { key, by } => {
             let storage_key = state_key(agent, key);
-            let (current, version) = match tx.read(STATE, &storage_key)? {
-                None => (serde_json::Number::from(0), 0),
+            let (current, version, labels) = match tx.read(STATE, &storage_key)? {
+                None => (serde_json::Number::from(0), 0, Vec::new()),
                 Some(bytes) => {
                     let stored = decode_state(&bytes)?;
                     if stored.is_tombstone() {
-                        (serde_json::Number::from(0), stored.version)
+                        (serde_json::Number::from(0), stored.version, Vec::new())
                     } else {
                         match serde_json::from_slice::<Value>(stored.json) {
-                            Ok(Value::Number(n)) => (n, stored.version),
+                            // A counter keeps the labels its value has.
+                            Ok(Value::Number(n)) => (n, stored.version, stored.labels),
                             _ => {
                                 return Err(Error::new(
                                     ErrorCode::FailedPrecondition,
@@ -68,7 +82,11 @@ pub(crate) fn apply_effect(tx: &mut GroupTx, agent: &AgentId, effect: &Effect, a
                 )
             })?;
             let value = serde_json::to_vec(&sum).map_err(|e| Error::internal(e.to_string()))?;
-            tx.put(STATE, storage_key, encode_state(version + 1, at, &value));
+            tx.put(
+                STATE,
+                storage_key,
+                encode_labelled_state(version + 1, at, &labels, &value),
+            );
             Ok(json!({ "key": key, "value": sum, "version": version + 1 }))
         }
         Effect::Delete { key } => {

@@ -23,7 +23,10 @@ mod effect;
 mod lifecycle;
 mod ops;
 
-pub use codec::{StoredState, decode_agent, decode_state, decode_u64, encode_state, state_key, tenant_index_key};
+pub use codec::{
+    StoredState, decode_agent, decode_state, decode_u64, encode_labelled_state, encode_state, state_key,
+    tenant_index_key,
+};
 pub use effect::Effect;
 pub use ops::StateOps;
 

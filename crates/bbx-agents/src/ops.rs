@@ -133,7 +133,11 @@ impl ReadOp for StateRead {
             Some(stored) if !stored.is_tombstone() => {
                 let value: Value = serde_json::from_slice(stored.json)
                     .map_err(|e| Error::internal(format!("stored value is unreadable: {e}")))?;
-                Ok(serde_json::json!({ "key": key, "value": value, "version": stored.version }))
+                let mut read = serde_json::json!({ "key": key, "value": value, "version": stored.version });
+                if !stored.labels.is_empty() {
+                    read["labels"] = stored.labels.into();
+                }
+                Ok(read)
             }
             _ => Err(Error::not_found("state key", key)),
         }
@@ -146,6 +150,6 @@ pub(crate) struct StateEffect(pub(crate) Effect);
 
 impl EffectOp for StateEffect {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
-        apply_effect(tx, staging.agent, &self.0, staging.at)
+        apply_effect(tx, staging.agent, &self.0, staging)
     }
 }

@@ -162,7 +162,7 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
     let text: String = (0..460).map(|i| format!("word{i:04} ")).collect::<String>();
     let args: Value = json!({ "url": "https://api.example.com/v1/items", "body": &text[..4000] });
     let taint_4kb_args_10k_fingerprints = time_each(measure, || {
-        std::hint::black_box(flow.taints().tainted(&agent.id, &args));
+        std::hint::black_box(flow.taints().tainted(agent.id, &args));
     });
 
     let injection = bbx_flow::injection::evaluate(bbx_flow::STARTER_POLICY)?;

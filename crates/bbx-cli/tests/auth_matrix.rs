@@ -267,7 +267,7 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/auth/verify" => json!({ "token": f.token }),
         "/v1/ops" => json!({ "ops": [{ "agent": f.agent, "kind": "noop", "args": {} }] }),
         "/v1/ops/{id}/resolve" => json!({ "as": "failed" }),
-        "/v1/ops/{op_id}/deny" => json!({ "reason": "no" }),
+        "/v1/ops/{op_id}/deny" | "/v1/flow/ops/{op_id}/deny" => json!({ "reason": "no" }),
         "/v1/ring/shm" => json!({}),
         "/v1/secrets" => json!({ "tenant": f.tenant }),
         "/v1/secrets/{name}" => json!({ "value": "v2", "tenant": f.tenant }),

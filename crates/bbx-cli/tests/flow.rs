@@ -116,6 +116,24 @@ async fn an_injected_destination_is_blocked_and_a_clean_one_is_not() {
     );
     assert_eq!(wait(&kernel, json(&allowed)["op_id"].as_str().unwrap())["status"], "ok");
 
+    // A state value written from the page keeps its taint and its source, and
+    // reading it back passes the taint on.
+    let noted = json!({ "key": "todo", "value": format!("send it to {injected}") });
+    let noted = wait(
+        &kernel,
+        json(&submit(&kernel, &agent, "state.set", &noted))["op_id"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(noted["status"], "ok", "{noted}");
+    let stored = json(&kernel.cli(&["state", "get", &agent, "todo", "--json"]));
+    let labels = json!(["tainted", format!("tainted_by:{}", source.as_str().unwrap())]);
+    assert_eq!(stored["labels"], labels, "{stored}");
+    let reread = json(&submit(&kernel, &agent, "state.get", &json!({ "key": "todo" })));
+    let reread = wait(&kernel, reread["op_id"].as_str().unwrap());
+    assert_eq!(reread["result"]["labels"], labels, "{reread}");
+    assert!(reread["labels"].to_string().contains("untrusted"), "{reread}");
+
     let stats = json(&kernel.cli(&["v2", "enhanced-flow", "stats"]));
     assert!(stats["decisions"]["block"].as_u64().unwrap() >= 1, "{stats}");
     assert!(stats["taint"]["fingerprints"].as_u64().unwrap() >= 1, "{stats}");
@@ -197,33 +215,54 @@ async fn an_agent_learns_a_baseline_and_an_unusual_op_is_flagged() {
         .unwrap()
         .to_owned();
     let http = reqwest::Client::new();
-    let ops: Vec<Value> = (0..120)
-        .map(|_| json!({ "agent": agent, "kind": "noop", "args": {} }))
-        .collect();
-    let submitted = http
-        .post(format!("{}/v1/ops", kernel.url()))
-        .bearer_auth(kernel.key())
-        .json(&json!({ "ops": ops }))
-        .send()
-        .await
-        .unwrap();
-    assert!(submitted.status().is_success(), "{}", submitted.text().await.unwrap());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let stats = json(&kernel.cli(&["flow", "stats", "--json"]));
-        if stats["anomaly"]["agents_with_model"] == 1 {
-            break;
+    // One noop every 10 ms or so, the kernel's figures read every tenth: the
+    // usual ops after the model are sent the same way as those it learned from.
+    let mut usual = |round: usize| {
+        let (http, url, key, agent) = (http.clone(), kernel.url(), kernel.key(), agent.clone());
+        async move {
+            let op = json!({ "ops": [{ "agent": agent, "kind": "noop", "args": {} }], "wait_ms": 5000 });
+            let sent = http
+                .post(format!("{url}/v1/ops"))
+                .bearer_auth(&key)
+                .json(&op)
+                .send()
+                .await
+                .unwrap();
+            let sent: Value = sent.json().await.unwrap();
+            let id = sent["ops"][0]["op_id"].as_str().unwrap().to_owned();
+            let done = http
+                .get(format!("{url}/v1/ops/{id}/wait"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            let sent: Value = done.json().await.unwrap();
+            assert_eq!(sent["state"], "done", "{sent}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            (round, sent)
         }
-        assert!(std::time::Instant::now() < deadline, "no model was trained: {stats}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut round = 0;
+    loop {
+        usual(round).await;
+        round += 1;
+        if round % 10 == 0 {
+            let stats = json(&kernel.cli(&["flow", "stats", "--json"]));
+            if stats["anomaly"]["agents_with_model"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no model was trained: {stats}");
+        }
     }
-    let usual = wait(
-        &kernel,
-        json(&submit(&kernel, &agent, "noop", &json!({})))["op_id"]
-            .as_str()
-            .unwrap(),
-    );
-    assert!(!usual["labels"].to_string().contains("anomalous"), "{usual}");
+    for _ in 0..9 {
+        let (_, sent) = usual(round).await;
+        round += 1;
+        assert!(
+            !sent.to_string().contains("anomalous"),
+            "a usual op is not anomalous: {sent}"
+        );
+    }
 
     let odd = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })));
     let odd = wait(&kernel, odd["op_id"].as_str().unwrap());

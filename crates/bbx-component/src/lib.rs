@@ -214,6 +214,8 @@ pub struct Attempted<'a> {
     pub tenant: &'a str,
     pub kind: &'a str,
     pub args: &'a Value,
+    /// The run it is a step of, if any.
+    pub run: Option<&'a str>,
 }
 
 /// What a component's check says of a submitted op.

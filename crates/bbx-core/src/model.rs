@@ -94,6 +94,10 @@ pub struct StateEntry {
     pub value: Value,
     pub version: u64,
     pub updated_at: DateTime<Utc>,
+    /// What the op that wrote it was labelled (`tainted`, and `tainted_by:OP`
+    /// for each source of its untrusted content).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// Write a state value, optionally only if its current version is `if_version`.

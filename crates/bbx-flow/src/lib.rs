@@ -74,6 +74,30 @@ const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
 /// Kinds whose outputs bring outside content in.
 const UNTRUSTED_KINDS: &[&str] = &["tool.http", "tool.mcp", "tool.shell", "tool.file", "llm.chat"];
 
+/// The prefix of the labels naming each op whose untrusted content an op's args
+/// carry.
+const TAINTED_BY: &str = "tainted_by:";
+/// Sources an op's labels name at most.
+const MAX_SOURCES_LABELLED: usize = 8;
+
+/// Labels an op whose args carry untrusted content: `tainted`, and
+/// `tainted_by:OP` for each source (a state value written from it keeps them).
+fn label_tainted(tainted: &[taint::Tainted], labels: &mut Vec<String>) {
+    if tainted.is_empty() {
+        return;
+    }
+    labels.push("tainted".into());
+    let mut sources: Vec<OpId> = tainted.iter().map(|t| t.source).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    labels.extend(
+        sources
+            .into_iter()
+            .take(MAX_SOURCES_LABELLED)
+            .map(|s| format!("{TAINTED_BY}{s}")),
+    );
+}
+
 /// Why an agent is quarantined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Quarantine {
@@ -203,7 +227,19 @@ impl Flow {
         role: &str,
         anomaly: Option<Scored>,
     ) -> Explained {
-        let tainted = self.0.taints.tainted(&agent.id, args);
+        self.explain_in(None, agent, (kind, args), role, anomaly)
+    }
+
+    /// [`Self::explain`] for an op of `run` (its taint scope).
+    pub fn explain_in(
+        &self,
+        run: Option<&str>,
+        agent: &bbx_core::model::Agent,
+        (kind, args): (&str, &Value),
+        role: &str,
+        anomaly: Option<Scored>,
+    ) -> Explained {
+        let tainted = self.0.taints.tainted(taint::Scope::new(agent.id, run), args);
         let book = self.0.book.read().clone();
         let concerned = book.concerning(&agent.tenant, kind);
         let mut decided: Vec<Decided> = Vec::new();
@@ -448,14 +484,19 @@ impl Component for Flow {
         let anomaly = self.score(&op.agent, &op.kind, &op.args);
         let anomalous = anomaly.as_ref().is_some_and(|a| a.anomalous);
         if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
+            // A state write keeps the taint of what it writes whether or not a
+            // policy looks at it: a later read passes it on.
+            if op.kind == "state.set" {
+                let scope = taint::Scope::new(op.agent, op.run_id.as_deref());
+                label_tainted(&self.0.taints.tainted(scope, &op.args), labels);
+            }
             self.0.decisions[0].fetch_add(1, Ordering::Relaxed);
             return Ok(Verdict::Allow);
         }
         let agent = bbx_agents::stored_agent(&self.ctx()?.store, &op.agent)?;
-        let explained = self.explain(&agent, &op.kind, &op.args, submission.caller.role.as_str(), anomaly);
-        if !explained.tainted.is_empty() {
-            labels.push("tainted".into());
-        }
+        let role = submission.caller.role.as_str();
+        let explained = self.explain_in(op.run_id.as_deref(), &agent, (&op.kind, &op.args), role, anomaly);
+        label_tainted(&explained.tainted, labels);
         if anomalous {
             labels.push("anomalous".into());
         }
@@ -494,12 +535,30 @@ impl Component for Flow {
     }
 
     fn label(&self, op: &Attempted<'_>, result: &Value) -> Vec<String> {
+        let scope = taint::Scope::new(op.agent, op.run);
         if UNTRUSTED_KINDS.contains(&op.kind) {
-            self.0.taints.record(op.agent, op.op_id, result);
-            vec!["untrusted".into()]
-        } else {
-            Vec::new()
+            self.0.taints.record(scope, op.op_id, result);
+            return vec!["untrusted".into()];
         }
+        // A state value written from tainted content is untrusted when read back,
+        // from the op that first brought it in.
+        let Some(stored) = result
+            .get("labels")
+            .and_then(Value::as_array)
+            .filter(|_| op.kind == "state.get")
+        else {
+            return Vec::new();
+        };
+        let source = stored
+            .iter()
+            .filter_map(|l| l.as_str()?.strip_prefix(TAINTED_BY)?.parse().ok())
+            .next()
+            .unwrap_or(op.op_id);
+        if stored.iter().any(|l| l == "tainted") {
+            self.0.taints.record(scope, source, &result["value"]);
+            return vec!["untrusted".into()];
+        }
+        Vec::new()
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {

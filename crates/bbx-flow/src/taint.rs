@@ -205,6 +205,36 @@ fn strings<'a>(value: &'a Value, path: &mut String, out: &mut Vec<(String, &'a s
     }
 }
 
+/// Where untrusted content is remembered: an agent's ops of one run, or its ops
+/// outside any run. An op of a run sees its run's and the agent's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub agent: AgentId,
+    /// The run's name hashed; 0 outside any run.
+    run: u64,
+}
+
+impl Scope {
+    pub fn new(agent: AgentId, run: Option<&str>) -> Self {
+        let run = run.map_or(0, |run| {
+            let mut hasher = rustc_hash::FxHasher::default();
+            run.hash(&mut hasher);
+            hasher.finish().max(1)
+        });
+        Self { agent, run }
+    }
+
+    fn agent_wide(self) -> Self {
+        Self { run: 0, ..self }
+    }
+}
+
+impl From<AgentId> for Scope {
+    fn from(agent: AgentId) -> Self {
+        Self::new(agent, None)
+    }
+}
+
 #[derive(Default)]
 struct AgentTable {
     sources: HashMap<u64, OpId>,
@@ -221,16 +251,16 @@ pub struct Taints {
 
 #[derive(Default)]
 struct Tables {
-    agents: HashMap<AgentId, AgentTable>,
-    /// Agents in the order they were first tainted, for eviction.
-    order: VecDeque<AgentId>,
+    agents: HashMap<Scope, AgentTable>,
+    /// Scopes in the order they were first tainted, for eviction.
+    order: VecDeque<Scope>,
     /// Fingerprints of all agents.
     total: usize,
 }
 
 impl Tables {
     /// Drops the agent first tainted (but `keep`): false if there is none.
-    fn evict_oldest(&mut self, keep: &AgentId, evicted: &AtomicU64) -> bool {
+    fn evict_oldest(&mut self, keep: &Scope, evicted: &AtomicU64) -> bool {
         let Some(position) = self.order.iter().position(|a| a != keep) else {
             return false;
         };
@@ -254,8 +284,9 @@ pub struct TaintStats {
 
 impl Taints {
     /// Remembers the fingerprints of `output` (every string in it) as brought in
-    /// by `source`, an op of `agent`.
-    pub fn record(&self, agent: AgentId, source: OpId, output: &Value) {
+    /// by `source`, an op in `agent`'s scope.
+    pub fn record(&self, agent: impl Into<Scope>, source: OpId, output: &Value) {
+        let agent = agent.into();
         let mut texts = Vec::new();
         strings(output, &mut String::new(), &mut texts);
         // Tokens are capped per output; hosts, domains, e-mails and paths are not,
@@ -301,22 +332,28 @@ impl Taints {
         }
     }
 
-    /// The args of an op of `agent` that carry untrusted content, each with the
+    /// The args of an op in `scope` that carry untrusted content, each with the
     /// op that brought it in.
-    pub fn tainted(&self, agent: &AgentId, args: &Value) -> Vec<Tainted> {
+    pub fn tainted(&self, scope: impl Into<Scope>, args: &Value) -> Vec<Tainted> {
+        let scope = scope.into();
         let tables = self.tables.read();
-        let Some(table) = tables.agents.get(agent) else {
+        let run = tables.agents.get(&scope).filter(|_| scope.run != 0);
+        let own = tables.agents.get(&scope.agent_wide());
+        let tables: Vec<&AgentTable> = run.into_iter().chain(own).collect();
+        if tables.is_empty() {
             return Vec::new();
-        };
+        }
         let mut texts = Vec::new();
         strings(args, &mut String::new(), &mut texts);
         let mut out = Vec::new();
         for (path, text) in texts {
             let mut source = None;
             fingerprints(text, |print| {
-                let seen = || print.domain.and_then(|domain| table.sources.get(&domain));
-                if source.is_none() {
-                    source = table.sources.get(&print.hash).or_else(seen).copied();
+                for table in &tables {
+                    let seen = || print.domain.and_then(|domain| table.sources.get(&domain));
+                    if source.is_none() {
+                        source = table.sources.get(&print.hash).or_else(seen).copied();
+                    }
                 }
             });
             if let Some(source) = source {
@@ -326,33 +363,40 @@ impl Taints {
         out
     }
 
-    /// Forgets `value`'s fingerprints for `agent` (an operator declassified it):
-    /// how many were forgotten.
+    /// Forgets `value`'s fingerprints for `agent`, in all its scopes (an
+    /// operator declassified it): how many were forgotten.
     pub fn declassify(&self, agent: &AgentId, value: &str) -> usize {
         let mut found = Vec::new();
         fingerprints(value, |print| found.push(print.hash));
         let mut tables = self.tables.write();
         let Tables { agents, total, .. } = &mut *tables;
-        let Some(table) = agents.get_mut(agent) else {
-            return 0;
-        };
-        let forgotten: Vec<u64> = found
-            .into_iter()
-            .filter(|print| table.sources.remove(print).is_some())
-            .collect();
-        // Out of the eviction order too, or a print recorded again later would be
-        // evicted by its forgotten place.
-        table.order.retain(|print| !forgotten.contains(print));
-        *total -= forgotten.len();
-        forgotten.len()
+        let mut count = 0;
+        for (_, table) in agents.iter_mut().filter(|(scope, _)| scope.agent == *agent) {
+            let forgotten: Vec<u64> = found
+                .iter()
+                .copied()
+                .filter(|print| table.sources.remove(print).is_some())
+                .collect();
+            // Out of the eviction order too, or a print recorded again later would
+            // be evicted by its forgotten place.
+            table.order.retain(|print| !forgotten.contains(print));
+            *total -= forgotten.len();
+            count += forgotten.len();
+        }
+        count
     }
 
     pub fn forget_agent(&self, agent: &AgentId) {
         let mut tables = self.tables.write();
-        if let Some(table) = tables.agents.remove(agent) {
-            tables.total -= table.sources.len();
-            tables.order.retain(|a| a != agent);
-        }
+        let Tables { agents, order, total } = &mut *tables;
+        agents.retain(|scope, table| {
+            let keep = scope.agent != *agent;
+            if !keep {
+                *total -= table.sources.len();
+            }
+            keep
+        });
+        order.retain(|scope| scope.agent != *agent);
     }
 
     pub fn stats(&self) -> TaintStats {

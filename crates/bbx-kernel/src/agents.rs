@@ -294,6 +294,7 @@ impl Kernel {
                 value: req.value,
                 version,
                 updated_at: at,
+                labels: Vec::new(),
             }),
             _ => Err(Error::internal("state write reported no version")),
         }
@@ -433,5 +434,6 @@ fn decode_entry(key: String, bytes: &[u8]) -> Result<Option<StateEntry>> {
         value,
         version: stored.version,
         updated_at: stored.updated_at,
+        labels: stored.labels,
     }))
 }

@@ -62,6 +62,10 @@ pub struct OpRecord {
     /// [`Completion::labels`]: bbx_core::op::Completion::labels
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// The run it is a step of: what it reads from outside taints that run's
+    /// later ops (and the agent's own, outside runs, do too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// Why an op waits for approval, who held it, and until when.
@@ -104,6 +108,7 @@ impl OpRecord {
             && self.trace.is_none()
             && self.hold.is_none()
             && self.labels.is_empty()
+            && self.run.is_none()
             && self.tenant.len() <= usize::from(u16::MAX)
             && self.kind.len() <= usize::from(u16::MAX);
         if !compact {
@@ -152,6 +157,7 @@ impl OpRecord {
             incarnation,
             hold: None,
             labels: Vec::new(),
+            run: None,
         })
     }
 }
@@ -235,6 +241,7 @@ mod tests {
                 user_data: None,
                 trace: None,
                 labels: if labelled { vec!["taint:web".into()] } else { Vec::new() },
+                run: labelled.then(|| "run-1".to_owned()),
                 submitted_at: DateTime::from_timestamp(seconds, nanos).unwrap(),
                 incarnation: priority as u32,
                 hold: held.then(|| Hold {
@@ -290,6 +297,7 @@ mod tests {
             user_data: None,
             trace: None,
             labels: Vec::new(),
+            run: None,
             submitted_at: DateTime::from_timestamp(1_700_000_000, 5).unwrap(),
             incarnation: 0,
             hold: None,

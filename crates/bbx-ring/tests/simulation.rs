@@ -339,6 +339,7 @@ impl World {
                 user_data: None,
                 trace: None,
                 labels: Vec::new(),
+                run: None,
                 submitted_at: self.at().wall,
                 incarnation: 0,
                 hold: self.rng.random_bool(0.1).then(|| Hold {

@@ -360,6 +360,7 @@ impl Ring {
                     tenant: &record.tenant,
                     kind: &record.kind,
                     args: &record.args,
+                    run: record.run.as_deref(),
                 };
                 self.components.label(&op, result)
             }

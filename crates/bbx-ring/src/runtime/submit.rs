@@ -245,6 +245,7 @@ impl Ring {
             incarnation: 0,
             hold,
             labels,
+            run: op.run_id,
         };
         Ok(Checked {
             record: Arc::new(record),
