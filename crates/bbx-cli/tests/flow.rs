@@ -217,7 +217,7 @@ async fn an_agent_learns_a_baseline_and_an_unusual_op_is_flagged() {
     let http = reqwest::Client::new();
     // One noop every 10 ms or so, the kernel's figures read every tenth: the
     // usual ops after the model are sent the same way as those it learned from.
-    let mut usual = |round: usize| {
+    let usual = |round: usize| {
         let (http, url, key, agent) = (http.clone(), kernel.url(), kernel.key(), agent.clone());
         async move {
             let op = json!({ "ops": [{ "agent": agent, "kind": "noop", "args": {} }], "wait_ms": 5000 });
