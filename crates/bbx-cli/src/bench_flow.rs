@@ -1,6 +1,6 @@
 //! `bbx bench flow`: FlowIntegrity's check in process: an op decided by a set of
 //! 20 rules, an op whose kind no policy concerns (with anomaly detection off, and
-//! on while the agent has no model yet), the taint labelling of a 4 KB args
+//! on), the taint labelling of a 4 KB args
 //! object against 10,000 fingerprints, and an op scored by an agent's anomaly
 //! model; then the injection scenarios and the anomaly detector's evaluation.
 
@@ -13,7 +13,7 @@ use bbx_core::model::{Agent, AgentStatus};
 use bbx_core::op::SubmitOp;
 use bbx_core::{AgentId, KeyId, OpId};
 use bbx_flow::Flow;
-use bbx_flow::anomaly::Observed;
+use bbx_flow::anomaly::Observation;
 use bbx_flow::policy::StoredPolicy;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -25,11 +25,13 @@ struct Report {
     policy_20_rules: NanoFigures,
     /// `noop`, which no policy concerns, with anomaly detection off.
     unconcerned_kind: NanoFigures,
-    /// The same with anomaly detection on, its agent still without a model (the
-    /// op is learned from).
+    /// The same with anomaly detection on, each op learned from (its agent has
+    /// no model yet; no budget).
     unconcerned_kind_learning: NanoFigures,
+    /// The same, the agent past its `max_ops_per_sec` (so: unobserved).
+    unconcerned_kind_over_budget: NanoFigures,
     taint_4kb_args_10k_fingerprints: NanoFigures,
-    /// An op scored by its agent's model (features, score, learning).
+    /// An op scored by its agent's model (observation, features, score, learning).
     anomaly_score: NanoFigures,
     /// The detector on traces of four agent profiles with misbehaviour injected,
     /// one evaluation per seed.
@@ -124,9 +126,15 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
     let unconcerned_kind = time_each(measure, || {
         std::hint::black_box(flow.check(&submission, &mut labels).expect("allowed"));
     });
-    let learning = Flow::with_policies(&FlowConfig::default(), policies())?;
+    let mut unlimited = FlowConfig::default();
+    unlimited.anomaly.max_ops_per_sec = u32::MAX;
+    let learning = Flow::with_policies(&unlimited, policies())?;
     let unconcerned_kind_learning = time_each(measure, || {
         std::hint::black_box(learning.check(&submission, &mut labels).expect("allowed"));
+    });
+    let budgeted = Flow::with_policies(&FlowConfig::default(), policies())?;
+    let unconcerned_kind_over_budget = time_each(measure, || {
+        std::hint::black_box(budgeted.check(&submission, &mut labels).expect("allowed"));
     });
 
     let anomaly = AnomalyConfig::default();
@@ -138,12 +146,8 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
     let mut at_ms = chrono::Utc::now().timestamp_millis();
     let anomaly_score = time_each(measure, || {
         at_ms += 3_000;
-        let observed = Observed {
-            kind: "tool.http",
-            args: &get,
-            at_ms,
-        };
-        std::hint::black_box(detector.submitted(&modelled, &observed));
+        let observation = Observation::of("tool.http", &get, at_ms);
+        std::hint::black_box(detector.submitted(&modelled, &observation));
     });
     let anomaly_evaluation: Vec<_> = [42, 7, 1234]
         .into_iter()
@@ -179,6 +183,7 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
         policy_20_rules,
         unconcerned_kind,
         unconcerned_kind_learning,
+        unconcerned_kind_over_budget,
         taint_4kb_args_10k_fingerprints,
         anomaly_score,
         anomaly_evaluation,
@@ -190,6 +195,7 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
             ("policy_20_rules", &report.policy_20_rules),
             ("unconcerned_kind", &report.unconcerned_kind),
             ("unconcerned_kind_learning", &report.unconcerned_kind_learning),
+            ("unconcerned_kind_over_budget", &report.unconcerned_kind_over_budget),
             (
                 "taint_4kb_args_10k_fingerprints",
                 &report.taint_4kb_args_10k_fingerprints,

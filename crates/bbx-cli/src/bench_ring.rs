@@ -82,6 +82,8 @@ struct Report {
     inproc_submitters: usize,
     /// Whether 20 flow rules on the tool kinds were loaded (`--flow-rules`).
     flow_rules: bool,
+    /// Whether anomaly detection was on in the in-process kernel.
+    anomaly_detection: bool,
     /// Concurrent connections of http_batch and http_single.
     http_batch_clients: usize,
     http_single_clients: usize,
@@ -125,7 +127,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
     // thread: this command's runtime is a single-threaded load generator.
     let dir = scratch.path().join("inproc");
     let submitters = (usize::from(args.inproc_submitters), args.durable_submitters);
-    let flow_rules = args.flow_rules;
+    let flow = (args.flow_rules, !args.no_anomaly);
     let defaults = RingConfig::default();
     let ring = RingConfig {
         journal_nice: args.journal_nice.unwrap_or(defaults.journal_nice),
@@ -137,7 +139,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(in_process(&dir, measure, submitters, ring, flow_rules))
+        runtime.block_on(in_process(&dir, measure, submitters, ring, flow))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the in-process phases panicked"))??;
@@ -212,6 +214,7 @@ pub async fn ring(cli: &Cli, args: &BenchRingArgs) -> Result<()> {
         record_bytes: in_process.record_bytes,
         inproc_submitters: usize::from(args.inproc_submitters),
         flow_rules: args.flow_rules,
+        anomaly_detection: !args.no_anomaly,
         http_batch_clients: args.http_clients,
         http_single_clients: args.http_single_clients,
     };
@@ -228,12 +231,15 @@ async fn in_process(
     measure: Duration,
     (inproc_submitters, durable_submitters): (usize, usize),
     ring: RingConfig,
-    flow_rules: bool,
+    (flow_rules, anomaly_detection): (bool, bool),
 ) -> Result<InProcess> {
+    let mut flow = bbx_core::config::FlowConfig::default();
+    flow.anomaly.enabled = anomaly_detection;
     let over = ConfigLayer {
         data_dir: Some(dir.to_path_buf()),
         log: Some("warn".into()),
         ring: Some(ring),
+        flow: Some(flow),
         ..Default::default()
     };
     let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)

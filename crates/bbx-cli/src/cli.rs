@@ -281,6 +281,10 @@ pub struct BenchRingArgs {
     /// in-process kernel first, to compare the ring with and without them.
     #[arg(long)]
     pub flow_rules: bool,
+    /// Turn FlowIntegrity's anomaly detection off in the in-process kernel (it is
+    /// on by default, and scores every op once the agent has a model).
+    #[arg(long)]
+    pub no_anomaly: bool,
 }
 
 #[derive(Args, Debug, Clone)]

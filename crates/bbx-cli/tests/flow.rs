@@ -199,14 +199,15 @@ async fn quarantine_and_approval() {
 }
 
 /// An agent that has only ever run `noop` learns a model; an op unlike any it
-/// ran is then scored anomalous, warned of (the default action), listed, and
-/// explained; a restart keeps the model.
+/// ran is then scored anomalous: held for approval where anomalies are (scored as
+/// it is checked), and after a restart (the model is kept) warned of, the
+/// default, by the watcher: listed and explained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_learns_a_baseline_and_an_unusual_op_is_flagged() {
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         config.path(),
-        "[flow.anomaly]\nwindow = 64\nmin_observations = 32\nretrain_every = 1000\n",
+        "[flow.anomaly]\nwindow = 64\nmin_observations = 32\nretrain_every = 1000\naction = \"require_approval\"\n",
     )
     .unwrap();
     let mut kernel = Kernel::start_with(&["--config", config.path().to_str().unwrap()]);
@@ -264,22 +265,44 @@ async fn an_agent_learns_a_baseline_and_an_unusual_op_is_flagged() {
         );
     }
 
-    let odd = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })));
-    let odd = wait(&kernel, odd["op_id"].as_str().unwrap());
-    assert_eq!(odd["status"], "ok", "warn lets it run: {odd}");
-    assert!(odd["labels"].to_string().contains("anomalous"), "{odd}");
-    let listed = json(&kernel.cli(&["v2", "enhanced-flow", "anomalies", "--json"]));
-    assert_eq!(listed["anomalies"][0]["op_id"], odd["op_id"], "{listed}");
-    let explained = json(&kernel.cli(&["flow", "explain", odd["op_id"].as_str().unwrap()]));
-    assert_eq!(explained["action"], "warn", "{explained}");
+    let odd = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })))["op_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let held = json(&kernel.cli(&["ring", "get", &odd, "--json"]));
+    assert_eq!(held["state"], "pending_approval", "{held}");
+    let explained = json(&kernel.cli(&["flow", "explain", &odd]));
+    assert_eq!(explained["action"], "require_approval", "{explained}");
     assert_eq!(explained["decided"][0]["policy"], "anomaly", "{explained}");
-    assert!(explained["anomaly"]["score"].as_f64().unwrap() >= explained["anomaly"]["threshold"].as_f64().unwrap());
+    let (score, threshold) = (&explained["anomaly"]["score"], &explained["anomaly"]["threshold"]);
+    assert!(score.as_f64().unwrap() >= threshold.as_f64().unwrap(), "{explained}");
+    json(&kernel.cli(&["flow", "approve", &odd]));
+    let odd = wait(&kernel, &odd);
+    assert_eq!(odd["status"], "ok", "{odd}");
+    assert!(odd["labels"].to_string().contains("anomalous"), "{odd}");
 
+    std::fs::write(config.path(), "[flow.anomaly]\nwindow = 64\nmin_observations = 32\n").unwrap();
     kernel.stop();
     kernel.restart();
     let stats = json(&kernel.cli(&["flow", "stats", "--json"]));
-    assert_eq!(stats["anomaly"]["agents_with_model"], 1, "the model is saved: {stats}");
+    assert_eq!(stats["anomaly"]["agents_with_model"], 1, "the model is kept: {stats}");
     let odd = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 2 })));
     let odd = wait(&kernel, odd["op_id"].as_str().unwrap());
-    assert!(odd["labels"].to_string().contains("anomalous"), "{odd}");
+    assert_eq!(odd["status"], "ok", "a warning lets it run: {odd}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let listed = json(&kernel.cli(&["v2", "enhanced-flow", "anomalies", "--json"]));
+        if listed["anomalies"][0]["op_id"] == odd["op_id"] {
+            assert_eq!(listed["anomalies"][0]["action"], "warn", "{listed}");
+            break;
+        }
+        let stats = json(&kernel.cli(&["flow", "stats", "--json"]));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher never listed it: {listed} {stats}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let explained = json(&kernel.cli(&["flow", "explain", odd["op_id"].as_str().unwrap()]));
+    assert_eq!(explained["decided"][0]["policy"], "anomaly", "{explained}");
 }

@@ -185,6 +185,9 @@ pub struct Context {
     /// Tasks the kernel waits for at shutdown: a component's background work is
     /// spawned here, and stops when the kernel does.
     pub tasks: TaskTracker,
+    /// Cancelled when the kernel shuts down: a component's background loop ends
+    /// on it.
+    pub stopping: tokio_util::sync::CancellationToken,
     pub submitter: Arc<dyn Submitter>,
 }
 

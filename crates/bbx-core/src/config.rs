@@ -67,6 +67,10 @@ pub struct AnomalyConfig {
     /// The score (0-1) from which an op is anomalous; without it each model sets
     /// its own, just above what its window scores.
     pub threshold: Option<f32>,
+    /// An agent's ops a second the detector learns from and scores at most when
+    /// anomalies are only warned of; past it, they go unobserved and are counted
+    /// [default: 1000].
+    pub max_ops_per_sec: u32,
 }
 
 impl Default for AnomalyConfig {
@@ -78,6 +82,7 @@ impl Default for AnomalyConfig {
             retrain_every: 256,
             action: "warn".to_owned(),
             threshold: None,
+            max_ops_per_sec: 1000,
         }
     }
 }
@@ -106,6 +111,12 @@ impl AnomalyConfig {
             return Err(Error::invalid_field(
                 "flow.anomaly.action",
                 "flow.anomaly.action must be warn, require_approval or quarantine",
+            ));
+        }
+        if self.max_ops_per_sec == 0 {
+            return Err(Error::invalid_field(
+                "flow.anomaly.max_ops_per_sec",
+                "flow.anomaly.max_ops_per_sec must be at least 1",
             ));
         }
         if self.threshold.is_some_and(|t| !(t > 0.0 && t < 1.0)) {

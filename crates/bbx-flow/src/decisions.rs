@@ -84,3 +84,54 @@ impl Recent {
         order.retain(|op| by_op.contains_key(op));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::anomaly::Scored;
+    use crate::policy::{Action, Decided};
+
+    fn decision(op_id: OpId, agent: AgentId, action: Action, anomaly: Option<Scored>) -> Decision {
+        Decision {
+            op_id,
+            agent,
+            tenant: "t".into(),
+            kind: "noop".into(),
+            at: Utc::now(),
+            explained: Explained {
+                action,
+                decided: vec![Decided {
+                    policy: "p".into(),
+                    action,
+                    reason: "r".into(),
+                }],
+                tainted: Vec::new(),
+                anomaly,
+            },
+        }
+    }
+
+    fn scored(anomalous: bool) -> Scored {
+        Scored {
+            score: 0.9,
+            threshold: 0.7,
+            anomalous,
+            features: Default::default(),
+        }
+    }
+
+    #[test]
+    fn decisions_are_kept_bounded_and_anomalies_listed() {
+        let recent = Recent::default();
+        let agent = AgentId::generate();
+        let first = OpId::generate();
+        recent.record(decision(first, agent, Action::Audit, None));
+        for _ in 0..KEPT {
+            recent.record(decision(OpId::generate(), agent, Action::Warn, Some(scored(true))));
+        }
+        assert!(recent.get(&first).is_none(), "the oldest is forgotten");
+        assert_eq!(recent.anomalies(|_| true, usize::MAX).len(), ANOMALIES_KEPT);
+        recent.forget_agent(&agent);
+        assert!(recent.anomalies(|_| true, 10).is_empty());
+    }
+}

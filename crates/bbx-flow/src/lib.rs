@@ -28,8 +28,9 @@ mod endpoints;
 pub mod injection;
 pub mod policy;
 pub mod taint;
+mod watch;
 
-use anomaly::{Detector, Observed, Saved, Scored};
+use anomaly::{Detector, Saved, Scored};
 use bbx_auth::{AuditEvent, AuditKind, Caller};
 use bbx_component::{Attempted, Component, Context, Endpoint, Submission, Verdict};
 use bbx_core::config::FlowConfig;
@@ -249,14 +250,7 @@ impl Flow {
             decided.extend(concerned.iter().filter_map(|p| p.decide(&input)));
         }
         if let Some(scored) = anomaly.as_ref().filter(|s| s.anomalous) {
-            decided.push(Decided {
-                policy: "anomaly".into(),
-                action: self.0.anomaly_action,
-                reason: format!(
-                    "anomaly score {:.3} is at or above this agent's threshold {:.3}",
-                    scored.score, scored.threshold
-                ),
-            });
+            decided.push(watch::anomaly_decided(self.0.anomaly_action, scored));
         }
         decided.sort_by_key(|d| std::cmp::Reverse(d.action));
         Explained {
@@ -265,56 +259,6 @@ impl Flow {
             tainted,
             anomaly,
         }
-    }
-
-    /// Scores an op with its agent's model and learns from it; starts training
-    /// when a model is due.
-    fn score(&self, agent: &AgentId, kind: &str, args: &Value) -> Option<Scored> {
-        let detector = self.0.detector.as_ref()?;
-        let observed = Observed {
-            kind,
-            args,
-            at_ms: Utc::now().timestamp_millis(),
-        };
-        let (scored, training) = detector.submitted(agent, &observed);
-        if let Some(training) = training {
-            self.train(training);
-        }
-        scored
-    }
-
-    /// Trains a model off the submitting task, installs it and saves it.
-    fn train(&self, training: anomaly::Training) {
-        let flow = self.clone();
-        let Ok(ctx) = self.ctx() else { return };
-        let store = ctx.store.clone();
-        ctx.tasks.spawn(async move {
-            let agent = training.agent;
-            let Some(detector) = flow.0.detector.as_ref() else {
-                return;
-            };
-            let threshold = detector.config().threshold;
-            let saved = tokio::task::spawn_blocking(move || training.run(threshold).map(Arc::new))
-                .await
-                .ok()
-                .flatten();
-            detector.install(&agent, saved.clone());
-            if let Some(saved) = saved
-                && let Err(e) = store.write(Change::SaveModel(agent, saved)).await
-            {
-                tracing::warn!(error = %e, %agent, "an anomaly model could not be saved");
-            }
-        });
-    }
-
-    /// What an op would score against its agent's model now, learning nothing.
-    pub fn peek_score(&self, agent: &AgentId, kind: &str, args: &Value) -> Option<Scored> {
-        let observed = Observed {
-            kind,
-            args,
-            at_ms: Utc::now().timestamp_millis(),
-        };
-        self.0.detector.as_ref()?.peek(agent, &observed)
     }
 
     /// What was decided of `op`, if it is among the latest ops decided.
@@ -417,6 +361,7 @@ impl Flow {
                 "enabled": self.0.detector.is_some(),
                 "agents_watched": watched,
                 "agents_with_model": modelled,
+                "unobserved_ops": self.0.detector.as_ref().map_or(0, Detector::unobserved),
                 "action": self.0.anomaly_action.as_str(),
             },
         })
@@ -449,25 +394,7 @@ impl Component for Flow {
             quarantined.insert(q.agent, q);
         }
         drop(quarantined);
-        if let Some(detector) = &self.0.detector {
-            for item in ctx
-                .store
-                .keyspace(FLOW_ANOMALY_MODELS)
-                .iter()
-                .take(anomaly::MAX_WATCHED)
-            {
-                let (key, value) = item.into_inner().map_err(|e| storage_error("load anomaly models", e))?;
-                let (Ok(agent), Ok(saved)) = (
-                    <[u8; 16]>::try_from(&key[..]).map(AgentId::from_bytes),
-                    serde_json::from_slice::<Saved>(&value),
-                ) else {
-                    // A model is a cache of what the agent's next ops teach again.
-                    tracing::warn!("an unreadable anomaly model is ignored");
-                    continue;
-                };
-                detector.install(&agent, Some(Arc::new(saved)));
-            }
-        }
+        self.load_models(&ctx.store)?;
         let _ = self.0.ctx.set(ctx.clone());
         Ok(())
     }
@@ -481,7 +408,7 @@ impl Component for Flow {
         if let Some(q) = self.0.quarantined.read().get(&op.agent) {
             return Err(Self::refused_quarantined(q));
         }
-        let anomaly = self.score(&op.agent, &op.kind, &op.args);
+        let anomaly = self.observe(op.agent, &op.kind, &op.args);
         let anomalous = anomaly.as_ref().is_some_and(|a| a.anomalous);
         if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
             // A state write keeps the taint of what it writes whether or not a

@@ -257,6 +257,7 @@ impl Kernel {
             context: bbx_component::Context {
                 store: store.clone(),
                 tasks: tasks.clone(),
+                stopping: ring.stopping(),
                 submitter: Arc::new(KernelSubmitter(kernel.clone())),
             },
             components,

@@ -5,7 +5,7 @@
 //! commands, huge args, a spend spike) and on clean ops. The same detector code
 //! as the kernel's; training runs in line. Deterministic for a seed.
 
-use super::{Detector, Observed, Saved};
+use super::{Detector, Observation, Saved};
 use bbx_core::AgentId;
 use bbx_core::config::AnomalyConfig;
 use rand::rngs::StdRng;
@@ -233,11 +233,7 @@ fn misbehaviour(rng: &mut StdRng, profile: Profile, clock: &mut Clock) -> Vec<Ev
 /// Feeds `event` to the detector as the kernel does, training in line; returns
 /// the op's score and threshold once the agent has a model.
 fn feed(detector: &Detector, agent: &AgentId, event: &Event) -> Option<(f32, f32)> {
-    let op = Observed {
-        kind: event.kind,
-        args: &event.args,
-        at_ms: event.at_ms,
-    };
+    let op = Observation::of(event.kind, &event.args, event.at_ms);
     let (scored, training) = detector.submitted(agent, &op);
     if let Some(training) = training {
         let saved = training.run(detector.config().threshold).map(Arc::new);

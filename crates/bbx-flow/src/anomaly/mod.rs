@@ -71,13 +71,31 @@ pub struct Scored {
     pub features: std::collections::BTreeMap<String, f32>,
 }
 
-/// What an op of an agent looks like to the detector.
+/// What an op of an agent looks like to the detector, taken from its kind and
+/// args cheaply (hashes and sizes), so that learning and scoring can happen off
+/// the submitting task.
 #[derive(Debug, Clone, Copy)]
-pub struct Observed<'a> {
-    pub kind: &'a str,
-    pub args: &'a Value,
+pub struct Observation {
+    kind: u64,
+    target: u64,
+    args_bytes: u32,
+    /// Tokens the op asks for; `None` for an op that cannot spend.
+    asked_tokens: Option<u64>,
     /// Milliseconds since the epoch.
     pub at_ms: i64,
+}
+
+impl Observation {
+    pub fn of(kind: &str, args: &Value, at_ms: i64) -> Self {
+        let asked = asked_tokens(args);
+        Self {
+            kind: hash_str(&[kind]),
+            target: target(kind, args),
+            args_bytes: json_bytes(args).min(u32::MAX as usize) as u32,
+            asked_tokens: (asked > 0 || kind.starts_with("llm.")).then_some(asked),
+            at_ms,
+        }
+    }
 }
 
 /// A trained model with the baseline it was trained against.
@@ -170,8 +188,10 @@ struct Baseline {
     counts: Counts,
     observed: u32,
     last_at_ms: Option<i64>,
-    /// The targets and times of the ops of the last ten seconds.
+    /// The targets and times of the ops of the last ten seconds, and how many of
+    /// them each target has.
     recent: VecDeque<(u64, i64)>,
+    recent_by_target: FxHashMap<u64, u32>,
     /// Tokens spent, with when, over the last minute.
     spent: VecDeque<(i64, u64)>,
     window: VecDeque<[f32; DIMS]>,
@@ -179,6 +199,44 @@ struct Baseline {
     training: bool,
     model: Option<Arc<Saved>>,
     last_active: u64,
+}
+
+/// An agent the detector watches: its budget of ops observed in the current
+/// second, read without its baseline's lock (an op over it costs no more), and
+/// its baseline.
+#[derive(Default)]
+struct Watched {
+    /// The second (since the epoch) and the ops observed in it, packed: second
+    /// in the high 44 bits, count in the low 20.
+    budget: std::sync::atomic::AtomicU64,
+    baseline: Mutex<Baseline>,
+}
+
+impl Watched {
+    /// Takes one op of the second of `at_ms` from a budget of `max`.
+    fn admit(&self, at_ms: i64, max: u32) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let second = at_ms.div_euclid(1000) as u64 & ((1 << 44) - 1);
+        let max = u64::from(max.min((1 << 20) - 1));
+        let mut current = self.budget.load(Relaxed);
+        loop {
+            let used = if current >> 20 == second {
+                current & ((1 << 20) - 1)
+            } else {
+                0
+            };
+            if used >= max {
+                return false;
+            }
+            match self
+                .budget
+                .compare_exchange_weak(current, (second << 20) | (used + 1), Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
 }
 
 const BURST_MS: i64 = 10_000;
@@ -244,10 +302,17 @@ fn asked_tokens(args: &Value) -> u64 {
 }
 
 impl Baseline {
-    fn features(&mut self, op: &Observed<'_>, kind: u64, target: u64) -> [f32; DIMS] {
+    fn features(&mut self, op: &Observation) -> [f32; DIMS] {
+        let (kind, target) = (op.kind, op.target);
         let counts = &self.counts;
-        while self.recent.front().is_some_and(|(_, t)| op.at_ms - t > BURST_MS) {
+        while let Some(&(old, _)) = self.recent.front().filter(|(_, t)| op.at_ms - t > BURST_MS) {
             self.recent.pop_front();
+            if let Some(count) = self.recent_by_target.get_mut(&old) {
+                *count -= 1;
+                if *count == 0 {
+                    self.recent_by_target.remove(&old);
+                }
+            }
         }
         while self.spent.front().is_some_and(|(t, _)| op.at_ms - t > SPEND_MS) {
             self.spent.pop_front();
@@ -257,18 +322,15 @@ impl Baseline {
             .map_or(3_600_000, |last| (op.at_ms - last).clamp(0, 3_600_000));
         // Spend is an op's that can spend: what it asks for, with what the
         // agent spent in the last minute.
-        let asked = asked_tokens(op.args);
-        let tokens = if asked > 0 || op.kind.starts_with("llm.") {
-            self.spent.iter().map(|(_, n)| n).sum::<u64>() + asked
-        } else {
-            0
-        };
-        let burst = self.recent.iter().filter(|(t, _)| *t == target).count();
+        let tokens = op
+            .asked_tokens
+            .map_or(0, |asked| self.spent.iter().map(|(_, n)| n).sum::<u64>() + asked);
+        let burst = self.recent_by_target.get(&target).copied().unwrap_or(0);
         let hour = op.at_ms.div_euclid(3_600_000).rem_euclid(24) as usize;
         [
             Counts::rarity(counts.kinds.get(&kind), counts.total),
             Counts::rarity(counts.targets.get(&target), counts.total),
-            (json_bytes(op.args) as f32).ln_1p(),
+            (op.args_bytes as f32).ln_1p(),
             (interval as f32).ln_1p(),
             (burst as f32).ln_1p(),
             counts.error_rate,
@@ -282,17 +344,13 @@ impl Baseline {
         ]
     }
 
-    fn learn(
-        &mut self,
-        op: &Observed<'_>,
-        (kind, target): (u64, u64),
-        features: Option<[f32; DIMS]>,
-        config: &AnomalyConfig,
-    ) {
+    fn learn(&mut self, op: &Observation, features: Option<[f32; DIMS]>, config: &AnomalyConfig) {
+        let (kind, target) = (op.kind, op.target);
         self.observed = self.observed.saturating_add(1);
         self.last_at_ms = Some(op.at_ms);
         if self.recent.len() < 4096 {
             self.recent.push_back((target, op.at_ms));
+            *self.recent_by_target.entry(target).or_default() += 1;
         }
         if let Some(features) = features.filter(|_| self.observed > WARMUP) {
             if self.window.len() == config.window {
@@ -307,6 +365,7 @@ impl Baseline {
         Counts::add(&mut counts.targets, target);
         counts.hours[op.at_ms.div_euclid(3_600_000).rem_euclid(24) as usize] += 1.0;
         counts.total += 1.0;
+        counts.error_rate *= 0.99;
         counts.decay(config.window);
     }
 
@@ -320,7 +379,8 @@ impl Baseline {
 /// The detector: every watched agent's baseline.
 pub struct Detector {
     config: AnomalyConfig,
-    agents: Mutex<FxHashMap<AgentId, Arc<Mutex<Baseline>>>>,
+    unobserved: std::sync::atomic::AtomicU64,
+    agents: parking_lot::RwLock<FxHashMap<AgentId, Arc<Watched>>>,
     ticks: std::sync::atomic::AtomicU64,
 }
 
@@ -368,7 +428,8 @@ impl Detector {
     pub fn new(config: AnomalyConfig) -> Self {
         Self {
             config,
-            agents: Mutex::default(),
+            unobserved: Default::default(),
+            agents: Default::default(),
             ticks: Default::default(),
         }
     }
@@ -377,15 +438,15 @@ impl Detector {
         &self.config
     }
 
-    fn baseline(&self, agent: &AgentId) -> Arc<Mutex<Baseline>> {
-        let mut agents = self.agents.lock();
-        if let Some(baseline) = agents.get(agent) {
-            return baseline.clone();
+    fn watched(&self, agent: &AgentId) -> Arc<Watched> {
+        if let Some(watched) = self.agents.read().get(agent) {
+            return watched.clone();
         }
-        if agents.len() >= MAX_WATCHED {
+        let mut agents = self.agents.write();
+        if !agents.contains_key(agent) && agents.len() >= MAX_WATCHED {
             let idlest = agents
                 .iter()
-                .min_by_key(|(_, b)| b.lock().last_active)
+                .min_by_key(|(_, w)| w.baseline.lock().last_active)
                 .map(|(id, _)| *id);
             if let Some(idlest) = idlest {
                 agents.remove(&idlest);
@@ -394,27 +455,39 @@ impl Detector {
         agents.entry(*agent).or_default().clone()
     }
 
+    /// Whether an op of `agent` at `at_ms` is within the agent's
+    /// [`AnomalyConfig::max_ops_per_sec`]; one that is not is counted unobserved.
+    pub fn admit(&self, agent: &AgentId, at_ms: i64) -> bool {
+        let admitted = self
+            .agents
+            .read()
+            .get(agent)
+            .is_none_or(|w| w.admit(at_ms, self.config.max_ops_per_sec));
+        if !admitted {
+            self.unobserved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admitted
+    }
+
     /// Whether the agent's baseline is in memory.
     pub fn watches(&self, agent: &AgentId) -> bool {
-        self.agents.lock().contains_key(agent)
+        self.agents.read().contains_key(agent)
     }
 
     /// Scores an op of `agent` (once the agent has a model) and learns from it.
     /// Returns the score, and the training to run if a model is due.
-    pub fn submitted(&self, agent: &AgentId, op: &Observed<'_>) -> (Option<Scored>, Option<Training>) {
-        let baseline = self.baseline(agent);
-        let mut baseline = baseline.lock();
+    pub fn submitted(&self, agent: &AgentId, op: &Observation) -> (Option<Scored>, Option<Training>) {
+        let watched = self.watched(agent);
+        let mut baseline = watched.baseline.lock();
         baseline.last_active = self.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let kind = hash_str(&[op.kind]);
-        let target = target(op.kind, op.args);
-        let features = baseline.features(op, kind, target);
+        let features = baseline.features(op);
         let scored = baseline.model.as_ref().map(|model| model.scored(features));
         // An anomalous op is counted (a new host used from now on becomes
         // familiar, so a change of behaviour is not flagged forever) but kept out
         // of the window: a model learns neither that a burst of them is usual nor
         // a threshold above them.
         let anomalous = scored.as_ref().is_some_and(|s| s.anomalous);
-        baseline.learn(op, (kind, target), (!anomalous).then_some(features), &self.config);
+        baseline.learn(op, (!anomalous).then_some(features), &self.config);
         let training = baseline.due(&self.config).then(|| {
             baseline.training = true;
             baseline.since_training = 0;
@@ -429,22 +502,28 @@ impl Detector {
     }
 
     /// What an op of `agent` would score, learning nothing from it.
-    pub fn peek(&self, agent: &AgentId, op: &Observed<'_>) -> Option<Scored> {
-        let baseline = self.agents.lock().get(agent).cloned()?;
-        let mut baseline = baseline.lock();
-        let features = baseline.features(op, hash_str(&[op.kind]), target(op.kind, op.args));
+    pub fn peek(&self, agent: &AgentId, op: &Observation) -> Option<Scored> {
+        let watched = self.agents.read().get(agent).cloned()?;
+        let mut baseline = watched.baseline.lock();
+        let features = baseline.features(op);
         baseline.model.as_ref().map(|model| model.scored(features))
     }
 
-    /// An op of `agent` ended: whether it failed, and the tokens it spent.
+    /// An op of `agent` ended: whether it failed, and the tokens it spent. An
+    /// op that succeeded spending nothing (most) costs nothing here: each op
+    /// observed decays the error rate instead.
     pub fn completed(&self, agent: &AgentId, failed: bool, tokens: u64, at_ms: i64) {
-        let Some(baseline) = self.agents.lock().get(agent).cloned() else {
+        if !failed && tokens == 0 {
+            return;
+        }
+        let Some(watched) = self.agents.read().get(agent).cloned() else {
             return;
         };
-        let mut baseline = baseline.lock();
-        let rate = &mut baseline.counts.error_rate;
-        // Over about the last hundred ops: one failure moves it by a hundredth.
-        *rate = 0.99 * *rate + if failed { 0.01 } else { 0.0 };
+        let mut baseline = watched.baseline.lock();
+        if failed {
+            // Over about the last hundred ops: one failure moves it by a hundredth.
+            baseline.counts.error_rate = (baseline.counts.error_rate + 0.01).min(1.0);
+        }
         if tokens > 0 && baseline.spent.len() < 4096 {
             baseline.spent.push_back((at_ms, tokens));
         }
@@ -452,8 +531,8 @@ impl Detector {
 
     /// Installs a trained (or loaded) model; `None` ends a training that failed.
     pub fn install(&self, agent: &AgentId, saved: Option<Arc<Saved>>) {
-        let baseline = self.baseline(agent);
-        let mut baseline = baseline.lock();
+        let watched = self.watched(agent);
+        let mut baseline = watched.baseline.lock();
         baseline.training = false;
         if let Some(saved) = saved {
             if baseline.observed == 0 {
@@ -465,20 +544,28 @@ impl Detector {
         }
     }
 
+    /// Ops left unobserved, past their agents' budgets.
+    pub fn unobserved(&self) -> u64 {
+        self.unobserved.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Agents watched, and with a model.
     pub fn stats(&self) -> (usize, usize) {
-        let agents = self.agents.lock();
-        let modelled = agents.values().filter(|b| b.lock().model.is_some()).count();
+        let agents = self.agents.read();
+        let modelled = agents.values().filter(|w| w.baseline.lock().model.is_some()).count();
         (agents.len(), modelled)
     }
 
     /// The agent's model, if it has one.
     pub fn model(&self, agent: &AgentId) -> Option<Arc<Saved>> {
-        self.agents.lock().get(agent).and_then(|b| b.lock().model.clone())
+        self.agents
+            .read()
+            .get(agent)
+            .and_then(|w| w.baseline.lock().model.clone())
     }
 
     pub fn forget(&self, agent: &AgentId) {
-        self.agents.lock().remove(agent);
+        self.agents.write().remove(agent);
     }
 }
 
