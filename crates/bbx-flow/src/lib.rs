@@ -12,7 +12,10 @@
 //! - **taint tracking** ([`taint`]): outputs of ops that bring outside content in
 //!   are labelled `untrusted` and fingerprinted per agent before their completion
 //!   is visible; a later op whose args carry such content is labelled `tainted`
-//!   and its policies see each tainted arg's path and source op.
+//!   (and `tainted_by:OP` per source) and its policies see each tainted arg's
+//!   path and source op. Taint is scoped per agent and run, and follows data: a
+//!   state value written from tainted content keeps its labels, and reading it
+//!   back makes its content untrusted again.
 //!
 //! - **anomaly detection** ([`anomaly`]): a baseline of each agent's behaviour
 //!   and an Isolation Forest that scores each op once the agent has a model; an
