@@ -23,6 +23,8 @@ const STATE_HEADER: usize = 16;
 /// Set in a stored version when labels follow the header: a u16 length, then
 /// the labels as a JSON array. Versions never come near it.
 const LABELLED: u64 = 1 << 63;
+/// Versions stay below this, so that none reaches the flag bit.
+pub const MAX_VERSION: u64 = 1 << 62;
 
 /// A stored state value: version, time of the write, the labels of what wrote
 /// it (taint that follows data), and the JSON. An empty JSON part marks a
@@ -52,6 +54,7 @@ pub fn encode_labelled_state(version: u64, at: DateTime<Utc>, labels: &[String],
         .flatten()
         .filter(|l| l.len() <= usize::from(u16::MAX));
     let mut out = Vec::with_capacity(STATE_HEADER + json.len() + labels.as_ref().map_or(0, |l| 2 + l.len()));
+    debug_assert!(version & LABELLED == 0, "a version reached the labels' flag bit");
     let flag = if labels.is_some() { LABELLED } else { 0 };
     out.extend_from_slice(&(version | flag).to_be_bytes());
     out.extend_from_slice(&at.timestamp_millis().to_be_bytes());

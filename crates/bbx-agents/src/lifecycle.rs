@@ -2,7 +2,7 @@
 //! in the background (resumed after a crash), and an agent's state exported and
 //! imported whole.
 
-use crate::{AgentWrite, STATE, decode_state, encode_state, pending_purges};
+use crate::{AgentWrite, STATE, decode_state, encode_labelled_state, pending_purges};
 use bbx_component::{Context, Exported};
 use bbx_core::{AgentId, Result};
 use bbx_store::{Applied, GroupTx, Store, storage_error};
@@ -92,7 +92,15 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]
         let mut key = prefix.clone();
         key.extend_from_slice(&record.key);
         let version = stored.version.max(current.remove(&key).map_or(0, |v| v + 1));
-        restored.push((key, encode_state(version, stored.updated_at, stored.json)));
+        if version >= crate::codec::MAX_VERSION {
+            return Err(bbx_core::Error::invalid_field(
+                "state",
+                format!("an imported state value's version {version} is out of range"),
+            ));
+        }
+        // The labels come back with the value: an imported tainted value stays so.
+        let value = encode_labelled_state(version, stored.updated_at, &stored.labels, stored.json);
+        restored.push((key, value));
     }
     for key in current.into_keys() {
         tx.remove(STATE, key);

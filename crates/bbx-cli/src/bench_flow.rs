@@ -147,7 +147,7 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
     let anomaly_score = time_each(measure, || {
         at_ms += 3_000;
         let observation = Observation::of("tool.http", &get, at_ms);
-        std::hint::black_box(detector.submitted(&modelled, &observation));
+        std::hint::black_box(detector.submitted(&modelled, OpId::generate(), &observation));
     });
     let anomaly_evaluation: Vec<_> = [42, 7, 1234]
         .into_iter()

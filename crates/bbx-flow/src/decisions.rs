@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 /// Decisions kept for explaining, the oldest forgotten first.
 pub const KEPT: usize = 65_536;
+/// Tainted args kept of one decision.
+pub const TAINTED_KEPT: usize = 32;
 /// Anomalous ops kept for listing.
 pub const ANOMALIES_KEPT: usize = 1024;
 
@@ -41,7 +43,9 @@ struct Inner {
 }
 
 impl Recent {
-    pub fn record(&self, decision: Decision) {
+    pub fn record(&self, mut decision: Decision) {
+        // Args of many tainted strings must not make the log large.
+        decision.explained.tainted.truncate(TAINTED_KEPT);
         let decision = Arc::new(decision);
         let mut inner = self.inner.lock();
         if inner.order.len() == KEPT

@@ -411,7 +411,7 @@ impl Component for Flow {
         if let Some(q) = self.0.quarantined.read().get(&op.agent) {
             return Err(Self::refused_quarantined(q));
         }
-        let anomaly = self.observe(op.agent, &op.kind, &op.args);
+        let anomaly = self.observe(submission.op_id, op.agent, &op.kind, &op.args);
         let anomalous = anomaly.as_ref().is_some_and(|a| a.anomalous);
         if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
             // A state write keeps the taint of what it writes whether or not a
@@ -455,12 +455,8 @@ impl Component for Flow {
         if let Some(detector) = &self.0.detector {
             let failed = completion.status != bbx_core::op::CompletionStatus::Ok;
             let tokens = anomaly::spent_tokens(completion.result.as_ref());
-            detector.completed(
-                &completion.agent,
-                failed,
-                tokens,
-                completion.completed_at.timestamp_millis(),
-            );
+            let at_ms = completion.completed_at.timestamp_millis();
+            detector.completed(&completion.agent, completion.op_id, failed, (tokens, at_ms));
         }
     }
 

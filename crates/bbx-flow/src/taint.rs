@@ -21,8 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const MIN_TOKEN: usize = 12;
 /// Fingerprints one agent keeps at most; the oldest go first.
 pub const MAX_PER_AGENT: usize = 100_000;
-/// Agents with fingerprints at most; the least recently tainted goes first.
+/// Scopes (agents, and their runs) with fingerprints at most; the first
+/// tainted goes first.
 pub const MAX_AGENTS: usize = 10_000;
+/// Runs of one agent with fingerprints at most; its oldest goes first.
+pub const MAX_RUNS_PER_AGENT: usize = 64;
 /// Token fingerprints taken from one output at most.
 const MAX_PER_OUTPUT: usize = 10_000;
 /// Fingerprints of all agents together at most; past it, the least recently
@@ -206,7 +209,10 @@ fn strings<'a>(value: &'a Value, path: &mut String, out: &mut Vec<(String, &'a s
 }
 
 /// Where untrusted content is remembered: an agent's ops of one run, or its ops
-/// outside any run. An op of a run sees its run's and the agent's own.
+/// outside any run. An op of a run sees its run's and the agent's own; an op
+/// outside runs sees all of the agent's. Run ids are the harness's (a workflow's),
+/// not the model's: a run keeps another run's content from tainting it, which is
+/// only as strong as the agent's harness keeping the model from choosing runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Scope {
     pub agent: AgentId,
@@ -222,10 +228,6 @@ impl Scope {
             hasher.finish().max(1)
         });
         Self { agent, run }
-    }
-
-    fn agent_wide(self) -> Self {
-        Self { run: 0, ..self }
     }
 }
 
@@ -254,22 +256,49 @@ struct Tables {
     agents: HashMap<Scope, AgentTable>,
     /// Scopes in the order they were first tainted, for eviction.
     order: VecDeque<Scope>,
+    /// Each agent's scopes (their runs), the oldest first.
+    runs: HashMap<AgentId, Vec<u64>>,
     /// Fingerprints of all agents.
     total: usize,
 }
 
 impl Tables {
-    /// Drops the agent first tainted (but `keep`): false if there is none.
+    /// Drops the scope first tainted (but `keep`): false if there is none.
     fn evict_oldest(&mut self, keep: &Scope, evicted: &AtomicU64) -> bool {
-        let Some(position) = self.order.iter().position(|a| a != keep) else {
+        let Some(&oldest) = self.order.iter().find(|a| *a != keep) else {
             return false;
         };
-        let oldest = self.order.remove(position).expect("a position found");
-        if let Some(table) = self.agents.remove(&oldest) {
+        self.remove(oldest, evicted);
+        true
+    }
+
+    fn remove(&mut self, scope: Scope, evicted: &AtomicU64) {
+        self.order.retain(|s| *s != scope);
+        if let Some(runs) = self.runs.get_mut(&scope.agent) {
+            runs.retain(|run| *run != scope.run);
+            if runs.is_empty() {
+                self.runs.remove(&scope.agent);
+            }
+        }
+        if let Some(table) = self.agents.remove(&scope) {
             self.total -= table.sources.len();
             evicted.fetch_add(table.sources.len() as u64, Ordering::Relaxed);
         }
-        true
+    }
+
+    /// Makes room for a new scope: within [`MAX_AGENTS`] scopes in all, and
+    /// [`MAX_RUNS_PER_AGENT`] for its agent (whose oldest run goes first, so that
+    /// an agent naming many runs evicts only its own).
+    fn make_room(&mut self, scope: Scope, evicted: &AtomicU64) {
+        let own = self.runs.get(&scope.agent).map_or(0, Vec::len);
+        if own >= MAX_RUNS_PER_AGENT
+            && let Some(&oldest) = self.runs[&scope.agent].iter().find(|run| **run != scope.run)
+        {
+            self.remove(Scope { run: oldest, ..scope }, evicted);
+        }
+        while self.agents.len() >= MAX_AGENTS && self.evict_oldest(&scope, evicted) {}
+        self.order.push_back(scope);
+        self.runs.entry(scope.agent).or_default().push(scope.run);
     }
 }
 
@@ -308,8 +337,7 @@ impl Taints {
         }
         let mut tables = self.tables.write();
         if !tables.agents.contains_key(&agent) {
-            while tables.agents.len() >= MAX_AGENTS && tables.evict_oldest(&agent, &self.evicted) {}
-            tables.order.push_back(agent);
+            tables.make_room(agent, &self.evicted);
         }
         let room = found.len().min(MAX_PER_AGENT);
         while tables.total + room > MAX_TOTAL && tables.evict_oldest(&agent, &self.evicted) {}
@@ -337,9 +365,17 @@ impl Taints {
     pub fn tainted(&self, scope: impl Into<Scope>, args: &Value) -> Vec<Tainted> {
         let scope = scope.into();
         let tables = self.tables.read();
-        let run = tables.agents.get(&scope).filter(|_| scope.run != 0);
-        let own = tables.agents.get(&scope.agent_wide());
-        let tables: Vec<&AgentTable> = run.into_iter().chain(own).collect();
+        // A run's op sees its run and the agent's ops outside runs; an op outside
+        // runs sees every run's (a run cannot hide what it read from the agent).
+        let runs: &[u64] = if scope.run == 0 {
+            tables.runs.get(&scope.agent).map_or(&[], Vec::as_slice)
+        } else {
+            &[scope.run, 0]
+        };
+        let tables: Vec<&AgentTable> = runs
+            .iter()
+            .filter_map(|&run| tables.agents.get(&Scope { run, ..scope }))
+            .collect();
         if tables.is_empty() {
             return Vec::new();
         }
@@ -388,15 +424,11 @@ impl Taints {
 
     pub fn forget_agent(&self, agent: &AgentId) {
         let mut tables = self.tables.write();
-        let Tables { agents, order, total } = &mut *tables;
-        agents.retain(|scope, table| {
-            let keep = scope.agent != *agent;
-            if !keep {
-                *total -= table.sources.len();
-            }
-            keep
-        });
-        order.retain(|scope| scope.agent != *agent);
+        let runs = tables.runs.get(agent).cloned().unwrap_or_default();
+        let forgotten = AtomicU64::new(0);
+        for run in runs {
+            tables.remove(Scope { agent: *agent, run }, &forgotten);
+        }
     }
 
     pub fn stats(&self) -> TaintStats {

@@ -12,7 +12,7 @@
 use crate::anomaly::{Observation, Saved, Scored, Training};
 use crate::policy::{Action, Decided};
 use crate::{Change, Flow};
-use bbx_core::AgentId;
+use bbx_core::{AgentId, OpId};
 use chrono::Utc;
 use serde_json::Value;
 use std::sync::Arc;
@@ -20,13 +20,13 @@ use std::sync::Arc;
 impl Flow {
     /// Observes an op of `agent`: learns from it and, once the agent has a
     /// model, scores it.
-    pub(crate) fn observe(&self, agent: AgentId, kind: &str, args: &Value) -> Option<Scored> {
+    pub(crate) fn observe(&self, op_id: OpId, agent: AgentId, kind: &str, args: &Value) -> Option<Scored> {
         let detector = self.0.detector.as_ref()?;
         let at_ms = Utc::now().timestamp_millis();
         if self.0.anomaly_action == Action::Warn && !detector.admit(&agent, at_ms) {
             return None;
         }
-        let (scored, training) = detector.submitted(&agent, &Observation::of(kind, args, at_ms));
+        let (scored, training) = detector.submitted(&agent, op_id, &Observation::of(kind, args, at_ms));
         if let Some(training) = training {
             self.train(training);
         }
@@ -50,6 +50,10 @@ impl Flow {
                 .await
                 .ok()
                 .flatten();
+            // Deleted (or evicted) while training: nothing to come back.
+            if !detector.watches(&agent) {
+                return;
+            }
             detector.install(&agent, saved.clone());
             if let Some(saved) = saved
                 && let Err(e) = store.write(Change::SaveModel(agent, saved)).await

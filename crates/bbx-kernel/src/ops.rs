@@ -90,7 +90,14 @@ impl Kernel {
             }
         }
         let start_after = self.check_rates(&batch.ops, &tenants).await?;
-        let op_ids: Vec<OpId> = batch.ops.iter().map(|_| OpId::generate()).collect();
+        // Made here only for components that check ops, which record what they
+        // decided of each by its id.
+        let op_ids: Vec<OpId> = if self.components.checks_ops() {
+            let now = Utc::now();
+            batch.ops.iter().map(|_| OpId::generate_at(now)).collect()
+        } else {
+            Vec::new()
+        };
         let Checked { holds, labels } = self.check_ops(caller, &batch.ops, &tenants, &op_ids)?;
         let placement = ring::Placement {
             tenants,

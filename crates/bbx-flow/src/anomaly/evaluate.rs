@@ -234,12 +234,13 @@ fn misbehaviour(rng: &mut StdRng, profile: Profile, clock: &mut Clock) -> Vec<Ev
 /// the op's score and threshold once the agent has a model.
 fn feed(detector: &Detector, agent: &AgentId, event: &Event) -> Option<(f32, f32)> {
     let op = Observation::of(event.kind, &event.args, event.at_ms);
-    let (scored, training) = detector.submitted(agent, &op);
+    let op_id = bbx_core::OpId::generate();
+    let (scored, training) = detector.submitted(agent, op_id, &op);
     if let Some(training) = training {
         let saved = training.run(detector.config().threshold).map(Arc::new);
         detector.install(agent, saved);
     }
-    detector.completed(agent, event.failed, event.tokens, event.at_ms + 500);
+    detector.completed(agent, op_id, event.failed, (event.tokens, event.at_ms + 500));
     scored.map(|s| (s.score, s.threshold))
 }
 
@@ -279,7 +280,8 @@ pub fn evaluate(config: &AnomalyConfig, seed: u64, (learning, testing): (usize, 
     let mut scores = Vec::new();
     let (mut flagged, mut clean_ops) = (0usize, 0usize);
     for profile in PROFILES {
-        let agent = AgentId::generate();
+        // From the seed too: a model's training is seeded by its agent's id.
+        let agent = AgentId::from_bytes(rng.random());
         let mut clock = Clock { at_ms: START_MS };
         for _ in 0..learning {
             feed(&detector, &agent, &usual_event(&mut rng, profile, &mut clock));
@@ -327,7 +329,7 @@ pub fn evaluate(config: &AnomalyConfig, seed: u64, (learning, testing): (usize, 
 pub fn trained(config: &AnomalyConfig, seed: u64) -> (Detector, AgentId, Option<Arc<Saved>>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let detector = Detector::new(config.clone());
-    let agent = AgentId::generate();
+    let agent = AgentId::from_bytes(rng.random());
     let mut clock = Clock { at_ms: START_MS };
     for _ in 0..config.window * 2 {
         feed(

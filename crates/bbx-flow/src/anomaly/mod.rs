@@ -47,7 +47,8 @@ const DIMS: usize = FEATURES.len();
 const OUTWARD: [usize; 5] = [0, 1, 2, 4, 6];
 
 /// Agents whose baselines are held in memory at most; past it, the least
-/// recently active agent's go (a saved model comes back on its next op).
+/// recently active agent's go (it learns again; its saved model comes back at
+/// the next start).
 pub const MAX_WATCHED: usize = 4096;
 /// Kinds or targets one baseline counts at most; past it a new one stays rare.
 const MAX_DISTINCT: usize = 1024;
@@ -87,12 +88,16 @@ pub struct Observation {
 
 impl Observation {
     pub fn of(kind: &str, args: &Value, at_ms: i64) -> Self {
-        let asked = asked_tokens(args);
+        let asked = if kind.starts_with("llm.") {
+            asked_tokens(args)
+        } else {
+            0
+        };
         Self {
             kind: hash_str(&[kind]),
             target: target(kind, args),
             args_bytes: json_bytes(args).min(u32::MAX as usize) as u32,
-            asked_tokens: (asked > 0 || kind.starts_with("llm.")).then_some(asked),
+            asked_tokens: kind.starts_with("llm.").then_some(asked),
             at_ms,
         }
     }
@@ -197,8 +202,10 @@ struct Baseline {
     window: VecDeque<[f32; DIMS]>,
     since_training: usize,
     training: bool,
+    /// Anomalous ops not yet learned from: each is, once it completes `ok` (an
+    /// op held and denied, blocked or refused never is).
+    pending: VecDeque<(bbx_core::OpId, Observation)>,
     model: Option<Arc<Saved>>,
-    last_active: u64,
 }
 
 /// An agent the detector watches: its budget of ops observed in the current
@@ -209,6 +216,9 @@ struct Watched {
     /// The second (since the epoch) and the ops observed in it, packed: second
     /// in the high 44 bits, count in the low 20.
     budget: std::sync::atomic::AtomicU64,
+    /// When it last submitted an op (the detector's tick), for eviction without
+    /// locking baselines.
+    last_active: std::sync::atomic::AtomicU64,
     baseline: Mutex<Baseline>,
 }
 
@@ -240,6 +250,9 @@ impl Watched {
 }
 
 const BURST_MS: i64 = 10_000;
+/// Anomalous ops an agent has waiting to complete at most; past it the oldest
+/// is never learned from.
+const MAX_PENDING: usize = 64;
 /// Ops the hours histogram weighs before it halves.
 const HOURS_KEPT: f32 = 100_000.0;
 const SPEND_MS: i64 = 60_000;
@@ -322,9 +335,10 @@ impl Baseline {
             .map_or(3_600_000, |last| (op.at_ms - last).clamp(0, 3_600_000));
         // Spend is an op's that can spend: what it asks for, with what the
         // agent spent in the last minute.
-        let tokens = op
-            .asked_tokens
-            .map_or(0, |asked| self.spent.iter().map(|(_, n)| n).sum::<u64>() + asked);
+        let tokens = op.asked_tokens.map_or(0, |asked| {
+            let spent = self.spent.iter().fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
+            spent.saturating_add(asked)
+        });
         let burst = self.recent_by_target.get(&target).copied().unwrap_or(0);
         let hour = op.at_ms.div_euclid(3_600_000).rem_euclid(24) as usize;
         [
@@ -380,6 +394,8 @@ impl Baseline {
 pub struct Detector {
     config: AnomalyConfig,
     unobserved: std::sync::atomic::AtomicU64,
+    /// Anomalous ops waiting to complete, of all agents.
+    pending: std::sync::atomic::AtomicUsize,
     agents: parking_lot::RwLock<FxHashMap<AgentId, Arc<Watched>>>,
     ticks: std::sync::atomic::AtomicU64,
 }
@@ -429,6 +445,7 @@ impl Detector {
         Self {
             config,
             unobserved: Default::default(),
+            pending: Default::default(),
             agents: Default::default(),
             ticks: Default::default(),
         }
@@ -446,10 +463,11 @@ impl Detector {
         if !agents.contains_key(agent) && agents.len() >= MAX_WATCHED {
             let idlest = agents
                 .iter()
-                .min_by_key(|(_, w)| w.baseline.lock().last_active)
+                .min_by_key(|(_, w)| w.last_active.load(std::sync::atomic::Ordering::Relaxed))
                 .map(|(id, _)| *id);
-            if let Some(idlest) = idlest {
-                agents.remove(&idlest);
+            if let Some(evicted) = idlest.and_then(|idlest| agents.remove(&idlest)) {
+                let pending = evicted.baseline.lock().pending.len();
+                self.pending.fetch_sub(pending, std::sync::atomic::Ordering::Relaxed);
             }
         }
         agents.entry(*agent).or_default().clone()
@@ -476,18 +494,33 @@ impl Detector {
 
     /// Scores an op of `agent` (once the agent has a model) and learns from it.
     /// Returns the score, and the training to run if a model is due.
-    pub fn submitted(&self, agent: &AgentId, op: &Observation) -> (Option<Scored>, Option<Training>) {
+    pub fn submitted(
+        &self,
+        agent: &AgentId,
+        op_id: bbx_core::OpId,
+        op: &Observation,
+    ) -> (Option<Scored>, Option<Training>) {
         let watched = self.watched(agent);
+        let tick = self.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        watched.last_active.store(tick, std::sync::atomic::Ordering::Relaxed);
         let mut baseline = watched.baseline.lock();
-        baseline.last_active = self.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let features = baseline.features(op);
         let scored = baseline.model.as_ref().map(|model| model.scored(features));
-        // An anomalous op is counted (a new host used from now on becomes
-        // familiar, so a change of behaviour is not flagged forever) but kept out
-        // of the window: a model learns neither that a burst of them is usual nor
-        // a threshold above them.
-        let anomalous = scored.as_ref().is_some_and(|s| s.anomalous);
-        baseline.learn(op, (!anomalous).then_some(features), &self.config);
+        // An anomalous op is learned from only once it has run (so retrying one
+        // that was held, denied or refused does not make it familiar), and then
+        // counted (a new host used from then on becomes familiar, so a change of
+        // behaviour is not flagged forever) but kept out of the window: a model
+        // learns neither that a burst of them is usual nor a threshold above them.
+        if scored.as_ref().is_some_and(|s| s.anomalous) {
+            if baseline.pending.len() == MAX_PENDING {
+                baseline.pending.pop_front();
+            } else {
+                self.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            baseline.pending.push_back((op_id, *op));
+        } else {
+            baseline.learn(op, Some(features), &self.config);
+        }
         let training = baseline.due(&self.config).then(|| {
             baseline.training = true;
             baseline.since_training = 0;
@@ -512,14 +545,22 @@ impl Detector {
     /// An op of `agent` ended: whether it failed, and the tokens it spent. An
     /// op that succeeded spending nothing (most) costs nothing here: each op
     /// observed decays the error rate instead.
-    pub fn completed(&self, agent: &AgentId, failed: bool, tokens: u64, at_ms: i64) {
-        if !failed && tokens == 0 {
+    pub fn completed(&self, agent: &AgentId, op_id: bbx_core::OpId, failed: bool, (tokens, at_ms): (u64, i64)) {
+        let pending = self.pending.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        if !failed && tokens == 0 && !pending {
             return;
         }
         let Some(watched) = self.agents.read().get(agent).cloned() else {
             return;
         };
         let mut baseline = watched.baseline.lock();
+        if let Some(at) = baseline.pending.iter().position(|(id, _)| *id == op_id) {
+            let (_, op) = baseline.pending.remove(at).expect("a position found");
+            self.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if !failed {
+                baseline.learn(&op, None, &self.config);
+            }
+        }
         if failed {
             // Over about the last hundred ops: one failure moves it by a hundredth.
             baseline.counts.error_rate = (baseline.counts.error_rate + 0.01).min(1.0);
@@ -565,7 +606,10 @@ impl Detector {
     }
 
     pub fn forget(&self, agent: &AgentId) {
-        self.agents.write().remove(agent);
+        if let Some(watched) = self.agents.write().remove(agent) {
+            let pending = watched.baseline.lock().pending.len();
+            self.pending.fetch_sub(pending, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

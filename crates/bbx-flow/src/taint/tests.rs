@@ -168,7 +168,7 @@ fn case_does_not_matter() {
 }
 
 #[test]
-fn a_run_sees_its_own_taint_and_the_agents_but_not_another_runs() {
+fn a_run_sees_its_own_taint_and_the_agents_and_outside_runs_all_are_seen() {
     let taints = Taints::default();
     let agent = AgentId::generate();
     let url = json!({ "url": "https://evil.example/x" });
@@ -179,9 +179,10 @@ fn a_run_sees_its_own_taint_and_the_agents_but_not_another_runs() {
     );
     assert_eq!(taints.tainted(Scope::new(agent, Some("r1")), &url).len(), 1);
     assert!(taints.tainted(Scope::new(agent, Some("r2")), &url).is_empty());
-    assert!(
-        taints.tainted(agent, &url).is_empty(),
-        "outside runs, a run's taint is not seen"
+    assert_eq!(
+        taints.tainted(agent, &url).len(),
+        1,
+        "outside runs, every run's taint is seen"
     );
     taints.record(agent, OpId::generate(), &page("and https://other.example/"));
     let other = json!({ "url": "https://other.example/" });
@@ -190,4 +191,24 @@ fn a_run_sees_its_own_taint_and_the_agents_but_not_another_runs() {
     assert!(taints.tainted(Scope::new(agent, Some("r1")), &url).is_empty());
     taints.forget_agent(&agent);
     assert_eq!(taints.stats().fingerprints, 0);
+}
+
+#[test]
+fn an_agent_naming_many_runs_evicts_only_its_own() {
+    let taints = Taints::default();
+    let (other, noisy) = (AgentId::generate(), AgentId::generate());
+    taints.record(other, OpId::generate(), &page("see https://kept.example/"));
+    for run in 0..MAX_RUNS_PER_AGENT * 3 {
+        let run = format!("run-{run}");
+        taints.record(
+            Scope::new(noisy, Some(&run)),
+            OpId::generate(),
+            &page("https://flood.example/"),
+        );
+    }
+    assert_eq!(
+        taints.tainted(other, &json!({ "url": "https://kept.example/" })).len(),
+        1
+    );
+    assert_eq!(taints.stats().agents, 1 + MAX_RUNS_PER_AGENT);
 }
