@@ -121,6 +121,7 @@ pub async fn flow(cli: &Cli, args: &BenchFlowArgs) -> Result<()> {
         caller: &caller,
         tenant: "bench",
         op: &noop,
+        references: &[],
     };
     let mut labels = Vec::new();
     let unconcerned_kind = time_each(measure, || {

@@ -134,6 +134,37 @@ async fn an_injected_destination_is_blocked_and_a_clean_one_is_not() {
     assert_eq!(reread["result"]["labels"], labels, "{reread}");
     assert!(reread["labels"].to_string().contains("untrusted"), "{reread}");
 
+    // A value passed by reference is resolved by the kernel and labelled exactly.
+    let by_reference = json!({ "key": "page", "value": { "$from": { "op": source, "path": "/result/body" } } });
+    let by_reference = wait(
+        &kernel,
+        json(&submit(&kernel, &agent, "state.set", &by_reference))["op_id"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(by_reference["status"], "ok", "{by_reference}");
+    let stored = json(&kernel.cli(&["state", "get", &agent, "page", "--json"]));
+    assert_eq!(stored["value"], read["result"]["body"], "{stored}");
+    assert_eq!(stored["labels"], labels, "{stored}");
+    let other = json(&kernel.cli(&["agent", "create", "y", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (agent, path, why) in [
+        (&other, "/result/body", "another agent's"),
+        (&agent, "/result/nothing", "nothing at"),
+        (&agent, "/status", "nothing at"),
+    ] {
+        let args = json!({ "key": "k", "value": { "$from": { "op": source, "path": path } } });
+        let refused = submit(&kernel, agent, "state.set", &args);
+        assert!(!refused.status.success());
+        assert!(
+            stderr(&refused).contains("invalid_argument") && stderr(&refused).contains(why),
+            "{}",
+            stderr(&refused)
+        );
+    }
+
     let stats = json(&kernel.cli(&["v2", "enhanced-flow", "stats"]));
     assert!(stats["decisions"]["block"].as_u64().unwrap() >= 1, "{stats}");
     assert!(stats["taint"]["fingerprints"].as_u64().unwrap() >= 1, "{stats}");

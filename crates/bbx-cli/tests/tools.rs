@@ -491,6 +491,26 @@ async fn tool_mcp_calls_tools_of_other_mcp_servers_over_stdio_and_http() {
         vec![json!({"text": "over http", "key": "k-http"})]
     );
 
+    // Arguments the tool's advertised input schema refuses never reach it.
+    for (arguments, at) in [(json!({"text": 5}), "/text"), (json!({}), "text")] {
+        let refused = run(
+            &kernel,
+            &open,
+            "tool.mcp",
+            json!({"server": "local", "tool": "record", "arguments": arguments}),
+        );
+        assert_eq!(refused["error"]["code"], "invalid_argument", "{refused}");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains("input schema") && message.contains(at), "{message}");
+    }
+    let missing = run(&kernel, &open, "tool.mcp", json!({"server": "web", "tool": "nope"}));
+    assert_eq!(missing["error"]["code"], "invalid_argument", "{missing}");
+    assert!(
+        missing["error"]["message"].as_str().unwrap().contains("no tool"),
+        "{missing}"
+    );
+    assert_eq!(log_lines(&stdio_log).len(), 1, "no refused call reached the server");
+
     let failed = run(&kernel, &open, "tool.mcp", json!({"server": "local", "tool": "fail"}));
     assert_eq!(failed["status"], "error", "{failed}");
     assert_eq!(failed["error"]["code"], "tool_failed", "{failed}");

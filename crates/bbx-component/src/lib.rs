@@ -207,6 +207,19 @@ pub struct Submission<'a> {
     /// The tenant of the op's agent.
     pub tenant: &'a str,
     pub op: &'a SubmitOp,
+    /// The values its args took by reference (`$from`), already in `op.args`.
+    pub references: &'a [Reference],
+}
+
+/// A value an op's args took from another op's completion (`$from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// Where in the args (a JSON pointer).
+    pub path: String,
+    /// The op whose result it is.
+    pub source: OpId,
+    /// That op's completion's labels (`untrusted`, say).
+    pub labels: Vec<String>,
 }
 
 /// The op whose attempt succeeded, as [`Component::label`] sees it.

@@ -102,6 +102,25 @@ fn label_tainted(tainted: &[taint::Tainted], labels: &mut Vec<String>) {
     );
 }
 
+/// Adds the args that took an untrusted value by reference, exactly where and
+/// from which op, in place of what fingerprints found there.
+fn referenced_taint(references: &[bbx_component::Reference], tainted: &mut Vec<taint::Tainted>) {
+    for reference in references {
+        let untrusted = reference.labels.iter().any(|l| l == "untrusted" || l == "tainted");
+        if untrusted {
+            let within = |path: &str| {
+                path.strip_prefix(reference.path.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            };
+            tainted.retain(|t| !within(&t.path));
+            tainted.push(taint::Tainted {
+                path: reference.path.clone(),
+                source: reference.source,
+            });
+        }
+    }
+}
+
 /// Why an agent is quarantined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Quarantine {
@@ -231,7 +250,7 @@ impl Flow {
         role: &str,
         anomaly: Option<Scored>,
     ) -> Explained {
-        self.explain_in(None, agent, (kind, args), role, anomaly)
+        self.explain_in(None, agent, (kind, args, &[]), role, anomaly)
     }
 
     /// [`Self::explain`] for an op of `run` (its taint scope).
@@ -239,11 +258,12 @@ impl Flow {
         &self,
         run: Option<&str>,
         agent: &bbx_core::model::Agent,
-        (kind, args): (&str, &Value),
+        (kind, args, references): (&str, &Value, &[bbx_component::Reference]),
         role: &str,
         anomaly: Option<Scored>,
     ) -> Explained {
-        let tainted = self.0.taints.tainted(taint::Scope::new(agent.id, run), args);
+        let mut tainted = self.0.taints.tainted(taint::Scope::new(agent.id, run), args);
+        referenced_taint(references, &mut tainted);
         let book = self.0.book.read().clone();
         let concerned = book.concerning(&agent.tenant, kind);
         let mut decided: Vec<Decided> = Vec::new();
@@ -416,16 +436,24 @@ impl Component for Flow {
         if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
             // A state write keeps the taint of what it writes whether or not a
             // policy looks at it: a later read passes it on.
-            if op.kind == "state.set" {
+            if op.kind == "state.set" || !submission.references.is_empty() {
                 let scope = taint::Scope::new(op.agent, op.run_id.as_deref());
-                label_tainted(&self.0.taints.tainted(scope, &op.args), labels);
+                let mut tainted = self.0.taints.tainted(scope, &op.args);
+                referenced_taint(submission.references, &mut tainted);
+                label_tainted(&tainted, labels);
             }
             self.0.decisions[0].fetch_add(1, Ordering::Relaxed);
             return Ok(Verdict::Allow);
         }
         let agent = bbx_agents::stored_agent(&self.ctx()?.store, &op.agent)?;
         let role = submission.caller.role.as_str();
-        let explained = self.explain_in(op.run_id.as_deref(), &agent, (&op.kind, &op.args), role, anomaly);
+        let explained = self.explain_in(
+            op.run_id.as_deref(),
+            &agent,
+            (&op.kind, &op.args, submission.references),
+            role,
+            anomaly,
+        );
         label_tainted(&explained.tainted, labels);
         if anomalous {
             labels.push("anomalous".into());

@@ -28,6 +28,7 @@ mod endpoints;
 mod journal_check;
 mod ops;
 mod quota;
+mod refs;
 mod session;
 mod shm;
 

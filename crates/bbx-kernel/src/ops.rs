@@ -89,6 +89,8 @@ impl Kernel {
                     .map_err(|e| bbx_ring::batch::at_op(index, e))?;
             }
         }
+        let mut batch = batch;
+        let references = self.resolve_references(caller, &mut batch.ops)?;
         let start_after = self.check_rates(&batch.ops, &tenants).await?;
         // Made here only for components that check ops, which record what they
         // decided of each by its id.
@@ -98,7 +100,7 @@ impl Kernel {
         } else {
             Vec::new()
         };
-        let Checked { holds, labels } = self.check_ops(caller, &batch.ops, &tenants, &op_ids)?;
+        let Checked { holds, labels } = self.check_ops(caller, &batch.ops, (&tenants, &references), &op_ids)?;
         let placement = ring::Placement {
             tenants,
             op_ids,
@@ -123,7 +125,7 @@ impl Kernel {
         &self,
         caller: &Caller,
         ops: &[bbx_core::op::SubmitOp],
-        tenants: &[Arc<str>],
+        (tenants, references): (&[Arc<str>], &[Vec<bbx_component::Reference>]),
         op_ids: &[OpId],
     ) -> Result<Checked> {
         let mut checked = Checked::default();
@@ -136,6 +138,7 @@ impl Kernel {
                 caller,
                 tenant,
                 op,
+                references: &references[index],
             };
             let checks = self
                 .components

@@ -135,6 +135,8 @@ pub struct Tools {
     config: ToolsConfig,
     cgroups: Box<dyn Driver>,
     http: http::Clients,
+    /// The input schemas MCP servers advertise for their tools.
+    mcp_schemas: mcp::Schemas,
     /// For the operator's configured LLM endpoints, which the agent's address
     /// policy does not govern (the agent cannot name them).
     llm_http: reqwest::Client,
@@ -164,6 +166,7 @@ impl Tools {
             config,
             cgroups,
             http: http::Clients::default(),
+            mcp_schemas: mcp::Schemas::default(),
             llm_http: reqwest::Client::builder()
                 .build()
                 .map_err(|e| Error::internal(format!("cannot build an HTTP client: {e}")))?,
@@ -211,7 +214,7 @@ impl Tools {
         match call {
             Call::Http(call) => self.http.run(call, ctx, self.secrets.as_deref()).await,
             Call::Llm(call) => call.run(&self.llm_http, &self.config.llm, ctx).await,
-            Call::Mcp(call) => call.run(ctx, &self.config.mcp, &self.http).await,
+            Call::Mcp(call) => call.run(ctx, &self.config.mcp, (&self.http, &self.mcp_schemas)).await,
             Call::File(call) => {
                 let workspace = self.workspace(&ctx.agent)?;
                 let call = call.clone();

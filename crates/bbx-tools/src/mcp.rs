@@ -8,6 +8,13 @@
 //! Each call opens a session, makes the one call and closes it; a command is
 //! started for the call and killed when it ends or the op is dropped. The op's
 //! idempotency key travels in the request's `_meta` as `idempotencyKey`.
+//!
+//! The arguments are checked against the `inputSchema` the server advertises
+//! for the tool (its `tools/list`, fetched in the call's session and kept for
+//! [`SCHEMAS_KEPT`]): arguments that fail it are refused with
+//! `invalid_argument` naming where and why, and the tool is not called. Schemas
+//! are compiled without resolving remote references: a server cannot make the
+//! kernel fetch anything.
 
 use crate::Context;
 use crate::http::{Clients, check_literal};
@@ -26,6 +33,62 @@ use std::time::Duration;
 
 /// The `_meta` key the op's idempotency key is sent under.
 pub const IDEMPOTENCY_META_KEY: &str = "idempotencyKey";
+
+/// How long a server's advertised input schemas are used before they are
+/// fetched again.
+pub const SCHEMAS_KEPT: Duration = Duration::from_secs(300);
+/// Servers whose schemas are kept at most.
+const SERVERS_KEPT: usize = 1024;
+
+/// One server's tools: each tool's compiled input schema (`None`: it
+/// advertised none, or one that does not compile, which checks nothing).
+type ToolSchemas = std::collections::HashMap<String, Option<std::sync::Arc<jsonschema::Validator>>>;
+
+/// The input schemas MCP servers advertise, by server (its URL or command).
+#[derive(Default)]
+pub struct Schemas {
+    kept: parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, std::sync::Arc<ToolSchemas>)>>,
+}
+
+impl Schemas {
+    fn get(&self, server: &str) -> Option<std::sync::Arc<ToolSchemas>> {
+        let kept = self.kept.lock();
+        let (at, tools) = kept.get(server)?;
+        (at.elapsed() < SCHEMAS_KEPT).then(|| tools.clone())
+    }
+
+    fn put(&self, server: String, tools: std::sync::Arc<ToolSchemas>) {
+        let mut kept = self.kept.lock();
+        if kept.len() >= SERVERS_KEPT {
+            kept.retain(|_, (at, _)| at.elapsed() < SCHEMAS_KEPT);
+        }
+        if kept.len() < SERVERS_KEPT {
+            kept.insert(server, (std::time::Instant::now(), tools));
+        }
+    }
+}
+
+/// Compiles a tool's advertised input schema, resolving no remote reference.
+fn compile(schema: &JsonObject) -> Option<std::sync::Arc<jsonschema::Validator>> {
+    let schema = Value::Object(schema.clone());
+    jsonschema::options()
+        .with_retriever(NoRetrieval)
+        .build(&schema)
+        .ok()
+        .map(std::sync::Arc::new)
+}
+
+/// Refuses every remote reference in a server's schema.
+struct NoRetrieval;
+
+impl jsonschema::Retrieve for NoRetrieval {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        Err(format!("{uri} is not fetched: MCP input schemas are checked as given").into())
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,7 +153,7 @@ impl McpCall {
         &self,
         ctx: &Context,
         operator: &BTreeMap<String, McpServer>,
-        clients: &Clients,
+        (clients, schemas): (&Clients, &Schemas),
     ) -> Result<Value> {
         let mut params = CallToolRequestParams::new(self.tool.clone());
         params.arguments = self.arguments.clone();
@@ -100,7 +163,12 @@ impl McpCall {
             params.meta = Some(RequestMetaObject::from(meta));
         }
         let call = async {
-            match self.target(ctx, operator)? {
+            let target = self.target(ctx, operator)?;
+            let known = Known {
+                server: target.identity(),
+                schemas,
+            };
+            match target {
                 Target::Url(url, chosen) => {
                     let policy = match chosen {
                         Chosen::ByAgent => AddressPolicy::new(&ctx.settings)?,
@@ -114,7 +182,7 @@ impl McpCall {
                         http,
                         StreamableHttpClientTransportConfig::with_uri(url),
                     );
-                    call_over(transport, params, &self.server).await
+                    call_over(transport, params, &self.server, &known).await
                 }
                 Target::Command(server) => {
                     let (program, args) = server.command.split_first().expect("checked: a command is not empty");
@@ -135,7 +203,7 @@ impl McpCall {
                     // Whatever the server started (wrappers such as npx or uvx do) goes
                     // with it: the call ran in a process group of its own.
                     let group = ProcessGroup(child.id().map_or(0, |p| p as i32));
-                    let answer = call_over(io, params, &self.server).await;
+                    let answer = call_over(io, params, &self.server, &known).await;
                     drop(group);
                     let _ = child.kill().await;
                     answer
@@ -168,14 +236,86 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// Opens a client session over `transport`, makes the call, and closes it.
-async fn call_over<T, E, A>(transport: T, params: CallToolRequestParams, server: &str) -> Result<Value>
+impl Target<'_> {
+    /// What the server's schemas are kept under: where it is, not its name
+    /// (agents name their own servers).
+    fn identity(&self) -> String {
+        match self {
+            Self::Url(url, _) => format!("url {url}"),
+            Self::Command(server) => format!("command {:?}", server.command),
+        }
+    }
+}
+
+/// A server's kept schemas, and where to keep them.
+struct Known<'a> {
+    server: String,
+    schemas: &'a Schemas,
+}
+
+/// The arguments checked against the tool's advertised input schema (fetched
+/// in `session` unless kept).
+async fn check_arguments(
+    session: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    params: &CallToolRequestParams,
+    server: &str,
+    known: &Known<'_>,
+) -> Result<()> {
+    let tools = match known.schemas.get(&known.server) {
+        Some(tools) => tools,
+        None => {
+            let listed = session
+                .list_all_tools()
+                .await
+                .map_err(|e| Error::unavailable(format!("MCP server {server:?} did not list its tools: {e}")))?;
+            let tools: ToolSchemas = listed
+                .iter()
+                .map(|tool| (tool.name.to_string(), compile(&tool.input_schema)))
+                .collect();
+            let tools = std::sync::Arc::new(tools);
+            known.schemas.put(known.server.clone(), tools.clone());
+            tools
+        }
+    };
+    let Some(schema) = tools.get(params.name.as_ref()) else {
+        return Err(Error::invalid_field(
+            "args.tool",
+            format!("MCP server {server:?} has no tool {:?}", params.name),
+        ));
+    };
+    let arguments = Value::Object(params.arguments.clone().unwrap_or_default());
+    if let Some(error) = schema.as_ref().and_then(|s| s.iter_errors(&arguments).next()) {
+        let at = error.instance_path().to_string();
+        let at = if at.is_empty() { "/".to_owned() } else { at };
+        return Err(Error::invalid_field(
+            "args.arguments",
+            format!(
+                "the arguments of {:?} on {server:?} do not match its input schema at {at}: {error}",
+                params.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens a client session over `transport`, checks the arguments, makes the
+/// call, and closes it.
+async fn call_over<T, E, A>(
+    transport: T,
+    params: CallToolRequestParams,
+    server: &str,
+    known: &Known<'_>,
+) -> Result<Value>
 where
     T: rmcp::transport::IntoTransport<rmcp::RoleClient, E, A>,
     E: std::error::Error + Send + Sync + 'static,
 {
     let unreachable = |e: &dyn std::fmt::Display| Error::unavailable(format!("MCP server {server:?}: {e}"));
     let session = ().serve(transport).await.map_err(|e| unreachable(&e))?;
+    if let Err(e) = check_arguments(&session, &params, server, known).await {
+        let _ = session.cancel().await;
+        return Err(e);
+    }
     let answer = session.call_tool(params).await;
     let _ = session.cancel().await;
     let result = answer.map_err(|e| match e {
