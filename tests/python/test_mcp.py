@@ -66,6 +66,9 @@ TOOLS = {
     "flow_audit",
     "flow_approve",
     "flow_deny",
+    "flow_grant",
+    "flow_revoke",
+    "flow_grants",
 }
 
 

@@ -1,6 +1,10 @@
 //! `state.*`: the agent state store's op kinds, served through the component
 //! contract like any component's. `state.get` reads; `state.set`, `state.incr` and
 //! `state.delete` stage their effect with their op's completion.
+//!
+//! An op acts on its own agent's state, or, with `"agent": OWNER`, on another
+//! agent's: FlowIntegrity's access control lets it only where the owner granted
+//! the op's agent that right over the key's prefix (same tenant).
 
 use crate::effect::{Effect, apply_effect};
 use crate::{STATE, decode_state, state_key};
@@ -39,6 +43,9 @@ const KINDS: &[OpKind] = &[
 #[serde(deny_unknown_fields)]
 struct KeyArgs {
     key: String,
+    /// Whose state [default: the op's agent's].
+    #[serde(default)]
+    agent: Option<AgentId>,
 }
 
 #[derive(Deserialize)]
@@ -46,6 +53,8 @@ struct KeyArgs {
 struct SetArgs {
     key: String,
     value: Value,
+    #[serde(default)]
+    agent: Option<AgentId>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +63,8 @@ struct IncrArgs {
     key: String,
     #[serde(default = "one")]
     by: serde_json::Number,
+    #[serde(default)]
+    agent: Option<AgentId>,
 }
 
 fn one() -> serde_json::Number {
@@ -87,31 +98,35 @@ impl Component for StateOps {
     }
 
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {
-        let effect = match kind {
+        let (owner, effect) = match kind {
             "state.get" => {
-                let KeyArgs { key } = parse_args(kind, args)?;
+                let KeyArgs { key, agent: owner } = parse_args(kind, args)?;
                 validate::state_key(&key)?;
-                return Ok(Prepared::Read(Arc::new(StateRead { key })));
+                return Ok(Prepared::Read(Arc::new(StateRead { key, owner })));
             }
             "state.set" => {
-                let SetArgs { key, value } = parse_args(kind, args)?;
+                let SetArgs {
+                    key,
+                    value,
+                    agent: owner,
+                } = parse_args(kind, args)?;
                 validate::state_key(&key)?;
                 let value = serde_json::to_vec(&value).map_err(|e| Error::internal(e.to_string()))?;
-                Effect::Set { key, value }
+                (owner, Effect::Set { key, value })
             }
             "state.incr" => {
-                let IncrArgs { key, by } = parse_args(kind, args)?;
+                let IncrArgs { key, by, agent: owner } = parse_args(kind, args)?;
                 validate::state_key(&key)?;
-                Effect::Incr { key, by }
+                (owner, Effect::Incr { key, by })
             }
             "state.delete" => {
-                let KeyArgs { key } = parse_args(kind, args)?;
+                let KeyArgs { key, agent: owner } = parse_args(kind, args)?;
                 validate::state_key(&key)?;
-                Effect::Delete { key }
+                (owner, Effect::Delete { key })
             }
             other => return Err(Error::internal(format!("the state component serves no {other}"))),
         };
-        Ok(Prepared::Effect(Arc::new(StateEffect(effect))))
+        Ok(Prepared::Effect(Arc::new(StateEffect { owner, effect })))
     }
 }
 
@@ -119,11 +134,14 @@ impl Component for StateOps {
 #[derive(Debug)]
 struct StateRead {
     key: String,
+    /// Another agent's state, where granted.
+    owner: Option<AgentId>,
 }
 
 impl ReadOp for StateRead {
     fn read(&self, store: &Store, agent: &AgentId) -> Result<Value> {
         let key = &self.key;
+        let agent = self.owner.as_ref().unwrap_or(agent);
         let bytes = store
             .view()
             .get(store.keyspace(STATE), state_key(agent, key))
@@ -144,12 +162,16 @@ impl ReadOp for StateRead {
     }
 }
 
-/// `state.set`, `state.incr`, `state.delete`: an effect on one key.
+/// `state.set`, `state.incr`, `state.delete`: an effect on one key of its
+/// agent's state, or of the owner's where granted.
 #[derive(Debug)]
-pub(crate) struct StateEffect(pub(crate) Effect);
+pub(crate) struct StateEffect {
+    owner: Option<AgentId>,
+    effect: Effect,
+}
 
 impl EffectOp for StateEffect {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
-        apply_effect(tx, staging.agent, &self.0, staging)
+        apply_effect(tx, self.owner.as_ref().unwrap_or(staging.agent), &self.effect, staging)
     }
 }

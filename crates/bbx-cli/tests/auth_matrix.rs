@@ -82,6 +82,10 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             (Read, Nothing)
         }
         ("GET", "/v1/flow/anomalies" | "/v1/enhanced-flow/anomalies") => (Read, Nothing),
+        ("GET", "/v1/flow/agents/{agent}/grants") => (Read, Object),
+        ("POST", "/v1/flow/agents/{agent}/grants") | ("DELETE", "/v1/flow/agents/{agent}/grants/{grantee}") => {
+            (Act, Object)
+        }
         ("GET", "/v1/flow/ops/{op_id}/explain") => (Read, Object),
         ("GET", "/v1/flow/audit") => (ManageKeys, Nothing),
         ("PUT" | "DELETE", "/v1/flow/policies/{name}") => (Operate, Tenant),
@@ -229,8 +233,17 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         .replace("{key_id}", &f.key)
         .replace("{key}", "k")
         .replace("{op_id}", &f.op)
-        // Quarantining the spare agent leaves the one the other requests use alone.
-        .replace("{agent}", &f.spare_agent);
+        // Quarantining the spare agent leaves the one the other requests use alone;
+        // grants are the credential's own agent's to give.
+        .replace(
+            "{agent}",
+            if path.contains("/grants") {
+                &f.agent
+            } else {
+                &f.spare_agent
+            },
+        )
+        .replace("{grantee}", &f.spare_agent);
     let filled = if path.starts_with("/v1/ops/") {
         filled.replace("{id}", &f.op)
     } else if path.starts_with("/v1/keys/") {
@@ -279,6 +292,9 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/flow/test" => json!({ "agent": f.agent, "kind": "noop", "args": {} }),
         "/v1/flow/agents/{agent}/quarantine" => json!({ "reason": "matrix" }),
         "/v1/flow/agents/{agent}/declassify" => json!({ "value": "x.example" }),
+        "/v1/flow/agents/{agent}/grants" if method == "POST" => {
+            json!({ "grantee": f.spare_agent, "prefix": "shared/" })
+        }
         _ => json!({}),
     };
     (filled, Some(body))

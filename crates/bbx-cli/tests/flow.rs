@@ -337,3 +337,47 @@ async fn an_agent_learns_a_baseline_and_an_unusual_op_is_flagged() {
     let explained = json(&kernel.cli(&["flow", "explain", odd["op_id"].as_str().unwrap()]));
     assert_eq!(explained["decided"][0]["policy"], "anomaly", "{explained}");
 }
+
+/// An agent's state is its own: another agent's state op that names it is
+/// refused until it grants that agent a right over a prefix, and only there; a
+/// grant is revoked; another tenant's agent is not there at all.
+#[tokio::test]
+async fn an_agent_shares_its_state_only_by_grant() {
+    let kernel = Kernel::start();
+    let create = |args: &[&str]| {
+        let mut all = vec!["agent", "create"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        json(&kernel.cli(&all))["id"].as_str().unwrap().to_owned()
+    };
+    let (owner, reader, stranger) = (create(&["a"]), create(&["b"]), create(&["c", "--tenant", "other"]));
+    for key in ["shared/plan", "private"] {
+        let args = json!({ "key": key, "value": key });
+        assert!(submit(&kernel, &owner, "state.set", &args).status.success());
+    }
+    let get = |agent: &str, key: &str| submit(&kernel, agent, "state.get", &json!({ "agent": owner, "key": key }));
+    let refused = get(&reader, "shared/plan");
+    assert!(stderr(&refused).contains("policy_denied") && stderr(&refused).contains("not granted"));
+
+    json(&kernel.cli(&["flow", "grant", &owner, "--grantee", &reader, "--prefix", "shared/"]));
+    let read = wait(&kernel, json(&get(&reader, "shared/plan"))["op_id"].as_str().unwrap());
+    assert_eq!(read["result"]["value"], "shared/plan", "{read}");
+    assert!(
+        stderr(&get(&reader, "private")).contains("policy_denied"),
+        "only under the prefix"
+    );
+    let write = json!({ "agent": owner, "key": "shared/plan", "value": "mine now" });
+    assert!(
+        stderr(&submit(&kernel, &reader, "state.set", &write)).contains("policy_denied"),
+        "read only"
+    );
+    let foreign = get(&stranger, "shared/plan");
+    assert!(stderr(&foreign).contains("not_found"), "{}", stderr(&foreign));
+    let listed = json(&kernel.cli(&["flow", "grants", &owner, "--json"]));
+    assert_eq!(listed["grants"][0]["grantee"], reader.as_str(), "{listed}");
+
+    json(&kernel.cli(&["flow", "revoke", &owner, &reader, "--prefix", "shared/"]));
+    assert!(stderr(&get(&reader, "shared/plan")).contains("policy_denied"));
+    let audit = json(&kernel.cli(&["flow", "audit", "--json"]));
+    assert!(audit["events"].to_string().contains("has not granted"), "{audit}");
+}

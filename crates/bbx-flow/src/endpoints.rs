@@ -78,6 +78,30 @@ struct NoArgs {}
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+struct GrantReq {
+    /// The owner of the state.
+    agent: String,
+    /// The agent given the rights (of the same tenant).
+    grantee: String,
+    /// Keys starting with it [default: every key].
+    #[serde(default)]
+    prefix: String,
+    /// `read`, `write` or both [default: read].
+    #[serde(default)]
+    rights: Option<Vec<crate::access::Right>>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RevokeReq {
+    agent: String,
+    grantee: String,
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 struct OpOnly {
     op_id: String,
 }
@@ -308,6 +332,89 @@ impl Flow {
         Ok(json!({ "events": events }))
     }
 
+    /// The owner and the grantee, both the caller's to act for, in one tenant.
+    fn pair(&self, caller: &Caller, owner: &str, grantee: &str) -> Result<(AgentId, AgentId)> {
+        caller.may(Action::Act)?;
+        let owner = self.agent(caller, owner)?;
+        let grantee: AgentId = grantee.parse()?;
+        let record = bbx_agents::stored_agent(&self.ctx()?.store, &grantee)?;
+        if record.tenant != owner.tenant {
+            return Err(Error::not_found("agent", grantee));
+        }
+        if grantee == owner.id {
+            return Err(Error::invalid_field(
+                "grantee",
+                "an agent's own state is its own already",
+            ));
+        }
+        Ok((owner.id, grantee))
+    }
+
+    async fn grant(&self, caller: &Caller, req: GrantReq) -> Result<crate::access::Grant> {
+        let (owner, grantee) = self.pair(caller, &req.agent, &req.grantee)?;
+        if !req.prefix.is_empty() {
+            bbx_core::validate::state_key(&req.prefix)?;
+        }
+        let mut rights = req.rights.unwrap_or_else(|| vec![crate::access::Right::Read]);
+        rights.sort_by_key(|r| *r as u8);
+        rights.dedup();
+        if rights.is_empty() {
+            return Err(Error::invalid_field("rights", "a grant gives read, write or both"));
+        }
+        let grant = crate::access::Grant {
+            owner,
+            grantee,
+            prefix: req.prefix,
+            rights,
+            by: format!("key {}", caller.key_id),
+            at: Utc::now(),
+        };
+        self.0.grants.check_room(&grant)?;
+        self.ctx()?.store.write(Change::PutGrant(grant.clone())).await?;
+        self.0.grants.put(grant.clone());
+        let tenant = caller.tenant.clone().unwrap_or_default();
+        let what = format!(
+            "grant agent {grantee} {:?} over agent {owner}'s {:?}",
+            grant.rights, grant.prefix
+        );
+        self.audit(Some(caller), &tenant, what, "granted".into(), AuditKind::FlowDecision);
+        Ok(grant)
+    }
+
+    /// Revokes the grant, if there is one (revoking is idempotent: a grant that
+    /// went with its grantee is revoked already).
+    async fn revoke(&self, caller: &Caller, req: RevokeReq) -> Result<Value> {
+        caller.may(Action::Act)?;
+        let owner = self.agent(caller, &req.agent)?;
+        let grantee: AgentId = req.grantee.parse()?;
+        let key = crate::access::Grant {
+            owner: owner.id,
+            grantee,
+            prefix: req.prefix.clone(),
+            rights: Vec::new(),
+            by: String::new(),
+            at: Utc::now(),
+        }
+        .key();
+        let held = self.0.grants.of(&owner.id).into_iter().find(|g| g.key() == key);
+        if held.is_some() {
+            self.ctx()?.store.write(Change::RemoveGrants(vec![key.clone()])).await?;
+            self.0.grants.remove(&key);
+            let what = format!(
+                "revoke agent {grantee}'s grant over agent {}'s {:?}",
+                owner.id, req.prefix
+            );
+            self.audit(
+                Some(caller),
+                &owner.tenant,
+                what,
+                "revoked".into(),
+                AuditKind::FlowDecision,
+            );
+        }
+        Ok(json!({ "revoked": held }))
+    }
+
     fn declassify(&self, caller: &Caller, req: Declassify) -> Result<Value> {
         caller.may(Action::Operate)?;
         let agent = self.agent(caller, &req.agent)?;
@@ -398,6 +505,31 @@ pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
                 let agent = f.agent(&caller, &req.agent)?;
                 let anomaly = f.peek_score(&agent.id, &req.kind, &req.args);
                 Ok(f.explain(&agent, &req.kind, &req.args, caller.role.as_str(), anomaly))
+            },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.grant",
+            ("POST", "/v1/flow/agents/{agent}/grants"),
+            "Grant another agent of the tenant read and/or write over this agent's state keys under a prefix: its state ops may then name this agent (\"agent\": OWNER). Audited.",
+            |f: Flow, caller, req: GrantReq| async move { f.grant(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.revoke",
+            ("DELETE", "/v1/flow/agents/{agent}/grants/{grantee}"),
+            "Revoke the grant this agent gave another over its state keys under a prefix (revoked: the grant, or null if there was none). Audited.",
+            |f: Flow, caller, req: RevokeReq| async move { f.revoke(&caller, req).await },
+        ),
+        Endpoint::serving(
+            flow,
+            "flow.grants",
+            ("GET", "/v1/flow/agents/{agent}/grants"),
+            "The grants an agent gives and is given over state keys (by prefix, read and write).",
+            |f: Flow, caller, req: AgentOnly| async move {
+                caller.may(Action::Read)?;
+                let agent = f.agent(&caller, &req.agent)?;
+                Ok(json!({ "grants": f.0.grants.of(&agent.id) }))
             },
         ),
         Endpoint::serving(

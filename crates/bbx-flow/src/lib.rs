@@ -25,6 +25,7 @@
 //! Every decision other than `allow` goes to the audit log shared with Auth;
 //! what was decided of the latest ops, and why, is kept for `bbx flow explain`.
 
+pub mod access;
 pub mod anomaly;
 mod decisions;
 mod endpoints;
@@ -70,7 +71,12 @@ pub const FLOW_ANOMALY_MODELS: KeyspaceDef = KeyspaceDef {
 };
 
 /// Every keyspace FlowIntegrity stages into.
-pub const KEYSPACES: &[KeyspaceDef] = &[policy::FLOW_POLICIES, FLOW_QUARANTINE, FLOW_ANOMALY_MODELS];
+pub const KEYSPACES: &[KeyspaceDef] = &[
+    policy::FLOW_POLICIES,
+    FLOW_QUARANTINE,
+    FLOW_ANOMALY_MODELS,
+    access::FLOW_GRANTS,
+];
 
 /// How long an op held for approval waits before it is denied.
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
@@ -138,6 +144,8 @@ enum Change {
     Release(AgentId),
     SaveModel(AgentId, Arc<Saved>),
     RemoveModel(AgentId),
+    PutGrant(access::Grant),
+    RemoveGrants(Vec<Vec<u8>>),
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -153,6 +161,12 @@ impl Staged for Change {
             Self::Release(agent) => tx.remove(FLOW_QUARANTINE, agent.as_bytes().to_vec()),
             Self::SaveModel(agent, saved) => tx.put(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec(), json(&**saved)?),
             Self::RemoveModel(agent) => tx.remove(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec()),
+            Self::PutGrant(grant) => tx.put(access::FLOW_GRANTS, grant.key(), json(grant)?),
+            Self::RemoveGrants(keys) => {
+                for key in keys {
+                    tx.remove(access::FLOW_GRANTS, key.clone());
+                }
+            }
         }
         Ok(Applied::Done)
     }
@@ -182,6 +196,7 @@ struct Inner {
     /// What an anomalous op gets.
     anomaly_action: Action,
     recent: Recent,
+    grants: access::Grants,
 }
 
 /// What an op would be decided, and why.
@@ -213,6 +228,7 @@ impl Flow {
                 _ => Action::Warn,
             },
             recent: Recent::default(),
+            grants: access::Grants::default(),
         }))
     }
 
@@ -324,6 +340,48 @@ impl Flow {
         )
     }
 
+    /// A `state.*` op on another agent's state (`"agent": OWNER`) needs the
+    /// owner, of the same tenant, to have granted the op's agent its right over
+    /// the key; a refusal is audited.
+    fn check_access(&self, submission: &Submission<'_>) -> Result<()> {
+        let op = submission.op;
+        let Some(right) = access::right_of(&op.kind) else {
+            return Ok(());
+        };
+        let Some(owner) = op.args.get("agent").filter(|a| !a.is_null()) else {
+            return Ok(());
+        };
+        let owner: AgentId = owner
+            .as_str()
+            .ok_or_else(|| Error::invalid_field("args.agent", "agent must be an agent id"))?
+            .parse()?;
+        if owner == op.agent {
+            return Ok(());
+        }
+        let record = bbx_agents::stored_agent(&self.ctx()?.store, &owner)?;
+        if record.tenant != submission.tenant {
+            // Another tenant's agent is not there at all, to this one.
+            return Err(Error::not_found("agent", owner));
+        }
+        let key = op.args.get("key").and_then(Value::as_str).unwrap_or_default();
+        if self.0.grants.allows(&owner, &op.agent, key, right) {
+            return Ok(());
+        }
+        let why = format!(
+            "agent {owner} has not granted agent {} {right:?} over {key:?}",
+            op.agent
+        );
+        let what = format!("refuse {} of agent {} on agent {owner}'s state", op.kind, op.agent);
+        self.audit(
+            Some(submission.caller),
+            submission.tenant,
+            what,
+            why.clone(),
+            AuditKind::FlowDecision,
+        );
+        Err(Error::new(ErrorCode::PolicyDenied, why))
+    }
+
     /// Audits a decision other than `allow`, and carries it out.
     fn act(&self, submission: &Submission<'_>, explained: &Explained) -> Result<Verdict> {
         let op = submission.op;
@@ -418,6 +476,15 @@ impl Component for Flow {
         }
         drop(quarantined);
         self.load_models(&ctx.store)?;
+        let mut grants = Vec::new();
+        for item in ctx.store.keyspace(access::FLOW_GRANTS).iter() {
+            let (_, value) = item.into_inner().map_err(|e| storage_error("load grants", e))?;
+            grants.push(
+                serde_json::from_slice(&value)
+                    .map_err(|e| Error::internal(format!("a stored grant is unreadable: {e}")))?,
+            );
+        }
+        self.0.grants.load(grants);
         let _ = self.0.ctx.set(ctx.clone());
         Ok(())
     }
@@ -431,6 +498,7 @@ impl Component for Flow {
         if let Some(q) = self.0.quarantined.read().get(&op.agent) {
             return Err(Self::refused_quarantined(q));
         }
+        self.check_access(submission)?;
         let anomaly = self.observe(submission.op_id, op.agent, &op.kind, &op.args);
         let anomalous = anomaly.as_ref().is_some_and(|a| a.anomalous);
         if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
@@ -516,6 +584,15 @@ impl Component for Flow {
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
+        let grants = self.0.grants.forget_agent(&agent);
+        if !grants.is_empty() {
+            let store = ctx.store.clone();
+            ctx.tasks.spawn(async move {
+                if let Err(e) = store.write(Change::RemoveGrants(grants)).await {
+                    tracing::error!(error = %e, "a deleted agent's grants could not be removed");
+                }
+            });
+        }
         self.0.taints.forget_agent(&agent);
         self.0.recent.forget_agent(&agent);
         if let Some(detector) = &self.0.detector {

@@ -1,0 +1,186 @@
+//! Memory access control: an agent's regions are its own unless it grants
+//! them. A grant gives another agent of the same tenant `read` and/or `write`
+//! over the owner's state keys under a prefix; a `state.*` op that names another
+//! agent (`"agent": OWNER`) is refused with `policy_denied` (and audited) unless
+//! a grant covers its key and right. Grants are stored, and go with either agent.
+
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::KeyspaceDef;
+use chrono::{DateTime, Utc};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+/// owner, grantee, prefix -> [`Grant`] as JSON. Its id is what redo records
+/// carry: never change it.
+pub const FLOW_GRANTS: KeyspaceDef = KeyspaceDef {
+    id: 18,
+    name: "flow_grants",
+};
+
+/// Grants one owner gives at most.
+pub const MAX_GRANTS_PER_OWNER: usize = 256;
+
+/// What a grant allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Right {
+    Read,
+    Write,
+}
+
+/// Rights over an owner's state keys under `prefix`, given to `grantee`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Grant {
+    pub owner: AgentId,
+    pub grantee: AgentId,
+    /// Keys starting with it (empty: every key).
+    pub prefix: String,
+    pub rights: Vec<Right>,
+    pub by: String,
+    pub at: DateTime<Utc>,
+}
+
+impl Grant {
+    pub fn key(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(32 + self.prefix.len());
+        key.extend_from_slice(self.owner.as_bytes());
+        key.extend_from_slice(self.grantee.as_bytes());
+        key.extend_from_slice(self.prefix.as_bytes());
+        key
+    }
+}
+
+/// The grants in force, by owner.
+#[derive(Default)]
+pub struct Grants {
+    by_owner: parking_lot::RwLock<FxHashMap<AgentId, Vec<Grant>>>,
+}
+
+impl Grants {
+    pub fn load(&self, grants: Vec<Grant>) {
+        let mut by_owner = self.by_owner.write();
+        for grant in grants {
+            by_owner.entry(grant.owner).or_default().push(grant);
+        }
+    }
+
+    /// Whether `grantee` may use `right` on `owner`'s `key`.
+    pub fn allows(&self, owner: &AgentId, grantee: &AgentId, key: &str, right: Right) -> bool {
+        self.by_owner.read().get(owner).is_some_and(|grants| {
+            grants
+                .iter()
+                .any(|g| g.grantee == *grantee && key.starts_with(&g.prefix) && g.rights.contains(&right))
+        })
+    }
+
+    /// Replaces the grant of the same owner, grantee and prefix; refused past
+    /// [`MAX_GRANTS_PER_OWNER`].
+    pub fn check_room(&self, grant: &Grant) -> Result<()> {
+        let by_owner = self.by_owner.read();
+        let held = by_owner.get(&grant.owner).map_or(0, Vec::len);
+        let replacing = by_owner
+            .get(&grant.owner)
+            .is_some_and(|g| g.iter().any(|g| g.key() == grant.key()));
+        if held >= MAX_GRANTS_PER_OWNER && !replacing {
+            return Err(Error::new(
+                ErrorCode::ResourceExhausted,
+                format!("agent {} gives {MAX_GRANTS_PER_OWNER} grants already", grant.owner),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn put(&self, grant: Grant) {
+        let mut by_owner = self.by_owner.write();
+        let grants = by_owner.entry(grant.owner).or_default();
+        grants.retain(|g| g.key() != grant.key());
+        grants.push(grant);
+    }
+
+    pub fn remove(&self, key: &[u8]) -> Option<Grant> {
+        let mut by_owner = self.by_owner.write();
+        let owner = AgentId::from_bytes(key.get(..16)?.try_into().ok()?);
+        let grants = by_owner.get_mut(&owner)?;
+        let at = grants.iter().position(|g| g.key() == key)?;
+        Some(grants.remove(at))
+    }
+
+    /// The grants `agent` gives and is given.
+    pub fn of(&self, agent: &AgentId) -> Vec<Grant> {
+        let by_owner = self.by_owner.read();
+        by_owner
+            .values()
+            .flatten()
+            .filter(|g| g.owner == *agent || g.grantee == *agent)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets every grant `agent` gives or is given; returns their keys.
+    pub fn forget_agent(&self, agent: &AgentId) -> Vec<Vec<u8>> {
+        let mut by_owner = self.by_owner.write();
+        let mut keys: Vec<Vec<u8>> = by_owner
+            .remove(agent)
+            .unwrap_or_default()
+            .iter()
+            .map(Grant::key)
+            .collect();
+        for grants in by_owner.values_mut() {
+            grants.retain(|g| {
+                let keep = g.grantee != *agent;
+                if !keep {
+                    keys.push(g.key());
+                }
+                keep
+            });
+        }
+        keys
+    }
+}
+
+/// The right a `state.*` kind needs.
+pub fn right_of(kind: &str) -> Option<Right> {
+    match kind {
+        "state.get" => Some(Right::Read),
+        "state.set" | "state.incr" | "state.delete" => Some(Right::Write),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(owner: AgentId, grantee: AgentId, prefix: &str, rights: Vec<Right>) -> Grant {
+        Grant {
+            owner,
+            grantee,
+            prefix: prefix.into(),
+            rights,
+            by: "test".into(),
+            at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_grant_covers_its_prefix_right_and_grantee_only() {
+        let grants = Grants::default();
+        let (a, b, c) = (AgentId::generate(), AgentId::generate(), AgentId::generate());
+        grants.put(grant(a, b, "shared/", vec![Right::Read]));
+        assert!(grants.allows(&a, &b, "shared/x", Right::Read));
+        assert!(!grants.allows(&a, &b, "shared/x", Right::Write));
+        assert!(!grants.allows(&a, &b, "private", Right::Read));
+        assert!(!grants.allows(&a, &c, "shared/x", Right::Read));
+        assert!(!grants.allows(&b, &a, "shared/x", Right::Read), "grants are not mutual");
+        grants.put(grant(a, b, "shared/", vec![Right::Read, Right::Write]));
+        assert!(grants.allows(&a, &b, "shared/x", Right::Write), "a grant is replaced");
+        assert_eq!(grants.of(&a).len(), 1);
+        let key = grant(a, b, "shared/", vec![]).key();
+        assert!(grants.remove(&key).is_some());
+        assert!(!grants.allows(&a, &b, "shared/x", Right::Read));
+        grants.put(grant(a, b, "", vec![Right::Read]));
+        grants.put(grant(c, a, "", vec![Right::Read]));
+        assert_eq!(grants.forget_agent(&a).len(), 2);
+        assert!(grants.of(&c).is_empty());
+    }
+}
