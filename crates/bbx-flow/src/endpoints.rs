@@ -217,6 +217,7 @@ impl Flow {
                 let mut shown = json!({
                     "name": p.stored.name, "tenant": p.stored.tenant, "version": p.stored.version,
                     "updated_at": p.stored.updated_at, "kinds": p.kinds,
+                    "default_decision": if p.denies_by_default { "deny" } else { "allow" },
                 });
                 // A global policy's Rego is the administrator's to read.
                 if may_change && (p.stored.tenant.is_some() || caller.is_admin()) {

@@ -287,6 +287,18 @@ impl Flow {
             let input = policy::input(kind, args, agent, &tainted, role, anomaly.as_ref());
             let input = regorus::Value::from(input);
             decided.extend(concerned.iter().filter_map(|p| p.decide(&input)));
+            // No policy decided: a policy that governs this kind may deny by default.
+            if decided.is_empty()
+                && let Some(strict) = concerned.iter().find(|p| p.denies_by_default)
+            {
+                decided.push(Decided {
+                    policy: strict.stored.name.clone(),
+                    action: Action::Block,
+                    reason: format!(
+                        "no policy allowed this {kind} op, and this policy denies the kinds it governs by default"
+                    ),
+                });
+            }
         }
         if let Some(scored) = anomaly.as_ref().filter(|s| s.anomalous) {
             decided.push(watch::anomaly_decided(self.0.anomaly_action, scored));

@@ -25,6 +25,7 @@ pub const FLOW_POLICIES: KeyspaceDef = KeyspaceDef {
 
 const DECISION: &str = "data.bbx.flow.decision";
 const KINDS: &str = "data.bbx.flow.kinds";
+const DEFAULT: &str = "data.bbx.flow.default_decision";
 /// The largest policy accepted, in bytes.
 const MAX_POLICY_BYTES: usize = 256 * 1024;
 
@@ -89,6 +90,9 @@ pub struct Loaded {
     pub stored: StoredPolicy,
     /// The kinds it concerns; `None` for every kind.
     pub kinds: Option<BTreeSet<String>>,
+    /// `default_decision := "deny"`: an op of a kind it concerns that no policy
+    /// decides is blocked.
+    pub denies_by_default: bool,
     program: Program,
 }
 
@@ -123,6 +127,18 @@ impl Loaded {
             Some(Ok(value)) => Some(kind_set(&value).map_err(|why| refused(&name, why))?),
             Some(Err(e)) => return Err(refused(&name, format!("its kinds cannot be read: {e}"))),
         };
+        let declares_default = parsed
+            .has_declared_rule_rooted_at(&format!("{name}.rego"), "default_decision")
+            .unwrap_or(false);
+        let denies_by_default = match declares_default.then(|| parsed.eval_rule(DEFAULT.to_owned())) {
+            None | Some(Ok(regorus::Value::Undefined)) => false,
+            Some(Ok(value)) => match value.as_string().map(|s| s.to_string()).as_deref() {
+                Ok("deny") => true,
+                Ok("allow") => false,
+                _ => return Err(refused(&name, "its default_decision must be \"allow\" or \"deny\"")),
+            },
+            Some(Err(e)) => return Err(refused(&name, format!("its default_decision cannot be read: {e}"))),
+        };
         let samples: Vec<regorus::Value> = samples().into_iter().map(regorus::Value::from).collect();
         let program = Program::compile(parsed, DECISION, &samples).map_err(|e| refused(&name, e))?;
         for sample in samples {
@@ -131,7 +147,12 @@ impl Loaded {
                 .map_err(|e| refused(&name, format!("it fails on a sample op: {e}")))?;
             decision(&name, &value).map_err(|e| refused(&name, format!("on a sample op: {}", e.message)))?;
         }
-        Ok(Self { stored, kinds, program })
+        Ok(Self {
+            stored,
+            kinds,
+            denies_by_default,
+            program,
+        })
     }
 
     pub fn concerns(&self, kind: &str) -> bool {

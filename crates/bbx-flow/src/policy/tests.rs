@@ -137,3 +137,41 @@ fn the_starter_policy_blocks_tainted_egress_and_holds_tainted_commands() {
     assert_eq!(decide("tool.shell", get, &at("/args/1")), Some(Action::RequireApproval));
     assert!(!starter.concerns("state.set"));
 }
+
+#[test]
+fn a_policy_may_deny_by_default_the_kinds_it_governs() {
+    let source = r#"package bbx.flow
+kinds := {"tool.http"}
+default_decision := "deny"
+decision := {"action": "allow", "reason": "reads are fine"} if { input.op.args.method == "GET" }
+"#;
+    let strict = Loaded::compile(stored("strict", source)).unwrap();
+    assert!(strict.denies_by_default);
+    let flow =
+        crate::Flow::with_policies(&bbx_core::config::FlowConfig::default(), vec![stored("strict", source)]).unwrap();
+    let a = agent();
+    let explain = |kind: &str, args: serde_json::Value| flow.explain(&a, kind, &args, "agent", None);
+    let get = explain(
+        "tool.http",
+        serde_json::json!({ "url": "https://x.example/", "method": "GET" }),
+    );
+    assert_eq!(get.action, Action::Allow, "{get:?}");
+    let post = explain(
+        "tool.http",
+        serde_json::json!({ "url": "https://x.example/", "method": "POST" }),
+    );
+    assert_eq!(post.action, Action::Block, "{post:?}");
+    assert_eq!(post.decided[0].policy, "strict");
+    assert_eq!(
+        explain("noop", serde_json::json!({})).action,
+        Action::Allow,
+        "not a kind it governs"
+    );
+    let vague = source.replace(r#"default_decision := "deny""#, r#"default_decision := "maybe""#);
+    assert!(Loaded::compile(stored("vague", &vague)).is_err());
+    assert!(
+        !Loaded::compile(stored("plain", &source.replace("default_decision := \"deny\"\n", "")))
+            .unwrap()
+            .denies_by_default
+    );
+}
