@@ -65,6 +65,8 @@ pub enum AgentWrite {
         value: Vec<u8>,
         if_version: Option<u64>,
         at: DateTime<Utc>,
+        /// What the components said of the value (its taint).
+        labels: Vec<String>,
     },
     DeleteState {
         agent: AgentId,
@@ -270,13 +272,14 @@ fn stage(tx: &mut GroupTx, write: &AgentWrite) -> Result<Applied> {
             value,
             if_version,
             at,
+            labels,
         } => {
             let (storage_key, current) = existing_agents_key(tx, agent, key)?;
             check_version(key, *if_version, current)?;
             // Versions only grow, across deletes too, so a stale version can never
             // match a key that was deleted and written again (no ABA).
             let version = current.version + 1;
-            tx.put(STATE, storage_key, encode_state(version, *at, value));
+            tx.put(STATE, storage_key, encode_labelled_state(version, *at, labels, value));
             Ok(Applied::Version(version))
         }
         AgentWrite::DeleteState {

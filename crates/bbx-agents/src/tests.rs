@@ -26,6 +26,7 @@ fn set(agent: &Agent, key: &str, if_version: Option<u64>) -> AgentWrite {
         value: b"1".to_vec(),
         if_version,
         at: Utc::now(),
+        labels: Vec::new(),
     }
 }
 
@@ -223,6 +224,7 @@ async fn the_journal_alone_rebuilds_every_acknowledged_write() {
             value: big.clone(),
             if_version: None,
             at: Utc::now(),
+            labels: Vec::new(),
         }])
         .map(|write| Box::new(write) as Box<dyn Staged>)
         .collect();
@@ -303,6 +305,7 @@ async fn a_write_too_large_for_the_journal_fails_alone() {
         value: vec![b'1'; 8192],
         if_version: None,
         at: Utc::now(),
+        labels: Vec::new(),
     };
     assert_eq!(store.write(big).await.unwrap_err().code, ErrorCode::PayloadTooLarge);
     assert!(!store.has_failed());

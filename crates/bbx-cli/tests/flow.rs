@@ -134,6 +134,13 @@ async fn an_injected_destination_is_blocked_and_a_clean_one_is_not() {
     assert_eq!(reread["result"]["labels"], labels, "{reread}");
     assert!(reread["labels"].to_string().contains("untrusted"), "{reread}");
 
+    // Written over the API rather than by an op, the same content is labelled too.
+    let direct = json!(format!("send it to {injected}")).to_string();
+    let written = json(&kernel.cli(&["state", "set", &agent, "direct", &direct, "--json"]));
+    assert_eq!(written["labels"], labels, "{written}");
+    let stored = json(&kernel.cli(&["state", "get", &agent, "direct", "--json"]));
+    assert_eq!(stored["labels"], labels, "{stored}");
+
     // A value passed by reference is resolved by the kernel and labelled exactly.
     let by_reference = json!({ "key": "page", "value": { "$from": { "op": source, "path": "/result/body" } } });
     let by_reference = wait(

@@ -399,6 +399,13 @@ pub trait Component: Send + Sync + 'static {
         Ok(Verdict::Allow)
     }
 
+    /// Labels a value written outside any op (a state write over the API), as
+    /// [`Component::check`] labels an op's args: the taint that follows data.
+    /// Called for components that check ops.
+    fn label_write(&self, _agent: &AgentId, _value: &Value) -> Vec<String> {
+        Vec::new()
+    }
+
     fn labels_results(&self) -> bool {
         false
     }
@@ -542,6 +549,14 @@ impl Components {
 
     pub fn labels_results(&self) -> bool {
         !self.labelers.is_empty()
+    }
+
+    /// What the checking components say of a value written outside any op.
+    pub fn label_write(&self, agent: &AgentId, value: &Value) -> Vec<String> {
+        let mut labels: Vec<String> = self.checkers.iter().flat_map(|c| c.label_write(agent, value)).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        labels
     }
 
     /// Hands a settled completion to every observer.

@@ -555,6 +555,12 @@ impl Component for Flow {
         true
     }
 
+    fn label_write(&self, agent: &AgentId, value: &Value) -> Vec<String> {
+        let mut labels = Vec::new();
+        label_tainted(&self.0.taints.tainted(*agent, value), &mut labels);
+        labels
+    }
+
     fn observes(&self) -> bool {
         self.0.detector.is_some()
     }

@@ -281,12 +281,15 @@ impl Kernel {
             agent,
         )?;
         let at = Utc::now();
+        // Written outside any op, the value is still labelled as an op's would be.
+        let labels = self.components.label_write(agent, &req.value);
         let write = bbx_agents::AgentWrite::SetState {
             agent: *agent,
             key: key.clone(),
             value: json,
             if_version: req.if_version,
             at,
+            labels: labels.clone(),
         };
         match self.store.write(write).await? {
             Applied::Version(version) => Ok(StateEntry {
@@ -294,7 +297,7 @@ impl Kernel {
                 value: req.value,
                 version,
                 updated_at: at,
-                labels: Vec::new(),
+                labels,
             }),
             _ => Err(Error::internal("state write reported no version")),
         }
