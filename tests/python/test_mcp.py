@@ -69,6 +69,7 @@ TOOLS = {
     "flow_grant",
     "flow_revoke",
     "flow_grants",
+    "ring_kinds",
 }
 
 

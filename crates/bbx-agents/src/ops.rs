@@ -39,7 +39,7 @@ const KINDS: &[OpKind] = &[
     },
 ];
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyArgs {
     key: String,
@@ -48,7 +48,7 @@ struct KeyArgs {
     agent: Option<AgentId>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SetArgs {
     key: String,
@@ -57,7 +57,7 @@ struct SetArgs {
     agent: Option<AgentId>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct IncrArgs {
     key: String,
@@ -78,6 +78,16 @@ impl Component for StateOps {
 
     fn kinds(&self) -> &'static [OpKind] {
         KINDS
+    }
+
+    fn args_schema(&self, kind: &str) -> Option<Value> {
+        let schema = match kind {
+            "state.get" | "state.delete" => schemars::schema_for!(KeyArgs),
+            "state.set" => schemars::schema_for!(SetArgs),
+            "state.incr" => schemars::schema_for!(IncrArgs),
+            _ => return None,
+        };
+        serde_json::to_value(schema).ok()
     }
 
     /// Resumes the purges of deleted agents' state that a crash interrupted.

@@ -55,6 +55,7 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             (Any, Nothing)
         }
         ("GET", "/v1/keys") => (ManageKeys, Nothing),
+        ("GET", "/v1/kinds") => (Read, Nothing),
         ("DELETE", "/v1/keys/{id}") | ("POST", "/v1/keys/{key_id}/rotate") => (ManageKeys, Object),
         ("POST", "/v1/ops") => (Act, Object),
         ("GET", "/v1/ops/events") => (Read, Nothing),

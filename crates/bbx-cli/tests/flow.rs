@@ -186,6 +186,17 @@ async fn quarantine_and_approval() {
         .as_str()
         .unwrap()
         .to_owned();
+    // Every kind's args schema is published.
+    let kinds = json(&kernel.cli(&["ring", "kinds", "--json"]));
+    let set = kinds["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "state.set")
+        .unwrap_or_else(|| panic!("{kinds}"));
+    assert_eq!(set["effects"], "kernel", "{set}");
+    assert_eq!(set["args"]["required"], json!(["key", "value"]), "{set}");
+
     json(&kernel.cli(&["flow", "quarantine", &agent, "--reason", "suspicious"]));
     let again = kernel.cli(&["flow", "quarantine", &agent]);
     assert!(

@@ -20,9 +20,10 @@ const KINDS: &[OpKind] = &[OpKind {
 /// Serves `sleep`.
 pub struct Builtin;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SleepArgs {
+    /// How long, in milliseconds (at most a day).
     ms: u64,
 }
 
@@ -36,6 +37,10 @@ impl Component for Builtin {
 
     fn kinds(&self) -> &'static [OpKind] {
         KINDS
+    }
+
+    fn args_schema(&self, _kind: &str) -> Option<Value> {
+        serde_json::to_value(schemars::schema_for!(SleepArgs)).ok()
     }
 
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {

@@ -372,6 +372,13 @@ pub trait Component: Send + Sync + 'static {
         &[]
     }
 
+    /// The JSON Schema of `kind`'s args, as published to clients (a workflow
+    /// validator, an MCP client): derived from the type [`Component::prepare`]
+    /// parses them into, so the two agree.
+    fn args_schema(&self, _kind: &str) -> Option<Value> {
+        None
+    }
+
     /// Checks `args` of `kind` (one of [`Component::kinds`]) and prepares the op.
     /// A bad argument is an `invalid_argument` error naming it.
     fn prepare(&self, kind: &str, _args: &Value) -> Result<Prepared> {
@@ -506,6 +513,17 @@ impl Components {
         }
         self.all.push(component);
         Ok(())
+    }
+
+    /// Every kind served: its name, effects and args schema, by name.
+    pub fn kinds(&self) -> Vec<(OpKind, Option<Value>)> {
+        let mut kinds: Vec<(OpKind, Option<Value>)> = self
+            .by_kind
+            .values()
+            .map(|(kind, component)| (*kind, component.args_schema(kind.name)))
+            .collect();
+        kinds.sort_by_key(|(kind, _)| kind.name);
+        kinds
     }
 
     /// Every keyspace the components stage into.

@@ -454,7 +454,8 @@ pub struct ResolveOp {
 }
 
 /// What executing a kind can do to the world; it decides how an op is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Effects {
     /// Nothing (`noop`, `sleep`, `state.get`): not journaled; lost ops are harmless.
     None,

@@ -261,7 +261,7 @@ fn samples() -> Vec<Value> {
         json!({ "op": { "kind": "tool.http", "args": { "url": "https://example.com/" } }, "agent": agent, "tainted": [], "caller": { "role": "agent" } }),
         json!({ "op": { "kind": "tool.http", "args": { "url": "https://example.com/", "method": "POST", "body": "x" } }, "agent": agent,
                 "tainted": [{ "path": "/url", "source": source }], "caller": { "role": "agent" } }),
-        json!({ "op": { "kind": "tool.shell", "args": { "argv": ["ls"] } }, "agent": agent, "tainted": [], "caller": { "role": "operator" } }),
+        json!({ "op": { "kind": "tool.shell", "args": { "program": "ls" } }, "agent": agent, "tainted": [], "caller": { "role": "operator" } }),
     ]
 }
 

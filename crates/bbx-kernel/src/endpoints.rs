@@ -197,7 +197,23 @@ impl Kernel {
                     kernel.delete_secret(&caller, args.tenant, &args.name).await
                 },
             );
+        let kinds = self.endpoint(
+            "ring.kinds",
+            ("GET", "/v1/kinds"),
+            "Every op kind the kernel serves: its name, its effects (none, kernel, external) and the JSON Schema of its args.",
+            |kernel, caller, _: NoArgs| async move {
+                caller.may(Action::Read)?;
+                let kinds: Vec<serde_json::Value> = kernel
+                    .components
+                    .kinds()
+                    .into_iter()
+                    .map(|(kind, args)| serde_json::json!({ "name": kind.name, "effects": kind.effects, "args": args }))
+                    .collect();
+                Ok(serde_json::json!({ "kinds": kinds }))
+            },
+        );
         let mut all = vec![
+            kinds,
             approve("ring.approve", "/v1/ops/{op_id}/approve"),
             deny("ring.deny", "/v1/ops/{op_id}/deny"),
             approve("flow.approve", "/v1/flow/ops/{op_id}/approve"),

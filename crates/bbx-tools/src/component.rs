@@ -49,6 +49,18 @@ impl Component for ToolKinds {
         KINDS
     }
 
+    fn args_schema(&self, kind: &str) -> Option<Value> {
+        let schema = match kind {
+            "tool.http" => schemars::schema_for!(crate::http::HttpCall),
+            "tool.shell" => schemars::schema_for!(crate::shell::ShellCall),
+            "tool.file" => schemars::schema_for!(crate::file::FileCall),
+            "tool.mcp" => schemars::schema_for!(crate::mcp::McpCall),
+            "llm.chat" => schemars::schema_for!(crate::llm::LlmCall),
+            _ => return None,
+        };
+        serde_json::to_value(schema).ok()
+    }
+
     /// Removes the agent's workspace, on a blocking thread: it may hold many files.
     fn agent_deleted(&self, ctx: &bbx_component::Context, agent: AgentId) {
         let tools = self.tools.clone();
@@ -182,6 +194,47 @@ mod tests {
         ] {
             let refused = task(&kinds, kind, bad).unwrap_err();
             assert_eq!(refused.code, ErrorCode::InvalidArgument, "{kind}");
+        }
+    }
+
+    /// The published schema of each kind agrees with what `prepare` accepts: a
+    /// valid call passes both, a wrong type, a missing field or an unknown one
+    /// fails both.
+    #[test]
+    fn each_kinds_published_schema_agrees_with_what_it_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let kinds = kinds(dir.path());
+        let cases = [
+            (
+                "tool.http",
+                json!({"url": "https://example.com/", "headers": {"a": "b", "c": {"$secret": "s"}}}),
+            ),
+            ("tool.shell", json!({"program": "ls", "args": ["-l"], "timeout_ms": 5})),
+            ("tool.file", json!({"op": "write", "path": "a", "content": "x"})),
+            ("tool.mcp", json!({"server": "s", "tool": "t", "arguments": {"x": 1}})),
+            (
+                "llm.chat",
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}),
+            ),
+        ];
+        for (kind, good) in cases {
+            let schema = kinds
+                .args_schema(kind)
+                .unwrap_or_else(|| panic!("{kind} publishes a schema"));
+            let validator = jsonschema::validator_for(&schema).unwrap();
+            assert!(validator.is_valid(&good), "{kind}: {good}");
+            assert!(kinds.prepare(kind, &good).is_ok(), "{kind}");
+            let mut unknown = good.clone();
+            unknown["nonsense"] = json!(1);
+            let mut missing = good.clone();
+            let first_required = schema["required"][0].as_str().unwrap().to_owned();
+            missing.as_object_mut().unwrap().remove(&first_required);
+            let mut mistyped = good.clone();
+            mistyped[&first_required] = json!([1, 2]);
+            for bad in [unknown, missing, mistyped] {
+                assert!(!validator.is_valid(&bad), "{kind}: {bad}");
+                assert!(kinds.prepare(kind, &bad).is_err(), "{kind}: {bad}");
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ const MAX_READ_BYTES: u64 = 16 << 20;
 /// Most entries a `list` returns.
 const MAX_LIST: usize = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileOp {
     Read,
@@ -36,7 +36,7 @@ pub enum FileOp {
     Delete,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileCall {
     pub op: FileOp,

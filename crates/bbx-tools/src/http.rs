@@ -32,7 +32,7 @@ const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 /// Redirects followed before giving up.
 const MAX_REDIRECTS: usize = 5;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCall {
     #[serde(default = "get")]
@@ -54,14 +54,14 @@ pub struct HttpCall {
 
 /// A header's value: text, or a secret of the agent's tenant named by
 /// `{"$secret": NAME}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum HeaderArg {
     Text(String),
     Secret(SecretRef),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
     #[serde(rename = "$secret")]

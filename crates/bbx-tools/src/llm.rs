@@ -22,14 +22,14 @@ use std::time::Duration;
 const MESSAGE_OVERHEAD_TOKENS: u64 = 8;
 const MAX_MAX_TOKENS: u32 = 1_000_000;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     pub content: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmCall {
     /// A configured endpoint; may be left out when exactly one is configured.

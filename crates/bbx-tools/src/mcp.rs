@@ -90,7 +90,7 @@ impl jsonschema::Retrieve for NoRetrieval {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct McpCall {
     /// The server's name, in the agent's `mcp_servers` or the kernel's `[tools.mcp]`.

@@ -43,7 +43,7 @@ const MAX_GPUS: usize = 16;
 /// Where the workspace appears inside the sandbox.
 const SANDBOX_WORKSPACE: &str = "/workspace";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShellCall {
     /// The program, found on PATH if it has no slash; with `shell: true`, a script for `/bin/sh -c`.

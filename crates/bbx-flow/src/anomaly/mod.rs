@@ -282,11 +282,11 @@ fn target(kind: &str, args: &Value) -> u64 {
             hash_str(&[kind, host.as_deref().or(server).unwrap_or("")])
         }
         "tool.shell" => {
-            let program = args
-                .get("argv")
-                .and_then(|a| a.get(0))
-                .and_then(Value::as_str)
-                .or_else(|| text("command").and_then(|c| c.split_whitespace().next()));
+            // A script run through the shell is known by its first word.
+            let program = text("program").map(|p| match args.get("shell") {
+                Some(Value::Bool(true)) => p.split_whitespace().next().unwrap_or(""),
+                _ => p,
+            });
             hash_str(&[kind, program.unwrap_or("")])
         }
         "tool.file" => {
