@@ -33,6 +33,9 @@
 //! back in (snapshots, forks), the import staged in one atomic group.
 
 pub mod builtin;
+pub mod refs;
+
+pub use refs::Reference;
 
 use bbx_auth::Caller;
 use bbx_core::op::{Completion, Effects, OpInfo, SubmitBatch, SubmitOp, Submitted};
@@ -191,6 +194,30 @@ pub struct Context {
     pub submitter: Arc<dyn Submitter>,
 }
 
+impl Context {
+    /// See [`write_later`].
+    pub fn write_later(&self, write: impl bbx_store::Staged + 'static, what: &'static str) {
+        write_later(&self.store, &self.tasks, write, what);
+    }
+}
+
+/// Makes `write` durable on a task of `tasks`, off the caller's path (an audit
+/// event, a record that must outlive a restart but not hold up an op); a
+/// failure is logged naming `what`.
+pub fn write_later(
+    store: &Arc<Store>,
+    tasks: &TaskTracker,
+    write: impl bbx_store::Staged + 'static,
+    what: &'static str,
+) {
+    let store = store.clone();
+    tasks.spawn(async move {
+        if let Err(e) = store.write(write).await {
+            tracing::error!(error = %e, "{what} could not be written");
+        }
+    });
+}
+
 /// One record of an agent's data as its component exports it: opaque to anyone
 /// else, given back to the same component's [`Component::import`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,17 +236,6 @@ pub struct Submission<'a> {
     pub op: &'a SubmitOp,
     /// The values its args took by reference (`$from`), already in `op.args`.
     pub references: &'a [Reference],
-}
-
-/// A value an op's args took from another op's completion (`$from`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reference {
-    /// Where in the args (a JSON pointer).
-    pub path: String,
-    /// The op whose result it is.
-    pub source: OpId,
-    /// That op's completion's labels (`untrusted`, say).
-    pub labels: Vec<String>,
 }
 
 /// The op whose attempt succeeded, as [`Component::label`] sees it.

@@ -321,24 +321,14 @@ impl Flow {
         let Ok(ctx) = self.ctx() else { return };
         let mut event = AuditEvent::new(kind, caller, what, why);
         event.tenant = Some(tenant.to_owned());
-        let store = ctx.store.clone();
-        ctx.tasks.spawn(async move {
-            if let Err(e) = store.write(bbx_auth::audit::Record(event)).await {
-                tracing::error!(error = %e, "a flow decision could not be audited");
-            }
-        });
+        ctx.write_later(bbx_auth::audit::Record(event), "a flow decision's audit event");
     }
 
     /// Quarantines `agent` at once (its next op is refused), and durably.
     fn quarantine_now(&self, quarantine: Quarantine) -> Result<()> {
         let ctx = self.ctx()?;
         self.0.quarantined.write().insert(quarantine.agent, quarantine.clone());
-        let store = ctx.store.clone();
-        ctx.tasks.spawn(async move {
-            if let Err(e) = store.write(Change::Quarantine(quarantine)).await {
-                tracing::error!(error = %e, "a quarantine could not be stored");
-            }
-        });
+        ctx.write_later(Change::Quarantine(quarantine), "a quarantine");
         Ok(())
     }
 
@@ -604,31 +594,19 @@ impl Component for Flow {
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
         let grants = self.0.grants.forget_agent(&agent);
         if !grants.is_empty() {
-            let store = ctx.store.clone();
-            ctx.tasks.spawn(async move {
-                if let Err(e) = store.write(Change::RemoveGrants(grants)).await {
-                    tracing::error!(error = %e, "a deleted agent's grants could not be removed");
-                }
-            });
+            ctx.write_later(Change::RemoveGrants(grants), "the removal of a deleted agent's grants");
         }
         self.0.taints.forget_agent(&agent);
         self.0.recent.forget_agent(&agent);
         if let Some(detector) = &self.0.detector {
             detector.forget(&agent);
-            let store = ctx.store.clone();
-            ctx.tasks.spawn(async move {
-                if let Err(e) = store.write(Change::RemoveModel(agent)).await {
-                    tracing::error!(error = %e, "a deleted agent's anomaly model could not be removed");
-                }
-            });
+            ctx.write_later(
+                Change::RemoveModel(agent),
+                "the removal of a deleted agent's anomaly model",
+            );
         }
         if self.0.quarantined.write().remove(&agent).is_some() {
-            let store = ctx.store.clone();
-            ctx.tasks.spawn(async move {
-                if let Err(e) = store.write(Change::Release(agent)).await {
-                    tracing::error!(error = %e, "a deleted agent's quarantine could not be removed");
-                }
-            });
+            ctx.write_later(Change::Release(agent), "the release of a deleted agent's quarantine");
         }
     }
 

@@ -268,7 +268,12 @@ impl Kernel {
 
     /// Records an audit event durably, off the caller's path.
     pub fn audit(&self, event: AuditEvent) {
-        record(&self.store, &self.tasks, event);
+        bbx_component::write_later(
+            &self.store,
+            &self.tasks,
+            bbx_auth::audit::Record(event),
+            "an audit event",
+        );
     }
 
     /// See [`bbx_auth::secrets::Secrets::set`]; audited without its value.
@@ -407,16 +412,6 @@ impl Kernel {
     }
 }
 
-/// Writes an audit event on a task of `tasks`, off the caller's path.
-fn record(store: &Arc<Store>, tasks: &TaskTracker, event: AuditEvent) {
-    let store = store.clone();
-    tasks.spawn(async move {
-        if let Err(e) = store.write(bbx_auth::audit::Record(event)).await {
-            tracing::error!(error = %e, "an audit event could not be recorded");
-        }
-    });
-}
-
 /// The tenants' secrets as the tools see them: a value for a bound host, and a
 /// refusal audited.
 pub(crate) struct SecretsForTools {
@@ -432,7 +427,12 @@ impl bbx_tools::SecretSource for SecretsForTools {
                 let mut event =
                     AuditEvent::new(AuditKind::Denied, None, format!("secret {name} for {host}"), &e.message);
                 event.tenant = Some(tenant.to_owned());
-                record(&self.store, &self.tasks, event);
+                bbx_component::write_later(
+                    &self.store,
+                    &self.tasks,
+                    bbx_auth::audit::Record(event),
+                    "an audit event",
+                );
             }
         })
     }

@@ -28,7 +28,6 @@ mod endpoints;
 mod journal_check;
 mod ops;
 mod quota;
-mod refs;
 mod session;
 mod shm;
 

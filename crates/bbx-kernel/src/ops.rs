@@ -119,6 +119,23 @@ impl Kernel {
             .await
     }
 
+    /// Resolves the `$from` references ([`bbx_component::refs`]) in each op's
+    /// args in place, reading each source op with the submitter's rights;
+    /// returns, per op, the references it carried.
+    fn resolve_references(
+        &self,
+        caller: &Caller,
+        ops: &mut [bbx_core::op::SubmitOp],
+    ) -> Result<Vec<Vec<bbx_component::Reference>>> {
+        ops.iter_mut()
+            .enumerate()
+            .map(|(index, op)| {
+                bbx_component::refs::resolve(op.agent, &mut op.args, |source| self.op(caller, source))
+                    .map_err(|e| bbx_ring::batch::at_op(index, e))
+            })
+            .collect()
+    }
+
     /// The components' checks of each op: the holds they put on ops and the
     /// labels they gave them, by index.
     fn check_ops(
