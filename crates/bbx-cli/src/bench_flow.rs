@@ -72,6 +72,7 @@ fn rule(n: usize) -> String {
 pub(crate) fn policies() -> Vec<StoredPolicy> {
     (0..4)
         .map(|p| StoredPolicy {
+            bundle: None,
             name: format!("bench-{p}"),
             tenant: None,
             source: format!(

@@ -538,7 +538,9 @@ pub enum FlowCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum PoliciesAction {
-    /// Load the policy in FILE (Rego, package bbx.flow) as NAME.
+    /// Load the policy in FILE (Rego, package bbx.flow) as NAME; or, FILE being a
+    /// directory, the bundle NAME of its .rego files (loaded, versioned and
+    /// removed as one; each module a policy NAME/MODULE evaluated on its own).
     Add {
         name: String,
         file: PathBuf,
@@ -547,7 +549,7 @@ pub enum PoliciesAction {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Remove the policy NAME.
+    /// Remove the policy NAME, or the bundle NAME whole.
     Remove {
         name: String,
         #[arg(long)]

@@ -219,6 +219,17 @@ async fn quarantine_and_approval() {
     let explained = json(&kernel.cli(&["flow", "explain", op]));
     assert_eq!(explained["action"], "require_approval", "{explained}");
     assert_eq!(explained["decided"][0]["policy"], "sleepy", "{explained}");
+    // Quarantined while its op waits: the op cannot be approved until release.
+    json(&kernel.cli(&["flow", "quarantine", &agent, "--reason", "while held"]));
+    let refused = kernel.cli(&["flow", "approve", op]);
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("quarantined"),
+        "{}",
+        stderr(&refused)
+    );
+    let info = json(&kernel.cli(&["ring", "get", op, "--json"]));
+    assert_eq!(info["state"], "pending_approval", "still held: {info}");
+    json(&kernel.cli(&["flow", "release", &agent]));
     json(&kernel.cli(&["flow", "approve", op]));
     assert_eq!(wait(&kernel, op)["status"], "ok");
     let denied = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })))["op_id"]
@@ -244,6 +255,79 @@ async fn quarantine_and_approval() {
             .as_array()
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A directory of policies is a bundle: its modules load, version, refuse and go
+/// as one, each still deciding on its own.
+#[tokio::test]
+async fn a_bundle_loads_and_goes_whole() {
+    let kernel = Kernel::start();
+    let agent = json(&kernel.cli(&["agent", "create", "x", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sleepy.rego"), SLEEP_NEEDS_APPROVAL).unwrap();
+    std::fs::write(dir.path().join("readme.txt"), "not a module").unwrap();
+    let noisy = "package bbx.flow\nkinds := {\"noop\"}\ndecision := {\"action\": \"warn\", \"reason\": \"noisy\"}\n";
+    std::fs::write(dir.path().join("noisy.rego"), noisy).unwrap();
+    let add = || kernel.cli(&["flow", "policies", "add", "guard", dir.path().to_str().unwrap()]);
+    let added = json(&add());
+    assert_eq!(added["version"], 1, "{added}");
+    assert_eq!(added["policies"], json!(["guard/noisy", "guard/sleepy"]), "{added}");
+    let listed = |kernel: &Kernel| json(&kernel.cli(&["flow", "policies", "--json"]))["policies"].clone();
+    let policies = listed(&kernel);
+    assert_eq!(policies[0]["bundle"], "guard", "{policies}");
+    let held = json(&submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })));
+    let info = json(&kernel.cli(&["ring", "get", held["op_id"].as_str().unwrap(), "--json"]));
+    assert_eq!(info["state"], "pending_approval", "a module decides: {info}");
+
+    // One module refused refuses the bundle; the version in force stays.
+    std::fs::write(dir.path().join("broken.rego"), "package bbx.flow\ndecision := {").unwrap();
+    let refused = add();
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("broken"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(listed(&kernel), policies, "nothing changed");
+
+    // A new version replaces the whole bundle: a module it no longer has goes.
+    std::fs::remove_file(dir.path().join("broken.rego")).unwrap();
+    std::fs::remove_file(dir.path().join("sleepy.rego")).unwrap();
+    let again = json(&add());
+    assert_eq!(
+        (again["version"].clone(), again["policies"].clone()),
+        (json!(2), json!(["guard/noisy"]))
+    );
+    assert!(submit(&kernel, &agent, "sleep", &json!({ "ms": 1 })).status.success());
+    assert_eq!(listed(&kernel).as_array().unwrap().len(), 1);
+    let plain = add_policy(&kernel, "ok", SLEEP_NEEDS_APPROVAL);
+    assert_eq!(plain["version"], 1, "{plain}");
+    let named_like_a_module = kernel.cli(&[
+        "flow",
+        "policies",
+        "add",
+        "guard/x",
+        dir.path().join("noisy.rego").to_str().unwrap(),
+    ]);
+    assert!(!named_like_a_module.status.success());
+    let removed = json(&kernel.cli(&["flow", "policies", "remove", "guard"]));
+    assert_eq!(removed["removed"], json!(["guard/noisy"]), "{removed}");
+    let names: Vec<Value> = listed(&kernel)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("ok")]);
+    let empty = tempfile::tempdir().unwrap();
+    let none = kernel.cli(&["flow", "policies", "add", "nothing", empty.path().to_str().unwrap()]);
+    assert!(
+        !none.status.success() && stderr(&none).contains("no .rego file"),
+        "{}",
+        stderr(&none)
     );
 }
 
@@ -396,6 +480,38 @@ async fn an_agent_shares_its_state_only_by_grant() {
 
     json(&kernel.cli(&["flow", "revoke", &owner, &reader, "--prefix", "shared/"]));
     assert!(stderr(&get(&reader, "shared/plan")).contains("policy_denied"));
+
+    // A group: every agent of the tenant labelled team=ml, including one made later.
+    let group = [
+        "flow",
+        "grant",
+        &owner,
+        "--grantee",
+        "label:team=ml",
+        "--prefix",
+        "shared/",
+    ];
+    json(&kernel.cli(&group));
+    let member = create(&["d", "--label", "team=ml"]);
+    let read = wait(&kernel, json(&get(&member, "shared/plan"))["op_id"].as_str().unwrap());
+    assert_eq!(read["result"]["value"], "shared/plan", "{read}");
+    assert!(
+        stderr(&get(&reader, "shared/plan")).contains("policy_denied"),
+        "not in the group"
+    );
+    let outsider = create(&["e", "--tenant", "other", "--label", "team=ml"]);
+    assert!(
+        stderr(&get(&outsider, "shared/plan")).contains("not_found"),
+        "the group is the owner's tenant's"
+    );
+    let bad = kernel.cli(&["flow", "grant", &owner, "--grantee", "label:team"]);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("label:KEY=VALUE"),
+        "{}",
+        stderr(&bad)
+    );
+    json(&kernel.cli(&["flow", "revoke", &owner, "label:team=ml", "--prefix", "shared/"]));
+    assert!(stderr(&get(&member, "shared/plan")).contains("policy_denied"));
     let audit = json(&kernel.cli(&["flow", "audit", "--json"]));
     assert!(audit["events"].to_string().contains("has not granted"), "{audit}");
 }

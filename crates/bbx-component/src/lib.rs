@@ -429,12 +429,20 @@ pub trait Component: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Whether an op of `agent` held for approval may be approved now: what was
+    /// decided since it was held (its agent quarantined, say) refuses it, and the
+    /// op stays held. Called for components that check ops.
+    fn check_approval(&self, _agent: &AgentId) -> Result<()> {
+        Ok(())
+    }
+
     fn labels_results(&self) -> bool {
         false
     }
 
-    /// Labels a successful attempt's result (what a `tool.http` read from the
-    /// web is untrusted, say); they follow the op's own in its completion. Called
+    /// Labels an attempt's result (what a `tool.http` read from the web is
+    /// untrusted, say), or a failed attempt's `{"error": ERROR}` (its message can
+    /// carry what the outside sent); they follow the op's own in its completion. Called
     /// before the completion is visible, so what it records of the result is
     /// there for any op submitted after.
     fn label(&self, _op: &Attempted<'_>, _result: &Value) -> Vec<String> {
@@ -591,6 +599,12 @@ impl Components {
         labels.sort_unstable();
         labels.dedup();
         labels
+    }
+
+    /// Asks every checking component whether a held op of `agent` may be
+    /// approved now; the first refusal refuses it.
+    pub fn check_approval(&self, agent: &AgentId) -> Result<()> {
+        self.checkers.iter().try_for_each(|c| c.check_approval(agent))
     }
 
     /// Hands a settled completion to every observer.

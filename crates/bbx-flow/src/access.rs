@@ -1,14 +1,17 @@
 //! Memory access control: an agent's regions are its own unless it grants
-//! them. A grant gives another agent of the same tenant `read` and/or `write`
-//! over the owner's state keys under a prefix; a `state.*` op that names another
-//! agent (`"agent": OWNER`) is refused with `policy_denied` (and audited) unless
-//! a grant covers its key and right. Grants are stored, and go with either agent.
+//! them. A grant gives another agent of the same tenant, or a group of them
+//! (every agent carrying a label), `read` and/or `write` over the owner's state
+//! keys under a prefix; a `state.*` op that names another agent (`"agent":
+//! OWNER`) is refused with `policy_denied` (and audited) unless a grant covers
+//! its key and right. Grants are stored, and go with either agent.
 
 use bbx_core::{AgentId, Error, ErrorCode, Result};
 use bbx_store::KeyspaceDef;
 use chrono::{DateTime, Utc};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
 
 /// owner, grantee, prefix -> [`Grant`] as JSON. Its id is what redo records
 /// carry: never change it.
@@ -28,11 +31,79 @@ pub enum Right {
     Write,
 }
 
+/// Whom a grant is given to: one agent, or a group: every agent of the owner's
+/// tenant whose labels hold `key=value`, now or later (`label:team=ml`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grantee {
+    Agent(AgentId),
+    Labelled { key: String, value: String },
+}
+
+/// How a group is written.
+const LABEL_PREFIX: &str = "label:";
+
+impl Grantee {
+    /// Whether the agent `id`, with `labels`, is this grantee or in this group.
+    pub fn includes(&self, id: &AgentId, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Self::Agent(agent) => agent == id,
+            Self::Labelled { key, value } => labels.get(key) == Some(value),
+        }
+    }
+}
+
+impl std::str::FromStr for Grantee {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let Some(label) = text.strip_prefix(LABEL_PREFIX) else {
+            return Ok(Self::Agent(text.parse()?));
+        };
+        let Some((key, value)) = label.split_once('=').filter(|(k, v)| !k.is_empty() && !v.is_empty()) else {
+            return Err(Error::invalid_field(
+                "grantee",
+                "a group is written label:KEY=VALUE (every agent with that label)",
+            ));
+        };
+        bbx_core::validate::name("grantee", key)?;
+        bbx_core::validate::name("grantee", value)?;
+        Ok(Self::Labelled {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Grantee {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Agent(agent) => write!(f, "{agent}"),
+            Self::Labelled { key, value } => write!(f, "{LABEL_PREFIX}{key}={value}"),
+        }
+    }
+}
+
+impl Serialize for Grantee {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Grantee {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(|e: Error| serde::de::Error::custom(e.message))
+    }
+}
+
 /// Rights over an owner's state keys under `prefix`, given to `grantee`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Grant {
     pub owner: AgentId,
-    pub grantee: AgentId,
+    /// An agent id, or `label:KEY=VALUE` for every agent of the owner's tenant
+    /// with that label.
+    #[schemars(with = "String")]
+    pub grantee: Grantee,
     /// Keys starting with it (empty: every key).
     pub prefix: String,
     pub rights: Vec<Right>,
@@ -42,9 +113,20 @@ pub struct Grant {
 
 impl Grant {
     pub fn key(&self) -> Vec<u8> {
-        let mut key = Vec::with_capacity(32 + self.prefix.len());
+        let mut key = Vec::with_capacity(48 + self.prefix.len());
         key.extend_from_slice(self.owner.as_bytes());
-        key.extend_from_slice(self.grantee.as_bytes());
+        match &self.grantee {
+            Grantee::Agent(agent) => key.extend_from_slice(agent.as_bytes()),
+            // No agent id is all zeros (ids carry a version), so a group's key
+            // cannot be an agent's.
+            Grantee::Labelled { key: name, value } => {
+                key.extend_from_slice(&[0; 16]);
+                key.extend_from_slice(name.as_bytes());
+                key.push(b'=');
+                key.extend_from_slice(value.as_bytes());
+                key.push(0);
+            }
+        }
         key.extend_from_slice(self.prefix.as_bytes());
         key
     }
@@ -64,12 +146,18 @@ impl Grants {
         }
     }
 
-    /// Whether `grantee` may use `right` on `owner`'s `key`.
-    pub fn allows(&self, owner: &AgentId, grantee: &AgentId, key: &str, right: Right) -> bool {
+    /// Whether the agent `id`, with `labels`, may use `right` on `owner`'s `key`.
+    pub fn allows(
+        &self,
+        owner: &AgentId,
+        (id, labels): (&AgentId, &BTreeMap<String, String>),
+        key: &str,
+        right: Right,
+    ) -> bool {
         self.by_owner.read().get(owner).is_some_and(|grants| {
             grants
                 .iter()
-                .any(|g| g.grantee == *grantee && key.starts_with(&g.prefix) && g.rights.contains(&right))
+                .any(|g| g.grantee.includes(id, labels) && key.starts_with(&g.prefix) && g.rights.contains(&right))
         })
     }
 
@@ -111,7 +199,7 @@ impl Grants {
         by_owner
             .values()
             .flatten()
-            .filter(|g| g.owner == *agent || g.grantee == *agent)
+            .filter(|g| g.owner == *agent || g.grantee == Grantee::Agent(*agent))
             .cloned()
             .collect()
     }
@@ -127,7 +215,7 @@ impl Grants {
             .collect();
         for grants in by_owner.values_mut() {
             grants.retain(|g| {
-                let keep = g.grantee != *agent;
+                let keep = g.grantee != Grantee::Agent(*agent);
                 if !keep {
                     keys.push(g.key());
                 }
@@ -154,7 +242,7 @@ mod tests {
     fn grant(owner: AgentId, grantee: AgentId, prefix: &str, rights: Vec<Right>) -> Grant {
         Grant {
             owner,
-            grantee,
+            grantee: Grantee::Agent(grantee),
             prefix: prefix.into(),
             rights,
             by: "test".into(),
@@ -165,22 +253,55 @@ mod tests {
     #[test]
     fn a_grant_covers_its_prefix_right_and_grantee_only() {
         let grants = Grants::default();
+        let none = BTreeMap::new();
         let (a, b, c) = (AgentId::generate(), AgentId::generate(), AgentId::generate());
         grants.put(grant(a, b, "shared/", vec![Right::Read]));
-        assert!(grants.allows(&a, &b, "shared/x", Right::Read));
-        assert!(!grants.allows(&a, &b, "shared/x", Right::Write));
-        assert!(!grants.allows(&a, &b, "private", Right::Read));
-        assert!(!grants.allows(&a, &c, "shared/x", Right::Read));
-        assert!(!grants.allows(&b, &a, "shared/x", Right::Read), "grants are not mutual");
+        assert!(grants.allows(&a, (&b, &none), "shared/x", Right::Read));
+        assert!(!grants.allows(&a, (&b, &none), "shared/x", Right::Write));
+        assert!(!grants.allows(&a, (&b, &none), "private", Right::Read));
+        assert!(!grants.allows(&a, (&c, &none), "shared/x", Right::Read));
+        assert!(
+            !grants.allows(&b, (&a, &none), "shared/x", Right::Read),
+            "grants are not mutual"
+        );
         grants.put(grant(a, b, "shared/", vec![Right::Read, Right::Write]));
-        assert!(grants.allows(&a, &b, "shared/x", Right::Write), "a grant is replaced");
+        assert!(
+            grants.allows(&a, (&b, &none), "shared/x", Right::Write),
+            "a grant is replaced"
+        );
         assert_eq!(grants.of(&a).len(), 1);
         let key = grant(a, b, "shared/", vec![]).key();
         assert!(grants.remove(&key).is_some());
-        assert!(!grants.allows(&a, &b, "shared/x", Right::Read));
+        assert!(!grants.allows(&a, (&b, &none), "shared/x", Right::Read));
         grants.put(grant(a, b, "", vec![Right::Read]));
         grants.put(grant(c, a, "", vec![Right::Read]));
         assert_eq!(grants.forget_agent(&a).len(), 2);
         assert!(grants.of(&c).is_empty());
+    }
+
+    #[test]
+    fn a_group_grant_covers_every_agent_with_the_label_now_and_later() {
+        let grants = Grants::default();
+        let (owner, member, other) = (AgentId::generate(), AgentId::generate(), AgentId::generate());
+        let group: Grantee = "label:team=ml".parse().unwrap();
+        assert_eq!(group.to_string(), "label:team=ml");
+        let mut given = grant(owner, member, "shared/", vec![Right::Read]);
+        given.grantee = group.clone();
+        grants.put(given.clone());
+        let ml = BTreeMap::from([("team".to_owned(), "ml".to_owned())]);
+        let ops = BTreeMap::from([("team".to_owned(), "ops".to_owned())]);
+        assert!(grants.allows(&owner, (&member, &ml), "shared/x", Right::Read));
+        assert!(grants.allows(&owner, (&other, &ml), "shared/x", Right::Read));
+        assert!(!grants.allows(&owner, (&other, &ops), "shared/x", Right::Read));
+        assert!(!grants.allows(&owner, (&other, &BTreeMap::new()), "shared/x", Right::Read));
+        assert_ne!(given.key(), grant(owner, member, "shared/", vec![]).key());
+        let stored = serde_json::to_value(&given).unwrap();
+        assert_eq!(stored["grantee"], "label:team=ml");
+        assert_eq!(serde_json::from_value::<Grant>(stored).unwrap(), given);
+        for bad in ["label:", "label:team", "label:=ml", "label:team=", "nobody"] {
+            assert!(bad.parse::<Grantee>().is_err(), "{bad} was accepted");
+        }
+        assert!(grants.remove(&given.key()).is_some());
+        assert!(!grants.allows(&owner, (&member, &ml), "shared/x", Right::Read));
     }
 }

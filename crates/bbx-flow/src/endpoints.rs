@@ -1,6 +1,7 @@
 //! FlowIntegrity's endpoints: served as HTTP routes, MCP tools (`flow_*`, and the
 //! report's `enhanced_flow_*`) and `bbx flow VERB` commands.
 
+use crate::access::Grantee;
 use crate::policy::{self, Loaded, StoredPolicy};
 use crate::{Change, Flow, Quarantine};
 use bbx_auth::{Action, AuditKind, Caller};
@@ -19,12 +20,30 @@ struct Scope {
     tenant: Option<String>,
 }
 
+/// Modules one bundle holds at most.
+const MAX_BUNDLE_MODULES: usize = 64;
+
+/// Whether `policy` is the one named `name`, or a module of the bundle `name`.
+fn named(policy: &Loaded, name: &str) -> bool {
+    policy
+        .stored
+        .bundle
+        .as_deref()
+        .map_or(policy.stored.name == name, |bundle| bundle == name)
+}
+
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AddPolicy {
+    /// The policy's name, or the bundle's.
     name: String,
     /// Rego in package bbx.flow whose `decision` is {"action", "reason"}.
-    source: String,
+    #[serde(default)]
+    source: Option<String>,
+    /// A bundle instead: module name -> Rego, each a policy evaluated on its own
+    /// (named NAME/MODULE), all loaded, versioned and removed as one.
+    #[serde(default)]
+    modules: Option<std::collections::BTreeMap<String, String>>,
     /// The tenant whose ops it decides [default: the caller's; an administrator's
     /// policy without one decides every tenant's].
     #[serde(default)]
@@ -81,7 +100,8 @@ struct NoArgs {}
 struct GrantReq {
     /// The owner of the state.
     agent: String,
-    /// The agent given the rights (of the same tenant).
+    /// The agent given the rights (of the same tenant), or `label:KEY=VALUE`:
+    /// every agent of the tenant with that label, now or later.
     grantee: String,
     /// Keys starting with it [default: every key].
     #[serde(default)]
@@ -144,57 +164,127 @@ impl Flow {
         }
     }
 
-    async fn add_policy(&self, caller: &Caller, req: AddPolicy) -> Result<StoredPolicy> {
+    async fn add_policy(&self, caller: &Caller, req: AddPolicy) -> Result<Value> {
         let tenant = Self::scope(caller, req.tenant)?;
         bbx_core::validate::name("name", &req.name)?;
+        if req.name.contains('/') {
+            return Err(Error::invalid_field(
+                "name",
+                "a policy's name has no '/' (a bundle's modules are named BUNDLE/MODULE)",
+            ));
+        }
+        let modules = match (req.source, req.modules) {
+            (Some(source), None) => vec![(None, source)],
+            (None, Some(modules)) if !modules.is_empty() && modules.len() <= MAX_BUNDLE_MODULES => modules
+                .into_iter()
+                .map(|(module, source)| (Some(module), source))
+                .collect(),
+            (None, Some(_)) => {
+                return Err(Error::invalid_field(
+                    "modules",
+                    format!("a bundle holds 1 to {MAX_BUNDLE_MODULES} modules"),
+                ));
+            }
+            _ => {
+                return Err(Error::invalid_field(
+                    "source",
+                    "give either source (a policy) or modules (a bundle)",
+                ));
+            }
+        };
         let _changing = self.0.changing.lock().await;
         let book = self.0.book.read().clone();
-        let version = book
+        let replaced: Vec<&Arc<Loaded>> = book
             .all()
-            .find(|p| p.stored.name == req.name && p.stored.tenant == tenant)
-            .map_or(1, |p| p.stored.version + 1);
-        let stored = StoredPolicy {
-            name: req.name,
-            tenant,
-            source: req.source,
-            version,
-            updated_at: Utc::now(),
-        };
-        let loaded = Arc::new(Loaded::compile(stored.clone())?);
-        self.ctx()?.store.write(Change::PutPolicy(stored.clone())).await?;
-        let mut policies: Vec<Arc<Loaded>> = book
-            .all()
-            .filter(|p| !(p.stored.name == stored.name && p.stored.tenant == stored.tenant))
-            .cloned()
+            .filter(|p| p.stored.tenant == tenant && named(p, &req.name))
             .collect();
-        policies.push(loaded);
+        let version = replaced.iter().map(|p| p.stored.version).max().unwrap_or(0) + 1;
+        let bundle = modules[0].0.is_some().then(|| req.name.clone());
+        let updated_at = Utc::now();
+        let mut loaded = Vec::with_capacity(modules.len());
+        for (module, source) in modules {
+            let name = match &module {
+                Some(module) => {
+                    bbx_core::validate::name("modules", module)?;
+                    if module.contains('/') {
+                        return Err(Error::invalid_field(
+                            "modules",
+                            format!("module {module:?}: its name has no '/'"),
+                        ));
+                    }
+                    format!("{}/{module}", req.name)
+                }
+                None => req.name.clone(),
+            };
+            let stored = StoredPolicy {
+                name,
+                tenant: tenant.clone(),
+                source,
+                bundle: bundle.clone(),
+                version,
+                updated_at,
+            };
+            // A bundle is refused whole for any module refused.
+            loaded.push(Arc::new(Loaded::compile(stored)?));
+        }
+        let change = Change::Policies {
+            put: loaded.iter().map(|p| p.stored.clone()).collect(),
+            remove: replaced.iter().map(|p| p.stored.key()).collect(),
+        };
+        self.ctx()?.store.write(change).await?;
+        let names: Vec<String> = loaded.iter().map(|p| p.stored.name.clone()).collect();
+        let policies: Vec<Arc<Loaded>> = book
+            .all()
+            .filter(|p| !(p.stored.tenant == tenant && named(p, &req.name)))
+            .cloned()
+            .chain(loaded)
+            .collect();
         *self.0.book.write() = Arc::new(policy::Book::new(policies));
-        let what = format!("flow policy {} (version {})", stored.name, stored.version);
-        let tenant = stored.tenant.clone().unwrap_or_default();
-        self.audit(Some(caller), &tenant, what, "set".into(), AuditKind::PolicyChanged);
-        Ok(stored)
+        let what = format!("flow policy {} (version {version}: {})", req.name, names.join(", "));
+        self.audit(
+            Some(caller),
+            tenant.as_deref().unwrap_or_default(),
+            what,
+            "set".into(),
+            AuditKind::PolicyChanged,
+        );
+        Ok(json!({ "name": req.name, "tenant": tenant, "version": version, "bundle": bundle, "policies": names }))
     }
 
-    async fn remove_policy(&self, caller: &Caller, req: PolicyName) -> Result<StoredPolicy> {
+    /// Removes a policy, or a bundle with every module of it, in one write.
+    async fn remove_policy(&self, caller: &Caller, req: PolicyName) -> Result<Value> {
         let tenant = Self::scope(caller, req.tenant)?;
         let _changing = self.0.changing.lock().await;
         let book = self.0.book.read().clone();
-        let removed = book
+        let removed: Vec<StoredPolicy> = book
             .all()
-            .find(|p| p.stored.name == req.name && p.stored.tenant == tenant)
+            .filter(|p| p.stored.tenant == tenant && named(p, &req.name))
             .map(|p| p.stored.clone())
-            .ok_or_else(|| Error::not_found("policy", &req.name))?;
-        self.ctx()?.store.write(Change::RemovePolicy(removed.key())).await?;
+            .collect();
+        if removed.is_empty() {
+            return Err(Error::not_found("policy", &req.name));
+        }
+        let change = Change::Policies {
+            put: Vec::new(),
+            remove: removed.iter().map(StoredPolicy::key).collect(),
+        };
+        self.ctx()?.store.write(change).await?;
         let rest: Vec<Arc<Loaded>> = book
             .all()
-            .filter(|p| !(p.stored.name == removed.name && p.stored.tenant == removed.tenant))
+            .filter(|p| !(p.stored.tenant == tenant && named(p, &req.name)))
             .cloned()
             .collect();
         *self.0.book.write() = Arc::new(policy::Book::new(rest));
-        let what = format!("flow policy {}", removed.name);
-        let tenant = removed.tenant.clone().unwrap_or_default();
-        self.audit(Some(caller), &tenant, what, "removed".into(), AuditKind::PolicyChanged);
-        Ok(removed)
+        let names: Vec<&str> = removed.iter().map(|p| p.name.as_str()).collect();
+        let what = format!("flow policy {} ({})", req.name, names.join(", "));
+        self.audit(
+            Some(caller),
+            tenant.as_deref().unwrap_or_default(),
+            what,
+            "removed".into(),
+            AuditKind::PolicyChanged,
+        );
+        Ok(json!({ "removed": names }))
     }
 
     /// The policies `caller` sees: the global ones and its tenant's (all, for an
@@ -215,7 +305,7 @@ impl Flow {
             })
             .map(|p| {
                 let mut shown = json!({
-                    "name": p.stored.name, "tenant": p.stored.tenant, "version": p.stored.version,
+                    "name": p.stored.name, "tenant": p.stored.tenant, "version": p.stored.version, "bundle": p.stored.bundle,
                     "updated_at": p.stored.updated_at, "kinds": p.kinds,
                     "default_decision": if p.denies_by_default { "deny" } else { "allow" },
                 });
@@ -333,20 +423,23 @@ impl Flow {
         Ok(json!({ "events": events }))
     }
 
-    /// The owner and the grantee, both the caller's to act for, in one tenant.
-    fn pair(&self, caller: &Caller, owner: &str, grantee: &str) -> Result<(AgentId, AgentId)> {
+    /// The owner, the caller's to act for, and the grantee: an agent of its
+    /// tenant, or a group (which only ever takes in agents of the owner's tenant).
+    fn pair(&self, caller: &Caller, owner: &str, grantee: &str) -> Result<(AgentId, Grantee)> {
         caller.may(Action::Act)?;
         let owner = self.agent(caller, owner)?;
-        let grantee: AgentId = grantee.parse()?;
-        let record = bbx_agents::stored_agent(&self.ctx()?.store, &grantee)?;
-        if record.tenant != owner.tenant {
-            return Err(Error::not_found("agent", grantee));
-        }
-        if grantee == owner.id {
-            return Err(Error::invalid_field(
-                "grantee",
-                "an agent's own state is its own already",
-            ));
+        let grantee: Grantee = grantee.parse()?;
+        if let Grantee::Agent(agent) = grantee {
+            let record = bbx_agents::stored_agent(&self.ctx()?.store, &agent)?;
+            if record.tenant != owner.tenant {
+                return Err(Error::not_found("agent", agent));
+            }
+            if agent == owner.id {
+                return Err(Error::invalid_field(
+                    "grantee",
+                    "an agent's own state is its own already",
+                ));
+            }
         }
         Ok((owner.id, grantee))
     }
@@ -364,7 +457,7 @@ impl Flow {
         }
         let grant = crate::access::Grant {
             owner,
-            grantee,
+            grantee: grantee.clone(),
             prefix: req.prefix,
             rights,
             by: format!("key {}", caller.key_id),
@@ -375,7 +468,7 @@ impl Flow {
         self.0.grants.put(grant.clone());
         let tenant = caller.tenant.clone().unwrap_or_default();
         let what = format!(
-            "grant agent {grantee} {:?} over agent {owner}'s {:?}",
+            "grant {grantee} {:?} over agent {owner}'s {:?}",
             grant.rights, grant.prefix
         );
         self.audit(Some(caller), &tenant, what, "granted".into(), AuditKind::FlowDecision);
@@ -387,10 +480,10 @@ impl Flow {
     async fn revoke(&self, caller: &Caller, req: RevokeReq) -> Result<Value> {
         caller.may(Action::Act)?;
         let owner = self.agent(caller, &req.agent)?;
-        let grantee: AgentId = req.grantee.parse()?;
+        let grantee: Grantee = req.grantee.parse()?;
         let key = crate::access::Grant {
             owner: owner.id,
-            grantee,
+            grantee: grantee.clone(),
             prefix: req.prefix.clone(),
             rights: Vec::new(),
             by: String::new(),
@@ -401,10 +494,7 @@ impl Flow {
         if held.is_some() {
             self.ctx()?.store.write(Change::RemoveGrants(vec![key.clone()])).await?;
             self.0.grants.remove(&key);
-            let what = format!(
-                "revoke agent {grantee}'s grant over agent {}'s {:?}",
-                owner.id, req.prefix
-            );
+            let what = format!("revoke {grantee}'s grant over agent {}'s {:?}", owner.id, req.prefix);
             self.audit(
                 Some(caller),
                 &owner.tenant,
@@ -484,7 +574,7 @@ pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
             flow,
             "flow.add_policy",
             ("PUT", "/v1/flow/policies/{name}"),
-            "Load a flow policy: Rego in package bbx.flow whose decision is {\"action\": allow|audit|warn|block|require_approval|quarantine, \"reason\": ...}. One that fails to parse or to decide the sample ops is refused and the policies in force stay.",
+            "Load a flow policy (source), or a bundle of them (modules: name -> Rego, loaded, versioned and removed as one): Rego in package bbx.flow whose decision is {\"action\": allow|audit|warn|block|require_approval|quarantine, \"reason\": ...}. One that fails to parse or to decide the sample ops is refused (a bundle whole) and the policies in force stay.",
             |f: Flow, caller, req: AddPolicy| async move { f.add_policy(&caller, req).await },
         ),
         Endpoint::serving(

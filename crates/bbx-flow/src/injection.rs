@@ -206,6 +206,7 @@ pub fn evaluate(policy: &str) -> Result<Report> {
     };
     for scenario in scenarios() {
         let stored = StoredPolicy {
+            bundle: None,
             name: "evaluated".into(),
             tenant: None,
             source: policy.to_owned(),

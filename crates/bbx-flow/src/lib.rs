@@ -138,8 +138,11 @@ pub struct Quarantine {
 
 #[derive(Debug)]
 enum Change {
-    PutPolicy(StoredPolicy),
-    RemovePolicy(Vec<u8>),
+    /// Policies put and removed in one write: a bundle changes whole.
+    Policies {
+        put: Vec<StoredPolicy>,
+        remove: Vec<Vec<u8>>,
+    },
     Quarantine(Quarantine),
     Release(AgentId),
     SaveModel(AgentId, Arc<Saved>),
@@ -155,8 +158,14 @@ fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 impl Staged for Change {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
         match self {
-            Self::PutPolicy(policy) => tx.put(policy::FLOW_POLICIES, policy.key(), json(policy)?),
-            Self::RemovePolicy(key) => tx.remove(policy::FLOW_POLICIES, key.clone()),
+            Self::Policies { put, remove } => {
+                for key in remove {
+                    tx.remove(policy::FLOW_POLICIES, key.clone());
+                }
+                for policy in put {
+                    tx.put(policy::FLOW_POLICIES, policy.key(), json(policy)?);
+                }
+            }
             Self::Quarantine(q) => tx.put(FLOW_QUARANTINE, q.agent.as_bytes().to_vec(), json(q)?),
             Self::Release(agent) => tx.remove(FLOW_QUARANTINE, agent.as_bytes().to_vec()),
             Self::SaveModel(agent, saved) => tx.put(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec(), json(&**saved)?),
@@ -366,7 +375,8 @@ impl Flow {
             return Err(Error::not_found("agent", owner));
         }
         let key = op.args.get("key").and_then(Value::as_str).unwrap_or_default();
-        if self.0.grants.allows(&owner, &op.agent, key, right) {
+        let labels = bbx_agents::stored_agent(&self.ctx()?.store, &op.agent)?.labels;
+        if self.0.grants.allows(&owner, (&op.agent, &labels), key, right) {
             return Ok(());
         }
         let why = format!(
@@ -543,6 +553,15 @@ impl Component for Flow {
 
     fn labels_results(&self) -> bool {
         true
+    }
+
+    /// An op held before its agent was quarantined stays held: approving it
+    /// would let a quarantined agent act.
+    fn check_approval(&self, agent: &AgentId) -> Result<()> {
+        match self.0.quarantined.read().get(agent) {
+            Some(quarantine) => Err(Self::refused_quarantined(quarantine)),
+            None => Ok(()),
+        }
     }
 
     fn label_write(&self, agent: &AgentId, value: &Value) -> Vec<String> {

@@ -71,6 +71,10 @@ pub struct StoredPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     pub source: String,
+    /// The bundle it came in: its modules are loaded, versioned and removed as
+    /// one, and each is named `BUNDLE/MODULE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
     pub version: u64,
     pub updated_at: DateTime<Utc>,
 }

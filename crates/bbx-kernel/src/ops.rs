@@ -184,6 +184,8 @@ impl Kernel {
     pub async fn approve_op(&self, caller: &Caller, id: &OpId) -> Result<OpInfo> {
         caller.may(Action::Operate)?;
         self.authorize_op(caller, "op.approve", Action::Operate, id)?;
+        let held = self.ring.info(caller, id)?;
+        self.components.check_approval(&held.agent)?;
         self.ring.approve(caller, id).await
     }
 

@@ -339,8 +339,9 @@ struct StampArgs {
 #[derive(Debug)]
 struct StampPut;
 
+/// Reads the stamp, or fails with the message it was given.
 #[derive(Debug)]
-struct StampGet;
+struct StampGet(Option<String>);
 
 impl bbx_component::EffectOp for StampPut {
     fn stage(&self, tx: &mut bbx_store::GroupTx<'_>, staging: &bbx_component::Staging<'_>) -> Result<Value> {
@@ -356,6 +357,9 @@ impl bbx_component::EffectOp for StampPut {
 impl bbx_component::ReadOp for StampGet {
     fn read(&self, store: &bbx_store::Store, agent: &AgentId) -> Result<Value> {
         use fjall::Readable;
+        if let Some(message) = &self.0 {
+            return Err(bbx_core::Error::new(ErrorCode::ToolFailed, message.clone()));
+        }
         let stored = store.view().get(store.keyspace(STAMPS), agent.as_bytes()).unwrap();
         Ok(json!(stored.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())))
     }
@@ -384,10 +388,11 @@ impl Component for Stamper {
         &[STAMPS]
     }
 
-    fn prepare(&self, kind: &str, _: &Value) -> Result<Prepared> {
+    fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {
+        let fail = args.get("fail").and_then(Value::as_str).map(str::to_owned);
         Ok(match kind {
             "stamp.put" => Prepared::Effect(Arc::new(StampPut)),
-            _ => Prepared::Read(Arc::new(StampGet)),
+            _ => Prepared::Read(Arc::new(StampGet(fail))),
         })
     }
 
@@ -395,9 +400,11 @@ impl Component for Stamper {
         true
     }
 
-    fn label(&self, op: &bbx_component::Attempted<'_>, _: &Value) -> Vec<String> {
+    fn label(&self, op: &bbx_component::Attempted<'_>, result: &Value) -> Vec<String> {
         if op.kind == "sleep" {
             vec!["slept".into()]
+        } else if let Some(message) = result.pointer("/error/message").and_then(Value::as_str) {
+            vec![format!("failed:{message}")]
         } else {
             Vec::new()
         }
@@ -470,6 +477,10 @@ async fn labels_follow_an_op_into_its_effect_and_completion_and_observers_see_it
     );
     let slept = run("sleep", json!({ "ms": 1 })).await;
     assert_eq!(slept.labels, ["slept"]);
+    // A failed attempt's error is labelled too: it can carry what the outside sent.
+    let failed = run("stamp.get", json!({ "fail": "from outside" })).await;
+    assert_eq!(failed.status, bbx_core::op::CompletionStatus::Error);
+    assert_eq!(failed.labels, ["failed:from outside"]);
     for _ in 0..100 {
         if stamper.seen.lock().len() >= 3 {
             break;

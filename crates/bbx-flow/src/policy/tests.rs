@@ -4,6 +4,7 @@ use bbx_core::model::Agent;
 
 fn stored(name: &str, source: &str) -> StoredPolicy {
     StoredPolicy {
+        bundle: None,
         name: name.into(),
         tenant: None,
         source: source.into(),

@@ -349,23 +349,32 @@ impl Ring {
         self.deliver(out);
     }
 
-    /// The labels components give a successful attempt's result; none for one
-    /// that failed, or when no component labels results.
+    /// The labels components give an attempt's result, or its error as
+    /// `{"error": ...}` (a tool's error can carry what the outside sent: a
+    /// server's message, an MCP tool's error text); none for an attempt that
+    /// timed out or was cancelled, or when no component labels results.
     fn result_labels(&self, record: &OpRecord, attempt: &Attempt) -> Vec<String> {
-        match attempt {
-            Attempt::Ok(result) if self.components.labels_results() => {
-                let op = bbx_component::Attempted {
-                    op_id: record.op_id,
-                    agent: record.agent,
-                    tenant: &record.tenant,
-                    kind: &record.kind,
-                    args: &record.args,
-                    run: record.run.as_deref(),
-                };
-                self.components.label(&op, result)
-            }
-            _ => Vec::new(),
+        if !self.components.labels_results() {
+            return Vec::new();
         }
+        let failed;
+        let result = match attempt {
+            Attempt::Ok(result) => result,
+            Attempt::Failed(error) => {
+                failed = serde_json::json!({ "error": error });
+                &failed
+            }
+            Attempt::TimedOut | Attempt::Cancelled => return Vec::new(),
+        };
+        let op = bbx_component::Attempted {
+            op_id: record.op_id,
+            agent: record.agent,
+            tenant: &record.tenant,
+            kind: &record.kind,
+            args: &record.args,
+            run: record.run.as_deref(),
+        };
+        self.components.label(&op, result)
     }
 
     /// Ends attempts: records each with its breaker, then retries the op after its
