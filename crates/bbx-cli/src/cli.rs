@@ -56,6 +56,9 @@ pub enum Command {
     /// FlowIntegrity: the policies every op passes, taint, quarantine.
     #[command(subcommand)]
     Flow(FlowCommand),
+    /// The MessageBus: topics, consumer groups, acks, dead letters.
+    #[command(subcommand)]
+    Bus(crate::bus::BusCommand),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -510,6 +513,9 @@ pub enum V2Command {
     /// Aliases of `bbx flow stats|anomalies|policies`.
     #[command(subcommand)]
     EnhancedFlow(EnhancedFlowCommand),
+    /// Aliases of `bbx bus stats|publish|dlq`.
+    #[command(subcommand)]
+    MessageBus(crate::bus::MessageBusCommand),
 }
 
 #[derive(Subcommand, Debug)]

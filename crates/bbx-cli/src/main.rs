@@ -6,6 +6,7 @@ mod bench_auth;
 mod bench_flow;
 mod bench_ring;
 mod bench_tools;
+mod bus;
 mod cli;
 mod endpoint;
 mod flow;
@@ -128,6 +129,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Auth(command) | Command::V2(V2Command::Auth(command)) => auth(&cli, command).await,
         Command::Ring(command) => ring::run(&cli, command).await,
         Command::Flow(command) => flow::run(&cli, command).await,
+        Command::Bus(command) => bus::run(&cli, command).await,
+        Command::V2(V2Command::MessageBus(command)) => bus::report(&cli, command).await,
         Command::V2(V2Command::EnhancedFlow(command)) => {
             let verb = match command {
                 EnhancedFlowCommand::Stats => "stats",
@@ -177,6 +180,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         tools: None,
         auth: None,
         flow: None,
+        bus: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

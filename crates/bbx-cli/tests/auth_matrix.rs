@@ -97,6 +97,26 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             | "/v1/flow/agents/{agent}/release"
             | "/v1/flow/agents/{agent}/declassify",
         ) => (Operate, Object),
+        (
+            "POST",
+            "/v1/bus/topics/{topic}/messages"
+            | "/v1/message-bus/publish"
+            | "/v1/bus/topics/{topic}/groups/{group}/fetch"
+            | "/v1/bus/topics/{topic}/groups/{group}/ack"
+            | "/v1/bus/topics/{topic}/groups/{group}/nack"
+            | "/v1/bus/topics/{topic}/groups/{group}/extend",
+        ) => (Act, Tenant),
+        (
+            "GET",
+            "/v1/bus/topics"
+            | "/v1/bus/stats"
+            | "/v1/message-bus/stats"
+            | "/v1/bus/topics/{topic}/dlq"
+            | "/v1/message-bus/dlq/{topic}",
+        ) => (Read, Tenant),
+        ("PUT", "/v1/bus/topics/{topic}")
+        | ("POST", "/v1/bus/topics/{topic}/dlq/replay")
+        | ("DELETE", "/v1/bus/topics/{topic}/dlq") => (Operate, Tenant),
         _ => return None,
     })
 }
@@ -199,6 +219,8 @@ impl Api {
         let token = self.admin(Method::POST, "/v1/auth/tokens", token).await;
         let secret = json!({ "value": "v", "tenant": tenant, "hosts": "api.example.com" });
         self.admin(Method::PUT, "/v1/secrets/s", secret).await;
+        let message = json!({ "payload": 1, "tenant": tenant });
+        self.admin(Method::POST, "/v1/bus/topics/t/messages", message).await;
         Fixture {
             tenant,
             agent,
@@ -244,7 +266,9 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
                 &f.spare_agent
             },
         )
-        .replace("{grantee}", &f.spare_agent);
+        .replace("{grantee}", &f.spare_agent)
+        .replace("{topic}", "t")
+        .replace("{group}", "g");
     let filled = if path.starts_with("/v1/ops/") {
         filled.replace("{id}", &f.op)
     } else if path.starts_with("/v1/keys/") {
@@ -265,8 +289,11 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
     if method == "DELETE" {
         return (
             filled,
-            Some(json!({ "tenant": f.tenant }))
-                .filter(|_| path.starts_with("/v1/secrets/") || path.starts_with("/v1/flow/policies/")),
+            Some(json!({ "tenant": f.tenant })).filter(|_| {
+                ["/v1/secrets/", "/v1/flow/policies/", "/v1/bus/"]
+                    .iter()
+                    .any(|p| path.starts_with(p))
+            }),
         );
     }
     let body = match path {
@@ -296,6 +323,12 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/flow/agents/{agent}/grants" if method == "POST" => {
             json!({ "grantee": f.spare_agent, "prefix": "shared/" })
         }
+        "/v1/bus/topics/{topic}/groups/{group}/ack"
+        | "/v1/bus/topics/{topic}/groups/{group}/nack"
+        | "/v1/bus/topics/{topic}/groups/{group}/extend" => json!({ "acks": ["x"], "tenant": f.tenant }),
+        "/v1/bus/topics/{topic}/messages" => json!({ "payload": 2, "tenant": f.tenant }),
+        "/v1/message-bus/publish" => json!({ "topic": "t", "message": 2, "tenant": f.tenant }),
+        _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),
     };
     (filled, Some(body))

@@ -111,6 +111,8 @@ pub trait ReadOp: Send + Sync + std::fmt::Debug {
 /// What an effect is staged for.
 pub struct Staging<'a> {
     pub agent: &'a AgentId,
+    /// The agent's tenant.
+    pub tenant: &'a str,
     /// When its op completes.
     pub at: DateTime<Utc>,
     /// The op's labels ([`Completion::labels`]), for an effect that keeps them

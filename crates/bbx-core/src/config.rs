@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod bus;
+pub use bus::{BusConfig, MAX_PARTITIONS, TopicDefaults};
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_COMMIT_MAX_BATCH: usize = 4096;
@@ -39,6 +42,8 @@ pub struct KernelConfig {
     pub auth: AuthConfig,
     /// FlowIntegrity (`[flow]` in the file).
     pub flow: FlowConfig,
+    /// The MessageBus (`[bus]` in the file).
+    pub bus: BusConfig,
 }
 
 /// FlowIntegrity's settings.
@@ -498,6 +503,7 @@ pub struct ConfigLayer {
     pub tools: Option<ToolsConfig>,
     pub auth: Option<AuthConfig>,
     pub flow: Option<FlowConfig>,
+    pub bus: Option<BusConfig>,
 }
 
 impl ConfigLayer {
@@ -534,6 +540,7 @@ impl KernelConfig {
             tools: over.tools.or(file.tools).unwrap_or_default(),
             auth: over.auth.or(file.auth).unwrap_or_default(),
             flow: over.flow.or(file.flow).unwrap_or_default(),
+            bus: over.bus.or(file.bus).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -555,6 +562,7 @@ impl KernelConfig {
         }
         config.ring.validate()?;
         config.flow.anomaly.validate()?;
+        config.bus.validate()?;
         for issuer in &config.auth.oidc {
             issuer.validate()?;
         }

@@ -234,7 +234,7 @@ impl Kernel {
                 tasks: tasks.clone(),
             })),
         );
-        let mut components = components(&tools, &quotas, &config.flow)?;
+        let mut components = components(&tools, &quotas, &config)?;
         for component in extra {
             components.register(component)?;
         }
@@ -346,6 +346,7 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
     all.extend(bbx_ring::runtime::store::KEYSPACES);
     all.extend(bbx_quota::stored::KEYSPACES);
     all.extend(bbx_flow::KEYSPACES);
+    all.extend(bbx_bus::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
@@ -354,13 +355,14 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
 fn components(
     tools: &Arc<bbx_tools::Tools>,
     quotas: &Arc<bbx_quota::Quotas>,
-    flow: &bbx_core::config::FlowConfig,
+    config: &KernelConfig,
 ) -> Result<bbx_component::Components> {
     let mut components = bbx_component::Components::default();
     components.register(Arc::new(bbx_component::builtin::Builtin))?;
     components.register(Arc::new(bbx_agents::StateOps))?;
     components.register(Arc::new(bbx_tools::ToolKinds::new(tools.clone(), quotas.clone())))?;
-    components.register(Arc::new(bbx_flow::Flow::new(flow)))?;
+    components.register(Arc::new(bbx_flow::Flow::new(&config.flow)))?;
+    components.register(Arc::new(bbx_bus::Bus::new(&config.bus)))?;
     Ok(components)
 }
 

@@ -80,6 +80,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
             if let Some(effect) = effect {
                 let staging = bbx_component::Staging {
                     agent: &completion.agent,
+                    tenant: &completion.tenant,
                     at: completion.completed_at,
                     labels: &completion.labels,
                 };

@@ -1,0 +1,232 @@
+//! The bus as a component of the kernel: its keyspaces, its recovery (topics,
+//! groups and acks loaded; the retention sweeper started), its endpoints, and
+//! the op kind `bus.publish`, whose messages commit with the op's completion (so
+//! an agent's op publishes exactly once, whatever crashes); and dead-letter
+//! replay and purge, which need the store whole.
+
+use crate::bus::{Bus, DeadLetter, Topic, Writes};
+use crate::keys::TopicKey;
+use crate::log::{Outgoing, Publish, Published, stage_publish};
+use crate::topic::{TopicConfig, TopicSettings};
+use crate::{BUS_DEAD, BUS_TOPICS, KEYSPACES};
+use bbx_component::{Component, Context, EffectOp, Endpoint, OpKind, Prepared, Staging, parse_args};
+use bbx_core::op::{Completion, CompletionStatus, Effects};
+use bbx_core::{Error, Result};
+use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+const KINDS: &[OpKind] = &[OpKind {
+    name: "bus.publish",
+    effects: Effects::Kernel,
+}];
+
+/// `bus.publish`'s args.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PublishArgs {
+    /// A topic of the agent's tenant.
+    topic: String,
+    payload: Value,
+    /// Its id [default: a new one]; published again within the dedup window, it
+    /// stores nothing.
+    #[serde(default)]
+    id: Option<String>,
+    /// The ordering key.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// A `bus.publish` op's effect: the message, staged with the op's completion.
+#[derive(Debug)]
+struct PublishEffect {
+    topic: String,
+    message: Outgoing,
+    /// The settings of the topic if this publish makes it.
+    create: Option<TopicConfig>,
+    dedup_window: Duration,
+}
+
+impl EffectOp for PublishEffect {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let topic = TopicKey::new(staging.tenant, &self.topic);
+        let config = match tx.read(BUS_TOPICS, topic.as_bytes())? {
+            Some(stored) => TopicConfig::decode(&stored)?,
+            None => self
+                .create
+                .clone()
+                .ok_or_else(|| Error::not_found("topic", &self.topic))?,
+        };
+        let mut message = self.message.clone();
+        message.partition = config.partition_of(message.key.as_deref(), &message.id);
+        let publish = Publish {
+            topic,
+            create: self.create.clone(),
+            messages: vec![message],
+            dedup_window: self.dedup_window,
+            at: staging.at,
+        };
+        let published = tx.all_or_nothing(|tx| stage_publish(tx, &publish))?;
+        let one = &published[0];
+        Ok(
+            json!({ "topic": self.topic, "id": one.id, "partition": one.partition, "offset": one.offset, "duplicate": one.duplicate }),
+        )
+    }
+}
+
+impl Component for Bus {
+    fn name(&self) -> &'static str {
+        "bus"
+    }
+
+    fn keyspaces(&self) -> &'static [KeyspaceDef] {
+        &KEYSPACES
+    }
+
+    fn start(&self, ctx: &Context) -> Result<()> {
+        self.load(&ctx.store)?;
+        let _ = self.0.ctx.set(ctx.clone());
+        crate::retention::spawn(self)
+    }
+
+    fn endpoints(&self, _ctx: &Context) -> Vec<Endpoint> {
+        crate::endpoints::endpoints(self)
+    }
+
+    fn kinds(&self) -> &'static [OpKind] {
+        KINDS
+    }
+
+    fn args_schema(&self, _kind: &str) -> Option<Value> {
+        serde_json::to_value(schemars::schema_for!(PublishArgs)).ok()
+    }
+
+    fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {
+        let PublishArgs {
+            topic,
+            payload,
+            id,
+            key,
+        } = parse_args(kind, args)?;
+        bbx_core::validate::name("topic", &topic)?;
+        let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let payload = self.checked_payload(&id, key.as_deref(), &payload)?;
+        let create = match self.0.config.auto_create_topics {
+            true => Some(TopicConfig::new(
+                &self.0.config.topic,
+                &TopicSettings::default(),
+                Utc::now(),
+            )?),
+            false => None,
+        };
+        Ok(Prepared::Effect(Arc::new(PublishEffect {
+            topic,
+            message: Outgoing {
+                id,
+                key,
+                partition: 0,
+                payload,
+            },
+            create,
+            dedup_window: Duration::from_secs(self.0.config.dedup_window_secs),
+        })))
+    }
+
+    fn observes(&self) -> bool {
+        true
+    }
+
+    /// A `bus.publish` that committed wakes the topic's subscribers.
+    fn completed(&self, completion: &Arc<Completion>) {
+        if completion.kind != "bus.publish" || completion.status != CompletionStatus::Ok {
+            return;
+        }
+        let Some(topic) = completion.result.as_ref().and_then(|r| r["topic"].as_str()) else {
+            return;
+        };
+        let key = TopicKey::new(&completion.tenant, topic);
+        if self.learn_topic(&key).is_ok()
+            && let Ok(topic) = self.topic(&key)
+        {
+            topic
+                .counts
+                .published
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            topic.arrived.notify_waiters();
+        }
+    }
+}
+
+/// Publishes dead letters again and takes them out, in one write.
+#[derive(Debug)]
+struct Replay {
+    publish: Publish,
+    remove: Vec<Vec<u8>>,
+}
+
+impl Staged for Replay {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        let published = tx.all_or_nothing(|tx| {
+            let published = stage_publish(tx, &self.publish)?;
+            for key in &self.remove {
+                tx.remove(BUS_DEAD, key.clone());
+            }
+            Ok(published)
+        })?;
+        Ok(Applied::output(published))
+    }
+}
+
+impl Bus {
+    /// Publishes the dead letters `seqs` (all without) again, each under a new id
+    /// (`ID.replay-SEQ`, so the dedup window does not swallow it).
+    pub(crate) async fn replay(&self, topic: &Topic, seqs: Option<&[u64]>) -> Result<Vec<Published>> {
+        let letters: Vec<DeadLetter> = self
+            .dead_letters(topic, usize::MAX)?
+            .into_iter()
+            .filter(|d| seqs.is_none_or(|seqs| seqs.contains(&d.seq)))
+            .collect();
+        if letters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut messages = Vec::with_capacity(letters.len());
+        for letter in &letters {
+            let id = format!("{}.replay-{}", letter.id, letter.seq);
+            messages.push(Outgoing {
+                partition: topic.config.partition_of(letter.key.as_deref(), &id),
+                id,
+                key: letter.key.clone(),
+                payload: serde_json::to_vec(&letter.payload).unwrap_or_default(),
+            });
+        }
+        let replay = Replay {
+            publish: Publish {
+                topic: topic.key.clone(),
+                create: None,
+                messages,
+                dedup_window: Duration::from_secs(self.0.config.dedup_window_secs),
+                at: Utc::now(),
+            },
+            remove: letters.iter().map(|d| topic.key.dead(d.seq)).collect(),
+        };
+        let published: Vec<Published> = self.store()?.write(replay).await?.into_output()?;
+        topic.arrived.notify_waiters();
+        Ok(published)
+    }
+
+    /// Deletes every dead letter of `topic`; how many.
+    pub(crate) async fn purge(&self, topic: &Topic) -> Result<usize> {
+        let letters = self.dead_letters(topic, usize::MAX)?;
+        let mut writes = Writes::default();
+        for letter in &letters {
+            writes.remove(BUS_DEAD, topic.key.dead(letter.seq));
+        }
+        if !writes.0.is_empty() {
+            self.store()?.write(writes).await?;
+        }
+        Ok(letters.len())
+    }
+}

@@ -1,0 +1,460 @@
+//! The bus's endpoints: HTTP routes, MCP tools (`bus_*`, and the report's
+//! `message_bus_*`) and `bbx bus VERB` commands.
+
+use crate::bus::{Bus, DeadLetter, Start, Topic};
+use crate::group::Token;
+use crate::keys::TopicKey;
+use crate::topic::TopicSettings;
+use bbx_auth::{Action, Caller};
+use bbx_component::Endpoint;
+use bbx_core::{Error, Result};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Messages one fetch returns at most.
+const MAX_FETCH: usize = 1000;
+/// The longest a fetch waits.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Messages one publish carries at most.
+const MAX_BATCH: usize = 10_000;
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct OneMessage {
+    payload: Value,
+    /// Its id [default: a new one]: publishing an id again within the dedup
+    /// window stores nothing.
+    #[serde(default)]
+    id: Option<String>,
+    /// The ordering key: messages with one key go to one partition, in order.
+    #[serde(default)]
+    key: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PublishReq {
+    topic: String,
+    /// One message's payload (or give `messages`).
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
+    /// A batch, stored whole or not at all.
+    #[serde(default)]
+    messages: Option<Vec<OneMessage>>,
+    /// The tenant [default: the caller's, or `default`].
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct FetchReq {
+    topic: String,
+    group: String,
+    /// Messages to return at most [default: 1, at most 1000].
+    #[serde(default)]
+    max: Option<usize>,
+    /// How long each is leased before it is delivered again [default: the topic's].
+    #[serde(default)]
+    ack_wait_ms: Option<u64>,
+    /// How long to wait for a first message [default: 0, at most 300 s].
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    /// Where a new group starts: earliest (default) or latest.
+    #[serde(default)]
+    start: Option<Start>,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AckReq {
+    topic: String,
+    group: String,
+    /// The `ack` tokens of deliveries.
+    acks: Vec<String>,
+    /// For a nack: why (kept with the message if it goes to the dead letters).
+    #[serde(default)]
+    reason: Option<String>,
+    /// For a nack: redeliver after this long [default: the topic's backoff]; for
+    /// an extend: the lease's new length from now [default: the topic's ack wait].
+    #[serde(default)]
+    ms: Option<u64>,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct TopicReq {
+    topic: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    /// Dead letters to list at most [default: 1000].
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct CreateReq {
+    topic: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(flatten)]
+    settings: TopicSettings,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ReplayReq {
+    topic: String,
+    /// The dead letters to publish again, by `seq` [default: all].
+    #[serde(default)]
+    seqs: Option<Vec<u64>>,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct TenantOnly {
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ReportPublish {
+    topic: String,
+    /// The payload: JSON, or text taken as a JSON string.
+    message: Value,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// The tenant a request acts in: the one it names, else the caller's, else
+/// `default` (an administrator's key has no tenant).
+fn tenant(caller: &Caller, asked: Option<String>) -> Result<String> {
+    let tenant = asked
+        .or_else(|| caller.tenant.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    bbx_core::validate::tenant(&tenant)?;
+    caller.check_tenant(&tenant)?;
+    Ok(tenant)
+}
+
+fn topic_key(caller: &Caller, tenant_asked: Option<String>, topic: &str) -> Result<TopicKey> {
+    bbx_core::validate::name("topic", topic)?;
+    Ok(TopicKey::new(&tenant(caller, tenant_asked)?, topic))
+}
+
+fn tokens(acks: &[String]) -> Result<Vec<Token>> {
+    if acks.is_empty() || acks.len() > MAX_FETCH {
+        return Err(Error::invalid_field(
+            "acks",
+            format!("give 1 to {MAX_FETCH} ack tokens"),
+        ));
+    }
+    acks.iter().map(|a| a.parse()).collect()
+}
+
+impl Bus {
+    async fn publish_req(&self, caller: &Caller, req: PublishReq) -> Result<Value> {
+        caller.may(Action::Act)?;
+        let key = topic_key(caller, req.tenant, &req.topic)?;
+        let (batch, messages) = match (req.payload, req.messages) {
+            (Some(payload), None) => (false, vec![(req.id, req.key, payload)]),
+            (None, Some(messages))
+                if req.id.is_none() && req.key.is_none() && (1..=MAX_BATCH).contains(&messages.len()) =>
+            {
+                (true, messages.into_iter().map(|m| (m.id, m.key, m.payload)).collect())
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid_field(
+                    "messages",
+                    format!("a batch holds 1 to {MAX_BATCH} messages, each with its own id and key"),
+                ));
+            }
+            _ => {
+                return Err(Error::invalid_field(
+                    "payload",
+                    "give payload (one message) or messages (a batch)",
+                ));
+            }
+        };
+        let published = self.publish(key, messages).await?;
+        Ok(match (batch, published.as_slice()) {
+            (false, [one]) => {
+                json!({ "topic": req.topic, "id": one.id, "partition": one.partition, "offset": one.offset, "duplicate": one.duplicate })
+            }
+            _ => json!({ "topic": req.topic, "messages": published }),
+        })
+    }
+
+    fn known_topic(&self, caller: &Caller, tenant_asked: Option<String>, topic: &str) -> Result<Arc<Topic>> {
+        self.topic(&topic_key(caller, tenant_asked, topic)?)
+    }
+
+    async fn fetch_req(&self, caller: &Caller, req: FetchReq) -> Result<Value> {
+        caller.may(Action::Act)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let max = req.max.unwrap_or(1);
+        if !(1..=MAX_FETCH).contains(&max) {
+            return Err(Error::invalid_field("max", format!("max must be 1-{MAX_FETCH}")));
+        }
+        let ack_wait = Duration::from_millis(req.ack_wait_ms.unwrap_or(topic.config.ack_wait_ms));
+        if ack_wait.is_zero() || ack_wait > Duration::from_secs(12 * 3600) {
+            return Err(Error::invalid_field(
+                "ack_wait_ms",
+                "ack_wait_ms must be 1 ms to 12 hours",
+            ));
+        }
+        let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(0));
+        if timeout > MAX_WAIT {
+            return Err(Error::invalid_field("timeout_ms", "timeout_ms must be at most 300000"));
+        }
+        let start = req.start.unwrap_or_default();
+        let messages = self.fetch(&topic, &req.group, start, max, ack_wait, timeout).await?;
+        Ok(json!({ "messages": messages }))
+    }
+
+    async fn settle_req(&self, caller: &Caller, req: AckReq, verb: Verb) -> Result<Value> {
+        caller.may(Action::Act)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let tokens = tokens(&req.acks)?;
+        let ms = req.ms.map(Duration::from_millis);
+        let count = match verb {
+            Verb::Ack => self.ack(&topic, &req.group, &tokens).await?,
+            Verb::Nack => {
+                self.nack_or_extend(&topic, &req.group, &tokens, Some((req.reason, ms)), Duration::ZERO)
+                    .await?
+            }
+            Verb::Extend => {
+                let by = ms.unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
+                self.nack_or_extend(&topic, &req.group, &tokens, None, by).await?
+            }
+        };
+        Ok(json!({ verb.done(): count }))
+    }
+
+    /// A topic as listed: its settings, counts, partitions and groups with lag.
+    async fn describe(&self, topic: &Topic) -> Result<Value> {
+        let store = self.store()?;
+        let mut heads = Vec::new();
+        let mut partitions = Vec::new();
+        for partition in 0..topic.config.partitions {
+            let (first, head) = crate::log::bounds(store, &topic.key, partition)?;
+            heads.push(head);
+            partitions.push(json!({ "partition": partition, "first": first, "head": head }));
+        }
+        let groups: Vec<_> = topic.groups.lock().values().cloned().collect();
+        let mut listed = Vec::new();
+        for group in groups {
+            let group = group.lock().await;
+            let per: Vec<Value> = group
+                .cursors
+                .iter()
+                .zip(&heads)
+                .enumerate()
+                .map(|(partition, (cursor, head))| {
+                    let lag = head
+                        .saturating_sub(cursor.floor)
+                        .saturating_sub(cursor.acked.len() as u64);
+                    json!({ "partition": partition, "floor": cursor.floor, "lag": lag, "pending": cursor.leased.len() })
+                })
+                .collect();
+            let lag: u64 = per.iter().filter_map(|p| p["lag"].as_u64()).sum();
+            let pending: u64 = per.iter().filter_map(|p| p["pending"].as_u64()).sum();
+            listed.push(json!({ "group": group.name, "lag": lag, "pending": pending, "partitions": per }));
+        }
+        listed.sort_by(|a, b| a["group"].as_str().cmp(&b["group"].as_str()));
+        let counts = &topic.counts;
+        let (tenant, name) = topic.key.parts();
+        Ok(json!({
+            "topic": name, "tenant": tenant, "config": topic.config, "partitions": partitions, "groups": listed,
+            "published": counts.published.load(Ordering::Relaxed),
+            "duplicates": counts.duplicates.load(Ordering::Relaxed),
+            "delivered": counts.delivered.load(Ordering::Relaxed),
+            "redelivered": counts.redelivered.load(Ordering::Relaxed),
+            "dead_lettered": counts.dead.load(Ordering::Relaxed),
+            "dropped": counts.dropped.load(Ordering::Relaxed),
+            "dropped_unconsumed": counts.dropped_unconsumed.load(Ordering::Relaxed),
+        }))
+    }
+
+    /// The caller's topics (every tenant's for an administrator naming none).
+    async fn topics_req(&self, caller: &Caller, asked: Option<String>) -> Result<Value> {
+        caller.may(Action::Read)?;
+        if let Some(asked) = &asked {
+            caller.check_tenant(asked)?;
+        }
+        let mut topics: Vec<Arc<Topic>> = self
+            .all_topics()
+            .into_iter()
+            .filter(|t| {
+                let own = t.key.parts().0;
+                asked.as_deref().map_or(caller.sees(own), |asked| asked == own)
+            })
+            .collect();
+        topics.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut listed = Vec::with_capacity(topics.len());
+        for topic in topics {
+            listed.push(self.describe(&topic).await?);
+        }
+        Ok(json!({ "topics": listed }))
+    }
+
+    fn dlq_req(&self, caller: &Caller, req: TopicReq) -> Result<Value> {
+        caller.may(Action::Read)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let messages: Vec<DeadLetter> = self.dead_letters(&topic, req.limit.unwrap_or(1000).clamp(1, 10_000))?;
+        Ok(json!({ "topic": req.topic, "messages": messages }))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Verb {
+    Ack,
+    Nack,
+    Extend,
+}
+
+impl Verb {
+    fn done(self) -> &'static str {
+        match self {
+            Self::Ack => "acked",
+            Self::Nack => "nacked",
+            Self::Extend => "extended",
+        }
+    }
+}
+
+pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
+    let settle = |name, path, description, verb: Verb| {
+        Endpoint::serving(
+            bus,
+            name,
+            ("POST", path),
+            description,
+            move |b: Bus, caller, req: AckReq| async move { b.settle_req(&caller, req, verb).await },
+        )
+    };
+    let stats = |name, path| {
+        Endpoint::serving(
+            bus,
+            name,
+            ("GET", path),
+            "The bus's topics with their figures: messages published, duplicates, delivered, redelivered, dead-lettered, dropped; each group's lag and pending leases per partition.",
+            |b: Bus, caller, req: TenantOnly| async move { b.topics_req(&caller, req.tenant).await },
+        )
+    };
+    let dlq = |name, path| {
+        Endpoint::serving(
+            bus,
+            name,
+            ("GET", path),
+            "A topic's dead letters, oldest first: messages delivered the topic's max_deliveries times without an ack, with the reason and the group.",
+            |b: Bus, caller, req: TopicReq| async move { b.dlq_req(&caller, req) },
+        )
+    };
+    vec![
+        Endpoint::serving(
+            bus,
+            "bus.publish",
+            ("POST", "/v1/bus/topics/{topic}/messages"),
+            "Publish a message (payload, with an optional id and ordering key) or a batch (messages) to a topic; answers once durable with each message's id, partition and offset. An id published again within the dedup window stores nothing.",
+            |b: Bus, caller, req: PublishReq| async move { b.publish_req(&caller, req).await },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.subscribe",
+            ("POST", "/v1/bus/topics/{topic}/groups/{group}/fetch"),
+            "Fetch up to max messages for a consumer group (made at the earliest message, or the latest), waiting up to timeout_ms for the first; each is leased for ack_wait_ms and delivered again unless acked.",
+            |b: Bus, caller, req: FetchReq| async move { b.fetch_req(&caller, req).await },
+        ),
+        settle(
+            "bus.ack",
+            "/v1/bus/topics/{topic}/groups/{group}/ack",
+            "Acknowledge deliveries by their ack tokens: durable before answered, all or none (an expired or unknown lease is an error).",
+            Verb::Ack,
+        ),
+        settle(
+            "bus.nack",
+            "/v1/bus/topics/{topic}/groups/{group}/nack",
+            "Nack deliveries by their ack tokens, with a reason: each is delivered again after the topic's backoff (or ms), and after max_deliveries goes to the dead letters.",
+            Verb::Nack,
+        ),
+        settle(
+            "bus.extend",
+            "/v1/bus/topics/{topic}/groups/{group}/extend",
+            "Extend the leases of deliveries still being worked on, to ms from now (the topic's ack wait by default).",
+            Verb::Extend,
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.create_topic",
+            ("PUT", "/v1/bus/topics/{topic}"),
+            "Make a topic with its settings: partitions, ack_wait_ms, max_deliveries, backoff_ms, and retention (max_age_secs, max_messages, max_bytes, drop_unconsumed).",
+            |b: Bus, caller, req: CreateReq| async move {
+                caller.may(Action::Operate)?;
+                let key = topic_key(&caller, req.tenant, &req.topic)?;
+                let config = b.create_topic(key, &req.settings).await?;
+                Ok(json!({ "topic": req.topic, "config": config }))
+            },
+        ),
+        stats("bus.topics", "/v1/bus/topics"),
+        stats("bus.stats", "/v1/bus/stats"),
+        stats("message_bus.stats", "/v1/message-bus/stats"),
+        dlq("bus.dlq", "/v1/bus/topics/{topic}/dlq"),
+        dlq("message_bus.dlq", "/v1/message-bus/dlq/{topic}"),
+        Endpoint::serving(
+            bus,
+            "bus.dlq_replay",
+            ("POST", "/v1/bus/topics/{topic}/dlq/replay"),
+            "Publish dead letters again (all, or by seq) as new messages of their topic, and take them out of the dead letters, in one write.",
+            |b: Bus, caller, req: ReplayReq| async move {
+                caller.may(Action::Operate)?;
+                let topic = b.known_topic(&caller, req.tenant, &req.topic)?;
+                let replayed = b.replay(&topic, req.seqs.as_deref()).await?;
+                Ok(json!({ "replayed": replayed }))
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.dlq_purge",
+            ("DELETE", "/v1/bus/topics/{topic}/dlq"),
+            "Delete every dead letter of a topic, for every group; how many went.",
+            |b: Bus, caller, req: TopicReq| async move {
+                caller.may(Action::Operate)?;
+                let topic = b.known_topic(&caller, req.tenant, &req.topic)?;
+                Ok(json!({ "purged": b.purge(&topic).await? }))
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "message_bus.publish",
+            ("POST", "/v1/message-bus/publish"),
+            "Publish one message to a topic (the report's path): answers once durable with its id and offset.",
+            |b: Bus, caller, req: ReportPublish| async move {
+                let req = PublishReq {
+                    topic: req.topic,
+                    payload: Some(req.message),
+                    id: None,
+                    key: None,
+                    messages: None,
+                    tenant: req.tenant,
+                };
+                b.publish_req(&caller, req).await
+            },
+        ),
+    ]
+}

@@ -1,0 +1,302 @@
+//! The MessageBus against a real `bbx serve`, through the CLI's contract:
+//! durable publish with dedup, consumer groups with leases, acks and
+//! redelivery, dead letters, tenants apart, and what survives a crash.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{Kernel, json, stderr, stdout};
+
+fn publish(kernel: &Kernel, topic: &str, payload: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["bus", "publish", topic, payload, "--json"];
+    args.extend_from_slice(extra);
+    json(&kernel.cli(&args))
+}
+
+/// `bbx bus subscribe`: the messages printed, one JSON object a line.
+fn subscribe(kernel: &Kernel, topic: &str, group: &str, max: usize, extra: &[&str]) -> Vec<Value> {
+    let max = max.to_string();
+    let mut args = vec!["bus", "subscribe", topic, "--group", group, "--max", &max, "--json"];
+    args.extend_from_slice(extra);
+    let out = kernel.cli(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect()
+}
+
+fn payloads(messages: &[Value]) -> Vec<Value> {
+    messages.iter().map(|m| m["payload"].clone()).collect()
+}
+
+#[tokio::test]
+async fn messages_are_published_once_and_consumed_by_groups_until_acked() {
+    let mut kernel = Kernel::start();
+    let first = publish(&kernel, "orders", r#"{"n": 1}"#, &["--id", "order-1"]);
+    assert_eq!(
+        (first["offset"].clone(), first["id"].clone()),
+        (json!(0), json!("order-1")),
+        "{first}"
+    );
+    let again = publish(&kernel, "orders", r#"{"n": 1}"#, &["--id", "order-1"]);
+    assert_eq!(
+        (again["offset"].clone(), again["duplicate"].clone()),
+        (json!(0), json!(true)),
+        "{again}"
+    );
+    for n in 2..=3 {
+        publish(&kernel, "orders", &json!({ "n": n }).to_string(), &[]);
+    }
+
+    // A group gets them in order, acks them; after the ack wait a second member
+    // gets nothing again, while a new group gets them all.
+    let got = subscribe(&kernel, "orders", "billing", 2, &["--ack-wait-ms", "300"]);
+    assert_eq!(payloads(&got), [json!({"n": 1}), json!({"n": 2})], "one message per id");
+    for (message, offset) in got.iter().zip(0..) {
+        assert_eq!(
+            (message["offset"].clone(), message["delivery"].clone()),
+            (json!(offset), json!(1))
+        );
+        assert!(message["id"].is_string(), "{message}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let rest = subscribe(&kernel, "orders", "billing", 5, &["--timeout-ms", "300"]);
+    assert_eq!(payloads(&rest), [json!({"n": 3})], "acked ones are not delivered again");
+    let all = subscribe(&kernel, "orders", "audit", 10, &["--timeout-ms", "300", "--no-ack"]);
+    assert_eq!(all.len(), 3, "a new group starts at the earliest");
+
+    // Unacked: delivered again after its ack wait, counted; an expired lease cannot be acked.
+    let held = subscribe(&kernel, "orders", "slow", 1, &["--no-ack", "--ack-wait-ms", "200"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stale = kernel.cli(&[
+        "bus",
+        "ack",
+        "orders",
+        "slow",
+        "--acks",
+        &json!([held[0]["ack"]]).to_string(),
+    ]);
+    assert!(
+        !stale.status.success() && stderr(&stale).contains("expired"),
+        "{}",
+        stderr(&stale)
+    );
+    let again = subscribe(&kernel, "orders", "slow", 1, &["--no-ack"]);
+    assert_eq!(
+        (again[0]["offset"].clone(), again[0]["delivery"].clone()),
+        (json!(0), json!(2))
+    );
+
+    // A crash keeps every acknowledged publish and ack; what was not acked comes again.
+    kernel.crash();
+    kernel.restart();
+    let after = subscribe(&kernel, "orders", "billing", 5, &["--timeout-ms", "300"]);
+    assert!(after.is_empty(), "acks survive a crash: {after:?}");
+    let audit = subscribe(&kernel, "orders", "audit", 10, &["--timeout-ms", "300"]);
+    assert_eq!(payloads(&audit), [json!({"n": 1}), json!({"n": 2}), json!({"n": 3})]);
+    let dup = publish(&kernel, "orders", r#"{"n": 1}"#, &["--id", "order-1"]);
+    assert_eq!(dup["duplicate"], true, "the dedup window survives a crash: {dup}");
+
+    let stats = json(&kernel.cli(&["bus", "stats", "--json"]));
+    let orders = &stats["topics"][0];
+    assert_eq!(orders["topic"], "orders", "{stats}");
+    let billing = orders["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == "billing")
+        .unwrap();
+    assert_eq!(billing["lag"], 0, "{billing}");
+    let report = json(&kernel.cli(&["v2", "message-bus", "stats"]));
+    assert_eq!(report["topics"][0]["topic"], "orders");
+}
+
+#[tokio::test]
+async fn a_poison_message_ends_in_the_dead_letters_and_can_be_replayed() {
+    let kernel = Kernel::start();
+    let made = kernel.cli(&[
+        "bus",
+        "create-topic",
+        "jobs",
+        "--max-deliveries",
+        "2",
+        "--backoff-ms",
+        "0",
+        "--partitions",
+        "2",
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let exists = kernel.cli(&["bus", "create-topic", "jobs"]);
+    assert!(!exists.status.success() && stderr(&exists).contains("exists"));
+    publish(&kernel, "jobs", r#""poison""#, &["--key", "k1"]);
+    for delivery in 1..=2 {
+        let got = subscribe(&kernel, "jobs", "workers", 1, &["--no-ack", "--timeout-ms", "2000"]);
+        assert_eq!(got[0]["delivery"], delivery, "{got:?}");
+        let nack = json!([got[0]["ack"]]).to_string();
+        let out = kernel.cli(&[
+            "bus",
+            "nack",
+            "jobs",
+            "workers",
+            "--acks",
+            &nack,
+            "--reason",
+            "cannot parse",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let none = subscribe(&kernel, "jobs", "workers", 1, &["--timeout-ms", "300"]);
+    assert!(
+        none.is_empty(),
+        "past max deliveries it is not delivered again: {none:?}"
+    );
+    let dead = json(&kernel.cli(&["bus", "dlq", "jobs", "--json"]));
+    let letter = &dead["messages"][0];
+    assert_eq!(
+        (letter["payload"].clone(), letter["reason"].clone()),
+        (json!("poison"), json!("cannot parse")),
+        "{dead}"
+    );
+    assert_eq!(
+        (letter["deliveries"].clone(), letter["group"].clone()),
+        (json!(2), json!("workers"))
+    );
+    let report = json(&kernel.cli(&["v2", "message-bus", "dlq", "jobs"]));
+    assert_eq!(report["messages"].as_array().unwrap().len(), 1);
+
+    let replayed = json(&kernel.cli(&["bus", "dlq-replay", "jobs"]));
+    assert_eq!(replayed["replayed"].as_array().unwrap().len(), 1, "{replayed}");
+    assert!(
+        json(&kernel.cli(&["bus", "dlq", "jobs"]))["messages"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let back = subscribe(&kernel, "jobs", "workers", 1, &["--timeout-ms", "2000"]);
+    assert_eq!(payloads(&back), [json!("poison")]);
+    assert_eq!(json(&kernel.cli(&["bus", "dlq-purge", "jobs"]))["purged"], 0);
+}
+
+#[tokio::test]
+async fn bad_input_is_one_clear_error_and_tenants_do_not_meet() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "[bus]\nmax_message_bytes = 1000\n").unwrap();
+    let kernel = Kernel::start_with(&["--config", config.path().to_str().unwrap()]);
+    publish(&kernel, "news", r#"{"a": 1}"#, &["--tenant", "acme"]);
+    let elsewhere = kernel.cli(&[
+        "bus",
+        "subscribe",
+        "news",
+        "--group",
+        "g",
+        "--tenant",
+        "globex",
+        "--json",
+    ]);
+    assert!(
+        !elsewhere.status.success() && stderr(&elsewhere).contains("not_found"),
+        "{}",
+        stderr(&elsewhere)
+    );
+    let listed = json(&kernel.cli(&["bus", "topics", "--tenant", "globex"]));
+    assert!(listed["topics"].as_array().unwrap().is_empty(), "{listed}");
+    let unknown = kernel.cli(&["bus", "dlq", "nothing-here"]);
+    assert!(stderr(&unknown).contains("not_found"));
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), format!("\"{}\"", "x".repeat(2000))).unwrap();
+    let path = format!("@{}", file.path().display());
+    let big = kernel.cli(&["bus", "publish", "news", &path, "--tenant", "acme"]);
+    assert!(
+        stderr(&big).contains("payload_too_large"),
+        "over the maximum: {}",
+        stderr(&big)
+    );
+    let stats = json(&kernel.cli(&["bus", "stats", "--tenant", "acme"]));
+    assert_eq!(stats["topics"][0]["published"], 1, "nothing of it was stored: {stats}");
+    for (acks, why) in [
+        ("[\"nonsense\"]", "not an ack token"),
+        ("[\"0:99:1\"]", "not_found"),
+        ("[]", "1 to"),
+    ] {
+        let out = kernel.cli(&["bus", "ack", "news", "g", "--acks", acks, "--tenant", "acme"]);
+        assert!(
+            !out.status.success() && stderr(&out).contains(why),
+            "{acks}: {}",
+            stderr(&out)
+        );
+    }
+    subscribe(&kernel, "news", "g", 1, &["--tenant", "acme", "--no-ack"]);
+    for (acks, why) in [
+        ("[\"0:99:1\"]", "not_found"),
+        ("[\"0:0:7\"]", "expired"),
+        ("[\"9:0:1\"]", "no partition"),
+    ] {
+        let out = kernel.cli(&["bus", "ack", "news", "g", "--acks", acks, "--tenant", "acme"]);
+        assert!(
+            !out.status.success() && stderr(&out).contains(why),
+            "{acks}: {}",
+            stderr(&out)
+        );
+    }
+    let zero = kernel.cli(&[
+        "bus",
+        "subscribe",
+        "news",
+        "--group",
+        "g",
+        "--max",
+        "0",
+        "--tenant",
+        "acme",
+    ]);
+    assert!(stderr(&zero).contains("max must be"), "{}", stderr(&zero));
+    let bad_topic = kernel.cli(&["bus", "create-topic", "t", "--partitions", "0"]);
+    assert!(stderr(&bad_topic).contains("partitions"), "{}", stderr(&bad_topic));
+}
+
+/// `bus.publish` as an op: its message commits with the op's completion, so a
+/// retried submission (same idempotency key) publishes once.
+#[tokio::test]
+async fn an_agents_op_publishes_once() {
+    let kernel = Kernel::start();
+    let agent = json(&kernel.cli(&["agent", "create", "x", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let args = r#"{"topic": "events", "payload": {"step": 1}, "key": "run-1"}"#;
+    let submit = || {
+        let out = kernel.cli(&[
+            "ring",
+            "submit",
+            &agent,
+            "bus.publish",
+            args,
+            "--idempotency-key",
+            "s1",
+            "--json",
+        ]);
+        json(&out)["op_id"].as_str().unwrap().to_owned()
+    };
+    let op = submit();
+    let done = json(&kernel.cli(&["ring", "wait", &op, "--timeout-ms", "30000", "--json"]));
+    assert_eq!(
+        (done["status"].clone(), done["result"]["offset"].clone()),
+        (json!("ok"), json!(0)),
+        "{done}"
+    );
+    assert_eq!(submit(), op, "the same key is the same op");
+    let got = subscribe(&kernel, "events", "g", 5, &["--timeout-ms", "300"]);
+    assert_eq!(payloads(&got), [json!({"step": 1})]);
+    assert_eq!(got[0]["key"], "run-1");
+    let bad = kernel.cli(&[
+        "ring",
+        "submit",
+        &agent,
+        "bus.publish",
+        r#"{"topic": "events"}"#,
+        "--json",
+    ]);
+    assert!(stderr(&bad).contains("invalid_argument"), "{}", stderr(&bad));
+}
