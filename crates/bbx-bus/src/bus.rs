@@ -46,12 +46,31 @@ pub(crate) struct Counts {
 pub(crate) struct Topic {
     pub key: TopicKey,
     pub config: TopicConfig,
-    /// Woken by publishes and nacks: subscribers waiting for messages.
-    pub arrived: Notify,
-    pub groups: parking_lot::Mutex<FxHashMap<String, Arc<tokio::sync::Mutex<Group>>>>,
+    /// Held while a group is made, so that two fetches make it once.
+    creating: tokio::sync::Mutex<()>,
+    pub groups: parking_lot::Mutex<FxHashMap<String, Arc<Consumers>>>,
+    /// Counts the sweeps that removed messages: a group whose floor may now be
+    /// below the first retained message catches up when it changed.
+    pub trimmed: AtomicU64,
     pub counts: Counts,
     /// The next dead letter's sequence number.
     pub dead_seq: AtomicU64,
+}
+
+/// A group and its consumers waiting for messages.
+pub(crate) struct Consumers {
+    pub group: tokio::sync::Mutex<Group>,
+    /// Woken (one at a time) by publishes and nacks.
+    pub waiting: Notify,
+}
+
+impl Consumers {
+    fn new(group: Group) -> Self {
+        Self {
+            group: tokio::sync::Mutex::new(group),
+            waiting: Notify::new(),
+        }
+    }
 }
 
 /// A message as delivered to a consumer.
@@ -156,7 +175,8 @@ impl Topic {
         Self {
             key,
             config,
-            arrived: Notify::new(),
+            creating: tokio::sync::Mutex::new(()),
+            trimmed: AtomicU64::new(0),
             groups: Default::default(),
             counts: Counts::default(),
             dead_seq: AtomicU64::new(0),
@@ -167,8 +187,15 @@ impl Topic {
         self.key.parts().1
     }
 
-    pub fn group(&self, name: &str) -> Option<Arc<tokio::sync::Mutex<Group>>> {
+    pub fn group(&self, name: &str) -> Option<Arc<Consumers>> {
         self.groups.lock().get(name).cloned()
+    }
+
+    /// Wakes one waiting consumer of each group: there is something to fetch.
+    pub fn wake(&self) {
+        for consumers in self.groups.lock().values() {
+            consumers.waiting.notify_one();
+        }
     }
 }
 
@@ -257,7 +284,7 @@ impl Bus {
             let acks = acked.remove(&(topic.clone(), group.clone())).unwrap_or_default();
             if let Some(t) = topics.get(&topic) {
                 let loaded = Group::new(group.clone(), floors, acks);
-                t.groups.lock().insert(group, Arc::new(tokio::sync::Mutex::new(loaded)));
+                t.groups.lock().insert(group, Arc::new(Consumers::new(loaded)));
             }
         }
         for topic in topics.values() {
@@ -283,7 +310,8 @@ impl Bus {
         self.0
             .topics
             .write()
-            .insert(key.clone(), Arc::new(Topic::new(key, config.clone())));
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Topic::new(key, config.clone())));
         Ok(config)
     }
 
@@ -295,12 +323,13 @@ impl Bus {
         messages: Vec<(Option<String>, Option<String>, Value)>,
     ) -> Result<Vec<Published>> {
         let known = self.0.topics.read().get(&key).cloned();
-        let (config, create) = match known {
-            Some(topic) => (topic.config.clone(), None),
-            None if self.0.config.auto_create_topics => {
-                let config = TopicConfig::new(&self.0.config.topic, &TopicSettings::default(), Utc::now())?;
-                (config.clone(), Some(config))
-            }
+        let create = match known {
+            Some(_) => None,
+            None if self.0.config.auto_create_topics => Some(TopicConfig::new(
+                &self.0.config.topic,
+                &TopicSettings::default(),
+                Utc::now(),
+            )?),
             None => return Err(Error::not_found("topic", key.parts().1)),
         };
         let mut outgoing = Vec::with_capacity(messages.len());
@@ -308,7 +337,6 @@ impl Bus {
             let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
             let payload = self.checked_payload(&id, ordering.as_deref(), &payload)?;
             outgoing.push(Outgoing {
-                partition: config.partition_of(ordering.as_deref(), &id),
                 id,
                 key: ordering,
                 payload,
@@ -332,7 +360,7 @@ impl Bus {
             .counts
             .duplicates
             .fetch_add(published.len() as u64 - fresh, Ordering::Relaxed);
-        topic.arrived.notify_waiters();
+        topic.wake();
         Ok(published)
     }
 
@@ -371,16 +399,15 @@ impl Bus {
     }
 
     /// The group `name` of `topic`, made (durably) at `start` if it is new.
-    pub(crate) async fn group(
-        &self,
-        topic: &Topic,
-        name: &str,
-        start: Start,
-    ) -> Result<Arc<tokio::sync::Mutex<Group>>> {
+    pub(crate) async fn group(&self, topic: &Topic, name: &str, start: Start) -> Result<Arc<Consumers>> {
         if let Some(group) = topic.group(name) {
             return Ok(group);
         }
         bbx_core::validate::name("group", name)?;
+        let _creating = topic.creating.lock().await;
+        if let Some(group) = topic.group(name) {
+            return Ok(group);
+        }
         let store = self.store()?;
         let mut floors = Vec::with_capacity(topic.config.partitions as usize);
         for partition in 0..topic.config.partitions {
@@ -399,7 +426,7 @@ impl Bus {
             );
         }
         store.write(writes).await?;
-        let made = Arc::new(tokio::sync::Mutex::new(Group::new(name.to_owned(), floors, Vec::new())));
+        let made = Arc::new(Consumers::new(Group::new(name.to_owned(), floors, Vec::new())));
         Ok(topic.groups.lock().entry(name.to_owned()).or_insert(made).clone())
     }
 
@@ -414,13 +441,17 @@ impl Bus {
         ack_wait: Duration,
         timeout: Duration,
     ) -> Result<Vec<Delivered>> {
-        let group = self.group(topic, group, start).await?;
+        let consumers = self.group(topic, group, start).await?;
         let deadline = Instant::now() + timeout;
         loop {
-            let arrived = topic.arrived.notified();
+            let arrived = consumers.waiting.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            let (delivered, next_due) = self.take(topic, &group, max, ack_wait).await?;
+            let (delivered, next_due) = self.take(topic, &consumers.group, max, ack_wait).await?;
+            if delivered.len() == max {
+                // There may be more: another waiting consumer takes its share.
+                consumers.waiting.notify_one();
+            }
             let now = Instant::now();
             if !delivered.is_empty() || now >= deadline {
                 return Ok(delivered);
@@ -444,8 +475,17 @@ impl Bus {
     ) -> Result<(Vec<Delivered>, Option<Instant>)> {
         let store = self.store()?;
         let mut group = group.lock().await;
+        let trimmed = topic.trimmed.load(Ordering::Acquire);
+        if group.trimmed_seen != Some(trimmed) {
+            self.catch_up(topic, &mut group).await?;
+            group.trimmed_seen = Some(trimmed);
+        }
         let now = Instant::now();
-        let due = group.due(&topic.config, ack_wait, now, max);
+        let partitions = topic.config.partitions;
+        // Each pass starts at the next partition, so that none starves.
+        group.turn = group.turn.wrapping_add(1);
+        let turn = group.turn % partitions;
+        let due = group.due(&topic.config, ack_wait, now, max, turn);
         if !due.dead.is_empty() {
             self.bury(topic, &mut group, due.dead).await?;
         }
@@ -457,22 +497,28 @@ impl Bus {
                 .map_err(|e| storage_error("read a message", e))?;
             match stored {
                 Some(bytes) => delivered.push(deliver(topic, partition, offset, delivery, Stored::decode(&bytes)?)),
-                // Dropped by retention (drop_unconsumed): nothing left to deliver.
+                // Gone by retention meanwhile: the next pass's catch-up settles it.
                 None => {
-                    let settled = group.settle(partition, &[offset]);
-                    group.apply(partition, &[offset], &settled);
+                    group.cursors[partition as usize].leased.remove(&offset);
                 }
             }
         }
         let redelivered = delivered.len() as u64;
-        for partition in 0..topic.config.partitions {
-            if delivered.len() >= max {
-                break;
-            }
-            let from = group.cursors[partition as usize].next;
-            for (offset, stored) in log::read(store, &topic.key, partition, from, max - delivered.len())? {
-                group.lease_new(partition, offset, ack_wait, now);
-                delivered.push(deliver(topic, partition, offset, 1, stored));
+        for step in 0..partitions {
+            let partition = (turn + step) % partitions;
+            while delivered.len() < max {
+                let from = group.cursors[partition as usize].next;
+                let read = log::read(store, &topic.key, partition, from, max - delivered.len())?;
+                if read.is_empty() {
+                    break;
+                }
+                for (offset, stored) in read {
+                    // Acked before a restart, above the floor: not delivered again.
+                    if !group.skip_acked(partition, offset) {
+                        group.lease_new(partition, offset, ack_wait, now);
+                        delivered.push(deliver(topic, partition, offset, 1, stored));
+                    }
+                }
             }
         }
         topic.counts.redelivered.fetch_add(redelivered, Ordering::Relaxed);
@@ -481,6 +527,29 @@ impl Bus {
             .delivered
             .fetch_add(delivered.len() as u64, Ordering::Relaxed);
         Ok((delivered, group.next_due()))
+    }
+
+    /// Moves each partition's floor up to its first retained message, durably:
+    /// what retention removed below it is settled for the group.
+    async fn catch_up(&self, topic: &Topic, group: &mut Group) -> Result<()> {
+        let store = self.store()?;
+        let mut writes = Writes::default();
+        let mut applied = Vec::new();
+        for partition in 0..topic.config.partitions {
+            let (first, _) = log::bounds(store, &topic.key, partition)?;
+            if let Some(settled) = group.caught_up(partition, first) {
+                writes.settle(&topic.key, &group.name, partition, &settled);
+                applied.push((partition, settled));
+            }
+        }
+        if applied.is_empty() {
+            return Ok(());
+        }
+        store.write(writes).await?;
+        for (partition, settled) in applied {
+            group.apply(partition, &[], &settled);
+        }
+        Ok(())
     }
 
     /// Moves messages past their deliveries to the dead letters, settling them for
@@ -532,16 +601,20 @@ impl Bus {
         Ok(())
     }
 
-    /// Acknowledges deliveries of `group`: all of them, durably, or none.
+    /// Acknowledges deliveries of `group`: all of them, durably, or none. The
+    /// write is queued under the group's lock (so acks reach the store in the
+    /// order they change the group) and waited for outside it, so that fetches
+    /// do not wait for the sync; the group changes at once, which only a failed
+    /// store (after which nothing is acknowledged) could leave unwritten.
     pub(crate) async fn ack(&self, topic: &Topic, group: &str, tokens: &[Token]) -> Result<usize> {
-        let group = topic.group(group).ok_or_else(|| Error::not_found("group", group))?;
-        let mut group = group.lock().await;
+        let consumers = topic.group(group).ok_or_else(|| Error::not_found("group", group))?;
+        let mut group = consumers.group.lock().await;
         let now = Instant::now();
         for token in tokens {
             group.check(token, now)?;
         }
         let mut writes = Writes::default();
-        let mut applied = Vec::new();
+        let mut count = 0;
         for partition in 0..topic.config.partitions {
             let offsets: BTreeSet<u64> = tokens
                 .iter()
@@ -554,14 +627,12 @@ impl Bus {
             let offsets: Vec<u64> = offsets.into_iter().collect();
             let settled = group.settle(partition, &offsets);
             writes.settle(&topic.key, &group.name, partition, &settled);
-            applied.push((partition, offsets, settled));
-        }
-        self.store()?.write(writes).await?;
-        let mut count = 0;
-        for (partition, offsets, settled) in applied {
-            count += offsets.len();
             group.apply(partition, &offsets, &settled);
+            count += offsets.len();
         }
+        let durable = self.store()?.queue(writes).await;
+        drop(group);
+        durable.await?;
         Ok(count)
     }
 
@@ -575,8 +646,8 @@ impl Bus {
         nack: Option<(Option<String>, Option<Duration>)>,
         extend: Duration,
     ) -> Result<usize> {
-        let group = topic.group(group).ok_or_else(|| Error::not_found("group", group))?;
-        let mut group = group.lock().await;
+        let consumers = topic.group(group).ok_or_else(|| Error::not_found("group", group))?;
+        let mut group = consumers.group.lock().await;
         let now = Instant::now();
         for token in tokens {
             group.check(token, now)?;
@@ -588,7 +659,7 @@ impl Bus {
             }
         }
         drop(group);
-        topic.arrived.notify_waiters();
+        consumers.waiting.notify_one();
         Ok(tokens.len())
     }
 

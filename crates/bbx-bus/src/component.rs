@@ -8,10 +8,10 @@ use crate::bus::{Bus, DeadLetter, Topic, Writes};
 use crate::keys::TopicKey;
 use crate::log::{Outgoing, Publish, Published, stage_publish};
 use crate::topic::{TopicConfig, TopicSettings};
-use crate::{BUS_DEAD, BUS_TOPICS, KEYSPACES};
+use crate::{BUS_DEAD, KEYSPACES};
 use bbx_component::{Component, Context, EffectOp, Endpoint, OpKind, Prepared, Staging, parse_args};
+use bbx_core::Result;
 use bbx_core::op::{Completion, CompletionStatus, Effects};
-use bbx_core::{Error, Result};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged};
 use chrono::Utc;
 use serde::Deserialize;
@@ -52,28 +52,18 @@ struct PublishEffect {
 
 impl EffectOp for PublishEffect {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
-        let topic = TopicKey::new(staging.tenant, &self.topic);
-        let config = match tx.read(BUS_TOPICS, topic.as_bytes())? {
-            Some(stored) => TopicConfig::decode(&stored)?,
-            None => self
-                .create
-                .clone()
-                .ok_or_else(|| Error::not_found("topic", &self.topic))?,
-        };
-        let mut message = self.message.clone();
-        message.partition = config.partition_of(message.key.as_deref(), &message.id);
         let publish = Publish {
-            topic,
+            topic: TopicKey::new(staging.tenant, &self.topic),
             create: self.create.clone(),
-            messages: vec![message],
+            messages: vec![self.message.clone()],
             dedup_window: self.dedup_window,
             at: staging.at,
         };
         let published = tx.all_or_nothing(|tx| stage_publish(tx, &publish))?;
         let one = &published[0];
-        Ok(
-            json!({ "topic": self.topic, "id": one.id, "partition": one.partition, "offset": one.offset, "duplicate": one.duplicate }),
-        )
+        Ok(json!({
+            "topic": self.topic, "id": one.id, "partition": one.partition, "offset": one.offset, "duplicate": one.duplicate,
+        }))
     }
 }
 
@@ -124,12 +114,7 @@ impl Component for Bus {
         };
         Ok(Prepared::Effect(Arc::new(PublishEffect {
             topic,
-            message: Outgoing {
-                id,
-                key,
-                partition: 0,
-                payload,
-            },
+            message: Outgoing { id, key, payload },
             create,
             dedup_window: Duration::from_secs(self.0.config.dedup_window_secs),
         })))
@@ -155,7 +140,7 @@ impl Component for Bus {
                 .counts
                 .published
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            topic.arrived.notify_waiters();
+            topic.wake();
         }
     }
 }
@@ -196,7 +181,6 @@ impl Bus {
         for letter in &letters {
             let id = format!("{}.replay-{}", letter.id, letter.seq);
             messages.push(Outgoing {
-                partition: topic.config.partition_of(letter.key.as_deref(), &id),
                 id,
                 key: letter.key.clone(),
                 payload: serde_json::to_vec(&letter.payload).unwrap_or_default(),
@@ -213,7 +197,7 @@ impl Bus {
             remove: letters.iter().map(|d| topic.key.dead(d.seq)).collect(),
         };
         let published: Vec<Published> = self.store()?.write(replay).await?.into_output()?;
-        topic.arrived.notify_waiters();
+        topic.wake();
         Ok(published)
     }
 

@@ -232,6 +232,9 @@ impl Bus {
         let topic = self.known_topic(caller, req.tenant, &req.topic)?;
         let tokens = tokens(&req.acks)?;
         let ms = req.ms.map(Duration::from_millis);
+        if ms.is_some_and(|ms| ms > Duration::from_secs(12 * 3600)) {
+            return Err(Error::invalid_field("ms", "ms must be at most 12 hours"));
+        }
         let count = match verb {
             Verb::Ack => self.ack(&topic, &req.group, &tokens).await?,
             Verb::Nack => {
@@ -259,7 +262,7 @@ impl Bus {
         let groups: Vec<_> = topic.groups.lock().values().cloned().collect();
         let mut listed = Vec::new();
         for group in groups {
-            let group = group.lock().await;
+            let group = group.group.lock().await;
             let per: Vec<Value> = group
                 .cursors
                 .iter()
@@ -396,7 +399,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
         settle(
             "bus.extend",
             "/v1/bus/topics/{topic}/groups/{group}/extend",
-            "Extend the leases of deliveries still being worked on, to ms from now (the topic's ack wait by default).",
+            "Extend the leases of deliveries still being worked on: each then ends ms from now (the topic's ack wait by default, at most 12 hours).",
             Verb::Extend,
         ),
         Endpoint::serving(

@@ -51,6 +51,10 @@ pub struct Due {
 pub struct Group {
     pub name: String,
     pub cursors: Vec<Cursor>,
+    /// Counts passes, to start each at another partition.
+    pub turn: u32,
+    /// The topic's trim count when the floors last caught up with retention.
+    pub trimmed_seen: Option<u64>,
 }
 
 /// An acknowledgement token: `PARTITION:OFFSET:DELIVERY`, so that acking an
@@ -114,18 +118,25 @@ impl Group {
                 leased: BTreeMap::new(),
             })
             .collect();
-        Self { name, cursors }
+        Self {
+            name,
+            cursors,
+            turn: 0,
+            trimmed_seen: None,
+        }
     }
 
     /// Leases that are due again, for redelivery or, past the topic's deliveries,
     /// for the dead letters. Redeliveries are leased again here.
-    pub fn due(&mut self, config: &TopicConfig, ack_wait: Duration, now: Instant, max: usize) -> Due {
+    /// Starts at partition `first`, so that none starves, and finds every
+    /// message due for the dead letters however many are redelivered.
+    pub fn due(&mut self, config: &TopicConfig, ack_wait: Duration, now: Instant, max: usize, first: u32) -> Due {
         let mut due = Due::default();
-        for (partition, cursor) in self.cursors.iter_mut().enumerate() {
+        let count = self.cursors.len();
+        for step in 0..count {
+            let partition = (first as usize + step) % count;
+            let cursor = &mut self.cursors[partition];
             for (offset, lease) in cursor.leased.iter_mut() {
-                if due.redeliver.len() >= max {
-                    return due;
-                }
                 if lease.until > now {
                     continue;
                 }
@@ -137,6 +148,9 @@ impl Group {
                     if !due.dead.iter().any(|d| d.0 == partition as u32 && d.1 == *offset) {
                         due.dead.push((partition as u32, *offset, lease.delivery, reason));
                     }
+                    continue;
+                }
+                if due.redeliver.len() >= max {
                     continue;
                 }
                 lease.delivery += 1;
@@ -161,6 +175,29 @@ impl Group {
                 reason: None,
             },
         );
+    }
+
+    /// Passes over `offset` if it was acknowledged (above the floor, before a
+    /// restart); whether it was.
+    pub fn skip_acked(&mut self, partition: u32, offset: u64) -> bool {
+        let cursor = &mut self.cursors[partition as usize];
+        let acked = cursor.acked.contains(&offset);
+        if acked {
+            cursor.next = cursor.next.max(offset + 1);
+        }
+        acked
+    }
+
+    /// What moving the floor of `partition` up to `first`, the first message
+    /// retained (everything below it is gone), changes durably; none if it is
+    /// there already.
+    pub fn caught_up(&self, partition: u32, first: u64) -> Option<Settled> {
+        let cursor = &self.cursors[partition as usize];
+        (cursor.floor < first).then(|| Settled {
+            floor: Some(first),
+            acked: Vec::new(),
+            passed: cursor.acked.range(..first).copied().collect(),
+        })
     }
 
     /// The lease `token` names, if it is still this delivery's and in time.
@@ -202,19 +239,20 @@ impl Group {
     /// durably; [`Group::apply`] then makes it so in memory.
     pub fn settle(&self, partition: u32, offsets: &[u64]) -> Settled {
         let cursor = &self.cursors[partition as usize];
-        let mut acked: BTreeSet<u64> = cursor.acked.clone();
-        acked.extend(offsets.iter().copied());
+        let settling: BTreeSet<u64> = offsets.iter().copied().collect();
         let mut floor = cursor.floor;
         let mut passed = Vec::new();
-        while acked.remove(&floor) {
+        loop {
             if cursor.acked.contains(&floor) {
                 passed.push(floor);
+            } else if !settling.contains(&floor) {
+                break;
             }
             floor += 1;
         }
         Settled {
             floor: (floor != cursor.floor).then_some(floor),
-            acked: offsets.iter().copied().filter(|o| *o >= floor).collect(),
+            acked: settling.into_iter().filter(|o| *o >= floor).collect(),
             passed,
         }
     }
@@ -229,6 +267,7 @@ impl Group {
             cursor.floor = floor;
             cursor.next = cursor.next.max(floor);
             cursor.acked.retain(|o| *o >= floor);
+            cursor.leased.retain(|o, _| *o >= floor);
         }
         cursor.acked.extend(settled.acked.iter().copied());
     }
@@ -333,23 +372,72 @@ mod tests {
         let start = Instant::now();
         let mut group = Group::new("g".into(), vec![0], vec![]);
         group.lease_new(0, 0, WAIT, start);
-        assert_eq!(group.due(&config, WAIT, start, 10), Due::default(), "in its ack wait");
+        assert_eq!(
+            group.due(&config, WAIT, start, 10, 0),
+            Due::default(),
+            "in its ack wait"
+        );
         let later = start + Duration::from_millis(150);
         assert!(
             group.check(&token(0, 1), later).is_err(),
             "an expired lease cannot be acked"
         );
-        assert_eq!(group.due(&config, WAIT, later, 10).redeliver, vec![(0, 0, 2)]);
+        assert_eq!(group.due(&config, WAIT, later, 10, 0).redeliver, vec![(0, 0, 2)]);
         group.nack(&token(0, 2), Some("bad input".into()), None, &config, later);
-        assert_eq!(group.due(&config, WAIT, later, 10), Due::default(), "backing off");
-        let due = group.due(&config, WAIT, later + Duration::from_millis(25), 10);
+        assert_eq!(group.due(&config, WAIT, later, 10, 0), Due::default(), "backing off");
+        let due = group.due(&config, WAIT, later + Duration::from_millis(25), 10, 0);
         assert_eq!(due.redeliver, vec![(0, 0, 3)]);
         group.nack(&token(0, 3), Some("still bad".into()), None, &config, later);
-        let due = group.due(&config, WAIT, later + Duration::from_secs(1), 10);
+        let due = group.due(&config, WAIT, later + Duration::from_secs(1), 10, 0);
         assert_eq!(due.dead, vec![(0, 0, 3, "still bad".to_owned())], "never loops forever");
         let settled = group.settle(0, &[0]);
         group.apply(0, &[0], &settled);
         assert_eq!(group.cursors[0].floor, 1);
         assert!(group.next_due().is_none());
+    }
+
+    #[test]
+    fn acks_kept_above_the_floor_are_skipped_and_the_floor_catches_up_with_retention() {
+        let now = Instant::now();
+        let mut group = Group::new("g".into(), vec![0], vec![BTreeSet::from([1, 3])]);
+        assert!(!group.skip_acked(0, 0));
+        assert!(group.skip_acked(0, 1), "acked before a restart");
+        group.lease_new(0, 2, WAIT, now);
+        let settled = group.caught_up(0, 3).unwrap();
+        assert_eq!(
+            settled,
+            Settled {
+                floor: Some(3),
+                acked: vec![],
+                passed: vec![1]
+            }
+        );
+        group.apply(0, &[], &settled);
+        assert_eq!(group.cursors[0].floor, 3);
+        assert!(
+            group.cursors[0].leased.is_empty(),
+            "a lease on a message gone is dropped"
+        );
+        assert!(group.caught_up(0, 3).is_none());
+    }
+
+    #[test]
+    fn due_starts_at_the_partition_it_is_given_and_finds_every_dead_letter() {
+        let config = config();
+        let start = Instant::now();
+        let mut group = Group::new("g".into(), vec![0, 0], vec![]);
+        group.lease_new(0, 0, WAIT, start);
+        group.lease_new(1, 0, WAIT, start);
+        let later = start + Duration::from_millis(150);
+        assert_eq!(group.due(&config, WAIT, later, 1, 1).redeliver, vec![(1, 0, 2)]);
+        assert_eq!(group.due(&config, WAIT, later, 1, 0).redeliver, vec![(0, 0, 2)]);
+        let much_later = later + Duration::from_secs(10);
+        group.due(&config, WAIT, much_later, 2, 0);
+        let due = group.due(&config, WAIT, much_later + Duration::from_secs(10), 0, 0);
+        assert_eq!(
+            due.dead.len(),
+            2,
+            "with no room to redeliver, dead letters are still found: {due:?}"
+        );
     }
 }

@@ -19,12 +19,12 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use std::time::Duration;
 
-/// One message to publish.
+/// One message to publish; its partition is chosen from its key (or id) by the
+/// topic's settings as stored when it commits.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub id: String,
     pub key: Option<String>,
-    pub partition: u32,
     /// JSON text.
     pub payload: Vec<u8>,
 }
@@ -60,26 +60,29 @@ impl Staged for Publish {
 
 /// Stages `publish` in `tx`; returns where each message is.
 pub fn stage_publish(tx: &mut GroupTx<'_>, publish: &Publish) -> Result<Vec<Published>> {
-    match &publish.create {
-        Some(config) => {
-            if tx.read(BUS_TOPICS, publish.topic.as_bytes())?.is_none() {
-                tx.put(BUS_TOPICS, publish.topic.as_bytes().to_vec(), config.encode()?);
-            }
-        }
+    // The topic's settings as they commit: a topic made meanwhile (with other
+    // partitions than a publisher assumed) is the one the messages go to.
+    let config = match tx.read(BUS_TOPICS, publish.topic.as_bytes())? {
+        Some(stored) => TopicConfig::decode(&stored)?,
         None => {
-            if tx.read(BUS_TOPICS, publish.topic.as_bytes())?.is_none() {
-                let (_, name) = publish.topic.parts();
-                return Err(Error::not_found("topic", name));
-            }
+            let config = publish
+                .create
+                .clone()
+                .ok_or_else(|| Error::not_found("topic", publish.topic.parts().1))?;
+            tx.put(BUS_TOPICS, publish.topic.as_bytes().to_vec(), config.encode()?);
+            config
         }
-    }
+    };
+    // What one commit can journal: a larger publish would fail every write of
+    // its group, so it is refused alone.
+    let mut room = tx.max_value();
     let mut heads: FxHashMap<u32, u64> = FxHashMap::default();
     let mut published = Vec::with_capacity(publish.messages.len());
     let at_ms = publish.at.timestamp_millis();
     for message in &publish.messages {
         let dedup_key = publish.topic.dedup(&message.id);
         if let Some(seen) = tx.read(BUS_DEDUP, &dedup_key)?.as_deref().and_then(Dedup::decode)
-            && publish.at.timestamp_millis() - seen.at_ms < publish.dedup_window.as_millis() as i64
+            && at_ms - seen.at_ms < publish.dedup_window.as_millis() as i64
         {
             published.push(Published {
                 id: message.id.clone(),
@@ -89,31 +92,32 @@ pub fn stage_publish(tx: &mut GroupTx<'_>, publish: &Publish) -> Result<Vec<Publ
             });
             continue;
         }
-        let offset = match heads.get(&message.partition) {
+        let partition = config.partition_of(message.key.as_deref(), &message.id);
+        let offset = match heads.get(&partition) {
             Some(next) => *next,
-            None => head(tx, &publish.topic, message.partition)?,
+            None => head(tx, &publish.topic, partition)?,
         };
-        heads.insert(message.partition, offset + 1);
+        heads.insert(partition, offset + 1);
         let stored = Stored {
             id: message.id.clone(),
             key: message.key.clone(),
             published_at: publish.at,
             payload: message.payload.clone(),
-        };
-        tx.put(
-            BUS_MESSAGES,
-            publish.topic.message(message.partition, offset),
-            stored.encode(),
-        );
+        }
+        .encode();
+        room = room
+            .checked_sub(stored.len() + dedup_key.len() + 64)
+            .ok_or_else(|| too_large(stored.len(), tx.max_value()))?;
+        tx.put(BUS_MESSAGES, publish.topic.message(partition, offset), stored);
         let dedup = Dedup {
-            partition: message.partition,
+            partition,
             offset,
             at_ms,
         };
         tx.put(BUS_DEDUP, dedup_key, dedup.encode());
         published.push(Published {
             id: message.id.clone(),
-            partition: message.partition,
+            partition,
             offset,
             duplicate: false,
         });
@@ -223,10 +227,10 @@ pub fn bounds(store: &Store, topic: &TopicKey, partition: u32) -> Result<(u64, u
     Ok((first, head))
 }
 
-/// A payload over the topic's limit.
+/// A message, or a batch, over what may be published at once.
 pub fn too_large(bytes: usize, max: usize) -> Error {
     Error::new(
         ErrorCode::PayloadTooLarge,
-        format!("the message is {bytes} bytes; at most {max} bytes may be published (bus.max_message_bytes)"),
+        format!("the message is {bytes} bytes; at most {max} bytes may be published at once"),
     )
 }

@@ -43,14 +43,19 @@ pub(crate) async fn sweep(bus: &Bus, topic: &Topic) -> Result<()> {
     let store = bus.store()?;
     let retention = &topic.config.retention;
     let now_ms = Utc::now().timestamp_millis();
-    let oldest_kept_ms = now_ms - (retention.max_age_secs as i64).saturating_mul(1000);
+    let max_age_ms = i64::try_from(retention.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let oldest_kept_ms = now_ms.saturating_sub(max_age_ms);
+    // Count and byte limits are the topic's, spread evenly over its partitions.
+    let partitions = u64::from(topic.config.partitions);
+    let max_messages = retention.max_messages.map(|max| max.div_ceil(partitions));
+    let max_bytes = retention.max_bytes.map(|max| max.div_ceil(partitions));
     let mut writes = Writes::default();
     let (mut dropped, mut unconsumed) = (0u64, 0u64);
     for partition in 0..topic.config.partitions {
         let floor = settled_floor(topic, partition).await;
         let (first, head) = log::bounds(store, &topic.key, partition)?;
         let mut count = head.saturating_sub(first);
-        let mut bytes = match retention.max_bytes {
+        let mut bytes = match max_bytes {
             Some(_) => partition_bytes(bus, topic, partition)?,
             None => 0,
         };
@@ -63,8 +68,8 @@ pub(crate) async fn sweep(bus: &Bus, topic: &Topic) -> Result<()> {
             let Some((_, offset)) = position(&key) else { continue };
             let stored = Stored::decode(&value)?;
             let past = stored.published_at.timestamp_millis() < oldest_kept_ms
-                || retention.max_messages.is_some_and(|max| count > max)
-                || retention.max_bytes.is_some_and(|max| bytes > max);
+                || max_messages.is_some_and(|max| count > max)
+                || max_bytes.is_some_and(|max| bytes > max);
             if !past {
                 break;
             }
@@ -79,7 +84,7 @@ pub(crate) async fn sweep(bus: &Bus, topic: &Topic) -> Result<()> {
             writes.remove(BUS_MESSAGES, key.to_vec());
         }
     }
-    let before_ms = now_ms - (bus.0.config.dedup_window_secs as i64) * 1000;
+    let before_ms = now_ms.saturating_sub(bus.0.config.dedup_window_secs as i64 * 1000);
     let view = store.view();
     for item in view.prefix(store.keyspace(BUS_DEDUP), topic.key.as_bytes()) {
         if writes.0.len() >= MAX_PER_SWEEP {
@@ -94,6 +99,9 @@ pub(crate) async fn sweep(bus: &Bus, topic: &Topic) -> Result<()> {
         return Ok(());
     }
     store.write(writes).await?;
+    if dropped > 0 {
+        topic.trimmed.fetch_add(1, Ordering::Release);
+    }
     topic.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
     topic.counts.dropped_unconsumed.fetch_add(unconsumed, Ordering::Relaxed);
     Ok(())
@@ -105,7 +113,7 @@ async fn settled_floor(topic: &Topic, partition: u32) -> Option<u64> {
     let groups: Vec<_> = topic.groups.lock().values().cloned().collect();
     let mut lowest: Option<u64> = None;
     for group in groups {
-        let floor = group.lock().await.cursors[partition as usize].floor;
+        let floor = group.group.lock().await.cursors[partition as usize].floor;
         lowest = Some(lowest.map_or(floor, |l| l.min(floor)));
     }
     lowest

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use bbx_client::Client;
 use bbx_core::AgentId;
 use bbx_core::api::prelude::*;
+use bbx_core::config::{ConfigLayer, KernelConfig};
 use bbx_core::model::CreateAgent;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -300,6 +301,25 @@ fn pin_to(cpu: usize) -> Result<()> {
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
     rustix::thread::sched_setaffinity(None, &set).context("cannot set CPU affinity")
+}
+
+/// An in-process kernel on `dir` with the settings of `over` (logging warnings
+/// only), and its administrator.
+pub(crate) async fn open_in_process(
+    dir: &Path,
+    over: ConfigLayer,
+) -> Result<(std::sync::Arc<bbx_kernel::Kernel>, bbx_kernel::Caller)> {
+    let over = ConfigLayer {
+        data_dir: Some(dir.to_path_buf()),
+        log: Some("warn".into()),
+        ..over
+    };
+    let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
+        .await?
+        .kernel;
+    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?;
+    let caller = kernel.authenticate(token.trim())?;
+    Ok((kernel, caller))
 }
 
 /// Starts `bbx serve` on a fresh data directory; returns it and the time to ready.

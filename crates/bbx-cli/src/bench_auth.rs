@@ -7,7 +7,7 @@
 use crate::bench::{NanoFigures, scratch_dir, time_each};
 use crate::cli::{BenchAuthArgs, Cli};
 use anyhow::{Result, bail};
-use bbx_core::config::{ConfigLayer, KernelConfig};
+use bbx_core::config::ConfigLayer;
 use bbx_core::model::{CreateApiKey, Role};
 use bbx_kernel::{Action, CreateToken, Kernel};
 use hdrhistogram::Histogram;
@@ -42,16 +42,7 @@ pub async fn auth(cli: &Cli, args: &BenchAuthArgs) -> Result<()> {
         bail!("--seconds must be a positive number");
     }
     let scratch = scratch_dir(args.scratch_dir.as_deref())?;
-    let over = ConfigLayer {
-        data_dir: Some(scratch.path().to_path_buf()),
-        log: Some("warn".into()),
-        ..Default::default()
-    };
-    let kernel = Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
-        .await?
-        .kernel;
-    let token = std::fs::read_to_string(scratch.path().join(bbx_kernel::ADMIN_KEY_FILE))?;
-    let admin = kernel.authenticate(token.trim())?;
+    let (kernel, admin) = crate::bench::open_in_process(scratch.path(), ConfigLayer::default()).await?;
     let measure = Duration::from_secs_f64(args.seconds);
     let report = measure_all(&kernel, &admin, measure).await;
     kernel.shutdown().await;

@@ -25,7 +25,7 @@ use crate::cli::{BenchRingArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
 use bbx_core::api::prelude::*;
-use bbx_core::config::{ConfigLayer, KernelConfig, RingConfig};
+use bbx_core::config::{ConfigLayer, RingConfig};
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{SubmitBatch, SubmitOp};
 use bytes::Bytes;
@@ -236,17 +236,11 @@ async fn in_process(
     let mut flow = bbx_core::config::FlowConfig::default();
     flow.anomaly.enabled = anomaly_detection;
     let over = ConfigLayer {
-        data_dir: Some(dir.to_path_buf()),
-        log: Some("warn".into()),
         ring: Some(ring),
         flow: Some(flow),
         ..Default::default()
     };
-    let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
-        .await?
-        .kernel;
-    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?;
-    let caller = kernel.authenticate(token.trim())?;
+    let (kernel, caller) = crate::bench::open_in_process(dir, over).await?;
     if flow_rules {
         for policy in crate::bench_flow::policies() {
             let input = json!({ "name": policy.name, "source": policy.source });
@@ -432,7 +426,7 @@ fn shm_noops(
 /// with one fdatasync, in a loop: the journal's physical limit at that group size.
 /// Appended to a growing file, or, `preallocated`, written over a zero-filled one
 /// (from its start again when the end is reached).
-fn fsync_loop(
+pub(crate) fn fsync_loop(
     dir: &Path,
     records: usize,
     record_bytes: usize,

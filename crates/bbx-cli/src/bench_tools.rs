@@ -19,7 +19,7 @@ use crate::bench::{Figures, NanoFigures, histogram, scratch_dir, time_each};
 use crate::cli::{BenchToolsArgs, Cli};
 use anyhow::{Context, Result, bail};
 use bbx_core::api::prelude::*;
-use bbx_core::config::{ConfigLayer, KernelConfig};
+use bbx_core::config::ConfigLayer;
 use bbx_core::model::CreateAgent;
 use bbx_core::op::{CompletionStatus, SubmitBatch, SubmitOp};
 use bbx_core::quota::{Node, QuotaLimits, ToolSettings};
@@ -128,16 +128,7 @@ fn quota_checks(measure: Duration) -> (NanoFigures, NanoFigures) {
 }
 
 async fn shell_true(dir: &Path, measure: Duration) -> Result<(Figures, String)> {
-    let over = ConfigLayer {
-        data_dir: Some(dir.to_path_buf()),
-        log: Some("warn".into()),
-        ..Default::default()
-    };
-    let kernel = bbx_kernel::Kernel::open(KernelConfig::resolve(ConfigLayer::default(), over)?)
-        .await?
-        .kernel;
-    let token = std::fs::read_to_string(dir.join(bbx_kernel::ADMIN_KEY_FILE))?;
-    let caller = kernel.authenticate(token.trim())?;
+    let (kernel, caller) = crate::bench::open_in_process(dir, ConfigLayer::default()).await?;
     let confinement = kernel.cgroup_status(&caller)?;
     let session = kernel.session(caller);
     let agent = session

@@ -214,6 +214,35 @@ pub enum BenchCommand {
     /// FlowIntegrity's check in process: 20 rules, an unconcerned kind, taint
     /// labelling against 10,000 fingerprints.
     Flow(BenchFlowArgs),
+    /// The MessageBus: batched publish next to an fdatasync loop at the same bytes
+    /// per sync, unbatched publish from many publishers, and publish-to-delivery
+    /// latency over loopback HTTP at a fixed rate. Starts its own kernels.
+    Bus(BenchBusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchBusArgs {
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Messages per batch in the batched phase.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Concurrent publishers in the unbatched phase.
+    #[arg(long, default_value_t = 256)]
+    pub publishers: usize,
+    /// Messages a second in the delivery phase.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    /// Consumers of the group in the delivery phase.
+    #[arg(long, default_value_t = 2)]
+    pub consumers: usize,
+    /// Do not pin the delivery phase's kernel and load generator to separate cores.
+    #[arg(long)]
+    pub no_isolate: bool,
+    /// Directory for the scratch kernels [default: a temp dir].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

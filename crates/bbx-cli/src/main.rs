@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_auth;
+mod bench_bus;
 mod bench_flow;
 mod bench_ring;
 mod bench_tools;
@@ -103,6 +104,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Tools(args)) => bench_tools::tools(&cli, args).await,
         Command::Bench(BenchCommand::Auth(args)) => bench_auth::auth(&cli, args).await,
         Command::Bench(BenchCommand::Flow(args)) => bench_flow::flow(&cli, args).await,
+        Command::Bench(BenchCommand::Bus(args)) => bench_bus::bus(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {

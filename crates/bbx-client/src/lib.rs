@@ -36,6 +36,9 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     bearer: String,
+    /// The kernel's endpoints as last listed: a call looks its route up here,
+    /// and lists them again only for a name it does not find.
+    endpoints: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Vec<EndpointInfo>>>>,
 }
 
 impl Client {
@@ -54,6 +57,7 @@ impl Client {
             http,
             base,
             bearer: format!("Bearer {}", api_key.trim()),
+            endpoints: Default::default(),
         })
     }
 
@@ -227,7 +231,17 @@ impl EndpointsApi for Client {
     /// Looks the endpoint up, fills its path's `{field}` segments from `input`
     /// and sends the rest as its JSON body.
     async fn call_endpoint(&self, name: &str, input: Value) -> Result<Value> {
-        let endpoints = self.endpoints().await?;
+        let known = self.endpoints.read().map(|e| e.clone()).unwrap_or_default();
+        let endpoints = match known.iter().any(|e| e.name == name) {
+            true => known,
+            false => {
+                let listed = std::sync::Arc::new(self.endpoints().await?);
+                if let Ok(mut cached) = self.endpoints.write() {
+                    *cached = listed.clone();
+                }
+                listed
+            }
+        };
         let endpoint = endpoints
             .iter()
             .find(|e| e.name == name)

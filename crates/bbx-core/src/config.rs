@@ -546,6 +546,11 @@ impl KernelConfig {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
                 Error::invalid_field("data_dir", format!("cannot resolve {}: {e}", config.data_dir.display()))
             })?,
+            // A message is published in one request body: the smaller limit wins.
+            bus: BusConfig {
+                max_message_bytes: config.bus.max_message_bytes.min(config.max_body_bytes),
+                ..config.bus.clone()
+            },
             ..config
         };
         if config.max_body_bytes < 1024 {

@@ -9,11 +9,18 @@ use std::collections::{BTreeMap, HashMap};
 /// Per keyspace id: key -> `Some(value)` to insert, `None` to remove.
 type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// What a put or remove replaced: keyspace index, key, and its entry before
+/// (none where the group had staged nothing for the key).
+type Replaced = (usize, Vec<u8>, Option<Option<Vec<u8>>>);
+
 /// One group's writes: an overlay of staged values over the database, so that a
 /// write sees the effects of the writes before it in the same group.
 pub struct GroupTx<'a> {
     keyspaces: &'a Keyspaces,
     staged: Vec<Overlay>,
+    /// While [`GroupTx::all_or_nothing`] runs: the entry each put or remove
+    /// replaced (none where there was none), to put back if it fails.
+    undo: Option<Vec<Replaced>>,
     /// The largest value that fits in a journal record with room to spare.
     max_value: usize,
     caches: &'a mut Caches,
@@ -24,6 +31,7 @@ impl<'a> GroupTx<'a> {
         Self {
             keyspaces,
             staged: vec![Overlay::new(); keyspaces.len()],
+            undo: None,
             max_value,
             caches,
         }
@@ -53,22 +61,45 @@ impl<'a> GroupTx<'a> {
     /// Runs `stage`, and if it fails, leaves the group as it was before: for a
     /// write made of parts that each read, then write (an import spanning several
     /// components), where a later part's failure must undo the earlier ones.
-    /// Costs a copy of what the group staged so far.
+    /// Costs a copy of the keys it stages (not of what the group staged before).
     pub fn all_or_nothing<T>(&mut self, stage: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        let before = self.staged.clone();
+        let outer = self.undo.replace(Vec::new());
         let staged = stage(self);
+        let undo = std::mem::replace(&mut self.undo, outer).unwrap_or_default();
         if staged.is_err() {
-            self.staged = before;
+            for (keyspace, key, before) in undo.into_iter().rev() {
+                let overlay = &mut self.staged[keyspace];
+                match before {
+                    Some(before) => overlay.insert(key, before),
+                    None => overlay.remove(&key),
+                };
+            }
+        } else if let Some(outer) = &mut self.undo {
+            // Nested: the enclosing one may still have to undo these.
+            outer.extend(undo);
         }
         staged
     }
 
     pub fn put(&mut self, ks: KeyspaceDef, key: Vec<u8>, value: Vec<u8>) {
-        self.staged[usize::from(ks.id)].insert(key, Some(value));
+        self.stage(usize::from(ks.id), key, Some(value));
     }
 
     pub fn remove(&mut self, ks: KeyspaceDef, key: Vec<u8>) {
-        self.staged[usize::from(ks.id)].insert(key, None);
+        self.stage(usize::from(ks.id), key, None);
+    }
+
+    fn stage(&mut self, keyspace: usize, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let overlay = &mut self.staged[keyspace];
+        match &mut self.undo {
+            Some(undo) => {
+                let before = overlay.insert(key.clone(), value);
+                undo.push((keyspace, key, before));
+            }
+            None => {
+                overlay.insert(key, value);
+            }
+        }
     }
 
     /// The largest value a write should stage: one that fits in a journal record

@@ -355,6 +355,34 @@ impl Store {
             .unwrap_or_else(|_| failed(Error::unavailable("the storage writer stopped")))
     }
 
+    /// Queues `write` now, behind every write queued before this call returns,
+    /// and gives back what answers once it is durable (or refused). A caller that
+    /// must keep its writes in order queues them under its lock and waits for
+    /// them outside it, so that a sync does not hold the lock.
+    pub async fn queue<W: Staged>(&self, write: W) -> impl Future<Output = Result<Applied>> + use<W> {
+        let (reply, answer) = oneshot::channel();
+        let queued = match self.writer.reserve().await {
+            Ok(permit) => {
+                permit.send(Message::Write(Request {
+                    writes: vec![Box::new(write)],
+                    reply,
+                }));
+                true
+            }
+            Err(_) => false,
+        };
+        async move {
+            if !queued {
+                return Err(Error::unavailable("the kernel is shutting down"));
+            }
+            answer
+                .await
+                .map_err(|_| Error::unavailable("the storage writer stopped"))?
+                .pop()
+                .unwrap_or_else(|| Err(Error::internal("the committer answered no write")))
+        }
+    }
+
     /// Stops accepting writes, lets the committer finish what is queued and make
     /// fjall durable, waits, and then stops the journal (the store is its last
     /// writer).
@@ -509,15 +537,24 @@ mod tests {
                     tx.put(TWO, b"part".to_vec(), b"3".to_vec());
                     Ok(())
                 });
+                // Nested: what an inner part kept, its failing outer part undoes.
+                let outer = tx.all_or_nothing(|tx| {
+                    tx.all_or_nothing(|tx| {
+                        tx.put(ONE, b"before".to_vec(), b"inner".to_vec());
+                        Ok(())
+                    })?;
+                    tx.put(ONE, b"nested".to_vec(), b"4".to_vec());
+                    Err::<(), _>(bbx_core::Error::internal("the outer part failed"))
+                });
                 (
-                    failed.is_err(),
-                    kept.is_ok(),
+                    (failed.is_err(), kept.is_ok(), outer.is_err()),
                     tx.read(ONE, b"before").unwrap(),
                     tx.read(ONE, b"part").unwrap(),
+                    tx.read(ONE, b"nested").unwrap(),
                 )
             })
             .unwrap();
-        assert_eq!(seen, (true, true, Some(b"1".to_vec()), None));
+        assert_eq!(seen, ((true, true, true), Some(b"1".to_vec()), None, None));
         assert_eq!(
             store.keyspace(TWO).get(b"part").unwrap().as_deref(),
             Some(b"3".as_slice())

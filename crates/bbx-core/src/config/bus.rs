@@ -61,6 +61,9 @@ impl Default for TopicDefaults {
     }
 }
 
+/// The longest a topic keeps messages: 100 years.
+pub const MAX_AGE_SECS: u64 = 100 * 365 * 24 * 3600;
+
 /// The most partitions a topic has.
 pub const MAX_PARTITIONS: u32 = 256;
 
@@ -98,8 +101,8 @@ impl TopicDefaults {
         if self.backoff_ms > 3600 * 1000 {
             return Err(bad("backoff_ms", "must be at most an hour"));
         }
-        if self.max_age_secs == 0 {
-            return Err(bad("max_age_secs", "must be at least 1"));
+        if !(1..=MAX_AGE_SECS).contains(&self.max_age_secs) {
+            return Err(bad("max_age_secs", "must be 1 s to 100 years"));
         }
         Ok(())
     }
