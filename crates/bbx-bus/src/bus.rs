@@ -28,6 +28,8 @@ pub(crate) struct Inner {
     pub config: BusConfig,
     pub ctx: OnceLock<Context>,
     pub topics: parking_lot::RwLock<FxHashMap<TopicKey, Arc<Topic>>>,
+    /// The routes running, by key.
+    pub routes: parking_lot::Mutex<FxHashMap<Vec<u8>, crate::route::Running>>,
 }
 
 /// What is counted of a topic since the kernel started.
@@ -205,6 +207,7 @@ impl Bus {
             config: config.clone(),
             ctx: OnceLock::new(),
             topics: Default::default(),
+            routes: Default::default(),
         }))
     }
 

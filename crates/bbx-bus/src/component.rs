@@ -79,7 +79,12 @@ impl Component for Bus {
     fn start(&self, ctx: &Context) -> Result<()> {
         self.load(&ctx.store)?;
         let _ = self.0.ctx.set(ctx.clone());
-        crate::retention::spawn(self)
+        crate::retention::spawn(self)?;
+        self.start_routes()
+    }
+
+    fn agent_deleted(&self, _ctx: &Context, agent: bbx_core::AgentId) {
+        self.forget_agent_routes(&agent);
     }
 
     fn endpoints(&self, _ctx: &Context) -> Vec<Endpoint> {

@@ -132,6 +132,22 @@ struct TenantOnly {
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
+struct RouteInput {
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(flatten)]
+    route: crate::route::RouteReq,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RouteName {
+    name: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ReportPublish {
     topic: String,
@@ -440,6 +456,38 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
                 caller.may(Action::Operate)?;
                 let topic = b.known_topic(&caller, req.tenant, &req.topic)?;
                 Ok(json!({ "purged": b.purge(&topic).await? }))
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.route",
+            ("PUT", "/v1/bus/routes/{name}"),
+            "Route a topic into an agent's ops: each message becomes an op of kind with args (placeholders {{payload}}, {{id}}, {{key}}, {{offset}}), keyed by the message's place, so its effect happens exactly once across crashes.",
+            |b: Bus, caller, req: RouteInput| async move {
+                let tenant = tenant(&caller, req.tenant)?;
+                b.put_route(&caller, tenant, req.route).await
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.routes",
+            ("GET", "/v1/bus/routes"),
+            "The routes of the tenant: each topic routed into an agent's ops, with its kind, args template and group.",
+            |b: Bus, caller, req: TenantOnly| async move {
+                caller.may(Action::Read)?;
+                let tenant = tenant(&caller, req.tenant)?;
+                Ok(json!({ "routes": b.routes_of(&tenant) }))
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.unroute",
+            ("DELETE", "/v1/bus/routes/{name}"),
+            "Remove a route: it stops taking messages; its group keeps its place, so a route made again goes on from there.",
+            |b: Bus, caller, req: RouteName| async move {
+                caller.may(Action::Act)?;
+                let tenant = tenant(&caller, req.tenant)?;
+                b.remove_route(&tenant, &req.name).await
             },
         ),
         Endpoint::serving(

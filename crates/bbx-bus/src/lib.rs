@@ -17,6 +17,9 @@
 //!   not acknowledged. The message's `id` is the consumer's idempotency key.
 //! - **Retention** by age, count and bytes never drops a message a group has not
 //!   settled, unless the topic says `drop_unconsumed` (and then counts it).
+//! - **Exactly once into agents' ops.** A route ([`route`]) turns each message of
+//!   a topic into an op of an agent whose idempotency key names the message, so
+//!   its effect happens once however often the message is delivered.
 //! - **Tenants never meet.** Every key starts with the tenant; a caller sees its
 //!   own tenant's topics only.
 //!
@@ -31,6 +34,7 @@ pub mod group;
 pub mod keys;
 pub mod log;
 mod retention;
+pub mod route;
 pub mod topic;
 
 pub use bus::{Bus, DeadLetter, Delivered, Start};
@@ -74,7 +78,7 @@ pub const BUS_HEADS: KeyspaceDef = KeyspaceDef {
     name: "bus_heads",
 };
 
-pub const KEYSPACES: [KeyspaceDef; 7] = [
+pub const KEYSPACES: [KeyspaceDef; 8] = [
     BUS_TOPICS,
     BUS_MESSAGES,
     BUS_DEDUP,
@@ -82,4 +86,5 @@ pub const KEYSPACES: [KeyspaceDef; 7] = [
     BUS_ACKS,
     BUS_DEAD,
     BUS_HEADS,
+    route::BUS_ROUTES,
 ];

@@ -114,6 +114,8 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             | "/v1/bus/topics/{topic}/dlq"
             | "/v1/message-bus/dlq/{topic}",
         ) => (Read, Tenant),
+        ("PUT" | "DELETE", "/v1/bus/routes/{name}") => (Act, Tenant),
+        ("GET", "/v1/bus/routes") => (Read, Tenant),
         ("PUT", "/v1/bus/topics/{topic}")
         | ("POST", "/v1/bus/topics/{topic}/dlq/replay")
         | ("DELETE", "/v1/bus/topics/{topic}/dlq") => (Operate, Tenant),
@@ -277,7 +279,10 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         filled.replace("{name}", "g")
     } else if path.starts_with("/v1/quotas/") {
         filled.replace("{name}", &f.agent)
-    } else if path.starts_with("/v1/auth/policies/") || path.starts_with("/v1/flow/policies/") {
+    } else if path.starts_with("/v1/auth/policies/")
+        || path.starts_with("/v1/flow/policies/")
+        || path.starts_with("/v1/bus/routes/")
+    {
         filled.replace("{name}", "p")
     } else if path.starts_with("/v1/secrets/") {
         filled.replace("{name}", "s")
@@ -327,6 +332,7 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         | "/v1/bus/topics/{topic}/groups/{group}/nack"
         | "/v1/bus/topics/{topic}/groups/{group}/extend" => json!({ "acks": ["x"], "tenant": f.tenant }),
         "/v1/bus/topics/{topic}/messages" => json!({ "payload": 2, "tenant": f.tenant }),
+        "/v1/bus/routes/{name}" => json!({ "topic": "t", "agent": f.agent, "kind": "noop", "tenant": f.tenant }),
         "/v1/message-bus/publish" => json!({ "topic": "t", "message": 2, "tenant": f.tenant }),
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),

@@ -26,6 +26,11 @@ fn subscribe(kernel: &Kernel, topic: &str, group: &str, max: usize, extra: &[&st
         .collect()
 }
 
+fn new_agent(kernel: &Kernel) -> String {
+    let created = json(&kernel.cli(&["agent", "create", "x", "--json"]));
+    created["id"].as_str().unwrap().to_owned()
+}
+
 fn payloads(messages: &[Value]) -> Vec<Value> {
     messages.iter().map(|m| m["payload"].clone()).collect()
 }
@@ -277,10 +282,7 @@ async fn bad_input_is_one_clear_error_and_tenants_do_not_meet() {
 #[tokio::test]
 async fn an_agents_op_publishes_once() {
     let kernel = Kernel::start();
-    let agent = json(&kernel.cli(&["agent", "create", "x", "--json"]))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let agent = new_agent(&kernel);
     let args = r#"{"topic": "events", "payload": {"step": 1}, "key": "run-1"}"#;
     let submit = || {
         let out = kernel.cli(&[
@@ -315,4 +317,74 @@ async fn an_agents_op_publishes_once() {
         "--json",
     ]);
     assert!(stderr(&bad).contains("invalid_argument"), "{}", stderr(&bad));
+}
+
+/// A route turns each message into an op of an agent; a message whose op is
+/// refused for good ends in the dead letters with the reason.
+#[tokio::test]
+async fn a_route_turns_messages_into_an_agents_ops() {
+    let kernel = Kernel::start();
+    let agent = new_agent(&kernel);
+    let route = |name: &str, topic: &str, kind: &str, args: &Value| {
+        let args = args.to_string();
+        kernel.cli(&[
+            "bus", "route", name, "--topic", topic, "--agent", &agent, "--kind", kind, "--args", &args,
+        ])
+    };
+    let made = route(
+        "clicks",
+        "clicks",
+        "state.incr",
+        &json!({ "key": "clicks", "by": "{{payload}}" }),
+    );
+    assert!(made.status.success(), "{}", stderr(&made));
+    for n in 1..=10 {
+        publish(&kernel, "clicks", &n.to_string(), &[]);
+    }
+    let total = |kernel: &Kernel| {
+        let out = kernel.cli(&["state", "get", &agent, "clicks", "--json"]);
+        out.status.success().then(|| json(&out)["value"].clone())
+    };
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = total(&kernel);
+        if seen == Some(json!(55)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(seen, Some(json!(55)), "each message's op ran once");
+    let listed = json(&kernel.cli(&["bus", "routes"]));
+    assert_eq!(listed["routes"][0]["group"], "route:clicks", "{listed}");
+
+    let made = kernel.cli(&["bus", "create-topic", "bad", "--max-deliveries", "1"]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(route("bad", "bad", "no.such.kind", &json!({})).status.success());
+    publish(&kernel, "bad", "1", &[]);
+    let mut dead = Value::Null;
+    for _ in 0..100 {
+        dead = json(&kernel.cli(&["bus", "dlq", "bad"]));
+        if !dead["messages"].as_array().unwrap().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let reason = dead["messages"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("could not submit") && reason.contains("no.such.kind"),
+        "{dead}"
+    );
+
+    json(&kernel.cli(&["bus", "unroute", "clicks"]));
+    publish(&kernel, "clicks", "100", &[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(total(&kernel), Some(json!(55)), "a removed route takes nothing");
+    let other = kernel.cli(&[
+        "bus", "route", "x", "--topic", "t", "--agent", &agent, "--kind", "noop", "--tenant", "else",
+    ]);
+    assert!(
+        stderr(&other).contains("not_found"),
+        "another tenant's agent: {}",
+        stderr(&other)
+    );
 }

@@ -1,8 +1,9 @@
 //! The MessageBus under SIGKILL, at a random moment, 20 times, with publishers and
 //! consumers of one group running: afterwards every acknowledged publish is there
 //! and was delivered to the group, no acknowledged ack is undone (an acked message
-//! never comes to its group again), and a `bus.publish` op resubmitted with its
-//! idempotency key after a crash published its message exactly once.
+//! never comes to its group again), a `bus.publish` op resubmitted with its
+//! idempotency key after a crash published its message exactly once, and a route
+//! turned every message into exactly one `state.incr`.
 //!
 //! `BBX_CRASH_ROUNDS` sets the number of kills for a longer run.
 
@@ -143,6 +144,10 @@ async fn acknowledged_publishes_and_acks_survive_sigkills_and_ops_publish_once()
         .await
         .unwrap()
         .id;
+    // Every message of `c` also becomes a `state.incr` of the agent, exactly once.
+    let route =
+        json!({ "name": "count", "topic": "c", "agent": agent, "kind": "state.incr", "args": { "key": "routed" } });
+    client.call_endpoint("bus.route", route).await.unwrap();
     let mut seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
@@ -202,6 +207,21 @@ async fn acknowledged_publishes_and_acks_survive_sigkills_and_ops_publish_once()
     }
     assert!(published.iter().all(|id| everything.contains_key(id)));
     assert!(everything.values().all(|n| *n == 1), "a message stored twice");
+
+    // The route took every message once: as many increments as messages.
+    let mut routed = Value::Null;
+    for _ in 0..300 {
+        routed = client
+            .state_get(agent, "routed".into())
+            .await
+            .map(|entry| entry.value)
+            .unwrap_or(Value::Null);
+        if routed == json!(everything.len()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(routed, json!(everything.len()), "routed increments against messages");
 
     // Every op's message, exactly once, whatever the crash did to its submission.
     let mut by_key: BTreeMap<String, usize> = BTreeMap::new();
