@@ -30,7 +30,12 @@ pub(crate) struct Inner {
     pub topics: parking_lot::RwLock<FxHashMap<TopicKey, Arc<Topic>>>,
     /// The routes running, by key.
     pub routes: parking_lot::Mutex<FxHashMap<Vec<u8>, crate::route::Running>>,
+    /// Requests waiting for their reply, by tenant and request id.
+    pub replies: parking_lot::Mutex<FxHashMap<(String, String), Waiting>>,
 }
+
+/// Where a request's reply goes.
+pub(crate) type Waiting = tokio::sync::oneshot::Sender<Value>;
 
 /// What is counted of a topic since the kernel started.
 #[derive(Default)]
@@ -208,6 +213,7 @@ impl Bus {
             ctx: OnceLock::new(),
             topics: Default::default(),
             routes: Default::default(),
+            replies: Default::default(),
         }))
     }
 

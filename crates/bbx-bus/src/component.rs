@@ -107,6 +107,9 @@ impl Component for Bus {
             key,
         } = parse_args(kind, args)?;
         bbx_core::validate::name("topic", &topic)?;
+        if topic.starts_with(crate::direct::MAILBOX_PREFIX) {
+            return Err(crate::direct::reserved());
+        }
         let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let payload = self.checked_payload(&id, key.as_deref(), &payload)?;
         let create = match self.0.config.auto_create_topics {

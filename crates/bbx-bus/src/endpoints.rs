@@ -170,6 +170,10 @@ fn tenant(caller: &Caller, asked: Option<String>) -> Result<String> {
 
 fn topic_key(caller: &Caller, tenant_asked: Option<String>, topic: &str) -> Result<TopicKey> {
     bbx_core::validate::name("topic", topic)?;
+    // A mailbox is its agent's: a key confined to another agent may not touch it.
+    if let Some(owner) = crate::direct::mailbox_owner(topic) {
+        caller.check_agent(&owner?)?;
+    }
     Ok(TopicKey::new(&tenant(caller, tenant_asked)?, topic))
 }
 
@@ -186,6 +190,9 @@ fn tokens(acks: &[String]) -> Result<Vec<Token>> {
 impl Bus {
     async fn publish_req(&self, caller: &Caller, req: PublishReq) -> Result<Value> {
         caller.may(Action::Act)?;
+        if req.topic.starts_with(crate::direct::MAILBOX_PREFIX) {
+            return Err(crate::direct::reserved());
+        }
         let key = topic_key(caller, req.tenant, &req.topic)?;
         let (batch, messages) = match (req.payload, req.messages) {
             (Some(payload), None) => (false, vec![(req.id, req.key, payload)]),
@@ -488,6 +495,40 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
                 caller.may(Action::Act)?;
                 let tenant = tenant(&caller, req.tenant)?;
                 b.remove_route(&tenant, &req.name).await
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.send",
+            ("POST", "/v1/bus/mailboxes/{to}"),
+            "Send a message to an agent's mailbox (the topic mailbox.AGENT of its tenant), from an agent (the caller's own, for a key confined to one): the sender is the message's key.",
+            |b: Bus, caller, req: crate::direct::SendReq| async move { b.send(&caller, req).await },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.inbox",
+            ("POST", "/v1/bus/mailboxes/{agent}/fetch"),
+            "Fetch messages from an agent's mailbox (group inbox), waiting up to timeout_ms; ack them with bus.ack on topic mailbox.AGENT, group inbox.",
+            |b: Bus, caller, req: crate::direct::InboxReq| async move { b.inbox(&caller, req).await },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.request",
+            ("POST", "/v1/bus/topics/{topic}/request"),
+            "Publish a request (its id is the correlation id) and wait up to timeout_ms for bus.reply to it: the reply, or timed_out.",
+            |b: Bus, caller, req: crate::direct::RequestInput| async move {
+                let tenant = tenant(&caller, req.tenant.clone())?;
+                b.request(&caller, tenant, req).await
+            },
+        ),
+        Endpoint::serving(
+            bus,
+            "bus.reply",
+            ("POST", "/v1/bus/replies/{to}"),
+            "Reply to a request by its id: the waiting requester gets the payload; a request no longer waiting is an error.",
+            |b: Bus, caller, req: crate::direct::ReplyReq| async move {
+                let tenant = tenant(&caller, req.tenant.clone())?;
+                b.reply(&caller, tenant, req)
             },
         ),
         Endpoint::serving(

@@ -29,6 +29,7 @@
 
 mod bus;
 mod component;
+pub mod direct;
 mod endpoints;
 pub mod group;
 pub mod keys;

@@ -115,6 +115,8 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             | "/v1/message-bus/dlq/{topic}",
         ) => (Read, Tenant),
         ("PUT" | "DELETE", "/v1/bus/routes/{name}") => (Act, Tenant),
+        ("POST", "/v1/bus/mailboxes/{to}" | "/v1/bus/mailboxes/{agent}/fetch") => (Act, Object),
+        ("POST", "/v1/bus/topics/{topic}/request" | "/v1/bus/replies/{to}") => (Act, Tenant),
         ("GET", "/v1/bus/routes") => (Read, Tenant),
         ("PUT", "/v1/bus/topics/{topic}")
         | ("POST", "/v1/bus/topics/{topic}/dlq/replay")
@@ -262,13 +264,21 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         // grants are the credential's own agent's to give.
         .replace(
             "{agent}",
-            if path.contains("/grants") {
+            if path.contains("/grants") || path.contains("/mailboxes/") {
                 &f.agent
             } else {
                 &f.spare_agent
             },
         )
         .replace("{grantee}", &f.spare_agent)
+        .replace(
+            "{to}",
+            if path.starts_with("/v1/bus/replies/") {
+                "x"
+            } else {
+                &f.agent
+            },
+        )
         .replace("{topic}", "t")
         .replace("{group}", "g");
     let filled = if path.starts_with("/v1/ops/") {
@@ -333,6 +343,10 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         | "/v1/bus/topics/{topic}/groups/{group}/extend" => json!({ "acks": ["x"], "tenant": f.tenant }),
         "/v1/bus/topics/{topic}/messages" => json!({ "payload": 2, "tenant": f.tenant }),
         "/v1/bus/routes/{name}" => json!({ "topic": "t", "agent": f.agent, "kind": "noop", "tenant": f.tenant }),
+        "/v1/bus/mailboxes/{to}" => json!({ "payload": 1 }),
+        "/v1/bus/mailboxes/{agent}/fetch" => json!({}),
+        "/v1/bus/topics/{topic}/request" => json!({ "payload": 1, "timeout_ms": 1, "tenant": f.tenant }),
+        "/v1/bus/replies/{to}" => json!({ "payload": 1, "tenant": f.tenant }),
         "/v1/message-bus/publish" => json!({ "topic": "t", "message": 2, "tenant": f.tenant }),
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),

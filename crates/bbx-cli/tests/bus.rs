@@ -388,3 +388,93 @@ async fn a_route_turns_messages_into_an_agents_ops() {
         stderr(&other)
     );
 }
+
+/// Mailboxes: an agent sends to another's mailbox as itself; only the owner (or
+/// an operator) reads it; a mailbox cannot be published to directly.
+/// Request/reply: a request waits for the reply naming its id, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_message_each_other_and_requests_get_replies() {
+    let kernel = Kernel::start();
+    let (alice, bob) = (new_agent(&kernel), new_agent(&kernel));
+    let created = json(&kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "alice",
+        "--tenant",
+        "default",
+        "--role",
+        "agent",
+        "--agent",
+        &alice,
+        "--json",
+    ]));
+    let alice_key = created["key"].as_str().unwrap().to_owned();
+    let as_alice = |args: &[&str]| {
+        let mut all = vec!["--api-key", alice_key.as_str()];
+        all.extend_from_slice(args);
+        kernel.cli(&all)
+    };
+    let sent = as_alice(&["bus", "send", &bob, "--payload", r#"{"hello": "bob"}"#]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let forged = as_alice(&["bus", "send", &bob, "--from", &bob, "--payload", "1"]);
+    assert!(stderr(&forged).contains("permission_denied"), "{}", stderr(&forged));
+    let peek = as_alice(&["bus", "inbox", &bob]);
+    assert!(
+        stderr(&peek).contains("permission_denied"),
+        "only bob's: {}",
+        stderr(&peek)
+    );
+    let direct = kernel.cli(&["bus", "publish", &format!("mailbox.{bob}"), "1"]);
+    assert!(stderr(&direct).contains("mailboxes"), "{}", stderr(&direct));
+
+    let inbox = json(&kernel.cli(&["bus", "inbox", &bob, "--max", "5", "--timeout-ms", "1000"]));
+    let message = &inbox["messages"][0];
+    assert_eq!(
+        (message["payload"].clone(), message["key"].clone()),
+        (json!({"hello": "bob"}), json!(alice)),
+        "{inbox}"
+    );
+    let acks = json!([message["ack"]]).to_string();
+    let acked = kernel.cli(&["bus", "ack", &format!("mailbox.{bob}"), "inbox", "--acks", &acks]);
+    assert!(acked.status.success(), "{}", stderr(&acked));
+
+    // A request, answered by whoever consumes its topic.
+    assert!(kernel.cli(&["bus", "create-topic", "svc"]).status.success());
+    let url = kernel.url();
+    let requester = {
+        let dir = kernel.data_dir().to_owned();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_bbx"))
+                .args(["--url", &url, "--data-dir"])
+                .arg(&dir)
+                .args([
+                    "bus",
+                    "request",
+                    "svc",
+                    "--payload",
+                    r#"{"q": 1}"#,
+                    "--timeout-ms",
+                    "10000",
+                ])
+                .env_remove("BBX_API_KEY")
+                .output()
+                .unwrap();
+            json(&out)
+        })
+    };
+    let request = subscribe(&kernel, "svc", "workers", 1, &["--timeout-ms", "10000"]);
+    assert_eq!(request[0]["payload"], json!({"q": 1}));
+    let id = request[0]["id"].as_str().unwrap().to_owned();
+    let replied = kernel.cli(&["bus", "reply", &id, "--payload", r#"{"a": 2}"#]);
+    assert!(replied.status.success(), "{}", stderr(&replied));
+    let answered = requester.join().unwrap();
+    assert_eq!(
+        (answered["id"].clone(), answered["reply"].clone()),
+        (json!(id), json!({"a": 2})),
+        "{answered}"
+    );
+    let twice = kernel.cli(&["bus", "reply", &id, "--payload", "3"]);
+    assert!(stderr(&twice).contains("no request"), "{}", stderr(&twice));
+    let alone = json(&kernel.cli(&["bus", "request", "svc", "--payload", "1", "--timeout-ms", "100"]));
+    assert_eq!(alone["timed_out"], true, "{alone}");
+}
