@@ -1,71 +1,20 @@
 //! The bus as a component of the kernel: its keyspaces, its recovery (topics,
-//! groups and acks loaded; the retention sweeper started), its endpoints, and
-//! the op kind `bus.publish`, whose messages commit with the op's completion (so
-//! an agent's op publishes exactly once, whatever crashes); and dead-letter
-//! replay and purge, which need the store whole.
+//! groups and acks loaded; the retention sweeper and the routes started), its
+//! endpoints and op kinds ([`crate::ops`]); and dead-letter replay and purge,
+//! which need the store whole.
 
 use crate::bus::{Bus, DeadLetter, Topic, Writes};
 use crate::keys::TopicKey;
 use crate::log::{Outgoing, Publish, Published, stage_publish};
-use crate::topic::{TopicConfig, TopicSettings};
 use crate::{BUS_DEAD, KEYSPACES};
-use bbx_component::{Component, Context, EffectOp, Endpoint, OpKind, Prepared, Staging, parse_args};
+use bbx_component::{Component, Context, Endpoint, OpKind, Prepared};
 use bbx_core::Result;
-use bbx_core::op::{Completion, CompletionStatus, Effects};
+use bbx_core::op::{Completion, CompletionStatus};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged};
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
-
-const KINDS: &[OpKind] = &[OpKind {
-    name: "bus.publish",
-    effects: Effects::Kernel,
-}];
-
-/// `bus.publish`'s args.
-#[derive(Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct PublishArgs {
-    /// A topic of the agent's tenant.
-    topic: String,
-    payload: Value,
-    /// Its id [default: a new one]; published again within the dedup window, it
-    /// stores nothing.
-    #[serde(default)]
-    id: Option<String>,
-    /// The ordering key.
-    #[serde(default)]
-    key: Option<String>,
-}
-
-/// A `bus.publish` op's effect: the message, staged with the op's completion.
-#[derive(Debug)]
-struct PublishEffect {
-    topic: String,
-    message: Outgoing,
-    /// The settings of the topic if this publish makes it.
-    create: Option<TopicConfig>,
-    dedup_window: Duration,
-}
-
-impl EffectOp for PublishEffect {
-    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
-        let publish = Publish {
-            topic: TopicKey::new(staging.tenant, &self.topic),
-            create: self.create.clone(),
-            messages: vec![self.message.clone()],
-            dedup_window: self.dedup_window,
-            at: staging.at,
-        };
-        let published = tx.all_or_nothing(|tx| stage_publish(tx, &publish))?;
-        let one = &published[0];
-        Ok(json!({
-            "topic": self.topic, "id": one.id, "partition": one.partition, "offset": one.offset, "duplicate": one.duplicate,
-        }))
-    }
-}
 
 impl Component for Bus {
     fn name(&self) -> &'static str {
@@ -92,49 +41,24 @@ impl Component for Bus {
     }
 
     fn kinds(&self) -> &'static [OpKind] {
-        KINDS
+        crate::ops::KINDS
     }
 
-    fn args_schema(&self, _kind: &str) -> Option<Value> {
-        serde_json::to_value(schemars::schema_for!(PublishArgs)).ok()
+    fn args_schema(&self, kind: &str) -> Option<Value> {
+        crate::ops::args_schema(kind)
     }
 
     fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {
-        let PublishArgs {
-            topic,
-            payload,
-            id,
-            key,
-        } = parse_args(kind, args)?;
-        bbx_core::validate::name("topic", &topic)?;
-        if topic.starts_with(crate::direct::MAILBOX_PREFIX) {
-            return Err(crate::direct::reserved());
-        }
-        let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let payload = self.checked_payload(&id, key.as_deref(), &payload)?;
-        let create = match self.0.config.auto_create_topics {
-            true => Some(TopicConfig::new(
-                &self.0.config.topic,
-                &TopicSettings::default(),
-                Utc::now(),
-            )?),
-            false => None,
-        };
-        Ok(Prepared::Effect(Arc::new(PublishEffect {
-            topic,
-            message: Outgoing { id, key, payload },
-            create,
-            dedup_window: Duration::from_secs(self.0.config.dedup_window_secs),
-        })))
+        crate::ops::prepare(self, kind, args)
     }
 
     fn observes(&self) -> bool {
         true
     }
 
-    /// A `bus.publish` that committed wakes the topic's subscribers.
+    /// A `bus.publish` or `bus.send` that committed wakes the topic's subscribers.
     fn completed(&self, completion: &Arc<Completion>) {
-        if completion.kind != "bus.publish" || completion.status != CompletionStatus::Ok {
+        if !crate::ops::KINDS.iter().any(|k| k.name == completion.kind) || completion.status != CompletionStatus::Ok {
             return;
         }
         let Some(topic) = completion.result.as_ref().and_then(|r| r["topic"].as_str()) else {

@@ -34,6 +34,7 @@ mod endpoints;
 pub mod group;
 pub mod keys;
 pub mod log;
+mod ops;
 mod retention;
 pub mod route;
 pub mod topic;

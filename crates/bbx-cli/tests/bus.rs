@@ -438,6 +438,34 @@ async fn agents_message_each_other_and_requests_get_replies() {
     let acked = kernel.cli(&["bus", "ack", &format!("mailbox.{bob}"), "inbox", "--acks", &acks]);
     assert!(acked.status.success(), "{}", stderr(&acked));
 
+    // The op bus.send: sent as the op's agent, exactly once with its completion.
+    let args = json!({ "to": bob, "payload": "by op" }).to_string();
+    let op = json(&kernel.cli(&["ring", "submit", &alice, "bus.send", &args, "--json"]))["op_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = json(&kernel.cli(&["ring", "wait", &op, "--timeout-ms", "30000", "--json"]));
+    assert_eq!(done["status"], "ok", "{done}");
+    let inbox = json(&kernel.cli(&["bus", "inbox", &bob, "--timeout-ms", "1000"]));
+    assert_eq!(
+        (
+            inbox["messages"][0]["payload"].clone(),
+            inbox["messages"][0]["key"].clone()
+        ),
+        (json!("by op"), json!(alice))
+    );
+    let stranger = json(&kernel.cli(&["agent", "create", "s", "--tenant", "other", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let args = json!({ "to": stranger, "payload": 1 }).to_string();
+    let op = json(&kernel.cli(&["ring", "submit", &alice, "bus.send", &args, "--json"]))["op_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = json(&kernel.cli(&["ring", "wait", &op, "--timeout-ms", "30000", "--json"]));
+    assert_eq!(done["error"]["code"], "not_found", "another tenant's agent: {done}");
+
     // A request, answered by whoever consumes its topic.
     assert!(kernel.cli(&["bus", "create-topic", "svc"]).status.success());
     let url = kernel.url();
