@@ -18,6 +18,10 @@ use std::time::Duration;
 const MAX_FETCH: usize = 1000;
 /// The longest a fetch waits.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Messages a stream holds for a slow client before it waits.
+const STREAM_BUFFER: usize = 256;
+/// How long a stream's fetch waits before it looks again (and sees a client gone).
+const STREAM_WAIT: Duration = Duration::from_secs(10);
 /// Messages one publish carries at most.
 const MAX_BATCH: usize = 10_000;
 
@@ -70,6 +74,24 @@ struct FetchReq {
     /// Where a new group starts: earliest (default) or latest.
     #[serde(default)]
     start: Option<Start>,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct StreamReq {
+    topic: String,
+    group: String,
+    /// How long each is leased before it is delivered again [default: the topic's].
+    #[serde(default)]
+    ack_wait_ms: Option<u64>,
+    /// Where a new group starts: earliest (default) or latest.
+    #[serde(default)]
+    start: Option<Start>,
+    /// End the stream after this many messages [default: never].
+    #[serde(default)]
+    limit: Option<u64>,
     #[serde(default)]
     tenant: Option<String>,
 }
@@ -339,6 +361,54 @@ impl Bus {
         Ok(json!({ "topics": listed }))
     }
 
+    /// A group's messages as a stream: each delivered (and leased) as it comes,
+    /// until `limit`, the client goes, or the kernel stops. Unacked ones come again
+    /// after their ack wait, to this stream or another of the group.
+    async fn stream(&self, caller: &Caller, req: StreamReq) -> Result<bbx_component::Events> {
+        caller.may(Action::Act)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let ack_wait = Duration::from_millis(req.ack_wait_ms.unwrap_or(topic.config.ack_wait_ms));
+        if ack_wait.is_zero() || ack_wait > Duration::from_secs(12 * 3600) {
+            return Err(Error::invalid_field(
+                "ack_wait_ms",
+                "ack_wait_ms must be 1 ms to 12 hours",
+            ));
+        }
+        let start = req.start.unwrap_or_default();
+        // Made now, so that a bad group name is this call's error.
+        self.group(&topic, &req.group, start).await?;
+        let (events, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let (bus, ctx) = (self.clone(), self.ctx()?.clone());
+        let mut left = req.limit.unwrap_or(u64::MAX);
+        ctx.tasks.clone().spawn(async move {
+            while left > 0 {
+                let max = usize::try_from(left).unwrap_or(MAX_FETCH).min(MAX_FETCH);
+                let fetched = tokio::select! {
+                    () = events.closed() => return,
+                    () = ctx.stopping.cancelled() => return,
+                    fetched = bus.fetch(&topic, &req.group, start, max, ack_wait, STREAM_WAIT) => fetched,
+                };
+                let messages = match fetched {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        let _ = events.send(json!({ "error": error })).await;
+                        return;
+                    }
+                };
+                for message in messages {
+                    let Ok(message) = serde_json::to_value(message) else {
+                        continue;
+                    };
+                    if events.send(message).await.is_err() {
+                        return;
+                    }
+                    left -= 1;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
     fn dlq_req(&self, caller: &Caller, req: TopicReq) -> Result<Value> {
         caller.may(Action::Read)?;
         let topic = self.known_topic(caller, req.tenant, &req.topic)?;
@@ -497,6 +567,18 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
                 b.remove_route(&tenant, &req.name).await
             },
         ),
+        {
+            let bus = bus.clone();
+            Endpoint::streaming(
+                "bus.stream",
+                "/v1/bus/topics/{topic}/groups/{group}/stream",
+                "A consumer group's messages as server-sent events, each leased as it is sent (ack them with bus.ack; unacked ones come again after the ack wait), until limit or the client goes.",
+                move |caller, req: StreamReq| {
+                    let bus = bus.clone();
+                    async move { bus.stream(&caller, req).await }
+                },
+            )
+        },
         Endpoint::serving(
             bus,
             "bus.send",

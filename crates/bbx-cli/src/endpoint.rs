@@ -5,7 +5,8 @@
 //! always as text for a field the endpoint's schema says is a string; `@PATH` is
 //! the text of the file at PATH), and `--input JSON` gives them as one
 //! object. A verb may be spelled with `-` for `_` (`set-policy`). The output is JSON (`--json` is
-//! accepted and changes nothing).
+//! accepted and changes nothing); a streaming endpoint's events are printed one
+//! JSON a line as they come.
 
 use crate::cli::Cli;
 use crate::{client, output};
@@ -33,6 +34,14 @@ pub async fn run(cli: &Cli, words: &[String]) -> Result<()> {
         .split('/')
         .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')));
     let input = input(path_fields, &endpoint.input, args)?;
+    if endpoint.streams {
+        // Events, one JSON a line, as they come.
+        let mut events = api.stream_endpoint(&name, Value::Object(input)).await?;
+        while let Some(event) = events.next().await {
+            println!("{}", event?);
+        }
+        return Ok(());
+    }
     let output = api.call_endpoint(&name, Value::Object(input)).await?;
     output::json(&output);
     Ok(())

@@ -115,6 +115,8 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             | "/v1/message-bus/dlq/{topic}",
         ) => (Read, Tenant),
         ("PUT" | "DELETE", "/v1/bus/routes/{name}") => (Act, Tenant),
+        // A stream's input is its path and query: the tenant goes in the query.
+        ("GET", "/v1/bus/topics/{topic}/groups/{group}/stream") => (Act, Tenant),
         ("POST", "/v1/bus/mailboxes/{to}" | "/v1/bus/mailboxes/{agent}/fetch") => (Act, Object),
         ("POST", "/v1/bus/topics/{topic}/request" | "/v1/bus/replies/{to}") => (Act, Tenant),
         ("GET", "/v1/bus/routes") => (Read, Tenant),
@@ -301,6 +303,9 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
     } else {
         filled.replace("{id}", &f.agent)
     };
+    if path.ends_with("/stream") {
+        return (format!("{filled}?tenant={}", f.tenant), None);
+    }
     if method == "DELETE" {
         return (
             filled,

@@ -506,3 +506,36 @@ async fn agents_message_each_other_and_requests_get_replies() {
     let alone = json(&kernel.cli(&["bus", "request", "svc", "--payload", "1", "--timeout-ms", "100"]));
     assert_eq!(alone["timed_out"], true, "{alone}");
 }
+
+/// A group's messages as server-sent events, through the CLI and the Rust
+/// client: each comes leased, with its ack token as the event's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_streams_its_messages_as_server_sent_events() {
+    use bbx_core::api::prelude::*;
+    let kernel = Kernel::start();
+    for n in 1..=3 {
+        publish(&kernel, "feed", &n.to_string(), &[]);
+    }
+    let out = kernel.cli(&["bus", "stream", "feed", "readers", "--limit", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let streamed: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(payloads(&streamed), [json!(1), json!(2), json!(3)]);
+
+    let client = bbx_client::Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let input = json!({ "topic": "feed", "group": "live", "start": "latest", "limit": 1 });
+    let mut events = client.stream_endpoint("bus.stream", input).await.unwrap();
+    publish(&kernel, "feed", r#"{"live": true}"#, &[]);
+    let event = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event["payload"], json!({"live": true}), "only what came after: {event}");
+    let ack = json!({ "topic": "feed", "group": "live", "acks": [event["ack"]] });
+    assert_eq!(client.call_endpoint("bus.ack", ack).await.unwrap()["acked"], 1);
+    assert!(events.next().await.is_none(), "the stream ends at its limit");
+    let missing = client
+        .stream_endpoint("bus.stream", json!({ "topic": "nothing", "group": "g" }))
+        .await;
+    assert_eq!(missing.err().map(|e| e.code), Some(bbx_core::ErrorCode::NotFound));
+}

@@ -231,6 +231,26 @@ impl EndpointsApi for Client {
     /// Looks the endpoint up, fills its path's `{field}` segments from `input`
     /// and sends the rest as its JSON body.
     async fn call_endpoint(&self, name: &str, input: Value) -> Result<Value> {
+        let (endpoint, segments, rest) = self.route(name, input).await?;
+        let method = Method::from_bytes(endpoint.method.as_bytes())
+            .map_err(|_| Error::internal(format!("endpoint {name} has an unknown method")))?;
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let mut request = self.request(method, &segments);
+        if !rest.is_empty() {
+            request = request.json(&rest);
+        }
+        self.call(request).await
+    }
+}
+
+impl Client {
+    /// The endpoint `name` (listed again only when it is not known), the path's
+    /// segments with its `{field}`s filled from `input`, and the rest of `input`.
+    async fn route(
+        &self,
+        name: &str,
+        input: Value,
+    ) -> Result<(EndpointInfo, Vec<String>, serde_json::Map<String, Value>)> {
         let known = self.endpoints.read().map(|e| e.clone()).unwrap_or_default();
         let endpoints = match known.iter().any(|e| e.name == name) {
             true => known,
@@ -245,14 +265,15 @@ impl EndpointsApi for Client {
         let endpoint = endpoints
             .iter()
             .find(|e| e.name == name)
-            .ok_or_else(|| Error::not_found("endpoint", name))?;
-        let Value::Object(mut body) = input else {
+            .ok_or_else(|| Error::not_found("endpoint", name))?
+            .clone();
+        let Value::Object(mut rest) = input else {
             return Err(Error::invalid_field("input", "an endpoint's input is a JSON object"));
         };
         let mut segments = Vec::new();
         for segment in endpoint.path.split('/').filter(|s| !s.is_empty()) {
             match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                Some(field) => match body.remove(field) {
+                Some(field) => match rest.remove(field) {
                     Some(Value::String(value)) => segments.push(value),
                     Some(other) => segments.push(other.to_string()),
                     None => return Err(Error::invalid_field(field, format!("{name} needs {field}"))),
@@ -260,14 +281,63 @@ impl EndpointsApi for Client {
                 None => segments.push(segment.to_owned()),
             }
         }
-        let method = Method::from_bytes(endpoint.method.as_bytes())
-            .map_err(|_| Error::internal(format!("endpoint {name} has an unknown method")))?;
+        Ok((endpoint, segments, rest))
+    }
+
+    /// Opens a streaming endpoint (`bus.stream`, say): the input's path fields
+    /// fill the path, the rest goes in the query string; its events come as they
+    /// are sent.
+    pub async fn stream_endpoint(&self, name: &str, input: Value) -> Result<EventStream> {
+        let (_, segments, rest) = self.route(name, input).await?;
+        let query: Vec<(String, String)> = rest
+            .into_iter()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(field, value)| match value {
+                Value::String(text) => (field, text),
+                other => (field, other.to_string()),
+            })
+            .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let mut request = self.request(method, &segments);
-        if !body.is_empty() {
-            request = request.json(&body);
+        let response = self.send(self.with_query(Method::GET, &segments, &query)).await?;
+        Ok(EventStream {
+            response,
+            buffer: Vec::new(),
+        })
+    }
+}
+
+/// The events of a streaming endpoint (server-sent events), as they come.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event's data; none once the stream ends.
+    pub async fn next(&mut self) -> Option<Result<Value>> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&block);
+                let data: Vec<&str> = text
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data:"))
+                    .map(|data| data.strip_prefix(' ').unwrap_or(data))
+                    .collect();
+                // A block without data is a keep-alive.
+                if data.is_empty() {
+                    continue;
+                }
+                let parsed = serde_json::from_str(&data.join("\n"))
+                    .map_err(|e| Error::internal(format!("an event is not JSON: {e}")));
+                return Some(parsed);
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Ok(None) => return None,
+                Err(e) => return Some(Err(Error::unavailable(format!("the event stream broke: {e}")))),
+            }
         }
-        self.call(request).await
     }
 }
 

@@ -277,13 +277,22 @@ pub struct HoldRequest {
 /// path's fields and the body's).
 pub type Handler = Arc<dyn Fn(Caller, Value) -> Pending<'static, Value> + Send + Sync>;
 
+/// What a streaming endpoint answers: events, until its sender ends them or the
+/// client goes (the receiver is dropped).
+pub type Events = tokio::sync::mpsc::Receiver<Value>;
+
+/// Serves one call of a streaming endpoint.
+pub type StreamHandler = Arc<dyn Fn(Caller, Value) -> Pending<'static, Events> + Send + Sync>;
+
 /// An operation a component offers to clients, described once: the server serves
 /// it as an HTTP route (in the OpenAPI document) and an MCP tool, and the CLI as a
-/// command, without knowing it.
+/// command, without knowing it. A streaming one is served as server-sent events
+/// (and is no MCP tool).
 #[derive(Clone)]
 pub struct Endpoint {
     pub info: bbx_core::model::EndpointInfo,
     pub handler: Handler,
+    pub stream: Option<StreamHandler>,
 }
 
 impl Endpoint {
@@ -313,7 +322,7 @@ impl Endpoint {
     /// before `handler` runs) and whose output is `O`.
     pub fn new<I, O, F, Fut>(
         name: &'static str,
-        (method, path): (&'static str, &'static str),
+        route: (&'static str, &'static str),
         description: &'static str,
         handler: F,
     ) -> Self
@@ -323,16 +332,9 @@ impl Endpoint {
         F: Fn(Caller, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O>> + Send + 'static,
     {
-        let input = serde_json::to_value(schemars::schema_for!(I)).unwrap_or_default();
         let handler = Arc::new(handler);
         Self {
-            info: bbx_core::model::EndpointInfo {
-                name: name.to_owned(),
-                method: method.to_owned(),
-                path: path.to_owned(),
-                description: description.to_owned(),
-                input,
-            },
+            info: info::<I>(name, route, description, false),
             handler: Arc::new(move |caller, input| {
                 let handler = handler.clone();
                 Box::pin(async move {
@@ -341,7 +343,54 @@ impl Endpoint {
                     serde_json::to_value(output).map_err(|e| Error::internal(e.to_string()))
                 })
             }),
+            stream: None,
         }
+    }
+
+    /// A streaming endpoint (a `GET`) whose input is `I` and whose events
+    /// `handler` sends.
+    pub fn streaming<I, F, Fut>(name: &'static str, path: &'static str, description: &'static str, handler: F) -> Self
+    where
+        I: serde::de::DeserializeOwned + schemars::JsonSchema,
+        F: Fn(Caller, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Events>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        Self {
+            info: info::<I>(name, ("GET", path), description, true),
+            handler: Arc::new(move |_, _| {
+                Box::pin(async move {
+                    Err(Error::invalid_field(
+                        "endpoint",
+                        format!("{name} streams: GET it as server-sent events"),
+                    ))
+                })
+            }),
+            stream: Some(Arc::new(move |caller, input| {
+                let handler = handler.clone();
+                Box::pin(async move {
+                    let input: I = parse_args(name, &input)?;
+                    handler(caller, input).await
+                })
+            })),
+        }
+    }
+}
+
+/// An endpoint's description, with its input's JSON Schema.
+fn info<I: schemars::JsonSchema>(
+    name: &str,
+    (method, path): (&str, &str),
+    description: &str,
+    streams: bool,
+) -> bbx_core::model::EndpointInfo {
+    bbx_core::model::EndpointInfo {
+        name: name.to_owned(),
+        method: method.to_owned(),
+        path: path.to_owned(),
+        description: description.to_owned(),
+        input: serde_json::to_value(schemars::schema_for!(I)).unwrap_or_default(),
+        streams,
     }
 }
 

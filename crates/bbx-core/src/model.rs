@@ -327,4 +327,8 @@ pub struct EndpointInfo {
     /// JSON Schema of the input: an object of the path's fields and the body's.
     #[schema(value_type = Object)]
     pub input: serde_json::Value,
+    /// It answers with a stream of events (server-sent events over HTTP; its
+    /// input then comes from the path and the query string), not one value.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streams: bool,
 }

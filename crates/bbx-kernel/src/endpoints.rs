@@ -258,13 +258,35 @@ impl Kernel {
         name: &str,
         input: serde_json::Value,
     ) -> Result<serde_json::Value> {
+        let endpoint = self.authorized_endpoint(caller, name)?;
+        (endpoint.handler)(caller.clone(), input).await
+    }
+
+    /// The endpoint `name`, once `caller` is authorized to call it.
+    fn authorized_endpoint(&self, caller: &Caller, name: &str) -> Result<&Endpoint> {
         let endpoint = self
             .endpoints
             .get()
             .and_then(|all| all.iter().find(|e| e.info.name == name))
             .ok_or_else(|| Error::not_found("endpoint", name))?;
         self.authorize(caller, &bbx_auth::Access::new(name, None, caller.tenant.as_deref()))?;
-        (endpoint.handler)(caller.clone(), input).await
+        Ok(endpoint)
+    }
+
+    /// Opens a streaming endpoint as `caller`: its events, until it ends them or
+    /// the receiver is dropped.
+    pub async fn stream_endpoint(
+        &self,
+        caller: &Caller,
+        name: &str,
+        input: serde_json::Value,
+    ) -> Result<bbx_component::Events> {
+        let endpoint = self.authorized_endpoint(caller, name)?;
+        let stream = endpoint
+            .stream
+            .as_ref()
+            .ok_or_else(|| Error::not_found("streaming endpoint", name))?;
+        stream(caller.clone(), input).await
     }
 }
 

@@ -24,6 +24,18 @@ pub fn routes(endpoints: &[EndpointInfo], openapi: &mut OpenApi) -> axum::Router
             tracing::warn!(endpoint = %endpoint.name, method = %endpoint.method, "an endpoint with an unknown method is not served");
             continue;
         };
+        if endpoint.streams {
+            let described = Arc::new(endpoint.clone());
+            let handler =
+                move |State(kernel): State<Arc<Kernel>>, Extension(caller): Extension<Caller>, uri: axum::http::Uri| {
+                    stream(kernel, caller, described.clone(), uri)
+                };
+            router = router.route(&endpoint.path, axum::routing::get(handler));
+            openapi
+                .paths
+                .add_path_operation(&endpoint.path, vec![method], operation(endpoint));
+            continue;
+        }
         let (name, pattern) = (endpoint.name.clone(), endpoint.path.clone());
         let handler = move |State(kernel): State<Arc<Kernel>>,
                             Extension(caller): Extension<Caller>,
@@ -42,6 +54,62 @@ pub fn routes(endpoints: &[EndpointInfo], openapi: &mut OpenApi) -> axum::Router
             .add_path_operation(&endpoint.path, vec![method], operation(endpoint));
     }
     router
+}
+
+/// A streaming endpoint's answer: its input from the path and the query string,
+/// its events as server-sent events (`event: message`, the data JSON, the id a
+/// delivery's `ack` where there is one).
+async fn stream(
+    kernel: Arc<Kernel>,
+    caller: Caller,
+    endpoint: Arc<EndpointInfo>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let opened = async {
+        let mut input = query_input(&endpoint.input, uri.query().unwrap_or_default());
+        let fields = path_fields(&endpoint.path, uri.path())?;
+        input.extend(fields.into_iter().map(|(k, v)| (k, Value::String(v))));
+        Ok::<_, ApiError>(
+            kernel
+                .stream_endpoint(&caller, &endpoint.name, Value::Object(input))
+                .await?,
+        )
+    };
+    match opened.await {
+        Ok(events) => {
+            let stream = futures::stream::unfold(events, |mut events| async move {
+                let value = events.recv().await?;
+                let mut event = Event::default().event("message").data(value.to_string());
+                if let Some(id) = value.get("ack").and_then(Value::as_str) {
+                    event = event.id(id);
+                }
+                Some((Ok::<_, std::convert::Infallible>(event), events))
+            });
+            Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+/// A query string as input fields: a value is text where the input's schema says
+/// the field is a string, else JSON where it reads as JSON.
+fn query_input(schema: &Value, query: &str) -> Map<String, Value> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(field, value)| {
+            let text = match schema.pointer(&format!("/properties/{field}/type")) {
+                Some(Value::String(only)) => only == "string",
+                Some(Value::Array(types)) => types.iter().all(|t| t == "string" || t == "null"),
+                _ => false,
+            };
+            let value = match text {
+                true => Value::String(value.into_owned()),
+                false => serde_json::from_str(&value).unwrap_or_else(|_| Value::String(value.into_owned())),
+            };
+            (field.into_owned(), value)
+        })
+        .collect()
 }
 
 fn method(name: &str) -> Option<(MethodFilter, HttpMethod)> {

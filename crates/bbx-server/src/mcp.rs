@@ -234,7 +234,8 @@ impl<S: ApiSource> McpServer<S> {
     /// as the endpoint with `_` for `.` (`ring.approve` is `ring_approve`).
     pub fn with_endpoints(source: S, endpoints: &[bbx_core::model::EndpointInfo]) -> Self {
         let mut tool_router = Self::tool_router();
-        for endpoint in endpoints {
+        // A streaming endpoint is no tool: a tool's call answers once.
+        for endpoint in endpoints.iter().filter(|e| !e.streams) {
             let schema: JsonObject = match &endpoint.input {
                 Value::Object(schema) => schema.clone(),
                 _ => JsonObject::new(),
