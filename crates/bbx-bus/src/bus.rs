@@ -343,10 +343,12 @@ impl Bus {
         };
         let mut outgoing = Vec::with_capacity(messages.len());
         for (id, ordering, payload) in messages {
+            let given_id = id.is_some();
             let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
             let payload = self.checked_payload(&id, ordering.as_deref(), &payload)?;
             outgoing.push(Outgoing {
                 id,
+                given_id,
                 key: ordering,
                 payload,
             });

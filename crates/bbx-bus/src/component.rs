@@ -113,6 +113,8 @@ impl Bus {
         for letter in &letters {
             let id = format!("{}.replay-{}", letter.id, letter.seq);
             messages.push(Outgoing {
+                // Replaying twice at once stores each letter once.
+                given_id: true,
                 id,
                 key: letter.key.clone(),
                 payload: serde_json::to_vec(&letter.payload).unwrap_or_default(),

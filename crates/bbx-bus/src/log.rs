@@ -24,6 +24,10 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub id: String,
+    /// The id was given by the publisher, so it may come again and is kept for
+    /// the dedup window; an id the bus made (a UUIDv7) never repeats, and is
+    /// neither looked up nor kept.
+    pub given_id: bool,
     pub key: Option<String>,
     /// JSON text.
     pub payload: Vec<u8>,
@@ -80,8 +84,9 @@ pub fn stage_publish(tx: &mut GroupTx<'_>, publish: &Publish) -> Result<Vec<Publ
     let mut published = Vec::with_capacity(publish.messages.len());
     let at_ms = publish.at.timestamp_millis();
     for message in &publish.messages {
-        let dedup_key = publish.topic.dedup(&message.id);
-        if let Some(seen) = tx.read(BUS_DEDUP, &dedup_key)?.as_deref().and_then(Dedup::decode)
+        let dedup_key = message.given_id.then(|| publish.topic.dedup(&message.id));
+        if let Some(dedup_key) = &dedup_key
+            && let Some(seen) = tx.read(BUS_DEDUP, dedup_key)?.as_deref().and_then(Dedup::decode)
             && at_ms - seen.at_ms < publish.dedup_window.as_millis() as i64
         {
             published.push(Published {
@@ -106,15 +111,17 @@ pub fn stage_publish(tx: &mut GroupTx<'_>, publish: &Publish) -> Result<Vec<Publ
         }
         .encode();
         room = room
-            .checked_sub(stored.len() + dedup_key.len() + 64)
+            .checked_sub(stored.len() + dedup_key.as_ref().map_or(0, Vec::len) + 64)
             .ok_or_else(|| too_large(stored.len(), tx.max_value()))?;
         tx.put(BUS_MESSAGES, publish.topic.message(partition, offset), stored);
-        let dedup = Dedup {
-            partition,
-            offset,
-            at_ms,
-        };
-        tx.put(BUS_DEDUP, dedup_key, dedup.encode());
+        if let Some(dedup_key) = dedup_key {
+            let dedup = Dedup {
+                partition,
+                offset,
+                at_ms,
+            };
+            tx.put(BUS_DEDUP, dedup_key, dedup.encode());
+        }
         published.push(Published {
             id: message.id.clone(),
             partition,

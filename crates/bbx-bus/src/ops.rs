@@ -104,6 +104,7 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
         }
         other => return Err(Error::internal(format!("the bus serves no {other}"))),
     };
+    let given_id = id.is_some();
     let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let payload = bus.checked_payload(&id, key.as_deref(), &payload)?;
     // A mailbox is made on first use whatever auto_create_topics says.
@@ -117,7 +118,12 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
     };
     Ok(Prepared::Effect(Arc::new(PublishEffect {
         to,
-        message: Outgoing { id, key, payload },
+        message: Outgoing {
+            id,
+            given_id,
+            key,
+            payload,
+        },
         create,
         dedup_window: Duration::from_secs(bus.0.config.dedup_window_secs),
     })))
