@@ -265,7 +265,7 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -301,6 +301,37 @@ fn pin_to(cpu: usize) -> Result<()> {
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
     rustix::thread::sched_setaffinity(None, &set).context("cannot set CPU affinity")
+}
+
+/// `clients` tasks calling `call` in a closed loop for `measure`, each call
+/// carrying `per_call` messages (its latency counted once for each).
+pub(crate) async fn call_loop<F, Fut, E>(clients: usize, measure: Duration, per_call: u64, call: F) -> Result<Figures>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = std::result::Result<(), E>> + Send,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let started = Instant::now();
+    let end = started + measure;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latencies = histogram();
+                while Instant::now() < end {
+                    let sent = Instant::now();
+                    call().await?;
+                    latencies.saturating_record_n(sent.elapsed().as_micros().max(1) as u64, per_call);
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = histogram();
+    for task in tasks {
+        all.add(task.await??)?;
+    }
+    Ok(Figures::from(&all, started.elapsed()))
 }
 
 /// An in-process kernel on `dir` with the settings of `over` (logging warnings

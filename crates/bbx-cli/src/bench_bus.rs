@@ -13,8 +13,11 @@
 //!   per request at `--rate` (10,000/s) on a fixed schedule from 64 connections
 //!   while `--consumers` (2) of one group fetch (up to 200 at a time), then ack;
 //!   latency is from a message's publish call to its receipt by a consumer.
+//! - `redis`: Redis Streams with every write synced, the same batched and
+//!   unbatched loads through its own client (`bench_bus_redis`), and BBX's ratio
+//!   to it; absent, with the reason, where `redis-server` is not installed.
 
-use crate::bench::{Figures, histogram, open_in_process, scratch_dir, start_kernel, two_cores};
+use crate::bench::{Figures, call_loop, histogram, open_in_process, scratch_dir, start_kernel, two_cores};
 use crate::bench_ring::fsync_loop;
 use crate::cli::{BenchBusArgs, Cli};
 use anyhow::{Context, Result, bail};
@@ -48,6 +51,12 @@ struct Report {
     rate: f64,
     consumers: usize,
     delivery: Figures,
+    /// Redis Streams on this machine (appendfsync always), through its client.
+    redis: Option<crate::bench_bus_redis::RedisFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_missing: Option<String>,
+    /// BBX's messages a second over Redis's: batched, unbatched.
+    ratio_to_redis: Option<(f64, f64)>,
     targets: Targets,
 }
 
@@ -87,9 +96,23 @@ pub async fn bus(cli: &Cli, args: &BenchBusArgs) -> Result<()> {
     let fsync_reference = fsync_loop(scratch.path(), 1, in_process.bytes_per_sync as usize, measure, false)?;
     let fsync_reference_messages_per_sec = fsync_reference.ops_per_sec * in_process.messages_per_sync;
 
+    let redis = crate::bench_bus_redis::measure(&scratch.path().join("redis"), measure, batch, publishers)?;
     let load = (args.rate, args.consumers);
     let delivery = delivery(&scratch.path().join("http"), measure, load, !args.no_isolate).await?;
+    let ratio_to_redis = redis.as_ref().ok().map(|r| {
+        (
+            in_process.batched.ops_per_sec / r.batched.ops_per_sec.max(1.0),
+            in_process.unbatched.ops_per_sec / r.unbatched.ops_per_sec.max(1.0),
+        )
+    });
+    let (redis, redis_missing) = match redis {
+        Ok(figures) => (Some(figures), None),
+        Err(why) => (None, Some(why)),
+    };
     let report = Report {
+        redis,
+        redis_missing,
+        ratio_to_redis,
         message_bytes: 1024,
         batch,
         targets: Targets {
@@ -138,12 +161,12 @@ async fn in_process(dir: &Path, measure: Duration, batch: usize, publishers: usi
             async move { kernel.call_endpoint(&caller, "bus.publish", input).await.map(drop) }
         }
     };
-    let batched = run_publishers(4, measure, batch as u64, publish(publish_batch)).await?;
+    let batched = call_loop(4, measure, batch as u64, publish(publish_batch)).await?;
     let after = kernel.wal_status(&caller).await?;
     let syncs = (after.syncs_total - before.syncs_total).max(1);
 
     let single = json!({ "topic": "unbatched", "payload": payload });
-    let unbatched = run_publishers(publishers, measure, 1, publish(single)).await?;
+    let unbatched = call_loop(publishers, measure, 1, publish(single)).await?;
     kernel.shutdown().await;
     Ok(InProcess {
         bytes_per_sync: (after.bytes_total - before.bytes_total) / syncs,
@@ -151,37 +174,6 @@ async fn in_process(dir: &Path, measure: Duration, batch: usize, publishers: usi
         batched,
         unbatched,
     })
-}
-
-/// `publishers` tasks publishing in a closed loop for `measure`; each call
-/// publishes `per_call` messages.
-async fn run_publishers<F, Fut>(publishers: usize, measure: Duration, per_call: u64, publish: F) -> Result<Figures>
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bbx_core::Result<()>> + Send + 'static,
-{
-    let publish = Arc::new(publish);
-    let started = Instant::now();
-    let end = started + measure;
-    let tasks: Vec<_> = (0..publishers)
-        .map(|_| {
-            let publish = publish.clone();
-            tokio::spawn(async move {
-                let mut latencies = histogram();
-                while Instant::now() < end {
-                    let sent = Instant::now();
-                    publish().await?;
-                    latencies.saturating_record_n(sent.elapsed().as_micros().max(1) as u64, per_call);
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
-    let mut all = histogram();
-    for task in tasks {
-        all.add(task.await??)?;
-    }
-    Ok(Figures::from(&all, started.elapsed()))
 }
 
 fn epoch_micros() -> u64 {
@@ -287,5 +279,12 @@ fn print_report(r: &Report) {
         "unbatched: {} publishers; delivery at {:.0} messages/s to {} consumers",
         r.publishers, r.rate, r.consumers
     );
+    match (&r.redis, r.ratio_to_redis) {
+        (Some(redis), Some((batched, unbatched))) => println!(
+            "redis {} (appendfsync always): batched {:.0} msgs/s, unbatched {:.0} msgs/s; BBX is {batched:.2}x and {unbatched:.2}x",
+            redis.version, redis.batched.ops_per_sec, redis.unbatched.ops_per_sec
+        ),
+        _ => println!("redis: {}", r.redis_missing.as_deref().unwrap_or("not measured")),
+    }
     println!("targets: {}", serde_json::to_string(&r.targets).unwrap_or_default());
 }

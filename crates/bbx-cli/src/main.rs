@@ -4,6 +4,7 @@
 mod bench;
 mod bench_auth;
 mod bench_bus;
+mod bench_bus_redis;
 mod bench_flow;
 mod bench_ring;
 mod bench_tools;
