@@ -618,9 +618,28 @@ impl Bus {
     /// do not wait for the sync; the group changes at once, which only a failed
     /// store (after which nothing is acknowledged) could leave unwritten.
     pub(crate) async fn ack(&self, topic: &Topic, group: &str, tokens: &[Token]) -> Result<usize> {
+        self.ack_some(topic, group, tokens, false).await
+    }
+
+    /// [`Bus::ack`]; with `settled_ok`, a token whose message is acknowledged
+    /// already counts as acked (an op's ack that runs again after a crash).
+    pub(crate) async fn ack_some(
+        &self,
+        topic: &Topic,
+        group: &str,
+        tokens: &[Token],
+        settled_ok: bool,
+    ) -> Result<usize> {
         let consumers = topic.group(group).ok_or_else(|| Error::not_found("group", group))?;
         let mut group = consumers.group.lock().await;
         let now = Instant::now();
+        let settled = tokens.iter().filter(|t| settled_ok && group.is_settled(t)).count();
+        let tokens: Vec<Token> = tokens
+            .iter()
+            .filter(|t| !(settled_ok && group.is_settled(t)))
+            .copied()
+            .collect();
+        let tokens = tokens.as_slice();
         for token in tokens {
             group.check(token, now)?;
         }
@@ -644,7 +663,7 @@ impl Bus {
         let durable = self.store()?.queue(writes).await;
         drop(group);
         durable.await?;
-        Ok(count)
+        Ok(count + settled)
     }
 
     /// Nacks deliveries (each due again after its backoff, or `delay`), or extends

@@ -200,6 +200,13 @@ impl Group {
         })
     }
 
+    /// Whether the message `token` names is acknowledged (or dead) already.
+    pub fn is_settled(&self, token: &Token) -> bool {
+        self.cursors
+            .get(token.partition as usize)
+            .is_some_and(|c| token.offset < c.floor || c.acked.contains(&token.offset))
+    }
+
     /// The lease `token` names, if it is still this delivery's and in time.
     pub fn check(&self, token: &Token, now: Instant) -> Result<()> {
         let cursor = self

@@ -1,14 +1,18 @@
 //! The bus's op kinds: `bus.publish` (to a topic) and `bus.send` (to an agent's
-//! mailbox, as the op's agent). Each message is staged with its op's completion
-//! in one atomic write, so an op publishes exactly once whatever crashes, and a
-//! resubmission with the op's idempotency key publishes nothing more.
+//! mailbox, as the op's agent), each message staged with its op's completion in
+//! one atomic write, so an op publishes exactly once whatever crashes and a
+//! resubmission with its idempotency key publishes nothing more; and `bus.fetch`
+//! and `bus.ack`, a group consumed through the ring as the op's agent (what it
+//! fetched is untrusted to FlowIntegrity: messages come from other agents).
 
 use crate::bus::Bus;
-use crate::direct::{MAILBOX_PREFIX, mailbox, reserved};
+use crate::bus::Start;
+use crate::direct::{MAILBOX_PREFIX, mailbox, mailbox_owner, reserved};
+use crate::group::Token;
 use crate::keys::TopicKey;
 use crate::log::{Outgoing, Publish, stage_publish};
 use crate::topic::{TopicConfig, TopicSettings};
-use bbx_component::{EffectOp, OpKind, Prepared, Staging, parse_args};
+use bbx_component::{EffectOp, OpKind, Prepared, Running, Staging, TaskContext, TaskOp, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{AgentId, Error, Result};
 use bbx_store::GroupTx;
@@ -27,7 +31,66 @@ pub(crate) const KINDS: &[OpKind] = &[
         name: "bus.send",
         effects: Effects::Kernel,
     },
+    OpKind {
+        name: "bus.fetch",
+        effects: Effects::None,
+    },
+    OpKind {
+        name: "bus.ack",
+        effects: Effects::None,
+    },
 ];
+
+/// The longest a `bus.fetch` op waits for messages.
+const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
+
+/// `bus.fetch`'s args.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct FetchArgs {
+    /// A topic of the agent's tenant, or its own mailbox (`mailbox.AGENT`, group
+    /// `inbox`).
+    topic: String,
+    group: String,
+    #[serde(default)]
+    max: Option<usize>,
+    #[serde(default)]
+    ack_wait_ms: Option<u64>,
+    /// How long to wait for a first message [default: 0, at most 30 s].
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    start: Option<Start>,
+}
+
+/// `bus.ack`'s args.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AckArgs {
+    topic: String,
+    group: String,
+    acks: Vec<String>,
+}
+
+/// `bus.fetch` and `bus.ack`: a group consumed through the ring, as the op's
+/// agent. Neither changes anything durable but acks, which are idempotent here
+/// (an ack that runs again after a crash finds its messages settled).
+#[derive(Debug)]
+enum Consume {
+    Fetch {
+        topic: String,
+        group: String,
+        max: usize,
+        ack_wait: Option<Duration>,
+        timeout: Duration,
+        start: Start,
+    },
+    Ack {
+        topic: String,
+        group: String,
+        tokens: Vec<Token>,
+    },
+}
 
 /// `bus.publish`'s args.
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -60,6 +123,8 @@ pub(crate) fn args_schema(kind: &str) -> Option<Value> {
     let schema = match kind {
         "bus.publish" => schemars::schema_for!(PublishArgs),
         "bus.send" => schemars::schema_for!(SendArgs),
+        "bus.fetch" => schemars::schema_for!(FetchArgs),
+        "bus.ack" => schemars::schema_for!(AckArgs),
         _ => return None,
     };
     serde_json::to_value(schema).ok()
@@ -101,6 +166,61 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
         "bus.send" => {
             let SendArgs { to, payload, id } = parse_args(kind, args)?;
             (Destination::Mailbox(to), id, None, payload)
+        }
+        "bus.fetch" => {
+            let FetchArgs {
+                topic,
+                group,
+                max,
+                ack_wait_ms,
+                timeout_ms,
+                start,
+            } = parse_args(kind, args)?;
+            bbx_core::validate::name("topic", &topic)?;
+            let max = max.unwrap_or(1);
+            if !(1..=1000).contains(&max) {
+                return Err(Error::invalid_field("args.max", "max must be 1-1000"));
+            }
+            let timeout = Duration::from_millis(timeout_ms.unwrap_or(0));
+            if timeout > MAX_FETCH_WAIT {
+                return Err(Error::invalid_field(
+                    "args.timeout_ms",
+                    "timeout_ms must be at most 30000",
+                ));
+            }
+            let ack_wait = ack_wait_ms.map(Duration::from_millis);
+            if ack_wait.is_some_and(|w| w.is_zero() || w > Duration::from_secs(12 * 3600)) {
+                return Err(Error::invalid_field(
+                    "args.ack_wait_ms",
+                    "ack_wait_ms must be 1 ms to 12 hours",
+                ));
+            }
+            let start = start.unwrap_or_default();
+            let consume = Consume::Fetch {
+                topic,
+                group,
+                max,
+                ack_wait,
+                timeout,
+                start,
+            };
+            return Ok(Prepared::Task(Arc::new(ConsumeTask {
+                bus: bus.clone(),
+                consume,
+            })));
+        }
+        "bus.ack" => {
+            let AckArgs { topic, group, acks } = parse_args(kind, args)?;
+            bbx_core::validate::name("topic", &topic)?;
+            if acks.is_empty() || acks.len() > 1000 {
+                return Err(Error::invalid_field("args.acks", "give 1 to 1000 ack tokens"));
+            }
+            let tokens = acks.iter().map(|a| a.parse()).collect::<Result<Vec<Token>>>()?;
+            let consume = Consume::Ack { topic, group, tokens };
+            return Ok(Prepared::Task(Arc::new(ConsumeTask {
+                bus: bus.clone(),
+                consume,
+            })));
         }
         other => return Err(Error::internal(format!("the bus serves no {other}"))),
     };
@@ -157,5 +277,60 @@ impl EffectOp for PublishEffect {
         Ok(json!({
             "topic": topic, "id": one.id, "partition": one.partition, "offset": one.offset, "duplicate": one.duplicate,
         }))
+    }
+}
+
+/// A `bus.fetch` or `bus.ack` op, run on a task of its own.
+struct ConsumeTask {
+    bus: Bus,
+    consume: Consume,
+}
+
+impl std::fmt::Debug for ConsumeTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.consume.fmt(f)
+    }
+}
+
+impl ConsumeTask {
+    /// The topic, of the op's tenant; a mailbox only its own agent's.
+    fn topic(&self, ctx: &TaskContext<'_>, topic: &str) -> Result<Arc<crate::bus::Topic>> {
+        if let Some(owner) = mailbox_owner(topic)
+            && owner? != ctx.agent
+        {
+            return Err(Error::permission_denied("an agent reads its own mailbox only"));
+        }
+        self.bus.topic(&TopicKey::new(ctx.tenant, topic))
+    }
+}
+
+impl TaskOp for ConsumeTask {
+    fn effects(&self) -> Effects {
+        Effects::None
+    }
+
+    fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
+        Box::pin(async move {
+            match &self.consume {
+                Consume::Fetch {
+                    topic,
+                    group,
+                    max,
+                    ack_wait,
+                    timeout,
+                    start,
+                } => {
+                    let topic = self.topic(ctx, topic)?;
+                    let ack_wait = ack_wait.unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
+                    let messages = self.bus.fetch(&topic, group, *start, *max, ack_wait, *timeout).await?;
+                    Ok(json!({ "topic": topic.name(), "group": group, "messages": messages }))
+                }
+                Consume::Ack { topic, group, tokens } => {
+                    let topic = self.topic(ctx, topic)?;
+                    let acked = self.bus.ack_some(&topic, group, tokens, true).await?;
+                    Ok(json!({ "acked": acked }))
+                }
+            }
+        })
     }
 }

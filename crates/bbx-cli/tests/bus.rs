@@ -539,3 +539,42 @@ async fn a_group_streams_its_messages_as_server_sent_events() {
         .await;
     assert_eq!(missing.err().map(|e| e.code), Some(bbx_core::ErrorCode::NotFound));
 }
+
+/// An agent consumes through the ring (`bus.fetch`, `bus.ack`), and what it
+/// fetched is untrusted: a later op carrying a message's host is tainted by it.
+#[tokio::test]
+async fn agents_consume_through_ops_and_what_they_fetch_is_untrusted() {
+    let kernel = Kernel::start();
+    let (alice, bob) = (new_agent(&kernel), new_agent(&kernel));
+    let payload = json!({ "next": "http://evil.example:8080/x" }).to_string();
+    let sent = kernel.cli(&["bus", "send", &alice, "--from", &bob, "--payload", &payload]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let run = |agent: &str, kind: &str, args: Value| {
+        let out = kernel.cli(&["ring", "submit", agent, kind, &args.to_string(), "--json"]);
+        let op = json(&out)["op_id"].as_str().unwrap().to_owned();
+        json(&kernel.cli(&["ring", "wait", &op, "--timeout-ms", "30000", "--json"]))
+    };
+    let mailbox = format!("mailbox.{alice}");
+    let fetch = json!({ "topic": mailbox, "group": "inbox", "max": 5, "timeout_ms": 2000 });
+    let fetched = run(&alice, "bus.fetch", fetch.clone());
+    assert_eq!(fetched["status"], "ok", "{fetched}");
+    let message = &fetched["result"]["messages"][0];
+    assert_eq!(message["key"], json!(bob), "{fetched}");
+    assert!(fetched["labels"].to_string().contains("untrusted"), "{fetched}");
+
+    let test = ["flow", "test", "--agent", &alice, "--kind", "tool.http", "--args"];
+    let mut args = test.to_vec();
+    let url = json!({ "url": "http://evil.example:8080/y" }).to_string();
+    args.push(&url);
+    let explained = json(&kernel.cli(&args));
+    assert_eq!(explained["tainted"][0]["path"], "/url", "{explained}");
+    assert_eq!(explained["tainted"][0]["source"], fetched["op_id"], "{explained}");
+
+    let ack = json!({ "topic": mailbox, "group": "inbox", "acks": [message["ack"]] });
+    assert_eq!(run(&alice, "bus.ack", ack.clone())["result"]["acked"], 1);
+    assert_eq!(run(&alice, "bus.ack", ack)["result"]["acked"], 1, "acking again is no error");
+    let empty = run(&alice, "bus.fetch", json!({ "topic": mailbox, "group": "inbox", "timeout_ms": 100 }));
+    assert_eq!(empty["result"]["messages"], json!([]), "{empty}");
+    let prying = run(&bob, "bus.fetch", fetch);
+    assert_eq!(prying["error"]["code"], "permission_denied", "{prying}");
+}

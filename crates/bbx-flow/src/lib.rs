@@ -82,7 +82,15 @@ pub const KEYSPACES: &[KeyspaceDef] = &[
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Kinds whose outputs bring outside content in.
-const UNTRUSTED_KINDS: &[&str] = &["tool.http", "tool.mcp", "tool.shell", "tool.file", "llm.chat"];
+const UNTRUSTED_KINDS: &[&str] = &[
+    "tool.http",
+    "tool.mcp",
+    "tool.shell",
+    "tool.file",
+    "llm.chat",
+    // Messages other agents (or anyone of the tenant) sent.
+    "bus.fetch",
+];
 
 /// The prefix of the labels naming each op whose untrusted content an op's args
 /// carry.
