@@ -58,22 +58,9 @@ struct PublishReq {
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
 struct FetchReq {
-    topic: String,
-    group: String,
-    /// Messages to return at most [default: 1, at most 1000].
-    #[serde(default)]
-    max: Option<usize>,
-    /// How long each is leased before it is delivered again [default: the topic's].
-    #[serde(default)]
-    ack_wait_ms: Option<u64>,
-    /// How long to wait for a first message [default: 0, at most 300 s].
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-    /// Where a new group starts: earliest (default) or latest.
-    #[serde(default)]
-    start: Option<Start>,
+    #[serde(flatten)]
+    fetch: crate::ops::FetchArgs,
     #[serde(default)]
     tenant: Option<String>,
 }
@@ -251,24 +238,15 @@ impl Bus {
 
     async fn fetch_req(&self, caller: &Caller, req: FetchReq) -> Result<Value> {
         caller.may(Action::Act)?;
-        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
-        let max = req.max.unwrap_or(1);
-        if !(1..=MAX_FETCH).contains(&max) {
-            return Err(Error::invalid_field("max", format!("max must be 1-{MAX_FETCH}")));
-        }
-        let ack_wait = Duration::from_millis(req.ack_wait_ms.unwrap_or(topic.config.ack_wait_ms));
-        if ack_wait.is_zero() || ack_wait > Duration::from_secs(12 * 3600) {
-            return Err(Error::invalid_field(
-                "ack_wait_ms",
-                "ack_wait_ms must be 1 ms to 12 hours",
-            ));
-        }
-        let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(0));
-        if timeout > MAX_WAIT {
-            return Err(Error::invalid_field("timeout_ms", "timeout_ms must be at most 300000"));
-        }
-        let start = req.start.unwrap_or_default();
-        let messages = self.fetch(&topic, &req.group, start, max, ack_wait, timeout).await?;
+        let fetch = req.fetch.checked(MAX_WAIT)?;
+        let topic = self.known_topic(caller, req.tenant, &fetch.topic)?;
+        let ack_wait = fetch
+            .ack_wait
+            .unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
+        let (max, timeout) = (fetch.max, fetch.timeout);
+        let messages = self
+            .fetch(&topic, &fetch.group, fetch.start, max, ack_wait, timeout)
+            .await?;
         Ok(json!({ "messages": messages }))
     }
 

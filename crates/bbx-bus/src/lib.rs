@@ -34,7 +34,7 @@ mod endpoints;
 pub mod group;
 pub mod keys;
 pub mod log;
-mod ops;
+pub(crate) mod ops;
 mod retention;
 pub mod route;
 pub mod topic;

@@ -44,23 +44,72 @@ pub(crate) const KINDS: &[OpKind] = &[
 /// The longest a `bus.fetch` op waits for messages.
 const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
 
-/// `bus.fetch`'s args.
-#[derive(Deserialize, schemars::JsonSchema)]
+/// What a fetch asks for: `bus.fetch`'s args, and `bus.subscribe`'s but the
+/// tenant.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct FetchArgs {
-    /// A topic of the agent's tenant, or its own mailbox (`mailbox.AGENT`, group
-    /// `inbox`).
-    topic: String,
-    group: String,
+pub(crate) struct FetchArgs {
+    /// A topic of the tenant (or, for an agent, its own mailbox: `mailbox.AGENT`,
+    /// group `inbox`).
+    pub topic: String,
+    pub group: String,
+    /// Messages to return at most [default: 1, at most 1000].
     #[serde(default)]
     max: Option<usize>,
+    /// How long each is leased before it is delivered again [default: the topic's].
     #[serde(default)]
     ack_wait_ms: Option<u64>,
-    /// How long to wait for a first message [default: 0, at most 30 s].
+    /// How long to wait for a first message [default: 0; at most 300 s, 30 s in an op].
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// Where a new group starts: earliest (default) or latest.
     #[serde(default)]
     start: Option<Start>,
+}
+
+/// A fetch, checked.
+#[derive(Debug)]
+pub(crate) struct Fetch {
+    pub topic: String,
+    pub group: String,
+    pub max: usize,
+    /// None: the topic's.
+    pub ack_wait: Option<Duration>,
+    pub timeout: Duration,
+    pub start: Start,
+}
+
+impl FetchArgs {
+    /// Checked, with a wait of at most `max_wait`.
+    pub(crate) fn checked(self, max_wait: Duration) -> Result<Fetch> {
+        bbx_core::validate::name("topic", &self.topic)?;
+        let max = self.max.unwrap_or(1);
+        if !(1..=1000).contains(&max) {
+            return Err(Error::invalid_field("max", "max must be 1-1000"));
+        }
+        let timeout = Duration::from_millis(self.timeout_ms.unwrap_or(0));
+        if timeout > max_wait {
+            return Err(Error::invalid_field(
+                "timeout_ms",
+                format!("timeout_ms must be at most {}", max_wait.as_millis()),
+            ));
+        }
+        let ack_wait = self.ack_wait_ms.map(Duration::from_millis);
+        if ack_wait.is_some_and(|w| w.is_zero() || w > Duration::from_secs(12 * 3600)) {
+            return Err(Error::invalid_field(
+                "ack_wait_ms",
+                "ack_wait_ms must be 1 ms to 12 hours",
+            ));
+        }
+        Ok(Fetch {
+            topic: self.topic,
+            group: self.group,
+            max,
+            ack_wait,
+            timeout,
+            start: self.start.unwrap_or_default(),
+        })
+    }
 }
 
 /// `bus.ack`'s args.
@@ -77,14 +126,7 @@ struct AckArgs {
 /// (an ack that runs again after a crash finds its messages settled).
 #[derive(Debug)]
 enum Consume {
-    Fetch {
-        topic: String,
-        group: String,
-        max: usize,
-        ack_wait: Option<Duration>,
-        timeout: Duration,
-        start: Start,
-    },
+    Fetch(Fetch),
     Ack {
         topic: String,
         group: String,
@@ -168,42 +210,8 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
             (Destination::Mailbox(to), id, None, payload)
         }
         "bus.fetch" => {
-            let FetchArgs {
-                topic,
-                group,
-                max,
-                ack_wait_ms,
-                timeout_ms,
-                start,
-            } = parse_args(kind, args)?;
-            bbx_core::validate::name("topic", &topic)?;
-            let max = max.unwrap_or(1);
-            if !(1..=1000).contains(&max) {
-                return Err(Error::invalid_field("args.max", "max must be 1-1000"));
-            }
-            let timeout = Duration::from_millis(timeout_ms.unwrap_or(0));
-            if timeout > MAX_FETCH_WAIT {
-                return Err(Error::invalid_field(
-                    "args.timeout_ms",
-                    "timeout_ms must be at most 30000",
-                ));
-            }
-            let ack_wait = ack_wait_ms.map(Duration::from_millis);
-            if ack_wait.is_some_and(|w| w.is_zero() || w > Duration::from_secs(12 * 3600)) {
-                return Err(Error::invalid_field(
-                    "args.ack_wait_ms",
-                    "ack_wait_ms must be 1 ms to 12 hours",
-                ));
-            }
-            let start = start.unwrap_or_default();
-            let consume = Consume::Fetch {
-                topic,
-                group,
-                max,
-                ack_wait,
-                timeout,
-                start,
-            };
+            let fetch = parse_args::<FetchArgs>(kind, args)?.checked(MAX_FETCH_WAIT)?;
+            let consume = Consume::Fetch(fetch);
             return Ok(Prepared::Task(Arc::new(ConsumeTask {
                 bus: bus.clone(),
                 consume,
@@ -312,18 +320,17 @@ impl TaskOp for ConsumeTask {
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
         Box::pin(async move {
             match &self.consume {
-                Consume::Fetch {
-                    topic,
-                    group,
-                    max,
-                    ack_wait,
-                    timeout,
-                    start,
-                } => {
-                    let topic = self.topic(ctx, topic)?;
-                    let ack_wait = ack_wait.unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
-                    let messages = self.bus.fetch(&topic, group, *start, *max, ack_wait, *timeout).await?;
-                    Ok(json!({ "topic": topic.name(), "group": group, "messages": messages }))
+                Consume::Fetch(fetch) => {
+                    let topic = self.topic(ctx, &fetch.topic)?;
+                    let ack_wait = fetch
+                        .ack_wait
+                        .unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
+                    let (max, timeout) = (fetch.max, fetch.timeout);
+                    let messages = self
+                        .bus
+                        .fetch(&topic, &fetch.group, fetch.start, max, ack_wait, timeout)
+                        .await?;
+                    Ok(json!({ "topic": topic.name(), "group": fetch.group, "messages": messages }))
                 }
                 Consume::Ack { topic, group, tokens } => {
                     let topic = self.topic(ctx, topic)?;

@@ -572,8 +572,16 @@ async fn agents_consume_through_ops_and_what_they_fetch_is_untrusted() {
 
     let ack = json!({ "topic": mailbox, "group": "inbox", "acks": [message["ack"]] });
     assert_eq!(run(&alice, "bus.ack", ack.clone())["result"]["acked"], 1);
-    assert_eq!(run(&alice, "bus.ack", ack)["result"]["acked"], 1, "acking again is no error");
-    let empty = run(&alice, "bus.fetch", json!({ "topic": mailbox, "group": "inbox", "timeout_ms": 100 }));
+    assert_eq!(
+        run(&alice, "bus.ack", ack)["result"]["acked"],
+        1,
+        "acking again is no error"
+    );
+    let empty = run(
+        &alice,
+        "bus.fetch",
+        json!({ "topic": mailbox, "group": "inbox", "timeout_ms": 100 }),
+    );
     assert_eq!(empty["result"]["messages"], json!([]), "{empty}");
     let prying = run(&bob, "bus.fetch", fetch);
     assert_eq!(prying["error"]["code"], "permission_denied", "{prying}");
