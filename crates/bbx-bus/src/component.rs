@@ -58,7 +58,8 @@ impl Component for Bus {
 
     /// A `bus.publish` or `bus.send` that committed wakes the topic's subscribers.
     fn completed(&self, completion: &Arc<Completion>) {
-        if !crate::ops::KINDS.iter().any(|k| k.name == completion.kind) || completion.status != CompletionStatus::Ok {
+        let publishes = matches!(completion.kind.as_ref(), "bus.publish" | "bus.send");
+        if !publishes || completion.status != CompletionStatus::Ok {
             return;
         }
         let Some(topic) = completion.result.as_ref().and_then(|r| r["topic"].as_str()) else {

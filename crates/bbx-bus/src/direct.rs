@@ -160,22 +160,28 @@ impl Bus {
         }
         let id = uuid::Uuid::now_v7().to_string();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let waiting = (tenant.clone(), id.clone());
-        self.0.replies.lock().insert(waiting.clone(), reply);
-        let published = self
-            .publish(
-                TopicKey::new(&tenant, &req.topic),
-                vec![(Some(id.clone()), req.key, req.payload)],
-            )
-            .await;
-        let answered = match published {
-            Ok(_) => tokio::time::timeout(wait, answer).await.ok().and_then(Result::ok),
-            Err(error) => {
-                self.0.replies.lock().remove(&waiting);
-                return Err(error);
+        {
+            let mut replies = self.0.replies.lock();
+            if replies.len() >= MAX_WAITING {
+                return Err(Error::resource_exhausted(
+                    format!("{MAX_WAITING} requests wait for replies already"),
+                    Duration::from_secs(1),
+                ));
             }
+            replies.insert((tenant.clone(), id.clone()), reply);
+        }
+        // However this call ends (answered, timed out, or dropped with its client),
+        // nothing waits for the reply any more.
+        let _waiting = Unwait {
+            bus: self,
+            key: (tenant.clone(), id.clone()),
         };
-        self.0.replies.lock().remove(&waiting);
+        self.publish(
+            TopicKey::new(&tenant, &req.topic),
+            vec![(Some(id.clone()), req.key, req.payload)],
+        )
+        .await?;
+        let answered = tokio::time::timeout(wait, answer).await.ok().and_then(Result::ok);
         Ok(match answered {
             Some(reply) => json!({ "id": id, "reply": reply, "timed_out": false }),
             None => json!({ "id": id, "reply": null, "timed_out": true }),
@@ -195,6 +201,21 @@ impl Bus {
                 ),
             )),
         }
+    }
+}
+
+/// Requests waiting for replies at most, in all.
+const MAX_WAITING: usize = 100_000;
+
+/// Removes a request's waiter when its call ends.
+struct Unwait<'a> {
+    bus: &'a Bus,
+    key: (String, String),
+}
+
+impl Drop for Unwait<'_> {
+    fn drop(&mut self) {
+        self.bus.0.replies.lock().remove(&self.key);
     }
 }
 

@@ -18,8 +18,9 @@ use std::time::Duration;
 const MAX_FETCH: usize = 1000;
 /// The longest a fetch waits.
 const MAX_WAIT: Duration = Duration::from_secs(300);
-/// Messages a stream holds for a slow client before it waits.
-const STREAM_BUFFER: usize = 256;
+/// Messages a stream fetches (and so leases) at a time, and holds for a slow
+/// client before it waits: at most twice this many are leased ahead of it.
+const STREAM_BATCH: usize = 32;
 /// How long a stream's fetch waits before it looks again (and sees a client gone).
 const STREAM_WAIT: Duration = Duration::from_secs(10);
 /// Messages one publish carries at most.
@@ -53,14 +54,6 @@ struct PublishReq {
     #[serde(default)]
     messages: Option<Vec<OneMessage>>,
     /// The tenant [default: the caller's, or `default`].
-    #[serde(default)]
-    tenant: Option<String>,
-}
-
-#[derive(Deserialize, schemars::JsonSchema)]
-struct FetchReq {
-    #[serde(flatten)]
-    fetch: crate::ops::FetchArgs,
     #[serde(default)]
     tenant: Option<String>,
 }
@@ -138,14 +131,6 @@ struct ReplayReq {
 struct TenantOnly {
     #[serde(default)]
     tenant: Option<String>,
-}
-
-#[derive(Deserialize, schemars::JsonSchema)]
-struct RouteInput {
-    #[serde(default)]
-    tenant: Option<String>,
-    #[serde(flatten)]
-    route: crate::route::RouteReq,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -236,10 +221,11 @@ impl Bus {
         self.topic(&topic_key(caller, tenant_asked, topic)?)
     }
 
-    async fn fetch_req(&self, caller: &Caller, req: FetchReq) -> Result<Value> {
+    async fn fetch_req(&self, caller: &Caller, mut req: crate::ops::FetchArgs) -> Result<Value> {
         caller.may(Action::Act)?;
-        let fetch = req.fetch.checked(MAX_WAIT)?;
-        let topic = self.known_topic(caller, req.tenant, &fetch.topic)?;
+        let tenant = req.tenant.take();
+        let fetch = req.checked(MAX_WAIT)?;
+        let topic = self.known_topic(caller, tenant, &fetch.topic)?;
         let ack_wait = fetch
             .ack_wait
             .unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
@@ -355,12 +341,12 @@ impl Bus {
         let start = req.start.unwrap_or_default();
         // Made now, so that a bad group name is this call's error.
         self.group(&topic, &req.group, start).await?;
-        let (events, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let (events, receiver) = tokio::sync::mpsc::channel(STREAM_BATCH);
         let (bus, ctx) = (self.clone(), self.ctx()?.clone());
         let mut left = req.limit.unwrap_or(u64::MAX);
         ctx.tasks.clone().spawn(async move {
             while left > 0 {
-                let max = usize::try_from(left).unwrap_or(MAX_FETCH).min(MAX_FETCH);
+                let max = usize::try_from(left).unwrap_or(STREAM_BATCH).min(STREAM_BATCH);
                 let fetched = tokio::select! {
                     () = events.closed() => return,
                     () = ctx.stopping.cancelled() => return,
@@ -453,7 +439,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             "bus.subscribe",
             ("POST", "/v1/bus/topics/{topic}/groups/{group}/fetch"),
             "Fetch up to max messages for a consumer group (made at the earliest message, or the latest), waiting up to timeout_ms for the first; each is leased for ack_wait_ms and delivered again unless acked.",
-            |b: Bus, caller, req: FetchReq| async move { b.fetch_req(&caller, req).await },
+            |b: Bus, caller, req: crate::ops::FetchArgs| async move { b.fetch_req(&caller, req).await },
         ),
         settle(
             "bus.ack",
@@ -518,9 +504,9 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             "bus.route",
             ("PUT", "/v1/bus/routes/{name}"),
             "Route a topic into an agent's ops: each message becomes an op of kind with args (placeholders {{payload}}, {{id}}, {{key}}, {{offset}}), keyed by the message's place, so its effect happens exactly once across crashes.",
-            |b: Bus, caller, req: RouteInput| async move {
-                let tenant = tenant(&caller, req.tenant)?;
-                b.put_route(&caller, tenant, req.route).await
+            |b: Bus, caller, mut req: crate::route::RouteReq| async move {
+                let tenant = tenant(&caller, req.tenant.take())?;
+                b.put_route(&caller, tenant, req).await
             },
         ),
         Endpoint::serving(
@@ -531,7 +517,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             |b: Bus, caller, req: TenantOnly| async move {
                 caller.may(Action::Read)?;
                 let tenant = tenant(&caller, req.tenant)?;
-                Ok(json!({ "routes": b.routes_of(&tenant) }))
+                Ok(json!({ "routes": b.routes_of(&caller, &tenant) }))
             },
         ),
         Endpoint::serving(
@@ -542,7 +528,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             |b: Bus, caller, req: RouteName| async move {
                 caller.may(Action::Act)?;
                 let tenant = tenant(&caller, req.tenant)?;
-                b.remove_route(&tenant, &req.name).await
+                b.remove_route(&caller, &tenant, &req.name).await
             },
         ),
         {

@@ -65,6 +65,9 @@ pub(crate) struct FetchArgs {
     /// Where a new group starts: earliest (default) or latest.
     #[serde(default)]
     start: Option<Start>,
+    /// The tenant [default: the caller's]; an op acts in its agent's.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// A fetch, checked.
@@ -210,7 +213,11 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
             (Destination::Mailbox(to), id, None, payload)
         }
         "bus.fetch" => {
-            let fetch = parse_args::<FetchArgs>(kind, args)?.checked(MAX_FETCH_WAIT)?;
+            let fetch = parse_args::<FetchArgs>(kind, args)?;
+            if fetch.tenant.is_some() {
+                return Err(Error::invalid_field("args.tenant", "an op acts in its agent's tenant"));
+            }
+            let fetch = fetch.checked(MAX_FETCH_WAIT)?;
             let consume = Consume::Fetch(fetch);
             return Ok(Prepared::Task(Arc::new(ConsumeTask {
                 bus: bus.clone(),

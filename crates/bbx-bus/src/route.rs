@@ -56,6 +56,10 @@ pub struct Route {
     pub agent: AgentId,
     /// The op kind each message becomes.
     pub kind: String,
+    /// The kinds its maker's credential was confined to, if it was: its ops
+    /// may do no more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
     /// Its args, with placeholders.
     pub args: Value,
     /// Who made it: its ops run under this key's id, confined to the agent.
@@ -71,8 +75,12 @@ impl Route {
     /// The op `message` becomes.
     pub fn op(&self, message: &Delivered) -> SubmitOp {
         let args = fill(&self.args, message);
+        // The message's place in the topic the route consumes and the group it
+        // consumes as: a route made again over the same group goes on with the
+        // same keys, one over another topic or group never meets them.
+        let place = format!("{}:{}:{}:{}", self.topic, self.group, message.partition, message.offset);
         SubmitOp {
-            idempotency_key: Some(format!("bus:{}:{}:{}", self.name, message.partition, message.offset)),
+            idempotency_key: Some(format!("bus:{}:{place}", self.name)),
             ..SubmitOp::new(self.agent, self.kind.clone(), args)
         }
     }
@@ -81,6 +89,7 @@ impl Route {
     fn caller(&self) -> Caller {
         let mut caller = Caller::of_tenant(self.by, self.tenant.clone(), Role::Agent);
         caller.agent = Some(self.agent);
+        caller.kinds = self.kinds.clone();
         caller
     }
 }
@@ -254,6 +263,8 @@ pub(crate) struct RouteReq {
     /// The group it consumes as [default: route:NAME].
     #[serde(default)]
     group: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 impl Bus {
@@ -286,6 +297,13 @@ impl Bus {
         bbx_core::validate::name("name", &req.name)?;
         bbx_core::validate::name("topic", &req.topic)?;
         bbx_core::validate::name("kind", &req.kind)?;
+        caller.check_kind(&req.kind)?;
+        // A route outlives the call: a credential that expires cannot make one.
+        if caller.expires_at.is_some() {
+            return Err(Error::permission_denied(
+                "a route runs until removed: make it with an API key, not an access token",
+            ));
+        }
         let agent: AgentId = req.agent.parse()?;
         let owner = bbx_agents::stored_agent(self.store()?, &agent)?.tenant;
         caller.check_owner(&owner, "agent", agent)?;
@@ -293,6 +311,15 @@ impl Bus {
         if owner != tenant {
             return Err(Error::not_found("agent", agent));
         }
+        // A mailbox is read by its own agent only, routed or not.
+        if let Some(mailbox) = crate::direct::mailbox_owner(&req.topic)
+            && mailbox? != agent
+        {
+            return Err(Error::permission_denied(
+                "an agent's mailbox routes into its own ops only",
+            ));
+        }
+        self.check_route_owner(caller, &tenant, &req.name)?;
         let group = req.group.unwrap_or_else(|| format!("route:{}", req.name));
         bbx_core::validate::name("group", &group)?;
         let key = Route::key(&tenant, &req.name);
@@ -317,6 +344,7 @@ impl Bus {
             group,
             agent,
             kind: req.kind,
+            kinds: caller.kinds.clone(),
             args: req.args,
             by: caller.key_id,
             created_at: Utc::now(),
@@ -326,8 +354,25 @@ impl Bus {
         Ok(route)
     }
 
+    /// A route of that name, if there is one, must be of an agent `caller` may
+    /// act for: a key confined to one agent neither replaces nor removes
+    /// another's.
+    fn check_route_owner(&self, caller: &Caller, tenant: &str, name: &str) -> Result<()> {
+        let held = self
+            .0
+            .routes
+            .lock()
+            .get(&Route::key(tenant, name))
+            .map(|(route, _)| route.agent);
+        match held {
+            Some(agent) => caller.check_agent(&agent),
+            None => Ok(()),
+        }
+    }
+
     /// Removes a route: it stops taking messages (its group stays, with its place).
-    pub(crate) async fn remove_route(&self, tenant: &str, name: &str) -> Result<Route> {
+    pub(crate) async fn remove_route(&self, caller: &Caller, tenant: &str, name: &str) -> Result<Route> {
+        self.check_route_owner(caller, tenant, name)?;
         let key = Route::key(tenant, name);
         let route = self
             .0
@@ -343,15 +388,15 @@ impl Bus {
         Ok(route)
     }
 
-    /// The routes of `tenant`.
-    pub(crate) fn routes_of(&self, tenant: &str) -> Vec<Route> {
+    /// The routes of `tenant` (a key confined to an agent sees that agent's).
+    pub(crate) fn routes_of(&self, caller: &Caller, tenant: &str) -> Vec<Route> {
         let prefix = Route::key(tenant, "");
         let mut routes: Vec<Route> = self
             .0
             .routes
             .lock()
             .iter()
-            .filter(|(key, _)| key.starts_with(&prefix))
+            .filter(|(key, (route, _))| key.starts_with(&prefix) && caller.check_agent(&route.agent).is_ok())
             .map(|(_, (route, _))| Route::clone(route))
             .collect();
         routes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -424,6 +424,24 @@ async fn agents_message_each_other_and_requests_get_replies() {
         "only bob's: {}",
         stderr(&peek)
     );
+    // Nor through a route: not into its own ops, nor replacing or removing bob's.
+    let bobs_mail = format!("mailbox.{bob}");
+    let routed = as_alice(&[
+        "bus", "route", "spy", "--topic", &bobs_mail, "--agent", &alice, "--kind", "noop",
+    ]);
+    assert!(stderr(&routed).contains("permission_denied"), "{}", stderr(&routed));
+    let made = kernel.cli(&[
+        "bus", "route", "bobs", "--topic", "t", "--agent", &bob, "--kind", "noop",
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let hijack = as_alice(&[
+        "bus", "route", "bobs", "--topic", "t", "--agent", &alice, "--kind", "noop",
+    ]);
+    assert!(stderr(&hijack).contains("permission_denied"), "{}", stderr(&hijack));
+    let removed = as_alice(&["bus", "unroute", "bobs"]);
+    assert!(stderr(&removed).contains("permission_denied"), "{}", stderr(&removed));
+    let seen = json(&as_alice(&["bus", "routes"]));
+    assert_eq!(seen["routes"], json!([]), "alice sees her agent's routes only: {seen}");
     let direct = kernel.cli(&["bus", "publish", &format!("mailbox.{bob}"), "1"]);
     assert!(stderr(&direct).contains("mailboxes"), "{}", stderr(&direct));
 

@@ -13,6 +13,8 @@ mod shm;
 
 pub use shm::{ShmClient, ShmCompletion};
 
+mod sse;
+
 use bbx_core::api::prelude::*;
 use bbx_core::model::{
     Agent, AgentPage, ApiKeyInfo, CreateAgent, CreateApiKey, CreatedApiKey, DeleteState, EndpointInfo, ListAgents,
@@ -301,7 +303,7 @@ impl Client {
         let response = self.send(self.with_query(Method::GET, &segments, &query)).await?;
         Ok(EventStream {
             response,
-            buffer: Vec::new(),
+            events: sse::Events::default(),
         })
     }
 }
@@ -309,35 +311,33 @@ impl Client {
 /// The events of a streaming endpoint (server-sent events), as they come.
 pub struct EventStream {
     response: reqwest::Response,
-    buffer: Vec<u8>,
+    events: sse::Events,
 }
 
 impl EventStream {
-    /// The next event's data; none once the stream ends.
+    /// The next event's data; none once the stream ends. An event that carries
+    /// only `{"error": ...}` is the stream's failure, returned as the error.
     pub async fn next(&mut self) -> Option<Result<Value>> {
         loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&block);
-                let data: Vec<&str> = text
-                    .lines()
-                    .filter_map(|line| line.strip_prefix("data:"))
-                    .map(|data| data.strip_prefix(' ').unwrap_or(data))
-                    .collect();
-                // A block without data is a keep-alive.
-                if data.is_empty() {
-                    continue;
-                }
-                let parsed = serde_json::from_str(&data.join("\n"))
-                    .map_err(|e| Error::internal(format!("an event is not JSON: {e}")));
-                return Some(parsed);
+            if let Some(data) = self.events.next() {
+                return Some(event(&data));
             }
             match self.response.chunk().await {
-                Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Ok(Some(bytes)) => self.events.push(&bytes),
                 Ok(None) => return None,
                 Err(e) => return Some(Err(Error::unavailable(format!("the event stream broke: {e}")))),
             }
         }
+    }
+}
+
+/// An event's data: JSON, or the stream's error.
+fn event(data: &str) -> Result<Value> {
+    let value: Value = serde_json::from_str(data).map_err(|e| Error::internal(format!("an event is not JSON: {e}")))?;
+    match value.as_object().filter(|o| o.len() == 1).and_then(|o| o.get("error")) {
+        Some(error) => Err(serde_json::from_value(error.clone())
+            .unwrap_or_else(|_| Error::internal(format!("the stream failed: {error}")))),
+        None => Ok(value),
     }
 }
 
