@@ -596,3 +596,19 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let made: std::result::Result<CreateReq, _> = serde_json::from_value(json!({ "topic": "t", "partitionz": 2 }));
+        assert!(made.is_err(), "a misspelled setting is refused");
+        let made: CreateReq = serde_json::from_value(json!({ "topic": "t", "partitions": 2, "tenant": "a" })).unwrap();
+        assert_eq!((made.settings.partitions, made.tenant.as_deref()), (Some(2), Some("a")));
+        let route: std::result::Result<crate::route::RouteReq, _> =
+            serde_json::from_value(json!({ "name": "r", "topic": "t", "agent": "a", "kind": "noop", "argz": {} }));
+        assert!(route.is_err());
+    }
+}
