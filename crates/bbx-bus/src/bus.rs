@@ -633,13 +633,9 @@ impl Bus {
         let consumers = topic.group(group).ok_or_else(|| Error::not_found("group", group))?;
         let mut group = consumers.group.lock().await;
         let now = Instant::now();
-        let settled = tokens.iter().filter(|t| settled_ok && group.is_settled(t)).count();
-        let tokens: Vec<Token> = tokens
-            .iter()
-            .filter(|t| !(settled_ok && group.is_settled(t)))
-            .copied()
-            .collect();
-        let tokens = tokens.as_slice();
+        let (settled, tokens): (Vec<Token>, Vec<Token>) =
+            tokens.iter().partition(|t| settled_ok && group.is_settled(t));
+        let (settled, tokens) = (settled.len(), tokens.as_slice());
         for token in tokens {
             group.check(token, now)?;
         }

@@ -28,19 +28,6 @@ const MAX_BATCH: usize = 10_000;
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct OneMessage {
-    payload: Value,
-    /// Its id [default: a new one]: publishing an id again within the dedup
-    /// window stores nothing.
-    #[serde(default)]
-    id: Option<String>,
-    /// The ordering key: messages with one key go to one partition, in order.
-    #[serde(default)]
-    key: Option<String>,
-}
-
-#[derive(Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
 struct PublishReq {
     topic: String,
     /// One message's payload (or give `messages`).
@@ -52,7 +39,7 @@ struct PublishReq {
     key: Option<String>,
     /// A batch, stored whole or not at all.
     #[serde(default)]
-    messages: Option<Vec<OneMessage>>,
+    messages: Option<Vec<crate::ops::Message>>,
     /// The tenant [default: the caller's, or `default`].
     #[serde(default)]
     tenant: Option<String>,

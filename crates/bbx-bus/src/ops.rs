@@ -137,20 +137,29 @@ enum Consume {
     },
 }
 
+/// One message to publish, as a client gives it (one of a `bus.publish`
+/// endpoint's batch, or a `bus.publish` op's).
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Message {
+    pub payload: Value,
+    /// Its id [default: a new one]: publishing an id again within the dedup
+    /// window stores nothing.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The ordering key: messages with one key go to one partition, in order.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
 /// `bus.publish`'s args.
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishArgs {
     /// A topic of the agent's tenant.
     topic: String,
-    payload: Value,
-    /// Its id [default: a new one]; published again within the dedup window, it
-    /// stores nothing.
-    #[serde(default)]
-    id: Option<String>,
-    /// The ordering key.
-    #[serde(default)]
-    key: Option<String>,
+    #[serde(flatten)]
+    message: Message,
 }
 
 /// `bus.send`'s args.
@@ -198,9 +207,7 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
         "bus.publish" => {
             let PublishArgs {
                 topic,
-                payload,
-                id,
-                key,
+                message: Message { payload, id, key },
             } = parse_args(kind, args)?;
             bbx_core::validate::name("topic", &topic)?;
             if topic.starts_with(MAILBOX_PREFIX) {
@@ -346,5 +353,36 @@ impl TaskOp for ConsumeTask {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind publishes the schema of the args its parser takes: the same
+    /// required fields, and unknown ones refused by both.
+    #[test]
+    fn each_kind_publishes_the_schema_its_parser_holds_to() {
+        let required = |kind: &str| {
+            let schema = args_schema(kind).unwrap_or_else(|| panic!("{kind} has no schema"));
+            let mut fields: Vec<String> = serde_json::from_value(schema["required"].clone()).unwrap_or_default();
+            fields.sort();
+            (fields, schema["additionalProperties"].clone())
+        };
+        assert_eq!(
+            required("bus.publish"),
+            (vec!["payload".into(), "topic".into()], json!(false))
+        );
+        assert_eq!(required("bus.send").0, ["payload", "to"]);
+        assert_eq!(required("bus.fetch").0, ["group", "topic"]);
+        assert_eq!(required("bus.ack").0, ["acks", "group", "topic"]);
+        for kind in KINDS {
+            assert!(args_schema(kind.name).is_some(), "{}", kind.name);
+        }
+        let unknown = json!({ "topic": "t", "payload": 1, "extra": true });
+        assert!(parse_args::<PublishArgs>("bus.publish", &unknown).is_err());
+        assert!(parse_args::<PublishArgs>("bus.publish", &json!({ "topic": "t" })).is_err());
+        assert!(parse_args::<PublishArgs>("bus.publish", &json!({ "topic": "t", "payload": 1, "key": "k" })).is_ok());
     }
 }
