@@ -91,6 +91,16 @@ TOOLS = {
     "flow_revoke",
     "flow_grants",
     "ring_kinds",
+    "memory_add",
+    "memory_search",
+    "memory_get",
+    "memory_delete",
+    "memory_forget",
+    "memory_stats",
+    "semantic_memory_add",
+    "semantic_memory_search",
+    "semantic_memory_forget",
+    "semantic_memory_stats",
 }
 
 
@@ -146,6 +156,13 @@ async def exercise_every_tool(session):
     assert [e["key"] for e in listed_state["entries"]] == ["plan/step"]
     agents = ok(await session.call_tool("agent_list", {"label": "via=mcp"}))
     assert [a["id"] for a in agents["agents"]] == [agent_id]
+    # A memory with its vector given (no model needed), found by its words.
+    vector = [0.0] * 384
+    vector[7] = 1.0
+    added = ok(await session.call_tool("semantic_memory_add", {"agent": agent_id, "text": "the MCP remembers", "vector": vector, "model": "all-minilm-l6-v2"}))
+    found = ok(await session.call_tool("memory_search", {"agent": agent_id, "query": "remembers", "mode": "keyword"}))
+    assert [r["id"] for r in found["results"]] == [added["id"]]
+    assert ok(await session.call_tool("semantic_memory_stats", {"agent": agent_id}))["count"] == 1
     status = ok(await session.call_tool("bbx_status", {}))
     assert status["agents"] >= 1
 

@@ -59,6 +59,12 @@ pub enum Command {
     /// The MessageBus: topics, consumer groups, acks, dead letters.
     #[command(subcommand)]
     Bus(crate::bus::BusCommand),
+    /// SemanticMemory: what agents remember, searched by meaning and by words.
+    #[command(subcommand)]
+    Memory(crate::memory::MemoryCommand),
+    /// Models run in process: fetch them into the data directory.
+    #[command(subcommand)]
+    Models(crate::memory::ModelsCommand),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -545,6 +551,9 @@ pub enum V2Command {
     /// Aliases of `bbx bus stats|publish|dlq`.
     #[command(subcommand)]
     MessageBus(crate::bus::MessageBusCommand),
+    /// `bbx v2 semantic-memory stats|search|add|forget`.
+    #[command(subcommand)]
+    SemanticMemory(crate::memory::SemanticMemoryCommand),
 }
 
 #[derive(Subcommand, Debug)]

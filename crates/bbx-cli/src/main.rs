@@ -12,6 +12,7 @@ mod bus;
 mod cli;
 mod endpoint;
 mod flow;
+mod memory;
 mod output;
 mod quotas;
 mod ring;
@@ -134,6 +135,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Flow(command) => flow::run(&cli, command).await,
         Command::Bus(command) => bus::run(&cli, command).await,
         Command::V2(V2Command::MessageBus(command)) => bus::report(&cli, command).await,
+        Command::Memory(command) => memory::run(&cli, command).await,
+        Command::V2(V2Command::SemanticMemory(command)) => memory::report(&cli, command).await,
+        Command::Models(command) => memory::models(&cli, command).await,
         Command::V2(V2Command::EnhancedFlow(command)) => {
             let verb = match command {
                 EnhancedFlowCommand::Stats => "stats",
@@ -184,6 +188,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         auth: None,
         flow: None,
         bus: None,
+        memory: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

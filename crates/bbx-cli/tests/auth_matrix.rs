@@ -120,6 +120,21 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
         ("POST", "/v1/bus/mailboxes/{to}" | "/v1/bus/mailboxes/{agent}/fetch") => (Act, Object),
         ("POST", "/v1/bus/topics/{topic}/request" | "/v1/bus/replies/{to}") => (Act, Tenant),
         ("GET", "/v1/bus/routes") => (Read, Tenant),
+        (
+            "POST",
+            "/v1/agents/{agent}/memories"
+            | "/v1/semantic-memory/{agent}/add"
+            | "/v1/agents/{agent}/memories/forget"
+            | "/v1/semantic-memory/{agent}/forget",
+        )
+        | ("DELETE", "/v1/agents/{agent}/memories/{id}") => (Act, Object),
+        ("POST", "/v1/agents/{agent}/memories/search" | "/v1/semantic-memory/{agent}/search")
+        | (
+            "GET",
+            "/v1/agents/{agent}/memories/stats"
+            | "/v1/semantic-memory/{agent}/stats"
+            | "/v1/agents/{agent}/memories/{id}",
+        ) => (Read, Object),
         ("PUT", "/v1/bus/topics/{topic}")
         | ("POST", "/v1/bus/topics/{topic}/dlq/replay")
         | ("DELETE", "/v1/bus/topics/{topic}/dlq") => (Operate, Tenant),
@@ -164,6 +179,8 @@ struct Fixture {
     spare_agent: String,
     key: String,
     token: String,
+    /// A memory of `agent`.
+    memory: String,
 }
 
 struct Api {
@@ -227,6 +244,14 @@ impl Api {
         self.admin(Method::PUT, "/v1/secrets/s", secret).await;
         let message = json!({ "payload": 1, "tenant": tenant });
         self.admin(Method::POST, "/v1/bus/topics/t/messages", message).await;
+        // With its vector given: the matrix needs no embedding model.
+        let memory = self
+            .admin(
+                Method::POST,
+                &format!("/v1/agents/{agent}/memories"),
+                memory_body("a memory"),
+            )
+            .await;
         Fixture {
             tenant,
             agent,
@@ -234,6 +259,7 @@ impl Api {
             spare_agent: spare["id"].as_str().unwrap().to_owned(),
             key: key["info"]["id"].as_str().unwrap().to_owned(),
             token: token["token"].as_str().unwrap().to_owned(),
+            memory: memory["id"].as_str().unwrap().to_owned(),
         }
     }
 
@@ -253,6 +279,13 @@ impl Api {
     }
 }
 
+/// A memory.add body whose vector is given, so no model need be installed.
+fn memory_body(text: &str) -> Value {
+    let mut vector = vec![0.0; 384];
+    vector[text.len() % 384] = 1.0;
+    json!({ "text": text, "vector": vector, "model": "all-minilm-l6-v2" })
+}
+
 /// The path with its fields filled from `f`, and a body the route accepts.
 fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
     let deleting_agent = method == "DELETE" && path == "/v1/agents/{id}";
@@ -266,7 +299,7 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         // grants are the credential's own agent's to give.
         .replace(
             "{agent}",
-            if path.contains("/grants") || path.contains("/mailboxes/") {
+            if path.contains("/grants") || path.contains("/mailboxes/") || path.contains("memor") {
                 &f.agent
             } else {
                 &f.spare_agent
@@ -283,7 +316,9 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         )
         .replace("{topic}", "t")
         .replace("{group}", "g");
-    let filled = if path.starts_with("/v1/ops/") {
+    let filled = if path.contains("/memories/") {
+        filled.replace("{id}", &f.memory)
+    } else if path.starts_with("/v1/ops/") {
         filled.replace("{id}", &f.op)
     } else if path.starts_with("/v1/keys/") {
         filled.replace("{id}", &f.key)
@@ -353,6 +388,13 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/bus/topics/{topic}/request" => json!({ "payload": 1, "timeout_ms": 1, "tenant": f.tenant }),
         "/v1/bus/replies/{to}" => json!({ "payload": 1, "tenant": f.tenant }),
         "/v1/message-bus/publish" => json!({ "topic": "t", "message": 2, "tenant": f.tenant }),
+        "/v1/agents/{agent}/memories" | "/v1/semantic-memory/{agent}/add" => memory_body("another memory"),
+        "/v1/agents/{agent}/memories/search" | "/v1/semantic-memory/{agent}/search" => {
+            json!({ "query": "memory", "mode": "keyword" })
+        }
+        "/v1/agents/{agent}/memories/forget" | "/v1/semantic-memory/{agent}/forget" => {
+            json!({ "strategy": "lru", "max": 100 })
+        }
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),
     };

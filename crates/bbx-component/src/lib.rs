@@ -13,7 +13,7 @@
 //! - a [`Prepared::Effect`] is journaled before it is acknowledged, and its effect is
 //!   staged in the same store group as its completion ([`EffectOp::stage`]), so after a
 //!   crash either both happened or neither did, and recovery runs it exactly when it
-//!   had not;
+//!   had not; what it must compute first runs on a task ([`EffectOp::ready`]);
 //! - a [`Prepared::Task`] runs on a task of its own, under its op's timeout, and is
 //!   stopped by a cancel or the kernel's shutdown. One with external effects
 //!   ([`TaskOp::effects`]) is journaled before it is acknowledged; before its first
@@ -127,6 +127,15 @@ pub trait EffectOp: Send + Sync + std::fmt::Debug {
     /// so an effect that fails stages nothing (its op completes with that error
     /// instead).
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value>;
+
+    /// Work the effect needs done before it can be staged, that must not hold
+    /// up the store's committer (an embedding, a search of what is there): run
+    /// on a task of its own under the op's timeout, before each attempt to
+    /// stage, for the op's agent; its error fails the attempt (retried as the
+    /// op's retries say). None, the default: staged at once.
+    fn ready(&self, _agent: AgentId) -> Option<Pending<'static, ()>> {
+        None
+    }
 }
 
 /// What a task's attempt runs for.
@@ -181,6 +190,12 @@ pub trait Submitter: Send + Sync {
 
     /// The op's completion, waiting up to `timeout` for it.
     fn wait<'a>(&'a self, caller: &'a Caller, op: bbx_core::OpId, timeout: Duration) -> Pending<'a, OpInfo>;
+
+    /// Whether `caller` may read `agent`'s data as `operation` (an endpoint that
+    /// answers from a component's own view, with no op): its tenant, its
+    /// confinement to an agent, and the authorization policies. An agent the
+    /// caller may not see is `not_found`, as everywhere else.
+    fn may_read(&self, caller: &Caller, agent: &AgentId, operation: &str) -> Result<()>;
 }
 
 /// What a component is given to act with outside of an op.

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 mod bus;
+mod memory;
 pub use bus::{BusConfig, MAX_PARTITIONS, TopicDefaults};
+pub use memory::{ForgetSchedule, IndexSettings, MemoryConfig, NearDuplicate, Quantization, RemoteEmbedder};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -44,6 +46,8 @@ pub struct KernelConfig {
     pub flow: FlowConfig,
     /// The MessageBus (`[bus]` in the file).
     pub bus: BusConfig,
+    /// SemanticMemory (`[memory]` in the file).
+    pub memory: MemoryConfig,
 }
 
 /// FlowIntegrity's settings.
@@ -504,6 +508,7 @@ pub struct ConfigLayer {
     pub auth: Option<AuthConfig>,
     pub flow: Option<FlowConfig>,
     pub bus: Option<BusConfig>,
+    pub memory: Option<MemoryConfig>,
 }
 
 impl ConfigLayer {
@@ -541,6 +546,7 @@ impl KernelConfig {
             auth: over.auth.or(file.auth).unwrap_or_default(),
             flow: over.flow.or(file.flow).unwrap_or_default(),
             bus: over.bus.or(file.bus).unwrap_or_default(),
+            memory: over.memory.or(file.memory).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -568,6 +574,7 @@ impl KernelConfig {
         config.ring.validate()?;
         config.flow.anomaly.validate()?;
         config.bus.validate()?;
+        config.memory.validate()?;
         for issuer in &config.auth.oidc {
             issuer.validate()?;
         }

@@ -139,6 +139,16 @@ impl bbx_component::Submitter for KernelSubmitter {
     fn wait<'a>(&'a self, caller: &'a Caller, op: OpId, timeout: Duration) -> bbx_component::Pending<'a, OpInfo> {
         Box::pin(async move { self.kernel()?.wait_op(caller, &op, timeout).await })
     }
+
+    fn may_read(&self, caller: &Caller, agent: &AgentId, operation: &str) -> Result<()> {
+        let kernel = self.kernel()?;
+        kernel.agent_tenant(caller, agent)?;
+        kernel.authorize_on_agent(
+            caller,
+            bbx_auth::Access::new(operation, Some(bbx_auth::Action::Read), None),
+            agent,
+        )
+    }
 }
 
 /// The tenant of each agent an op or a state call named lately, so that the hot
@@ -347,6 +357,7 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
     all.extend(bbx_quota::stored::KEYSPACES);
     all.extend(bbx_flow::KEYSPACES);
     all.extend(bbx_bus::KEYSPACES);
+    all.extend(bbx_memory::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
@@ -363,6 +374,7 @@ fn components(
     components.register(Arc::new(bbx_tools::ToolKinds::new(tools.clone(), quotas.clone())))?;
     components.register(Arc::new(bbx_flow::Flow::new(&config.flow)))?;
     components.register(Arc::new(bbx_bus::Bus::new(&config.bus)))?;
+    components.register(Arc::new(bbx_memory::Memories::new(&config.memory, &config.data_dir)?))?;
     Ok(components)
 }
 

@@ -194,6 +194,10 @@ impl Ring {
                     (attempt, reading.elapsed())
                 }
                 Exec::Effect(effect) => {
+                    if let Some(work) = effect.ready(record.agent) {
+                        self.spawn_ready(record, effect, work, admission, slots);
+                        continue;
+                    }
                     // Handed to the store, the op only waits for its group's sync:
                     // it gives its running slot back at once (its completion slot
                     // still bounds what waits), so the dispatcher keeps feeding the
@@ -283,6 +287,47 @@ impl Ring {
             let labels = ring.result_labels(&record, &attempt);
             let ended = Attempted::ran(id, (attempt, labels), began.elapsed(), admission, slots);
             ring.attempts_done(vec![ended]);
+        });
+    }
+
+    /// Runs what an effect needs before it is staged on a task of its own,
+    /// holding its running slot, then hands the effect to the store; a failure
+    /// or timeout ends the attempt as a task's would.
+    fn spawn_ready(
+        self: &Arc<Self>,
+        record: Arc<OpRecord>,
+        effect: Arc<dyn bbx_component::EffectOp>,
+        work: bbx_component::Pending<'static, ()>,
+        admission: Breaker,
+        slots: Slots,
+    ) {
+        let ring = self.clone();
+        let stopping = self.stopping.clone();
+        self.tasks.spawn(async move {
+            let began = Instant::now();
+            let timeout = Duration::from_millis(record.timeout_ms);
+            let failed = tokio::select! {
+                () = stopping.cancelled() => return,
+                done = tokio::time::timeout(timeout, work) => match done {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(Attempt::Failed(e)),
+                    Err(_) => Some(Attempt::TimedOut),
+                },
+            };
+            match failed {
+                None => {
+                    let slots = Slots {
+                        running: None,
+                        completing: slots.completing,
+                    };
+                    ring.apply_effects(vec![(record.op_id, effect, admission, slots)]);
+                }
+                Some(attempt) => {
+                    let labels = ring.result_labels(&record, &attempt);
+                    let ended = Attempted::ran(record.op_id, (attempt, labels), began.elapsed(), admission, slots);
+                    ring.attempts_done(vec![ended]);
+                }
+            }
         });
     }
 

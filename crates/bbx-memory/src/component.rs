@@ -1,0 +1,103 @@
+//! Memory as a component of the kernel: its keyspaces, its recovery (the
+//! catalog and the index from the store), its op kinds and endpoints, and the
+//! completions that change what the catalog and index hold.
+
+use crate::record::MemoryId;
+use crate::{KEYSPACES, Memories};
+use bbx_component::{Component, Context, Endpoint, OpKind, Prepared};
+use bbx_core::op::{Completion, CompletionStatus};
+use bbx_core::{AgentId, Result};
+use bbx_store::KeyspaceDef;
+use serde_json::Value;
+use std::sync::Arc;
+
+impl Component for Memories {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn keyspaces(&self) -> &'static [KeyspaceDef] {
+        &KEYSPACES
+    }
+
+    fn start(&self, ctx: &Context) -> Result<()> {
+        Memories::start(self, ctx)
+    }
+
+    fn endpoints(&self, _ctx: &Context) -> Vec<Endpoint> {
+        crate::endpoints::endpoints(self)
+    }
+
+    fn kinds(&self) -> &'static [OpKind] {
+        crate::ops::KINDS
+    }
+
+    fn args_schema(&self, kind: &str) -> Option<Value> {
+        crate::ops::args_schema(kind)
+    }
+
+    fn prepare(&self, kind: &str, args: &Value) -> Result<Prepared> {
+        crate::ops::prepare(self, kind, args)
+    }
+
+    fn observes(&self) -> bool {
+        true
+    }
+
+    /// A committed add, delete or forget changes the catalog and the index
+    /// before the op's caller hears of it: a search after the answer sees it.
+    fn completed(&self, completion: &Arc<Completion>) {
+        if completion.status != CompletionStatus::Ok || !completion.kind.starts_with("memory.") {
+            return;
+        }
+        let Some(result) = &completion.result else { return };
+        let agent = completion.agent;
+        let applied = match completion.kind.as_ref() {
+            "memory.add" => self.added(agent, result, completion.completed_at),
+            "memory.delete" => self.unlearn(&ids(&result["deleted"])),
+            "memory.forget" => self.unlearn(&ids(&result["forgotten"])),
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            tracing::error!(error = %e, op = %completion.op_id, "a memory op's changes could not reach the index");
+        }
+    }
+
+    fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
+        let this = self.clone();
+        ctx.tasks.spawn(async move {
+            if let Err(e) = this.forget_agent(agent).await {
+                tracing::warn!(error = %e, %agent, "a deleted agent's memories could not be removed");
+            }
+        });
+    }
+}
+
+fn ids(list: &Value) -> Vec<MemoryId> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str()?.parse().ok())
+        .collect()
+}
+
+impl Memories {
+    fn added(&self, agent: AgentId, result: &Value, at: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let mut merged_into = Vec::new();
+        for outcome in result["memories"].as_array().into_iter().flatten() {
+            let Some(id) = outcome["id"].as_str().and_then(|id| id.parse::<MemoryId>().ok()) else {
+                continue;
+            };
+            if outcome["merged"].is_null() {
+                self.learn(agent, id)?;
+            } else {
+                merged_into.push(id);
+            }
+        }
+        for superseded in ids(&result["superseded"]) {
+            self.learn(agent, superseded)?;
+        }
+        self.touch(agent, &merged_into, at);
+        Ok(())
+    }
+}

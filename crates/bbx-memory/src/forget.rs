@@ -1,0 +1,294 @@
+//! Forgetting: which of an agent's memories go, by LRU, decay, age or capacity,
+//! and their deletion from the store (record, vector, access, and the hash and
+//! subject keys that point at them) in one write, then from the index. On
+//! demand (`memory.forget`, `memory.delete`) and on a schedule
+//! (`[memory.forget]`).
+
+use crate::Memories;
+use crate::catalog::{Catalog, Entry, millis};
+use crate::record::{Memory, MemoryId, hash_key, memory_key, subject_key};
+use crate::{MEMORY_ACCESS, MEMORY_HASHES, MEMORY_ITEMS, MEMORY_SUBJECTS, MEMORY_VECTORS};
+use bbx_component::{EffectOp, Pending, Staging};
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::{Applied, GroupTx, Staged};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::sync::{Arc, OnceLock};
+
+/// How memories are chosen to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Keep the `max` most recently used.
+    Lru,
+    /// Keep at most `max`: superseded memories go first, then the least
+    /// recently used.
+    Capacity,
+    /// Forget those created more than `max_age_secs` ago.
+    Age,
+    /// Forget those whose weight, 0.5^(time since last use / half-life) times
+    /// (1 + ln(1 + uses)), is below `min_weight`.
+    Decay,
+}
+
+/// `memory.forget`'s args.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetArgs {
+    pub strategy: Strategy,
+    /// lru, capacity: how many to keep.
+    #[serde(default)]
+    pub max: Option<u64>,
+    /// age: the oldest a memory may be.
+    #[serde(default)]
+    pub max_age_secs: Option<u64>,
+    /// decay: the half-life of a memory's weight [default: 7 days].
+    #[serde(default)]
+    pub half_life_secs: Option<f64>,
+    /// decay: the weight below which a memory goes [default: 0.05].
+    #[serde(default)]
+    pub min_weight: Option<f64>,
+    /// Say what would go, and forget nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl ForgetArgs {
+    pub fn check(&self) -> Result<()> {
+        let need = |field: &str| {
+            Err(Error::invalid_field(
+                field,
+                format!("strategy {:?} needs {field}", self.strategy),
+            ))
+        };
+        match self.strategy {
+            Strategy::Lru | Strategy::Capacity if self.max.is_none() => need("max"),
+            Strategy::Age if self.max_age_secs.is_none() => need("max_age_secs"),
+            Strategy::Decay
+                if self.half_life_secs.is_some_and(|h| !(h.is_finite() && h > 0.0))
+                    || self.min_weight.is_some_and(|w| !w.is_finite()) =>
+            {
+                Err(Error::invalid_field(
+                    "half_life_secs",
+                    "half_life_secs must be above 0 and min_weight a number",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The ids of `agent`'s memories this forgets, as the catalog stands.
+    pub fn choose(&self, catalog: &Catalog, agent: &AgentId, now_ms: i64) -> Vec<MemoryId> {
+        let entries: Vec<(u64, &Entry)> = catalog.of(agent).collect();
+        let chosen: Vec<u64> = match self.strategy {
+            Strategy::Lru | Strategy::Capacity => {
+                let keep = self.max.unwrap_or(0) as usize;
+                if entries.len() <= keep {
+                    return Vec::new();
+                }
+                let capacity = self.strategy == Strategy::Capacity;
+                let mut ranked = entries;
+                // Least worth keeping first.
+                ranked.sort_by_key(|(id, e)| (capacity && e.valid_at(now_ms), e.access.at_ms, e.access.hits, *id));
+                let excess = ranked.len() - keep;
+                ranked.into_iter().take(excess).map(|(id, _)| id).collect()
+            }
+            Strategy::Age => {
+                let oldest = now_ms
+                    .saturating_sub(self.max_age_secs.unwrap_or(u64::MAX).min(i64::MAX as u64 / 1000) as i64 * 1000);
+                entries
+                    .into_iter()
+                    .filter(|(_, e)| e.created_ms < oldest)
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+            Strategy::Decay => {
+                let half_life = self.half_life_secs.unwrap_or(7.0 * 24.0 * 3600.0);
+                let min = self.min_weight.unwrap_or(0.05);
+                entries
+                    .into_iter()
+                    .filter(|(_, e)| {
+                        let idle = (now_ms - e.access.at_ms).max(0) as f64 / 1000.0;
+                        let weight = 0.5f64.powf(idle / half_life) * (1.0 + (1.0 + e.access.hits as f64).ln());
+                        weight < min
+                    })
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+        };
+        let mut chosen: Vec<MemoryId> = chosen.into_iter().map(MemoryId).collect();
+        chosen.sort();
+        chosen
+    }
+}
+
+/// Deletes one memory of `agent` from the store; whether it was there.
+pub fn delete_memory(tx: &mut GroupTx<'_>, agent: &AgentId, id: MemoryId) -> Result<bool> {
+    let key = memory_key(agent, id);
+    let Some(bytes) = tx.read(MEMORY_ITEMS, &key)? else {
+        return Ok(false);
+    };
+    let memory = Memory::decode(&bytes)?;
+    let points_here = Some(id.0.to_be_bytes().to_vec());
+    if tx.read(MEMORY_HASHES, &hash_key(agent, &memory.hash))? == points_here {
+        tx.remove(MEMORY_HASHES, hash_key(agent, &memory.hash));
+    }
+    if let Some(subject) = &memory.subject
+        && tx.read(MEMORY_SUBJECTS, &subject_key(agent, subject))? == points_here
+    {
+        tx.remove(MEMORY_SUBJECTS, subject_key(agent, subject));
+    }
+    tx.remove(MEMORY_ITEMS, key.clone());
+    tx.remove(MEMORY_VECTORS, key.clone());
+    tx.remove(MEMORY_ACCESS, key);
+    Ok(true)
+}
+
+/// `memory.delete`: the ids given, all of which must exist.
+#[derive(Debug)]
+pub struct Delete {
+    pub ids: Vec<MemoryId>,
+}
+
+impl EffectOp for Delete {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        tx.all_or_nothing(|tx| {
+            for id in &self.ids {
+                if !delete_memory(tx, staging.agent, *id)? {
+                    return Err(Error::new(ErrorCode::NotFound, format!("the agent has no memory {id}")));
+                }
+            }
+            Ok(json!({ "deleted": self.ids }))
+        })
+    }
+}
+
+/// `memory.forget`: the ids chosen when it runs.
+#[derive(Debug)]
+pub struct Forget {
+    pub memories: Memories,
+    pub args: ForgetArgs,
+    pub chosen: Arc<OnceLock<Vec<MemoryId>>>,
+}
+
+impl EffectOp for Forget {
+    fn ready(&self, agent: AgentId) -> Option<Pending<'static, ()>> {
+        let memories = self.memories.clone();
+        let args = self.args.clone();
+        let cell = self.chosen.clone();
+        // On a task: choosing ranks the whole namespace.
+        Some(Box::pin(async move {
+            let chosen = args.choose(&memories.0.catalog.read(), &agent, millis(Utc::now()));
+            let _ = cell.set(chosen);
+            Ok(())
+        }))
+    }
+
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let chosen = self
+            .chosen
+            .get()
+            .ok_or_else(|| Error::internal("memory.forget was staged before it chose"))?;
+        if self.args.dry_run {
+            return Ok(json!({ "forgotten": [], "would_forget": chosen, "count": chosen.len() }));
+        }
+        let mut forgotten = Vec::with_capacity(chosen.len());
+        for id in chosen {
+            if delete_memory(tx, staging.agent, *id)? {
+                forgotten.push(*id);
+            }
+        }
+        Ok(json!({ "forgotten": forgotten, "count": forgotten.len() }))
+    }
+}
+
+/// Memories deleted outside an op (the schedule).
+#[derive(Debug)]
+struct Forgetting(Vec<(AgentId, MemoryId)>);
+
+impl Staged for Forgetting {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        let mut gone = Vec::new();
+        for (agent, id) in &self.0 {
+            if delete_memory(tx, agent, *id)? {
+                gone.push(*id);
+            }
+        }
+        Ok(Applied::output(gone))
+    }
+}
+
+/// Forgetting on the schedule: each agent over `max_per_agent` or holding
+/// memories past `max_age_secs`.
+pub async fn on_schedule(memories: &Memories) {
+    let schedule = memories.0.config.forget.clone();
+    if schedule.max_per_agent.is_none() && schedule.max_age_secs.is_none() {
+        return;
+    }
+    let now = millis(Utc::now());
+    let chosen: Vec<(AgentId, MemoryId)> = {
+        let catalog = memories.0.catalog.read();
+        let agents: Vec<AgentId> = catalog.namespaces.keys().copied().collect();
+        let mut chosen = Vec::new();
+        for agent in agents {
+            let mut ids = Vec::new();
+            if let Some(max) = schedule.max_per_agent {
+                ids.extend(strategy(Strategy::Capacity, Some(max), None).choose(&catalog, &agent, now));
+            }
+            if let Some(age) = schedule.max_age_secs {
+                ids.extend(strategy(Strategy::Age, None, Some(age)).choose(&catalog, &agent, now));
+            }
+            ids.sort();
+            ids.dedup();
+            chosen.extend(ids.into_iter().map(|id| (agent, id)));
+        }
+        chosen
+    };
+    if chosen.is_empty() {
+        return;
+    }
+    let Ok(store) = memories.store() else { return };
+    match store
+        .write(Forgetting(chosen))
+        .await
+        .and_then(|a| a.into_output::<Vec<MemoryId>>())
+    {
+        Ok(gone) => {
+            tracing::info!(count = gone.len(), "forgot memories on schedule");
+            if let Err(e) = memories.unlearn(&gone) {
+                tracing::warn!(error = %e, "forgotten memories could not leave the index");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "forgetting on schedule failed"),
+    }
+}
+
+impl Memories {
+    /// Deletes every memory of a deleted agent.
+    pub(crate) async fn forget_agent(&self, agent: AgentId) -> Result<()> {
+        let ids: Vec<(AgentId, MemoryId)> = self
+            .0
+            .catalog
+            .read()
+            .of(&agent)
+            .map(|(id, _)| (agent, MemoryId(id)))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let gone: Vec<MemoryId> = self.store()?.write(Forgetting(ids)).await?.into_output()?;
+        self.unlearn(&gone)
+    }
+}
+
+fn strategy(strategy: Strategy, max: Option<u64>, max_age_secs: Option<u64>) -> ForgetArgs {
+    ForgetArgs {
+        strategy,
+        max,
+        max_age_secs,
+        half_life_secs: None,
+        min_weight: None,
+        dry_run: false,
+    }
+}

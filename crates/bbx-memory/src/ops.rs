@@ -1,0 +1,165 @@
+//! The memory op kinds, so quotas, flow checks, idempotency and the journal
+//! apply to memory as to every other act of an agent: `memory.add`,
+//! `memory.delete` and `memory.forget` (effects staged with their completion),
+//! `memory.search` (a task: it embeds the query), `memory.get` and
+//! `memory.stats` (reads).
+
+use crate::Memories;
+use crate::forget::{Delete, Forget, ForgetArgs};
+use crate::record::{MemoryId, memory_key};
+use crate::search::SearchArgs;
+use crate::write::{Add, AddArgs};
+use bbx_component::{OpKind, Prepared, ReadOp, Running, TaskContext, TaskOp, parse_args};
+use bbx_core::op::Effects;
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::Store;
+use fjall::Readable;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+pub(crate) const KINDS: &[OpKind] = &[
+    OpKind {
+        name: "memory.add",
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: "memory.search",
+        effects: Effects::None,
+    },
+    OpKind {
+        name: "memory.get",
+        effects: Effects::None,
+    },
+    OpKind {
+        name: "memory.delete",
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: "memory.forget",
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: "memory.stats",
+        effects: Effects::None,
+    },
+];
+
+/// `memory.get`'s args.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GetArgs {
+    pub id: MemoryId,
+}
+
+/// `memory.delete`'s args.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeleteArgs {
+    /// The memories to delete: all must exist, or none is deleted.
+    pub ids: Vec<MemoryId>,
+}
+
+/// `memory.stats`'s args: none.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatsArgs {}
+
+pub(crate) fn args_schema(kind: &str) -> Option<Value> {
+    let schema = match kind {
+        "memory.add" => schemars::schema_for!(AddArgs),
+        "memory.search" => schemars::schema_for!(SearchArgs),
+        "memory.get" => schemars::schema_for!(GetArgs),
+        "memory.delete" => schemars::schema_for!(DeleteArgs),
+        "memory.forget" => schemars::schema_for!(ForgetArgs),
+        "memory.stats" => schemars::schema_for!(StatsArgs),
+        _ => return None,
+    };
+    serde_json::to_value(schema).ok()
+}
+
+/// The most ids one `memory.delete` takes.
+const MAX_DELETE: usize = 10_000;
+
+pub(crate) fn prepare(memories: &Memories, kind: &str, args: &Value) -> Result<Prepared> {
+    Ok(match kind {
+        "memory.add" => Prepared::Effect(Arc::new(Add::new(memories, parse_args(kind, args)?)?)),
+        "memory.search" => {
+            let args: SearchArgs = parse_args(kind, args)?;
+            let search = args.check(memories.0.config.max_text_bytes)?;
+            Prepared::Task(Arc::new(SearchTask {
+                memories: memories.clone(),
+                search,
+            }))
+        }
+        "memory.get" => {
+            let GetArgs { id } = parse_args(kind, args)?;
+            Prepared::Read(Arc::new(GetRead { id }))
+        }
+        "memory.delete" => {
+            let DeleteArgs { mut ids } = parse_args(kind, args)?;
+            ids.sort();
+            ids.dedup();
+            if ids.is_empty() || ids.len() > MAX_DELETE {
+                return Err(Error::invalid_field("ids", format!("give from 1 to {MAX_DELETE} ids")));
+            }
+            Prepared::Effect(Arc::new(Delete { ids }))
+        }
+        "memory.forget" => {
+            let args: ForgetArgs = parse_args(kind, args)?;
+            args.check()?;
+            Prepared::Effect(Arc::new(Forget {
+                memories: memories.clone(),
+                args,
+                chosen: Arc::default(),
+            }))
+        }
+        "memory.stats" => {
+            let StatsArgs {} = parse_args(kind, args)?;
+            Prepared::Read(Arc::new(StatsRead(memories.clone())))
+        }
+        _ => return Err(Error::internal(format!("memory serves no op kind {kind}"))),
+    })
+}
+
+#[derive(Debug)]
+struct SearchTask {
+    memories: Memories,
+    search: crate::search::Search,
+}
+
+impl TaskOp for SearchTask {
+    fn effects(&self) -> Effects {
+        Effects::None
+    }
+
+    fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
+        Box::pin(self.memories.search(ctx.agent, self.search.clone()))
+    }
+}
+
+#[derive(Debug)]
+struct GetRead {
+    id: MemoryId,
+}
+
+impl ReadOp for GetRead {
+    fn read(&self, store: &Store, agent: &AgentId) -> Result<Value> {
+        let bytes = store
+            .view()
+            .get(store.keyspace(crate::MEMORY_ITEMS), memory_key(agent, self.id))
+            .map_err(|e| bbx_store::storage_error("read a memory", e))?
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("the agent has no memory {}", self.id)))?;
+        let memory = crate::record::Memory::decode(&bytes)?;
+        serde_json::to_value(memory).map_err(|e| Error::internal(e.to_string()))
+    }
+}
+
+#[derive(Debug)]
+struct StatsRead(Memories);
+
+impl ReadOp for StatsRead {
+    fn read(&self, _store: &Store, agent: &AgentId) -> Result<Value> {
+        Ok(self.0.stats(agent))
+    }
+}
