@@ -224,6 +224,35 @@ pub enum BenchCommand {
     /// per sync, unbatched publish from many publishers, and publish-to-delivery
     /// latency over loopback HTTP at a fixed rate. Starts its own kernels.
     Bus(BenchBusArgs),
+    /// SemanticMemory in process: embedding throughput, add (durable) next to an
+    /// fdatasync loop, vector and hybrid search with recall against exact search,
+    /// WordNet retrieval quality; and BBX next to a Chroma server over HTTP.
+    Memory(BenchMemoryArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchMemoryArgs {
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Memories to load: WordNet's glosses (up to 117,659) unless --synthetic.
+    #[arg(long, default_value_t = 100_000)]
+    pub memories: usize,
+    /// Queries (WordNet's usage examples, or synthetic vectors).
+    #[arg(long, default_value_t = 1000)]
+    pub queries: usize,
+    /// Synthetic clustered vectors instead of WordNet (for 1M).
+    #[arg(long)]
+    pub synthetic: bool,
+    /// Concurrent clients in the HTTP comparison.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// The `chroma` command [default: $BBX_CHROMA, else `chroma` on PATH].
+    #[arg(long)]
+    pub chroma: Option<PathBuf>,
+    /// Where scratch kernels go [default: the system's temporary directory].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -6,6 +6,9 @@ mod bench_auth;
 mod bench_bus;
 mod bench_bus_redis;
 mod bench_flow;
+mod bench_memory;
+mod bench_memory_data;
+mod bench_memory_http;
 mod bench_ring;
 mod bench_tools;
 mod bus;
@@ -107,6 +110,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Auth(args)) => bench_auth::auth(&cli, args).await,
         Command::Bench(BenchCommand::Flow(args)) => bench_flow::flow(&cli, args).await,
         Command::Bench(BenchCommand::Bus(args)) => bench_bus::bus(&cli, args).await,
+        Command::Bench(BenchCommand::Memory(args)) => bench_memory::memory(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {

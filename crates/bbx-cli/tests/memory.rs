@@ -17,10 +17,15 @@ async fn kernel() -> Kernel {
 }
 
 fn kernel_with(config: &str) -> Kernel {
+    kernel_and_config(config).0
+}
+
+/// A kernel and its configuration file, to be changed before a restart.
+fn kernel_and_config(config: &str) -> (Kernel, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap().keep();
     let path = dir.join("bbx.toml");
     std::fs::write(&path, config).unwrap();
-    Kernel::start_with(&["--config", path.to_str().unwrap()])
+    (Kernel::start_with(&["--config", path.to_str().unwrap()]), path)
 }
 
 fn new_agent(kernel: &Kernel) -> String {
@@ -168,6 +173,17 @@ async fn duplicates_merge_and_a_subject_supersedes_what_held_before() {
     let old = json(&kernel.cli(&["memory", "get", &agent, berlin["id"].as_str().unwrap(), "--json"]));
     assert_eq!(old["superseded_by"], lisbon["id"]);
     assert!(old["valid_to"].is_string());
+
+    // Said again with the subject, a duplicate still supersedes what held.
+    let porto = add(&kernel, &agent, "The user now lives in Porto.", &[]);
+    let again = add(&kernel, &agent, "The user now lives in Porto.", &["--subject", "home"]);
+    assert_eq!(
+        (again["id"].clone(), again["merged"].clone()),
+        (porto["id"].clone(), json!("duplicate"))
+    );
+    assert_eq!(again["superseded"], json!([lisbon["id"]]), "{again}");
+    let now = search(&kernel, &agent, "where does the user live", &["-k", "10"]);
+    assert!(!texts(&now).contains(&"The user moved to Lisbon."), "{now:?}");
 }
 
 #[tokio::test]
@@ -369,4 +385,48 @@ async fn a_remote_embedder_is_used_and_its_bad_vectors_are_refused() {
     let agent = new_agent(&down);
     refused(&down, &["memory", "add", &agent, "x"], "cannot be reached");
     assert_eq!(json(&down.cli(&["memory", "stats", &agent, "--json"]))["count"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_model_embeds_old_memories_again_and_search_never_mixes_them() {
+    let (port, _) = support::http_server(|_| {
+        (
+            "application/json",
+            r#"{"data":[{"index":0,"embedding":[0.6,0.8,0.0]}]}"#.to_owned(),
+        )
+    })
+    .await;
+    let (mut kernel, config) = kernel_and_config(&format!(
+        "[memory.remote]\nurl = \"http://127.0.0.1:{port}/v1\"\nmodel = \"tiny\"\ndimensions = 3\n"
+    ));
+    let agent = new_agent(&kernel);
+    let added = add(&kernel, &agent, "The cat sleeps on the warm windowsill.", &[]);
+    let (clean, log) = kernel.stop();
+    assert!(clean, "{log}");
+    let models = bbx_memory::testing::models_with_embedder().await;
+    std::fs::write(
+        &config,
+        format!("[memory]\nmodels_dir = {:?}\n", models.display().to_string()),
+    )
+    .unwrap();
+    kernel.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stats = json(&kernel.cli(&["memory", "stats", &agent, "--json"]));
+        if stats["other_model"] == 0 {
+            break;
+        }
+        // Until it is embedded again, the old vector is never compared with new
+        // ones: a search that finds it found its new vector.
+        if !search(&kernel, &agent, "cat", &["--mode", "vector"]).is_empty() {
+            let got = json(&kernel.cli(&["memory", "get", &agent, added["id"].as_str().unwrap(), "--json"]));
+            assert_eq!(got["model"], "all-minilm-l6-v2", "found by a vector of another model");
+        }
+        assert!(std::time::Instant::now() < deadline, "not embedded again: {stats}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let found = search(&kernel, &agent, "a sleeping kitten", &["--mode", "vector"]);
+    assert_eq!(found[0]["id"], added["id"], "{found:?}");
+    let got = json(&kernel.cli(&["memory", "get", &agent, added["id"].as_str().unwrap(), "--json"]));
+    assert_eq!(got["model"], "all-minilm-l6-v2");
 }

@@ -525,7 +525,10 @@ pub trait Component: Send + Sync + 'static {
     }
 
     /// Sees every completion once it is settled (durable where it must be), off
-    /// the ring's lock. It must not block: what takes time goes on a task.
+    /// the ring's lock, before the op's waiters are answered (so what it keeps of
+    /// the completion is there for a caller that heard of it; ops that depend on
+    /// it may already be running). It must not block: what takes time goes on a
+    /// task.
     fn completed(&self, _completion: &Arc<Completion>) {}
 
     /// The recovery step: resumes what a crash interrupted. Called once, after the

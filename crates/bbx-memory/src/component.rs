@@ -47,27 +47,18 @@ impl Component for Memories {
     /// A committed add, delete or forget changes the catalog and the index
     /// before the op's caller hears of it: a search after the answer sees it.
     fn completed(&self, completion: &Arc<Completion>) {
-        if completion.status != CompletionStatus::Ok || !completion.kind.starts_with("memory.") {
-            return;
-        }
-        let Some(result) = &completion.result else { return };
-        let agent = completion.agent;
-        let applied = match completion.kind.as_ref() {
-            "memory.add" => self.added(agent, result, completion.completed_at),
-            "memory.delete" => self.unlearn(&ids(&result["deleted"])),
-            "memory.forget" => self.unlearn(&ids(&result["forgotten"])),
-            _ => Ok(()),
-        };
-        if let Err(e) = applied {
-            tracing::error!(error = %e, op = %completion.op_id, "a memory op's changes could not reach the index");
+        if completion.status == CompletionStatus::Ok && completion.kind.starts_with("memory.") {
+            self.completed_op(completion);
         }
     }
 
+    /// Deleted in steps on a task; a crash before the end is finished by the
+    /// next start, which deletes the memories of agents that no longer exist.
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
         let this = self.clone();
         ctx.tasks.spawn(async move {
             if let Err(e) = this.forget_agent(agent).await {
-                tracing::warn!(error = %e, %agent, "a deleted agent's memories could not be removed");
+                tracing::warn!(error = %e, %agent, "a deleted agent's memories could not be removed (the next start does)");
             }
         });
     }
@@ -82,6 +73,21 @@ fn ids(list: &Value) -> Vec<MemoryId> {
 }
 
 impl Memories {
+    /// What a committed add, delete or forget changes in the catalog and index.
+    pub(crate) fn apply(&self, completion: &Completion) {
+        let Some(result) = &completion.result else { return };
+        let agent = completion.agent;
+        let applied = match completion.kind.as_ref() {
+            "memory.add" => self.added(agent, result, completion.completed_at),
+            "memory.delete" => self.unlearn(&ids(&result["deleted"])),
+            "memory.forget" => self.unlearn(&ids(&result["forgotten"])),
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            tracing::error!(error = %e, op = %completion.op_id, "a memory op's changes could not reach the index");
+        }
+    }
+
     fn added(&self, agent: AgentId, result: &Value, at: chrono::DateTime<chrono::Utc>) -> Result<()> {
         let mut merged_into = Vec::new();
         for outcome in result["memories"].as_array().into_iter().flatten() {
@@ -96,6 +102,10 @@ impl Memories {
         }
         for superseded in ids(&result["superseded"]) {
             self.learn(agent, superseded)?;
+        }
+        for merged in &merged_into {
+            // Its subject or validity may have changed with the merge.
+            self.learn(agent, *merged)?;
         }
         self.touch(agent, &merged_into, at);
         Ok(())

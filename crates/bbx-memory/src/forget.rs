@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::sync::{Arc, OnceLock};
 
+/// Memories deleted in one write at most: 1,000 memories of 16 KiB fit a
+/// journal record with room to spare.
+const MAX_PER_WRITE: usize = 1000;
+
 /// How memories are chosen to go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +183,7 @@ impl EffectOp for Forget {
         let cell = self.chosen.clone();
         // On a task: choosing ranks the whole namespace.
         Some(Box::pin(async move {
+            memories.started().await;
             let chosen = args.choose(&memories.0.catalog.read(), &agent, millis(Utc::now()));
             let _ = cell.set(chosen);
             Ok(())
@@ -193,13 +198,18 @@ impl EffectOp for Forget {
         if self.args.dry_run {
             return Ok(json!({ "forgotten": [], "would_forget": chosen, "count": chosen.len() }));
         }
-        let mut forgotten = Vec::with_capacity(chosen.len());
-        for id in chosen {
-            if delete_memory(tx, staging.agent, *id)? {
-                forgotten.push(*id);
+        // One op forgets a bounded number (its write must fit one journal
+        // record); `more` says to run it again.
+        let more = chosen.len() > MAX_PER_WRITE;
+        tx.all_or_nothing(|tx| {
+            let mut forgotten = Vec::with_capacity(chosen.len().min(MAX_PER_WRITE));
+            for id in chosen.iter().take(MAX_PER_WRITE) {
+                if delete_memory(tx, staging.agent, *id)? {
+                    forgotten.push(*id);
+                }
             }
-        }
-        Ok(json!({ "forgotten": forgotten, "count": forgotten.len() }))
+            Ok(json!({ "forgotten": forgotten, "count": forgotten.len(), "more": more }))
+        })
     }
 }
 
@@ -209,14 +219,32 @@ struct Forgetting(Vec<(AgentId, MemoryId)>);
 
 impl Staged for Forgetting {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
-        let mut gone = Vec::new();
-        for (agent, id) in &self.0 {
-            if delete_memory(tx, agent, *id)? {
-                gone.push(*id);
+        tx.all_or_nothing(|tx| {
+            let mut gone = Vec::new();
+            for (agent, id) in &self.0 {
+                if delete_memory(tx, agent, *id)? {
+                    gone.push(*id);
+                }
             }
-        }
-        Ok(Applied::output(gone))
+            Ok(Applied::output(gone))
+        })
     }
+}
+
+/// Deletes memories outside an op, `MAX_PER_WRITE` a write, each batch then
+/// out of the index.
+async fn forget_in_steps(memories: &Memories, chosen: Vec<(AgentId, MemoryId)>) -> Result<usize> {
+    let mut forgotten = 0;
+    for step in chosen.chunks(MAX_PER_WRITE) {
+        let gone: Vec<MemoryId> = memories
+            .store()?
+            .write(Forgetting(step.to_vec()))
+            .await?
+            .into_output()?;
+        memories.unlearn(&gone)?;
+        forgotten += gone.len();
+    }
+    Ok(forgotten)
 }
 
 /// Forgetting on the schedule: each agent over `max_per_agent` or holding
@@ -248,18 +276,8 @@ pub async fn on_schedule(memories: &Memories) {
     if chosen.is_empty() {
         return;
     }
-    let Ok(store) = memories.store() else { return };
-    match store
-        .write(Forgetting(chosen))
-        .await
-        .and_then(|a| a.into_output::<Vec<MemoryId>>())
-    {
-        Ok(gone) => {
-            tracing::info!(count = gone.len(), "forgot memories on schedule");
-            if let Err(e) = memories.unlearn(&gone) {
-                tracing::warn!(error = %e, "forgotten memories could not leave the index");
-            }
-        }
+    match forget_in_steps(memories, chosen).await {
+        Ok(count) => tracing::info!(count, "forgot memories on schedule"),
         Err(e) => tracing::warn!(error = %e, "forgetting on schedule failed"),
     }
 }
@@ -274,11 +292,25 @@ impl Memories {
             .of(&agent)
             .map(|(id, _)| (agent, MemoryId(id)))
             .collect();
-        if ids.is_empty() {
-            return Ok(());
+        forget_in_steps(self, ids).await.map(drop)
+    }
+
+    /// The recovery step of agent deletion: deletes the memories of agents that
+    /// no longer exist (a deletion a crash cut short).
+    pub(crate) async fn forget_orphans(&self, agent_exists: impl Fn(&AgentId) -> bool) -> Result<()> {
+        let orphans: Vec<AgentId> = self
+            .0
+            .catalog
+            .read()
+            .namespaces
+            .keys()
+            .filter(|agent| !agent_exists(agent))
+            .copied()
+            .collect();
+        for agent in orphans {
+            self.forget_agent(agent).await?;
         }
-        let gone: Vec<MemoryId> = self.store()?.write(Forgetting(ids)).await?.into_output()?;
-        self.unlearn(&gone)
+        Ok(())
     }
 }
 

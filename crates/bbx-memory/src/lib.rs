@@ -34,6 +34,7 @@ mod memories;
 pub mod models;
 mod ops;
 pub mod record;
+mod reembed;
 pub mod search;
 pub mod testing;
 pub mod vectors;

@@ -34,6 +34,12 @@ pub(crate) struct Inner {
     ctx: OnceLock<Context>,
     /// Memories found or merged into since accesses were last written.
     touched: Mutex<FxHashSet<(AgentId, u64)>>,
+    /// Set once the catalog and the index are built: recovered ops that need
+    /// them wait for it.
+    started: tokio::sync::watch::Sender<bool>,
+    /// Completions seen before then, applied once the catalog is built (None
+    /// after).
+    early: Mutex<Option<Vec<Arc<bbx_core::op::Completion>>>>,
 }
 
 impl Memories {
@@ -56,6 +62,8 @@ impl Memories {
             catalog: RwLock::default(),
             ctx: OnceLock::new(),
             touched: Mutex::default(),
+            started: tokio::sync::watch::Sender::new(false),
+            early: Mutex::new(Some(Vec::new())),
         })))
     }
 
@@ -103,7 +111,13 @@ impl Memories {
             let Some((agent, id)) = parse_memory_key(&key) else {
                 continue;
             };
-            let memory = Memory::decode(&value)?;
+            let memory = match Memory::decode(&value) {
+                Ok(memory) => memory,
+                Err(e) => {
+                    tracing::error!(error = %e, %agent, id = %id, "a stored memory does not decode: it is left out");
+                    continue;
+                }
+            };
             let seen = access.get(&id.0).copied().unwrap_or(Access {
                 at_ms: millis(memory.created),
                 hits: 0,
@@ -122,7 +136,34 @@ impl Memories {
         *self.0.catalog.write() = catalog;
         let _ = self.0.vectors.set(vectors);
         let _ = self.0.ctx.set(ctx.clone());
+        {
+            let mut early = self.0.early.lock();
+            for completion in early.take().unwrap_or_default() {
+                self.apply(&completion);
+            }
+            self.0.started.send_replace(true);
+        }
         self.spawn_background(ctx);
+        let (this, store) = (self.clone(), ctx.store.clone());
+        ctx.tasks.spawn(async move {
+            let exists = |agent: &AgentId| {
+                let agents = store.keyspace(bbx_agents::AGENTS);
+                !matches!(store.view().get(agents, agent.as_bytes()), Ok(None))
+            };
+            if let Err(e) = this.forget_orphans(exists).await {
+                tracing::warn!(error = %e, "the memories of deleted agents could not be removed");
+            }
+        });
+        if self.0.catalog.read().entries.values().any(|e| !e.current_model) {
+            let this = self.clone();
+            let stopping = ctx.stopping.clone();
+            ctx.tasks.spawn(async move {
+                tokio::select! {
+                    () = stopping.cancelled() => {}
+                    () = this.reembed_all() => {}
+                }
+            });
+        }
         Ok(())
     }
 
@@ -214,18 +255,46 @@ impl Memories {
         Some(decode_vector(&bytes))
     }
 
-    /// Puts a memory the store now holds into the catalog and the index.
+    /// Waits until the catalog and the index are built.
+    pub(crate) async fn started(&self) {
+        let mut started = self.0.started.subscribe();
+        let _ = started.wait_for(|s| *s).await;
+    }
+
+    /// Applies a completion now, or once started if the catalog is not built
+    /// yet (a recovered op that completed during the start).
+    pub(crate) fn completed_op(&self, completion: &Arc<bbx_core::op::Completion>) {
+        let mut early = self.0.early.lock();
+        match early.as_mut() {
+            Some(waiting) => waiting.push(completion.clone()),
+            None => {
+                drop(early);
+                self.apply(completion);
+            }
+        }
+    }
+
+    /// Puts a memory the store now holds into the catalog and the index (with
+    /// the accesses the catalog had of it).
     pub(crate) fn learn(&self, agent: AgentId, id: MemoryId) -> Result<()> {
         let Some(memory) = self.read(&agent, id)? else {
+            self.unlearn(&[id])?;
             return Ok(());
         };
         let model = self.0.embedder.model();
-        let access = Access {
-            at_ms: millis(memory.created),
-            hits: 0,
-        };
-        self.0.catalog.write().insert(agent, &memory, access, model);
+        let mut catalog = self.0.catalog.write();
+        let indexed = catalog.entries.get(&id.0).is_some_and(|known| known.current_model);
+        let access = catalog.entries.get(&id.0).map_or(
+            Access {
+                at_ms: millis(memory.created),
+                hits: 0,
+            },
+            |known| known.access,
+        );
+        catalog.insert(agent, &memory, access, model);
+        drop(catalog);
         if memory.model == model
+            && !indexed
             && let Some(vector) = self.vector(&agent, id.0)
         {
             self.vectors()?.upsert(vec![Point {
@@ -267,6 +336,22 @@ impl Memories {
             .await
     }
 
+    /// A vector a caller embedded, checked: of the model in use, its dimensions,
+    /// finite; scaled to length 1.
+    pub(crate) fn given_vector(&self, vector: Vec<f32>, model: &str) -> Result<Vec<f32>> {
+        let embedder = &self.0.embedder;
+        if model != embedder.model() {
+            return Err(Error::invalid_field(
+                "model",
+                format!(
+                    "the vector is of {model}, but memories are embedded by {}",
+                    embedder.model()
+                ),
+            ));
+        }
+        crate::embed::unit(vector, embedder.dimensions(), model).map_err(|e| Error::invalid_field("vector", e.message))
+    }
+
     /// Runs a search of `agent`'s memories.
     pub(crate) async fn search(&self, agent: AgentId, search: Search) -> Result<Value> {
         let now = Utc::now();
@@ -286,7 +371,10 @@ impl Memories {
         let wide = (search.k * 4).max(50);
         let mut legs = Legs::default();
         if search.mode != Mode::Keyword {
-            let query = self.0.embedder.embed(vec![search.query.clone()]).await?.remove(0);
+            let query = match &search.vector {
+                Some((vector, model)) => self.given_vector(vector.clone(), model)?,
+                None => self.0.embedder.embed(vec![search.query.clone()]).await?.remove(0),
+            };
             let mut fetch = wide;
             loop {
                 let found = self.nearest(agent, &query, fetch, allowed.as_ref()).await?;
@@ -364,7 +452,7 @@ impl Memories {
             bytes += entry.bytes as u64;
             other_model += u64::from(!entry.current_model);
         }
-        let vectors = self.vectors().ok();
+        let (indexed, waiting) = self.vectors().map_or((0, 0), |v| v.namespace_counts(agent));
         json!({
             "count": count,
             "valid": valid,
@@ -373,10 +461,10 @@ impl Memories {
             "other_model": other_model,
             "model": self.0.embedder.model(),
             "dimensions": self.0.embedder.dimensions(),
-            "backend": vectors.map(|v| v.name()),
+            "backend": self.vectors().ok().map(|v| v.name()),
             "index": {
-                "vectors": vectors.map(|v| v.len()),
-                "pending": vectors.map(|v| v.pending()),
+                "vectors": indexed,
+                "pending": waiting,
             },
         })
     }
@@ -389,11 +477,13 @@ struct AccessWrites(Vec<(Vec<u8>, Vec<u8>)>);
 
 impl Staged for AccessWrites {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
-        for (key, access) in &self.0 {
-            if tx.read(MEMORY_ITEMS, key)?.is_some() {
-                tx.put(MEMORY_ACCESS, key.clone(), access.clone());
+        tx.all_or_nothing(|tx| {
+            for (key, access) in &self.0 {
+                if tx.read(MEMORY_ITEMS, key)?.is_some() {
+                    tx.put(MEMORY_ACCESS, key.clone(), access.clone());
+                }
             }
-        }
-        Ok(Applied::Done)
+            Ok(Applied::Done)
+        })
     }
 }

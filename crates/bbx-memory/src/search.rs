@@ -32,7 +32,16 @@ pub enum Mode {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchArgs {
-    pub query: String,
+    /// What to look for: embedded for the vector leg, split into words for the
+    /// keyword leg. Needed unless `vector` is given to a vector search.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// The query's vector, already embedded by the model in use (named in
+    /// `model`), instead of embedding `query`.
+    #[serde(default)]
+    pub vector: Option<Vec<f32>>,
+    #[serde(default)]
+    pub model: Option<String>,
     /// Results to return at most [default: 10; 1 to 1000].
     #[serde(default)]
     pub k: Option<usize>,
@@ -63,6 +72,8 @@ pub struct SearchArgs {
 #[derive(Debug, Clone)]
 pub struct Search {
     pub query: String,
+    /// The query's vector if it was given, with its model.
+    pub vector: Option<(Vec<f32>, String)>,
     pub k: usize,
     pub mode: Mode,
     pub filter: Option<Map<String, Value>>,
@@ -75,13 +86,26 @@ pub struct Search {
 impl SearchArgs {
     pub fn check(self, max_query_bytes: usize) -> bbx_core::Result<Search> {
         use bbx_core::Error;
-        if self.query.trim().is_empty() {
+        let mode = self.mode.unwrap_or_default();
+        let vector = match (self.vector, self.model) {
+            (Some(vector), Some(model)) => Some((vector, model)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::invalid_field(
+                    "vector",
+                    "a vector needs its model, and a model its vector",
+                ));
+            }
+        };
+        let query = self.query.unwrap_or_default();
+        let words_needed = mode != Mode::Vector || vector.is_none();
+        if words_needed && query.trim().is_empty() {
             return Err(Error::invalid_field("query", "the query is empty"));
         }
-        if self.query.len() > max_query_bytes {
+        if query.len() > max_query_bytes {
             return Err(Error::invalid_field(
                 "query",
-                format!("the query is {} bytes; at most {max_query_bytes}", self.query.len()),
+                format!("the query is {} bytes; at most {max_query_bytes}", query.len()),
             ));
         }
         let k = self.k.unwrap_or(10);
@@ -105,9 +129,10 @@ impl SearchArgs {
             return Err(Error::invalid_field("half_life_secs", "half_life_secs must be above 0"));
         }
         Ok(Search {
-            query: self.query,
+            query,
+            vector,
             k,
-            mode: self.mode.unwrap_or_default(),
+            mode,
             filter: self.filter.filter(|f| !f.is_empty()),
             min_score: self.min_score,
             mmr: self.mmr,
@@ -256,7 +281,9 @@ mod tests {
 
     fn search(mode: Mode) -> Search {
         SearchArgs {
-            query: "q".into(),
+            query: Some("q".into()),
+            vector: None,
+            model: None,
             k: Some(2),
             mode: Some(mode),
             filter: None,
@@ -307,7 +334,9 @@ mod tests {
     #[test]
     fn bad_searches_are_refused() {
         let args = |k: Option<usize>, query: &str| SearchArgs {
-            query: query.into(),
+            query: Some(query.into()),
+            vector: None,
+            model: None,
             k,
             mode: None,
             filter: None,

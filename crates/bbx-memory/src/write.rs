@@ -131,19 +131,9 @@ impl Add {
                 format!("metadata is at most {MAX_METADATA_BYTES} bytes of JSON"),
             ));
         }
-        let model = memories.0.embedder.model();
         let given = match (args.vector, args.model) {
             (None, None) => None,
-            (Some(vector), Some(named)) if named == model => Some(
-                crate::embed::unit(vector, memories.0.embedder.dimensions(), model)
-                    .map_err(|e| Error::invalid_field("vector", e.message))?,
-            ),
-            (Some(_), Some(named)) => {
-                return Err(Error::invalid_field(
-                    "model",
-                    format!("the vector is of {named}, but memories are embedded by {model}"),
-                ));
-            }
+            (Some(vector), Some(model)) => Some(memories.given_vector(vector, &model)?),
             _ => {
                 return Err(Error::invalid_field(
                     "vector",
@@ -211,6 +201,8 @@ impl EffectOp for Add {
         let near = self.near;
         let cell = self.ready.clone();
         Some(Box::pin(async move {
+            // A recovered add runs before the index is built: it waits for it.
+            memories.started().await;
             let vectors = match given {
                 Some(vector) => vec![vector],
                 None => memories.0.embedder.embed(chunks).await?,
@@ -247,55 +239,35 @@ impl EffectOp for Add {
             let count = self.chunks.len() as u32;
             for (index, (text, embedded)) in self.chunks.iter().zip(embedded).enumerate() {
                 let hash = text_hash(text);
-                if let Some(existing) = valid_memory(tx, agent, tx.read(MEMORY_HASHES, &hash_key(agent, &hash))?)? {
-                    outcomes.push(merge(tx, agent, existing, "duplicate", None)?);
-                    continue;
-                }
-                if let Some((near, similarity)) = embedded.near
-                    && let Some(existing) = valid_memory(tx, agent, Some(near.0.to_be_bytes().to_vec()))?
-                {
-                    outcomes.push(merge(tx, agent, existing, "near_duplicate", Some(similarity))?);
-                    continue;
-                }
-                let id = MemoryId::random();
-                if tx.read(MEMORY_ITEMS, &memory_key(agent, id))?.is_some() {
-                    return Err(Error::internal("a new memory's random id is taken: try again"));
-                }
-                let mut olds = Vec::new();
+                let exact = valid_memory(tx, agent, tx.read(MEMORY_HASHES, &hash_key(agent, &hash))?)?;
+                let near = match (&exact, embedded.near) {
+                    (None, Some((near, similarity))) => {
+                        valid_memory(tx, agent, Some(near.0.to_be_bytes().to_vec()))?.map(|memory| (memory, similarity))
+                    }
+                    _ => None,
+                };
+                let merged = exact
+                    .map(|memory| (memory, "duplicate", None))
+                    .or(near.map(|(memory, similarity)| (memory, "near_duplicate", Some(similarity))));
+                let id = match &merged {
+                    Some((into, _, _)) => into.id,
+                    None => self.new_id(tx, agent)?,
+                };
                 if index == 0 {
-                    for old in &self.supersedes {
-                        match valid_memory(tx, agent, Some(old.0.to_be_bytes().to_vec()))? {
-                            Some(memory) => olds.push(memory),
-                            None => {
-                                return Err(Error::new(
-                                    ErrorCode::NotFound,
-                                    format!("memory {old} is not a valid memory of the agent: it cannot be superseded"),
-                                ));
-                            }
-                        }
-                    }
-                    if let Some(subject) = &self.subject {
-                        let holder = tx.read(MEMORY_SUBJECTS, &subject_key(agent, subject))?;
-                        if let Some(memory) = valid_memory(tx, agent, holder)?
-                            && !olds.iter().any(|o| o.id == memory.id)
-                        {
-                            olds.push(memory);
-                        }
-                        tx.put(
-                            MEMORY_SUBJECTS,
-                            subject_key(agent, subject),
-                            id.0.to_be_bytes().to_vec(),
-                        );
-                    }
+                    superseded = self.supersede(tx, agent, id, valid_from)?;
                 }
-                for mut old in olds {
-                    old.valid_to = Some(valid_from.max(old.valid_from));
-                    old.superseded_by = Some(id);
-                    if tx.read(MEMORY_HASHES, &hash_key(agent, &old.hash))? == Some(old.id.0.to_be_bytes().to_vec()) {
-                        tx.remove(MEMORY_HASHES, hash_key(agent, &old.hash));
+                // The first chunk carries the subject, merged or new.
+                let subject = self.subject.clone().filter(|_| index == 0);
+                if let Some((mut into, how, similarity)) = merged {
+                    into.merged += 1;
+                    into.subject = into.subject.or(subject);
+                    tx.put(MEMORY_ITEMS, memory_key(agent, id), into.encode());
+                    let mut outcome = json!({ "id": id, "merged": how });
+                    if let Some(similarity) = similarity {
+                        outcome["similarity"] = json!(similarity);
                     }
-                    tx.put(MEMORY_ITEMS, memory_key(agent, old.id), old.encode());
-                    superseded.push(old.id);
+                    outcomes.push(outcome);
+                    continue;
                 }
                 let memory = Memory {
                     id,
@@ -303,7 +275,7 @@ impl EffectOp for Add {
                     model: model.clone(),
                     hash: hash.clone(),
                     metadata: self.metadata.clone(),
-                    subject: if index == 0 { self.subject.clone() } else { None },
+                    subject,
                     created: staging.at,
                     valid_from,
                     valid_to: None,
@@ -333,6 +305,74 @@ impl EffectOp for Add {
     }
 }
 
+impl Add {
+    /// A random id no memory has: not the agent's (in the group) nor any other
+    /// agent's (in the catalog, where ids must be unique across agents).
+    fn new_id(&self, tx: &GroupTx<'_>, agent: &AgentId) -> Result<MemoryId> {
+        loop {
+            let id = MemoryId::random();
+            let taken = self.memories.0.catalog.read().entries.contains_key(&id.0)
+                || tx.read(MEMORY_ITEMS, &memory_key(agent, id))?.is_some();
+            if !taken {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Ends the validity of what `by` supersedes: the memories named in
+    /// `supersedes` (each must be valid) and the one that held for the subject;
+    /// `by` becomes the subject's holder. Returns the superseded ids.
+    fn supersede(
+        &self,
+        tx: &mut GroupTx<'_>,
+        agent: &AgentId,
+        by: MemoryId,
+        valid_from: DateTime<Utc>,
+    ) -> Result<Vec<MemoryId>> {
+        let mut olds = Vec::new();
+        for old in &self.supersedes {
+            match valid_memory(tx, agent, Some(old.0.to_be_bytes().to_vec()))? {
+                Some(memory) => olds.push(memory),
+                None => {
+                    return Err(Error::new(
+                        ErrorCode::NotFound,
+                        format!("memory {old} is not a valid memory of the agent: it cannot be superseded"),
+                    ));
+                }
+            }
+        }
+        if let Some(subject) = &self.subject {
+            let holder = tx.read(MEMORY_SUBJECTS, &subject_key(agent, subject))?;
+            if let Some(memory) = valid_memory(tx, agent, holder)?
+                && !olds.iter().any(|o| o.id == memory.id)
+            {
+                olds.push(memory);
+            }
+        }
+        olds.retain(|old| old.id != by);
+        let mut superseded = Vec::with_capacity(olds.len());
+        for mut old in olds {
+            let hash_points_here =
+                tx.read(MEMORY_HASHES, &hash_key(agent, &old.hash))? == Some(old.id.0.to_be_bytes().to_vec());
+            if hash_points_here {
+                tx.remove(MEMORY_HASHES, hash_key(agent, &old.hash));
+            }
+            old.valid_to = Some(valid_from.max(old.valid_from));
+            old.superseded_by = Some(by);
+            tx.put(MEMORY_ITEMS, memory_key(agent, old.id), old.encode());
+            superseded.push(old.id);
+        }
+        if let Some(subject) = &self.subject {
+            tx.put(
+                MEMORY_SUBJECTS,
+                subject_key(agent, subject),
+                by.0.to_be_bytes().to_vec(),
+            );
+        }
+        Ok(superseded)
+    }
+}
+
 /// The agent's memory with the id in `id_bytes`, if it exists and is valid.
 fn valid_memory(tx: &GroupTx<'_>, agent: &AgentId, id_bytes: Option<Vec<u8>>) -> Result<Option<Memory>> {
     let Some(id) = id_bytes.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
@@ -343,16 +383,6 @@ fn valid_memory(tx: &GroupTx<'_>, agent: &AgentId, id_bytes: Option<Vec<u8>>) ->
     };
     let memory = Memory::decode(&bytes)?;
     Ok(memory.valid_to.is_none().then_some(memory))
-}
-
-fn merge(tx: &mut GroupTx<'_>, agent: &AgentId, mut into: Memory, how: &str, similarity: Option<f32>) -> Result<Value> {
-    into.merged += 1;
-    tx.put(MEMORY_ITEMS, memory_key(agent, into.id), into.encode());
-    let mut outcome = json!({ "id": into.id, "merged": how });
-    if let Some(similarity) = similarity {
-        outcome["similarity"] = json!(similarity);
-    }
-    Ok(outcome)
 }
 
 #[cfg(test)]

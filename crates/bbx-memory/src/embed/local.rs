@@ -163,7 +163,11 @@ impl Embedder for LocalModel {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let inner = self.0.clone();
             self.0.pool.spawn(move || {
-                let _ = tx.send(inner.embed_now(&texts));
+                // A panic in the tokenizer or the model fails this call, not the
+                // process (rayon aborts on a panic that leaves a job).
+                let embedded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.embed_now(&texts)))
+                    .unwrap_or_else(|_| Err(Error::internal("the embedding model panicked on this input")));
+                let _ = tx.send(embedded);
             });
             rx.await.map_err(|_| Error::internal("the embedding thread stopped"))?
         })

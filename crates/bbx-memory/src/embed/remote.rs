@@ -12,7 +12,8 @@ use std::time::Duration;
 
 pub struct RemoteModel {
     config: RemoteEmbedder,
-    /// `remote:MODEL@HOST`, so vectors of two servers' models never mix.
+    /// `remote:MODEL@HOST/DIMENSIONS`, so vectors of two servers' models (or of
+    /// one model asked for other dimensions) never mix.
     id: String,
     url: url::Url,
     client: reqwest::Client,
@@ -31,7 +32,7 @@ impl RemoteModel {
             .build()
             .map_err(|e| Error::internal(format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {
-            id: format!("remote:{}@{host}", config.model),
+            id: format!("remote:{}@{host}/{}", config.model, config.dimensions),
             config: config.clone(),
             url,
             client,

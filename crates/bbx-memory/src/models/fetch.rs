@@ -99,7 +99,9 @@ struct IndexedWheel {
 }
 
 async fn find_wheel(client: &reqwest::Client, index_url: &str, package: &str) -> Result<IndexedWheel> {
-    let base = url::Url::parse(index_url)
+    // `https://pypi.org/simple` names the same index as `.../simple/`.
+    let index_dir = format!("{}/", index_url.trim_end_matches('/'));
+    let base = url::Url::parse(&index_dir)
         .and_then(|u| u.join(&format!("{}/", normalize(package))))
         .map_err(|e| Error::invalid_field("index_url", format!("{index_url:?} is not a URL: {e}")))?;
     let unreachable = |e: &dyn std::fmt::Display| {

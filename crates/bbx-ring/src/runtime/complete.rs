@@ -29,11 +29,15 @@ impl Ring {
             ..
         } = out;
         drop(forgotten);
+        // Components first: what they keep of a completion (a memory in the
+        // index) is there for whoever hears of it.
+        for completion in &events {
+            self.components.completed(completion);
+        }
         for (waiter, completion) in answers {
             waiter.answer(completion);
         }
         for completion in events {
-            self.components.completed(&completion);
             let _ = self.events.send(completion);
         }
         if !released.is_empty() {

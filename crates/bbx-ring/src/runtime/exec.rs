@@ -43,6 +43,10 @@ pub enum Exec {
     Effect(Arc<dyn EffectOp>),
     /// A component's task: it runs on a task of its own and may act outside the kernel.
     Task(Arc<dyn TaskOp>),
+    /// A recovered op whose journaled args its kind no longer takes (the
+    /// configuration changed across the crash, say): it completes with this
+    /// error rather than keeping the kernel from starting.
+    Refused(Error),
 }
 
 impl Exec {
@@ -69,7 +73,7 @@ impl Exec {
 
     pub fn effects(&self) -> Effects {
         match self {
-            Self::Noop | Self::Read(_) => Effects::None,
+            Self::Noop | Self::Read(_) | Self::Refused(_) => Effects::None,
             Self::Effect(_) => Effects::Kernel,
             Self::Task(task) => task.effects(),
         }

@@ -139,7 +139,7 @@ impl Host for KernelHost {
     fn spent(exec: &Exec, result: &Value) -> Spend {
         match exec {
             Exec::Task(task) => task.spent(result),
-            Exec::Noop | Exec::Read(_) | Exec::Effect(_) => Spend::default(),
+            Exec::Noop | Exec::Read(_) | Exec::Effect(_) | Exec::Refused(_) => Spend::default(),
         }
     }
 }

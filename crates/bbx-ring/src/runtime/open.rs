@@ -63,7 +63,10 @@ impl Ring {
                 let mark = started.remove(&(op.op_id, op.incarnation));
                 held.insert(lsn);
                 held.extend(mark.as_ref().map(|(lsn, _)| *lsn));
-                let exec = Exec::parse(&services.components, &op.kind, &op.args)?;
+                let exec = Exec::parse(&services.components, &op.kind, &op.args).unwrap_or_else(|error| {
+                    tracing::warn!(op = %op.op_id, kind = %op.kind, %error, "a recovered op is refused: it completes with the error");
+                    Exec::Refused(error)
+                });
                 pending.push(engine::Recovered {
                     record: op,
                     exec,

@@ -185,6 +185,7 @@ impl Ring {
             let (attempt, took) = match exec {
                 // Nothing to time: a clock read would cost more than the op.
                 Exec::Noop => (Attempt::Ok(Value::Null), Duration::ZERO),
+                Exec::Refused(error) => (Attempt::Failed(error), Duration::ZERO),
                 Exec::Read(read) => {
                     let reading = Instant::now();
                     let attempt = match read.read(&self.store, &record.agent) {
