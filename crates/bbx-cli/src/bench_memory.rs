@@ -9,7 +9,7 @@ use crate::bench::{Figures, histogram, scratch_dir};
 use crate::bench_memory_data::{Corpus, Query, WORDNET, exact_top_k, recall};
 use crate::cli::{BenchMemoryArgs, Cli, ServeArgs};
 use anyhow::{Context, Result, bail};
-use bbx_core::config::{ConfigLayer, MemoryConfig};
+use bbx_core::config::{ConfigLayer, IndexSettings, MemoryConfig};
 use bbx_kernel::{Caller, Kernel};
 use bbx_memory::embed::{Embedder, LocalModel};
 use bbx_memory::models::ALL_MINILM_L6_V2;
@@ -34,7 +34,11 @@ struct Report {
     preload_memories_per_sec: f64,
     index_build_secs: f64,
     add: Figures,
+    /// The same adds with `on_near_duplicate: keep`: no nearest-neighbour
+    /// search before the write.
+    add_without_near_duplicate_check: Figures,
     fsync_reference: Figures,
+    expansion_search: usize,
     vector_search: Figures,
     vector_recall_at_10: f64,
     hybrid_search: Figures,
@@ -89,6 +93,10 @@ pub async fn memory(cli: &Cli, args: &BenchMemoryArgs) -> Result<()> {
     let measure = Duration::from_secs_f64(args.seconds);
     let dir = scratch.path().join("kernel");
     let (chroma, concurrency) = (args.chroma.clone(), args.concurrency);
+    let index = IndexSettings {
+        expansion_search: args.expansion_search,
+        ..IndexSettings::default()
+    };
     let corpus = Arc::new(corpus);
     let in_process = {
         let corpus = corpus.clone();
@@ -101,7 +109,7 @@ pub async fn memory(cli: &Cli, args: &BenchMemoryArgs) -> Result<()> {
                 .build()?
                 .block_on(in_process(
                     &dir,
-                    models,
+                    (models, index),
                     &corpus,
                     &exact,
                     measure,
@@ -135,7 +143,9 @@ pub async fn memory(cli: &Cli, args: &BenchMemoryArgs) -> Result<()> {
         preload_memories_per_sec: in_process.preload_per_sec,
         index_build_secs: in_process.index_build_secs,
         add: in_process.add,
+        add_without_near_duplicate_check: in_process.add_keep,
         fsync_reference,
+        expansion_search: args.expansion_search,
         vector_search: in_process.vector,
         vector_recall_at_10: in_process.recall,
         hybrid_search: in_process.hybrid,
@@ -188,6 +198,7 @@ struct InProcess {
     preload_per_sec: f64,
     index_build_secs: f64,
     add: Figures,
+    add_keep: Figures,
     vector: Figures,
     recall: f64,
     hybrid: Figures,
@@ -217,7 +228,7 @@ impl Bench {
 
 async fn in_process(
     dir: &Path,
-    models: std::path::PathBuf,
+    (models, index): (std::path::PathBuf, IndexSettings),
     corpus: &Corpus,
     exact: &[Vec<usize>],
     measure: Duration,
@@ -226,6 +237,7 @@ async fn in_process(
     let over = ConfigLayer {
         memory: Some(MemoryConfig {
             models_dir: Some(models),
+            index,
             ..MemoryConfig::default()
         }),
         ..ConfigLayer::default()
@@ -259,12 +271,14 @@ async fn in_process(
     };
     let http =
         crate::bench_memory_http::compare(&bench, corpus, &ids, &exact_ids, measure, concurrency, chroma).await?;
-    let add = add_phase(&bench, measure).await?;
+    let add = add_phase(&bench, corpus, measure, "merge").await?;
+    let add_keep = add_phase(&bench, corpus, measure, "keep").await?;
     kernel.shutdown().await;
     Ok(InProcess {
         preload_per_sec,
         index_build_secs,
         add,
+        add_keep,
         vector,
         recall,
         hybrid,
@@ -394,16 +408,19 @@ async fn quality(bench: &Bench, corpus: &Corpus, ids: &[String]) -> Result<Value
 }
 
 /// Adds one memory at a time (its vector given: the embedding is not timed),
-/// each acknowledged once durable.
-async fn add_phase(bench: &Bench, measure: Duration) -> Result<Figures> {
-    let synthetic = crate::bench_memory_data::synthetic(0, 4096, ALL_MINILM_L6_V2.dimensions);
+/// each acknowledged once durable: texts of the corpus's kind it does not hold.
+async fn add_phase(bench: &Bench, corpus: &Corpus, measure: Duration, near: &str) -> Result<Figures> {
+    if corpus.extra.is_empty() {
+        bail!("the corpus has nothing left to add");
+    }
     let mut latencies = histogram();
     let started = Instant::now();
     let mut i = 0;
     while started.elapsed() < measure {
-        let query = &synthetic.queries[i % synthetic.queries.len()];
-        let input = json!({ "agent": bench.agent, "text": format!("added during the bench, number {i}"),
-                            "vector": query.vector, "model": MODEL });
+        let (text, vector) = &corpus.extra[i % corpus.extra.len()];
+        // Numbered, so that a text added again is no exact duplicate.
+        let input = json!({ "agent": bench.agent, "text": format!("{text} ({near} {i})"),
+                            "vector": vector, "model": MODEL, "on_near_duplicate": near });
         let sent = Instant::now();
         bench.call("memory.add", input).await.context("an add failed")?;
         latencies.saturating_record(sent.elapsed().as_micros().max(1) as u64);
@@ -430,6 +447,7 @@ fn print_report(r: &Report) {
         "", "ops/s", "p50 µs", "p99 µs", "p99.9 µs"
     );
     r.add.print_row("add");
+    r.add_without_near_duplicate_check.print_row("add, no near");
     r.fsync_reference.print_row("fdatasync 4K");
     r.vector_search.print_row("vector search");
     r.hybrid_search.print_row("hybrid search");

@@ -19,6 +19,9 @@ pub struct Corpus {
     pub texts: Vec<String>,
     pub vectors: Vec<Vec<f32>>,
     pub queries: Vec<Query>,
+    /// Texts and vectors of the same kind that the corpus does not hold: what
+    /// the add phase adds.
+    pub extra: Vec<(String, Vec<f32>)>,
 }
 
 pub struct Query {
@@ -81,11 +84,14 @@ pub async fn wordnet(models: &Path, cache: &Path, limit: usize, queries: usize, 
         .enumerate()
         .filter_map(|(at, &i)| synsets[i].1.first().map(|example| (example.clone(), at)))
         .collect();
+    // Examples past the queries: real sentences no memory holds, to add.
+    let extra_texts: Vec<String> = asked.iter().skip(queries).take(4096).map(|(t, _)| t.clone()).collect();
     asked.truncate(queries);
     let model = LocalModel::new(&ALL_MINILM_L6_V2, models.to_path_buf(), threads, 64)?;
     let vectors = embed_cached(&model, cache, &texts).await?;
     let asked_texts: Vec<String> = asked.iter().map(|(t, _)| t.clone()).collect();
     let query_vectors = embed_cached(&model, cache, &asked_texts).await?;
+    let extra_vectors = embed_cached(&model, cache, &extra_texts).await?;
     Ok(Corpus {
         source: "wordnet",
         texts,
@@ -99,6 +105,7 @@ pub async fn wordnet(models: &Path, cache: &Path, limit: usize, queries: usize, 
                 answer: Some(answer),
             })
             .collect(),
+        extra: extra_texts.into_iter().zip(extra_vectors).collect(),
     })
 }
 
@@ -133,11 +140,15 @@ pub fn synthetic(count: usize, queries: usize, dimensions: usize) -> Corpus {
             answer: None,
         })
         .collect();
+    let extra = (0..4096)
+        .map(|i| (format!("synthetic addition {i}"), draw(i * 13 + 5)))
+        .collect();
     Corpus {
         source: "synthetic",
         texts: (0..count).map(|i| format!("synthetic memory {i}")).collect(),
         vectors,
         queries,
+        extra,
     }
 }
 

@@ -247,6 +247,9 @@ pub struct BenchMemoryArgs {
     /// Concurrent clients in the HTTP comparison.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Candidates the graph considers per search (`memory.index.expansion_search`).
+    #[arg(long, default_value_t = bbx_core::config::IndexSettings::default().expansion_search)]
+    pub expansion_search: usize,
     /// The `chroma` command [default: $BBX_CHROMA, else `chroma` on PATH].
     #[arg(long)]
     pub chroma: Option<PathBuf>,
