@@ -104,15 +104,26 @@ impl Keywords {
         let n = self.docs.len() as f32;
         let average = (self.total_len as f32 / n).max(1.0);
         let mut scores: FxHashMap<u64, f32> = FxHashMap::default();
-        let mut seen = Vec::new();
-        for term in terms(query) {
-            let Some(&term_id) = self.vocabulary.get(term.as_str()) else {
-                continue;
-            };
-            if seen.contains(&term_id) {
-                continue;
-            }
-            seen.push(term_id);
+        let mut query_terms: Vec<u32> = terms(query)
+            .iter()
+            .filter_map(|term| self.vocabulary.get(term.as_str()).copied())
+            .collect();
+        query_terms.sort_unstable();
+        query_terms.dedup();
+        // A term in more than half the namespace weighs almost nothing (its idf
+        // is under ln 2) and costs a pass over half the namespace: it is left
+        // out when a rarer term is asked for too.
+        let common = |term: &u32| self.postings[*term as usize].len() * 2 > self.docs.len();
+        if query_terms.iter().any(|t| !common(t)) {
+            query_terms.retain(|t| !common(t));
+        } else if let Some(rarest) = query_terms
+            .iter()
+            .copied()
+            .min_by_key(|t| self.postings[*t as usize].len())
+        {
+            query_terms = vec![rarest];
+        }
+        for term_id in query_terms {
             let postings = &self.postings[term_id as usize];
             let df = postings.len() as f32;
             let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
@@ -159,5 +170,24 @@ mod tests {
         assert!(index.search("cat", 10, |_| true).is_empty());
         assert_eq!(index.search("dog", 10, |_| true).len(), 2);
         assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn a_term_in_most_memories_gives_way_to_a_rarer_one() {
+        let mut index = Keywords::default();
+        for id in 0..100 {
+            index.insert(id, &format!("common word number{id}"));
+        }
+        // "common" is in every memory: the rare term decides alone.
+        assert_eq!(
+            index
+                .search("common number7", 5, |_| true)
+                .iter()
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>(),
+            [7]
+        );
+        // Only common terms: the rarest of them is searched.
+        assert_eq!(index.search("common", 5, |_| true).len(), 5);
     }
 }
