@@ -281,7 +281,11 @@ async fn bad_input_gets_one_clear_error_and_changes_nothing() {
     );
     let huge = dir.path().join("huge.txt");
     std::fs::write(&huge, "word ".repeat(2 * 1024 * 1024)).unwrap();
-    refused(&kernel, &["memory", "add", &agent, &format!("@{}", huge.display())], "");
+    refused(
+        &kernel,
+        &["memory", "add", &agent, &format!("@{}", huge.display())],
+        "the limit is",
+    );
     // The kernel's own checks, past the CLI: a vector of the wrong size or model.
     let api = bbx_client::Client::new(&kernel.url(), &kernel.key()).unwrap();
     use bbx_core::api::prelude::*;

@@ -180,10 +180,7 @@ pub(crate) fn endpoints(memories: &Memories) -> Vec<Endpoint> {
             "One memory of an agent by id: its text, model, metadata, subject and validity (valid_from, valid_to, superseded_by).",
             |m: Memories, caller, req: MemoryReq| async move {
                 m.may_read(&caller, &req.agent, "memory.get")?;
-                let memory = m
-                    .read(&req.agent, req.id)?
-                    .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("the agent has no memory {}", req.id)))?;
-                serde_json::to_value(memory).map_err(|e| Error::internal(e.to_string()))
+                crate::record::get(m.store()?, &req.agent, req.id)
             },
         ),
         Endpoint::serving(

@@ -238,12 +238,7 @@ impl Memories {
 
     /// A memory's record, as durable now.
     pub(crate) fn read(&self, agent: &AgentId, id: MemoryId) -> Result<Option<Memory>> {
-        let store = self.store()?;
-        let bytes = store
-            .view()
-            .get(store.keyspace(MEMORY_ITEMS), memory_key(agent, id))
-            .map_err(|e| storage_error("read a memory", e))?;
-        bytes.map(|b| Memory::decode(&b)).transpose()
+        crate::record::stored(self.store()?, agent, id)
     }
 
     fn vector(&self, agent: &AgentId, id: u64) -> Option<Vec<f32>> {

@@ -6,14 +6,13 @@
 
 use crate::Memories;
 use crate::forget::{Delete, Forget, ForgetArgs};
-use crate::record::{MemoryId, memory_key};
+use crate::record::MemoryId;
 use crate::search::SearchArgs;
 use crate::write::{Add, AddArgs};
 use bbx_component::{OpKind, Prepared, ReadOp, Running, TaskContext, TaskOp, parse_args};
 use bbx_core::op::Effects;
-use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_core::{AgentId, Error, Result};
 use bbx_store::Store;
-use fjall::Readable;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -145,13 +144,7 @@ struct GetRead {
 
 impl ReadOp for GetRead {
     fn read(&self, store: &Store, agent: &AgentId) -> Result<Value> {
-        let bytes = store
-            .view()
-            .get(store.keyspace(crate::MEMORY_ITEMS), memory_key(agent, self.id))
-            .map_err(|e| bbx_store::storage_error("read a memory", e))?
-            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("the agent has no memory {}", self.id)))?;
-        let memory = crate::record::Memory::decode(&bytes)?;
-        serde_json::to_value(memory).map_err(|e| Error::internal(e.to_string()))
+        crate::record::get(store, agent, self.id)
     }
 }
 

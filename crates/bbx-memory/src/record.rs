@@ -141,6 +141,23 @@ impl Access {
     }
 }
 
+/// The agent's memory `id` as the store's durable view holds it.
+pub fn stored(store: &bbx_store::Store, agent: &AgentId, id: MemoryId) -> Result<Option<Memory>> {
+    use fjall::Readable;
+    let bytes = store
+        .view()
+        .get(store.keyspace(crate::MEMORY_ITEMS), memory_key(agent, id))
+        .map_err(|e| bbx_store::storage_error("read a memory", e))?;
+    bytes.map(|b| Memory::decode(&b)).transpose()
+}
+
+/// The agent's memory `id` as JSON, or `not_found`: what `memory.get` answers.
+pub fn get(store: &bbx_store::Store, agent: &AgentId, id: MemoryId) -> Result<serde_json::Value> {
+    let memory = stored(store, agent, id)?
+        .ok_or_else(|| Error::new(bbx_core::ErrorCode::NotFound, format!("the agent has no memory {id}")))?;
+    serde_json::to_value(memory).map_err(|e| Error::internal(e.to_string()))
+}
+
 /// agent, id: the key of a memory's record, vector and access.
 pub fn memory_key(agent: &AgentId, id: MemoryId) -> Vec<u8> {
     let mut key = Vec::with_capacity(24);
