@@ -101,6 +101,19 @@ TOOLS = {
     "semantic_memory_search",
     "semantic_memory_forget",
     "semantic_memory_stats",
+    "context_put",
+    "context_get",
+    "context_list",
+    "context_assemble",
+    "context_pin",
+    "context_delete",
+    "context_demote",
+    "context_stats",
+    "context_prefetch",
+    "context_score",
+    "enhanced_context_stats",
+    "enhanced_context_prefetch",
+    "enhanced_context_score",
 }
 
 

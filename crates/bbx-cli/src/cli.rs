@@ -62,6 +62,9 @@ pub enum Command {
     /// SemanticMemory: what agents remember, searched by meaning and by words.
     #[command(subcommand)]
     Memory(crate::memory::MemoryCommand),
+    /// ContextTiering: an agent's context in tiers, assembled under a budget.
+    #[command(subcommand)]
+    Context(crate::context::ContextCommand),
     /// Models run in process: fetch them into the data directory.
     #[command(subcommand)]
     Models(crate::memory::ModelsCommand),
@@ -586,6 +589,9 @@ pub enum V2Command {
     /// `bbx v2 semantic-memory stats|search|add|forget`.
     #[command(subcommand)]
     SemanticMemory(crate::memory::SemanticMemoryCommand),
+    /// `bbx v2 enhanced-context stats|prefetch-hint KEY|ml-score KEY`.
+    #[command(subcommand)]
+    EnhancedContext(crate::context::EnhancedContextCommand),
 }
 
 #[derive(Subcommand, Debug)]

@@ -13,6 +13,7 @@ mod bench_ring;
 mod bench_tools;
 mod bus;
 mod cli;
+mod context;
 mod endpoint;
 mod flow;
 mod memory;
@@ -142,6 +143,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Memory(command) => memory::run(&cli, command).await,
         Command::V2(V2Command::SemanticMemory(command)) => memory::report(&cli, command).await,
         Command::Models(command) => memory::models(&cli, command).await,
+        Command::Context(command) => context::run(&cli, command).await,
+        Command::V2(V2Command::EnhancedContext(command)) => context::report(&cli, command).await,
         Command::V2(V2Command::EnhancedFlow(command)) => {
             let verb = match command {
                 EnhancedFlowCommand::Stats => "stats",
@@ -193,6 +196,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         flow: None,
         bus: None,
         memory: None,
+        context: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

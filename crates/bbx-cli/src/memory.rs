@@ -156,7 +156,7 @@ pub enum ModelsCommand {
 }
 
 /// A text as given; `@PATH` reads the file, `-` standard input (UTF-8 only).
-fn text_arg(text: &str) -> Result<String> {
+pub(crate) fn text_arg(text: &str) -> Result<String> {
     let bytes = match text {
         "-" => {
             let mut bytes = Vec::new();

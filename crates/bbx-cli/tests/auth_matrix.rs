@@ -135,6 +135,28 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             | "/v1/semantic-memory/{agent}/stats"
             | "/v1/agents/{agent}/memories/{id}",
         ) => (Read, Object),
+        (
+            "POST",
+            "/v1/agents/{agent}/context"
+            | "/v1/agents/{agent}/context/{id}/pin"
+            | "/v1/agents/{agent}/context/{id}/demote",
+        )
+        | ("DELETE", "/v1/agents/{agent}/context/{id}") => (Act, Object),
+        (
+            "GET",
+            "/v1/agents/{agent}/context"
+            | "/v1/agents/{agent}/context/stats"
+            | "/v1/agents/{agent}/context/{id}"
+            | "/v1/agents/{agent}/context/{id}/score"
+            | "/v1/enhanced-context/{agent}/stats"
+            | "/v1/enhanced-context/{agent}/ml-score/{key}",
+        )
+        | (
+            "POST",
+            "/v1/agents/{agent}/context/assemble"
+            | "/v1/agents/{agent}/context/prefetch"
+            | "/v1/enhanced-context/{agent}/prefetch/{key}",
+        ) => (Read, Object),
         ("PUT", "/v1/bus/topics/{topic}")
         | ("POST", "/v1/bus/topics/{topic}/dlq/replay")
         | ("DELETE", "/v1/bus/topics/{topic}/dlq") => (Operate, Tenant),
@@ -252,6 +274,9 @@ impl Api {
                 memory_body("a memory"),
             )
             .await;
+        let item = json!({ "content": "a context item" });
+        self.admin(Method::POST, &format!("/v1/agents/{agent}/context"), item)
+            .await;
         Fixture {
             tenant,
             agent,
@@ -293,13 +318,18 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         .replace("{tenant}", f.tenant)
         .replace("{kind}", "agents")
         .replace("{key_id}", &f.key)
-        .replace("{key}", "k")
+        // A context item's key is its id: the fixture's first item.
+        .replace("{key}", if path.contains("context") { "1" } else { "k" })
         .replace("{op_id}", &f.op)
         // Quarantining the spare agent leaves the one the other requests use alone;
         // grants are the credential's own agent's to give.
         .replace(
             "{agent}",
-            if path.contains("/grants") || path.contains("/mailboxes/") || path.contains("memor") {
+            if path.contains("/grants")
+                || path.contains("/mailboxes/")
+                || path.contains("memor")
+                || path.contains("context")
+            {
                 &f.agent
             } else {
                 &f.spare_agent
@@ -318,6 +348,9 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         .replace("{group}", "g");
     let filled = if path.contains("/memories/") {
         filled.replace("{id}", &f.memory)
+    } else if path.contains("context") {
+        // The fixture's first context item.
+        filled.replace("{id}", "1")
     } else if path.starts_with("/v1/ops/") {
         filled.replace("{id}", &f.op)
     } else if path.starts_with("/v1/keys/") {
@@ -395,6 +428,10 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/agents/{agent}/memories/forget" | "/v1/semantic-memory/{agent}/forget" => {
             json!({ "strategy": "lru", "max": 100 })
         }
+        "/v1/agents/{agent}/context" if method == "POST" => json!({ "content": "another item" }),
+        "/v1/agents/{agent}/context/{id}/demote" => json!({ "tier": "cool" }),
+        "/v1/agents/{agent}/context/assemble" => json!({ "budget": 1000 }),
+        "/v1/agents/{agent}/context/prefetch" => json!({ "ids": [1] }),
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),
     };

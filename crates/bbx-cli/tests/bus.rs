@@ -26,11 +26,6 @@ fn subscribe(kernel: &Kernel, topic: &str, group: &str, max: usize, extra: &[&st
         .collect()
 }
 
-fn new_agent(kernel: &Kernel) -> String {
-    let created = json(&kernel.cli(&["agent", "create", "x", "--json"]));
-    created["id"].as_str().unwrap().to_owned()
-}
-
 fn payloads(messages: &[Value]) -> Vec<Value> {
     messages.iter().map(|m| m["payload"].clone()).collect()
 }
@@ -282,7 +277,7 @@ async fn bad_input_is_one_clear_error_and_tenants_do_not_meet() {
 #[tokio::test]
 async fn an_agents_op_publishes_once() {
     let kernel = Kernel::start();
-    let agent = new_agent(&kernel);
+    let agent = kernel.new_agent();
     let args = r#"{"topic": "events", "payload": {"step": 1}, "key": "run-1"}"#;
     let submit = || {
         let out = kernel.cli(&[
@@ -324,7 +319,7 @@ async fn an_agents_op_publishes_once() {
 #[tokio::test]
 async fn a_route_turns_messages_into_an_agents_ops() {
     let kernel = Kernel::start();
-    let agent = new_agent(&kernel);
+    let agent = kernel.new_agent();
     let route = |name: &str, topic: &str, kind: &str, args: &Value| {
         let args = args.to_string();
         kernel.cli(&[
@@ -395,7 +390,7 @@ async fn a_route_turns_messages_into_an_agents_ops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_message_each_other_and_requests_get_replies() {
     let kernel = Kernel::start();
-    let (alice, bob) = (new_agent(&kernel), new_agent(&kernel));
+    let (alice, bob) = (kernel.new_agent(), kernel.new_agent());
     let created = json(&kernel.cli(&[
         "auth",
         "create-api-key",
@@ -563,7 +558,7 @@ async fn a_group_streams_its_messages_as_server_sent_events() {
 #[tokio::test]
 async fn agents_consume_through_ops_and_what_they_fetch_is_untrusted() {
     let kernel = Kernel::start();
-    let (alice, bob) = (new_agent(&kernel), new_agent(&kernel));
+    let (alice, bob) = (kernel.new_agent(), kernel.new_agent());
     let payload = json!({ "next": "http://evil.example:8080/x" }).to_string();
     let sent = kernel.cli(&["bus", "send", &alice, "--from", &bob, "--payload", &payload]);
     assert!(sent.status.success(), "{}", stderr(&sent));

@@ -17,20 +17,7 @@ async fn kernel() -> Kernel {
 }
 
 fn kernel_with(config: &str) -> Kernel {
-    kernel_and_config(config).0
-}
-
-/// A kernel and its configuration file, to be changed before a restart.
-fn kernel_and_config(config: &str) -> (Kernel, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("bbx.toml");
-    std::fs::write(&path, config).unwrap();
-    (Kernel::start_with(&["--config", path.to_str().unwrap()]), path)
-}
-
-fn new_agent(kernel: &Kernel) -> String {
-    let created = json(&kernel.cli(&["agent", "create", "x", "--json"]));
-    created["id"].as_str().unwrap().to_owned()
+    Kernel::with_config(config).0
 }
 
 fn add(kernel: &Kernel, agent: &str, text: &str, extra: &[&str]) -> Value {
@@ -53,15 +40,6 @@ fn texts(results: &[Value]) -> Vec<&str> {
     results.iter().map(|r| r["text"].as_str().unwrap()).collect()
 }
 
-/// A command that must fail with one line on stderr containing `needle`.
-fn refused(kernel: &Kernel, args: &[&str], needle: &str) {
-    let out = kernel.cli(args);
-    assert!(!out.status.success(), "{args:?} succeeded: {}", stdout(&out));
-    let err = stderr(&out);
-    assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
-    assert!(err.contains(needle), "{args:?}: {err:?} does not say {needle:?}");
-}
-
 const FACTS: &[&str] = &[
     "The user's daughter is named Alice and she is seven years old.",
     "The user is allergic to peanuts and shellfish.",
@@ -74,7 +52,7 @@ const FACTS: &[&str] = &[
 #[tokio::test]
 async fn memories_are_found_by_meaning_and_by_words_and_never_across_agents() {
     let kernel = kernel().await;
-    let (alice, bob) = (new_agent(&kernel), new_agent(&kernel));
+    let (alice, bob) = (kernel.new_agent(), kernel.new_agent());
     let mut ids = Vec::new();
     for fact in FACTS {
         let added = add(&kernel, &alice, fact, &[]);
@@ -128,16 +106,16 @@ async fn memories_are_found_by_meaning_and_by_words_and_never_across_agents() {
     let id = tagged["id"].as_str().unwrap();
     let got = json(&kernel.cli(&["memory", "get", &alice, id, "--json"]));
     assert_eq!(got["metadata"]["topic"], "family");
-    refused(&kernel, &["memory", "get", &bob, id], "no memory");
+    kernel.refused(&["memory", "get", &bob, id], "no memory");
     json(&kernel.cli(&["memory", "delete", &alice, id, "--json"]));
     assert!(search(&kernel, &alice, "school", &["--mode", "keyword"]).is_empty());
-    refused(&kernel, &["memory", "delete", &alice, id], "no memory");
+    kernel.refused(&["memory", "delete", &alice, id], "no memory");
 }
 
 #[tokio::test]
 async fn duplicates_merge_and_a_subject_supersedes_what_held_before() {
     let kernel = kernel().await;
-    let agent = new_agent(&kernel);
+    let agent = kernel.new_agent();
     let first = add(&kernel, &agent, "The standup meeting is at 9:30 every weekday.", &[]);
     let exact = add(
         &kernel,
@@ -189,7 +167,7 @@ async fn duplicates_merge_and_a_subject_supersedes_what_held_before() {
 #[tokio::test]
 async fn forgetting_lasts_and_acknowledged_memories_survive_sigkill() {
     let mut kernel = kernel().await;
-    let agent = new_agent(&kernel);
+    let agent = kernel.new_agent();
     let mut added = Vec::new();
     for i in 0..12 {
         let text = format!(
@@ -247,42 +225,27 @@ async fn forgetting_lasts_and_acknowledged_memories_survive_sigkill() {
 #[tokio::test]
 async fn bad_input_gets_one_clear_error_and_changes_nothing() {
     let kernel = kernel().await;
-    let agent = new_agent(&kernel);
+    let agent = kernel.new_agent();
     add(&kernel, &agent, "One memory.", &[]);
-    refused(&kernel, &["memory", "add", &agent, ""], "empty");
-    refused(
-        &kernel,
-        &["memory", "search", &agent, "x", "-k", "0"],
-        "k must be from 1",
-    );
-    refused(
-        &kernel,
+    kernel.refused(&["memory", "add", &agent, ""], "empty");
+    kernel.refused(&["memory", "search", &agent, "x", "-k", "0"], "k must be from 1");
+    kernel.refused(
         &["memory", "search", &agent, "x", "-k", "1000000000"],
         "k must be from 1",
     );
-    refused(
-        &kernel,
-        &["memory", "search", &agent, "x", "--mode", "psychic"],
-        "psychic",
-    );
-    refused(
-        &kernel,
-        &["memory", "forget", &agent, "--strategy", "capacity"],
-        "needs max",
-    );
-    refused(&kernel, &["memory", "get", &agent, "not-an-id"], "memory id");
+    kernel.refused(&["memory", "search", &agent, "x", "--mode", "psychic"], "psychic");
+    kernel.refused(&["memory", "forget", &agent, "--strategy", "capacity"], "needs max");
+    kernel.refused(&["memory", "get", &agent, "not-an-id"], "memory id");
     let dir = tempfile::tempdir().unwrap();
     let latin1 = dir.path().join("latin1.txt");
     std::fs::write(&latin1, b"caf\xe9").unwrap();
-    refused(
-        &kernel,
+    kernel.refused(
         &["memory", "add", &agent, &format!("@{}", latin1.display())],
         "not UTF-8",
     );
     let huge = dir.path().join("huge.txt");
     std::fs::write(&huge, "word ".repeat(2 * 1024 * 1024)).unwrap();
-    refused(
-        &kernel,
+    kernel.refused(
         &["memory", "add", &agent, &format!("@{}", huge.display())],
         "the limit is",
     );
@@ -324,8 +287,8 @@ async fn without_the_model_the_kernel_serves_and_says_how_to_get_it() {
         "[memory]\nmodels_dir = {:?}\n",
         empty.path().display().to_string()
     ));
-    let agent = new_agent(&kernel);
-    refused(&kernel, &["memory", "add", &agent, "hello"], "bbx models fetch");
+    let agent = kernel.new_agent();
+    kernel.refused(&["memory", "add", &agent, "hello"], "bbx models fetch");
     let found = json(&kernel.cli(&["memory", "search", &agent, "hello", "--mode", "keyword", "--json"]));
     assert_eq!(found["results"], json!([]), "keyword search needs no model");
 }
@@ -367,7 +330,7 @@ async fn remote_kernel(body: &'static str, dimensions: usize) -> Kernel {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remote_embedder_is_used_and_its_bad_vectors_are_refused() {
     let good = remote_kernel(r#"{"data":[{"index":0,"embedding":[0.6,0.8,0.0]}]}"#, 3).await;
-    let agent = new_agent(&good);
+    let agent = good.new_agent();
     let added = add(&good, &agent, "remote memory", &[]);
     assert!(added["model"].as_str().unwrap().starts_with("remote:tiny@"), "{added}");
     assert_eq!(
@@ -376,18 +339,18 @@ async fn a_remote_embedder_is_used_and_its_bad_vectors_are_refused() {
     );
 
     let nan = remote_kernel(r#"{"data":[{"index":0,"embedding":[null,0.8,0.0]}]}"#, 3).await;
-    let agent = new_agent(&nan);
-    refused(&nan, &["memory", "add", &agent, "x"], "not finite");
+    let agent = nan.new_agent();
+    nan.refused(&["memory", "add", &agent, "x"], "not finite");
     let short = remote_kernel(r#"{"data":[{"index":0,"embedding":[0.6,0.8]}]}"#, 3).await;
-    let agent = new_agent(&short);
-    refused(&short, &["memory", "add", &agent, "x"], "dimensions");
+    let agent = short.new_agent();
+    short.refused(&["memory", "add", &agent, "x"], "dimensions");
 
     let port = support::free_port();
     let down = kernel_with(&format!(
         "[memory.remote]\nurl = \"http://127.0.0.1:{port}/v1\"\nmodel = \"tiny\"\ndimensions = 3\n"
     ));
-    let agent = new_agent(&down);
-    refused(&down, &["memory", "add", &agent, "x"], "cannot be reached");
+    let agent = down.new_agent();
+    down.refused(&["memory", "add", &agent, "x"], "cannot be reached");
     assert_eq!(json(&down.cli(&["memory", "stats", &agent, "--json"]))["count"], 0);
 }
 
@@ -400,10 +363,10 @@ async fn a_new_model_embeds_old_memories_again_and_search_never_mixes_them() {
         )
     })
     .await;
-    let (mut kernel, config) = kernel_and_config(&format!(
+    let (mut kernel, config) = Kernel::with_config(&format!(
         "[memory.remote]\nurl = \"http://127.0.0.1:{port}/v1\"\nmodel = \"tiny\"\ndimensions = 3\n"
     ));
-    let agent = new_agent(&kernel);
+    let agent = kernel.new_agent();
     let added = add(&kernel, &agent, "The cat sleeps on the warm windowsill.", &[]);
     let (clean, log) = kernel.stop();
     assert!(clean, "{log}");

@@ -198,6 +198,37 @@ pub trait Submitter: Send + Sync {
     fn may_read(&self, caller: &Caller, agent: &AgentId, operation: &str) -> Result<()>;
 }
 
+/// Runs one op of `agent` as `caller` through `submitter` (the whole
+/// pipeline: auth, quotas, checks, journal) and answers with its result, or
+/// its error; waits up to `wait` for it, then answers `timeout` naming the op
+/// to ask for. What an endpoint that changes a component's data does.
+pub async fn run_op(submitter: &dyn Submitter, caller: &Caller, op: SubmitOp, wait: Duration) -> Result<Value> {
+    let kind = op.kind.clone();
+    let submitted = submitter
+        .submit(
+            caller,
+            SubmitBatch {
+                ops: vec![op],
+                wait_ms: Some(5_000),
+            },
+        )
+        .await?;
+    let id = submitted.ops[0].op_id;
+    let info = submitter.wait(caller, id, wait).await?;
+    let Some(completion) = info.completion else {
+        return Err(Error::new(
+            bbx_core::ErrorCode::Timeout,
+            format!("{kind} op {id} is still running; ask for it with GET /v1/ops/{id}"),
+        ));
+    };
+    match completion.status {
+        bbx_core::op::CompletionStatus::Ok => Ok(completion.result.unwrap_or(Value::Null)),
+        _ => Err(completion
+            .error
+            .unwrap_or_else(|| Error::internal(format!("{kind} op {id} ended {:?}", completion.status)))),
+    }
+}
+
 /// What a component is given to act with outside of an op.
 #[derive(Clone)]
 pub struct Context {

@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 mod bus;
+mod context;
 mod memory;
 pub use bus::{BusConfig, MAX_PARTITIONS, TopicDefaults};
+pub use context::{ContextConfig, TierBudgets};
 pub use memory::{ForgetSchedule, IndexSettings, MemoryConfig, NearDuplicate, Quantization, RemoteEmbedder};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
@@ -48,6 +50,8 @@ pub struct KernelConfig {
     pub bus: BusConfig,
     /// SemanticMemory (`[memory]` in the file).
     pub memory: MemoryConfig,
+    /// ContextTiering (`[context]` in the file).
+    pub context: ContextConfig,
 }
 
 /// FlowIntegrity's settings.
@@ -509,6 +513,7 @@ pub struct ConfigLayer {
     pub flow: Option<FlowConfig>,
     pub bus: Option<BusConfig>,
     pub memory: Option<MemoryConfig>,
+    pub context: Option<ContextConfig>,
 }
 
 impl ConfigLayer {
@@ -547,6 +552,7 @@ impl KernelConfig {
             flow: over.flow.or(file.flow).unwrap_or_default(),
             bus: over.bus.or(file.bus).unwrap_or_default(),
             memory: over.memory.or(file.memory).unwrap_or_default(),
+            context: over.context.or(file.context).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -575,6 +581,7 @@ impl KernelConfig {
         config.flow.anomaly.validate()?;
         config.bus.validate()?;
         config.memory.validate()?;
+        config.context.validate()?;
         for issuer in &config.auth.oidc {
             issuer.validate()?;
         }

@@ -358,6 +358,7 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
     all.extend(bbx_flow::KEYSPACES);
     all.extend(bbx_bus::KEYSPACES);
     all.extend(bbx_memory::KEYSPACES);
+    all.extend(bbx_context::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
@@ -375,6 +376,7 @@ fn components(
     components.register(Arc::new(bbx_flow::Flow::new(&config.flow)))?;
     components.register(Arc::new(bbx_bus::Bus::new(&config.bus)))?;
     components.register(Arc::new(bbx_memory::Memories::new(&config.memory, &config.data_dir)?))?;
+    components.register(Arc::new(bbx_context::Contexts::new(&config.context)?))?;
     Ok(components)
 }
 

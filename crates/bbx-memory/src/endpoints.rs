@@ -12,8 +12,8 @@ use crate::search::SearchArgs;
 use crate::write::AddArgs;
 use bbx_auth::Caller;
 use bbx_component::Endpoint;
-use bbx_core::op::{CompletionStatus, SubmitBatch, SubmitOp};
-use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_core::op::SubmitOp;
+use bbx_core::{AgentId, Result};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -77,29 +77,7 @@ impl Memories {
             idempotency_key,
             ..SubmitOp::new(agent, kind.to_owned(), args)
         };
-        let submitted = submitter
-            .submit(
-                caller,
-                SubmitBatch {
-                    ops: vec![op],
-                    wait_ms: Some(5_000),
-                },
-            )
-            .await?;
-        let id = submitted.ops[0].op_id;
-        let info = submitter.wait(caller, id, WAIT).await?;
-        let Some(completion) = info.completion else {
-            return Err(Error::new(
-                ErrorCode::Timeout,
-                format!("{kind} op {id} is still running; ask for it with GET /v1/ops/{id}"),
-            ));
-        };
-        match completion.status {
-            CompletionStatus::Ok => Ok(completion.result.unwrap_or(Value::Null)),
-            _ => Err(completion
-                .error
-                .unwrap_or_else(|| Error::internal(format!("{kind} op {id} ended {:?}", completion.status)))),
-        }
+        bbx_component::run_op(&*submitter, caller, op, WAIT).await
     }
 }
 

@@ -11,7 +11,7 @@ use crate::{MEMORY_ACCESS, MEMORY_ITEMS, MEMORY_VECTORS};
 use bbx_component::Context;
 use bbx_core::config::MemoryConfig;
 use bbx_core::{AgentId, Error, Result};
-use bbx_store::{Applied, GroupTx, Staged, Store, storage_error};
+use bbx_store::{PutWherePresent, Store, storage_error};
 use chrono::{DateTime, Utc};
 use fjall::Readable;
 use parking_lot::{Mutex, RwLock};
@@ -217,7 +217,13 @@ impl Memories {
                 .collect()
         };
         if let Ok(store) = self.store()
-            && let Err(e) = store.write(AccessWrites(writes)).await
+            && let Err(e) = store
+                .write(PutWherePresent {
+                    guard: MEMORY_ITEMS,
+                    target: MEMORY_ACCESS,
+                    writes,
+                })
+                .await
         {
             tracing::warn!(error = %e, "memories' accesses could not be written");
         }
@@ -461,24 +467,6 @@ impl Memories {
                 "vectors": indexed,
                 "pending": waiting,
             },
-        })
-    }
-}
-
-/// Accesses written, for memories that still exist (a memory forgotten since
-/// it was touched is not brought back).
-#[derive(Debug)]
-struct AccessWrites(Vec<(Vec<u8>, Vec<u8>)>);
-
-impl Staged for AccessWrites {
-    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
-        tx.all_or_nothing(|tx| {
-            for (key, access) in &self.0 {
-                if tx.read(MEMORY_ITEMS, key)?.is_some() {
-                    tx.put(MEMORY_ACCESS, key.clone(), access.clone());
-                }
-            }
-            Ok(Applied::Done)
         })
     }
 }

@@ -36,15 +36,16 @@ pub fn routes(endpoints: &[EndpointInfo], openapi: &mut OpenApi) -> axum::Router
                 .add_path_operation(&endpoint.path, vec![method], operation(endpoint));
             continue;
         }
-        let (name, pattern) = (endpoint.name.clone(), endpoint.path.clone());
+        let (name, pattern, schema) = (endpoint.name.clone(), endpoint.path.clone(), endpoint.input.clone());
         let handler = move |State(kernel): State<Arc<Kernel>>,
                             Extension(caller): Extension<Caller>,
                             uri: axum::http::Uri,
                             body: axum::body::Bytes| {
             let name = name.clone();
             let fields = path_fields(&pattern, uri.path());
+            let query = query_input(&schema, uri.query().unwrap_or_default());
             async move {
-                let input = input(fields?, &body)?;
+                let input = input(fields?, query, &body)?;
                 Ok::<_, ApiError>(ApiJson(kernel.call_endpoint(&caller, &name, input).await?))
             }
         };
@@ -137,8 +138,9 @@ fn path_fields(pattern: &str, path: &str) -> Result<HashMap<String, String>, Api
     Ok(fields)
 }
 
-/// The path's fields over a body that is empty or a JSON object.
-fn input(fields: HashMap<String, String>, body: &[u8]) -> Result<Value, ApiError> {
+/// The path's fields over a body that is empty or a JSON object, over the
+/// query string's fields.
+fn input(fields: HashMap<String, String>, query: Map<String, Value>, body: &[u8]) -> Result<Value, ApiError> {
     let mut input: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {
@@ -150,6 +152,9 @@ fn input(fields: HashMap<String, String>, body: &[u8]) -> Result<Value, ApiError
             }
         }
     };
+    for (field, value) in query {
+        input.entry(field).or_insert(value);
+    }
     for (field, value) in fields {
         input.insert(field, Value::String(value));
     }

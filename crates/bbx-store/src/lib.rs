@@ -64,6 +64,29 @@ pub trait Staged: Send + std::fmt::Debug + 'static {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied>;
 }
 
+/// Puts values into `target` under the keys that `guard` still holds, in one
+/// write: what a component records beside a record that may have been
+/// deleted since (when an item was last read, say).
+#[derive(Debug)]
+pub struct PutWherePresent {
+    pub guard: KeyspaceDef,
+    pub target: KeyspaceDef,
+    pub writes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Staged for PutWherePresent {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        tx.all_or_nothing(|tx| {
+            for (key, value) in &self.writes {
+                if tx.read(self.guard, key)?.is_some() {
+                    tx.put(self.target, key.clone(), value.clone());
+                }
+            }
+            Ok(Applied::Done)
+        })
+    }
+}
+
 /// What a staged write reports back.
 pub enum Applied {
     Done,

@@ -141,6 +141,31 @@ impl Kernel {
         self.spawn();
     }
 
+    /// A kernel started with `config` as its TOML file, and the file's path
+    /// (to change before a restart).
+    pub fn with_config(config: &str) -> (Self, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let path = dir.join("bbx.toml");
+        std::fs::write(&path, config).unwrap();
+        (Self::start_with(&["--config", path.to_str().unwrap()]), path)
+    }
+
+    /// A new agent's id.
+    pub fn new_agent(&self) -> String {
+        let created = json(&self.cli(&["agent", "create", "x", "--json"]));
+        created["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Runs `bbx ARGS`, which must fail with one line on stderr containing
+    /// `needle`.
+    pub fn refused(&self, args: &[&str], needle: &str) {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "{args:?} succeeded: {}", stdout(&out));
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(err.contains(needle), "{args:?}: {err:?} does not say {needle:?}");
+    }
+
     /// Runs `bbx ARGS` as a client of this kernel.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(BBX)

@@ -1,0 +1,257 @@
+//! ContextTiering against a real `bbx serve`, through the CLI's contract:
+//! items put and read back from every tier, also after SIGKILL; the
+//! migrator demoting under budgets on its own; windows under a budget that
+//! keep their prefix; agents apart; bad input refused with one clear error.
+
+mod support;
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use support::{Kernel, json, stderr};
+
+fn kernel_with(config: &str) -> Kernel {
+    Kernel::with_config(config).0
+}
+
+fn put(kernel: &Kernel, agent: &str, text: &str, extra: &[&str]) -> u64 {
+    let mut args = vec!["context", "put", agent, text, "--json"];
+    args.extend_from_slice(extra);
+    let put = json(&kernel.cli(&args));
+    put["id"].as_u64().unwrap_or_else(|| panic!("no id: {put}"))
+}
+
+fn get(kernel: &Kernel, agent: &str, id: u64) -> Value {
+    json(&kernel.cli(&["context", "get", agent, &id.to_string(), "--json"]))
+}
+
+fn stats(kernel: &Kernel, agent: &str) -> Value {
+    json(&kernel.cli(&["context", "stats", agent, "--json"]))
+}
+
+/// A text of about `words` words that compresses like prose.
+fn prose(seed: u64, words: usize) -> String {
+    const WORDS: &[&str] = &[
+        "the",
+        "agent",
+        "called",
+        "search",
+        "tool",
+        "returned",
+        "results",
+        "about",
+        "deployment",
+        "on",
+        "port",
+        "staging",
+        "database",
+        "user",
+        "asked",
+        "for",
+        "a",
+        "summary",
+        "of",
+        "errors",
+    ];
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..words)
+        .map(|i| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            if i % 9 == 8 {
+                format!("{}.", x % 10_000)
+            } else {
+                WORDS[(x >> 33) as usize % WORDS.len()].to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn items_read_back_identical_from_every_tier_and_after_a_crash() {
+    let mut kernel = kernel_with("");
+    let agent = kernel.new_agent();
+    let texts: Vec<String> = (0..4)
+        .map(|i| format!("{} — naïve café ☕ {i}", prose(i, 200)))
+        .collect();
+    let ids: Vec<u64> = texts
+        .iter()
+        .map(|t| put(&kernel, &agent, t, &["--kind", "tool_result", "--role", "tool"]))
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4], "ids are the items' places");
+    let first = get(&kernel, &agent, ids[0]);
+    assert_eq!(first["content"], texts[0].as_str());
+    assert_eq!(first["tier"], "hot");
+    assert_eq!(first["kind"], "tool_result");
+    assert!(first["tokens"].as_u64().unwrap() > 200);
+
+    for (id, tier) in [(ids[1], "cool"), (ids[2], "cold")] {
+        let demoted = json(&kernel.cli(&["context", "demote", &agent, &id.to_string(), "--tier", tier, "--json"]));
+        assert_eq!(demoted["tier"], tier);
+        let item = get(&kernel, &agent, id);
+        assert_eq!(item["tier"], tier, "{item}");
+        assert_eq!(item["content"], texts[(id - 1) as usize].as_str());
+    }
+    // Read from a tier, an item becomes HOT.
+    assert_eq!(get(&kernel, &agent, ids[1])["tier"], "hot");
+    kernel.cli(&["context", "demote", &agent, &ids[1].to_string(), "--tier", "cool"]);
+    kernel.cli(&["context", "demote", &agent, &ids[2].to_string(), "--tier", "cold"]);
+    let tiers = stats(&kernel, &agent)["tiers"].clone();
+    for tier in ["hot", "warm", "cool", "cold"] {
+        assert!(tiers[tier]["items"].is_u64(), "{tiers}");
+    }
+    assert_eq!(tiers["cool"]["items"], 1, "{tiers}");
+    assert_eq!(tiers["cold"]["items"], 1, "{tiers}");
+
+    kernel.crash();
+    kernel.restart();
+    for (i, id) in ids.iter().enumerate() {
+        let item = get(&kernel, &agent, *id);
+        assert_eq!(item["content"], texts[i].as_str(), "item {id} after the crash");
+    }
+    assert_eq!(
+        get(&kernel, &agent, ids[1])["tier"],
+        "hot",
+        "the first get after the restart served it"
+    );
+    let listed = json(&kernel.cli(&["context", "list", &agent, "--json"]));
+    assert_eq!(listed["items"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn the_migrator_demotes_under_budgets_and_nothing_is_lost() {
+    let kernel = kernel_with(
+        "[context]\nmigrate_every_ms = 50\nagent = { hot_bytes = 4096, warm_bytes = 4096, cool_bytes = 2048 }\n",
+    );
+    let agent = kernel.new_agent();
+    let texts: Vec<String> = (0..24).map(|i| prose(100 + i, 150)).collect();
+    let ids: Vec<u64> = texts.iter().map(|t| put(&kernel, &agent, t, &[])).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tiers = loop {
+        let tiers = stats(&kernel, &agent)["tiers"].clone();
+        let demoted = tiers["cold"]["items"].as_u64().unwrap() > 0 && tiers["hot"]["bytes"].as_u64().unwrap() <= 4096;
+        if demoted || Instant::now() > deadline {
+            break tiers;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(tiers["hot"]["bytes"].as_u64().unwrap() <= 4096, "{tiers}");
+    assert!(tiers["cold"]["items"].as_u64().unwrap() > 0, "{tiers}");
+    let total: u64 = ["hot", "warm", "cool", "cold"]
+        .iter()
+        .map(|t| tiers[t]["items"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 24, "{tiers}");
+    for (id, text) in ids.iter().zip(&texts) {
+        assert_eq!(get(&kernel, &agent, *id)["content"], text.as_str());
+    }
+}
+
+#[test]
+fn windows_stay_under_budget_and_keep_their_prefix() {
+    let kernel = kernel_with("");
+    let agent = kernel.new_agent();
+    put(&kernel, &agent, "You are a careful assistant.", &["--role", "system"]);
+    let pinned = put(&kernel, &agent, &prose(7, 300), &["--kind", "document"]);
+    kernel.cli(&["context", "pin", &agent, &pinned.to_string()]);
+    let mut previous: Option<Value> = None;
+    let mut compacted = false;
+    for turn in 0..40u64 {
+        put(
+            &kernel,
+            &agent,
+            &prose(1000 + turn, 60),
+            &["--role", if turn % 2 == 0 { "user" } else { "assistant" }],
+        );
+        let window = json(&kernel.cli(&["context", "assemble", &agent, "--budget", "2000", "--json"]));
+        let tokens = window["tokens"].as_u64().unwrap();
+        assert!(tokens <= 2000, "{window}");
+        let items = window["items"].as_array().unwrap();
+        assert_eq!(items[0]["role"], "system");
+        assert_eq!(items[1]["id"], pinned, "pinned items are at the head");
+        let counted: u64 = items.iter().map(|i| i["tokens"].as_u64().unwrap()).sum();
+        assert_eq!(counted, tokens);
+        if window["compacted"] == true {
+            compacted = true;
+            assert!(items.iter().any(|i| i["kind"] == "summary"), "{window}");
+        } else if let Some(previous) = &previous {
+            assert_eq!(
+                window["prefix_items"].as_u64().unwrap() as usize,
+                previous["items"].as_array().unwrap().len(),
+                "a turn only appends"
+            );
+        }
+        previous = Some(window);
+    }
+    assert!(compacted, "40 turns of ~80 tokens overflow 2000");
+    kernel.refused(&["context", "assemble", &agent, "--budget", "100"], "short");
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_agents_stay_apart() {
+    let kernel = kernel_with("[context]\nmax_item_bytes = 1000\n");
+    let (alice, bob) = (kernel.new_agent(), kernel.new_agent());
+    let secret = put(&kernel, &alice, "alice's launch code is 0000", &[]);
+    kernel.refused(&["context", "get", &bob, &secret.to_string()], "no item");
+    kernel.refused(&["context", "get", &alice, "99"], "no item 99");
+    kernel.refused(&["context", "get", &alice, "x1"], "not an item id");
+    kernel.refused(&["context", "put", &alice, &"a".repeat(1001)], "max_item_bytes");
+    kernel.refused(
+        &["context", "put", &alice, "hi", "--kind", "poem"],
+        "unknown variant `poem`",
+    );
+    kernel.refused(&["context", "put", &alice, "hi", "--ref", "42"], "no item 42");
+    kernel.refused(
+        &["context", "demote", &alice, &secret.to_string(), "--tier", "hot"],
+        "expected `cool` or `cold`",
+    );
+    kernel.refused(&["context", "delete", &alice, "99"], "no item 99");
+    kernel.cli(&["context", "pin", &alice, &secret.to_string()]);
+    kernel.refused(
+        &["context", "demote", &alice, &secret.to_string(), "--tier", "cool"],
+        "pinned",
+    );
+    assert_eq!(stats(&kernel, &bob)["items"], 0);
+    assert_eq!(stats(&kernel, &alice)["items"], 1, "nothing refused changed anything");
+
+    let keyed = put(&kernel, &alice, "once", &["--idempotency-key", "k1"]);
+    assert_eq!(put(&kernel, &alice, "once", &["--idempotency-key", "k1"]), keyed);
+    assert_eq!(stats(&kernel, &alice)["items"], 2);
+    let deleted = kernel.cli(&["context", "delete", &alice, &keyed.to_string()]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    kernel.refused(&["context", "get", &alice, &keyed.to_string()], "no item");
+}
+
+#[test]
+fn the_report_paths_score_and_prefetch() {
+    let kernel = kernel_with("");
+    let agent = kernel.new_agent();
+    let id = put(&kernel, &agent, "a note worth keeping", &["--kind", "note"]);
+    kernel.cli(&["context", "demote", &agent, &id.to_string(), "--tier", "cold"]);
+    let score = json(&kernel.cli(&[
+        "v2",
+        "enhanced-context",
+        "ml-score",
+        &id.to_string(),
+        "--agent",
+        &agent,
+        "--json",
+    ]));
+    let value = score["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&value), "{score}");
+    assert_eq!(score["model"], "formula");
+    let hinted = json(&kernel.cli(&[
+        "v2",
+        "enhanced-context",
+        "prefetch-hint",
+        &id.to_string(),
+        "--agent",
+        &agent,
+        "--json",
+    ]));
+    assert_eq!(hinted["promoted"], 1);
+    let report = json(&kernel.cli(&["v2", "enhanced-context", "stats", "--agent", &agent, "--json"]));
+    assert_eq!(report["tiers"]["hot"]["items"], 1, "{report}");
+    assert_eq!(get(&kernel, &agent, id)["tier"], "hot");
+    let again = json(&kernel.cli(&["context", "stats", &agent, "--json"]));
+    assert_eq!(again["prefetch"]["hits"], 1, "{again}");
+}

@@ -1,0 +1,512 @@
+//! The runtime: each agent's context in memory while the agent is in use
+//! (loaded from the store on first use, let go when idle), reads through the
+//! tiers, what completions change, and the importance model's training.
+
+use crate::codec::{self, Codec, Tier};
+use crate::importance::{self, Features, Model, TrainingSet};
+use crate::item::{Access, ItemId, Record, agent_key, item_key, parse_item_key};
+use crate::state::{AgentContext, Entry, MemoryTotals, Resident};
+use crate::tokens::TokenCounter;
+use crate::{CONTEXT_ACCESS, CONTEXT_AGENTS, CONTEXT_BLOCKS, CONTEXT_ITEMS, CONTEXT_MODEL};
+use bbx_component::Context;
+use bbx_core::config::ContextConfig;
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::{Store, storage_error};
+use fjall::Readable;
+use parking_lot::{Mutex, RwLock};
+use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The context component.
+#[derive(Clone)]
+pub struct Contexts(pub(crate) Arc<Inner>);
+
+impl std::fmt::Debug for Contexts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Contexts")
+    }
+}
+
+pub(crate) struct Inner {
+    pub config: ContextConfig,
+    pub counter: TokenCounter,
+    pub agents: RwLock<FxHashMap<AgentId, Arc<Slot>>>,
+    pub totals: Arc<MemoryTotals>,
+    ctx: OnceLock<Context>,
+    pub model: RwLock<Option<Arc<Model>>>,
+    pub training: Mutex<TrainingSet>,
+    pub training_busy: AtomicBool,
+    pub prefetch_issued: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub demote_failures: AtomicU64,
+}
+
+/// An agent's place in memory.
+#[derive(Default)]
+pub(crate) struct Slot {
+    /// Held by the one loading it.
+    load: Mutex<()>,
+    pub state: Mutex<SlotState>,
+}
+
+pub(crate) enum SlotState {
+    /// Items whose completions arrived while it loaded, to read again after.
+    Loading(Vec<ItemId>),
+    Loaded(Box<AgentContext>),
+}
+
+impl Default for SlotState {
+    fn default() -> Self {
+        Self::Loading(Vec::new())
+    }
+}
+
+/// An item as a get found it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub record: Record,
+    pub content: Arc<str>,
+    /// The tier it was served from (an access then makes it HOT).
+    pub tier: Tier,
+    pub access: Access,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub(crate) fn not_found(id: ItemId) -> Error {
+    Error::new(ErrorCode::NotFound, format!("the agent's context has no item {id}"))
+}
+
+impl Contexts {
+    pub fn new(config: &ContextConfig) -> Result<Self> {
+        Ok(Self(Arc::new(Inner {
+            counter: TokenCounter::new(&config.tokenizer)?,
+            config: config.clone(),
+            agents: RwLock::default(),
+            totals: Arc::default(),
+            ctx: OnceLock::new(),
+            model: RwLock::new(None),
+            training: Mutex::default(),
+            training_busy: AtomicBool::new(false),
+            prefetch_issued: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
+            demote_failures: AtomicU64::new(0),
+        })))
+    }
+
+    pub(crate) fn context(&self) -> Result<&Context> {
+        self.0
+            .ctx
+            .get()
+            .ok_or_else(|| Error::unavailable("the context component has not started"))
+    }
+
+    pub(crate) fn store(&self) -> Result<&Arc<Store>> {
+        Ok(&self.context()?.store)
+    }
+
+    pub fn counter(&self) -> &TokenCounter {
+        &self.0.counter
+    }
+
+    /// Takes the kernel's context, loads the persisted model, and starts the
+    /// migrator. Agents are loaded when first used.
+    pub fn start(&self, ctx: &Context) -> Result<()> {
+        if self.0.ctx.set(ctx.clone()).is_err() {
+            return Err(Error::internal("the context component was started twice"));
+        }
+        let stored = ctx
+            .store
+            .view()
+            .get(ctx.store.keyspace(CONTEXT_MODEL), b"importance")
+            .map_err(|e| storage_error("read the importance model", e))?;
+        if let Some(model) = stored.and_then(|bytes| Model::from_json(&bytes)) {
+            *self.0.model.write() = Some(Arc::new(model));
+        }
+        let this = self.clone();
+        let stopping = ctx.stopping.clone();
+        ctx.tasks.spawn(async move { this.migrate_until(stopping).await });
+        Ok(())
+    }
+
+    /// The agent's slot, loaded.
+    fn slot(&self, agent: AgentId) -> Result<Arc<Slot>> {
+        let existing = self.0.agents.read().get(&agent).cloned();
+        let slot = existing.unwrap_or_else(|| self.0.agents.write().entry(agent).or_default().clone());
+        if matches!(*slot.state.lock(), SlotState::Loaded(_)) {
+            return Ok(slot);
+        }
+        {
+            let _loading = slot.load.lock();
+            if matches!(*slot.state.lock(), SlotState::Loaded(_)) {
+                return Ok(slot.clone());
+            }
+            let mut loaded = self.load(agent)?;
+            let mut state = slot.state.lock();
+            if let SlotState::Loading(arrived) = std::mem::take(&mut *state) {
+                // What committed after the load's view is read again.
+                self.refresh_loaded(&agent, &mut loaded, &arrived, Change::Changed)?;
+            }
+            *state = SlotState::Loaded(Box::new(loaded));
+        }
+        Ok(slot)
+    }
+
+    /// Runs `f` on the agent's context, loading it first if need be.
+    pub(crate) fn with<T>(&self, agent: AgentId, f: impl FnOnce(&mut AgentContext) -> T) -> Result<T> {
+        let slot = self.slot(agent)?;
+        let mut state = slot.state.lock();
+        match &mut *state {
+            SlotState::Loaded(ctx) => Ok(f(ctx)),
+            SlotState::Loading(_) => Err(Error::unavailable("the agent's context is loading; try again")),
+        }
+    }
+
+    /// The agent's items from the store: records and accesses; of the items
+    /// that were in memory (lz4 on disk), the newest come back HOT, as many as
+    /// the agent's HOT budget holds, and the rest WARM.
+    fn load(&self, agent: AgentId) -> Result<AgentContext> {
+        let store = self.store()?;
+        let view = store.view();
+        let prefix = agent.as_bytes();
+        let mut accesses: FxHashMap<ItemId, Access> = FxHashMap::default();
+        for kv in view.prefix(store.keyspace(CONTEXT_ACCESS), prefix) {
+            let (key, value) = kv.into_inner().map_err(|e| storage_error("load a context", e))?;
+            if let Some(id) = parse_item_key(&key) {
+                accesses.insert(id, Access::decode(&value));
+            }
+        }
+        let mut ctx = AgentContext::new(self.0.totals.clone());
+        let mut hot_room = self.0.config.agent.hot_bytes;
+        for kv in view.prefix(store.keyspace(CONTEXT_ITEMS), prefix).rev() {
+            let (key, value) = kv.into_inner().map_err(|e| storage_error("load a context", e))?;
+            let Some(id) = parse_item_key(&key) else { continue };
+            let record = match Record::decode(&value) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(error = %e, %agent, id, "a context item does not decode: it is left out");
+                    continue;
+                }
+            };
+            let access = accesses.get(&id).copied().unwrap_or_default();
+            ctx.step = ctx.step.max(access.step);
+            let block = match record.codec {
+                Codec::Lz4 => read_block(store, &agent, id)?,
+                Codec::Zstd | Codec::ZstdHigh => None,
+            };
+            let resident = match block {
+                Some(block) if u64::from(record.bytes) <= hot_room => {
+                    hot_room -= u64::from(record.bytes);
+                    Resident::Hot(codec::decode(&block)?.into())
+                }
+                Some(block) => Resident::Warm(block.into()),
+                None => Resident::None,
+            };
+            ctx.insert(entry(record, access, 0, resident));
+        }
+        if let Some(bytes) = view
+            .get(store.keyspace(CONTEXT_AGENTS), agent_key(&agent, ASSEMBLY))
+            .map_err(|e| storage_error("load a context", e))?
+        {
+            ctx.last_assembly = serde_json::from_slice(&bytes).ok();
+        }
+        Ok(ctx)
+    }
+
+    /// What committed ops changed for `ids` of `agent`: read again from the
+    /// store, if the agent is in memory.
+    pub(crate) fn refresh(&self, agent: &AgentId, ids: &[ItemId], change: Change) {
+        let Some(slot) = self.0.agents.read().get(agent).cloned() else {
+            return;
+        };
+        let mut state = slot.state.lock();
+        let outcome = match &mut *state {
+            SlotState::Loading(arrived) => {
+                arrived.extend_from_slice(ids);
+                Ok(())
+            }
+            SlotState::Loaded(ctx) => self.refresh_loaded(agent, ctx, ids, change),
+        };
+        if let Err(e) = outcome {
+            // The next load reads it right: let this one go.
+            tracing::warn!(error = %e, %agent, "a context change could not be applied in memory; the agent is reloaded");
+            drop(state);
+            self.0.agents.write().remove(agent);
+        }
+    }
+
+    fn refresh_loaded(&self, agent: &AgentId, ctx: &mut AgentContext, ids: &[ItemId], change: Change) -> Result<()> {
+        let added = change == Change::Added;
+        let store = self.store()?;
+        let mut outcomes = Vec::new();
+        for &id in ids {
+            let Some(record) = read_record(store, agent, id)? else {
+                ctx.remove(id);
+                ctx.coaccess.forget(id);
+                continue;
+            };
+            match ctx.items.get(&id) {
+                Some(known) => {
+                    let mut updated = known.clone();
+                    let moved = updated.record.codec != record.codec;
+                    if change == Change::Demoted || (moved && !matches!(updated.resident, Resident::Hot(_))) {
+                        updated.resident = Resident::None;
+                    }
+                    if record.pinned && !matches!(updated.resident, Resident::Hot(_)) {
+                        // A pinned item is always in the window: keep it at hand.
+                        if let Some(content) = read_block(store, agent, id)?.map(|b| codec::decode(&b)).transpose()? {
+                            updated.resident = Resident::Hot(content.into());
+                        }
+                    }
+                    updated.disk_bytes = record.stored_bytes;
+                    updated.record = record;
+                    ctx.insert(updated);
+                }
+                None => {
+                    let resident = match read_block(store, agent, id)? {
+                        Some(block) if record.codec == Codec::Lz4 => Resident::Hot(codec::decode(&block)?.into()),
+                        _ => Resident::None,
+                    };
+                    if added {
+                        ctx.step += 1;
+                    }
+                    let step = ctx.step;
+                    let mut new = entry(record, Access::default(), step, resident);
+                    new.generation = ctx.generation();
+                    ctx.insert(new);
+                    if added {
+                        importance::observe(ctx, self.0.config.reaccess_steps, &mut outcomes);
+                    }
+                }
+            }
+        }
+        self.learn(outcomes);
+        Ok(())
+    }
+
+    /// An item of the agent, through its tier; an access (the item becomes
+    /// HOT, and what usually follows it is prefetched).
+    pub fn get(&self, agent: AgentId, id: ItemId) -> Result<Got> {
+        let mut outcomes = Vec::new();
+        let (record, resident, tier, access, follower) = self.with(agent, |ctx| {
+            if !ctx.touch(id, now_ms()) {
+                return Err(not_found(id));
+            }
+            let previous = ctx.last_accessed.replace(id);
+            if let Some(previous) = previous {
+                ctx.coaccess.record(previous, id);
+            }
+            let follower = ctx.coaccess.predict(id).filter(|f| {
+                ctx.items
+                    .get(f)
+                    .is_some_and(|e| !matches!(e.resident, Resident::Hot(_)))
+            });
+            importance::observe(ctx, self.0.config.reaccess_steps, &mut outcomes);
+            let entry = ctx.items.get_mut(&id).ok_or_else(|| not_found(id))?;
+            if std::mem::take(&mut entry.prefetched) {
+                self.0.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((
+                entry.record.clone(),
+                entry.resident.clone(),
+                entry.tier(),
+                entry.access,
+                follower,
+            ))
+        })??;
+        self.learn(outcomes);
+        let content: Arc<str> = match resident {
+            Resident::Hot(content) => content,
+            Resident::Warm(block) => self.promote(agent, id, codec::decode(&block)?.into(), false),
+            Resident::None => {
+                let block = read_block(self.store()?, &agent, id)?.ok_or_else(|| not_found(id))?;
+                self.promote(agent, id, codec::decode(&block)?.into(), false)
+            }
+        };
+        if let Some(follower) = follower.filter(|_| self.0.config.prefetch) {
+            self.prefetch_later(agent, vec![follower]);
+        }
+        Ok(Got {
+            record,
+            content,
+            tier,
+            access,
+        })
+    }
+
+    /// Makes an item HOT with `content` (unless it went meanwhile).
+    fn promote(&self, agent: AgentId, id: ItemId, content: Arc<str>, prefetched: bool) -> Arc<str> {
+        let _ = self.with(agent, |ctx| {
+            let Some(entry) = ctx.items.get_mut(&id) else { return };
+            if matches!(entry.resident, Resident::Hot(_)) {
+                return;
+            }
+            entry.prefetched = prefetched;
+            ctx.set_resident(id, Resident::Hot(content.clone()), None);
+        });
+        content
+    }
+
+    /// The content of an item, from wherever it is, without an access.
+    pub(crate) fn content(&self, agent: AgentId, id: ItemId) -> Result<Arc<str>> {
+        let resident = self.with(agent, |ctx| ctx.items.get(&id).map(|e| e.resident.clone()))?;
+        match resident.ok_or_else(|| not_found(id))? {
+            Resident::Hot(content) => Ok(content),
+            Resident::Warm(block) => Ok(codec::decode(&block)?.into()),
+            Resident::None => {
+                let block = read_block(self.store()?, &agent, id)?.ok_or_else(|| not_found(id))?;
+                Ok(codec::decode(&block)?.into())
+            }
+        }
+    }
+
+    /// Brings items into HOT now; answers how many were not there.
+    pub fn prefetch(&self, agent: AgentId, ids: &[ItemId]) -> Result<usize> {
+        let mut promoted = 0;
+        for &id in ids {
+            let resident = self.with(agent, |ctx| ctx.items.get(&id).map(|e| e.resident.clone()))?;
+            let content: Arc<str> = match resident.ok_or_else(|| not_found(id))? {
+                Resident::Hot(_) => continue,
+                Resident::Warm(block) => codec::decode(&block)?.into(),
+                Resident::None => match read_block(self.store()?, &agent, id)? {
+                    Some(block) => codec::decode(&block)?.into(),
+                    None => continue,
+                },
+            };
+            self.0.prefetch_issued.fetch_add(1, Ordering::Relaxed);
+            self.promote(agent, id, content, true);
+            promoted += 1;
+        }
+        Ok(promoted)
+    }
+
+    fn prefetch_later(&self, agent: AgentId, ids: Vec<ItemId>) {
+        let Ok(ctx) = self.context() else { return };
+        let this = self.clone();
+        ctx.tasks.spawn_blocking(move || {
+            if let Err(e) = this.prefetch(agent, &ids) {
+                tracing::debug!(error = %e, %agent, "a prefetch failed");
+            }
+        });
+    }
+
+    /// Outcomes observed: kept for the next training, which starts once
+    /// enough are new.
+    fn learn(&self, outcomes: Vec<(Features, bool)>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let due = {
+            let mut training = self.0.training.lock();
+            for (features, accessed) in outcomes {
+                training.push(features, accessed);
+            }
+            training.fresh >= self.0.config.retrain_every
+        };
+        if due && !self.0.training_busy.swap(true, Ordering::AcqRel) {
+            self.train_later();
+        }
+    }
+
+    fn train_later(&self) {
+        let Ok(ctx) = self.context() else {
+            self.0.training_busy.store(false, Ordering::Release);
+            return;
+        };
+        let samples: Vec<(Features, bool)> = {
+            let mut training = self.0.training.lock();
+            training.fresh = 0;
+            training.samples.iter().copied().collect()
+        };
+        let this = self.clone();
+        let store = ctx.store.clone();
+        ctx.tasks.spawn(async move {
+            let trained = tokio::task::spawn_blocking(move || Model::train(&samples))
+                .await
+                .ok()
+                .flatten();
+            if let Some(model) = trained {
+                tracing::info!(
+                    samples = model.samples,
+                    auc = model.auc,
+                    "the context importance model was trained"
+                );
+                let bytes = model.to_json();
+                *this.0.model.write() = Some(Arc::new(model));
+                if let Err(e) = store.write(crate::migrate::PutModel(bytes)).await {
+                    tracing::warn!(error = %e, "the context importance model could not be saved");
+                }
+            }
+            this.0.training_busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// How important items are now: the model's chance of an access within
+    /// the window, or the formula's score before there is a model.
+    pub(crate) fn scores(&self, ctx: &AgentContext, ids: &[ItemId]) -> Vec<f64> {
+        let newest = ctx.items.keys().next_back().copied().unwrap_or(0);
+        let rows: Vec<Features> = ids
+            .iter()
+            .map(|id| {
+                ctx.items.get(id).map_or([0.0; importance::FEATURES], |e| {
+                    importance::features(e, ctx.step, newest)
+                })
+            })
+            .collect();
+        importance::scores(self.0.model.read().as_deref(), &rows)
+    }
+
+    pub(crate) fn model(&self) -> Option<Arc<Model>> {
+        self.0.model.read().clone()
+    }
+}
+
+/// What a committed op did to the items it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Put: a step of the agent, and the item HOT.
+    Added,
+    /// Pinned, unpinned or deleted.
+    Changed,
+    /// Demoted by an operator: memory lets go of it.
+    Demoted,
+}
+
+/// The key under which an agent's last assembly is kept.
+pub(crate) const ASSEMBLY: &[u8] = b"/assembly";
+/// The key of an agent's id sequence.
+pub(crate) const SEQUENCE: &[u8] = b"/sequence";
+
+pub(crate) fn entry(record: Record, access: Access, created_step: u64, resident: Resident) -> Entry {
+    Entry {
+        disk_bytes: record.stored_bytes,
+        record,
+        access,
+        created_step,
+        previous_step: None,
+        referenced_by: 0,
+        generation: 0,
+        resident,
+        prefetched: false,
+    }
+}
+
+pub(crate) fn read_record(store: &Store, agent: &AgentId, id: ItemId) -> Result<Option<Record>> {
+    store
+        .view()
+        .get(store.keyspace(CONTEXT_ITEMS), item_key(agent, id))
+        .map_err(|e| storage_error("read a context item", e))?
+        .map(|bytes| Record::decode(&bytes))
+        .transpose()
+}
+
+pub(crate) fn read_block(store: &Store, agent: &AgentId, id: ItemId) -> Result<Option<Vec<u8>>> {
+    Ok(store
+        .view()
+        .get(store.keyspace(CONTEXT_BLOCKS), item_key(agent, id))
+        .map_err(|e| storage_error("read a context block", e))?
+        .map(|bytes| bytes.to_vec()))
+}

@@ -1,0 +1,356 @@
+//! The migrator: on a timer, off every reader's and writer's path, it ages
+//! items down the tiers of each agent over its budgets (and of all agents
+//! over the global ones), oldest generation and least important first;
+//! writes the accesses it has seen; and lets idle agents go, their memory
+//! tiers written to COOL first so that an idle agent costs no memory.
+//!
+//! Compression runs outside the agents' locks; an item is moved only if it
+//! is still where it was when chosen. A demotion to disk is one store write
+//! that replaces the block and the record together; if it fails (a full
+//! disk), the items stay where they are and nothing is lost.
+
+use crate::codec::{self, Codec, Tier};
+use crate::contexts::{Contexts, Slot, SlotState};
+use crate::item::{ItemId, Record, item_key};
+use crate::state::{AgentContext, Resident};
+use crate::{CONTEXT_ACCESS, CONTEXT_BLOCKS, CONTEXT_ITEMS, CONTEXT_MODEL};
+use bbx_core::{AgentId, Result};
+use bbx_store::{Applied, GroupTx, PutWherePresent, Staged};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// An item chosen to move down a tier.
+struct Move {
+    agent: AgentId,
+    id: ItemId,
+    from: Resident,
+    /// How its block on disk is encoded now.
+    disk: Codec,
+    to: Tier,
+}
+
+/// A move within memory (or out of it, where the disk holds the tier's
+/// block already): the agent, the item, where it was and where it goes.
+type InMemory = (AgentId, ItemId, Resident, Resident);
+
+/// A rewrite on disk, and where the item was in memory when it was chosen.
+type ToDisk = (Recode, Resident);
+
+/// A block rewritten on disk, with its record.
+#[derive(Debug)]
+struct Recode {
+    agent: AgentId,
+    id: ItemId,
+    codec: Codec,
+    block: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Recodes(Vec<Recode>);
+
+impl Staged for Recodes {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        tx.all_or_nothing(|tx| {
+            for recode in &self.0 {
+                let key = item_key(&recode.agent, recode.id);
+                let Some(bytes) = tx.read(CONTEXT_ITEMS, &key)? else {
+                    continue;
+                };
+                let mut record = Record::decode(&bytes)?;
+                record.codec = recode.codec;
+                record.stored_bytes = recode.block.len() as u32;
+                tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
+                tx.put(CONTEXT_BLOCKS, key, recode.block.clone());
+            }
+            Ok(Applied::Done)
+        })
+    }
+}
+
+/// The importance model, saved.
+#[derive(Debug)]
+pub(crate) struct PutModel(pub Vec<u8>);
+
+impl Staged for PutModel {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        tx.put(CONTEXT_MODEL, b"importance".to_vec(), self.0.clone());
+        Ok(Applied::Done)
+    }
+}
+
+impl Contexts {
+    pub(crate) async fn migrate_until(self, stopping: CancellationToken) {
+        let every = Duration::from_millis(self.0.config.migrate_every_ms);
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopping.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            if let Err(e) = self.migrate_once(false).await {
+                tracing::warn!(error = %e, "the context migrator failed a round");
+            }
+        }
+        // The accesses seen since the last round.
+        let _ = self.migrate_once(true).await;
+    }
+
+    /// One round; `accesses_only` at shutdown.
+    pub async fn migrate_once(&self, accesses_only: bool) -> Result<()> {
+        let mut slots: Vec<(AgentId, Arc<Slot>)> = self.0.agents.read().iter().map(|(a, s)| (*a, s.clone())).collect();
+        let idle_after = Duration::from_secs(self.0.config.idle_secs);
+        let mut accesses = Vec::new();
+        let mut moves = Vec::new();
+        let mut idle = Vec::new();
+        let mut used: Vec<(std::time::Instant, usize)> = Vec::new();
+        for (i, (agent, slot)) in slots.iter().enumerate() {
+            let mut state = slot.state.lock();
+            let SlotState::Loaded(ctx) = &mut *state else { continue };
+            let mut dirty = std::mem::take(&mut ctx.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for id in dirty {
+                if let Some(entry) = ctx.items.get(&id) {
+                    accesses.push((item_key(agent, id), entry.access.encode()));
+                }
+            }
+            if accesses_only {
+                continue;
+            }
+            let is_idle = ctx.used.elapsed() >= idle_after;
+            if is_idle {
+                idle.push(*agent);
+            }
+            used.push((ctx.used, i));
+            let budgets = self.0.config.agent;
+            let (hot, warm, cool) = if is_idle {
+                (0, 0, budgets.cool_bytes)
+            } else {
+                (budgets.hot_bytes, budgets.warm_bytes, budgets.cool_bytes)
+            };
+            self.choose(agent, ctx, Tier::Hot, hot, &mut moves);
+            self.choose(agent, ctx, Tier::Warm, warm, &mut moves);
+            self.choose(agent, ctx, Tier::Cool, cool, &mut moves);
+        }
+        if !accesses_only {
+            // Over the global budgets, the agents used longest ago give first.
+            used.sort();
+            for (tier, limit, total) in [
+                (Tier::Hot, self.0.config.global.hot_bytes, &self.0.totals.hot),
+                (Tier::Warm, self.0.config.global.warm_bytes, &self.0.totals.warm),
+            ] {
+                let mut excess = total.load(Ordering::Relaxed).saturating_sub(limit);
+                for (_, i) in &used {
+                    if excess == 0 {
+                        break;
+                    }
+                    let (agent, slot) = &slots[*i];
+                    let mut state = slot.state.lock();
+                    let SlotState::Loaded(ctx) = &mut *state else { continue };
+                    let held = ctx.bytes[tier as usize];
+                    let keep = held.saturating_sub(excess);
+                    excess -= held - keep;
+                    self.choose(agent, ctx, tier, keep, &mut moves);
+                }
+            }
+        }
+        if !accesses.is_empty() {
+            self.store()?
+                .write(PutWherePresent {
+                    guard: CONTEXT_ITEMS,
+                    target: CONTEXT_ACCESS,
+                    writes: accesses,
+                })
+                .await?;
+        }
+        self.apply(moves).await;
+        if !accesses_only {
+            self.let_go(&mut slots, &idle);
+        }
+        Ok(())
+    }
+
+    /// Chooses items of `tier` to move down until what it holds is within
+    /// `limit`: the oldest generation first, then the least important.
+    /// Pinned items stay HOT.
+    fn choose(&self, agent: &AgentId, ctx: &AgentContext, tier: Tier, limit: u64, moves: &mut Vec<Move>) {
+        let held = ctx.bytes[tier as usize];
+        if held <= limit {
+            return;
+        }
+        let candidates: Vec<ItemId> = ctx
+            .items
+            .values()
+            .filter(|e| e.tier() == tier && !(e.record.pinned && tier == Tier::Hot))
+            .map(|e| e.record.id)
+            .collect();
+        let scores = self.scores(ctx, &candidates);
+        let mut order: Vec<(u64, f64, ItemId)> = candidates
+            .iter()
+            .zip(scores)
+            .map(|(id, score)| (ctx.items[id].generation, score, *id))
+            .collect();
+        order.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let mut freed = 0;
+        for (_, _, id) in order {
+            if held - freed <= limit {
+                break;
+            }
+            let entry = &ctx.items[&id];
+            freed += entry.tier_bytes();
+            let to = match tier {
+                Tier::Hot => Tier::Warm,
+                Tier::Warm => Tier::Cool,
+                Tier::Cool | Tier::Cold => Tier::Cold,
+            };
+            moves.push(Move {
+                agent: *agent,
+                id,
+                from: entry.resident.clone(),
+                disk: entry.record.codec,
+                to,
+            });
+        }
+    }
+
+    /// Carries out the moves: compresses outside the locks, writes what goes
+    /// to disk in one write, and moves in memory only what is still where it
+    /// was.
+    async fn apply(&self, moves: Vec<Move>) {
+        if moves.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let Ok(Ok((to_memory, recodes))) = tokio::task::spawn_blocking(move || this.encode_moves(moves)).await else {
+            return;
+        };
+        for (agent, id, from, to) in to_memory {
+            let _ = self.with(agent, |ctx| {
+                if ctx.items.get(&id).is_some_and(|e| same(&e.resident, &from)) {
+                    ctx.set_resident(id, to, None);
+                }
+            });
+        }
+        if recodes.is_empty() {
+            return;
+        }
+        let Ok(store) = self.store() else { return };
+        let written: Vec<(AgentId, ItemId, Resident, Codec, u32)> = recodes
+            .iter()
+            .map(|(r, from)| (r.agent, r.id, from.clone(), r.codec, r.block.len() as u32))
+            .collect();
+        let recodes = Recodes(recodes.into_iter().map(|(r, _)| r).collect());
+        if let Err(e) = store.write(recodes).await {
+            self.0
+                .demote_failures
+                .fetch_add(written.len() as u64, Ordering::Relaxed);
+            tracing::warn!(error = %e, items = written.len(), "context items could not be demoted to disk; they stay where they are");
+            return;
+        }
+        for (agent, id, from, codec, bytes) in written {
+            let _ = self.with(agent, |ctx| {
+                let Some(entry) = ctx.items.get(&id) else { return };
+                let resident = if same(&entry.resident, &from) {
+                    Resident::None
+                } else {
+                    // Accessed meanwhile: it stays in memory; its disk copy changed.
+                    entry.resident.clone()
+                };
+                if entry.prefetched && matches!(resident, Resident::None) {
+                    tracing::trace!(%agent, id, "a prefetched item went unused");
+                }
+                ctx.set_resident(id, resident, Some((codec, bytes)));
+            });
+        }
+    }
+
+    fn encode_moves(&self, moves: Vec<Move>) -> Result<(Vec<InMemory>, Vec<ToDisk>)> {
+        let config = &self.0.config;
+        let mut to_memory = Vec::new();
+        let mut recodes = Vec::new();
+        for Move {
+            agent,
+            id,
+            from,
+            disk,
+            to,
+        } in moves
+        {
+            let on_disk_already = match to {
+                Tier::Cool => disk != Codec::Lz4,
+                Tier::Cold => disk == Codec::ZstdHigh,
+                Tier::Hot | Tier::Warm => false,
+            };
+            if on_disk_already {
+                // Its block is already what the tier keeps: memory lets go.
+                to_memory.push((agent, id, from, Resident::None));
+                continue;
+            }
+            let content: Arc<str> = match &from {
+                Resident::Hot(content) => content.clone(),
+                Resident::Warm(block) => codec::decode(block)?.into(),
+                Resident::None => match crate::contexts::read_block(self.store()?, &agent, id)? {
+                    Some(block) => codec::decode(&block)?.into(),
+                    None => continue,
+                },
+            };
+            match to {
+                Tier::Hot => {}
+                Tier::Warm => {
+                    let block = codec::encode(&content, Codec::Lz4, 0)?;
+                    to_memory.push((agent, id, from, Resident::Warm(block.into())));
+                }
+                Tier::Cool | Tier::Cold => {
+                    let (codec, level) = if to == Tier::Cool {
+                        (Codec::Zstd, config.cool_level)
+                    } else {
+                        (Codec::ZstdHigh, config.cold_level)
+                    };
+                    let block = codec::encode(&content, codec, level)?;
+                    recodes.push((
+                        Recode {
+                            agent,
+                            id,
+                            codec,
+                            block,
+                        },
+                        from,
+                    ));
+                }
+            }
+        }
+        Ok((to_memory, recodes))
+    }
+
+    /// Lets go of idle agents that hold nothing in memory and that nobody is
+    /// using right now.
+    fn let_go(&self, slots: &mut Vec<(AgentId, Arc<Slot>)>, idle: &[AgentId]) {
+        slots.retain(|(agent, _)| idle.contains(agent));
+        let mut agents = self.0.agents.write();
+        for (agent, slot) in slots.drain(..) {
+            let empty = match &*slot.state.lock() {
+                SlotState::Loaded(ctx) => {
+                    ctx.bytes[Tier::Hot as usize] == 0 && ctx.bytes[Tier::Warm as usize] == 0 && ctx.dirty.is_empty()
+                }
+                SlotState::Loading(_) => false,
+            };
+            // Two holders: the map, and `slot` here.
+            if empty && Arc::strong_count(&slot) == 2 {
+                agents.remove(&agent);
+            }
+        }
+    }
+}
+
+/// Whether two residencies are the same copy.
+fn same(a: &Resident, b: &Resident) -> bool {
+    match (a, b) {
+        (Resident::Hot(a), Resident::Hot(b)) => Arc::ptr_eq(a, b),
+        (Resident::Warm(a), Resident::Warm(b)) => Arc::ptr_eq(a, b),
+        (Resident::None, Resident::None) => true,
+        _ => false,
+    }
+}

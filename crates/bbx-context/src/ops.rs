@@ -1,0 +1,436 @@
+//! The context op kinds, so quotas, flow checks, idempotency and the journal
+//! apply to context as to every other act of an agent: `context.put`,
+//! `context.pin`, `context.delete` and `context.demote` (effects staged with
+//! their completion), `context.get`, `context.list`, `context.stats` and
+//! `context.score` (reads), `context.assemble` and `context.prefetch` (tasks:
+//! they may read from disk).
+
+use crate::codec::{self, Codec, Tier};
+use crate::contexts::{Contexts, SEQUENCE, not_found};
+use crate::item::{ItemId, Kind, Record, Role, agent_key, item_key};
+use crate::{CONTEXT_ACCESS, CONTEXT_AGENTS, CONTEXT_BLOCKS, CONTEXT_ITEMS};
+use bbx_component::{EffectOp, OpKind, Pending, Prepared, ReadOp, Running, Staging, TaskContext, TaskOp, parse_args};
+use bbx_core::op::Effects;
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::{GroupTx, Store};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+const fn kind(name: &'static str, effects: Effects) -> OpKind {
+    OpKind { name, effects }
+}
+
+pub(crate) const KINDS: &[OpKind] = &[
+    kind("context.put", Effects::Kernel),
+    kind("context.get", Effects::None),
+    kind("context.list", Effects::None),
+    kind("context.pin", Effects::Kernel),
+    kind("context.delete", Effects::Kernel),
+    kind("context.demote", Effects::Kernel),
+    kind("context.assemble", Effects::None),
+    kind("context.stats", Effects::None),
+    kind("context.prefetch", Effects::None),
+    kind("context.score", Effects::None),
+];
+
+/// `context.put`'s args.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutArgs {
+    /// The text (a message, a tool's result, a document, a note).
+    pub content: String,
+    #[serde(default)]
+    pub kind: Kind,
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// Always in an assembled window, at its head, and kept HOT.
+    #[serde(default)]
+    pub pinned: bool,
+    /// How important the writer says it is, 0 to 1.
+    #[serde(default)]
+    pub importance: Option<f32>,
+    /// Earlier items it refers to.
+    #[serde(default)]
+    pub refs: Vec<ItemId>,
+}
+
+/// Args naming one item.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ItemArgs {
+    pub id: ItemId,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PinArgs {
+    pub id: ItemId,
+    /// false unpins [default: true].
+    #[serde(default = "yes")]
+    pub pinned: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeleteArgs {
+    /// All must exist, or none is deleted.
+    pub ids: Vec<ItemId>,
+}
+
+/// Where an operator may demote an item to.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DiskTier {
+    Cool,
+    Cold,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DemoteArgs {
+    pub id: ItemId,
+    pub tier: DiskTier,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListArgs {
+    /// Items after this id [default: from the first].
+    #[serde(default)]
+    pub after: Option<ItemId>,
+    /// At most this many, 1 to 1000 [default: 100].
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub tier: Option<Tier>,
+    #[serde(default)]
+    pub kind: Option<Kind>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AssembleArgs {
+    /// The most tokens the window may take.
+    pub budget: u32,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PrefetchArgs {
+    /// Items about to be needed.
+    pub ids: Vec<ItemId>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatsArgs {}
+
+pub(crate) fn args_schema(kind: &str) -> Option<Value> {
+    let schema = match kind {
+        "context.put" => schemars::schema_for!(PutArgs),
+        "context.get" | "context.score" => schemars::schema_for!(ItemArgs),
+        "context.list" => schemars::schema_for!(ListArgs),
+        "context.pin" => schemars::schema_for!(PinArgs),
+        "context.delete" => schemars::schema_for!(DeleteArgs),
+        "context.demote" => schemars::schema_for!(DemoteArgs),
+        "context.assemble" => schemars::schema_for!(AssembleArgs),
+        "context.prefetch" => schemars::schema_for!(PrefetchArgs),
+        "context.stats" => schemars::schema_for!(StatsArgs),
+        _ => return None,
+    };
+    serde_json::to_value(schema).ok()
+}
+
+/// The most ids one delete or prefetch takes, and the most refs of an item.
+const MAX_IDS: usize = 1000;
+
+fn check_ids(field: &str, ids: &mut Vec<ItemId>) -> Result<()> {
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() || ids.len() > MAX_IDS {
+        return Err(Error::invalid_field(field, format!("give from 1 to {MAX_IDS} ids")));
+    }
+    Ok(())
+}
+
+pub(crate) fn prepare(contexts: &Contexts, kind: &str, args: &Value) -> Result<Prepared> {
+    let contexts = contexts.clone();
+    Ok(match kind {
+        "context.put" => Prepared::Effect(Arc::new(Put::new(&contexts, parse_args(kind, args)?)?)),
+        "context.get" => {
+            let ItemArgs { id } = parse_args(kind, args)?;
+            Prepared::Read(Arc::new(Read(contexts, ReadKind::Get(id))))
+        }
+        "context.score" => {
+            let ItemArgs { id } = parse_args(kind, args)?;
+            Prepared::Read(Arc::new(Read(contexts, ReadKind::Score(id))))
+        }
+        "context.list" => {
+            let args: ListArgs = parse_args(kind, args)?;
+            if args.limit.is_some_and(|limit| !(1..=1000).contains(&limit)) {
+                return Err(Error::invalid_field("limit", "must be 1 to 1000"));
+            }
+            Prepared::Read(Arc::new(Read(contexts, ReadKind::List(args))))
+        }
+        "context.stats" => {
+            let StatsArgs {} = parse_args(kind, args)?;
+            Prepared::Read(Arc::new(Read(contexts, ReadKind::Stats)))
+        }
+        "context.pin" => {
+            let PinArgs { id, pinned } = parse_args(kind, args)?;
+            Prepared::Effect(Arc::new(Pin { id, pinned }))
+        }
+        "context.delete" => {
+            let DeleteArgs { mut ids } = parse_args(kind, args)?;
+            check_ids("ids", &mut ids)?;
+            Prepared::Effect(Arc::new(Delete { ids }))
+        }
+        "context.demote" => {
+            let DemoteArgs { id, tier } = parse_args(kind, args)?;
+            Prepared::Effect(Arc::new(Demote {
+                contexts,
+                id,
+                tier,
+                block: Arc::default(),
+            }))
+        }
+        "context.assemble" => {
+            let AssembleArgs { budget } = parse_args(kind, args)?;
+            if budget == 0 {
+                return Err(Error::invalid_field("budget", "must be at least 1 token"));
+            }
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Assemble(budget))))
+        }
+        "context.prefetch" => {
+            let PrefetchArgs { mut ids } = parse_args(kind, args)?;
+            check_ids("ids", &mut ids)?;
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Prefetch(ids))))
+        }
+        _ => return Err(Error::internal(format!("context serves no op kind {kind}"))),
+    })
+}
+
+#[derive(Debug)]
+struct Put {
+    args: PutArgs,
+    tokens: u32,
+    block: Vec<u8>,
+}
+
+impl Put {
+    fn new(contexts: &Contexts, mut args: PutArgs) -> Result<Self> {
+        let max = contexts.0.config.max_item_bytes;
+        if args.content.len() > max {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the item is {} bytes; context.max_item_bytes is {max}",
+                    args.content.len()
+                ),
+            ));
+        }
+        if args.importance.is_some_and(|i| !(0.0..=1.0).contains(&i)) {
+            return Err(Error::invalid_field("importance", "must be from 0 to 1"));
+        }
+        if !args.refs.is_empty() {
+            check_ids("refs", &mut args.refs)?;
+        }
+        let tokens = contexts.counter().count(&args.content);
+        let block = codec::encode(&args.content, Codec::Lz4, 0)?;
+        Ok(Self { args, tokens, block })
+    }
+}
+
+impl EffectOp for Put {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let agent = staging.agent;
+        let sequence = agent_key(agent, SEQUENCE);
+        let last = tx
+            .read(CONTEXT_AGENTS, &sequence)?
+            .and_then(|b| b.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        for id in &self.args.refs {
+            if tx.read(CONTEXT_ITEMS, &item_key(agent, *id))?.is_none() {
+                return Err(Error::invalid_field(
+                    "refs",
+                    format!("the agent's context has no item {id}"),
+                ));
+            }
+        }
+        let id = last + 1;
+        let record = Record {
+            id,
+            kind: self.args.kind,
+            role: self.args.role,
+            tokens: self.tokens,
+            bytes: self.args.content.len() as u32,
+            pinned: self.args.pinned,
+            importance: self.args.importance,
+            created: staging.at,
+            refs: self.args.refs.clone(),
+            codec: Codec::Lz4,
+            stored_bytes: self.block.len() as u32,
+            labels: staging.labels.to_vec(),
+        };
+        let key = item_key(agent, id);
+        tx.put(CONTEXT_AGENTS, sequence, id.to_be_bytes().to_vec());
+        tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
+        tx.put(CONTEXT_BLOCKS, key, self.block.clone());
+        Ok(json!({ "id": id, "tokens": self.tokens, "tier": Tier::Hot }))
+    }
+}
+
+fn stored_record(tx: &GroupTx<'_>, agent: &AgentId, id: ItemId) -> Result<Record> {
+    let bytes = tx
+        .read(CONTEXT_ITEMS, &item_key(agent, id))?
+        .ok_or_else(|| not_found(id))?;
+    Record::decode(&bytes)
+}
+
+#[derive(Debug)]
+struct Pin {
+    id: ItemId,
+    pinned: bool,
+}
+
+impl EffectOp for Pin {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let mut record = stored_record(tx, staging.agent, self.id)?;
+        record.pinned = self.pinned;
+        tx.put(CONTEXT_ITEMS, item_key(staging.agent, self.id), record.encode());
+        Ok(json!({ "id": self.id, "pinned": self.pinned }))
+    }
+}
+
+#[derive(Debug)]
+struct Delete {
+    ids: Vec<ItemId>,
+}
+
+impl EffectOp for Delete {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        for id in &self.ids {
+            stored_record(tx, staging.agent, *id)?;
+        }
+        for id in &self.ids {
+            let key = item_key(staging.agent, *id);
+            for keyspace in [CONTEXT_ITEMS, CONTEXT_BLOCKS, CONTEXT_ACCESS] {
+                tx.remove(keyspace, key.clone());
+            }
+        }
+        Ok(json!({ "deleted": self.ids }))
+    }
+}
+
+/// A block and its codec.
+type Encoded = (Codec, Vec<u8>);
+
+#[derive(Debug)]
+struct Demote {
+    contexts: Contexts,
+    id: ItemId,
+    tier: DiskTier,
+    /// The block, encoded for the tier before the op is staged.
+    block: Arc<Mutex<Option<Encoded>>>,
+}
+
+impl EffectOp for Demote {
+    fn ready(&self, agent: AgentId) -> Option<Pending<'static, ()>> {
+        let (contexts, id, slot) = (self.contexts.clone(), self.id, self.block.clone());
+        let (codec, level) = match self.tier {
+            DiskTier::Cool => (Codec::Zstd, self.contexts.0.config.cool_level),
+            DiskTier::Cold => (Codec::ZstdHigh, self.contexts.0.config.cold_level),
+        };
+        Some(Box::pin(async move {
+            let block = tokio::task::spawn_blocking(move || {
+                let content = contexts.content(agent, id)?;
+                codec::encode(&content, codec, level)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("encoding an item failed: {e}")))??;
+            *slot.lock() = Some((codec, block));
+            Ok(())
+        }))
+    }
+
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let mut record = stored_record(tx, staging.agent, self.id)?;
+        if record.pinned {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                format!("item {} is pinned: unpin it before demoting it", self.id),
+            ));
+        }
+        let Some((codec, block)) = self.block.lock().clone() else {
+            return Err(Error::internal("the demoted block was not encoded"));
+        };
+        record.codec = codec;
+        record.stored_bytes = block.len() as u32;
+        let key = item_key(staging.agent, self.id);
+        tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
+        tx.put(CONTEXT_BLOCKS, key, block);
+        Ok(json!({ "id": self.id, "tier": codec.disk_tier() }))
+    }
+}
+
+#[derive(Debug)]
+enum ReadKind {
+    Get(ItemId),
+    Score(ItemId),
+    List(ListArgs),
+    Stats,
+}
+
+#[derive(Debug)]
+struct Read(Contexts, ReadKind);
+
+impl ReadOp for Read {
+    fn read(&self, _store: &Store, agent: &AgentId) -> Result<Value> {
+        match &self.1 {
+            ReadKind::Get(id) => Ok(crate::views::item(&self.0.get(*agent, *id)?)),
+            ReadKind::Score(id) => self.0.score(*agent, *id),
+            ReadKind::List(args) => self.0.list(*agent, args),
+            ReadKind::Stats => self.0.stats(*agent),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum TaskKind {
+    Assemble(u32),
+    Prefetch(Vec<ItemId>),
+}
+
+#[derive(Debug)]
+struct Task(Contexts, TaskKind);
+
+impl TaskOp for Task {
+    fn effects(&self) -> Effects {
+        Effects::None
+    }
+
+    fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
+        let (contexts, agent) = (self.0.clone(), ctx.agent);
+        let work: Box<dyn FnOnce() -> Result<Value> + Send> = match &self.1 {
+            TaskKind::Assemble(budget) => {
+                let budget = *budget;
+                Box::new(move || contexts.assemble(agent, budget))
+            }
+            TaskKind::Prefetch(ids) => {
+                let ids = ids.clone();
+                Box::new(move || Ok(json!({ "promoted": contexts.prefetch(agent, &ids)? })))
+            }
+        };
+        Box::pin(async move {
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| Error::internal(format!("a context task failed: {e}")))?
+        })
+    }
+}
