@@ -475,7 +475,7 @@ impl bbx_store::Staged for Import {
 
 /// A component: the op kinds it serves, how their ops are prepared, and its part
 /// in the life of agents and of the kernel.
-pub trait Component: Send + Sync + 'static {
+pub trait Component: Send + Sync + std::any::Any {
     /// The component's name, e.g. `state`, for errors and listings.
     fn name(&self) -> &'static str;
 
@@ -731,6 +731,15 @@ impl Components {
     /// The component named `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Component>> {
         self.all.iter().find(|component| component.name() == name)
+    }
+
+    /// The registered component of type `T`, as itself (an embedder's or a
+    /// benchmark's handle on it).
+    pub fn typed<T: Component>(&self) -> Option<Arc<T>> {
+        self.all.iter().find_map(|component| {
+            let any: Arc<dyn std::any::Any + Send + Sync> = component.clone();
+            any.downcast::<T>().ok()
+        })
     }
 
     /// Runs every component's recovery step, in registration order.

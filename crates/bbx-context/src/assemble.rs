@@ -62,6 +62,9 @@ pub struct Settings {
     pub summary_tokens: u32,
 }
 
+/// A summary smaller than this says nothing: it is left out.
+const MIN_SUMMARY_TOKENS: u64 = 16;
+
 fn part_tokens(part: &Part, tokens: &FxHashMap<ItemId, u32>) -> u64 {
     match part {
         Part::Item(id) => u64::from(tokens.get(id).copied().unwrap_or(0)),
@@ -225,8 +228,13 @@ fn compact(
         .cloned()
         .collect();
     let mut compacted: Vec<Part> = body[..prefix_end].to_vec();
-    if !evicted.is_empty() {
-        compacted.push(summarize(&evicted, summary_cap as u32)?);
+    // What the summary may take: never past the budget, whatever it was given.
+    let cap = summary_cap.min(u64::from(budget).saturating_sub(used + tail_tokens + important_tokens));
+    if !evicted.is_empty() && cap >= MIN_SUMMARY_TOKENS {
+        let summary = summarize(&evicted, cap as u32)?;
+        if part_tokens(&summary, tokens) <= cap {
+            compacted.push(summary);
+        }
     }
     compacted.extend(
         span.iter()
@@ -330,6 +338,34 @@ mod tests {
         })
         .unwrap();
         assert_eq!(plan2.prefix_parts, 2, "the head and item 2 are still shared");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_window_fits_its_budget_and_holds_each_item_once(
+            sizes in proptest::collection::vec((1u32..400, proptest::bool::weighted(0.05)), 1..120),
+            budget in 1u32..6000,
+            deleted in proptest::collection::vec(1u64..120, 0..4),
+        ) {
+            let all: Vec<Candidate> = sizes.iter().enumerate().map(|(i, (tokens, head))| Candidate { id: i as u64 + 1, tokens: *tokens, head: *head }).collect();
+            let head_tokens: u64 = all.iter().filter(|c| c.head).map(|c| u64::from(c.tokens)).sum();
+            let Ok(first) = plan(&all, None, budget, SETTINGS, summary_of, |ids| ids.iter().map(|id| (id % 3) as f64 / 2.0).collect()) else {
+                proptest::prop_assert!(head_tokens > u64::from(budget));
+                return Ok(());
+            };
+            let rest: Vec<Candidate> = all.iter().copied().filter(|c| !deleted.contains(&c.id)).collect();
+            let second = plan(&rest, Some(&first.assembly), budget, SETTINGS, summary_of, |ids| vec![0.7; ids.len()]).unwrap();
+            for (plan, candidates) in [(&first, &all), (&second, &rest)] {
+                proptest::prop_assert!(plan.tokens <= u64::from(budget), "{} > {budget}", plan.tokens);
+                let mut seen: Vec<u64> = plan.assembly.head.iter().copied().chain(covered(&plan.assembly.body)).collect();
+                let shown = seen.len();
+                seen.sort_unstable();
+                seen.dedup();
+                proptest::prop_assert_eq!(seen.len(), shown, "an item twice");
+                proptest::prop_assert!(seen.iter().all(|id| candidates.iter().any(|c| c.id == *id)), "a deleted item");
+                proptest::prop_assert!(candidates.iter().filter(|c| c.head).all(|c| plan.assembly.head.contains(&c.id)));
+            }
+        }
     }
 
     #[test]

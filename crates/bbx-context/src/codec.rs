@@ -76,6 +76,10 @@ impl Codec {
 
 const HEADER: usize = 9;
 
+/// The most content a block may claim: the largest item the configuration
+/// allows. A header claiming more is damaged, and no buffer is sized by it.
+const MAX_CONTENT: usize = 64 * 1024 * 1024;
+
 /// `content` as a block of `codec`; `level` is zstd's.
 pub fn encode(content: &str, codec: Codec, level: i32) -> Result<Vec<u8>> {
     let mut block = Vec::with_capacity(HEADER + content.len() / 2);
@@ -117,6 +121,9 @@ pub fn decode(block: &[u8]) -> Result<String> {
     let codec = codec_of(block)?;
     let crc = u32::from_le_bytes([block[1], block[2], block[3], block[4]]);
     let len = u32::from_le_bytes([block[5], block[6], block[7], block[8]]) as usize;
+    if len > MAX_CONTENT {
+        return Err(corrupt("its length is impossible"));
+    }
     let payload = &block[HEADER..];
     let bytes = match codec {
         Codec::Lz4 => lz4_flex::block::decompress(payload, len).map_err(corrupt)?,

@@ -37,8 +37,8 @@ pub(crate) struct Inner {
     pub model: RwLock<Option<Arc<Model>>>,
     pub training: Mutex<TrainingSet>,
     pub training_busy: AtomicBool,
-    pub prefetch_issued: AtomicU64,
-    pub prefetch_hits: AtomicU64,
+    /// Moves down a tier that failed (a damaged block, a full disk), for
+    /// the logs and metrics: not any one agent's figure.
     pub demote_failures: AtomicU64,
 }
 
@@ -91,8 +91,6 @@ impl Contexts {
             model: RwLock::new(None),
             training: Mutex::default(),
             training_busy: AtomicBool::new(false),
-            prefetch_issued: AtomicU64::new(0),
-            prefetch_hits: AtomicU64::new(0),
             demote_failures: AtomicU64::new(0),
         })))
     }
@@ -129,6 +127,12 @@ impl Contexts {
         let this = self.clone();
         let stopping = ctx.stopping.clone();
         ctx.tasks.spawn(async move { this.migrate_until(stopping).await });
+        let store = ctx.store.clone();
+        ctx.tasks.spawn(async move {
+            if let Err(e) = crate::forget::forget_orphans(&store).await {
+                tracing::warn!(error = %e, "the context of deleted agents could not be removed (the next start tries again)");
+            }
+        });
         Ok(())
     }
 
@@ -144,7 +148,14 @@ impl Contexts {
             if matches!(*slot.state.lock(), SlotState::Loaded(_)) {
                 return Ok(slot.clone());
             }
-            let mut loaded = self.load(agent)?;
+            let mut loaded = match self.load(agent) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    // The next use tries again from scratch.
+                    self.0.agents.write().remove(&agent);
+                    return Err(e);
+                }
+            };
             let mut state = slot.state.lock();
             if let SlotState::Loading(arrived) = std::mem::take(&mut *state) {
                 // What committed after the load's view is read again.
@@ -155,19 +166,37 @@ impl Contexts {
         Ok(slot)
     }
 
-    /// Runs `f` on the agent's context, loading it first if need be.
+    /// Runs `f` on the agent's context, loading it first if need be: a use
+    /// of the agent (it is not idle).
     pub(crate) fn with<T>(&self, agent: AgentId, f: impl FnOnce(&mut AgentContext) -> T) -> Result<T> {
         let slot = self.slot(agent)?;
         let mut state = slot.state.lock();
         match &mut *state {
-            SlotState::Loaded(ctx) => Ok(f(ctx)),
+            SlotState::Loaded(ctx) => {
+                ctx.used = std::time::Instant::now();
+                Ok(f(ctx))
+            }
             SlotState::Loading(_) => Err(Error::unavailable("the agent's context is loading; try again")),
         }
     }
 
-    /// The agent's items from the store: records and accesses; of the items
-    /// that were in memory (lz4 on disk), the newest come back HOT, as many as
-    /// the agent's HOT budget holds, and the rest WARM.
+    /// Runs `f` on the agent's context if it is in memory, without making it
+    /// used: the migrator's way in (it never loads an agent, nor brings back
+    /// one that was let go or deleted).
+    pub(crate) fn with_loaded(&self, agent: AgentId, f: impl FnOnce(&mut AgentContext)) {
+        let Some(slot) = self.0.agents.read().get(&agent).cloned() else {
+            return;
+        };
+        if let SlotState::Loaded(ctx) = &mut *slot.state.lock() {
+            f(ctx);
+        }
+    }
+
+    /// The agent's items from the store: records and accesses. Pinned items
+    /// come back HOT; of the others that were in memory (lz4 on disk), the
+    /// newest come back HOT, as many as the agent's HOT budget holds, and the
+    /// rest WARM. A block that does not decode stays where it is, and a read
+    /// of it reports the damage.
     fn load(&self, agent: AgentId) -> Result<AgentContext> {
         let store = self.store()?;
         let view = store.view();
@@ -179,32 +208,46 @@ impl Contexts {
                 accesses.insert(id, Access::decode(&value));
             }
         }
-        let mut ctx = AgentContext::new(self.0.totals.clone());
-        let mut hot_room = self.0.config.agent.hot_bytes;
-        for kv in view.prefix(store.keyspace(CONTEXT_ITEMS), prefix).rev() {
+        let mut records = Vec::new();
+        for kv in view.prefix(store.keyspace(CONTEXT_ITEMS), prefix) {
             let (key, value) = kv.into_inner().map_err(|e| storage_error("load a context", e))?;
             let Some(id) = parse_item_key(&key) else { continue };
-            let record = match Record::decode(&value) {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::error!(error = %e, %agent, id, "a context item does not decode: it is left out");
-                    continue;
-                }
+            match Record::decode(&value) {
+                Ok(record) => records.push(record),
+                Err(e) => tracing::error!(error = %e, %agent, id, "a context item does not decode: it is left out"),
+            }
+        }
+        let mut hot_room = self.0.config.agent.hot_bytes;
+        let mut residents = Vec::with_capacity(records.len());
+        for record in records.iter().rev() {
+            let in_memory = record.pinned || record.codec == Codec::Lz4;
+            let block = if in_memory {
+                read_block(store, &agent, record.id)?
+            } else {
+                None
             };
-            let access = accesses.get(&id).copied().unwrap_or_default();
+            residents.push(match block {
+                Some(block) if record.pinned || u64::from(record.bytes) <= hot_room => match codec::decode(&block) {
+                    Ok(content) => {
+                        if !record.pinned {
+                            hot_room -= u64::from(record.bytes);
+                        }
+                        Resident::Hot(content.into())
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, %agent, id = record.id, "a context block is damaged");
+                        Resident::None
+                    }
+                },
+                Some(block) if record.codec == Codec::Lz4 => Resident::Warm(block.into()),
+                _ => Resident::None,
+            });
+        }
+        let mut ctx = AgentContext::new(self.0.totals.clone());
+        // Oldest first, so each item finds the items it refers to.
+        for (record, resident) in records.into_iter().zip(residents.into_iter().rev()) {
+            let access = accesses.get(&record.id).copied().unwrap_or_default();
             ctx.step = ctx.step.max(access.step);
-            let block = match record.codec {
-                Codec::Lz4 => read_block(store, &agent, id)?,
-                Codec::Zstd | Codec::ZstdHigh => None,
-            };
-            let resident = match block {
-                Some(block) if u64::from(record.bytes) <= hot_room => {
-                    hot_room -= u64::from(record.bytes);
-                    Resident::Hot(codec::decode(&block)?.into())
-                }
-                Some(block) => Resident::Warm(block.into()),
-                None => Resident::None,
-            };
             ctx.insert(entry(record, access, 0, resident));
         }
         if let Some(bytes) = view
@@ -240,6 +283,9 @@ impl Contexts {
 
     fn refresh_loaded(&self, agent: &AgentId, ctx: &mut AgentContext, ids: &[ItemId], change: Change) -> Result<()> {
         let added = change == Change::Added;
+        if added {
+            ctx.used = std::time::Instant::now();
+        }
         let store = self.store()?;
         let mut outcomes = Vec::new();
         for &id in ids {
@@ -306,16 +352,18 @@ impl Contexts {
             });
             importance::observe(ctx, self.0.config.reaccess_steps, &mut outcomes);
             let entry = ctx.items.get_mut(&id).ok_or_else(|| not_found(id))?;
-            if std::mem::take(&mut entry.prefetched) {
-                self.0.prefetch_hits.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok((
+            let hit = std::mem::take(&mut entry.prefetched);
+            let found = (
                 entry.record.clone(),
                 entry.resident.clone(),
                 entry.tier(),
                 entry.access,
                 follower,
-            ))
+            );
+            if hit {
+                ctx.prefetch.1 += 1;
+            }
+            Ok(found)
         })??;
         self.learn(outcomes);
         let content: Arc<str> = match resident {
@@ -345,6 +393,9 @@ impl Contexts {
                 return;
             }
             entry.prefetched = prefetched;
+            if prefetched {
+                ctx.prefetch.0 += 1;
+            }
             ctx.set_resident(id, Resident::Hot(content.clone()), None);
         });
         content
@@ -376,7 +427,6 @@ impl Contexts {
                     None => continue,
                 },
             };
-            self.0.prefetch_issued.fetch_add(1, Ordering::Relaxed);
             self.promote(agent, id, content, true);
             promoted += 1;
         }

@@ -198,6 +198,7 @@ pub(crate) fn endpoints(contexts: &Contexts) -> Vec<Endpoint> {
             "An agent's context items in order, without their content: kind, role, tokens, tier, pin and accesses; filter by tier or kind, page with after and limit.",
             |c: Contexts, caller, req: ListReq| async move {
                 c.may_read(&caller, &req.agent, "context.list")?;
+                req.args.check()?;
                 c.blocking(move |c| c.list(req.agent, &req.args)).await
             },
         ),
@@ -220,8 +221,9 @@ pub(crate) fn endpoints(contexts: &Contexts) -> Vec<Endpoint> {
             "context.prefetch",
             ("POST", "/v1/agents/{agent}/context/prefetch"),
             "Hint that items are about to be needed: they are brought into HOT now.",
-            |c: Contexts, caller, req: PrefetchReq| async move {
+            |c: Contexts, caller, mut req: PrefetchReq| async move {
                 c.may_read(&caller, &req.agent, "context.prefetch")?;
+                crate::ops::check_ids("ids", &mut req.ids)?;
                 let promoted = c.blocking(move |c| c.prefetch(req.agent, &req.ids)).await?;
                 Ok(json!({ "promoted": promoted }))
             },

@@ -5,6 +5,7 @@
 use crate::KEYSPACES;
 use bbx_core::{AgentId, Result};
 use bbx_store::{Applied, GroupTx, Staged, Store, storage_error};
+use fjall::Readable;
 
 /// Keys removed per step.
 const STEP: usize = 2000;
@@ -34,6 +35,37 @@ impl Staged for ForgetStep {
         }
         Ok(Applied::output(removed))
     }
+}
+
+/// Removes the context of agents that no longer exist: what a crash left
+/// behind of a deletion (each agent's context has its id sequence, so one
+/// key per agent is read).
+pub(crate) async fn forget_orphans(store: &Store) -> Result<()> {
+    let agents = store.keyspace(bbx_agents::AGENTS);
+    let view = store.view();
+    let mut orphans = Vec::new();
+    for kv in view.iter(store.keyspace(crate::CONTEXT_AGENTS)) {
+        let (key, _) = kv.into_inner().map_err(|e| storage_error("list contexts", e))?;
+        let Some(agent) = key
+            .get(..16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(AgentId::from_bytes)
+        else {
+            continue;
+        };
+        if key[16..] == *crate::contexts::SEQUENCE
+            && view
+                .get(agents, agent.as_bytes())
+                .map_err(|e| storage_error("read an agent", e))?
+                .is_none()
+        {
+            orphans.push(agent);
+        }
+    }
+    for agent in orphans {
+        forget_agent(store, agent).await?;
+    }
+    Ok(())
 }
 
 /// Removes all the agent's records, step by step.

@@ -43,6 +43,9 @@ type ToDisk = (Recode, Resident);
 struct Recode {
     agent: AgentId,
     id: ItemId,
+    /// The codec the block had when it was chosen: if another write changed
+    /// it since (an operator's demotion), this one gives way.
+    was: Codec,
     codec: Codec,
     block: Vec<u8>,
 }
@@ -59,6 +62,9 @@ impl Staged for Recodes {
                     continue;
                 };
                 let mut record = Record::decode(&bytes)?;
+                if record.codec != recode.was {
+                    continue;
+                }
                 record.codec = recode.codec;
                 record.stored_bytes = recode.block.len() as u32;
                 tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
@@ -103,6 +109,7 @@ impl Contexts {
         let mut slots: Vec<(AgentId, Arc<Slot>)> = self.0.agents.read().iter().map(|(a, s)| (*a, s.clone())).collect();
         let idle_after = Duration::from_secs(self.0.config.idle_secs);
         let mut accesses = Vec::new();
+        let mut flushed: Vec<(AgentId, Vec<ItemId>)> = Vec::new();
         let mut moves = Vec::new();
         let mut idle = Vec::new();
         let mut used: Vec<(std::time::Instant, usize)> = Vec::new();
@@ -112,11 +119,12 @@ impl Contexts {
             let mut dirty = std::mem::take(&mut ctx.dirty);
             dirty.sort_unstable();
             dirty.dedup();
-            for id in dirty {
-                if let Some(entry) = ctx.items.get(&id) {
-                    accesses.push((item_key(agent, id), entry.access.encode()));
+            for id in &dirty {
+                if let Some(entry) = ctx.items.get(id) {
+                    accesses.push((item_key(agent, *id), entry.access.encode()));
                 }
             }
+            flushed.push((*agent, dirty));
             if accesses_only {
                 continue;
             }
@@ -127,6 +135,7 @@ impl Contexts {
             used.push((ctx.used, i));
             let budgets = self.0.config.agent;
             let (hot, warm, cool) = if is_idle {
+                // Pinned items stay HOT; everything else goes to disk.
                 (0, 0, budgets.cool_bytes)
             } else {
                 (budgets.hot_bytes, budgets.warm_bytes, budgets.cool_bytes)
@@ -158,14 +167,22 @@ impl Contexts {
             }
         }
         if !accesses.is_empty() {
-            self.store()?
-                .write(PutWherePresent {
-                    guard: CONTEXT_ITEMS,
-                    target: CONTEXT_ACCESS,
-                    writes: accesses,
-                })
-                .await?;
+            let put = PutWherePresent {
+                guard: CONTEXT_ITEMS,
+                target: CONTEXT_ACCESS,
+                writes: accesses,
+            };
+            if let Err(e) = self.store()?.write(put).await {
+                // Written with the next round's.
+                for (agent, ids) in flushed {
+                    self.with_loaded(agent, |ctx| ctx.dirty.extend(ids));
+                }
+                tracing::warn!(error = %e, "context accesses could not be written");
+            }
         }
+        // The global pass may pick what an agent's own pass picked.
+        moves.sort_by_key(|m: &Move| (m.agent, m.id));
+        moves.dedup_by_key(|m| (m.agent, m.id));
         self.apply(moves).await;
         if !accesses_only {
             self.let_go(&mut slots, &idle);
@@ -196,7 +213,7 @@ impl Contexts {
         order.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
         let mut freed = 0;
         for (_, _, id) in order {
-            if held - freed <= limit {
+            if held.saturating_sub(freed) <= limit {
                 break;
             }
             let entry = &ctx.items[&id];
@@ -224,119 +241,140 @@ impl Contexts {
             return;
         }
         let this = self.clone();
-        let Ok(Ok((to_memory, recodes))) = tokio::task::spawn_blocking(move || this.encode_moves(moves)).await else {
+        let Ok((to_memory, to_disk)) = tokio::task::spawn_blocking(move || this.encode_moves(moves)).await else {
             return;
         };
         for (agent, id, from, to) in to_memory {
-            let _ = self.with(agent, |ctx| {
+            self.with_loaded(agent, |ctx| {
                 if ctx.items.get(&id).is_some_and(|e| same(&e.resident, &from)) {
                     ctx.set_resident(id, to, None);
                 }
             });
         }
-        if recodes.is_empty() {
+        if to_disk.is_empty() {
             return;
         }
         let Ok(store) = self.store() else { return };
-        let written: Vec<(AgentId, ItemId, Resident, Codec, u32)> = recodes
+        let recoded: Vec<(Recode, Resident)> = to_disk
             .iter()
-            .map(|(r, from)| (r.agent, r.id, from.clone(), r.codec, r.block.len() as u32))
+            .map(|(r, from)| {
+                let summary = Recode {
+                    block: Vec::new(),
+                    ..*r
+                };
+                (summary, from.clone())
+            })
             .collect();
-        let recodes = Recodes(recodes.into_iter().map(|(r, _)| r).collect());
+        let recodes = Recodes(to_disk.into_iter().map(|(r, _)| r).collect());
+        let sizes: Vec<u32> = recodes.0.iter().map(|r| r.block.len() as u32).collect();
         if let Err(e) = store.write(recodes).await {
             self.0
                 .demote_failures
-                .fetch_add(written.len() as u64, Ordering::Relaxed);
-            tracing::warn!(error = %e, items = written.len(), "context items could not be demoted to disk; they stay where they are");
+                .fetch_add(recoded.len() as u64, Ordering::Relaxed);
+            tracing::warn!(error = %e, items = recoded.len(), "context items could not be demoted to disk; they stay where they are");
             return;
         }
-        for (agent, id, from, codec, bytes) in written {
-            let _ = self.with(agent, |ctx| {
-                let Some(entry) = ctx.items.get(&id) else { return };
+        for ((recode, from), bytes) in recoded.into_iter().zip(sizes) {
+            self.with_loaded(recode.agent, |ctx| {
+                let Some(entry) = ctx.items.get(&recode.id) else { return };
+                if entry.record.codec != recode.was {
+                    // Another write moved it meanwhile; this one gave way.
+                    return;
+                }
                 let resident = if same(&entry.resident, &from) {
                     Resident::None
                 } else {
                     // Accessed meanwhile: it stays in memory; its disk copy changed.
                     entry.resident.clone()
                 };
-                if entry.prefetched && matches!(resident, Resident::None) {
-                    tracing::trace!(%agent, id, "a prefetched item went unused");
-                }
-                ctx.set_resident(id, resident, Some((codec, bytes)));
+                ctx.set_resident(recode.id, resident, Some((recode.codec, bytes)));
             });
         }
     }
 
-    fn encode_moves(&self, moves: Vec<Move>) -> Result<(Vec<InMemory>, Vec<ToDisk>)> {
-        let config = &self.0.config;
+    /// The moves, encoded; one that fails (a damaged block) is logged, counted
+    /// and left where it is, and the others go on.
+    fn encode_moves(&self, moves: Vec<Move>) -> (Vec<InMemory>, Vec<ToDisk>) {
         let mut to_memory = Vec::new();
-        let mut recodes = Vec::new();
-        for Move {
+        let mut to_disk = Vec::new();
+        for chosen in moves {
+            let (agent, id) = (chosen.agent, chosen.id);
+            if let Err(e) = self.encode_move(chosen, &mut to_memory, &mut to_disk) {
+                self.0.demote_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, %agent, id, "a context item could not be moved down a tier");
+            }
+        }
+        (to_memory, to_disk)
+    }
+
+    fn encode_move(&self, chosen: Move, to_memory: &mut Vec<InMemory>, to_disk: &mut Vec<ToDisk>) -> Result<()> {
+        let Move {
             agent,
             id,
             from,
             disk,
             to,
-        } in moves
-        {
-            let on_disk_already = match to {
-                Tier::Cool => disk != Codec::Lz4,
-                Tier::Cold => disk == Codec::ZstdHigh,
-                Tier::Hot | Tier::Warm => false,
-            };
-            if on_disk_already {
-                // Its block is already what the tier keeps: memory lets go.
-                to_memory.push((agent, id, from, Resident::None));
-                continue;
+        } = chosen;
+        let on_disk_already = match to {
+            Tier::Cool => disk != Codec::Lz4,
+            Tier::Cold => disk == Codec::ZstdHigh,
+            Tier::Hot | Tier::Warm => false,
+        };
+        if on_disk_already {
+            // Its block is already what the tier keeps: memory lets go.
+            to_memory.push((agent, id, from, Resident::None));
+            return Ok(());
+        }
+        let content: Arc<str> = match &from {
+            Resident::Hot(content) => content.clone(),
+            Resident::Warm(block) => codec::decode(block)?.into(),
+            Resident::None => match crate::contexts::read_block(self.store()?, &agent, id)? {
+                Some(block) => codec::decode(&block)?.into(),
+                None => return Ok(()),
+            },
+        };
+        let config = &self.0.config;
+        match to {
+            Tier::Hot => {}
+            Tier::Warm => {
+                let block = codec::encode(&content, Codec::Lz4, 0)?;
+                to_memory.push((agent, id, from, Resident::Warm(block.into())));
             }
-            let content: Arc<str> = match &from {
-                Resident::Hot(content) => content.clone(),
-                Resident::Warm(block) => codec::decode(block)?.into(),
-                Resident::None => match crate::contexts::read_block(self.store()?, &agent, id)? {
-                    Some(block) => codec::decode(&block)?.into(),
-                    None => continue,
-                },
-            };
-            match to {
-                Tier::Hot => {}
-                Tier::Warm => {
-                    let block = codec::encode(&content, Codec::Lz4, 0)?;
-                    to_memory.push((agent, id, from, Resident::Warm(block.into())));
-                }
-                Tier::Cool | Tier::Cold => {
-                    let (codec, level) = if to == Tier::Cool {
-                        (Codec::Zstd, config.cool_level)
-                    } else {
-                        (Codec::ZstdHigh, config.cold_level)
-                    };
-                    let block = codec::encode(&content, codec, level)?;
-                    recodes.push((
-                        Recode {
-                            agent,
-                            id,
-                            codec,
-                            block,
-                        },
-                        from,
-                    ));
-                }
+            Tier::Cool | Tier::Cold => {
+                let (codec, level) = if to == Tier::Cool {
+                    (Codec::Zstd, config.cool_level)
+                } else {
+                    (Codec::ZstdHigh, config.cold_level)
+                };
+                let block = codec::encode(&content, codec, level)?;
+                let recode = Recode {
+                    agent,
+                    id,
+                    was: disk,
+                    codec,
+                    block,
+                };
+                to_disk.push((recode, from));
             }
         }
-        Ok((to_memory, recodes))
+        Ok(())
     }
 
-    /// Lets go of idle agents that hold nothing in memory and that nobody is
-    /// using right now.
+    /// Lets go of idle agents that hold nothing in memory but their pinned
+    /// items and that nobody is using right now; a busy slot waits for the
+    /// next round.
     fn let_go(&self, slots: &mut Vec<(AgentId, Arc<Slot>)>, idle: &[AgentId]) {
         slots.retain(|(agent, _)| idle.contains(agent));
         let mut agents = self.0.agents.write();
         for (agent, slot) in slots.drain(..) {
-            let empty = match &*slot.state.lock() {
+            let Some(state) = slot.state.try_lock() else { continue };
+            let empty = match &*state {
                 SlotState::Loaded(ctx) => {
-                    ctx.bytes[Tier::Hot as usize] == 0 && ctx.bytes[Tier::Warm as usize] == 0 && ctx.dirty.is_empty()
+                    ctx.bytes[Tier::Warm as usize] == 0 && ctx.unpinned_hot_bytes() == 0 && ctx.dirty.is_empty()
                 }
                 SlotState::Loading(_) => false,
             };
+            drop(state);
             // Two holders: the map, and `slot` here.
             if empty && Arc::strong_count(&slot) == 2 {
                 agents.remove(&agent);

@@ -1,18 +1,19 @@
 //! The context op kinds, so quotas, flow checks, idempotency and the journal
 //! apply to context as to every other act of an agent: `context.put`,
 //! `context.pin`, `context.delete` and `context.demote` (effects staged with
-//! their completion), `context.get`, `context.list`, `context.stats` and
-//! `context.score` (reads), `context.assemble` and `context.prefetch` (tasks:
-//! they may read from disk).
+//! their completion); `context.get`, `context.list`, `context.stats`,
+//! `context.score`, `context.assemble` and `context.prefetch` read, as tasks
+//! without effects: they may load an agent or read from disk, which must not
+//! hold up the ring's dispatcher.
 
 use crate::codec::{self, Codec, Tier};
 use crate::contexts::{Contexts, SEQUENCE, not_found};
 use crate::item::{ItemId, Kind, Record, Role, agent_key, item_key};
 use crate::{CONTEXT_ACCESS, CONTEXT_AGENTS, CONTEXT_BLOCKS, CONTEXT_ITEMS};
-use bbx_component::{EffectOp, OpKind, Pending, Prepared, ReadOp, Running, Staging, TaskContext, TaskOp, parse_args};
+use bbx_component::{EffectOp, OpKind, Pending, Prepared, Running, Staging, TaskContext, TaskOp, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{AgentId, Error, ErrorCode, Result};
-use bbx_store::{GroupTx, Store};
+use bbx_store::GroupTx;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -98,7 +99,7 @@ pub(crate) struct DemoteArgs {
     pub tier: DiskTier,
 }
 
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListArgs {
     /// Items after this id [default: from the first].
@@ -111,6 +112,15 @@ pub(crate) struct ListArgs {
     pub tier: Option<Tier>,
     #[serde(default)]
     pub kind: Option<Kind>,
+}
+
+impl ListArgs {
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.limit.is_some_and(|limit| !(1..=1000).contains(&limit)) {
+            return Err(Error::invalid_field("limit", "must be 1 to 1000"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -150,7 +160,7 @@ pub(crate) fn args_schema(kind: &str) -> Option<Value> {
 /// The most ids one delete or prefetch takes, and the most refs of an item.
 const MAX_IDS: usize = 1000;
 
-fn check_ids(field: &str, ids: &mut Vec<ItemId>) -> Result<()> {
+pub(crate) fn check_ids(field: &str, ids: &mut Vec<ItemId>) -> Result<()> {
     ids.sort_unstable();
     ids.dedup();
     if ids.is_empty() || ids.len() > MAX_IDS {
@@ -165,22 +175,20 @@ pub(crate) fn prepare(contexts: &Contexts, kind: &str, args: &Value) -> Result<P
         "context.put" => Prepared::Effect(Arc::new(Put::new(&contexts, parse_args(kind, args)?)?)),
         "context.get" => {
             let ItemArgs { id } = parse_args(kind, args)?;
-            Prepared::Read(Arc::new(Read(contexts, ReadKind::Get(id))))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Get(id))))
         }
         "context.score" => {
             let ItemArgs { id } = parse_args(kind, args)?;
-            Prepared::Read(Arc::new(Read(contexts, ReadKind::Score(id))))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Score(id))))
         }
         "context.list" => {
             let args: ListArgs = parse_args(kind, args)?;
-            if args.limit.is_some_and(|limit| !(1..=1000).contains(&limit)) {
-                return Err(Error::invalid_field("limit", "must be 1 to 1000"));
-            }
-            Prepared::Read(Arc::new(Read(contexts, ReadKind::List(args))))
+            args.check()?;
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::List(args))))
         }
         "context.stats" => {
             let StatsArgs {} = parse_args(kind, args)?;
-            Prepared::Read(Arc::new(Read(contexts, ReadKind::Stats)))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Stats)))
         }
         "context.pin" => {
             let PinArgs { id, pinned } = parse_args(kind, args)?;
@@ -380,29 +388,11 @@ impl EffectOp for Demote {
 }
 
 #[derive(Debug)]
-enum ReadKind {
+enum TaskKind {
     Get(ItemId),
     Score(ItemId),
     List(ListArgs),
     Stats,
-}
-
-#[derive(Debug)]
-struct Read(Contexts, ReadKind);
-
-impl ReadOp for Read {
-    fn read(&self, _store: &Store, agent: &AgentId) -> Result<Value> {
-        match &self.1 {
-            ReadKind::Get(id) => Ok(crate::views::item(&self.0.get(*agent, *id)?)),
-            ReadKind::Score(id) => self.0.score(*agent, *id),
-            ReadKind::List(args) => self.0.list(*agent, args),
-            ReadKind::Stats => self.0.stats(*agent),
-        }
-    }
-}
-
-#[derive(Debug)]
-enum TaskKind {
     Assemble(u32),
     Prefetch(Vec<ItemId>),
 }
@@ -418,6 +408,19 @@ impl TaskOp for Task {
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
         let (contexts, agent) = (self.0.clone(), ctx.agent);
         let work: Box<dyn FnOnce() -> Result<Value> + Send> = match &self.1 {
+            TaskKind::Get(id) => {
+                let id = *id;
+                Box::new(move || Ok(crate::views::item(&contexts.get(agent, id)?)))
+            }
+            TaskKind::Score(id) => {
+                let id = *id;
+                Box::new(move || contexts.score(agent, id))
+            }
+            TaskKind::List(args) => {
+                let args = args.clone();
+                Box::new(move || contexts.list(agent, &args))
+            }
+            TaskKind::Stats => Box::new(move || contexts.stats(agent)),
             TaskKind::Assemble(budget) => {
                 let budget = *budget;
                 Box::new(move || contexts.assemble(agent, budget))

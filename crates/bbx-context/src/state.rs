@@ -89,6 +89,8 @@ pub struct AgentContext {
     /// steps") is not known yet.
     pub pending: VecDeque<Sample>,
     pub used: Instant,
+    /// Items prefetched into HOT, and of those, accessed there.
+    pub prefetch: (u64, u64),
     /// Items whose accesses are not yet written.
     pub dirty: Vec<ItemId>,
     totals: Arc<MemoryTotals>,
@@ -107,6 +109,7 @@ impl AgentContext {
             last_accessed: None,
             pending: VecDeque::new(),
             used: Instant::now(),
+            prefetch: (0, 0),
             dirty: Vec::new(),
             totals,
         }
@@ -180,6 +183,9 @@ impl AgentContext {
     /// Records an access of `id` at the next step; false if there is no such
     /// item.
     pub fn touch(&mut self, id: ItemId, at_ms: i64) -> bool {
+        if !self.items.contains_key(&id) {
+            return false;
+        }
         self.step += 1;
         let generation = self.generation();
         let step = self.step;
@@ -194,8 +200,18 @@ impl AgentContext {
         };
         entry.generation = generation;
         self.dirty.push(id);
-        self.used = Instant::now();
         true
+    }
+
+    /// HOT bytes of items that are not pinned: what an idle agent must write
+    /// out before it is let go (pinned items are on disk already, and come
+    /// back HOT when the agent is loaded).
+    pub fn unpinned_hot_bytes(&self) -> u64 {
+        self.items
+            .values()
+            .filter(|e| !e.record.pinned && matches!(e.resident, Resident::Hot(_)))
+            .map(Entry::tier_bytes)
+            .sum()
     }
 
     /// Gives the memory tiers' bytes back to the global totals (the agent is

@@ -10,7 +10,6 @@ use crate::state::Entry;
 use bbx_core::{AgentId, Result};
 use chrono::TimeZone;
 use serde_json::{Map, Value, json};
-use std::sync::atomic::Ordering;
 
 fn record_fields(record: &Record, tier: Tier) -> Map<String, Value> {
     let mut fields = Map::new();
@@ -60,7 +59,11 @@ impl Contexts {
             let after = args.after.unwrap_or(0);
             let mut items = Vec::new();
             let mut next = None;
-            for entry in ctx.items.range(after + 1..).map(|(_, e)| e) {
+            for entry in ctx
+                .items
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .map(|(_, e)| e)
+            {
                 if args.tier.is_some_and(|t| t != entry.tier()) || args.kind.is_some_and(|k| k != entry.record.kind) {
                     continue;
                 }
@@ -76,14 +79,16 @@ impl Contexts {
 
     pub(crate) fn stats(&self, agent: AgentId) -> Result<Value> {
         let model = self.model();
-        let issued = self.0.prefetch_issued.load(Ordering::Relaxed);
-        let hits = self.0.prefetch_hits.load(Ordering::Relaxed);
         self.with(agent, |ctx| {
+            let (issued, hits) = ctx.prefetch;
             let tiers: Map<String, Value> = Tier::ALL
                 .iter()
                 .map(|t| {
                     let i = *t as usize;
-                    (t.name().to_owned(), json!({ "items": ctx.counts[i], "bytes": ctx.bytes[i] }))
+                    (
+                        t.name().to_owned(),
+                        json!({ "items": ctx.counts[i], "bytes": ctx.bytes[i] }),
+                    )
                 })
                 .collect();
             json!({
@@ -92,19 +97,13 @@ impl Contexts {
                 "steps": ctx.step,
                 "tiers": tiers,
                 "importance": match &model {
-                    Some(m) => json!({ "model": "gbdt", "samples": m.samples, "auc": m.auc, "trained_at": m.trained_at }),
-                    None => json!({ "model": "formula", "samples": self.0.training.lock().samples.len() }),
+                    Some(m) => json!({ "model": "gbdt", "auc": m.auc, "trained_at": m.trained_at }),
+                    None => json!({ "model": "formula" }),
                 },
                 "prefetch": {
                     "issued": issued,
                     "hits": hits,
                     "hit_rate": if issued == 0 { 0.0 } else { hits as f64 / issued as f64 },
-                },
-                "memory": {
-                    "hot_bytes": self.0.totals.hot.load(Ordering::Relaxed),
-                    "warm_bytes": self.0.totals.warm.load(Ordering::Relaxed),
-                    "agents_in_memory": self.0.agents.read().len(),
-                    "demote_failures": self.0.demote_failures.load(Ordering::Relaxed),
                 },
             })
         })

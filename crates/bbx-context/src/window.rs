@@ -3,10 +3,10 @@
 //! content gathered from the tiers.
 
 use crate::CONTEXT_AGENTS;
-use crate::assemble::{self, Candidate, Part, Settings};
+use crate::assemble::{self, Assembly, Candidate, Part, Settings};
 use crate::codec;
 use crate::contexts::{Contexts, read_block};
-use crate::item::{ItemId, Role, agent_key};
+use crate::item::{ItemId, Record, Role, agent_key};
 use crate::state::{AgentContext, Resident};
 use crate::summary::summarize;
 use bbx_core::{AgentId, Error, Result};
@@ -21,11 +21,17 @@ struct SaveAssembly(AgentId, Vec<u8>);
 
 impl Staged for SaveAssembly {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
-        tx.put(
-            CONTEXT_AGENTS,
-            agent_key(&self.0, crate::contexts::ASSEMBLY),
-            self.1.clone(),
-        );
+        // Not for an agent whose context was deleted meanwhile.
+        if tx
+            .read(CONTEXT_AGENTS, &agent_key(&self.0, crate::contexts::SEQUENCE))?
+            .is_some()
+        {
+            tx.put(
+                CONTEXT_AGENTS,
+                agent_key(&self.0, crate::contexts::ASSEMBLY),
+                self.1.clone(),
+            );
+        }
         Ok(Applied::Done)
     }
 }
@@ -43,44 +49,37 @@ impl Contexts {
         }
     }
 
-    fn summary(&self, agent: &AgentId, ctx: &AgentContext, parts: &[Part], cap: u32) -> Result<Part> {
-        let mut covers = Vec::new();
-        let mut texts: Vec<Arc<str>> = Vec::new();
-        for part in parts {
-            match part {
-                Part::Item(id) => {
-                    let Some(entry) = ctx.items.get(id) else { continue };
-                    covers.push(*id);
-                    texts.push(self.content_of(agent, &entry.resident, *id)?);
-                }
-                Part::Summary {
-                    covers: inner, text, ..
-                } => {
-                    covers.extend_from_slice(inner);
-                    texts.push(text.as_str().into());
-                }
-            }
+    /// A summary of `parts` in at most `cap` tokens, from contents gathered
+    /// under the agent's lock ([`Evicted`]), computed outside it.
+    fn summary(&self, agent: &AgentId, evicted: &Evicted) -> Result<(String, u32)> {
+        let mut texts: Vec<Arc<str>> = Vec::with_capacity(evicted.sources.len());
+        for source in &evicted.sources {
+            texts.push(match source {
+                Source::Item(id, resident) => self.content_of(agent, resident, *id)?,
+                Source::Summary(text) => text.as_str().into(),
+            });
         }
-        covers.sort_unstable();
         let header = format!(
             "[Summary of {} earlier items, {}-{}]",
-            covers.len(),
-            covers.first().unwrap_or(&0),
-            covers.last().unwrap_or(&0)
+            evicted.covers.len(),
+            evicted.covers.first().unwrap_or(&0),
+            evicted.covers.last().unwrap_or(&0)
         );
         let refs: Vec<&str> = texts.iter().map(|t| &**t).collect();
-        let text = summarize(&header, &refs, cap, self.counter());
+        let text = summarize(&header, &refs, evicted.cap, self.counter());
         let tokens = self.counter().count(&text);
-        Ok(Part::Summary { covers, text, tokens })
+        Ok((text, tokens))
     }
 
-    /// A window of the agent's context under `budget` tokens.
+    /// A window of the agent's context under `budget` tokens. The window is
+    /// planned under the agent's lock; what must be read from disk (contents,
+    /// and the items a summary covers) is read after.
     pub fn assemble(&self, agent: AgentId, budget: u32) -> Result<Value> {
         let settings = Settings {
             compact_to: self.0.config.compact_to,
             summary_tokens: self.0.config.summary_tokens as u32,
         };
-        let (plan, parts) = self.with(agent, |ctx| -> Result<_> {
+        let (mut plan, parts, evicted) = self.with(agent, |ctx| -> Result<_> {
             let candidates: Vec<Candidate> = ctx
                 .items
                 .values()
@@ -90,15 +89,16 @@ impl Contexts {
                     head: e.record.pinned || e.record.role == Some(Role::System),
                 })
                 .collect();
+            let mut evicted: Option<Evicted> = None;
             let plan = assemble::plan(
                 &candidates,
                 ctx.last_assembly.as_ref(),
                 budget,
                 settings,
-                |parts, cap| self.summary(&agent, ctx, parts, cap),
+                |parts, cap| Ok(evicted.insert(Evicted::of(ctx, parts, cap)).placeholder()),
                 |ids| self.scores(ctx, ids),
             )?;
-            let parts: Vec<(Part, Option<(crate::item::Record, Resident)>)> = plan
+            let parts: Vec<(Part, Option<(Record, Resident)>)> = plan
                 .assembly
                 .head
                 .iter()
@@ -112,23 +112,46 @@ impl Contexts {
                     (part, found)
                 })
                 .collect();
-            ctx.last_assembly = Some(plan.assembly.clone());
-            Ok((plan, parts))
+            Ok((plan, parts, evicted))
         })??;
+        let summary = evicted
+            .map(|e| self.summary(&agent, &e).map(|done| (e.cap, done)))
+            .transpose()?;
+        if let Some((cap, (text, tokens))) = summary {
+            fill_summary(&mut plan.assembly, &text, tokens, cap);
+            plan.tokens = plan.tokens - u64::from(cap) + if tokens <= cap { u64::from(tokens) } else { 0 };
+        }
+        self.with(agent, |ctx| ctx.last_assembly = Some(plan.assembly.clone()))?;
         if let (Ok(ctx), Ok(saved)) = (self.context(), serde_json::to_vec(&plan.assembly)) {
             ctx.write_later(SaveAssembly(agent, saved), "an agent's last context window");
         }
         let mut items = Vec::with_capacity(parts.len());
+        let mut summaries = plan.assembly.body.iter().filter_map(|p| match p {
+            Part::Summary { covers, text, tokens } => Some((covers, text, tokens)),
+            Part::Item(_) => None,
+        });
         for (part, found) in parts {
             items.push(match (part, found) {
-                (Part::Item(id), Some((record, resident))) => json!({
-                    "id": id, "kind": record.kind, "role": record.role, "tokens": record.tokens,
-                    "content": &*self.content_of(&agent, &resident, id)?,
-                }),
-                (Part::Summary { covers, text, tokens }, _) => json!({
-                    "kind": "summary", "role": "system", "tokens": tokens, "content": text,
-                    "summarizes": { "items": covers.len(), "from": covers.first(), "to": covers.last() },
-                }),
+                (Part::Item(id), Some((record, resident))) => {
+                    let mut item = json!({
+                        "id": id, "kind": record.kind, "role": record.role, "tokens": record.tokens,
+                        "content": &*self.content_of(&agent, &resident, id)?,
+                    });
+                    if !record.labels.is_empty() {
+                        item["labels"] = json!(record.labels);
+                    }
+                    item
+                }
+                (Part::Summary { .. }, _) => {
+                    // The placeholder's text is filled in order; a dropped one is skipped.
+                    let Some((covers, text, tokens)) = summaries.next() else {
+                        continue;
+                    };
+                    json!({
+                        "kind": "summary", "role": "system", "tokens": tokens, "content": text,
+                        "summarizes": { "items": covers.len(), "from": covers.first(), "to": covers.last() },
+                    })
+                }
                 (Part::Item(id), None) => {
                     return Err(Error::internal(format!("context item {id} went during assembly")));
                 }
@@ -142,5 +165,73 @@ impl Contexts {
             "prefix_tokens": plan.prefix_tokens,
             "compacted": plan.compacted,
         }))
+    }
+}
+
+/// Where a summarized part's text comes from.
+enum Source {
+    Item(ItemId, Resident),
+    Summary(String),
+}
+
+/// The parts a compaction evicted, as found under the agent's lock.
+struct Evicted {
+    covers: Vec<ItemId>,
+    sources: Vec<Source>,
+    cap: u32,
+}
+
+impl Evicted {
+    fn of(ctx: &AgentContext, parts: &[Part], cap: u32) -> Self {
+        let mut covers = Vec::new();
+        let mut sources = Vec::new();
+        for part in parts {
+            match part {
+                Part::Item(id) => {
+                    let Some(entry) = ctx.items.get(id) else { continue };
+                    covers.push(*id);
+                    sources.push(Source::Item(*id, entry.resident.clone()));
+                }
+                Part::Summary {
+                    covers: inner, text, ..
+                } => {
+                    covers.extend_from_slice(inner);
+                    sources.push(Source::Summary(text.clone()));
+                }
+            }
+        }
+        covers.sort_unstable();
+        Self { covers, sources, cap }
+    }
+
+    /// The summary's place in the window, its size reserved, until its text
+    /// is known.
+    fn placeholder(&self) -> Part {
+        Part::Summary {
+            covers: self.covers.clone(),
+            text: String::new(),
+            tokens: self.cap,
+        }
+    }
+}
+
+/// Puts the summary's text in its placeholder, or takes the placeholder out if
+/// the text came out larger than was reserved.
+fn fill_summary(assembly: &mut Assembly, text: &str, tokens: u32, cap: u32) {
+    let placeholder = assembly
+        .body
+        .iter()
+        .position(|p| matches!(p, Part::Summary { text, .. } if text.is_empty()));
+    let Some(at) = placeholder else { return };
+    if tokens > cap {
+        assembly.body.remove(at);
+    } else if let Part::Summary {
+        text: slot,
+        tokens: size,
+        ..
+    } = &mut assembly.body[at]
+    {
+        *slot = text.to_owned();
+        *size = tokens;
     }
 }

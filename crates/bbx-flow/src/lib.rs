@@ -597,25 +597,46 @@ impl Component for Flow {
             self.0.taints.record(scope, op.op_id, result);
             return vec!["untrusted".into()];
         }
-        // A state value written from tainted content is untrusted when read back,
-        // from the op that first brought it in.
-        let Some(stored) = result
-            .get("labels")
-            .and_then(Value::as_array)
-            .filter(|_| op.kind == "state.get")
-        else {
-            return Vec::new();
+        // A state value or context item written from tainted content is
+        // untrusted when read back (alone, or in an assembled window), from the
+        // op that first brought it in.
+        let stored: Vec<(&Value, &Value)> = match op.kind {
+            "state.get" => result
+                .get("labels")
+                .map(|l| (l, &result["value"]))
+                .into_iter()
+                .collect(),
+            "context.get" => result
+                .get("labels")
+                .map(|l| (l, &result["content"]))
+                .into_iter()
+                .collect(),
+            "context.assemble" => result["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|item| Some((item.get("labels")?, &item["content"])))
+                .collect(),
+            _ => return Vec::new(),
         };
-        let source = stored
-            .iter()
-            .filter_map(|l| l.as_str()?.strip_prefix(TAINTED_BY)?.parse().ok())
-            .next()
-            .unwrap_or(op.op_id);
-        if stored.iter().any(|l| l == "tainted") {
-            self.0.taints.record(scope, source, &result["value"]);
-            return vec!["untrusted".into()];
+        let mut untrusted = false;
+        for (labels, value) in stored {
+            let Some(labels) = labels.as_array() else { continue };
+            if labels.iter().any(|l| l == "tainted") {
+                let source = labels
+                    .iter()
+                    .filter_map(|l| l.as_str()?.strip_prefix(TAINTED_BY)?.parse().ok())
+                    .next()
+                    .unwrap_or(op.op_id);
+                self.0.taints.record(scope, source, value);
+                untrusted = true;
+            }
         }
-        Vec::new()
+        if untrusted {
+            vec!["untrusted".into()]
+        } else {
+            Vec::new()
+        }
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {

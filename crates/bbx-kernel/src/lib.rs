@@ -308,6 +308,12 @@ impl Kernel {
         self.store.metrics()
     }
 
+    /// The component of type `T`, as itself: a benchmark or an embedder
+    /// calling it in process.
+    pub fn component<T: bbx_component::Component>(&self) -> Option<Arc<T>> {
+        self.components.typed::<T>()
+    }
+
     pub fn journal_metrics(&self) -> &JournalMetrics {
         &self.journal_metrics
     }
