@@ -231,6 +231,42 @@ pub enum BenchCommand {
     /// fdatasync loop, vector and hybrid search with recall against exact search,
     /// WordNet retrieval quality; and BBX next to a Chroma server over HTTP.
     Memory(BenchMemoryArgs),
+    /// ContextTiering in process: get from each tier, with and without the
+    /// migrator busy; assembly over a long context; the importance model
+    /// against LRU, LFU and a formula on generated agent sessions; windows
+    /// that keep their prefix against cutting the oldest turns; and what
+    /// idle agents cost in memory.
+    Context(BenchContextArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchContextArgs {
+    /// Items of the agent whose gets are measured.
+    #[arg(long, default_value_t = 10_000)]
+    pub items: usize,
+    /// Items of the agent whose windows are assembled.
+    #[arg(long, default_value_t = 10_000)]
+    pub assemble_items: usize,
+    /// The window's budget, in tokens.
+    #[arg(long, default_value_t = 128_000)]
+    pub budget: u32,
+    /// Agents for the memory phase (each with --items-per-agent items); 0
+    /// leaves the phase out.
+    #[arg(long, default_value_t = 10_000)]
+    pub agents: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub items_per_agent: usize,
+    /// Generated sessions the importance model learns from, and is measured on.
+    #[arg(long, default_value_t = 30)]
+    pub train_sessions: usize,
+    #[arg(long, default_value_t = 10)]
+    pub test_sessions: usize,
+    /// Turns per generated session.
+    #[arg(long, default_value_t = 200)]
+    pub turns: usize,
+    /// Where scratch kernels go [default: the system's temporary directory].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -5,6 +5,9 @@ mod bench;
 mod bench_auth;
 mod bench_bus;
 mod bench_bus_redis;
+mod bench_context;
+mod bench_context_sim;
+mod bench_context_trace;
 mod bench_flow;
 mod bench_memory;
 mod bench_memory_data;
@@ -112,6 +115,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Flow(args)) => bench_flow::flow(&cli, args).await,
         Command::Bench(BenchCommand::Bus(args)) => bench_bus::bus(&cli, args).await,
         Command::Bench(BenchCommand::Memory(args)) => bench_memory::memory(&cli, args).await,
+        Command::Bench(BenchCommand::Context(args)) => bench_context::context(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {

@@ -147,6 +147,40 @@ fn the_migrator_demotes_under_budgets_and_nothing_is_lost() {
 }
 
 #[test]
+fn an_idle_agent_is_let_go_and_its_items_are_rewritten_as_cool() {
+    let kernel = kernel_with("[context]\nmigrate_every_ms = 50\nidle_secs = 1\n");
+    let agent = kernel.new_agent();
+    let texts: Vec<String> = (0..5).map(|i| prose(500 + i, 100)).collect();
+    let ids: Vec<u64> = texts.iter().map(|t| put(&kernel, &agent, t, &[])).collect();
+    let pinned = put(&kernel, &agent, "always at hand", &["--pinned"]);
+    assert_eq!(get(&kernel, &agent, ids[0])["tier"], "hot");
+    // Listing loads the agent again, and shows where its items are: HOT while
+    // their blocks are lz4, COOL once the migrator rewrote them after the agent
+    // went idle and was let go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let listed = json(&kernel.cli(&["context", "list", &agent, "--json"]));
+        let tiers: Vec<&str> = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["tier"].as_str().unwrap())
+            .collect();
+        if tiers[..5].iter().all(|t| *t == "cool") || Instant::now() > deadline {
+            break listed;
+        }
+    };
+    let items = listed["items"].as_array().unwrap();
+    assert!(items[..5].iter().all(|i| i["tier"] == "cool"), "{listed}");
+    assert_eq!(items[5]["id"], pinned);
+    assert_eq!(items[5]["tier"], "hot", "a pinned item comes back HOT");
+    for (id, text) in ids.iter().zip(&texts) {
+        assert_eq!(get(&kernel, &agent, *id)["content"], text.as_str());
+    }
+}
+
+#[test]
 fn windows_stay_under_budget_and_keep_their_prefix() {
     let kernel = kernel_with("");
     let agent = kernel.new_agent();

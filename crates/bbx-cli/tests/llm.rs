@@ -1,6 +1,7 @@
 //! `llm.chat` and budgets against a real HTTP server on loopback that speaks the
 //! OpenAI chat protocol and plays scripted answers: the last user message says what
-//! to answer (`tokens:P:C`, `error:STATUS`, `hang`), streamed when asked.
+//! to answer (`tokens:P:C[:CACHED]`, `echo` (the messages it got), `error:STATUS`,
+//! `hang`), streamed when asked.
 
 mod support;
 
@@ -82,8 +83,15 @@ async fn serve(mut socket: tokio::net::TcpStream) {
         let mut parts = script.strip_prefix("tokens:").unwrap_or("1:1").split(':');
         let prompt: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(1);
         let completion: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(1);
-        let usage =
+        let mut usage =
             json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+        if let Some(cached) = parts.next().and_then(|p| p.parse::<u64>().ok()) {
+            usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+        }
+        let content = match script.as_str() {
+            "echo" => request["messages"].to_string(),
+            _ => "Hello".to_owned(),
+        };
         if stream {
             let mut events = String::new();
             for piece in ["Hel", "lo"] {
@@ -98,7 +106,7 @@ async fn serve(mut socket: tokio::net::TcpStream) {
         } else {
             let body = json!({
                 "id": "chatcmpl-1", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
                 "usage": usage,
             });
             reply("200 OK", "application/json", body.to_string())
@@ -150,6 +158,42 @@ async fn run(client: &Client, op: SubmitOp) -> bbx_core::op::Completion {
         .unwrap()
         .completion
         .expect("done within a minute")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_takes_the_agents_assembled_context_and_reports_cached_tokens() {
+    let (kernel, _config) = kernel_with_model().await;
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let agent = kernel.new_agent();
+    for (text, role) in [
+        ("You are terse.", "system"),
+        ("the door is blue", "user"),
+        ("noted", "assistant"),
+    ] {
+        let put = kernel.cli(&["context", "put", &agent, text, "--role", role]);
+        assert!(put.status.success(), "{}", support::stderr(&put));
+    }
+    let agent: bbx_core::AgentId = agent.parse().unwrap();
+    let context = json!({ "context": { "budget": 1000 } });
+    let echoed = run(&client, chat(agent, "echo", context.clone())).await;
+    let sent: Value = serde_json::from_str(echoed.result.unwrap()["content"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        sent,
+        json!([
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "the door is blue"},
+            {"role": "assistant", "content": "noted"},
+            {"role": "user", "content": "echo"},
+        ]),
+        "the window, then the call's own message"
+    );
+    let cached = run(&client, chat(agent, "tokens:900:10:768", context)).await;
+    assert_eq!(cached.result.unwrap()["usage"]["cached_tokens"], 768);
+    let plain = run(&client, chat(agent, "tokens:9:1", json!({}))).await;
+    assert!(plain.result.unwrap()["usage"].get("cached_tokens").is_none());
+    let short = run(&client, chat(agent, "echo", json!({ "context": { "budget": 2 } }))).await;
+    let error = short.error.expect("a budget under the system prompt fails");
+    assert!(error.message.contains("short"), "{}", error.message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

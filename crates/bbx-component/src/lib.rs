@@ -583,6 +583,10 @@ pub trait Component: Send + Sync + std::any::Any {
     fn import(&self, _tx: &mut GroupTx<'_>, _agent: &AgentId, _records: &[Exported]) -> Result<()> {
         Ok(())
     }
+
+    /// An import of the agent's data committed: what is held in memory of it
+    /// is stale.
+    fn imported(&self, _agent: &AgentId) {}
 }
 
 /// The registered components, by the kinds they serve.
@@ -772,6 +776,15 @@ impl Components {
             })
             .collect::<Result<_>>()?;
         Ok(Import { data, components })
+    }
+
+    /// Tells the components that took part in an import that it committed.
+    pub fn imported(&self, data: &AgentData) {
+        for (name, _) in &data.parts {
+            if let Some(component) = self.get(name) {
+                component.imported(&data.agent);
+            }
+        }
     }
 
     /// Every component's endpoints.

@@ -12,7 +12,6 @@
 
 use crate::item::ItemId;
 use bbx_core::{Error, Result};
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 /// One part of a window.
@@ -65,16 +64,36 @@ pub struct Settings {
 /// A summary smaller than this says nothing: it is left out.
 const MIN_SUMMARY_TOKENS: u64 = 16;
 
-fn part_tokens(part: &Part, tokens: &FxHashMap<ItemId, u32>) -> u64 {
+/// The candidates, in id order, looked up by id without a map: a window is
+/// planned at every turn over every item, and building maps of them cost more
+/// than the rest of the plan.
+#[derive(Clone, Copy)]
+struct Items<'a>(&'a [Candidate]);
+
+impl Items<'_> {
+    fn get(&self, id: ItemId) -> Option<&Candidate> {
+        self.0.binary_search_by_key(&id, |c| c.id).ok().map(|i| &self.0[i])
+    }
+
+    fn tokens(&self, id: ItemId) -> u32 {
+        self.get(id).map_or(0, |c| c.tokens)
+    }
+
+    fn in_body(&self, id: ItemId) -> bool {
+        self.get(id).is_some_and(|c| !c.head)
+    }
+}
+
+fn part_tokens(part: &Part, tokens: Items<'_>) -> u64 {
     match part {
-        Part::Item(id) => u64::from(tokens.get(id).copied().unwrap_or(0)),
+        Part::Item(id) => u64::from(tokens.tokens(*id)),
         Part::Summary { tokens, .. } => u64::from(*tokens),
     }
 }
 
 /// The previous body's parts that still stand, in order, up to the first that
 /// does not (an item deleted or moved to the head, or a summary of one).
-fn kept_prefix(previous: &Assembly, head: &[ItemId], body: &FxHashMap<ItemId, u32>) -> Vec<Part> {
+fn kept_prefix(previous: &Assembly, head: &[ItemId], items: Items<'_>) -> Vec<Part> {
     if previous.head != head {
         return Vec::new();
     }
@@ -82,8 +101,8 @@ fn kept_prefix(previous: &Assembly, head: &[ItemId], body: &FxHashMap<ItemId, u3
         .body
         .iter()
         .take_while(|part| match part {
-            Part::Item(id) => body.contains_key(id),
-            Part::Summary { covers, .. } => covers.iter().all(|id| body.contains_key(id)),
+            Part::Item(id) => items.in_body(*id),
+            Part::Summary { covers, .. } => covers.iter().all(|id| items.in_body(*id)),
         })
         .cloned()
         .collect()
@@ -96,7 +115,8 @@ fn covered(parts: &[Part]) -> impl Iterator<Item = ItemId> + '_ {
     })
 }
 
-/// Assembles a window of `candidates` (in id order) under `budget` tokens.
+/// Assembles a window of `candidates` (in id order, which it relies on) under
+/// `budget` tokens.
 /// `summarize` turns evicted parts into a summary of at most the tokens it is
 /// given; `scores` says how important each item is.
 pub fn plan(
@@ -118,20 +138,14 @@ pub fn plan(
             ),
         ));
     }
-    let mut tokens: FxHashMap<ItemId, u32> = FxHashMap::default();
-    let mut body_tokens: FxHashMap<ItemId, u32> = FxHashMap::default();
-    for c in candidates {
-        tokens.insert(c.id, c.tokens);
-        if !c.head {
-            body_tokens.insert(c.id, c.tokens);
-        }
-    }
-    let mut body = previous.map_or_else(Vec::new, |p| kept_prefix(p, &head, &body_tokens));
+    let tokens = Items(candidates);
+    let mut body = previous.map_or_else(Vec::new, |p| kept_prefix(p, &head, tokens));
     let frontier = covered(&body).max().unwrap_or(0);
-    let in_body: rustc_hash::FxHashSet<ItemId> = covered(&body).collect();
+    let mut in_body: Vec<ItemId> = covered(&body).collect();
+    in_body.sort_unstable();
     let orphaned = candidates
         .iter()
-        .any(|c| !c.head && c.id <= frontier && !in_body.contains(&c.id));
+        .any(|c| !c.head && c.id <= frontier && in_body.binary_search(&c.id).is_err());
     if orphaned {
         // An item unpinned back into the body: the order changed.
         body.clear();
@@ -143,7 +157,7 @@ pub fn plan(
             .filter(|c| !c.head && c.id > frontier)
             .map(|c| Part::Item(c.id)),
     );
-    let total = |body: &[Part]| head_tokens + body.iter().map(|p| part_tokens(p, &tokens)).sum::<u64>();
+    let total = |body: &[Part]| head_tokens + body.iter().map(|p| part_tokens(p, tokens)).sum::<u64>();
     let mut compacted = false;
     if total(&body) > u64::from(budget) {
         body = compact(
@@ -151,14 +165,14 @@ pub fn plan(
             head_tokens,
             budget,
             settings,
-            &tokens,
+            tokens,
             &mut summarize,
             &mut scores,
         )?;
         compacted = true;
     }
     let assembly = Assembly { head, body };
-    let (prefix_parts, prefix_tokens) = previous.map_or((0, 0), |p| shared_prefix(p, &assembly, &tokens));
+    let (prefix_parts, prefix_tokens) = previous.map_or((0, 0), |p| shared_prefix(p, &assembly, tokens));
     Ok(Plan {
         tokens: total(&assembly.body),
         assembly,
@@ -173,7 +187,7 @@ fn compact(
     head_tokens: u64,
     budget: u32,
     settings: Settings,
-    tokens: &FxHashMap<ItemId, u32>,
+    tokens: Items<'_>,
     summarize: &mut impl FnMut(&[Part], u32) -> Result<Part>,
     scores: &mut impl FnMut(&[ItemId]) -> Vec<f64>,
 ) -> Result<Vec<Part>> {
@@ -216,7 +230,7 @@ fn compact(
     let mut important = rustc_hash::FxHashSet::default();
     let mut important_tokens = 0;
     for (id, score) in ranked {
-        let t = u64::from(tokens.get(&id).copied().unwrap_or(0));
+        let t = u64::from(tokens.tokens(id));
         if score >= 0.5 && tail_tokens + important_tokens + t <= room {
             important_tokens += t;
             important.insert(id);
@@ -245,19 +259,22 @@ fn compact(
     Ok(compacted)
 }
 
-/// How many leading parts, and tokens, two windows share.
-fn shared_prefix(previous: &Assembly, next: &Assembly, tokens: &FxHashMap<ItemId, u32>) -> (usize, u64) {
-    let as_parts = |a: &Assembly| {
-        a.head
-            .iter()
-            .map(|id| Part::Item(*id))
-            .chain(a.body.iter().cloned())
-            .collect::<Vec<_>>()
-    };
-    let (before, after) = (as_parts(previous), as_parts(next));
+/// How many leading parts, and tokens, two windows share (compared in place:
+/// a summary can cover thousands of items).
+fn shared_prefix(previous: &Assembly, next: &Assembly, tokens: Items<'_>) -> (usize, u64) {
     let mut parts = 0;
     let mut shared = 0;
-    for (a, b) in before.iter().zip(&after) {
+    for (a, b) in previous.head.iter().zip(&next.head) {
+        if a != b {
+            return (parts, shared);
+        }
+        parts += 1;
+        shared += u64::from(tokens.tokens(*b));
+    }
+    if previous.head.len() != next.head.len() {
+        return (parts, shared);
+    }
+    for (a, b) in previous.body.iter().zip(&next.body) {
         if a != b {
             break;
         }

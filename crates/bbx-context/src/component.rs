@@ -69,12 +69,30 @@ impl Component for Contexts {
         self.refresh(&completion.agent, &ids, change);
     }
 
+    fn export(&self, store: &bbx_store::Store, agent: &AgentId) -> Result<Vec<bbx_component::Exported>> {
+        crate::lifecycle::export(store, agent)
+    }
+
+    fn import(
+        &self,
+        tx: &mut bbx_store::GroupTx<'_>,
+        agent: &AgentId,
+        records: &[bbx_component::Exported],
+    ) -> Result<()> {
+        crate::lifecycle::import(tx, agent, records)
+    }
+
+    /// What memory holds of the agent is read again on its next use.
+    fn imported(&self, agent: &AgentId) {
+        self.0.agents.write().remove(agent);
+    }
+
     /// Memory lets go at once; the store's records go on a task.
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
         self.0.agents.write().remove(&agent);
         let store = ctx.store.clone();
         ctx.tasks.spawn(async move {
-            if let Err(e) = crate::forget::forget_agent(&store, agent).await {
+            if let Err(e) = crate::lifecycle::forget_agent(&store, agent).await {
                 tracing::warn!(error = %e, %agent, "a deleted agent's context could not be removed");
             }
         });

@@ -40,6 +40,9 @@ pub(crate) struct Inner {
     /// Moves down a tier that failed (a damaged block, a full disk), for
     /// the logs and metrics: not any one agent's figure.
     pub demote_failures: AtomicU64,
+    /// Agents let go with items whose block on disk is still lz4: the
+    /// migrator rewrites those as COOL (zstd), a batch a round.
+    pub recode: Mutex<std::collections::VecDeque<AgentId>>,
 }
 
 /// An agent's place in memory.
@@ -92,6 +95,7 @@ impl Contexts {
             training: Mutex::default(),
             training_busy: AtomicBool::new(false),
             demote_failures: AtomicU64::new(0),
+            recode: Mutex::default(),
         })))
     }
 
@@ -108,6 +112,11 @@ impl Contexts {
 
     pub fn counter(&self) -> &TokenCounter {
         &self.0.counter
+    }
+
+    /// How many agents' contexts are in memory now.
+    pub fn agents_in_memory(&self) -> usize {
+        self.0.agents.read().len()
     }
 
     /// Takes the kernel's context, loads the persisted model, and starts the
@@ -129,7 +138,7 @@ impl Contexts {
         ctx.tasks.spawn(async move { this.migrate_until(stopping).await });
         let store = ctx.store.clone();
         ctx.tasks.spawn(async move {
-            if let Err(e) = crate::forget::forget_orphans(&store).await {
+            if let Err(e) = crate::lifecycle::forget_orphans(&store).await {
                 tracing::warn!(error = %e, "the context of deleted agents could not be removed (the next start tries again)");
             }
         });
@@ -217,17 +226,31 @@ impl Contexts {
                 Err(e) => tracing::error!(error = %e, %agent, id, "a context item does not decode: it is left out"),
             }
         }
-        let mut hot_room = self.0.config.agent.hot_bytes;
+        // What memory may take: the agent's budgets, and what is left of the
+        // global ones.
+        let (agent_budget, global) = (self.0.config.agent, self.0.config.global);
+        let mut hot_room = agent_budget.hot_bytes.min(
+            global
+                .hot_bytes
+                .saturating_sub(self.0.totals.hot.load(Ordering::Relaxed)),
+        );
+        let mut warm_room = agent_budget.warm_bytes.min(
+            global
+                .warm_bytes
+                .saturating_sub(self.0.totals.warm.load(Ordering::Relaxed)),
+        );
         let mut residents = Vec::with_capacity(records.len());
         for record in records.iter().rev() {
-            let in_memory = record.pinned || record.codec == Codec::Lz4;
+            let fits_hot = u64::from(record.bytes) <= hot_room;
+            let fits_warm = u64::from(record.stored_bytes) <= warm_room;
+            let in_memory = record.pinned || (record.codec == Codec::Lz4 && (fits_hot || fits_warm));
             let block = if in_memory {
                 read_block(store, &agent, record.id)?
             } else {
                 None
             };
             residents.push(match block {
-                Some(block) if record.pinned || u64::from(record.bytes) <= hot_room => match codec::decode(&block) {
+                Some(block) if record.pinned || fits_hot => match codec::decode(&block) {
                     Ok(content) => {
                         if !record.pinned {
                             hot_room -= u64::from(record.bytes);
@@ -239,8 +262,11 @@ impl Contexts {
                         Resident::None
                     }
                 },
-                Some(block) if record.codec == Codec::Lz4 => Resident::Warm(block.into()),
-                _ => Resident::None,
+                Some(block) => {
+                    warm_room -= block.len() as u64;
+                    Resident::Warm(block.into())
+                }
+                None => Resident::None,
             });
         }
         let mut ctx = AgentContext::new(self.0.totals.clone());

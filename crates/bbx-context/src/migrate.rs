@@ -128,21 +128,31 @@ impl Contexts {
             if accesses_only {
                 continue;
             }
-            let is_idle = ctx.used.elapsed() >= idle_after;
-            if is_idle {
+            if ctx.used.elapsed() >= idle_after {
+                // Every item has its block on disk: memory lets go of the
+                // copies at once (pinned items come back HOT with the agent),
+                // and blocks still lz4 are rewritten as COOL later, a batch a
+                // round, so an idle agent frees its memory without waiting.
+                let copies: Vec<ItemId> = ctx
+                    .items
+                    .values()
+                    .filter(|e| !e.record.pinned && !matches!(e.resident, Resident::None))
+                    .map(|e| e.record.id)
+                    .collect();
+                for id in copies {
+                    ctx.set_resident(id, Resident::None, None);
+                }
+                if ctx.items.values().any(|e| e.record.codec == Codec::Lz4) {
+                    self.0.recode.lock().push_back(*agent);
+                }
                 idle.push(*agent);
+                continue;
             }
             used.push((ctx.used, i));
             let budgets = self.0.config.agent;
-            let (hot, warm, cool) = if is_idle {
-                // Pinned items stay HOT; everything else goes to disk.
-                (0, 0, budgets.cool_bytes)
-            } else {
-                (budgets.hot_bytes, budgets.warm_bytes, budgets.cool_bytes)
-            };
-            self.choose(agent, ctx, Tier::Hot, hot, &mut moves);
-            self.choose(agent, ctx, Tier::Warm, warm, &mut moves);
-            self.choose(agent, ctx, Tier::Cool, cool, &mut moves);
+            self.choose(agent, ctx, Tier::Hot, budgets.hot_bytes, &mut moves);
+            self.choose(agent, ctx, Tier::Warm, budgets.warm_bytes, &mut moves);
+            self.choose(agent, ctx, Tier::Cool, budgets.cool_bytes, &mut moves);
         }
         if !accesses_only {
             // Over the global budgets, the agents used longest ago give first.
@@ -186,7 +196,98 @@ impl Contexts {
         self.apply(moves).await;
         if !accesses_only {
             self.let_go(&mut slots, &idle);
+            self.recode_let_go().await;
         }
+        Ok(())
+    }
+
+    /// Rewrites a batch of the lz4 blocks of an agent that was let go as COOL
+    /// blocks; the agent goes back in the queue while it has more. An agent
+    /// in memory again is its own migrator's.
+    async fn recode_let_go(&self) {
+        const BATCH: usize = 500;
+        let Some(agent) = self.0.recode.lock().pop_front() else {
+            return;
+        };
+        if self.0.agents.read().contains_key(&agent) {
+            return;
+        }
+        let this = self.clone();
+        let found = tokio::task::spawn_blocking(move || this.lz4_blocks(agent, BATCH)).await;
+        let Ok(Ok(recodes)) = found else {
+            tracing::warn!(%agent, "the lz4 blocks of an idle agent could not be read");
+            return;
+        };
+        let more = recodes.len() == BATCH;
+        if !recodes.is_empty()
+            && let Ok(store) = self.store()
+            && let Err(e) = store.write(Recodes(recodes)).await
+        {
+            self.0.demote_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, %agent, "an idle agent's blocks could not be rewritten as COOL");
+            return;
+        }
+        if more {
+            self.0.recode.lock().push_front(agent);
+        }
+    }
+
+    /// Up to `batch` of the agent's lz4 blocks, encoded as COOL blocks.
+    fn lz4_blocks(&self, agent: AgentId, batch: usize) -> Result<Vec<Recode>> {
+        use fjall::Readable;
+        let store = self.store()?;
+        let view = store.view();
+        let mut recodes = Vec::new();
+        for kv in view.prefix(store.keyspace(CONTEXT_ITEMS), agent.as_bytes()) {
+            let (key, value) = kv
+                .into_inner()
+                .map_err(|e| bbx_store::storage_error("read a context", e))?;
+            let Ok(record) = Record::decode(&value) else { continue };
+            if record.codec != Codec::Lz4 {
+                continue;
+            }
+            let Some(block) = crate::contexts::read_block(store, &agent, record.id)? else {
+                continue;
+            };
+            let content = match codec::decode(&block) {
+                Ok(content) => content,
+                Err(e) => {
+                    tracing::error!(error = %e, %agent, id = record.id, "a context block is damaged");
+                    continue;
+                }
+            };
+            recodes.push(Recode {
+                agent,
+                id: crate::item::parse_item_key(&key).unwrap_or(record.id),
+                was: Codec::Lz4,
+                codec: Codec::Zstd,
+                block: codec::encode(&content, Codec::Zstd, self.0.config.cool_level)?,
+            });
+            if recodes.len() == batch {
+                break;
+            }
+        }
+        Ok(recodes)
+    }
+
+    /// Moves items down to `tier` now, as the migrator does on its own (a
+    /// benchmark's way to place them); pinned items and items already there
+    /// or lower stay.
+    pub async fn move_down(&self, agent: AgentId, ids: &[ItemId], tier: Tier) -> Result<()> {
+        let moves = self.with(agent, |ctx| {
+            ids.iter()
+                .filter_map(|id| ctx.items.get(id))
+                .filter(|e| e.tier() < tier && !e.record.pinned)
+                .map(|e| Move {
+                    agent,
+                    id: e.record.id,
+                    from: e.resident.clone(),
+                    disk: e.record.codec,
+                    to: tier,
+                })
+                .collect::<Vec<_>>()
+        })?;
+        self.apply(moves).await;
         Ok(())
     }
 

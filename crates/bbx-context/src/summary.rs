@@ -32,6 +32,15 @@ fn is_specific(word: &str) -> bool {
 pub fn summarize(header: &str, texts: &[&str], max_tokens: u32, counter: &TokenCounter) -> String {
     let all: Vec<&str> = texts.iter().flat_map(|text| sentences(text)).collect();
     let sets: Vec<FxHashSet<String>> = all.iter().map(|s| terms(s)).collect();
+    let values: Vec<FxHashSet<&str>> = all
+        .iter()
+        .map(|s| {
+            s.split_whitespace()
+                .filter(|w| is_specific(w))
+                .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+                .collect()
+        })
+        .collect();
     let mut frequency: FxHashMap<&str, u32> = FxHashMap::default();
     for set in &sets {
         for term in set {
@@ -58,9 +67,11 @@ pub fn summarize(header: &str, texts: &[&str], max_tokens: u32, counter: &TokenC
         if used + tokens > max_tokens {
             continue;
         }
+        // A sentence that says much the same as one chosen, and no value it
+        // did not, is a repeat; one with a value of its own is not.
         let repeats = chosen.iter().any(|&j| {
             let common = sets[i].intersection(&sets[j]).count();
-            common * 10 > sets[i].len().min(sets[j].len()) * 7
+            common * 10 > sets[i].len().min(sets[j].len()) * 7 && values[i].is_subset(&values[j])
         });
         if !repeats {
             used += tokens;
@@ -92,5 +103,17 @@ mod tests {
         assert!(summary.contains("port 6543"), "{summary}");
         assert!(counter.count(&summary) <= 40);
         assert_eq!(summarize("Earlier:", &texts, 3, &counter), "Earlier:");
+    }
+
+    #[test]
+    fn sentences_alike_but_for_their_values_are_both_kept() {
+        let counter = TokenCounter::new("o200k").unwrap();
+        let texts = [
+            "The invoice code for case 12 is Q123-12. The weather was fine and the team met.",
+            "The invoice code for case 40 is Q555-40. The weather was fine and the team met.",
+        ];
+        let summary = summarize("Earlier:", &texts, 200, &counter);
+        assert!(summary.contains("Q123-12") && summary.contains("Q555-40"), "{summary}");
+        assert_eq!(summary.matches("The weather was fine").count(), 1, "{summary}");
     }
 }

@@ -77,7 +77,8 @@ impl Contexts {
         })
     }
 
-    pub(crate) fn stats(&self, agent: AgentId) -> Result<Value> {
+    /// The agent's figures: items and bytes per tier, tokens, the model, prefetch.
+    pub fn stats(&self, agent: AgentId) -> Result<Value> {
         let model = self.model();
         self.with(agent, |ctx| {
             let (issued, hits) = ctx.prefetch;

@@ -121,8 +121,17 @@ impl Contexts {
             fill_summary(&mut plan.assembly, &text, tokens, cap);
             plan.tokens = plan.tokens - u64::from(cap) + if tokens <= cap { u64::from(tokens) } else { 0 };
         }
-        self.with(agent, |ctx| ctx.last_assembly = Some(plan.assembly.clone()))?;
-        if let (Ok(ctx), Ok(saved)) = (self.context(), serde_json::to_vec(&plan.assembly)) {
+        let appended = self.with(agent, |ctx| {
+            // A window that is the previous one with items appended need not be
+            // saved: after a restart the saved one, with what followed it,
+            // gives it again.
+            let appended = ctx.last_assembly.as_ref().is_some_and(|before| {
+                before.head == plan.assembly.head && plan.prefix_parts == before.head.len() + before.body.len()
+            });
+            ctx.last_assembly = Some(plan.assembly.clone());
+            appended
+        })?;
+        if !appended && let (Ok(ctx), Ok(saved)) = (self.context(), serde_json::to_vec(&plan.assembly)) {
             ctx.write_later(SaveAssembly(agent, saved), "an agent's last context window");
         }
         let mut items = Vec::with_capacity(parts.len());

@@ -121,7 +121,12 @@ impl Kernel {
             caller,
             &Access::new("agent.import", Some(Action::Operate), None).on(&agent),
         )?;
+        let parts = bbx_component::AgentData {
+            agent: data.agent,
+            parts: data.parts.iter().map(|(name, _)| (name.clone(), Vec::new())).collect(),
+        };
         self.store.write(self.components.import(data)?).await?;
+        self.components.imported(&parts);
         Ok(())
     }
 

@@ -145,6 +145,9 @@ pub struct Tools {
     mount_point: PathBuf,
     /// The secrets ops may name, where the kernel keeps them.
     secrets: Option<std::sync::Arc<dyn SecretSource>>,
+    /// Agents' contexts, for an `llm.chat` that takes one: set once the
+    /// component that keeps them exists.
+    windows: std::sync::OnceLock<std::sync::Arc<dyn llm::WindowSource>>,
 }
 
 impl Tools {
@@ -173,6 +176,7 @@ impl Tools {
             isolate: root,
             mount_point,
             secrets: None,
+            windows: std::sync::OnceLock::new(),
         })
     }
 
@@ -182,6 +186,12 @@ impl Tools {
             secrets: Some(source),
             ..self
         }
+    }
+
+    /// Lets `llm.chat` take an agent's context from `source`; a second call
+    /// changes nothing.
+    pub fn set_windows(&self, source: std::sync::Arc<dyn llm::WindowSource>) {
+        let _ = self.windows.set(source);
     }
 
     /// The agent's workspace, made on first use (owned by the uid its programs run as).
@@ -213,7 +223,10 @@ impl Tools {
     pub async fn run(&self, call: &Call, ctx: &Context) -> Result<Value> {
         match call {
             Call::Http(call) => self.http.run(call, ctx, self.secrets.as_deref()).await,
-            Call::Llm(call) => call.run(&self.llm_http, &self.config.llm, ctx).await,
+            Call::Llm(call) => {
+                call.run(&self.llm_http, &self.config.llm, ctx, self.windows.get())
+                    .await
+            }
             Call::Mcp(call) => call.run(ctx, &self.config.mcp, (&self.http, &self.mcp_schemas)).await,
             Call::File(call) => {
                 let workspace = self.workspace(&ctx.agent)?;

@@ -36,7 +36,14 @@ pub struct LlmCall {
     #[serde(default)]
     pub endpoint: Option<String>,
     pub model: String,
+    /// The messages; after the agent's assembled context when `context` is
+    /// given (the new turn, say).
+    #[serde(default)]
     pub messages: Vec<Message>,
+    /// Take the agent's context, assembled under a token budget (prefix-stable,
+    /// so a provider's prompt cache keeps serving it), as the first messages.
+    #[serde(default)]
+    pub context: Option<WindowArgs>,
     /// Most tokens to generate (default: the kernel's `default_max_tokens`).
     #[serde(default)]
     pub max_tokens: Option<u32>,
@@ -50,11 +57,28 @@ pub struct LlmCall {
     pub timeout_ms: Option<u64>,
 }
 
+/// An assembled context as a call's first messages.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowArgs {
+    /// The most tokens the context may take.
+    pub budget: u32,
+}
+
+/// Where `llm.chat` finds an agent's context as messages, assembled under a
+/// token budget (ContextTiering, where the kernel has it).
+pub trait WindowSource: Send + Sync {
+    fn window(&self, agent: &bbx_core::AgentId, budget: u32) -> Result<Vec<Message>>;
+}
+
 /// Tokens a call uses (or at most may use).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Prompt tokens the provider served from its prompt cache, where its API
+    /// says (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: Option<u64>,
 }
 
 impl Usage {
@@ -77,11 +101,14 @@ impl LlmCall {
         if self.model.is_empty() {
             return Err(Error::invalid_field("args.model", "model must not be empty"));
         }
-        if self.messages.is_empty() {
+        if self.messages.is_empty() && self.context.is_none() {
             return Err(Error::invalid_field(
                 "args.messages",
-                "a chat needs at least one message",
+                "a chat needs at least one message, or a context",
             ));
+        }
+        if self.context.as_ref().is_some_and(|c| c.budget == 0) {
+            return Err(Error::invalid_field("args.context.budget", "must be at least 1 token"));
         }
         for (i, message) in self.messages.iter().enumerate() {
             if !matches!(
@@ -117,16 +144,23 @@ impl LlmCall {
     }
 
     /// The most tokens the call can use: its prompt's bytes (no token is shorter
-    /// than a byte) plus each message's framing, and `max_tokens` of completion.
+    /// than a byte) plus each message's framing, a context's budget with the
+    /// framing of as many messages as it has tokens, and `max_tokens` of
+    /// completion.
     pub fn max_usage(&self, config: &LlmConfig) -> Usage {
         let prompt: u64 = self
             .messages
             .iter()
             .map(|m| (m.role.len() + m.content.len()) as u64 + MESSAGE_OVERHEAD_TOKENS)
             .sum();
+        let window = self
+            .context
+            .as_ref()
+            .map_or(0, |c| u64::from(c.budget) * (1 + MESSAGE_OVERHEAD_TOKENS));
         Usage {
-            prompt_tokens: prompt,
+            prompt_tokens: prompt + window,
             completion_tokens: u64::from(self.max_tokens(config)),
+            cached_tokens: None,
         }
     }
 
@@ -152,12 +186,42 @@ impl LlmCall {
         }
     }
 
-    pub(crate) async fn run(&self, http: &reqwest::Client, config: &LlmConfig, ctx: &Context) -> Result<Value> {
+    /// The window of the agent's context, then the call's own messages.
+    async fn messages(
+        &self,
+        ctx: &Context,
+        windows: Option<&std::sync::Arc<dyn WindowSource>>,
+    ) -> Result<Vec<Message>> {
+        let Some(context) = &self.context else {
+            return Ok(self.messages.clone());
+        };
+        let windows = windows.cloned().ok_or_else(|| {
+            Error::new(
+                ErrorCode::FailedPrecondition,
+                "this kernel keeps no agent context to assemble",
+            )
+        })?;
+        let (agent, budget) = (ctx.agent, context.budget);
+        let mut messages = tokio::task::spawn_blocking(move || windows.window(&agent, budget))
+            .await
+            .map_err(|e| Error::internal(format!("assembling the context failed: {e}")))??;
+        messages.extend(self.messages.iter().cloned());
+        Ok(messages)
+    }
+
+    pub(crate) async fn run(
+        &self,
+        http: &reqwest::Client,
+        config: &LlmConfig,
+        ctx: &Context,
+        windows: Option<&std::sync::Arc<dyn WindowSource>>,
+    ) -> Result<Value> {
         let endpoint = self.endpoint(config)?;
         let url = format!("{}/chat/completions", endpoint.base_url.trim_end_matches('/'));
+        let messages = self.messages(ctx, windows).await?;
         let mut body = json!({
             "model": self.model,
-            "messages": self.messages,
+            "messages": messages,
             "max_tokens": self.max_tokens(config),
             "stream": self.stream,
         });
@@ -198,16 +262,20 @@ impl LlmCall {
             None => (self.max_usage(config), true),
         };
         let cost_micros = usage.cost_micros(price);
+        let mut reported = json!({
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total(),
+            "estimated": estimated,
+        });
+        if let Some(cached) = usage.cached_tokens {
+            reported["cached_tokens"] = json!(cached);
+        }
         Ok(json!({
             "content": answer.content,
             "finish_reason": answer.finish_reason,
             "model": answer.model.unwrap_or_else(|| self.model.clone()),
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total(),
-                "estimated": estimated,
-            },
+            "usage": reported,
             "cost_micros": cost_micros,
             "cost_usd": cost_micros as f64 / 1e6,
             "priced": price.is_some(),
@@ -229,6 +297,9 @@ fn usage_of(value: &Value) -> Option<Usage> {
     Some(Usage {
         prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
         completion_tokens: usage.get("completion_tokens")?.as_u64()?,
+        cached_tokens: usage
+            .pointer("/prompt_tokens_details/cached_tokens")
+            .and_then(Value::as_u64),
     })
 }
 
@@ -363,11 +434,13 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 1000,
             completion_tokens: 500,
+            cached_tokens: None,
         };
         assert_eq!(usage.cost_micros(Some(&price)), 450);
         let odd = Usage {
             prompt_tokens: 1,
             completion_tokens: 0,
+            cached_tokens: None,
         };
         assert_eq!(
             odd.cost_micros(Some(&price)),

@@ -38,8 +38,8 @@ pub struct ContextConfig {
     /// Assembly: when a window overflows, it is cut back to this share of the
     /// budget, so the turns after it only append [default: 0.6].
     pub compact_to: f64,
-    /// Assembly: the most tokens a summary of evicted items takes
-    /// [default: 1024].
+    /// Assembly: the most tokens a summary of evicted items takes; it never
+    /// takes more than a tenth of the compacted window [default: 4096].
     pub summary_tokens: usize,
 }
 
@@ -76,7 +76,7 @@ impl Default for ContextConfig {
             retrain_every: 4000,
             prefetch: true,
             compact_to: 0.6,
-            summary_tokens: 1024,
+            summary_tokens: 4096,
         }
     }
 }

@@ -1,0 +1,158 @@
+//! An agent's context as a whole: exported and imported (snapshots, forks),
+//! and let go when the agent is deleted: every record under its prefix,
+//! in bounded steps (a step is one write, small enough for one journal
+//! record).
+
+use crate::KEYSPACES;
+use bbx_core::{AgentId, Result};
+use bbx_store::{Applied, GroupTx, Staged, Store, storage_error};
+use fjall::Readable;
+
+/// Keys removed per step.
+const STEP: usize = 2000;
+
+/// Removes up to [`STEP`] of the agent's records; answers how many.
+#[derive(Debug)]
+struct ForgetStep(AgentId);
+
+impl Staged for ForgetStep {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        let mut removed = 0usize;
+        for keyspace in KEYSPACES.iter().filter(|k| k.id != crate::CONTEXT_MODEL.id) {
+            let keys: Vec<Vec<u8>> = tx
+                .keyspace(*keyspace)?
+                .prefix(self.0.as_bytes())
+                .take(STEP - removed)
+                .map(|kv| kv.into_inner().map(|(k, _)| k.to_vec()))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| storage_error("list a deleted agent's context", e))?;
+            removed += keys.len();
+            for key in keys {
+                tx.remove(*keyspace, key);
+            }
+            if removed == STEP {
+                break;
+            }
+        }
+        Ok(Applied::output(removed))
+    }
+}
+
+/// Removes the context of agents that no longer exist: what a crash left
+/// behind of a deletion (each agent's context has its id sequence, so one
+/// key per agent is read).
+pub(crate) async fn forget_orphans(store: &Store) -> Result<()> {
+    let agents = store.keyspace(bbx_agents::AGENTS);
+    let view = store.view();
+    let mut orphans = Vec::new();
+    for kv in view.iter(store.keyspace(crate::CONTEXT_AGENTS)) {
+        let (key, _) = kv.into_inner().map_err(|e| storage_error("list contexts", e))?;
+        let Some(agent) = key
+            .get(..16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(AgentId::from_bytes)
+        else {
+            continue;
+        };
+        if key[16..] == *crate::contexts::SEQUENCE
+            && view
+                .get(agents, agent.as_bytes())
+                .map_err(|e| storage_error("read an agent", e))?
+                .is_none()
+        {
+            orphans.push(agent);
+        }
+    }
+    for agent in orphans {
+        forget_agent(store, agent).await?;
+    }
+    Ok(())
+}
+
+/// Removes all the agent's records, step by step.
+pub(crate) async fn forget_agent(store: &Store, agent: AgentId) -> Result<()> {
+    loop {
+        let removed: usize = store.write(ForgetStep(agent)).await?.into_output()?;
+        if removed < STEP {
+            return Ok(());
+        }
+    }
+}
+
+/// The keyspaces an agent's context is exported from, by id: what the first
+/// byte of an exported key names.
+const EXPORTED: [crate::KeyspaceDef; 4] = [
+    crate::CONTEXT_ITEMS,
+    crate::CONTEXT_BLOCKS,
+    crate::CONTEXT_ACCESS,
+    crate::CONTEXT_AGENTS,
+];
+
+/// Every record of the agent's context, as durable now: the keyspace's id,
+/// then the key after the agent.
+pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<bbx_component::Exported>> {
+    let view = store.view();
+    let mut records = Vec::new();
+    for keyspace in EXPORTED {
+        for kv in view.prefix(store.keyspace(keyspace), agent.as_bytes()) {
+            let (key, value) = kv.into_inner().map_err(|e| storage_error("export a context", e))?;
+            let mut exported = vec![keyspace.id];
+            exported.extend_from_slice(&key[16..]);
+            records.push(bbx_component::Exported {
+                key: exported,
+                value: value.to_vec(),
+            });
+        }
+    }
+    Ok(records)
+}
+
+/// Replaces the agent's context with `records`. Its id sequence never goes
+/// back: an item put after the export keeps an id nobody else gets.
+pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_component::Exported]) -> Result<()> {
+    let sequence = crate::item::agent_key(agent, crate::contexts::SEQUENCE);
+    let last = |bytes: Option<Vec<u8>>| bytes.and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+    let current = last(tx.read(crate::CONTEXT_AGENTS, &sequence)?);
+    let mut incoming = Vec::with_capacity(records.len());
+    for record in records {
+        let keyspace = EXPORTED
+            .iter()
+            .find(|k| record.key.first() == Some(&k.id))
+            .ok_or_else(|| bbx_core::Error::invalid_field("parts", "a context record names no context keyspace"))?;
+        let mut key = agent.as_bytes().to_vec();
+        key.extend_from_slice(&record.key[1..]);
+        incoming.push((*keyspace, key, record.value.clone()));
+    }
+    for keyspace in EXPORTED {
+        let mut keys: Vec<Vec<u8>> = tx
+            .keyspace(keyspace)?
+            .prefix(agent.as_bytes())
+            .map(|kv| kv.into_inner().map(|(k, _)| k.to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| storage_error("read a context", e))?;
+        keys.extend(
+            tx.staged(keyspace)
+                .range(agent.as_bytes().to_vec()..)
+                .take_while(|(k, _)| k.starts_with(agent.as_bytes()))
+                .filter(|(_, v)| v.is_some())
+                .map(|(k, _)| k.clone()),
+        );
+        for key in keys {
+            tx.remove(keyspace, key);
+        }
+    }
+    let mut imported_sequence = 0;
+    for (keyspace, key, value) in incoming {
+        if keyspace == crate::CONTEXT_AGENTS && key == sequence {
+            imported_sequence = last(Some(value));
+            continue;
+        }
+        tx.put(keyspace, key, value);
+    }
+    tx.put(
+        crate::CONTEXT_AGENTS,
+        sequence,
+        current.max(imported_sequence).to_be_bytes().to_vec(),
+    );
+    Ok(())
+}
