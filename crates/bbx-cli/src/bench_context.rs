@@ -73,7 +73,8 @@ struct Agents {
     imported_items_per_sec: f64,
     rss_mb_before: f64,
     rss_mb_after_imports: f64,
-    rss_mb_all_loaded: f64,
+    /// After every agent was loaded once, in turn (those idle meanwhile let go).
+    rss_mb_after_loading_each: f64,
     rss_mb_idle: f64,
     agents_in_memory_idle: usize,
 }
@@ -413,7 +414,7 @@ async fn agents(dir: &Path, agents: usize, per_agent: usize) -> Result<Agents> {
         imported_items_per_sec,
         rss_mb_before,
         rss_mb_after_imports: rss_mb_after_puts,
-        rss_mb_all_loaded,
+        rss_mb_after_loading_each: rss_mb_all_loaded,
         rss_mb_idle: rss_mb(),
         agents_in_memory_idle: bench.contexts.agents_in_memory(),
     };
