@@ -212,12 +212,16 @@ impl Bench {
         Ok(count as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// Gets each of `ids` once (on this thread), timed.
-    fn get_each(&self, agent: AgentId, ids: &[u64], into: &mut Histogram<u64>) -> Result<()> {
+    /// Gets each of `ids` once (on this thread), timed; each must come from
+    /// `tier` (when given), or the sample would be another tier's.
+    fn get_each(&self, agent: AgentId, ids: &[u64], tier: Option<Tier>, into: &mut Histogram<u64>) -> Result<()> {
         for id in ids {
             let started = Instant::now();
             let got = self.contexts.get(agent, *id)?;
             into.saturating_record(started.elapsed().as_nanos() as u64);
+            if tier.is_some_and(|tier| got.tier != tier) {
+                bail!("item {id} came from {:?}, not {tier:?}", got.tier);
+            }
             std::hint::black_box(got);
         }
         Ok(())
@@ -235,13 +239,18 @@ fn budgets() -> ContextConfig {
         global: big,
         migrate_every_ms: 60_000,
         idle_secs: 3600,
+        // A prefetched item would be a HOT sample among another tier's.
+        prefetch: false,
         ..ContextConfig::default()
     }
 }
 
 fn shuffled(n: usize, seed: u64) -> Vec<u64> {
     let mut ids: Vec<u64> = (1..=n as u64).collect();
-    let mut x = seed | 1;
+    let mut x = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x2545_F491_4F6C_DD1D)
+        | 1;
     for i in (1..ids.len()).rev() {
         x ^= x << 13;
         x ^= x >> 7;
@@ -268,7 +277,7 @@ async fn gets(bench: &Arc<Bench>, items: usize) -> Result<(f64, Gets)> {
         let bench = bench.clone();
         let ids = shuffled(items, round);
         hot = tokio::task::spawn_blocking(move || {
-            bench.get_each(agent, &ids, &mut hot)?;
+            bench.get_each(agent, &ids, Some(Tier::Hot), &mut hot)?;
             Ok::<_, anyhow::Error>(hot)
         })
         .await??;
@@ -280,7 +289,7 @@ async fn gets(bench: &Arc<Bench>, items: usize) -> Result<(f64, Gets)> {
             bench.contexts.move_down(agent, &ids, tier).await?;
             let (b, ids) = (bench.clone(), ids.clone());
             h = tokio::task::spawn_blocking(move || {
-                b.get_each(agent, &ids, &mut h)?;
+                b.get_each(agent, &ids, Some(tier), &mut h)?;
                 Ok::<_, anyhow::Error>(h)
             })
             .await??;
@@ -297,7 +306,7 @@ async fn gets(bench: &Arc<Bench>, items: usize) -> Result<(f64, Gets)> {
             while busy.load(Ordering::Relaxed) {
                 bench.contexts.move_down(other, &all, Tier::Cool).await?;
                 let (b, all) = (bench.clone(), all.clone());
-                tokio::task::spawn_blocking(move || b.get_each(other, &all, &mut nanos())).await??;
+                tokio::task::spawn_blocking(move || b.get_each(other, &all, None, &mut nanos())).await??;
             }
             Ok::<_, anyhow::Error>(())
         })
@@ -307,8 +316,8 @@ async fn gets(bench: &Arc<Bench>, items: usize) -> Result<(f64, Gets)> {
         bench.contexts.move_down(agent, &ids, Tier::Cool).await?;
         let (b, cool_ids, hot_ids) = (bench.clone(), ids.clone(), shuffled(items, round + 100));
         (hot_busy, cool_busy) = tokio::task::spawn_blocking(move || {
-            b.get_each(agent, &cool_ids, &mut cool_busy)?;
-            b.get_each(agent, &hot_ids, &mut hot_busy)?;
+            b.get_each(agent, &cool_ids, Some(Tier::Cool), &mut cool_busy)?;
+            b.get_each(agent, &hot_ids, Some(Tier::Hot), &mut hot_busy)?;
             Ok::<_, anyhow::Error>((hot_busy, cool_busy))
         })
         .await??;
@@ -384,14 +393,21 @@ async fn agents(dir: &Path, agents: usize, per_agent: usize) -> Result<Agents> {
         .await?;
     let data = bench.kernel.export_agent(&bench.caller, &template)?;
     bench.contexts.stats(template)?;
-    let started = Instant::now();
     let mut ids = Vec::with_capacity(agents);
     for _ in 0..agents {
-        let agent = bench.agent().await?;
-        let mut copy = data.clone();
-        copy.agent = agent;
+        ids.push(bench.agent().await?);
+    }
+    let mut copies: Vec<_> = ids
+        .iter()
+        .map(|agent| {
+            let mut copy = data.clone();
+            copy.agent = *agent;
+            copy
+        })
+        .collect();
+    let started = Instant::now();
+    for copy in copies.drain(..) {
         bench.kernel.import_agent(&bench.caller, copy).await?;
-        ids.push(agent);
     }
     let imported_items_per_sec = (agents * per_agent) as f64 / started.elapsed().as_secs_f64();
     let rss_mb_after_puts = rss_mb();
@@ -456,9 +472,10 @@ pub async fn context(cli: &Cli, args: &BenchContextArgs) -> Result<()> {
     .join()
     .map_err(|_| anyhow::anyhow!("the in-process phases panicked"))??;
     eprintln!("importance on generated sessions...");
-    let importance = bench_context_sim::importance(args.train_sessions, args.test_sessions, args.turns, 64, 64 * 1024);
+    let (importance, model) =
+        bench_context_sim::importance(args.train_sessions, args.test_sessions, args.turns, 64, 64 * 1024);
     eprintln!("windows over a 500-turn session...");
-    let assembly_quality = bench_context_sim::assembly(500, 32_000, None);
+    let assembly_quality = bench_context_sim::assembly(500, 32_000, model.as_ref());
     let targets = Targets {
         get_hot_p99_under_5us: gets.hot.p99_us < 5.0,
         get_warm_p99_under_50us: gets.warm.p99_us < 50.0,

@@ -198,8 +198,8 @@ fn tokens_of(session: &Session, counter: &TokenCounter) -> Vec<u32> {
 }
 
 /// Trains on `train` sessions' observed outcomes, then measures on `test`
-/// sessions.
-pub fn importance(train: usize, test: usize, turns: usize, window: u64, hot_bytes: u64) -> Importance {
+/// sessions; gives the model too.
+pub fn importance(train: usize, test: usize, turns: usize, window: u64, hot_bytes: u64) -> (Importance, Option<Model>) {
     let counter = TokenCounter::new("o200k").expect("o200k is built in");
     let mut train_samples = Vec::new();
     for seed in 0..train as u64 {
@@ -274,7 +274,7 @@ pub fn importance(train: usize, test: usize, turns: usize, window: u64, hot_byte
     let rows: Vec<Features> = test_samples.iter().map(|(f, _)| *f).collect();
     let auc_of = |policy| importance::auc(&scores(policy, model.as_ref(), &rows), &labels);
     let rate = |i: usize| hits[i] as f64 / accesses[i].max(1) as f64;
-    Importance {
+    let report = Importance {
         sessions_train: train,
         sessions_test: test,
         turns_per_session: turns,
@@ -303,7 +303,8 @@ pub fn importance(train: usize, test: usize, turns: usize, window: u64, hot_byte
         prefetch_issued,
         prefetch_hits,
         prefetch_precision: prefetch_hits as f64 / prefetch_issued.max(1) as f64,
-    }
+    };
+    (report, model)
 }
 
 #[derive(Serialize, Default)]

@@ -225,11 +225,12 @@ pub fn session(seed: u64, turns: usize) -> Session {
                 }
             }
         }
-        for fact in &needs {
-            gets.push(fact_item(&events, &facts[*fact]));
-        }
         events.extend(gets.into_iter().map(Event::Get));
+        // The window is assembled before the agent goes back to what the turn
+        // asks about: an item read just before would be recent, and kept.
+        let asked: Vec<u64> = needs.iter().map(|fact| fact_item(&events, &facts[*fact])).collect();
         events.push(Event::Turn { needs });
+        events.extend(asked.into_iter().map(Event::Get));
     }
     Session { events, facts }
 }

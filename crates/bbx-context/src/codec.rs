@@ -105,6 +105,12 @@ fn corrupt(why: impl std::fmt::Display) -> Error {
     )
 }
 
+/// The CRC32 of the content a block holds, as its header says: two blocks
+/// of the same content have the same, whatever their codecs.
+pub fn content_crc(block: &[u8]) -> Option<u32> {
+    block.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// The codec a block names.
 pub fn codec_of(block: &[u8]) -> Result<Codec> {
     block

@@ -243,9 +243,12 @@ impl Contexts {
         for record in records.iter().rev() {
             let fits_hot = u64::from(record.bytes) <= hot_room;
             let fits_warm = u64::from(record.stored_bytes) <= warm_room;
+            // Blocks are read from this load's view, so they match its records.
             let in_memory = record.pinned || (record.codec == Codec::Lz4 && (fits_hot || fits_warm));
             let block = if in_memory {
-                read_block(store, &agent, record.id)?
+                view.get(store.keyspace(CONTEXT_BLOCKS), item_key(&agent, record.id))
+                    .map_err(|e| storage_error("load a context", e))?
+                    .map(|b| b.to_vec())
             } else {
                 None
             };
@@ -253,7 +256,7 @@ impl Contexts {
                 Some(block) if record.pinned || fits_hot => match codec::decode(&block) {
                     Ok(content) => {
                         if !record.pinned {
-                            hot_room -= u64::from(record.bytes);
+                            hot_room = hot_room.saturating_sub(u64::from(record.bytes));
                         }
                         Resident::Hot(content.into())
                     }
@@ -263,7 +266,7 @@ impl Contexts {
                     }
                 },
                 Some(block) => {
-                    warm_room -= block.len() as u64;
+                    warm_room = warm_room.saturating_sub(block.len() as u64);
                     Resident::Warm(block.into())
                 }
                 None => Resident::None,
@@ -276,6 +279,7 @@ impl Contexts {
             ctx.step = ctx.step.max(access.step);
             ctx.insert(entry(record, access, 0, resident));
         }
+        ctx.epoch = epoch(&view, store, &agent)?;
         if let Some(bytes) = view
             .get(store.keyspace(CONTEXT_AGENTS), agent_key(&agent, ASSEMBLY))
             .map_err(|e| storage_error("load a context", e))?
@@ -555,6 +559,9 @@ pub(crate) enum Change {
 pub(crate) const ASSEMBLY: &[u8] = b"/assembly";
 /// The key of an agent's id sequence.
 pub(crate) const SEQUENCE: &[u8] = b"/sequence";
+/// The key of an agent's import count: what memory loaded is stale once it
+/// moves.
+pub(crate) const EPOCH: &[u8] = b"/epoch";
 
 pub(crate) fn entry(record: Record, access: Access, created_step: u64, resident: Resident) -> Entry {
     Entry {
@@ -568,6 +575,15 @@ pub(crate) fn entry(record: Record, access: Access, created_step: u64, resident:
         resident,
         prefetched: false,
     }
+}
+
+/// The agent's import count, as `view` holds it.
+pub(crate) fn epoch(view: &fjall::Snapshot, store: &Store, agent: &AgentId) -> Result<u64> {
+    Ok(view
+        .get(store.keyspace(CONTEXT_AGENTS), agent_key(agent, EPOCH))
+        .map_err(|e| storage_error("read a context", e))?
+        .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+        .map_or(0, u64::from_be_bytes))
 }
 
 pub(crate) fn read_record(store: &Store, agent: &AgentId, id: ItemId) -> Result<Option<Record>> {

@@ -16,7 +16,8 @@
 //!   off every reader's and writer's path; a demotion that cannot be written
 //!   leaves the item where it was.
 //! - **An idle agent costs no memory.** An agent's index is loaded on first
-//!   use and let go when idle, its memory tiers written to COOL first.
+//!   use and let go when idle (its blocks are on disk already; those still
+//!   lz4 are rewritten as COOL afterwards).
 //! - **Learned importance.** Gradient-boosted trees over access features,
 //!   trained on the re-accesses the kernel observes, persisted, with a fixed
 //!   formula before there is data ([`importance`]); prefetch by co-access

@@ -141,6 +141,7 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_compo
             tx.remove(keyspace, key);
         }
     }
+    check_items(&incoming)?;
     let mut imported_sequence = 0;
     for (keyspace, key, value) in incoming {
         if keyspace == crate::CONTEXT_AGENTS && key == sequence {
@@ -154,5 +155,38 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_compo
         sequence,
         current.max(imported_sequence).to_be_bytes().to_vec(),
     );
+    // What was held in memory of the agent before is stale: writes made from
+    // it (a saved window) check the epoch and give way.
+    let epoch_key = crate::item::agent_key(agent, crate::contexts::EPOCH);
+    let epoch = last(tx.read(crate::CONTEXT_AGENTS, &epoch_key)?) + 1;
+    tx.put(crate::CONTEXT_AGENTS, epoch_key, epoch.to_be_bytes().to_vec());
+    Ok(())
+}
+
+/// An import's items are what this crate wrote: each record decodes, names
+/// the id of its key, and its block decodes to content of its size.
+fn check_items(incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)]) -> Result<()> {
+    let bad = |why: String| bbx_core::Error::invalid_field("parts", format!("a context item does not import: {why}"));
+    let blocks: std::collections::HashMap<&[u8], &[u8]> = incoming
+        .iter()
+        .filter(|(k, _, _)| *k == crate::CONTEXT_BLOCKS)
+        .map(|(_, key, value)| (key.as_slice(), value.as_slice()))
+        .collect();
+    for (keyspace, key, value) in incoming {
+        if *keyspace != crate::CONTEXT_ITEMS {
+            continue;
+        }
+        let record = crate::item::Record::decode(value).map_err(|e| bad(e.message))?;
+        if crate::item::parse_item_key(key) != Some(record.id) {
+            return Err(bad(format!("item {} is filed under another id", record.id)));
+        }
+        let block = blocks
+            .get(key.as_slice())
+            .ok_or_else(|| bad(format!("item {} has no block", record.id)))?;
+        let content = crate::codec::decode(block).map_err(|e| bad(e.message))?;
+        if block.len() != record.stored_bytes as usize || content.len() != record.bytes as usize {
+            return Err(bad(format!("item {}'s sizes do not match its block", record.id)));
+        }
+    }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! The migrator: on a timer, off every reader's and writer's path, it ages
 //! items down the tiers of each agent over its budgets (and of all agents
 //! over the global ones), oldest generation and least important first;
-//! writes the accesses it has seen; and lets idle agents go, their memory
-//! tiers written to COOL first so that an idle agent costs no memory.
+//! writes the accesses it has seen; and lets idle agents go at once (every
+//! item's block is on disk already), so that an idle agent costs no memory,
+//! rewriting their lz4 blocks as COOL afterwards, a batch a round.
 //!
 //! Compression runs outside the agents' locks; an item is moved only if it
 //! is still where it was when chosen. A demotion to disk is one store write
@@ -62,7 +63,11 @@ impl Staged for Recodes {
                     continue;
                 };
                 let mut record = Record::decode(&bytes)?;
-                if record.codec != recode.was {
+                // Another write since (a demotion, an import) wins: this one
+                // was encoded from what was there before.
+                let current = tx.read(CONTEXT_BLOCKS, &key)?;
+                let same_content = current.as_deref().and_then(codec::content_crc) == codec::content_crc(&recode.block);
+                if record.codec != recode.was || !same_content {
                     continue;
                 }
                 record.codec = recode.codec;
@@ -465,6 +470,7 @@ impl Contexts {
     /// items and that nobody is using right now; a busy slot waits for the
     /// next round.
     fn let_go(&self, slots: &mut Vec<(AgentId, Arc<Slot>)>, idle: &[AgentId]) {
+        let idle: rustc_hash::FxHashSet<&AgentId> = idle.iter().collect();
         slots.retain(|(agent, _)| idle.contains(agent));
         let mut agents = self.0.agents.write();
         for (agent, slot) in slots.drain(..) {

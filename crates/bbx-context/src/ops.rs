@@ -233,6 +233,9 @@ struct Put {
 
 impl Put {
     fn new(contexts: &Contexts, mut args: PutArgs) -> Result<Self> {
+        if args.content.is_empty() {
+            return Err(Error::invalid_field("content", "an item must not be empty"));
+        }
         let max = contexts.0.config.max_item_bytes;
         if args.content.len() > max {
             return Err(Error::new(

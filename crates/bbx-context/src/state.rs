@@ -89,6 +89,9 @@ pub struct AgentContext {
     /// steps") is not known yet.
     pub pending: VecDeque<Sample>,
     pub used: Instant,
+    /// The agent's import count when it was loaded: a write made from this
+    /// copy after an import would be stale.
+    pub epoch: u64,
     /// Items prefetched into HOT, and of those, accessed there.
     pub prefetch: (u64, u64),
     /// Items whose accesses are not yet written.
@@ -110,6 +113,7 @@ impl AgentContext {
             pending: VecDeque::new(),
             used: Instant::now(),
             prefetch: (0, 0),
+            epoch: 0,
             dirty: Vec::new(),
             totals,
         }

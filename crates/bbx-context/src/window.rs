@@ -17,19 +17,28 @@ use std::sync::Arc;
 /// An agent's last window, kept so the next one can share its prefix after a
 /// restart. Written off the op's path: losing it costs one cache miss.
 #[derive(Debug)]
-struct SaveAssembly(AgentId, Vec<u8>);
+struct SaveAssembly {
+    agent: AgentId,
+    /// The import count of the copy it was assembled from.
+    epoch: u64,
+    window: Vec<u8>,
+}
 
 impl Staged for SaveAssembly {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
-        // Not for an agent whose context was deleted meanwhile.
-        if tx
-            .read(CONTEXT_AGENTS, &agent_key(&self.0, crate::contexts::SEQUENCE))?
-            .is_some()
-        {
+        // Not for an agent whose context was deleted, or imported, meanwhile.
+        let exists = tx
+            .read(CONTEXT_AGENTS, &agent_key(&self.agent, crate::contexts::SEQUENCE))?
+            .is_some();
+        let epoch = tx
+            .read(CONTEXT_AGENTS, &agent_key(&self.agent, crate::contexts::EPOCH))?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map_or(0, u64::from_be_bytes);
+        if exists && epoch == self.epoch {
             tx.put(
                 CONTEXT_AGENTS,
-                agent_key(&self.0, crate::contexts::ASSEMBLY),
-                self.1.clone(),
+                agent_key(&self.agent, crate::contexts::ASSEMBLY),
+                self.window.clone(),
             );
         }
         Ok(Applied::Done)
@@ -121,7 +130,7 @@ impl Contexts {
             fill_summary(&mut plan.assembly, &text, tokens, cap);
             plan.tokens = plan.tokens - u64::from(cap) + if tokens <= cap { u64::from(tokens) } else { 0 };
         }
-        let appended = self.with(agent, |ctx| {
+        let (appended, epoch) = self.with(agent, |ctx| {
             // A window that is the previous one with items appended need not be
             // saved: after a restart the saved one, with what followed it,
             // gives it again.
@@ -129,10 +138,11 @@ impl Contexts {
                 before.head == plan.assembly.head && plan.prefix_parts == before.head.len() + before.body.len()
             });
             ctx.last_assembly = Some(plan.assembly.clone());
-            appended
+            (appended, ctx.epoch)
         })?;
-        if !appended && let (Ok(ctx), Ok(saved)) = (self.context(), serde_json::to_vec(&plan.assembly)) {
-            ctx.write_later(SaveAssembly(agent, saved), "an agent's last context window");
+        if !appended && let (Ok(ctx), Ok(window)) = (self.context(), serde_json::to_vec(&plan.assembly)) {
+            let save = SaveAssembly { agent, epoch, window };
+            ctx.write_later(save, "an agent's last context window");
         }
         let mut items = Vec::with_capacity(parts.len());
         let mut summaries = plan.assembly.body.iter().filter_map(|p| match p {

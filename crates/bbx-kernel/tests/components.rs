@@ -539,3 +539,53 @@ async fn labels_follow_an_op_into_its_effect_and_completion_and_observers_see_it
     assert_eq!(stored.labels, ["taint:web"]);
     kernel.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_context_goes_out_and_back_in_and_its_ids_never_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = Kernel::open(config(dir.path())).await.unwrap().kernel;
+    let caller = admin(&kernel, dir.path());
+    let agent = new_agent(&kernel, &caller).await;
+    let put = |text: &str| {
+        let input = json!({ "agent": agent, "content": text });
+        let (kernel, caller) = (kernel.clone(), caller.clone());
+        async move {
+            kernel.call_endpoint(&caller, "context.put", input).await.unwrap()["id"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let contexts = kernel
+        .component::<bbx_context::Contexts>()
+        .expect("the kernel has context");
+    for text in ["one", "two", "three"] {
+        put(text).await;
+    }
+    let exported = kernel.export_agent(&caller, &agent).unwrap();
+    assert!(exported.parts.iter().any(|(name, _)| name == "context"));
+    assert_eq!(put("four").await, 4);
+    let deleted = json!({ "agent": agent, "id": 1 });
+    kernel.call_endpoint(&caller, "context.delete", deleted).await.unwrap();
+
+    // A part whose block was tampered with is refused, and changes nothing.
+    let mut tampered = exported.clone();
+    let (_, records) = tampered.parts.iter_mut().find(|(name, _)| name == "context").unwrap();
+    let block = records
+        .iter_mut()
+        .find(|r| r.key[0] == bbx_context::CONTEXT_BLOCKS.id)
+        .unwrap();
+    let last = block.value.len() - 1;
+    block.value[last] ^= 0xff;
+    let refused = kernel.import_agent(&caller, tampered).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidArgument, "{}", refused.message);
+    assert_eq!(contexts.stats(agent).unwrap()["items"], 3);
+
+    kernel.import_agent(&caller, exported).await.unwrap();
+    let texts: Vec<String> = (1..=3)
+        .map(|id| contexts.get(agent, id).unwrap().content.to_string())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+    assert!(contexts.get(agent, 4).is_err(), "what came after the export is gone");
+    assert_eq!(put("five").await, 5, "an id is never given twice");
+    kernel.shutdown().await;
+}

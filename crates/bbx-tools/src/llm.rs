@@ -20,6 +20,11 @@ use std::time::Duration;
 
 /// Tokens a chat format adds around each message, beyond its text.
 const MESSAGE_OVERHEAD_TOKENS: u64 = 8;
+/// What a context's window is reserved at, per token of its budget: its bytes
+/// (a window's tokens are counted by the kernel's tokenizer, a provider's may
+/// cut finer, but never below a byte) and its messages' framing. A window
+/// whose bytes and framing pass it is refused before it is sent.
+const WINDOW_RESERVE_PER_TOKEN: u64 = 16;
 const MAX_MAX_TOKENS: u32 = 1_000_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -156,7 +161,7 @@ impl LlmCall {
         let window = self
             .context
             .as_ref()
-            .map_or(0, |c| u64::from(c.budget) * (1 + MESSAGE_OVERHEAD_TOKENS));
+            .map_or(0, |c| u64::from(c.budget) * WINDOW_RESERVE_PER_TOKEN);
         Usage {
             prompt_tokens: prompt + window,
             completion_tokens: u64::from(self.max_tokens(config)),
@@ -205,6 +210,18 @@ impl LlmCall {
         let mut messages = tokio::task::spawn_blocking(move || windows.window(&agent, budget))
             .await
             .map_err(|e| Error::internal(format!("assembling the context failed: {e}")))??;
+        let most: u64 = messages
+            .iter()
+            .map(|m| (m.role.len() + m.content.len()) as u64 + MESSAGE_OVERHEAD_TOKENS)
+            .sum();
+        if most > u64::from(budget) * WINDOW_RESERVE_PER_TOKEN {
+            return Err(Error::invalid_field(
+                "args.context.budget",
+                format!(
+                    "the window's {most} bytes and framing pass what a budget of {budget} tokens reserved; give a larger budget"
+                ),
+            ));
+        }
         messages.extend(self.messages.iter().cloned());
         Ok(messages)
     }

@@ -24,8 +24,9 @@ pub struct ContextConfig {
     pub cold_level: i32,
     /// How often the migrator runs, in milliseconds [default: 500].
     pub migrate_every_ms: u64,
-    /// An agent untouched this long has its memory tiers written to COOL and
-    /// its index let go, so an idle agent costs no memory [default: 300].
+    /// An agent untouched this long is let go: memory drops its copies (its
+    /// blocks are on disk) and its index, so an idle agent costs no memory
+    /// [default: 300].
     pub idle_secs: u64,
     /// "Accessed again within this many of the agent's steps" is what the
     /// importance model learns to predict [default: 64].
