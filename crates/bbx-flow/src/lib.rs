@@ -81,6 +81,10 @@ pub const KEYSPACES: &[KeyspaceDef] = &[
 /// How long an op held for approval waits before it is denied.
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
 
+/// Kinds whose ops store what their args carry, so that what they store keeps
+/// its taint.
+const STORING_KINDS: &[&str] = &["state.set", "context.put", "memory.add"];
+
 /// Kinds whose outputs bring outside content in.
 const UNTRUSTED_KINDS: &[&str] = &[
     "tool.http",
@@ -522,9 +526,10 @@ impl Component for Flow {
         let anomaly = self.observe(submission.op_id, op.agent, &op.kind, &op.args);
         let anomalous = anomaly.as_ref().is_some_and(|a| a.anomalous);
         if !anomalous && !self.0.book.read().concerns_any(submission.tenant, &op.kind) {
-            // A state write keeps the taint of what it writes whether or not a
-            // policy looks at it: a later read passes it on.
-            if op.kind == "state.set" || !submission.references.is_empty() {
+            // A write that stores data (state, a context item, a memory) keeps
+            // the taint of what it writes whether or not a policy looks at it:
+            // a later read passes it on.
+            if STORING_KINDS.contains(&op.kind.as_str()) || !submission.references.is_empty() {
                 let scope = taint::Scope::new(op.agent, op.run_id.as_deref());
                 let mut tainted = self.0.taints.tainted(scope, &op.args);
                 referenced_taint(submission.references, &mut tainted);
