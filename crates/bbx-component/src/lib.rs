@@ -229,6 +229,20 @@ pub async fn run_op(submitter: &dyn Submitter, caller: &Caller, op: SubmitOp, wa
     }
 }
 
+/// A chat message, as an agent's context window becomes one for a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Where a component that calls models (`llm.chat`) finds an agent's context,
+/// assembled under a token budget into chat messages: implemented by the
+/// component that keeps contexts, handed over when the kernel wires them.
+pub trait ContextWindows: Send + Sync {
+    fn window(&self, agent: &AgentId, budget: u32) -> Result<Vec<ChatMessage>>;
+}
+
 /// What a component is given to act with outside of an op.
 #[derive(Clone)]
 pub struct Context {

@@ -579,11 +579,10 @@ pub(crate) fn entry(record: Record, access: Access, created_step: u64, resident:
 
 /// The agent's import count, as `view` holds it.
 pub(crate) fn epoch(view: &fjall::Snapshot, store: &Store, agent: &AgentId) -> Result<u64> {
-    Ok(view
-        .get(store.keyspace(CONTEXT_AGENTS), agent_key(agent, EPOCH))
-        .map_err(|e| storage_error("read a context", e))?
-        .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-        .map_or(0, u64::from_be_bytes))
+    Ok(crate::item::counter(
+        view.get(store.keyspace(CONTEXT_AGENTS), agent_key(agent, EPOCH))
+            .map_err(|e| storage_error("read a context", e))?,
+    ))
 }
 
 pub(crate) fn read_record(store: &Store, agent: &AgentId, id: ItemId) -> Result<Option<Record>> {

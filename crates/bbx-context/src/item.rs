@@ -136,6 +136,14 @@ pub fn parse_item_key(key: &[u8]) -> Option<ItemId> {
     (key.len() == 24).then(|| u64::from_be_bytes(id))
 }
 
+/// A counter an agent keeps (its id sequence, its import count) from its
+/// stored bytes; 0 where there is none yet.
+pub fn counter(bytes: Option<impl AsRef<[u8]>>) -> u64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 /// agent, what: the key of one of the agent's own records (its id sequence,
 /// its last assembly).
 pub fn agent_key(agent: &AgentId, what: &[u8]) -> Vec<u8> {

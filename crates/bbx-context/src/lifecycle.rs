@@ -111,8 +111,7 @@ pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<bbx_component
 /// back: an item put after the export keeps an id nobody else gets.
 pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_component::Exported]) -> Result<()> {
     let sequence = crate::item::agent_key(agent, crate::contexts::SEQUENCE);
-    let last = |bytes: Option<Vec<u8>>| bytes.and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
-    let current = last(tx.read(crate::CONTEXT_AGENTS, &sequence)?);
+    let current = crate::item::counter(tx.read(crate::CONTEXT_AGENTS, &sequence)?);
     let mut incoming = Vec::with_capacity(records.len());
     for record in records {
         let keyspace = EXPORTED
@@ -145,7 +144,7 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_compo
     let mut imported_sequence = 0;
     for (keyspace, key, value) in incoming {
         if keyspace == crate::CONTEXT_AGENTS && key == sequence {
-            imported_sequence = last(Some(value));
+            imported_sequence = crate::item::counter(Some(&value));
             continue;
         }
         tx.put(keyspace, key, value);
@@ -158,7 +157,7 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_compo
     // What was held in memory of the agent before is stale: writes made from
     // it (a saved window) check the epoch and give way.
     let epoch_key = crate::item::agent_key(agent, crate::contexts::EPOCH);
-    let epoch = last(tx.read(crate::CONTEXT_AGENTS, &epoch_key)?) + 1;
+    let epoch = crate::item::counter(tx.read(crate::CONTEXT_AGENTS, &epoch_key)?) + 1;
     tx.put(crate::CONTEXT_AGENTS, epoch_key, epoch.to_be_bytes().to_vec());
     Ok(())
 }

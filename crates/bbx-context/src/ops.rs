@@ -262,10 +262,7 @@ impl EffectOp for Put {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
         let agent = staging.agent;
         let sequence = agent_key(agent, SEQUENCE);
-        let last = tx
-            .read(CONTEXT_AGENTS, &sequence)?
-            .and_then(|b| b.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let last = crate::item::counter(tx.read(CONTEXT_AGENTS, &sequence)?);
         for id in &self.args.refs {
             if tx.read(CONTEXT_ITEMS, &item_key(agent, *id))?.is_none() {
                 return Err(Error::invalid_field(

@@ -30,10 +30,7 @@ impl Staged for SaveAssembly {
         let exists = tx
             .read(CONTEXT_AGENTS, &agent_key(&self.agent, crate::contexts::SEQUENCE))?
             .is_some();
-        let epoch = tx
-            .read(CONTEXT_AGENTS, &agent_key(&self.agent, crate::contexts::EPOCH))?
-            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-            .map_or(0, u64::from_be_bytes);
+        let epoch = crate::item::counter(tx.read(CONTEXT_AGENTS, &agent_key(&self.agent, crate::contexts::EPOCH))?);
         if exists && epoch == self.epoch {
             tx.put(
                 CONTEXT_AGENTS,
@@ -184,6 +181,32 @@ impl Contexts {
             "prefix_tokens": plan.prefix_tokens,
             "compacted": plan.compacted,
         }))
+    }
+}
+
+impl bbx_component::ContextWindows for Contexts {
+    /// The window as chat messages: a summary and system items speak as the
+    /// system, assistant items as the assistant; a tool's result, which a chat
+    /// API takes only as the answer to a call it made, and an item without a
+    /// role, as the user.
+    fn window(&self, agent: &AgentId, budget: u32) -> Result<Vec<bbx_component::ChatMessage>> {
+        let window = self.assemble(*agent, budget)?;
+        Ok(window["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|item| {
+                let role = match (item["kind"].as_str(), item["role"].as_str()) {
+                    (Some("summary"), _) | (_, Some("system")) => "system",
+                    (_, Some("assistant")) => "assistant",
+                    _ => "user",
+                };
+                bbx_component::ChatMessage {
+                    role: role.to_owned(),
+                    content: item["content"].as_str().unwrap_or_default().to_owned(),
+                }
+            })
+            .collect())
     }
 }
 

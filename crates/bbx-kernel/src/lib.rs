@@ -30,7 +30,6 @@ mod ops;
 mod quota;
 mod session;
 mod shm;
-mod windows;
 
 pub use auth::{CreateToken, CreatedToken, TokenCheck};
 pub use bbx_auth::{ADMIN_KEY_FILE, Access, Action, AuditEvent, AuditKind, AuditQuery, Caller, Role};
@@ -384,7 +383,7 @@ fn components(
     components.register(Arc::new(bbx_bus::Bus::new(&config.bus)))?;
     components.register(Arc::new(bbx_memory::Memories::new(&config.memory, &config.data_dir)?))?;
     let contexts = Arc::new(bbx_context::Contexts::new(&config.context)?);
-    tools.set_windows(Arc::new(windows::ContextWindows(contexts.clone())));
+    tools.set_windows(contexts.clone());
     components.register(contexts)?;
     Ok(components)
 }

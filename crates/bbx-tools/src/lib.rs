@@ -147,7 +147,7 @@ pub struct Tools {
     secrets: Option<std::sync::Arc<dyn SecretSource>>,
     /// Agents' contexts, for an `llm.chat` that takes one: set once the
     /// component that keeps them exists.
-    windows: std::sync::OnceLock<std::sync::Arc<dyn llm::WindowSource>>,
+    windows: std::sync::OnceLock<std::sync::Arc<dyn bbx_component::ContextWindows>>,
 }
 
 impl Tools {
@@ -190,7 +190,7 @@ impl Tools {
 
     /// Lets `llm.chat` take an agent's context from `source`; a second call
     /// changes nothing.
-    pub fn set_windows(&self, source: std::sync::Arc<dyn llm::WindowSource>) {
+    pub fn set_windows(&self, source: std::sync::Arc<dyn bbx_component::ContextWindows>) {
         let _ = self.windows.set(source);
     }
 

@@ -70,12 +70,6 @@ pub struct WindowArgs {
     pub budget: u32,
 }
 
-/// Where `llm.chat` finds an agent's context as messages, assembled under a
-/// token budget (ContextTiering, where the kernel has it).
-pub trait WindowSource: Send + Sync {
-    fn window(&self, agent: &bbx_core::AgentId, budget: u32) -> Result<Vec<Message>>;
-}
-
 /// Tokens a call uses (or at most may use).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -195,7 +189,7 @@ impl LlmCall {
     async fn messages(
         &self,
         ctx: &Context,
-        windows: Option<&std::sync::Arc<dyn WindowSource>>,
+        windows: Option<&std::sync::Arc<dyn bbx_component::ContextWindows>>,
     ) -> Result<Vec<Message>> {
         let Some(context) = &self.context else {
             return Ok(self.messages.clone());
@@ -207,9 +201,15 @@ impl LlmCall {
             )
         })?;
         let (agent, budget) = (ctx.agent, context.budget);
-        let mut messages = tokio::task::spawn_blocking(move || windows.window(&agent, budget))
+        let mut messages: Vec<Message> = tokio::task::spawn_blocking(move || windows.window(&agent, budget))
             .await
-            .map_err(|e| Error::internal(format!("assembling the context failed: {e}")))??;
+            .map_err(|e| Error::internal(format!("assembling the context failed: {e}")))??
+            .into_iter()
+            .map(|m| Message {
+                role: m.role,
+                content: m.content,
+            })
+            .collect();
         let most: u64 = messages
             .iter()
             .map(|m| (m.role.len() + m.content.len()) as u64 + MESSAGE_OVERHEAD_TOKENS)
@@ -231,7 +231,7 @@ impl LlmCall {
         http: &reqwest::Client,
         config: &LlmConfig,
         ctx: &Context,
-        windows: Option<&std::sync::Arc<dyn WindowSource>>,
+        windows: Option<&std::sync::Arc<dyn bbx_component::ContextWindows>>,
     ) -> Result<Value> {
         let endpoint = self.endpoint(config)?;
         let url = format!("{}/chat/completions", endpoint.base_url.trim_end_matches('/'));
