@@ -209,9 +209,15 @@ async fn transport_errors_as_json(request: Request, next: Next) -> Response {
     ApiError(Error::new(code, message)).into_response()
 }
 
-/// Answers 413 from the headers alone when the declared body is over the limit, so
-/// a client is not made to upload 10 MB to learn that 1 MB was the most; bodies of
-/// unknown length are cut off at the limit while being read (`DefaultBodyLimit`).
+/// Refuses with 413 from the headers alone when the declared body is over the limit;
+/// bodies of unknown length are cut off at the limit while being read
+/// (`DefaultBodyLimit`).
+///
+/// A client that asked `Expect: 100-continue` never uploads the body. One that did
+/// not is already sending it, and a server that answers and closes mid-upload makes
+/// the client's write fail before it reads the answer (a broken pipe instead of the
+/// 413), so the body is read and thrown away first, up to [`DRAIN_LIMIT_BYTES`] and
+/// [`DRAIN_TIME_LIMIT`]; past those the connection is closed regardless.
 async fn refuse_oversized(State(max_body): State<usize>, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
@@ -219,13 +225,34 @@ async fn refuse_oversized(State(max_body): State<usize>, request: Request, next:
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(length) if length > max_body as u64 => ApiError(Error::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the request body is {length} bytes; the limit is {max_body}"),
-        ))
-        .into_response(),
+        Some(length) if length > max_body as u64 => {
+            let expects_continue = request
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if !expects_continue && length <= DRAIN_LIMIT_BYTES {
+                let drain = discard(request.into_body());
+                let _ = tokio::time::timeout(DRAIN_TIME_LIMIT, drain).await;
+            }
+            ApiError(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is {length} bytes; the limit is {max_body}"),
+            ))
+            .into_response()
+        }
         _ => next.run(request).await,
     }
+}
+
+/// The most of a refused body that is read so that its sender sees the refusal.
+const DRAIN_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// How long a refused body is read before the connection is closed on it.
+const DRAIN_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn discard(body: axum::body::Body) {
+    use futures::StreamExt;
+    let mut chunks = body.into_data_stream();
+    while let Some(Ok(_)) = chunks.next().await {}
 }
 
 async fn readyz(State(kernel): State<Arc<Kernel>>) -> Response {
