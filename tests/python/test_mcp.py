@@ -4,6 +4,7 @@ import json
 import urllib.request
 from contextlib import asynccontextmanager
 
+import anyio
 import httpx2
 import pytest
 from mcp import ClientSession
@@ -114,6 +115,19 @@ TOOLS = {
     "enhanced_context_stats",
     "enhanced_context_prefetch",
     "enhanced_context_score",
+    "goals_run",
+    "goals_list",
+    "goals_status",
+    "goals_cancel",
+    "goals_pause",
+    "goals_resume",
+    "goals_signal",
+    "goals_approve",
+    "goals_validate",
+    "goals_schema",
+    "goal_engine_execute",
+    "goal_engine_status",
+    "goal_engine_list",
 }
 
 
@@ -178,6 +192,20 @@ async def exercise_every_tool(session):
     assert ok(await session.call_tool("semantic_memory_stats", {"agent": agent_id}))["count"] == 1
     status = ok(await session.call_tool("bbx_status", {}))
     assert status["agents"] >= 1
+    # A workflow (as YAML text) run through the report's goal_engine tools.
+    workflow = "steps:\n  a: {kind: state.incr, args: {key: g, by: 2}}\n  b: {kind: state.set, args: {key: h, value: '${steps.a.output.value}'}}\n"
+    started = ok(await session.call_tool("goal_engine_execute", {"agent": agent_id, "workflow": workflow}))
+    for _ in range(100):
+        run = ok(await session.call_tool("goal_engine_status", {"run": started["run_id"]}))
+        if run["status"] != "running":
+            break
+        await anyio.sleep(0.05)
+    assert run["status"] == "succeeded", run
+    assert ok(await session.call_tool("state_get", {"agent_id": agent_id, "key": "h"}))["value"] == 2
+    runs = ok(await session.call_tool("goal_engine_list", {"agent": agent_id}))
+    assert [r["run_id"] for r in runs["runs"]] == [started["run_id"]]
+    cyclic = {"steps": {"a": {"kind": "noop", "depends_on": ["b"]}, "b": {"kind": "noop", "depends_on": ["a"]}}}
+    assert error_code(await session.call_tool("goals_validate", {"workflow": cyclic})) == "invalid_argument"
 
     # Errors come back as MCP tool errors carrying BBX's error shape.
     stale = await session.call_tool("state_set", {"agent_id": agent_id, "key": "plan/step", "value": 0, "if_version": 9})

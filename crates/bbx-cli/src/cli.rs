@@ -65,6 +65,9 @@ pub enum Command {
     /// ContextTiering: an agent's context in tiers, assembled under a budget.
     #[command(subcommand)]
     Context(crate::context::ContextCommand),
+    /// GoalEngine: run workflows (DAGs of ops), see and steer their runs.
+    #[command(subcommand)]
+    Goals(crate::goals::GoalsCommand),
     /// Models run in process: fetch them into the data directory.
     #[command(subcommand)]
     Models(crate::memory::ModelsCommand),
@@ -628,6 +631,9 @@ pub enum V2Command {
     /// `bbx v2 enhanced-context stats|prefetch-hint KEY|ml-score KEY`.
     #[command(subcommand)]
     EnhancedContext(crate::context::EnhancedContextCommand),
+    /// `bbx v2 goals status [RUN_ID]|list`.
+    #[command(subcommand)]
+    Goals(crate::goals::V2GoalsCommand),
 }
 
 #[derive(Subcommand, Debug)]

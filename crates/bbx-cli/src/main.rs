@@ -19,6 +19,7 @@ mod cli;
 mod context;
 mod endpoint;
 mod flow;
+mod goals;
 mod memory;
 mod output;
 mod quotas;
@@ -148,6 +149,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::V2(V2Command::SemanticMemory(command)) => memory::report(&cli, command).await,
         Command::Models(command) => memory::models(&cli, command).await,
         Command::Context(command) => context::run(&cli, command).await,
+        Command::Goals(command) => goals::run(&cli, command).await,
+        Command::V2(V2Command::Goals(command)) => goals::report(&cli, command).await,
         Command::V2(V2Command::EnhancedContext(command)) => context::report(&cli, command).await,
         Command::V2(V2Command::EnhancedFlow(command)) => {
             let verb = match command {

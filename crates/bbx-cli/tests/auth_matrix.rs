@@ -55,6 +55,21 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             (Any, Nothing)
         }
         ("GET", "/v1/keys") => (ManageKeys, Nothing),
+        ("POST", "/v1/goals/runs" | "/v1/goal-engine/execute") => (Act, Object),
+        (
+            "GET",
+            "/v1/goals/runs" | "/v1/goal-engine/list" | "/v1/goals/runs/{run}" | "/v1/goal-engine/status/{run}",
+        ) => (Read, Object),
+        (
+            "POST",
+            "/v1/goals/runs/{run}/cancel"
+            | "/v1/goals/runs/{run}/pause"
+            | "/v1/goals/runs/{run}/resume"
+            | "/v1/goals/runs/{run}/signals",
+        ) => (Act, Object),
+        // Approving a step is an operator's, whatever else the credential may do.
+        ("POST", "/v1/goals/runs/{run}/steps/{step}/approve") => (Operate, Object),
+        ("POST", "/v1/goals/validate") | ("GET", "/v1/goals/schema") => (Any, Nothing),
         ("GET", "/v1/kinds") => (Read, Nothing),
         ("DELETE", "/v1/keys/{id}") | ("POST", "/v1/keys/{key_id}/rotate") => (ManageKeys, Object),
         ("POST", "/v1/ops") => (Act, Object),
@@ -203,6 +218,8 @@ struct Fixture {
     token: String,
     /// A memory of `agent`.
     memory: String,
+    /// A run of `agent` that waits for an approval (step `ok`) and a signal.
+    run: String,
 }
 
 struct Api {
@@ -274,6 +291,17 @@ impl Api {
                 memory_body("a memory"),
             )
             .await;
+        let workflow = json!({ "steps": {
+            "ok": { "kind": "wait.approval" },
+            "w": { "kind": "wait.signal", "args": { "name": "go" } },
+        } });
+        let run = self
+            .admin(
+                Method::POST,
+                "/v1/goals/runs",
+                json!({ "agent": agent, "workflow": workflow }),
+            )
+            .await;
         let item = json!({ "content": "a context item" });
         self.admin(Method::POST, &format!("/v1/agents/{agent}/context"), item)
             .await;
@@ -285,6 +313,7 @@ impl Api {
             key: key["info"]["id"].as_str().unwrap().to_owned(),
             token: token["token"].as_str().unwrap().to_owned(),
             memory: memory["id"].as_str().unwrap().to_owned(),
+            run: run["run_id"].as_str().unwrap().to_owned(),
         }
     }
 
@@ -345,7 +374,12 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
             },
         )
         .replace("{topic}", "t")
-        .replace("{group}", "g");
+        .replace("{group}", "g")
+        .replace("{run}", &f.run)
+        .replace("{step}", "ok");
+    if method == "GET" && matches!(path, "/v1/goals/runs" | "/v1/goal-engine/list") {
+        return (format!("{filled}?agent={}", f.agent), None);
+    }
     let filled = if path.contains("/memories/") {
         filled.replace("{id}", &f.memory)
     } else if path.contains("context") {
@@ -432,6 +466,11 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/agents/{agent}/context/{id}/demote" => json!({ "tier": "cool" }),
         "/v1/agents/{agent}/context/assemble" => json!({ "budget": 1000 }),
         "/v1/agents/{agent}/context/prefetch" => json!({ "ids": [1] }),
+        "/v1/goals/runs" | "/v1/goal-engine/execute" => {
+            json!({ "agent": f.agent, "workflow": { "steps": { "a": { "kind": "noop" } } } })
+        }
+        "/v1/goals/validate" => json!({ "workflow": { "steps": { "a": { "kind": "noop" } } } }),
+        "/v1/goals/runs/{run}/signals" => json!({ "name": "go", "payload": 1 }),
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),
     };

@@ -110,6 +110,9 @@ pub trait ReadOp: Send + Sync + std::fmt::Debug {
 
 /// What an effect is staged for.
 pub struct Staging<'a> {
+    /// The op whose effect it is (an id the effect may name what it creates by:
+    /// the same at every staging, recovery's included).
+    pub op_id: OpId,
     pub agent: &'a AgentId,
     /// The agent's tenant.
     pub tenant: &'a str,
@@ -191,6 +194,10 @@ pub trait Submitter: Send + Sync {
     /// The op's completion, waiting up to `timeout` for it.
     fn wait<'a>(&'a self, caller: &'a Caller, op: bbx_core::OpId, timeout: Duration) -> Pending<'a, OpInfo>;
 
+    /// Cancels an op (as an operator may): a running task is stopped, a queued
+    /// op never runs.
+    fn cancel<'a>(&'a self, caller: &'a Caller, op: bbx_core::OpId) -> Pending<'a, OpInfo>;
+
     /// Whether `caller` may read `agent`'s data as `operation` (an endpoint that
     /// answers from a component's own view, with no op): its tenant, its
     /// confinement to an agent, and the authorization policies. An agent the
@@ -254,6 +261,9 @@ pub struct Context {
     /// on it.
     pub stopping: tokio_util::sync::CancellationToken,
     pub submitter: Arc<dyn Submitter>,
+    /// Every op kind the kernel serves, with its args' schema (what a
+    /// workflow's steps are checked against).
+    pub kinds: Arc<Vec<(OpKind, Option<Value>)>>,
 }
 
 impl Context {

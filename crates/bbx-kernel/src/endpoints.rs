@@ -204,9 +204,9 @@ impl Kernel {
             |kernel, caller, _: NoArgs| async move {
                 caller.may(Action::Read)?;
                 let kinds: Vec<serde_json::Value> = kernel
-                    .components
-                    .kinds()
-                    .into_iter()
+                    .context
+                    .kinds
+                    .iter()
                     .map(|(kind, args)| serde_json::json!({ "name": kind.name, "effects": kind.effects, "args": args }))
                     .collect();
                 Ok(serde_json::json!({ "kinds": kinds }))

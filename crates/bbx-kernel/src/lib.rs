@@ -140,6 +140,10 @@ impl bbx_component::Submitter for KernelSubmitter {
         Box::pin(async move { self.kernel()?.wait_op(caller, &op, timeout).await })
     }
 
+    fn cancel<'a>(&'a self, caller: &'a Caller, op: OpId) -> bbx_component::Pending<'a, OpInfo> {
+        Box::pin(async move { self.kernel()?.cancel_op(caller, &op).await })
+    }
+
     fn may_read(&self, caller: &Caller, agent: &AgentId, operation: &str) -> Result<()> {
         let kernel = self.kernel()?;
         kernel.agent_tenant(caller, agent)?;
@@ -269,6 +273,7 @@ impl Kernel {
                 tasks: tasks.clone(),
                 stopping: ring.stopping(),
                 submitter: Arc::new(KernelSubmitter(kernel.clone())),
+                kinds: Arc::new(op_kinds(&components)),
             },
             components,
             endpoints: std::sync::OnceLock::new(),
@@ -365,6 +370,7 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
     all.extend(bbx_bus::KEYSPACES);
     all.extend(bbx_memory::KEYSPACES);
     all.extend(bbx_context::KEYSPACES);
+    all.extend(bbx_goal::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
@@ -385,7 +391,19 @@ fn components(
     let contexts = Arc::new(bbx_context::Contexts::new(&config.context)?);
     tools.set_windows(contexts.clone());
     components.register(contexts)?;
+    components.register(Arc::new(bbx_goal::Goals::new()))?;
     Ok(components)
+}
+
+/// Every op kind the ring serves: its own `noop`, then the components'.
+fn op_kinds(components: &bbx_component::Components) -> Vec<(bbx_component::OpKind, Option<serde_json::Value>)> {
+    let noop = bbx_component::OpKind {
+        name: "noop",
+        effects: bbx_core::op::Effects::None,
+    };
+    let mut kinds = vec![(noop, None)];
+    kinds.extend(components.kinds());
+    kinds
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {

@@ -79,6 +79,7 @@ fn stage(tx: &mut GroupTx, write: &Write) -> Result<Applied> {
             let mut completion = Box::new(Completion::clone(completion));
             if let Some(effect) = effect {
                 let staging = bbx_component::Staging {
+                    op_id: completion.op_id,
                     agent: &completion.agent,
                     tenant: &completion.tenant,
                     at: completion.completed_at,

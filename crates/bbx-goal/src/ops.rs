@@ -1,0 +1,320 @@
+//! `goal.*`: the op kinds that start a run and steer it. Each stages its change
+//! to the run's record with its op's completion, so a run exists exactly when
+//! the `goal.run` op that created it completed, and a cancel, pause, resume,
+//! signal or approval is applied exactly once.
+
+use crate::Goals;
+use crate::run::{
+    self, GOAL_ACTIVE, GOAL_BY_AGENT, GOAL_RUNS, GOAL_SIGNALS, Parent, RunRecord, RunStatus, agent_key, run_key,
+    signal_key,
+};
+use crate::validate::{self, Compiled};
+use crate::workflow::{Workflow, engine_kinds};
+use bbx_component::{EffectOp, OpKind, Prepared, Staging, parse_args};
+use bbx_core::op::Effects;
+use bbx_core::{Error, ErrorCode, OpId, Result};
+use bbx_store::GroupTx;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+
+pub const RUN: &str = "goal.run";
+pub const CANCEL: &str = "goal.cancel";
+pub const PAUSE: &str = "goal.pause";
+pub const RESUME: &str = "goal.resume";
+pub const SIGNAL: &str = "goal.signal";
+pub const APPROVE: &str = "goal.approve";
+
+pub const KINDS: &[OpKind] = &[
+    OpKind {
+        name: RUN,
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: CANCEL,
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: PAUSE,
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: RESUME,
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: SIGNAL,
+        effects: Effects::Kernel,
+    },
+    OpKind {
+        name: APPROVE,
+        effects: Effects::Kernel,
+    },
+];
+
+/// `goal.run`: start a run of a workflow.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunArgs {
+    pub workflow: Workflow,
+    /// Values for the workflow's declared inputs (over their defaults).
+    #[serde(default)]
+    pub inputs: Map<String, Value>,
+    /// The run and step it is a child run of (a `workflow` step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+}
+
+/// `goal.cancel`, `goal.pause`, `goal.resume`: the run they steer.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRef {
+    pub run: OpId,
+}
+
+/// `goal.signal`: a named signal with a payload, which a `wait.signal` step of
+/// that name takes as its output; the first of a name is kept.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalArgs {
+    pub run: OpId,
+    pub name: String,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// `goal.approve`: an operator's decision on a `wait.approval` step.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveArgs {
+    pub run: OpId,
+    pub step: String,
+    /// false denies it: the step fails.
+    #[serde(default = "yes")]
+    pub approve: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub fn args_schema(kind: &str) -> Option<Value> {
+    let schema = match kind {
+        RUN => schemars::schema_for!(RunArgs),
+        CANCEL | PAUSE | RESUME => schemars::schema_for!(RunRef),
+        SIGNAL => schemars::schema_for!(SignalArgs),
+        APPROVE => schemars::schema_for!(ApproveArgs),
+        _ => return None,
+    };
+    serde_json::to_value(schema).ok()
+}
+
+pub fn prepare(goals: &Goals, kind: &str, args: &Value) -> Result<Prepared> {
+    let effect: Arc<dyn EffectOp> = match kind {
+        RUN => {
+            let args: RunArgs = parse_args(kind, args)?;
+            let compiled = validate::compile(args.workflow, goals.kinds())?;
+            let inputs = inputs(&compiled.workflow, args.inputs)?;
+            Arc::new(StartRun {
+                compiled,
+                inputs,
+                parent: args.parent,
+            })
+        }
+        CANCEL | PAUSE | RESUME => {
+            let args: RunRef = parse_args(kind, args)?;
+            let change = match kind {
+                CANCEL => Steer::Cancel,
+                PAUSE => Steer::Pause,
+                _ => Steer::Resume,
+            };
+            Arc::new(SteerRun { run: args.run, change })
+        }
+        SIGNAL => {
+            let args: SignalArgs = parse_args(kind, args)?;
+            validate::check_signal_name(&args.name).map_err(|why| Error::invalid_field("name", why))?;
+            if args.name.starts_with("approval:") {
+                return Err(Error::invalid_field(
+                    "name",
+                    "approval: signals are an operator's, sent with goal.approve",
+                ));
+            }
+            Arc::new(SendSignal {
+                run: args.run,
+                name: args.name,
+                payload: args.payload,
+                approval_of: None,
+            })
+        }
+        APPROVE => {
+            let args: ApproveArgs = parse_args(kind, args)?;
+            Arc::new(SendSignal {
+                run: args.run,
+                name: run::approval_signal(&args.step),
+                payload: json!({ "approved": args.approve, "reason": args.reason }),
+                approval_of: Some(args.step),
+            })
+        }
+        _ => return Err(Error::internal(format!("goal serves no op kind {kind}"))),
+    };
+    Ok(Prepared::Effect(effect))
+}
+
+/// The run's inputs: its workflow's defaults, with `given` over them; an input
+/// the workflow does not declare is refused.
+fn inputs(workflow: &Workflow, given: Map<String, Value>) -> Result<Map<String, Value>> {
+    let mut inputs = workflow.inputs.clone();
+    for (name, value) in given {
+        if !inputs.contains_key(&name) {
+            return Err(Error::invalid_field(
+                &format!("inputs.{name}"),
+                format!("the workflow declares no input {name:?}"),
+            ));
+        }
+        inputs.insert(name, value);
+    }
+    Ok(inputs)
+}
+
+#[derive(Debug)]
+struct StartRun {
+    compiled: Compiled,
+    inputs: Map<String, Value>,
+    parent: Option<Parent>,
+}
+
+impl EffectOp for StartRun {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let id = staging.op_id;
+        if tx.read(GOAL_RUNS, &run_key(&id))?.is_some() {
+            return Err(Error::new(ErrorCode::AlreadyExists, format!("run {id} exists already")));
+        }
+        let record = RunRecord {
+            id,
+            agent: *staging.agent,
+            tenant: staging.tenant.to_owned(),
+            workflow: self.compiled.workflow.clone(),
+            inputs: self.inputs.clone(),
+            parent: self.parent.clone(),
+            status: RunStatus::Running,
+            paused: false,
+            cancelling: false,
+            created_at: staging.at,
+            finished_at: None,
+            error: None,
+            output: None,
+        };
+        let encoded = run::encode(&record)?;
+        if encoded.len() > tx.max_value() {
+            return Err(Error::invalid_field(
+                "workflow",
+                format!(
+                    "the run's record would be {} bytes; the store takes {} at most",
+                    encoded.len(),
+                    tx.max_value()
+                ),
+            ));
+        }
+        tx.put(GOAL_RUNS, run_key(&id), encoded);
+        tx.put(GOAL_BY_AGENT, agent_key(staging.agent, &id), Vec::new());
+        tx.put(GOAL_ACTIVE, run_key(&id), Vec::new());
+        Ok(json!({ "run_id": id, "status": "running", "steps": self.compiled.names.len() }))
+    }
+}
+
+/// The agent's run as staged so far, or `not_found` (another agent's run
+/// is not found either); `failed_precondition` once it has ended.
+fn running_run(tx: &GroupTx<'_>, staging: &Staging<'_>, run: &OpId) -> Result<RunRecord> {
+    let record: RunRecord = match tx.read(GOAL_RUNS, &run_key(run))? {
+        Some(bytes) => run::decode(&bytes, "run")?,
+        None => return Err(Error::not_found("run", run)),
+    };
+    if record.agent != *staging.agent {
+        return Err(Error::not_found("run", run));
+    }
+    if record.status.is_final() {
+        return Err(Error::new(
+            ErrorCode::FailedPrecondition,
+            format!("run {run} has ended ({})", status_name(record.status)),
+        ));
+    }
+    Ok(record)
+}
+
+pub fn status_name(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Running => "running",
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+        RunStatus::Cancelled => "cancelled",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Steer {
+    Cancel,
+    Pause,
+    Resume,
+}
+
+#[derive(Debug)]
+struct SteerRun {
+    run: OpId,
+    change: Steer,
+}
+
+impl EffectOp for SteerRun {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let mut record = running_run(tx, staging, &self.run)?;
+        match self.change {
+            Steer::Cancel => record.cancelling = true,
+            Steer::Pause => record.paused = true,
+            Steer::Resume => record.paused = false,
+        }
+        tx.put(GOAL_RUNS, run_key(&self.run), run::encode(&record)?);
+        Ok(json!({
+            "run_id": self.run,
+            "status": status_name(record.status),
+            "paused": record.paused,
+            "cancelling": record.cancelling,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct SendSignal {
+    run: OpId,
+    name: String,
+    payload: Value,
+    /// The `wait.approval` step an approval decides.
+    approval_of: Option<String>,
+}
+
+impl EffectOp for SendSignal {
+    fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
+        let record = running_run(tx, staging, &self.run)?;
+        if let Some(step) = &self.approval_of {
+            let waits_for_approval = record
+                .workflow
+                .steps
+                .get(step)
+                .is_some_and(|s| s.kind == engine_kinds::APPROVAL);
+            if !waits_for_approval {
+                return Err(Error::invalid_field(
+                    "step",
+                    format!("run {} has no wait.approval step {step:?}", self.run),
+                ));
+            }
+        }
+        let key = signal_key(&self.run, &self.name);
+        if tx.read(GOAL_SIGNALS, &key)?.is_some() {
+            return Ok(
+                json!({ "run_id": self.run, "name": self.name, "delivered": false, "reason": "a signal of this name was sent before; the first is kept" }),
+            );
+        }
+        tx.put(GOAL_SIGNALS, key, run::encode(&self.payload)?);
+        Ok(json!({ "run_id": self.run, "name": self.name, "delivered": true }))
+    }
+}

@@ -1,0 +1,265 @@
+//! What is durable of a run: its record (the workflow, its inputs, where it
+//! stands), each step's once it has ended (or started waiting on a timer), the
+//! signals and approvals sent to it, and the index of an agent's runs.
+//!
+//! A run's id is the id of the `goal.run` op that created it, and each step's
+//! op carries the run and the step's number, so the ring derives the step's
+//! idempotency key from (agent, run, step): a step submitted again after a
+//! crash joins or returns the op it already was, and never runs twice.
+
+use crate::workflow::Workflow;
+use bbx_core::{AgentId, Error, OpId, Result};
+use bbx_store::{KeyspaceDef, Store, storage_error};
+use chrono::{DateTime, Utc};
+use fjall::Readable;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// run id -> [`RunRecord`] as JSON.
+pub const GOAL_RUNS: KeyspaceDef = KeyspaceDef {
+    id: 37,
+    name: "goal_runs",
+};
+/// run id, step number (u32, big-endian) -> [`StepRecord`] as JSON.
+pub const GOAL_STEPS: KeyspaceDef = KeyspaceDef {
+    id: 38,
+    name: "goal_steps",
+};
+/// run id, `\0`-free name -> the signal's payload as JSON (approvals are the
+/// signals `approval:STEP`).
+pub const GOAL_SIGNALS: KeyspaceDef = KeyspaceDef {
+    id: 39,
+    name: "goal_signals",
+};
+/// agent, run id -> nothing: an agent's runs, oldest first.
+pub const GOAL_BY_AGENT: KeyspaceDef = KeyspaceDef {
+    id: 40,
+    name: "goal_by_agent",
+};
+
+/// run id -> nothing: the runs not yet ended, which a start resumes.
+pub const GOAL_ACTIVE: KeyspaceDef = KeyspaceDef {
+    id: 41,
+    name: "goal_active",
+};
+
+pub const KEYSPACES: [KeyspaceDef; 5] = [GOAL_RUNS, GOAL_STEPS, GOAL_SIGNALS, GOAL_BY_AGENT, GOAL_ACTIVE];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn is_final(self) -> bool {
+        self != Self::Running
+    }
+}
+
+/// The run a child run is a step of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Parent {
+    pub run: OpId,
+    pub step: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: OpId,
+    pub agent: AgentId,
+    pub tenant: String,
+    pub workflow: Workflow,
+    /// The workflow's inputs with the run's given ones over their defaults.
+    pub inputs: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+    pub status: RunStatus,
+    #[serde(default)]
+    pub paused: bool,
+    /// Asked to stop: it ends `cancelled` once its running steps are stopped.
+    #[serde(default)]
+    pub cancelling: bool,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    /// A durable wait: a timer, a signal, an approval, a child run.
+    Waiting,
+    Succeeded,
+    Failed,
+    /// Its tool may or may not have acted before a crash: never run again.
+    InDoubt,
+    Skipped,
+    Cancelled,
+}
+
+impl StepStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Running | Self::Waiting)
+    }
+
+    /// Ended without its effect: its dependants follow its `on_failure`.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Failed | Self::InDoubt)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub status: StepStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<OpId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Error>,
+    /// The labels of the op's completion (its taint).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub attempts: u32,
+    /// Its output is its fallback's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
+    /// When its timer fires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_at: Option<DateTime<Utc>>,
+    /// Why it was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl StepRecord {
+    pub fn pending() -> Self {
+        Self {
+            status: StepStatus::Pending,
+            op_id: None,
+            output: None,
+            error: None,
+            labels: Vec::new(),
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            fallback: false,
+            wake_at: None,
+            reason: None,
+        }
+    }
+}
+
+pub fn run_key(run: &OpId) -> Vec<u8> {
+    run.as_bytes().to_vec()
+}
+
+pub fn step_key(run: &OpId, step: usize) -> Vec<u8> {
+    [run.as_bytes().as_slice(), &(step as u32).to_be_bytes()].concat()
+}
+
+pub fn signal_key(run: &OpId, name: &str) -> Vec<u8> {
+    [run.as_bytes().as_slice(), name.as_bytes()].concat()
+}
+
+pub fn agent_key(agent: &AgentId, run: &OpId) -> Vec<u8> {
+    [agent.as_bytes().as_slice(), run.as_bytes()].concat()
+}
+
+/// The signal an operator's decision on a `wait.approval` step is.
+pub fn approval_signal(step: &str) -> String {
+    format!("approval:{step}")
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::internal(format!("a goal record cannot be encoded: {e}")))
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("a stored {what} is unreadable: {e}")))
+}
+
+/// The run's record as durable, if there is one.
+pub fn load_run(store: &Store, run: &OpId) -> Result<Option<RunRecord>> {
+    let bytes = store
+        .view()
+        .get(store.keyspace(GOAL_RUNS), run_key(run))
+        .map_err(|e| storage_error("read a run", e))?;
+    bytes.map(|bytes| decode(&bytes, "run")).transpose()
+}
+
+/// The run's step records that are durable, by step number.
+pub fn load_steps(store: &Store, run: &OpId) -> Result<Vec<(usize, StepRecord)>> {
+    let mut steps = Vec::new();
+    for item in store.view().prefix(store.keyspace(GOAL_STEPS), run.as_bytes()) {
+        let (key, value) = item.into_inner().map_err(|e| storage_error("read a run's steps", e))?;
+        let Some(number) = key.get(16..20).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else {
+            continue;
+        };
+        steps.push((number as usize, decode(&value, "step")?));
+    }
+    Ok(steps)
+}
+
+/// The signals sent to the run, by name.
+pub fn load_signals(store: &Store, run: &OpId) -> Result<Vec<(String, Value)>> {
+    let mut signals = Vec::new();
+    for item in store.view().prefix(store.keyspace(GOAL_SIGNALS), run.as_bytes()) {
+        let (key, value) = item
+            .into_inner()
+            .map_err(|e| storage_error("read a run's signals", e))?;
+        let name = String::from_utf8_lossy(&key[16..]).into_owned();
+        signals.push((name, decode(&value, "signal")?));
+    }
+    Ok(signals)
+}
+
+/// The ids of the agent's runs, newest first, at most `limit`, before `before`.
+pub fn agent_runs(store: &Store, agent: &AgentId, before: Option<&OpId>, limit: usize) -> Result<Vec<OpId>> {
+    let view = store.view();
+    let keyspace = store.keyspace(GOAL_BY_AGENT);
+    let upper = match before {
+        Some(run) => agent_key(agent, run),
+        None => [agent.as_bytes().as_slice(), &[0xff; 17]].concat(),
+    };
+    let mut runs = Vec::new();
+    for item in view.range(keyspace, agent.as_bytes().to_vec()..upper).rev().take(limit) {
+        let (key, _) = item.into_inner().map_err(|e| storage_error("list runs", e))?;
+        if let Some(bytes) = key.get(16..32).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+            runs.push(OpId::from_bytes(bytes));
+        }
+    }
+    Ok(runs)
+}
+
+/// Every run not yet ended (what a start resumes).
+pub fn unfinished_runs(store: &Store) -> Result<Vec<RunRecord>> {
+    let mut runs = Vec::new();
+    for item in store.view().iter(store.keyspace(GOAL_ACTIVE)) {
+        let (key, _) = item.into_inner().map_err(|e| storage_error("list active runs", e))?;
+        let Some(bytes) = <[u8; 16]>::try_from(&key[..]).ok() else {
+            continue;
+        };
+        if let Some(run) = load_run(store, &OpId::from_bytes(bytes))?
+            && !run.status.is_final()
+        {
+            runs.push(run);
+        }
+    }
+    Ok(runs)
+}
