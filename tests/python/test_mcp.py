@@ -126,6 +126,8 @@ TOOLS = {
     "goals_validate",
     "goals_schema",
     "goal_engine_execute",
+    "goals_plan",
+    "goal_engine_plan",
     "goal_engine_status",
     "goal_engine_list",
 }

@@ -240,6 +240,22 @@ pub enum BenchCommand {
     /// that keep their prefix against cutting the oldest turns; and what
     /// idle agents cost in memory.
     Context(BenchContextArgs),
+    /// The GoalEngine in process: what a step costs over its bare op, 1,000
+    /// independent and 1,000 chained noop steps, 8 parallel sleeps.
+    Goals(BenchGoalsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchGoalsArgs {
+    /// Steps of the chained and of the independent noop workflows.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Runs of each workflow (the median is reported, with the range).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Where the scratch kernel goes [default: the system's temporary directory].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

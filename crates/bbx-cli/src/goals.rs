@@ -28,6 +28,22 @@ pub enum GoalsCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Plan GOAL (words) with the configured model, then run the plan as
+    /// --agent; --dry-run prints the plan only.
+    Plan {
+        goal: String,
+        #[arg(long, env = "BBX_AGENT")]
+        agent: String,
+        /// An op kind the plan may use; repeat for more [default: every kind
+        /// but goal.*].
+        #[arg(long = "tool", value_name = "KIND")]
+        tools: Vec<String>,
+        /// The most the plan may be estimated to cost, in USD.
+        #[arg(long)]
+        max_cost_usd: Option<f64>,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check the workflow in FILE without running it.
     Validate { file: String },
     /// A run's status and its steps'.
@@ -64,9 +80,17 @@ pub enum GoalsCommand {
     Schema,
 }
 
-/// The report's paths: `bbx v2 goals status [RUN_ID]|list`.
+/// The report's paths: `bbx v2 goals plan "<goal>"|status [RUN_ID]|list`.
 #[derive(Subcommand, Debug)]
 pub enum V2GoalsCommand {
+    /// Plan a goal (and run it, unless --dry-run).
+    Plan {
+        goal: String,
+        #[arg(long, env = "BBX_AGENT")]
+        agent: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A run's status, or (without one) --agent's runs.
     Status {
         run: Option<String>,
@@ -132,6 +156,16 @@ pub async fn run(cli: &Cli, command: &GoalsCommand) -> Result<()> {
             }
             return Ok(());
         }
+        GoalsCommand::Plan {
+            goal,
+            agent,
+            tools,
+            max_cost_usd,
+            dry_run,
+        } => (
+            "goals.plan",
+            json!({ "agent": agent, "goal": goal, "tools": tools, "max_cost_usd": max_cost_usd, "dry_run": dry_run }),
+        ),
         GoalsCommand::Validate { file } => ("goals.validate", json!({ "workflow": workflow_file(file)? })),
         GoalsCommand::Status { run } => ("goals.status", json!({ "run": run })),
         GoalsCommand::List { agent, limit } => ("goals.list", json!({ "agent": agent, "limit": limit })),
@@ -182,6 +216,10 @@ pub async fn run(cli: &Cli, command: &GoalsCommand) -> Result<()> {
 
 pub async fn report(cli: &Cli, command: &V2GoalsCommand) -> Result<()> {
     let (name, input) = match command {
+        V2GoalsCommand::Plan { goal, agent, dry_run } => (
+            "goal_engine.plan",
+            json!({ "agent": agent, "goal": goal, "dry_run": dry_run }),
+        ),
         V2GoalsCommand::Status { run: Some(run), .. } => ("goal_engine.status", json!({ "run": run })),
         V2GoalsCommand::Status { run: None, agent } => {
             let Some(agent) = agent else {

@@ -9,6 +9,7 @@ mod bench_context;
 mod bench_context_sim;
 mod bench_context_trace;
 mod bench_flow;
+mod bench_goals;
 mod bench_memory;
 mod bench_memory_data;
 mod bench_memory_http;
@@ -117,6 +118,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Bus(args)) => bench_bus::bus(&cli, args).await,
         Command::Bench(BenchCommand::Memory(args)) => bench_memory::memory(&cli, args).await,
         Command::Bench(BenchCommand::Context(args)) => bench_context::context(&cli, args).await,
+        Command::Bench(BenchCommand::Goals(args)) => bench_goals::goals(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {
@@ -204,6 +206,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         bus: None,
         memory: None,
         context: None,
+        goals: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

@@ -55,7 +55,9 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
             (Any, Nothing)
         }
         ("GET", "/v1/keys") => (ManageKeys, Nothing),
-        ("POST", "/v1/goals/runs" | "/v1/goal-engine/execute") => (Act, Object),
+        ("POST", "/v1/goals/runs" | "/v1/goal-engine/execute" | "/v1/goals/plan" | "/v1/goal-engine/plan") => {
+            (Act, Object)
+        }
         (
             "GET",
             "/v1/goals/runs" | "/v1/goal-engine/list" | "/v1/goals/runs/{run}" | "/v1/goal-engine/status/{run}",
@@ -470,6 +472,7 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
             json!({ "agent": f.agent, "workflow": { "steps": { "a": { "kind": "noop" } } } })
         }
         "/v1/goals/validate" => json!({ "workflow": { "steps": { "a": { "kind": "noop" } } } }),
+        "/v1/goals/plan" | "/v1/goal-engine/plan" => json!({ "agent": f.agent, "goal": "count", "dry_run": true }),
         "/v1/goals/runs/{run}/signals" => json!({ "name": "go", "payload": 1 }),
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),

@@ -316,3 +316,205 @@ fn runs_resume_across_sigkills_and_no_completed_step_runs_again() {
         assert_eq!(done["steps"][format!("inc{i}")]["output"]["value"], 1);
     }
 }
+
+#[test]
+fn a_child_workflow_runs_as_a_step_and_gives_its_output() {
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "parent.yaml",
+        "steps:
+  a: {kind: state.incr, args: {key: a, by: 3}}
+  child:
+    kind: workflow
+    args:
+      inputs: {n: '${steps.a.output.value}'}
+      workflow:
+        inputs: {n: 0}
+        steps:
+          x: {kind: state.incr, args: {key: child, by: '${inputs.n}'}}
+        output: {v: '${steps.x.output.value}'}
+  after: {kind: state.set, args: {key: result, value: '${steps.child.output.v}'}}
+",
+    );
+    let run = start(&kernel, &agent, &file);
+    let done = ended(&kernel, &run);
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(state(&kernel, &agent, "result"), 3);
+    let child = done["steps"]["child"]["op_id"].as_str().unwrap().to_owned();
+    let child = status(&kernel, &child);
+    assert_eq!(child["parent"]["run"], run.as_str());
+    assert_eq!(child["output"]["v"], 3);
+}
+
+#[test]
+fn ten_thousand_steps_run_and_limits_are_clear_errors() {
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = |n: usize| -> String {
+        let mut text = String::from("max_parallel: 1024\nsteps:\n");
+        for i in 0..n {
+            text.push_str(&format!("  s{i}: {{kind: noop}}\n"));
+        }
+        text
+    };
+    let file = write(&dir, "wide.yaml", &steps(10_000));
+    let run = start(&kernel, &agent, &file);
+    let done = until(&kernel, &run, "the run's end", |s| s["status"] != "running");
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["counts"]["succeeded"], 10_000);
+
+    let file = write(&dir, "too_wide.yaml", &steps(10_001));
+    kernel.refused(&["goals", "validate", &file], "at most 10000 steps");
+    let deep = format!(
+        "steps:\n  a: {{kind: noop}}\n  b: {{kind: state.set, args: {{key: k, value: '${{steps.a.output{}}}'}}}}\n",
+        ".x".repeat(40)
+    );
+    let file = write(&dir, "deep.yaml", &deep);
+    kernel.refused(&["goals", "validate", &file], "at most 32 segments");
+    let nested = format!(
+        "steps:\n  a: {{kind: noop}}\n  b: {{kind: state.set, args: {{key: k, value: {}'${{steps.a.output}}'{}}}}}\n",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let file = write(&dir, "nested.yaml", &nested);
+    let out = kernel.cli(&["goals", "validate", &file]);
+    assert!(!out.status.success());
+    assert_eq!(
+        support::stderr(&out).trim().lines().count(),
+        1,
+        "{}",
+        support::stderr(&out)
+    );
+}
+
+/// A model server speaking the OpenAI chat protocol that plays a planner: the
+/// goal (`Goal: NAME` in the first user message) picks the script, and the
+/// number of messages says which answer of it this is.
+async fn scripted_planner() -> String {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}/v1", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(request) = support::read_json_request(&mut socket).await else {
+                    return;
+                };
+                let content = plan_for(&request).to_string();
+                let body = serde_json::json!({
+                    "model": "planner",
+                    "choices": [{ "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
+                    "usage": { "prompt_tokens": 100, "completion_tokens": 50 },
+                })
+                .to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    base
+}
+
+fn plan_for(request: &Value) -> Value {
+    use serde_json::json;
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let asked = messages.get(1).and_then(|m| m["content"].as_str()).unwrap_or_default();
+    let format = &request["response_format"]["json_schema"]["schema"];
+    assert!(
+        format["properties"]["steps"].is_object(),
+        "the answer is constrained: {request}"
+    );
+    let step = |name: &str, kind: &str, args: Value, deps: &[&str]| json!({ "name": name, "kind": kind, "args": args, "depends_on": deps });
+    if asked.contains("A plan for it was running") {
+        assert!(asked.contains("step bad failed"), "{asked}");
+        return json!({ "steps": [step("fix", "state.set", json!({"key": "fixed", "value": "${steps.w.output.version}"}), &["w"])] });
+    }
+    match asked.trim_start_matches("Goal: ") {
+        "count" => json!({ "steps": [
+            step("a", "state.incr", json!({"key": "a", "by": 2}), &[]),
+            step("b", "state.incr", json!({"key": "b", "by": "${steps.a.output.value}"}), &["a"]),
+            step("c", "state.incr", json!({"key": "c"}), &[]),
+        ] }),
+        "repair" if messages.len() < 4 => json!({ "steps": [
+            step("a", "state.incr", json!({"key": "a"}), &["b"]),
+            step("b", "state.incr", json!({"key": "b"}), &[]),
+        ] }),
+        "repair" => {
+            let refusal = messages[3]["content"].as_str().unwrap_or_default();
+            assert!(
+                refusal.contains("not an earlier step"),
+                "the model is told why: {refusal}"
+            );
+            json!({ "steps": [step("b", "state.incr", json!({"key": "b"}), &[])] })
+        }
+        "replan" => json!({ "steps": [
+            step("w", "state.set", json!({"key": "word", "value": "text"}), &[]),
+            step("bad", "state.incr", json!({"key": "word"}), &["w"]),
+            step("after", "state.incr", json!({"key": "never"}), &["bad"]),
+        ] }),
+        _ => json!("not a plan"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goals_are_planned_checked_repaired_and_replanned() {
+    let base = scripted_planner().await;
+    let (kernel, _) = Kernel::with_config(&format!(
+        "[tools.llm.endpoints.local]\nbase_url = \"{base}\"\n[tools.llm.prices.planner]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n[goals]\nplanner_model = \"planner\"\n"
+    ));
+    let agent = kernel.new_agent();
+    let plan = json(&kernel.cli(&["goals", "plan", "count", "--agent", &agent, "--dry-run", "--json"]));
+    assert_eq!(plan["attempts"], 1);
+    assert_eq!(plan["valid_first_attempt"], true);
+    assert_eq!(plan["steps"], 3);
+    assert_eq!(plan["critical_path"], 2, "{plan:#}");
+    assert!(
+        plan["planning_cost_usd"].as_f64().unwrap() > 0.0,
+        "planning is metered: {plan:#}"
+    );
+    assert!(plan.get("run_id").is_none(), "a dry run runs nothing");
+    let dir = tempfile::tempdir().unwrap();
+    let checked = write(&dir, "plan.json", &plan["plan"].to_string());
+    json(&kernel.cli(&["goals", "validate", &checked, "--json"]));
+
+    let planned = json(&kernel.cli(&["v2", "goals", "plan", "count", "--agent", &agent, "--json"]));
+    let run = planned["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(ended(&kernel, &run)["status"], "succeeded");
+    assert_eq!(state(&kernel, &agent, "b"), 2);
+
+    let repaired = json(&kernel.cli(&["goals", "plan", "repair", "--agent", &agent, "--dry-run", "--json"]));
+    assert_eq!(repaired["attempts"], 2);
+    assert!(
+        repaired["errors"][0].as_str().unwrap().contains("not an earlier step"),
+        "{repaired:#}"
+    );
+    kernel.refused(
+        &["goals", "plan", "babble", "--agent", &agent, "--dry-run"],
+        "no valid plan in 3 attempts",
+    );
+    kernel.refused(
+        &["goals", "plan", "count", "--agent", &agent, "--tool", "rockets.launch"],
+        "rockets.launch",
+    );
+
+    let planned = json(&kernel.cli(&["goals", "plan", "replan", "--agent", &agent, "--json"]));
+    let run = planned["run_id"].as_str().unwrap().to_owned();
+    let done = ended(&kernel, &run);
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["generation"], 1);
+    assert_eq!(done["steps"]["bad"]["status"], "failed");
+    assert_eq!(done["steps"]["fix"]["status"], "succeeded");
+    assert!(
+        done["steps"].get("after").is_none(),
+        "what waited on the failed step was replaced"
+    );
+    assert_eq!(state(&kernel, &agent, "fixed"), 1);
+    assert_eq!(state(&kernel, &agent, "word"), "text", "no step that ended ran again");
+}

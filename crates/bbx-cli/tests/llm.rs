@@ -13,7 +13,7 @@ use bbx_core::quota::{Node, QuotaLimits};
 use serde_json::{Value, json};
 use std::time::Duration;
 use support::Kernel;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Requests the scripted server is holding without an answer, ever received.
 static HANGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -34,30 +34,9 @@ async fn scripted_model() -> String {
 }
 
 async fn serve(mut socket: tokio::net::TcpStream) {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 8192];
-    let (head_end, length) = loop {
-        match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
-            let length = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            break (end + 4, length);
-        }
+    let Some(request) = support::read_json_request(&mut socket).await else {
+        return;
     };
-    while data.len() < head_end + length {
-        match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-    }
-    let request: Value = serde_json::from_slice(&data[head_end..head_end + length]).unwrap_or(Value::Null);
     let script = request["messages"]
         .as_array()
         .and_then(|m| m.last())

@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 
 mod bus;
 mod context;
+mod goals;
 mod memory;
 pub use bus::{BusConfig, MAX_PARTITIONS, TopicDefaults};
 pub use context::{ContextConfig, TierBudgets};
+pub use goals::GoalsConfig;
 pub use memory::{ForgetSchedule, IndexSettings, MemoryConfig, NearDuplicate, Quantization, RemoteEmbedder};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
@@ -52,6 +54,8 @@ pub struct KernelConfig {
     pub memory: MemoryConfig,
     /// ContextTiering (`[context]` in the file).
     pub context: ContextConfig,
+    /// GoalEngine (`[goals]` in the file).
+    pub goals: GoalsConfig,
 }
 
 /// FlowIntegrity's settings.
@@ -514,6 +518,7 @@ pub struct ConfigLayer {
     pub bus: Option<BusConfig>,
     pub memory: Option<MemoryConfig>,
     pub context: Option<ContextConfig>,
+    pub goals: Option<GoalsConfig>,
 }
 
 impl ConfigLayer {
@@ -553,6 +558,7 @@ impl KernelConfig {
             bus: over.bus.or(file.bus).unwrap_or_default(),
             memory: over.memory.or(file.memory).unwrap_or_default(),
             context: over.context.or(file.context).unwrap_or_default(),
+            goals: over.goals.or(file.goals).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -582,6 +588,7 @@ impl KernelConfig {
         config.bus.validate()?;
         config.memory.validate()?;
         config.context.validate()?;
+        config.goals.validate()?;
         for issuer in &config.auth.oidc {
             issuer.validate()?;
         }

@@ -58,6 +58,12 @@ impl Component for Goals {
                 ))
             }
             ops::RUN => {
+                if caller.kinds.is_some() && submission.op.args.get("workflow_ref").is_some() {
+                    return Err(Error::new(
+                        ErrorCode::PermissionDenied,
+                        "a credential confined to some op kinds gives its workflow inline, where its kinds are checked",
+                    ));
+                }
                 if let Some(allowed) = &caller.kinds
                     && let Some(steps) = submission.op.args.get("workflow")
                 {

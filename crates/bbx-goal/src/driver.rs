@@ -12,6 +12,7 @@
 
 use crate::Goals;
 use crate::ops::{self, RunArgs};
+use crate::planner::{GoalSpec, Replan};
 use crate::run::{self, GOAL_ACTIVE, GOAL_RUNS, GOAL_STEPS, Parent, RunRecord, RunStatus, StepRecord, StepStatus};
 use crate::template::{self, Resolved, Target};
 use crate::validate::{self, Compiled};
@@ -79,6 +80,8 @@ pub(crate) struct Driver {
     ops: Arc<Mutex<HashMap<usize, OpId>>>,
     dirty: Vec<usize>,
     failure: Option<Error>,
+    /// The step whose failure fails the run (what a replan replaces).
+    failed_step: Option<usize>,
     writes: FuturesUnordered<BoxFuture<'static, Result<Applied>>>,
 }
 
@@ -87,8 +90,8 @@ impl Driver {
         let compiled = Arc::new(validate::compile(run.workflow.clone(), None)?);
         let n = compiled.names.len();
         let mut steps = vec![StepRecord::pending(); n];
-        for (index, record) in run::load_steps(&ctx.store, &run.id)? {
-            if index < n {
+        for (name, record) in run::load_steps(&ctx.store, &run.id)? {
+            if let Some(index) = compiled.index(&name) {
                 steps[index] = record;
             }
         }
@@ -109,10 +112,9 @@ impl Driver {
             .collect();
         let mut caller = Caller::of_tenant(KeyId::from_bytes(*run.id.as_bytes()), run.tenant.clone(), Role::Agent);
         caller.agent = Some(run.agent);
-        let failure = steps.iter().enumerate().find_map(|(i, step)| {
-            (step.status.is_failure() && compiled.step(i).on_failure == OnFailure::Fail)
-                .then(|| step_failed(&compiled.names[i], step))
-        });
+        let failed_step =
+            (0..n).find(|&i| steps[i].status.is_failure() && compiled.step(i).on_failure == OnFailure::Fail);
+        let failure = failed_step.map(|i| step_failed(&compiled.names[i], &steps[i]));
         Ok(Self {
             goals,
             ctx,
@@ -130,13 +132,14 @@ impl Driver {
             ops: Arc::default(),
             dirty: Vec::new(),
             failure,
+            failed_step,
             writes: FuturesUnordered::new(),
         })
     }
 
-    /// Drives the run until it ends (or the kernel stops: it resumes at the
-    /// next start).
-    pub(crate) async fn drive(mut self, mut inbox: mpsc::UnboundedReceiver<Notice>) {
+    /// Drives the run until it ends, is planned again, or the kernel stops
+    /// (it resumes at the next start).
+    pub(crate) async fn drive(mut self, inbox: &mut mpsc::UnboundedReceiver<Notice>) -> Driven {
         let stopping = self.ctx.stopping.clone();
         loop {
             if self.run.cancelling {
@@ -148,15 +151,28 @@ impl Driver {
             self.flush().await;
             // A failed run waits for its ops, not for its timers and signals.
             let only_waits_left = self.busy == 0 && self.failure.is_some();
+            if only_waits_left && self.may_replan() {
+                match self.replan().await {
+                    Ok(()) => return Driven::Replanned,
+                    Err(e) => {
+                        let failed = self.failure.take().map(|f| f.message).unwrap_or_default();
+                        self.failure = Some(Error::new(
+                            e.code,
+                            format!("{failed}; planning again failed: {}", e.message),
+                        ));
+                        self.failed_step = None;
+                    }
+                }
+            }
             if (self.in_flight.is_empty() || only_waits_left) && self.ended() {
                 break;
             }
             tokio::select! {
                 biased;
-                _ = stopping.cancelled() => return,
+                _ = stopping.cancelled() => return Driven::Stopped,
                 notice = inbox.recv() => match notice {
                     Some(notice) => self.heed(notice),
-                    None => return,
+                    None => return Driven::Stopped,
                 },
                 Some((step, fallback, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.settle(step, fallback, outcome);
@@ -168,12 +184,69 @@ impl Driver {
                 Some(written) = self.writes.next(), if !self.writes.is_empty() => {
                     if let Err(e) = written {
                         tracing::error!(run = %self.run.id, error = %e, "a run's steps could not be saved; it resumes at the next start");
-                        return;
+                        return Driven::Stopped;
                     }
                 }
             }
         }
         self.finish().await;
+        Driven::Ended
+    }
+
+    /// Whether the step that failed the run may have the rest planned again:
+    /// the run was made from a goal and has replans left.
+    fn may_replan(&self) -> bool {
+        self.failed_step.is_some()
+            && self.run.goal.is_some()
+            && !self.run.cancelling
+            && self.run.generation < self.goals.config().max_replans
+    }
+
+    /// Asks the planner for what is left after the failed step, given the
+    /// outputs so far; the run's new workflow keeps every step that ended
+    /// (none runs again) and the replacement's steps, under the next
+    /// generation's keys.
+    async fn replan(&mut self) -> Result<()> {
+        let (Some(failed), Some(spec), Some(failure)) = (self.failed_step, self.run.goal.clone(), self.failure.clone())
+        else {
+            return Err(Error::internal("nothing to plan again"));
+        };
+        let ended: Vec<String> = (0..self.steps.len())
+            .filter(|&i| self.steps[i].status.is_final())
+            .map(|i| self.compiled.names[i].clone())
+            .collect();
+        let outputs = (0..self.steps.len())
+            .filter(|&i| self.steps[i].status == StepStatus::Succeeded)
+            .map(|i| {
+                (
+                    self.compiled.names[i].clone(),
+                    self.steps[i].output.clone().unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        let replan = Replan {
+            workflow: &self.compiled.workflow,
+            ended,
+            outputs,
+            failed_step: &self.compiled.names[failed],
+            failure: &failure,
+        };
+        let plan = self
+            .goals
+            .plan(&self.caller, self.run.agent, &spec, Some(&replan))
+            .await?;
+        while let Some(written) = self.writes.next().await {
+            written?;
+        }
+        self.ctx
+            .store
+            .write(Replanned {
+                run: self.run.id,
+                workflow: plan.compiled.workflow,
+                generation: self.run.generation + 1,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Whether nothing more will start: every step ended, or the run failed or
@@ -278,11 +351,45 @@ impl Driver {
                     None => self.awaiting.entry(name).or_default().push(index),
                 }
             }
-            engine_kinds::WORKFLOW => match self.render(&step.args) {
+            // A child workflow's own references are its own: only its inputs
+            // are the parent's to fill.
+            engine_kinds::WORKFLOW | engine_kinds::GOAL => match self.render_child_args(&step.kind, &step.args) {
                 Ok(args) => {
-                    let child: WorkflowArgs = match serde_json::from_value(args) {
-                        Ok(child) => child,
-                        Err(e) => return self.fail(index, Error::invalid_field("args", e.to_string())),
+                    let parent = Some(Parent {
+                        run: self.run.id,
+                        step: self.compiled.names[index].clone(),
+                    });
+                    let child: BoxFuture<'static, Result<RunArgs>> = if step.kind == engine_kinds::WORKFLOW {
+                        let child: WorkflowArgs = match serde_json::from_value(args) {
+                            Ok(child) => child,
+                            Err(e) => return self.fail(index, Error::invalid_field("args", e.to_string())),
+                        };
+                        Box::pin(std::future::ready(Ok(RunArgs {
+                            workflow: Some(child.workflow),
+                            workflow_ref: None,
+                            inputs: match child.inputs {
+                                Value::Object(inputs) => inputs,
+                                _ => Map::new(),
+                            },
+                            parent,
+                            goal: None,
+                        })))
+                    } else {
+                        let spec: GoalSpec = match serde_json::from_value(args) {
+                            Ok(spec) => spec,
+                            Err(e) => return self.fail(index, Error::invalid_field("args", e.to_string())),
+                        };
+                        let (goals, caller, agent) = (self.goals.clone(), self.caller.clone(), self.run.agent);
+                        Box::pin(async move {
+                            let plan = goals.plan(&caller, agent, &spec, None).await?;
+                            Ok(RunArgs {
+                                workflow: Some(plan.compiled.workflow),
+                                workflow_ref: None,
+                                inputs: Map::new(),
+                                parent,
+                                goal: Some(spec),
+                            })
+                        })
                     };
                     self.steps[index].status = StepStatus::Running;
                     self.dirty.push(index);
@@ -368,6 +475,17 @@ impl Driver {
         }
     }
 
+    fn render_child_args(&self, kind: &str, args: &Value) -> Result<Value> {
+        if kind != engine_kinds::WORKFLOW {
+            return self.render(args);
+        }
+        let mut args = args.clone();
+        if let Some(inputs) = args.get("inputs") {
+            args["inputs"] = self.render(inputs)?;
+        }
+        Ok(args)
+    }
+
     fn render(&self, args: &Value) -> Result<Value> {
         template::render(args, &mut |target| self.resolve(target)).map_err(|why| Error::invalid_field("args", why))
     }
@@ -385,7 +503,7 @@ impl Driver {
         };
         let op = SubmitOp {
             run_id: Some(self.run.id.to_string()),
-            step: Some(op_step(index, fallback)),
+            step: Some(self.op_step(index, fallback)),
             retries,
             timeout_ms,
             ..SubmitOp::new(self.run.agent, kind.clone(), args)
@@ -406,23 +524,10 @@ impl Driver {
         }));
     }
 
-    fn start_child(&mut self, index: usize, child: WorkflowArgs) {
-        let args = RunArgs {
-            workflow: child.workflow,
-            inputs: match child.inputs {
-                Value::Object(inputs) => inputs,
-                _ => Map::new(),
-            },
-            parent: Some(Parent {
-                run: self.run.id,
-                step: self.compiled.names[index].clone(),
-            }),
-        };
-        let op = SubmitOp {
-            run_id: Some(self.run.id.to_string()),
-            step: Some(op_step(index, false)),
-            ..SubmitOp::new(self.run.agent, ops::RUN, run_args_json(&args))
-        };
+    /// Runs the child run `args` make (a workflow as given, or a sub-goal's
+    /// plan) as the step, and waits for its end.
+    fn start_child(&mut self, index: usize, args: BoxFuture<'static, Result<RunArgs>>) {
+        let (run, agent, step) = (self.run.id, self.run.agent, self.op_step(index, false));
         self.busy += 1;
         let submitter = self.ctx.submitter.clone();
         let caller = self.caller.clone();
@@ -430,6 +535,15 @@ impl Driver {
         let goals = self.goals.clone();
         let store = self.ctx.store.clone();
         self.in_flight.push(Box::pin(async move {
+            let args = match args.await {
+                Ok(args) => args,
+                Err(e) => return (index, false, Outcome::Refused(e)),
+            };
+            let op = SubmitOp {
+                run_id: Some(run.to_string()),
+                step: Some(step),
+                ..SubmitOp::new(agent, ops::RUN, run_args_json(&args))
+            };
             let outcome = match run_op(&*submitter, &caller, op, |id| {
                 ops.lock().insert(index, id);
             })
@@ -550,7 +664,15 @@ impl Driver {
         self.end(index, StepStatus::Failed, None, Some(error), None);
         if self.compiled.step(index).on_failure == OnFailure::Fail && self.failure.is_none() {
             self.failure = Some(step_failed(&self.compiled.names[index], &self.steps[index]));
+            self.failed_step = Some(index);
         }
+    }
+
+    /// The ring's step number of a step's op in this run's generation: its
+    /// index twice (its fallback's one more) in the low half, the
+    /// generation in the high half, so every op of a run has a key of its own.
+    fn op_step(&self, index: usize, fallback: bool) -> u64 {
+        (u64::from(self.run.generation) << 32) | (index as u64 * 2 + u64::from(fallback))
     }
 
     fn end(
@@ -626,7 +748,7 @@ impl Driver {
             .drain(..)
             .filter_map(|index| {
                 Some((
-                    run::step_key(&self.run.id, index),
+                    run::step_key(&self.run.id, &self.compiled.names[index]),
                     run::encode(&self.steps[index]).ok()?,
                 ))
             })
@@ -709,14 +831,17 @@ impl Driver {
     }
 }
 
-/// The ring's step number of a step's op: its index, twice (its fallback's
-/// one more), so every op of a run has a key of its own.
-fn op_step(index: usize, fallback: bool) -> u64 {
-    index as u64 * 2 + u64::from(fallback)
+fn run_args_json(args: &RunArgs) -> Value {
+    json!({ "workflow": args.workflow, "inputs": args.inputs, "parent": args.parent, "goal": args.goal })
 }
 
-fn run_args_json(args: &RunArgs) -> Value {
-    json!({ "workflow": args.workflow, "inputs": args.inputs, "parent": args.parent })
+/// How a driver stopped.
+pub(crate) enum Driven {
+    Ended,
+    /// Its run has a new workflow: drive that.
+    Replanned,
+    /// The kernel is stopping: the run resumes at the next start.
+    Stopped,
 }
 
 fn step_failed(name: &str, step: &StepRecord) -> Error {
@@ -789,6 +914,28 @@ impl Staged for SaveSteps {
         for (key, value) in &self.writes {
             tx.put(GOAL_STEPS, key.clone(), value.clone());
         }
+        Ok(Applied::Done)
+    }
+}
+
+/// A run's new workflow after a replan, and its next generation.
+#[derive(Debug)]
+struct Replanned {
+    run: OpId,
+    workflow: crate::workflow::Workflow,
+    generation: u32,
+}
+
+impl Staged for Replanned {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        let key = run::run_key(&self.run);
+        let Some(bytes) = tx.read(GOAL_RUNS, &key)? else {
+            return Ok(Applied::Done);
+        };
+        let mut record: RunRecord = run::decode(&bytes, "run")?;
+        record.workflow = self.workflow.clone();
+        record.generation = self.generation;
+        tx.put(GOAL_RUNS, key, run::encode(&record)?);
         Ok(Applied::Done)
     }
 }

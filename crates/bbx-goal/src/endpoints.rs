@@ -5,6 +5,7 @@
 //! `bbx goals VERB`) and under the report's names, `goal_engine.execute|status|list`
 //! (MCP `goal_engine_*`).
 
+use crate::planner::{self, GoalSpec};
 use crate::run::{self, RunRecord};
 use crate::{Goals, ops, validate, views, workflow};
 use bbx_auth::{Action, Caller};
@@ -16,6 +17,9 @@ use serde_json::{Map, Value, json};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
+/// A workflow larger than this (as JSON) is stored before its run starts,
+/// not carried in the op's args.
+const INLINE_WORKFLOW_BYTES: usize = 32 * 1024;
 /// Runs a list answers with at most.
 const MAX_LIST: usize = 1_000;
 
@@ -30,6 +34,23 @@ struct RunReq {
     /// Running again with the same key starts nothing and answers as the first time.
     #[serde(default)]
     idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PlanReq {
+    agent: AgentId,
+    /// The goal, in words.
+    goal: String,
+    /// The op kinds the plan may use; every kind but goal.* when empty.
+    #[serde(default)]
+    tools: Vec<String>,
+    /// The most the plan may be estimated to cost, in USD.
+    #[serde(default)]
+    max_cost_usd: Option<f64>,
+    /// Plan only: answer with the plan, run nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -143,15 +164,51 @@ impl Goals {
         self.run_op(caller, SubmitOp::new(record.agent, kind, args)).await
     }
 
+    /// Plans the goal as the caller (the model's calls are the agent's
+    /// `llm.chat` ops) and, unless only a plan was asked for, runs it.
+    async fn plan_goal(&self, caller: &Caller, req: PlanReq) -> Result<Value> {
+        caller.may(Action::Act)?;
+        self.context()?.submitter.may_read(caller, &req.agent, "goals.plan")?;
+        let spec = GoalSpec {
+            goal: req.goal,
+            tools: req.tools,
+            max_cost_usd: req.max_cost_usd,
+        };
+        let plan = self.plan(caller, req.agent, &spec, None).await?;
+        let mut view = plan.view();
+        if !req.dry_run {
+            let op = SubmitOp::new(req.agent, ops::RUN, planner::run_args(&plan, &spec));
+            let started = self.run_op(caller, op).await?;
+            view["run_id"] = started["run_id"].clone();
+        }
+        Ok(view)
+    }
+
+    /// Checks the workflow whole, then runs it: inline in the `goal.run` op,
+    /// or (when it is larger than an op's args may be) stored first under
+    /// its digest and named by the op.
     async fn start_run(&self, caller: &Caller, req: RunReq) -> Result<Value> {
         let workflow = workflow_value(req.workflow)?;
+        validate::compile(workflow::Workflow::from_value(&workflow)?, self.kinds())?;
+        let json = serde_json::to_vec(&workflow).map_err(|e| Error::internal(e.to_string()))?;
+        let args = if json.len() <= INLINE_WORKFLOW_BYTES {
+            json!({ "workflow": workflow, "inputs": req.inputs })
+        } else {
+            caller.may(Action::Act)?;
+            self.context()?.submitter.may_read(caller, &req.agent, ops::RUN)?;
+            let digest = run::workflow_digest(&json);
+            self.context()?
+                .store
+                .write(run::StoreWorkflow {
+                    digest: digest.clone(),
+                    json,
+                })
+                .await?;
+            json!({ "workflow_ref": digest, "inputs": req.inputs })
+        };
         let op = SubmitOp {
             idempotency_key: req.idempotency_key,
-            ..SubmitOp::new(
-                req.agent,
-                ops::RUN,
-                json!({ "workflow": workflow, "inputs": req.inputs }),
-            )
+            ..SubmitOp::new(req.agent, ops::RUN, args)
         };
         self.run_op(caller, op).await
     }
@@ -187,6 +244,16 @@ pub(crate) fn endpoints(goals: &Goals) -> Vec<Endpoint> {
             ("GET", path),
             LIST,
             move |g: Goals, caller, req: ListReq| async move { g.list(&caller, req, name) },
+        )
+    };
+    const PLAN: &str = "Plan a goal in words as a workflow with the configured model (its answer constrained to the workflow's form and the allowed tools, checked, and repaired from the errors), then run it; dry_run answers with the plan only.";
+    let plan = |name, path| {
+        Endpoint::serving(
+            goals,
+            name,
+            ("POST", path),
+            PLAN,
+            |g: Goals, caller, req: PlanReq| async move { g.plan_goal(&caller, req).await },
         )
     };
     let steer = |name, path, kind: &'static str, description| {
@@ -271,6 +338,8 @@ pub(crate) fn endpoints(goals: &Goals) -> Vec<Endpoint> {
             "The JSON Schema of the workflow format (steps, depends_on, when, retries, fallback, on_failure).",
             |_g: Goals, _caller, _req: Nothing| async move { Ok(workflow::schema()) },
         ),
+        plan("goals.plan", "/v1/goals/plan"),
+        plan("goal_engine.plan", "/v1/goal-engine/plan"),
         run("goal_engine.execute", "/v1/goal-engine/execute"),
         status("goal_engine.status", "/v1/goal-engine/status/{run}"),
         list("goal_engine.list", "/v1/goal-engine/list"),

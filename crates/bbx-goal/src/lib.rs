@@ -18,13 +18,19 @@
 //! - a value passed by reference keeps its taint: a labelled output reaches the
 //!   op that takes it through the ring's `$from`, which carries its labels;
 //! - durable waits (a timer, a signal, an operator's approval) and child runs
-//!   are steps, and survive restarts.
+//!   are steps, and survive restarts;
+//! - a goal in words becomes a workflow through the [`planner`]: a model asked
+//!   through an `llm.chat` op of the agent, its answer constrained by a JSON
+//!   Schema, checked like any workflow and repaired from the errors a bounded
+//!   number of times; a run planned from a goal whose step fails past its
+//!   retries has the rest planned again, and no step that ended runs again.
 
 mod component;
 pub mod condition;
 pub mod driver;
 mod endpoints;
 pub mod ops;
+pub mod planner;
 pub mod run;
 pub mod template;
 pub mod validate;
@@ -35,6 +41,7 @@ pub use run::KEYSPACES;
 pub use workflow::Workflow;
 
 use bbx_component::Context;
+use bbx_core::config::{GoalsConfig, LlmConfig};
 use bbx_core::{Error, OpId, Result};
 use bbx_store::Store;
 use driver::{Driver, Notice};
@@ -51,6 +58,9 @@ pub struct Goals(Arc<Inner>);
 
 #[derive(Default)]
 struct Inner {
+    config: GoalsConfig,
+    /// The models' prices, for a plan's estimated cost.
+    llm: LlmConfig,
     ctx: OnceLock<Context>,
     kinds: OnceLock<KindCatalog>,
     /// The driver of each run being driven.
@@ -60,8 +70,37 @@ struct Inner {
 }
 
 impl Goals {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(config: &GoalsConfig, llm: &LlmConfig) -> Self {
+        Self(Arc::new(Inner {
+            config: config.clone(),
+            llm: llm.clone(),
+            ..Inner::default()
+        }))
+    }
+
+    pub(crate) fn config(&self) -> &GoalsConfig {
+        &self.0.config
+    }
+
+    pub(crate) fn config_llm(&self) -> &LlmConfig {
+        &self.0.llm
+    }
+
+    /// Every op kind the kernel serves, by name (none before it has started).
+    pub(crate) fn kind_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .0
+            .kinds
+            .get()
+            .map(|k| k.schemas.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort_unstable();
+        names
+    }
+
+    /// The JSON Schema of `kind`'s args, if it publishes one.
+    pub(crate) fn kind_schema(&self, kind: &str) -> Option<Value> {
+        self.0.kinds.get()?.schemas.get(kind)?.clone()
     }
 
     fn context(&self) -> Result<&Context> {
@@ -101,9 +140,21 @@ impl Goals {
         let this = self.clone();
         let ctx = ctx.clone();
         ctx.tasks.clone().spawn(async move {
-            match Driver::new(this.clone(), ctx, run) {
-                Ok(driver) => driver.drive(inbox).await,
-                Err(e) => tracing::error!(run = %id, error = %e, "a run could not be resumed"),
+            let mut inbox = inbox;
+            let mut run = run;
+            loop {
+                let driven = match Driver::new(this.clone(), ctx.clone(), run) {
+                    Ok(driver) => driver.drive(&mut inbox).await,
+                    Err(e) => {
+                        tracing::error!(run = %id, error = %e, "a run could not be resumed");
+                        break;
+                    }
+                };
+                // A replanned run is driven again from its new record.
+                match (driven, run::load_run(&ctx.store, &id)) {
+                    (driver::Driven::Replanned, Ok(Some(record))) => run = record,
+                    _ => break,
+                }
             }
             this.0.drivers.lock().remove(&id);
         });
@@ -127,6 +178,14 @@ impl Goals {
 
     fn ended(&self, _run: &OpId) {
         self.0.ended.notify_waiters();
+    }
+
+    /// The run's record once it has ended (an embedder's or a benchmark's
+    /// wait), with its steps' records by index.
+    pub async fn finished(&self, run: &OpId) -> Result<(run::RunRecord, Vec<(String, run::StepRecord)>)> {
+        let store = &self.context()?.store;
+        let record = self.wait_ended(store, run).await?;
+        Ok((record, run::load_steps(store, run)?))
     }
 
     /// The run's record once it has ended.

@@ -4,6 +4,7 @@
 //! signal or approval is applied exactly once.
 
 use crate::Goals;
+use crate::planner::GoalSpec;
 use crate::run::{
     self, GOAL_ACTIVE, GOAL_BY_AGENT, GOAL_RUNS, GOAL_SIGNALS, Parent, RunRecord, RunStatus, agent_key, run_key,
     signal_key,
@@ -56,13 +57,23 @@ pub const KINDS: &[OpKind] = &[
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunArgs {
-    pub workflow: Workflow,
+    /// The workflow, inline; or
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<Workflow>,
+    /// the sha256 (hex) of a workflow stored first (too large for an op's
+    /// args: the goals API stores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_ref: Option<String>,
     /// Values for the workflow's declared inputs (over their defaults).
     #[serde(default)]
     pub inputs: Map<String, Value>,
-    /// The run and step it is a child run of (a `workflow` step).
+    /// The run and step it is a child run of (a `workflow` or `goal` step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Parent>,
+    /// The goal the workflow was planned for: a step that fails past its
+    /// retries has the rest planned again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goal: Option<GoalSpec>,
 }
 
 /// `goal.cancel`, `goal.pause`, `goal.resume`: the run they steer.
@@ -115,12 +126,33 @@ pub fn prepare(goals: &Goals, kind: &str, args: &Value) -> Result<Prepared> {
     let effect: Arc<dyn EffectOp> = match kind {
         RUN => {
             let args: RunArgs = parse_args(kind, args)?;
-            let compiled = validate::compile(args.workflow, goals.kinds())?;
-            let inputs = inputs(&compiled.workflow, args.inputs)?;
+            let source = match (args.workflow, args.workflow_ref) {
+                (Some(workflow), None) => {
+                    let compiled = validate::compile(workflow, goals.kinds())?;
+                    inputs(&compiled.workflow, args.inputs.clone())?;
+                    Source::Inline(compiled)
+                }
+                (None, Some(digest)) if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Source::Stored(digest.to_ascii_lowercase())
+                }
+                (None, Some(_)) => {
+                    return Err(Error::invalid_field(
+                        "workflow_ref",
+                        "a workflow_ref is a sha256, in hex",
+                    ));
+                }
+                _ => {
+                    return Err(Error::invalid_field(
+                        "workflow",
+                        "give a workflow, or a workflow_ref: one of them",
+                    ));
+                }
+            };
             Arc::new(StartRun {
-                compiled,
-                inputs,
+                source,
+                inputs: args.inputs,
                 parent: args.parent,
+                goal: args.goal,
             })
         }
         CANCEL | PAUSE | RESUME => {
@@ -179,10 +211,19 @@ fn inputs(workflow: &Workflow, given: Map<String, Value>) -> Result<Map<String, 
 }
 
 #[derive(Debug)]
+enum Source {
+    Inline(Compiled),
+    /// Its digest in the stored workflows: read (and checked) when staged.
+    Stored(String),
+}
+
+#[derive(Debug)]
 struct StartRun {
-    compiled: Compiled,
+    source: Source,
+    /// As given: the workflow's defaults go under them when it is staged.
     inputs: Map<String, Value>,
     parent: Option<Parent>,
+    goal: Option<GoalSpec>,
 }
 
 impl EffectOp for StartRun {
@@ -191,13 +232,27 @@ impl EffectOp for StartRun {
         if tx.read(GOAL_RUNS, &run_key(&id))?.is_some() {
             return Err(Error::new(ErrorCode::AlreadyExists, format!("run {id} exists already")));
         }
+        let stored;
+        let compiled = match &self.source {
+            Source::Inline(compiled) => compiled,
+            Source::Stored(digest) => {
+                let Some(json) = tx.read(run::GOAL_WORKFLOWS, digest.as_bytes())? else {
+                    return Err(Error::not_found("workflow", digest));
+                };
+                let workflow: Workflow = run::decode(&json, "workflow")?;
+                stored = validate::compile(workflow, None)?;
+                &stored
+            }
+        };
         let record = RunRecord {
             id,
             agent: *staging.agent,
             tenant: staging.tenant.to_owned(),
-            workflow: self.compiled.workflow.clone(),
-            inputs: self.inputs.clone(),
+            workflow: compiled.workflow.clone(),
+            inputs: inputs(&compiled.workflow, self.inputs.clone())?,
             parent: self.parent.clone(),
+            goal: self.goal.clone(),
+            generation: 0,
             status: RunStatus::Running,
             paused: false,
             cancelling: false,
@@ -220,7 +275,7 @@ impl EffectOp for StartRun {
         tx.put(GOAL_RUNS, run_key(&id), encoded);
         tx.put(GOAL_BY_AGENT, agent_key(staging.agent, &id), Vec::new());
         tx.put(GOAL_ACTIVE, run_key(&id), Vec::new());
-        Ok(json!({ "run_id": id, "status": "running", "steps": self.compiled.names.len() }))
+        Ok(json!({ "run_id": id, "status": "running", "steps": compiled.names.len() }))
     }
 }
 

@@ -7,6 +7,7 @@
 //! idempotency key from (agent, run, step): a step submitted again after a
 //! crash joins or returns the op it already was, and never runs twice.
 
+use crate::planner::GoalSpec;
 use crate::workflow::Workflow;
 use bbx_core::{AgentId, Error, OpId, Result};
 use bbx_store::{KeyspaceDef, Store, storage_error};
@@ -20,7 +21,7 @@ pub const GOAL_RUNS: KeyspaceDef = KeyspaceDef {
     id: 37,
     name: "goal_runs",
 };
-/// run id, step number (u32, big-endian) -> [`StepRecord`] as JSON.
+/// run id, step name -> [`StepRecord`] as JSON.
 pub const GOAL_STEPS: KeyspaceDef = KeyspaceDef {
     id: 38,
     name: "goal_steps",
@@ -43,7 +44,51 @@ pub const GOAL_ACTIVE: KeyspaceDef = KeyspaceDef {
     name: "goal_active",
 };
 
-pub const KEYSPACES: [KeyspaceDef; 5] = [GOAL_RUNS, GOAL_STEPS, GOAL_SIGNALS, GOAL_BY_AGENT, GOAL_ACTIVE];
+/// sha256 of a workflow (hex) -> the workflow as JSON: a workflow too large
+/// for an op's args, stored first and named by `goal.run`.
+pub const GOAL_WORKFLOWS: KeyspaceDef = KeyspaceDef {
+    id: 42,
+    name: "goal_workflows",
+};
+
+pub const KEYSPACES: [KeyspaceDef; 6] = [
+    GOAL_RUNS,
+    GOAL_STEPS,
+    GOAL_SIGNALS,
+    GOAL_BY_AGENT,
+    GOAL_ACTIVE,
+    GOAL_WORKFLOWS,
+];
+
+/// A workflow's name in [`GOAL_WORKFLOWS`]: the sha256 of its JSON, in hex.
+pub fn workflow_digest(json: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(json))
+}
+
+/// Stores a workflow under its digest (what it stores twice is one record).
+#[derive(Debug)]
+pub struct StoreWorkflow {
+    pub digest: String,
+    pub json: Vec<u8>,
+}
+
+impl bbx_store::Staged for StoreWorkflow {
+    fn stage(&self, tx: &mut bbx_store::GroupTx<'_>) -> Result<bbx_store::Applied> {
+        if self.json.len() > tx.max_value() {
+            return Err(Error::invalid_field(
+                "workflow",
+                format!(
+                    "the workflow is {} bytes; the store takes {} at most",
+                    self.json.len(),
+                    tx.max_value()
+                ),
+            ));
+        }
+        tx.put(GOAL_WORKFLOWS, self.digest.as_bytes().to_vec(), self.json.clone());
+        Ok(bbx_store::Applied::Done)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +122,13 @@ pub struct RunRecord {
     pub inputs: Map<String, Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Parent>,
+    /// The goal it was planned for: what a replan is asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goal: Option<GoalSpec>,
+    /// Plans it has had since the first: each one's steps have ring keys of
+    /// their own, so no new step can meet an old step's op.
+    #[serde(default)]
+    pub generation: u32,
     pub status: RunStatus,
     #[serde(default)]
     pub paused: bool,
@@ -169,8 +221,8 @@ pub fn run_key(run: &OpId) -> Vec<u8> {
     run.as_bytes().to_vec()
 }
 
-pub fn step_key(run: &OpId, step: usize) -> Vec<u8> {
-    [run.as_bytes().as_slice(), &(step as u32).to_be_bytes()].concat()
+pub fn step_key(run: &OpId, step: &str) -> Vec<u8> {
+    [run.as_bytes().as_slice(), step.as_bytes()].concat()
 }
 
 pub fn signal_key(run: &OpId, name: &str) -> Vec<u8> {
@@ -203,15 +255,13 @@ pub fn load_run(store: &Store, run: &OpId) -> Result<Option<RunRecord>> {
     bytes.map(|bytes| decode(&bytes, "run")).transpose()
 }
 
-/// The run's step records that are durable, by step number.
-pub fn load_steps(store: &Store, run: &OpId) -> Result<Vec<(usize, StepRecord)>> {
+/// The run's step records that are durable, by step name.
+pub fn load_steps(store: &Store, run: &OpId) -> Result<Vec<(String, StepRecord)>> {
     let mut steps = Vec::new();
     for item in store.view().prefix(store.keyspace(GOAL_STEPS), run.as_bytes()) {
         let (key, value) = item.into_inner().map_err(|e| storage_error("read a run's steps", e))?;
-        let Some(number) = key.get(16..20).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else {
-            continue;
-        };
-        steps.push((number as usize, decode(&value, "step")?));
+        let name = String::from_utf8_lossy(&key[16..]).into_owned();
+        steps.push((name, decode(&value, "step")?));
     }
     Ok(steps)
 }

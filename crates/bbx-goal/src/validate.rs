@@ -252,6 +252,13 @@ fn check_kind(step: &Step, kinds: Option<&dyn Kinds>, at: &str, nesting: usize) 
             check_signal_name(&signal.name).map_err(|why| invalid(&format!("{at}.args.name"), why))
         }
         engine_kinds::APPROVAL => engine_args::<ApprovalArgs>(step, at).map(drop),
+        engine_kinds::GOAL => {
+            let spec: crate::planner::GoalSpec = engine_args(step, at)?;
+            if spec.goal.trim().is_empty() {
+                return Err(invalid(&format!("{at}.args.goal"), "a sub-goal says what it is"));
+            }
+            Ok(())
+        }
         engine_kinds::WORKFLOW => {
             if nesting + 1 >= MAX_NESTING {
                 return Err(invalid(

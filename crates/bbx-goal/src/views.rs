@@ -6,17 +6,12 @@ use serde_json::{Map, Value, json};
 
 /// A run with its steps by name: `status`, `output`, `error`, `started_at`,
 /// `finished_at` (RFC 3339), the op that ran it, its attempts and labels.
-pub fn run(run: &RunRecord, records: Vec<(usize, StepRecord)>) -> Value {
-    let mut by_index: Vec<Option<StepRecord>> = vec![None; run.workflow.steps.len()];
-    for (index, record) in records {
-        if let Some(slot) = by_index.get_mut(index) {
-            *slot = Some(record);
-        }
-    }
+pub fn run(run: &RunRecord, records: Vec<(String, StepRecord)>) -> Value {
+    let mut records: std::collections::HashMap<String, StepRecord> = records.into_iter().collect();
     let mut counts: Map<String, Value> = Map::new();
     let mut steps = Map::new();
-    for ((name, step), record) in run.workflow.steps.iter().zip(by_index) {
-        let record = record.unwrap_or_else(StepRecord::pending);
+    for (name, step) in &run.workflow.steps {
+        let record = records.remove(name).unwrap_or_else(StepRecord::pending);
         let status = serde_json::to_value(record.status).unwrap_or_default();
         let count = counts
             .entry(status.as_str().unwrap_or_default().to_owned())
@@ -54,6 +49,8 @@ pub fn run(run: &RunRecord, records: Vec<(usize, StepRecord)>) -> Value {
         ("cancelling", json!(run.cancelling)),
         ("output", json!(run.output)),
         ("parent", json!(run.parent)),
+        ("goal", json!(run.goal)),
+        ("generation", json!(run.generation)),
         ("counts", Value::Object(counts)),
         ("steps", Value::Object(steps)),
     ] {

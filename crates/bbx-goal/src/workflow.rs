@@ -44,7 +44,8 @@ pub struct Workflow {
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// An op kind the kernel serves (`state.incr`, `tool.http`, `llm.chat`, ...),
-    /// or the engine's: `wait.timer`, `wait.signal`, `wait.approval`, `workflow`.
+    /// or the engine's: `wait.timer`, `wait.signal`, `wait.approval`,
+    /// `workflow` (a child workflow), `goal` (a sub-goal, planned when reached).
     pub kind: String,
     /// The op's args; strings may hold references: `${steps.NAME.output.PATH}`,
     /// `${steps.NAME.status}`, `${inputs.NAME.PATH}`, `${run.id}`, `${run.agent}`. A
@@ -112,7 +113,9 @@ pub mod engine_kinds {
     pub const SIGNAL: &str = "wait.signal";
     pub const APPROVAL: &str = "wait.approval";
     pub const WORKFLOW: &str = "workflow";
-    pub const ALL: [&str; 4] = [TIMER, SIGNAL, APPROVAL, WORKFLOW];
+    /// A sub-goal: planned, then run as a child run.
+    pub const GOAL: &str = "goal";
+    pub const ALL: [&str; 5] = [TIMER, SIGNAL, APPROVAL, WORKFLOW, GOAL];
 }
 
 /// `wait.timer`'s args: a duration or a moment.

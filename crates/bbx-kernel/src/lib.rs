@@ -391,7 +391,7 @@ fn components(
     let contexts = Arc::new(bbx_context::Contexts::new(&config.context)?);
     tools.set_windows(contexts.clone());
     components.register(contexts)?;
-    components.register(Arc::new(bbx_goal::Goals::new()))?;
+    components.register(Arc::new(bbx_goal::Goals::new(&config.goals, &config.tools.llm)))?;
     Ok(components)
 }
 

@@ -320,7 +320,10 @@ async fn a_held_op_runs_once_approved_and_never_if_denied_even_across_a_restart(
     kernel.shutdown().await;
 }
 
-const STAMPS: bbx_store::KeyspaceDef = bbx_store::KeyspaceDef { id: 40, name: "stamps" };
+const STAMPS: bbx_store::KeyspaceDef = bbx_store::KeyspaceDef {
+    id: 200,
+    name: "stamps",
+};
 
 /// Serves `stamp.put`, whose effect writes its op's labels into a keyspace of the
 /// component's own, and `stamp.get`, which reads them back; labels what `sleep`

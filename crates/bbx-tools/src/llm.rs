@@ -60,6 +60,11 @@ pub struct LlmCall {
     /// Time allowed for the request (the op's own timeout still applies).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Constrains the answer, as the OpenAI API does: `{"type": "json_object"}`,
+    /// or `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`
+    /// (Ollama, vLLM and llama.cpp's server honour it); passed on as given.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Map<String, Value>>,
 }
 
 /// An assembled context as a call's first messages.
@@ -134,6 +139,17 @@ impl LlmCall {
         }
         if self.timeout_ms == Some(0) {
             return Err(Error::invalid_field("args.timeout_ms", "timeout_ms must be at least 1"));
+        }
+        if let Some(format) = &self.response_format
+            && !matches!(
+                format.get("type").and_then(Value::as_str),
+                Some("text" | "json_object" | "json_schema")
+            )
+        {
+            return Err(Error::invalid_field(
+                "args.response_format",
+                "response_format.type must be text, json_object or json_schema",
+            ));
         }
         Ok(self)
     }
@@ -244,6 +260,9 @@ impl LlmCall {
         });
         if let Some(t) = self.temperature {
             body["temperature"] = json!(t);
+        }
+        if let Some(format) = &self.response_format {
+            body["response_format"] = Value::Object(format.clone());
         }
         if self.stream {
             body["stream_options"] = json!({ "include_usage": true });

@@ -225,6 +225,36 @@ pub fn cannot_check(why: &str) {
     eprintln!("skipped: {why}");
 }
 
+/// Reads one HTTP request from `socket` and answers its body as JSON (null
+/// when it is none, or not JSON); `None` if the client went first.
+pub async fn read_json_request(socket: &mut tokio::net::TcpStream) -> Option<serde_json::Value> {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let (head_end, length) = loop {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while data.len() < head_end + length {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(serde_json::from_slice(&data[head_end..head_end + length]).unwrap_or(serde_json::Value::Null))
+}
+
 /// The request heads a [`http_server`] saw.
 pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
