@@ -518,3 +518,61 @@ async fn goals_are_planned_checked_repaired_and_replanned() {
     assert_eq!(state(&kernel, &agent, "fixed"), 1);
     assert_eq!(state(&kernel, &agent, "word"), "text", "no step that ended ran again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_confined_to_some_kinds_runs_only_workflows_of_them() {
+    use serde_json::json;
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    let http = reqwest::Client::new();
+    let made: Value = http
+        .post(format!("{}/v1/keys", kernel.url()))
+        .bearer_auth(kernel.key())
+        .json(&json!({ "name": "narrow", "tenant": "default", "role": "agent", "agent": agent, "kinds": ["goal.run", "noop"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = made["key"].as_str().unwrap_or_else(|| panic!("{made}")).to_owned();
+    let run = |workflow: Value| {
+        let (http, url, key) = (http.clone(), kernel.url(), key.clone());
+        let agent = agent.clone();
+        async move {
+            let response = http
+                .post(format!("{url}/v1/goals/runs"))
+                .bearer_auth(key)
+                .json(&json!({ "agent": agent, "workflow": workflow }))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let nested = json!({ "steps": { "a": { "kind": "workflow", "args": { "workflow": { "steps": { "b": { "kind": "state.incr", "args": { "key": "k" } } } } } } } });
+    let (status, answer) = run(nested).await;
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = run(json!({ "steps": { "a": { "kind": "noop" } } })).await;
+    assert_eq!(status, 200, "{answer}");
+    let done = ended(&kernel, answer["run_id"].as_str().unwrap());
+    assert_eq!(done["status"], "succeeded");
+    // The same op sent straight to the ring, not confined: refused.
+    let direct = json!({ "ops": [{ "agent": agent, "kind": "goal.run", "args": { "workflow": { "steps": { "a": { "kind": "noop" } } } } }] });
+    let response = http
+        .post(format!("{}/v1/ops", kernel.url()))
+        .bearer_auth(&key)
+        .json(&direct)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    // A step never starts runs of its own: that is what workflow steps are for.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "fork.yaml",
+        "steps:\n  a: {kind: goal.run, args: {workflow_ref: x}}\n",
+    );
+    kernel.refused(&["goals", "validate", &file], "steers runs from outside");
+}

@@ -45,9 +45,10 @@ impl Component for Goals {
         true
     }
 
-    /// An approval is an operator's; a caller confined to some op kinds may
-    /// run a workflow only of those kinds (a run acts with its creator's
-    /// rights, never more).
+    /// An approval is an operator's; a caller confined to some op kinds runs
+    /// workflows confined the same way (every step is checked against them:
+    /// a run acts with its creator's rights, never more), and an inline
+    /// workflow of other kinds is refused at once.
     fn check(&self, submission: &Submission<'_>, _labels: &mut Vec<String>) -> Result<Verdict> {
         let caller = submission.caller;
         match submission.op.kind.as_str() {
@@ -58,11 +59,18 @@ impl Component for Goals {
                 ))
             }
             ops::RUN => {
-                if caller.kinds.is_some() && submission.op.args.get("workflow_ref").is_some() {
-                    return Err(Error::new(
-                        ErrorCode::PermissionDenied,
-                        "a credential confined to some op kinds gives its workflow inline, where its kinds are checked",
-                    ));
+                if let Some(allowed) = &caller.kinds {
+                    let confined: Option<Vec<String>> = submission
+                        .op
+                        .args
+                        .get("kinds")
+                        .and_then(|k| serde_json::from_value(k.clone()).ok());
+                    if !confined.is_some_and(|kinds| kinds.iter().all(|k| allowed.contains(k))) {
+                        return Err(Error::new(
+                            ErrorCode::PermissionDenied,
+                            "this credential is confined to some op kinds: its runs are too (give them as kinds)",
+                        ));
+                    }
                 }
                 if let Some(allowed) = &caller.kinds
                     && let Some(steps) = submission.op.args.get("workflow")

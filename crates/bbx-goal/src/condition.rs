@@ -12,6 +12,10 @@ use serde_json::Value;
 
 /// How deep parentheses and `!` may nest.
 const MAX_DEPTH: usize = 32;
+/// Operators one condition may have (`&&`, `||`, comparisons), and its
+/// longest text: a condition is a guard, not a program.
+const MAX_OPERATORS: usize = 64;
+const MAX_LEN: usize = 4096;
 
 /// A parsed condition.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,7 +40,15 @@ pub enum Op {
 
 impl Condition {
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut parser = Parser { text, at: 0, depth: 0 };
+        if text.len() > MAX_LEN {
+            return Err(format!("a condition is at most {MAX_LEN} bytes"));
+        }
+        let mut parser = Parser {
+            text,
+            at: 0,
+            depth: 0,
+            operators: 0,
+        };
         let condition = parser.or()?;
         parser.skip_space();
         if parser.at < text.len() {
@@ -110,6 +122,7 @@ struct Parser<'t> {
     text: &'t str,
     at: usize,
     depth: usize,
+    operators: usize,
 }
 
 impl<'t> Parser<'t> {
@@ -126,15 +139,25 @@ impl<'t> Parser<'t> {
         self.skip_space();
         if self.rest().starts_with(token) {
             self.at += token.len();
+            // Every token eaten but `)` is an operator.
+            self.operators += usize::from(token != ")");
             true
         } else {
             false
         }
     }
 
+    fn counted(&self) -> Result<(), String> {
+        if self.operators > MAX_OPERATORS {
+            return Err(format!("a condition has at most {MAX_OPERATORS} operators"));
+        }
+        Ok(())
+    }
+
     fn or(&mut self) -> Result<Condition, String> {
         let mut left = self.and()?;
         while self.eat("||") {
+            self.counted()?;
             left = Condition::Or(Box::new(left), Box::new(self.and()?));
         }
         Ok(left)
@@ -143,6 +166,7 @@ impl<'t> Parser<'t> {
     fn and(&mut self) -> Result<Condition, String> {
         let mut left = self.not()?;
         while self.eat("&&") {
+            self.counted()?;
             left = Condition::And(Box::new(left), Box::new(self.not()?));
         }
         Ok(left)
@@ -297,6 +321,13 @@ mod tests {
         }
         let deep = format!("{}true{}", "(".repeat(40), ")".repeat(40));
         assert!(Condition::parse(&deep).unwrap_err().contains("nests"));
+        let long = vec!["true"; 100].join(" && ");
+        assert!(Condition::parse(&long).unwrap_err().contains("operators"));
+        assert!(
+            Condition::parse(&"1 == 1 || ".repeat(1000))
+                .unwrap_err()
+                .contains("bytes")
+        );
     }
 
     proptest! {

@@ -51,8 +51,11 @@ const MAX_RESUBMIT_BACKOFF: Duration = Duration::from_secs(2);
 /// How a step's work ended.
 enum Outcome {
     Op(Box<Completion>),
-    /// Never became an op, or its completion could not be had.
+    /// Never became an op (or its child run could not be made).
     Refused(Error),
+    /// Its op was made, but its completion could not be had: no fallback
+    /// runs beside what may still run.
+    Lost(Error),
     Fired,
     Child(Box<RunRecord>),
 }
@@ -112,6 +115,8 @@ impl Driver {
             .collect();
         let mut caller = Caller::of_tenant(KeyId::from_bytes(*run.id.as_bytes()), run.tenant.clone(), Role::Agent);
         caller.agent = Some(run.agent);
+        // Every step is checked against the kinds its creator was confined to.
+        caller.kinds = run.kinds.clone();
         let failed_step =
             (0..n).find(|&i| steps[i].status.is_failure() && compiled.step(i).on_failure == OnFailure::Fail);
         let failure = failed_step.map(|i| step_failed(&compiled.names[i], &steps[i]));
@@ -196,7 +201,10 @@ impl Driver {
     /// Whether the step that failed the run may have the rest planned again:
     /// the run was made from a goal and has replans left.
     fn may_replan(&self) -> bool {
+        // What is in doubt may have acted: a new plan could do it again.
+        let planned_over_doubt = self.steps.iter().any(|s| s.status == StepStatus::InDoubt);
         self.failed_step.is_some()
+            && !planned_over_doubt
             && self.run.goal.is_some()
             && !self.run.cancelling
             && self.run.generation < self.goals.config().max_replans
@@ -224,8 +232,17 @@ impl Driver {
                 )
             })
             .collect();
+        let failed_steps = (0..self.steps.len())
+            .filter(|&i| self.steps[i].status.is_failure())
+            .map(|i| self.compiled.names[i].clone())
+            .collect();
+        let dropped: Vec<String> = (0..self.steps.len())
+            .filter(|&i| !self.steps[i].status.is_final())
+            .map(|i| self.compiled.names[i].clone())
+            .collect();
         let replan = Replan {
             workflow: &self.compiled.workflow,
+            failed: failed_steps,
             ended,
             outputs,
             failed_step: &self.compiled.names[failed],
@@ -244,6 +261,7 @@ impl Driver {
                 run: self.run.id,
                 workflow: plan.compiled.workflow,
                 generation: self.run.generation + 1,
+                dropped,
             })
             .await?;
         Ok(())
@@ -283,12 +301,23 @@ impl Driver {
         }
     }
 
+    /// Starts ready steps up to the run's parallelism. A failing run starts
+    /// nothing new, but takes back the steps that were running when the
+    /// kernel stopped (their ops are joined by their keys), so that it ends
+    /// once they have.
     fn launch_ready(&mut self) {
         let limit = self.compiled.workflow.parallelism();
-        while self.failure.is_none() && self.busy < limit {
+        let mut held = VecDeque::new();
+        while self.busy < limit {
             let Some(step) = self.ready.pop_front() else { break };
+            if self.failure.is_some() && self.steps[step].status != StepStatus::Running {
+                held.push_back(step);
+                continue;
+            }
             self.launch(step);
         }
+        held.extend(self.ready.drain(..));
+        self.ready = held;
     }
 
     fn launch(&mut self, index: usize) {
@@ -367,6 +396,7 @@ impl Driver {
                         Box::pin(std::future::ready(Ok(RunArgs {
                             workflow: Some(child.workflow),
                             workflow_ref: None,
+                            kinds: self.run.kinds.clone(),
                             inputs: match child.inputs {
                                 Value::Object(inputs) => inputs,
                                 _ => Map::new(),
@@ -380,11 +410,13 @@ impl Driver {
                             Err(e) => return self.fail(index, Error::invalid_field("args", e.to_string())),
                         };
                         let (goals, caller, agent) = (self.goals.clone(), self.caller.clone(), self.run.agent);
+                        let kinds = self.run.kinds.clone();
                         Box::pin(async move {
                             let plan = goals.plan(&caller, agent, &spec, None).await?;
                             Ok(RunArgs {
                                 workflow: Some(plan.compiled.workflow),
                                 workflow_ref: None,
+                                kinds,
                                 inputs: Map::new(),
                                 parent,
                                 goal: Some(spec),
@@ -528,6 +560,8 @@ impl Driver {
     /// plan) as the step, and waits for its end.
     fn start_child(&mut self, index: usize, args: BoxFuture<'static, Result<RunArgs>>) {
         let (run, agent, step) = (self.run.id, self.run.agent, self.op_step(index, false));
+        // Made before a restart: wait on it, never make (or plan) it again.
+        let made = self.steps[index].op_id;
         self.busy += 1;
         let submitter = self.ctx.submitter.clone();
         let caller = self.caller.clone();
@@ -535,6 +569,15 @@ impl Driver {
         let goals = self.goals.clone();
         let store = self.ctx.store.clone();
         self.in_flight.push(Box::pin(async move {
+            if let Some(child) = made {
+                ops.lock().insert(index, child);
+                let outcome = match goals.wait_ended(&store, &child).await {
+                    Ok(child) => Outcome::Child(Box::new(child)),
+                    Err(e) => Outcome::Refused(e),
+                };
+                ops.lock().remove(&index);
+                return (index, false, outcome);
+            }
             let args = match args.await {
                 Ok(args) => args,
                 Err(e) => return (index, false, Outcome::Refused(e)),
@@ -584,7 +627,10 @@ impl Driver {
     }
 
     fn settle(&mut self, index: usize, fallback: bool, outcome: Outcome) {
-        if matches!(outcome, Outcome::Op(_) | Outcome::Refused(_) | Outcome::Child(_)) {
+        if matches!(
+            outcome,
+            Outcome::Op(_) | Outcome::Refused(_) | Outcome::Lost(_) | Outcome::Child(_)
+        ) {
             self.busy -= 1;
         }
         if self.steps[index].status.is_final() {
@@ -618,6 +664,7 @@ impl Driver {
                 }
             },
             Outcome::Refused(error) => self.failed_attempt(index, fallback, error),
+            Outcome::Lost(error) => self.fail(index, error),
             Outcome::Op(completion) => {
                 let completion = *completion;
                 let record = &mut self.steps[index];
@@ -635,6 +682,7 @@ impl Driver {
                             Error::new(ErrorCode::FailedPrecondition, "its op is in doubt after a crash")
                         });
                         self.end(index, StepStatus::InDoubt, None, Some(error), None);
+                        self.failed(index);
                     }
                     CompletionStatus::Cancelled if self.run.cancelling => {
                         self.end(index, StepStatus::Cancelled, None, completion.error, None);
@@ -662,6 +710,12 @@ impl Driver {
 
     fn fail(&mut self, index: usize, error: Error) {
         self.end(index, StepStatus::Failed, None, Some(error), None);
+        self.failed(index);
+    }
+
+    /// The step ended without its effect: the run fails with it if its
+    /// `on_failure` says so.
+    fn failed(&mut self, index: usize) {
         if self.compiled.step(index).on_failure == OnFailure::Fail && self.failure.is_none() {
             self.failure = Some(step_failed(&self.compiled.names[index], &self.steps[index]));
             self.failed_step = Some(index);
@@ -706,9 +760,17 @@ impl Driver {
     async fn cancel(&mut self) {
         let mut operator = self.caller.clone();
         operator.role = Role::Operator;
-        let running: Vec<(usize, OpId)> = self.ops.lock().iter().map(|(&s, &op)| (s, op)).collect();
+        let mut running: Vec<(usize, OpId)> = self.ops.lock().iter().map(|(&s, &op)| (s, op)).collect();
+        for (index, record) in self.steps.iter().enumerate() {
+            if let (StepStatus::Running, Some(op)) = (record.status, record.op_id)
+                && !running.iter().any(|(s, _)| *s == index)
+            {
+                running.push((index, op));
+            }
+        }
         for (index, op) in running {
-            let result = if self.compiled.step(index).kind == engine_kinds::WORKFLOW {
+            let kind = self.compiled.step(index).kind.as_str();
+            let result = if kind == engine_kinds::WORKFLOW || kind == engine_kinds::GOAL {
                 let cancel = SubmitOp::new(self.run.agent, ops::CANCEL, json!({ "run": op }));
                 bbx_component::run_op(&*self.ctx.submitter, &self.caller, cancel, WAIT)
                     .await
@@ -738,6 +800,15 @@ impl Driver {
     /// behind those queued before (a step's later record is never overtaken
     /// by its earlier one).
     async fn flush(&mut self) {
+        // The op (or child run) a running step made is saved: what a resume
+        // waits on and a cancel stops.
+        let made: Vec<(usize, OpId)> = self.ops.lock().iter().map(|(&s, &op)| (s, op)).collect();
+        for (index, op) in made {
+            if self.steps[index].status == StepStatus::Running && self.steps[index].op_id != Some(op) {
+                self.steps[index].op_id = Some(op);
+                self.dirty.push(index);
+            }
+        }
         if self.dirty.is_empty() {
             return;
         }
@@ -832,7 +903,7 @@ impl Driver {
 }
 
 fn run_args_json(args: &RunArgs) -> Value {
-    json!({ "workflow": args.workflow, "inputs": args.inputs, "parent": args.parent, "goal": args.goal })
+    json!({ "workflow": args.workflow, "inputs": args.inputs, "parent": args.parent, "goal": args.goal, "kinds": args.kinds })
 }
 
 /// How a driver stopped.
@@ -894,7 +965,8 @@ async fn run_op(
                     return Outcome::Op(Box::new(completion));
                 }
             }
-            Err(e) => return Outcome::Refused(e),
+            // The op may still run: waiting failed, not the op.
+            Err(e) => return Outcome::Lost(e),
         }
     }
 }
@@ -924,6 +996,8 @@ struct Replanned {
     run: OpId,
     workflow: crate::workflow::Workflow,
     generation: u32,
+    /// Steps the new workflow no longer has: their records and approvals go.
+    dropped: Vec<String>,
 }
 
 impl Staged for Replanned {
@@ -936,6 +1010,13 @@ impl Staged for Replanned {
         record.workflow = self.workflow.clone();
         record.generation = self.generation;
         tx.put(GOAL_RUNS, key, run::encode(&record)?);
+        for name in &self.dropped {
+            tx.remove(GOAL_STEPS, run::step_key(&self.run, name));
+            tx.remove(
+                run::GOAL_SIGNALS,
+                run::signal_key(&self.run, &run::approval_signal(name)),
+            );
+        }
         Ok(Applied::Done)
     }
 }

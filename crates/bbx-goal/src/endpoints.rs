@@ -177,7 +177,11 @@ impl Goals {
         let plan = self.plan(caller, req.agent, &spec, None).await?;
         let mut view = plan.view();
         if !req.dry_run {
-            let op = SubmitOp::new(req.agent, ops::RUN, planner::run_args(&plan, &spec));
+            let op = SubmitOp::new(
+                req.agent,
+                ops::RUN,
+                planner::run_args(&plan, &spec, caller.kinds.as_ref()),
+            );
             let started = self.run_op(caller, op).await?;
             view["run_id"] = started["run_id"].clone();
         }
@@ -192,7 +196,7 @@ impl Goals {
         validate::compile(workflow::Workflow::from_value(&workflow)?, self.kinds())?;
         let json = serde_json::to_vec(&workflow).map_err(|e| Error::internal(e.to_string()))?;
         let args = if json.len() <= INLINE_WORKFLOW_BYTES {
-            json!({ "workflow": workflow, "inputs": req.inputs })
+            json!({ "workflow": workflow, "inputs": req.inputs, "kinds": caller.kinds })
         } else {
             caller.may(Action::Act)?;
             self.context()?.submitter.may_read(caller, &req.agent, ops::RUN)?;
@@ -204,7 +208,7 @@ impl Goals {
                     json,
                 })
                 .await?;
-            json!({ "workflow_ref": digest, "inputs": req.inputs })
+            json!({ "workflow_ref": digest, "inputs": req.inputs, "kinds": caller.kinds })
         };
         let op = SubmitOp {
             idempotency_key: req.idempotency_key,

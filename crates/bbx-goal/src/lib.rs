@@ -236,6 +236,12 @@ impl KindCatalog {
 
 impl validate::Kinds for KindCatalog {
     fn check(&self, kind: &str, args: &Value, path: &str) -> Result<()> {
+        if kind.starts_with("goal.") {
+            return Err(validate::invalid(
+                &format!("{path}.kind"),
+                format!("{kind} steers runs from outside; a child run is a workflow or goal step"),
+            ));
+        }
         let Some(schema) = self.schemas.get(kind) else {
             let mut known: Vec<&str> = self.schemas.keys().map(String::as_str).collect();
             known.extend(workflow::engine_kinds::ALL);

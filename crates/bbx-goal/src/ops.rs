@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// retries has the rest planned again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub goal: Option<GoalSpec>,
+    /// The op kinds its steps may submit: a credential confined to some kinds
+    /// must give its own (the goals API does), and every step is checked
+    /// against them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
 }
 
 /// `goal.cancel`, `goal.pause`, `goal.resume`: the run they steer.
@@ -153,6 +158,7 @@ pub fn prepare(goals: &Goals, kind: &str, args: &Value) -> Result<Prepared> {
                 inputs: args.inputs,
                 parent: args.parent,
                 goal: args.goal,
+                kinds: args.kinds,
             })
         }
         CANCEL | PAUSE | RESUME => {
@@ -224,6 +230,7 @@ struct StartRun {
     inputs: Map<String, Value>,
     parent: Option<Parent>,
     goal: Option<GoalSpec>,
+    kinds: Option<Vec<String>>,
 }
 
 impl EffectOp for StartRun {
@@ -252,6 +259,7 @@ impl EffectOp for StartRun {
             inputs: inputs(&compiled.workflow, self.inputs.clone())?,
             parent: self.parent.clone(),
             goal: self.goal.clone(),
+            kinds: self.kinds.clone(),
             generation: 0,
             status: RunStatus::Running,
             paused: false,

@@ -71,8 +71,10 @@ impl Plan {
 /// What a replan is given: the run so far, and what failed.
 pub struct Replan<'a> {
     pub workflow: &'a Workflow,
-    /// The steps that ended (they stay, and their names are taken).
+    /// The steps that ended (they stay).
     pub ended: Vec<String>,
+    /// Those of them that failed: they no longer fail the run.
+    pub failed: Vec<String>,
     /// Outputs of the steps that succeeded, by name (new steps may depend on them).
     pub outputs: Map<String, Value>,
     pub failed_step: &'a str,
@@ -102,7 +104,16 @@ impl Goals {
                 format!("a goal is 1-{MAX_GOAL_BYTES} bytes"),
             ));
         }
-        let tools = self.tools(&spec.tools)?;
+        let mut tools = self.tools(&spec.tools)?;
+        // A confined caller's plans use its kinds only.
+        if let Some(allowed) = &caller.kinds {
+            tools.retain(|tool| allowed.contains(tool));
+            if tools.is_empty() {
+                return Err(Error::permission_denied(
+                    "none of the tools is a kind this credential may submit",
+                ));
+            }
+        }
         let schema = plan_schema(&tools);
         let mut messages = vec![
             json!({ "role": "system", "content": self.instructions(&tools) }),
@@ -118,7 +129,7 @@ impl Goals {
                 "max_tokens": config.planner_max_tokens,
                 "temperature": 0,
                 "timeout_ms": config.planner_timeout_ms,
-                "response_format": { "type": "json_schema", "json_schema": { "name": "plan", "strict": true, "schema": schema } },
+                "response_format": { "type": "json_schema", "json_schema": { "name": "plan", "strict": false, "schema": schema } },
             });
             let op = SubmitOp {
                 timeout_ms: Some(config.planner_timeout_ms + 5_000),
@@ -222,10 +233,11 @@ impl Goals {
             ));
         }
         let mut workflow: BTreeMap<String, Step> = BTreeMap::new();
-        let taken = replan.map(|r| r.ended.as_slice()).unwrap_or_default();
+        // A new step never takes an old step's name (nor its records).
+        let taken = |name: &str| replan.is_some_and(|r| r.workflow.steps.contains_key(name));
         let kept = replan.map(|r| &r.outputs);
         for planned in steps {
-            if workflow.contains_key(&planned.name) || taken.contains(&planned.name) {
+            if workflow.contains_key(&planned.name) || taken(&planned.name) {
                 return Err(Error::invalid_field(
                     "plan",
                     format!("two steps are named {:?}", planned.name),
@@ -395,8 +407,10 @@ fn merge(replan: &Replan<'_>, new: BTreeMap<String, Step>) -> Workflow {
         .iter()
         .filter_map(|name| Some((name.clone(), replan.workflow.steps.get(name)?.clone())))
         .collect();
-    if let Some(failed) = steps.get_mut(replan.failed_step) {
-        failed.on_failure = OnFailure::Continue;
+    for name in &replan.failed {
+        if let Some(failed) = steps.get_mut(name) {
+            failed.on_failure = OnFailure::Continue;
+        }
     }
     steps.extend(new);
     Workflow {
@@ -408,7 +422,7 @@ fn merge(replan: &Replan<'_>, new: BTreeMap<String, Step>) -> Workflow {
     }
 }
 
-/// The `goal.run` args of a run of `plan` for `spec`.
-pub fn run_args(plan: &Plan, spec: &GoalSpec) -> Value {
-    json!({ "workflow": plan.compiled.workflow, "goal": spec })
+/// The `goal.run` args of a run of `plan` for `spec`, confined to `kinds`.
+pub fn run_args(plan: &Plan, spec: &GoalSpec, kinds: Option<&Vec<String>>) -> Value {
+    json!({ "workflow": plan.compiled.workflow, "goal": spec, "kinds": kinds })
 }

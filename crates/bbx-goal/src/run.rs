@@ -125,6 +125,9 @@ pub struct RunRecord {
     /// The goal it was planned for: what a replan is asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub goal: Option<GoalSpec>,
+    /// The op kinds its steps may submit (its creator's confinement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<String>>,
     /// Plans it has had since the first: each one's steps have ring keys of
     /// their own, so no new step can meet an old step's op.
     #[serde(default)]
