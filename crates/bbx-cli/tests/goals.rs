@@ -151,6 +151,7 @@ fn signals_approvals_and_timers_are_durable_waits() {
     json(&kernel.cli(&["goals", "signal", &run, "go", r#"{"n": 7}"#, "--json"]));
     let again = json(&kernel.cli(&["goals", "signal", &run, "go", r#"{"n": 8}"#, "--json"]));
     assert_eq!(again["delivered"], false, "the first signal of a name is kept");
+    kernel.refused(&["goals", "signal", &run, "og"], "no wait.signal step named \"og\"");
     until(&kernel, &run, "the signal's step", |s| {
         s["steps"]["use"]["status"] == "succeeded"
     });

@@ -358,6 +358,18 @@ struct SendSignal {
 impl EffectOp for SendSignal {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
         let record = running_run(tx, staging, &self.run)?;
+        // A signal is for a step that waits for it: a name none waits for
+        // (a typo, say) is refused, and a run keeps no more signals than it
+        // has such steps.
+        let awaited = record.workflow.steps.values().any(|s| {
+            s.kind == engine_kinds::SIGNAL && s.args.get("name").and_then(Value::as_str) == Some(self.name.as_str())
+        });
+        if self.approval_of.is_none() && !awaited {
+            return Err(Error::invalid_field(
+                "name",
+                format!("run {} has no wait.signal step named {:?}", self.run, self.name),
+            ));
+        }
         if let Some(step) = &self.approval_of {
             let waits_for_approval = record
                 .workflow
