@@ -176,7 +176,8 @@ impl Goals {
         }
     }
 
-    fn ended(&self, _run: &OpId) {
+    /// Wakes whoever waits for a run's end (a parent run's driver).
+    fn run_ended(&self) {
         self.0.ended.notify_waiters();
     }
 
@@ -257,10 +258,9 @@ impl validate::Kinds for KindCatalog {
         let empty = Value::Object(Default::default());
         let args = if args.is_null() { &empty } else { args };
         // A value still to come from a reference is checked when the step runs.
-        let error = validator.iter_errors(args).find(|error| {
-            !matches!(error.instance(), std::borrow::Cow::Borrowed(Value::String(s)) if template::mentions(s))
-                && !matches!(error.instance(), std::borrow::Cow::Owned(Value::String(s)) if template::mentions(s))
-        });
+        let error = validator
+            .iter_errors(args)
+            .find(|error| !error.instance().as_str().is_some_and(template::mentions));
         match error {
             None => Ok(()),
             Some(error) => {
