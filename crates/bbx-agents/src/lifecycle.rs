@@ -3,7 +3,7 @@
 //! imported whole.
 
 use crate::{AgentWrite, STATE, decode_state, encode_labelled_state, pending_purges};
-use bbx_component::{Context, Exported};
+use bbx_component::{Context, Exported, ExportedWrite, StoreWrite};
 use bbx_core::{AgentId, Result};
 use bbx_store::{Applied, GroupTx, Store, storage_error};
 use fjall::Readable;
@@ -42,11 +42,12 @@ pub(crate) fn purge(ctx: &Context, agent: AgentId) {
     });
 }
 
-/// Every state key of the agent (tombstones left out) with its stored value.
-pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<Exported>> {
+/// Every state key of the agent (tombstones left out) with its stored value,
+/// as read in `view`.
+pub(crate) fn export(store: &Store, view: &fjall::Snapshot, agent: &AgentId) -> Result<Vec<Exported>> {
     let prefix = agent.as_bytes();
     let mut records = Vec::new();
-    for item in store.view().prefix(store.keyspace(STATE), prefix) {
+    for item in view.prefix(store.keyspace(STATE), prefix) {
         let (key, value) = item.into_inner().map_err(|e| storage_error("export state", e))?;
         if decode_state(&value)?.is_tombstone() {
             continue;
@@ -57,6 +58,19 @@ pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<Exported>> {
         });
     }
     Ok(records)
+}
+
+/// How a write to the state keyspace changes the agent's export: a tombstone
+/// (or a value that does not decode) removes the key's record.
+pub(crate) fn exported_write(agent: &AgentId, write: StoreWrite<'_>) -> Option<ExportedWrite> {
+    let key = write.key.strip_prefix(agent.as_bytes().as_slice())?;
+    if write.keyspace != STATE.id || key.is_empty() {
+        return None;
+    }
+    let value = write
+        .value
+        .filter(|value| decode_state(value).is_ok_and(|stored| !stored.is_tombstone()));
+    Some((key.to_vec(), value.map(<[u8]>::to_vec)))
 }
 
 /// Replaces the agent's state with `records`. Each key's version moves on past

@@ -99,8 +99,16 @@ impl Component for StateOps {
         crate::lifecycle::purge(ctx, agent);
     }
 
-    fn export(&self, store: &Store, agent: &AgentId) -> Result<Vec<Exported>> {
-        crate::lifecycle::export(store, agent)
+    fn export(&self, store: &Store, view: &fjall::Snapshot, agent: &AgentId) -> Result<Vec<Exported>> {
+        crate::lifecycle::export(store, view, agent)
+    }
+
+    fn exported_write(
+        &self,
+        agent: &AgentId,
+        write: bbx_component::StoreWrite<'_>,
+    ) -> Option<bbx_component::ExportedWrite> {
+        crate::lifecycle::exported_write(agent, write)
     }
 
     fn import(&self, tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]) -> Result<()> {

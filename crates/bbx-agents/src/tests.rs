@@ -204,6 +204,7 @@ async fn open_store(dir: &std::path::Path, max_record: usize) -> (Store, bbx_jou
         commit_max_batch: 16,
         max_record,
         committer_nice: 0,
+        next_lsn: 0,
     };
     let store = Store::open(db, &KEYSPACES, writer, &recovery.records, options).unwrap();
     (store, pin)

@@ -336,6 +336,24 @@ where
 
 /// An in-process kernel on `dir` with the settings of `over` (logging warnings
 /// only), and its administrator.
+/// Runs `work` on a multi-threaded runtime of its own, on a thread of its own:
+/// an in-process kernel needs one, and the CLI's runtime is single-threaded.
+pub(crate) fn on_own_runtime<T, F>(work: impl FnOnce() -> F + Send + 'static) -> Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>>,
+{
+    std::thread::spawn(move || -> Result<T> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(work())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the benchmark panicked"))?
+}
+
 pub(crate) async fn open_in_process(
     dir: &Path,
     over: ConfigLayer,

@@ -269,17 +269,7 @@ pub async fn goals(cli: &Cli, args: &BenchGoalsArgs) -> Result<()> {
     let scratch = scratch_dir(args.scratch_dir.as_deref())?;
     let dir = scratch.path().to_path_buf();
     let args = args.clone();
-    // The kernel gets a multi-threaded runtime of its own: this command's
-    // runtime is single-threaded.
-    let report = std::thread::spawn(move || -> Result<Report> {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(measure(&dir, &args))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the benchmark panicked"))??;
+    let report = crate::bench::on_own_runtime(move || async move { measure(&dir, &args).await })?;
     crate::output::json(&report);
     let _ = cli;
     Ok(())

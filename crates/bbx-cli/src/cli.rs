@@ -68,6 +68,9 @@ pub enum Command {
     /// GoalEngine: run workflows (DAGs of ops), see and steer their runs.
     #[command(subcommand)]
     Goals(crate::goals::GoalsCommand),
+    /// StateSnapshots: save an agent whole, restore, fork, diff, recover to a time.
+    #[command(subcommand)]
+    Snapshot(crate::snapshots::SnapshotCommand),
     /// Models run in process: fetch them into the data directory.
     #[command(subcommand)]
     Models(crate::memory::ModelsCommand),
@@ -243,6 +246,29 @@ pub enum BenchCommand {
     /// The GoalEngine in process: what a step costs over its bare op, 1,000
     /// independent and 1,000 chained noop steps, 8 parallel sleeps.
     Goals(BenchGoalsArgs),
+    /// StateSnapshots in process: an incremental snapshot of a 100 MB agent
+    /// after 1 % of its keys changed, a full restore, point-in-time recovery,
+    /// and the ring's durable throughput while snapshots run.
+    Snapshot(BenchSnapshotArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchSnapshotArgs {
+    /// State keys of the agent.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: usize,
+    /// Bytes of each key's value.
+    #[arg(long, default_value_t = 10_000)]
+    pub value_bytes: usize,
+    /// Per cent of the keys rewritten before the incremental snapshot.
+    #[arg(long, default_value_t = 1.0)]
+    pub changed_percent: f64,
+    /// Runs of each measurement (the median is reported, with the range).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Where the scratch kernel goes [default: the system's temporary directory].
+    #[arg(long)]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -650,6 +676,9 @@ pub enum V2Command {
     /// `bbx v2 goals status [RUN_ID]|list`.
     #[command(subcommand)]
     Goals(crate::goals::V2GoalsCommand),
+    /// `bbx v2 distributed-snapshots stats|list-replicas|pitr TIMESTAMP -a AGENT`.
+    #[command(subcommand)]
+    DistributedSnapshots(crate::snapshots::V2SnapshotsCommand),
 }
 
 #[derive(Subcommand, Debug)]

@@ -14,6 +14,7 @@ mod bench_memory;
 mod bench_memory_data;
 mod bench_memory_http;
 mod bench_ring;
+mod bench_snapshot;
 mod bench_tools;
 mod bus;
 mod cli;
@@ -25,6 +26,7 @@ mod memory;
 mod output;
 mod quotas;
 mod ring;
+mod snapshots;
 
 use anyhow::{Context, Result, bail};
 use bbx_client::Client;
@@ -119,6 +121,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Memory(args)) => bench_memory::memory(&cli, args).await,
         Command::Bench(BenchCommand::Context(args)) => bench_context::context(&cli, args).await,
         Command::Bench(BenchCommand::Goals(args)) => bench_goals::goals(&cli, args).await,
+        Command::Bench(BenchCommand::Snapshot(args)) => bench_snapshot::snapshot(&cli, args).await,
         Command::Status | Command::V2(V2Command::Status) => {
             let status = client(&cli)?.status().await?;
             if cli.json {
@@ -153,6 +156,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Context(command) => context::run(&cli, command).await,
         Command::Goals(command) => goals::run(&cli, command).await,
         Command::V2(V2Command::Goals(command)) => goals::report(&cli, command).await,
+        Command::Snapshot(command) => snapshots::run(&cli, command).await,
+        Command::V2(V2Command::DistributedSnapshots(command)) => snapshots::report(&cli, command).await,
         Command::V2(V2Command::EnhancedContext(command)) => context::report(&cli, command).await,
         Command::V2(V2Command::EnhancedFlow(command)) => {
             let verb = match command {
@@ -207,6 +212,7 @@ pub(crate) fn resolve_config(cli: &Cli, args: &ServeArgs) -> Result<KernelConfig
         memory: None,
         context: None,
         goals: None,
+        snapshots: None,
     };
     Ok(KernelConfig::resolve(file, overrides)?)
 }

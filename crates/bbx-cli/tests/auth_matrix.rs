@@ -73,6 +73,26 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
         ("POST", "/v1/goals/runs/{run}/steps/{step}/approve") => (Operate, Object),
         ("POST", "/v1/goals/validate") | ("GET", "/v1/goals/schema") => (Any, Nothing),
         ("GET", "/v1/kinds") => (Read, Nothing),
+        (
+            "POST",
+            "/v1/snapshots"
+            | "/v1/distributed-snapshots"
+            | "/v1/snapshots/{snapshot}/restore"
+            | "/v1/distributed-snapshots/{snapshot}/restore"
+            | "/v1/snapshots/pitr"
+            | "/v1/distributed-snapshots/pitr",
+        )
+        | ("DELETE", "/v1/snapshots/{snapshot}") => (Act, Object),
+        (
+            "GET",
+            "/v1/snapshots"
+            | "/v1/distributed-snapshots"
+            | "/v1/snapshots/{snapshot}"
+            | "/v1/snapshots/{snapshot}/diff",
+        )
+        | ("POST", "/v1/snapshots/{snapshot}/verify") => (Read, Object),
+        ("POST", "/v1/snapshots/{snapshot}/fork") => (Operate, Object),
+        ("GET", "/v1/snapshots/stats" | "/v1/snapshots/replicas") | ("POST", "/v1/snapshots/gc") => (Admin, Nothing),
         ("DELETE", "/v1/keys/{id}") | ("POST", "/v1/keys/{key_id}/rotate") => (ManageKeys, Object),
         ("POST", "/v1/ops") => (Act, Object),
         ("GET", "/v1/ops/events") => (Read, Nothing),
@@ -216,6 +236,7 @@ struct Fixture {
     agent: String,
     op: String,
     spare_agent: String,
+    snapshot: String,
     key: String,
     token: String,
     /// A memory of `agent`.
@@ -307,6 +328,9 @@ impl Api {
         let item = json!({ "content": "a context item" });
         self.admin(Method::POST, &format!("/v1/agents/{agent}/context"), item)
             .await;
+        let snapshot = self
+            .admin(Method::POST, "/v1/snapshots", json!({ "agent": agent }))
+            .await;
         Fixture {
             tenant,
             agent,
@@ -316,6 +340,7 @@ impl Api {
             token: token["token"].as_str().unwrap().to_owned(),
             memory: memory["id"].as_str().unwrap().to_owned(),
             run: run["run_id"].as_str().unwrap().to_owned(),
+            snapshot: snapshot["id"].as_str().unwrap().to_owned(),
         }
     }
 
@@ -378,7 +403,14 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         .replace("{topic}", "t")
         .replace("{group}", "g")
         .replace("{run}", &f.run)
-        .replace("{step}", "ok");
+        .replace("{step}", "ok")
+        .replace("{snapshot}", &f.snapshot);
+    if method == "GET" && matches!(path, "/v1/snapshots" | "/v1/distributed-snapshots") {
+        return (format!("{filled}?agent={}", f.agent), None);
+    }
+    if path == "/v1/snapshots/{snapshot}/diff" {
+        return (format!("{filled}?to={}", f.snapshot), None);
+    }
     if method == "GET" && matches!(path, "/v1/goals/runs" | "/v1/goal-engine/list") {
         return (format!("{filled}?agent={}", f.agent), None);
     }
@@ -474,6 +506,11 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/goals/validate" => json!({ "workflow": { "steps": { "a": { "kind": "noop" } } } }),
         "/v1/goals/plan" | "/v1/goal-engine/plan" => json!({ "agent": f.agent, "goal": "count", "dry_run": true }),
         "/v1/goals/runs/{run}/signals" => json!({ "name": "go", "payload": 1 }),
+        "/v1/snapshots" | "/v1/distributed-snapshots" => json!({ "agent": f.agent }),
+        "/v1/snapshots/pitr" | "/v1/distributed-snapshots/pitr" => {
+            json!({ "agent": f.agent, "at": chrono::Utc::now().to_rfc3339() })
+        }
+        "/v1/snapshots/{snapshot}/fork" => json!({ "name": "forked" }),
         _ if path.starts_with("/v1/bus/") || path.starts_with("/v1/message-bus/") => json!({ "tenant": f.tenant }),
         _ => json!({}),
     };

@@ -30,7 +30,12 @@
 //! whose [`Submitter`] lets it submit ops of its own through the whole pipeline;
 //! [`Component::agent_deleted`] tells it to let go of a deleted agent's data; and
 //! [`Component::export`] and [`Component::import`] carry an agent's data out and
-//! back in (snapshots, forks), the import staged in one atomic group.
+//! back in (snapshots, forks), the export read at one view of the store (so every
+//! component's part is of the same moment), the import staged in one atomic group;
+//! [`Component::exported_write`] says how one of its store writes changes that
+//! export, so a point-in-time recovery can replay the journal's history onto a
+//! snapshot. What a component that saves and restores whole agents needs of the
+//! kernel beyond ops is an [`AgentHost`].
 
 pub mod builtin;
 pub mod refs;
@@ -43,6 +48,7 @@ use bbx_core::quota::Spend;
 use bbx_core::{AgentId, Error, OpId, Result};
 use bbx_store::{GroupTx, KeyspaceDef, Store};
 use chrono::{DateTime, Utc};
+use fjall::Snapshot;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
@@ -261,6 +267,8 @@ pub struct Context {
     /// on it.
     pub stopping: tokio_util::sync::CancellationToken,
     pub submitter: Arc<dyn Submitter>,
+    /// Whole agents: their records, exports and imports.
+    pub agents: Arc<dyn AgentHost>,
     /// Every op kind the kernel serves, with its args' schema (what a
     /// workflow's steps are checked against).
     pub kinds: Arc<Vec<(OpKind, Option<Value>)>>,
@@ -296,6 +304,65 @@ pub fn write_later(
 pub struct Exported {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
+}
+
+/// A store write as the journal's history holds it: keyspace id, key, and the
+/// new value (`None` removes the key).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreWrite<'a> {
+    pub keyspace: u8,
+    pub key: &'a [u8],
+    pub value: Option<&'a [u8]>,
+}
+
+/// What a store write does to an export: the record's key, and its new value
+/// (`None` removes the record).
+pub type ExportedWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// What the kernel does for a component that saves and restores whole agents
+/// (snapshots, forks): implemented by the kernel, handed over in [`Context`].
+pub trait AgentHost: Send + Sync {
+    /// The agent's record (`not_found` if there is none). Not checked against
+    /// a caller: an endpoint asks [`Submitter::may_read`] first.
+    fn agent(&self, agent: &AgentId) -> Result<bbx_core::model::Agent>;
+
+    /// Every component's data of the agent, read in `view`.
+    fn export(&self, view: &Snapshot, agent: &AgentId) -> Result<AgentData>;
+
+    /// Maps a store write to the export part (by component name) it changes.
+    fn exported_write(&self, agent: &AgentId, write: StoreWrite<'_>) -> Option<(&'static str, ExportedWrite)>;
+
+    /// The name of every component: the parts an import may have.
+    fn parts(&self) -> Vec<&'static str>;
+
+    /// The write that imports `data` into every component that has a part of it.
+    fn import(&self, data: AgentData) -> Result<Box<dyn bbx_store::Staged>>;
+
+    /// An import of `data`'s parts committed: the components drop what they
+    /// hold in memory of the agent.
+    fn imported(&self, data: &AgentData);
+
+    /// Creates an agent as `caller`.
+    fn create_agent<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: bbx_core::model::CreateAgent,
+    ) -> Pending<'a, bbx_core::model::Agent>;
+
+    /// The agent's own quota limits.
+    fn quota_limits(&self, agent: &AgentId) -> bbx_core::quota::QuotaLimits;
+
+    /// Sets the agent's quota limits as `caller`.
+    fn set_quota_limits<'a>(
+        &'a self,
+        caller: &'a Caller,
+        agent: AgentId,
+        limits: bbx_core::quota::QuotaLimits,
+    ) -> Pending<'a, ()>;
+
+    /// The agent's workspace directory (where its file tools work), made if
+    /// it is not there.
+    fn workspace(&self, agent: &AgentId) -> Result<std::path::PathBuf>;
 }
 
 /// An op as submitted, for the checks of components.
@@ -597,9 +664,19 @@ pub trait Component: Send + Sync + std::any::Any {
     /// component's to make durable (and resume in [`Component::start`]).
     fn agent_deleted(&self, _ctx: &Context, _agent: AgentId) {}
 
-    /// The agent's data this component holds, as of the store's durable view.
-    fn export(&self, _store: &Store, _agent: &AgentId) -> Result<Vec<Exported>> {
+    /// The agent's data this component holds, as read in `view` (one of the
+    /// store's durable views, the same for every component of one export).
+    fn export(&self, _store: &Store, _view: &Snapshot, _agent: &AgentId) -> Result<Vec<Exported>> {
         Ok(Vec::new())
+    }
+
+    /// How a store write (keyspace id, key, new value or `None` for a removal)
+    /// shows in `agent`'s export: the record's key and its new value (`None`
+    /// removes it), or `None` if the write is not of this component's export of
+    /// that agent. A component that exports must answer for every write that
+    /// changes its export, or a point-in-time recovery misses it.
+    fn exported_write(&self, _agent: &AgentId, _write: StoreWrite<'_>) -> Option<ExportedWrite> {
+        None
     }
 
     /// Replaces the agent's data with what [`Component::export`] gave, staged in
@@ -775,11 +852,11 @@ impl Components {
         self.all.iter().try_for_each(|component| component.start(ctx))
     }
 
-    /// The agent's data that every component holds.
-    pub fn export(&self, store: &Store, agent: &AgentId) -> Result<AgentData> {
+    /// The agent's data that every component holds, read in `view`.
+    pub fn export(&self, store: &Store, view: &Snapshot, agent: &AgentId) -> Result<AgentData> {
         let mut parts = Vec::new();
         for component in &self.all {
-            let records = component.export(store, agent)?;
+            let records = component.export(store, view, agent)?;
             if !records.is_empty() {
                 parts.push((component.name().to_owned(), records));
             }
@@ -800,6 +877,18 @@ impl Components {
             })
             .collect::<Result<_>>()?;
         Ok(Import { data, components })
+    }
+
+    /// Every component's name, in registration order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.all.iter().map(|component| component.name()).collect()
+    }
+
+    /// The export part (by component name) a store write changes, and how.
+    pub fn exported_write(&self, agent: &AgentId, write: StoreWrite<'_>) -> Option<(&'static str, ExportedWrite)> {
+        self.all
+            .iter()
+            .find_map(|component| Some((component.name(), component.exported_write(agent, write)?)))
     }
 
     /// Tells the components that took part in an import that it committed.

@@ -69,8 +69,21 @@ impl Component for Contexts {
         self.refresh(&completion.agent, &ids, change);
     }
 
-    fn export(&self, store: &bbx_store::Store, agent: &AgentId) -> Result<Vec<bbx_component::Exported>> {
-        crate::lifecycle::export(store, agent)
+    fn export(
+        &self,
+        store: &bbx_store::Store,
+        view: &fjall::Snapshot,
+        agent: &AgentId,
+    ) -> Result<Vec<bbx_component::Exported>> {
+        crate::lifecycle::export(store, view, agent)
+    }
+
+    fn exported_write(
+        &self,
+        agent: &AgentId,
+        write: bbx_component::StoreWrite<'_>,
+    ) -> Option<bbx_component::ExportedWrite> {
+        crate::lifecycle::exported_write(agent, write)
     }
 
     fn import(

@@ -90,8 +90,7 @@ const EXPORTED: [crate::KeyspaceDef; 4] = [
 
 /// Every record of the agent's context, as durable now: the keyspace's id,
 /// then the key after the agent.
-pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<bbx_component::Exported>> {
-    let view = store.view();
+pub(crate) fn export(store: &Store, view: &fjall::Snapshot, agent: &AgentId) -> Result<Vec<bbx_component::Exported>> {
     let mut records = Vec::new();
     for keyspace in EXPORTED {
         for kv in view.prefix(store.keyspace(keyspace), agent.as_bytes()) {
@@ -105,6 +104,19 @@ pub(crate) fn export(store: &Store, agent: &AgentId) -> Result<Vec<bbx_component
         }
     }
     Ok(records)
+}
+
+/// How a write to a context keyspace changes the agent's export (records are
+/// keyed by the keyspace's id and the key after the agent).
+pub(crate) fn exported_write(
+    agent: &AgentId,
+    write: bbx_component::StoreWrite<'_>,
+) -> Option<bbx_component::ExportedWrite> {
+    let rest = write.key.strip_prefix(agent.as_bytes().as_slice())?;
+    EXPORTED.iter().find(|keyspace| keyspace.id == write.keyspace)?;
+    let mut key = vec![write.keyspace];
+    key.extend_from_slice(rest);
+    Some((key, write.value.map(<[u8]>::to_vec)))
 }
 
 /// Replaces the agent's context with `records`. Its id sequence never goes

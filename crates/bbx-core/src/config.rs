@@ -15,10 +15,12 @@ mod bus;
 mod context;
 mod goals;
 mod memory;
+mod snapshots;
 pub use bus::{BusConfig, MAX_PARTITIONS, TopicDefaults};
 pub use context::{ContextConfig, TierBudgets};
 pub use goals::GoalsConfig;
 pub use memory::{ForgetSchedule, IndexSettings, MemoryConfig, NearDuplicate, Quantization, RemoteEmbedder};
+pub use snapshots::{RetentionConfig, SnapshotStoreConfig, SnapshotsConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -56,6 +58,8 @@ pub struct KernelConfig {
     pub context: ContextConfig,
     /// GoalEngine (`[goals]` in the file).
     pub goals: GoalsConfig,
+    /// StateSnapshots (`[snapshots]` in the file).
+    pub snapshots: SnapshotsConfig,
 }
 
 /// FlowIntegrity's settings.
@@ -519,6 +523,7 @@ pub struct ConfigLayer {
     pub memory: Option<MemoryConfig>,
     pub context: Option<ContextConfig>,
     pub goals: Option<GoalsConfig>,
+    pub snapshots: Option<SnapshotsConfig>,
 }
 
 impl ConfigLayer {
@@ -559,6 +564,7 @@ impl KernelConfig {
             memory: over.memory.or(file.memory).unwrap_or_default(),
             context: over.context.or(file.context).unwrap_or_default(),
             goals: over.goals.or(file.goals).unwrap_or_default(),
+            snapshots: over.snapshots.or(file.snapshots).unwrap_or_default(),
         };
         let config = Self {
             data_dir: std::path::absolute(&config.data_dir).map_err(|e| {
@@ -589,6 +595,7 @@ impl KernelConfig {
         config.memory.validate()?;
         config.context.validate()?;
         config.goals.validate()?;
+        config.snapshots.validate()?;
         for issuer in &config.auth.oidc {
             issuer.validate()?;
         }

@@ -109,7 +109,7 @@ impl Kernel {
             caller,
             &Access::new("agent.export", Some(Action::Read), None).on(&agent),
         )?;
-        self.components.export(&self.store, id)
+        self.components.export(&self.store, &self.store.view(), id)
     }
 
     /// Replaces the agent's data in every component that `data` has a part for,

@@ -119,11 +119,11 @@ pub struct Kernel {
     endpoints: std::sync::OnceLock<Vec<bbx_component::Endpoint>>,
 }
 
-/// The kernel as the submitter components act through: weak, since the kernel
-/// holds the components.
-struct KernelSubmitter(std::sync::Weak<Kernel>);
+/// The kernel as components act through it (submitting ops, saving and
+/// restoring whole agents): weak, since the kernel holds the components.
+struct KernelHandle(std::sync::Weak<Kernel>);
 
-impl KernelSubmitter {
+impl KernelHandle {
     fn kernel(&self) -> Result<Arc<Kernel>> {
         self.0
             .upgrade()
@@ -131,7 +131,7 @@ impl KernelSubmitter {
     }
 }
 
-impl bbx_component::Submitter for KernelSubmitter {
+impl bbx_component::Submitter for KernelHandle {
     fn submit<'a>(&'a self, caller: &'a Caller, batch: SubmitBatch) -> bbx_component::Pending<'a, Submitted> {
         Box::pin(async move { self.kernel()?.submit(caller, batch).await })
     }
@@ -152,6 +152,79 @@ impl bbx_component::Submitter for KernelSubmitter {
             bbx_auth::Access::new(operation, Some(bbx_auth::Action::Read), None),
             agent,
         )
+    }
+}
+
+impl bbx_component::AgentHost for KernelHandle {
+    fn agent(&self, agent: &AgentId) -> Result<bbx_core::model::Agent> {
+        let kernel = self.kernel()?;
+        let bytes = kernel
+            .store
+            .view()
+            .get(kernel.store.keyspace(bbx_agents::AGENTS), agent.as_bytes())
+            .map_err(|e| storage_error("read", e))?;
+        bbx_agents::decode_agent(&bytes.ok_or_else(|| Error::not_found("agent", agent))?)
+    }
+
+    fn export(&self, view: &fjall::Snapshot, agent: &AgentId) -> Result<bbx_component::AgentData> {
+        let kernel = self.kernel()?;
+        kernel.components.export(&kernel.store, view, agent)
+    }
+
+    fn exported_write(
+        &self,
+        agent: &AgentId,
+        write: bbx_component::StoreWrite<'_>,
+    ) -> Option<(&'static str, bbx_component::ExportedWrite)> {
+        self.kernel().ok()?.components.exported_write(agent, write)
+    }
+
+    fn parts(&self) -> Vec<&'static str> {
+        self.kernel()
+            .map(|kernel| kernel.components.names())
+            .unwrap_or_default()
+    }
+
+    fn import(&self, data: bbx_component::AgentData) -> Result<Box<dyn bbx_store::Staged>> {
+        Ok(Box::new(self.kernel()?.components.import(data)?))
+    }
+
+    fn imported(&self, data: &bbx_component::AgentData) {
+        if let Ok(kernel) = self.kernel() {
+            kernel.components.imported(data);
+        }
+    }
+
+    fn create_agent<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: CreateAgent,
+    ) -> bbx_component::Pending<'a, bbx_core::model::Agent> {
+        Box::pin(async move { self.kernel()?.create_agent(caller, request).await })
+    }
+
+    fn quota_limits(&self, agent: &AgentId) -> QuotaLimits {
+        self.kernel()
+            .map(|kernel| kernel.quotas.limits(&bbx_quota::Node::Agent(*agent)))
+            .unwrap_or_default()
+    }
+
+    fn set_quota_limits<'a>(
+        &'a self,
+        caller: &'a Caller,
+        agent: AgentId,
+        limits: QuotaLimits,
+    ) -> bbx_component::Pending<'a, ()> {
+        Box::pin(async move {
+            self.kernel()?
+                .set_quota(caller, &bbx_quota::Node::Agent(agent), limits)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn workspace(&self, agent: &AgentId) -> Result<PathBuf> {
+        self.kernel()?.tools.workspace(agent)
     }
 }
 
@@ -195,7 +268,8 @@ impl Kernel {
             &config.data_dir.join(JOURNAL_DIR),
             bbx_journal::JournalOptions {
                 segment_bytes,
-                history: Duration::from_secs(config.ring.journal_history_secs),
+                // Point-in-time recovery replays the store writes of its window.
+                history: Duration::from_secs(config.ring.journal_history_secs.max(config.snapshots.pitr_window_secs)),
                 history_bytes: config.ring.journal_history_bytes,
                 ..Default::default()
             },
@@ -205,6 +279,7 @@ impl Kernel {
             tracing::warn!(segment = %tail.segment.display(), offset = tail.offset, bytes = tail.bytes,
                 reason = %tail.reason, "truncated a torn write at the end of the journal");
         }
+        let next_lsn = journal.status().next_lsn;
         let ring_metrics = RingMetrics::new();
         let journal_metrics = JournalMetrics::default();
         let journal = bbx_store::JournalWriter::start(
@@ -222,6 +297,7 @@ impl Kernel {
                 commit_max_batch: config.commit_max_batch,
                 max_record: bbx_journal::max_payload(segment_bytes),
                 committer_nice: config.ring.committer_nice,
+                next_lsn,
             },
         )?);
         let keys = bbx_auth::Keys::load(store.clone(), &config.data_dir)?;
@@ -272,7 +348,8 @@ impl Kernel {
                 store: store.clone(),
                 tasks: tasks.clone(),
                 stopping: ring.stopping(),
-                submitter: Arc::new(KernelSubmitter(kernel.clone())),
+                submitter: Arc::new(KernelHandle(kernel.clone())),
+                agents: Arc::new(KernelHandle(kernel.clone())),
                 kinds: Arc::new(op_kinds(&components)),
             },
             components,
@@ -371,6 +448,7 @@ fn all_keyspaces(extra: &[Arc<dyn bbx_component::Component>]) -> Vec<bbx_store::
     all.extend(bbx_memory::KEYSPACES);
     all.extend(bbx_context::KEYSPACES);
     all.extend(bbx_goal::KEYSPACES);
+    all.extend(bbx_snapshot::KEYSPACES);
     all.extend(extra.iter().flat_map(|component| component.keyspaces().iter().copied()));
     all
 }
@@ -392,6 +470,11 @@ fn components(
     tools.set_windows(contexts.clone());
     components.register(contexts)?;
     components.register(Arc::new(bbx_goal::Goals::new(&config.goals, &config.tools.llm)))?;
+    components.register(Arc::new(bbx_snapshot::Snapshots::new(
+        &config.snapshots,
+        &config.data_dir,
+        &config.data_dir.join(JOURNAL_DIR),
+    )))?;
     Ok(components)
 }
 

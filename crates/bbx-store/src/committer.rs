@@ -4,7 +4,7 @@
 use crate::group::{Caches, GroupTx};
 use crate::{Applied, JournalWriter, Keyspaces, Staged, StoreMetrics, StoreOptions, redo, storage_error};
 use bbx_core::{Error, Result};
-use fjall::{Database, PersistMode, Snapshot};
+use fjall::{Database, PersistMode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ pub(crate) struct Committer {
     keyspaces: Keyspaces,
     failed: Arc<AtomicBool>,
     metrics: StoreMetrics,
-    durable: Arc<parking_lot::RwLock<Arc<Snapshot>>>,
+    durable: crate::DurableView,
     max_batch: usize,
     journal: JournalWriter,
     max_record: usize,
@@ -52,7 +52,7 @@ impl Committer {
         keyspaces: Keyspaces,
         failed: Arc<AtomicBool>,
         metrics: StoreMetrics,
-        durable: Arc<parking_lot::RwLock<Arc<Snapshot>>>,
+        durable: crate::DurableView,
         journal: JournalWriter,
         options: &StoreOptions,
     ) -> Result<Self> {
@@ -168,7 +168,13 @@ impl Committer {
         if durable.is_ok() && wrote {
             // Publish before answering: a writer that got its acknowledgement reads
             // its own write.
-            *self.durable.write() = Arc::new(self.db.snapshot());
+            let position = durable
+                .as_ref()
+                .ok()
+                .and_then(|lsns| lsns.last())
+                .map_or(0, |lsn| lsn + 1);
+            let mut view = self.durable.write();
+            *view = (Arc::new(self.db.snapshot()), position.max(view.1));
             self.metrics.syncs.inc();
             self.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.group_size.observe(writes as f64);
@@ -199,7 +205,10 @@ impl Committer {
         tx: &GroupTx,
         max_record: usize,
     ) -> Result<Vec<bbx_journal::Lsn>> {
-        let records = redo::encode(tx.writes(), max_record / 2, max_record)?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros() as u64);
+        let records = redo::encode(tx.writes(), stamp, max_record / 2, max_record)?;
         let logged = journal.append_blocking(records);
         let lsns = logged.inspect_err(|e| {
             tracing::error!(error = %e, "journaling a store write failed; refusing further writes");

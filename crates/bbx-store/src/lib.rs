@@ -245,7 +245,14 @@ pub struct StoreOptions {
     /// The committer thread's nice value where it is above the process's own (0
     /// leaves it as the process has it; see [`sched`]).
     pub committer_nice: i32,
+    /// The lsn the journal gives its next record, as it opened: the position of
+    /// the store's first view ([`Store::view_at`]).
+    pub next_lsn: bbx_journal::Lsn,
 }
+
+/// The view readers use and its journal position, replaced by the committer
+/// after each group.
+type DurableView = Arc<parking_lot::RwLock<(Arc<Snapshot>, bbx_journal::Lsn)>>;
 
 pub struct Store {
     db: Database,
@@ -255,7 +262,7 @@ pub struct Store {
     failed: Arc<AtomicBool>,
     metrics: StoreMetrics,
     /// The snapshot readers use, replaced by the committer after each group.
-    durable: Arc<parking_lot::RwLock<Arc<Snapshot>>>,
+    durable: DurableView,
     journal: JournalWriter,
     /// The committer thread, whose nice value `wal_status` reads live.
     committer_thread: rustix::process::Pid,
@@ -298,7 +305,7 @@ impl Store {
         let (writer, requests) = mpsc::channel(options.commit_max_batch.max(1024));
         let failed = Arc::new(AtomicBool::new(false));
         let metrics = StoreMetrics::default();
-        let durable = Arc::new(parking_lot::RwLock::new(Arc::new(db.snapshot())));
+        let durable = Arc::new(parking_lot::RwLock::new((Arc::new(db.snapshot()), options.next_lsn)));
         let committer = Committer::new(
             db.clone(),
             keyspaces.clone(),
@@ -422,7 +429,15 @@ impl Store {
     /// becomes visible here only once it is durable, so nobody can read a value that
     /// a crash would then take back.
     pub fn view(&self) -> Arc<Snapshot> {
-        self.durable.read().clone()
+        self.durable.read().0.clone()
+    }
+
+    /// [`Store::view`] with its position in the journal: every store write not
+    /// in the view has an lsn at or above it (a point-in-time recovery replays
+    /// the journal's history from there onto what was read in this view).
+    pub fn view_at(&self) -> (Arc<Snapshot>, bbx_journal::Lsn) {
+        let view = self.durable.read();
+        (view.0.clone(), view.1)
     }
 
     /// A keyspace the store opened, for reads through [`Store::view`].

@@ -12,8 +12,11 @@
 //!
 //! A record opens with its own tag, which no ring entry starts with (a JSON entry
 //! starts with `{`, a compact one with 1): then whether it starts and whether it
-//! ends its group, then `(keyspace, key,
-//! value or removal)` triples. A group larger than one record is split into
+//! ends its group, and (in a group's first record) the time the group was
+//! committed, in microseconds since the Unix epoch, then `(keyspace, key,
+//! value or removal)` triples. The time is what a point-in-time recovery
+//! replays history up to ([`history`]); records written before it existed
+//! have none. A group larger than one record is split into
 //! consecutive records; only a group whose records are all there is replayed. A
 //! group can lack its end only because a crash tore it (a segment roll syncs the
 //! first part of a group early); it was never acknowledged nor applied, so it is
@@ -29,6 +32,8 @@ const HEADER: usize = 2;
 const FIRST: u8 = 2;
 /// The record ends its group.
 const LAST: u8 = 1;
+/// The record carries its group's commit time (8 bytes after the header).
+const STAMPED: u8 = 4;
 
 /// One staged write: keyspace index, key, and the new value (`None` removes it).
 pub(crate) type RedoWrite = (u8, Vec<u8>, Option<Vec<u8>>);
@@ -46,11 +51,13 @@ fn framed_len(key: &[u8], value: Option<&[u8]>) -> usize {
     1 + 4 + key.len() + 1 + value.map_or(0, |v| 4 + v.len())
 }
 
-/// Encodes a group's writes as records of about `part_bytes` each (a single write
-/// larger than that gets a record of its own). Fails, touching nothing, if a write
-/// could not fit in a record of `max_record` bytes.
+/// Encodes a group's writes, committed at `stamp` (microseconds since the Unix
+/// epoch), as records of about `part_bytes` each (a single write larger than
+/// that gets a record of its own). Fails, touching nothing, if a write could not
+/// fit in a record of `max_record` bytes.
 pub(crate) fn encode<'a>(
     writes: impl Iterator<Item = (u8, &'a [u8], Option<&'a [u8]>)> + Clone,
+    stamp: u64,
     part_bytes: usize,
     max_record: usize,
 ) -> Result<Vec<Vec<u8>>> {
@@ -64,16 +71,17 @@ pub(crate) fn encode<'a>(
         record
     };
     let mut records = Vec::new();
-    let mut current = record(FIRST, left);
+    let mut current = record(FIRST | STAMPED, left + 8);
+    current.extend_from_slice(&stamp.to_le_bytes());
     for (keyspace, key, value) in writes {
         let size = framed_len(key, value);
-        if HEADER + size > max_record || key.len() > u32::MAX as usize {
+        if HEADER + 8 + size > max_record || key.len() > u32::MAX as usize {
             return Err(Error::new(
                 bbx_core::ErrorCode::PayloadTooLarge,
                 format!("a stored value of {size} bytes does not fit in a journal segment"),
             ));
         }
-        if current.len() > HEADER && current.len() + size > part_bytes {
+        if current.len() > body_start(&current) && current.len() + size > part_bytes {
             records.push(std::mem::replace(&mut current, record(0, left)));
         }
         left -= size;
@@ -110,21 +118,34 @@ fn take_len(bytes: &[u8], at: &mut usize) -> Result<usize> {
     Ok(u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize)
 }
 
+/// Where a record's writes start: after its header and its stamp, if any.
+fn body_start(record: &[u8]) -> usize {
+    if record[1] & STAMPED != 0 { HEADER + 8 } else { HEADER }
+}
+
 /// One decoded record.
 pub(crate) struct Part {
     pub writes: Vec<RedoWrite>,
     pub first: bool,
     pub last: bool,
+    pub stamp: Option<u64>,
 }
 
 /// Decodes one record.
 pub(crate) fn decode(payload: &[u8]) -> Result<Part> {
-    if payload.len() < HEADER || payload[0] != TAG || payload[1] & !(FIRST | LAST) != 0 {
+    if payload.len() < HEADER || payload[0] != TAG || payload[1] & !(FIRST | LAST | STAMPED) != 0 {
         return Err(Error::internal("a journal record is not a store redo record"));
     }
     let (first, last) = (payload[1] & FIRST != 0, payload[1] & LAST != 0);
-    let mut writes = Vec::new();
     let mut at = HEADER;
+    let stamp = if payload[1] & STAMPED != 0 {
+        Some(u64::from_le_bytes(
+            take(payload, &mut at, 8)?.try_into().expect("eight bytes"),
+        ))
+    } else {
+        None
+    };
+    let mut writes = Vec::new();
     while at < payload.len() {
         let keyspace = take(payload, &mut at, 1)?[0];
         let len = take_len(payload, &mut at)?;
@@ -139,28 +160,62 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Part> {
         };
         writes.push((keyspace, key, value));
     }
-    Ok(Part { writes, first, last })
+    Ok(Part {
+        writes,
+        first,
+        last,
+        stamp,
+    })
 }
 
 /// Collects whole groups from the journal's records, in order: each item is one
 /// group's writes. A group without its end (torn by a crash, wherever later records
 /// put it) is dropped: it was never acknowledged, nor applied to the store.
 pub(crate) fn groups<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Result<Vec<Vec<RedoWrite>>> {
+    Ok(stamped_groups(payloads.map(|payload| (0, payload)))?
+        .into_iter()
+        .map(|group| group.writes)
+        .collect())
+}
+
+/// One whole group of store writes, as the journal's history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedoGroup {
+    /// The lsn of its first record.
+    pub lsn: bbx_journal::Lsn,
+    /// When it was committed, in microseconds since the Unix epoch (none for a
+    /// group journaled before groups carried their time).
+    pub stamp: Option<u64>,
+    /// (keyspace id, key, new value or `None` for a removal), in order.
+    pub writes: Vec<(u8, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// The whole groups of store writes among journal records (ring entries and
+/// torn groups left out), in order: what a point-in-time recovery replays.
+pub fn history(records: &[bbx_journal::Record]) -> Result<Vec<RedoGroup>> {
+    stamped_groups(records.iter().map(|r| (r.lsn, r.payload.as_slice())))
+}
+
+fn stamped_groups<'a>(payloads: impl Iterator<Item = (bbx_journal::Lsn, &'a [u8])>) -> Result<Vec<RedoGroup>> {
     let mut groups = Vec::new();
-    let mut open: Option<Vec<RedoWrite>> = None;
-    for payload in payloads {
+    let mut open: Option<RedoGroup> = None;
+    for (lsn, payload) in payloads {
         if !is_redo(payload) {
             open = None;
             continue;
         }
         let part = decode(payload)?;
         if part.first {
-            open = Some(Vec::new());
+            open = Some(RedoGroup {
+                lsn,
+                stamp: part.stamp,
+                writes: Vec::new(),
+            });
         }
         // A continuation with no group open belongs to a torn group whose start
         // was dropped: it goes too.
         let Some(group) = open.as_mut() else { continue };
-        group.extend(part.writes);
+        group.writes.extend(part.writes);
         if part.last {
             groups.extend(open.take());
         }
@@ -172,6 +227,8 @@ pub(crate) fn groups<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> Result<Vec
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    const STAMP: u64 = 1_765_000_000_000_000;
 
     fn staged() -> impl Strategy<Value = RedoWrite> {
         (
@@ -186,6 +243,7 @@ mod tests {
             writes
                 .iter()
                 .map(|(k, key, value)| (*k, key.as_slice(), value.as_deref())),
+            STAMP,
             part_bytes,
             1 << 20,
         )
@@ -202,7 +260,7 @@ mod tests {
             let mut records = encode_all(&first, part_bytes);
             records.push(b"{\"entry\":\"accepted\"}".to_vec());
             records.extend(encode_all(&second, part_bytes));
-            prop_assert!(records.iter().all(|r| r.len() <= part_bytes.max(HEADER + 1 + 4 + 40 + 1 + 4 + 300)));
+            prop_assert!(records.iter().all(|r| r.len() <= part_bytes.max(HEADER + 8 + 1 + 4 + 40 + 1 + 4 + 300)));
             let replayed = groups(records.iter().map(Vec::as_slice)).unwrap();
             prop_assert_eq!(replayed, vec![first, second]);
         }
@@ -222,6 +280,38 @@ mod tests {
             payload.extend(bytes);
             let _ = decode(&payload);
         }
+    }
+
+    #[test]
+    fn history_gives_each_group_its_first_lsn_and_commit_time() {
+        let writes: Vec<RedoWrite> = (0..6)
+            .map(|i| (1, vec![i; 30], (i % 2 == 0).then(|| vec![i; 30])))
+            .collect();
+        let mut records: Vec<bbx_journal::Record> = Vec::new();
+        for (group, stamp) in [(&writes[..3], STAMP), (&writes[3..], STAMP + 7)] {
+            let encoded = encode(
+                group
+                    .iter()
+                    .map(|(k, key, value)| (*k, key.as_slice(), value.as_deref())),
+                stamp,
+                80,
+                1 << 20,
+            )
+            .unwrap();
+            for payload in encoded {
+                records.push(bbx_journal::Record {
+                    lsn: records.len() as u64 + 10,
+                    payload,
+                });
+            }
+        }
+        let groups = history(&records).unwrap();
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].lsn, groups[0].stamp), (10, Some(STAMP)));
+        assert_eq!(groups[1].stamp, Some(STAMP + 7));
+        assert!(groups[1].lsn > groups[0].lsn);
+        assert_eq!(groups[0].writes, writes[..3]);
+        assert_eq!(groups[1].writes, writes[3..]);
     }
 
     #[test]
@@ -246,7 +336,12 @@ mod tests {
     #[test]
     fn a_write_larger_than_a_segment_is_refused() {
         let big = vec![0u8; 5000];
-        let refused = encode([(1u8, b"k".as_slice(), Some(big.as_slice()))].into_iter(), 1024, 4096);
+        let refused = encode(
+            [(1u8, b"k".as_slice(), Some(big.as_slice()))].into_iter(),
+            STAMP,
+            1024,
+            4096,
+        );
         assert_eq!(refused.unwrap_err().code, bbx_core::ErrorCode::PayloadTooLarge);
     }
 }

@@ -58,6 +58,7 @@ impl Fixture {
             commit_max_batch: 256,
             max_record: bbx_journal::max_payload(config.journal_segment_bytes),
             committer_nice: config.committer_nice,
+            next_lsn: 0,
         };
         let store = Arc::new(Store::open(db, &keyspaces, journal.clone(), &recovery.records, options).unwrap());
         let mut components = bbx_component::Components::default();

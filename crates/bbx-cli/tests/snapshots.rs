@@ -1,0 +1,203 @@
+//! StateSnapshots against a real `bbx serve`, through the CLI's contract:
+//! snapshots list only when whole and write only what changed; restore, fork,
+//! diff and point-in-time recovery give back the values of their moment;
+//! bad input is one clear error; a chunk lost from one store of two is read
+//! from the other (Redis) and repaired.
+
+mod support;
+
+use serde_json::Value;
+use support::{Kernel, json};
+
+fn set(kernel: &Kernel, agent: &str, key: &str, value: &str) {
+    json(&kernel.cli(&["state", "set", agent, key, value, "--json"]));
+}
+
+fn get(kernel: &Kernel, agent: &str, key: &str) -> Value {
+    let out = kernel.cli(&["state", "get", agent, key, "--json"]);
+    if !out.status.success() {
+        return Value::Null;
+    }
+    json(&out)["value"].clone()
+}
+
+fn snapshot(kernel: &Kernel, agent: &str) -> Value {
+    let created = json(&kernel.cli(&["snapshot", "create", agent, "--json"]));
+    assert!(created["id"].is_string(), "{created}");
+    assert!(created["bytes_written"].is_u64(), "{created}");
+    created
+}
+
+#[test]
+fn restore_fork_diff_and_recovery_to_a_time_give_back_their_moment() {
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    set(&kernel, &agent, "k", "1");
+    set(&kernel, &agent, "doc", &format!("\"{}\"", "lorem ipsum ".repeat(8_000)));
+    let first = snapshot(&kernel, &agent);
+    let first_id = first["id"].as_str().unwrap();
+    assert!(first["bytes_written"].as_u64().unwrap() > 0);
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let between = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    set(&kernel, &agent, "k", "2");
+    set(&kernel, &agent, "new", "true");
+    let second = snapshot(&kernel, &agent);
+    let second_id = second["id"].as_str().unwrap();
+    // Incremental: the large value did not change, so it was not written again.
+    assert!(
+        second["bytes_written"].as_u64().unwrap() < first["bytes_written"].as_u64().unwrap(),
+        "{first} then {second}"
+    );
+
+    let listed = json(&kernel.cli(&["snapshot", "list", &agent, "--json"]));
+    let ids: Vec<&str> = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [first_id, second_id]);
+
+    let diff = json(&kernel.cli(&["snapshot", "diff", first_id, second_id, "--json"]));
+    assert_eq!(diff["changed"], serde_json::json!(["k"]), "{diff}");
+    assert_eq!(diff["added"], serde_json::json!(["new"]), "{diff}");
+
+    json(&kernel.cli(&["snapshot", "restore", &agent, first_id, "--json"]));
+    assert_eq!(get(&kernel, &agent, "k"), 1);
+    assert_eq!(
+        get(&kernel, &agent, "new"),
+        Value::Null,
+        "a key set after the snapshot is gone"
+    );
+    // A restored key's version moves on: a compare-and-swap on the old version fails.
+    set(&kernel, &agent, "k", "3");
+
+    let forked = json(&kernel.cli(&["snapshot", "fork", second_id, "--name", "what-if", "--json"]));
+    let fork = forked["id"].as_str().unwrap();
+    assert_ne!(fork, agent);
+    assert_eq!(get(&kernel, fork, "k"), 2);
+    assert_eq!(get(&kernel, fork, "new"), true);
+    assert_eq!(get(&kernel, &agent, "k"), 3, "the fork leaves the original alone");
+
+    // To a time between the two snapshots: k was 1, `new` did not exist.
+    json(&kernel.cli(&["snapshot", "pitr", &agent, "--at", &between.to_rfc3339(), "--json"]));
+    assert_eq!(get(&kernel, &agent, "k"), 1);
+    assert_eq!(get(&kernel, &agent, "new"), Value::Null);
+    // And to now-ish through the report's path: the latest values.
+    let now = chrono::Utc::now().to_rfc3339();
+    json(&kernel.cli(&["v2", "distributed-snapshots", "pitr", &now, "-a", &agent]));
+    assert_eq!(
+        get(&kernel, &agent, "k"),
+        1,
+        "the recovery before is part of the history too"
+    );
+
+    let verified = json(&kernel.cli(&["snapshot", "verify", first_id, "--json"]));
+    assert_eq!(verified["ok"], true);
+    json(&kernel.cli(&["snapshot", "delete", first_id, "--json"]));
+    let listed = json(&kernel.cli(&["snapshot", "list", &agent, "--json"]));
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_input_is_one_clear_error_and_changes_nothing() {
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    set(&kernel, &agent, "k", "1");
+    let id = snapshot(&kernel, &agent)["id"].as_str().unwrap().to_owned();
+    kernel.refused(
+        &["snapshot", "restore", &agent, "0190a1b2-0000-7000-8000-000000000000"],
+        "not_found",
+    );
+    kernel.refused(&["snapshot", "restore", &agent, "not-a-uuid"], "snapshot");
+    kernel.refused(
+        &["snapshot", "pitr", &agent, "--at", "2001-01-01T00:00:00Z"],
+        "outside the point-in-time recovery window",
+    );
+    kernel.refused(&["snapshot", "pitr", &agent, "--at", "yesterday"], "at");
+    kernel.refused(
+        &["snapshot", "diff", &id, "0190a1b2-0000-7000-8000-000000000000"],
+        "not_found",
+    );
+
+    // Another tenant's snapshot is not there for it.
+    let key = json(&kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "them",
+        "--tenant",
+        "other",
+        "--role",
+        "operator",
+        "--json",
+    ]));
+    let other_key = key["key"].as_str().unwrap().to_owned();
+    let as_other = |args: &[&str]| {
+        let mut all = vec!["--api-key", other_key.as_str()];
+        all.extend_from_slice(args);
+        kernel.cli(&all)
+    };
+    let other_agent = json(&as_other(&["agent", "create", "theirs", "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = as_other(&["snapshot", "restore", &other_agent, &id]);
+    assert!(support::stderr(&out).contains("not_found"), "{}", support::stderr(&out));
+    let out = as_other(&["snapshot", "list", &agent]);
+    assert!(!out.status.success());
+    // Submitted as a raw op, the snapshot of another tenant is refused too.
+    let args = format!(r#"{{"snapshot":"{id}"}}"#);
+    let raw = as_other(&[
+        "ring",
+        "submit",
+        &other_agent,
+        "snapshot.restore",
+        &args,
+        "--wait",
+        "--json",
+    ]);
+    let said = format!("{}{}", support::stdout(&raw), support::stderr(&raw));
+    assert!(said.contains("permission_denied"), "{said}");
+    assert_eq!(get(&kernel, &agent, "k"), 1);
+}
+
+#[test]
+fn a_chunk_lost_from_one_store_is_read_from_the_other_and_repaired() {
+    if redis_down() {
+        return support::cannot_check("no Redis on 127.0.0.1:6379");
+    }
+    let local = tempfile::tempdir().unwrap();
+    let prefix = format!("bbx-test-{}", uuid::Uuid::new_v4().simple());
+    let (kernel, _config) = Kernel::with_config(&format!(
+        "[snapshots]\nwrite_quorum = 2\n[[snapshots.stores]]\nkind = \"local\"\npath = \"{}\"\n[[snapshots.stores]]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nprefix = \"{prefix}\"\n",
+        local.path().display()
+    ));
+    let agent = kernel.new_agent();
+    set(&kernel, &agent, "k", "\"replicated\"");
+    let created = snapshot(&kernel, &agent);
+    assert_eq!(created["stores"], 2, "{created}");
+    let replicas = json(&kernel.cli(&["snapshot", "list-replicas", "--json"]));
+    assert_eq!(replicas["replicas"].as_array().unwrap().len(), 2, "{replicas}");
+
+    // Lose every pack of the local store.
+    for pack in std::fs::read_dir(local.path().join("packs")).unwrap() {
+        std::fs::remove_file(pack.unwrap().path()).unwrap();
+    }
+    let id = created["id"].as_str().unwrap();
+    json(&kernel.cli(&["snapshot", "verify", id, "--json"]));
+    let repaired = std::fs::read_dir(local.path().join("packs")).unwrap().count();
+    assert!(repaired > 0, "the local store got its chunks back");
+    set(&kernel, &agent, "k", "\"later\"");
+    json(&kernel.cli(&["snapshot", "restore", &agent, id, "--json"]));
+    assert_eq!(get(&kernel, &agent, "k"), "replicated");
+}
+
+fn redis_down() -> bool {
+    std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:6379".parse().unwrap(),
+        std::time::Duration::from_millis(500),
+    )
+    .is_err()
+}

@@ -1,0 +1,238 @@
+//! Taking a snapshot, and reading one back as what a restore imports.
+
+use crate::catalog::Summary;
+use crate::manifest::{self, FILES, Manifest, PartRef};
+use crate::pitr::{self, Parts};
+use crate::repo::{Repository, manifest_name};
+use crate::writer::{self, PartData};
+use crate::{Snapshots, files};
+use bbx_component::{AgentData, Exported};
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// An agent's data as a restore puts it back.
+pub struct Restorable {
+    pub data: AgentData,
+    /// The workspace's files, if the snapshot holds them.
+    pub files: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Snapshots {
+    /// Takes a snapshot of the agent (writes its chunks and manifest to a
+    /// quorum of stores) and answers what the catalog will list.
+    pub(crate) async fn build(&self, agent: AgentId, id: Uuid, trigger: &str) -> Result<Summary> {
+        let ctx = self.context()?;
+        let host = ctx.agents.clone();
+        let repo = self.repo().await?;
+        let record = host.agent(&agent)?;
+        let created_at = Utc::now();
+        let (view, position) = ctx.store.view_at();
+        let workspace = host.workspace(&agent)?;
+        let data = {
+            let host = host.clone();
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let data = host.export(&view, &agent)?;
+                let files = files::capture(&workspace)?;
+                Ok((data, files))
+            })
+            .await
+            .map_err(|e| Error::internal(format!("reading the agent for a snapshot failed: {e}")))??
+        };
+        let (data, files) = data;
+        let mut parts: Vec<PartData> = data
+            .parts
+            .into_iter()
+            .map(|(name, records)| {
+                let mut records: Vec<(Vec<u8>, Vec<u8>)> = records.into_iter().map(|r| (r.key, r.value)).collect();
+                records.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                PartData { name, records }
+            })
+            .collect();
+        parts.push(PartData {
+            name: FILES.to_owned(),
+            records: files,
+        });
+        let written = writer::write_parts(&repo, parts, self.chunk_settings()).await?;
+        let mut manifest = Manifest {
+            format: manifest::FORMAT,
+            id,
+            agent,
+            tenant: record.tenant.clone(),
+            created_at,
+            position,
+            trigger: trigger.to_owned(),
+            agent_record: serde_json::to_value(&record).map_err(|e| Error::internal(e.to_string()))?,
+            quota: host.quota_limits(&agent),
+            parts: written.parts,
+            stats: written.stats,
+        };
+        let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::internal(e.to_string()))?;
+        manifest.stats.bytes_written += bytes.len() as u64;
+        let stored = repo
+            .put_everywhere(&written.stores, &manifest_name(&id), bytes.into())
+            .await?;
+        Ok(Summary {
+            id,
+            agent,
+            tenant: record.tenant,
+            created_at,
+            position,
+            trigger: manifest.trigger,
+            bytes: manifest.stats.bytes,
+            bytes_written: manifest.stats.bytes_written,
+            chunks: manifest.stats.chunks,
+            new_chunks: manifest.stats.new_chunks,
+            parts: manifest.parts.iter().map(|p| (p.name.clone(), p.records)).collect(),
+            stores: stored.len(),
+        })
+    }
+
+    /// A snapshot's manifest, from the first store that has it whole.
+    pub(crate) async fn manifest(&self, id: &Uuid) -> Result<Manifest> {
+        let repo = self.repo().await?;
+        let bytes = repo
+            .get(&manifest_name(id))
+            .await?
+            .ok_or_else(|| crate::chunk::corrupt(&format!("snapshot {id} has no manifest in any store")))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| crate::chunk::corrupt(&format!("the manifest of snapshot {id} does not parse: {e}")))?;
+        if manifest.id != *id || manifest.format != manifest::FORMAT {
+            return Err(crate::chunk::corrupt(&format!(
+                "the manifest of snapshot {id} is not its own"
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// Every part's records, by part name.
+    pub(crate) async fn read_parts(&self, manifest: &Manifest) -> Result<Parts> {
+        let repo = self.repo().await?;
+        let mut parts = Parts::new();
+        for part in &manifest.parts {
+            parts.insert(part.name.clone(), read(&repo, part).await?.into_iter().collect());
+        }
+        Ok(parts)
+    }
+
+    /// What restoring snapshot `id` into `agent` of `tenant` puts back.
+    pub(crate) async fn restorable(&self, id: &Uuid, agent: AgentId, tenant: &str) -> Result<Restorable> {
+        let manifest = self.manifest(id).await?;
+        check_tenant(&manifest, tenant)?;
+        let parts = self.read_parts(&manifest).await?;
+        Ok(self.as_restorable(agent, parts))
+    }
+
+    /// What the agent held at `at`: the latest snapshot before it, or nothing
+    /// for an agent younger than the journal's history, with the history
+    /// replayed onto it up to `at`.
+    pub(crate) async fn at_time(&self, agent: AgentId, at: DateTime<Utc>) -> Result<Restorable> {
+        let ctx = self.context()?;
+        let now = Utc::now();
+        let window = chrono::Duration::seconds(self.config.pitr_window_secs as i64);
+        if self.config.pitr_window_secs == 0 {
+            return Err(Error::new(
+                ErrorCode::FailedPrecondition,
+                "point-in-time recovery is off (snapshots.pitr_window_secs = 0)",
+            ));
+        }
+        if at > now || at < now - window {
+            return Err(Error::invalid_field(
+                "at",
+                format!(
+                    "{} is outside the point-in-time recovery window: {} to {} ({} s, snapshots.pitr_window_secs)",
+                    at.to_rfc3339(),
+                    (now - window).to_rfc3339(),
+                    now.to_rfc3339(),
+                    self.config.pitr_window_secs
+                ),
+            ));
+        }
+        let base = crate::catalog::list(&ctx.store, &agent)?
+            .into_iter()
+            .filter(|s| s.created_at <= at)
+            .max_by_key(|s| s.created_at);
+        let journal = self.journal_dir.clone();
+        let from = base.as_ref().map_or(0, |s| s.position);
+        let records = tokio::task::spawn_blocking(move || bbx_journal::read_history(&journal, from))
+            .await
+            .map_err(|e| Error::internal(format!("reading the journal's history failed: {e}")))?
+            .map_err(|e| Error::internal(format!("reading the journal's history failed: {e}")))?;
+        let first = records.first().map(|r| r.lsn);
+        let history = bbx_store::redo::history(&records)?;
+        let (mut parts, position) = match base {
+            Some(snapshot) => {
+                if first.is_some_and(|first| first > snapshot.position) {
+                    return Err(Error::new(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "the journal no longer holds the history after snapshot {} (journal_history_bytes reached?); recover to that snapshot instead",
+                            snapshot.id
+                        ),
+                    ));
+                }
+                let manifest = self.manifest(&snapshot.id).await?;
+                (self.read_parts(&manifest).await?, snapshot.position)
+            }
+            None => {
+                let created = ctx.agents.agent(&agent)?.created_at;
+                let oldest = history.iter().find_map(|g| g.stamp).map(pitr::stamp_time);
+                if at < created {
+                    return Err(Error::invalid_field(
+                        "at",
+                        format!("agent {agent} did not exist at {}", at.to_rfc3339()),
+                    ));
+                }
+                if oldest.is_none_or(|oldest| oldest > created) {
+                    return Err(Error::new(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "agent {agent} has no snapshot before {} and is older than the journal's history; take snapshots to recover it to a time",
+                            at.to_rfc3339()
+                        ),
+                    ));
+                }
+                (Parts::new(), 0)
+            }
+        };
+        pitr::replay(ctx.agents.as_ref(), &agent, &mut parts, &history, position, at)?;
+        Ok(self.as_restorable(agent, parts))
+    }
+
+    /// The parts as an import: every component gets its part, empty if the
+    /// snapshot has none (its data then goes, as it was not there).
+    fn as_restorable(&self, agent: AgentId, mut parts: Parts) -> Restorable {
+        let files = parts.remove(FILES).map(|records| records.into_iter().collect());
+        let names = self.context().map(|ctx| ctx.agents.parts()).unwrap_or_default();
+        let named = names
+            .into_iter()
+            .map(|name| {
+                let records = parts.remove(name).unwrap_or_default();
+                let records = records
+                    .into_iter()
+                    .map(|(key, value)| Exported { key, value })
+                    .collect();
+                (name.to_owned(), records)
+            })
+            .collect();
+        Restorable {
+            data: AgentData { agent, parts: named },
+            files,
+        }
+    }
+}
+
+fn check_tenant(manifest: &Manifest, tenant: &str) -> Result<()> {
+    if manifest.tenant != tenant {
+        return Err(Error::permission_denied(format!(
+            "snapshot {} belongs to another tenant: a snapshot is restored only into an agent of its own tenant",
+            manifest.id
+        )));
+    }
+    Ok(())
+}
+
+async fn read(repo: &Arc<Repository>, part: &PartRef) -> Result<manifest::Records> {
+    writer::read_part(repo, part).await
+}

@@ -1,0 +1,207 @@
+//! The snapshot writer: turns an agent's parts into chunks on a blocking
+//! thread (cut, hashed, compressed once, added to a pack per store that lacks
+//! the chunk), while an async task uploads each sealed pack. The channel
+//! between them holds two packs, so a snapshot of any size holds a bounded
+//! number of packs in memory and uploads while it chunks.
+
+use crate::chunk::{self, ChunkId, ChunkRef, Chunker};
+use crate::manifest::{PartRef, Stats, encode_record};
+use crate::pack::{PackBuilder, SealedPack};
+use crate::repo::{ChunkIndex, Repository};
+use bbx_core::{Error, Result};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Packs waiting to be uploaded, at most.
+const QUEUED_PACKS: usize = 2;
+
+/// How chunks are cut and compressed.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkSettings {
+    pub avg_bytes: u32,
+    pub zstd_level: i32,
+}
+
+/// One part to write: its name and its records, in key order.
+pub struct PartData {
+    pub name: String,
+    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What was written: each part's reference, the stats, and the stores that
+/// hold every chunk the parts need.
+pub struct Written {
+    pub parts: Vec<PartRef>,
+    pub stats: Stats,
+    pub stores: Vec<usize>,
+}
+
+/// Writes the parts' chunks to every readable store that lacks them.
+pub async fn write_parts(repo: &Arc<Repository>, parts: Vec<PartData>, settings: ChunkSettings) -> Result<Written> {
+    let indexes = repo.indexes().await;
+    let targets: Vec<usize> = (0..indexes.len()).filter(|&i| indexes[i].is_some()).collect();
+    repo.check_quorum(targets.len(), &["the other stores cannot be read".to_owned()])?;
+    let (packs, mut sealed) = tokio::sync::mpsc::channel::<(usize, SealedPack)>(QUEUED_PACKS);
+    let known: Vec<Arc<ChunkIndex>> = targets
+        .iter()
+        .map(|&i| indexes[i].clone().expect("targets are readable"))
+        .collect();
+    let chunking = tokio::task::spawn_blocking({
+        let targets = targets.clone();
+        move || {
+            let mut writer = PartWriter {
+                settings,
+                builders: targets.iter().map(|_| PackBuilder::default()).collect(),
+                targets,
+                known,
+                added: HashSet::new(),
+                packs,
+                stats: Stats::default(),
+            };
+            let mut refs = Vec::with_capacity(parts.len());
+            for part in parts {
+                refs.push(writer.part(part)?);
+            }
+            writer.flush_all()?;
+            Ok::<_, Error>((refs, writer.stats))
+        }
+    });
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    let mut written_bytes = vec![0u64; repo.replicas.len()];
+    while let Some((replica, pack)) = sealed.recv().await {
+        if failed.iter().any(|(f, _)| *f == replica) {
+            continue;
+        }
+        match repo.put_pack(replica, &pack).await {
+            Ok(()) => written_bytes[replica] += pack.bytes.len() as u64,
+            Err(e) => failed.push((replica, e.to_string())),
+        }
+    }
+    let (parts, mut stats) = chunking
+        .await
+        .map_err(|e| Error::internal(format!("the snapshot writer failed: {e}")))??;
+    let stores: Vec<usize> = targets
+        .into_iter()
+        .filter(|t| !failed.iter().any(|(f, _)| f == t))
+        .collect();
+    let failures: Vec<String> = failed.into_iter().map(|(_, e)| e).collect();
+    repo.check_quorum(stores.len(), &failures)?;
+    stats.bytes_written = stores.iter().map(|&s| written_bytes[s]).max().unwrap_or(0);
+    Ok(Written { parts, stats, stores })
+}
+
+struct PartWriter {
+    settings: ChunkSettings,
+    /// Stores being written to, and what each held before.
+    targets: Vec<usize>,
+    known: Vec<Arc<ChunkIndex>>,
+    builders: Vec<PackBuilder>,
+    /// Chunks this snapshot already added.
+    added: HashSet<ChunkId>,
+    packs: tokio::sync::mpsc::Sender<(usize, SealedPack)>,
+    stats: Stats,
+}
+
+impl PartWriter {
+    fn part(&mut self, part: PartData) -> Result<PartRef> {
+        let mut data = Vec::new();
+        let mut bytes = 0u64;
+        let mut chunker = Chunker::new(self.settings.avg_bytes);
+        let mut record = Vec::new();
+        for (key, value) in &part.records {
+            record.clear();
+            encode_record(key, value, &mut record);
+            bytes += record.len() as u64;
+            chunker.push(&record, &mut |raw: &[u8]| {
+                data.push(self.chunk(raw)?);
+                Ok(())
+            })?;
+        }
+        chunker.finish(&mut |raw: &[u8]| {
+            data.push(self.chunk(raw)?);
+            Ok(())
+        })?;
+        let mut list_bytes = Vec::with_capacity(data.len() * chunk::REF_BYTES);
+        data.iter().for_each(|reference| reference.encode(&mut list_bytes));
+        // A list's chunks are smaller: an edit then rewrites less of it.
+        let mut list = Vec::new();
+        let mut chunker = Chunker::new((self.settings.avg_bytes / 4).max(1024));
+        chunker.push(&list_bytes, &mut |raw: &[u8]| {
+            list.push(self.chunk(raw)?);
+            Ok(())
+        })?;
+        chunker.finish(&mut |raw: &[u8]| {
+            list.push(self.chunk(raw)?);
+            Ok(())
+        })?;
+        self.stats.bytes += bytes;
+        Ok(PartRef {
+            name: part.name,
+            records: part.records.len() as u64,
+            bytes,
+            list,
+        })
+    }
+
+    fn chunk(&mut self, raw: &[u8]) -> Result<ChunkRef> {
+        let reference = ChunkRef {
+            id: ChunkId::of(raw),
+            len: raw.len() as u32,
+        };
+        self.stats.chunks += 1;
+        if !self.added.insert(reference.id) {
+            return Ok(reference);
+        }
+        let lacking: Vec<usize> = (0..self.targets.len())
+            .filter(|&t| !self.known[t].contains_key(&reference.id))
+            .collect();
+        if lacking.is_empty() {
+            return Ok(reference);
+        }
+        let stored = chunk::compress(raw, self.settings.zstd_level)?;
+        self.stats.new_chunks += 1;
+        for t in lacking {
+            self.builders[t].add(reference, &stored);
+            if self.builders[t].is_full() {
+                self.send(t)?;
+            }
+        }
+        Ok(reference)
+    }
+
+    fn send(&mut self, t: usize) -> Result<()> {
+        let sealed = std::mem::take(&mut self.builders[t]).seal();
+        self.packs
+            .blocking_send((self.targets[t], sealed))
+            .map_err(|_| Error::internal("the snapshot uploader stopped"))
+    }
+
+    fn flush_all(&mut self) -> Result<()> {
+        for t in 0..self.targets.len() {
+            if !self.builders[t].is_empty() {
+                self.send(t)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a part's records back from the repository.
+pub async fn read_part(repo: &Repository, part: &PartRef) -> Result<crate::manifest::Records> {
+    let list: Vec<u8> = repo.read_chunks(&part.list).await?.concat();
+    let refs = ChunkRef::decode_list(&list)?;
+    let mut stream = Vec::with_capacity(part.bytes as usize);
+    // In slices, so a large part is not read in one go.
+    for slice in refs.chunks(4096) {
+        for raw in repo.read_chunks(slice).await? {
+            stream.extend_from_slice(&raw);
+        }
+    }
+    if stream.len() as u64 != part.bytes {
+        return Err(chunk::corrupt(&format!(
+            "part {} is not as long as its manifest says",
+            part.name
+        )));
+    }
+    crate::manifest::decode_records(&stream)
+}
