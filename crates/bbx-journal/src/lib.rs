@@ -116,8 +116,18 @@ pub fn max_payload(segment_bytes: u64) -> usize {
 /// be appending to: a torn tail is where it stops). Corruption in the middle is
 /// an error, as at recovery.
 pub fn read_history(dir: &Path, from: Lsn) -> Result<Vec<Record>> {
-    let segments = list_segments(dir)?;
     let mut records = Vec::new();
+    each_in_history(dir, from, |record| {
+        records.push(record);
+        Ok(true)
+    })?;
+    Ok(records)
+}
+
+/// [`read_history`] one record at a time, a segment in memory at a time:
+/// `each` answers whether to go on.
+pub fn each_in_history(dir: &Path, from: Lsn, mut each: impl FnMut(Record) -> Result<bool>) -> Result<()> {
+    let segments = list_segments(dir)?;
     for (segment, next_first) in segments.iter().zip(next_firsts(&segments)) {
         if next_first.is_some_and(|next| next <= from) {
             continue;
@@ -132,14 +142,13 @@ pub fn read_history(dir: &Path, from: Lsn) -> Result<Vec<Record>> {
                 reason: problem.reason,
             });
         }
-        records.extend(
-            scan.records
-                .into_iter()
-                .filter(|(lsn, _)| *lsn >= from)
-                .map(|(lsn, payload)| Record { lsn, payload }),
-        );
+        for (lsn, payload) in scan.records.into_iter().filter(|(lsn, _)| *lsn >= from) {
+            if !each(Record { lsn, payload })? {
+                return Ok(());
+            }
+        }
     }
-    Ok(records)
+    Ok(())
 }
 
 /// For each segment, the first lsn of the one after it (none for the last).
@@ -187,6 +196,12 @@ pub struct JournalStatus {
     pub synced_lsn: Lsn,
     /// Records below this lsn are no longer needed.
     pub checkpoint_lsn: Lsn,
+    /// Segments wholly behind the checkpoint, kept as history
+    /// ([`JournalOptions::history`]), and their bytes.
+    pub history_segments: usize,
+    pub history_bytes: u64,
+    /// How long history is kept, in seconds.
+    pub history_secs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -411,12 +426,7 @@ impl Journal {
     /// last written longer ago than [`JournalOptions::history`], or past
     /// [`JournalOptions::history_bytes`], oldest first. Returns how many.
     pub fn prune_history(&mut self, now: std::time::SystemTime) -> Result<usize> {
-        // A segment is done when the next one starts at or below the checkpoint.
-        let done = self
-            .segments
-            .windows(2)
-            .take_while(|pair| pair[1].first_lsn <= self.checkpoint_lsn)
-            .count();
+        let done = self.done_segments();
         let mut kept_bytes: u64 = self.segments[..done].iter().map(|s| s.bytes).sum();
         let mut expired = 0;
         for segment in &self.segments[..done] {
@@ -450,13 +460,26 @@ impl Journal {
         max_payload(self.options.segment_bytes)
     }
 
+    /// Segments behind the checkpoint: a segment is done when the next one
+    /// starts at or below it.
+    fn done_segments(&self) -> usize {
+        self.segments
+            .windows(2)
+            .take_while(|pair| pair[1].first_lsn <= self.checkpoint_lsn)
+            .count()
+    }
+
     pub fn status(&self) -> JournalStatus {
+        let done = self.done_segments();
         JournalStatus {
             segments: self.segments.len(),
             bytes: self.segments.iter().map(|s| s.bytes).sum::<u64>() + self.buffer.len() as u64,
             next_lsn: self.next_lsn,
             synced_lsn: self.synced_lsn,
             checkpoint_lsn: self.checkpoint_lsn,
+            history_segments: done,
+            history_bytes: self.segments[..done].iter().map(|s| s.bytes).sum(),
+            history_secs: self.options.history.as_secs(),
         }
     }
 }

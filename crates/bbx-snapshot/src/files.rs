@@ -5,51 +5,73 @@
 //! Symbolic links and special files are left out: a workspace's tools make
 //! regular files, and a link restored could point anywhere.
 //!
-//! A restore writes the files into a directory beside the workspace, then
-//! swaps the two with renames, so the workspace is never half-restored.
+//! A restore writes the files into a directory beside the workspace (only
+//! the kernel's until it is complete), then swaps the two with renames, so
+//! the workspace is never half-restored.
 
 use bbx_core::{Error, Result};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use rustix::fs::{Mode, OFlags};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
     Error::internal(format!("{what} {}: {e}", path.display()))
 }
 
-/// Every directory and regular file under `root`, in path order.
+/// Every directory and regular file under `root`, in path order. Each entry
+/// is opened relative to its directory without following links, and checked
+/// as opened: a tool that swaps a file for a link while this runs gets the
+/// link left out, never what it points to. An entry that vanishes meanwhile
+/// is left out too.
 pub fn capture(root: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = match rustix::fs::open(root, flags, Mode::empty()) {
+        Ok(dir) => dir,
+        Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(io("cannot open the workspace", root, e)),
+    };
     let mut records = Vec::new();
-    walk(root, root, &mut records)?;
+    walk(root, &dir, &[], &mut records)?;
     records.sort();
     Ok(records)
 }
 
-fn walk(root: &Path, dir: &Path, records: &mut Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == root => return Ok(()),
-        Err(e) => return Err(io("cannot read the workspace directory", dir, e)),
-    };
+fn walk(root: &Path, dir: &OwnedFd, prefix: &[u8], records: &mut Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    let entries = rustix::fs::Dir::read_from(dir).map_err(|e| io("cannot read the workspace", root, e))?;
     for entry in entries {
-        let entry = entry.map_err(|e| io("cannot read the workspace directory", dir, e))?;
-        let path = entry.path();
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| io("cannot read", &path, e))?;
-        let relative = path
-            .strip_prefix(root)
-            .expect("walked under the root")
-            .as_os_str()
-            .as_encoded_bytes()
-            .to_vec();
-        let mode = meta.permissions().mode().to_le_bytes().to_vec();
-        if meta.is_dir() {
-            let mut key = relative;
-            key.push(b'/');
-            records.push((key, mode));
-            walk(root, &path, records)?;
-        } else if meta.is_file() {
-            let mut value = mode;
-            value.extend(std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?);
-            records.push((relative, value));
+        let entry = entry.map_err(|e| io("cannot read the workspace", root, e))?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        // Non-blocking: a FIFO opens without waiting for a writer (and is then left out).
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // Gone since it was listed, or a link.
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => continue,
+            Err(e) => return Err(io("cannot open an entry of the workspace", root, e)),
+        };
+        let stat = rustix::fs::fstat(&fd).map_err(|e| io("cannot read an entry of the workspace", root, e))?;
+        let mut relative = prefix.to_vec();
+        relative.extend_from_slice(name);
+        let mode = (stat.st_mode & 0o7777).to_le_bytes().to_vec();
+        match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+            rustix::fs::FileType::Directory => {
+                relative.push(b'/');
+                records.push((relative.clone(), mode));
+                walk(root, &fd, &relative, records)?;
+            }
+            rustix::fs::FileType::RegularFile => {
+                let mut value = mode;
+                std::fs::File::from(fd)
+                    .read_to_end(&mut value)
+                    .map_err(|e| io("cannot read a file of the workspace", root, e))?;
+                records.push((relative, value));
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -64,26 +86,25 @@ pub fn staging_dir(workspace: &Path, tag: &str) -> PathBuf {
     workspace.with_file_name(format!(".{name}.restore-{tag}"))
 }
 
-/// Writes `records` into `staging` (made anew), owned as `workspace` is.
+/// Writes `records` into `staging` (made anew), then gives it the owner and
+/// mode `workspace` has. Until then only the kernel may enter it (0700), so
+/// nothing the agent runs can plant a link in it to be written through.
 pub fn stage(workspace: &Path, staging: &Path, records: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
     if staging.exists() {
         std::fs::remove_dir_all(staging).map_err(|e| io("cannot clear", staging, e))?;
     }
-    std::fs::create_dir_all(staging).map_err(|e| io("cannot make", staging, e))?;
-    let owner = std::fs::metadata(workspace).ok().map(|m| (m.uid(), m.gid()));
-    let owned = |path: &Path| -> Result<()> {
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| io("cannot chown", path, e))?;
-        }
-        Ok(())
-    };
-    owned(staging)?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staging)
+        .map_err(|e| io("cannot make", staging, e))?;
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
     for (key, value) in records {
         let (is_dir, relative) = match key.strip_suffix(b"/") {
             Some(dir) => (true, dir),
             None => (false, key.as_slice()),
         };
-        let relative = Path::new(unsafe_free_os_str(relative)?);
+        let relative = Path::new(checked_os_str(relative)?);
         if relative
             .components()
             .any(|c| !matches!(c, std::path::Component::Normal(_)))
@@ -99,20 +120,42 @@ pub fn stage(workspace: &Path, staging: &Path, records: &[(Vec<u8>, Vec<u8>)]) -
         let path = staging.join(relative);
         if is_dir {
             std::fs::create_dir_all(&path).map_err(|e| io("cannot make", &path, e))?;
+            dirs.push((path, mode));
         } else {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| io("cannot make", parent, e))?;
             }
-            std::fs::write(&path, &value[4..]).map_err(|e| io("cannot write", &path, e))?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+                .open(&path)
+                .map_err(|e| io("cannot write", &path, e))?;
+            file.write_all(&value[4..]).map_err(|e| io("cannot write", &path, e))?;
+            files.push((path, mode));
+        }
+    }
+    let owner = std::fs::metadata(workspace).ok();
+    // Files first, then directories deepest first: a read-only directory gets
+    // its mode once nothing more is written into it.
+    dirs.sort_by_key(|(path, _)| std::cmp::Reverse(path.components().count()));
+    let workspace_mode = owner.as_ref().map_or(0o700, |m| m.mode() & 0o7777);
+    let everything = files
+        .into_iter()
+        .chain(dirs)
+        .chain([(staging.to_owned(), workspace_mode)]);
+    for (path, mode) in everything {
+        if let Some(meta) = &owner {
+            std::os::unix::fs::lchown(&path, Some(meta.uid()), Some(meta.gid()))
+                .map_err(|e| io("cannot chown", &path, e))?;
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| io("cannot set the mode of", &path, e))?;
-        owned(&path)?;
     }
     Ok(())
 }
 
-fn unsafe_free_os_str(bytes: &[u8]) -> Result<&std::ffi::OsStr> {
+fn checked_os_str(bytes: &[u8]) -> Result<&std::ffi::OsStr> {
     use std::os::unix::ffi::OsStrExt;
     if bytes.is_empty() || bytes.contains(&0) {
         return Err(crate::chunk::corrupt(
@@ -122,21 +165,34 @@ fn unsafe_free_os_str(bytes: &[u8]) -> Result<&std::ffi::OsStr> {
     Ok(std::ffi::OsStr::from_bytes(bytes))
 }
 
-/// Puts the staged files in the workspace's place (two renames); the old
-/// files are removed after.
+/// Puts the staged files in the workspace's place: the workspace is moved
+/// aside and the staged files moved in (moved back if that fails); the old
+/// files are removed after, off the caller's thread.
 pub fn swap(workspace: &Path, staging: &Path) -> Result<()> {
-    let old = staging.with_extension("old");
-    if workspace.exists() {
-        std::fs::rename(workspace, &old).map_err(|e| io("cannot move aside", workspace, e))?;
+    let mut aside = staging.as_os_str().to_owned();
+    aside.push(".old");
+    let aside = PathBuf::from(aside);
+    let had = workspace.exists();
+    if had {
+        std::fs::rename(workspace, &aside).map_err(|e| io("cannot move aside", workspace, e))?;
     }
-    std::fs::rename(staging, workspace).map_err(|e| io("cannot move into place", staging, e))?;
+    if let Err(e) = std::fs::rename(staging, workspace) {
+        if had {
+            let _ = std::fs::rename(&aside, workspace);
+        }
+        return Err(io("cannot move into place", staging, e));
+    }
     if let Some(parent) = workspace.parent()
         && let Ok(dir) = std::fs::File::open(parent)
     {
         let _ = dir.sync_all();
     }
-    if old.exists() {
-        let _ = std::fs::remove_dir_all(&old);
+    if had {
+        std::thread::spawn(move || {
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                tracing::warn!(path = %aside.display(), error = %e, "a restored workspace's old files stay");
+            }
+        });
     }
     Ok(())
 }

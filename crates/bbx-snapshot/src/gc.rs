@@ -102,8 +102,16 @@ impl Snapshots {
     pub async fn collect_garbage(&self) -> Result<Collected> {
         let lock = self.collection_lock();
         let _exclusive = lock.write().await;
-        let ctx = self.context()?;
         let repo = self.repo().await?;
+        let collected = self.sweep(&repo).await;
+        // Whatever it removed before stopping, the indexes no longer say
+        // where: a writer that trusted them would skip chunks that are gone.
+        repo.forget_indexes().await;
+        collected
+    }
+
+    async fn sweep(&self, repo: &crate::repo::Repository) -> Result<Collected> {
+        let ctx = self.context()?;
         let listed: HashSet<Uuid> = catalog::all_ids(&ctx.store)?.into_iter().collect();
         let mut collected = Collected::default();
         // Manifests to keep: the listed ones, and any too young to judge.
@@ -184,7 +192,6 @@ impl Snapshots {
                 collected.bytes_freed += all_bytes - live_bytes;
             }
         }
-        repo.forget_indexes().await;
         Ok(collected)
     }
 }

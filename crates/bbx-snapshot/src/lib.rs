@@ -38,6 +38,7 @@ pub mod ops;
 pub mod pack;
 pub mod pitr;
 pub mod repo;
+pub mod s3;
 mod service;
 pub mod store;
 mod views;
@@ -121,9 +122,22 @@ impl Snapshots {
                 for configured in &self.config.stores {
                     stores.push(match configured {
                         SnapshotStoreConfig::Local { path } => Box::new(Arc::new(store::LocalDir::new(path))),
-                        SnapshotStoreConfig::Redis { url, prefix } => {
-                            Box::new(store::RedisStore::connect(url, prefix).await?)
-                        }
+                        SnapshotStoreConfig::Redis { url, prefix } => Box::new(store::RedisStore::new(url, prefix)?),
+                        SnapshotStoreConfig::S3 {
+                            bucket,
+                            prefix,
+                            endpoint,
+                            region,
+                            access_key_id,
+                            secret_access_key,
+                        } => Box::new(s3::S3Store::new(&s3::S3Settings {
+                            bucket,
+                            prefix,
+                            endpoint: endpoint.as_deref(),
+                            region,
+                            access_key_id: access_key_id.as_deref(),
+                            secret_access_key: secret_access_key.as_deref(),
+                        })?),
                     });
                 }
                 let quorum = self.config.quorum(stores.len());
@@ -171,15 +185,19 @@ impl Component for Snapshots {
         true
     }
 
-    /// Restoring another agent's snapshot reads that agent's data: a caller
-    /// confined to one agent may restore only that agent's snapshots.
+    /// Restoring a snapshot reads its agent's data: the caller must be one
+    /// who may read that agent (its tenant, its confinement, the policies),
+    /// and only a listed snapshot is restored.
     fn check(&self, submission: &Submission<'_>, _labels: &mut Vec<String>) -> Result<Verdict> {
         if submission.op.kind == ops::RESTORE
             && let Some(id) = submission.op.args.get("snapshot").and_then(Value::as_str)
             && let Ok(id) = uuid::Uuid::parse_str(id)
-            && let Some(summary) = catalog::get(&self.context()?.store, &id)?
         {
-            submission.caller.check_agent(&summary.agent)?;
+            let ctx = self.context()?;
+            let summary = catalog::get(&ctx.store, &id)?.ok_or_else(|| Error::not_found("snapshot", id))?;
+            ctx.submitter
+                .may_read(submission.caller, &summary.agent, ops::RESTORE)
+                .map_err(|_| Error::not_found("snapshot", id))?;
         }
         Ok(Verdict::Allow)
     }

@@ -150,6 +150,9 @@ impl EffectOp for Create {
             self.built.clone(),
         );
         Some(Box::pin(async move {
+            // A hold of an earlier attempt goes first: waiting for a second one
+            // behind a waiting collection would never end.
+            drop(built.lock().take());
             let hold = snapshots.collection_lock().read_owned().await;
             let summary = snapshots.build(agent, id, &trigger).await?;
             *built.lock() = Some((summary, hold));
@@ -182,6 +185,17 @@ struct Staged {
     /// The workspace and where its files were staged.
     files: Option<(PathBuf, PathBuf, usize)>,
     counts: Vec<(String, usize)>,
+}
+
+/// A restore that never committed leaves no staged copy of the workspace.
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some((_, staging, _)) = &self.files
+            && staging.exists()
+        {
+            let _ = std::fs::remove_dir_all(staging);
+        }
+    }
 }
 
 struct Restore {
@@ -235,11 +249,8 @@ impl EffectOp for Restore {
                 .map(|(name, records)| (name.clone(), records.len()))
                 .collect();
             let import = host.import(data)?;
-            if let Some(previous) = staged.lock().replace(Staged { import, files, counts })
-                && let Some((_, staging, _)) = previous.files
-            {
-                let _ = std::fs::remove_dir_all(staging);
-            }
+            // An earlier attempt's staged files go as it is dropped.
+            drop(staged.lock().replace(Staged { import, files, counts }));
             Ok(())
         }))
     }

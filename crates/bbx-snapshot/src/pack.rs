@@ -109,7 +109,7 @@ pub fn read_index(pack: &std::sync::Arc<str>, index: &[u8], data_end: u64) -> Re
             let offset = u64::from_le_bytes(entry[32..40].try_into().expect("8 bytes"));
             let stored = u32::from_le_bytes(entry[40..44].try_into().expect("4 bytes"));
             let len = u32::from_le_bytes(entry[44..].try_into().expect("4 bytes"));
-            if offset + stored as u64 > data_end {
+            if offset.checked_add(stored as u64).is_none_or(|end| end > data_end) {
                 return Err(corrupt("a pack's index points past its chunks"));
             }
             Ok((

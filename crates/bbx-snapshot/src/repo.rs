@@ -157,32 +157,28 @@ impl Repository {
         )))
     }
 
-    /// The object from the first store that has it.
-    pub async fn get(&self, name: &str) -> Result<Option<Bytes>> {
+    /// The object from the first store whose copy `check` accepts (a copy
+    /// it refuses, or a store that cannot be read, sends it to the next);
+    /// `None` if no store has it.
+    pub async fn get_checked<T>(&self, name: &str, check: impl Fn(&[u8]) -> Result<T>) -> Result<Option<T>> {
         let mut failures = Vec::new();
         for replica in &self.replicas {
-            let store = &replica.store;
-            let size = match store.list(name).await {
-                Ok(found) => found.into_iter().find(|(found, _)| found == name).map(|(_, size)| size),
-                Err(e) => {
-                    failures.push(e.to_string());
-                    continue;
-                }
-            };
-            let Some(size) = size else { continue };
-            match store.get_range(name, 0..size).await {
-                Ok(Some(bytes)) => return Ok(Some(bytes)),
+            match replica.store.get(name).await {
+                Ok(Some(bytes)) => match check(&bytes) {
+                    Ok(value) => return Ok(Some(value)),
+                    Err(e) => failures.push(format!("{}: {e}", replica.store.describe())),
+                },
                 Ok(None) => {}
                 Err(e) => failures.push(e.to_string()),
             }
         }
-        if failures.len() == self.replicas.len() {
-            return Err(Error::unavailable(format!(
-                "no snapshot store can be read: {}",
-                failures.join("; ")
-            )));
+        if failures.is_empty() {
+            return Ok(None);
         }
-        Ok(None)
+        Err(corrupt(&format!(
+            "no store has a good copy of {name}: {}",
+            failures.join("; ")
+        )))
     }
 
     /// The chunks' bytes, in order, each checked against its name. A chunk

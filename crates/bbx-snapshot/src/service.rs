@@ -27,8 +27,10 @@ impl Snapshots {
         let host = ctx.agents.clone();
         let repo = self.repo().await?;
         let record = host.agent(&agent)?;
-        let created_at = Utc::now();
         let (view, position) = ctx.store.view_at();
+        // After the view: a recovery to a moment before this never takes this
+        // snapshot as its base, so it never starts from writes after that moment.
+        let created_at = Utc::now();
         let workspace = host.workspace(&agent)?;
         let data = {
             let host = host.clone();
@@ -89,25 +91,29 @@ impl Snapshots {
         })
     }
 
-    /// A snapshot's manifest, from the first store that has it whole.
+    /// A snapshot's manifest, from the first store whose copy is whole.
     pub(crate) async fn manifest(&self, id: &Uuid) -> Result<Manifest> {
         let repo = self.repo().await?;
-        let bytes = repo
-            .get(&manifest_name(id))
+        let parse = |bytes: &[u8]| -> Result<Manifest> {
+            let manifest: Manifest = serde_json::from_slice(bytes)
+                .map_err(|e| crate::chunk::corrupt(&format!("the manifest of snapshot {id} does not parse: {e}")))?;
+            if manifest.id != *id || manifest.format != manifest::FORMAT {
+                return Err(crate::chunk::corrupt(&format!(
+                    "the manifest of snapshot {id} is not its own"
+                )));
+            }
+            Ok(manifest)
+        };
+        repo.get_checked(&manifest_name(id), parse)
             .await?
-            .ok_or_else(|| crate::chunk::corrupt(&format!("snapshot {id} has no manifest in any store")))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| crate::chunk::corrupt(&format!("the manifest of snapshot {id} does not parse: {e}")))?;
-        if manifest.id != *id || manifest.format != manifest::FORMAT {
-            return Err(crate::chunk::corrupt(&format!(
-                "the manifest of snapshot {id} is not its own"
-            )));
-        }
-        Ok(manifest)
+            .ok_or_else(|| crate::chunk::corrupt(&format!("snapshot {id} has no manifest in any store")))
     }
 
     /// Every part's records, by part name.
     pub(crate) async fn read_parts(&self, manifest: &Manifest) -> Result<Parts> {
+        // Garbage collection moves chunks between packs: not while they are read.
+        let lock = self.collection_lock();
+        let _reading = lock.read().await;
         let repo = self.repo().await?;
         let mut parts = Parts::new();
         for part in &manifest.parts {
@@ -118,6 +124,9 @@ impl Snapshots {
 
     /// What restoring snapshot `id` into `agent` of `tenant` puts back.
     pub(crate) async fn restorable(&self, id: &Uuid, agent: AgentId, tenant: &str) -> Result<Restorable> {
+        if crate::catalog::get(&self.context()?.store, id)?.is_none() {
+            return Err(Error::not_found("snapshot", id));
+        }
         let manifest = self.manifest(id).await?;
         check_tenant(&manifest, tenant)?;
         let parts = self.read_parts(&manifest).await?;
@@ -153,51 +162,61 @@ impl Snapshots {
             .into_iter()
             .filter(|s| s.created_at <= at)
             .max_by_key(|s| s.created_at);
-        let journal = self.journal_dir.clone();
-        let from = base.as_ref().map_or(0, |s| s.position);
-        let records = tokio::task::spawn_blocking(move || bbx_journal::read_history(&journal, from))
-            .await
-            .map_err(|e| Error::internal(format!("reading the journal's history failed: {e}")))?
-            .map_err(|e| Error::internal(format!("reading the journal's history failed: {e}")))?;
-        let first = records.first().map(|r| r.lsn);
-        let history = bbx_store::redo::history(&records)?;
-        let (mut parts, position) = match base {
+        let (parts, position) = match &base {
             Some(snapshot) => {
-                if first.is_some_and(|first| first > snapshot.position) {
-                    return Err(Error::new(
-                        ErrorCode::FailedPrecondition,
-                        format!(
-                            "the journal no longer holds the history after snapshot {} (journal_history_bytes reached?); recover to that snapshot instead",
-                            snapshot.id
-                        ),
-                    ));
-                }
                 let manifest = self.manifest(&snapshot.id).await?;
                 (self.read_parts(&manifest).await?, snapshot.position)
             }
             None => {
-                let created = ctx.agents.agent(&agent)?.created_at;
-                let oldest = history.iter().find_map(|g| g.stamp).map(pitr::stamp_time);
-                if at < created {
+                if at < ctx.agents.agent(&agent)?.created_at {
                     return Err(Error::invalid_field(
                         "at",
                         format!("agent {agent} did not exist at {}", at.to_rfc3339()),
                     ));
                 }
-                if oldest.is_none_or(|oldest| oldest > created) {
-                    return Err(Error::new(
-                        ErrorCode::FailedPrecondition,
-                        format!(
-                            "agent {agent} has no snapshot before {} and is older than the journal's history; take snapshots to recover it to a time",
-                            at.to_rfc3339()
-                        ),
-                    ));
-                }
                 (Parts::new(), 0)
             }
         };
-        pitr::replay(ctx.agents.as_ref(), &agent, &mut parts, &history, position, at)?;
-        Ok(self.as_restorable(agent, parts))
+        let host = ctx.agents.clone();
+        let journal = self.journal_dir.clone();
+        let (mut parts, replayed) = tokio::task::spawn_blocking(move || {
+            let mut parts = parts;
+            let replayed = pitr::replay(host.as_ref(), &agent, &mut parts, &journal, position, at)?;
+            Ok::<_, Error>((parts, replayed))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("replaying the journal's history failed: {e}")))??;
+        match &base {
+            // Records from the snapshot's position on must all be there.
+            Some(snapshot) if replayed.first_lsn.is_some_and(|first| first > snapshot.position) => {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "the journal no longer holds the history after snapshot {} (ring.journal_history_bytes reached?); restore that snapshot instead",
+                        snapshot.id
+                    ),
+                ));
+            }
+            // Without a snapshot, the history must reach back to the agent's creation.
+            None if replayed
+                .oldest
+                .is_none_or(|oldest| oldest > ctx.agents.agent(&agent).map(|a| a.created_at).unwrap_or(at)) =>
+            {
+                return Err(Error::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "agent {agent} has no snapshot before {} and is older than the journal's history; take snapshots to recover it to a time",
+                        at.to_rfc3339()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        // The journal holds no file writes: the workspace stays as it is.
+        parts.remove(FILES);
+        let mut restorable = self.as_restorable(agent, parts);
+        restorable.files = None;
+        Ok(restorable)
     }
 
     /// The parts as an import: every component gets its part, empty if the

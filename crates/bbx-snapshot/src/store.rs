@@ -20,6 +20,9 @@ pub trait SnapshotStore: Send + Sync {
     /// Writes an object whole; durable once this returns.
     fn put<'a>(&'a self, name: &'a str, bytes: Bytes) -> Pending<'a, ()>;
 
+    /// A whole object, or `None` if it is not there.
+    fn get<'a>(&'a self, name: &'a str) -> Pending<'a, Option<Bytes>>;
+
     /// An object's bytes in `range`, or `None` if the object is not there. A
     /// range past its end is an error.
     fn get_range<'a>(&'a self, name: &'a str, range: Range<u64>) -> Pending<'a, Option<Bytes>>;
@@ -31,13 +34,13 @@ pub trait SnapshotStore: Send + Sync {
     fn delete<'a>(&'a self, name: &'a str) -> Pending<'a, ()>;
 }
 
-fn unavailable(store: &str, what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn unavailable(store: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::unavailable(format!("snapshot store {store}: {what} failed: {e}"))
 }
 
 /// Object names are built by this crate, but a manifest read back names its
 /// packs: nothing that could leave the store's namespace is accepted.
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     let fine = !name.is_empty()
         && name.len() <= 200
         && name
@@ -100,7 +103,18 @@ impl LocalDir {
         written.map_err(|e| self.fail(&format!("writing {name}"), e))
     }
 
+    fn get_blocking(&self, name: &str) -> Result<Option<Bytes>> {
+        match std::fs::read(self.path(name)?) {
+            Ok(bytes) => Ok(Some(bytes.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.fail(&format!("reading {name}"), e)),
+        }
+    }
+
     fn get_range_blocking(&self, name: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        if range.end < range.start {
+            return Err(self.fail(&format!("reading {name}"), "a range that ends before it starts"));
+        }
         use std::os::unix::fs::FileExt;
         let path = self.path(name)?;
         let file = match std::fs::File::open(&path) {
@@ -166,6 +180,11 @@ impl SnapshotStore for std::sync::Arc<LocalDir> {
         Box::pin(blocking(move || me.put_blocking(&name, &bytes)))
     }
 
+    fn get<'a>(&'a self, name: &'a str) -> Pending<'a, Option<Bytes>> {
+        let (me, name) = (self.clone(), name.to_owned());
+        Box::pin(blocking(move || me.get_blocking(&name)))
+    }
+
     fn get_range<'a>(&'a self, name: &'a str, range: Range<u64>) -> Pending<'a, Option<Bytes>> {
         let (me, name) = (self.clone(), name.to_owned());
         Box::pin(blocking(move || me.get_range_blocking(&name, range)))
@@ -185,27 +204,29 @@ impl SnapshotStore for std::sync::Arc<LocalDir> {
 /// Objects as Redis strings under `prefix:`. As durable as the server is
 /// configured to be (its AOF with `appendfsync always` for a `put` that is on
 /// disk when it returns); a replica of another store rather than the only one.
+/// It connects when first used and again after a connection fails, and no
+/// command waits longer than [`REDIS_TIMEOUT`], so a server that is down makes
+/// this store fail its calls, not the snapshots of the other stores.
 pub struct RedisStore {
     url: String,
     prefix: String,
-    connection: redis::aio::MultiplexedConnection,
+    client: redis::Client,
+    connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
+/// The longest a Redis command (or a connection) may take.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl RedisStore {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
-        let fail = |e: redis::RedisError| unavailable(&format!("redis {url}"), "connecting", e);
-        let client = redis::Client::open(url).map_err(fail)?;
-        let connection = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| unavailable(&format!("redis {url}"), "connecting", "timed out"))?
-        .map_err(fail)?;
+    /// A store on the server at `url` (checked now; connected when used).
+    pub fn new(url: &str, prefix: &str) -> Result<Self> {
+        let client =
+            redis::Client::open(url).map_err(|e| Error::invalid_field("snapshots.stores", format!("{url}: {e}")))?;
         Ok(Self {
             url: url.to_owned(),
             prefix: prefix.to_owned(),
-            connection,
+            client,
+            connection: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -217,6 +238,33 @@ impl RedisStore {
     fn fail(&self, what: &str, e: impl std::fmt::Display) -> Error {
         unavailable(&self.describe(), what, e)
     }
+
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
+        let mut held = self.connection.lock().await;
+        if let Some(connection) = &*held {
+            return Ok(connection.clone());
+        }
+        let connection = tokio::time::timeout(REDIS_TIMEOUT, self.client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| self.fail("connecting", "timed out"))?
+            .map_err(|e| self.fail("connecting", e))?;
+        *held = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs a pipeline; a failure forgets the connection, so the next call
+    /// connects again.
+    async fn query<T: redis::FromRedisValue>(&self, what: &str, pipe: &redis::Pipeline) -> Result<T> {
+        let mut connection = self.connection().await?;
+        let outcome = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<T>(&mut connection)).await;
+        let failure = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => self.fail(what, e),
+            Err(_) => self.fail(what, "timed out"),
+        };
+        *self.connection.lock().await = None;
+        Err(failure)
+    }
 }
 
 impl SnapshotStore for RedisStore {
@@ -226,31 +274,38 @@ impl SnapshotStore for RedisStore {
 
     fn put<'a>(&'a self, name: &'a str, bytes: Bytes) -> Pending<'a, ()> {
         Box::pin(async move {
-            let key = self.key(name)?;
-            let mut connection = self.connection.clone();
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(bytes.as_ref())
-                .query_async::<()>(&mut connection)
-                .await
-                .map_err(|e| self.fail(&format!("writing {name}"), e))
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET").arg(self.key(name)?).arg(bytes.as_ref()).ignore();
+            self.query(&format!("writing {name}"), &pipe).await
+        })
+    }
+
+    fn get<'a>(&'a self, name: &'a str) -> Pending<'a, Option<Bytes>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(self.key(name)?);
+            let (bytes,): (Option<Vec<u8>>,) = self.query(&format!("reading {name}"), &pipe).await?;
+            Ok(bytes.map(Bytes::from))
         })
     }
 
     fn get_range<'a>(&'a self, name: &'a str, range: Range<u64>) -> Pending<'a, Option<Bytes>> {
         Box::pin(async move {
+            if range.end <= range.start {
+                return match range.end == range.start {
+                    true => Ok(Some(Bytes::new())),
+                    false => Err(self.fail(&format!("reading {name}"), "a range that ends before it starts")),
+                };
+            }
             let key = self.key(name)?;
-            let mut connection = self.connection.clone();
-            let (exists, bytes): (bool, Vec<u8>) = redis::pipe()
-                .cmd("EXISTS")
+            let mut pipe = redis::pipe();
+            pipe.cmd("EXISTS")
                 .arg(&key)
                 .cmd("GETRANGE")
                 .arg(&key)
                 .arg(range.start)
-                .arg(range.end.saturating_sub(1))
-                .query_async(&mut connection)
-                .await
-                .map_err(|e| self.fail(&format!("reading {name}"), e))?;
+                .arg(range.end - 1);
+            let (exists, bytes): (bool, Vec<u8>) = self.query(&format!("reading {name}"), &pipe).await?;
             if !exists {
                 return Ok(None);
             }
@@ -263,20 +318,18 @@ impl SnapshotStore for RedisStore {
 
     fn list<'a>(&'a self, prefix: &'a str) -> Pending<'a, Vec<(String, u64)>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
             let pattern = format!("{}:{}*", self.prefix, prefix.replace(['*', '?', '[', ']', '\\'], ""));
             let mut keys: Vec<String> = Vec::new();
             let mut cursor: u64 = 0;
             loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                let mut pipe = redis::pipe();
+                pipe.cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(|e| self.fail("listing", e))?;
+                    .arg(1000);
+                let ((next, batch),): ((u64, Vec<String>),) = self.query("listing", &pipe).await?;
                 keys.extend(batch);
                 if next == 0 {
                     break;
@@ -285,18 +338,15 @@ impl SnapshotStore for RedisStore {
             }
             keys.sort();
             keys.dedup();
-            let mut sizes = redis::pipe();
-            for key in &keys {
-                sizes.cmd("STRLEN").arg(key);
+            let mut sizes = Vec::with_capacity(keys.len());
+            for batch in keys.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for key in batch {
+                    pipe.cmd("STRLEN").arg(key);
+                }
+                let found: Vec<u64> = self.query("listing", &pipe).await?;
+                sizes.extend(found);
             }
-            let sizes: Vec<u64> = if keys.is_empty() {
-                Vec::new()
-            } else {
-                sizes
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(|e| self.fail("listing", e))?
-            };
             let strip = self.prefix.len() + 1;
             Ok(keys
                 .into_iter()
@@ -308,13 +358,9 @@ impl SnapshotStore for RedisStore {
 
     fn delete<'a>(&'a self, name: &'a str) -> Pending<'a, ()> {
         Box::pin(async move {
-            let key = self.key(name)?;
-            let mut connection = self.connection.clone();
-            redis::cmd("DEL")
-                .arg(&key)
-                .query_async::<()>(&mut connection)
-                .await
-                .map_err(|e| self.fail(&format!("removing {name}"), e))
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(self.key(name)?).ignore();
+            self.query(&format!("removing {name}"), &pipe).await
         })
     }
 }

@@ -190,18 +190,21 @@ impl PartWriter {
 pub async fn read_part(repo: &Repository, part: &PartRef) -> Result<crate::manifest::Records> {
     let list: Vec<u8> = repo.read_chunks(&part.list).await?.concat();
     let refs = ChunkRef::decode_list(&list)?;
-    let mut stream = Vec::with_capacity(part.bytes as usize);
+    // The list's lengths are checked (its chunks are); the manifest's total
+    // must agree before anything is sized by it.
+    let total: u64 = refs.iter().map(|r| r.len as u64).sum();
+    if total != part.bytes {
+        return Err(chunk::corrupt(&format!(
+            "part {} is not as long as its manifest says",
+            part.name
+        )));
+    }
+    let mut stream = Vec::with_capacity(total as usize);
     // In slices, so a large part is not read in one go.
     for slice in refs.chunks(4096) {
         for raw in repo.read_chunks(slice).await? {
             stream.extend_from_slice(&raw);
         }
-    }
-    if stream.len() as u64 != part.bytes {
-        return Err(chunk::corrupt(&format!(
-            "part {} is not as long as its manifest says",
-            part.name
-        )));
     }
     crate::manifest::decode_records(&stream)
 }

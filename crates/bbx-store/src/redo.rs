@@ -197,16 +197,30 @@ pub fn history(records: &[bbx_journal::Record]) -> Result<Vec<RedoGroup>> {
 }
 
 fn stamped_groups<'a>(payloads: impl Iterator<Item = (bbx_journal::Lsn, &'a [u8])>) -> Result<Vec<RedoGroup>> {
+    let mut reader = GroupReader::default();
     let mut groups = Vec::new();
-    let mut open: Option<RedoGroup> = None;
     for (lsn, payload) in payloads {
+        groups.extend(reader.push(lsn, payload)?);
+    }
+    Ok(groups)
+}
+
+/// Assembles whole groups from journal records fed one at a time.
+#[derive(Default)]
+pub struct GroupReader {
+    open: Option<RedoGroup>,
+}
+
+impl GroupReader {
+    /// Takes the next record; gives the group it completes, if any.
+    pub fn push(&mut self, lsn: bbx_journal::Lsn, payload: &[u8]) -> Result<Option<RedoGroup>> {
         if !is_redo(payload) {
-            open = None;
-            continue;
+            self.open = None;
+            return Ok(None);
         }
         let part = decode(payload)?;
         if part.first {
-            open = Some(RedoGroup {
+            self.open = Some(RedoGroup {
                 lsn,
                 stamp: part.stamp,
                 writes: Vec::new(),
@@ -214,13 +228,12 @@ fn stamped_groups<'a>(payloads: impl Iterator<Item = (bbx_journal::Lsn, &'a [u8]
         }
         // A continuation with no group open belongs to a torn group whose start
         // was dropped: it goes too.
-        let Some(group) = open.as_mut() else { continue };
+        let Some(group) = self.open.as_mut() else {
+            return Ok(None);
+        };
         group.writes.extend(part.writes);
-        if part.last {
-            groups.extend(open.take());
-        }
+        Ok(if part.last { self.open.take() } else { None })
     }
-    Ok(groups)
 }
 
 #[cfg(test)]

@@ -41,6 +41,30 @@ pub enum SnapshotStoreConfig {
         #[serde(default = "default_prefix")]
         prefix: String,
     },
+    /// An S3 bucket (AWS, or an S3-compatible server at `endpoint`), objects
+    /// under `prefix/`. Keys from here, else from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`, else unsigned requests.
+    S3 {
+        bucket: String,
+        #[serde(default = "default_s3_prefix")]
+        prefix: String,
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default = "default_region")]
+        region: String,
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<String>,
+    },
+}
+
+fn default_s3_prefix() -> String {
+    "bbx-snapshots".to_owned()
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
 }
 
 fn default_prefix() -> String {
