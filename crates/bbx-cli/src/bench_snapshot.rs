@@ -48,6 +48,7 @@ struct Targets {
     restore_100mb_local_under_2s: bool,
     pitr_under_2s: bool,
     ring_throughput_during_snapshot_at_least_80_percent: bool,
+    restore_100mb_from_s3_under_5s: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -66,8 +67,8 @@ struct Report {
     ring_ops_per_sec_during_snapshots: f64,
     ring_throughput_ratio: f64,
     snapshots_during_ring_run: usize,
-    /// Not measured here: the S3 store is not built yet.
-    restore_from_s3_ms: Option<f64>,
+    /// With --s3-endpoint: a full restore of the same agent from S3.
+    restore_from_s3_ms: Option<Spread>,
     targets: Targets,
 }
 
@@ -161,19 +162,60 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// An agent with `--keys` keys of `--value-bytes`.
+    async fn filled(&self, args: &BenchSnapshotArgs, rng: &mut impl Rng) -> Result<AgentId> {
+        let big = self.agent("snapshot-bench").await?;
+        eprintln!(
+            "filling an agent with {} keys of {} bytes...",
+            args.keys, args.value_bytes
+        );
+        let fill: Vec<(String, Value)> = (0..args.keys)
+            .map(|i| (format!("key-{i:06}"), json!(text_value(args.value_bytes, rng))))
+            .collect();
+        self.set_many(big, fill).await?;
+        Ok(big)
+    }
+}
+
+/// Full restores of the filled agent from an S3-only kernel.
+async fn s3_restores(dir: &std::path::Path, args: &BenchSnapshotArgs, endpoint: &str) -> Result<Spread> {
+    let store = bbx_core::config::SnapshotStoreConfig::S3 {
+        bucket: args.s3_bucket.clone(),
+        prefix: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        endpoint: Some(endpoint.to_owned()),
+        region: "us-east-1".into(),
+        access_key_id: None,
+        secret_access_key: None,
+    };
+    let over = bbx_core::config::ConfigLayer {
+        snapshots: Some(bbx_core::config::SnapshotsConfig {
+            stores: vec![store],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (kernel, caller) = crate::bench::open_in_process(dir, over).await?;
+    let bench = Bench { kernel, caller };
+    let big = bench.filled(args, &mut rand::rng()).await?;
+    eprintln!("a snapshot to S3, and full restores from it...");
+    let (snapshot, _) = bench.call("snapshots.create", json!({ "agent": big })).await?;
+    let mut restores = Vec::new();
+    for _ in 0..args.runs {
+        let (_, ms) = bench
+            .call("snapshots.restore", json!({ "snapshot": snapshot["id"], "agent": big }))
+            .await?;
+        restores.push(ms);
+    }
+    bench.kernel.shutdown().await;
+    Ok(Spread::of(restores))
+}
+
 async fn measure(dir: &std::path::Path, args: &BenchSnapshotArgs) -> Result<Report> {
-    let (kernel, caller) = crate::bench::open_in_process(dir, Default::default()).await?;
+    let (kernel, caller) = crate::bench::open_in_process(&dir.join("local"), Default::default()).await?;
     let bench = Bench { kernel, caller };
     let mut rng = rand::rng();
-    let big = bench.agent("snapshot-bench").await?;
-    eprintln!(
-        "filling an agent with {} keys of {} bytes...",
-        args.keys, args.value_bytes
-    );
-    let fill: Vec<(String, Value)> = (0..args.keys)
-        .map(|i| (format!("key-{i:06}"), json!(text_value(args.value_bytes, &mut rng))))
-        .collect();
-    bench.set_many(big, fill).await?;
+    let big = bench.filled(args, &mut rng).await?;
     eprintln!("the full snapshot...");
     let (first, full_ms) = bench.call("snapshots.create", json!({ "agent": big })).await?;
     let first_id = first["id"].clone();
@@ -249,6 +291,10 @@ async fn measure(dir: &std::path::Path, args: &BenchSnapshotArgs) -> Result<Repo
     running.store(false, Ordering::Relaxed);
     let taken = snapshots.await?;
     bench.kernel.shutdown().await;
+    let restore_from_s3_ms = match &args.s3_endpoint {
+        Some(endpoint) => Some(s3_restores(&dir.join("s3"), args, endpoint).await?),
+        None => None,
+    };
 
     let incremental_bytes_written = Spread::of(written);
     let incremental_ms = Spread::of(incremental);
@@ -267,6 +313,7 @@ async fn measure(dir: &std::path::Path, args: &BenchSnapshotArgs) -> Result<Repo
             restore_100mb_local_under_2s: restore_ms.median < 2000.0,
             pitr_under_2s: pitr_ms.median < 2000.0,
             ring_throughput_during_snapshot_at_least_80_percent: ratio >= 0.8,
+            restore_100mb_from_s3_under_5s: restore_from_s3_ms.as_ref().map(|s| s.median < 5000.0),
         },
         incremental_bytes_written,
         incremental_ms,
@@ -277,7 +324,7 @@ async fn measure(dir: &std::path::Path, args: &BenchSnapshotArgs) -> Result<Repo
         ring_ops_per_sec_during_snapshots: during,
         ring_throughput_ratio: ratio,
         snapshots_during_ring_run: taken,
-        restore_from_s3_ms: None,
+        restore_from_s3_ms,
     })
 }
 

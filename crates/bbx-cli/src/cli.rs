@@ -266,6 +266,12 @@ pub struct BenchSnapshotArgs {
     /// Runs of each measurement (the median is reported, with the range).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Also restore the same agent from this S3 endpoint (an S3-compatible
+    /// server, e.g. SeaweedFS on loopback), bucket --s3-bucket.
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, default_value = "bbx")]
+    pub s3_bucket: String,
     /// Where the scratch kernel goes [default: the system's temporary directory].
     #[arg(long)]
     pub scratch_dir: Option<PathBuf>,

@@ -255,6 +255,39 @@ fn a_store_down_is_written_around_or_named_in_the_error() {
     assert_eq!(listed["snapshots"], serde_json::json!([]));
 }
 
+#[test]
+fn every_n_ops_an_agent_is_snapshotted_by_itself() {
+    let (kernel, _config) = Kernel::with_config("[snapshots]\nevery_ops = 3\n");
+    let agent = kernel.new_agent();
+    let op = |kind: &str, args: &str| {
+        json(&kernel.cli(&["ring", "submit", &agent, kind, args, "--wait", "--json"]));
+    };
+    for i in 0..3 {
+        op("state.set", &format!(r#"{{"key":"k{i}","value":1}}"#));
+        // Reads do not count.
+        op("state.get", r#"{"key":"k0"}"#);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let snapshots = loop {
+        let listed = json(&kernel.cli(&["snapshot", "list", &agent, "--json"]));
+        if !listed["snapshots"].as_array().unwrap().is_empty() {
+            break listed["snapshots"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no snapshot after 3 ops");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(snapshots[0]["trigger"], "every_ops", "{snapshots}");
+    assert_eq!(snapshots[0]["parts"]["state"], 3, "{snapshots}");
+    op("state.set", r#"{"key":"k3","value":1}"#);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let listed = json(&kernel.cli(&["snapshot", "list", &agent, "--json"]));
+    assert_eq!(
+        listed["snapshots"].as_array().unwrap().len(),
+        1,
+        "one op more is not three"
+    );
+}
+
 fn redis_down() -> bool {
     std::net::TcpStream::connect_timeout(
         &"127.0.0.1:6379".parse().unwrap(),

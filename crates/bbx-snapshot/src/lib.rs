@@ -41,6 +41,7 @@ pub mod repo;
 pub mod s3;
 mod service;
 pub mod store;
+mod triggers;
 mod views;
 pub mod writer;
 
@@ -68,6 +69,10 @@ pub struct Inner {
     repo: tokio::sync::OnceCell<Arc<Repository>>,
     /// Held shared by each snapshot being written, exclusive by garbage collection.
     collection: Arc<tokio::sync::RwLock<()>>,
+    /// Agents changed since their last automatic snapshot.
+    changes: parking_lot::Mutex<triggers::Changes>,
+    /// Told once the component has started.
+    started: tokio::sync::Notify,
 }
 
 impl std::ops::Deref for Snapshots {
@@ -90,6 +95,8 @@ impl Snapshots {
             ctx: OnceLock::new(),
             repo: tokio::sync::OnceCell::new(),
             collection: Arc::new(tokio::sync::RwLock::new(())),
+            changes: Default::default(),
+            started: tokio::sync::Notify::new(),
         }))
     }
 
@@ -97,6 +104,23 @@ impl Snapshots {
         self.ctx
             .get()
             .ok_or_else(|| Error::unavailable("snapshots have not started"))
+    }
+
+    /// The context once the component has started: the ring recovers ops
+    /// (a snapshot a crash cut short) before the components start.
+    pub(crate) async fn started(&self) -> Result<&Context> {
+        loop {
+            let started = self.started.notified();
+            if let Ok(ctx) = self.context() {
+                return Ok(ctx);
+            }
+            if tokio::time::timeout(std::time::Duration::from_secs(60), started)
+                .await
+                .is_err()
+            {
+                return self.context();
+            }
+        }
     }
 
     pub(crate) fn collection_lock(&self) -> Arc<tokio::sync::RwLock<()>> {
@@ -210,6 +234,7 @@ impl Component for Snapshots {
         if completion.status != bbx_core::op::CompletionStatus::Ok {
             return;
         }
+        self.count_change(completion);
         let Ok(ctx) = self.context() else { return };
         match completion.kind.as_ref() {
             ops::RESTORE | ops::PITR => {
@@ -240,7 +265,10 @@ impl Component for Snapshots {
     }
 
     fn start(&self, ctx: &Context) -> Result<()> {
+        *self.changes.lock() = triggers::Changes::new(&ctx.kinds);
         let _ = self.ctx.set(ctx.clone());
+        self.started.notify_waiters();
+        self.schedule();
         Ok(())
     }
 

@@ -153,6 +153,7 @@ impl EffectOp for Create {
             // A hold of an earlier attempt goes first: waiting for a second one
             // behind a waiting collection would never end.
             drop(built.lock().take());
+            snapshots.started().await?;
             let hold = snapshots.collection_lock().read_owned().await;
             let summary = snapshots.build(agent, id, &trigger).await?;
             *built.lock() = Some((summary, hold));
@@ -224,7 +225,7 @@ impl EffectOp for Restore {
     fn ready(&self, agent: AgentId) -> Option<Pending<'static, ()>> {
         let (snapshots, source, staged) = (self.snapshots.clone(), self.source, self.staged.clone());
         Some(Box::pin(async move {
-            let host = snapshots.context()?.agents.clone();
+            let host = snapshots.started().await?.agents.clone();
             let tenant = host.agent(&agent)?.tenant;
             let Restorable { data, files } = match source {
                 Source::Snapshot(id) => snapshots.restorable(&id, agent, &tenant).await?,

@@ -34,13 +34,12 @@ impl Snapshots {
         let workspace = host.workspace(&agent)?;
         let data = {
             let host = host.clone();
-            tokio::task::spawn_blocking(move || -> Result<_> {
+            writer::in_background("bbx-snapshot-read", move || {
                 let data = host.export(&view, &agent)?;
                 let files = files::capture(&workspace)?;
                 Ok((data, files))
             })
-            .await
-            .map_err(|e| Error::internal(format!("reading the agent for a snapshot failed: {e}")))??
+            .await?
         };
         let (data, files) = data;
         let mut parts: Vec<PartData> = data

@@ -14,6 +14,28 @@ use std::sync::Arc;
 
 /// Packs waiting to be uploaded, at most.
 const QUEUED_PACKS: usize = 2;
+/// The nice value a snapshot's reading and chunking run at: on busy cores the
+/// ring's durable path (journal, committer) goes first.
+const SNAPSHOT_NICE: i32 = 10;
+
+/// Starts `work` now on a thread of its own at [`SNAPSHOT_NICE`]; what it
+/// gives comes with the future.
+pub(crate) fn in_background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T>> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        bbx_store::sched::lower_priority(SNAPSHOT_NICE);
+        let _ = answer.send(work());
+    });
+    async move {
+        started.map_err(|e| Error::internal(format!("cannot start the snapshot writer: {e}")))?;
+        answered
+            .await
+            .map_err(|_| Error::internal("the snapshot writer stopped"))?
+    }
+}
 
 /// How chunks are cut and compressed.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +68,7 @@ pub async fn write_parts(repo: &Arc<Repository>, parts: Vec<PartData>, settings:
         .iter()
         .map(|&i| indexes[i].clone().expect("targets are readable"))
         .collect();
-    let chunking = tokio::task::spawn_blocking({
+    let chunking = in_background("bbx-snapshot", {
         let targets = targets.clone();
         move || {
             let mut writer = PartWriter {
@@ -77,9 +99,7 @@ pub async fn write_parts(repo: &Arc<Repository>, parts: Vec<PartData>, settings:
             Err(e) => failed.push((replica, e.to_string())),
         }
     }
-    let (parts, mut stats) = chunking
-        .await
-        .map_err(|e| Error::internal(format!("the snapshot writer failed: {e}")))??;
+    let (parts, mut stats) = chunking.await?;
     let stores: Vec<usize> = targets
         .into_iter()
         .filter(|t| !failed.iter().any(|(f, _)| f == t))

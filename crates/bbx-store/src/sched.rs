@@ -101,7 +101,7 @@ pub(crate) fn raise_priority(nice: i32) -> Option<i32> {
 /// Lowers the calling thread's priority to `nice` (0 to 19, higher runs later) if
 /// that is higher than the thread's own, which needs no privilege. Returns the
 /// nice value now in force, or `None` if it cannot be read: a hint, never an error.
-pub(crate) fn lower_priority(nice: i32) -> Option<i32> {
+pub fn lower_priority(nice: i32) -> Option<i32> {
     let before = nice_of_caller()?;
     if nice > before {
         // SAFETY: plain system call on the calling thread (0 names it), no pointers.

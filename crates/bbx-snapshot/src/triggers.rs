@@ -1,0 +1,177 @@
+//! Snapshots nobody asked for by hand: every N ops with effects of an agent
+//! (`snapshots.every_ops`), and on a schedule for each agent that changed
+//! since (`snapshots.every_secs`). Each is a `snapshot.create` op submitted
+//! through the whole pipeline as the agent itself (confined to it, in its
+//! tenant), so quotas, policies and the audit see it like any other.
+
+use crate::{Snapshots, ops};
+use bbx_auth::{Caller, Role};
+use bbx_core::op::{Completion, Effects, SubmitBatch, SubmitOp};
+use bbx_core::{AgentId, KeyId};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Agents with ops since their last automatic snapshot.
+#[derive(Default)]
+pub struct Changes {
+    /// Op kinds with effects (what counts as a change).
+    effects: HashSet<String>,
+    since: HashMap<AgentId, (Arc<str>, u64)>,
+}
+
+impl Changes {
+    pub fn new(kinds: &[(bbx_component::OpKind, Option<serde_json::Value>)]) -> Self {
+        Self {
+            effects: kinds
+                .iter()
+                .filter(|(kind, _)| kind.effects != Effects::None && !kind.name.starts_with("snapshot."))
+                .map(|(kind, _)| kind.name.to_owned())
+                .collect(),
+            since: HashMap::new(),
+        }
+    }
+
+    /// Counts an op that changed the agent; true when it makes `every` since
+    /// the last count reset (which this resets).
+    fn count(&mut self, completion: &Completion, every: u64) -> bool {
+        if !self.effects.contains(completion.kind.as_ref()) {
+            return false;
+        }
+        let entry = self
+            .since
+            .entry(completion.agent)
+            .or_insert_with(|| (completion.tenant.clone(), 0));
+        entry.1 += 1;
+        if every > 0 && entry.1 >= every {
+            entry.1 = 0;
+            return true;
+        }
+        false
+    }
+
+    /// The agents that changed, forgotten.
+    fn take(&mut self) -> Vec<(AgentId, Arc<str>)> {
+        self.since
+            .drain()
+            .filter(|(_, (_, ops))| *ops > 0)
+            .map(|(agent, (tenant, _))| (agent, tenant))
+            .collect()
+    }
+}
+
+impl Snapshots {
+    /// Counts the completion; snapshots its agent when `every_ops` is reached.
+    pub(crate) fn count_change(&self, completion: &Completion) {
+        if self.config.every_ops == 0 && self.config.every_secs == 0 {
+            return;
+        }
+        let due = self.changes.lock().count(completion, self.config.every_ops);
+        if due {
+            self.take_later(completion.agent, completion.tenant.clone(), "every_ops");
+        }
+    }
+
+    /// Every `every_secs`, snapshots each agent that changed since.
+    pub(crate) fn schedule(&self) {
+        let Ok(ctx) = self.context() else { return };
+        if self.config.every_secs == 0 {
+            return;
+        }
+        let me = self.clone();
+        let stopping = ctx.stopping.clone();
+        let every = std::time::Duration::from_secs(self.config.every_secs);
+        ctx.tasks.spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let changed = me.changes.lock().take();
+                for (agent, tenant) in changed {
+                    me.take_later(agent, tenant, "schedule");
+                }
+            }
+        });
+    }
+
+    fn take_later(&self, agent: AgentId, tenant: Arc<str>, trigger: &'static str) {
+        let Ok(ctx) = self.context() else { return };
+        let submitter = ctx.submitter.clone();
+        ctx.tasks.spawn(async move {
+            let mut caller = Caller::of_tenant(KeyId::from_bytes(*agent.as_bytes()), tenant.to_string(), Role::Agent);
+            caller.agent = Some(agent);
+            let op = SubmitOp::new(agent, ops::CREATE, json!({ "trigger": trigger }));
+            let batch = SubmitBatch {
+                ops: vec![op],
+                wait_ms: None,
+            };
+            if let Err(e) = submitter.submit(&caller, batch).await {
+                tracing::warn!(%agent, trigger, error = %e, "an automatic snapshot was not taken");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(agent: AgentId, kind: &'static str) -> Completion {
+        serde_json::from_value(json!({
+            "op_id": bbx_core::OpId::generate(),
+            "agent": agent,
+            "tenant": "t",
+            "kind": kind,
+            "status": "ok",
+            "attempts": 1,
+            "queue_us": 0,
+            "exec_us": 0,
+            "total_us": 0,
+            "submitted_at": "2026-12-07T00:00:00Z",
+            "completed_at": "2026-12-07T00:00:00Z",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_nth_change_is_due_and_reads_and_snapshots_do_not_count() {
+        let kinds = [
+            (
+                bbx_component::OpKind {
+                    name: "state.set",
+                    effects: Effects::Kernel,
+                },
+                None,
+            ),
+            (
+                bbx_component::OpKind {
+                    name: "state.get",
+                    effects: Effects::None,
+                },
+                None,
+            ),
+            (
+                bbx_component::OpKind {
+                    name: "snapshot.create",
+                    effects: Effects::Kernel,
+                },
+                None,
+            ),
+        ];
+        let mut changes = Changes::new(&kinds);
+        let agent = AgentId::generate();
+        let due: Vec<bool> = (0..6)
+            .map(|_| changes.count(&completion(agent, "state.set"), 3))
+            .collect();
+        assert_eq!(due, [false, false, true, false, false, true]);
+        assert!(!changes.count(&completion(agent, "state.get"), 1));
+        assert!(!changes.count(&completion(agent, "snapshot.create"), 1));
+        assert!(changes.take().is_empty(), "counts were reset when due");
+        changes.count(&completion(agent, "state.set"), 0);
+        assert_eq!(changes.take().len(), 1);
+        assert!(changes.take().is_empty());
+    }
+}
