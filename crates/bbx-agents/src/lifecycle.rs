@@ -73,30 +73,26 @@ pub(crate) fn exported_write(agent: &AgentId, write: StoreWrite<'_>) -> Option<E
     Some((key.to_vec(), value.map(<[u8]>::to_vec)))
 }
 
-/// Replaces the agent's state with `records`. Each key's version moves on past
-/// the one it has now (a restored key never goes back to a version a client has
-/// seen with another value); keys not in `records` are removed.
+/// Replaces the agent's state with `records`. A key whose value (and labels)
+/// it already has is left as it is; any other moves its version on past the one
+/// it has now (a restored key never goes back to a version a client has seen
+/// with another value); keys not in `records` are removed.
 pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]) -> Result<()> {
     let prefix = agent.as_bytes().to_vec();
-    let mut current: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
+    let mut current: std::collections::HashMap<Vec<u8>, Vec<u8>> = std::collections::HashMap::new();
     for item in tx.keyspace(STATE)?.prefix(&prefix) {
         let (key, value) = item.into_inner().map_err(|e| storage_error("read state", e))?;
-        current.insert(key.to_vec(), decode_state(&value)?.version);
+        current.insert(key.to_vec(), value.to_vec());
     }
-    let staged: Vec<(Vec<u8>, Option<u64>)> = tx
+    let staged: Vec<(Vec<u8>, Option<Vec<u8>>)> = tx
         .staged(STATE)
         .range(prefix.clone()..)
         .take_while(|(key, _)| key.starts_with(&prefix))
-        .map(|(key, value)| {
-            (
-                key.clone(),
-                value.as_deref().and_then(|v| decode_state(v).ok()).map(|s| s.version),
-            )
-        })
+        .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
-    for (key, version) in staged {
-        match version {
-            Some(version) => current.insert(key, version),
+    for (key, value) in staged {
+        match value {
+            Some(value) => current.insert(key, value),
             None => current.remove(&key),
         };
     }
@@ -105,7 +101,15 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]
         let stored = decode_state(&record.value)?;
         let mut key = prefix.clone();
         key.extend_from_slice(&record.key);
-        let version = stored.version.max(current.remove(&key).map_or(0, |v| v + 1));
+        let now = current.remove(&key);
+        let now = now.as_deref().map(decode_state).transpose()?;
+        if now
+            .as_ref()
+            .is_some_and(|now| !now.is_tombstone() && now.json == stored.json && now.labels == stored.labels)
+        {
+            continue;
+        }
+        let version = stored.version.max(now.map_or(0, |now| now.version + 1));
         if version >= crate::codec::MAX_VERSION {
             return Err(bbx_core::Error::invalid_field(
                 "state",

@@ -64,8 +64,20 @@ fn restore_fork_diff_and_recovery_to_a_time_give_back_their_moment() {
     assert_eq!(diff["changed"], serde_json::json!(["k"]), "{diff}");
     assert_eq!(diff["added"], serde_json::json!(["new"]), "{diff}");
 
+    let version = |key: &str| {
+        json(&kernel.cli(&["state", "get", &agent, key, "--json"]))["version"]
+            .as_u64()
+            .unwrap()
+    };
+    let (doc_before, k_before) = (version("doc"), version("k"));
     json(&kernel.cli(&["snapshot", "restore", &agent, first_id, "--json"]));
     assert_eq!(get(&kernel, &agent, "k"), 1);
+    assert!(version("k") > k_before, "a restored key's version moves on");
+    assert_eq!(
+        version("doc"),
+        doc_before,
+        "a key the restore does not change is left as it is"
+    );
     assert_eq!(
         get(&kernel, &agent, "new"),
         Value::Null,

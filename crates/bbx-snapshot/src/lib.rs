@@ -131,6 +131,7 @@ impl Snapshots {
         writer::ChunkSettings {
             avg_bytes: self.config.chunk_bytes,
             zstd_level: self.config.zstd_level,
+            bytes_per_sec: u64::from(self.config.max_mb_per_sec) * 1_000_000,
         }
     }
 

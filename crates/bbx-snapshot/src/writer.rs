@@ -42,6 +42,8 @@ pub(crate) fn in_background<T: Send + 'static>(
 pub struct ChunkSettings {
     pub avg_bytes: u32,
     pub zstd_level: i32,
+    /// The most bytes chunked per second (0: no limit).
+    pub bytes_per_sec: u64,
 }
 
 /// One part to write: its name and its records, in key order.
@@ -72,6 +74,7 @@ pub async fn write_parts(repo: &Arc<Repository>, parts: Vec<PartData>, settings:
         let targets = targets.clone();
         move || {
             let mut writer = PartWriter {
+                pace: Pace::new(settings.bytes_per_sec),
                 settings,
                 builders: targets.iter().map(|_| PackBuilder::default()).collect(),
                 targets,
@@ -110,8 +113,40 @@ pub async fn write_parts(repo: &Arc<Repository>, parts: Vec<PartData>, settings:
     Ok(Written { parts, stats, stores })
 }
 
+/// Holds a writer to a rate: after each piece, it sleeps until the bytes so
+/// far are due.
+struct Pace {
+    bytes_per_sec: u64,
+    started: std::time::Instant,
+    done: u64,
+}
+
+impl Pace {
+    fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec,
+            started: std::time::Instant::now(),
+            done: 0,
+        }
+    }
+
+    fn took(&mut self, bytes: usize) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        self.done += bytes as u64;
+        let due = std::time::Duration::from_secs_f64(self.done as f64 / self.bytes_per_sec as f64);
+        let early = due.saturating_sub(self.started.elapsed());
+        // Slept in steps of a few ms: sleeping after every small record costs more than it saves.
+        if early >= std::time::Duration::from_millis(2) {
+            std::thread::sleep(early);
+        }
+    }
+}
+
 struct PartWriter {
     settings: ChunkSettings,
+    pace: Pace,
     /// Stores being written to, and what each held before.
     targets: Vec<usize>,
     known: Vec<Arc<ChunkIndex>>,
@@ -132,6 +167,7 @@ impl PartWriter {
             record.clear();
             encode_record(key, value, &mut record);
             bytes += record.len() as u64;
+            self.pace.took(record.len());
             chunker.push(&record, &mut |raw: &[u8]| {
                 data.push(self.chunk(raw)?);
                 Ok(())

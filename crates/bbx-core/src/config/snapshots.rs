@@ -27,6 +27,9 @@ pub struct SnapshotsConfig {
     pub chunk_bytes: u32,
     /// zstd level of chunks [default: 3].
     pub zstd_level: i32,
+    /// The most a snapshot reads and chunks per second, in MB, so that it
+    /// leaves the cores and the disk to the agents' ops [default: 200; 0: no limit].
+    pub max_mb_per_sec: u32,
 }
 
 /// One place snapshots are kept.
@@ -100,6 +103,7 @@ impl Default for SnapshotsConfig {
             retention: RetentionConfig::default(),
             chunk_bytes: 8192,
             zstd_level: 3,
+            max_mb_per_sec: 200,
         }
     }
 }
