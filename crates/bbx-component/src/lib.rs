@@ -349,6 +349,9 @@ pub trait AgentHost: Send + Sync {
         request: bbx_core::model::CreateAgent,
     ) -> Pending<'a, bbx_core::model::Agent>;
 
+    /// Deletes an agent as `caller` (a fork that failed half way).
+    fn delete_agent<'a>(&'a self, caller: &'a Caller, agent: AgentId) -> Pending<'a, ()>;
+
     /// The agent's own quota limits.
     fn quota_limits(&self, agent: &AgentId) -> bbx_core::quota::QuotaLimits;
 

@@ -203,6 +203,10 @@ impl bbx_component::AgentHost for KernelHandle {
         Box::pin(async move { self.kernel()?.create_agent(caller, request).await })
     }
 
+    fn delete_agent<'a>(&'a self, caller: &'a Caller, agent: AgentId) -> bbx_component::Pending<'a, ()> {
+        Box::pin(async move { self.kernel()?.delete_agent(caller, &agent).await })
+    }
+
     fn quota_limits(&self, agent: &AgentId) -> QuotaLimits {
         self.kernel()
             .map(|kernel| kernel.quotas.limits(&bbx_quota::Node::Agent(*agent)))
@@ -474,6 +478,7 @@ fn components(
         &config.snapshots,
         &config.data_dir,
         &config.data_dir.join(JOURNAL_DIR),
+        &config.data_dir.join(WORKSPACES_DIR),
     )))?;
     Ok(components)
 }

@@ -176,15 +176,25 @@ impl Snapshots {
                 },
             )
             .await?;
-        if manifest.quota != Default::default() {
-            host.set_quota_limits(caller, forked.id, manifest.quota.clone()).await?;
-        }
-        let restored = self
-            .run_op(
-                caller,
-                SubmitOp::new(forked.id, ops::RESTORE, json!({ "snapshot": req.snapshot })),
-            )
-            .await?;
+        let filled = async {
+            if manifest.quota != Default::default() {
+                host.set_quota_limits(caller, forked.id, manifest.quota.clone()).await?;
+            }
+            let restore = SubmitOp::new(forked.id, ops::RESTORE, json!({ "snapshot": req.snapshot }));
+            self.run_op(caller, restore).await
+        };
+        let restored = match filled.await {
+            Ok(restored) => restored,
+            // Still running: the fork may yet complete, and its op says how it ended.
+            Err(e) if e.code == bbx_core::ErrorCode::Timeout => return Err(e),
+            Err(e) => {
+                // No half-made fork stays behind.
+                if let Err(left) = host.delete_agent(caller, forked.id).await {
+                    tracing::warn!(agent = %forked.id, error = %left, "a fork that failed could not be removed");
+                }
+                return Err(e);
+            }
+        };
         let mut answer = serde_json::to_value(&forked).map_err(|e| Error::internal(e.to_string()))?;
         answer["forked_from"] = json!(req.snapshot);
         answer["restored"] = restored;

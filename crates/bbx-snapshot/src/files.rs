@@ -38,28 +38,57 @@ pub fn capture(root: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(records)
 }
 
+/// Directories deeper than this are left out: each level holds a descriptor
+/// while it is walked, and an agent's tools must not exhaust the kernel's.
+const MAX_DEPTH: usize = 128;
+
 fn walk(root: &Path, dir: &OwnedFd, prefix: &[u8], records: &mut Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
-    let entries = rustix::fs::Dir::read_from(dir).map_err(|e| io("cannot read the workspace", root, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| io("cannot read the workspace", root, e))?;
-        let name = entry.file_name().to_bytes();
+    // Listed first and the listing closed, so a level holds one descriptor.
+    let names: Vec<Vec<u8>> = rustix::fs::Dir::read_from(dir)
+        .map_err(|e| io("cannot read the workspace", root, e))?
+        .map(|entry| entry.map(|entry| entry.file_name().to_bytes().to_vec()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| io("cannot read the workspace", root, e))?;
+    let depth = prefix.iter().filter(|&&b| b == b'/').count();
+    for name in &names {
+        let name = name.as_slice();
         if name == b"." || name == b".." {
             continue;
         }
-        // Non-blocking: a FIFO opens without waiting for a writer (and is then left out).
+        // Only directories and regular files are opened (a socket or a device
+        // is not), and what was opened must be what was looked at.
+        let looked = match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(io("cannot read an entry of the workspace", root, e)),
+        };
+        if !matches!(
+            rustix::fs::FileType::from_raw_mode(looked.st_mode),
+            rustix::fs::FileType::Directory | rustix::fs::FileType::RegularFile
+        ) {
+            continue;
+        }
+        // Non-blocking: were it swapped for a FIFO, the open would not wait for a writer.
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
             Ok(fd) => fd,
-            // Gone since it was listed, or a link.
-            Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => continue,
+            // Gone since it was looked at, or swapped for a link or a special file.
+            Err(
+                rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NXIO | rustix::io::Errno::NODEV,
+            ) => {
+                continue;
+            }
             Err(e) => return Err(io("cannot open an entry of the workspace", root, e)),
         };
         let stat = rustix::fs::fstat(&fd).map_err(|e| io("cannot read an entry of the workspace", root, e))?;
+        if (stat.st_dev, stat.st_ino) != (looked.st_dev, looked.st_ino) {
+            continue;
+        }
         let mut relative = prefix.to_vec();
         relative.extend_from_slice(name);
         let mode = (stat.st_mode & 0o7777).to_le_bytes().to_vec();
         match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
-            rustix::fs::FileType::Directory => {
+            rustix::fs::FileType::Directory if depth < MAX_DEPTH => {
                 relative.push(b'/');
                 records.push((relative.clone(), mode));
                 walk(root, &fd, &relative, records)?;
@@ -75,6 +104,33 @@ fn walk(root: &Path, dir: &OwnedFd, prefix: &[u8], records: &mut Vec<(Vec<u8>, V
         }
     }
     Ok(())
+}
+
+/// Removes, on a thread of its own, the staging directories and moved-aside
+/// workspaces that restores a crash cut short left in `workspaces`.
+pub fn remove_leftovers(workspaces: &Path) {
+    let Ok(entries) = std::fs::read_dir(workspaces) else {
+        return;
+    };
+    let leftovers: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('.') && name.contains(".restore-")
+        })
+        .map(|entry| entry.path())
+        .collect();
+    if leftovers.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        for path in leftovers {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "a restore's leftover files stay");
+            }
+        }
+    });
 }
 
 /// Where a restore stages the files of `workspace`.
@@ -188,11 +244,17 @@ pub fn swap(workspace: &Path, staging: &Path) -> Result<()> {
         let _ = dir.sync_all();
     }
     if had {
-        std::thread::spawn(move || {
-            if let Err(e) = std::fs::remove_dir_all(&aside) {
-                tracing::warn!(path = %aside.display(), error = %e, "a restored workspace's old files stay");
+        let removal = std::thread::Builder::new().name("bbx-snapshot-clean".into()).spawn({
+            let aside = aside.clone();
+            move || {
+                if let Err(e) = std::fs::remove_dir_all(&aside) {
+                    tracing::warn!(path = %aside.display(), error = %e, "a restored workspace's old files stay");
+                }
             }
         });
+        if removal.is_err() {
+            tracing::warn!(path = %aside.display(), "a restored workspace's old files stay until the next start");
+        }
     }
     Ok(())
 }
@@ -225,6 +287,28 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(capture(&workspace).unwrap(), captured);
         assert!(!staging.exists());
+    }
+
+    #[test]
+    fn links_sockets_and_fifos_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let workspace = dir.path().join("ws");
+        std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::write(dir.path().join("secret"), b"outside").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), workspace.join("link")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(workspace.join("sock")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            workspace.join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::fs::write(workspace.join("kept.txt"), b"kept").unwrap();
+        let captured = capture(&workspace).unwrap();
+        let names: Vec<&[u8]> = captured.iter().map(|(key, _)| key.as_slice()).collect();
+        assert_eq!(names, [b"kept.txt".as_slice()]);
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod repo;
 pub mod s3;
 mod service;
 pub mod store;
+mod swaps;
 mod triggers;
 mod views;
 pub mod writer;
@@ -65,6 +66,8 @@ pub struct Inner {
     /// The default store's directory.
     default_dir: PathBuf,
     journal_dir: PathBuf,
+    /// Where the agents' workspaces are (and restores stage theirs).
+    workspaces: PathBuf,
     ctx: OnceLock<Context>,
     repo: tokio::sync::OnceCell<Arc<Repository>>,
     /// Held shared by each snapshot being written, exclusive by garbage collection.
@@ -73,6 +76,9 @@ pub struct Inner {
     changes: parking_lot::Mutex<triggers::Changes>,
     /// Told once the component has started.
     started: tokio::sync::Notify,
+    /// Snapshots are built one at a time: with each paced, what they take of
+    /// the cores and the disk stays bounded however many are asked for.
+    builds: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for Snapshots {
@@ -82,21 +88,24 @@ impl std::ops::Deref for Snapshots {
     }
 }
 
-pub const KEYSPACES: &[KeyspaceDef] = &[catalog::SNAPSHOTS, catalog::SNAPSHOT_OWNERS];
+pub const KEYSPACES: &[KeyspaceDef] = &[catalog::SNAPSHOTS, catalog::SNAPSHOT_OWNERS, swaps::SNAPSHOT_SWAPS];
 
 impl Snapshots {
     /// Snapshots kept as `config` says (in `data_dir/snapshots` by default),
-    /// recovering to a time from the journal in `journal_dir`.
-    pub fn new(config: &SnapshotsConfig, data_dir: &Path, journal_dir: &Path) -> Self {
+    /// recovering to a time from the journal in `journal_dir`, of agents whose
+    /// workspaces are in `workspaces`.
+    pub fn new(config: &SnapshotsConfig, data_dir: &Path, journal_dir: &Path, workspaces: &Path) -> Self {
         Self(Arc::new(Inner {
             config: config.clone(),
             default_dir: data_dir.join("snapshots"),
             journal_dir: journal_dir.to_owned(),
+            workspaces: workspaces.to_owned(),
             ctx: OnceLock::new(),
             repo: tokio::sync::OnceCell::new(),
             collection: Arc::new(tokio::sync::RwLock::new(())),
             changes: Default::default(),
             started: tokio::sync::Notify::new(),
+            builds: Arc::new(tokio::sync::Semaphore::new(1)),
         }))
     }
 
@@ -155,6 +164,7 @@ impl Snapshots {
                             region,
                             access_key_id,
                             secret_access_key,
+                            anonymous,
                         } => Box::new(s3::S3Store::new(&s3::S3Settings {
                             bucket,
                             prefix,
@@ -162,6 +172,7 @@ impl Snapshots {
                             region,
                             access_key_id: access_key_id.as_deref(),
                             secret_access_key: secret_access_key.as_deref(),
+                            anonymous: *anonymous,
                         })?),
                     });
                 }
@@ -239,6 +250,7 @@ impl Component for Snapshots {
         let Ok(ctx) = self.context() else { return };
         match completion.kind.as_ref() {
             ops::RESTORE | ops::PITR => {
+                self.finish_swap(&completion.agent, &completion.op_id);
                 let parts = ctx
                     .agents
                     .parts()
@@ -268,12 +280,18 @@ impl Component for Snapshots {
     fn start(&self, ctx: &Context) -> Result<()> {
         *self.changes.lock() = triggers::Changes::new(&ctx.kinds);
         let _ = self.ctx.set(ctx.clone());
+        // Swaps of committed restores a crash left undone, then (listed before
+        // any restore can start: they wait for this start) what restores a
+        // crash cut short left behind.
+        self.swap_all(&ctx.store, &[]);
+        files::remove_leftovers(&self.workspaces);
         self.started.notify_waiters();
         self.schedule();
         Ok(())
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: bbx_core::AgentId) {
+        self.changes.lock().forget(&agent);
         let Ok(listed) = catalog::list(&ctx.store, &agent) else {
             return;
         };

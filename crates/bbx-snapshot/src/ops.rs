@@ -7,8 +7,8 @@
 //!   a crash is never listed (recovery takes it again, its chunks mostly there);
 //! - `snapshot.restore` and `snapshot.pitr` read the snapshot (and replay the
 //!   journal's history) and stage the workspace's files in `ready`; the import
-//!   of every component's part commits with the completion, in one group, and
-//!   the staged files are swapped in as it is staged. Ops before it have
+//!   of every component's part commits with the completion, in one group, with
+//!   the record of the workspace swap that follows it ([`crate::swaps`]). Ops before it have
 //!   completed on the data it replaces; ops after it see the restored data;
 //!   none sees half of each;
 //! - `snapshot.delete` unlists the snapshot; its chunks go at the next
@@ -186,12 +186,15 @@ struct Staged {
     /// The workspace and where its files were staged.
     files: Option<(PathBuf, PathBuf, usize)>,
     counts: Vec<(String, usize)>,
+    /// Its swap is recorded in a group: the staged files are the swap's now.
+    handed_over: bool,
 }
 
 /// A restore that never committed leaves no staged copy of the workspace.
 impl Drop for Staged {
     fn drop(&mut self) {
         if let Some((_, staging, _)) = &self.files
+            && !self.handed_over
             && staging.exists()
         {
             let _ = std::fs::remove_dir_all(staging);
@@ -251,28 +254,37 @@ impl EffectOp for Restore {
                 .collect();
             let import = host.import(data)?;
             // An earlier attempt's staged files go as it is dropped.
-            drop(staged.lock().replace(Staged { import, files, counts }));
+            drop(staged.lock().replace(Staged {
+                import,
+                files,
+                counts,
+                handed_over: false,
+            }));
             Ok(())
         }))
     }
 
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
-        let staged = self.staged.lock();
+        let mut staged = self.staged.lock();
         let restore = staged
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Error::internal("a restore was staged before it was read"))?;
-        // The files move only once the import staged, and a failed move takes
-        // the import back out of the group.
+        // The files are swapped in once this group is durable (see `swaps`).
         let files = tx.all_or_nothing(|tx| {
             restore.import.stage(tx)?;
             match &restore.files {
                 Some((workspace, staging_dir, count)) => {
-                    files::swap(workspace, staging_dir)?;
+                    let swap = crate::swaps::Swap {
+                        workspace: workspace.clone(),
+                        staging: staging_dir.clone(),
+                    };
+                    crate::swaps::stage(tx, staging.agent, &staging.op_id, &swap)?;
                     Ok(json!(count))
                 }
                 None => Ok(Value::Null),
             }
         })?;
+        restore.handed_over = restore.files.is_some();
         let parts: serde_json::Map<String, Value> = restore
             .counts
             .iter()

@@ -161,24 +161,29 @@ impl Repository {
     /// it refuses, or a store that cannot be read, sends it to the next);
     /// `None` if no store has it.
     pub async fn get_checked<T>(&self, name: &str, check: impl Fn(&[u8]) -> Result<T>) -> Result<Option<T>> {
-        let mut failures = Vec::new();
+        let (mut damaged, mut unreachable) = (Vec::new(), Vec::new());
         for replica in &self.replicas {
             match replica.store.get(name).await {
                 Ok(Some(bytes)) => match check(&bytes) {
                     Ok(value) => return Ok(Some(value)),
-                    Err(e) => failures.push(format!("{}: {e}", replica.store.describe())),
+                    Err(e) => damaged.push(format!("{}: {e}", replica.store.describe())),
                 },
                 Ok(None) => {}
-                Err(e) => failures.push(e.to_string()),
+                Err(e) => unreachable.push(e.to_string()),
             }
         }
-        if failures.is_empty() {
-            return Ok(None);
+        match (damaged.is_empty(), unreachable.is_empty()) {
+            (true, true) => Ok(None),
+            // Maybe whole where it could not be read: worth a retry.
+            (true, false) => Err(Error::unavailable(format!(
+                "no store that may have {name} can be read: {}",
+                unreachable.join("; ")
+            ))),
+            _ => Err(corrupt(&format!(
+                "no store has a good copy of {name}: {}",
+                [damaged, unreachable].concat().join("; ")
+            ))),
         }
-        Err(corrupt(&format!(
-            "no store has a good copy of {name}: {}",
-            failures.join("; ")
-        )))
     }
 
     /// The chunks' bytes, in order, each checked against its name. A chunk

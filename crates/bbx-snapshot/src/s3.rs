@@ -19,11 +19,12 @@ pub struct S3Settings<'a> {
     /// An S3-compatible server's URL; AWS's own when `None`.
     pub endpoint: Option<&'a str>,
     pub region: &'a str,
-    /// Keys from the configuration; else `AWS_ACCESS_KEY_ID` and
-    /// `AWS_SECRET_ACCESS_KEY`; else requests go unsigned (a server that
-    /// allows anonymous access).
+    /// Keys from the configuration; else what the AWS SDKs would find
+    /// (`AWS_*` variables, the instance's role).
     pub access_key_id: Option<&'a str>,
     pub secret_access_key: Option<&'a str>,
+    /// Unsigned requests, for a server that allows anonymous access.
+    pub anonymous: bool,
 }
 
 pub struct S3Store {
@@ -34,18 +35,41 @@ pub struct S3Store {
 
 impl S3Store {
     pub fn new(settings: &S3Settings<'_>) -> Result<Self> {
+        let prefix = settings.prefix.trim_matches('/');
+        if prefix.is_empty() || check_name(prefix).is_err() {
+            return Err(Error::invalid_field(
+                "snapshots.stores",
+                format!(
+                    "an S3 store's prefix must be a name like bbx-snapshots, not {:?}",
+                    settings.prefix
+                ),
+            ));
+        }
+        // A store that is down fails its calls in seconds, not the minutes of
+        // the defaults' retries: the other stores are written around it.
+        let retry = object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: std::time::Duration::from_secs(10),
+            ..Default::default()
+        };
+        let client = object_store::ClientOptions::default()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_timeout(std::time::Duration::from_secs(60));
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(settings.bucket)
-            .with_region(settings.region);
+            .with_region(settings.region)
+            .with_retry(retry)
+            .with_client_options(client);
         if let Some(endpoint) = settings.endpoint {
             builder = builder
                 .with_endpoint(endpoint)
                 .with_allow_http(endpoint.starts_with("http://"));
         }
-        match (settings.access_key_id, settings.secret_access_key) {
-            (Some(id), Some(secret)) => builder = builder.with_access_key_id(id).with_secret_access_key(secret),
-            _ if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() => builder = builder.with_skip_signature(true),
-            _ => {}
+        if let (Some(id), Some(secret)) = (settings.access_key_id, settings.secret_access_key) {
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        if settings.anonymous {
+            builder = builder.with_skip_signature(true);
         }
         let store = builder
             .build()
@@ -53,7 +77,7 @@ impl S3Store {
         Ok(Self {
             store,
             bucket: settings.bucket.to_owned(),
-            prefix: settings.prefix.trim_matches('/').to_owned(),
+            prefix: prefix.to_owned(),
         })
     }
 

@@ -23,6 +23,12 @@ impl Snapshots {
     /// Takes a snapshot of the agent (writes its chunks and manifest to a
     /// quorum of stores) and answers what the catalog will list.
     pub(crate) async fn build(&self, agent: AgentId, id: Uuid, trigger: &str) -> Result<Summary> {
+        let _turn = self
+            .builds
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::unavailable("snapshots are shutting down"))?;
         let ctx = self.context()?;
         let host = ctx.agents.clone();
         let repo = self.repo().await?;

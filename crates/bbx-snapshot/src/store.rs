@@ -268,8 +268,17 @@ impl RedisStore {
 }
 
 impl SnapshotStore for RedisStore {
+    /// Without the URL's password: this goes into errors and logs.
     fn describe(&self) -> String {
-        format!("redis {} {}", self.url, self.prefix)
+        let shown = match url::Url::parse(&self.url) {
+            Ok(mut url) => {
+                let _ = url.set_password(None);
+                let _ = url.set_username("");
+                url.to_string()
+            }
+            Err(_) => "redis (a URL that does not parse)".to_owned(),
+        };
+        format!("redis {shown} {}", self.prefix)
     }
 
     fn put<'a>(&'a self, name: &'a str, bytes: Bytes) -> Pending<'a, ()> {

@@ -50,6 +50,10 @@ impl Changes {
         false
     }
 
+    pub fn forget(&mut self, agent: &AgentId) {
+        self.since.remove(agent);
+    }
+
     /// The agents that changed, forgotten.
     fn take(&mut self) -> Vec<(AgentId, Arc<str>)> {
         self.since

@@ -248,6 +248,14 @@ pub async fn read_part(repo: &Repository, part: &PartRef) -> Result<crate::manif
     let refs = ChunkRef::decode_list(&list)?;
     // The list's lengths are checked (its chunks are); the manifest's total
     // must agree before anything is sized by it.
+    // Chunks are never larger than this (four times the largest average): a
+    // list that says otherwise is damaged, and sizes nothing.
+    if refs.iter().any(|r| r.len > 4 << 20) {
+        return Err(chunk::corrupt(&format!(
+            "part {} lists a chunk larger than any chunk",
+            part.name
+        )));
+    }
     let total: u64 = refs.iter().map(|r| r.len as u64).sum();
     if total != part.bytes {
         return Err(chunk::corrupt(&format!(

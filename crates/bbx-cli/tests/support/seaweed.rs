@@ -66,7 +66,7 @@ impl SeaweedS3 {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let server = Self {
+        let mut server = Self {
             child,
             _dir: dir,
             endpoint: format!("http://127.0.0.1:{s3}"),
@@ -77,7 +77,7 @@ impl SeaweedS3 {
     }
 
     /// Until the bucket takes an object.
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self
@@ -85,6 +85,9 @@ impl SeaweedS3 {
                 .is_some_and(|status| status.starts_with("HTTP/1.1 200"))
             {
                 return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("SeaweedFS exited as it started ({status}): a port taken?");
             }
             assert!(Instant::now() < deadline, "SeaweedFS did not start");
             std::thread::sleep(Duration::from_millis(200));

@@ -45,8 +45,9 @@ pub enum SnapshotStoreConfig {
         prefix: String,
     },
     /// An S3 bucket (AWS, or an S3-compatible server at `endpoint`), objects
-    /// under `prefix/`. Keys from here, else from `AWS_ACCESS_KEY_ID` and
-    /// `AWS_SECRET_ACCESS_KEY`, else unsigned requests.
+    /// under `prefix/`. Keys from here, else where the AWS SDKs look (`AWS_*`
+    /// variables, the instance's role); `anonymous = true` sends unsigned
+    /// requests (a server that allows them).
     S3 {
         bucket: String,
         #[serde(default = "default_s3_prefix")]
@@ -59,6 +60,8 @@ pub enum SnapshotStoreConfig {
         access_key_id: Option<String>,
         #[serde(default)]
         secret_access_key: Option<String>,
+        #[serde(default)]
+        anonymous: bool,
     },
 }
 
