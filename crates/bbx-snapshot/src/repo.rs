@@ -24,7 +24,13 @@ pub type ChunkIndex = HashMap<ChunkId, Location>;
 pub struct Replica {
     pub store: Box<dyn SnapshotStore>,
     index: tokio::sync::Mutex<Option<Arc<ChunkIndex>>>,
+    /// When its index last failed to load: it is not asked again for
+    /// [`DOWN_FOR`], so a store that is down costs one timeout, not one per read.
+    failed: parking_lot::Mutex<Option<(std::time::Instant, Error)>>,
 }
+
+/// How long a store whose index did not load counts as down.
+const DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Repository {
     pub replicas: Vec<Replica>,
@@ -55,6 +61,7 @@ impl Repository {
                 .map(|store| Replica {
                     store,
                     index: tokio::sync::Mutex::new(None),
+                    failed: parking_lot::Mutex::new(None),
                 })
                 .collect(),
             quorum,
@@ -63,6 +70,17 @@ impl Repository {
 
     /// The store's chunk index, read from its packs the first time.
     pub async fn index(&self, replica: usize) -> Result<Arc<ChunkIndex>> {
+        if let Some((at, e)) = &*self.replicas[replica].failed.lock()
+            && at.elapsed() < DOWN_FOR
+        {
+            return Err(e.clone());
+        }
+        let loaded = self.load_index(replica).await;
+        *self.replicas[replica].failed.lock() = loaded.as_ref().err().map(|e| (std::time::Instant::now(), e.clone()));
+        loaded
+    }
+
+    async fn load_index(&self, replica: usize) -> Result<Arc<ChunkIndex>> {
         let mut held = self.replicas[replica].index.lock().await;
         if let Some(index) = &*held {
             return Ok(index.clone());

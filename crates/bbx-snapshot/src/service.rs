@@ -40,7 +40,7 @@ impl Snapshots {
         let workspace = host.workspace(&agent)?;
         let data = {
             let host = host.clone();
-            writer::in_background("bbx-snapshot-read", move || {
+            writer::in_background("bbx-snapshot-read", move |_| {
                 let data = host.export(&view, &agent)?;
                 let files = files::capture(&workspace)?;
                 Ok((data, files))

@@ -19,15 +19,17 @@ const QUEUED_PACKS: usize = 2;
 const SNAPSHOT_NICE: i32 = 10;
 
 /// Starts `work` now on a thread of its own at [`SNAPSHOT_NICE`]; what it
-/// gives comes with the future.
+/// gives comes with the future. `work` is told whether the future was dropped
+/// (its op timed out or was cancelled), to stop early.
 pub(crate) fn in_background<T: Send + 'static>(
     name: &str,
-    work: impl FnOnce() -> Result<T> + Send + 'static,
+    work: impl FnOnce(&dyn Fn() -> bool) -> Result<T> + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T>> {
     let (answer, answered) = tokio::sync::oneshot::channel();
     let started = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
         bbx_store::sched::lower_priority(SNAPSHOT_NICE);
-        let _ = answer.send(work());
+        let outcome = work(&|| answer.is_closed());
+        let _ = answer.send(outcome);
     });
     async move {
         started.map_err(|e| Error::internal(format!("cannot start the snapshot writer: {e}")))?;
@@ -72,8 +74,9 @@ pub async fn write_parts(repo: &Arc<Repository>, parts: Vec<PartData>, settings:
         .collect();
     let chunking = in_background("bbx-snapshot", {
         let targets = targets.clone();
-        move || {
+        move |abandoned| {
             let mut writer = PartWriter {
+                abandoned,
                 pace: Pace::new(settings.bytes_per_sec),
                 settings,
                 builders: targets.iter().map(|_| PackBuilder::default()).collect(),
@@ -144,7 +147,9 @@ impl Pace {
     }
 }
 
-struct PartWriter {
+struct PartWriter<'a> {
+    /// Whether the snapshot's op no longer waits for it.
+    abandoned: &'a dyn Fn() -> bool,
     settings: ChunkSettings,
     pace: Pace,
     /// Stores being written to, and what each held before.
@@ -157,13 +162,16 @@ struct PartWriter {
     stats: Stats,
 }
 
-impl PartWriter {
+impl PartWriter<'_> {
     fn part(&mut self, part: PartData) -> Result<PartRef> {
         let mut data = Vec::new();
         let mut bytes = 0u64;
         let mut chunker = Chunker::new(self.settings.avg_bytes);
         let mut record = Vec::new();
         for (key, value) in &part.records {
+            if (self.abandoned)() {
+                return Err(Error::unavailable("the snapshot was abandoned (its op ended)"));
+            }
             record.clear();
             encode_record(key, value, &mut record);
             bytes += record.len() as u64;
