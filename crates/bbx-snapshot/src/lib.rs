@@ -243,6 +243,9 @@ impl Component for Snapshots {
     }
 
     fn completed(&self, completion: &Arc<Completion>) {
+        if completion.kind == ops::CREATE {
+            self.changes.lock().taken(&completion.agent);
+        }
         if completion.status != bbx_core::op::CompletionStatus::Ok {
             return;
         }

@@ -18,6 +18,9 @@ pub struct Changes {
     /// Op kinds with effects (what counts as a change).
     effects: HashSet<String>,
     since: HashMap<AgentId, (Arc<str>, u64)>,
+    /// Agents with an automatic snapshot asked for and not yet completed: a
+    /// busy agent gets one at a time, not a queue of them.
+    taking: HashSet<AgentId>,
 }
 
 impl Changes {
@@ -29,6 +32,7 @@ impl Changes {
                 .map(|(kind, _)| kind.name.to_owned())
                 .collect(),
             since: HashMap::new(),
+            taking: HashSet::new(),
         }
     }
 
@@ -52,6 +56,12 @@ impl Changes {
 
     pub fn forget(&mut self, agent: &AgentId) {
         self.since.remove(agent);
+        self.taking.remove(agent);
+    }
+
+    /// A snapshot of the agent completed (or failed): another may be asked for.
+    pub fn taken(&mut self, agent: &AgentId) {
+        self.taking.remove(agent);
     }
 
     /// The agents that changed, forgotten.
@@ -103,7 +113,11 @@ impl Snapshots {
 
     fn take_later(&self, agent: AgentId, tenant: Arc<str>, trigger: &'static str) {
         let Ok(ctx) = self.context() else { return };
+        if !self.changes.lock().taking.insert(agent) {
+            return;
+        }
         let submitter = ctx.submitter.clone();
+        let me = self.clone();
         ctx.tasks.spawn(async move {
             let mut caller = Caller::of_tenant(KeyId::from_bytes(*agent.as_bytes()), tenant.to_string(), Role::Agent);
             caller.agent = Some(agent);
@@ -113,6 +127,7 @@ impl Snapshots {
                 wait_ms: None,
             };
             if let Err(e) = submitter.submit(&caller, batch).await {
+                me.changes.lock().taken(&agent);
                 tracing::warn!(%agent, trigger, error = %e, "an automatic snapshot was not taken");
             }
         });
@@ -177,5 +192,20 @@ mod tests {
         changes.count(&completion(agent, "state.set"), 0);
         assert_eq!(changes.take().len(), 1);
         assert!(changes.take().is_empty());
+    }
+
+    #[test]
+    fn an_agent_has_one_automatic_snapshot_pending_at_a_time() {
+        let mut changes = Changes::new(&[]);
+        let agent = AgentId::generate();
+        assert!(changes.taking.insert(agent));
+        assert!(
+            !changes.taking.insert(agent),
+            "a second is not asked for while one is pending"
+        );
+        changes.taken(&agent);
+        assert!(changes.taking.insert(agent));
+        changes.forget(&agent);
+        assert!(changes.taking.is_empty());
     }
 }
