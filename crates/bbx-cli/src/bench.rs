@@ -334,26 +334,35 @@ where
     Ok(Figures::from(&all, started.elapsed()))
 }
 
-/// An in-process kernel on `dir` with the settings of `over` (logging warnings
-/// only), and its administrator.
-/// Runs `work` on a multi-threaded runtime of its own, on a thread of its own:
-/// an in-process kernel needs one, and the CLI's runtime is single-threaded.
-pub(crate) fn on_own_runtime<T, F>(work: impl FnOnce() -> F + Send + 'static) -> Result<T>
+/// Runs `measure` on a scratch directory (under `scratch_dir`, or the system's
+/// temporary one), on a multi-threaded runtime and a thread of its own (an
+/// in-process kernel needs one, and the CLI's runtime is single-threaded),
+/// and prints its report as JSON.
+pub(crate) fn report_in_process<R, F>(
+    scratch_dir: Option<&Path>,
+    measure: impl FnOnce(std::path::PathBuf) -> F + Send + 'static,
+) -> Result<()>
 where
-    T: Send + 'static,
-    F: std::future::Future<Output = Result<T>>,
+    R: serde::Serialize + Send + 'static,
+    F: std::future::Future<Output = Result<R>>,
 {
-    std::thread::spawn(move || -> Result<T> {
+    let scratch = self::scratch_dir(scratch_dir)?;
+    let dir = scratch.path().to_path_buf();
+    let report = std::thread::spawn(move || -> Result<R> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(work())
+            .block_on(measure(dir))
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("the benchmark panicked"))?
+    .map_err(|_| anyhow::anyhow!("the benchmark panicked"))??;
+    crate::output::json(&report);
+    Ok(())
 }
 
+/// An in-process kernel on `dir` with the settings of `over` (logging warnings
+/// only), and its administrator.
 pub(crate) async fn open_in_process(
     dir: &Path,
     over: ConfigLayer,

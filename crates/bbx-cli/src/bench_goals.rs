@@ -5,7 +5,7 @@
 //! independent noop steps; independent `sleep` steps (how parallel they run).
 //! Each workflow runs `--runs` times: the median, with the range.
 
-use crate::bench::{histogram, scratch_dir};
+use crate::bench::histogram;
 use crate::cli::{BenchGoalsArgs, Cli};
 use anyhow::{Result, bail};
 use bbx_core::op::{SubmitBatch, SubmitOp};
@@ -266,11 +266,11 @@ pub async fn goals(cli: &Cli, args: &BenchGoalsArgs) -> Result<()> {
     if args.steps < 2 || args.runs == 0 {
         bail!("--steps must be at least 2 and --runs at least 1");
     }
-    let scratch = scratch_dir(args.scratch_dir.as_deref())?;
-    let dir = scratch.path().to_path_buf();
-    let args = args.clone();
-    let report = crate::bench::on_own_runtime(move || async move { measure(&dir, &args).await })?;
-    crate::output::json(&report);
     let _ = cli;
-    Ok(())
+    let scratch_dir = args.scratch_dir.clone();
+    let args = args.clone();
+    crate::bench::report_in_process(
+        scratch_dir.as_deref(),
+        move |dir| async move { measure(&dir, &args).await },
+    )
 }

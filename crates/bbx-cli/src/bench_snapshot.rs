@@ -9,7 +9,6 @@
 //! of small state writes alone (the reference) and while snapshots of the
 //! large agent run back to back.
 
-use crate::bench::scratch_dir;
 use crate::cli::{BenchSnapshotArgs, Cli};
 use anyhow::{Result, bail};
 use bbx_core::AgentId;
@@ -343,11 +342,11 @@ pub async fn snapshot(cli: &Cli, args: &BenchSnapshotArgs) -> Result<()> {
     if args.keys == 0 || args.runs == 0 || !(0.0..=100.0).contains(&args.changed_percent) {
         bail!("--keys and --runs must be at least 1, --changed-percent from 0 to 100");
     }
-    let scratch = scratch_dir(args.scratch_dir.as_deref())?;
-    let dir = scratch.path().to_path_buf();
-    let args = args.clone();
-    let report = crate::bench::on_own_runtime(move || async move { measure(&dir, &args).await })?;
-    crate::output::json(&report);
     let _ = cli;
-    Ok(())
+    let scratch_dir = args.scratch_dir.clone();
+    let args = args.clone();
+    crate::bench::report_in_process(
+        scratch_dir.as_deref(),
+        move |dir| async move { measure(&dir, &args).await },
+    )
 }

@@ -37,8 +37,13 @@
 //! snapshot. What a component that saves and restores whole agents needs of the
 //! kernel beyond ops is an [`AgentHost`].
 
+pub mod agent_data;
 pub mod builtin;
+pub mod endpoint;
 pub mod refs;
+
+pub use agent_data::{AgentData, AgentHost, Exported, ExportedWrite, Import, StoreWrite};
+pub use endpoint::{Endpoint, Events, Handler, StreamHandler};
 
 pub use refs::Reference;
 
@@ -298,76 +303,6 @@ pub fn write_later(
     });
 }
 
-/// One record of an agent's data as its component exports it: opaque to anyone
-/// else, given back to the same component's [`Component::import`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exported {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-}
-
-/// A store write as the journal's history holds it: keyspace id, key, and the
-/// new value (`None` removes the key).
-#[derive(Debug, Clone, Copy)]
-pub struct StoreWrite<'a> {
-    pub keyspace: u8,
-    pub key: &'a [u8],
-    pub value: Option<&'a [u8]>,
-}
-
-/// What a store write does to an export: the record's key, and its new value
-/// (`None` removes the record).
-pub type ExportedWrite = (Vec<u8>, Option<Vec<u8>>);
-
-/// What the kernel does for a component that saves and restores whole agents
-/// (snapshots, forks): implemented by the kernel, handed over in [`Context`].
-pub trait AgentHost: Send + Sync {
-    /// The agent's record (`not_found` if there is none). Not checked against
-    /// a caller: an endpoint asks [`Submitter::may_read`] first.
-    fn agent(&self, agent: &AgentId) -> Result<bbx_core::model::Agent>;
-
-    /// Every component's data of the agent, read in `view`.
-    fn export(&self, view: &Snapshot, agent: &AgentId) -> Result<AgentData>;
-
-    /// Maps a store write to the export part (by component name) it changes.
-    fn exported_write(&self, agent: &AgentId, write: StoreWrite<'_>) -> Option<(&'static str, ExportedWrite)>;
-
-    /// The name of every component: the parts an import may have.
-    fn parts(&self) -> Vec<&'static str>;
-
-    /// The write that imports `data` into every component that has a part of it.
-    fn import(&self, data: AgentData) -> Result<Box<dyn bbx_store::Staged>>;
-
-    /// An import of `data`'s parts committed: the components drop what they
-    /// hold in memory of the agent.
-    fn imported(&self, data: &AgentData);
-
-    /// Creates an agent as `caller`.
-    fn create_agent<'a>(
-        &'a self,
-        caller: &'a Caller,
-        request: bbx_core::model::CreateAgent,
-    ) -> Pending<'a, bbx_core::model::Agent>;
-
-    /// Deletes an agent as `caller` (a fork that failed half way).
-    fn delete_agent<'a>(&'a self, caller: &'a Caller, agent: AgentId) -> Pending<'a, ()>;
-
-    /// The agent's own quota limits.
-    fn quota_limits(&self, agent: &AgentId) -> bbx_core::quota::QuotaLimits;
-
-    /// Sets the agent's quota limits as `caller`.
-    fn set_quota_limits<'a>(
-        &'a self,
-        caller: &'a Caller,
-        agent: AgentId,
-        limits: bbx_core::quota::QuotaLimits,
-    ) -> Pending<'a, ()>;
-
-    /// The agent's workspace directory (where its file tools work), made if
-    /// it is not there.
-    fn workspace(&self, agent: &AgentId) -> Result<std::path::PathBuf>;
-}
-
 /// An op as submitted, for the checks of components.
 pub struct Submission<'a> {
     /// The id the op will have if it is accepted.
@@ -411,160 +346,6 @@ pub struct HoldRequest {
     pub by: &'static str,
     pub reason: String,
     pub within: Duration,
-}
-
-/// Serves one call of an endpoint: the caller, and the input (an object of the
-/// path's fields and the body's).
-pub type Handler = Arc<dyn Fn(Caller, Value) -> Pending<'static, Value> + Send + Sync>;
-
-/// What a streaming endpoint answers: events, until its sender ends them or the
-/// client goes (the receiver is dropped).
-pub type Events = tokio::sync::mpsc::Receiver<Value>;
-
-/// Serves one call of a streaming endpoint.
-pub type StreamHandler = Arc<dyn Fn(Caller, Value) -> Pending<'static, Events> + Send + Sync>;
-
-/// An operation a component offers to clients, described once: the server serves
-/// it as an HTTP route (in the OpenAPI document) and an MCP tool, and the CLI as a
-/// command, without knowing it. A streaming one is served as server-sent events
-/// (and is no MCP tool).
-#[derive(Clone)]
-pub struct Endpoint {
-    pub info: bbx_core::model::EndpointInfo,
-    pub handler: Handler,
-    pub stream: Option<StreamHandler>,
-}
-
-impl Endpoint {
-    /// [`Endpoint::new`] whose handler is `call` on a clone of `on` (the
-    /// component, say) for each request.
-    pub fn serving<S, I, O, F, Fut>(
-        on: &S,
-        name: &'static str,
-        route: (&'static str, &'static str),
-        description: &'static str,
-        call: F,
-    ) -> Self
-    where
-        S: Clone + Send + Sync + 'static,
-        I: serde::de::DeserializeOwned + schemars::JsonSchema,
-        O: serde::Serialize,
-        F: Fn(S, Caller, I) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<O>> + Send + 'static,
-    {
-        let on = on.clone();
-        Self::new(name, route, description, move |caller, input| {
-            call(on.clone(), caller, input)
-        })
-    }
-
-    /// An endpoint whose input is `I` (its JSON Schema published, and checked
-    /// before `handler` runs) and whose output is `O`.
-    pub fn new<I, O, F, Fut>(
-        name: &'static str,
-        route: (&'static str, &'static str),
-        description: &'static str,
-        handler: F,
-    ) -> Self
-    where
-        I: serde::de::DeserializeOwned + schemars::JsonSchema,
-        O: serde::Serialize,
-        F: Fn(Caller, I) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<O>> + Send + 'static,
-    {
-        let handler = Arc::new(handler);
-        Self {
-            info: info::<I>(name, route, description, false),
-            handler: Arc::new(move |caller, input| {
-                let handler = handler.clone();
-                Box::pin(async move {
-                    let input: I = parse_args(name, &input)?;
-                    let output = handler(caller, input).await?;
-                    serde_json::to_value(output).map_err(|e| Error::internal(e.to_string()))
-                })
-            }),
-            stream: None,
-        }
-    }
-
-    /// A streaming endpoint (a `GET`) whose input is `I` and whose events
-    /// `handler` sends.
-    pub fn streaming<I, F, Fut>(name: &'static str, path: &'static str, description: &'static str, handler: F) -> Self
-    where
-        I: serde::de::DeserializeOwned + schemars::JsonSchema,
-        F: Fn(Caller, I) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Events>> + Send + 'static,
-    {
-        let handler = Arc::new(handler);
-        Self {
-            info: info::<I>(name, ("GET", path), description, true),
-            handler: Arc::new(move |_, _| {
-                Box::pin(async move {
-                    Err(Error::invalid_field(
-                        "endpoint",
-                        format!("{name} streams: GET it as server-sent events"),
-                    ))
-                })
-            }),
-            stream: Some(Arc::new(move |caller, input| {
-                let handler = handler.clone();
-                Box::pin(async move {
-                    let input: I = parse_args(name, &input)?;
-                    handler(caller, input).await
-                })
-            })),
-        }
-    }
-}
-
-/// An endpoint's description, with its input's JSON Schema.
-fn info<I: schemars::JsonSchema>(
-    name: &str,
-    (method, path): (&str, &str),
-    description: &str,
-    streams: bool,
-) -> bbx_core::model::EndpointInfo {
-    bbx_core::model::EndpointInfo {
-        name: name.to_owned(),
-        method: method.to_owned(),
-        path: path.to_owned(),
-        description: description.to_owned(),
-        input: serde_json::to_value(schemars::schema_for!(I)).unwrap_or_default(),
-        streams,
-    }
-}
-
-/// An agent's data, as each component exported it (by component name).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentData {
-    pub agent: AgentId,
-    pub parts: Vec<(String, Vec<Exported>)>,
-}
-
-/// Imports an agent's data into every component that exported a part of it, in
-/// one group: all of it, or (if any part fails) none.
-pub struct Import {
-    data: AgentData,
-    components: Vec<Arc<dyn Component>>,
-}
-
-impl std::fmt::Debug for Import {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Import")
-            .field("agent", &self.data.agent)
-            .finish_non_exhaustive()
-    }
-}
-
-impl bbx_store::Staged for Import {
-    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<bbx_store::Applied> {
-        tx.all_or_nothing(|tx| {
-            for (component, (_, records)) in self.components.iter().zip(&self.data.parts) {
-                component.import(tx, &self.data.agent, records)?;
-            }
-            Ok(bbx_store::Applied::Done)
-        })
-    }
 }
 
 /// A component: the op kinds it serves, how their ops are prepared, and its part
