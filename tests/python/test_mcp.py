@@ -106,6 +106,7 @@ TOOLS = {
     "context_get",
     "context_list",
     "context_assemble",
+    "context_search",
     "context_pin",
     "context_delete",
     "context_demote",

@@ -107,6 +107,15 @@ impl Caller {
         }
     }
 
+    /// The agent itself, as the kernel acts for it (an automatic snapshot, a
+    /// summary of its context): confined to the agent, in its tenant, billed
+    /// and checked as the agent's own ops are. Its key id is the agent's id.
+    pub fn of_agent(agent: AgentId, tenant: impl Into<String>) -> Self {
+        let mut caller = Self::of_tenant(KeyId::from_bytes(*agent.as_bytes()), tenant, Role::Agent);
+        caller.agent = Some(agent);
+        caller
+    }
+
     pub fn is_admin(&self) -> bool {
         self.tenant.is_none() && self.role == Role::Admin
     }

@@ -180,15 +180,15 @@ impl Bench {
 
 /// Full restores of the filled agent from an S3-only kernel.
 async fn s3_restores(dir: &std::path::Path, args: &BenchSnapshotArgs, endpoint: &str) -> Result<Spread> {
-    let store = bbx_core::config::SnapshotStoreConfig::S3 {
+    let store = bbx_core::config::SnapshotStoreConfig::S3(bbx_core::config::S3Bucket {
         bucket: args.s3_bucket.clone(),
-        prefix: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        prefix: Some(format!("bench-{}", uuid::Uuid::new_v4().simple())),
         endpoint: Some(endpoint.to_owned()),
         region: "us-east-1".into(),
         access_key_id: None,
         secret_access_key: None,
         anonymous: true,
-    };
+    });
     let over = bbx_core::config::ConfigLayer {
         snapshots: Some(bbx_core::config::SnapshotsConfig {
             stores: vec![store],

@@ -58,6 +58,14 @@ pub enum ContextCommand {
         #[arg(long)]
         budget: u32,
     },
+    /// Search AGENT's items that reached COLD, through SemanticMemory.
+    Search {
+        agent: String,
+        query: String,
+        /// Items at most.
+        #[arg(short, long, default_value_t = 10)]
+        k: usize,
+    },
     /// Pin an item (--unpin to let it go).
     Pin {
         agent: String,
@@ -140,6 +148,9 @@ pub async fn run(cli: &Cli, command: &ContextCommand) -> Result<()> {
             ("context.demote", json!({ "agent": agent, "id": id, "tier": tier }))
         }
         ContextCommand::Stats { agent } => ("context.stats", json!({ "agent": agent })),
+        ContextCommand::Search { agent, query, k } => {
+            ("context.search", json!({ "agent": agent, "query": query, "k": k }))
+        }
         ContextCommand::PrefetchHint { agent, id } => {
             ("context.prefetch", json!({ "agent": agent, "ids": [id_number(id)?] }))
         }

@@ -81,7 +81,7 @@ pub struct SearchOptions {
 
 #[derive(Args, Debug)]
 pub struct ForgetOptions {
-    /// lru, capacity, age or decay.
+    /// lru, capacity, age, decay or matching.
     #[arg(long)]
     strategy: String,
     /// lru, capacity: how many to keep.
@@ -96,6 +96,9 @@ pub struct ForgetOptions {
     /// decay: the weight below which a memory goes.
     #[arg(long)]
     min_weight: Option<f64>,
+    /// matching: the metadata every memory that goes has, a JSON object.
+    #[arg(long)]
+    filter: Option<String>,
     /// Say what would go, and forget nothing.
     #[arg(long)]
     dry_run: bool,
@@ -180,11 +183,12 @@ fn json_object(field: &str, text: Option<&String>) -> Result<Option<Value>> {
     }
 }
 
-fn forget_input(agent: &str, o: &ForgetOptions) -> Value {
-    json!({
+fn forget_input(agent: &str, o: &ForgetOptions) -> Result<Value> {
+    Ok(json!({
         "agent": agent, "strategy": o.strategy, "max": o.max, "max_age_secs": o.max_age_secs,
         "half_life_secs": o.half_life_secs, "min_weight": o.min_weight, "dry_run": o.dry_run,
-    })
+        "filter": json_object("filter", o.filter.as_ref())?,
+    }))
 }
 
 pub async fn run(cli: &Cli, command: &MemoryCommand) -> Result<()> {
@@ -221,7 +225,7 @@ pub async fn run(cli: &Cli, command: &MemoryCommand) -> Result<()> {
         ),
         MemoryCommand::Get { agent, id } => ("memory.get", json!({ "agent": agent, "id": id })),
         MemoryCommand::Delete { agent, id } => ("memory.delete", json!({ "agent": agent, "id": id })),
-        MemoryCommand::Forget { agent, options } => ("memory.forget", forget_input(agent, options)),
+        MemoryCommand::Forget { agent, options } => ("memory.forget", forget_input(agent, options)?),
         MemoryCommand::Stats { agent } => ("memory.stats", json!({ "agent": agent })),
     };
     let answer = api.call_endpoint(name, input).await?;
@@ -240,7 +244,7 @@ pub async fn report(cli: &Cli, command: &SemanticMemoryCommand) -> Result<()> {
             "semantic_memory.add",
             json!({ "agent": agent, "text": text_arg(content)? }),
         ),
-        SemanticMemoryCommand::Forget { agent, options } => ("semantic_memory.forget", forget_input(agent, options)),
+        SemanticMemoryCommand::Forget { agent, options } => ("semantic_memory.forget", forget_input(agent, options)?),
     };
     let answer = client(cli)?.call_endpoint(name, input).await?;
     print(cli, name, &answer);

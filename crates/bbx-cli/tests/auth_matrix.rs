@@ -191,6 +191,7 @@ fn rule(method: &str, path: &str) -> Option<(Needs, Target)> {
         | (
             "POST",
             "/v1/agents/{agent}/context/assemble"
+            | "/v1/agents/{agent}/context/search"
             | "/v1/agents/{agent}/context/prefetch"
             | "/v1/enhanced-context/{agent}/prefetch/{key}",
         ) => (Read, Object),
@@ -499,6 +500,7 @@ fn request(method: &str, path: &str, f: &Fixture) -> (String, Option<Value>) {
         "/v1/agents/{agent}/context" if method == "POST" => json!({ "content": "another item" }),
         "/v1/agents/{agent}/context/{id}/demote" => json!({ "tier": "cool" }),
         "/v1/agents/{agent}/context/assemble" => json!({ "budget": 1000 }),
+        "/v1/agents/{agent}/context/search" => json!({ "query": "door" }),
         "/v1/agents/{agent}/context/prefetch" => json!({ "ids": [1] }),
         "/v1/goals/runs" | "/v1/goal-engine/execute" => {
             json!({ "agent": f.agent, "workflow": { "steps": { "a": { "kind": "noop" } } } })

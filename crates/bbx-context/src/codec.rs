@@ -111,6 +111,28 @@ pub fn content_crc(block: &[u8]) -> Option<u32> {
     block.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// What the tag byte of a block kept in object storage says: the store keeps
+/// only this stub (the block's header, then the object's name).
+const REMOTE_TAG: u8 = 0x80;
+
+/// A stub for `block`, kept in object storage under `name`: its header (the
+/// content's CRC32 and length) and the name.
+pub fn remote_stub(block: &[u8], name: &str) -> Vec<u8> {
+    let mut stub = Vec::with_capacity(HEADER + name.len());
+    stub.push(REMOTE_TAG);
+    stub.extend_from_slice(block.get(1..HEADER).unwrap_or(&[0; HEADER - 1]));
+    stub.extend_from_slice(name.as_bytes());
+    stub
+}
+
+/// The object a stub names, or `None` for a block kept in place.
+pub fn remote_name(block: &[u8]) -> Option<&str> {
+    if block.first() != Some(&REMOTE_TAG) {
+        return None;
+    }
+    std::str::from_utf8(block.get(HEADER..)?).ok()
+}
+
 /// The codec a block names.
 pub fn codec_of(block: &[u8]) -> Result<Codec> {
     block
@@ -139,6 +161,21 @@ pub fn decode(block: &[u8]) -> Result<String> {
         return Err(corrupt("checksum mismatch"));
     }
     String::from_utf8(bytes).map_err(|_| corrupt("not UTF-8"))
+}
+
+#[cfg(test)]
+mod stub_tests {
+    use super::*;
+
+    #[test]
+    fn a_stub_names_its_object_and_keeps_the_blocks_checksum() {
+        let block = encode("far away", Codec::ZstdHigh, 19).unwrap();
+        let stub = remote_stub(&block, "a/1-ff");
+        assert_eq!(remote_name(&stub), Some("a/1-ff"));
+        assert_eq!(content_crc(&stub), content_crc(&block));
+        assert_eq!(remote_name(&block), None);
+        assert!(decode(&stub).is_err(), "a stub is never served as content");
+    }
 }
 
 #[cfg(test)]

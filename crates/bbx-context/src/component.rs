@@ -66,6 +66,12 @@ impl Component for Contexts {
             ),
             _ => return,
         };
+        if completion.kind.as_ref() == "context.delete" && !ids.is_empty() {
+            if self.cold_search() {
+                self.forget_in_memory(completion.agent, ids.clone());
+            }
+            self.remove_objects(completion.agent, Some(ids.clone()));
+        }
         self.refresh(&completion.agent, &ids, change);
     }
 
@@ -75,7 +81,7 @@ impl Component for Contexts {
         view: &fjall::Snapshot,
         agent: &AgentId,
     ) -> Result<Vec<bbx_component::Exported>> {
-        crate::lifecycle::export(store, view, agent)
+        crate::lifecycle::export(store, view, agent, |block| self.resolve(block))
     }
 
     fn exported_write(
@@ -103,6 +109,7 @@ impl Component for Contexts {
     /// Memory lets go at once; the store's records go on a task.
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
         self.0.agents.write().remove(&agent);
+        self.remove_objects(agent, None);
         let store = ctx.store.clone();
         ctx.tasks.spawn(async move {
             if let Err(e) = crate::lifecycle::forget_agent(&store, agent).await {

@@ -43,6 +43,14 @@ pub(crate) struct Inner {
     /// Agents let go with items whose block on disk is still lz4: the
     /// migrator rewrites those as COOL (zstd), a batch a round.
     pub recode: Mutex<std::collections::VecDeque<AgentId>>,
+    /// COLD items go to memory ([`crate::cold_search`]): `context.cold_search`
+    /// and a kernel that serves `memory.add`.
+    pub cold_search: AtomicBool,
+    /// Where COLD blocks go when not to the local disk ([`crate::cold_objects`]).
+    pub cold_objects: Option<Arc<bbx_objects::S3Store>>,
+    /// The kernel's runtime, for reads from object storage on threads of
+    /// their own (a snapshot's export).
+    pub runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 /// An agent's place in memory.
@@ -85,6 +93,14 @@ pub(crate) fn not_found(id: ItemId) -> Error {
 
 impl Contexts {
     pub fn new(config: &ContextConfig) -> Result<Self> {
+        let cold_objects = config
+            .cold_objects
+            .as_ref()
+            .map(|bucket| {
+                bbx_objects::S3Store::new(bucket, crate::cold_objects::DEFAULT_PREFIX, "context.cold_objects")
+            })
+            .transpose()?
+            .map(Arc::new);
         Ok(Self(Arc::new(Inner {
             counter: TokenCounter::new(&config.tokenizer)?,
             config: config.clone(),
@@ -96,6 +112,9 @@ impl Contexts {
             training_busy: AtomicBool::new(false),
             demote_failures: AtomicU64::new(0),
             recode: Mutex::default(),
+            cold_search: AtomicBool::new(false),
+            cold_objects,
+            runtime: OnceLock::new(),
         })))
     }
 
@@ -108,6 +127,17 @@ impl Contexts {
 
     pub(crate) fn store(&self) -> Result<&Arc<Store>> {
         Ok(&self.context()?.store)
+    }
+
+    /// The item's block as durable now, fetched from object storage where
+    /// the store keeps a stub of it.
+    pub(crate) fn read_block(&self, agent: &AgentId, id: ItemId) -> Result<Option<Vec<u8>>> {
+        let store = self.store()?;
+        let stored = store
+            .view()
+            .get(store.keyspace(CONTEXT_BLOCKS), item_key(agent, id))
+            .map_err(|e| storage_error("read a context block", e))?;
+        stored.map(|block| self.resolve(block.to_vec())).transpose()
     }
 
     pub fn counter(&self) -> &TokenCounter {
@@ -125,6 +155,7 @@ impl Contexts {
         if self.0.ctx.set(ctx.clone()).is_err() {
             return Err(Error::internal("the context component was started twice"));
         }
+        let _ = self.0.runtime.set(tokio::runtime::Handle::current());
         let stored = ctx
             .store
             .view()
@@ -136,6 +167,13 @@ impl Contexts {
         let this = self.clone();
         let stopping = ctx.stopping.clone();
         ctx.tasks.spawn(async move { this.migrate_until(stopping).await });
+        let memory = ctx.kinds.iter().any(|(kind, _)| kind.name == "memory.add");
+        if self.0.config.cold_search && memory {
+            self.0.cold_search.store(true, Ordering::Relaxed);
+            let this = self.clone();
+            let stopping = ctx.stopping.clone();
+            ctx.tasks.spawn(async move { this.index_cold_until(stopping).await });
+        }
         let store = ctx.store.clone();
         ctx.tasks.spawn(async move {
             if let Err(e) = crate::lifecycle::forget_orphans(&store).await {
@@ -333,7 +371,7 @@ impl Contexts {
                     }
                     if record.pinned && !matches!(updated.resident, Resident::Hot(_)) {
                         // A pinned item is always in the window: keep it at hand.
-                        if let Some(content) = read_block(store, agent, id)?.map(|b| codec::decode(&b)).transpose()? {
+                        if let Some(content) = self.read_block(agent, id)?.map(|b| codec::decode(&b)).transpose()? {
                             updated.resident = Resident::Hot(content.into());
                         }
                     }
@@ -342,7 +380,7 @@ impl Contexts {
                     ctx.insert(updated);
                 }
                 None => {
-                    let resident = match read_block(store, agent, id)? {
+                    let resident = match self.read_block(agent, id)? {
                         Some(block) if record.codec == Codec::Lz4 => Resident::Hot(codec::decode(&block)?.into()),
                         _ => Resident::None,
                     };
@@ -400,7 +438,7 @@ impl Contexts {
             Resident::Hot(content) => content,
             Resident::Warm(block) => self.promote(agent, id, codec::decode(&block)?.into(), false),
             Resident::None => {
-                let block = read_block(self.store()?, &agent, id)?.ok_or_else(|| not_found(id))?;
+                let block = self.read_block(&agent, id)?.ok_or_else(|| not_found(id))?;
                 self.promote(agent, id, codec::decode(&block)?.into(), false)
             }
         };
@@ -438,7 +476,7 @@ impl Contexts {
             Resident::Hot(content) => Ok(content),
             Resident::Warm(block) => Ok(codec::decode(&block)?.into()),
             Resident::None => {
-                let block = read_block(self.store()?, &agent, id)?.ok_or_else(|| not_found(id))?;
+                let block = self.read_block(&agent, id)?.ok_or_else(|| not_found(id))?;
                 Ok(codec::decode(&block)?.into())
             }
         }
@@ -452,7 +490,7 @@ impl Contexts {
             let content: Arc<str> = match resident.ok_or_else(|| not_found(id))? {
                 Resident::Hot(_) => continue,
                 Resident::Warm(block) => codec::decode(&block)?.into(),
-                Resident::None => match read_block(self.store()?, &agent, id)? {
+                Resident::None => match self.read_block(&agent, id)? {
                     Some(block) => codec::decode(&block)?.into(),
                     None => continue,
                 },
@@ -592,12 +630,4 @@ pub(crate) fn read_record(store: &Store, agent: &AgentId, id: ItemId) -> Result<
         .map_err(|e| storage_error("read a context item", e))?
         .map(|bytes| Record::decode(&bytes))
         .transpose()
-}
-
-pub(crate) fn read_block(store: &Store, agent: &AgentId, id: ItemId) -> Result<Option<Vec<u8>>> {
-    Ok(store
-        .view()
-        .get(store.keyspace(CONTEXT_BLOCKS), item_key(agent, id))
-        .map_err(|e| storage_error("read a context block", e))?
-        .map(|bytes| bytes.to_vec()))
 }

@@ -105,6 +105,17 @@ struct AssembleReq {
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+struct SearchReq {
+    agent: AgentId,
+    /// What to look for, by meaning and by words.
+    query: String,
+    /// Items at most [default: 10].
+    #[serde(default)]
+    k: Option<usize>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 struct PrefetchReq {
     agent: AgentId,
     ids: Vec<ItemId>,
@@ -214,6 +225,16 @@ pub(crate) fn endpoints(contexts: &Contexts) -> Vec<Endpoint> {
                     return Err(Error::invalid_field("budget", "must be at least 1 token"));
                 }
                 c.blocking(move |c| c.assemble(req.agent, req.budget)).await
+            },
+        ),
+        Endpoint::serving(
+            contexts,
+            "context.search",
+            ("POST", "/v1/agents/{agent}/context/search"),
+            "Search an agent's context items that reached COLD, by meaning and by words, through SemanticMemory: each found item with its score, tier and content.",
+            |c: Contexts, caller, req: SearchReq| async move {
+                c.may_read(&caller, &req.agent, "context.search")?;
+                c.search(req.agent, req.query, req.k.unwrap_or(10)).await
             },
         ),
         Endpoint::serving(

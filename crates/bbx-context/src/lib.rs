@@ -32,6 +32,8 @@
 
 pub mod assemble;
 pub mod codec;
+mod cold_objects;
+mod cold_search;
 mod component;
 mod contexts;
 mod endpoints;
@@ -39,6 +41,7 @@ pub mod importance;
 pub mod item;
 mod lifecycle;
 pub mod migrate;
+mod model_summary;
 mod ops;
 pub mod prefetch;
 pub mod state;
@@ -79,10 +82,18 @@ pub const CONTEXT_MODEL: KeyspaceDef = KeyspaceDef {
     name: "context_model",
 };
 
-pub const KEYSPACES: [KeyspaceDef; 5] = [
+/// agent, id -> nothing: an item that reached COLD and is yet to be added to
+/// the agent's memory ([`cold_search`]).
+pub const CONTEXT_COLD_INDEX: KeyspaceDef = KeyspaceDef {
+    id: 46,
+    name: "context_cold_index",
+};
+
+pub const KEYSPACES: [KeyspaceDef; 6] = [
     CONTEXT_ITEMS,
     CONTEXT_BLOCKS,
     CONTEXT_ACCESS,
     CONTEXT_AGENTS,
     CONTEXT_MODEL,
+    CONTEXT_COLD_INDEX,
 ];

@@ -22,6 +22,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Blocks put in object storage at once.
+const OFFLOADS_AT_ONCE: usize = 16;
+
 /// An item chosen to move down a tier.
 struct Move {
     agent: AgentId,
@@ -48,16 +51,25 @@ struct Recode {
     /// it since (an operator's demotion), this one gives way.
     was: Codec,
     codec: Codec,
+    /// What the store keeps: the block, or its stub when COLD blocks go to
+    /// object storage.
     block: Vec<u8>,
+    /// The block's size, wherever it is kept.
+    stored_bytes: u32,
 }
 
+/// Blocks rewritten on disk; those that reach COLD are marked for memory
+/// when `index_cold` ([`crate::cold_search`]).
 #[derive(Debug)]
-struct Recodes(Vec<Recode>);
+struct Recodes {
+    recodes: Vec<Recode>,
+    index_cold: bool,
+}
 
 impl Staged for Recodes {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
         tx.all_or_nothing(|tx| {
-            for recode in &self.0 {
+            for recode in &self.recodes {
                 let key = item_key(&recode.agent, recode.id);
                 let Some(bytes) = tx.read(CONTEXT_ITEMS, &key)? else {
                     continue;
@@ -71,9 +83,12 @@ impl Staged for Recodes {
                     continue;
                 }
                 record.codec = recode.codec;
-                record.stored_bytes = recode.block.len() as u32;
+                record.stored_bytes = recode.stored_bytes;
                 tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
                 tx.put(CONTEXT_BLOCKS, key, recode.block.clone());
+                if self.index_cold && recode.codec == Codec::ZstdHigh {
+                    crate::cold_search::mark(tx, &recode.agent, recode.id);
+                }
             }
             Ok(Applied::Done)
         })
@@ -226,7 +241,12 @@ impl Contexts {
         let more = recodes.len() == BATCH;
         if !recodes.is_empty()
             && let Ok(store) = self.store()
-            && let Err(e) = store.write(Recodes(recodes)).await
+            && let Err(e) = store
+                .write(Recodes {
+                    recodes,
+                    index_cold: false,
+                })
+                .await
         {
             self.0.demote_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, %agent, "an idle agent's blocks could not be rewritten as COOL");
@@ -251,7 +271,7 @@ impl Contexts {
             if record.codec != Codec::Lz4 {
                 continue;
             }
-            let Some(block) = crate::contexts::read_block(store, &agent, record.id)? else {
+            let Some(block) = self.read_block(&agent, record.id)? else {
                 continue;
             };
             let content = match codec::decode(&block) {
@@ -261,12 +281,14 @@ impl Contexts {
                     continue;
                 }
             };
+            let block = codec::encode(&content, Codec::Zstd, self.0.config.cool_level)?;
             recodes.push(Recode {
                 agent,
                 id: crate::item::parse_item_key(&key).unwrap_or(record.id),
                 was: Codec::Lz4,
                 codec: Codec::Zstd,
-                block: codec::encode(&content, Codec::Zstd, self.0.config.cool_level)?,
+                stored_bytes: block.len() as u32,
+                block,
             });
             if recodes.len() == batch {
                 break;
@@ -360,6 +382,10 @@ impl Contexts {
         if to_disk.is_empty() {
             return;
         }
+        let to_disk = self.offload_cold(to_disk).await;
+        if to_disk.is_empty() {
+            return;
+        }
         let Ok(store) = self.store() else { return };
         let recoded: Vec<(Recode, Resident)> = to_disk
             .iter()
@@ -371,8 +397,11 @@ impl Contexts {
                 (summary, from.clone())
             })
             .collect();
-        let recodes = Recodes(to_disk.into_iter().map(|(r, _)| r).collect());
-        let sizes: Vec<u32> = recodes.0.iter().map(|r| r.block.len() as u32).collect();
+        let recodes = Recodes {
+            recodes: to_disk.into_iter().map(|(r, _)| r).collect(),
+            index_cold: self.cold_search(),
+        };
+        let sizes: Vec<u32> = recodes.recodes.iter().map(|r| r.stored_bytes).collect();
         if let Err(e) = store.write(recodes).await {
             self.0
                 .demote_failures
@@ -396,6 +425,36 @@ impl Contexts {
                 ctx.set_resident(recode.id, resident, Some((recode.codec, bytes)));
             });
         }
+    }
+
+    /// COLD blocks put in object storage (when it is configured), replaced by
+    /// their stubs; a move whose block could not be put stays where it was.
+    async fn offload_cold(&self, to_disk: Vec<ToDisk>) -> Vec<ToDisk> {
+        use futures::StreamExt;
+        if !self.offloads() {
+            return to_disk;
+        }
+        let uploads = to_disk.into_iter().map(|(mut recode, from)| async move {
+            if recode.codec != Codec::ZstdHigh {
+                return Some((recode, from));
+            }
+            match self.offload(&recode.agent, recode.id, &recode.block).await {
+                Ok(stub) => {
+                    recode.block = stub;
+                    Some((recode, from))
+                }
+                Err(e) => {
+                    self.0.demote_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, agent = %recode.agent, id = recode.id, "a context item could not be put in object storage; it stays where it is");
+                    None
+                }
+            }
+        });
+        futures::stream::iter(uploads)
+            .buffer_unordered(OFFLOADS_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
     }
 
     /// The moves, encoded; one that fails (a damaged block) is logged, counted
@@ -434,7 +493,7 @@ impl Contexts {
         let content: Arc<str> = match &from {
             Resident::Hot(content) => content.clone(),
             Resident::Warm(block) => codec::decode(block)?.into(),
-            Resident::None => match crate::contexts::read_block(self.store()?, &agent, id)? {
+            Resident::None => match self.read_block(&agent, id)? {
                 Some(block) => codec::decode(&block)?.into(),
                 None => return Ok(()),
             },
@@ -458,6 +517,7 @@ impl Contexts {
                     id,
                     was: disk,
                     codec,
+                    stored_bytes: block.len() as u32,
                     block,
                 };
                 to_disk.push((recode, from));

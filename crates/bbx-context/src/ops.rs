@@ -336,8 +336,9 @@ impl EffectOp for Delete {
     }
 }
 
-/// A block and its codec.
-type Encoded = (Codec, Vec<u8>);
+/// A block's codec, what the store keeps of it (the block, or its stub in
+/// object storage), and its size.
+type Encoded = (Codec, Vec<u8>, u32);
 
 #[derive(Debug)]
 struct Demote {
@@ -356,13 +357,19 @@ impl EffectOp for Demote {
             DiskTier::Cold => (Codec::ZstdHigh, self.contexts.0.config.cold_level),
         };
         Some(Box::pin(async move {
+            let reader = contexts.clone();
             let block = tokio::task::spawn_blocking(move || {
-                let content = contexts.content(agent, id)?;
+                let content = reader.content(agent, id)?;
                 codec::encode(&content, codec, level)
             })
             .await
             .map_err(|e| Error::internal(format!("encoding an item failed: {e}")))??;
-            *slot.lock() = Some((codec, block));
+            let size = block.len() as u32;
+            let kept = match codec {
+                Codec::ZstdHigh => contexts.offload(&agent, id, &block).await?,
+                _ => block,
+            };
+            *slot.lock() = Some((codec, kept, size));
             Ok(())
         }))
     }
@@ -375,14 +382,17 @@ impl EffectOp for Demote {
                 format!("item {} is pinned: unpin it before demoting it", self.id),
             ));
         }
-        let Some((codec, block)) = self.block.lock().clone() else {
+        let Some((codec, block, size)) = self.block.lock().clone() else {
             return Err(Error::internal("the demoted block was not encoded"));
         };
         record.codec = codec;
-        record.stored_bytes = block.len() as u32;
+        record.stored_bytes = size;
         let key = item_key(staging.agent, self.id);
         tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
         tx.put(CONTEXT_BLOCKS, key, block);
+        if codec == Codec::ZstdHigh && self.contexts.cold_search() {
+            crate::cold_search::mark(tx, staging.agent, self.id);
+        }
         Ok(json!({ "id": self.id, "tier": codec.disk_tier() }))
     }
 }

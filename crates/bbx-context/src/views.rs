@@ -80,6 +80,7 @@ impl Contexts {
     /// The agent's figures: items and bytes per tier, tokens, the model, prefetch.
     pub fn stats(&self, agent: AgentId) -> Result<Value> {
         let model = self.model();
+        let cold_search = json!({ "on": self.cold_search(), "pending": self.cold_pending(&agent)? });
         self.with(agent, |ctx| {
             let (issued, hits) = ctx.prefetch;
             let tiers: Map<String, Value> = Tier::ALL
@@ -101,6 +102,7 @@ impl Contexts {
                     Some(m) => json!({ "model": "gbdt", "auc": m.auc, "trained_at": m.trained_at }),
                     None => json!({ "model": "formula" }),
                 },
+                "cold_search": cold_search,
                 "prefetch": {
                     "issued": issued,
                     "hits": hits,

@@ -5,7 +5,7 @@
 use crate::CONTEXT_AGENTS;
 use crate::assemble::{self, Assembly, Candidate, Part, Settings};
 use crate::codec;
-use crate::contexts::{Contexts, read_block};
+use crate::contexts::Contexts;
 use crate::item::{ItemId, Record, Role, agent_key};
 use crate::state::{AgentContext, Resident};
 use crate::summary::summarize;
@@ -48,7 +48,8 @@ impl Contexts {
             Resident::Hot(content) => Ok(content.clone()),
             Resident::Warm(block) => Ok(codec::decode(block)?.into()),
             Resident::None => {
-                let block = read_block(self.store()?, agent, id)?
+                let block = self
+                    .read_block(agent, id)?
                     .ok_or_else(|| Error::internal(format!("context item {id} has no block")))?;
                 Ok(codec::decode(&block)?.into())
             }
@@ -56,8 +57,9 @@ impl Contexts {
     }
 
     /// A summary of `parts` in at most `cap` tokens, from contents gathered
-    /// under the agent's lock ([`Evicted`]), computed outside it.
-    fn summary(&self, agent: &AgentId, evicted: &Evicted) -> Result<(String, u32)> {
+    /// under the agent's lock ([`Evicted`]), computed outside it: by the
+    /// configured model, or extractively (also when the model fails).
+    fn summary(&self, agent: &AgentId, evicted: &Evicted) -> Result<Summarized> {
         let mut texts: Vec<Arc<str>> = Vec::with_capacity(evicted.sources.len());
         for source in &evicted.sources {
             texts.push(match source {
@@ -72,14 +74,37 @@ impl Contexts {
             evicted.covers.last().unwrap_or(&0)
         );
         let refs: Vec<&str> = texts.iter().map(|t| &**t).collect();
+        let mut model_error = None;
+        if let Some(model) = &self.0.config.summary_model {
+            match self.model_summary(agent, &header, &refs, evicted.cap, model) {
+                Ok((text, tokens)) => {
+                    return Ok(Summarized {
+                        text,
+                        tokens,
+                        by: model.clone(),
+                        model_error,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%agent, model, error = %e, "the summary model failed; the window takes an extractive summary");
+                    model_error = Some(e.message);
+                }
+            }
+        }
         let text = summarize(&header, &refs, evicted.cap, self.counter());
         let tokens = self.counter().count(&text);
-        Ok((text, tokens))
+        Ok(Summarized {
+            text,
+            tokens,
+            by: "extractive".to_owned(),
+            model_error,
+        })
     }
 
     /// A window of the agent's context under `budget` tokens. The window is
     /// planned under the agent's lock; what must be read from disk (contents,
-    /// and the items a summary covers) is read after.
+    /// and the items a summary covers) is read after. With a summary model it
+    /// may wait for the model: call it on a blocking thread.
     pub fn assemble(&self, agent: AgentId, budget: u32) -> Result<Value> {
         let settings = Settings {
             compact_to: self.0.config.compact_to,
@@ -123,8 +148,9 @@ impl Contexts {
         let summary = evicted
             .map(|e| self.summary(&agent, &e).map(|done| (e.cap, done)))
             .transpose()?;
-        if let Some((cap, (text, tokens))) = summary {
-            fill_summary(&mut plan.assembly, &text, tokens, cap);
+        if let Some((cap, summarized)) = &summary {
+            let (cap, tokens) = (*cap, summarized.tokens);
+            fill_summary(&mut plan.assembly, &summarized.text, tokens, cap);
             plan.tokens = plan.tokens - u64::from(cap) + if tokens <= cap { u64::from(tokens) } else { 0 };
         }
         let (appended, epoch) = self.with(agent, |ctx| {
@@ -173,14 +199,21 @@ impl Contexts {
                 }
             });
         }
-        Ok(json!({
+        let mut answer = json!({
             "items": items,
             "tokens": plan.tokens,
             "budget": budget,
             "prefix_items": plan.prefix_parts,
             "prefix_tokens": plan.prefix_tokens,
             "compacted": plan.compacted,
-        }))
+        });
+        if let Some((_, summarized)) = summary {
+            answer["summary_by"] = json!(summarized.by);
+            if let Some(error) = summarized.model_error {
+                answer["summary_error"] = json!(error);
+            }
+        }
+        Ok(answer)
     }
 }
 
@@ -208,6 +241,16 @@ impl bbx_component::ContextWindows for Contexts {
             })
             .collect())
     }
+}
+
+/// A compaction's summary, and what wrote it.
+struct Summarized {
+    text: String,
+    tokens: u32,
+    /// The model, or `extractive`.
+    by: String,
+    /// Why the model's summary was not taken.
+    model_error: Option<String>,
 }
 
 /// Where a summarized part's text comes from.

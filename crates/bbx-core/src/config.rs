@@ -15,11 +15,13 @@ mod bus;
 mod context;
 mod goals;
 mod memory;
+mod objects;
 mod snapshots;
 pub use bus::{BusConfig, MAX_PARTITIONS, TopicDefaults};
 pub use context::{ContextConfig, TierBudgets};
 pub use goals::GoalsConfig;
 pub use memory::{ForgetSchedule, IndexSettings, MemoryConfig, NearDuplicate, Quantization, RemoteEmbedder};
+pub use objects::S3Bucket;
 pub use snapshots::{RetentionConfig, SnapshotStoreConfig, SnapshotsConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";

@@ -34,6 +34,9 @@ pub enum Strategy {
     /// Forget those whose weight, 0.5^(time since last use / half-life) times
     /// (1 + ln(1 + uses)), is below `min_weight`.
     Decay,
+    /// Forget those whose metadata matches `filter`, as a search's filter
+    /// does (what another component added, and now takes back).
+    Matching,
 }
 
 /// `memory.forget`'s args.
@@ -53,6 +56,9 @@ pub struct ForgetArgs {
     /// decay: the weight below which a memory goes [default: 0.05].
     #[serde(default)]
     pub min_weight: Option<f64>,
+    /// matching: metadata every memory that goes has.
+    #[serde(default)]
+    pub filter: Option<serde_json::Map<String, Value>>,
     /// Say what would go, and forget nothing.
     #[serde(default)]
     pub dry_run: bool,
@@ -69,6 +75,7 @@ impl ForgetArgs {
         match self.strategy {
             Strategy::Lru | Strategy::Capacity if self.max.is_none() => need("max"),
             Strategy::Age if self.max_age_secs.is_none() => need("max_age_secs"),
+            Strategy::Matching if self.filter.as_ref().is_none_or(serde_json::Map::is_empty) => need("filter"),
             Strategy::Decay
                 if self.half_life_secs.is_some_and(|h| !(h.is_finite() && h > 0.0))
                     || self.min_weight.is_some_and(|w| !w.is_finite()) =>
@@ -104,6 +111,14 @@ impl ForgetArgs {
                 entries
                     .into_iter()
                     .filter(|(_, e)| e.created_ms < oldest)
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+            Strategy::Matching => {
+                let filter = self.filter.clone().unwrap_or_default();
+                entries
+                    .into_iter()
+                    .filter(|(_, e)| e.matches(&filter))
                     .map(|(id, _)| id)
                     .collect()
             }
@@ -321,6 +336,47 @@ fn strategy(strategy: Strategy, max: Option<u64>, max_age_secs: Option<u64>) -> 
         max_age_secs,
         half_life_secs: None,
         min_weight: None,
+        filter: None,
         dry_run: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(agent: AgentId, metadata: Value) -> Entry {
+        Entry {
+            agent,
+            created_ms: 0,
+            valid_from_ms: 0,
+            valid_to_ms: None,
+            current_model: true,
+            metadata: metadata.as_object().cloned().map(Arc::new),
+            access: crate::record::Access::default(),
+            bytes: 1,
+        }
+    }
+
+    #[test]
+    fn matching_takes_what_its_filter_names_of_the_agent_only() {
+        let (agent, other) = (AgentId::generate(), AgentId::generate());
+        let mut catalog = Catalog::default();
+        let memories = [
+            (1, agent, json!({"source": "context", "item": 4})),
+            (2, agent, json!({"source": "context", "item": 5})),
+            (3, agent, json!({"source": "user"})),
+            (4, other, json!({"source": "context", "item": 4})),
+            (5, agent, Value::Null),
+        ];
+        for (id, owner, metadata) in memories {
+            catalog.entries.insert(id, entry(owner, metadata));
+            catalog.namespaces.entry(owner).or_default().ids.insert(id);
+        }
+        let mut args = strategy(Strategy::Matching, None, None);
+        assert!(args.check().is_err(), "matching needs a filter");
+        args.filter = json!({"source": "context", "item": [4, 5]}).as_object().cloned();
+        args.check().unwrap();
+        assert_eq!(args.choose(&catalog, &agent, 0), vec![MemoryId(1), MemoryId(2)]);
     }
 }

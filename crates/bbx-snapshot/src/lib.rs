@@ -157,23 +157,9 @@ impl Snapshots {
                     stores.push(match configured {
                         SnapshotStoreConfig::Local { path } => Box::new(Arc::new(store::LocalDir::new(path))),
                         SnapshotStoreConfig::Redis { url, prefix } => Box::new(store::RedisStore::new(url, prefix)?),
-                        SnapshotStoreConfig::S3 {
-                            bucket,
-                            prefix,
-                            endpoint,
-                            region,
-                            access_key_id,
-                            secret_access_key,
-                            anonymous,
-                        } => Box::new(s3::S3Store::new(&s3::S3Settings {
-                            bucket,
-                            prefix,
-                            endpoint: endpoint.as_deref(),
-                            region,
-                            access_key_id: access_key_id.as_deref(),
-                            secret_access_key: secret_access_key.as_deref(),
-                            anonymous: *anonymous,
-                        })?),
+                        SnapshotStoreConfig::S3(bucket) => {
+                            Box::new(bbx_objects::S3Store::new(bucket, "bbx-snapshots", "snapshots.stores")?)
+                        }
                     });
                 }
                 let quorum = self.config.quorum(stores.len());

@@ -5,9 +5,9 @@
 //! tenant), so quotas, policies and the audit see it like any other.
 
 use crate::{Snapshots, ops};
-use bbx_auth::{Caller, Role};
+use bbx_auth::Caller;
+use bbx_core::AgentId;
 use bbx_core::op::{Completion, Effects, SubmitBatch, SubmitOp};
-use bbx_core::{AgentId, KeyId};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -119,8 +119,7 @@ impl Snapshots {
         let submitter = ctx.submitter.clone();
         let me = self.clone();
         ctx.tasks.spawn(async move {
-            let mut caller = Caller::of_tenant(KeyId::from_bytes(*agent.as_bytes()), tenant.to_string(), Role::Agent);
-            caller.agent = Some(agent);
+            let caller = Caller::of_agent(agent, tenant.to_string());
             let op = SubmitOp::new(agent, ops::CREATE, json!({ "trigger": trigger }));
             let batch = SubmitBatch {
                 ops: vec![op],

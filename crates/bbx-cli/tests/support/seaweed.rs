@@ -113,6 +113,35 @@ impl SeaweedS3 {
     }
 }
 
+impl SeaweedS3 {
+    /// The bucket's object names under `prefix` (ListObjectsV2, unsigned).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        use std::io::{Read, Write};
+        let address = self.endpoint.strip_prefix("http://").unwrap();
+        let mut socket = std::net::TcpStream::connect(address).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request = format!(
+            "GET /{}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n",
+            self.bucket
+        );
+        socket.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "listing failed: {answer}");
+        answer
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split_once("</Key>").map(|(key, _)| key.to_owned()))
+            .collect()
+    }
+
+    /// Stops the server: what it holds can no longer be reached.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for SeaweedS3 {
     fn drop(&mut self) {
         let _ = self.child.kill();

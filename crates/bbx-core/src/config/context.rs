@@ -42,6 +42,24 @@ pub struct ContextConfig {
     /// Assembly: the most tokens a summary of evicted items takes; it never
     /// takes more than a tenth of the compacted window [default: 4096].
     pub summary_tokens: usize,
+    /// Assembly: the model that writes summaries, through `llm.chat` on the
+    /// agent's budget; unset, summaries are extractive [default: unset].
+    pub summary_model: Option<String>,
+    /// The `[tools.llm.endpoints]` entry that serves `summary_model` (needed
+    /// when several are configured).
+    pub summary_endpoint: Option<String>,
+    /// The most tokens of evicted text a summary model is shown; more is first
+    /// cut down extractively to this [default: 16000].
+    pub summary_input_tokens: usize,
+    /// How long a window waits for the model's summary before it takes an
+    /// extractive one, in milliseconds [default: 60000].
+    pub summary_timeout_ms: u64,
+    /// Items that reach COLD are added to the agent's SemanticMemory (when
+    /// the kernel serves it), so `context search` finds them [default: true].
+    pub cold_search: bool,
+    /// Keep COLD blocks in an S3 bucket (objects under `prefix/`, by default
+    /// `bbx-context/`) instead of the local disk [default: unset, local].
+    pub cold_objects: Option<super::S3Bucket>,
 }
 
 /// Byte budgets of the tiers held in memory, and of COOL (beyond which items
@@ -78,6 +96,12 @@ impl Default for ContextConfig {
             prefetch: true,
             compact_to: 0.6,
             summary_tokens: 4096,
+            summary_model: None,
+            summary_endpoint: None,
+            summary_input_tokens: 16_000,
+            summary_timeout_ms: 60_000,
+            cold_search: true,
+            cold_objects: None,
         }
     }
 }
@@ -108,6 +132,15 @@ impl ContextConfig {
         }
         if self.summary_tokens < 16 {
             return bad("summary_tokens", "must be at least 16");
+        }
+        if !(256..=1_000_000).contains(&self.summary_input_tokens) {
+            return bad("summary_input_tokens", "must be 256 to 1,000,000");
+        }
+        if !(1_000..=600_000).contains(&self.summary_timeout_ms) {
+            return bad("summary_timeout_ms", "must be 1000 to 600000");
+        }
+        if self.summary_model.as_deref().is_some_and(str::is_empty) {
+            return bad("summary_model", "must not be empty");
         }
         Ok(())
     }

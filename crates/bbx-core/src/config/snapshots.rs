@@ -44,33 +44,8 @@ pub enum SnapshotStoreConfig {
         #[serde(default = "default_prefix")]
         prefix: String,
     },
-    /// An S3 bucket (AWS, or an S3-compatible server at `endpoint`), objects
-    /// under `prefix/`. Keys from here, else where the AWS SDKs look (`AWS_*`
-    /// variables, the instance's role); `anonymous = true` sends unsigned
-    /// requests (a server that allows them).
-    S3 {
-        bucket: String,
-        #[serde(default = "default_s3_prefix")]
-        prefix: String,
-        #[serde(default)]
-        endpoint: Option<String>,
-        #[serde(default = "default_region")]
-        region: String,
-        #[serde(default)]
-        access_key_id: Option<String>,
-        #[serde(default)]
-        secret_access_key: Option<String>,
-        #[serde(default)]
-        anonymous: bool,
-    },
-}
-
-fn default_s3_prefix() -> String {
-    "bbx-snapshots".to_owned()
-}
-
-fn default_region() -> String {
-    "us-east-1".to_owned()
+    /// An S3 bucket (objects under `prefix/`, by default `bbx-snapshots/`).
+    S3(super::S3Bucket),
 }
 
 fn default_prefix() -> String {
