@@ -6,8 +6,9 @@ use crate::log::{self, Outgoing, Publish, Published};
 use crate::topic::{TopicConfig, TopicSettings};
 use crate::{BUS_ACKS, BUS_DEAD, BUS_GROUPS, BUS_MESSAGES, BUS_TOPICS};
 use bbx_component::Context;
+use bbx_component::access::{Region, RegionAccess, Right};
 use bbx_core::config::BusConfig;
-use bbx_core::{Error, ErrorCode, Result};
+use bbx_core::{AgentId, Error, ErrorCode, Result};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged, Store, storage_error};
 use chrono::Utc;
 use fjall::Readable;
@@ -27,6 +28,8 @@ pub struct Bus(pub(crate) Arc<Inner>);
 pub(crate) struct Inner {
     pub config: BusConfig,
     pub ctx: OnceLock<Context>,
+    /// Who may use an agent's topic (FlowIntegrity's grants).
+    pub access: OnceLock<Arc<dyn RegionAccess>>,
     pub topics: parking_lot::RwLock<FxHashMap<TopicKey, Arc<Topic>>>,
     /// The routes running, by key.
     pub routes: parking_lot::Mutex<FxHashMap<Vec<u8>, crate::route::Running>>,
@@ -211,6 +214,7 @@ impl Bus {
         Self(Arc::new(Inner {
             config: config.clone(),
             ctx: OnceLock::new(),
+            access: OnceLock::new(),
             topics: Default::default(),
             routes: Default::default(),
             replies: Default::default(),
@@ -308,9 +312,44 @@ impl Bus {
         Ok(())
     }
 
-    /// Makes a topic; `already_exists` if there is one of that name.
+    /// Hands over who may use an agent's topic; before the kernel starts.
+    pub fn set_access(&self, access: Arc<dyn RegionAccess>) {
+        let _ = self.0.access.set(access);
+    }
+
+    /// Whether `agent` (none: a credential of the tenant, not confined to an
+    /// agent) may use `right` on `topic`: a topic with an owner is its own and
+    /// its grantees'.
+    pub(crate) fn may_use(&self, topic: &Topic, agent: Option<AgentId>, right: Right) -> Result<()> {
+        let (Some(owner), Some(agent)) = (topic.config.owner, agent) else {
+            return Ok(());
+        };
+        if owner == agent {
+            return Ok(());
+        }
+        let access = self.0.access.get().ok_or_else(|| {
+            Error::new(
+                ErrorCode::PolicyDenied,
+                format!(
+                    "topic {} is agent {owner}'s, and no grants are kept",
+                    topic.key.parts().1
+                ),
+            )
+        })?;
+        let (tenant, name) = topic.key.parts();
+        access.check(tenant, &owner, &agent, (Region::Topic, name), right)
+    }
+
+    /// Makes a topic; `already_exists` if there is one of that name. An owner
+    /// must be an agent of the topic's tenant.
     pub async fn create_topic(&self, key: TopicKey, settings: &TopicSettings) -> Result<TopicConfig> {
         let config = TopicConfig::new(&self.0.config.topic, settings, Utc::now())?;
+        if let Some(owner) = config.owner {
+            let agent = bbx_agents::stored_agent(self.store()?, &owner)?;
+            if agent.tenant != key.parts().0 {
+                return Err(Error::not_found("agent", owner));
+            }
+        }
         if self.0.topics.read().contains_key(&key) {
             return Err(exists(&key));
         }

@@ -7,7 +7,8 @@ use crate::bus::{Bus, DeadLetter, Topic, Writes};
 use crate::keys::TopicKey;
 use crate::log::{Outgoing, Publish, Published, stage_publish};
 use crate::{BUS_DEAD, KEYSPACES};
-use bbx_component::{Component, Context, Endpoint, OpKind, Prepared};
+use bbx_component::access::Right;
+use bbx_component::{Component, Context, Endpoint, OpKind, Prepared, Submission, Verdict};
 use bbx_core::Result;
 use bbx_core::op::{Completion, CompletionStatus};
 use bbx_store::{Applied, GroupTx, KeyspaceDef, Staged};
@@ -54,6 +55,27 @@ impl Component for Bus {
 
     fn observes(&self) -> bool {
         true
+    }
+
+    fn checks_ops(&self) -> bool {
+        true
+    }
+
+    /// An op on an agent's topic by another agent needs its grant.
+    fn check(&self, submission: &Submission<'_>, _labels: &mut Vec<String>) -> Result<Verdict> {
+        let op = submission.op;
+        let right = match op.kind.as_str() {
+            "bus.publish" => Right::Write,
+            "bus.fetch" | "bus.ack" => Right::Read,
+            _ => return Ok(Verdict::Allow),
+        };
+        let Some(name) = op.args.get("topic").and_then(Value::as_str) else {
+            return Ok(Verdict::Allow);
+        };
+        if let Ok(topic) = self.topic(&TopicKey::new(submission.tenant, name)) {
+            self.may_use(&topic, Some(op.agent), right)?;
+        }
+        Ok(Verdict::Allow)
     }
 
     /// A `bus.publish` or `bus.send` that committed wakes the topic's subscribers.

@@ -7,6 +7,7 @@ use crate::keys::TopicKey;
 use crate::topic::TopicSettings;
 use bbx_auth::{Action, Caller};
 use bbx_component::Endpoint;
+use bbx_component::access::Right;
 use bbx_core::{Error, Result};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -175,6 +176,9 @@ impl Bus {
             return Err(crate::direct::reserved());
         }
         let key = topic_key(caller, req.tenant, &req.topic)?;
+        if let Ok(topic) = self.topic(&key) {
+            self.may_use(&topic, caller.agent, Right::Write)?;
+        }
         let (batch, messages) = match (req.payload, req.messages) {
             (Some(payload), None) => (false, vec![(req.id, req.key, payload)]),
             (None, Some(messages))
@@ -204,8 +208,11 @@ impl Bus {
         })
     }
 
+    /// A topic the caller reads (fetch, settle, stream, dead letters).
     fn known_topic(&self, caller: &Caller, tenant_asked: Option<String>, topic: &str) -> Result<Arc<Topic>> {
-        self.topic(&topic_key(caller, tenant_asked, topic)?)
+        let topic = self.topic(&topic_key(caller, tenant_asked, topic)?)?;
+        self.may_use(&topic, caller.agent, Right::Read)?;
+        Ok(topic)
     }
 
     async fn fetch_req(&self, caller: &Caller, mut req: crate::ops::FetchArgs) -> Result<Value> {
@@ -450,7 +457,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             bus,
             "bus.create_topic",
             ("PUT", "/v1/bus/topics/{topic}"),
-            "Make a topic with its settings: partitions, ack_wait_ms, max_deliveries, backoff_ms, and retention (max_age_secs, max_messages, max_bytes, drop_unconsumed).",
+            "Make a topic with its settings: partitions, ack_wait_ms, max_deliveries, backoff_ms, retention (max_age_secs, max_messages, max_bytes, drop_unconsumed), and an owner: an agent whose topic it is, which other agents use only as it grants.",
             |b: Bus, caller, req: CreateReq| async move {
                 caller.may(Action::Operate)?;
                 let key = topic_key(&caller, req.tenant, &req.topic)?;

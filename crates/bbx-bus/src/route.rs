@@ -153,6 +153,8 @@ impl Bus {
             loop {
                 let pass = async {
                     let topic = bus.topic(&TopicKey::new(&route.tenant, &route.topic))?;
+                    // A grant revoked since stops the route's reading.
+                    bus.may_use(&topic, Some(route.agent), bbx_component::access::Right::Read)?;
                     let messages = bus
                         .fetch(
                             &topic,
@@ -318,6 +320,10 @@ impl Bus {
             return Err(Error::permission_denied(
                 "an agent's mailbox routes into its own ops only",
             ));
+        }
+        // An agent's topic routes into the ops of the agents it grants read.
+        if let Ok(topic) = self.topic(&TopicKey::new(&tenant, &req.topic)) {
+            self.may_use(&topic, Some(agent), bbx_component::access::Right::Read)?;
         }
         self.check_route_owner(caller, &tenant, &req.name)?;
         let group = req.group.unwrap_or_else(|| format!("route:{}", req.name));

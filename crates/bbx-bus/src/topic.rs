@@ -1,7 +1,7 @@
 //! A topic's settings, stored with it, and how they are given.
 
 use bbx_core::config::TopicDefaults;
-use bbx_core::{Error, Result};
+use bbx_core::{AgentId, Error, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +14,11 @@ pub struct TopicConfig {
     pub backoff_ms: u64,
     pub retention: Retention,
     pub created_at: DateTime<Utc>,
+    /// The agent whose topic it is: other agents use it only as it granted
+    /// (FlowIntegrity, region `topic`); none: the tenant's, for any of its
+    /// agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<AgentId>,
 }
 
 /// What a topic keeps. A message goes once it is past any limit, and not before
@@ -45,6 +50,10 @@ pub struct TopicSettings {
     pub max_bytes: Option<u64>,
     #[serde(default)]
     pub drop_unconsumed: bool,
+    /// An agent of the tenant whose topic it is: other agents publish and
+    /// consume only as it grants (region `topic`).
+    #[serde(default)]
+    pub owner: Option<AgentId>,
 }
 
 impl TopicConfig {
@@ -76,6 +85,7 @@ impl TopicConfig {
                 drop_unconsumed: asked.drop_unconsumed,
             },
             created_at: at,
+            owner: asked.owner,
         })
     }
 

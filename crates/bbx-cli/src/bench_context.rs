@@ -237,6 +237,8 @@ fn budgets() -> ContextConfig {
     ContextConfig {
         agent: big,
         global: big,
+        // The bench times context alone: nothing goes to memory.
+        cold_search: false,
         migrate_every_ms: 60_000,
         idle_secs: 3600,
         // A prefetched item would be a HOT sample among another tier's.
@@ -367,7 +369,7 @@ async fn assemble(bench: &Arc<Bench>, items: usize, budget: u32) -> Result<Assem
         let b = bench.clone();
         let (elapsed, window) = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let window = b.contexts.assemble(agent, budget);
+            let window = b.contexts.assemble(agent, budget, false);
             (started.elapsed(), window)
         })
         .await?;
@@ -392,6 +394,7 @@ async fn agents(dir: &Path, agents: usize, per_agent: usize) -> Result<Agents> {
     let config = ContextConfig {
         idle_secs: 2,
         migrate_every_ms: 250,
+        cold_search: false,
         ..ContextConfig::default()
     };
     let bench = Bench::open(dir, config).await?;

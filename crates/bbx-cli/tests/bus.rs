@@ -599,3 +599,91 @@ async fn agents_consume_through_ops_and_what_they_fetch_is_untrusted() {
     let prying = run(&bob, "bus.fetch", fetch);
     assert_eq!(prying["error"]["code"], "permission_denied", "{prying}");
 }
+
+/// A topic with an owner is that agent's: others publish and consume, by op
+/// or with a key confined to them, only as it grants (region `topic`).
+#[tokio::test]
+async fn an_agents_topic_is_used_by_others_only_as_it_grants() {
+    let kernel = Kernel::start();
+    let (owner, other) = (kernel.new_agent(), kernel.new_agent());
+    let made = kernel.cli(&["bus", "create-topic", "plans.owner", "--owner", &owner, "--json"]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert_eq!(json(&made)["config"]["owner"], owner.as_str());
+    let submit = |agent: &str, kind: &str, args: Value| {
+        kernel.cli(&["ring", "submit", agent, kind, &args.to_string(), "--wait", "--json"])
+    };
+    let publish_op = json!({ "topic": "plans.owner", "payload": {"step": 1} });
+    let mine = submit(&owner, "bus.publish", publish_op.clone());
+    assert!(mine.status.success(), "the owner publishes: {}", stderr(&mine));
+    let refused = submit(&other, "bus.publish", publish_op.clone());
+    assert!(stderr(&refused).contains("policy_denied"), "{}", stderr(&refused));
+    let fetch_op = json!({ "topic": "plans.owner", "group": "g" });
+    assert!(stderr(&submit(&other, "bus.fetch", fetch_op.clone())).contains("policy_denied"));
+
+    let key = json(&kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "other",
+        "--tenant",
+        "default",
+        "--role",
+        "agent",
+        "--agent",
+        &other,
+        "--json",
+    ]))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_other = |args: &[&str]| {
+        let mut all = vec!["--api-key", key.as_str()];
+        all.extend_from_slice(args);
+        kernel.cli(&all)
+    };
+    let over_http = as_other(&["bus", "publish", "plans.owner", "1", "--json"]);
+    assert!(stderr(&over_http).contains("policy_denied"), "{}", stderr(&over_http));
+
+    // Read granted over the topics starting "plans.": fetch yes, publish no.
+    json(&kernel.cli(&[
+        "flow",
+        "grant",
+        &owner,
+        "--grantee",
+        &other,
+        "--region",
+        "topic",
+        "--prefix",
+        "plans.",
+    ]));
+    let fetched = json(&submit(&other, "bus.fetch", fetch_op));
+    assert_eq!(
+        fetched["result"]["messages"][0]["payload"],
+        json!({"step": 1}),
+        "{fetched}"
+    );
+    assert!(stderr(&submit(&other, "bus.publish", publish_op)).contains("policy_denied"));
+    let subscribed = as_other(&[
+        "bus",
+        "subscribe",
+        "plans.owner",
+        "--group",
+        "h",
+        "--max",
+        "1",
+        "--json",
+    ]);
+    assert!(subscribed.status.success(), "{}", stderr(&subscribed));
+
+    // The tenant's own credentials and unowned topics are as before.
+    publish(&kernel, "plans.owner", "2", &[]);
+    let open = as_other(&["bus", "publish", "open", "3", "--json"]);
+    assert!(open.status.success(), "{}", stderr(&open));
+    let stranger = kernel.cli(&[
+        "bus",
+        "create-topic",
+        "x",
+        "--owner",
+        &bbx_core::AgentId::generate().to_string(),
+    ]);
+    assert!(stderr(&stranger).contains("not_found"), "{}", stderr(&stranger));
+}

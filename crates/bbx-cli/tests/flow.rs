@@ -542,3 +542,125 @@ async fn an_agent_shares_its_state_only_by_grant() {
     let audit = json(&kernel.cli(&["flow", "audit", "--json"]));
     assert!(audit["events"].to_string().contains("has not granted"), "{audit}");
 }
+
+/// `bbx flow grant OWNER --grantee GRANTEE --region REGION [--rights RIGHTS]`.
+fn grant<'a>(owner: &'a str, grantee: &'a str, region: &'a str, rights: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec!["flow", "grant", owner, "--grantee", grantee, "--region", region];
+    args.extend(rights.iter().flat_map(|rights| ["--rights", rights]));
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_context_are_shared_only_by_grant_and_share_passes_on_what_is_held() {
+    let models = bbx_memory::testing::models_with_embedder().await;
+    let (kernel, _config) =
+        Kernel::with_config(&format!("[memory]\nmodels_dir = {:?}\n", models.display().to_string()));
+    let (owner, reader, helper) = (kernel.new_agent(), kernel.new_agent(), kernel.new_agent());
+    let put = json(&kernel.cli(&["context", "put", &owner, "the door code is 4711", "--json"]));
+    let item = put["id"].as_u64().unwrap();
+    let remembered = json(&kernel.cli(&["memory", "add", &owner, "The staging server lives in Lisbon.", "--json"]));
+    assert!(remembered["id"].is_string(), "{remembered}");
+    let ok = |out: std::process::Output| wait(&kernel, json(&out)["op_id"].as_str().unwrap())["result"].clone();
+    let denied = |out: std::process::Output| {
+        let err = stderr(&out);
+        assert!(err.contains("policy_denied") && err.contains("not granted"), "{err}");
+    };
+
+    let get = json!({ "id": item, "owner": owner });
+    denied(submit(&kernel, &reader, "context.get", &get));
+    json(&kernel.cli(&grant(&owner, &reader, "context", None)));
+    assert_eq!(
+        ok(submit(&kernel, &reader, "context.get", &get))["content"],
+        "the door code is 4711"
+    );
+    let window = ok(submit(
+        &kernel,
+        &reader,
+        "context.assemble",
+        &json!({ "budget": 100, "owner": owner }),
+    ));
+    assert_eq!(window["items"][0]["content"], "the door code is 4711", "{window}");
+    let write = json!({ "content": "open sesame", "owner": owner });
+    denied(submit(&kernel, &reader, "context.put", &write));
+    denied(submit(
+        &kernel,
+        &reader,
+        "memory.get",
+        &json!({ "id": remembered["id"], "owner": owner }),
+    ));
+    let mut prefixed = grant(&owner, &reader, "memory", None);
+    prefixed.extend(["--prefix", "p/"]);
+    let prefixed = kernel.cli(&prefixed);
+    assert!(stderr(&prefixed).contains("whole"), "{}", stderr(&prefixed));
+
+    // share: the reader passes on what it holds, and nothing more.
+    json(&kernel.cli(&grant(&owner, &reader, "memory", Some(r#"["read","share"]"#))));
+    let key = json(&kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "reader",
+        "--tenant",
+        "default",
+        "--role",
+        "agent",
+        "--agent",
+        &reader,
+        "--json",
+    ]))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_reader = |args: &[&str]| {
+        let mut all = vec!["--api-key", key.as_str()];
+        all.extend_from_slice(args);
+        kernel.cli(&all)
+    };
+    let write_on = as_reader(&grant(&owner, &helper, "memory", Some(r#"["write"]"#)));
+    assert!(
+        stderr(&write_on).contains("permission_denied"),
+        "write is not the reader's to give: {}",
+        stderr(&write_on)
+    );
+    let context_on = as_reader(&grant(&owner, &helper, "context", None));
+    assert!(!context_on.status.success(), "no share over the context");
+    json(&as_reader(&grant(&owner, &helper, "memory", None)));
+    let search = json!({ "query": "where is the staging server", "owner": owner });
+    let found = ok(submit(&kernel, &helper, "memory.search", &search));
+    assert_eq!(
+        found["results"][0]["text"], "The staging server lives in Lisbon.",
+        "{found}"
+    );
+    let mine = ok(submit(
+        &kernel,
+        &helper,
+        "memory.search",
+        &json!({ "query": "where is the staging server" }),
+    ));
+    assert_eq!(mine["results"], json!([]), "its own memory is apart: {mine}");
+    denied(submit(
+        &kernel,
+        &helper,
+        "memory.add",
+        &json!({ "text": "planted", "owner": owner }),
+    ));
+
+    // Write over memory: the add lands in the owner's namespace.
+    json(&kernel.cli(&grant(&owner, &helper, "memory", Some(r#"["read","write"]"#))));
+    ok(submit(
+        &kernel,
+        &helper,
+        "memory.add",
+        &json!({ "text": "The backup runs at midnight.", "owner": owner }),
+    ));
+    let owners = json(&kernel.cli(&["memory", "search", &owner, "when does the backup run", "--json"]));
+    assert_eq!(owners["results"][0]["text"], "The backup runs at midnight.", "{owners}");
+    let listed = json(&kernel.cli(&["flow", "grants", &owner, "--json"]));
+    assert!(
+        listed["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["region"] == "memory"),
+        "{listed}"
+    );
+}

@@ -180,7 +180,26 @@ async fn a_chat_takes_the_agents_assembled_context_and_reports_cached_tokens() {
     assert!(error.message.contains("short"), "{}", error.message);
 }
 
-/// Puts 40 turns of about 55 tokens each, and assembles a window of 1,500.
+/// A key that acts as `agent` alone (a summary by a model is only ever the
+/// agent's own spending).
+fn agent_key(kernel: &Kernel, agent: &str) -> String {
+    let created = support::json(&kernel.cli(&[
+        "auth",
+        "create-api-key",
+        "self",
+        "--tenant",
+        "default",
+        "--role",
+        "agent",
+        "--agent",
+        agent,
+        "--json",
+    ]));
+    created["key"].as_str().unwrap().to_owned()
+}
+
+/// Puts 40 turns of about 55 tokens each, and assembles a window of 1,500 as
+/// the agent.
 fn overflowing_window(kernel: &Kernel, agent: &str) -> Value {
     for turn in 0..40 {
         let text = format!(
@@ -192,7 +211,17 @@ fn overflowing_window(kernel: &Kernel, agent: &str) -> Value {
         let put = kernel.cli(&["context", "put", agent, &text, "--role", "user"]);
         assert!(put.status.success(), "{}", support::stderr(&put));
     }
-    let window = kernel.cli(&["context", "assemble", agent, "--budget", "1500", "--json"]);
+    let key = agent_key(kernel, agent);
+    let window = kernel.cli(&[
+        "--api-key",
+        &key,
+        "context",
+        "assemble",
+        agent,
+        "--budget",
+        "1500",
+        "--json",
+    ]);
     assert!(window.status.success(), "{}", support::stderr(&window));
     let window = support::json(&window);
     assert_eq!(window["compacted"], true, "{window}");
@@ -223,10 +252,29 @@ async fn evicted_context_is_summarized_by_the_model_on_the_agents_budget() {
     assert!(spent > 0.0, "the summary is billed to the agent");
 
     let again = support::json(&kernel.cli(&["context", "assemble", &agent, "--budget", "1500", "--json"]));
-    assert_eq!(again["items"], window["items"], "the same window, prefix and summary");
+    assert_eq!(
+        again["items"], window["items"],
+        "the same window, prefix and summary, for any reader"
+    );
     assert!(again.get("summary_by").is_none(), "no new summary: {again}");
     let after = client.quota(Node::Agent(id)).await.unwrap().usage.spent_today_usd;
     assert_eq!(after, spent, "nothing more was spent");
+
+    // Another caller's window never spends the agent's budget on a model.
+    for turn in 0..20 {
+        let text = format!(
+            "Later turn {turn}: a second parcel for order {turn}-Y{turn} waited at depot {} until noon. \
+             The driver called ahead twice and the customer confirmed the new window by text.",
+            turn * 3
+        );
+        let put = kernel.cli(&["context", "put", &agent, &text, "--role", "user"]);
+        assert!(put.status.success(), "{}", support::stderr(&put));
+    }
+    let theirs = support::json(&kernel.cli(&["context", "assemble", &agent, "--budget", "1500", "--json"]));
+    assert_eq!(theirs["compacted"], true, "{theirs}");
+    assert_eq!(theirs["summary_by"], "extractive", "{theirs}");
+    let last = client.quota(Node::Agent(id)).await.unwrap().usage.spent_today_usd;
+    assert_eq!(last, spent, "nothing spent for another caller");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@
 //! snapshot. What a component that saves and restores whole agents needs of the
 //! kernel beyond ops is an [`AgentHost`].
 
+pub mod access;
 pub mod agent_data;
 pub mod builtin;
 pub mod endpoint;
@@ -259,6 +260,22 @@ pub struct ChatMessage {
 /// component that keeps contexts, handed over when the kernel wires them.
 pub trait ContextWindows: Send + Sync {
     fn window(&self, agent: &AgentId, budget: u32) -> Result<Vec<ChatMessage>>;
+}
+
+/// Where a component finds an agent's memories by meaning and by words
+/// (ContextTiering's COLD items): implemented by the component that keeps
+/// memories, handed over when the kernel wires them. A read in process: the
+/// caller checks who may read first.
+pub trait MemorySearch: Send + Sync {
+    /// The `k` best of `agent`'s memories for `query` (hybrid) whose metadata
+    /// matches `filter`: what `memory.search` answers.
+    fn search(
+        &self,
+        agent: AgentId,
+        query: String,
+        k: usize,
+        filter: serde_json::Map<String, Value>,
+    ) -> Pending<'static, Value>;
 }
 
 /// What a component is given to act with outside of an op.

@@ -66,13 +66,12 @@ impl Component for Contexts {
             ),
             _ => return,
         };
-        if completion.kind.as_ref() == "context.delete" && !ids.is_empty() {
-            if self.cold_search() {
-                self.forget_in_memory(completion.agent, ids.clone());
-            }
-            self.remove_objects(completion.agent, Some(ids.clone()));
-        }
-        self.refresh(&completion.agent, &ids, change);
+        // A put into another agent's context, by grant, names that agent.
+        let agent = result["agent"]
+            .as_str()
+            .and_then(|a| a.parse::<AgentId>().ok())
+            .unwrap_or(completion.agent);
+        self.refresh(&agent, &ids, change);
     }
 
     fn export(
@@ -81,7 +80,7 @@ impl Component for Contexts {
         view: &fjall::Snapshot,
         agent: &AgentId,
     ) -> Result<Vec<bbx_component::Exported>> {
-        crate::lifecycle::export(store, view, agent, |block| self.resolve(block))
+        crate::lifecycle::export(store, view, agent, |blocks| self.resolve_all(agent, blocks))
     }
 
     fn exported_write(
@@ -109,7 +108,7 @@ impl Component for Contexts {
     /// Memory lets go at once; the store's records go on a task.
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
         self.0.agents.write().remove(&agent);
-        self.remove_objects(agent, None);
+        self.remove_agent_objects(agent);
         let store = ctx.store.clone();
         ctx.tasks.spawn(async move {
             if let Err(e) = crate::lifecycle::forget_agent(&store, agent).await {

@@ -51,6 +51,8 @@ pub(crate) struct Inner {
     /// The kernel's runtime, for reads from object storage on threads of
     /// their own (a snapshot's export).
     pub runtime: OnceLock<tokio::runtime::Handle>,
+    /// Where COLD items are searched (SemanticMemory), when the kernel has it.
+    pub memory: OnceLock<Arc<dyn bbx_component::MemorySearch>>,
 }
 
 /// An agent's place in memory.
@@ -115,7 +117,13 @@ impl Contexts {
             cold_search: AtomicBool::new(false),
             cold_objects,
             runtime: OnceLock::new(),
+            memory: OnceLock::new(),
         })))
+    }
+
+    /// Hands over where COLD items are searched; before the kernel starts.
+    pub fn set_memory(&self, memory: Arc<dyn bbx_component::MemorySearch>) {
+        let _ = self.0.memory.set(memory);
     }
 
     pub(crate) fn context(&self) -> Result<&Context> {
@@ -129,15 +137,23 @@ impl Contexts {
         Ok(&self.context()?.store)
     }
 
-    /// The item's block as durable now, fetched from object storage where
-    /// the store keeps a stub of it.
-    pub(crate) fn read_block(&self, agent: &AgentId, id: ItemId) -> Result<Option<Vec<u8>>> {
+    /// The item's block as the store keeps it now: the block, or its stub.
+    pub(crate) fn stored_block(&self, agent: &AgentId, id: ItemId) -> Result<Option<Vec<u8>>> {
         let store = self.store()?;
-        let stored = store
+        Ok(store
             .view()
             .get(store.keyspace(CONTEXT_BLOCKS), item_key(agent, id))
-            .map_err(|e| storage_error("read a context block", e))?;
-        stored.map(|block| self.resolve(block.to_vec())).transpose()
+            .map_err(|e| storage_error("read a context block", e))?
+            .map(|block| block.to_vec()))
+    }
+
+    /// The item's block as durable now, fetched from object storage where
+    /// the store keeps a stub of it. Never under an agent's lock: it may wait
+    /// for the bucket.
+    pub(crate) fn read_block(&self, agent: &AgentId, id: ItemId) -> Result<Option<Vec<u8>>> {
+        self.stored_block(agent, id)?
+            .map(|block| self.resolve(agent, block))
+            .transpose()
     }
 
     pub fn counter(&self) -> &TokenCounter {
@@ -168,12 +184,13 @@ impl Contexts {
         let stopping = ctx.stopping.clone();
         ctx.tasks.spawn(async move { this.migrate_until(stopping).await });
         let memory = ctx.kinds.iter().any(|(kind, _)| kind.name == "memory.add");
-        if self.0.config.cold_search && memory {
-            self.0.cold_search.store(true, Ordering::Relaxed);
-            let this = self.clone();
-            let stopping = ctx.stopping.clone();
-            ctx.tasks.spawn(async move { this.index_cold_until(stopping).await });
-        }
+        let searches = self.0.memory.get().is_some();
+        self.0
+            .cold_search
+            .store(self.0.config.cold_search && memory && searches, Ordering::Relaxed);
+        let this = self.clone();
+        let stopping = ctx.stopping.clone();
+        ctx.tasks.spawn(async move { this.do_chores_until(stopping).await });
         let store = ctx.store.clone();
         ctx.tasks.spawn(async move {
             if let Err(e) = crate::lifecycle::forget_orphans(&store).await {
@@ -291,6 +308,8 @@ impl Contexts {
                 None
             };
             residents.push(match block {
+                // In the bucket: read when it is needed, never under the lock.
+                Some(block) if codec::remote_name(&block).is_some() => Resident::None,
                 Some(block) if record.pinned || fits_hot => match codec::decode(&block) {
                     Ok(content) => {
                         if !record.pinned {
@@ -370,8 +389,13 @@ impl Contexts {
                         updated.resident = Resident::None;
                     }
                     if record.pinned && !matches!(updated.resident, Resident::Hot(_)) {
-                        // A pinned item is always in the window: keep it at hand.
-                        if let Some(content) = self.read_block(agent, id)?.map(|b| codec::decode(&b)).transpose()? {
+                        // A pinned item is always in the window: keep it at hand
+                        // (one in the bucket is read when it is needed: not
+                        // under the lock).
+                        let stored = self
+                            .stored_block(agent, id)?
+                            .filter(|b| codec::remote_name(b).is_none());
+                        if let Some(content) = stored.map(|b| codec::decode(&b)).transpose()? {
                             updated.resident = Resident::Hot(content.into());
                         }
                     }
@@ -380,8 +404,11 @@ impl Contexts {
                     ctx.insert(updated);
                 }
                 None => {
-                    let resident = match self.read_block(agent, id)? {
-                        Some(block) if record.codec == Codec::Lz4 => Resident::Hot(codec::decode(&block)?.into()),
+                    let resident = match record.codec {
+                        Codec::Lz4 => match self.stored_block(agent, id)? {
+                            Some(block) => Resident::Hot(codec::decode(&block)?.into()),
+                            None => Resident::None,
+                        },
                         _ => Resident::None,
                     };
                     if added {

@@ -224,7 +224,10 @@ pub(crate) fn endpoints(contexts: &Contexts) -> Vec<Endpoint> {
                 if req.budget == 0 {
                     return Err(Error::invalid_field("budget", "must be at least 1 token"));
                 }
-                c.blocking(move |c| c.assemble(req.agent, req.budget)).await
+                // Only a key acting as the agent may have a model summarize,
+                // on the agent's budget.
+                let by_model = caller.agent == Some(req.agent);
+                c.blocking(move |c| c.assemble(req.agent, req.budget, by_model)).await
             },
         ),
         Endpoint::serving(

@@ -31,6 +31,7 @@
 //! interfaces.
 
 pub mod assemble;
+mod chores;
 pub mod codec;
 mod cold_objects;
 mod cold_search;
@@ -82,11 +83,11 @@ pub const CONTEXT_MODEL: KeyspaceDef = KeyspaceDef {
     name: "context_model",
 };
 
-/// agent, id -> nothing: an item that reached COLD and is yet to be added to
-/// the agent's memory ([`cold_search`]).
-pub const CONTEXT_COLD_INDEX: KeyspaceDef = KeyspaceDef {
+/// agent, id -> what a write left to do for the item outside the store
+/// ([`chores`]): add it to memory, forget it there, remove objects.
+pub const CONTEXT_CHORES: KeyspaceDef = KeyspaceDef {
     id: 46,
-    name: "context_cold_index",
+    name: "context_chores",
 };
 
 pub const KEYSPACES: [KeyspaceDef; 6] = [
@@ -95,5 +96,5 @@ pub const KEYSPACES: [KeyspaceDef; 6] = [
     CONTEXT_ACCESS,
     CONTEXT_AGENTS,
     CONTEXT_MODEL,
-    CONTEXT_COLD_INDEX,
+    CONTEXT_CHORES,
 ];

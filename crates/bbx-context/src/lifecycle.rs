@@ -89,26 +89,34 @@ const EXPORTED: [crate::KeyspaceDef; 4] = [
 ];
 
 /// Every record of the agent's context, as durable now: the keyspace's id,
-/// then the key after the agent. A block kept in object storage is exported
-/// whole (`resolve` fetches it), so an export stands on its own.
+/// then the key after the agent. Blocks kept in object storage are exported
+/// whole (`resolve` fetches them, together), so an export stands on its own.
 pub(crate) fn export(
     store: &Store,
     view: &fjall::Snapshot,
     agent: &AgentId,
-    resolve: impl Fn(Vec<u8>) -> Result<Vec<u8>>,
+    resolve: impl Fn(Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>>,
 ) -> Result<Vec<bbx_component::Exported>> {
     let mut records = Vec::new();
+    let mut blocks = Vec::new();
     for keyspace in EXPORTED {
         for kv in view.prefix(store.keyspace(keyspace), agent.as_bytes()) {
             let (key, value) = kv.into_inner().map_err(|e| storage_error("export a context", e))?;
             let mut exported = vec![keyspace.id];
             exported.extend_from_slice(&key[16..]);
-            let value = match keyspace == crate::CONTEXT_BLOCKS {
-                true => resolve(value.to_vec())?,
-                false => value.to_vec(),
-            };
-            records.push(bbx_component::Exported { key: exported, value });
+            if keyspace == crate::CONTEXT_BLOCKS {
+                blocks.push((exported, value.to_vec()));
+            } else {
+                records.push(bbx_component::Exported {
+                    key: exported,
+                    value: value.to_vec(),
+                });
+            }
         }
+    }
+    let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = blocks.into_iter().unzip();
+    for (key, value) in keys.into_iter().zip(resolve(values)) {
+        records.push(bbx_component::Exported { key, value: value? });
     }
     Ok(records)
 }
@@ -156,10 +164,13 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_compo
                 .map(|(k, _)| k.clone()),
         );
         for key in keys {
+            if keyspace == crate::CONTEXT_BLOCKS {
+                replaced_objects(tx, agent, &key, &incoming)?;
+            }
             tx.remove(keyspace, key);
         }
     }
-    check_items(&incoming)?;
+    check_items(agent, &incoming)?;
     let mut imported_sequence = 0;
     for (keyspace, key, value) in incoming {
         if keyspace == crate::CONTEXT_AGENTS && key == sequence {
@@ -183,7 +194,30 @@ pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_compo
 
 /// An import's items are what this crate wrote: each record decodes, names
 /// the id of its key, and its block decodes to content of its size.
-fn check_items(incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)]) -> Result<()> {
+/// An import writes over the block at `key`: the object it names, unless the
+/// import keeps naming it, goes (a chore).
+fn replaced_objects(
+    tx: &mut GroupTx<'_>,
+    agent: &AgentId,
+    key: &[u8],
+    incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)],
+) -> Result<()> {
+    let Some(old) = tx.read(crate::CONTEXT_BLOCKS, key)? else {
+        return Ok(());
+    };
+    let Some(name) = crate::codec::remote_name(&old) else {
+        return Ok(());
+    };
+    let kept = incoming
+        .iter()
+        .any(|(k, _, v)| *k == crate::CONTEXT_BLOCKS && crate::codec::remote_name(v) == Some(name));
+    match (kept, crate::item::parse_item_key(key)) {
+        (false, Some(id)) => crate::chores::overwritten(tx, agent, id),
+        _ => Ok(()),
+    }
+}
+
+fn check_items(agent: &AgentId, incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)]) -> Result<()> {
     let bad = |why: String| bbx_core::Error::invalid_field("parts", format!("a context item does not import: {why}"));
     let blocks: std::collections::HashMap<&[u8], &[u8]> = incoming
         .iter()
@@ -203,8 +237,11 @@ fn check_items(incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)]) -> Result<()
             .ok_or_else(|| bad(format!("item {} has no block", record.id)))?;
         if let Some(name) = crate::codec::remote_name(block) {
             // A stub (a recovery to a moment replays the writes that made
-            // it): its object is checked when it is read.
+            // it): the agent's own object, checked when it is read.
             bbx_objects::check_name(name).map_err(|e| bad(e.message))?;
+            if !name.starts_with(&format!("{agent}/")) {
+                return Err(bad(format!("item {} names another agent's object", record.id)));
+            }
             continue;
         }
         let content = crate::codec::decode(block).map_err(|e| bad(e.message))?;

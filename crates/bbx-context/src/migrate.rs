@@ -87,7 +87,7 @@ impl Staged for Recodes {
                 tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
                 tx.put(CONTEXT_BLOCKS, key, recode.block.clone());
                 if self.index_cold && recode.codec == Codec::ZstdHigh {
-                    crate::cold_search::mark(tx, &recode.agent, recode.id);
+                    crate::chores::cold(tx, &recode.agent, recode.id)?;
                 }
             }
             Ok(Applied::Done)

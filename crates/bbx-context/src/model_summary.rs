@@ -1,8 +1,11 @@
 //! Summaries written by a model (`context.summary_model`): the evicted span
 //! goes through `llm.chat` as an op of the agent itself, so it is metered
 //! against the agent's budget, checked by FlowIntegrity and journaled like any
-//! other call. Its idempotency key is the span's content, so a window
-//! assembled again (after a crash, or by a second reader) does not pay twice.
+//! other call. Only the agent's own assembly asks (its op, its `llm.chat`), so
+//! nobody else spends for it. Its idempotency key is the span's content, the
+//! model and the room, so a window assembled again within the ring's
+//! retention does not pay twice (and a failure stays that span's answer for
+//! as long: it is summarized extractively).
 
 use crate::Contexts;
 use crate::summary::summarize;
@@ -47,7 +50,7 @@ impl Contexts {
         } else {
             summarize("", texts, config.summary_input_tokens as u32, counter)
         };
-        let key = format!("context-summary:{agent}:{:016x}", span_key(model, cap, &input));
+        let key = format!("context-summary:{:016x}", span_key(model, cap, &input));
         let args = json!({
             "endpoint": config.summary_endpoint,
             "model": model,
@@ -70,6 +73,12 @@ impl Contexts {
             .map_err(|_| Error::internal("a model summary needs the kernel's runtime"))?;
         let wait = Duration::from_millis(config.summary_timeout_ms + 10_000);
         let answer = runtime.block_on(bbx_component::run_op(&*ctx.submitter, &caller, op, wait))?;
+        if answer["finish_reason"] == "length" {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!("model {model}'s summary was cut off at its {room} tokens"),
+            ));
+        }
         let content = answer["content"].as_str().unwrap_or_default().trim();
         if content.is_empty() {
             return Err(Error::new(

@@ -55,6 +55,10 @@ pub struct PutArgs {
     /// Earlier items it refers to.
     #[serde(default)]
     pub refs: Vec<ItemId>,
+    /// Another agent's context to put it in, where that agent granted this
+    /// one write over it (FlowIntegrity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<AgentId>,
 }
 
 /// Args naming one item.
@@ -62,6 +66,17 @@ pub struct PutArgs {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ItemArgs {
     pub id: ItemId,
+}
+
+/// `context.get`'s args.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GetArgs {
+    pub id: ItemId,
+    /// Another agent's context to read, where that agent granted this one
+    /// read over it (FlowIntegrity).
+    #[serde(default)]
+    pub owner: Option<AgentId>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -128,6 +143,10 @@ impl ListArgs {
 pub(crate) struct AssembleArgs {
     /// The most tokens the window may take.
     pub budget: u32,
+    /// Another agent's context to assemble, where that agent granted this
+    /// one read over it (FlowIntegrity).
+    #[serde(default)]
+    pub owner: Option<AgentId>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -144,7 +163,8 @@ pub(crate) struct StatsArgs {}
 pub(crate) fn args_schema(kind: &str) -> Option<Value> {
     let schema = match kind {
         "context.put" => schemars::schema_for!(PutArgs),
-        "context.get" | "context.score" => schemars::schema_for!(ItemArgs),
+        "context.get" => schemars::schema_for!(GetArgs),
+        "context.score" => schemars::schema_for!(ItemArgs),
         "context.list" => schemars::schema_for!(ListArgs),
         "context.pin" => schemars::schema_for!(PinArgs),
         "context.delete" => schemars::schema_for!(DeleteArgs),
@@ -174,21 +194,21 @@ pub(crate) fn prepare(contexts: &Contexts, kind: &str, args: &Value) -> Result<P
     Ok(match kind {
         "context.put" => Prepared::Effect(Arc::new(Put::new(&contexts, parse_args(kind, args)?)?)),
         "context.get" => {
-            let ItemArgs { id } = parse_args(kind, args)?;
-            Prepared::Task(Arc::new(Task(contexts, TaskKind::Get(id))))
+            let GetArgs { id, owner } = parse_args(kind, args)?;
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Get(id), owner)))
         }
         "context.score" => {
             let ItemArgs { id } = parse_args(kind, args)?;
-            Prepared::Task(Arc::new(Task(contexts, TaskKind::Score(id))))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Score(id), None)))
         }
         "context.list" => {
             let args: ListArgs = parse_args(kind, args)?;
             args.check()?;
-            Prepared::Task(Arc::new(Task(contexts, TaskKind::List(args))))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::List(args), None)))
         }
         "context.stats" => {
             let StatsArgs {} = parse_args(kind, args)?;
-            Prepared::Task(Arc::new(Task(contexts, TaskKind::Stats)))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Stats, None)))
         }
         "context.pin" => {
             let PinArgs { id, pinned } = parse_args(kind, args)?;
@@ -197,7 +217,10 @@ pub(crate) fn prepare(contexts: &Contexts, kind: &str, args: &Value) -> Result<P
         "context.delete" => {
             let DeleteArgs { mut ids } = parse_args(kind, args)?;
             check_ids("ids", &mut ids)?;
-            Prepared::Effect(Arc::new(Delete { ids }))
+            Prepared::Effect(Arc::new(Delete {
+                ids,
+                forget_memory: contexts.cold_search(),
+            }))
         }
         "context.demote" => {
             let DemoteArgs { id, tier } = parse_args(kind, args)?;
@@ -209,16 +232,16 @@ pub(crate) fn prepare(contexts: &Contexts, kind: &str, args: &Value) -> Result<P
             }))
         }
         "context.assemble" => {
-            let AssembleArgs { budget } = parse_args(kind, args)?;
+            let AssembleArgs { budget, owner } = parse_args(kind, args)?;
             if budget == 0 {
                 return Err(Error::invalid_field("budget", "must be at least 1 token"));
             }
-            Prepared::Task(Arc::new(Task(contexts, TaskKind::Assemble(budget))))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Assemble(budget), owner)))
         }
         "context.prefetch" => {
             let PrefetchArgs { mut ids } = parse_args(kind, args)?;
             check_ids("ids", &mut ids)?;
-            Prepared::Task(Arc::new(Task(contexts, TaskKind::Prefetch(ids))))
+            Prepared::Task(Arc::new(Task(contexts, TaskKind::Prefetch(ids), None)))
         }
         _ => return Err(Error::internal(format!("context serves no op kind {kind}"))),
     })
@@ -260,7 +283,7 @@ impl Put {
 
 impl EffectOp for Put {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
-        let agent = staging.agent;
+        let agent = self.args.owner.as_ref().unwrap_or(staging.agent);
         let sequence = agent_key(agent, SEQUENCE);
         let last = crate::item::counter(tx.read(CONTEXT_AGENTS, &sequence)?);
         for id in &self.args.refs {
@@ -290,7 +313,11 @@ impl EffectOp for Put {
         tx.put(CONTEXT_AGENTS, sequence, id.to_be_bytes().to_vec());
         tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
         tx.put(CONTEXT_BLOCKS, key, self.block.clone());
-        Ok(json!({ "id": id, "tokens": self.tokens, "tier": Tier::Hot }))
+        let mut put = json!({ "id": id, "tokens": self.tokens, "tier": Tier::Hot });
+        if let Some(owner) = self.args.owner {
+            put["agent"] = json!(owner);
+        }
+        Ok(put)
     }
 }
 
@@ -319,6 +346,8 @@ impl EffectOp for Pin {
 #[derive(Debug)]
 struct Delete {
     ids: Vec<ItemId>,
+    /// Memory holds COLD items: what it holds of these goes too (a chore).
+    forget_memory: bool,
 }
 
 impl EffectOp for Delete {
@@ -327,6 +356,7 @@ impl EffectOp for Delete {
             stored_record(tx, staging.agent, *id)?;
         }
         for id in &self.ids {
+            crate::chores::deleted(tx, staging.agent, *id, self.forget_memory)?;
             let key = item_key(staging.agent, *id);
             for keyspace in [CONTEXT_ITEMS, CONTEXT_BLOCKS, CONTEXT_ACCESS] {
                 tx.remove(keyspace, key.clone());
@@ -359,6 +389,11 @@ impl EffectOp for Demote {
         Some(Box::pin(async move {
             let reader = contexts.clone();
             let block = tokio::task::spawn_blocking(move || {
+                // Refused before anything is put in the bucket (the stage
+                // checks again).
+                if reader.with(agent, |ctx| ctx.items.get(&id).is_some_and(|e| e.record.pinned))? {
+                    return Err(pinned(id));
+                }
                 let content = reader.content(agent, id)?;
                 codec::encode(&content, codec, level)
             })
@@ -377,10 +412,7 @@ impl EffectOp for Demote {
     fn stage(&self, tx: &mut GroupTx<'_>, staging: &Staging<'_>) -> Result<Value> {
         let mut record = stored_record(tx, staging.agent, self.id)?;
         if record.pinned {
-            return Err(Error::new(
-                ErrorCode::FailedPrecondition,
-                format!("item {} is pinned: unpin it before demoting it", self.id),
-            ));
+            return Err(pinned(self.id));
         }
         let Some((codec, block, size)) = self.block.lock().clone() else {
             return Err(Error::internal("the demoted block was not encoded"));
@@ -388,13 +420,21 @@ impl EffectOp for Demote {
         record.codec = codec;
         record.stored_bytes = size;
         let key = item_key(staging.agent, self.id);
+        crate::chores::overwritten(tx, staging.agent, self.id)?;
         tx.put(CONTEXT_ITEMS, key.clone(), record.encode());
         tx.put(CONTEXT_BLOCKS, key, block);
         if codec == Codec::ZstdHigh && self.contexts.cold_search() {
-            crate::cold_search::mark(tx, staging.agent, self.id);
+            crate::chores::cold(tx, staging.agent, self.id)?;
         }
         Ok(json!({ "id": self.id, "tier": codec.disk_tier() }))
     }
+}
+
+fn pinned(id: ItemId) -> Error {
+    Error::new(
+        ErrorCode::FailedPrecondition,
+        format!("item {id} is pinned: unpin it before demoting it"),
+    )
 }
 
 #[derive(Debug)]
@@ -407,8 +447,9 @@ enum TaskKind {
     Prefetch(Vec<ItemId>),
 }
 
+/// A read of the op's agent's context, or of the owner's it names.
 #[derive(Debug)]
-struct Task(Contexts, TaskKind);
+struct Task(Contexts, TaskKind, Option<AgentId>);
 
 impl TaskOp for Task {
     fn effects(&self) -> Effects {
@@ -416,7 +457,7 @@ impl TaskOp for Task {
     }
 
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
-        let (contexts, agent) = (self.0.clone(), ctx.agent);
+        let (contexts, agent) = (self.0.clone(), self.2.unwrap_or(ctx.agent));
         let work: Box<dyn FnOnce() -> Result<Value> + Send> = match &self.1 {
             TaskKind::Get(id) => {
                 let id = *id;
@@ -433,7 +474,10 @@ impl TaskOp for Task {
             TaskKind::Stats => Box::new(move || contexts.stats(agent)),
             TaskKind::Assemble(budget) => {
                 let budget = *budget;
-                Box::new(move || contexts.assemble(agent, budget))
+                // The agent's own op may have a model summarize; a grantee's
+                // reads another's context, and never spends for it.
+                let by_model = self.2.is_none();
+                Box::new(move || contexts.assemble(agent, budget, by_model))
             }
             TaskKind::Prefetch(ids) => {
                 let ids = ids.clone();

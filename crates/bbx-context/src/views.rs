@@ -11,6 +11,12 @@ use bbx_core::{AgentId, Result};
 use chrono::TimeZone;
 use serde_json::{Map, Value, json};
 
+/// An item's record as the reads show it (labels included), without its
+/// content.
+pub(crate) fn described(record: &Record, tier: Tier) -> Value {
+    Value::Object(record_fields(record, tier))
+}
+
 fn record_fields(record: &Record, tier: Tier) -> Map<String, Value> {
     let mut fields = Map::new();
     fields.insert("id".into(), json!(record.id));

@@ -43,39 +43,87 @@ impl Staged for SaveAssembly {
 }
 
 impl Contexts {
-    fn content_of(&self, agent: &AgentId, resident: &Resident, id: ItemId) -> Result<Arc<str>> {
-        match resident {
-            Resident::Hot(content) => Ok(content.clone()),
-            Resident::Warm(block) => Ok(codec::decode(block)?.into()),
-            Resident::None => {
-                let block = self
-                    .read_block(agent, id)?
-                    .ok_or_else(|| Error::internal(format!("context item {id} has no block")))?;
-                Ok(codec::decode(&block)?.into())
-            }
+    /// The contents of items found under the agent's lock, read outside it:
+    /// from memory, the disk, and the bucket (its blocks fetched together).
+    fn contents(&self, agent: &AgentId, residents: &[(ItemId, Resident)]) -> Vec<Result<Arc<str>>> {
+        let mut stored = Vec::new();
+        let mut slots: Vec<Result<Option<usize>>> = Vec::with_capacity(residents.len());
+        for (id, resident) in residents {
+            slots.push(match resident {
+                Resident::Hot(_) | Resident::Warm(_) => Ok(None),
+                Resident::None => match self.stored_block(agent, *id) {
+                    Ok(Some(block)) => {
+                        stored.push(block);
+                        Ok(Some(stored.len() - 1))
+                    }
+                    Ok(None) => Err(Error::internal(format!("context item {id} has no block"))),
+                    Err(e) => Err(e),
+                },
+            });
         }
+        let mut resolved: Vec<Option<Result<Vec<u8>>>> =
+            self.resolve_all(agent, stored).into_iter().map(Some).collect();
+        residents
+            .iter()
+            .zip(slots)
+            .map(|((_, resident), slot)| match (resident, slot?) {
+                (Resident::Hot(content), _) => Ok(content.clone()),
+                (Resident::Warm(block), _) => Ok(codec::decode(block)?.into()),
+                (Resident::None, Some(at)) => {
+                    let block = resolved
+                        .get_mut(at)
+                        .and_then(Option::take)
+                        .unwrap_or_else(|| Err(Error::internal("a block was not read")))?;
+                    Ok(codec::decode(&block)?.into())
+                }
+                (Resident::None, None) => Err(Error::internal("a block was not read")),
+            })
+            .collect()
     }
 
     /// A summary of `parts` in at most `cap` tokens, from contents gathered
     /// under the agent's lock ([`Evicted`]), computed outside it: by the
-    /// configured model, or extractively (also when the model fails).
-    fn summary(&self, agent: &AgentId, evicted: &Evicted) -> Result<Summarized> {
+    /// configured model where `by_model`, or extractively (also when the model
+    /// fails). An item that cannot be read (its bucket down) is left out, and
+    /// counted.
+    fn summary(&self, agent: &AgentId, evicted: &Evicted, by_model: bool) -> Result<Summarized> {
+        let items: Vec<(ItemId, Resident)> = evicted
+            .sources
+            .iter()
+            .filter_map(|source| match source {
+                Source::Item(id, resident) => Some((*id, resident.clone())),
+                Source::Summary(_) => None,
+            })
+            .collect();
+        let mut read = self.contents(agent, &items).into_iter();
         let mut texts: Vec<Arc<str>> = Vec::with_capacity(evicted.sources.len());
+        let mut unreadable = 0;
         for source in &evicted.sources {
-            texts.push(match source {
-                Source::Item(id, resident) => self.content_of(agent, resident, *id)?,
-                Source::Summary(text) => text.as_str().into(),
-            });
+            match source {
+                Source::Item(id, _) => match read.next().unwrap_or_else(|| Err(Error::internal("unread"))) {
+                    Ok(text) => texts.push(text),
+                    Err(e) => {
+                        tracing::warn!(%agent, id, error = %e, "an evicted context item could not be read for its summary");
+                        unreadable += 1;
+                    }
+                },
+                Source::Summary(text) => texts.push(text.as_str().into()),
+            }
         }
+        let left_out = if unreadable > 0 {
+            format!(", {unreadable} unreadable left out")
+        } else {
+            String::new()
+        };
         let header = format!(
-            "[Summary of {} earlier items, {}-{}]",
+            "[Summary of {} earlier items, {}-{}{left_out}]",
             evicted.covers.len(),
             evicted.covers.first().unwrap_or(&0),
             evicted.covers.last().unwrap_or(&0)
         );
         let refs: Vec<&str> = texts.iter().map(|t| &**t).collect();
         let mut model_error = None;
-        if let Some(model) = &self.0.config.summary_model {
+        if let Some(model) = self.0.config.summary_model.as_ref().filter(|_| by_model) {
             match self.model_summary(agent, &header, &refs, evicted.cap, model) {
                 Ok((text, tokens)) => {
                     return Ok(Summarized {
@@ -103,9 +151,11 @@ impl Contexts {
 
     /// A window of the agent's context under `budget` tokens. The window is
     /// planned under the agent's lock; what must be read from disk (contents,
-    /// and the items a summary covers) is read after. With a summary model it
-    /// may wait for the model: call it on a blocking thread.
-    pub fn assemble(&self, agent: AgentId, budget: u32) -> Result<Value> {
+    /// and the items a summary covers) is read after. `by_model`: the agent
+    /// itself asks (its own op, its `llm.chat`), so a compaction may have the
+    /// configured model summarize, on the agent's budget, and wait for it:
+    /// call it on a blocking thread.
+    pub fn assemble(&self, agent: AgentId, budget: u32, by_model: bool) -> Result<Value> {
         let settings = Settings {
             compact_to: self.0.config.compact_to,
             summary_tokens: self.0.config.summary_tokens as u32,
@@ -146,7 +196,7 @@ impl Contexts {
             Ok((plan, parts, evicted))
         })??;
         let summary = evicted
-            .map(|e| self.summary(&agent, &e).map(|done| (e.cap, done)))
+            .map(|e| self.summary(&agent, &e, by_model).map(|done| (e.cap, done)))
             .transpose()?;
         if let Some((cap, summarized)) = &summary {
             let (cap, tokens) = (*cap, summarized.tokens);
@@ -167,6 +217,16 @@ impl Contexts {
             let save = SaveAssembly { agent, epoch, window };
             ctx.write_later(save, "an agent's last context window");
         }
+        // The window's items are read together (those in the bucket fetched
+        // at once); one that cannot be read fails the window, naming it.
+        let residents: Vec<(ItemId, Resident)> = parts
+            .iter()
+            .filter_map(|(part, found)| match (part, found) {
+                (Part::Item(id), Some((_, resident))) => Some((*id, resident.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut contents = self.contents(&agent, &residents).into_iter();
         let mut items = Vec::with_capacity(parts.len());
         let mut summaries = plan.assembly.body.iter().filter_map(|p| match p {
             Part::Summary { covers, text, tokens } => Some((covers, text, tokens)),
@@ -174,10 +234,14 @@ impl Contexts {
         });
         for (part, found) in parts {
             items.push(match (part, found) {
-                (Part::Item(id), Some((record, resident))) => {
+                (Part::Item(id), Some((record, _))) => {
+                    let content = contents
+                        .next()
+                        .unwrap_or_else(|| Err(Error::internal("a window item was not read")))
+                        .map_err(|e| Error::new(e.code, format!("context item {id}: {}", e.message)))?;
                     let mut item = json!({
                         "id": id, "kind": record.kind, "role": record.role, "tokens": record.tokens,
-                        "content": &*self.content_of(&agent, &resident, id)?,
+                        "content": &*content,
                     });
                     if !record.labels.is_empty() {
                         item["labels"] = json!(record.labels);
@@ -223,7 +287,8 @@ impl bbx_component::ContextWindows for Contexts {
     /// API takes only as the answer to a call it made, and an item without a
     /// role, as the user.
     fn window(&self, agent: &AgentId, budget: u32) -> Result<Vec<bbx_component::ChatMessage>> {
-        let window = self.assemble(*agent, budget)?;
+        // llm.chat of the agent itself: its window may be summarized by a model.
+        let window = self.assemble(*agent, budget, true)?;
         Ok(window["items"]
             .as_array()
             .into_iter()

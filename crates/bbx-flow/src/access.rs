@@ -1,9 +1,13 @@
-//! Memory access control: an agent's regions are its own unless it grants
-//! them. A grant gives another agent of the same tenant, or a group of them
-//! (every agent carrying a label), `read` and/or `write` over the owner's state
-//! keys under a prefix; a `state.*` op that names another agent (`"agent":
-//! OWNER`) is refused with `policy_denied` (and audited) unless a grant covers
-//! its key and right. Grants are stored, and go with either agent.
+//! Memory access control: an agent's regions (its state keys, its memory
+//! namespace, its context) are its own unless it grants them. A grant gives
+//! another agent of the same tenant, or a group of them (every agent carrying
+//! a label), `read`, `write` and/or `share` (granting on what it holds) over
+//! one region of the owner: state keys under a prefix, or the whole memory
+//! namespace or context. An op that names another agent (`state.*`:
+//! `"agent": OWNER`; `memory.search|get|add`, `context.get|assemble|put`:
+//! `"owner": OWNER`) is refused with `policy_denied` (and audited) unless a
+//! grant covers its region, key and right. Grants are stored, and go with
+//! either agent.
 
 use bbx_core::{AgentId, Error, ErrorCode, Result};
 use bbx_store::KeyspaceDef;
@@ -23,12 +27,16 @@ pub const FLOW_GRANTS: KeyspaceDef = KeyspaceDef {
 /// Grants one owner gives at most.
 pub const MAX_GRANTS_PER_OWNER: usize = 256;
 
-/// What a grant allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Right {
-    Read,
-    Write,
+pub use bbx_component::access::{Region, Right};
+
+/// Marks a grant's key: none for state, whose keys predate regions.
+fn key_mark(region: Region) -> Option<u8> {
+    match region {
+        Region::State => None,
+        Region::Memory => Some(1),
+        Region::Context => Some(2),
+        Region::Topic => Some(3),
+    }
 }
 
 /// Whom a grant is given to: one agent, or a group: every agent of the owner's
@@ -96,7 +104,8 @@ impl<'de> Deserialize<'de> for Grantee {
     }
 }
 
-/// Rights over an owner's state keys under `prefix`, given to `grantee`.
+/// Rights over an owner's region (state keys under `prefix`), given to
+/// `grantee`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Grant {
     pub owner: AgentId,
@@ -104,7 +113,10 @@ pub struct Grant {
     /// with that label.
     #[schemars(with = "String")]
     pub grantee: Grantee,
-    /// Keys starting with it (empty: every key).
+    #[serde(default)]
+    pub region: Region,
+    /// State keys starting with it (empty: every key; always empty for the
+    /// other regions).
     pub prefix: String,
     pub rights: Vec<Right>,
     pub by: String,
@@ -127,6 +139,11 @@ impl Grant {
                 key.push(0);
             }
         }
+        // No prefix starts with 0xFF (a prefix is UTF-8): a region's mark
+        // cannot be a state prefix.
+        if let Some(mark) = key_mark(self.region) {
+            key.extend_from_slice(&[0xFF, mark]);
+        }
         key.extend_from_slice(self.prefix.as_bytes());
         key
     }
@@ -146,18 +163,22 @@ impl Grants {
         }
     }
 
-    /// Whether the agent `id`, with `labels`, may use `right` on `owner`'s `key`.
+    /// Whether the agent `id`, with `labels`, may use `right` on `owner`'s
+    /// `region` at `key` (a state key; empty for the other regions).
     pub fn allows(
         &self,
         owner: &AgentId,
         (id, labels): (&AgentId, &BTreeMap<String, String>),
-        key: &str,
+        (region, key): (Region, &str),
         right: Right,
     ) -> bool {
         self.by_owner.read().get(owner).is_some_and(|grants| {
-            grants
-                .iter()
-                .any(|g| g.grantee.includes(id, labels) && key.starts_with(&g.prefix) && g.rights.contains(&right))
+            grants.iter().any(|g| {
+                g.region == region
+                    && g.grantee.includes(id, labels)
+                    && key.starts_with(&g.prefix)
+                    && g.rights.contains(&right)
+            })
         })
     }
 
@@ -226,13 +247,19 @@ impl Grants {
     }
 }
 
-/// The right a `state.*` kind needs.
-pub fn right_of(kind: &str) -> Option<Right> {
-    match kind {
-        "state.get" => Some(Right::Read),
-        "state.set" | "state.incr" | "state.delete" => Some(Right::Write),
-        _ => None,
-    }
+/// The region and right a kind needs when its op names another agent.
+/// (Topics are the bus's to check: it asks [`bbx_component::access::RegionAccess`]
+/// for its ops and endpoints alike.)
+pub fn right_of(kind: &str) -> Option<(Region, Right)> {
+    Some(match kind {
+        "state.get" => (Region::State, Right::Read),
+        "state.set" | "state.incr" | "state.delete" => (Region::State, Right::Write),
+        "memory.search" | "memory.get" => (Region::Memory, Right::Read),
+        "memory.add" => (Region::Memory, Right::Write),
+        "context.get" | "context.assemble" => (Region::Context, Right::Read),
+        "context.put" => (Region::Context, Right::Write),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -243,6 +270,7 @@ mod tests {
         Grant {
             owner,
             grantee: Grantee::Agent(grantee),
+            region: Region::State,
             prefix: prefix.into(),
             rights,
             by: "test".into(),
@@ -256,23 +284,23 @@ mod tests {
         let none = BTreeMap::new();
         let (a, b, c) = (AgentId::generate(), AgentId::generate(), AgentId::generate());
         grants.put(grant(a, b, "shared/", vec![Right::Read]));
-        assert!(grants.allows(&a, (&b, &none), "shared/x", Right::Read));
-        assert!(!grants.allows(&a, (&b, &none), "shared/x", Right::Write));
-        assert!(!grants.allows(&a, (&b, &none), "private", Right::Read));
-        assert!(!grants.allows(&a, (&c, &none), "shared/x", Right::Read));
+        assert!(grants.allows(&a, (&b, &none), (Region::State, "shared/x"), Right::Read));
+        assert!(!grants.allows(&a, (&b, &none), (Region::State, "shared/x"), Right::Write));
+        assert!(!grants.allows(&a, (&b, &none), (Region::State, "private"), Right::Read));
+        assert!(!grants.allows(&a, (&c, &none), (Region::State, "shared/x"), Right::Read));
         assert!(
-            !grants.allows(&b, (&a, &none), "shared/x", Right::Read),
+            !grants.allows(&b, (&a, &none), (Region::State, "shared/x"), Right::Read),
             "grants are not mutual"
         );
         grants.put(grant(a, b, "shared/", vec![Right::Read, Right::Write]));
         assert!(
-            grants.allows(&a, (&b, &none), "shared/x", Right::Write),
+            grants.allows(&a, (&b, &none), (Region::State, "shared/x"), Right::Write),
             "a grant is replaced"
         );
         assert_eq!(grants.of(&a).len(), 1);
         let key = grant(a, b, "shared/", vec![]).key();
         assert!(grants.remove(&key).is_some());
-        assert!(!grants.allows(&a, (&b, &none), "shared/x", Right::Read));
+        assert!(!grants.allows(&a, (&b, &none), (Region::State, "shared/x"), Right::Read));
         grants.put(grant(a, b, "", vec![Right::Read]));
         grants.put(grant(c, a, "", vec![Right::Read]));
         assert_eq!(grants.forget_agent(&a).len(), 2);
@@ -290,10 +318,15 @@ mod tests {
         grants.put(given.clone());
         let ml = BTreeMap::from([("team".to_owned(), "ml".to_owned())]);
         let ops = BTreeMap::from([("team".to_owned(), "ops".to_owned())]);
-        assert!(grants.allows(&owner, (&member, &ml), "shared/x", Right::Read));
-        assert!(grants.allows(&owner, (&other, &ml), "shared/x", Right::Read));
-        assert!(!grants.allows(&owner, (&other, &ops), "shared/x", Right::Read));
-        assert!(!grants.allows(&owner, (&other, &BTreeMap::new()), "shared/x", Right::Read));
+        assert!(grants.allows(&owner, (&member, &ml), (Region::State, "shared/x"), Right::Read));
+        assert!(grants.allows(&owner, (&other, &ml), (Region::State, "shared/x"), Right::Read));
+        assert!(!grants.allows(&owner, (&other, &ops), (Region::State, "shared/x"), Right::Read));
+        assert!(!grants.allows(
+            &owner,
+            (&other, &BTreeMap::new()),
+            (Region::State, "shared/x"),
+            Right::Read
+        ));
         assert_ne!(given.key(), grant(owner, member, "shared/", vec![]).key());
         let stored = serde_json::to_value(&given).unwrap();
         assert_eq!(stored["grantee"], "label:team=ml");
@@ -302,6 +335,35 @@ mod tests {
             assert!(bad.parse::<Grantee>().is_err(), "{bad} was accepted");
         }
         assert!(grants.remove(&given.key()).is_some());
-        assert!(!grants.allows(&owner, (&member, &ml), "shared/x", Right::Read));
+        assert!(!grants.allows(&owner, (&member, &ml), (Region::State, "shared/x"), Right::Read));
+    }
+
+    #[test]
+    fn a_grant_covers_its_region_only() {
+        let grants = Grants::default();
+        let none = BTreeMap::new();
+        let (a, b) = (AgentId::generate(), AgentId::generate());
+        let mut memory = grant(a, b, "", vec![Right::Read]);
+        memory.region = Region::Memory;
+        grants.put(memory.clone());
+        assert!(grants.allows(&a, (&b, &none), (Region::Memory, ""), Right::Read));
+        assert!(!grants.allows(&a, (&b, &none), (Region::Context, ""), Right::Read));
+        assert!(!grants.allows(&a, (&b, &none), (Region::State, "k"), Right::Read));
+        let state = grant(a, b, "", vec![Right::Read]);
+        assert_ne!(memory.key(), state.key(), "one grant per region");
+        grants.put(state);
+        assert_eq!(grants.of(&a).len(), 2);
+        let stored: Grant = serde_json::from_value(serde_json::json!({
+            "owner": a, "grantee": b.to_string(), "prefix": "p/", "rights": ["read"], "by": "old", "at": Utc::now(),
+        }))
+        .unwrap();
+        assert_eq!(
+            stored.region,
+            Region::State,
+            "grants stored before regions are over state"
+        );
+        assert_eq!(right_of("memory.search"), Some((Region::Memory, Right::Read)));
+        assert_eq!(right_of("context.put"), Some((Region::Context, Right::Write)));
+        assert_eq!(right_of("tool.http"), None);
     }
 }

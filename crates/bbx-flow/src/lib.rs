@@ -167,6 +167,37 @@ fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))
 }
 
+/// Who asked about a region, for the audit log.
+struct Asked<'a> {
+    caller: Option<&'a Caller>,
+    tenant: &'a str,
+    /// The op's kind, or what the component was asked to do.
+    what: &'a str,
+}
+
+impl bbx_component::access::RegionAccess for Flow {
+    fn check(
+        &self,
+        tenant: &str,
+        owner: &AgentId,
+        agent: &AgentId,
+        at: (access::Region, &str),
+        right: access::Right,
+    ) -> Result<()> {
+        let what = match right {
+            access::Right::Read => "a read",
+            access::Right::Write => "a write",
+            access::Right::Share => "a share",
+        };
+        let asked = Asked {
+            caller: None,
+            tenant,
+            what,
+        };
+        self.check_region(&asked, owner, agent, at, right)
+    }
+}
+
 impl Staged for Change {
     fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
         match self {
@@ -363,20 +394,26 @@ impl Flow {
         )
     }
 
-    /// A `state.*` op on another agent's state (`"agent": OWNER`) needs the
-    /// owner, of the same tenant, to have granted the op's agent its right over
-    /// the key; a refusal is audited.
+    /// An op on another agent's region (`"agent": OWNER` in a `state.*` op,
+    /// `"owner": OWNER` in a memory or context op) needs the owner, of the same tenant, to
+    /// have granted the op's agent its right over the region (for state, over
+    /// the key); a refusal is audited.
     fn check_access(&self, submission: &Submission<'_>) -> Result<()> {
         let op = submission.op;
-        let Some(right) = access::right_of(&op.kind) else {
+        let Some((region, right)) = access::right_of(&op.kind) else {
             return Ok(());
         };
-        let Some(owner) = op.args.get("agent").filter(|a| !a.is_null()) else {
+        // State ops name the owner `agent` (their args came first); the others `owner`.
+        let field = match region {
+            access::Region::State => "agent",
+            _ => "owner",
+        };
+        let Some(owner) = op.args.get(field).filter(|a| !a.is_null()) else {
             return Ok(());
         };
         let owner: AgentId = owner
             .as_str()
-            .ok_or_else(|| Error::invalid_field("args.agent", "agent must be an agent id"))?
+            .ok_or_else(|| Error::invalid_field(&format!("args.{field}"), format!("{field} must be an agent id")))?
             .parse()?;
         if owner == op.agent {
             return Ok(());
@@ -386,23 +423,47 @@ impl Flow {
             // Another tenant's agent is not there at all, to this one.
             return Err(Error::not_found("agent", owner));
         }
-        let key = op.args.get("key").and_then(Value::as_str).unwrap_or_default();
-        let labels = bbx_agents::stored_agent(&self.ctx()?.store, &op.agent)?.labels;
-        if self.0.grants.allows(&owner, (&op.agent, &labels), key, right) {
+        let key = match region {
+            access::Region::State => op.args.get("key").and_then(Value::as_str).unwrap_or_default(),
+            _ => "",
+        };
+        let asked = Asked {
+            caller: Some(submission.caller),
+            tenant: submission.tenant,
+            what: &op.kind,
+        };
+        self.check_region(&asked, &owner, &op.agent, (region, key), right)
+    }
+
+    /// `Ok` where `agent` is the owner or a grant covers its use; else a
+    /// refusal, audited.
+    fn check_region(
+        &self,
+        asked: &Asked<'_>,
+        owner: &AgentId,
+        agent: &AgentId,
+        (region, key): (access::Region, &str),
+        right: access::Right,
+    ) -> Result<()> {
+        if owner == agent {
             return Ok(());
         }
-        let why = format!(
-            "agent {owner} has not granted agent {} {right:?} over {key:?}",
-            op.agent
+        let labels = bbx_agents::stored_agent(&self.ctx()?.store, agent)?.labels;
+        if self.0.grants.allows(owner, (agent, &labels), (region, key), right) {
+            return Ok(());
+        }
+        let over = match region {
+            access::Region::State => format!("its state at {key:?}"),
+            access::Region::Topic => format!("its topic {key:?}"),
+            other => format!("its {}", other.name()),
+        };
+        let why = format!("agent {owner} has not granted agent {agent} {right:?} over {over}");
+        let what = format!(
+            "refuse {} of agent {agent} on agent {owner}'s {}",
+            asked.what,
+            region.name()
         );
-        let what = format!("refuse {} of agent {} on agent {owner}'s state", op.kind, op.agent);
-        self.audit(
-            Some(submission.caller),
-            submission.tenant,
-            what,
-            why.clone(),
-            AuditKind::FlowDecision,
-        );
+        self.audit(asked.caller, asked.tenant, what, why.clone(), AuditKind::FlowDecision);
         Err(Error::new(ErrorCode::PolicyDenied, why))
     }
 

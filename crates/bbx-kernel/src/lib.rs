@@ -356,11 +356,16 @@ fn components(
     components.register(Arc::new(bbx_component::builtin::Builtin))?;
     components.register(Arc::new(bbx_agents::StateOps))?;
     components.register(Arc::new(bbx_tools::ToolKinds::new(tools.clone(), quotas.clone())))?;
-    components.register(Arc::new(bbx_flow::Flow::new(&config.flow)))?;
-    components.register(Arc::new(bbx_bus::Bus::new(&config.bus)))?;
-    components.register(Arc::new(bbx_memory::Memories::new(&config.memory, &config.data_dir)?))?;
+    let flow = Arc::new(bbx_flow::Flow::new(&config.flow));
+    components.register(flow.clone())?;
+    let bus = Arc::new(bbx_bus::Bus::new(&config.bus));
+    bus.set_access(flow);
+    components.register(bus)?;
+    let memories = Arc::new(bbx_memory::Memories::new(&config.memory, &config.data_dir)?);
+    components.register(memories.clone())?;
     let contexts = Arc::new(bbx_context::Contexts::new(&config.context)?);
     tools.set_windows(contexts.clone());
+    contexts.set_memory(memories);
     components.register(contexts)?;
     components.register(Arc::new(bbx_goal::Goals::new(&config.goals, &config.tools.llm)))?;
     components.register(Arc::new(bbx_snapshot::Snapshots::new(

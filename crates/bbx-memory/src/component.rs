@@ -76,7 +76,11 @@ impl Memories {
     /// What a committed add, delete or forget changes in the catalog and index.
     pub(crate) fn apply(&self, completion: &Completion) {
         let Some(result) = &completion.result else { return };
-        let agent = completion.agent;
+        // An add to another agent's memory, by grant, names that agent.
+        let agent = result["agent"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(completion.agent);
         let applied = match completion.kind.as_ref() {
             "memory.add" => self.added(agent, result, completion.completed_at),
             "memory.delete" => self.unlearn(&ids(&result["deleted"])),
@@ -109,5 +113,25 @@ impl Memories {
         }
         self.touch(agent, &merged_into, at);
         Ok(())
+    }
+}
+
+impl bbx_component::MemorySearch for Memories {
+    fn search(
+        &self,
+        agent: bbx_core::AgentId,
+        query: String,
+        k: usize,
+        filter: serde_json::Map<String, Value>,
+    ) -> bbx_component::Pending<'static, Value> {
+        let this = self.clone();
+        Box::pin(async move {
+            let args: crate::search::SearchArgs = bbx_component::parse_args(
+                "memory.search",
+                &serde_json::json!({ "query": query, "k": k, "filter": filter }),
+            )?;
+            let search = args.check(this.0.config.max_text_bytes)?;
+            this.search(agent, search).await
+        })
     }
 }

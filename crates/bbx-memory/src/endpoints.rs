@@ -112,6 +112,12 @@ pub(crate) fn endpoints(memories: &Memories) -> Vec<Endpoint> {
             ("POST", path),
             description,
             |m: Memories, caller, req: SearchReq| async move {
+                if req.args.owner.is_some() {
+                    return Err(bbx_core::Error::invalid_field(
+                        "owner",
+                        "owner is for an agent's memory.search op (another agent's memory, by grant); search the owner's memory at its own path",
+                    ));
+                }
                 m.may_read(&caller, &req.agent, "memory.search")?;
                 m.search(req.agent, req.args.check(m.0.config.max_text_bytes)?).await
             },

@@ -49,6 +49,10 @@ pub(crate) const KINDS: &[OpKind] = &[
 #[serde(deny_unknown_fields)]
 pub(crate) struct GetArgs {
     pub id: MemoryId,
+    /// Another agent's memory to read, where that agent granted this one
+    /// read over it (FlowIntegrity).
+    #[serde(default)]
+    pub owner: Option<AgentId>,
 }
 
 /// `memory.delete`'s args.
@@ -85,15 +89,17 @@ pub(crate) fn prepare(memories: &Memories, kind: &str, args: &Value) -> Result<P
         "memory.add" => Prepared::Effect(Arc::new(Add::new(memories, parse_args(kind, args)?)?)),
         "memory.search" => {
             let args: SearchArgs = parse_args(kind, args)?;
+            let owner = args.owner;
             let search = args.check(memories.0.config.max_text_bytes)?;
             Prepared::Task(Arc::new(SearchTask {
                 memories: memories.clone(),
                 search,
+                owner,
             }))
         }
         "memory.get" => {
-            let GetArgs { id } = parse_args(kind, args)?;
-            Prepared::Read(Arc::new(GetRead { id }))
+            let GetArgs { id, owner } = parse_args(kind, args)?;
+            Prepared::Read(Arc::new(GetRead { id, owner }))
         }
         "memory.delete" => {
             let DeleteArgs { mut ids } = parse_args(kind, args)?;
@@ -121,10 +127,12 @@ pub(crate) fn prepare(memories: &Memories, kind: &str, args: &Value) -> Result<P
     })
 }
 
+/// A search of the op's agent's memory, or of the owner's it names.
 #[derive(Debug)]
 struct SearchTask {
     memories: Memories,
     search: crate::search::Search,
+    owner: Option<AgentId>,
 }
 
 impl TaskOp for SearchTask {
@@ -133,18 +141,22 @@ impl TaskOp for SearchTask {
     }
 
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
-        Box::pin(self.memories.search(ctx.agent, self.search.clone()))
+        Box::pin(
+            self.memories
+                .search(self.owner.unwrap_or(ctx.agent), self.search.clone()),
+        )
     }
 }
 
 #[derive(Debug)]
 struct GetRead {
     id: MemoryId,
+    owner: Option<AgentId>,
 }
 
 impl ReadOp for GetRead {
     fn read(&self, store: &Store, agent: &AgentId) -> Result<Value> {
-        crate::record::get(store, agent, self.id)
+        crate::record::get(store, self.owner.as_ref().unwrap_or(agent), self.id)
     }
 }
 

@@ -32,6 +32,10 @@ pub enum Mode {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchArgs {
+    /// Another agent's memory to search, where that agent granted this one
+    /// read over it (FlowIntegrity); for ops only.
+    #[serde(default)]
+    pub owner: Option<bbx_core::AgentId>,
     /// What to look for: embedded for the vector leg, split into words for the
     /// keyword leg. Needed unless `vector` is given to a vector search.
     #[serde(default)]
@@ -281,6 +285,7 @@ mod tests {
 
     fn search(mode: Mode) -> Search {
         SearchArgs {
+            owner: None,
             query: Some("q".into()),
             vector: None,
             model: None,
@@ -334,6 +339,7 @@ mod tests {
     #[test]
     fn bad_searches_are_refused() {
         let args = |k: Option<usize>, query: &str| SearchArgs {
+            owner: None,
             query: Some(query.into()),
             vector: None,
             model: None,

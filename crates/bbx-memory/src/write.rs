@@ -51,6 +51,10 @@ pub struct AddArgs {
     pub vector: Option<Vec<f32>>,
     #[serde(default)]
     pub model: Option<String>,
+    /// Another agent's memory to add it to, where that agent granted this
+    /// one write over it (FlowIntegrity).
+    #[serde(default)]
+    pub owner: Option<AgentId>,
 }
 
 /// A checked `memory.add`.
@@ -64,6 +68,7 @@ pub struct Add {
     valid_from: Option<DateTime<Utc>>,
     near: NearDuplicate,
     given: Option<Vec<f32>>,
+    owner: Option<AgentId>,
     /// What the ready step found, per chunk.
     ready: Arc<OnceLock<Vec<Embedded>>>,
 }
@@ -150,6 +155,7 @@ impl Add {
             valid_from: args.valid_from,
             near: args.on_near_duplicate.unwrap_or(config.on_near_duplicate),
             given,
+            owner: args.owner,
             ready: Arc::default(),
         })
     }
@@ -195,6 +201,7 @@ impl EffectOp for Add {
         if self.ready.get().is_some() {
             return None;
         }
+        let agent = self.owner.unwrap_or(agent);
         let memories = self.memories.clone();
         let chunks = self.chunks.clone();
         let given = self.given.clone();
@@ -230,7 +237,7 @@ impl EffectOp for Add {
             .ready
             .get()
             .ok_or_else(|| Error::internal("memory.add was staged before it was embedded"))?;
-        let agent = staging.agent;
+        let agent = self.owner.as_ref().unwrap_or(staging.agent);
         let model = self.memories.0.embedder.model().to_owned();
         let valid_from = self.valid_from.unwrap_or(staging.at);
         tx.all_or_nothing(|tx| {
@@ -299,6 +306,9 @@ impl EffectOp for Add {
             });
             if let Some(similarity) = first.get("similarity") {
                 result["similarity"] = similarity.clone();
+            }
+            if let Some(owner) = self.owner {
+                result["agent"] = json!(owner);
             }
             Ok(result)
         })
