@@ -18,6 +18,9 @@ use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+/// The nice value the importance model trains at.
+const TRAINING_NICE: i32 = 10;
+
 /// The context component.
 #[derive(Clone)]
 pub struct Contexts(pub(crate) Arc<Inner>);
@@ -158,6 +161,12 @@ impl Contexts {
 
     pub fn counter(&self) -> &TokenCounter {
         &self.0.counter
+    }
+
+    /// Whether the importance model is being trained now, on a thread of its
+    /// own (what a benchmark waits out before it times reads).
+    pub fn is_training(&self) -> bool {
+        self.0.training_busy.load(Ordering::Acquire)
     }
 
     /// How many agents' contexts are in memory now.
@@ -568,11 +577,22 @@ impl Contexts {
         };
         let this = self.clone();
         let store = ctx.store.clone();
+        let (done, trained) = tokio::sync::oneshot::channel();
+        // On a thread of its own at a lower priority: training takes a core
+        // for a while, and the agents' reads and writes come first.
+        let started = std::thread::Builder::new()
+            .name("bbx-context-train".to_owned())
+            .spawn(move || {
+                bbx_store::sched::lower_priority(TRAINING_NICE);
+                let _ = done.send(Model::train(&samples));
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "the context importance model could not be trained");
+            self.0.training_busy.store(false, Ordering::Release);
+            return;
+        }
         ctx.tasks.spawn(async move {
-            let trained = tokio::task::spawn_blocking(move || Model::train(&samples))
-                .await
-                .ok()
-                .flatten();
+            let trained = trained.await.ok().flatten();
             if let Some(model) = trained {
                 tracing::info!(
                     samples = model.samples,
