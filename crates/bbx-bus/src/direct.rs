@@ -154,6 +154,9 @@ impl Bus {
         if req.topic.starts_with(MAILBOX_PREFIX) {
             return Err(reserved());
         }
+        if let Ok(topic) = self.topic(&TopicKey::new(&tenant, &req.topic)) {
+            self.may_use(&topic, caller.agent, bbx_component::access::Right::Write)?;
+        }
         let wait = Duration::from_millis(req.timeout_ms.unwrap_or(5000));
         if wait > MAX_REPLY_WAIT {
             return Err(Error::invalid_field("timeout_ms", "timeout_ms must be at most 300000"));

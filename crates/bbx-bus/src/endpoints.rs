@@ -338,8 +338,14 @@ impl Bus {
         let (events, receiver) = tokio::sync::mpsc::channel(STREAM_BATCH);
         let (bus, ctx) = (self.clone(), self.ctx()?.clone());
         let mut left = req.limit.unwrap_or(u64::MAX);
+        let reader = caller.agent;
         ctx.tasks.clone().spawn(async move {
             while left > 0 {
+                // A grant revoked since ends the stream.
+                if let Err(error) = bus.may_use(&topic, reader, Right::Read) {
+                    let _ = events.send(json!({ "error": error })).await;
+                    return;
+                }
                 let max = usize::try_from(left).unwrap_or(STREAM_BATCH).min(STREAM_BATCH);
                 let fetched = tokio::select! {
                     () = events.closed() => return,
@@ -461,6 +467,10 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             |b: Bus, caller, req: CreateReq| async move {
                 caller.may(Action::Operate)?;
                 let key = topic_key(&caller, req.tenant, &req.topic)?;
+                // A key confined to an agent makes topics of that agent only.
+                if let Some(owner) = &req.settings.owner {
+                    caller.check_agent(owner)?;
+                }
                 let config = b.create_topic(key, &req.settings).await?;
                 Ok(json!({ "topic": req.topic, "config": config }))
             },

@@ -374,7 +374,7 @@ async fn assemble(bench: &Arc<Bench>, items: usize, budget: u32) -> Result<Assem
         let b = bench.clone();
         let (elapsed, window) = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let window = b.contexts.assemble(agent, budget, false);
+            let window = b.contexts.assemble(agent, budget, bbx_context::Asker::Operator);
             (started.elapsed(), window)
         })
         .await?;

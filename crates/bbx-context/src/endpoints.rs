@@ -226,8 +226,11 @@ pub(crate) fn endpoints(contexts: &Contexts) -> Vec<Endpoint> {
                 }
                 // Only a key acting as the agent may have a model summarize,
                 // on the agent's budget.
-                let by_model = caller.agent == Some(req.agent);
-                c.blocking(move |c| c.assemble(req.agent, req.budget, by_model)).await
+                let asker = match caller.agent == Some(req.agent) {
+                    true => crate::window::Asker::Agent,
+                    false => crate::window::Asker::Operator,
+                };
+                c.blocking(move |c| c.assemble(req.agent, req.budget, asker)).await
             },
         ),
         Endpoint::serving(

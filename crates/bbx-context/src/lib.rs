@@ -53,6 +53,7 @@ mod window;
 
 pub use contexts::{Contexts, Got};
 pub use ops::PutArgs;
+pub use window::Asker;
 
 use bbx_store::KeyspaceDef;
 

@@ -476,8 +476,11 @@ impl TaskOp for Task {
                 let budget = *budget;
                 // The agent's own op may have a model summarize; a grantee's
                 // reads another's context, and never spends for it.
-                let by_model = self.2.is_none();
-                Box::new(move || contexts.assemble(agent, budget, by_model))
+                let asker = match self.2 {
+                    None => crate::window::Asker::Agent,
+                    Some(_) => crate::window::Asker::Grantee,
+                };
+                Box::new(move || contexts.assemble(agent, budget, asker))
             }
             TaskKind::Prefetch(ids) => {
                 let ids = ids.clone();

@@ -155,7 +155,8 @@ impl Contexts {
     /// itself asks (its own op, its `llm.chat`), so a compaction may have the
     /// configured model summarize, on the agent's budget, and wait for it:
     /// call it on a blocking thread.
-    pub fn assemble(&self, agent: AgentId, budget: u32, by_model: bool) -> Result<Value> {
+    pub fn assemble(&self, agent: AgentId, budget: u32, asker: Asker) -> Result<Value> {
+        let by_model = asker == Asker::Agent;
         let settings = Settings {
             compact_to: self.0.config.compact_to,
             summary_tokens: self.0.config.summary_tokens as u32,
@@ -203,7 +204,12 @@ impl Contexts {
             fill_summary(&mut plan.assembly, &summarized.text, tokens, cap);
             plan.tokens = plan.tokens - u64::from(cap) + if tokens <= cap { u64::from(tokens) } else { 0 };
         }
+        // Only the agent and those who act for it set the window the next one
+        // keeps as its prefix; a grantee's read leaves it as it was.
         let (appended, epoch) = self.with(agent, |ctx| {
+            if asker == Asker::Grantee {
+                return (true, ctx.epoch);
+            }
             // A window that is the previous one with items appended need not be
             // saved: after a restart the saved one, with what followed it,
             // gives it again.
@@ -288,7 +294,7 @@ impl bbx_component::ContextWindows for Contexts {
     /// role, as the user.
     fn window(&self, agent: &AgentId, budget: u32) -> Result<Vec<bbx_component::ChatMessage>> {
         // llm.chat of the agent itself: its window may be summarized by a model.
-        let window = self.assemble(*agent, budget, true)?;
+        let window = self.assemble(*agent, budget, Asker::Agent)?;
         Ok(window["items"]
             .as_array()
             .into_iter()
@@ -306,6 +312,19 @@ impl bbx_component::ContextWindows for Contexts {
             })
             .collect())
     }
+}
+
+/// Who asks for a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// The agent itself (its op, its `llm.chat`, a key confined to it): a
+    /// compaction may have the configured model summarize, on its budget.
+    Agent,
+    /// A credential acting for the agent's tenant: the window is kept as the
+    /// next one's prefix, its summaries extractive.
+    Operator,
+    /// Another agent, by grant: a read that changes nothing the agent keeps.
+    Grantee,
 }
 
 /// A compaction's summary, and what wrote it.
