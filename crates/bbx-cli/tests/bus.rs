@@ -620,21 +620,7 @@ async fn an_agents_topic_is_used_by_others_only_as_it_grants() {
     let fetch_op = json!({ "topic": "plans.owner", "group": "g" });
     assert!(stderr(&submit(&other, "bus.fetch", fetch_op.clone())).contains("policy_denied"));
 
-    let key = json(&kernel.cli(&[
-        "auth",
-        "create-api-key",
-        "other",
-        "--tenant",
-        "default",
-        "--role",
-        "agent",
-        "--agent",
-        &other,
-        "--json",
-    ]))["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = kernel.agent_key(&other);
     let as_other = |args: &[&str]| {
         let mut all = vec!["--api-key", key.as_str()];
         all.extend_from_slice(args);

@@ -595,21 +595,7 @@ async fn memory_and_context_are_shared_only_by_grant_and_share_passes_on_what_is
 
     // share: the reader passes on what it holds, and nothing more.
     json(&kernel.cli(&grant(&owner, &reader, "memory", Some(r#"["read","share"]"#))));
-    let key = json(&kernel.cli(&[
-        "auth",
-        "create-api-key",
-        "reader",
-        "--tenant",
-        "default",
-        "--role",
-        "agent",
-        "--agent",
-        &reader,
-        "--json",
-    ]))["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = kernel.agent_key(&reader);
     let as_reader = |args: &[&str]| {
         let mut all = vec!["--api-key", key.as_str()];
         all.extend_from_slice(args);

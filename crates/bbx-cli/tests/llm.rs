@@ -180,24 +180,6 @@ async fn a_chat_takes_the_agents_assembled_context_and_reports_cached_tokens() {
     assert!(error.message.contains("short"), "{}", error.message);
 }
 
-/// A key that acts as `agent` alone (a summary by a model is only ever the
-/// agent's own spending).
-fn agent_key(kernel: &Kernel, agent: &str) -> String {
-    let created = support::json(&kernel.cli(&[
-        "auth",
-        "create-api-key",
-        "self",
-        "--tenant",
-        "default",
-        "--role",
-        "agent",
-        "--agent",
-        agent,
-        "--json",
-    ]));
-    created["key"].as_str().unwrap().to_owned()
-}
-
 /// Puts 40 turns of about 55 tokens each, and assembles a window of 1,500 as
 /// the agent.
 fn overflowing_window(kernel: &Kernel, agent: &str) -> Value {
@@ -211,7 +193,7 @@ fn overflowing_window(kernel: &Kernel, agent: &str) -> Value {
         let put = kernel.cli(&["context", "put", agent, &text, "--role", "user"]);
         assert!(put.status.success(), "{}", support::stderr(&put));
     }
-    let key = agent_key(kernel, agent);
+    let key = kernel.agent_key(agent);
     let window = kernel.cli(&[
         "--api-key",
         &key,

@@ -67,6 +67,7 @@ impl Contexts {
         if blocks.iter().all(|b| codec::remote_name(b).is_none()) {
             return blocks.into_iter().map(Ok).collect();
         }
+        let count = blocks.len();
         let fetches = blocks.into_iter().map(|block| async move {
             match codec::remote_name(&block) {
                 None => Ok(block),
@@ -81,7 +82,8 @@ impl Contexts {
         });
         match fetched {
             Ok(all) => all,
-            Err(e) => vec![Err(e)],
+            // Every block is answered: none could be fetched.
+            Err(e) => (0..count).map(|_| Err(Error::new(e.code, e.message.clone()))).collect(),
         }
     }
 

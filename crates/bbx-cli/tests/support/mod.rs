@@ -158,6 +158,23 @@ impl Kernel {
         created["id"].as_str().unwrap().to_owned()
     }
 
+    /// A new API key of the default tenant that acts as `agent` alone.
+    pub fn agent_key(&self, agent: &str) -> String {
+        let created = json(&self.cli(&[
+            "auth",
+            "create-api-key",
+            "self",
+            "--tenant",
+            "default",
+            "--role",
+            "agent",
+            "--agent",
+            agent,
+            "--json",
+        ]));
+        created["key"].as_str().unwrap().to_owned()
+    }
+
     /// Runs `bbx ARGS`, which must fail with one line on stderr containing
     /// `needle`.
     pub fn refused(&self, args: &[&str], needle: &str) {
