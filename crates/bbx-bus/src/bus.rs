@@ -25,6 +25,12 @@ use tokio::sync::Notify;
 #[derive(Clone)]
 pub struct Bus(pub(crate) Arc<Inner>);
 
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").finish_non_exhaustive()
+    }
+}
+
 pub(crate) struct Inner {
     pub config: BusConfig,
     pub ctx: OnceLock<Context>,
@@ -338,6 +344,18 @@ impl Bus {
         })?;
         let (tenant, name) = topic.key.parts();
         access.check(tenant, &owner, &agent, (Region::Topic, name), right)
+    }
+
+    /// The group `agent` (none: a credential of the tenant) consumes as when it
+    /// names `group`, once [`Bus::may_use`] let it read `topic`: on another
+    /// agent's topic, a grantee's groups are its own (`AGENT/GROUP` in the
+    /// topic's stats), so that a read grant never settles messages of the
+    /// owner's groups or another grantee's.
+    pub(crate) fn group_of<'a>(topic: &Topic, agent: Option<AgentId>, group: &'a str) -> std::borrow::Cow<'a, str> {
+        match (topic.config.owner, agent) {
+            (Some(owner), Some(agent)) if owner != agent => format!("{agent}/{group}").into(),
+            _ => group.into(),
+        }
     }
 
     /// Makes a topic; `already_exists` if there is one of that name. An owner

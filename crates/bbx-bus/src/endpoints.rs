@@ -208,10 +208,17 @@ impl Bus {
         })
     }
 
-    /// A topic the caller reads (fetch, settle, stream, dead letters).
-    fn known_topic(&self, caller: &Caller, tenant_asked: Option<String>, topic: &str) -> Result<Arc<Topic>> {
+    /// A topic the caller uses with `right` (fetch, settle, stream and dead
+    /// letters read; replaying and purging dead letters write).
+    fn known_topic(
+        &self,
+        caller: &Caller,
+        tenant_asked: Option<String>,
+        topic: &str,
+        right: Right,
+    ) -> Result<Arc<Topic>> {
         let topic = self.topic(&topic_key(caller, tenant_asked, topic)?)?;
-        self.may_use(&topic, caller.agent, Right::Read)?;
+        self.may_use(&topic, caller.agent, right)?;
         Ok(topic)
     }
 
@@ -219,34 +226,34 @@ impl Bus {
         caller.may(Action::Act)?;
         let tenant = req.tenant.take();
         let fetch = req.checked(MAX_WAIT)?;
-        let topic = self.known_topic(caller, tenant, &fetch.topic)?;
+        let topic = self.known_topic(caller, tenant, &fetch.topic, Right::Read)?;
         let ack_wait = fetch
             .ack_wait
             .unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
         let (max, timeout) = (fetch.max, fetch.timeout);
-        let messages = self
-            .fetch(&topic, &fetch.group, fetch.start, max, ack_wait, timeout)
-            .await?;
+        let group = Self::group_of(&topic, caller.agent, &fetch.group);
+        let messages = self.fetch(&topic, &group, fetch.start, max, ack_wait, timeout).await?;
         Ok(json!({ "messages": messages }))
     }
 
     async fn settle_req(&self, caller: &Caller, req: AckReq, verb: Verb) -> Result<Value> {
         caller.may(Action::Act)?;
-        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic, Right::Read)?;
+        let group = Self::group_of(&topic, caller.agent, &req.group);
         let tokens = tokens(&req.acks)?;
         let ms = req.ms.map(Duration::from_millis);
         if ms.is_some_and(|ms| ms > Duration::from_secs(12 * 3600)) {
             return Err(Error::invalid_field("ms", "ms must be at most 12 hours"));
         }
         let count = match verb {
-            Verb::Ack => self.ack(&topic, &req.group, &tokens).await?,
+            Verb::Ack => self.ack(&topic, &group, &tokens).await?,
             Verb::Nack => {
-                self.nack_or_extend(&topic, &req.group, &tokens, Some((req.reason, ms)), Duration::ZERO)
+                self.nack_or_extend(&topic, &group, &tokens, Some((req.reason, ms)), Duration::ZERO)
                     .await?
             }
             Verb::Extend => {
                 let by = ms.unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
-                self.nack_or_extend(&topic, &req.group, &tokens, None, by).await?
+                self.nack_or_extend(&topic, &group, &tokens, None, by).await?
             }
         };
         Ok(json!({ verb.done(): count }))
@@ -324,7 +331,8 @@ impl Bus {
     /// after their ack wait, to this stream or another of the group.
     async fn stream(&self, caller: &Caller, req: StreamReq) -> Result<bbx_component::Events> {
         caller.may(Action::Act)?;
-        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic, Right::Read)?;
+        let group = Self::group_of(&topic, caller.agent, &req.group).into_owned();
         let ack_wait = Duration::from_millis(req.ack_wait_ms.unwrap_or(topic.config.ack_wait_ms));
         if ack_wait.is_zero() || ack_wait > Duration::from_secs(12 * 3600) {
             return Err(Error::invalid_field(
@@ -334,7 +342,7 @@ impl Bus {
         }
         let start = req.start.unwrap_or_default();
         // Made now, so that a bad group name is this call's error.
-        self.group(&topic, &req.group, start).await?;
+        self.group(&topic, &group, start).await?;
         let (events, receiver) = tokio::sync::mpsc::channel(STREAM_BATCH);
         let (bus, ctx) = (self.clone(), self.ctx()?.clone());
         let mut left = req.limit.unwrap_or(u64::MAX);
@@ -350,7 +358,7 @@ impl Bus {
                 let fetched = tokio::select! {
                     () = events.closed() => return,
                     () = ctx.stopping.cancelled() => return,
-                    fetched = bus.fetch(&topic, &req.group, start, max, ack_wait, STREAM_WAIT) => fetched,
+                    fetched = bus.fetch(&topic, &group, start, max, ack_wait, STREAM_WAIT) => fetched,
                 };
                 let messages = match fetched {
                     Ok(messages) => messages,
@@ -375,7 +383,7 @@ impl Bus {
 
     fn dlq_req(&self, caller: &Caller, req: TopicReq) -> Result<Value> {
         caller.may(Action::Read)?;
-        let topic = self.known_topic(caller, req.tenant, &req.topic)?;
+        let topic = self.known_topic(caller, req.tenant, &req.topic, Right::Read)?;
         let messages: Vec<DeadLetter> = self.dead_letters(&topic, req.limit.unwrap_or(1000).clamp(1, 10_000))?;
         Ok(json!({ "topic": req.topic, "messages": messages }))
     }
@@ -487,7 +495,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             "Publish dead letters again (all, or by seq) as new messages of their topic, and take them out of the dead letters, in one write.",
             |b: Bus, caller, req: ReplayReq| async move {
                 caller.may(Action::Operate)?;
-                let topic = b.known_topic(&caller, req.tenant, &req.topic)?;
+                let topic = b.known_topic(&caller, req.tenant, &req.topic, Right::Write)?;
                 let replayed = b.replay(&topic, req.seqs.as_deref()).await?;
                 Ok(json!({ "replayed": replayed }))
             },
@@ -499,7 +507,7 @@ pub(crate) fn endpoints(bus: &Bus) -> Vec<Endpoint> {
             "Delete every dead letter of a topic, for every group; how many went.",
             |b: Bus, caller, req: TopicReq| async move {
                 caller.may(Action::Operate)?;
-                let topic = b.known_topic(&caller, req.tenant, &req.topic)?;
+                let topic = b.known_topic(&caller, req.tenant, &req.topic, Right::Write)?;
                 Ok(json!({ "purged": b.purge(&topic).await? }))
             },
         ),

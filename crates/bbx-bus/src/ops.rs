@@ -12,6 +12,7 @@ use crate::group::Token;
 use crate::keys::TopicKey;
 use crate::log::{Outgoing, Publish, stage_publish};
 use crate::topic::{TopicConfig, TopicSettings};
+use bbx_component::access::Right;
 use bbx_component::{EffectOp, OpKind, Prepared, Running, Staging, TaskContext, TaskOp, parse_args};
 use bbx_core::op::Effects;
 use bbx_core::{AgentId, Error, Result};
@@ -200,6 +201,7 @@ struct PublishEffect {
     /// The settings of the topic if this publish makes it.
     create: Option<TopicConfig>,
     dedup_window: Duration,
+    bus: Bus,
 }
 
 pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
@@ -268,6 +270,7 @@ pub(crate) fn prepare(bus: &Bus, kind: &str, args: &Value) -> Result<Prepared> {
         },
         create,
         dedup_window: Duration::from_secs(bus.0.config.dedup_window_secs),
+        bus: bus.clone(),
     })))
 }
 
@@ -287,6 +290,11 @@ impl EffectOp for PublishEffect {
                 mailbox(recipient)
             }
         };
+        // Checked again as the op runs: the topic may have come, with an
+        // owner, or a grant gone, since the op was accepted.
+        if let Ok(owned) = self.bus.topic(&TopicKey::new(staging.tenant, &topic)) {
+            self.bus.may_use(&owned, Some(*staging.agent), Right::Write)?;
+        }
         let publish = Publish {
             topic: TopicKey::new(staging.tenant, &topic),
             create: self.create.clone(),
@@ -315,14 +323,24 @@ impl std::fmt::Debug for ConsumeTask {
 }
 
 impl ConsumeTask {
-    /// The topic, of the op's tenant; a mailbox only its own agent's.
-    fn topic(&self, ctx: &TaskContext<'_>, topic: &str) -> Result<Arc<crate::bus::Topic>> {
+    /// The topic, of the op's tenant, if the op's agent reads it now (a grant
+    /// may have gone, or the topic come, since the op was accepted), with the
+    /// group it consumes as; a mailbox only its own agent's.
+    fn topic<'g>(
+        &self,
+        ctx: &TaskContext<'_>,
+        topic: &str,
+        group: &'g str,
+    ) -> Result<(Arc<crate::bus::Topic>, std::borrow::Cow<'g, str>)> {
         if let Some(owner) = mailbox_owner(topic)
             && owner? != ctx.agent
         {
             return Err(Error::permission_denied("an agent reads its own mailbox only"));
         }
-        self.bus.topic(&TopicKey::new(ctx.tenant, topic))
+        let topic = self.bus.topic(&TopicKey::new(ctx.tenant, topic))?;
+        self.bus.may_use(&topic, Some(ctx.agent), Right::Read)?;
+        let group = Bus::group_of(&topic, Some(ctx.agent), group);
+        Ok((topic, group))
     }
 }
 
@@ -335,20 +353,20 @@ impl TaskOp for ConsumeTask {
         Box::pin(async move {
             match &self.consume {
                 Consume::Fetch(fetch) => {
-                    let topic = self.topic(ctx, &fetch.topic)?;
+                    let (topic, group) = self.topic(ctx, &fetch.topic, &fetch.group)?;
                     let ack_wait = fetch
                         .ack_wait
                         .unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
                     let (max, timeout) = (fetch.max, fetch.timeout);
                     let messages = self
                         .bus
-                        .fetch(&topic, &fetch.group, fetch.start, max, ack_wait, timeout)
+                        .fetch(&topic, &group, fetch.start, max, ack_wait, timeout)
                         .await?;
                     Ok(json!({ "topic": topic.name(), "group": fetch.group, "messages": messages }))
                 }
                 Consume::Ack { topic, group, tokens } => {
-                    let topic = self.topic(ctx, topic)?;
-                    let acked = self.bus.ack_some(&topic, group, tokens, true).await?;
+                    let (topic, group) = self.topic(ctx, topic, group)?;
+                    let acked = self.bus.ack_some(&topic, &group, tokens, true).await?;
                     Ok(json!({ "acked": acked }))
                 }
             }

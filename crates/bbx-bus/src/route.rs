@@ -42,6 +42,10 @@ const BATCH: usize = 100;
 const LEASE: Duration = Duration::from_secs(60);
 /// How long a route waits before submitting again an op refused for now.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a route that cannot read waits before trying again: doubling from
+/// the first, up to the last (a grant revoked is refused, and audited, at
+/// most once a minute).
+const READ_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(60));
 /// Routes one tenant has at most.
 pub const MAX_ROUTES_PER_TENANT: usize = 64;
 
@@ -150,37 +154,36 @@ impl Bus {
         let bus = self.clone();
         ctx.tasks.clone().spawn(async move {
             let caller = route.caller();
+            let mut wait = READ_RETRY.0;
             loop {
                 let pass = async {
                     let topic = bus.topic(&TopicKey::new(&route.tenant, &route.topic))?;
                     // A grant revoked since stops the route's reading.
                     bus.may_use(&topic, Some(route.agent), bbx_component::access::Right::Read)?;
+                    let group = Bus::group_of(&topic, Some(route.agent), &route.group);
                     let messages = bus
-                        .fetch(
-                            &topic,
-                            &route.group,
-                            Start::Earliest,
-                            BATCH,
-                            LEASE,
-                            Duration::from_secs(1),
-                        )
+                        .fetch(&topic, &group, Start::Earliest, BATCH, LEASE, Duration::from_secs(1))
                         .await?;
-                    bus.submit_routed(&route, &caller, &topic, messages).await
+                    bus.submit_routed(&route, &caller, (&topic, &group), messages).await
                 };
                 let failed = tokio::select! {
                     () = stop.cancelled() => return,
                     () = ctx.stopping.cancelled() => return,
                     outcome = pass => outcome.err(),
                 };
-                if let Some(error) = failed {
-                    // The topic may not exist yet, the kernel may be starting.
-                    tracing::debug!(route = route.name, %error, "a bus route waits");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = ctx.stopping.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
+                let Some(error) = failed else {
+                    wait = READ_RETRY.0;
+                    continue;
+                };
+                // The topic may not exist yet, the kernel may be starting, a
+                // grant may be revoked until it is given again.
+                tracing::debug!(route = route.name, %error, ?wait, "a bus route waits");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = ctx.stopping.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
                 }
+                wait = (wait * 2).min(READ_RETRY.1);
             }
         });
         Ok(())
@@ -193,7 +196,7 @@ impl Bus {
         &self,
         route: &Route,
         caller: &Caller,
-        topic: &Topic,
+        (topic, group): (&Topic, &str),
         messages: Vec<Delivered>,
     ) -> Result<()> {
         if messages.is_empty() {
@@ -208,7 +211,7 @@ impl Bus {
         };
         if submitter.submit(caller, batch).await.is_ok() {
             let all: Vec<&Delivered> = messages.iter().collect();
-            self.ack(topic, &route.group, &tokens(&all)?).await?;
+            self.ack(topic, group, &tokens(&all)?).await?;
             return Ok(());
         }
         for message in &messages {
@@ -221,7 +224,7 @@ impl Bus {
                 };
                 match submitter.submit(caller, batch).await {
                     Ok(_) => {
-                        self.ack(topic, &route.group, &token).await?;
+                        self.ack(topic, group, &token).await?;
                         break;
                     }
                     // Worth retrying (a quota, a full queue): retried while the
@@ -237,8 +240,7 @@ impl Bus {
                     Err(error) => {
                         let reason = format!("route {} could not submit its op: {}", route.name, error.message);
                         let nack = Some((Some(reason), None));
-                        self.nack_or_extend(topic, &route.group, &token, nack, Duration::ZERO)
-                            .await?;
+                        self.nack_or_extend(topic, group, &token, nack, Duration::ZERO).await?;
                         break;
                     }
                 }

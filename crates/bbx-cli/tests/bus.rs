@@ -621,11 +621,7 @@ async fn an_agents_topic_is_used_by_others_only_as_it_grants() {
     assert!(stderr(&submit(&other, "bus.fetch", fetch_op.clone())).contains("policy_denied"));
 
     let key = kernel.agent_key(&other);
-    let as_other = |args: &[&str]| {
-        let mut all = vec!["--api-key", key.as_str()];
-        all.extend_from_slice(args);
-        kernel.cli(&all)
-    };
+    let as_other = |args: &[&str]| kernel.cli_as(&key, args);
     let over_http = as_other(&["bus", "publish", "plans.owner", "1", "--json"]);
     assert!(stderr(&over_http).contains("policy_denied"), "{}", stderr(&over_http));
 
@@ -641,12 +637,29 @@ async fn an_agents_topic_is_used_by_others_only_as_it_grants() {
         "--prefix",
         "plans.",
     ]));
-    let fetched = json(&submit(&other, "bus.fetch", fetch_op));
+    let fetched = json(&submit(&other, "bus.fetch", fetch_op.clone()));
     assert_eq!(
         fetched["result"]["messages"][0]["payload"],
         json!({"step": 1}),
         "{fetched}"
     );
+    // A grantee's groups are its own: what it leased and acks is not the
+    // owner's group "g", which still has the message to deliver.
+    let token = fetched["result"]["messages"][0]["ack"].as_str().unwrap();
+    let acked = json(&submit(
+        &other,
+        "bus.ack",
+        json!({ "topic": "plans.owner", "group": "g", "acks": [token] }),
+    ));
+    assert_eq!(acked["result"]["acked"], 1, "{acked}");
+    let owners = json(&submit(&owner, "bus.fetch", fetch_op));
+    assert_eq!(
+        owners["result"]["messages"][0]["payload"],
+        json!({"step": 1}),
+        "{owners}"
+    );
+    let topics = json(&kernel.cli(&["bus", "topics", "--json"])).to_string();
+    assert!(topics.contains(&format!("{other}/g")), "{topics}");
     assert!(stderr(&submit(&other, "bus.publish", publish_op)).contains("policy_denied"));
     let subscribed = as_other(&[
         "bus",

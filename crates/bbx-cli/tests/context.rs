@@ -425,6 +425,32 @@ fn cold_blocks_live_in_object_storage_and_come_back_identical() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // A pinned item in the bucket is in every window: the first one keeps it
+    // HOT, so later windows do not fetch it again.
+    let pinned = put(&kernel, &agent, &prose(7, 40), &[]);
+    assert!(demote(&kernel, pinned, "cold").status.success());
+    assert!(
+        kernel
+            .cli(&["context", "pin", &agent, &pinned.to_string()])
+            .status
+            .success()
+    );
+    let tier_of = |id: u64| {
+        let listed = json(&kernel.cli(&["context", "list", &agent, "--json"]));
+        let items = listed["items"].as_array().unwrap().clone();
+        items.into_iter().find(|i| i["id"] == id).unwrap()["tier"].clone()
+    };
+    assert_eq!(tier_of(pinned), "cold");
+    let window = json(&kernel.cli(&["context", "assemble", &agent, "--budget", "100000", "--json"]));
+    assert_eq!(window["items"][0]["id"], pinned, "{window}");
+    assert_eq!(tier_of(pinned), "hot", "the window kept it");
+    assert!(
+        kernel
+            .cli(&["context", "delete", &agent, &pinned.to_string()])
+            .status
+            .success()
+    );
+
     // Memory lets go of the copies that the gets made HOT.
     for (id, tier) in [(ids[1], "cold"), (ids[2], "cool")] {
         let demoted = demote(&kernel, id, tier);

@@ -573,6 +573,11 @@ async fn memory_and_context_are_shared_only_by_grant_and_share_passes_on_what_is
         ok(submit(&kernel, &reader, "context.get", &get))["content"],
         "the door code is 4711"
     );
+    let listed = json(&kernel.cli(&["context", "list", &owner, "--json"]));
+    assert_eq!(
+        listed["items"][0]["accesses"], 0,
+        "a grantee's read is no use of the owner's item: {listed}"
+    );
     let window = ok(submit(
         &kernel,
         &reader,
@@ -596,11 +601,7 @@ async fn memory_and_context_are_shared_only_by_grant_and_share_passes_on_what_is
     // share: the reader passes on what it holds, and nothing more.
     json(&kernel.cli(&grant(&owner, &reader, "memory", Some(r#"["read","share"]"#))));
     let key = kernel.agent_key(&reader);
-    let as_reader = |args: &[&str]| {
-        let mut all = vec!["--api-key", key.as_str()];
-        all.extend_from_slice(args);
-        kernel.cli(&all)
-    };
+    let as_reader = |args: &[&str]| kernel.cli_as(&key, args);
     let write_on = as_reader(&grant(&owner, &helper, "memory", Some(r#"["write"]"#)));
     assert!(
         stderr(&write_on).contains("permission_denied"),
@@ -649,4 +650,70 @@ async fn memory_and_context_are_shared_only_by_grant_and_share_passes_on_what_is
             .any(|g| g["region"] == "memory"),
         "{listed}"
     );
+}
+
+/// A shared grant stands while its sharer holds what it gave: revoking the
+/// sharer takes it back; a sharer replaces and revokes only the grants it gave.
+#[tokio::test]
+async fn what_a_sharer_gave_goes_with_its_right() {
+    let kernel = Kernel::start();
+    let (owner, sharer, helper, other) = (
+        kernel.new_agent(),
+        kernel.new_agent(),
+        kernel.new_agent(),
+        kernel.new_agent(),
+    );
+    assert!(
+        submit(&kernel, &owner, "state.set", &json!({ "key": "plan", "value": 1 }))
+            .status
+            .success()
+    );
+    let read = |agent: &str| submit(&kernel, agent, "state.get", &json!({ "agent": owner, "key": "plan" }));
+    json(&kernel.cli(&grant(&owner, &sharer, "state", Some(r#"["read","share"]"#))));
+    json(&kernel.cli(&grant(&owner, &other, "state", Some(r#"["read","write"]"#))));
+    let key = kernel.agent_key(&sharer);
+    let as_sharer = |args: &[&str]| kernel.cli_as(&key, args);
+    let over_owners = as_sharer(&grant(&owner, &other, "state", None));
+    assert!(
+        stderr(&over_owners).contains("failed_precondition")
+            && stderr(&over_owners).contains("only the grants it gave"),
+        "{}",
+        stderr(&over_owners)
+    );
+    let shared = json(&as_sharer(&grant(
+        &owner,
+        &helper,
+        "state",
+        Some(r#"["read","share"]"#),
+    )));
+    assert_eq!(shared["shared_by"], sharer.as_str(), "{shared}");
+    assert!(read(&helper).status.success());
+
+    // The helper cannot give back what the owner takes from the sharer.
+    let revoked = json(&kernel.cli(&["flow", "revoke", &owner, &sharer, "--json"]));
+    assert_eq!(revoked["cascaded"][0]["grantee"], helper.as_str(), "{revoked}");
+    assert!(stderr(&read(&helper)).contains("policy_denied"));
+    assert!(stderr(&read(&sharer)).contains("policy_denied"));
+    let listed = json(&kernel.cli(&["flow", "grants", &owner, "--json"]));
+    assert_eq!(listed["grants"].as_array().unwrap().len(), 1, "{listed}");
+    let audit = json(&kernel.cli(&["flow", "audit", "--json"]));
+    assert!(
+        audit["events"]
+            .to_string()
+            .contains("that shared it no longer holds it"),
+        "{audit}"
+    );
+
+    // A sharer revokes what it gave, and nothing else.
+    json(&kernel.cli(&grant(&owner, &sharer, "state", Some(r#"["read","share"]"#))));
+    json(&as_sharer(&grant(&owner, &helper, "state", None)));
+    let not_its = as_sharer(&["flow", "revoke", &owner, &other]);
+    assert!(
+        !not_its.status.success(),
+        "the owner's grant is not the sharer's to revoke"
+    );
+    let its_own = json(&as_sharer(&["flow", "revoke", &owner, &helper, "--json"]));
+    assert_eq!(its_own["revoked"]["grantee"], helper.as_str(), "{its_own}");
+    assert!(stderr(&read(&helper)).contains("policy_denied"));
+    assert!(read(&other).status.success());
 }

@@ -489,8 +489,26 @@ impl Contexts {
         })
     }
 
+    /// An item of the agent as [`Contexts::get`] serves it, without an access:
+    /// a grantee's read of another agent's context is no use of it, so it
+    /// moves nothing between tiers and teaches the importance model nothing.
+    pub fn peek(&self, agent: AgentId, id: ItemId) -> Result<Got> {
+        let (record, tier, access) = self
+            .with(agent, |ctx| {
+                ctx.items.get(&id).map(|e| (e.record.clone(), e.tier(), e.access))
+            })?
+            .ok_or_else(|| not_found(id))?;
+        let content = self.content(agent, id)?;
+        Ok(Got {
+            record,
+            content,
+            tier,
+            access,
+        })
+    }
+
     /// Makes an item HOT with `content` (unless it went meanwhile).
-    fn promote(&self, agent: AgentId, id: ItemId, content: Arc<str>, prefetched: bool) -> Arc<str> {
+    pub(crate) fn promote(&self, agent: AgentId, id: ItemId, content: Arc<str>, prefetched: bool) -> Arc<str> {
         let _ = self.with(agent, |ctx| {
             let Some(entry) = ctx.items.get_mut(&id) else { return };
             if matches!(entry.resident, Resident::Hot(_)) {

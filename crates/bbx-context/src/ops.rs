@@ -460,8 +460,14 @@ impl TaskOp for Task {
         let (contexts, agent) = (self.0.clone(), self.2.unwrap_or(ctx.agent));
         let work: Box<dyn FnOnce() -> Result<Value> + Send> = match &self.1 {
             TaskKind::Get(id) => {
-                let id = *id;
-                Box::new(move || Ok(crate::views::item(&contexts.get(agent, id)?)))
+                let (id, grantee) = (*id, self.2.is_some());
+                Box::new(move || {
+                    let got = match grantee {
+                        false => contexts.get(agent, id)?,
+                        true => contexts.peek(agent, id)?,
+                    };
+                    Ok(crate::views::item(&got))
+                })
             }
             TaskKind::Score(id) => {
                 let id = *id;

@@ -11,6 +11,7 @@ use crate::state::{AgentContext, Resident};
 use crate::summary::summarize;
 use bbx_core::{AgentId, Error, Result};
 use bbx_store::{Applied, GroupTx, Staged};
+use rustc_hash::FxHashSet;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -232,7 +233,19 @@ impl Contexts {
                 _ => None,
             })
             .collect();
-        let mut contents = self.contents(&agent, &residents).into_iter();
+        let contents = self.contents(&agent, &residents);
+        // A pinned or system item is in every window: one read from disk or
+        // the bucket is kept HOT, so the next window does not read it again
+        // (a grantee's read changes nothing).
+        if asker != Asker::Grantee {
+            let head: FxHashSet<ItemId> = plan.assembly.head.iter().copied().collect();
+            for ((id, resident), content) in residents.iter().zip(&contents) {
+                if let (Resident::None, Ok(content), true) = (resident, content, head.contains(id)) {
+                    self.promote(agent, *id, content.clone(), false);
+                }
+            }
+        }
+        let mut contents = contents.into_iter();
         let mut items = Vec::with_capacity(parts.len());
         let mut summaries = plan.assembly.body.iter().filter_map(|p| match p {
             Part::Summary { covers, text, tokens } => Some((covers, text, tokens)),

@@ -8,6 +8,14 @@
 //! `"owner": OWNER`) is refused with `policy_denied` (and audited) unless a
 //! grant covers its region, key and right. Grants are stored, and go with
 //! either agent.
+//!
+//! A grant given through `share` records its sharer and stands only while
+//! the sharer holds what it gave through grants that stand themselves, traced
+//! back to the owner's own: revoking a sharer's right takes back what it shared,
+//! and what was shared from that, as SQL's `REVOKE ... CASCADE` does (a cycle
+//! of sharers does not hold itself up). A sharer replaces and revokes only the
+//! grants it gave, and has room for [`MAX_SHARED_PER_SHARER`] of them on one
+//! owner; sharers together fill at most half the owner's room.
 
 use bbx_core::{AgentId, Error, ErrorCode, Result};
 use bbx_store::KeyspaceDef;
@@ -26,6 +34,13 @@ pub const FLOW_GRANTS: KeyspaceDef = KeyspaceDef {
 
 /// Grants one owner gives at most.
 pub const MAX_GRANTS_PER_OWNER: usize = 256;
+
+/// Grants sharers give over one owner's regions at most, all together: the
+/// owner always has room for grants of its own.
+pub const MAX_SHARED_PER_OWNER: usize = MAX_GRANTS_PER_OWNER / 2;
+
+/// Grants one sharer gives over one owner's regions at most.
+pub const MAX_SHARED_PER_SHARER: usize = 16;
 
 pub use bbx_component::access::{Region, Right};
 
@@ -119,6 +134,10 @@ pub struct Grant {
     /// other regions).
     pub prefix: String,
     pub rights: Vec<Right>,
+    /// The agent that gave it with its `share` right; none where one acting
+    /// for the owner gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_by: Option<AgentId>,
     pub by: String,
     pub at: DateTime<Utc>,
 }
@@ -182,23 +201,70 @@ impl Grants {
         })
     }
 
-    /// Replaces the grant of the same owner, grantee and prefix; refused past
-    /// [`MAX_GRANTS_PER_OWNER`].
+    /// The grants `owner` gives.
+    pub fn given_by(&self, owner: &AgentId) -> Vec<Grant> {
+        self.by_owner.read().get(owner).cloned().unwrap_or_default()
+    }
+
+    /// Whether `grant` may be put (replacing the grant of the same owner,
+    /// grantee, region and prefix): refused past the owner's room, and, for
+    /// a sharer, past its room or over a grant it did not give.
     pub fn check_room(&self, grant: &Grant) -> Result<()> {
         let by_owner = self.by_owner.read();
-        let held = by_owner.get(&grant.owner).map_or(0, Vec::len);
-        let replacing = by_owner
-            .get(&grant.owner)
-            .is_some_and(|g| g.iter().any(|g| g.key() == grant.key()));
-        if held >= MAX_GRANTS_PER_OWNER && !replacing {
+        let held = by_owner.get(&grant.owner).map(Vec::as_slice).unwrap_or_default();
+        let key = grant.key();
+        let replaced = held.iter().find(|g| g.key() == key);
+        let others = || held.iter().filter(|g| g.key() != key);
+        let full = |what: String| Err(Error::new(ErrorCode::ResourceExhausted, what));
+        if others().count() >= MAX_GRANTS_PER_OWNER {
+            return full(format!(
+                "agent {} gives {MAX_GRANTS_PER_OWNER} grants already",
+                grant.owner
+            ));
+        }
+        let Some(sharer) = grant.shared_by else {
+            return Ok(());
+        };
+        if let Some(replaced) = replaced.filter(|g| g.shared_by != Some(sharer)) {
             return Err(Error::new(
-                ErrorCode::ResourceExhausted,
-                format!("agent {} gives {MAX_GRANTS_PER_OWNER} grants already", grant.owner),
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "{} holds a grant over agent {}'s {} given by {}: a sharer replaces only the grants it gave",
+                    grant.grantee,
+                    grant.owner,
+                    grant.region.name(),
+                    replaced
+                        .shared_by
+                        .map_or_else(|| "its owner".to_owned(), |a| format!("agent {a}"))
+                ),
+            ));
+        }
+        if others().filter(|g| g.shared_by.is_some()).count() >= MAX_SHARED_PER_OWNER {
+            return full(format!(
+                "agents sharing agent {}'s regions give {MAX_SHARED_PER_OWNER} grants already",
+                grant.owner
+            ));
+        }
+        if others().filter(|g| g.shared_by == Some(sharer)).count() >= MAX_SHARED_PER_SHARER {
+            return full(format!(
+                "agent {sharer} shares agent {}'s regions with {MAX_SHARED_PER_SHARER} grants already",
+                grant.owner
             ));
         }
         Ok(())
     }
 
+    /// Puts `owner`'s grants as [`after_change`] planned them.
+    pub fn set(&self, owner: AgentId, grants: Vec<Grant>) {
+        let mut by_owner = self.by_owner.write();
+        if grants.is_empty() {
+            by_owner.remove(&owner);
+        } else {
+            by_owner.insert(owner, grants);
+        }
+    }
+
+    #[cfg(test)]
     pub fn put(&self, grant: Grant) {
         let mut by_owner = self.by_owner.write();
         let grants = by_owner.entry(grant.owner).or_default();
@@ -206,6 +272,7 @@ impl Grants {
         grants.push(grant);
     }
 
+    #[cfg(test)]
     pub fn remove(&self, key: &[u8]) -> Option<Grant> {
         let mut by_owner = self.by_owner.write();
         let owner = AgentId::from_bytes(key.get(..16)?.try_into().ok()?);
@@ -222,6 +289,16 @@ impl Grants {
             .flatten()
             .filter(|g| g.owner == *agent || g.grantee == Grantee::Agent(*agent))
             .cloned()
+            .collect()
+    }
+
+    /// The owners of grants that `agent` shared.
+    pub fn shared_from(&self, agent: &AgentId) -> Vec<AgentId> {
+        let by_owner = self.by_owner.read();
+        by_owner
+            .iter()
+            .filter(|(_, grants)| grants.iter().any(|g| g.shared_by == Some(*agent)))
+            .map(|(owner, _)| *owner)
             .collect()
     }
 
@@ -244,6 +321,67 @@ impl Grants {
             });
         }
         keys
+    }
+}
+
+/// An owner's grants after `put` replaces its namesake and the grant at
+/// `remove` goes, less every shared grant left without backing (see the
+/// crate's docs): the grants that stand, and those that go (a replaced grant
+/// is neither).
+pub fn after_change(
+    mut grants: Vec<Grant>,
+    put: Option<Grant>,
+    remove: Option<&[u8]>,
+    labels_of: impl Fn(&AgentId) -> BTreeMap<String, String>,
+) -> (Vec<Grant>, Vec<Grant>) {
+    let mut gone = Vec::new();
+    if let Some(at) = remove.and_then(|key| grants.iter().position(|g| g.key() == key)) {
+        gone.push(grants.remove(at));
+    }
+    if let Some(put) = put {
+        let key = put.key();
+        grants.retain(|g| g.key() != key);
+        grants.push(put);
+    }
+    let backed = backed(&grants, labels_of);
+    let (stand, unbacked): (Vec<_>, Vec<_>) = grants.into_iter().zip(backed).partition(|(_, backed)| *backed);
+    gone.extend(unbacked.into_iter().map(|(g, _)| g));
+    (stand.into_iter().map(|(g, _)| g).collect(), gone)
+}
+
+/// Which of one owner's grants stand: the owner's own, then, until none is
+/// added, each shared one whose sharer holds `share` and each right it gave
+/// over its region and prefix through grants that stand.
+fn backed(grants: &[Grant], labels_of: impl Fn(&AgentId) -> BTreeMap<String, String>) -> Vec<bool> {
+    let labels: FxHashMap<AgentId, BTreeMap<String, String>> = grants
+        .iter()
+        .filter_map(|g| g.shared_by)
+        .map(|sharer| (sharer, labels_of(&sharer)))
+        .collect();
+    let mut backed: Vec<bool> = grants.iter().map(|g| g.shared_by.is_none()).collect();
+    loop {
+        let mut grew = false;
+        for (at, grant) in grants.iter().enumerate() {
+            let Some(sharer) = grant.shared_by.filter(|_| !backed[at]) else {
+                continue;
+            };
+            let holds = |right: &Right| {
+                grants.iter().zip(&backed).any(|(held, &stands)| {
+                    stands
+                        && held.region == grant.region
+                        && held.grantee.includes(&sharer, &labels[&sharer])
+                        && grant.prefix.starts_with(&held.prefix)
+                        && held.rights.contains(right)
+                })
+            };
+            if holds(&Right::Share) && grant.rights.iter().all(holds) {
+                backed[at] = true;
+                grew = true;
+            }
+        }
+        if !grew {
+            return backed;
+        }
     }
 }
 
@@ -273,6 +411,7 @@ mod tests {
             region: Region::State,
             prefix: prefix.into(),
             rights,
+            shared_by: None,
             by: "test".into(),
             at: Utc::now(),
         }
@@ -365,5 +504,105 @@ mod tests {
         assert_eq!(right_of("memory.search"), Some((Region::Memory, Right::Read)));
         assert_eq!(right_of("context.put"), Some((Region::Context, Right::Write)));
         assert_eq!(right_of("tool.http"), None);
+    }
+
+    fn shared(owner: AgentId, sharer: AgentId, grantee: AgentId, rights: Vec<Right>) -> Grant {
+        Grant {
+            shared_by: Some(sharer),
+            ..grant(owner, grantee, "", rights)
+        }
+    }
+
+    #[test]
+    fn revoking_a_sharer_takes_back_what_it_shared_and_a_cycle_does_not_hold_itself_up() {
+        let (owner, b, c, d) = (
+            AgentId::generate(),
+            AgentId::generate(),
+            AgentId::generate(),
+            AgentId::generate(),
+        );
+        let no_labels = |_: &AgentId| BTreeMap::new();
+        let to_b = grant(owner, b, "", vec![Right::Read, Right::Share]);
+        let b_to_c = shared(owner, b, c, vec![Right::Read, Right::Share]);
+        let c_to_b = shared(owner, c, b, vec![Right::Read, Right::Share]);
+        let c_to_d = shared(owner, c, d, vec![Right::Read]);
+        let direct_d = grant(owner, d, "", vec![Right::Read]);
+        let all = vec![
+            to_b.clone(),
+            b_to_c.clone(),
+            c_to_b.clone(),
+            c_to_d.clone(),
+            direct_d.clone(),
+        ];
+        let (stand, gone) = after_change(all.clone(), None, None, no_labels);
+        assert_eq!((stand.len(), gone.len()), (5, 0), "every share is backed");
+
+        let (stand, gone) = after_change(all, None, Some(&to_b.key()), no_labels);
+        assert_eq!(stand, vec![direct_d.clone()], "the owner's own grants stand");
+        assert_eq!(gone.len(), 4, "b's, then c's shares go, the cycle with them");
+        assert!(gone.contains(&c_to_d) && gone.contains(&c_to_b));
+
+        let more_than_held = shared(owner, b, c, vec![Right::Write]);
+        let (_, gone) = after_change(vec![to_b.clone()], Some(more_than_held.clone()), None, no_labels);
+        assert_eq!(gone, vec![more_than_held], "a sharer gives only what it holds");
+
+        let to_group = Grant {
+            grantee: "label:team=ml".parse().unwrap(),
+            ..grant(owner, b, "", vec![Right::Read, Right::Share])
+        };
+        let ml = |_: &AgentId| BTreeMap::from([("team".to_owned(), "ml".to_owned())]);
+        let (_, gone) = after_change(vec![to_group.clone(), b_to_c.clone()], None, None, ml);
+        assert!(gone.is_empty(), "a group member shares what the group holds");
+        let (_, gone) = after_change(vec![to_group, b_to_c.clone()], None, None, no_labels);
+        assert_eq!(gone, vec![b_to_c], "not once it left the group");
+    }
+
+    #[test]
+    fn a_sharer_replaces_only_its_own_grants_and_has_a_room_of_its_own() {
+        let grants = Grants::default();
+        let (owner, sharer, other) = (AgentId::generate(), AgentId::generate(), AgentId::generate());
+        grants.put(grant(owner, other, "", vec![Right::Read, Right::Write]));
+        let over_owners = shared(owner, sharer, other, vec![Right::Read]);
+        let refused = grants.check_room(&over_owners).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::FailedPrecondition);
+        assert!(refused.message.contains("given by its owner"), "{}", refused.message);
+
+        for _ in 0..MAX_SHARED_PER_SHARER {
+            let given = shared(owner, sharer, AgentId::generate(), vec![Right::Read]);
+            grants.check_room(&given).unwrap();
+            grants.put(given);
+        }
+        let past = shared(owner, sharer, AgentId::generate(), vec![Right::Read]);
+        assert_eq!(grants.check_room(&past).unwrap_err().code, ErrorCode::ResourceExhausted);
+        let its_own = grants
+            .given_by(&owner)
+            .into_iter()
+            .find(|g| g.shared_by == Some(sharer))
+            .unwrap();
+        grants
+            .check_room(&its_own)
+            .expect("a sharer replaces a grant it gave, at its room");
+        assert!(
+            grants
+                .check_room(&grant(owner, AgentId::generate(), "", vec![Right::Read]))
+                .is_ok(),
+            "the owner has room of its own"
+        );
+        for n in 0..MAX_SHARED_PER_OWNER / MAX_SHARED_PER_SHARER {
+            let another = AgentId::generate();
+            for _ in 0..MAX_SHARED_PER_SHARER {
+                let given = shared(owner, another, AgentId::generate(), vec![Right::Read]);
+                if grants.check_room(&given).is_err() {
+                    assert_eq!(
+                        n,
+                        MAX_SHARED_PER_OWNER / MAX_SHARED_PER_SHARER - 1,
+                        "sharers fill half the room"
+                    );
+                    return;
+                }
+                grants.put(given);
+            }
+        }
+        panic!("sharers filled more than half the owner's room");
     }
 }

@@ -1,7 +1,6 @@
 //! FlowIntegrity's endpoints: served as HTTP routes, MCP tools (`flow_*`, and the
 //! report's `enhanced_flow_*`) and `bbx flow VERB` commands.
 
-use crate::access::{Grantee, Region, Right};
 use crate::policy::{self, Loaded, StoredPolicy};
 use crate::{Change, Flow, Quarantine};
 use bbx_auth::{Action, AuditKind, Caller};
@@ -97,37 +96,6 @@ struct NoArgs {}
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct GrantReq {
-    /// The owner of the region.
-    agent: String,
-    /// The agent given the rights (of the same tenant), or `label:KEY=VALUE`:
-    /// every agent of the tenant with that label, now or later.
-    grantee: String,
-    /// `state`, `memory`, `context` or `topic` [default: state].
-    #[serde(default)]
-    region: Region,
-    /// State keys, or names of the owner's topics, starting with it [default:
-    /// all]; memory and context are granted whole.
-    #[serde(default)]
-    prefix: String,
-    /// Of `read`, `write` and `share` (grant these on to others) [default: read].
-    #[serde(default)]
-    rights: Option<Vec<crate::access::Right>>,
-}
-
-#[derive(Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct RevokeReq {
-    agent: String,
-    grantee: String,
-    #[serde(default)]
-    region: Region,
-    #[serde(default)]
-    prefix: String,
-}
-
-#[derive(Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
 struct OpOnly {
     op_id: String,
 }
@@ -145,7 +113,7 @@ struct AnomaliesQuery {
 
 impl Flow {
     /// The agent `id`, as `caller` may see it.
-    fn agent(&self, caller: &Caller, id: &str) -> Result<bbx_core::model::Agent> {
+    pub(crate) fn agent(&self, caller: &Caller, id: &str) -> Result<bbx_core::model::Agent> {
         let id: AgentId = id.parse()?;
         let agent = bbx_agents::stored_agent(&self.ctx()?.store, &id)?;
         caller.check_owner(&agent.tenant, "agent", id)?;
@@ -429,140 +397,6 @@ impl Flow {
         Ok(json!({ "events": events }))
     }
 
-    /// The grantee: an agent of the owner's tenant other than the owner, or a
-    /// group (which only ever takes in agents of the owner's tenant).
-    fn grantee(&self, owner: &bbx_core::model::Agent, grantee: &str) -> Result<Grantee> {
-        let grantee: Grantee = grantee.parse()?;
-        if let Grantee::Agent(agent) = grantee {
-            let record = bbx_agents::stored_agent(&self.ctx()?.store, &agent)?;
-            if record.tenant != owner.tenant {
-                return Err(Error::not_found("agent", agent));
-            }
-            if agent == owner.id {
-                return Err(Error::invalid_field(
-                    "grantee",
-                    "an agent's own data is its own already",
-                ));
-            }
-        }
-        Ok(grantee)
-    }
-
-    /// Whether `caller` may give `rights` over the owner's region at `prefix`:
-    /// one that may act for the owner may; a key confined to another agent
-    /// may where that agent holds `share` and each of the rights there.
-    fn may_give(
-        &self,
-        caller: &Caller,
-        owner: &bbx_core::model::Agent,
-        grant: (Region, &str),
-        rights: &[Right],
-    ) -> Result<()> {
-        caller.check_owner(&owner.tenant, "agent", owner.id)?;
-        let Err(refused) = caller.check_agent(&owner.id) else {
-            return Ok(());
-        };
-        let Some(sharer) = caller.agent else {
-            return Err(refused);
-        };
-        let labels = bbx_agents::stored_agent(&self.ctx()?.store, &sharer)?.labels;
-        let holds = |right: &Right| self.0.grants.allows(&owner.id, (&sharer, &labels), grant, *right);
-        if holds(&Right::Share) && rights.iter().all(holds) {
-            return Ok(());
-        }
-        Err(refused)
-    }
-
-    async fn grant(&self, caller: &Caller, req: GrantReq) -> Result<crate::access::Grant> {
-        caller.may(Action::Act)?;
-        let id: AgentId = req.agent.parse()?;
-        let owner = bbx_agents::stored_agent(&self.ctx()?.store, &id)?;
-        if !req.prefix.is_empty() {
-            match req.region {
-                Region::State => bbx_core::validate::state_key(&req.prefix)?,
-                Region::Topic => bbx_core::validate::name("prefix", &req.prefix)?,
-                Region::Memory | Region::Context => {
-                    return Err(Error::invalid_field(
-                        "prefix",
-                        format!("a grant over the {} is whole: it takes no prefix", req.region.name()),
-                    ));
-                }
-            }
-        }
-        let mut rights = req.rights.unwrap_or_else(|| vec![Right::Read]);
-        rights.sort_by_key(|r| *r as u8);
-        rights.dedup();
-        if rights.is_empty() {
-            return Err(Error::invalid_field("rights", "a grant gives read, write or share"));
-        }
-        self.may_give(caller, &owner, (req.region, &req.prefix), &rights)?;
-        let grantee = self.grantee(&owner, &req.grantee)?;
-        let grant = crate::access::Grant {
-            owner: owner.id,
-            grantee: grantee.clone(),
-            region: req.region,
-            prefix: req.prefix,
-            rights,
-            by: format!("key {}", caller.key_id),
-            at: Utc::now(),
-        };
-        self.0.grants.check_room(&grant)?;
-        self.ctx()?.store.write(Change::PutGrant(grant.clone())).await?;
-        self.0.grants.put(grant.clone());
-        let what = format!(
-            "grant {grantee} {:?} over agent {}'s {} {:?}",
-            grant.rights,
-            owner.id,
-            grant.region.name(),
-            grant.prefix
-        );
-        self.audit(
-            Some(caller),
-            &owner.tenant,
-            what,
-            "granted".into(),
-            AuditKind::FlowDecision,
-        );
-        Ok(grant)
-    }
-
-    /// Revokes the grant, if there is one (revoking is idempotent: a grant that
-    /// went with its grantee is revoked already).
-    async fn revoke(&self, caller: &Caller, req: RevokeReq) -> Result<Value> {
-        caller.may(Action::Act)?;
-        let owner = self.agent(caller, &req.agent)?;
-        let grantee: Grantee = req.grantee.parse()?;
-        let key = crate::access::Grant {
-            owner: owner.id,
-            grantee: grantee.clone(),
-            region: req.region,
-            prefix: req.prefix.clone(),
-            rights: Vec::new(),
-            by: String::new(),
-            at: Utc::now(),
-        }
-        .key();
-        let held = self.0.grants.of(&owner.id).into_iter().find(|g| g.key() == key);
-        if held.is_some() {
-            self.ctx()?.store.write(Change::RemoveGrants(vec![key.clone()])).await?;
-            self.0.grants.remove(&key);
-            let what = format!(
-                "revoke {grantee}'s grant over agent {}'s {} {:?}",
-                owner.id,
-                req.region.name(),
-                req.prefix
-            );
-            self.audit(
-                Some(caller),
-                &owner.tenant,
-                what,
-                "revoked".into(),
-                AuditKind::FlowDecision,
-            );
-        }
-        Ok(json!({ "revoked": held }))
-    }
-
     fn declassify(&self, caller: &Caller, req: Declassify) -> Result<Value> {
         caller.may(Action::Operate)?;
         let agent = self.agent(caller, &req.agent)?;
@@ -660,14 +494,14 @@ pub(crate) fn all(flow: &Flow) -> Vec<Endpoint> {
             "flow.grant",
             ("POST", "/v1/flow/agents/{agent}/grants"),
             "Grant another agent of the tenant (or every agent with a label) read, write and/or share over a region of this agent: its state keys under a prefix, its memory or its context. The grantee's state, memory and context ops may then name this agent (\"agent\": OWNER); share lets it grant on what it holds. Audited.",
-            |f: Flow, caller, req: GrantReq| async move { f.grant(&caller, req).await },
+            |f: Flow, caller, req: crate::granting::GrantReq| async move { f.grant(&caller, req).await },
         ),
         Endpoint::serving(
             flow,
             "flow.revoke",
             ("DELETE", "/v1/flow/agents/{agent}/grants/{grantee}"),
             "Revoke the grant this agent gave another over a region (state keys under a prefix, memory or context) (revoked: the grant, or null if there was none). Audited.",
-            |f: Flow, caller, req: RevokeReq| async move { f.revoke(&caller, req).await },
+            |f: Flow, caller, req: crate::granting::RevokeReq| async move { f.revoke(&caller, req).await },
         ),
         Endpoint::serving(
             flow,

@@ -29,6 +29,7 @@ pub mod access;
 pub mod anomaly;
 mod decisions;
 mod endpoints;
+mod granting;
 pub mod injection;
 pub mod policy;
 pub mod taint;
@@ -159,8 +160,11 @@ enum Change {
     Release(AgentId),
     SaveModel(AgentId, Arc<Saved>),
     RemoveModel(AgentId),
-    PutGrant(access::Grant),
-    RemoveGrants(Vec<Vec<u8>>),
+    /// One owner's grants: one put, those that went removed.
+    Grants {
+        put: Option<access::Grant>,
+        remove: Vec<Vec<u8>>,
+    },
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -213,10 +217,12 @@ impl Staged for Change {
             Self::Release(agent) => tx.remove(FLOW_QUARANTINE, agent.as_bytes().to_vec()),
             Self::SaveModel(agent, saved) => tx.put(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec(), json(&**saved)?),
             Self::RemoveModel(agent) => tx.remove(FLOW_ANOMALY_MODELS, agent.as_bytes().to_vec()),
-            Self::PutGrant(grant) => tx.put(access::FLOW_GRANTS, grant.key(), json(grant)?),
-            Self::RemoveGrants(keys) => {
-                for key in keys {
+            Self::Grants { put, remove } => {
+                for key in remove {
                     tx.remove(access::FLOW_GRANTS, key.clone());
+                }
+                if let Some(grant) = put {
+                    tx.put(access::FLOW_GRANTS, grant.key(), json(grant)?);
                 }
             }
         }
@@ -241,7 +247,8 @@ struct Inner {
     /// Fx hashing, as the ring's: agent ids are ids the kernel made.
     quarantined: parking_lot::RwLock<FxHashMap<AgentId, Quarantine>>,
     decisions: [AtomicU64; 6],
-    /// Serializes changes of policies: a version is read, then written.
+    /// Serializes changes of policies (a version is read, then written) and
+    /// of grants (what a sharer holds is read, then written).
     changing: tokio::sync::Mutex<()>,
     /// `None` when anomaly detection is off.
     detector: Option<Detector>,
@@ -433,6 +440,32 @@ impl Flow {
             what: &op.kind,
         };
         self.check_region(&asked, &owner, &op.agent, (region, key), right)
+    }
+
+    /// Takes back, durably, what a deleted agent shared over these owners'
+    /// regions, and what was shared from that.
+    fn take_back_shared(&self, ctx: &Context, owners: Vec<AgentId>) {
+        let labels_of = |agent: &AgentId| {
+            bbx_agents::stored_agent(&ctx.store, agent)
+                .map(|a| a.labels)
+                .unwrap_or_default()
+        };
+        for owner in owners {
+            let (stand, gone) = access::after_change(self.0.grants.given_by(&owner), None, None, labels_of);
+            if gone.is_empty() {
+                continue;
+            }
+            self.0.grants.set(owner, stand);
+            let tenant = bbx_agents::stored_agent(&ctx.store, &owner)
+                .map(|a| a.tenant)
+                .unwrap_or_default();
+            self.audit_cascade(None, &tenant, &gone);
+            let change = Change::Grants {
+                put: None,
+                remove: gone.iter().map(access::Grant::key).collect(),
+            };
+            ctx.write_later(change, "the removal of grants a deleted agent shared");
+        }
     }
 
     /// `Ok` where `agent` is the owner or a grant covers its use; else a
@@ -706,10 +739,16 @@ impl Component for Flow {
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
+        let shared_from = self.0.grants.shared_from(&agent);
         let grants = self.0.grants.forget_agent(&agent);
         if !grants.is_empty() {
-            ctx.write_later(Change::RemoveGrants(grants), "the removal of a deleted agent's grants");
+            let change = Change::Grants {
+                put: None,
+                remove: grants,
+            };
+            ctx.write_later(change, "the removal of a deleted agent's grants");
         }
+        self.take_back_shared(ctx, shared_from);
         self.0.taints.forget_agent(&agent);
         self.0.recent.forget_agent(&agent);
         if let Some(detector) = &self.0.detector {

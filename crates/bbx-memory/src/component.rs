@@ -131,7 +131,7 @@ impl bbx_component::MemorySearch for Memories {
                 &serde_json::json!({ "query": query, "k": k, "filter": filter }),
             )?;
             let search = args.check(this.0.config.max_text_bytes)?;
-            this.search(agent, search).await
+            this.search(agent, search, true).await
         })
     }
 }

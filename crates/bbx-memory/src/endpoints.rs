@@ -119,7 +119,8 @@ pub(crate) fn endpoints(memories: &Memories) -> Vec<Endpoint> {
                     ));
                 }
                 m.may_read(&caller, &req.agent, "memory.search")?;
-                m.search(req.agent, req.args.check(m.0.config.max_text_bytes)?).await
+                m.search(req.agent, req.args.check(m.0.config.max_text_bytes)?, true)
+                    .await
             },
         )
     };

@@ -353,8 +353,10 @@ impl Memories {
         crate::embed::unit(vector, embedder.dimensions(), model).map_err(|e| Error::invalid_field("vector", e.message))
     }
 
-    /// Runs a search of `agent`'s memories.
-    pub(crate) async fn search(&self, agent: AgentId, search: Search) -> Result<Value> {
+    /// Runs a search of `agent`'s memories. Where `touches`, what it finds
+    /// counts as used (recency and hits, which forgetting reads): not for a
+    /// grantee's search of another agent's memory, which is no use of it.
+    pub(crate) async fn search(&self, agent: AgentId, search: Search, touches: bool) -> Result<Value> {
         let now = Utc::now();
         let at = millis(search.as_of.unwrap_or(now));
         // Valid at the time asked, of the model in use for the vector leg, and
@@ -433,8 +435,10 @@ impl Memories {
                 results.push(result);
             }
         }
-        let found: Vec<MemoryId> = ranked.iter().map(|s| s.id).collect();
-        self.touch(agent, &found, now);
+        if touches {
+            let found: Vec<MemoryId> = ranked.iter().map(|s| s.id).collect();
+            self.touch(agent, &found, now);
+        }
         Ok(json!({
             "results": results,
             "mode": search.mode,

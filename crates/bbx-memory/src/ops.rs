@@ -141,10 +141,11 @@ impl TaskOp for SearchTask {
     }
 
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
-        Box::pin(
-            self.memories
-                .search(self.owner.unwrap_or(ctx.agent), self.search.clone()),
-        )
+        Box::pin(self.memories.search(
+            self.owner.unwrap_or(ctx.agent),
+            self.search.clone(),
+            self.owner.is_none(),
+        ))
     }
 }
 

@@ -197,6 +197,13 @@ impl Kernel {
             .output()
             .unwrap()
     }
+
+    /// `bbx` with `--api-key KEY` (an agent's, from [`Kernel::agent_key`]).
+    pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
+        let mut all = vec!["--api-key", key];
+        all.extend_from_slice(args);
+        self.cli(&all)
+    }
 }
 
 impl Drop for Kernel {
