@@ -307,3 +307,77 @@ fn redis_down() -> bool {
     )
     .is_err()
 }
+
+/// An agent's memories are part of it: a restore gives back the snapshot's,
+/// a fork gets them under ids of its own (the one vector index is shared, so
+/// the original keeps its memories and ids), and a recovery to a moment gives
+/// back the memories of that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memories_are_restored_forked_and_recovered_with_their_agent() {
+    let models = bbx_memory::testing::models_with_embedder().await;
+    let (kernel, _config) =
+        Kernel::with_config(&format!("[memory]\nmodels_dir = {:?}\n", models.display().to_string()));
+    let agent = kernel.new_agent();
+    let remember = |agent: &str, text: &str| {
+        let added = json(&kernel.cli(&["memory", "add", agent, text, "--json"]));
+        added["id"].as_str().unwrap_or_else(|| panic!("{added}")).to_owned()
+    };
+    let found = |agent: &str, query: &str| -> Vec<(String, String)> {
+        let results = json(&kernel.cli(&["memory", "search", agent, query, "--json"]));
+        results["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_owned(),
+                    r["text"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let lisbon = remember(&agent, "The staging server lives in Lisbon.");
+    let first = snapshot(&kernel, &agent);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let between = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    remember(&agent, "The backup runs at midnight.");
+    let texts = |found: Vec<(String, String)>| found.into_iter().map(|(_, text)| text).collect::<Vec<_>>();
+    assert_eq!(texts(found(&agent, "backup schedule")).len(), 2);
+
+    let fork = json(&kernel.cli(&[
+        "snapshot",
+        "fork",
+        first["id"].as_str().unwrap(),
+        "--name",
+        "what-if",
+        "--json",
+    ]));
+    let forked = fork["id"].as_str().unwrap_or_else(|| panic!("{fork}")).to_owned();
+    let in_fork = found(&forked, "where is the staging server");
+    assert_eq!(texts(in_fork.clone()), ["The staging server lives in Lisbon."]);
+    assert_ne!(in_fork[0].0, lisbon, "a fork's memory has an id of its own");
+    let original = found(&agent, "where is the staging server");
+    assert_eq!(
+        original[0],
+        (lisbon.clone(), "The staging server lives in Lisbon.".to_owned())
+    );
+    let got = json(&kernel.cli(&["memory", "get", &agent, &lisbon, "--json"]));
+    assert_eq!(got["text"], "The staging server lives in Lisbon.", "{got}");
+
+    let restored = kernel.cli(&["snapshot", "restore", &agent, first["id"].as_str().unwrap()]);
+    assert!(restored.status.success(), "{}", support::stderr(&restored));
+    assert_eq!(
+        found(&agent, "backup schedule"),
+        [(lisbon.clone(), "The staging server lives in Lisbon.".to_owned())],
+        "the restore gave back the snapshot's memories, ids and all"
+    );
+    remember(&agent, "The backup runs at noon.");
+    let recovered = kernel.cli(&["snapshot", "pitr", &agent, "--at", &between.to_rfc3339()]);
+    assert!(recovered.status.success(), "{}", support::stderr(&recovered));
+    assert_eq!(
+        texts(found(&agent, "backup schedule")),
+        ["The staging server lives in Lisbon."]
+    );
+    assert_eq!(texts(found(&forked, "backup schedule")).len(), 1, "the fork is apart");
+}

@@ -9,7 +9,7 @@ use crate::{Component, Pending};
 use bbx_auth::Caller;
 use bbx_core::{AgentId, Result};
 use bbx_store::GroupTx;
-use fjall::Snapshot;
+use fjall::{Readable, Snapshot};
 use std::sync::Arc;
 
 /// One record of an agent's data as its component exports it: opaque to anyone
@@ -112,5 +112,75 @@ impl bbx_store::Staged for Import {
             }
             Ok(bbx_store::Applied::Done)
         })
+    }
+}
+
+/// Keyspaces whose keys start with the agent's id, exported as records keyed
+/// by the keyspace's id and the rest of the key: what most components export
+/// (see `bbx-context` and `bbx-memory`).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentKeyspaces(pub &'static [bbx_store::KeyspaceDef]);
+
+/// A record of [`AgentKeyspaces`] as the store keeps it: keyspace, key, value.
+pub type StoredRecord = (bbx_store::KeyspaceDef, Vec<u8>, Vec<u8>);
+
+impl AgentKeyspaces {
+    /// Every record of the agent, as read in `view`.
+    pub fn export(&self, store: &bbx_store::Store, view: &Snapshot, agent: &AgentId) -> Result<Vec<Exported>> {
+        let mut records = Vec::new();
+        for keyspace in self.0 {
+            for kv in view.prefix(store.keyspace(*keyspace), agent.as_bytes()) {
+                let (key, value) = kv
+                    .into_inner()
+                    .map_err(|e| bbx_store::storage_error("export an agent's records", e))?;
+                let mut exported = vec![keyspace.id];
+                exported.extend_from_slice(&key[16..]);
+                records.push(Exported {
+                    key: exported,
+                    value: value.to_vec(),
+                });
+            }
+        }
+        Ok(records)
+    }
+
+    /// How a store write changes the agent's export, if it is of these keyspaces
+    /// and the agent.
+    pub fn exported_write(&self, agent: &AgentId, write: StoreWrite<'_>) -> Option<ExportedWrite> {
+        let rest = write.key.strip_prefix(agent.as_bytes().as_slice())?;
+        self.0.iter().find(|keyspace| keyspace.id == write.keyspace)?;
+        let mut key = vec![write.keyspace];
+        key.extend_from_slice(rest);
+        Some((key, write.value.map(<[u8]>::to_vec)))
+    }
+
+    /// The agent's store records that exported `records` stand for; a record
+    /// of no keyspace here is `invalid_argument` naming `what` exported it.
+    pub fn stored(&self, agent: &AgentId, records: &[Exported], what: &str) -> Result<Vec<StoredRecord>> {
+        records
+            .iter()
+            .map(|record| {
+                let keyspace = self
+                    .0
+                    .iter()
+                    .find(|k| record.key.first() == Some(&k.id))
+                    .ok_or_else(|| {
+                        bbx_core::Error::invalid_field("parts", format!("a {what} record names no {what} keyspace"))
+                    })?;
+                let mut key = agent.as_bytes().to_vec();
+                key.extend_from_slice(&record.key[1..]);
+                Ok((*keyspace, key, record.value.clone()))
+            })
+            .collect()
+    }
+
+    /// The agent's keys in each keyspace as `tx` leaves them so far.
+    pub fn keys(&self, tx: &GroupTx<'_>, agent: &AgentId) -> Result<Vec<(bbx_store::KeyspaceDef, Vec<u8>)>> {
+        let mut keys = Vec::new();
+        for keyspace in self.0 {
+            let held = tx.keys_with_prefix(*keyspace, agent.as_bytes())?;
+            keys.extend(held.into_iter().map(|key| (*keyspace, key)));
+        }
+        Ok(keys)
     }
 }

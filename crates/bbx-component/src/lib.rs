@@ -43,7 +43,7 @@ pub mod builtin;
 pub mod endpoint;
 pub mod refs;
 
-pub use agent_data::{AgentData, AgentHost, Exported, ExportedWrite, Import, StoreWrite};
+pub use agent_data::{AgentData, AgentHost, AgentKeyspaces, Exported, ExportedWrite, Import, StoreWrite, StoredRecord};
 pub use endpoint::{Endpoint, Events, Handler, StreamHandler};
 
 pub use refs::Reference;

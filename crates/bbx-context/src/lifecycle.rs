@@ -81,57 +81,40 @@ pub(crate) async fn forget_agent(store: &Store, agent: AgentId) -> Result<()> {
 
 /// The keyspaces an agent's context is exported from, by id: what the first
 /// byte of an exported key names.
-const EXPORTED: [crate::KeyspaceDef; 4] = [
+const EXPORTED: bbx_component::AgentKeyspaces = bbx_component::AgentKeyspaces(&[
     crate::CONTEXT_ITEMS,
     crate::CONTEXT_BLOCKS,
     crate::CONTEXT_ACCESS,
     crate::CONTEXT_AGENTS,
-];
+]);
 
-/// Every record of the agent's context, as durable now: the keyspace's id,
-/// then the key after the agent. Blocks kept in object storage are exported
-/// whole (`resolve` fetches them, together), so an export stands on its own.
+/// Every record of the agent's context, as durable now. Blocks kept in object
+/// storage are exported whole (`resolve` fetches them, together), so an export
+/// stands on its own.
 pub(crate) fn export(
     store: &Store,
     view: &fjall::Snapshot,
     agent: &AgentId,
     resolve: impl Fn(Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>>,
 ) -> Result<Vec<bbx_component::Exported>> {
-    let mut records = Vec::new();
-    let mut blocks = Vec::new();
-    for keyspace in EXPORTED {
-        for kv in view.prefix(store.keyspace(keyspace), agent.as_bytes()) {
-            let (key, value) = kv.into_inner().map_err(|e| storage_error("export a context", e))?;
-            let mut exported = vec![keyspace.id];
-            exported.extend_from_slice(&key[16..]);
-            if keyspace == crate::CONTEXT_BLOCKS {
-                blocks.push((exported, value.to_vec()));
-            } else {
-                records.push(bbx_component::Exported {
-                    key: exported,
-                    value: value.to_vec(),
-                });
-            }
-        }
-    }
-    let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = blocks.into_iter().unzip();
+    let blocks_id = crate::CONTEXT_BLOCKS.id;
+    let (blocks, mut records): (Vec<_>, Vec<_>) = EXPORTED
+        .export(store, view, agent)?
+        .into_iter()
+        .partition(|record| record.key.first() == Some(&blocks_id));
+    let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = blocks.into_iter().map(|r| (r.key, r.value)).unzip();
     for (key, value) in keys.into_iter().zip(resolve(values)) {
         records.push(bbx_component::Exported { key, value: value? });
     }
     Ok(records)
 }
 
-/// How a write to a context keyspace changes the agent's export (records are
-/// keyed by the keyspace's id and the key after the agent).
+/// How a write to a context keyspace changes the agent's export.
 pub(crate) fn exported_write(
     agent: &AgentId,
     write: bbx_component::StoreWrite<'_>,
 ) -> Option<bbx_component::ExportedWrite> {
-    let rest = write.key.strip_prefix(agent.as_bytes().as_slice())?;
-    EXPORTED.iter().find(|keyspace| keyspace.id == write.keyspace)?;
-    let mut key = vec![write.keyspace];
-    key.extend_from_slice(rest);
-    Some((key, write.value.map(<[u8]>::to_vec)))
+    EXPORTED.exported_write(agent, write)
 }
 
 /// Replaces the agent's context with `records`. Its id sequence never goes
@@ -139,36 +122,12 @@ pub(crate) fn exported_write(
 pub(crate) fn import(tx: &mut GroupTx<'_>, agent: &AgentId, records: &[bbx_component::Exported]) -> Result<()> {
     let sequence = crate::item::agent_key(agent, crate::contexts::SEQUENCE);
     let current = crate::item::counter(tx.read(crate::CONTEXT_AGENTS, &sequence)?);
-    let mut incoming = Vec::with_capacity(records.len());
-    for record in records {
-        let keyspace = EXPORTED
-            .iter()
-            .find(|k| record.key.first() == Some(&k.id))
-            .ok_or_else(|| bbx_core::Error::invalid_field("parts", "a context record names no context keyspace"))?;
-        let mut key = agent.as_bytes().to_vec();
-        key.extend_from_slice(&record.key[1..]);
-        incoming.push((*keyspace, key, record.value.clone()));
-    }
-    for keyspace in EXPORTED {
-        let mut keys: Vec<Vec<u8>> = tx
-            .keyspace(keyspace)?
-            .prefix(agent.as_bytes())
-            .map(|kv| kv.into_inner().map(|(k, _)| k.to_vec()))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| storage_error("read a context", e))?;
-        keys.extend(
-            tx.staged(keyspace)
-                .range(agent.as_bytes().to_vec()..)
-                .take_while(|(k, _)| k.starts_with(agent.as_bytes()))
-                .filter(|(_, v)| v.is_some())
-                .map(|(k, _)| k.clone()),
-        );
-        for key in keys {
-            if keyspace == crate::CONTEXT_BLOCKS {
-                replaced_objects(tx, agent, &key, &incoming)?;
-            }
-            tx.remove(keyspace, key);
+    let incoming = EXPORTED.stored(agent, records, "context")?;
+    for (keyspace, key) in EXPORTED.keys(tx, agent)? {
+        if keyspace == crate::CONTEXT_BLOCKS {
+            replaced_objects(tx, agent, &key, &incoming)?;
         }
+        tx.remove(keyspace, key);
     }
     check_items(agent, &incoming)?;
     let mut imported_sequence = 0;
@@ -200,7 +159,7 @@ fn replaced_objects(
     tx: &mut GroupTx<'_>,
     agent: &AgentId,
     key: &[u8],
-    incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)],
+    incoming: &[bbx_component::StoredRecord],
 ) -> Result<()> {
     let Some(old) = tx.read(crate::CONTEXT_BLOCKS, key)? else {
         return Ok(());
@@ -217,7 +176,7 @@ fn replaced_objects(
     }
 }
 
-fn check_items(agent: &AgentId, incoming: &[(crate::KeyspaceDef, Vec<u8>, Vec<u8>)]) -> Result<()> {
+fn check_items(agent: &AgentId, incoming: &[bbx_component::StoredRecord]) -> Result<()> {
     let bad = |why: String| bbx_core::Error::invalid_field("parts", format!("a context item does not import: {why}"));
     let blocks: std::collections::HashMap<&[u8], &[u8]> = incoming
         .iter()

@@ -4,7 +4,7 @@
 
 use crate::record::MemoryId;
 use crate::{KEYSPACES, Memories};
-use bbx_component::{Component, Context, Endpoint, OpKind, Prepared};
+use bbx_component::{Component, Context, Endpoint, Exported, ExportedWrite, OpKind, Prepared, StoreWrite};
 use bbx_core::op::{Completion, CompletionStatus};
 use bbx_core::{AgentId, Result};
 use bbx_store::KeyspaceDef;
@@ -49,6 +49,24 @@ impl Component for Memories {
     fn completed(&self, completion: &Arc<Completion>) {
         if completion.status == CompletionStatus::Ok && completion.kind.starts_with("memory.") {
             self.completed_op(completion);
+        }
+    }
+
+    fn export(&self, store: &bbx_store::Store, view: &fjall::Snapshot, agent: &AgentId) -> Result<Vec<Exported>> {
+        crate::agent_data::EXPORTED.export(store, view, agent)
+    }
+
+    fn exported_write(&self, agent: &AgentId, write: StoreWrite<'_>) -> Option<ExportedWrite> {
+        crate::agent_data::EXPORTED.exported_write(agent, write)
+    }
+
+    fn import(&self, tx: &mut bbx_store::GroupTx<'_>, agent: &AgentId, records: &[Exported]) -> Result<()> {
+        Memories::import(self, tx, agent, records)
+    }
+
+    fn imported(&self, agent: &AgentId) {
+        if let Err(e) = self.relearn(agent) {
+            tracing::error!(error = %e, %agent, "imported memories could not be indexed (a restart does)");
         }
     }
 

@@ -18,11 +18,14 @@
 //!   stays, no longer valid, for searches "as of" a past time ([`write`]).
 //! - **Forgetting is deletion.** LRU, decay, age and capacity take memories out
 //!   of the store and the index, for good ([`forget`]).
+//! - **Memories go with the agent.** Snapshots, forks and recovery to a moment
+//!   carry an agent's memories; a fork's get ids of their own (`agent_data`).
 //!
 //! [`record`] lays the data out, [`catalog`] is what RAM holds of it,
 //! [`keyword`] the BM25 index, [`search`] the ranking, [`vectors`] the vector
 //! store trait, `memories` the runtime, `ops` and `endpoints` the interfaces.
 
+mod agent_data;
 pub mod catalog;
 mod component;
 pub mod embed;

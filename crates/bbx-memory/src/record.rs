@@ -128,6 +128,9 @@ impl Access {
         out
     }
 
+    /// What [`Access::encode`] writes.
+    pub const BYTES: usize = 16;
+
     pub fn decode(bytes: &[u8]) -> Self {
         let at_ms = bytes
             .get(..8)

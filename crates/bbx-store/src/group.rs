@@ -52,6 +52,23 @@ impl<'a> GroupTx<'a> {
         Ok(value.map(|v| v.to_vec()))
     }
 
+    /// The keys under `prefix` as this group leaves them so far: stored ones
+    /// it has not removed, and those it put.
+    pub fn keys_with_prefix(&self, ks: KeyspaceDef, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut keys = std::collections::BTreeSet::new();
+        for item in self.keyspace(ks)?.prefix(prefix) {
+            keys.insert(item.key().map_err(|e| storage_error("scan", e))?.to_vec());
+        }
+        let staged = self.staged(ks).range(prefix.to_vec()..);
+        for (key, value) in staged.take_while(|(key, _)| key.starts_with(prefix)) {
+            match value {
+                Some(_) => keys.insert(key.clone()),
+                None => keys.remove(key),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     /// What the group has staged in a keyspace so far.
     pub fn staged(&self, ks: KeyspaceDef) -> &BTreeMap<Vec<u8>, Option<Vec<u8>>> {
         static EMPTY: Overlay = BTreeMap::new();

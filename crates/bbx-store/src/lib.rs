@@ -560,6 +560,29 @@ mod tests {
     }
 
     #[test]
+    fn keys_under_a_prefix_are_the_stored_ones_with_the_groups_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DetachedStore::open(dir.path(), &[ONE, TWO]).unwrap();
+        store
+            .group(usize::MAX, |tx| {
+                for key in ["a/1", "a/2", "b/1"] {
+                    tx.put(ONE, key.into(), b"v".to_vec());
+                }
+            })
+            .unwrap();
+        let keys = store
+            .group(usize::MAX, |tx| {
+                tx.remove(ONE, b"a/1".to_vec());
+                tx.put(ONE, b"a/0".to_vec(), b"v".to_vec());
+                tx.put(ONE, b"a/2".to_vec(), b"w".to_vec());
+                tx.put(ONE, b"c/1".to_vec(), b"v".to_vec());
+                tx.keys_with_prefix(ONE, b"a/").unwrap()
+            })
+            .unwrap();
+        assert_eq!(keys, [b"a/0".to_vec(), b"a/2".to_vec()]);
+    }
+
+    #[test]
     fn a_part_that_fails_leaves_the_group_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = DetachedStore::open(dir.path(), &[ONE, TWO]).unwrap();
