@@ -351,11 +351,29 @@ impl Bus {
     /// agent's topic, a grantee's groups are its own (`AGENT/GROUP` in the
     /// topic's stats), so that a read grant never settles messages of the
     /// owner's groups or another grantee's.
-    pub(crate) fn group_of<'a>(topic: &Topic, agent: Option<AgentId>, group: &'a str) -> std::borrow::Cow<'a, str> {
-        match (topic.config.owner, agent) {
-            (Some(owner), Some(agent)) if owner != agent => format!("{agent}/{group}").into(),
-            _ => group.into(),
+    pub(crate) fn group_of<'a>(
+        topic: &Topic,
+        agent: Option<AgentId>,
+        group: &'a str,
+    ) -> Result<std::borrow::Cow<'a, str>> {
+        bbx_core::validate::name("group", group)?;
+        let (Some(owner), Some(agent)) = (topic.config.owner, agent) else {
+            return Ok(group.into());
+        };
+        if owner == agent {
+            return Ok(group.into());
         }
+        let own = format!("{agent}/{group}");
+        if own.len() > bbx_core::validate::MAX_NAME_BYTES {
+            return Err(Error::invalid_field(
+                "group",
+                format!(
+                    "on another agent's topic a group is the agent's own ({agent}/GROUP): GROUP is at most {} bytes",
+                    bbx_core::validate::MAX_NAME_BYTES - agent.to_string().len() - 1
+                ),
+            ));
+        }
+        Ok(own.into())
     }
 
     /// Makes a topic; `already_exists` if there is one of that name. An owner

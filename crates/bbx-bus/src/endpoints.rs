@@ -231,7 +231,7 @@ impl Bus {
             .ack_wait
             .unwrap_or(Duration::from_millis(topic.config.ack_wait_ms));
         let (max, timeout) = (fetch.max, fetch.timeout);
-        let group = Self::group_of(&topic, caller.agent, &fetch.group);
+        let group = Self::group_of(&topic, caller.agent, &fetch.group)?;
         let messages = self.fetch(&topic, &group, fetch.start, max, ack_wait, timeout).await?;
         Ok(json!({ "messages": messages }))
     }
@@ -239,7 +239,7 @@ impl Bus {
     async fn settle_req(&self, caller: &Caller, req: AckReq, verb: Verb) -> Result<Value> {
         caller.may(Action::Act)?;
         let topic = self.known_topic(caller, req.tenant, &req.topic, Right::Read)?;
-        let group = Self::group_of(&topic, caller.agent, &req.group);
+        let group = Self::group_of(&topic, caller.agent, &req.group)?;
         let tokens = tokens(&req.acks)?;
         let ms = req.ms.map(Duration::from_millis);
         if ms.is_some_and(|ms| ms > Duration::from_secs(12 * 3600)) {
@@ -332,7 +332,7 @@ impl Bus {
     async fn stream(&self, caller: &Caller, req: StreamReq) -> Result<bbx_component::Events> {
         caller.may(Action::Act)?;
         let topic = self.known_topic(caller, req.tenant, &req.topic, Right::Read)?;
-        let group = Self::group_of(&topic, caller.agent, &req.group).into_owned();
+        let group = Self::group_of(&topic, caller.agent, &req.group)?.into_owned();
         let ack_wait = Duration::from_millis(req.ack_wait_ms.unwrap_or(topic.config.ack_wait_ms));
         if ack_wait.is_zero() || ack_wait > Duration::from_secs(12 * 3600) {
             return Err(Error::invalid_field(

@@ -339,7 +339,7 @@ impl ConsumeTask {
         }
         let topic = self.bus.topic(&TopicKey::new(ctx.tenant, topic))?;
         self.bus.may_use(&topic, Some(ctx.agent), Right::Read)?;
-        let group = Bus::group_of(&topic, Some(ctx.agent), group);
+        let group = Bus::group_of(&topic, Some(ctx.agent), group)?;
         Ok((topic, group))
     }
 }

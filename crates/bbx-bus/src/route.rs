@@ -42,9 +42,9 @@ const BATCH: usize = 100;
 const LEASE: Duration = Duration::from_secs(60);
 /// How long a route waits before submitting again an op refused for now.
 const RETRY: Duration = Duration::from_secs(1);
-/// How long a route that cannot read waits before trying again: doubling from
-/// the first, up to the last (a grant revoked is refused, and audited, at
-/// most once a minute).
+/// How long a route that cannot read waits before trying again; a route
+/// refused (a grant revoked) waits twice as long each time, up to the last:
+/// it is refused, and audited, at most once a minute.
 const READ_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(60));
 /// Routes one tenant has at most.
 pub const MAX_ROUTES_PER_TENANT: usize = 64;
@@ -160,7 +160,7 @@ impl Bus {
                     let topic = bus.topic(&TopicKey::new(&route.tenant, &route.topic))?;
                     // A grant revoked since stops the route's reading.
                     bus.may_use(&topic, Some(route.agent), bbx_component::access::Right::Read)?;
-                    let group = Bus::group_of(&topic, Some(route.agent), &route.group);
+                    let group = Bus::group_of(&topic, Some(route.agent), &route.group)?;
                     let messages = bus
                         .fetch(&topic, &group, Start::Earliest, BATCH, LEASE, Duration::from_secs(1))
                         .await?;
@@ -175,6 +175,11 @@ impl Bus {
                     wait = READ_RETRY.0;
                     continue;
                 };
+                // Only a refusal waits longer each time: a topic that does not
+                // exist yet, or a kernel starting, is tried again soon.
+                if error.code != ErrorCode::PolicyDenied {
+                    wait = READ_RETRY.0;
+                }
                 // The topic may not exist yet, the kernel may be starting, a
                 // grant may be revoked until it is given again.
                 tracing::debug!(route = route.name, %error, ?wait, "a bus route waits");
@@ -183,7 +188,9 @@ impl Bus {
                     () = ctx.stopping.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
-                wait = (wait * 2).min(READ_RETRY.1);
+                if error.code == ErrorCode::PolicyDenied {
+                    wait = (wait * 2).min(READ_RETRY.1);
+                }
             }
         });
         Ok(())
@@ -323,13 +330,15 @@ impl Bus {
                 "an agent's mailbox routes into its own ops only",
             ));
         }
-        // An agent's topic routes into the ops of the agents it grants read.
-        if let Ok(topic) = self.topic(&TopicKey::new(&tenant, &req.topic)) {
-            self.may_use(&topic, Some(agent), bbx_component::access::Right::Read)?;
-        }
         self.check_route_owner(caller, &tenant, &req.name)?;
         let group = req.group.unwrap_or_else(|| format!("route:{}", req.name));
         bbx_core::validate::name("group", &group)?;
+        // An agent's topic routes into the ops of the agents it grants read,
+        // each through a group of its own.
+        if let Ok(topic) = self.topic(&TopicKey::new(&tenant, &req.topic)) {
+            self.may_use(&topic, Some(agent), bbx_component::access::Right::Read)?;
+            Bus::group_of(&topic, Some(agent), &group)?;
+        }
         let key = Route::key(&tenant, &req.name);
         let (held, replacing) = {
             let routes = self.0.routes.lock();

@@ -703,17 +703,49 @@ async fn what_a_sharer_gave_goes_with_its_right() {
             .contains("that shared it no longer holds it"),
         "{audit}"
     );
+    let helper_key = kernel.agent_key(&helper);
+    let give_back = kernel.cli_as(
+        &helper_key,
+        &grant(&owner, &sharer, "state", Some(r#"["read","share"]"#)),
+    );
+    assert!(
+        stderr(&give_back).contains("permission_denied"),
+        "{}",
+        stderr(&give_back)
+    );
 
     // A sharer revokes what it gave, and nothing else.
     json(&kernel.cli(&grant(&owner, &sharer, "state", Some(r#"["read","share"]"#))));
     json(&as_sharer(&grant(&owner, &helper, "state", None)));
     let not_its = as_sharer(&["flow", "revoke", &owner, &other]);
     assert!(
-        !not_its.status.success(),
-        "the owner's grant is not the sharer's to revoke"
+        stderr(&not_its).contains("permission_denied"),
+        "the owner's grant is not the sharer's to revoke: {}",
+        stderr(&not_its)
     );
     let its_own = json(&as_sharer(&["flow", "revoke", &owner, &helper, "--json"]));
     assert_eq!(its_own["revoked"]["grantee"], helper.as_str(), "{its_own}");
+    let again = json(&as_sharer(&["flow", "revoke", &owner, &helper, "--json"]));
+    assert_eq!(again["revoked"], Value::Null, "revoking is idempotent: {again}");
+    assert!(stderr(&read(&helper)).contains("policy_denied"));
+    assert!(read(&other).status.success());
+
+    // What a deleted agent shared goes with it, and stays gone after a restart.
+    json(&as_sharer(&grant(&owner, &helper, "state", None)));
+    assert!(read(&helper).status.success());
+    assert!(kernel.cli(&["agent", "delete", &sharer]).status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while read(&helper).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted sharer's grant stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut kernel = kernel;
+    kernel.stop();
+    kernel.restart();
+    let read = |agent: &str| submit(&kernel, agent, "state.get", &json!({ "agent": owner, "key": "plan" }));
     assert!(stderr(&read(&helper)).contains("policy_denied"));
     assert!(read(&other).status.success());
 }

@@ -460,7 +460,7 @@ impl TaskOp for Task {
         let (contexts, agent) = (self.0.clone(), self.2.unwrap_or(ctx.agent));
         let work: Box<dyn FnOnce() -> Result<Value> + Send> = match &self.1 {
             TaskKind::Get(id) => {
-                let (id, grantee) = (*id, self.2.is_some());
+                let (id, grantee) = (*id, agent != ctx.agent);
                 Box::new(move || {
                     let got = match grantee {
                         false => contexts.get(agent, id)?,
@@ -482,9 +482,9 @@ impl TaskOp for Task {
                 let budget = *budget;
                 // The agent's own op may have a model summarize; a grantee's
                 // reads another's context, and never spends for it.
-                let asker = match self.2 {
-                    None => crate::window::Asker::Agent,
-                    Some(_) => crate::window::Asker::Grantee,
+                let asker = match agent == ctx.agent {
+                    true => crate::window::Asker::Agent,
+                    false => crate::window::Asker::Grantee,
                 };
                 Box::new(move || contexts.assemble(agent, budget, asker))
             }

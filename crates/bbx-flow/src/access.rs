@@ -175,13 +175,6 @@ pub struct Grants {
 }
 
 impl Grants {
-    pub fn load(&self, grants: Vec<Grant>) {
-        let mut by_owner = self.by_owner.write();
-        for grant in grants {
-            by_owner.entry(grant.owner).or_default().push(grant);
-        }
-    }
-
     /// Whether the agent `id`, with `labels`, may use `right` on `owner`'s
     /// `region` at `key` (a state key; empty for the other regions).
     pub fn allows(
@@ -332,8 +325,8 @@ pub fn after_change(
     mut grants: Vec<Grant>,
     put: Option<Grant>,
     remove: Option<&[u8]>,
-    labels_of: impl Fn(&AgentId) -> BTreeMap<String, String>,
-) -> (Vec<Grant>, Vec<Grant>) {
+    labels_of: impl Fn(&AgentId) -> Result<BTreeMap<String, String>>,
+) -> Result<(Vec<Grant>, Vec<Grant>)> {
     let mut gone = Vec::new();
     if let Some(at) = remove.and_then(|key| grants.iter().position(|g| g.key() == key)) {
         gone.push(grants.remove(at));
@@ -343,21 +336,22 @@ pub fn after_change(
         grants.retain(|g| g.key() != key);
         grants.push(put);
     }
-    let backed = backed(&grants, labels_of);
+    let backed = backed(&grants, labels_of)?;
     let (stand, unbacked): (Vec<_>, Vec<_>) = grants.into_iter().zip(backed).partition(|(_, backed)| *backed);
     gone.extend(unbacked.into_iter().map(|(g, _)| g));
-    (stand.into_iter().map(|(g, _)| g).collect(), gone)
+    Ok((stand.into_iter().map(|(g, _)| g).collect(), gone))
 }
 
 /// Which of one owner's grants stand: the owner's own, then, until none is
 /// added, each shared one whose sharer holds `share` and each right it gave
 /// over its region and prefix through grants that stand.
-fn backed(grants: &[Grant], labels_of: impl Fn(&AgentId) -> BTreeMap<String, String>) -> Vec<bool> {
-    let labels: FxHashMap<AgentId, BTreeMap<String, String>> = grants
-        .iter()
-        .filter_map(|g| g.shared_by)
-        .map(|sharer| (sharer, labels_of(&sharer)))
-        .collect();
+fn backed(grants: &[Grant], labels_of: impl Fn(&AgentId) -> Result<BTreeMap<String, String>>) -> Result<Vec<bool>> {
+    let mut labels: FxHashMap<AgentId, BTreeMap<String, String>> = FxHashMap::default();
+    for sharer in grants.iter().filter_map(|g| g.shared_by) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = labels.entry(sharer) {
+            entry.insert(labels_of(&sharer)?);
+        }
+    }
     let mut backed: Vec<bool> = grants.iter().map(|g| g.shared_by.is_none()).collect();
     loop {
         let mut grew = false;
@@ -380,7 +374,7 @@ fn backed(grants: &[Grant], labels_of: impl Fn(&AgentId) -> BTreeMap<String, Str
             }
         }
         if !grew {
-            return backed;
+            return Ok(backed);
         }
     }
 }
@@ -521,11 +515,17 @@ mod tests {
             AgentId::generate(),
             AgentId::generate(),
         );
-        let no_labels = |_: &AgentId| BTreeMap::new();
+        let no_labels = |_: &AgentId| Ok(BTreeMap::new());
+        let at = |g: Grant, prefix: &str| Grant {
+            prefix: prefix.into(),
+            ..g
+        };
         let to_b = grant(owner, b, "", vec![Right::Read, Right::Share]);
         let b_to_c = shared(owner, b, c, vec![Right::Read, Right::Share]);
-        let c_to_b = shared(owner, c, b, vec![Right::Read, Right::Share]);
-        let c_to_d = shared(owner, c, d, vec![Right::Read]);
+        // One key per owner, grantee, region and prefix: c gives b and d back
+        // what they hold, under prefixes of their own.
+        let c_to_b = at(shared(owner, c, b, vec![Right::Read, Right::Share]), "x/");
+        let c_to_d = at(shared(owner, c, d, vec![Right::Read]), "y/");
         let direct_d = grant(owner, d, "", vec![Right::Read]);
         let all = vec![
             to_b.clone(),
@@ -534,27 +534,37 @@ mod tests {
             c_to_d.clone(),
             direct_d.clone(),
         ];
-        let (stand, gone) = after_change(all.clone(), None, None, no_labels);
+        let keys: std::collections::HashSet<Vec<u8>> = all.iter().map(Grant::key).collect();
+        assert_eq!(keys.len(), all.len(), "grants as Grants holds them");
+        let (stand, gone) = after_change(all.clone(), None, None, no_labels).unwrap();
         assert_eq!((stand.len(), gone.len()), (5, 0), "every share is backed");
 
-        let (stand, gone) = after_change(all, None, Some(&to_b.key()), no_labels);
+        let (stand, gone) = after_change(all, None, Some(&to_b.key()), no_labels).unwrap();
         assert_eq!(stand, vec![direct_d.clone()], "the owner's own grants stand");
         assert_eq!(gone.len(), 4, "b's, then c's shares go, the cycle with them");
         assert!(gone.contains(&c_to_d) && gone.contains(&c_to_b));
 
         let more_than_held = shared(owner, b, c, vec![Right::Write]);
-        let (_, gone) = after_change(vec![to_b.clone()], Some(more_than_held.clone()), None, no_labels);
+        let (_, gone) = after_change(vec![to_b.clone()], Some(more_than_held.clone()), None, no_labels).unwrap();
         assert_eq!(gone, vec![more_than_held], "a sharer gives only what it holds");
+        let wider = at(shared(owner, b, c, vec![Right::Read]), "");
+        let (_, gone) = after_change(vec![at(to_b.clone(), "p/")], Some(wider.clone()), None, no_labels).unwrap();
+        assert_eq!(gone, vec![wider], "nor over more keys than it holds");
 
         let to_group = Grant {
             grantee: "label:team=ml".parse().unwrap(),
             ..grant(owner, b, "", vec![Right::Read, Right::Share])
         };
-        let ml = |_: &AgentId| BTreeMap::from([("team".to_owned(), "ml".to_owned())]);
-        let (_, gone) = after_change(vec![to_group.clone(), b_to_c.clone()], None, None, ml);
+        let ml = |_: &AgentId| Ok(BTreeMap::from([("team".to_owned(), "ml".to_owned())]));
+        let (_, gone) = after_change(vec![to_group.clone(), b_to_c.clone()], None, None, ml).unwrap();
         assert!(gone.is_empty(), "a group member shares what the group holds");
-        let (_, gone) = after_change(vec![to_group, b_to_c.clone()], None, None, no_labels);
-        assert_eq!(gone, vec![b_to_c], "not once it left the group");
+        let (_, gone) = after_change(vec![to_group.clone(), b_to_c.clone()], None, None, no_labels).unwrap();
+        assert_eq!(gone, vec![b_to_c.clone()], "not once it is out of the group");
+        let unreadable = |_: &AgentId| Err(Error::unavailable("the store failed"));
+        assert!(
+            after_change(vec![to_group, b_to_c], None, None, unreadable).is_err(),
+            "a sharer whose labels cannot be read takes nothing back"
+        );
     }
 
     #[test]

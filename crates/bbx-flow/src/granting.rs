@@ -5,11 +5,14 @@
 use crate::access::{self, Grant, Grantee, Region, Right};
 use crate::{Change, Flow};
 use bbx_auth::{Action, AuditKind, Caller};
+use bbx_component::Context;
 use bbx_core::model::Agent;
-use bbx_core::{AgentId, Error, Result};
+use bbx_core::{AgentId, Error, ErrorCode, Result};
+use bbx_store::Store;
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -42,7 +45,88 @@ pub(crate) struct RevokeReq {
     prefix: String,
 }
 
+/// A sharer's labels, for [`access::after_change`]: none for an agent that
+/// is gone; a store that cannot be read takes nothing back.
+fn labels_in(store: &Store) -> impl Fn(&AgentId) -> Result<BTreeMap<String, String>> + '_ {
+    move |agent| match bbx_agents::stored_agent(store, agent) {
+        Ok(record) => Ok(record.labels),
+        Err(e) if e.code == ErrorCode::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e),
+    }
+}
+
 impl Flow {
+    /// The stored grants, less what a crash left standing without cause (the
+    /// grants of an agent that is gone, shared ones without backing), which
+    /// go, durably.
+    pub(crate) fn load_grants(&self, ctx: &Context) -> Result<()> {
+        let mut by_owner: BTreeMap<AgentId, Vec<Grant>> = BTreeMap::new();
+        for item in ctx.store.keyspace(access::FLOW_GRANTS).iter() {
+            let (_, value) = item
+                .into_inner()
+                .map_err(|e| bbx_store::storage_error("load grants", e))?;
+            let grant: Grant = serde_json::from_slice(&value)
+                .map_err(|e| Error::internal(format!("a stored grant is unreadable: {e}")))?;
+            by_owner.entry(grant.owner).or_default().push(grant);
+        }
+        let exists = |agent: &AgentId| match bbx_agents::stored_agent(&ctx.store, agent) {
+            Ok(_) => Ok(true),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(false),
+            Err(e) => Err(e),
+        };
+        let mut gone = Vec::new();
+        for (owner, grants) in by_owner {
+            if !exists(&owner)? {
+                gone.extend(grants);
+                continue;
+            }
+            let mut held = Vec::with_capacity(grants.len());
+            for grant in grants {
+                match &grant.grantee {
+                    Grantee::Agent(agent) if !exists(agent)? => gone.push(grant),
+                    _ => held.push(grant),
+                }
+            }
+            let (stand, unbacked) = access::after_change(held, None, None, labels_in(&ctx.store))?;
+            gone.extend(unbacked);
+            self.0.grants.set(owner, stand);
+        }
+        if !gone.is_empty() {
+            let remove = gone.iter().map(Grant::key).collect();
+            ctx.write_later(
+                Change::Grants { put: None, remove },
+                "the removal of grants without cause",
+            );
+        }
+        Ok(())
+    }
+
+    /// Forgets the grants a deleted agent gives and is given, and takes back
+    /// what it shared (and what was shared from that), in one write, under
+    /// the lock every change of grants takes. What is held goes first: a
+    /// write that fails leaves fewer grants in force, never more (the next
+    /// start removes what the store kept).
+    pub(crate) async fn forget_grants(&self, agent: AgentId) -> Result<()> {
+        let _changing = self.0.changing.lock().await;
+        let ctx = self.ctx()?;
+        let owners = self.0.grants.shared_from(&agent);
+        let mut remove = self.0.grants.forget_agent(&agent);
+        for owner in owners {
+            let given = self.0.grants.given_by(&owner);
+            let (stand, gone) = access::after_change(given, None, None, labels_in(&ctx.store))?;
+            self.0.grants.set(owner, stand);
+            let tenant = bbx_agents::stored_agent(&ctx.store, &owner)
+                .map(|a| a.tenant)
+                .unwrap_or_default();
+            self.audit_cascade(None, &tenant, &gone);
+            remove.extend(gone.iter().map(Grant::key));
+        }
+        if !remove.is_empty() {
+            ctx.store.write(Change::Grants { put: None, remove }).await?;
+        }
+        Ok(())
+    }
+
     /// The grantee: an agent of the owner's tenant other than the owner, or a
     /// group (which only ever takes in agents of the owner's tenant).
     fn grantee(&self, owner: &Agent, grantee: &str) -> Result<Grantee> {
@@ -157,9 +241,14 @@ impl Flow {
         let _changing = self.0.changing.lock().await;
         let held = self.0.grants.given_by(&owner.id).into_iter().find(|g| g.key() == key);
         if let Err(refused) = caller.check_agent(&owner.id) {
-            let its_own = held
-                .as_ref()
-                .is_some_and(|g| g.shared_by.is_some() && g.shared_by == caller.agent);
+            // A sharer revokes what it gave; one it gave that went already
+            // (taken back with the sharer's own right) is revoked already.
+            let given = self.0.grants.given_by(&owner.id);
+            let its_own = match (&held, caller.agent) {
+                (Some(grant), Some(agent)) => grant.shared_by == Some(agent),
+                (None, Some(agent)) => given.iter().any(|g| g.grantee == Grantee::Agent(agent)),
+                (_, None) => false,
+            };
             if !its_own {
                 return Err(refused);
             }
@@ -195,18 +284,13 @@ impl Flow {
         remove: Option<Vec<u8>>,
     ) -> Result<Vec<Grant>> {
         let ctx = self.ctx()?;
-        let labels_of = |agent: &AgentId| {
-            bbx_agents::stored_agent(&ctx.store, agent)
-                .map(|a| a.labels)
-                .unwrap_or_default()
-        };
         let given = self.0.grants.given_by(&owner.id);
-        let (stand, mut gone) = access::after_change(given, put.clone(), remove.as_deref(), labels_of);
+        let (stand, mut gone) = access::after_change(given, put.clone(), remove.as_deref(), labels_in(&ctx.store))?;
         if let Some(put) = &put
             && gone.iter().any(|g| g.key() == put.key())
         {
             return Err(Error::new(
-                bbx_core::ErrorCode::PolicyDenied,
+                ErrorCode::PolicyDenied,
                 format!(
                     "agent {} no longer holds what it would share",
                     put.shared_by.map_or_else(String::new, |a| a.to_string())

@@ -442,32 +442,6 @@ impl Flow {
         self.check_region(&asked, &owner, &op.agent, (region, key), right)
     }
 
-    /// Takes back, durably, what a deleted agent shared over these owners'
-    /// regions, and what was shared from that.
-    fn take_back_shared(&self, ctx: &Context, owners: Vec<AgentId>) {
-        let labels_of = |agent: &AgentId| {
-            bbx_agents::stored_agent(&ctx.store, agent)
-                .map(|a| a.labels)
-                .unwrap_or_default()
-        };
-        for owner in owners {
-            let (stand, gone) = access::after_change(self.0.grants.given_by(&owner), None, None, labels_of);
-            if gone.is_empty() {
-                continue;
-            }
-            self.0.grants.set(owner, stand);
-            let tenant = bbx_agents::stored_agent(&ctx.store, &owner)
-                .map(|a| a.tenant)
-                .unwrap_or_default();
-            self.audit_cascade(None, &tenant, &gone);
-            let change = Change::Grants {
-                put: None,
-                remove: gone.iter().map(access::Grant::key).collect(),
-            };
-            ctx.write_later(change, "the removal of grants a deleted agent shared");
-        }
-    }
-
     /// `Ok` where `agent` is the owner or a grant covers its use; else a
     /// refusal, audited.
     fn check_region(
@@ -594,15 +568,7 @@ impl Component for Flow {
         }
         drop(quarantined);
         self.load_models(&ctx.store)?;
-        let mut grants = Vec::new();
-        for item in ctx.store.keyspace(access::FLOW_GRANTS).iter() {
-            let (_, value) = item.into_inner().map_err(|e| storage_error("load grants", e))?;
-            grants.push(
-                serde_json::from_slice(&value)
-                    .map_err(|e| Error::internal(format!("a stored grant is unreadable: {e}")))?,
-            );
-        }
-        self.0.grants.load(grants);
+        self.load_grants(ctx)?;
         let _ = self.0.ctx.set(ctx.clone());
         Ok(())
     }
@@ -739,16 +705,12 @@ impl Component for Flow {
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {
-        let shared_from = self.0.grants.shared_from(&agent);
-        let grants = self.0.grants.forget_agent(&agent);
-        if !grants.is_empty() {
-            let change = Change::Grants {
-                put: None,
-                remove: grants,
-            };
-            ctx.write_later(change, "the removal of a deleted agent's grants");
-        }
-        self.take_back_shared(ctx, shared_from);
+        let this = self.clone();
+        ctx.tasks.spawn(async move {
+            if let Err(e) = this.forget_grants(agent).await {
+                tracing::warn!(error = %e, %agent, "a deleted agent's grants could not be removed (the next start does)");
+            }
+        });
         self.0.taints.forget_agent(&agent);
         self.0.recent.forget_agent(&agent);
         if let Some(detector) = &self.0.detector {

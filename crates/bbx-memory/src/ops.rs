@@ -144,7 +144,7 @@ impl TaskOp for SearchTask {
         Box::pin(self.memories.search(
             self.owner.unwrap_or(ctx.agent),
             self.search.clone(),
-            self.owner.is_none(),
+            self.owner.is_none_or(|owner| owner == ctx.agent),
         ))
     }
 }
