@@ -175,9 +175,11 @@ impl Bus {
                     wait = READ_RETRY.0;
                     continue;
                 };
-                // Only a refusal waits longer each time: a topic that does not
-                // exist yet, or a kernel starting, is tried again soon.
-                if error.code != ErrorCode::PolicyDenied {
+                // Only a refusal, or a route that cannot be run as it is, waits
+                // longer each time: a topic that does not exist yet, or a kernel
+                // starting, is tried again soon.
+                let lasting = matches!(error.code, ErrorCode::PolicyDenied | ErrorCode::InvalidArgument);
+                if !lasting {
                     wait = READ_RETRY.0;
                 }
                 // The topic may not exist yet, the kernel may be starting, a
@@ -188,7 +190,7 @@ impl Bus {
                     () = ctx.stopping.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
-                if error.code == ErrorCode::PolicyDenied {
+                if lasting {
                     wait = (wait * 2).min(READ_RETRY.1);
                 }
             }

@@ -381,3 +381,84 @@ async fn memories_are_restored_forked_and_recovered_with_their_agent() {
     );
     assert_eq!(texts(found(&forked, "backup schedule")).len(), 1, "the fork is apart");
 }
+
+/// A flow policy whose decision says `"snapshot": true` has the agent
+/// snapshotted before the op runs (trigger `policy`): restoring that snapshot
+/// gives back the state and the files of the moment before it.
+#[test]
+fn a_policy_snapshots_an_agent_before_a_risky_op() {
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        r#"package bbx.flow
+decision := {"action": "audit", "reason": "a file is overwritten: snapshot first", "snapshot": true} if {
+    input.op.kind == "tool.file"
+    input.op.args.op == "write"
+}
+"#,
+    )
+    .unwrap();
+    let added = kernel.cli(&[
+        "flow",
+        "policies",
+        "add",
+        "snapshot-writes",
+        policy.path().to_str().unwrap(),
+    ]);
+    assert!(added.status.success(), "{}", support::stderr(&added));
+    let run = |kind: &str, args: serde_json::Value| {
+        let out = kernel.cli(&["ring", "submit", &agent, kind, &args.to_string(), "--wait", "--json"]);
+        assert!(out.status.success(), "{}", support::stderr(&out));
+        json(&out)
+    };
+    let write = |content: &str| {
+        run(
+            "tool.file",
+            serde_json::json!({ "op": "write", "path": "plan.txt", "content": content }),
+        )
+    };
+    let policy_snapshots = |count: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let listed = json(&kernel.cli(&["snapshot", "list", &agent, "--json"]));
+            let found: Vec<Value> = listed["snapshots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["trigger"] == "policy")
+                .cloned()
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            assert!(std::time::Instant::now() < deadline, "no policy snapshot: {listed}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+
+    set(&kernel, &agent, "step", "1");
+    write("first draft");
+    policy_snapshots(1);
+    set(&kernel, &agent, "step", "2");
+    write("second draft");
+    let taken = policy_snapshots(2);
+    set(&kernel, &agent, "step", "3");
+    let before_second = taken.last().unwrap()["id"].as_str().unwrap();
+
+    let restored = kernel.cli(&["snapshot", "restore", &agent, before_second]);
+    assert!(restored.status.success(), "{}", support::stderr(&restored));
+    assert_eq!(
+        get(&kernel, &agent, "step"),
+        2,
+        "the state of the moment before the write"
+    );
+    let read = run("tool.file", serde_json::json!({ "op": "read", "path": "plan.txt" }));
+    assert_eq!(
+        read["result"]["content"], "first draft",
+        "the files of that moment: {read}"
+    );
+    let explained = json(&kernel.cli(&["flow", "audit", "--json"]));
+    assert!(explained.to_string().contains("snapshot first"), "{explained}");
+}

@@ -80,6 +80,11 @@ pub trait AgentHost: Send + Sync {
     /// The agent's workspace directory (where its file tools work), made if
     /// it is not there.
     fn workspace(&self, agent: &AgentId) -> Result<std::path::PathBuf>;
+
+    /// Announces a capture of the agent's workspace now: its file and program
+    /// ops that begin after this wait until the capture is dropped (call
+    /// [`crate::workspace_gate::WorkspaceCapture::quiet`] before reading it).
+    fn capture_workspace(&self, agent: &AgentId) -> Result<crate::workspace_gate::WorkspaceCapture>;
 }
 
 /// An agent's data, as each component exported it (by component name).

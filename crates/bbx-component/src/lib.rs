@@ -42,6 +42,7 @@ pub mod agent_data;
 pub mod builtin;
 pub mod endpoint;
 pub mod refs;
+pub mod workspace_gate;
 
 pub use agent_data::{AgentData, AgentHost, AgentKeyspaces, Exported, ExportedWrite, Import, StoreWrite, StoredRecord};
 pub use endpoint::{Endpoint, Events, Handler, StreamHandler};
@@ -355,6 +356,11 @@ pub enum Verdict {
         within: Duration,
     },
 }
+
+/// The label a check gives an op whose agent is to be snapshotted before it
+/// runs (FlowIntegrity, for a policy that asks; StateSnapshots, checking
+/// after it, takes the snapshot).
+pub const SNAPSHOT_BEFORE: &str = "snapshot_before";
 
 /// A hold the checks put on an op: the component that asked for it, why, and for
 /// how long at most.

@@ -104,11 +104,7 @@ mod tests {
             at: Utc::now(),
             explained: Explained {
                 action,
-                decided: vec![Decided {
-                    policy: "p".into(),
-                    action,
-                    reason: "r".into(),
-                }],
+                decided: vec![Decided::new("p", action, "r")],
                 tainted: Vec::new(),
                 anomaly,
             },

@@ -190,6 +190,8 @@ impl Flow {
         // What the giver holds is read under the lock, so that a revoke
         // cannot land between the check and the write.
         let _changing = self.0.changing.lock().await;
+        // The owner may have gone while the lock was waited for.
+        bbx_agents::stored_agent(&self.ctx()?.store, &id)?;
         let shared_by = self.giver(caller, &owner, (req.region, &req.prefix), &rights)?;
         let grant = Grant {
             owner: owner.id,
@@ -246,7 +248,9 @@ impl Flow {
             let given = self.0.grants.given_by(&owner.id);
             let its_own = match (&held, caller.agent) {
                 (Some(grant), Some(agent)) => grant.shared_by == Some(agent),
-                (None, Some(agent)) => given.iter().any(|g| g.grantee == Grantee::Agent(agent)),
+                (None, Some(agent)) => given
+                    .iter()
+                    .any(|g| g.grantee == Grantee::Agent(agent) && g.rights.contains(&Right::Share)),
                 (_, None) => false,
             };
             if !its_own {

@@ -350,13 +350,11 @@ impl Flow {
             if decided.is_empty()
                 && let Some(strict) = concerned.iter().find(|p| p.denies_by_default)
             {
-                decided.push(Decided {
-                    policy: strict.stored.name.clone(),
-                    action: Action::Block,
-                    reason: format!(
-                        "no policy allowed this {kind} op, and this policy denies the kinds it governs by default"
-                    ),
-                });
+                decided.push(Decided::new(
+                    strict.stored.name.clone(),
+                    Action::Block,
+                    format!("no policy allowed this {kind} op, and this policy denies the kinds it governs by default"),
+                ));
             }
         }
         if let Some(scored) = anomaly.as_ref().filter(|s| s.anomalous) {
@@ -610,6 +608,10 @@ impl Component for Flow {
         label_tainted(&explained.tainted, labels);
         if anomalous {
             labels.push("anomalous".into());
+        }
+        // StateSnapshots, checking after this, snapshots the agent first.
+        if explained.decided.iter().any(|d| d.snapshot) {
+            labels.push(bbx_component::SNAPSHOT_BEFORE.into());
         }
         self.0.decisions[explained.action as usize].fetch_add(1, Ordering::Relaxed);
         let verdict = self.act(submission, &explained);

@@ -106,6 +106,22 @@ pub struct Decided {
     pub policy: String,
     pub action: Action,
     pub reason: String,
+    /// The policy asks for a snapshot of the agent before the op runs
+    /// (`"snapshot": true` in its decision).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
+}
+
+impl Decided {
+    /// A decision that asks for no snapshot.
+    pub fn new(policy: impl Into<String>, action: Action, reason: impl Into<String>) -> Self {
+        Self {
+            policy: policy.into(),
+            action,
+            reason: reason.into(),
+            snapshot: false,
+        }
+    }
 }
 
 impl Loaded {
@@ -168,18 +184,12 @@ impl Loaded {
     pub fn decide(&self, input: &regorus::Value) -> Option<Decided> {
         let name = &self.stored.name;
         match self.program.eval(input.clone()) {
-            Ok(value) => decision(name, &value).unwrap_or_else(|e| {
-                Some(Decided {
-                    policy: name.clone(),
-                    action: Action::Block,
-                    reason: e.message,
-                })
-            }),
-            Err(e) => Some(Decided {
-                policy: name.clone(),
-                action: Action::Block,
-                reason: format!("it could not decide ({e}), so it blocks"),
-            }),
+            Ok(value) => decision(name, &value).unwrap_or_else(|e| Some(Decided::new(name, Action::Block, e.message))),
+            Err(e) => Some(Decided::new(
+                name,
+                Action::Block,
+                format!("it could not decide ({e}), so it blocks"),
+            )),
         }
     }
 }
@@ -223,10 +233,16 @@ fn decision(name: &str, value: &regorus::Value) -> Result<Option<Decided>> {
             .map(|s| s.to_string())
             .unwrap_or_else(|_| reason.to_string()),
     };
+    let snapshot = match &value["snapshot"] {
+        regorus::Value::Undefined => false,
+        snapshot => snapshot
+            .as_bool()
+            .copied()
+            .map_err(|_| bad("has a snapshot that is not true or false"))?,
+    };
     Ok(Some(Decided {
-        policy: name.to_owned(),
-        action,
-        reason,
+        snapshot,
+        ..Decided::new(name, action, reason)
     }))
 }
 

@@ -98,12 +98,12 @@ impl Flow {
 
 /// The detector's decision of an anomalous op, as a policy's.
 pub(crate) fn anomaly_decided(action: Action, scored: &Scored) -> Decided {
-    Decided {
-        policy: "anomaly".into(),
+    Decided::new(
+        "anomaly",
         action,
-        reason: format!(
+        format!(
             "anomaly score {:.3} is at or above this agent's threshold {:.3}",
             scored.score, scored.threshold
         ),
-    }
+    )
 }

@@ -115,4 +115,8 @@ impl bbx_component::AgentHost for KernelHandle {
     fn workspace(&self, agent: &AgentId) -> Result<PathBuf> {
         self.kernel()?.tools.workspace(agent)
     }
+
+    fn capture_workspace(&self, agent: &AgentId) -> Result<bbx_component::workspace_gate::WorkspaceCapture> {
+        Ok(self.kernel()?.tools.workspace_gate().announce(*agent))
+    }
 }

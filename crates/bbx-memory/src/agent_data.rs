@@ -5,7 +5,9 @@
 //! import gives a memory a new id where another agent holds its id (a fork of
 //! an agent that still has it), and rewrites every place that names it (the
 //! record, its vector and access, the hash and subject that point at it, a
-//! supersession). A restore of the agent itself keeps its ids.
+//! supersession). A restore of the agent itself keeps the ids it still holds;
+//! every other memory gets a new one, so two forks of one snapshot never share
+//! an id, whoever held it once.
 
 use crate::record::{Access, Memory, MemoryId, decode_vector, memory_key, parse_memory_key};
 use crate::{KEYSPACES, MEMORY_ACCESS, MEMORY_HASHES, MEMORY_ITEMS, MEMORY_SUBJECTS, MEMORY_VECTORS, Memories};
@@ -33,7 +35,8 @@ impl Memories {
     /// `tx`: every record is checked first, so a bad one imports nothing.
     pub(crate) fn import(&self, tx: &mut GroupTx<'_>, agent: &AgentId, records: &[Exported]) -> Result<()> {
         let incoming = EXPORTED.stored(agent, records, "memory")?;
-        let renamed = self.new_ids(agent, &incoming)?;
+        let (renamed, current) = self.new_ids(agent, &incoming)?;
+        let dimensions = self.0.embedder.dimensions();
         let rename = |id: u64| {
             renamed
                 .get(&id)
@@ -56,8 +59,14 @@ impl Memories {
                             .and_then(|s| renamed.get(&s.0).map(|n| MemoryId(*n)));
                         memory.encode()
                     }
-                    MEMORY_VECTORS if value.len() % 4 != 0 || decode_vector(&value).iter().any(|x| !x.is_finite()) => {
-                        return Err(bad(format!("memory {id}'s vector does not decode")));
+                    MEMORY_VECTORS
+                        if value.len() % 4 != 0
+                            || (current.contains(&id.0) && value.len() != dimensions * 4)
+                            || decode_vector(&value).iter().any(|x| !x.is_finite()) =>
+                    {
+                        return Err(bad(format!(
+                            "memory {id}'s vector does not decode to the model's dimensions"
+                        )));
                     }
                     MEMORY_ACCESS if value.len() != Access::BYTES => {
                         return Err(bad(format!("memory {id}'s access does not decode")));
@@ -77,11 +86,17 @@ impl Memories {
         Ok(())
     }
 
-    /// Each imported memory's id: its own, unless another agent holds it.
-    fn new_ids(&self, agent: &AgentId, incoming: &[bbx_component::StoredRecord]) -> Result<FxHashMap<u64, u64>> {
+    /// Each imported memory's id: its own where the agent holds it now, else
+    /// a new one; and the memories of the model in use.
+    fn new_ids(
+        &self,
+        agent: &AgentId,
+        incoming: &[bbx_component::StoredRecord],
+    ) -> Result<(FxHashMap<u64, u64>, FxHashSet<u64>)> {
         let catalog = self.0.catalog.read();
-        let held_by_another = |id: u64| catalog.entries.get(&id).is_some_and(|e| e.agent != *agent);
+        let model = self.0.embedder.model();
         let mut renamed = FxHashMap::default();
+        let mut current = FxHashSet::default();
         let mut taken = FxHashSet::default();
         for (keyspace, key, value) in incoming {
             if *keyspace != MEMORY_ITEMS {
@@ -92,14 +107,20 @@ impl Memories {
             if memory.id != id {
                 return Err(bad(format!("memory {} is filed under {id}", memory.id)));
             }
-            let mut new = id.0;
-            while held_by_another(new) || taken.contains(&new) {
-                new = MemoryId::random().0;
-            }
+            let own = catalog.entries.get(&id.0).is_some_and(|e| e.agent == *agent);
+            let new = match own && !taken.contains(&id.0) {
+                true => id.0,
+                false => std::iter::repeat_with(|| MemoryId::random().0)
+                    .find(|fresh| !catalog.entries.contains_key(fresh) && !taken.contains(fresh))
+                    .unwrap_or_default(),
+            };
             taken.insert(new);
             renamed.insert(id.0, new);
+            if memory.model == model {
+                current.insert(id.0);
+            }
         }
-        Ok(renamed)
+        Ok((renamed, current))
     }
 
     /// An import of the agent's memories committed: the catalog and the index
@@ -117,7 +138,10 @@ impl Memories {
             let Some((_, id)) = parse_memory_key(&key) else {
                 continue;
             };
-            self.learn(*agent, id)?;
+            if let Err(e) = self.learn(*agent, id) {
+                tracing::error!(error = %e, %agent, %id, "an imported memory could not be indexed (a restart does)");
+                continue;
+            }
             let access = view
                 .get(store.keyspace(MEMORY_ACCESS), &key)
                 .map_err(|e| bbx_store::storage_error("read memories", e))?;
@@ -129,9 +153,8 @@ impl Memories {
                 stale_model |= !entry.current_model;
             }
         }
-        if stale_model && let Ok(ctx) = self.context() {
-            let this = self.clone();
-            ctx.tasks.spawn(async move { this.reembed_all().await });
+        if stale_model {
+            self.reembed_later();
         }
         Ok(())
     }

@@ -40,6 +40,8 @@ pub(crate) struct Inner {
     /// Completions seen before then, applied once the catalog is built (None
     /// after).
     early: Mutex<Option<Vec<Arc<bbx_core::op::Completion>>>>,
+    /// Whether memories of another model are being embedded again.
+    reembedding: std::sync::atomic::AtomicBool,
 }
 
 impl Memories {
@@ -64,6 +66,7 @@ impl Memories {
             touched: Mutex::default(),
             started: tokio::sync::watch::Sender::new(false),
             early: Mutex::new(Some(Vec::new())),
+            reembedding: Default::default(),
         })))
     }
 
@@ -154,17 +157,28 @@ impl Memories {
                 tracing::warn!(error = %e, "the memories of deleted agents could not be removed");
             }
         });
-        if self.0.catalog.read().entries.values().any(|e| !e.current_model) {
-            let this = self.clone();
-            let stopping = ctx.stopping.clone();
-            ctx.tasks.spawn(async move {
-                tokio::select! {
-                    () = stopping.cancelled() => {}
-                    () = this.reembed_all() => {}
-                }
-            });
-        }
+        self.reembed_later();
         Ok(())
+    }
+
+    /// Embeds memories of another model again in the background, if there
+    /// are any and it is not being done already, until the kernel stops.
+    pub(crate) fn reembed_later(&self) {
+        use std::sync::atomic::Ordering;
+        let Ok(ctx) = self.context() else { return };
+        if !self.0.catalog.read().entries.values().any(|e| !e.current_model)
+            || self.0.reembedding.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (this, stopping) = (self.clone(), ctx.stopping.clone());
+        ctx.tasks.spawn(async move {
+            tokio::select! {
+                () = stopping.cancelled() => {}
+                () = this.reembed_all() => {}
+            }
+            this.0.reembedding.store(false, Ordering::Release);
+        });
     }
 
     fn spawn_background(&self, ctx: &Context) {
@@ -307,15 +321,29 @@ impl Memories {
         Ok(())
     }
 
-    /// Takes memories the store no longer holds out of the catalog and the index.
+    /// Takes those of `ids` the store no longer holds out of the catalog and
+    /// the index (a delete delivered after a restore put one back leaves it).
     pub(crate) fn unlearn(&self, ids: &[MemoryId]) -> Result<()> {
+        let store = self.store()?;
+        let view = store.view();
+        let mut gone = Vec::with_capacity(ids.len());
         {
             let mut catalog = self.0.catalog.write();
             for id in ids {
+                let held = catalog.entries.get(&id.0).map(|entry| {
+                    view.get(store.keyspace(MEMORY_ITEMS), memory_key(&entry.agent, *id))
+                        .map_err(|e| storage_error("read a memory", e))
+                });
+                if let Some(held) = held
+                    && held?.is_some()
+                {
+                    continue;
+                }
                 catalog.remove(*id);
+                gone.push(*id);
             }
         }
-        self.vectors()?.remove(ids);
+        self.vectors()?.remove(&gone);
         Ok(())
     }
 

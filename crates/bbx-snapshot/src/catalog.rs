@@ -115,6 +115,18 @@ pub fn stage_remove(tx: &mut GroupTx<'_>, agent: &AgentId, id: &Uuid) {
 }
 
 /// Unlists snapshots (retention, a deleted agent's), in one write.
+/// Lists a snapshot built outside a `snapshot.create` op: one a flow policy
+/// asked for before an op ran.
+#[derive(Debug)]
+pub struct List(pub Summary);
+
+impl Staged for List {
+    fn stage(&self, tx: &mut GroupTx<'_>) -> Result<Applied> {
+        stage_put(tx, &self.0)?;
+        Ok(Applied::Done)
+    }
+}
+
 #[derive(Debug)]
 pub struct Unlist(pub Vec<(AgentId, Uuid)>);
 

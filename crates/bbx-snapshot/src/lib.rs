@@ -169,6 +169,23 @@ impl Snapshots {
             .cloned()
     }
 
+    /// Applies retention to the agent's snapshots (one was just listed), in
+    /// the background.
+    fn retain_later(&self, agent: bbx_core::AgentId) {
+        let Ok(ctx) = self.context() else { return };
+        if self.config.retention.keeps_all() {
+            return;
+        }
+        let me = self.clone();
+        ctx.tasks.spawn(async move {
+            match me.apply_retention(&agent).await {
+                Ok(0) => {}
+                Ok(_) => me.collect_later(),
+                Err(e) => tracing::warn!(error = %e, %agent, "snapshot retention failed"),
+            }
+        });
+    }
+
     /// Removes what no listed snapshot needs, in the background.
     fn collect_later(&self) {
         let Ok(ctx) = self.context() else { return };
@@ -209,8 +226,12 @@ impl Component for Snapshots {
 
     /// Restoring a snapshot reads its agent's data: the caller must be one
     /// who may read that agent (its tenant, its confinement, the policies),
-    /// and only a listed snapshot is restored.
-    fn check(&self, submission: &Submission<'_>, _labels: &mut Vec<String>) -> Result<Verdict> {
+    /// and only a listed snapshot is restored. An op a flow policy labelled
+    /// [`bbx_component::SNAPSHOT_BEFORE`] has its agent snapshotted first.
+    fn check(&self, submission: &Submission<'_>, labels: &mut Vec<String>) -> Result<Verdict> {
+        if labels.iter().any(|label| label == bbx_component::SNAPSHOT_BEFORE) {
+            self.snapshot_before(submission.op.agent)?;
+        }
         if submission.op.kind == ops::RESTORE
             && let Some(id) = submission.op.args.get("snapshot").and_then(Value::as_str)
             && let Ok(id) = uuid::Uuid::parse_str(id)
@@ -251,16 +272,7 @@ impl Component for Snapshots {
                     parts,
                 });
             }
-            ops::CREATE if !self.config.retention.keeps_all() => {
-                let (me, agent) = (self.clone(), completion.agent);
-                ctx.tasks.spawn(async move {
-                    match me.apply_retention(&agent).await {
-                        Ok(0) => {}
-                        Ok(_) => me.collect_later(),
-                        Err(e) => tracing::warn!(error = %e, %agent, "snapshot retention failed"),
-                    }
-                });
-            }
+            ops::CREATE => self.retain_later(completion.agent),
             ops::DELETE => self.collect_later(),
             _ => {}
         }

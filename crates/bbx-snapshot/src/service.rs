@@ -12,6 +12,15 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// What a snapshot is of: the store's view, its journal position, the
+/// workspace's capture (announced), and when it was fixed.
+pub(crate) struct Moment {
+    view: Arc<fjall::Snapshot>,
+    position: bbx_journal::Lsn,
+    capture: bbx_component::workspace_gate::WorkspaceCapture,
+    created_at: chrono::DateTime<Utc>,
+}
+
 /// An agent's data as a restore puts it back.
 pub struct Restorable {
     pub data: AgentData,
@@ -20,29 +29,68 @@ pub struct Restorable {
 }
 
 impl Snapshots {
-    /// Takes a snapshot of the agent (writes its chunks and manifest to a
-    /// quorum of stores) and answers what the catalog will list.
+    /// Fixes the moment a snapshot of the agent is of, now: the store's view
+    /// and its journal position, and a capture of its workspace announced
+    /// (its file ops that begin after this wait until the files are read).
+    pub(crate) fn moment(&self, agent: &AgentId) -> Result<Moment> {
+        let ctx = self.context()?;
+        let capture = ctx.agents.capture_workspace(agent)?;
+        let (view, position) = ctx.store.view_at();
+        Ok(Moment {
+            view,
+            position,
+            capture,
+            // After the view: a recovery to a moment before this never takes
+            // this snapshot as its base, so it never starts from writes after
+            // that moment.
+            created_at: Utc::now(),
+        })
+    }
+
+    /// Takes a snapshot of the agent, of the moment its turn comes.
     pub(crate) async fn build(&self, agent: AgentId, id: Uuid, trigger: &str) -> Result<Summary> {
-        let _turn = self
-            .builds
+        let turn = self.turn().await?;
+        let moment = self.moment(&agent)?;
+        self.build_at(agent, id, trigger, (turn, moment)).await
+    }
+
+    /// Waits until no other snapshot is being built.
+    pub(crate) async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.builds
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| Error::unavailable("snapshots are shutting down"))?;
+            .map_err(|_| Error::unavailable("snapshots are shutting down"))
+    }
+
+    /// Takes a snapshot of the agent at `moment` (writes its chunks and
+    /// manifest to a quorum of stores) and answers what the catalog will list.
+    pub(crate) async fn build_at(
+        &self,
+        agent: AgentId,
+        id: Uuid,
+        trigger: &str,
+        (_turn, moment): (tokio::sync::OwnedSemaphorePermit, Moment),
+    ) -> Result<Summary> {
         let ctx = self.context()?;
         let host = ctx.agents.clone();
         let repo = self.repo().await?;
         let record = host.agent(&agent)?;
-        let (view, position) = ctx.store.view_at();
-        // After the view: a recovery to a moment before this never takes this
-        // snapshot as its base, so it never starts from writes after that moment.
-        let created_at = Utc::now();
+        let Moment {
+            view,
+            position,
+            capture,
+            created_at,
+        } = moment;
         let workspace = host.workspace(&agent)?;
+        // The files are read once the file ops that began before the moment end.
+        capture.quiet().await;
         let data = {
             let host = host.clone();
             writer::in_background("bbx-snapshot-read", move |_| {
                 let data = host.export(&view, &agent)?;
                 let files = files::capture(&workspace)?;
+                drop(capture);
                 Ok((data, files))
             })
             .await?

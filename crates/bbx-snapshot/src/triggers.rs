@@ -3,6 +3,12 @@
 //! since (`snapshots.every_secs`). Each is a `snapshot.create` op submitted
 //! through the whole pipeline as the agent itself (confined to it, in its
 //! tenant), so quotas, policies and the audit see it like any other.
+//!
+//! And before a risky op, where a flow policy says so (its decision's
+//! `"snapshot": true` labels the op [`bbx_component::SNAPSHOT_BEFORE`]): the snapshot's moment
+//! is fixed while the op is checked, before it is journaled, and the op's file
+//! and program ops wait until the workspace is read; it is built and listed
+//! (trigger `policy`) in the background.
 
 use crate::{Snapshots, ops};
 use bbx_auth::Caller;
@@ -21,6 +27,9 @@ pub struct Changes {
     /// Agents with an automatic snapshot asked for and not yet completed: a
     /// busy agent gets one at a time, not a queue of them.
     taking: HashSet<AgentId>,
+    /// Agents with a snapshot before an op fixed and not yet listed: it is
+    /// before every op checked since, so they need no other.
+    before_ops: HashSet<AgentId>,
 }
 
 impl Changes {
@@ -33,6 +42,7 @@ impl Changes {
                 .collect(),
             since: HashMap::new(),
             taking: HashSet::new(),
+            before_ops: HashSet::new(),
         }
     }
 
@@ -75,6 +85,48 @@ impl Changes {
 }
 
 impl Snapshots {
+    /// Snapshots the agent before the op being checked runs (see the module's
+    /// docs); an agent with one pending needs no other.
+    pub(crate) fn snapshot_before(&self, agent: AgentId) -> bbx_core::Result<()> {
+        if !self.changes.lock().before_ops.insert(agent) {
+            return Ok(());
+        }
+        let fixed = self.moment(&agent).and_then(|moment| Ok((moment, self.context()?)));
+        let (moment, ctx) = match fixed {
+            Ok(fixed) => fixed,
+            Err(e) => {
+                self.changes.lock().before_ops.remove(&agent);
+                return Err(e);
+            }
+        };
+        let me = self.clone();
+        ctx.tasks.spawn(async move {
+            match me.take_before_op(agent, moment).await {
+                Ok(()) => me.retain_later(agent),
+                Err(e) => tracing::warn!(error = %e, %agent, "the snapshot a policy asked for before an op failed"),
+            }
+        });
+        Ok(())
+    }
+
+    async fn take_before_op(&self, agent: AgentId, moment: crate::service::Moment) -> bbx_core::Result<()> {
+        let built = async {
+            let ctx = self.started().await?.clone();
+            let hold = self.collection_lock().read_owned().await;
+            let turn = self.turn().await?;
+            let summary = self
+                .build_at(agent, uuid::Uuid::now_v7(), "policy", (turn, moment))
+                .await?;
+            Ok::<_, bbx_core::Error>((ctx, hold, summary))
+        }
+        .await;
+        // Built (or failed): an op checked from now on is after its moment.
+        self.changes.lock().before_ops.remove(&agent);
+        let (ctx, _hold, summary) = built?;
+        ctx.store.write(crate::catalog::List(summary)).await?;
+        Ok(())
+    }
+
     /// Counts the completion; snapshots its agent when `every_ops` is reached.
     pub(crate) fn count_change(&self, completion: &Completion) {
         if self.config.every_ops == 0 && self.config.every_secs == 0 {

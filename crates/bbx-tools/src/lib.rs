@@ -148,6 +148,8 @@ pub struct Tools {
     /// Agents' contexts, for an `llm.chat` that takes one: set once the
     /// component that keeps them exists.
     windows: std::sync::OnceLock<std::sync::Arc<dyn bbx_component::ContextWindows>>,
+    /// Who uses each workspace, and when a snapshot reads it.
+    gate: std::sync::Arc<bbx_component::workspace_gate::WorkspaceGate>,
 }
 
 impl Tools {
@@ -177,6 +179,7 @@ impl Tools {
             mount_point,
             secrets: None,
             windows: std::sync::OnceLock::new(),
+            gate: Default::default(),
         })
     }
 
@@ -192,6 +195,12 @@ impl Tools {
     /// changes nothing.
     pub fn set_windows(&self, source: std::sync::Arc<dyn bbx_component::ContextWindows>) {
         let _ = self.windows.set(source);
+    }
+
+    /// Who uses each workspace: file and program ops enter it; a snapshot
+    /// announces its capture.
+    pub fn workspace_gate(&self) -> &std::sync::Arc<bbx_component::workspace_gate::WorkspaceGate> {
+        &self.gate
     }
 
     /// The agent's workspace, made on first use (owned by the uid its programs run as).
