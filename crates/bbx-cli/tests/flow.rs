@@ -749,3 +749,41 @@ async fn what_a_sharer_gave_goes_with_its_right() {
     assert!(stderr(&read(&helper)).contains("policy_denied"));
     assert!(read(&other).status.success());
 }
+
+/// A decision other than allow reaches the event stream (`event: flow`), with
+/// the policies that made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_other_than_allow_reach_the_event_stream() {
+    let kernel = Kernel::start();
+    let agent = kernel.new_agent();
+    add_policy(
+        &kernel,
+        "no-secrets",
+        r#"package bbx.flow
+decision := {"action": "block", "reason": "secrets stay put"} if {
+    input.op.kind == "state.set"
+    startswith(input.op.args.key, "secret/")
+}
+"#,
+    );
+    let events = kernel.events(&agent).await;
+    let refused = submit(&kernel, &agent, "state.set", &json!({ "key": "secret/k", "value": 1 }));
+    assert!(stderr(&refused).contains("policy_denied"));
+    let seen = support::read_events(events, |seen| seen.iter().any(|e| e["event"] == "flow")).await;
+    let decision = seen.iter().find(|e| e["event"] == "flow").unwrap();
+    assert_eq!(decision["data"]["action"], "block", "{decision:#}");
+    assert_eq!(decision["data"]["decided"][0]["policy"], "no-secrets", "{decision:#}");
+    assert_eq!(decision["agent"], agent.as_str());
+    let metrics = reqwest::get(format!("{}/metrics", kernel.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"bbx_flow_decisions_total{action="block",policy="no-secrets"} 1"#),
+        "{metrics}"
+    );
+}

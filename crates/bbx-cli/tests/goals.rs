@@ -392,6 +392,15 @@ fn ten_thousand_steps_run_and_limits_are_clear_errors() {
     );
 }
 
+/// The scripted model (`planner`, at $1 and $2 per million prompt and
+/// completion tokens) as the kernel's one LLM endpoint.
+async fn scripted_model_config() -> String {
+    let base = scripted_planner().await;
+    format!(
+        "[tools.llm.endpoints.local]\nbase_url = \"{base}\"\n[tools.llm.prices.planner]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n"
+    )
+}
+
 /// A model server speaking the OpenAI chat protocol that plays a planner: the
 /// goal (`Goal: NAME` in the first user message) picks the script, and the
 /// number of messages says which answer of it this is.
@@ -405,7 +414,11 @@ async fn scripted_planner() -> String {
                 let Some(request) = support::read_json_request(&mut socket).await else {
                     return;
                 };
-                let content = plan_for(&request).to_string();
+                // A workflow's own llm.chat steps ask for no plan.
+                let content = match request["response_format"].is_null() {
+                    true => "done".to_owned(),
+                    false => plan_for(&request).to_string(),
+                };
                 let body = serde_json::json!({
                     "model": "planner",
                     "choices": [{ "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
@@ -466,10 +479,7 @@ fn plan_for(request: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goals_are_planned_checked_repaired_and_replanned() {
-    let base = scripted_planner().await;
-    let (kernel, _) = Kernel::with_config(&format!(
-        "[tools.llm.endpoints.local]\nbase_url = \"{base}\"\n[tools.llm.prices.planner]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n[goals]\nplanner_model = \"planner\"\n"
-    ));
+    let (kernel, _) = Kernel::with_config(&(scripted_model_config().await + "[goals]\nplanner_model = \"planner\"\n"));
     let agent = kernel.new_agent();
     let plan = json(&kernel.cli(&["goals", "plan", "count", "--agent", &agent, "--dry-run", "--json"]));
     assert_eq!(plan["attempts"], 1);
@@ -626,5 +636,72 @@ async fn what_a_run_read_from_outside_taints_its_child_runs_ops() {
     assert!(
         evil_seen.lock().unwrap().is_empty(),
         "nothing reached the injected destination"
+    );
+}
+
+/// A run's cost cap holds while it runs: each `llm.chat` step costs $0.0002
+/// (100 prompt and 50 completion tokens at $1 and $2 per million), so under a
+/// $0.0005 cap the third step of a chain would pass it: it fails the run, or
+/// waits for an operator's approval and then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_cost_cap_fails_it_or_waits_for_approval() {
+    let (kernel, _) = Kernel::with_config(&scripted_model_config().await);
+    let agent = kernel.new_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let chain = |on_cap: &str| {
+        let ask = "{kind: llm.chat, args: {model: planner, max_tokens: 50, messages: [{role: user, content: go}]}";
+        format!(
+            "max_cost_usd: 0.0005\non_cost_cap: {on_cap}\nsteps:\n  a: {ask}}}\n  b: {ask}, depends_on: [a]}}\n  c: {ask}, depends_on: [b]}}\n"
+        )
+    };
+    let failing = write(&dir, "fail.yaml", &chain("fail"));
+    let run = start(&kernel, &agent, &failing);
+    let done = ended(&kernel, &run);
+    assert_eq!(done["status"], "failed", "{done:#}");
+    assert_eq!(done["steps"]["b"]["status"], "succeeded");
+    assert_eq!(done["steps"]["c"]["status"], "failed");
+    assert_eq!(done["steps"]["c"]["error"]["code"], "quota_exceeded", "{done:#}");
+    assert!(
+        done["error"]["message"].as_str().unwrap().contains("cost cap"),
+        "{done:#}"
+    );
+    assert_eq!(done["cost"]["spent_usd"], 0.0004, "{done:#}");
+
+    // Its events on the event stream, beside the steps' completions.
+    let events = kernel.events(&agent).await;
+    let waiting = write(&dir, "wait.yaml", &chain("approval"));
+    let run = start(&kernel, &agent, &waiting);
+    let held = until(&kernel, &run, "the step past the cap", |s| {
+        s["steps"]["c"]["status"] == "waiting"
+    });
+    assert!(
+        held["steps"]["c"]["reason"].as_str().unwrap().contains("approval"),
+        "{held:#}"
+    );
+    json(&kernel.cli(&["goals", "approve", &run, "c", "--json"]));
+    let done = ended(&kernel, &run);
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["cost"]["spent_usd"], 0.0006, "{done:#}");
+    assert_eq!(done["cost"]["cap_usd"], 0.0005);
+
+    let of_run = |e: &Value| e["event"] == "run" && e["data"]["run_id"] == run.as_str();
+    let seen = support::read_events(events, |seen| {
+        seen.iter()
+            .any(|e| of_run(e) && e["data"]["step"].is_null() && e["data"]["status"] == "succeeded")
+    })
+    .await;
+    let step = |name: &str, status: &str| {
+        seen.iter()
+            .any(|e| of_run(e) && e["data"]["step"] == name && e["data"]["status"] == status)
+    };
+    assert!(
+        seen.iter().any(|e| of_run(e) && e["data"]["status"] == "running"),
+        "{seen:#?}"
+    );
+    assert!(step("a", "running") && step("a", "succeeded"), "{seen:#?}");
+    assert!(step("c", "waiting") && step("c", "succeeded"), "{seen:#?}");
+    assert!(
+        seen.iter().any(|e| e["kind"] == "llm.chat" && e["status"] == "ok"),
+        "the steps' completions are there too: {seen:#?}"
     );
 }

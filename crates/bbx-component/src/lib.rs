@@ -295,9 +295,37 @@ pub struct Context {
     /// Every op kind the kernel serves, with its args' schema (what a
     /// workflow's steps are checked against).
     pub kinds: Arc<Vec<(OpKind, Option<Value>)>>,
+    /// What components tell the kernel's event stream ([`Context::notify`]).
+    pub notices: tokio::sync::broadcast::Sender<Arc<Notice>>,
+}
+
+/// Something a component tells those who watch the kernel's event stream
+/// (`GET /v1/ops/events`, beside the ops' completions, as `event: EVENT`): a
+/// run's steps starting and ending, a flow decision other than allow.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Notice {
+    /// The SSE event's name (`run`, `flow`).
+    pub event: &'static str,
+    pub tenant: Arc<str>,
+    pub agent: AgentId,
+    pub at: DateTime<Utc>,
+    /// What happened, an object.
+    pub data: Value,
 }
 
 impl Context {
+    /// Tells the event stream `data` about `agent` of `tenant` (a stream that
+    /// nobody reads drops it; one that falls behind is told how much it missed).
+    pub fn notify(&self, event: &'static str, (tenant, agent): (&str, AgentId), data: Value) {
+        let _ = self.notices.send(Arc::new(Notice {
+            event,
+            tenant: tenant.into(),
+            agent,
+            at: Utc::now(),
+            data,
+        }));
+    }
+
     /// See [`write_later`].
     pub fn write_later(&self, write: impl bbx_store::Staged + 'static, what: &'static str) {
         write_later(&self.store, &self.tasks, write, what);
@@ -495,6 +523,9 @@ pub trait Component: Send + Sync + std::any::Any {
     /// An import of the agent's data committed: what is held in memory of it
     /// is stale.
     fn imported(&self, _agent: &AgentId) {}
+
+    /// Registers the component's metrics (served at `/metrics`).
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }
 
 /// The registered components, by the kinds they serve.
@@ -696,6 +727,13 @@ impl Components {
         self.all
             .iter()
             .find_map(|component| Some((component.name(), component.exported_write(agent, write)?)))
+    }
+
+    /// Registers every component's metrics.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        for component in &self.all {
+            component.register_metrics(registry);
+        }
     }
 
     /// Tells the components that took part in an import that it committed.

@@ -256,6 +256,15 @@ struct Inner {
     anomaly_action: Action,
     recent: Recent,
     grants: access::Grants,
+    /// Decisions by action and by the policy that made them.
+    by_policy: prometheus_client::metrics::family::Family<DecisionLabels, prometheus_client::metrics::counter::Counter>,
+}
+
+/// A decision's labels in `/metrics`: bounded by the policies loaded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct DecisionLabels {
+    action: &'static str,
+    policy: String,
 }
 
 /// What an op would be decided, and why.
@@ -288,6 +297,7 @@ impl Flow {
             },
             recent: Recent::default(),
             grants: access::Grants::default(),
+            by_policy: Default::default(),
         }))
     }
 
@@ -495,6 +505,13 @@ impl Flow {
             );
             let caller = Some(submission.caller);
             self.audit(caller, submission.tenant, what, why.clone(), AuditKind::FlowDecision);
+            if let Ok(ctx) = self.ctx() {
+                let data = serde_json::json!({
+                    "op_id": submission.op_id, "kind": op.kind, "action": strictest.action.as_str(),
+                    "reason": why, "decided": explained.decided, "tainted": explained.tainted,
+                });
+                ctx.notify("flow", (submission.tenant, op.agent), data);
+            }
         }
         match strictest.action {
             Action::Allow | Action::Audit | Action::Warn => Ok(Verdict::Allow),
@@ -614,6 +631,13 @@ impl Component for Flow {
             labels.push(bbx_component::SNAPSHOT_BEFORE.into());
         }
         self.0.decisions[explained.action as usize].fetch_add(1, Ordering::Relaxed);
+        for decided in &explained.decided {
+            let labels = DecisionLabels {
+                action: decided.action.as_str(),
+                policy: decided.policy.clone(),
+            };
+            self.0.by_policy.get_or_create(&labels).inc();
+        }
         let verdict = self.act(submission, &explained);
         self.0.recent.record(Decision {
             op_id: submission.op_id,
@@ -704,6 +728,14 @@ impl Component for Flow {
         } else {
             Vec::new()
         }
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "bbx_flow_decisions",
+            "Flow decisions of the policies (and the anomaly detector) that decided an op, by action and policy",
+            self.0.by_policy.clone(),
+        );
     }
 
     fn agent_deleted(&self, ctx: &Context, agent: AgentId) {

@@ -135,7 +135,7 @@ pub fn prepare(goals: &Goals, kind: &str, args: &Value) -> Result<Prepared> {
                 (Some(workflow), None) => {
                     let compiled = validate::compile(workflow, goals.kinds())?;
                     inputs(&compiled.workflow, args.inputs.clone())?;
-                    Source::Inline(compiled)
+                    Source::Inline(Box::new(compiled))
                 }
                 (None, Some(digest)) if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     Source::Stored(digest.to_ascii_lowercase())
@@ -218,7 +218,7 @@ fn inputs(workflow: &Workflow, given: Map<String, Value>) -> Result<Map<String, 
 
 #[derive(Debug)]
 enum Source {
-    Inline(Compiled),
+    Inline(Box<Compiled>),
     /// Its digest in the stored workflows: read (and checked) when staged.
     Stored(String),
 }
@@ -371,11 +371,13 @@ impl EffectOp for SendSignal {
             ));
         }
         if let Some(step) = &self.approval_of {
+            // A wait.approval step, or any step of a run whose cost cap
+            // waits for approvals.
             let waits_for_approval = record
                 .workflow
                 .steps
                 .get(step)
-                .is_some_and(|s| s.kind == engine_kinds::APPROVAL);
+                .is_some_and(|s| s.kind == engine_kinds::APPROVAL || record.workflow.cost_cap_waits());
             if !waits_for_approval {
                 return Err(Error::invalid_field(
                     "step",

@@ -144,7 +144,11 @@ impl Goals {
             planning_cost_micros += answer["cost_micros"].as_u64().unwrap_or(0);
             let content = answer["content"].as_str().unwrap_or_default().to_owned();
             match self.check(&content, &tools, replan) {
-                Ok(compiled) => {
+                Ok(mut compiled) => {
+                    // What the goal may cost caps its run too (a replan keeps the cap it had).
+                    if replan.is_none() {
+                        compiled.workflow.max_cost_usd = spec.max_cost_usd;
+                    }
                     let estimated_cost_micros = self.estimate(&compiled);
                     if let Some(max) = spec.max_cost_usd
                         && estimated_cost_micros as f64 / 1e6 > max
@@ -292,6 +296,8 @@ impl Goals {
                     inputs: Map::new(),
                     steps: workflow,
                     max_parallel: None,
+                    max_cost_usd: None,
+                    on_cost_cap: None,
                     output: None,
                 },
                 self.kinds(),
@@ -303,22 +309,27 @@ impl Goals {
 
     /// What the plan's `llm.chat` steps may cost at most, at the price table.
     fn estimate(&self, compiled: &Compiled) -> u64 {
-        let llm = &self.config_llm();
         compiled
             .workflow
             .steps
             .values()
-            .filter(|step| step.kind == "llm.chat")
-            .map(|step| {
-                let model = step.args["model"].as_str().unwrap_or_default();
-                let Some(price) = llm.prices.get(model) else { return 0 };
-                let prompt = step.args.to_string().len() as f64 / 4.0;
-                let output = step.args["max_tokens"]
-                    .as_u64()
-                    .unwrap_or(u64::from(llm.default_max_tokens)) as f64;
-                (prompt * price.input_per_mtok + output * price.output_per_mtok).ceil() as u64
-            })
+            .map(|step| self.estimate_step(&step.kind, &step.args))
             .sum()
+    }
+
+    /// What an op of `kind` with `args` may cost at most, in micro-dollars:
+    /// an `llm.chat`'s prompt (a token per 4 bytes of its args) and its
+    /// `max_tokens` at the price table; nothing for other kinds.
+    pub(crate) fn estimate_step(&self, kind: &str, args: &Value) -> u64 {
+        let llm = self.config_llm();
+        if kind != "llm.chat" {
+            return 0;
+        }
+        let model = args["model"].as_str().unwrap_or_default();
+        let Some(price) = llm.prices.get(model) else { return 0 };
+        let prompt = args.to_string().len() as f64 / 4.0;
+        let output = args["max_tokens"].as_u64().unwrap_or(u64::from(llm.default_max_tokens)) as f64;
+        (prompt * price.input_per_mtok + output * price.output_per_mtok).ceil() as u64
     }
 }
 

@@ -211,9 +211,16 @@ pub struct StepRecord {
     /// When its timer fires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at: Option<DateTime<Utc>>,
-    /// Why it was skipped.
+    /// Why it was skipped, or waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What its op cost, in micro-dollars (its result's `cost_micros`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cost_micros: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl StepRecord {
@@ -230,6 +237,7 @@ impl StepRecord {
             fallback: false,
             wake_at: None,
             reason: None,
+            cost_micros: 0,
         }
     }
 }

@@ -84,6 +84,14 @@ fn compile_nested(workflow: Workflow, kinds: Option<&dyn Kinds>, prefix: &str, n
             format!("max_parallel must be from 1 to {}", workflow::MAX_PARALLEL),
         ));
     }
+    if let Some(cap) = workflow.max_cost_usd
+        && !(cap.is_finite() && (0.0..=1e9).contains(&cap))
+    {
+        return Err(invalid(
+            &field("max_cost_usd"),
+            "max_cost_usd must be a number of USD from 0 to 1e9".to_owned(),
+        ));
+    }
     let names: Vec<String> = workflow.steps.keys().cloned().collect();
     let index = |name: &str| names.binary_search_by(|n| n.as_str().cmp(name)).ok();
     let mut deps = Vec::with_capacity(names.len());

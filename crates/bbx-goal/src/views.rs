@@ -10,8 +10,10 @@ pub fn run(run: &RunRecord, records: Vec<(String, StepRecord)>) -> Value {
     let mut records: std::collections::HashMap<String, StepRecord> = records.into_iter().collect();
     let mut counts: Map<String, Value> = Map::new();
     let mut steps = Map::new();
+    let mut spent_micros = 0;
     for (name, step) in &run.workflow.steps {
         let record = records.remove(name).unwrap_or_else(StepRecord::pending);
+        spent_micros += record.cost_micros;
         let status = serde_json::to_value(record.status).unwrap_or_default();
         let count = counts
             .entry(status.as_str().unwrap_or_default().to_owned())
@@ -33,6 +35,10 @@ pub fn run(run: &RunRecord, records: Vec<(String, StepRecord)>) -> Value {
             ("wake_at", record.wake_at.map(|at| json!(at))),
             ("reason", record.reason.map(Value::String)),
             (
+                "cost_usd",
+                (record.cost_micros > 0).then(|| json!(record.cost_micros as f64 / 1e6)),
+            ),
+            (
                 "in_doubt",
                 (record.status == StepStatus::InDoubt).then_some(Value::Bool(true)),
             ),
@@ -52,6 +58,10 @@ pub fn run(run: &RunRecord, records: Vec<(String, StepRecord)>) -> Value {
         ("goal", json!(run.goal)),
         ("generation", json!(run.generation)),
         ("counts", Value::Object(counts)),
+        (
+            "cost",
+            json!({ "spent_usd": spent_micros as f64 / 1e6, "cap_usd": run.workflow.max_cost_usd }),
+        ),
         ("steps", Value::Object(steps)),
     ] {
         view[field] = value;

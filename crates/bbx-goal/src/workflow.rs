@@ -33,6 +33,16 @@ pub struct Workflow {
     /// Steps that run at once, at most (64 by default, up to 1024).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<u32>,
+    /// The most the run's steps may cost, in USD (what their results report as
+    /// `cost_micros`: `llm.chat`'s, at the price table). A step whose estimate,
+    /// with what was spent and what running steps may still spend, would pass
+    /// it does not start: see `on_cost_cap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+    /// What such a step does: `fail` the run (the default), or wait for an
+    /// operator's `approval` (`bbx goals approve RUN STEP`; denied, it fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_cost_cap: Option<OnCostCap>,
     /// The run's output, with references to its steps' outputs; the outputs of
     /// every step that succeeded when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +187,24 @@ impl Workflow {
     pub fn parallelism(&self) -> usize {
         self.max_parallel.unwrap_or(DEFAULT_PARALLEL) as usize
     }
+
+    /// The cost cap in micro-dollars, if there is one.
+    pub fn cost_cap_micros(&self) -> Option<u64> {
+        self.max_cost_usd.map(|usd| (usd * 1e6).floor() as u64)
+    }
+
+    /// Whether a step that would pass the cost cap waits for an approval.
+    pub fn cost_cap_waits(&self) -> bool {
+        self.max_cost_usd.is_some() && self.on_cost_cap == Some(OnCostCap::Approval)
+    }
+}
+
+/// What a step that would pass a run's cost cap does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCostCap {
+    Fail,
+    Approval,
 }
 
 /// The JSON Schema of the workflow format.

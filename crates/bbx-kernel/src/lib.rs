@@ -79,6 +79,9 @@ pub const WORKSPACES_DIR: &str = "workspaces";
 /// The cgroup subtree, below the kernel's own, that tool runs' groups are made in;
 /// each data directory gets its own below it (see [`cgroup_scope`]).
 const CGROUP_SCOPE: &str = "bbx";
+/// Notices (run steps, flow decisions) the event stream holds for a reader
+/// that falls behind, before it is told how many it missed.
+const NOTICES_BUFFERED: usize = 4096;
 
 /// The cgroup scope of the kernel on `data_dir`: its own, so that the runs a dead
 /// kernel left behind can be swept at the next start without touching another
@@ -244,6 +247,7 @@ impl Kernel {
                 submitter: Arc::new(KernelHandle(kernel.clone())),
                 agents: Arc::new(KernelHandle(kernel.clone())),
                 kinds: Arc::new(op_kinds(&components)),
+                notices: tokio::sync::broadcast::channel(NOTICES_BUFFERED).0,
             },
             components,
             endpoints: std::sync::OnceLock::new(),
@@ -295,6 +299,11 @@ impl Kernel {
 
     pub fn ring_metrics(&self) -> &RingMetrics {
         self.ring.metrics()
+    }
+
+    /// Registers the components' metrics (flow decisions, say).
+    pub fn register_component_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.components.register_metrics(registry);
     }
 
     /// Ready to serve: open, not closing, storage healthy.

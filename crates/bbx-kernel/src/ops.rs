@@ -225,6 +225,12 @@ impl Kernel {
         self.ring.subscribe()
     }
 
+    /// What components tell the event stream as it happens (run steps, flow
+    /// decisions); filter by [`Caller::sees`].
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Arc<bbx_component::Notice>> {
+        self.context.notices.subscribe()
+    }
+
     /// The ring's figures; its breakers are the caller's tenant's (all, for an
     /// administrator).
     pub fn ring_stats(&self, caller: &Caller) -> RingStats {

@@ -173,11 +173,15 @@ impl Memories {
         }
         let (this, stopping) = (self.clone(), ctx.stopping.clone());
         ctx.tasks.spawn(async move {
-            tokio::select! {
-                () = stopping.cancelled() => {}
-                () = this.reembed_all() => {}
-            }
+            let stopped = tokio::select! {
+                () = stopping.cancelled() => true,
+                () = this.reembed_all() => false,
+            };
             this.0.reembedding.store(false, Ordering::Release);
+            // Memories of another model imported since the last batch.
+            if !stopped {
+                this.reembed_later();
+            }
         });
     }
 

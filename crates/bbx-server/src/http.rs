@@ -411,8 +411,10 @@ struct EventsQuery {
 }
 
 /// Completions as they happen, as server-sent events (`event: completion`, the
-/// completion as JSON). A reader that falls behind gets `event: lagged` with how
-/// many it missed.
+/// completion as JSON), and what components tell beside them (`event: run`: a
+/// goal run's steps starting and ending; `event: flow`: a flow decision other
+/// than allow). A reader that falls behind gets `event: lagged` with how many
+/// it missed.
 #[utoipa::path(get, path = "/v1/ops/events", tag = "ops", params(EventsQuery),
     responses((status = 200, content_type = "text/event-stream", description = "A stream of completions")))]
 async fn op_events(
@@ -426,22 +428,32 @@ async fn op_events(
     if let Some(agent) = &agent {
         kernel.get_agent(&caller, agent)?;
     }
-    let receiver = kernel.completions();
-    let stream = futures::stream::unfold((receiver, caller, agent), |(mut receiver, caller, agent)| async move {
-        loop {
-            let event = match receiver.recv().await {
-                Ok(done) => {
-                    if !caller.sees(&done.tenant) || agent.is_some_and(|a| a != done.agent) {
-                        continue;
-                    }
-                    Event::default().event("completion").json_data(&*done)
-                }
-                Err(RecvError::Lagged(missed)) => Ok(Event::default().event("lagged").data(missed.to_string())),
-                Err(RecvError::Closed) => return None,
-            };
-            return Some((event, (receiver, caller, agent)));
-        }
-    });
+    let receivers = (kernel.completions(), kernel.notices());
+    let stream = futures::stream::unfold(
+        (receivers, caller, agent),
+        |((mut done, mut told), caller, agent)| async move {
+            loop {
+                let shown = |tenant: &str, of: bbx_core::AgentId| caller.sees(tenant) && agent.is_none_or(|a| a == of);
+                let event = tokio::select! {
+                    received = done.recv() => match received {
+                        Ok(done) if shown(&done.tenant, done.agent) => Event::default().event("completion").json_data(&*done),
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(missed)) => Ok(Event::default().event("lagged").data(missed.to_string())),
+                        Err(RecvError::Closed) => return None,
+                    },
+                    received = told.recv() => match received {
+                        Ok(notice) if shown(&notice.tenant, notice.agent) => {
+                            Event::default().event(notice.event).json_data(&*notice)
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(missed)) => Ok(Event::default().event("lagged").data(missed.to_string())),
+                        Err(RecvError::Closed) => return None,
+                    },
+                };
+                return Some((event, ((done, told), caller, agent)));
+            }
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -56,6 +56,7 @@ impl HttpMetrics {
         kernel.metrics().register(&mut registry);
         kernel.ring_metrics().register(&mut registry);
         kernel.journal_metrics().register(&mut registry);
+        kernel.register_component_metrics(&mut registry);
         Self {
             requests,
             latency,

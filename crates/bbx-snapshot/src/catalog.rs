@@ -114,7 +114,6 @@ pub fn stage_remove(tx: &mut GroupTx<'_>, agent: &AgentId, id: &Uuid) {
     tx.remove(SNAPSHOT_OWNERS, id.as_bytes().to_vec());
 }
 
-/// Unlists snapshots (retention, a deleted agent's), in one write.
 /// Lists a snapshot built outside a `snapshot.create` op: one a flow policy
 /// asked for before an op ran.
 #[derive(Debug)]
@@ -127,6 +126,7 @@ impl Staged for List {
     }
 }
 
+/// Unlists snapshots (retention, a deleted agent's), in one write.
 #[derive(Debug)]
 pub struct Unlist(pub Vec<(AgentId, Uuid)>);
 

@@ -229,9 +229,6 @@ impl Component for Snapshots {
     /// and only a listed snapshot is restored. An op a flow policy labelled
     /// [`bbx_component::SNAPSHOT_BEFORE`] has its agent snapshotted first.
     fn check(&self, submission: &Submission<'_>, labels: &mut Vec<String>) -> Result<Verdict> {
-        if labels.iter().any(|label| label == bbx_component::SNAPSHOT_BEFORE) {
-            self.snapshot_before(submission.op.agent)?;
-        }
         if submission.op.kind == ops::RESTORE
             && let Some(id) = submission.op.args.get("snapshot").and_then(Value::as_str)
             && let Ok(id) = uuid::Uuid::parse_str(id)
@@ -241,6 +238,9 @@ impl Component for Snapshots {
             ctx.submitter
                 .may_read(submission.caller, &summary.agent, ops::RESTORE)
                 .map_err(|_| Error::not_found("snapshot", id))?;
+        }
+        if labels.iter().any(|label| label == bbx_component::SNAPSHOT_BEFORE) {
+            self.snapshot_before(submission.op.agent)?;
         }
         Ok(Verdict::Allow)
     }

@@ -35,8 +35,18 @@ pub struct Manifest {
     pub agent_record: Value,
     pub quota: QuotaLimits,
     pub parts: Vec<PartRef>,
+    /// The components the snapshot holds the data of (those the kernel had;
+    /// one that exported nothing has no part): a restore leaves the data of
+    /// any other as it is. `None` in a snapshot taken before this was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<Vec<String>>,
     pub stats: Stats,
 }
+
+/// The components a snapshot that does not name them holds: all but memory,
+/// unless it has a part of it (memory's data came to snapshots just before
+/// they named their components).
+const BEFORE_MEMORY: &str = "memory";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartRef {
@@ -61,6 +71,15 @@ pub struct Stats {
 }
 
 impl Manifest {
+    /// Whether the snapshot holds the data of `component` (an empty part when
+    /// it has none of it).
+    pub fn holds(&self, component: &str) -> bool {
+        match &self.components {
+            Some(components) => components.iter().any(|c| c == component),
+            None => component != BEFORE_MEMORY || self.part(component).is_some(),
+        }
+    }
+
     pub fn part(&self, name: &str) -> Option<&PartRef> {
         self.parts.iter().find(|part| part.name == name)
     }
@@ -105,6 +124,29 @@ pub fn decode_records(stream: &[u8]) -> Result<Records> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_snapshot_holds_the_components_it_names_and_an_older_one_all_but_memory() {
+        let mut manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "format": FORMAT, "id": uuid::Uuid::now_v7(), "agent": AgentId::generate(), "tenant": "t",
+            "created_at": chrono::Utc::now(), "position": 0, "trigger": "manual", "agent_record": {},
+            "quota": QuotaLimits::default(), "parts": [], "stats": Stats::default(),
+        }))
+        .unwrap();
+        assert!(manifest.holds("state") && manifest.holds("context") && !manifest.holds("memory"));
+        manifest.parts.push(PartRef {
+            name: "memory".into(),
+            records: 1,
+            bytes: 1,
+            list: Vec::new(),
+        });
+        assert!(
+            manifest.holds("memory"),
+            "one taken as memory came, before components were named"
+        );
+        manifest.components = Some(vec!["state".into(), "memory".into()]);
+        assert!(manifest.holds("memory") && !manifest.holds("context"));
+    }
 
     proptest! {
         #[test]

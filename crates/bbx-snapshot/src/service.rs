@@ -51,7 +51,8 @@ impl Snapshots {
     pub(crate) async fn build(&self, agent: AgentId, id: Uuid, trigger: &str) -> Result<Summary> {
         let turn = self.turn().await?;
         let moment = self.moment(&agent)?;
-        self.build_at(agent, id, trigger, (turn, moment)).await
+        let (summary, _) = self.build_at(agent, id, trigger, moment, Some(turn)).await?;
+        Ok(summary)
     }
 
     /// Waits until no other snapshot is being built.
@@ -65,13 +66,19 @@ impl Snapshots {
 
     /// Takes a snapshot of the agent at `moment` (writes its chunks and
     /// manifest to a quorum of stores) and answers what the catalog will list.
+    /// The agent's data is read first; its chunks are written in its `turn`.
+    /// Without one, it waits for its turn after reading (so a capture
+    /// announced is not held while other agents' snapshots are written), and
+    /// takes the hold that keeps garbage collection off its chunks, which it
+    /// answers with: the caller keeps it until the snapshot is listed.
     pub(crate) async fn build_at(
         &self,
         agent: AgentId,
         id: Uuid,
         trigger: &str,
-        (_turn, moment): (tokio::sync::OwnedSemaphorePermit, Moment),
-    ) -> Result<Summary> {
+        moment: Moment,
+        turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(Summary, Option<tokio::sync::OwnedRwLockReadGuard<()>>)> {
         let ctx = self.context()?;
         let host = ctx.agents.clone();
         let repo = self.repo().await?;
@@ -109,6 +116,13 @@ impl Snapshots {
             name: FILES.to_owned(),
             records: files,
         });
+        let (_turn, hold) = match turn {
+            Some(turn) => (turn, None),
+            None => {
+                let hold = self.collection_lock().read_owned().await;
+                (self.turn().await?, Some(hold))
+            }
+        };
         let written = writer::write_parts(&repo, parts, self.chunk_settings()).await?;
         let mut manifest = Manifest {
             format: manifest::FORMAT,
@@ -121,6 +135,7 @@ impl Snapshots {
             agent_record: serde_json::to_value(&record).map_err(|e| Error::internal(e.to_string()))?,
             quota: host.quota_limits(&agent),
             parts: written.parts,
+            components: Some(host.parts().into_iter().map(str::to_owned).collect()),
             stats: written.stats,
         };
         let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::internal(e.to_string()))?;
@@ -128,7 +143,7 @@ impl Snapshots {
         let stored = repo
             .put_everywhere(&written.stores, &manifest_name(&id), bytes.into())
             .await?;
-        Ok(Summary {
+        let summary = Summary {
             id,
             agent,
             tenant: record.tenant,
@@ -141,7 +156,8 @@ impl Snapshots {
             new_chunks: manifest.stats.new_chunks,
             parts: manifest.parts.iter().map(|p| (p.name.clone(), p.records)).collect(),
             stores: stored.len(),
-        })
+        };
+        Ok((summary, hold))
     }
 
     /// A snapshot's manifest, from the first store whose copy is whole.
@@ -183,7 +199,7 @@ impl Snapshots {
         let manifest = self.manifest(id).await?;
         check_tenant(&manifest, tenant)?;
         let parts = self.read_parts(&manifest).await?;
-        Ok(self.as_restorable(agent, parts))
+        Ok(self.as_restorable(agent, parts, |name| manifest.holds(name)))
     }
 
     /// What the agent held at `at`: the latest snapshot before it, or nothing
@@ -215,10 +231,10 @@ impl Snapshots {
             .into_iter()
             .filter(|s| s.created_at <= at)
             .max_by_key(|s| s.created_at);
-        let (parts, position) = match &base {
+        let (parts, position, base_manifest) = match &base {
             Some(snapshot) => {
                 let manifest = self.manifest(&snapshot.id).await?;
-                (self.read_parts(&manifest).await?, snapshot.position)
+                (self.read_parts(&manifest).await?, snapshot.position, Some(manifest))
             }
             None => {
                 if at < ctx.agents.agent(&agent)?.created_at {
@@ -227,7 +243,7 @@ impl Snapshots {
                         format!("agent {agent} did not exist at {}", at.to_rfc3339()),
                     ));
                 }
-                (Parts::new(), 0)
+                (Parts::new(), 0, None)
             }
         };
         let host = ctx.agents.clone();
@@ -267,18 +283,23 @@ impl Snapshots {
         }
         // The journal holds no file writes: the workspace stays as it is.
         parts.remove(FILES);
-        let mut restorable = self.as_restorable(agent, parts);
+        // A component the base snapshot does not hold is left as it is: the
+        // writes replayed since are not the whole of its data.
+        let holds = |name: &str| base_manifest.as_ref().is_none_or(|m| m.holds(name));
+        let mut restorable = self.as_restorable(agent, parts, holds);
         restorable.files = None;
         Ok(restorable)
     }
 
-    /// The parts as an import: every component gets its part, empty if the
-    /// snapshot has none (its data then goes, as it was not there).
-    fn as_restorable(&self, agent: AgentId, mut parts: Parts) -> Restorable {
+    /// The parts as an import: every component the snapshot `holds` gets its
+    /// part, empty if it has none (its data then goes, as it was not there);
+    /// the others are left as they are.
+    fn as_restorable(&self, agent: AgentId, mut parts: Parts, holds: impl Fn(&str) -> bool) -> Restorable {
         let files = parts.remove(FILES).map(|records| records.into_iter().collect());
         let names = self.context().map(|ctx| ctx.agents.parts()).unwrap_or_default();
         let named = names
             .into_iter()
+            .filter(|name| holds(name))
             .map(|name| {
                 let records = parts.remove(name).unwrap_or_default();
                 let records = records

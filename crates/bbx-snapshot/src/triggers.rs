@@ -88,16 +88,16 @@ impl Snapshots {
     /// Snapshots the agent before the op being checked runs (see the module's
     /// docs); an agent with one pending needs no other.
     pub(crate) fn snapshot_before(&self, agent: AgentId) -> bbx_core::Result<()> {
-        if !self.changes.lock().before_ops.insert(agent) {
-            return Ok(());
-        }
-        let fixed = self.moment(&agent).and_then(|moment| Ok((moment, self.context()?)));
-        let (moment, ctx) = match fixed {
-            Ok(fixed) => fixed,
-            Err(e) => {
-                self.changes.lock().before_ops.remove(&agent);
-                return Err(e);
+        let ctx = self.context()?;
+        let moment = {
+            // Fixed under the lock: an op checked meanwhile finds it fixed.
+            let mut changes = self.changes.lock();
+            if changes.before_ops.contains(&agent) {
+                return Ok(());
             }
+            let moment = self.moment(&agent)?;
+            changes.before_ops.insert(agent);
+            moment
         };
         let me = self.clone();
         ctx.tasks.spawn(async move {
@@ -112,10 +112,8 @@ impl Snapshots {
     async fn take_before_op(&self, agent: AgentId, moment: crate::service::Moment) -> bbx_core::Result<()> {
         let built = async {
             let ctx = self.started().await?.clone();
-            let hold = self.collection_lock().read_owned().await;
-            let turn = self.turn().await?;
-            let summary = self
-                .build_at(agent, uuid::Uuid::now_v7(), "policy", (turn, moment))
+            let (summary, hold) = self
+                .build_at(agent, uuid::Uuid::now_v7(), "policy", moment, None)
                 .await?;
             Ok::<_, bbx_core::Error>((ctx, hold, summary))
         }
@@ -123,7 +121,17 @@ impl Snapshots {
         // Built (or failed): an op checked from now on is after its moment.
         self.changes.lock().before_ops.remove(&agent);
         let (ctx, _hold, summary) = built?;
+        let listed = (summary.agent, summary.id);
         ctx.store.write(crate::catalog::List(summary)).await?;
+        // An agent deleted meanwhile had its snapshots unlisted: this one goes too.
+        if ctx
+            .agents
+            .agent(&agent)
+            .is_err_and(|e| e.code == bbx_core::ErrorCode::NotFound)
+        {
+            ctx.store.write(crate::catalog::Unlist(vec![listed])).await?;
+            self.collect_later();
+        }
         Ok(())
     }
 

@@ -142,11 +142,6 @@ impl TaskOp for ToolTask {
     fn run<'a>(&'a self, ctx: &'a TaskContext<'a>) -> Running<'a> {
         Box::pin(async move {
             let context = self.context(ctx)?;
-            // File and program ops wait while a snapshot reads the workspace.
-            let _using = match &self.call {
-                Call::File(_) | Call::Shell(_) => Some(self.tools.workspace_gate().enter(ctx.agent).await),
-                Call::Http(_) | Call::Mcp(_) | Call::Llm(_) => None,
-            };
             self.tools.run(&self.call, &context).await
         })
     }

@@ -228,7 +228,10 @@ impl Tools {
         }
     }
 
-    /// Runs a call. Dropping the future stops it (a program's whole tree is killed).
+    /// Runs a call. Dropping the future stops it (a program's whole tree is
+    /// killed). File and program calls use the agent's workspace: they wait
+    /// while a snapshot reads it, and it waits for them (a file call until its
+    /// thread is done, even if the op was cancelled).
     pub async fn run(&self, call: &Call, ctx: &Context) -> Result<Value> {
         match call {
             Call::Http(call) => self.http.run(call, ctx, self.secrets.as_deref()).await,
@@ -240,9 +243,13 @@ impl Tools {
             Call::File(call) => {
                 let workspace = self.workspace(&ctx.agent)?;
                 let call = call.clone();
-                tokio::task::spawn_blocking(move || call.run(&workspace))
-                    .await
-                    .map_err(|e| Error::internal(format!("a file call failed: {e}")))?
+                let using = self.gate.enter(ctx.agent).await;
+                tokio::task::spawn_blocking(move || {
+                    let _using = using;
+                    call.run(&workspace)
+                })
+                .await
+                .map_err(|e| Error::internal(format!("a file call failed: {e}")))?
             }
             Call::Shell(call) => {
                 if !self.isolate && !self.config.unsandboxed_shell {
@@ -254,6 +261,7 @@ impl Tools {
                     ));
                 }
                 let workspace = self.workspace(&ctx.agent)?;
+                let _using = self.gate.enter(ctx.agent).await;
                 let sandbox = shell::Sandbox {
                     cgroups: self.cgroups.as_ref(),
                     run_as: self.isolate.then_some(self.config.run_as),

@@ -198,6 +198,18 @@ impl Kernel {
             .unwrap()
     }
 
+    /// The event stream of `agent` (`GET /v1/ops/events?agent=AGENT`), open.
+    pub async fn events(&self, agent: &str) -> reqwest::Response {
+        let response = reqwest::Client::new()
+            .get(format!("{}/v1/ops/events?agent={agent}", self.url()))
+            .header("authorization", format!("Bearer {}", self.key()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response
+    }
+
     /// `bbx` with `--api-key KEY` (an agent's, from [`Kernel::agent_key`]).
     pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
         let mut all = vec!["--api-key", key];
@@ -320,4 +332,31 @@ where
         }
     });
     (port, seen)
+}
+
+/// Reads an open event stream until `done` holds of what it read (30 s at
+/// most): each event's data (notices and completions), as JSON.
+pub async fn read_events(
+    mut response: reqwest::Response,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let (mut text, mut seen) = (String::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done(&seen) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("the events did not come: {seen:#?}"))
+            .unwrap()
+            .expect("the stream ended");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            seen.extend(
+                event
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l.strip_prefix("data:")?.trim()).ok()),
+            );
+        }
+    }
+    seen
 }

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+mod cost;
 mod refs;
 mod replan;
 mod save;
@@ -94,6 +95,13 @@ pub(crate) struct Driver {
     /// The step whose failure fails the run (what a replan replaces).
     failed_step: Option<usize>,
     writes: FuturesUnordered<BoxFuture<'static, Result<Applied>>>,
+    /// What the steps in flight may still spend, estimated when they started.
+    reserved: HashMap<usize, u64>,
+    /// Steps past the cost cap that an operator let run.
+    cost_approved: std::collections::HashSet<usize>,
+    /// Steps whose ops were running when the kernel stopped: joined again by
+    /// their keys, not asked about the cost cap again.
+    resumed: std::collections::HashSet<usize>,
 }
 
 impl Driver {
@@ -129,6 +137,7 @@ impl Driver {
             (0..n).find(|&i| steps[i].status.is_failure() && compiled.step(i).on_failure == OnFailure::Fail);
         let failure = failed_step.map(|i| step_failed(&compiled.names[i], &steps[i]));
         let ended_steps = steps.iter().filter(|s| s.status.is_final()).count();
+        let resumed = (0..n).filter(|&i| steps[i].status == StepStatus::Running).collect();
         Ok(Self {
             goals,
             ctx,
@@ -149,6 +158,9 @@ impl Driver {
             failure,
             failed_step,
             writes: FuturesUnordered::new(),
+            reserved: HashMap::new(),
+            cost_approved: Default::default(),
+            resumed,
         })
     }
 
@@ -156,6 +168,8 @@ impl Driver {
     /// (it resumes at the next start).
     pub(crate) async fn drive(mut self, inbox: &mut mpsc::UnboundedReceiver<Notice>) -> Driven {
         let stopping = self.ctx.stopping.clone();
+        let started = json!({ "run_id": self.run.id, "status": "running", "generation": self.run.generation });
+        self.ctx.notify("run", (&self.run.tenant, self.run.agent), started);
         loop {
             if self.run.cancelling {
                 self.cancel().await;
@@ -372,6 +386,7 @@ impl Driver {
             Outcome::Op(_) | Outcome::Refused(_) | Outcome::Lost(_) | Outcome::Child(_)
         ) {
             self.busy -= 1;
+            self.reserved.remove(&index);
         }
         if self.steps[index].status.is_final() {
             return;
@@ -410,6 +425,7 @@ impl Driver {
                 let record = &mut self.steps[index];
                 record.op_id = Some(completion.op_id);
                 record.attempts += completion.attempts;
+                record.cost_micros += cost::cost_of(completion.result.as_ref());
                 record.labels = completion.labels.clone();
                 record.fallback = fallback;
                 match completion.status {

@@ -21,6 +21,9 @@ impl Driver {
         }
         self.dirty.sort_unstable();
         self.dirty.dedup();
+        for &index in &self.dirty {
+            self.tell_step(index);
+        }
         let writes: Vec<(Vec<u8>, Vec<u8>)> = self
             .dirty
             .drain(..)
@@ -70,6 +73,7 @@ impl Driver {
             RunStatus::Succeeded => Some(self.output()),
             _ => None,
         };
+        let end_error = error.clone();
         let end = EndRun {
             run: self.run.id,
             status,
@@ -78,11 +82,39 @@ impl Driver {
             at: Utc::now(),
         };
         match self.ctx.store.write(end).await {
-            Ok(_) => self.goals.run_ended(),
+            Ok(_) => {
+                let data = json!({ "run_id": self.run.id, "status": ops::status_name(status), "error": end_error });
+                self.ctx.notify("run", (&self.run.tenant, self.run.agent), data);
+                self.goals.run_ended()
+            }
             Err(e) => {
                 tracing::error!(run = %self.run.id, error = %e, "a run's end could not be saved; it resumes at the next start")
             }
         }
+    }
+
+    /// Tells the event stream where a step stands (`event: run`).
+    fn tell_step(&self, index: usize) {
+        let record = &self.steps[index];
+        let mut data = json!({
+            "run_id": self.run.id,
+            "step": self.compiled.names[index],
+            "status": record.status,
+        });
+        for (field, value) in [
+            ("op_id", record.op_id.map(|id| json!(id))),
+            ("error", record.error.as_ref().map(|e| json!(e))),
+            ("reason", record.reason.as_ref().map(|r| json!(r))),
+            (
+                "cost_usd",
+                (record.cost_micros > 0).then(|| json!(record.cost_micros as f64 / 1e6)),
+            ),
+        ] {
+            if let Some(value) = value {
+                data[field] = value;
+            }
+        }
+        self.ctx.notify("run", (&self.run.tenant, self.run.agent), data);
     }
 
     /// The run's output: the workflow's `output` with its references, or the

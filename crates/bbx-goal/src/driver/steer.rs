@@ -34,6 +34,9 @@ impl Driver {
             return;
         }
         if name.starts_with("approval:") {
+            if self.compiled.step(index).kind != engine_kinds::APPROVAL {
+                return self.cost_approval(index, payload);
+            }
             if payload["approved"] == Value::Bool(false) {
                 let reason = payload["reason"].as_str().unwrap_or("no reason given");
                 return self.fail(

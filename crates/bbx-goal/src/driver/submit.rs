@@ -14,12 +14,16 @@ impl Driver {
             Ok(args) => args,
             Err(e) => return self.failed_attempt(index, fallback, e),
         };
+        let kind = kind.clone();
+        if !self.within_cost_cap(index, fallback, &kind, &args) {
+            return;
+        }
         let op = SubmitOp {
             run_id: Some(self.run.root().to_string()),
             idempotency_key: Some(self.op_key(index, fallback)),
             retries,
             timeout_ms,
-            ..SubmitOp::new(self.run.agent, kind.clone(), args)
+            ..SubmitOp::new(self.run.agent, kind, args)
         };
         self.steps[index].status = StepStatus::Running;
         self.dirty.push(index);
