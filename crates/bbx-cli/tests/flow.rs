@@ -767,9 +767,24 @@ decision := {"action": "block", "reason": "secrets stay put"} if {
 "#,
     );
     let events = kernel.events(&agent).await;
+    // A key confined to another agent streams its own agent's events only.
+    let other = kernel.new_agent();
+    let confined = kernel.events_as(&kernel.agent_key(&other), "").await;
     let refused = submit(&kernel, &agent, "state.set", &json!({ "key": "secret/k", "value": 1 }));
     assert!(stderr(&refused).contains("policy_denied"));
+    let mine = submit(
+        &kernel,
+        &other,
+        "state.set",
+        &json!({ "key": "secret/mine", "value": 1 }),
+    );
+    assert!(stderr(&mine).contains("policy_denied"));
     let seen = support::read_events(events, |seen| seen.iter().any(|e| e["event"] == "flow")).await;
+    let theirs = support::read_events(confined, |seen| seen.iter().any(|e| e["event"] == "flow")).await;
+    assert!(
+        theirs.iter().all(|e| e["agent"] == other.as_str()),
+        "a confined key saw another agent's events: {theirs:#?}"
+    );
     let decision = seen.iter().find(|e| e["event"] == "flow").unwrap();
     assert_eq!(decision["data"]["action"], "block", "{decision:#}");
     assert_eq!(decision["data"]["decided"][0]["policy"], "no-secrets", "{decision:#}");
@@ -783,7 +798,7 @@ decision := {"action": "block", "reason": "secrets stay put"} if {
     assert!(
         metrics
             .lines()
-            .any(|l| l == r#"bbx_flow_decisions_total{action="block",policy="no-secrets"} 1"#),
+            .any(|l| l == r#"bbx_flow_decisions_total{action="block",policy="no-secrets"} 2"#),
         "{metrics}"
     );
 }

@@ -678,6 +678,7 @@ async fn a_runs_cost_cap_fails_it_or_waits_for_approval() {
         held["steps"]["c"]["reason"].as_str().unwrap().contains("approval"),
         "{held:#}"
     );
+    kernel.refused(&["goals", "approve", &run, "a"], "no wait.approval step");
     json(&kernel.cli(&["goals", "approve", &run, "c", "--json"]));
     let done = ended(&kernel, &run);
     assert_eq!(done["status"], "succeeded", "{done:#}");

@@ -462,3 +462,34 @@ decision := {"action": "audit", "reason": "a file is overwritten: snapshot first
     let explained = json(&kernel.cli(&["flow", "audit", "--json"]));
     assert!(explained.to_string().contains("snapshot first"), "{explained}");
 }
+
+/// A key confined to one agent sees nothing of another agent's snapshots:
+/// not to list, show, diff, restore into itself or fork; its own it may take.
+#[test]
+fn a_key_confined_to_an_agent_cannot_reach_another_agents_snapshots() {
+    let kernel = Kernel::start();
+    let (owner, other) = (kernel.new_agent(), kernel.new_agent());
+    set(&kernel, &owner, "secret", "42");
+    let theirs = snapshot(&kernel, &owner)["id"].as_str().unwrap().to_owned();
+    let key = kernel.agent_key(&other);
+    let refused = |args: &[&str]| {
+        let out = kernel.cli_as(&key, args);
+        let err = support::stderr(&out);
+        assert!(
+            !out.status.success() && (err.contains("not_found") || err.contains("permission_denied")),
+            "{args:?}: {err}"
+        );
+    };
+    refused(&["snapshot", "list", &owner, "--json"]);
+    refused(&["snapshot", "show", &theirs, "--json"]);
+    refused(&["snapshot", "diff", &theirs, &theirs, "--json"]);
+    refused(&["snapshot", "restore", &other, &theirs]);
+    refused(&["snapshot", "fork", &theirs, "--name", "stolen", "--json"]);
+    assert_eq!(
+        get(&kernel, &other, "secret"),
+        Value::Null,
+        "nothing was restored into it"
+    );
+    let mine = json(&kernel.cli_as(&key, &["snapshot", "create", &other, "--json"]));
+    assert!(mine["id"].is_string(), "{mine}");
+}

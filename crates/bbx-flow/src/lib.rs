@@ -260,7 +260,11 @@ struct Inner {
     by_policy: prometheus_client::metrics::family::Family<DecisionLabels, prometheus_client::metrics::counter::Counter>,
 }
 
-/// A decision's labels in `/metrics`: bounded by the policies loaded.
+/// How `/metrics` names the tenants' policies, together.
+const TENANT_POLICIES: &str = "tenant";
+
+/// A decision's labels in `/metrics`: global policies by name (bounded by
+/// what administrators load), the anomaly detector, and the tenants'.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct DecisionLabels {
     action: &'static str,
@@ -631,10 +635,18 @@ impl Component for Flow {
             labels.push(bbx_component::SNAPSHOT_BEFORE.into());
         }
         self.0.decisions[explained.action as usize].fetch_add(1, Ordering::Relaxed);
+        let book = self.0.book.read().clone();
         for decided in &explained.decided {
+            // Tenants' policy names are theirs: /metrics, which anyone may
+            // read, counts their decisions together.
+            let named = decided.policy == watch::ANOMALY || book.is_global(&decided.policy);
             let labels = DecisionLabels {
                 action: decided.action.as_str(),
-                policy: decided.policy.clone(),
+                policy: if named {
+                    decided.policy.clone()
+                } else {
+                    TENANT_POLICIES.to_owned()
+                },
             };
             self.0.by_policy.get_or_create(&labels).inc();
         }

@@ -341,6 +341,13 @@ impl Book {
         out
     }
 
+    /// Whether a global policy (an administrator's) is named `name`.
+    pub fn is_global(&self, name: &str) -> bool {
+        self.scopes
+            .get("")
+            .is_some_and(|scope| scope.all.iter().any(|p| p.stored.name == name))
+    }
+
     pub fn all(&self) -> impl Iterator<Item = &Arc<Loaded>> {
         self.scopes.values().flat_map(|s| s.all.iter())
     }

@@ -97,9 +97,12 @@ impl Flow {
 }
 
 /// The detector's decision of an anomalous op, as a policy's.
+/// The detector's name where a policy's would be.
+pub(crate) const ANOMALY: &str = "anomaly";
+
 pub(crate) fn anomaly_decided(action: Action, scored: &Scored) -> Decided {
     Decided::new(
-        "anomaly",
+        ANOMALY,
         action,
         format!(
             "anomaly score {:.3} is at or above this agent's threshold {:.3}",

@@ -371,13 +371,17 @@ impl EffectOp for SendSignal {
             ));
         }
         if let Some(step) = &self.approval_of {
-            // A wait.approval step, or any step of a run whose cost cap
-            // waits for approvals.
-            let waits_for_approval = record
-                .workflow
-                .steps
-                .get(step)
-                .is_some_and(|s| s.kind == engine_kinds::APPROVAL || record.workflow.cost_cap_waits());
+            // A wait.approval step, or an op step waiting past the run's cost cap.
+            let waits_for_approval = match record.workflow.steps.get(step) {
+                Some(s) if s.kind == engine_kinds::APPROVAL => true,
+                Some(s) if record.workflow.cost_cap_waits() && !engine_kinds::ALL.contains(&s.kind.as_str()) => {
+                    let saved = tx.read(run::GOAL_STEPS, &run::step_key(&self.run, step))?;
+                    let saved: Option<run::StepRecord> =
+                        saved.as_deref().map(|s| run::decode(s, "a step")).transpose()?;
+                    saved.is_some_and(|s| s.status == run::StepStatus::Waiting)
+                }
+                _ => false,
+            };
             if !waits_for_approval {
                 return Err(Error::invalid_field(
                     "step",

@@ -92,6 +92,14 @@ impl Goals {
         replan: Option<&Replan<'_>>,
         scope: Option<OpId>,
     ) -> Result<Plan> {
+        if let Some(max) = spec.max_cost_usd
+            && !(max.is_finite() && (0.0..=1e9).contains(&max))
+        {
+            return Err(Error::invalid_field(
+                "max_cost_usd",
+                "max_cost_usd must be a number of USD from 0 to 1e9",
+            ));
+        }
         let config = self.config();
         let Some(model) = config.planner_model.clone() else {
             return Err(Error::new(

@@ -92,6 +92,12 @@ fn compile_nested(workflow: Workflow, kinds: Option<&dyn Kinds>, prefix: &str, n
             "max_cost_usd must be a number of USD from 0 to 1e9".to_owned(),
         ));
     }
+    if workflow.on_cost_cap.is_some() && workflow.max_cost_usd.is_none() {
+        return Err(invalid(
+            &field("on_cost_cap"),
+            "on_cost_cap says what passing max_cost_usd does: give max_cost_usd too".to_owned(),
+        ));
+    }
     let names: Vec<String> = workflow.steps.keys().cloned().collect();
     let index = |name: &str| names.binary_search_by(|n| n.as_str().cmp(name)).ok();
     let mut deps = Vec::with_capacity(names.len());

@@ -428,6 +428,8 @@ async fn op_events(
     if let Some(agent) = &agent {
         kernel.get_agent(&caller, agent)?;
     }
+    // A key confined to an agent streams that agent's events only.
+    let agent = agent.or(caller.agent);
     let receivers = (kernel.completions(), kernel.notices());
     let stream = futures::stream::unfold(
         (receivers, caller, agent),

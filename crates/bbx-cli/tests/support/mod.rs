@@ -200,9 +200,14 @@ impl Kernel {
 
     /// The event stream of `agent` (`GET /v1/ops/events?agent=AGENT`), open.
     pub async fn events(&self, agent: &str) -> reqwest::Response {
+        self.events_as(&self.key(), &format!("?agent={agent}")).await
+    }
+
+    /// The event stream as `key` sees it, with `query`, open.
+    pub async fn events_as(&self, key: &str, query: &str) -> reqwest::Response {
         let response = reqwest::Client::new()
-            .get(format!("{}/v1/ops/events?agent={agent}", self.url()))
-            .header("authorization", format!("Bearer {}", self.key()))
+            .get(format!("{}/v1/ops/events{query}", self.url()))
+            .header("authorization", format!("Bearer {key}"))
             .send()
             .await
             .unwrap();

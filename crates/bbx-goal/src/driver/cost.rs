@@ -17,14 +17,23 @@ impl Driver {
     /// Whether the step (or its fallback) may start now under the run's cost
     /// cap; if not, it has failed the run or waits for an approval.
     pub(super) fn within_cost_cap(&mut self, index: usize, fallback: bool, kind: &str, args: &Value) -> bool {
-        let estimate = self.goals.estimate_step(kind, args);
         let Some(cap) = self.compiled.workflow.cost_cap_micros() else {
             return true;
         };
+        let step = self.compiled.step(index);
+        let retries = match (&step.fallback, fallback) {
+            (Some(f), true) => f.retries.as_ref(),
+            _ => step.retries.as_ref(),
+        };
+        // Each attempt may cost as much.
+        let attempts = u64::from(retries.map_or(0, |r| r.count)).saturating_add(1);
+        let estimate = self.goals.estimate_step(kind, args).saturating_mul(attempts);
         let rejoined = !fallback && self.resumed.remove(&index);
-        let spent: u64 = self.steps.iter().map(|s| s.cost_micros).sum();
-        let reserved: u64 = self.reserved.values().sum();
-        if rejoined || self.cost_approved.contains(&index) || spent + reserved + estimate <= cap {
+        let spent = self.steps.iter().fold(0u64, |sum, s| sum.saturating_add(s.cost_micros));
+        let reserved = self.reserved.values().fold(0u64, |sum, r| sum.saturating_add(*r));
+        let within = spent.saturating_add(reserved).saturating_add(estimate) <= cap;
+        // A step that costs nothing is never held by the cap.
+        if rejoined || estimate == 0 || self.cost_approved.contains(&index) || within {
             self.reserved.insert(index, estimate);
             return true;
         }
@@ -50,6 +59,7 @@ impl Driver {
         let name = run::approval_signal(&self.compiled.names[index]);
         let record = &mut self.steps[index];
         record.status = StepStatus::Waiting;
+        record.fallback = fallback;
         record.reason = Some(format!("{why}: it waits for an operator's approval"));
         self.dirty.push(index);
         match self.signals.get(&name).cloned() {
@@ -66,8 +76,13 @@ impl Driver {
             let denied = format!("an operator denied it past the run's cost cap: {reason}");
             return self.fail(index, Error::new(ErrorCode::PermissionDenied, denied));
         }
+        // Started again as any ready step is (not while paused or failing,
+        // within max_parallel), as the op it was to be (its fallback's, say).
         self.cost_approved.insert(index);
-        self.steps[index].reason = None;
-        self.submit(index, false);
+        let record = &mut self.steps[index];
+        record.reason = None;
+        record.status = StepStatus::Pending;
+        self.dirty.push(index);
+        self.ready.push_front(index);
     }
 }

@@ -360,7 +360,8 @@ impl Driver {
                 }
                 Err(e) => self.fail(index, e),
             },
-            _ => self.submit(index, false),
+            // A step approved past the cost cap is the op it was to be.
+            _ => self.submit(index, self.cost_approved.contains(&index) && self.steps[index].fallback),
         }
     }
 

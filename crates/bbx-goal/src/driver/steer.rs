@@ -34,7 +34,7 @@ impl Driver {
             return;
         }
         if name.starts_with("approval:") {
-            if self.compiled.step(index).kind != engine_kinds::APPROVAL {
+            if !engine_kinds::ALL.contains(&self.compiled.step(index).kind.as_str()) {
                 return self.cost_approval(index, payload);
             }
             if payload["approved"] == Value::Bool(false) {
