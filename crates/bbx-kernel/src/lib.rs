@@ -308,7 +308,35 @@ impl Kernel {
 
     /// Ready to serve: open, not closing, storage healthy.
     pub fn is_ready(&self) -> bool {
-        !self.closing.load(Ordering::Acquire) && !self.store.has_failed() && !self.ring.is_poisoned()
+        self.not_ready().is_none()
+    }
+
+    /// Why the kernel is not ready to serve, if it is not: shutting down, or
+    /// its storage failed (why, and the space left on the data directory's
+    /// disk, the usual cause).
+    pub fn not_ready(&self) -> Option<String> {
+        if self.closing.load(Ordering::Acquire) {
+            return Some("the kernel is shutting down".to_owned());
+        }
+        let failed = match self.store.failure() {
+            Some(why) => why,
+            None if self.ring.is_poisoned() => "the ring could not journal an op".to_owned(),
+            None => return None,
+        };
+        let free = rustix::fs::statvfs(&self.config.data_dir)
+            .map(|fs| fs.f_bavail.saturating_mul(fs.f_frsize))
+            .map_or_else(
+                |_| String::new(),
+                |bytes| {
+                    format!(
+                        "; {bytes} bytes are free on the disk of {}",
+                        self.config.data_dir.display()
+                    )
+                },
+            );
+        Some(format!(
+            "storage failed: {failed}{free}; free space if it is short, then restart the kernel: nothing acknowledged is lost"
+        ))
     }
 
     /// Commits everything queued, then refuses further writes.

@@ -256,10 +256,9 @@ async fn discard(body: axum::body::Body) {
 }
 
 async fn readyz(State(kernel): State<Arc<Kernel>>) -> Response {
-    if kernel.is_ready() {
-        axum::Json(serde_json::json!({ "status": "ready" })).into_response()
-    } else {
-        ApiError(Error::unavailable("the kernel is shutting down or its storage failed")).into_response()
+    match kernel.not_ready() {
+        None => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Some(why) => ApiError(Error::unavailable(why)).into_response(),
     }
 }
 

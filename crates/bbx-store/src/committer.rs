@@ -6,7 +6,6 @@ use crate::{Applied, JournalWriter, Keyspaces, Staged, StoreMetrics, StoreOption
 use bbx_core::{Error, Result};
 use fjall::{Database, PersistMode};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,7 +31,7 @@ pub(crate) enum Message {
 pub(crate) struct Committer {
     db: Database,
     keyspaces: Keyspaces,
-    failed: Arc<AtomicBool>,
+    failed: Arc<crate::Failure>,
     metrics: StoreMetrics,
     durable: crate::DurableView,
     max_batch: usize,
@@ -50,7 +49,7 @@ impl Committer {
     pub fn new(
         db: Database,
         keyspaces: Keyspaces,
-        failed: Arc<AtomicBool>,
+        failed: Arc<crate::Failure>,
         metrics: StoreMetrics,
         durable: crate::DurableView,
         journal: JournalWriter,
@@ -101,7 +100,7 @@ impl Committer {
                     // is marked failed so that /readyz says so and later writes are
                     // refused rather than risked.
                     tracing::error!("the committer panicked; refusing further writes");
-                    self.failed.store(true, Ordering::Release);
+                    self.failed.fail("the storage writer panicked");
                     group.clear();
                 }
             }
@@ -124,12 +123,12 @@ impl Committer {
     }
 
     fn commit_group(&mut self, group: &mut Vec<Request>) {
-        if self.failed.load(Ordering::Acquire) {
+        if self.failed.has_failed() {
             for request in group.drain(..) {
                 let refused = request
                     .writes
                     .iter()
-                    .map(|_| Err(Error::unavailable("storage failed earlier; restart the kernel")))
+                    .map(|_| Err(Error::unavailable(format!("{}; restart the kernel", self.failed))))
                     .collect();
                 let _ = request.reply.send(refused);
             }
@@ -201,7 +200,7 @@ impl Committer {
         db: &Database,
         keyspaces: &Keyspaces,
         journal: &JournalWriter,
-        failed: &AtomicBool,
+        failed: &crate::Failure,
         tx: &GroupTx,
         max_record: usize,
     ) -> Result<Vec<bbx_journal::Lsn>> {
@@ -212,11 +211,14 @@ impl Committer {
         let logged = journal.append_blocking(records);
         let lsns = logged.inspect_err(|e| {
             tracing::error!(error = %e, "journaling a store write failed; refusing further writes");
-            failed.store(true, Ordering::Release);
+            failed.fail(format!("journaling a write failed: {}", e.message));
         })?;
         apply(db, keyspaces, tx.writes()).inspect_err(|e| {
             tracing::error!(error = %e, "storage write failed; refusing further writes");
-            failed.store(true, Ordering::Release);
+            failed.fail(format!(
+                "applying a journaled write failed ({}); it is applied again when the kernel restarts",
+                e.message
+            ));
         })?;
         Ok(lsns)
     }

@@ -254,12 +254,44 @@ pub struct StoreOptions {
 /// after each group.
 type DurableView = Arc<parking_lot::RwLock<(Arc<Snapshot>, bbx_journal::Lsn)>>;
 
+/// Whether storage failed, and why (the first failure): every write since is
+/// refused, and the kernel says why it is not ready.
+#[derive(Default)]
+pub(crate) struct Failure {
+    failed: AtomicBool,
+    why: parking_lot::Mutex<Option<String>>,
+}
+
+impl Failure {
+    pub(crate) fn fail(&self, why: impl Into<String>) {
+        self.why.lock().get_or_insert_with(|| why.into());
+        self.failed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn why(&self) -> Option<String> {
+        self.has_failed().then(|| self.why.lock().clone()).flatten()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.why() {
+            Some(why) => write!(f, "storage failed earlier: {why}"),
+            None => f.write_str("storage failed earlier"),
+        }
+    }
+}
+
 pub struct Store {
     db: Database,
     keyspaces: Keyspaces,
     writer: mpsc::Sender<Message>,
     committer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
-    failed: Arc<AtomicBool>,
+    failed: Arc<Failure>,
     metrics: StoreMetrics,
     /// The snapshot readers use, replaced by the committer after each group.
     durable: DurableView,
@@ -303,7 +335,7 @@ impl Store {
             .collect();
         journal.release(replayed);
         let (writer, requests) = mpsc::channel(options.commit_max_batch.max(1024));
-        let failed = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(Failure::default());
         let metrics = StoreMetrics::default();
         let durable = Arc::new(parking_lot::RwLock::new((Arc::new(db.snapshot()), options.next_lsn)));
         let committer = Committer::new(
@@ -455,7 +487,12 @@ impl Store {
     /// Whether a write failed in a way that leaves storage in doubt: every write
     /// since is refused, and the kernel reports itself not ready.
     pub fn has_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        self.failed.has_failed()
+    }
+
+    /// Why storage failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.why()
     }
 
     pub fn metrics(&self) -> &StoreMetrics {

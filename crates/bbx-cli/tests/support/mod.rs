@@ -35,8 +35,14 @@ impl Kernel {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// A kernel whose data directory is `dir` (a small file system mounted
+    /// there, say).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let mut kernel = Self {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             port: free_port(),
             child: None,
             flags: extra.iter().map(|f| f.to_string()).collect(),
@@ -103,15 +109,20 @@ impl Kernel {
     }
 
     fn ready(&self) -> bool {
+        self.readyz().starts_with("HTTP/1.1 200")
+    }
+
+    /// `GET /readyz`'s whole response (empty if nothing listens).
+    pub fn readyz(&self) -> String {
         let mut stream = match std::net::TcpStream::connect(("127.0.0.1", self.port)) {
             Ok(s) => s,
-            Err(_) => return false,
+            Err(_) => return String::new(),
         };
         use std::io::{Read, Write};
         let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
         let mut response = String::new();
         let _ = stream.read_to_string(&mut response);
-        response.starts_with("HTTP/1.1 200")
+        response
     }
 
     /// Everything the kernel wrote to stderr, once it has exited.
