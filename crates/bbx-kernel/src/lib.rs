@@ -311,32 +311,25 @@ impl Kernel {
         self.not_ready().is_none()
     }
 
-    /// Why the kernel is not ready to serve, if it is not: shutting down, or
-    /// its storage failed (why, and the space left on the data directory's
-    /// disk, the usual cause).
+    /// Why the kernel is not ready to serve, if it is not, as a public probe
+    /// may say it: shutting down, a panic, or storage that failed (and whether
+    /// the data directory's disk is full, the usual cause). The failure itself,
+    /// with its paths, is in the log.
     pub fn not_ready(&self) -> Option<String> {
         if self.closing.load(Ordering::Acquire) {
             return Some("the kernel is shutting down".to_owned());
         }
-        let failed = match self.store.failure() {
-            Some(why) => why,
-            None if self.ring.is_poisoned() => "the ring could not journal an op".to_owned(),
-            None => return None,
-        };
-        let free = rustix::fs::statvfs(&self.config.data_dir)
-            .map(|fs| fs.f_bavail.saturating_mul(fs.f_frsize))
-            .map_or_else(
-                |_| String::new(),
-                |bytes| {
-                    format!(
-                        "; {bytes} bytes are free on the disk of {}",
-                        self.config.data_dir.display()
-                    )
-                },
-            );
-        Some(format!(
-            "storage failed: {failed}{free}; free space if it is short, then restart the kernel: nothing acknowledged is lost"
-        ))
+        if self.store.failure().is_none() {
+            return self
+                .ring
+                .is_poisoned()
+                .then(|| "the ring panicked while changing its state; see the kernel's log".to_owned());
+        }
+        let full = rustix::fs::statvfs(&self.config.data_dir).is_ok_and(|fs| fs.f_bavail == 0);
+        Some(match full {
+            true => "storage failed: no space is left on the data directory's disk; make room and restart the kernel (nothing acknowledged is lost); the kernel's log has the details".to_owned(),
+            false => "storage failed; restart the kernel (nothing acknowledged is lost); the kernel's log has the details".to_owned(),
+        })
     }
 
     /// Commits everything queued, then refuses further writes.

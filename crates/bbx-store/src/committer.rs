@@ -213,12 +213,14 @@ impl Committer {
             tracing::error!(error = %e, "journaling a store write failed; refusing further writes");
             failed.fail(format!("journaling a write failed: {}", e.message));
         })?;
-        apply(db, keyspaces, tx.writes()).inspect_err(|e| {
+        apply(db, keyspaces, tx.writes()).map_err(|e| {
             tracing::error!(error = %e, "storage write failed; refusing further writes");
-            failed.fail(format!(
+            let why = format!(
                 "applying a journaled write failed ({}); it is applied again when the kernel restarts",
                 e.message
-            ));
+            );
+            failed.fail(why.clone());
+            Error::unavailable(why)
         })?;
         Ok(lsns)
     }
