@@ -35,8 +35,10 @@ const BATCH: usize = 64;
 const IDLE: Duration = Duration::from_secs(1);
 const MAX_REST: Duration = Duration::from_secs(60);
 
-/// The first wait after a failure, doubled each time up to [`MAX_BACKOFF`].
-const BACKOFF: Duration = Duration::from_secs(30);
+/// The wait after a failure, doubled each time up to [`MAX_BACKOFF`]: a
+/// bucket that blinks is tried again within seconds, one that is down about
+/// once an hour.
+const BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// How long one op of a chore may take (an add embeds the item).
@@ -179,8 +181,8 @@ impl Contexts {
         loop {
             let pause = match self.do_chores().await {
                 Ok((BATCH, _)) => Duration::ZERO,
-                // All were looked at: rest until the first is due (a new
-                // chore waits a minute at most).
+                // All were looked at: rest until the first is due, or a new
+                // chore is written.
                 Ok((_, first_due_ms)) => {
                     let until = first_due_ms.map_or(IDLE, |due| {
                         Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
@@ -189,12 +191,13 @@ impl Contexts {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "context chores could not be read; trying again");
-                    BACKOFF
+                    MAX_REST / 2
                 }
             };
             tokio::select! {
                 _ = stopping.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
+                _ = self.0.chores_written.notified() => {}
             }
         }
     }
@@ -238,7 +241,7 @@ impl Contexts {
             let left = self.do_chore(agent, id, &chore).await;
             let next = (!left.is_empty()).then(|| {
                 let failures = chore.failures + 1;
-                let wait = BACKOFF.saturating_mul(1 << failures.min(7)).min(MAX_BACKOFF);
+                let wait = BACKOFF.saturating_mul(1 << failures.min(12)).min(MAX_BACKOFF);
                 Chore {
                     failures,
                     not_before_ms: now + wait.as_millis() as i64,

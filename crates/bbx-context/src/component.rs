@@ -72,6 +72,8 @@ impl Component for Contexts {
             .and_then(|a| a.parse::<AgentId>().ok())
             .unwrap_or(completion.agent);
         self.refresh(&agent, &ids, change);
+        // A put, a delete or a demote may have written a chore.
+        self.0.chores_written.notify_one();
     }
 
     fn export(

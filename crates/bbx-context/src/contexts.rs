@@ -56,6 +56,9 @@ pub(crate) struct Inner {
     pub runtime: OnceLock<tokio::runtime::Handle>,
     /// Where COLD items are searched (SemanticMemory), when the kernel has it.
     pub memory: OnceLock<Arc<dyn bbx_component::MemorySearch>>,
+    /// Told when an op may have written a chore: the chores task, resting
+    /// until a later chore is due, looks again at once.
+    pub chores_written: tokio::sync::Notify,
 }
 
 /// An agent's place in memory.
@@ -121,6 +124,7 @@ impl Contexts {
             cold_objects,
             runtime: OnceLock::new(),
             memory: OnceLock::new(),
+            chores_written: tokio::sync::Notify::new(),
         })))
     }
 
