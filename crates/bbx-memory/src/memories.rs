@@ -330,21 +330,31 @@ impl Memories {
     pub(crate) fn unlearn(&self, ids: &[MemoryId]) -> Result<()> {
         let store = self.store()?;
         let view = store.view();
+        let owners: Vec<(MemoryId, Option<AgentId>)> = {
+            let catalog = self.0.catalog.read();
+            ids.iter()
+                .map(|id| (*id, catalog.entries.get(&id.0).map(|e| e.agent)))
+                .collect()
+        };
+        // The store is read with no lock held, and before anything changes:
+        // a read that fails leaves the catalog and the index as they were.
         let mut gone = Vec::with_capacity(ids.len());
+        for (id, owner) in owners {
+            let held = match owner {
+                Some(agent) => view
+                    .get(store.keyspace(MEMORY_ITEMS), memory_key(&agent, id))
+                    .map_err(|e| storage_error("read a memory", e))?
+                    .is_some(),
+                None => false,
+            };
+            if !held {
+                gone.push(id);
+            }
+        }
         {
             let mut catalog = self.0.catalog.write();
-            for id in ids {
-                let held = catalog.entries.get(&id.0).map(|entry| {
-                    view.get(store.keyspace(MEMORY_ITEMS), memory_key(&entry.agent, *id))
-                        .map_err(|e| storage_error("read a memory", e))
-                });
-                if let Some(held) = held
-                    && held?.is_some()
-                {
-                    continue;
-                }
+            for id in &gone {
                 catalog.remove(*id);
-                gone.push(*id);
             }
         }
         self.vectors()?.remove(&gone);
