@@ -95,6 +95,10 @@ impl Driver {
 
     /// Tells the event stream where a step stands (`event: run`).
     fn tell_step(&self, index: usize) {
+        // Nobody reads the stream: nothing to build on the scheduling path.
+        if self.ctx.notices.receiver_count() == 0 {
+            return;
+        }
         let record = &self.steps[index];
         let mut data = json!({
             "run_id": self.run.id,
